@@ -1,0 +1,68 @@
+//! Command-line interface: argument definitions and dispatch.
+
+mod check;
+mod test;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for a failed check or a test whose expectations did not match.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code for unusable input (bad arguments, unreadable files, a component that won't load).
+pub const EXIT_USAGE: u8 = 2;
+
+/// lockgate runs WebAssembly message handlers against Kafka, NATS, RabbitMQ or its embedded broker,
+/// with retries, circuit breakers, dead-letter routing and idempotency around every call.
+#[derive(Debug, Parser)]
+#[command(name = "lockgate", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a handler component on an in-memory host against messages from a file.
+    ///
+    /// Works with components built in any language. For each message it prints the outcome
+    /// (ok, retry, reject, trapped, timed_out, out_of_memory), what the handler published and
+    /// what it logged. With --expect it compares the results and exits 1 on a mismatch.
+    ///
+    /// Input (one JSON object per line, all fields optional):
+    ///   {"payload": "text"} or {"payload_base64": "..."} or {"payload_json": {...}},
+    ///   "key" / "key_base64", "headers": {"name": "value"}, "attempt" (default 1),
+    ///   "topic" (default "test"), "partition", "offset", "timestamp_ms", "reply_to", "id".
+    ///
+    /// Expectations (one line per message, compared as a subset; `X_contains` matches a
+    /// substring of X):
+    ///   {"outcome": "ok", "published": [{"topic": "out", "payload": "HELLO"}]}
+    ///   {"outcome": "reject", "reason_contains": "invalid JSON"}
+    ///
+    /// Exit codes: 0 all messages ran (and matched), 1 expectations did not match,
+    /// 2 unusable input (unreadable file, bad fixture line, component that does not load).
+    #[command(verbatim_doc_comment)]
+    Test(test::TestArgs),
+
+    /// Validate runtime.toml and load every handler against the lockgate:handler world.
+    ///
+    /// Prints every problem, one per line, as `FILE: TOML.PATH: what is wrong`: unknown fields,
+    /// bad values, missing module files, modules that are not components, components that do
+    /// not export `handle` or import interfaces lockgate does not provide, and start functions
+    /// that trap. Exit codes: 0 valid, 1 problems found, 2 the file cannot be read.
+    Check(check::CheckArgs),
+}
+
+/// Runs the parsed command; returns the process exit code.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Test(args) => test::run(args),
+        Command::Check(args) => check::run(args),
+    }
+}
+
+/// Default config file for commands that take one.
+pub fn default_config() -> PathBuf {
+    PathBuf::from("runtime.toml")
+}

@@ -1,0 +1,264 @@
+//! `lockgate test`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use lockgate::config::{DEFAULT_MAX_MEMORY_MB, DEFAULT_TIMEOUT_MS};
+use lockgate::engine::{
+    Engine, EngineSettings, HandlerEnv, HandlerLimits, InstancePool, Isolation, Outcome,
+};
+use lockgate::fixture;
+use lockgate::state::{EmbeddedStore, MemoryStore};
+
+use super::{EXIT_FAILED, EXIT_USAGE};
+
+/// Arguments of `lockgate test`.
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    /// The handler component (.wasm) to run.
+    component: PathBuf,
+
+    /// Messages to feed it, one JSON object per line.
+    #[arg(long, short)]
+    input: PathBuf,
+
+    /// A value for the handler's config table (repeatable), as key=value.
+    #[arg(long = "config", short = 'c', value_name = "KEY=VALUE", value_parser = parse_kv)]
+    config: Vec<(String, String)>,
+
+    /// Expected results, one JSON object per message; exit 1 with a diff on mismatch.
+    #[arg(long, short)]
+    expect: Option<PathBuf>,
+
+    /// Print one JSON result per message instead of the human-readable report.
+    #[arg(long)]
+    json: bool,
+
+    /// Deadline of each call, in milliseconds.
+    #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..))]
+    timeout_ms: u64,
+
+    /// Memory cap of the instance, in MiB.
+    #[arg(long, default_value_t = DEFAULT_MAX_MEMORY_MB, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    max_memory_mb: u64,
+
+    /// Use a fresh instance for every message instead of reusing one.
+    #[arg(long)]
+    per_message: bool,
+
+    /// Handler name (its kv namespace and log attribution).
+    #[arg(long, default_value = "test")]
+    name: String,
+
+    /// Keep the handler's kv state in this file (the embedded redb store) instead of in memory,
+    /// so state carries over between runs.
+    #[arg(long, value_name = "FILE")]
+    kv: Option<PathBuf>,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
+    let input_text = std::fs::read_to_string(&args.input)
+        .with_context(|| format!("cannot read {}", args.input.display()))?;
+    let messages = match fixture::parse_inputs(&input_text) {
+        Ok(m) => m,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("{}: {e}", args.input.display());
+            }
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+    };
+    let expectations = match &args.expect {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            match fixture::parse_expectations(&text) {
+                Ok(e) => Some((path, e)),
+                Err(errors) => {
+                    for e in errors {
+                        eprintln!("{}: {e}", path.display());
+                    }
+                    return Ok(ExitCode::from(EXIT_USAGE));
+                }
+            }
+        }
+    };
+
+    let engine = Engine::new(&EngineSettings {
+        pooling: false,
+        max_memory_bytes: args.max_memory_mb * 1024 * 1024,
+        ..EngineSettings::default()
+    })?;
+    let env = HandlerEnv {
+        name: args.name.clone(),
+        config: args.config.iter().cloned().collect::<BTreeMap<_, _>>(),
+        outputs: None,
+        limits: HandlerLimits {
+            timeout: std::time::Duration::from_millis(args.timeout_ms),
+            max_memory_bytes: args.max_memory_mb * 1024 * 1024,
+            ..HandlerLimits::default()
+        },
+        kv: match &args.kv {
+            None => Arc::new(MemoryStore::new()),
+            Some(path) => Arc::new(EmbeddedStore::open(path)?),
+        },
+    };
+    let handler = engine.load_handler(&args.component, env)?;
+    let isolation = if args.per_message {
+        Isolation::PerMessage
+    } else {
+        Isolation::Reuse
+    };
+    let pool = InstancePool::new(handler, isolation, u64::MAX);
+
+    let mut results = Vec::with_capacity(messages.len());
+    for (i, (line, message)) in messages.iter().enumerate() {
+        let invocation = pool.invoke(message);
+        let json = fixture::result_json(i + 1, &invocation);
+        if args.json {
+            println!("{json}");
+        } else {
+            print_human(i + 1, *line, &invocation);
+        }
+        results.push(json);
+    }
+    if !args.json {
+        print_summary(&results);
+    }
+
+    let Some((path, expected)) = expectations else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let mut mismatches = 0;
+    if expected.len() != results.len() {
+        eprintln!(
+            "{}: {} expectation(s) for {} message(s) in {}",
+            path.display(),
+            expected.len(),
+            results.len(),
+            args.input.display()
+        );
+        mismatches += 1;
+    }
+    for (i, ((exp_line, exp), actual)) in expected.iter().zip(&results).enumerate() {
+        let differences = fixture::diff(exp, actual);
+        if !differences.is_empty() {
+            mismatches += 1;
+            eprintln!(
+                "message {} ({} line {}) does not match {} line {exp_line}:",
+                i + 1,
+                args.input.display(),
+                messages[i].0,
+                path.display()
+            );
+            for d in differences {
+                eprintln!("  {d}");
+            }
+        }
+    }
+    if mismatches == 0 {
+        if !args.json {
+            println!(
+                "expectations: all {} message(s) match {}",
+                results.len(),
+                path.display()
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "expectations: {mismatches} mismatch(es) against {}",
+            path.display()
+        );
+        Ok(ExitCode::from(EXIT_FAILED))
+    }
+}
+
+fn show_bytes(b: &[u8]) -> String {
+    const MAX: usize = 200;
+    match std::str::from_utf8(b) {
+        Ok(s) if s.len() <= MAX => format!("{s:?}"),
+        Ok(s) => {
+            let mut cut = MAX;
+            while !s.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            format!("{:?}… ({} bytes)", &s[..cut], s.len())
+        }
+        Err(_) => format!("<{} bytes of binary>", b.len()),
+    }
+}
+
+fn print_human(index: usize, line: usize, inv: &lockgate::engine::Invocation) {
+    let took = format!("{:.3} ms", inv.elapsed.as_secs_f64() * 1e3);
+    match &inv.outcome {
+        Outcome::Ok { .. } => println!("message {index} (line {line}): ok in {took}"),
+        Outcome::Retry { after, .. } => {
+            let after = after
+                .map(|a| format!(" after {} ms", a.as_millis()))
+                .unwrap_or_default();
+            println!(
+                "message {index} (line {line}): retry{after}: {} ({took})",
+                inv.outcome.reason().unwrap_or_default()
+            );
+        }
+        other => println!(
+            "message {index} (line {line}): {}: {} ({took})",
+            other.kind(),
+            other.reason().unwrap_or_default()
+        ),
+    }
+    if let Outcome::Ok { outputs } = &inv.outcome {
+        for o in outputs {
+            let key = o
+                .key
+                .as_deref()
+                .map(|k| format!(" key={}", show_bytes(k)))
+                .unwrap_or_default();
+            let headers: String = o
+                .headers
+                .iter()
+                .map(|(k, v)| format!(" {k}={}", show_bytes(v)))
+                .collect();
+            println!(
+                "  publish -> {}{key}{headers} payload={}",
+                o.topic,
+                show_bytes(&o.payload)
+            );
+        }
+    }
+    for l in &inv.logs {
+        println!(
+            "  {} {}: {}",
+            l.source.as_str(),
+            l.level.as_str(),
+            l.message
+        );
+    }
+    if inv.dropped_logs > 0 {
+        println!("  ({} log records dropped)", inv.dropped_logs);
+    }
+}
+
+fn print_summary(results: &[serde_json::Value]) {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in results {
+        *counts
+            .entry(r["outcome"].as_str().unwrap_or("?"))
+            .or_default() += 1;
+    }
+    let parts: Vec<String> = counts.iter().map(|(k, n)| format!("{n} {k}")).collect();
+    println!("{} message(s): {}", results.len(), parts.join(", "));
+}

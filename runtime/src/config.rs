@@ -1,0 +1,651 @@
+//! `runtime.toml`: schema, defaults and validation.
+//!
+//! Validation reports *every* problem at once, each with the file, the TOML path and the bad
+//! value, because a user fixing a config one error per run is a user we lose. Parsing walks the
+//! TOML table by hand (rather than one `serde` derive) so an unknown field in one handler does not
+//! hide a bad value in another.
+//!
+//! Example:
+//! ```toml
+//! version = 1
+//!
+//! [runtime]
+//! state_dir = ".lockgate"
+//!
+//! [handlers.uppercase]
+//! module = "guest-examples/target/wasm32-wasip2/release/uppercase.wasm"
+//! timeout_ms = 1000
+//! max_memory_mb = 64
+//! config = { target = "shouted" }
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use toml::map::Map as IndexMap;
+
+use crate::engine::{EngineSettings, HandlerLimits, Isolation};
+
+/// The only schema version so far.
+pub const SCHEMA_VERSION: i64 = 1;
+/// Default deadline of one `handle` call.
+pub const DEFAULT_TIMEOUT_MS: u64 = 1_000;
+/// Default cap on an instance's memory. Python guests need ~13 MiB just to start.
+pub const DEFAULT_MAX_MEMORY_MB: u64 = 128;
+/// Largest `max_memory_mb` accepted (the size of a pooling-allocator memory slot).
+pub const MAX_MEMORY_MB_LIMIT: u64 = 4_096;
+/// Default largest output in bytes (1 MiB, the default message limit of Kafka and NATS).
+pub const DEFAULT_MAX_OUTPUT_BYTES: u64 = 1024 * 1024;
+/// Default most outputs per invocation.
+pub const DEFAULT_MAX_OUTPUTS: u32 = 1_000;
+/// Default most log records kept per invocation.
+pub const DEFAULT_MAX_LOG_RECORDS: u32 = 100;
+/// Default calls before a reused instance is replaced (bounds leaks inside a guest).
+pub const DEFAULT_MAX_MESSAGES_PER_INSTANCE: u64 = 10_000;
+/// Default pool size (instances alive at once).
+pub const DEFAULT_MAX_INSTANCES: u32 = 1_000;
+/// Default state directory, relative to the config file.
+pub const DEFAULT_STATE_DIR: &str = ".lockgate";
+
+/// A validated runtime configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it was read from, as given.
+    pub file: PathBuf,
+    /// Directory relative paths in the file are resolved against.
+    pub base_dir: PathBuf,
+    /// Where the embedded store, local broker and compiled cache live.
+    pub state_dir: PathBuf,
+    /// Engine settings.
+    pub engine: EngineConfig,
+    /// Handlers by name, in file order.
+    pub handlers: IndexMap<String, HandlerConfig>,
+}
+
+/// The `[engine]` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Use the pooling allocator. Default true.
+    pub pooling: bool,
+    /// Most instances alive at once. Default 1000.
+    pub max_instances: u32,
+    /// Cache compiled components in `<state_dir>/cache`. Default true.
+    pub cache: bool,
+}
+
+/// One `[handlers.<name>]` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandlerConfig {
+    /// The handler's name (the table key).
+    pub name: String,
+    /// `module` as written in the file.
+    pub module_raw: String,
+    /// `module` resolved against the config file's directory.
+    pub module: PathBuf,
+    /// `timeout_ms`: deadline of one call.
+    pub timeout_ms: u64,
+    /// `max_memory_mb`: cap on the instance's memory.
+    pub max_memory_mb: u64,
+    /// `isolation`: `"reuse"` (default) or `"per-message"`.
+    pub isolation: Isolation,
+    /// `max_messages_per_instance`: calls before a reused instance is replaced.
+    pub max_messages_per_instance: u64,
+    /// `max_output_bytes`: largest output.
+    pub max_output_bytes: u64,
+    /// `max_outputs`: most outputs per invocation.
+    pub max_outputs: u32,
+    /// `max_log_records`: most log records kept per invocation.
+    pub max_log_records: u32,
+    /// `config`: values the guest reads with `config.get`.
+    pub config: BTreeMap<String, String>,
+}
+
+impl HandlerConfig {
+    /// The engine limits this handler runs under.
+    pub fn limits(&self) -> HandlerLimits {
+        HandlerLimits {
+            timeout: std::time::Duration::from_millis(self.timeout_ms),
+            max_memory_bytes: self.max_memory_mb * 1024 * 1024,
+            max_output_bytes: self.max_output_bytes,
+            max_outputs: self.max_outputs,
+            max_log_records: self.max_log_records,
+        }
+    }
+}
+
+impl Config {
+    /// Engine settings derived from the config.
+    pub fn engine_settings(&self) -> EngineSettings {
+        let max_memory_mb = self
+            .handlers
+            .values()
+            .map(|h| h.max_memory_mb)
+            .max()
+            .unwrap_or(DEFAULT_MAX_MEMORY_MB)
+            .max(DEFAULT_MAX_MEMORY_MB);
+        EngineSettings {
+            pooling: self.engine.pooling,
+            max_instances: self.engine.max_instances,
+            max_memory_bytes: max_memory_mb * 1024 * 1024,
+            cache_dir: self.engine.cache.then(|| self.state_dir.join("cache")),
+        }
+    }
+
+    /// Reads and validates `file`.
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| ConfigError::single(file, "", format!("cannot read the file: {e}")))?;
+        Self::parse(file, &text)
+    }
+
+    /// Validates `text` as the contents of `file` (which names it in errors and anchors relative
+    /// paths).
+    pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigError> {
+        let (config, problems) = Self::parse_lenient(file, text)?;
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError {
+                file: file.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// Like [`Self::parse`], but keeps going past problems: returns a config holding only the
+    /// sections that validated, together with every problem found. `lockgate check` uses it to
+    /// load the valid handlers' modules even when another handler's table is broken. Fails only
+    /// when the file is not TOML at all.
+    pub fn parse_lenient(file: &Path, text: &str) -> Result<(Self, Vec<Problem>), ConfigError> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError::single(
+                file,
+                "",
+                format!("invalid TOML: {}", e.to_string().trim_end()),
+            )
+        })?;
+        let base_dir = file
+            .parent()
+            .map(Path::to_path_buf)
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from("."));
+        let mut problems = Vec::new();
+        let mut root = Reader::new("", &table, &mut problems);
+
+        if let Some(v) = root.int("version")
+            && v != SCHEMA_VERSION
+        {
+            root.problem(
+                "version",
+                format!(
+                    "unsupported schema version {v}; this lockgate reads version {SCHEMA_VERSION}"
+                ),
+            );
+        }
+
+        let mut state_dir = base_dir.join(DEFAULT_STATE_DIR);
+        if let Some(rt) = root.table("runtime") {
+            let mut r = root.child("runtime", rt);
+            if let Some(dir) = r.string("state_dir") {
+                if dir.is_empty() {
+                    r.problem("state_dir", "must not be empty".into());
+                } else {
+                    state_dir = base_dir.join(dir);
+                }
+            }
+            r.finish(&["state_dir"]);
+        }
+
+        let mut engine = EngineConfig {
+            pooling: true,
+            max_instances: DEFAULT_MAX_INSTANCES,
+            cache: true,
+        };
+        if let Some(en) = root.table("engine") {
+            let mut r = root.child("engine", en);
+            if let Some(b) = r.bool("pooling") {
+                engine.pooling = b;
+            }
+            if let Some(b) = r.bool("cache") {
+                engine.cache = b;
+            }
+            if let Some(n) = r.positive_u32("max_instances") {
+                engine.max_instances = n;
+            }
+            r.finish(&["pooling", "cache", "max_instances"]);
+        }
+
+        let mut handlers = IndexMap::new();
+        if let Some(hs) = root.table("handlers") {
+            for (name, value) in hs {
+                let path = format!("handlers.{name}");
+                let Some(t) = value.as_table() else {
+                    root.problems.push(Problem::new(
+                        &path,
+                        format!("expected a table, found {}", describe(value)),
+                    ));
+                    continue;
+                };
+                if let Err(why) = validate_name(name) {
+                    root.problems.push(Problem::new(&path, why));
+                }
+                let mut r = Reader::new(&path, t, root.problems);
+                if let Some(h) = parse_handler(name, &base_dir, &mut r) {
+                    handlers.insert(name.clone(), h);
+                }
+            }
+        }
+        root.finish(&["version", "runtime", "engine", "handlers"]);
+
+        let config = Config {
+            file: file.to_owned(),
+            base_dir,
+            state_dir,
+            engine,
+            handlers,
+        };
+        Ok((config, problems))
+    }
+}
+
+const HANDLER_FIELDS: &[&str] = &[
+    "module",
+    "timeout_ms",
+    "max_memory_mb",
+    "isolation",
+    "max_messages_per_instance",
+    "max_output_bytes",
+    "max_outputs",
+    "max_log_records",
+    "config",
+];
+
+fn parse_handler(name: &str, base_dir: &Path, r: &mut Reader<'_>) -> Option<HandlerConfig> {
+    let before = r.problems.len();
+    let module_raw = r.string("module");
+    if module_raw.is_none() && !r.table.contains_key("module") {
+        r.problem(
+            "module",
+            "missing: the path of the handler's .wasm component".into(),
+        );
+    }
+    if module_raw.as_deref() == Some("") {
+        r.problem("module", "must not be empty".into());
+    }
+    let timeout_ms = r.positive("timeout_ms").unwrap_or(DEFAULT_TIMEOUT_MS);
+    let max_memory_mb = r.positive("max_memory_mb").unwrap_or(DEFAULT_MAX_MEMORY_MB);
+    if max_memory_mb > MAX_MEMORY_MB_LIMIT {
+        r.problem(
+            "max_memory_mb",
+            format!("{max_memory_mb} is over the limit of {MAX_MEMORY_MB_LIMIT} (4 GiB, the 32-bit address space)"),
+        );
+    }
+    let isolation = match r.string("isolation").as_deref() {
+        None | Some("reuse") => Isolation::Reuse,
+        Some("per-message") => Isolation::PerMessage,
+        Some(other) => {
+            r.problem(
+                "isolation",
+                format!("unknown value \"{other}\"; expected \"reuse\" or \"per-message\""),
+            );
+            Isolation::Reuse
+        }
+    };
+    let max_messages_per_instance = r
+        .positive("max_messages_per_instance")
+        .unwrap_or(DEFAULT_MAX_MESSAGES_PER_INSTANCE);
+    let max_output_bytes = r
+        .positive("max_output_bytes")
+        .unwrap_or(DEFAULT_MAX_OUTPUT_BYTES);
+    let max_outputs = r.positive_u32("max_outputs").unwrap_or(DEFAULT_MAX_OUTPUTS);
+    let max_log_records = r
+        .positive_u32("max_log_records")
+        .unwrap_or(DEFAULT_MAX_LOG_RECORDS);
+    let mut config = BTreeMap::new();
+    if let Some(t) = r.table("config") {
+        for (k, v) in t {
+            let value = match v {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    r.problems.push(Problem::new(
+                        &format!("{}.config.{k}", r.path),
+                        format!(
+                            "expected a string, number or boolean, found {}",
+                            describe(other)
+                        ),
+                    ));
+                    continue;
+                }
+            };
+            config.insert(k.clone(), value);
+        }
+    }
+    r.finish(HANDLER_FIELDS);
+    if r.problems.len() != before {
+        return None;
+    }
+    let module_raw = module_raw?;
+    Some(HandlerConfig {
+        name: name.to_owned(),
+        module: base_dir.join(&module_raw),
+        module_raw,
+        timeout_ms,
+        max_memory_mb,
+        isolation,
+        max_messages_per_instance,
+        max_output_bytes,
+        max_outputs,
+        max_log_records,
+        config,
+    })
+}
+
+/// Handler names become kv namespaces, metric labels and log fields: keep them plain.
+fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid handler name \"{name}\": use 1-64 lower-case letters, digits, `-` or `_`, starting with a letter or digit"
+        ))
+    }
+}
+
+/// One problem in a config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted TOML path (`handlers.uppercase.timeout_ms`); empty for the whole file.
+    pub path: String,
+    /// What is wrong, including the bad value.
+    pub message: String,
+}
+
+impl Problem {
+    /// A problem at `path`.
+    pub fn new(path: &str, message: String) -> Self {
+        Self {
+            path: path.to_owned(),
+            message,
+        }
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Clone, Debug, thiserror::Error)]
+pub struct ConfigError {
+    /// The file, as given.
+    pub file: PathBuf,
+    /// The problems, in file order where possible.
+    pub problems: Vec<Problem>,
+}
+
+impl ConfigError {
+    fn single(file: &Path, path: &str, message: String) -> Self {
+        Self {
+            file: file.to_owned(),
+            problems: vec![Problem::new(path, message)],
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}", format_problem(&self.file, p))?;
+        }
+        Ok(())
+    }
+}
+
+/// `file: path: message`, the one format every config problem is printed in.
+pub fn format_problem(file: &Path, p: &Problem) -> String {
+    if p.path.is_empty() {
+        format!("{}: {}", file.display(), p.message)
+    } else {
+        format!("{}: {}: {}", file.display(), p.path, p.message)
+    }
+}
+
+/// Describes a TOML value for an error message: its type and, for scalars, the value.
+fn describe(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => format!("string \"{s}\""),
+        toml::Value::Integer(i) => format!("integer {i}"),
+        toml::Value::Float(x) => format!("float {x}"),
+        toml::Value::Boolean(b) => format!("boolean {b}"),
+        toml::Value::Datetime(d) => format!("datetime {d}"),
+        toml::Value::Array(_) => "an array".into(),
+        toml::Value::Table(_) => "a table".into(),
+    }
+}
+
+/// Walks one TOML table, recording which keys were read and every problem found.
+struct Reader<'a> {
+    path: String,
+    table: &'a toml::Table,
+    used: BTreeSet<String>,
+    problems: &'a mut Vec<Problem>,
+}
+
+impl<'a> Reader<'a> {
+    fn new(path: &str, table: &'a toml::Table, problems: &'a mut Vec<Problem>) -> Self {
+        Self {
+            path: path.to_owned(),
+            table,
+            used: BTreeSet::new(),
+            problems,
+        }
+    }
+
+    fn child<'b>(&'b mut self, key: &str, table: &'b toml::Table) -> Reader<'b> {
+        Reader::new(&self.key_path(key), table, self.problems)
+    }
+
+    fn key_path(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}.{key}", self.path)
+        }
+    }
+
+    fn problem(&mut self, key: &str, message: String) {
+        let path = self.key_path(key);
+        self.problems.push(Problem::new(&path, message));
+    }
+
+    fn get(&mut self, key: &str) -> Option<&'a toml::Value> {
+        self.used.insert(key.to_owned());
+        self.table.get(key)
+    }
+
+    fn typed<T>(
+        &mut self,
+        key: &str,
+        expected: &str,
+        f: impl FnOnce(&'a toml::Value) -> Option<T>,
+    ) -> Option<T> {
+        let v = self.get(key)?;
+        match f(v) {
+            Some(t) => Some(t),
+            None => {
+                self.problem(key, format!("expected {expected}, found {}", describe(v)));
+                None
+            }
+        }
+    }
+
+    fn string(&mut self, key: &str) -> Option<String> {
+        self.typed(key, "a string", |v| v.as_str().map(str::to_owned))
+    }
+
+    fn bool(&mut self, key: &str) -> Option<bool> {
+        self.typed(key, "a boolean", toml::Value::as_bool)
+    }
+
+    fn int(&mut self, key: &str) -> Option<i64> {
+        self.typed(key, "an integer", toml::Value::as_integer)
+    }
+
+    fn table(&mut self, key: &str) -> Option<&'a toml::Table> {
+        self.typed(key, "a table", toml::Value::as_table)
+    }
+
+    /// A strictly positive integer (durations, sizes, counts: zero is always a mistake).
+    fn positive(&mut self, key: &str) -> Option<u64> {
+        let v = self.int(key)?;
+        if v <= 0 {
+            self.problem(key, format!("must be greater than 0, found {v}"));
+            return None;
+        }
+        u64::try_from(v).ok()
+    }
+
+    fn positive_u32(&mut self, key: &str) -> Option<u32> {
+        let v = self.positive(key)?;
+        match u32::try_from(v) {
+            Ok(n) => Some(n),
+            Err(_) => {
+                self.problem(key, format!("{v} is too large (at most {})", u32::MAX));
+                None
+            }
+        }
+    }
+
+    /// Reports keys of the table that no getter asked for.
+    fn finish(&mut self, known: &[&str]) {
+        let unknown: Vec<&String> = self
+            .table
+            .keys()
+            .filter(|k| !known.contains(&k.as_str()))
+            .collect();
+        for k in unknown {
+            let hint = match closest(k, known) {
+                Some(s) => format!("; did you mean `{s}`?"),
+                None => format!(" (expected one of: {})", known.join(", ")),
+            };
+            self.problem(k, format!("unknown field `{k}`{hint}"));
+        }
+    }
+}
+
+/// The known name within edit distance 2 of `word`, if any.
+fn closest<'k>(word: &str, known: &[&'k str]) -> Option<&'k str> {
+    known
+        .iter()
+        .map(|k| (edit_distance(word, k), *k))
+        .filter(|(d, _)| *d <= 2)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        match Config::parse(Path::new("rt.toml"), text) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.to_string().lines().map(str::to_owned).collect(),
+        }
+    }
+
+    #[test]
+    fn minimal_handler_gets_defaults() {
+        let c = Config::parse(
+            Path::new("dir/rt.toml"),
+            "[handlers.up]\nmodule = \"up.wasm\"\n",
+        )
+        .unwrap();
+        let h = &c.handlers["up"];
+        assert_eq!(h.module, Path::new("dir/up.wasm"));
+        assert_eq!(h.timeout_ms, DEFAULT_TIMEOUT_MS);
+        assert_eq!(h.max_memory_mb, DEFAULT_MAX_MEMORY_MB);
+        assert_eq!(h.isolation, Isolation::Reuse);
+        assert_eq!(c.state_dir, Path::new("dir/.lockgate"));
+        assert!(c.engine.pooling);
+    }
+
+    #[test]
+    fn config_values_become_strings() {
+        let c = Config::parse(
+            Path::new("rt.toml"),
+            "[handlers.up]\nmodule = \"m.wasm\"\nconfig = { a = \"x\", n = 3, b = true }\n",
+        )
+        .unwrap();
+        let cfg = &c.handlers["up"].config;
+        assert_eq!(cfg["a"], "x");
+        assert_eq!(cfg["n"], "3");
+        assert_eq!(cfg["b"], "true");
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_path() {
+        let p = problems(
+            "[handlers.a]\nmodule = \"a.wasm\"\ntimout_ms = 5\n\n[handlers.b]\ntimeout_ms = 0\nisolation = \"fresh\"\n",
+        );
+        assert_eq!(
+            p,
+            vec![
+                "rt.toml: handlers.a.timout_ms: unknown field `timout_ms`; did you mean `timeout_ms`?",
+                "rt.toml: handlers.b.module: missing: the path of the handler's .wasm component",
+                "rt.toml: handlers.b.timeout_ms: must be greater than 0, found 0",
+                "rt.toml: handlers.b.isolation: unknown value \"fresh\"; expected \"reuse\" or \"per-message\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn wrong_types_name_the_value() {
+        let p = problems("[handlers.a]\nmodule = 3\ntimeout_ms = \"fast\"\n");
+        assert_eq!(
+            p,
+            vec![
+                "rt.toml: handlers.a.module: expected a string, found integer 3",
+                "rt.toml: handlers.a.timeout_ms: expected an integer, found string \"fast\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_names_and_versions() {
+        let p = problems("version = 2\n[handlers.Bad]\nmodule = \"m.wasm\"\n");
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].contains("version: unsupported schema version 2"));
+        assert!(p[1].contains("handlers.Bad: invalid handler name"));
+    }
+
+    #[test]
+    fn edit_distance_is_levenshtein() {
+        assert_eq!(edit_distance("timout_ms", "timeout_ms"), 1);
+        assert_eq!(edit_distance("abc", "abc"), 0);
+        assert_eq!(edit_distance("", "ab"), 2);
+    }
+}

@@ -1,0 +1,326 @@
+//! Host side of the handler world: the state each store carries and the import implementations.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::{config, emit, kv, log, types};
+use super::stdio::CaptureBuffer;
+use super::{LogLevel, LogRecord, LogSource, OutgoingMessage};
+use crate::state::{self, KvStore};
+
+/// Longest kv key a guest may use, in bytes. Keys are namespaced and indexed; a megabyte key is a
+/// bug, not data.
+pub const MAX_KV_KEY_BYTES: usize = 1024;
+/// Largest kv value a guest may store (1 MiB): kv is for state, not blobs.
+pub const MAX_KV_VALUE_BYTES: usize = 1024 * 1024;
+/// Longest single log record kept (4 KiB); longer messages are truncated with a marker.
+pub const MAX_LOG_RECORD_BYTES: usize = 4 * 1024;
+
+/// Limits a handler runs under, from its runtime.toml table.
+#[derive(Clone, Debug)]
+pub struct HandlerLimits {
+    /// Wall-clock deadline of one call of `handle`.
+    pub timeout: std::time::Duration,
+    /// Cap on the sum of all linear memories of one instance, in bytes.
+    pub max_memory_bytes: u64,
+    /// Largest output (payload + key + headers) in bytes.
+    pub max_output_bytes: u64,
+    /// Most outputs one invocation may buffer.
+    pub max_outputs: u32,
+    /// Most log records (guest logs plus stdout/stderr lines) kept per invocation.
+    pub max_log_records: u32,
+}
+
+impl Default for HandlerLimits {
+    fn default() -> Self {
+        Self {
+            timeout: std::time::Duration::from_millis(crate::config::DEFAULT_TIMEOUT_MS),
+            max_memory_bytes: crate::config::DEFAULT_MAX_MEMORY_MB * 1024 * 1024,
+            max_output_bytes: crate::config::DEFAULT_MAX_OUTPUT_BYTES,
+            max_outputs: crate::config::DEFAULT_MAX_OUTPUTS,
+            max_log_records: crate::config::DEFAULT_MAX_LOG_RECORDS,
+        }
+    }
+}
+
+/// What every instance of one handler version shares: identity, config, grants and limits.
+pub struct HandlerEnv {
+    /// The handler's name (its kv namespace and log attribution).
+    pub name: String,
+    /// The handler's `config` table, as strings.
+    pub config: BTreeMap<String, String>,
+    /// Topics the handler may publish to; `None` allows any (used by `lockgate test`).
+    pub outputs: Option<BTreeSet<String>>,
+    /// Limits applied to every call.
+    pub limits: HandlerLimits,
+    /// Where `kv` reads and writes.
+    pub kv: Arc<dyn KvStore>,
+}
+
+impl std::fmt::Debug for HandlerEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandlerEnv")
+            .field("name", &self.name)
+            .field("outputs", &self.outputs)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one invocation accumulates; reset before each call.
+#[derive(Default)]
+pub(crate) struct CallState {
+    pub outputs: Vec<OutgoingMessage>,
+    pub logs: Vec<LogRecord>,
+    pub dropped_logs: u64,
+    /// The first publish the host refused; it fails the invocation even if `handle` returns ok.
+    pub refused_output: Option<String>,
+}
+
+impl CallState {
+    pub(crate) fn push_log(&mut self, max: u32, level: LogLevel, source: LogSource, text: &str) {
+        if self.logs.len() >= max as usize {
+            self.dropped_logs += 1;
+            return;
+        }
+        let message = if text.len() > MAX_LOG_RECORD_BYTES {
+            let mut cut = MAX_LOG_RECORD_BYTES;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            format!("{}… [truncated {} bytes]", &text[..cut], text.len() - cut)
+        } else {
+            text.to_owned()
+        };
+        self.logs.push(LogRecord {
+            level,
+            source,
+            message,
+        });
+    }
+}
+
+/// Enforces the per-instance memory cap across all of the instance's linear memories.
+#[derive(Default)]
+pub(crate) struct MemoryLimiter {
+    pub cap: u64,
+    pub allocated: u64,
+    /// Set when a growth was refused, so a trap that follows is reported as out-of-memory.
+    pub hit: bool,
+}
+
+/// Table growth beyond this many elements is refused; real guests stay far below it.
+const MAX_TABLE_ELEMENTS: usize = 1_000_000;
+
+impl wasmtime::ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let extra = desired.saturating_sub(current) as u64;
+        if self.allocated.saturating_add(extra) > self.cap {
+            self.hit = true;
+            // Refuse rather than trap: a guest may handle a failed allocation gracefully.
+            return Ok(false);
+        }
+        self.allocated += extra;
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+/// The data of one wasmtime `Store`: one instance of one handler version.
+pub(crate) struct HostState {
+    pub wasi: WasiCtx,
+    pub table: ResourceTable,
+    pub env: Arc<HandlerEnv>,
+    pub memory: MemoryLimiter,
+    pub call: CallState,
+    pub stdout: CaptureBuffer,
+    pub stderr: CaptureBuffer,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for HostState {}
+
+fn output_size(m: &types::Outgoing) -> u64 {
+    let headers: usize = m.headers.iter().map(|h| h.name.len() + h.value.len()).sum();
+    (m.payload.len() + m.key.as_ref().map_or(0, Vec::len) + headers) as u64
+}
+
+impl emit::Host for HostState {
+    fn publish(&mut self, message: types::Outgoing) -> Result<(), emit::PublishError> {
+        let limits = &self.env.limits;
+        let refusal = if self
+            .env
+            .outputs
+            .as_ref()
+            .is_some_and(|allowed| !allowed.contains(&message.topic))
+        {
+            Some((
+                format!(
+                    "publish to topic `{}` is not allowed (not in the route's outputs)",
+                    message.topic
+                ),
+                emit::PublishError::NotAllowed(message.topic.clone()),
+            ))
+        } else if output_size(&message) > limits.max_output_bytes {
+            Some((
+                format!(
+                    "output to `{}` is {} bytes, over the limit of {} bytes (max_output_bytes)",
+                    message.topic,
+                    output_size(&message),
+                    limits.max_output_bytes
+                ),
+                emit::PublishError::TooLarge(limits.max_output_bytes),
+            ))
+        } else if self.call.outputs.len() >= limits.max_outputs as usize {
+            Some((
+                format!(
+                    "more than {} outputs in one invocation (max_outputs)",
+                    limits.max_outputs
+                ),
+                emit::PublishError::TooMany(limits.max_outputs),
+            ))
+        } else {
+            None
+        };
+        if let Some((reason, error)) = refusal {
+            self.call.refused_output.get_or_insert(reason);
+            return Err(error);
+        }
+        self.call.outputs.push(OutgoingMessage {
+            topic: message.topic,
+            key: message.key,
+            headers: message
+                .headers
+                .into_iter()
+                .map(|h| (h.name, h.value))
+                .collect(),
+            payload: message.payload,
+        });
+        Ok(())
+    }
+}
+
+fn check_key(key: &str) -> Result<(), kv::KvError> {
+    if key.is_empty() {
+        return Err(kv::KvError::InvalidKey("key is empty".into()));
+    }
+    if key.len() > MAX_KV_KEY_BYTES {
+        return Err(kv::KvError::InvalidKey(format!(
+            "key is {} bytes, over the limit of {MAX_KV_KEY_BYTES}",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_value(value: &[u8]) -> Result<(), kv::KvError> {
+    if value.len() > MAX_KV_VALUE_BYTES {
+        return Err(kv::KvError::TooLarge(MAX_KV_VALUE_BYTES as u64));
+    }
+    Ok(())
+}
+
+fn expiry(now: u64, ttl_ms: Option<u64>) -> Option<u64> {
+    ttl_ms.map(|ttl| now.saturating_add(ttl.max(1)))
+}
+
+fn store_error(e: state::StateError) -> kv::KvError {
+    kv::KvError::Unavailable(e.to_string())
+}
+
+impl kv::Host for HostState {
+    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, kv::KvError> {
+        check_key(&key)?;
+        self.env
+            .kv
+            .get(&self.env.name, &key, state::now_ms())
+            .map_err(store_error)
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<(), kv::KvError> {
+        check_key(&key)?;
+        check_value(&value)?;
+        let exp = expiry(state::now_ms(), ttl_ms);
+        self.env
+            .kv
+            .set(&self.env.name, &key, &value, exp)
+            .map_err(store_error)
+    }
+
+    fn delete(&mut self, key: String) -> Result<bool, kv::KvError> {
+        check_key(&key)?;
+        self.env
+            .kv
+            .delete(&self.env.name, &key, state::now_ms())
+            .map_err(store_error)
+    }
+
+    fn compare_and_swap(
+        &mut self,
+        key: String,
+        expected: Option<Vec<u8>>,
+        new: Option<Vec<u8>>,
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, kv::KvError> {
+        check_key(&key)?;
+        if let Some(v) = &new {
+            check_value(v)?;
+        }
+        let now = state::now_ms();
+        self.env
+            .kv
+            .compare_and_swap(
+                &self.env.name,
+                &key,
+                expected.as_deref(),
+                new.as_deref(),
+                expiry(now, ttl_ms),
+                now,
+            )
+            .map_err(store_error)
+    }
+}
+
+impl log::Host for HostState {
+    fn log(&mut self, level: log::Level, message: String) {
+        let level = match level {
+            log::Level::Trace => LogLevel::Trace,
+            log::Level::Debug => LogLevel::Debug,
+            log::Level::Info => LogLevel::Info,
+            log::Level::Warn => LogLevel::Warn,
+            log::Level::Error => LogLevel::Error,
+        };
+        let max = self.env.limits.max_log_records;
+        self.call.push_log(max, level, LogSource::Guest, &message);
+    }
+}
+
+impl config::Host for HostState {
+    fn get(&mut self, key: String) -> Option<String> {
+        self.env.config.get(&key).cloned()
+    }
+}

@@ -1,0 +1,891 @@
+//! The WebAssembly engine: one wasmtime [`Engine`](wasmtime::Engine) per process, compilation with
+//! an on-disk cache, the sandboxed host, instance pooling, and typed invocation outcomes.
+//!
+//! Guest calls are synchronous and must run on a thread that is not a tokio worker (a plain
+//! thread or `spawn_blocking`): wasmtime-wasi's synchronous bindings block on futures internally.
+
+mod bindings;
+mod cache;
+mod host;
+mod stdio;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Store, Trap};
+use wasmtime_wasi::WasiCtxBuilder;
+
+pub use cache::CompileCache;
+pub use host::{HandlerEnv, HandlerLimits, MAX_KV_KEY_BYTES, MAX_KV_VALUE_BYTES};
+
+use bindings::types;
+use host::{CallState, HostState, MemoryLimiter};
+use stdio::CaptureBuffer;
+
+/// Interval of the epoch ticker. Deadlines are rounded up to it, so a timeout fires at most one
+/// tick late.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// Bytes of stdout (and, separately, stderr) kept per invocation; the rest is counted and dropped.
+pub const MAX_STDIO_BYTES: usize = 64 * 1024;
+/// Deadline for instantiation (start functions, language runtimes booting), at least this long
+/// whatever the handler's `timeout_ms`: a Python or JS runtime takes milliseconds to start, and a
+/// call deadline tuned for a 1 ms handler must not refuse it.
+pub const MIN_INSTANTIATE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Wasm stack available to a guest (the rest of the 8 MiB thread stack is the host's).
+pub const MAX_WASM_STACK: usize = 1024 * 1024;
+
+/// Errors from loading or instantiating a handler.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The wasmtime engine could not be created with the requested settings.
+    #[error("cannot create the WebAssembly engine: {0:#}")]
+    Setup(wasmtime::Error),
+    /// The module file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not WebAssembly at all.
+    #[error("{path} is not a WebAssembly file (it does not start with the `\\0asm` magic bytes)")]
+    NotWasm {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file is a core module, not a component.
+    #[error(
+        "{path} is a core WebAssembly module, not a component; build it for wasm32-wasip2 or wrap it with `wasm-tools component new`"
+    )]
+    NotAComponent {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The component failed to validate or compile.
+    #[error("{path} failed to compile: {message}")]
+    Compile {
+        /// The file.
+        path: PathBuf,
+        /// wasmtime's explanation.
+        message: String,
+    },
+    /// The component does not implement the `lockgate:handler` world.
+    #[error("{path} does not implement the lockgate:handler world: {problems}", problems = problems.join("; "))]
+    WorldMismatch {
+        /// The file.
+        path: PathBuf,
+        /// Every problem found, each naming the export or import at fault.
+        problems: Vec<String>,
+    },
+    /// Instantiation failed (a trap in a start function, a resource limit).
+    #[error("{path} failed to instantiate: {message}")]
+    Instantiate {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+}
+
+/// Engine-wide settings, from the `[engine]` table of runtime.toml.
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    /// Use the pooling instance allocator (fast instantiation; reserves virtual memory up front).
+    pub pooling: bool,
+    /// Most instances alive at once across all handlers (pool size).
+    pub max_instances: u32,
+    /// Largest linear memory any handler may configure, in bytes (pool slot size).
+    pub max_memory_bytes: u64,
+    /// Directory for compiled artefacts; `None` disables the cache.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            pooling: true,
+            max_instances: crate::config::DEFAULT_MAX_INSTANCES,
+            max_memory_bytes: crate::config::MAX_MEMORY_MB_LIMIT * 1024 * 1024,
+            cache_dir: None,
+        }
+    }
+}
+
+/// The process's WebAssembly engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<EngineInner>,
+}
+
+struct EngineInner {
+    engine: wasmtime::Engine,
+    linker: Linker<HostState>,
+    cache: Option<CompileCache>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("cache", &self.inner.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Creates the engine, its linker (WASI with no ambient authority plus the lockgate imports)
+    /// and the epoch ticker thread, which stops when the last clone of the engine is dropped.
+    pub fn new(settings: &EngineSettings) -> Result<Self, EngineError> {
+        let mut config = wasmtime::Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        config.max_wasm_stack(MAX_WASM_STACK);
+        if settings.pooling {
+            let mut pool = wasmtime::PoolingAllocationConfig::new();
+            let n = settings.max_instances;
+            pool.total_component_instances(n);
+            // Components built from Python or JS hold a dozen core instances, memories and tables.
+            pool.total_core_instances(n.saturating_mul(16));
+            pool.total_memories(n.saturating_mul(4));
+            pool.total_tables(n.saturating_mul(8));
+            pool.max_memories_per_module(2);
+            pool.max_tables_per_module(4);
+            pool.table_elements(100_000);
+            pool.max_core_instance_size(8 << 20);
+            pool.max_component_instance_size(8 << 20);
+            pool.max_memory_size(usize::try_from(settings.max_memory_bytes).unwrap_or(usize::MAX));
+            config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        }
+        let engine = wasmtime::Engine::new(&config).map_err(EngineError::Setup)?;
+
+        let mut linker = Linker::<HostState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(EngineError::Setup)?;
+        bindings::Handler::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(EngineError::Setup)?;
+
+        let cache = settings
+            .cache_dir
+            .clone()
+            .map(|dir| CompileCache::new(dir, &engine));
+        let inner = Arc::new(EngineInner {
+            engine,
+            linker,
+            cache,
+        });
+        spawn_epoch_ticker(Arc::downgrade(&inner));
+        Ok(Self { inner })
+    }
+
+    /// Reads, compiles (or loads from the cache) and links a handler component, checking that it
+    /// implements the handler world. Does not instantiate it; see [`Handler::check_instantiate`].
+    pub fn load_handler(&self, path: &Path, env: HandlerEnv) -> Result<Handler, EngineError> {
+        let bytes = std::fs::read(path).map_err(|source| EngineError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        self.load_handler_bytes(path, &bytes, env)
+    }
+
+    /// Like [`Self::load_handler`] with the component bytes already in memory; `path` only names
+    /// it in errors.
+    pub fn load_handler_bytes(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+        env: HandlerEnv,
+    ) -> Result<Handler, EngineError> {
+        check_magic(path, bytes)?;
+        let hash = hex::encode(Sha256::digest(bytes));
+        let engine = &self.inner.engine;
+        let cached = self
+            .inner
+            .cache
+            .as_ref()
+            .and_then(|c| c.load(engine, &hash));
+        let from_cache = cached.is_some();
+        let component = match cached {
+            Some(c) => c,
+            None => {
+                let c = Component::new(engine, bytes).map_err(|e| EngineError::Compile {
+                    path: path.to_owned(),
+                    message: format!("{e:#}"),
+                })?;
+                if let Some(cache) = &self.inner.cache {
+                    cache.store(&hash, &c);
+                }
+                c
+            }
+        };
+        let problems = world_problems(engine, &component);
+        if !problems.is_empty() {
+            return Err(EngineError::WorldMismatch {
+                path: path.to_owned(),
+                problems,
+            });
+        }
+        let instance_pre = self.inner.linker.instantiate_pre(&component).map_err(|e| {
+            EngineError::WorldMismatch {
+                path: path.to_owned(),
+                problems: vec![format!("{e:#}")],
+            }
+        })?;
+        let pre =
+            bindings::HandlerPre::new(instance_pre).map_err(|e| EngineError::WorldMismatch {
+                path: path.to_owned(),
+                problems: vec![format!("{e:#}")],
+            })?;
+        Ok(Handler {
+            inner: Arc::new(HandlerInner {
+                engine: self.clone(),
+                pre,
+                env: Arc::new(env),
+                path: path.to_owned(),
+                module_hash: hash,
+                from_cache,
+            }),
+        })
+    }
+
+    /// The compiled-artefact cache, if enabled.
+    pub fn cache(&self) -> Option<&CompileCache> {
+        self.inner.cache.as_ref()
+    }
+}
+
+fn spawn_epoch_ticker(engine: Weak<EngineInner>) {
+    let spawned = std::thread::Builder::new()
+        .name("lockgate-epoch".into())
+        .spawn(move || {
+            while let Some(inner) = engine.upgrade() {
+                inner.engine.increment_epoch();
+                drop(inner);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        });
+    if let Err(e) = spawned {
+        // Without the ticker no deadline fires; refuse to run guests rather than hang on one.
+        panic!("cannot start the epoch ticker thread: {e}");
+    }
+}
+
+fn check_magic(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        return Err(EngineError::NotWasm {
+            path: path.to_owned(),
+        });
+    }
+    // Core modules have version 1 (layer 0); components have a different version and layer 1.
+    if bytes[4..8] == [1, 0, 0, 0] {
+        return Err(EngineError::NotAComponent {
+            path: path.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Names every way `component` differs from the handler world that we can see from its type:
+/// a missing or non-function `handle` export, and imports lockgate does not provide.
+fn world_problems(engine: &wasmtime::Engine, component: &Component) -> Vec<String> {
+    use wasmtime::component::types::ComponentItem;
+    let ty = component.component_type();
+    let mut problems = Vec::new();
+    match ty.get_export(engine, "handle") {
+        None => {
+            let exports: Vec<_> = ty
+                .exports(engine)
+                .map(|(name, _)| name.to_owned())
+                .collect();
+            problems.push(if exports.is_empty() {
+                "missing export `handle` (the component exports nothing)".to_owned()
+            } else {
+                format!(
+                    "missing export `handle` (it exports: {})",
+                    exports.join(", ")
+                )
+            });
+        }
+        Some(e) if matches!(e.ty, ComponentItem::ComponentFunc(_)) => {}
+        Some(_) => problems.push("export `handle` is not a function".to_owned()),
+    }
+    for (name, _) in ty.imports(engine) {
+        let provided = name.starts_with("wasi:") || name.starts_with("lockgate:handler/");
+        if !provided {
+            problems.push(format!("imports `{name}`, which lockgate does not provide"));
+        }
+    }
+    problems
+}
+
+/// One loaded handler version: compiled code, its pre-linked instance template and environment.
+/// Cheap to clone; instances made from it share the compiled code.
+#[derive(Clone)]
+pub struct Handler {
+    inner: Arc<HandlerInner>,
+}
+
+struct HandlerInner {
+    engine: Engine,
+    pre: bindings::HandlerPre<HostState>,
+    env: Arc<HandlerEnv>,
+    path: PathBuf,
+    module_hash: String,
+    from_cache: bool,
+}
+
+impl std::fmt::Debug for Handler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handler")
+            .field("name", &self.inner.env.name)
+            .field("path", &self.inner.path)
+            .field("module_hash", &self.inner.module_hash)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Handler {
+    /// The handler's name.
+    pub fn name(&self) -> &str {
+        &self.inner.env.name
+    }
+
+    /// SHA-256 of the component bytes, hex: identifies the version that handled a message.
+    pub fn module_hash(&self) -> &str {
+        &self.inner.module_hash
+    }
+
+    /// Whether the compiled code came from the on-disk cache.
+    pub fn loaded_from_cache(&self) -> bool {
+        self.inner.from_cache
+    }
+
+    /// The handler's environment (config, limits, grants).
+    pub fn env(&self) -> &HandlerEnv {
+        &self.inner.env
+    }
+
+    /// Creates a fresh instance.
+    pub fn instantiate(&self) -> Result<Instance, EngineError> {
+        let env = self.inner.env.clone();
+        let stdout = CaptureBuffer::new(MAX_STDIO_BYTES);
+        let stderr = CaptureBuffer::new(MAX_STDIO_BYTES);
+        // No preopened directories, no env, no args, no network: WasiCtxBuilder's defaults plus
+        // explicit socket denial. Clocks and randomness stay available.
+        let wasi = WasiCtxBuilder::new()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let state = HostState {
+            wasi,
+            table: ResourceTable::new(),
+            memory: MemoryLimiter {
+                cap: env.limits.max_memory_bytes,
+                ..MemoryLimiter::default()
+            },
+            env,
+            call: CallState::default(),
+            stdout,
+            stderr,
+        };
+        let mut store = Store::new(&self.inner.engine.inner.engine, state);
+        store.limiter(|s| &mut s.memory);
+        let deadline = self.inner.env.limits.timeout.max(MIN_INSTANTIATE_TIMEOUT);
+        store.set_epoch_deadline(ticks(deadline));
+        let bindings = self.inner.pre.instantiate(&mut store).map_err(|e| {
+            let message = if store.data().memory.hit {
+                format!(
+                    "memory limit of {} MiB reached while instantiating",
+                    self.inner.env.limits.max_memory_bytes / (1024 * 1024)
+                )
+            } else if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+                format!("instantiation exceeded its deadline of {deadline:?}")
+            } else {
+                format!("{e:#}")
+            };
+            EngineError::Instantiate {
+                path: self.inner.path.clone(),
+                message,
+            }
+        })?;
+        Ok(Instance {
+            handler: self.clone(),
+            store,
+            bindings,
+            calls: 0,
+            poisoned: false,
+        })
+    }
+
+    /// Instantiates once and drops the instance: proves the component links and its start
+    /// functions succeed (used by `lockgate check` and before a hot swap).
+    pub fn check_instantiate(&self) -> Result<(), EngineError> {
+        self.instantiate().map(drop)
+    }
+}
+
+fn ticks(d: Duration) -> u64 {
+    let tick = EPOCH_TICK.as_nanos();
+    // +1: the first tick may arrive immediately after the deadline is set.
+    u64::try_from(d.as_nanos().div_ceil(tick)).unwrap_or(u64::MAX / 2) + 1
+}
+
+/// One live instance of a handler. Reusable across messages until it traps.
+pub struct Instance {
+    handler: Handler,
+    store: Store<HostState>,
+    bindings: bindings::Handler,
+    calls: u64,
+    poisoned: bool,
+}
+
+impl std::fmt::Debug for Instance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instance")
+            .field("handler", &self.handler.name())
+            .field("calls", &self.calls)
+            .field("poisoned", &self.poisoned)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Instance {
+    /// Calls `handle` with `message` under the handler's deadline and memory cap.
+    ///
+    /// Never panics on guest behaviour: every failure is an [`Outcome`]. After a trap, timeout or
+    /// memory exhaustion the instance is poisoned and must not be reused.
+    pub fn invoke(&mut self, message: &InboundMessage) -> Invocation {
+        let start = Instant::now();
+        if self.poisoned {
+            return Invocation {
+                outcome: Outcome::Trapped {
+                    reason: "instance was poisoned by an earlier trap".into(),
+                },
+                logs: Vec::new(),
+                dropped_logs: 0,
+                elapsed: Duration::ZERO,
+            };
+        }
+        self.calls += 1;
+        let limits = self.handler.inner.env.limits.clone();
+        {
+            let data = self.store.data_mut();
+            data.call = CallState::default();
+            data.memory.hit = false;
+        }
+        self.store.set_epoch_deadline(ticks(limits.timeout));
+        let wit_message = message.to_wit();
+        let result = self.bindings.call_handle(&mut self.store, &wit_message);
+        let elapsed = start.elapsed();
+
+        let data = self.store.data_mut();
+        let mut call = std::mem::take(&mut data.call);
+        for (buffer, source, level) in [
+            (&data.stdout, LogSource::Stdout, LogLevel::Info),
+            (&data.stderr, LogSource::Stderr, LogLevel::Warn),
+        ] {
+            let (bytes, dropped) = buffer.take();
+            for line in String::from_utf8_lossy(&bytes).lines() {
+                call.push_log(limits.max_log_records, level, source, line);
+            }
+            if dropped > 0 {
+                call.push_log(
+                    limits.max_log_records,
+                    LogLevel::Warn,
+                    source,
+                    &format!("[{dropped} bytes of output dropped: over {MAX_STDIO_BYTES} bytes]"),
+                );
+            }
+        }
+
+        let outcome = match result {
+            Ok(Ok(())) => match call.refused_output.take() {
+                Some(reason) => Outcome::Rejected { reason },
+                None => Outcome::Ok {
+                    outputs: std::mem::take(&mut call.outputs),
+                },
+            },
+            Ok(Err(types::HandlerError::Retry(r))) => Outcome::Retry {
+                reason: r.reason,
+                after: r.after_ms.map(Duration::from_millis),
+            },
+            Ok(Err(types::HandlerError::Reject(reason))) => Outcome::Rejected { reason },
+            Err(e) => {
+                self.poisoned = true;
+                let trap = e.downcast_ref::<Trap>().copied();
+                if data.memory.hit {
+                    Outcome::OutOfMemory {
+                        limit_bytes: limits.max_memory_bytes,
+                    }
+                } else if trap == Some(Trap::Interrupt) {
+                    Outcome::TimedOut {
+                        timeout: limits.timeout,
+                    }
+                } else if trap == Some(Trap::StackOverflow) {
+                    Outcome::Trapped {
+                        reason: "stack overflow (call stack exhausted)".into(),
+                    }
+                } else {
+                    Outcome::Trapped {
+                        reason: trap_reason(&e),
+                    }
+                }
+            }
+        };
+        Invocation {
+            outcome,
+            logs: call.logs,
+            dropped_logs: call.dropped_logs,
+            elapsed,
+        }
+    }
+
+    /// Whether the instance trapped and must be discarded.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// Number of calls made on this instance.
+    pub fn calls(&self) -> u64 {
+        self.calls
+    }
+
+    /// The handler this instance belongs to.
+    pub fn handler(&self) -> &Handler {
+        &self.handler
+    }
+}
+
+/// One line for an outcome: the trap's own text, plus the innermost guest function that has a
+/// name. The full backtrace belongs in debug logs, not in outcomes and DLQ records.
+fn trap_reason(e: &wasmtime::Error) -> String {
+    let Some(trap) = e.downcast_ref::<Trap>() else {
+        return format!("{e:#}")
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+    };
+    let frame = e
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .and_then(|bt| bt.frames().iter().find_map(|f| f.func_name()))
+        .map(|name| format!(" in `{name}`"))
+        .unwrap_or_default();
+    format!("{trap}{frame}")
+}
+
+/// How instances are used across messages (the handler's `isolation` setting).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Isolation {
+    /// Reuse an instance for many messages; replace it after a trap, a timeout or
+    /// `max_messages_per_instance` calls.
+    #[default]
+    Reuse,
+    /// A fresh instance for every message.
+    PerMessage,
+}
+
+/// Hands out instances of one handler according to its [`Isolation`], keeping idle ones warm.
+pub struct InstancePool {
+    handler: Handler,
+    isolation: Isolation,
+    max_messages_per_instance: u64,
+    idle: Mutex<Vec<Instance>>,
+}
+
+impl std::fmt::Debug for InstancePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstancePool")
+            .field("handler", &self.handler.name())
+            .field("isolation", &self.isolation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InstancePool {
+    /// A pool for `handler`.
+    pub fn new(handler: Handler, isolation: Isolation, max_messages_per_instance: u64) -> Self {
+        Self {
+            handler,
+            isolation,
+            max_messages_per_instance: max_messages_per_instance.max(1),
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The pool's handler.
+    pub fn handler(&self) -> &Handler {
+        &self.handler
+    }
+
+    /// Runs one message on an instance from the pool. An instantiation failure becomes a
+    /// `Trapped` outcome: from the message's point of view the handler failed, retryably.
+    pub fn invoke(&self, message: &InboundMessage) -> Invocation {
+        let reused = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let mut instance = match reused {
+            Some(i) => i,
+            None => match self.handler.instantiate() {
+                Ok(i) => i,
+                Err(e) => {
+                    return Invocation {
+                        outcome: Outcome::Trapped {
+                            reason: e.to_string(),
+                        },
+                        logs: Vec::new(),
+                        dropped_logs: 0,
+                        elapsed: Duration::ZERO,
+                    };
+                }
+            },
+        };
+        let invocation = instance.invoke(message);
+        let keep = self.isolation == Isolation::Reuse
+            && !instance.is_poisoned()
+            && instance.calls() < self.max_messages_per_instance;
+        if keep {
+            self.idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(instance);
+        }
+        invocation
+    }
+
+    /// Number of idle instances kept warm.
+    pub fn idle_instances(&self) -> usize {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+/// A message as the host hands it to a handler (the WIT `message`, in host types).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InboundMessage {
+    /// Route-unique, redelivery-stable id.
+    pub id: String,
+    /// Topic, subject or queue.
+    pub topic: String,
+    /// Partition, when the broker has them.
+    pub partition: Option<u32>,
+    /// Offset or stream sequence.
+    pub offset: Option<u64>,
+    /// Message key.
+    pub key: Option<Vec<u8>>,
+    /// Headers in order.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Body.
+    pub payload: Vec<u8>,
+    /// Broker timestamp, ms since the Unix epoch.
+    pub timestamp_ms: Option<u64>,
+    /// 1-based attempt number.
+    pub attempt: u32,
+    /// Reply destination.
+    pub reply_to: Option<String>,
+}
+
+impl InboundMessage {
+    fn to_wit(&self) -> types::Message {
+        types::Message {
+            id: self.id.clone(),
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset: self.offset,
+            key: self.key.clone(),
+            headers: self
+                .headers
+                .iter()
+                .map(|(name, value)| types::Header {
+                    name: name.clone(),
+                    value: value.clone(),
+                })
+                .collect(),
+            payload: self.payload.clone(),
+            timestamp_ms: self.timestamp_ms,
+            attempt: self.attempt.max(1),
+            reply_to: self.reply_to.clone(),
+        }
+    }
+}
+
+/// A message a handler published (buffered until the invocation succeeds).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OutgoingMessage {
+    /// Destination topic.
+    pub topic: String,
+    /// Key.
+    pub key: Option<Vec<u8>>,
+    /// Headers in order.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Body.
+    pub payload: Vec<u8>,
+}
+
+/// Severity of a log record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    /// Finest detail.
+    Trace,
+    /// Debugging detail.
+    Debug,
+    /// Normal operation.
+    Info,
+    /// Something unexpected that the handler survived.
+    Warn,
+    /// A failure.
+    Error,
+}
+
+impl LogLevel {
+    /// Lower-case name, as printed and serialised.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Trace => "trace",
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        }
+    }
+}
+
+/// Where a log record came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogSource {
+    /// The `log` import.
+    Guest,
+    /// A line the guest wrote to stdout.
+    Stdout,
+    /// A line the guest wrote to stderr.
+    Stderr,
+}
+
+impl LogSource {
+    /// Lower-case name, as printed and serialised.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogSource::Guest => "log",
+            LogSource::Stdout => "stdout",
+            LogSource::Stderr => "stderr",
+        }
+    }
+}
+
+/// One log record from an invocation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogRecord {
+    /// Severity.
+    pub level: LogLevel,
+    /// Origin.
+    pub source: LogSource,
+    /// Text (truncated past the host's per-record bound).
+    pub message: String,
+}
+
+/// What became of one call of `handle`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The handler succeeded; these outputs are to be published.
+    Ok {
+        /// Outputs in publish order.
+        outputs: Vec<OutgoingMessage>,
+    },
+    /// The handler asked to be retried.
+    Retry {
+        /// Why.
+        reason: String,
+        /// The earliest delay the handler asked for.
+        after: Option<Duration>,
+    },
+    /// The handler rejected the message (or published something the host refused).
+    Rejected {
+        /// Why.
+        reason: String,
+    },
+    /// The guest trapped (panic, unreachable, stack overflow, failed instantiation).
+    Trapped {
+        /// The trap, in one line.
+        reason: String,
+    },
+    /// The call exceeded its deadline and was interrupted.
+    TimedOut {
+        /// The deadline that fired.
+        timeout: Duration,
+    },
+    /// The guest ran into its memory cap and trapped.
+    OutOfMemory {
+        /// The cap, in bytes.
+        limit_bytes: u64,
+    },
+}
+
+impl Outcome {
+    /// Short machine-readable kind: `ok`, `retry`, `reject`, `trapped`, `timed_out`,
+    /// `out_of_memory`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Outcome::Ok { .. } => "ok",
+            Outcome::Retry { .. } => "retry",
+            Outcome::Rejected { .. } => "reject",
+            Outcome::Trapped { .. } => "trapped",
+            Outcome::TimedOut { .. } => "timed_out",
+            Outcome::OutOfMemory { .. } => "out_of_memory",
+        }
+    }
+
+    /// Human-readable reason, if the outcome is a failure.
+    pub fn reason(&self) -> Option<String> {
+        match self {
+            Outcome::Ok { .. } => None,
+            Outcome::Retry { reason, .. }
+            | Outcome::Rejected { reason }
+            | Outcome::Trapped { reason } => Some(reason.clone()),
+            Outcome::TimedOut { timeout } => Some(format!(
+                "handler exceeded its deadline of {} ms",
+                timeout.as_millis()
+            )),
+            Outcome::OutOfMemory { limit_bytes } => Some(format!(
+                "handler exceeded its memory limit of {} MiB",
+                limit_bytes / (1024 * 1024)
+            )),
+        }
+    }
+}
+
+/// The result of one invocation: outcome, logs and timing.
+#[derive(Clone, Debug)]
+pub struct Invocation {
+    /// What happened.
+    pub outcome: Outcome,
+    /// Log records (guest logs, stdout and stderr lines), bounded.
+    pub logs: Vec<LogRecord>,
+    /// Records dropped because the bound was reached.
+    pub dropped_logs: u64,
+    /// Wall-clock time of the call.
+    pub elapsed: Duration,
+}
+
+/// Convenience for building a [`HandlerEnv`] with default limits and no outputs restriction.
+pub fn test_env(
+    name: &str,
+    config: BTreeMap<String, String>,
+    kv: Arc<dyn crate::state::KvStore>,
+) -> HandlerEnv {
+    HandlerEnv {
+        name: name.to_owned(),
+        config,
+        outputs: None,
+        limits: HandlerLimits::default(),
+        kv,
+    }
+}

@@ -1,0 +1,16 @@
+//! lockgate runs WebAssembly message handlers against real brokers and wraps every call in the
+//! delivery machinery teams otherwise rewrite per service: retries, circuit breakers, dead-letter
+//! routing, idempotency and ordered, at-least-once acknowledgement.
+//!
+//! This crate is both the `lockgate` binary and its library. Modules:
+//! - [`config`]: `runtime.toml` schema and validation;
+//! - [`engine`]: the sandboxed wasmtime host, compiled-artefact cache and instance pool;
+//! - [`state`]: persistent key-value state (guest `kv`);
+//! - [`fixture`]: the JSON Lines format `lockgate test` reads and writes.
+
+#![deny(unsafe_code)]
+
+pub mod config;
+pub mod engine;
+pub mod fixture;
+pub mod state;

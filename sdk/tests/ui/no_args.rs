@@ -1,0 +1,6 @@
+#[lockgate_sdk::handler]
+fn handle() -> Result<(), lockgate_sdk::Error> {
+    Ok(())
+}
+
+fn main() {}

@@ -1,0 +1,4 @@
+#[lockgate_sdk::handler]
+fn handle(_msg: lockgate_sdk::Message) {}
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[lockgate_sdk::handler]
+fn handle(_msg: String) -> Result<(), String> {
+    Ok(())
+}
+
+fn main() {}

@@ -1,0 +1,228 @@
+//! A guest can never crash or hang the host, and gets no ambient authority: each adversarial
+//! behaviour yields its typed outcome within its deadline, forbidden access fails inside the
+//! guest, and the same pool keeps serving afterwards.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lockgate::engine::{
+    Engine, EngineSettings, HandlerEnv, HandlerLimits, InboundMessage, InstancePool, Isolation,
+    LogSource, Outcome,
+};
+use lockgate::state::MemoryStore;
+use lockgate_tests::guest;
+
+const TIMEOUT: Duration = Duration::from_millis(200);
+const MEMORY_MB: u64 = 32;
+
+fn pool(pooling: bool, isolation: Isolation) -> InstancePool {
+    let engine = Engine::new(&EngineSettings {
+        pooling,
+        max_instances: 16,
+        ..EngineSettings::default()
+    })
+    .expect("engine");
+    let env = HandlerEnv {
+        name: "adversarial".into(),
+        config: BTreeMap::new(),
+        outputs: None,
+        limits: HandlerLimits {
+            timeout: TIMEOUT,
+            max_memory_bytes: MEMORY_MB * 1024 * 1024,
+            ..HandlerLimits::default()
+        },
+        kv: Arc::new(MemoryStore::new()),
+    };
+    let handler = engine
+        .load_handler(&guest("adversarial"), env)
+        .expect("adversarial guest loads");
+    InstancePool::new(handler, isolation, 1_000)
+}
+
+fn msg(payload: &str) -> InboundMessage {
+    InboundMessage {
+        id: format!("t/{payload}"),
+        topic: "in".into(),
+        payload: payload.as_bytes().to_vec(),
+        attempt: 1,
+        ..InboundMessage::default()
+    }
+}
+
+/// The single published payload of an ok outcome, as text.
+fn published(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Ok { outputs } => {
+            assert_eq!(outputs.len(), 1, "{outcome:?}");
+            String::from_utf8_lossy(&outputs[0].payload).into_owned()
+        }
+        other => panic!("expected ok, got {other:?}"),
+    }
+}
+
+fn assert_still_serving(pool: &InstancePool) {
+    let inv = pool.invoke(&msg("still alive"));
+    assert_eq!(published(&inv.outcome), "still alive");
+}
+
+#[test]
+fn infinite_loop_times_out_within_deadline_and_host_keeps_serving() {
+    for pooling in [true, false] {
+        let pool = pool(pooling, Isolation::Reuse);
+        assert_still_serving(&pool);
+        let start = Instant::now();
+        let inv = pool.invoke(&msg("loop"));
+        let took = start.elapsed();
+        assert_eq!(inv.outcome, Outcome::TimedOut { timeout: TIMEOUT });
+        assert!(took >= TIMEOUT, "fired early: {took:?}");
+        assert!(
+            took <= TIMEOUT + Duration::from_millis(50),
+            "deadline fired late: {took:?} (pooling={pooling})"
+        );
+        assert_still_serving(&pool);
+    }
+}
+
+#[test]
+fn memory_bomb_is_out_of_memory() {
+    let pool = pool(true, Isolation::Reuse);
+    let inv = pool.invoke(&msg("oom"));
+    assert_eq!(
+        inv.outcome,
+        Outcome::OutOfMemory {
+            limit_bytes: MEMORY_MB * 1024 * 1024
+        }
+    );
+    assert_still_serving(&pool);
+}
+
+#[test]
+fn deep_recursion_is_a_trap_not_an_abort() {
+    let pool = pool(true, Isolation::Reuse);
+    let inv = pool.invoke(&msg("recurse"));
+    match &inv.outcome {
+        Outcome::Trapped { reason } => assert!(reason.contains("stack overflow"), "{reason}"),
+        other => panic!("expected a stack-overflow trap, got {other:?}"),
+    }
+    assert_still_serving(&pool);
+}
+
+#[test]
+fn file_system_is_denied_inside_the_guest() {
+    let pool = pool(true, Isolation::Reuse);
+    let text = published(&pool.invoke(&msg("read-file")).outcome);
+    assert!(text.starts_with("denied: "), "guest read a file: {text}");
+}
+
+#[test]
+fn sockets_are_denied_inside_the_guest() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("addr");
+    let pool = pool(true, Isolation::Reuse);
+    let text = published(&pool.invoke(&msg(&format!("socket {addr}"))).outcome);
+    assert!(
+        text.starts_with("denied: "),
+        "guest opened a socket: {text}"
+    );
+    assert!(
+        listener.accept().is_err(),
+        "the listener saw a connection from the guest"
+    );
+}
+
+#[test]
+fn environment_is_empty_inside_the_guest() {
+    // SAFETY: set before any guest runs in this test process; nothing else reads it concurrently.
+    unsafe { std::env::set_var("LOCKGATE_SECRET", "hunter2") };
+    let pool = pool(true, Isolation::Reuse);
+    let text = published(&pool.invoke(&msg("env")).outcome);
+    assert!(text.contains("env: 0 vars"), "{text}");
+    assert!(text.contains("secret: none"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+}
+
+#[test]
+fn oversized_publish_fails_the_invocation_even_if_the_guest_returns_ok() {
+    let pool = pool(true, Isolation::Reuse);
+    let inv = pool.invoke(&msg("publish-big"));
+    match &inv.outcome {
+        Outcome::Rejected { reason } => {
+            assert!(reason.contains("max_output_bytes"), "{reason}");
+            assert!(reason.contains("10485760"), "{reason}");
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_still_serving(&pool);
+}
+
+#[test]
+fn stdout_and_stderr_become_log_records() {
+    let pool = pool(true, Isolation::Reuse);
+    let inv = pool.invoke(&msg("stdout"));
+    assert!(
+        matches!(inv.outcome, Outcome::Ok { .. }),
+        "{:?}",
+        inv.outcome
+    );
+    let lines: Vec<_> = inv
+        .logs
+        .iter()
+        .map(|l| (l.source, l.message.as_str()))
+        .collect();
+    assert!(
+        lines.contains(&(LogSource::Stdout, "hello from stdout")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&(LogSource::Stderr, "hello from stderr")),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn reuse_keeps_one_instance_and_per_message_keeps_none() {
+    let reuse = pool(true, Isolation::Reuse);
+    assert_still_serving(&reuse);
+    assert_still_serving(&reuse);
+    assert_eq!(reuse.idle_instances(), 1);
+    // A trap discards the instance instead of returning it to the pool.
+    let _ = reuse.invoke(&msg("recurse"));
+    assert_eq!(reuse.idle_instances(), 0);
+
+    let fresh = pool(true, Isolation::PerMessage);
+    assert_still_serving(&fresh);
+    assert_eq!(fresh.idle_instances(), 0);
+}
+
+#[test]
+fn compiled_components_are_cached_on_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings = EngineSettings {
+        cache_dir: Some(dir.path().join("cache")),
+        ..EngineSettings::default()
+    };
+    let env = || HandlerEnv {
+        name: "up".into(),
+        config: BTreeMap::new(),
+        outputs: None,
+        limits: HandlerLimits::default(),
+        kv: Arc::new(MemoryStore::new()),
+    };
+    let first = Engine::new(&settings)
+        .expect("engine")
+        .load_handler(&guest("uppercase"), env())
+        .expect("load");
+    assert!(!first.loaded_from_cache());
+    // A new engine (as after a restart) finds the artefact instead of recompiling.
+    let second = Engine::new(&settings)
+        .expect("engine")
+        .load_handler(&guest("uppercase"), env())
+        .expect("load");
+    assert!(second.loaded_from_cache());
+    assert_eq!(first.module_hash(), second.module_hash());
+    second
+        .check_instantiate()
+        .expect("cached code instantiates");
+}
