@@ -8,14 +8,12 @@
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::Instant;
 
 use lockgate::engine::{
-    Engine, EngineSettings, HandlerEnv, HandlerLimits, InboundMessage, InstancePool, Isolation,
-    Outcome, OutgoingMessage,
+    HandlerLimits, InboundMessage, InstancePool, Isolation, Outcome, OutgoingMessage,
 };
-use lockgate::state::MemoryStore;
+use lockgate_tests::{guest_pool, handler_env};
 
 const ROUNDS: usize = 7;
 
@@ -23,23 +21,12 @@ const ROUNDS: usize = 7;
 type Arm<'a> = (&'static str, u32, Box<dyn Fn() + 'a>);
 
 fn pool(pooling: bool, isolation: Isolation) -> InstancePool {
-    let engine = Engine::new(&EngineSettings {
-        pooling,
-        max_instances: 64,
-        ..EngineSettings::default()
-    })
-    .expect("engine");
-    let env = HandlerEnv {
-        name: "uppercase".into(),
-        config: BTreeMap::from([("target".to_owned(), "shouted".to_owned())]),
-        outputs: None,
-        limits: HandlerLimits::default(),
-        kv: Arc::new(MemoryStore::new()),
-    };
-    let handler = engine
-        .load_handler(&lockgate_tests::guest("uppercase"), env)
-        .expect("uppercase guest");
-    InstancePool::new(handler, isolation, u64::MAX)
+    let env = handler_env(
+        "uppercase",
+        &[("target", "shouted")],
+        HandlerLimits::default(),
+    );
+    guest_pool("uppercase", pooling, isolation, env)
 }
 
 /// Nanoseconds per call of `f`, over `iters` calls.

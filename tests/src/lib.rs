@@ -35,7 +35,7 @@ pub fn lockgate_bin() -> PathBuf {
     let bin = profile_dir.join("lockgate");
     assert!(
         bin.is_file(),
-        "{} not found: run the tests with `cargo test --workspace` so the binary is built",
+        "{} not found: run the tests with `cargo test --workspace` (or `cargo build -p lockgate` first) so the binary is built",
         bin.display()
     );
     bin
@@ -59,4 +59,42 @@ pub fn show(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// A handler environment for tests and benches: in-memory kv, every output allowed.
+pub fn handler_env(
+    name: &str,
+    config: &[(&str, &str)],
+    limits: lockgate::engine::HandlerLimits,
+) -> lockgate::engine::HandlerEnv {
+    lockgate::engine::HandlerEnv {
+        name: name.to_owned(),
+        config: config
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        outputs: None,
+        limits,
+        kv: std::sync::Arc::new(lockgate::state::MemoryStore::new()),
+    }
+}
+
+/// Loads guest example `guest_name` on a new engine with the given allocator and wraps it in an
+/// instance pool.
+pub fn guest_pool(
+    guest_name: &str,
+    pooling: bool,
+    isolation: lockgate::engine::Isolation,
+    env: lockgate::engine::HandlerEnv,
+) -> lockgate::engine::InstancePool {
+    let engine = lockgate::engine::Engine::new(&lockgate::engine::EngineSettings {
+        pooling,
+        max_instances: 64,
+        ..lockgate::engine::EngineSettings::default()
+    })
+    .expect("engine");
+    let handler = engine
+        .load_handler(&guest(guest_name), env)
+        .expect("guest loads");
+    lockgate::engine::InstancePool::new(handler, isolation, u64::MAX)
 }

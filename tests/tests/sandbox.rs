@@ -2,42 +2,29 @@
 //! behaviour yields its typed outcome within its deadline, forbidden access fails inside the
 //! guest, and the same pool keeps serving afterwards.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lockgate::engine::{
-    Engine, EngineSettings, HandlerEnv, HandlerLimits, InboundMessage, InstancePool, Isolation,
-    LogSource, Outcome,
+    Engine, EngineSettings, HandlerLimits, InboundMessage, InstancePool, Isolation, LogSource,
+    Outcome,
 };
-use lockgate::state::MemoryStore;
-use lockgate_tests::guest;
+use lockgate_tests::{guest, guest_pool, handler_env};
 
 const TIMEOUT: Duration = Duration::from_millis(200);
 const MEMORY_MB: u64 = 32;
 
 fn pool(pooling: bool, isolation: Isolation) -> InstancePool {
-    let engine = Engine::new(&EngineSettings {
-        pooling,
-        max_instances: 16,
-        ..EngineSettings::default()
-    })
-    .expect("engine");
-    let env = HandlerEnv {
-        name: "adversarial".into(),
-        config: BTreeMap::new(),
-        outputs: None,
-        limits: HandlerLimits {
-            timeout: TIMEOUT,
-            max_memory_bytes: MEMORY_MB * 1024 * 1024,
-            ..HandlerLimits::default()
-        },
-        kv: Arc::new(MemoryStore::new()),
+    let limits = HandlerLimits {
+        timeout: TIMEOUT,
+        max_memory_bytes: MEMORY_MB * 1024 * 1024,
+        ..HandlerLimits::default()
     };
-    let handler = engine
-        .load_handler(&guest("adversarial"), env)
-        .expect("adversarial guest loads");
-    InstancePool::new(handler, isolation, 1_000)
+    guest_pool(
+        "adversarial",
+        pooling,
+        isolation,
+        handler_env("adversarial", &[], limits),
+    )
 }
 
 fn msg(payload: &str) -> InboundMessage {
@@ -203,13 +190,7 @@ fn compiled_components_are_cached_on_disk() {
         cache_dir: Some(dir.path().join("cache")),
         ..EngineSettings::default()
     };
-    let env = || HandlerEnv {
-        name: "up".into(),
-        config: BTreeMap::new(),
-        outputs: None,
-        limits: HandlerLimits::default(),
-        kv: Arc::new(MemoryStore::new()),
-    };
+    let env = || handler_env("up", &[], HandlerLimits::default());
     let first = Engine::new(&settings)
         .expect("engine")
         .load_handler(&guest("uppercase"), env())

@@ -176,7 +176,13 @@ impl Engine {
             linker,
             cache,
         });
-        spawn_epoch_ticker(Arc::downgrade(&inner));
+        // Without the ticker no deadline would ever fire: refuse to run guests rather than risk
+        // hanging on one.
+        spawn_epoch_ticker(Arc::downgrade(&inner)).map_err(|e| {
+            EngineError::Setup(wasmtime::Error::msg(format!(
+                "cannot start the epoch ticker thread: {e}"
+            )))
+        })?;
         Ok(Self { inner })
     }
 
@@ -256,8 +262,8 @@ impl Engine {
     }
 }
 
-fn spawn_epoch_ticker(engine: Weak<EngineInner>) {
-    let spawned = std::thread::Builder::new()
+fn spawn_epoch_ticker(engine: Weak<EngineInner>) -> std::io::Result<()> {
+    std::thread::Builder::new()
         .name("lockgate-epoch".into())
         .spawn(move || {
             while let Some(inner) = engine.upgrade() {
@@ -265,11 +271,8 @@ fn spawn_epoch_ticker(engine: Weak<EngineInner>) {
                 drop(inner);
                 std::thread::sleep(EPOCH_TICK);
             }
-        });
-    if let Err(e) = spawned {
-        // Without the ticker no deadline fires; refuse to run guests rather than hang on one.
-        panic!("cannot start the epoch ticker thread: {e}");
-    }
+        })
+        .map(drop)
 }
 
 fn check_magic(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
