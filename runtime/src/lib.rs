@@ -6,11 +6,13 @@
 //! - [`config`]: `runtime.toml` schema and validation;
 //! - [`engine`]: the sandboxed wasmtime host, compiled-artefact cache and instance pool;
 //! - [`state`]: persistent key-value state (guest `kv`);
-//! - [`fixture`]: the JSON Lines format `lockgate test` reads and writes.
+//! - [`fixture`]: the JSON Lines format `lockgate test` reads and writes;
+//! - [`pipeline`]: delivery policies (retry with backoff, circuit breaker).
 
 #![deny(unsafe_code)]
 
 pub mod config;
 pub mod engine;
 pub mod fixture;
+pub mod pipeline;
 pub mod state;

@@ -1,0 +1,8 @@
+//! The per-route delivery pipeline: policies around every handler call.
+//!
+//! Policies are plain structs with pure decision logic, unit-tested with tokio's paused clock;
+//! broker adapters stay thin around them.
+
+pub mod ack;
+pub mod backoff;
+pub mod breaker;
