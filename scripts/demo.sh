@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/lockgate/target}"
 
 scripts/build-guests.sh >/dev/null
-cargo build --release --locked -p lockgate --bin lockgate
-lockgate="$CARGO_TARGET_DIR/release/lockgate"
+# The dev profile shares its build with the tests; a release build of wasmtime takes minutes.
+cargo build --locked -p lockgate --bin lockgate
+lockgate="$CARGO_TARGET_DIR/debug/lockgate"
 wasm=guest-examples/target/wasm32-wasip2/release
 
 run() { echo; echo "\$ lockgate $*"; "$lockgate" "$@"; }

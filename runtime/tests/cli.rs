@@ -39,7 +39,10 @@ fn test_help_documents_fixtures_expectations_and_exit_codes() {
         "--timeout-ms",
         "Exit codes",
     ] {
-        assert!(text.contains(needle), "test --help lacks {needle:?}:\n{text}");
+        assert!(
+            text.contains(needle),
+            "test --help lacks {needle:?}:\n{text}"
+        );
     }
 }
 
@@ -47,7 +50,9 @@ fn test_help_documents_fixtures_expectations_and_exit_codes() {
 fn bad_usage_exits_2() {
     let out = lockgate(&["frobnicate"]);
     assert_eq!(out.status.code(), Some(2));
-    let out = lockgate(&["test", "x.wasm", "--input", "in.jsonl", "--config", "novalue"]);
+    let out = lockgate(&[
+        "test", "x.wasm", "--input", "in.jsonl", "--config", "novalue",
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected KEY=VALUE"));
 }
