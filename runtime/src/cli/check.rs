@@ -45,11 +45,14 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         eprintln!("{}", format_problem(&config.file, p));
     }
     if problems.is_empty() {
+        let plural = |n: usize| if n == 1 { "" } else { "s" };
         println!(
-            "{}: ok ({} handler{})",
+            "{}: ok ({} handler{}, {} route{})",
             config.file.display(),
             config.handlers.len(),
-            if config.handlers.len() == 1 { "" } else { "s" }
+            plural(config.handlers.len()),
+            config.routes.len(),
+            plural(config.routes.len()),
         );
         Ok(ExitCode::SUCCESS)
     } else {

@@ -25,6 +25,13 @@ use std::path::{Path, PathBuf};
 
 use toml::map::Map as IndexMap;
 
+mod routes;
+
+pub use routes::{
+    BUILTIN_BROKERS, Endpoint, IdempotencyConfig, IdempotencyKey, Ordering, RateLimitConfig,
+    RouteConfig,
+};
+
 use crate::engine::{EngineSettings, HandlerLimits, Isolation};
 
 /// The only schema version so far.
@@ -61,6 +68,8 @@ pub struct Config {
     pub engine: EngineConfig,
     /// Handlers by name, in file order.
     pub handlers: IndexMap<String, HandlerConfig>,
+    /// Routes by name, in file order.
+    pub routes: IndexMap<String, RouteConfig>,
 }
 
 /// The `[engine]` table.
@@ -236,7 +245,36 @@ impl Config {
                 }
             }
         }
-        root.finish(&["version", "runtime", "engine", "handlers"]);
+        let mut routes = IndexMap::new();
+        if let Some(rs) = root.table("routes") {
+            let declared: Vec<&str> = root
+                .table
+                .get("handlers")
+                .and_then(toml::Value::as_table)
+                .map(|t| t.keys().map(String::as_str).collect())
+                .unwrap_or_default();
+            for (name, value) in rs {
+                let path = format!("routes.{name}");
+                let Some(t) = value.as_table() else {
+                    root.problems.push(Problem::new(
+                        &path,
+                        format!("expected a table, found {}", describe(value)),
+                    ));
+                    continue;
+                };
+                if let Err(why) = validate_name(name) {
+                    root.problems.push(Problem::new(
+                        &path,
+                        why.replace("handler name", "route name"),
+                    ));
+                }
+                let mut r = Reader::new(&path, t, root.problems);
+                if let Some(route) = routes::parse_route(name, &declared, &mut r) {
+                    routes.insert(name.clone(), route);
+                }
+            }
+        }
+        root.finish(&["version", "runtime", "engine", "handlers", "routes"]);
 
         let config = Config {
             file: file.to_owned(),
@@ -244,6 +282,7 @@ impl Config {
             state_dir,
             engine,
             handlers,
+            routes,
         };
         Ok((config, problems))
     }
@@ -420,7 +459,7 @@ pub fn format_problem(file: &Path, p: &Problem) -> String {
 }
 
 /// Describes a TOML value for an error message: its type and, for scalars, the value.
-fn describe(v: &toml::Value) -> String {
+pub(crate) fn describe(v: &toml::Value) -> String {
     match v {
         toml::Value::String(s) => format!("string \"{s}\""),
         toml::Value::Integer(i) => format!("integer {i}"),
@@ -433,7 +472,7 @@ fn describe(v: &toml::Value) -> String {
 }
 
 /// Walks one TOML table, recording which keys were read and every problem found.
-struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     path: String,
     table: &'a toml::Table,
     used: BTreeSet<String>,
@@ -455,7 +494,9 @@ impl<'a> Reader<'a> {
     }
 
     fn key_path(&self, key: &str) -> String {
-        if self.path.is_empty() {
+        if key.is_empty() {
+            self.path.clone()
+        } else if self.path.is_empty() {
             key.to_owned()
         } else {
             format!("{}.{key}", self.path)
@@ -502,6 +543,25 @@ impl<'a> Reader<'a> {
 
     fn table(&mut self, key: &str) -> Option<&'a toml::Table> {
         self.typed(key, "a table", toml::Value::as_table)
+    }
+
+    /// An integer or a float, as f64.
+    fn number(&mut self, key: &str) -> Option<f64> {
+        self.typed(key, "a number", |v| match v {
+            toml::Value::Integer(i) => Some(*i as f64),
+            toml::Value::Float(f) => Some(*f),
+            _ => None,
+        })
+    }
+
+    /// An array of strings.
+    fn strings(&mut self, key: &str) -> Option<Vec<String>> {
+        self.typed(key, "an array of strings", |v| {
+            v.as_array()?
+                .iter()
+                .map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
     }
 
     /// A strictly positive integer (durations, sizes, counts: zero is always a mistake).

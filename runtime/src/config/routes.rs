@@ -1,0 +1,653 @@
+//! `[routes.<name>]`: where messages come from, which handler runs them, and the delivery
+//! policies around each call.
+//!
+//! Example:
+//! ```toml
+//! [routes.orders]
+//! handler = "router"
+//! source = { broker = "local", topic = "orders", group = "lockgate" }
+//! outputs = ["orders.valid", "orders.misc"]
+//! concurrency = 4
+//! ordering = "key"
+//! retry = { max_attempts = 5, initial_backoff_ms = 100, max_backoff_ms = 10000 }
+//! circuit_breaker = { consecutive_failures = 5, open_ms = 10000 }
+//! dlq = { topic = "orders.dlq" }
+//! idempotency = { key = "header:idempotency-key", ttl_ms = 86400000 }
+//! rate_limit = { per_second = 500, burst = 50 }
+//! ```
+
+use std::time::Duration;
+
+use super::Reader;
+use crate::pipeline::backoff::{Jitter, RetryPolicy};
+use crate::pipeline::breaker::BreakerConfig;
+
+/// Brokers every config can name without defining them. `local` is the embedded broker.
+pub const BUILTIN_BROKERS: &[&str] = &["local"];
+/// Consumer group used when a route's source names none.
+pub const DEFAULT_GROUP: &str = "lockgate";
+/// How long a completed idempotency key is remembered by default (7 days): longer than any
+/// broker's redelivery horizon in common setups.
+pub const DEFAULT_IDEMPOTENCY_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Most lanes a route may run.
+pub const MAX_CONCURRENCY: u32 = 1024;
+
+/// A broker and topic (plus, for sources, a consumer group).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Broker name (`local`, or a broker defined in the config).
+    pub broker: String,
+    /// Topic, subject or queue.
+    pub topic: String,
+    /// Consumer group (sources only).
+    pub group: String,
+}
+
+/// How messages of one source are spread over lanes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Ordering {
+    /// In order per partition (the default): one lane per partition at a time.
+    #[default]
+    Partition,
+    /// In order per message key: different keys of one partition run in parallel.
+    Key,
+}
+
+/// Where an idempotency key comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdempotencyKey {
+    /// A header (`"header:<name>"`).
+    Header(String),
+    /// The message key (`"key"`).
+    MessageKey,
+    /// A JSON pointer into the payload (`"json:/order/id"`).
+    JsonPointer(String),
+    /// The broker position: topic, partition and offset (`"position"`).
+    Position,
+}
+
+/// A route's `idempotency` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdempotencyConfig {
+    /// Where the key comes from.
+    pub key: IdempotencyKey,
+    /// How long a completed key is remembered.
+    pub ttl: Duration,
+}
+
+/// A route's `rate_limit` table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    /// Sustained messages per second.
+    pub per_second: u32,
+    /// Messages that may pass at once after a quiet period.
+    pub burst: u32,
+}
+
+/// One validated route.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteConfig {
+    /// The route's name (the table key).
+    pub name: String,
+    /// The `[handlers.<name>]` it runs.
+    pub handler: String,
+    /// Where messages come from.
+    pub source: Endpoint,
+    /// Topics the handler may publish to, on the source's broker.
+    pub outputs: Vec<String>,
+    /// Number of lanes.
+    pub concurrency: u32,
+    /// What order is kept.
+    pub ordering: Ordering,
+    /// Retry policy (defaults apply when the table is absent).
+    pub retry: RetryPolicy,
+    /// Circuit breaker; none unless configured.
+    pub circuit_breaker: Option<BreakerConfig>,
+    /// Dead-letter destination; defaults to `<source topic>.dlq` on the source's broker.
+    pub dlq: Endpoint,
+    /// Idempotency; off unless configured.
+    pub idempotency: Option<IdempotencyConfig>,
+    /// Rate limit; none unless configured.
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+const ROUTE_FIELDS: &[&str] = &[
+    "handler",
+    "source",
+    "outputs",
+    "concurrency",
+    "ordering",
+    "retry",
+    "circuit_breaker",
+    "dlq",
+    "idempotency",
+    "rate_limit",
+];
+
+fn check_broker(r: &mut Reader<'_>, key: &str, broker: &str) -> bool {
+    if BUILTIN_BROKERS.contains(&broker) {
+        return true;
+    }
+    r.problem(
+        key,
+        format!(
+            "unknown broker `{broker}` (known: {})",
+            BUILTIN_BROKERS.join(", ")
+        ),
+    );
+    false
+}
+
+fn non_empty(r: &mut Reader<'_>, key: &str) -> Option<String> {
+    let s = r.string(key)?;
+    if s.is_empty() {
+        r.problem(key, "must not be empty".into());
+        return None;
+    }
+    Some(s)
+}
+
+/// Parses one route table; `handlers` are the handler names declared in the file.
+pub(super) fn parse_route(
+    name: &str,
+    handlers: &[&str],
+    r: &mut Reader<'_>,
+) -> Option<RouteConfig> {
+    let before = r.problems.len();
+
+    let handler = match r.string("handler") {
+        None if !r.table.contains_key("handler") => {
+            r.problem(
+                "handler",
+                "missing: the name of a [handlers.<name>] table".into(),
+            );
+            None
+        }
+        None => None,
+        Some(h) if handlers.contains(&h.as_str()) => Some(h),
+        Some(h) => {
+            let known = if handlers.is_empty() {
+                "none are defined".to_owned()
+            } else {
+                format!("defined: {}", handlers.join(", "))
+            };
+            r.problem("handler", format!("unknown handler `{h}` ({known})"));
+            None
+        }
+    };
+
+    let source = match r.table("source") {
+        None => {
+            if !r.table.contains_key("source") {
+                r.problem(
+                    "source",
+                    "missing: e.g. source = { broker = \"local\", topic = \"orders\" }".into(),
+                );
+            }
+            None
+        }
+        Some(t) => {
+            let mut s = r.child("source", t);
+            let broker = s.string("broker").unwrap_or_else(|| "local".to_owned());
+            let broker_ok = check_broker(&mut s, "broker", &broker);
+            if !s.table.contains_key("topic") {
+                s.problem("topic", "missing".into());
+            }
+            let topic = non_empty(&mut s, "topic");
+            let group = match s.string("group") {
+                Some(g) if g.is_empty() => {
+                    s.problem("group", "must not be empty".into());
+                    None
+                }
+                Some(g) => Some(g),
+                None => Some(DEFAULT_GROUP.to_owned()),
+            };
+            s.finish(&["broker", "topic", "group"]);
+            match (broker_ok, topic, group) {
+                (true, Some(topic), Some(group)) => Some(Endpoint {
+                    broker,
+                    topic,
+                    group,
+                }),
+                _ => None,
+            }
+        }
+    };
+
+    let outputs = r.strings("outputs").unwrap_or_default();
+    if outputs.iter().any(String::is_empty) {
+        r.problem("outputs", "topics must not be empty".into());
+    }
+
+    let concurrency = r.positive_u32("concurrency").unwrap_or(1);
+    if concurrency > MAX_CONCURRENCY {
+        r.problem(
+            "concurrency",
+            format!("{concurrency} is over the limit of {MAX_CONCURRENCY}"),
+        );
+    }
+    let ordering = match r.string("ordering").as_deref() {
+        None | Some("partition") => Ordering::Partition,
+        Some("key") => Ordering::Key,
+        Some(other) => {
+            r.problem(
+                "ordering",
+                format!("unknown value \"{other}\"; expected \"partition\" or \"key\""),
+            );
+            Ordering::Partition
+        }
+    };
+
+    let retry = match r.table("retry") {
+        Some(t) => parse_retry(&mut r.child("retry", t)),
+        None => RetryPolicy::default(),
+    };
+    let circuit_breaker = r
+        .table("circuit_breaker")
+        .map(|t| parse_breaker(&mut r.child("circuit_breaker", t)));
+
+    let dlq = match (r.table("dlq"), &source) {
+        (Some(t), source) => {
+            let mut d = r.child("dlq", t);
+            let broker = d
+                .string("broker")
+                .or_else(|| source.as_ref().map(|s| s.broker.clone()))
+                .unwrap_or_else(|| "local".to_owned());
+            check_broker(&mut d, "broker", &broker);
+            let topic = non_empty(&mut d, "topic");
+            if let (Some(topic), Some(src)) = (&topic, source)
+                && src.broker == broker
+                && &src.topic == topic
+            {
+                d.problem(
+                    "topic",
+                    format!(
+                        "\"{topic}\" is the route's own source topic: dead letters would be consumed again"
+                    ),
+                );
+            }
+            if !d.table.contains_key("topic") {
+                d.problem("topic", "missing".into());
+            }
+            d.finish(&["broker", "topic"]);
+            topic.map(|topic| Endpoint {
+                broker,
+                topic,
+                group: String::new(),
+            })
+        }
+        (None, Some(src)) => Some(Endpoint {
+            broker: src.broker.clone(),
+            topic: format!("{}.dlq", src.topic),
+            group: String::new(),
+        }),
+        (None, None) => None,
+    };
+
+    let idempotency = r
+        .table("idempotency")
+        .and_then(|t| parse_idempotency(&mut r.child("idempotency", t)));
+
+    let rate_limit = r.table("rate_limit").and_then(|t| {
+        let mut l = r.child("rate_limit", t);
+        let per_second = l.positive_u32("per_second");
+        if !l.table.contains_key("per_second") {
+            l.problem("per_second", "missing".into());
+        }
+        let burst = l.positive_u32("burst");
+        l.finish(&["per_second", "burst"]);
+        per_second.map(|per_second| RateLimitConfig {
+            per_second,
+            burst: burst.unwrap_or(per_second),
+        })
+    });
+
+    r.finish(ROUTE_FIELDS);
+    if r.problems.len() != before {
+        return None;
+    }
+    Some(RouteConfig {
+        name: name.to_owned(),
+        handler: handler?,
+        source: source?,
+        outputs,
+        concurrency,
+        ordering,
+        retry,
+        circuit_breaker,
+        dlq: dlq?,
+        idempotency,
+        rate_limit,
+    })
+}
+
+fn parse_retry(r: &mut Reader<'_>) -> RetryPolicy {
+    let d = RetryPolicy::default();
+    let max_attempts = r.positive_u32("max_attempts").unwrap_or(d.max_attempts);
+    let initial = r.positive("initial_backoff_ms");
+    let max = r.positive("max_backoff_ms");
+    let initial_backoff = initial.map_or(d.initial_backoff, Duration::from_millis);
+    let max_backoff = max.map_or(d.max_backoff, Duration::from_millis);
+    if max_backoff < initial_backoff {
+        let what = |v: Option<u64>, dflt: Duration| match v {
+            Some(v) => v.to_string(),
+            None => format!("{} by default", dflt.as_millis()),
+        };
+        r.problem(
+            "max_backoff_ms",
+            format!(
+                "{} is less than initial_backoff_ms ({})",
+                what(max, d.max_backoff),
+                what(initial, d.initial_backoff)
+            ),
+        );
+    }
+    let multiplier = match r.number("multiplier") {
+        Some(m) if !(1.0..=1000.0).contains(&m) => {
+            r.problem(
+                "multiplier",
+                format!("must be between 1 and 1000, found {m}"),
+            );
+            d.multiplier
+        }
+        Some(m) => m,
+        None => d.multiplier,
+    };
+    let fraction = r.number("jitter_fraction");
+    let jitter = match r.string("jitter").as_deref() {
+        None | Some("full") => Jitter::Full,
+        Some("none") => Jitter::None,
+        Some("proportional") => Jitter::Proportional(fraction.unwrap_or(0.2)),
+        Some(other) => {
+            r.problem(
+                "jitter",
+                format!(
+                    "unknown value \"{other}\"; expected \"full\", \"proportional\" or \"none\""
+                ),
+            );
+            Jitter::Full
+        }
+    };
+    if let Some(f) = fraction {
+        if !matches!(jitter, Jitter::Proportional(_)) {
+            r.problem(
+                "jitter_fraction",
+                "only applies with jitter = \"proportional\"".into(),
+            );
+        } else if !(f > 0.0 && f <= 1.0) {
+            r.problem(
+                "jitter_fraction",
+                format!("must be greater than 0 and at most 1, found {f}"),
+            );
+        }
+    }
+    let retry_traps = r.bool("retry_traps").unwrap_or(d.retry_traps);
+    let retry_timeouts = r.bool("retry_timeouts").unwrap_or(d.retry_timeouts);
+    r.finish(&[
+        "max_attempts",
+        "initial_backoff_ms",
+        "max_backoff_ms",
+        "multiplier",
+        "jitter",
+        "jitter_fraction",
+        "retry_traps",
+        "retry_timeouts",
+    ]);
+    RetryPolicy {
+        max_attempts,
+        initial_backoff,
+        max_backoff,
+        multiplier,
+        jitter,
+        retry_traps,
+        retry_timeouts,
+    }
+}
+
+fn parse_breaker(r: &mut Reader<'_>) -> BreakerConfig {
+    let d = BreakerConfig::default();
+    let consecutive_failures = r.positive_u32("consecutive_failures");
+    let failure_ratio = match r.number("failure_ratio") {
+        Some(f) if !(f > 0.0 && f <= 1.0) => {
+            r.problem(
+                "failure_ratio",
+                format!("must be greater than 0 and at most 1, found {f}"),
+            );
+            None
+        }
+        other => other,
+    };
+    if !r.table.contains_key("consecutive_failures") && !r.table.contains_key("failure_ratio") {
+        r.problem(
+            "",
+            "set consecutive_failures, failure_ratio, or both: otherwise the breaker never trips"
+                .into(),
+        );
+    }
+    let window = r
+        .positive("window_ms")
+        .map_or(d.window, Duration::from_millis);
+    let min_calls = r.positive_u32("min_calls").unwrap_or(d.min_calls);
+    let open_duration = r
+        .positive("open_ms")
+        .map_or(d.open_duration, Duration::from_millis);
+    let half_open_max = r.positive_u32("half_open_max").unwrap_or(d.half_open_max);
+    r.finish(&[
+        "consecutive_failures",
+        "failure_ratio",
+        "window_ms",
+        "min_calls",
+        "open_ms",
+        "half_open_max",
+    ]);
+    BreakerConfig {
+        consecutive_failures,
+        failure_ratio,
+        window,
+        min_calls,
+        open_duration,
+        half_open_max,
+    }
+}
+
+fn parse_idempotency(r: &mut Reader<'_>) -> Option<IdempotencyConfig> {
+    let raw = r.string("key");
+    if !r.table.contains_key("key") {
+        r.problem(
+            "key",
+            "missing: \"header:<name>\", \"key\", \"json:<pointer>\" or \"position\"".into(),
+        );
+    }
+    let key = raw.and_then(|k| {
+        let parsed = match k.as_str() {
+            "key" => Some(IdempotencyKey::MessageKey),
+            "position" => Some(IdempotencyKey::Position),
+            k => match k.split_once(':') {
+                Some(("header", name)) if !name.is_empty() => {
+                    Some(IdempotencyKey::Header(name.to_owned()))
+                }
+                Some(("json", ptr)) if ptr.starts_with('/') => {
+                    Some(IdempotencyKey::JsonPointer(ptr.to_owned()))
+                }
+                _ => None,
+            },
+        };
+        if parsed.is_none() {
+            r.problem(
+                "key",
+                format!(
+                    "unknown key source \"{k}\"; expected \"header:<name>\", \"key\", \"json:<pointer starting with />\" or \"position\""
+                ),
+            );
+        }
+        parsed
+    });
+    let ttl = r.positive("ttl_ms").unwrap_or(DEFAULT_IDEMPOTENCY_TTL_MS);
+    r.finish(&["key", "ttl_ms"]);
+    key.map(|key| IdempotencyConfig {
+        key,
+        ttl: Duration::from_millis(ttl),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::Config;
+
+    const HANDLER: &str = "[handlers.h]\nmodule = \"h.wasm\"\n\n";
+
+    fn parse(route: &str) -> Result<RouteConfig, Vec<String>> {
+        let text = format!("{HANDLER}[routes.r]\n{route}");
+        match Config::parse(Path::new("rt.toml"), &text) {
+            Ok(c) => Ok(c.routes["r"].clone()),
+            Err(e) => Err(e.to_string().lines().map(str::to_owned).collect()),
+        }
+    }
+
+    fn errors(route: &str) -> Vec<String> {
+        parse(route).expect_err("expected problems")
+    }
+
+    #[test]
+    fn minimal_route_gets_defaults() {
+        let r = parse("handler = \"h\"\nsource = { topic = \"orders\" }\n").unwrap();
+        assert_eq!(r.source.broker, "local");
+        assert_eq!(r.source.group, DEFAULT_GROUP);
+        assert_eq!(r.dlq.topic, "orders.dlq");
+        assert_eq!(r.dlq.broker, "local");
+        assert_eq!(r.retry, RetryPolicy::default());
+        assert_eq!(r.concurrency, 1);
+        assert_eq!(r.ordering, Ordering::Partition);
+        assert!(r.circuit_breaker.is_none() && r.idempotency.is_none() && r.rate_limit.is_none());
+    }
+
+    #[test]
+    fn full_route_parses() {
+        let r = parse(
+            "handler = \"h\"\nsource = { broker = \"local\", topic = \"in\", group = \"g\" }\noutputs = [\"out\"]\nconcurrency = 8\nordering = \"key\"\nretry = { max_attempts = 3, initial_backoff_ms = 10, max_backoff_ms = 1000, multiplier = 1.5, jitter = \"proportional\", jitter_fraction = 0.5, retry_traps = false }\ncircuit_breaker = { failure_ratio = 0.5, window_ms = 1000, min_calls = 4, open_ms = 200, half_open_max = 2 }\ndlq = { topic = \"dead\" }\nidempotency = { key = \"json:/order/id\", ttl_ms = 60000 }\nrate_limit = { per_second = 100 }\n",
+        )
+        .unwrap();
+        assert_eq!(r.outputs, vec!["out"]);
+        assert_eq!(r.ordering, Ordering::Key);
+        assert_eq!(r.retry.jitter, Jitter::Proportional(0.5));
+        assert!(!r.retry.retry_traps);
+        assert_eq!(r.circuit_breaker.unwrap().failure_ratio, Some(0.5));
+        assert_eq!(r.dlq.topic, "dead");
+        assert_eq!(
+            r.idempotency.unwrap().key,
+            IdempotencyKey::JsonPointer("/order/id".into())
+        );
+        assert_eq!(
+            r.rate_limit,
+            Some(RateLimitConfig {
+                per_second: 100,
+                burst: 100
+            })
+        );
+    }
+
+    #[test]
+    fn unknown_fields_in_every_table() {
+        assert_eq!(
+            errors(
+                "handler = \"h\"\nsource = { topic = \"t\", topik = 1 }\nretry = { max_attempt = 3 }\nretries = 2\n"
+            ),
+            vec![
+                "rt.toml: routes.r.source.topik: unknown field `topik`; did you mean `topic`?",
+                "rt.toml: routes.r.retry.max_attempt: unknown field `max_attempt`; did you mean `max_attempts`?",
+                "rt.toml: routes.r.retries: unknown field `retries` (expected one of: handler, source, outputs, concurrency, ordering, retry, circuit_breaker, dlq, idempotency, rate_limit)",
+            ]
+        );
+    }
+
+    #[test]
+    fn zero_and_negative_durations() {
+        assert_eq!(
+            errors(
+                "handler = \"h\"\nsource = { topic = \"t\" }\nretry = { initial_backoff_ms = 0, max_backoff_ms = -5 }\ncircuit_breaker = { consecutive_failures = 3, open_ms = 0 }\nidempotency = { key = \"key\", ttl_ms = -1 }\n"
+            ),
+            vec![
+                "rt.toml: routes.r.retry.initial_backoff_ms: must be greater than 0, found 0",
+                "rt.toml: routes.r.retry.max_backoff_ms: must be greater than 0, found -5",
+                "rt.toml: routes.r.circuit_breaker.open_ms: must be greater than 0, found 0",
+                "rt.toml: routes.r.idempotency.ttl_ms: must be greater than 0, found -1",
+            ]
+        );
+    }
+
+    #[test]
+    fn max_backoff_below_initial_names_both_fields() {
+        assert_eq!(
+            errors(
+                "handler = \"h\"\nsource = { topic = \"t\" }\nretry = { initial_backoff_ms = 500, max_backoff_ms = 100 }\n"
+            ),
+            vec![
+                "rt.toml: routes.r.retry.max_backoff_ms: 100 is less than initial_backoff_ms (500)"
+            ]
+        );
+        assert_eq!(
+            errors(
+                "handler = \"h\"\nsource = { topic = \"t\" }\nretry = { max_backoff_ms = 50 }\n"
+            ),
+            vec![
+                "rt.toml: routes.r.retry.max_backoff_ms: 50 is less than initial_backoff_ms (100 by default)"
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_broker_and_handler() {
+        assert_eq!(
+            errors("handler = \"nope\"\nsource = { broker = \"kafka\", topic = \"t\" }\n"),
+            vec![
+                "rt.toml: routes.r.handler: unknown handler `nope` (defined: h)",
+                "rt.toml: routes.r.source.broker: unknown broker `kafka` (known: local)",
+            ]
+        );
+    }
+
+    #[test]
+    fn dlq_pointing_at_the_source_is_refused() {
+        assert_eq!(
+            errors(
+                "handler = \"h\"\nsource = { topic = \"orders\" }\ndlq = { topic = \"orders\" }\n"
+            ),
+            vec![
+                "rt.toml: routes.r.dlq.topic: \"orders\" is the route's own source topic: dead letters would be consumed again"
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_enums_and_ranges() {
+        assert_eq!(
+            errors(
+                "handler = \"h\"\nsource = { topic = \"t\" }\nordering = \"global\"\nconcurrency = 5000\nretry = { jitter = \"some\", multiplier = 0.5 }\ncircuit_breaker = { failure_ratio = 1.5 }\nidempotency = { key = \"payload\" }\n"
+            ),
+            vec![
+                "rt.toml: routes.r.concurrency: 5000 is over the limit of 1024",
+                "rt.toml: routes.r.ordering: unknown value \"global\"; expected \"partition\" or \"key\"",
+                "rt.toml: routes.r.retry.multiplier: must be between 1 and 1000, found 0.5",
+                "rt.toml: routes.r.retry.jitter: unknown value \"some\"; expected \"full\", \"proportional\" or \"none\"",
+                "rt.toml: routes.r.circuit_breaker.failure_ratio: must be greater than 0 and at most 1, found 1.5",
+                "rt.toml: routes.r.idempotency.key: unknown key source \"payload\"; expected \"header:<name>\", \"key\", \"json:<pointer starting with />\" or \"position\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_required_parts() {
+        assert_eq!(
+            errors("circuit_breaker = { open_ms = 10 }\nrate_limit = { burst = 5 }\n"),
+            vec![
+                "rt.toml: routes.r.handler: missing: the name of a [handlers.<name>] table",
+                "rt.toml: routes.r.source: missing: e.g. source = { broker = \"local\", topic = \"orders\" }",
+                "rt.toml: routes.r.circuit_breaker: set consecutive_failures, failure_ratio, or both: otherwise the breaker never trips",
+                "rt.toml: routes.r.rate_limit.per_second: missing",
+            ]
+        );
+    }
+}
