@@ -225,55 +225,19 @@ impl Config {
             r.finish(&["pooling", "cache", "max_instances"]);
         }
 
-        let mut handlers = IndexMap::new();
-        if let Some(hs) = root.table("handlers") {
-            for (name, value) in hs {
-                let path = format!("handlers.{name}");
-                let Some(t) = value.as_table() else {
-                    root.problems.push(Problem::new(
-                        &path,
-                        format!("expected a table, found {}", describe(value)),
-                    ));
-                    continue;
-                };
-                if let Err(why) = validate_name(name) {
-                    root.problems.push(Problem::new(&path, why));
-                }
-                let mut r = Reader::new(&path, t, root.problems);
-                if let Some(h) = parse_handler(name, &base_dir, &mut r) {
-                    handlers.insert(name.clone(), h);
-                }
-            }
-        }
-        let mut routes = IndexMap::new();
-        if let Some(rs) = root.table("routes") {
-            let declared: Vec<&str> = root
-                .table
-                .get("handlers")
-                .and_then(toml::Value::as_table)
-                .map(|t| t.keys().map(String::as_str).collect())
-                .unwrap_or_default();
-            for (name, value) in rs {
-                let path = format!("routes.{name}");
-                let Some(t) = value.as_table() else {
-                    root.problems.push(Problem::new(
-                        &path,
-                        format!("expected a table, found {}", describe(value)),
-                    ));
-                    continue;
-                };
-                if let Err(why) = validate_name(name) {
-                    root.problems.push(Problem::new(
-                        &path,
-                        why.replace("handler name", "route name"),
-                    ));
-                }
-                let mut r = Reader::new(&path, t, root.problems);
-                if let Some(route) = routes::parse_route(name, &declared, &mut r) {
-                    routes.insert(name.clone(), route);
-                }
-            }
-        }
+        let handlers = root.named_tables("handlers", "handler", |name, r| {
+            parse_handler(name, &base_dir, r)
+        });
+        // Routes are checked against every declared handler name, valid or not, so a broken
+        // handler table is reported once rather than again as an "unknown handler".
+        let declared: Vec<&str> = table
+            .get("handlers")
+            .and_then(toml::Value::as_table)
+            .map(|t| t.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        let routes = root.named_tables("routes", "route", |name, r| {
+            routes::parse_route(name, &declared, r)
+        });
         root.finish(&["version", "runtime", "engine", "handlers", "routes"]);
 
         let config = Config {
@@ -383,8 +347,9 @@ fn parse_handler(name: &str, base_dir: &Path, r: &mut Reader<'_>) -> Option<Hand
     })
 }
 
-/// Handler names become kv namespaces, metric labels and log fields: keep them plain.
-fn validate_name(name: &str) -> Result<(), String> {
+/// Handler and route names become kv namespaces, metric labels and log fields: keep them plain.
+/// `kind` names what is being named in the message.
+fn validate_name(name: &str, kind: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name
@@ -395,7 +360,7 @@ fn validate_name(name: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "invalid handler name \"{name}\": use 1-64 lower-case letters, digits, `-` or `_`, starting with a letter or digit"
+            "invalid {kind} name \"{name}\": use 1-64 lower-case letters, digits, `-` or `_`, starting with a letter or digit"
         ))
     }
 }
@@ -583,6 +548,38 @@ impl<'a> Reader<'a> {
                 None
             }
         }
+    }
+
+    /// Reads the `[key.<name>]` tables: checks each name is valid and each entry is a table,
+    /// parses it with `parse`, and keeps the ones that parsed, in file order.
+    fn named_tables<T>(
+        &mut self,
+        key: &str,
+        kind: &str,
+        mut parse: impl FnMut(&str, &mut Reader<'_>) -> Option<T>,
+    ) -> IndexMap<String, T> {
+        let mut out = IndexMap::new();
+        let Some(tables) = self.table(key) else {
+            return out;
+        };
+        for (name, value) in tables {
+            let path = self.key_path(&format!("{key}.{name}"));
+            let Some(t) = value.as_table() else {
+                self.problems.push(Problem::new(
+                    &path,
+                    format!("expected a table, found {}", describe(value)),
+                ));
+                continue;
+            };
+            if let Err(why) = validate_name(name, kind) {
+                self.problems.push(Problem::new(&path, why));
+            }
+            let mut r = Reader::new(&path, t, self.problems);
+            if let Some(parsed) = parse(name, &mut r) {
+                out.insert(name.clone(), parsed);
+            }
+        }
+        out
     }
 
     /// Reports keys of the table that no getter asked for.
