@@ -7,7 +7,8 @@
 //! - [`engine`]: the sandboxed wasmtime host, compiled-artefact cache and instance pool;
 //! - [`state`]: persistent key-value state (guest `kv`);
 //! - [`fixture`]: the JSON Lines format `lockgate test` reads and writes;
-//! - [`pipeline`]: delivery policies (retry with backoff, circuit breaker).
+//! - [`pipeline`]: delivery policies (retry with backoff, circuit breaker, rate limit, ack
+//!   watermark).
 
 #![deny(unsafe_code)]
 

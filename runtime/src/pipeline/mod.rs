@@ -6,3 +6,4 @@
 pub mod ack;
 pub mod backoff;
 pub mod breaker;
+pub mod rate_limit;
