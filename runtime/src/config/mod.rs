@@ -284,17 +284,15 @@ fn parse_handler(name: &str, base_dir: &Path, r: &mut Reader<'_>) -> Option<Hand
             format!("{max_memory_mb} is over the limit of {MAX_MEMORY_MB_LIMIT} (4 GiB, the 32-bit address space)"),
         );
     }
-    let isolation = match r.string("isolation").as_deref() {
-        None | Some("reuse") => Isolation::Reuse,
-        Some("per-message") => Isolation::PerMessage,
-        Some(other) => {
-            r.problem(
-                "isolation",
-                format!("unknown value \"{other}\"; expected \"reuse\" or \"per-message\""),
-            );
-            Isolation::Reuse
-        }
-    };
+    let isolation = r
+        .choice(
+            "isolation",
+            &[
+                ("reuse", Isolation::Reuse),
+                ("per-message", Isolation::PerMessage),
+            ],
+        )
+        .unwrap_or_default();
     let max_messages_per_instance = r
         .positive("max_messages_per_instance")
         .unwrap_or(DEFAULT_MAX_MESSAGES_PER_INSTANCE);
@@ -517,6 +515,26 @@ impl<'a> Reader<'a> {
             toml::Value::Float(f) => Some(*f),
             _ => None,
         })
+    }
+
+    /// A string that must be one of `options` (name, value); `None` when absent or unknown (an
+    /// unknown name is reported, listing the names).
+    fn choice<T: Copy>(&mut self, key: &str, options: &[(&str, T)]) -> Option<T> {
+        let name = self.string(key)?;
+        if let Some((_, value)) = options.iter().find(|(n, _)| *n == name) {
+            return Some(*value);
+        }
+        let names: Vec<String> = options.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+        let expected = match names.split_last() {
+            Some((last, [])) => last.clone(),
+            Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+            None => String::new(),
+        };
+        self.problem(
+            key,
+            format!("unknown value \"{name}\"; expected {expected}"),
+        );
+        None
     }
 
     /// An array of strings.

@@ -226,17 +226,12 @@ pub(super) fn parse_route(
             format!("{concurrency} is over the limit of {MAX_CONCURRENCY}"),
         );
     }
-    let ordering = match r.string("ordering").as_deref() {
-        None | Some("partition") => Ordering::Partition,
-        Some("key") => Ordering::Key,
-        Some(other) => {
-            r.problem(
-                "ordering",
-                format!("unknown value \"{other}\"; expected \"partition\" or \"key\""),
-            );
-            Ordering::Partition
-        }
-    };
+    let ordering = r
+        .choice(
+            "ordering",
+            &[("partition", Ordering::Partition), ("key", Ordering::Key)],
+        )
+        .unwrap_or_default();
 
     let retry = match r.table("retry") {
         Some(t) => parse_retry(&mut r.child("retry", t)),
@@ -354,20 +349,19 @@ fn parse_retry(r: &mut Reader<'_>) -> RetryPolicy {
         None => d.multiplier,
     };
     let fraction = r.number("jitter_fraction");
-    let jitter = match r.string("jitter").as_deref() {
-        None | Some("full") => Jitter::Full,
-        Some("none") => Jitter::None,
-        Some("proportional") => Jitter::Proportional(fraction.unwrap_or(0.2)),
-        Some(other) => {
-            r.problem(
-                "jitter",
-                format!(
-                    "unknown value \"{other}\"; expected \"full\", \"proportional\" or \"none\""
+    let jitter = r
+        .choice(
+            "jitter",
+            &[
+                ("full", Jitter::Full),
+                (
+                    "proportional",
+                    Jitter::Proportional(fraction.unwrap_or(0.2)),
                 ),
-            );
-            Jitter::Full
-        }
-    };
+                ("none", Jitter::None),
+            ],
+        )
+        .unwrap_or(Jitter::Full);
     if let Some(f) = fraction {
         if !matches!(jitter, Jitter::Proportional(_)) {
             r.problem(
