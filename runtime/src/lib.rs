@@ -3,6 +3,7 @@
 //! routing, idempotency and ordered, at-least-once acknowledgement.
 //!
 //! This crate is both the `lockgate` binary and its library. Modules:
+//! - [`broker`]: the `Source`/`Sink` traits and the broker adapters;
 //! - [`config`]: `runtime.toml` schema and validation;
 //! - [`engine`]: the sandboxed wasmtime host, compiled-artefact cache and instance pool;
 //! - [`state`]: persistent key-value state (guest `kv`);
@@ -12,6 +13,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod broker;
 pub mod config;
 pub mod engine;
 pub mod fixture;

@@ -1,0 +1,178 @@
+//! Brokers: where messages come from ([`Source`]) and where outputs and dead letters go
+//! ([`Sink`]).
+//!
+//! The traits are deliberately small so one broker fits in one file: a source hands out
+//! [`Delivery`]s, each carrying an [`AckHandle`] that the pipeline resolves exactly once when the
+//! message is *done* (DESIGN promise 1); a sink publishes a batch and returns only once the broker
+//! acknowledged every record. Ordering, retries, breakers and idempotency live in
+//! [`crate::pipeline`], never in a broker adapter.
+//!
+//! Backends: [`local`] (the embedded, file-backed development broker) and [`memory`] (in-process,
+//! for unit tests and benchmarks of the pipeline).
+
+// pub mod local; (added with the local broker)
+pub mod memory;
+
+use std::future::Future;
+use std::pin::Pin;
+
+/// A boxed, sendable future: the return type of the object-safe broker methods.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Header every output and dead letter carries: a deterministic id (route, source position or
+/// idempotency key, output index) that lets a sink drop a duplicate written by a retry or a
+/// redelivery (DESIGN promise 2).
+pub const LOCKGATE_ID_HEADER: &str = "lockgate-id";
+
+/// Errors from a broker adapter.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The broker (or its files) cannot be reached or written now; trying again later may work.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// The request is wrong and retrying will not help (bad topic name, record too large).
+    #[error("{0}")]
+    Invalid(String),
+    /// The source was closed (shutdown): no more deliveries.
+    #[error("source closed")]
+    Closed,
+}
+
+/// A message as a broker delivered it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Record {
+    /// Topic, subject or queue.
+    pub topic: String,
+    /// Partition, when the broker has them.
+    pub partition: Option<u32>,
+    /// Offset or stream sequence, when the broker has them.
+    pub offset: Option<u64>,
+    /// Message key.
+    pub key: Option<Vec<u8>>,
+    /// Headers in order.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Body.
+    pub payload: Vec<u8>,
+    /// Broker timestamp, ms since the Unix epoch.
+    pub timestamp_ms: Option<u64>,
+    /// Reply destination (request-reply brokers).
+    pub reply_to: Option<String>,
+}
+
+impl Record {
+    /// The first header called `name` (case-sensitive), if any.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// `topic/partition/offset`: unique within a route and stable across redeliveries.
+    pub fn position(&self) -> String {
+        let part = self.partition.map_or_else(|| "-".to_owned(), |p| p.to_string());
+        let off = self.offset.map_or_else(|| "-".to_owned(), |o| o.to_string());
+        format!("{}/{part}/{off}", self.topic)
+    }
+}
+
+/// A record to publish.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OutRecord {
+    /// Destination topic.
+    pub topic: String,
+    /// Key.
+    pub key: Option<Vec<u8>>,
+    /// Headers in order (including [`LOCKGATE_ID_HEADER`] when the pipeline set one).
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Body.
+    pub payload: Vec<u8>,
+}
+
+/// How a message was finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckKind {
+    /// The handler succeeded and its outputs were acknowledged, or it was a duplicate.
+    Done,
+    /// The message was written to the dead-letter destination (brokers that distinguish this,
+    /// like JetStream's `term`, use it; others treat it like `Done`).
+    DeadLettered,
+}
+
+/// Resolves one delivery. Implemented by each broker.
+pub trait Ack: Send + 'static {
+    /// Tells the broker the message is finished. For brokers that commit positions
+    /// (local, Kafka) this marks the offset done; the position advances over the contiguous
+    /// prefix of done messages and is committed in the background.
+    fn ack(self: Box<Self>, kind: AckKind) -> BoxFuture<'static, Result<(), BrokerError>>;
+}
+
+/// The pipeline's handle on one delivery. Dropping it without [`AckHandle::ack`] leaves the
+/// message unacknowledged: the broker redelivers it (after a restart, a rebalance or its ack
+/// timeout), which is what an abandoned message must do.
+pub struct AckHandle(Box<dyn Ack>);
+
+impl AckHandle {
+    /// Wraps a broker's acknowledger.
+    pub fn new(ack: impl Ack) -> Self {
+        Self(Box::new(ack))
+    }
+
+    /// Finishes the delivery.
+    pub async fn ack(self, kind: AckKind) -> Result<(), BrokerError> {
+        self.0.ack(kind).await
+    }
+}
+
+impl std::fmt::Debug for AckHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AckHandle")
+    }
+}
+
+/// One message from a source and the handle that finishes it.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The message.
+    pub record: Record,
+    /// Resolve once the message is done; drop to leave it for redelivery.
+    pub ack: AckHandle,
+    /// Attempts already made by earlier deliveries, when the broker counts them (JetStream's
+    /// delivery count, RabbitMQ's `x-delivery-count`); 0 when unknown.
+    pub previous_attempts: u32,
+}
+
+/// Where a route's messages come from.
+///
+/// The pipeline pulls: it calls [`Source::next`] only when it has room (in-flight bound, rate
+/// limit, breaker), so a source never needs its own buffering policy. [`Source::pause`] is called
+/// when the route stops pulling for a while (breaker open) so brokers that must keep polling
+/// (Kafka's `max.poll.interval.ms`) can pause their partitions instead.
+pub trait Source: Send + 'static {
+    /// A one-line description for logs (`local topic orders, group lockgate`).
+    fn describe(&self) -> String;
+
+    /// The next delivery, waiting until one arrives. [`BrokerError::Closed`] ends the stream.
+    fn next(&mut self) -> BoxFuture<'_, Result<Delivery, BrokerError>>;
+
+    /// The route will not pull for a while.
+    fn pause(&mut self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// The route pulls again.
+    fn resume(&mut self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Commits every position that is done (called at shutdown, after in-flight work finished
+    /// or was abandoned). Acks issued before this call are included.
+    fn commit(&mut self) -> BoxFuture<'_, Result<(), BrokerError>>;
+}
+
+/// Where outputs and dead letters go.
+pub trait Sink: Send + Sync + 'static {
+    /// Publishes `records` and returns once the broker acknowledged all of them. A sink that can
+    /// deduplicate drops a record whose [`LOCKGATE_ID_HEADER`] it already holds.
+    fn publish(&self, records: Vec<OutRecord>) -> BoxFuture<'_, Result<(), BrokerError>>;
+}
