@@ -10,7 +10,7 @@
 //! Backends: [`local`] (the embedded, file-backed development broker) and [`memory`] (in-process,
 //! for unit tests and benchmarks of the pipeline).
 
-// pub mod local; (added with the local broker)
+pub mod local;
 pub mod memory;
 
 use std::future::Future;
@@ -70,8 +70,12 @@ impl Record {
 
     /// `topic/partition/offset`: unique within a route and stable across redeliveries.
     pub fn position(&self) -> String {
-        let part = self.partition.map_or_else(|| "-".to_owned(), |p| p.to_string());
-        let off = self.offset.map_or_else(|| "-".to_owned(), |o| o.to_string());
+        let part = self
+            .partition
+            .map_or_else(|| "-".to_owned(), |p| p.to_string());
+        let off = self
+            .offset
+            .map_or_else(|| "-".to_owned(), |o| o.to_string());
         format!("{}/{part}/{off}", self.topic)
     }
 }
