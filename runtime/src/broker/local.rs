@@ -1370,9 +1370,14 @@ mod tests {
 
     #[test]
     fn concurrent_appenders_store_every_record_once_with_unique_offsets() {
+        const THREADS: u64 = 8;
+        const BATCHES: u64 = 40;
+        const PER_BATCH: u64 = 10;
+        let total = THREADS * BATCHES * PER_BATCH;
         let dir = tempfile::tempdir().unwrap();
         let shared = LocalBroker::open(dir.path()).unwrap();
-        let threads: Vec<_> = (0..6)
+        let start = Arc::new(std::sync::Barrier::new(THREADS as usize));
+        let threads: Vec<_> = (0..THREADS)
             .map(|t| {
                 // Half the threads share an instance (in-process mutex), half have their own
                 // (the file lock is all that separates them, as between processes).
@@ -1381,13 +1386,17 @@ mod tests {
                 } else {
                     LocalBroker::open(dir.path()).unwrap()
                 };
+                let start = Arc::clone(&start);
                 std::thread::spawn(move || {
+                    start.wait();
                     let mut offsets = Vec::new();
-                    for batch in 0..10 {
-                        let records: Vec<_> = (0..5)
+                    for batch in 0..BATCHES {
+                        let records: Vec<_> = (0..PER_BATCH)
                             .map(|i| {
                                 let id = format!("{t}-{batch}-{i}");
-                                rec("t", Some(&id), id.as_bytes())
+                                let mut payload = id.clone().into_bytes();
+                                payload.resize(2000, b'.');
+                                rec("t", Some(&id), &payload)
                             })
                             .collect();
                         offsets.extend(b.append(&records).unwrap());
@@ -1402,14 +1411,14 @@ mod tests {
             .map(Option::unwrap)
             .collect();
         offsets.sort_unstable();
-        assert_eq!(offsets, (0..300).collect::<Vec<_>>());
+        assert_eq!(offsets, (0..total).collect::<Vec<_>>());
         let all = LocalBroker::open(dir.path())
             .unwrap()
-            .read("t", 0, 1000)
+            .read("t", 0, usize::MAX)
             .unwrap();
-        assert_eq!(all.len(), 300);
+        assert_eq!(all.len() as u64, total);
         let ids: HashSet<_> = all.iter().map(|r| r.payload.clone()).collect();
-        assert_eq!(ids.len(), 300);
+        assert_eq!(ids.len() as u64, total);
         assert!(
             all.iter()
                 .enumerate()
