@@ -70,12 +70,8 @@ impl Record {
 
     /// `topic/partition/offset`: unique within a route and stable across redeliveries.
     pub fn position(&self) -> String {
-        let part = self
-            .partition
-            .map_or_else(|| "-".to_owned(), |p| p.to_string());
-        let off = self
-            .offset
-            .map_or_else(|| "-".to_owned(), |o| o.to_string());
+        let part = self.partition.map_or_else(|| "-".to_owned(), |p| p.to_string());
+        let off = self.offset.map_or_else(|| "-".to_owned(), |o| o.to_string());
         format!("{}/{part}/{off}", self.topic)
     }
 }
