@@ -40,6 +40,7 @@ struct Inner {
     committed: Mutex<HashMap<(String, String), u64>>,
     appended: Notify,
     failing_topics: Mutex<Vec<String>>,
+    acked: Notify,
     paused_flag: AtomicBool,
     stats: MemoryStats,
 }
@@ -58,7 +59,11 @@ impl MemoryBroker {
 
     /// Appends records to `topic` (as a producer would), returning the offset of the first.
     pub fn produce(&self, topic: &str, records: impl IntoIterator<Item = OutRecord>) -> u64 {
-        let mut topics = self.inner.topics.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut topics = self
+            .inner
+            .topics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let log = topics.entry(topic.to_owned()).or_default();
         let first = log.len() as u64;
         for r in records {
@@ -119,6 +124,25 @@ impl MemoryBroker {
         self.inner.paused_flag.load(Ordering::SeqCst)
     }
 
+    /// Messages acknowledged so far (done or dead-lettered).
+    pub fn acked(&self) -> u64 {
+        let s = &self.inner.stats;
+        s.acked_done.load(Ordering::SeqCst) + s.acked_dead.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` messages were acknowledged.
+    pub async fn wait_acked(&self, n: u64) {
+        loop {
+            let acked = self.inner.acked.notified();
+            tokio::pin!(acked);
+            acked.as_mut().enable();
+            if self.acked() >= n {
+                return;
+            }
+            acked.await;
+        }
+    }
+
     /// Counters.
     pub fn stats(&self) -> &MemoryStats {
         &self.inner.stats
@@ -171,6 +195,7 @@ impl Ack for MemoryAck {
             AckKind::Done => stats.acked_done.fetch_add(1, Ordering::SeqCst),
             AckKind::DeadLettered => stats.acked_dead.fetch_add(1, Ordering::SeqCst),
         };
+        self.broker.inner.acked.notify_waiters();
         Box::pin(async { Ok(()) })
     }
 }
@@ -218,13 +243,21 @@ impl Source for MemorySource {
 
     fn pause(&mut self) -> BoxFuture<'_, Result<(), BrokerError>> {
         self.broker.inner.paused_flag.store(true, Ordering::SeqCst);
-        self.broker.inner.stats.pauses.fetch_add(1, Ordering::SeqCst);
+        self.broker
+            .inner
+            .stats
+            .pauses
+            .fetch_add(1, Ordering::SeqCst);
         Box::pin(async { Ok(()) })
     }
 
     fn resume(&mut self) -> BoxFuture<'_, Result<(), BrokerError>> {
         self.broker.inner.paused_flag.store(false, Ordering::SeqCst);
-        self.broker.inner.stats.resumes.fetch_add(1, Ordering::SeqCst);
+        self.broker
+            .inner
+            .stats
+            .resumes
+            .fetch_add(1, Ordering::SeqCst);
         Box::pin(async { Ok(()) })
     }
 

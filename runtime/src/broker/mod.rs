@@ -70,8 +70,12 @@ impl Record {
 
     /// `topic/partition/offset`: unique within a route and stable across redeliveries.
     pub fn position(&self) -> String {
-        let part = self.partition.map_or_else(|| "-".to_owned(), |p| p.to_string());
-        let off = self.offset.map_or_else(|| "-".to_owned(), |o| o.to_string());
+        let part = self
+            .partition
+            .map_or_else(|| "-".to_owned(), |p| p.to_string());
+        let off = self
+            .offset
+            .map_or_else(|| "-".to_owned(), |o| o.to_string());
         format!("{}/{part}/{off}", self.topic)
     }
 }
@@ -153,6 +157,9 @@ pub trait Source: Send + 'static {
     fn describe(&self) -> String;
 
     /// The next delivery, waiting until one arrives. [`BrokerError::Closed`] ends the stream.
+    ///
+    /// Must be cancel-safe: the pipeline drops a pending `next` when the breaker opens or the
+    /// route stops, and no message may be lost or skipped by that.
     fn next(&mut self) -> BoxFuture<'_, Result<Delivery, BrokerError>>;
 
     /// The route will not pull for a while.

@@ -134,6 +134,22 @@ impl CircuitBreaker {
         }
     }
 
+    /// What [`Self::admit`] would answer at `now`, without taking a probe slot. The source side
+    /// of a route uses it to decide whether to pull (or pause); the attempt itself calls `admit`.
+    pub fn peek(&self, now: Instant) -> Admission {
+        match self.state {
+            BreakerState::Closed => Admission::Allow,
+            BreakerState::Open { until } if now < until => Admission::Wait(Some(until)),
+            BreakerState::Open { .. } => Admission::Probe,
+            BreakerState::HalfOpen { admitted, .. }
+                if admitted < self.config.half_open_max.max(1) =>
+            {
+                Admission::Probe
+            }
+            BreakerState::HalfOpen { .. } => Admission::Wait(None),
+        }
+    }
+
     /// Records a successful call.
     pub fn on_success(&mut self, now: Instant) {
         self.consecutive = 0;

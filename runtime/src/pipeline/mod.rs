@@ -6,4 +6,10 @@
 pub mod ack;
 pub mod backoff;
 pub mod breaker;
+pub mod dlq;
+pub mod idempotency;
+pub mod lanes;
 pub mod rate_limit;
+pub mod route;
+
+pub use route::{Invoker, Route, RouteReport, RouteSinks, RouteStats, Shutdown, ShutdownTrigger};

@@ -1,0 +1,767 @@
+//! One route at work: pull from the source, spread over ordered lanes, run the handler with
+//! retries under the breaker, publish outputs or dead-letter, record the idempotency key, ack.
+//!
+//! ```text
+//! dispatcher: breaker allows? ─ in-flight permit ─ rate limit ─ source.next() ─► lanes
+//! worker ×N:  lanes.take() ─ duplicate? ─ attempt loop (admit, invoke, decide, back off)
+//!             ─ ok: publish outputs (awaited) ─ mark key done ─ ack
+//!             ─ give up: DLQ write (awaited) ─ mark key done ─ ack(dead-lettered)
+//! ```
+//! Nothing is acknowledged before it is done; everything not done at shutdown is left
+//! unacknowledged and comes back from the broker.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::time::Duration;
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
+
+use crate::broker::{
+    AckHandle, AckKind, BrokerError, Delivery, LOCKGATE_ID_HEADER, OutRecord, Record, Sink, Source,
+};
+use crate::config::{Ordering, RouteConfig};
+use crate::engine::{InboundMessage, InstancePool, Invocation, Outcome};
+use crate::pipeline::backoff::{Decision, FailureKind};
+use crate::pipeline::breaker::{Admission, CircuitBreaker};
+use crate::pipeline::dlq::{self, Failure};
+use crate::pipeline::idempotency::{DoneKeys, key_of};
+use crate::pipeline::lanes::Lanes;
+use crate::pipeline::rate_limit::RateLimit;
+use crate::state::now_ms;
+
+/// Messages a route holds at once (queued in lanes or being handled). Bounds memory and how much
+/// a crash makes the broker redeliver.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1_000;
+/// First wait before retrying a failed publish, DLQ write or state-store call; doubles up to
+/// [`MAX_INFRA_BACKOFF`]. These are retried until they succeed or the route stops: giving up
+/// would mean acking something that is not done.
+pub const INITIAL_INFRA_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest wait between retries of a failed publish, DLQ write or state-store call.
+pub const MAX_INFRA_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Runs a handler on one message. [`InstancePool`] is the real one; tests and benchmarks plug in
+/// native closures.
+pub trait Invoker: Send + Sync + 'static {
+    /// Handles one message (synchronously: called on a blocking thread).
+    fn invoke(&self, message: &InboundMessage) -> Invocation;
+    /// The handler's name.
+    fn handler_name(&self) -> String;
+    /// The version that runs (module hash).
+    fn module_hash(&self) -> String;
+}
+
+impl Invoker for InstancePool {
+    fn invoke(&self, message: &InboundMessage) -> Invocation {
+        InstancePool::invoke(self, message)
+    }
+
+    fn handler_name(&self) -> String {
+        self.handler().name().to_owned()
+    }
+
+    fn module_hash(&self) -> String {
+        self.handler().module_hash().to_owned()
+    }
+}
+
+/// Counters of one route (the metrics endpoint will export them).
+#[derive(Debug, Default)]
+pub struct RouteStats {
+    /// Deliveries taken from the source.
+    pub received: AtomicU64,
+    /// Messages whose handler succeeded and whose outputs were acknowledged.
+    pub succeeded: AtomicU64,
+    /// Failed attempts that were retried.
+    pub retried: AtomicU64,
+    /// Messages the handler rejected.
+    pub rejected: AtomicU64,
+    /// Messages written to the dead-letter destination.
+    pub dead_lettered: AtomicU64,
+    /// Redelivered messages skipped because their idempotency key was done.
+    pub duplicates: AtomicU64,
+    /// Outputs published.
+    pub outputs: AtomicU64,
+    /// Times the rate limit made the route wait.
+    pub rate_limited: AtomicU64,
+    /// Messages left unacknowledged at shutdown (they will be redelivered).
+    pub abandoned: AtomicU64,
+    /// Failed publish / DLQ / state-store calls that were retried.
+    pub infra_retries: AtomicU64,
+}
+
+impl RouteStats {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, AtomicOrdering::Relaxed);
+    }
+
+    /// A snapshot as (name, value) pairs, for summaries.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let g = |c: &AtomicU64| c.load(AtomicOrdering::Relaxed);
+        vec![
+            ("received", g(&self.received)),
+            ("succeeded", g(&self.succeeded)),
+            ("retried", g(&self.retried)),
+            ("rejected", g(&self.rejected)),
+            ("dead_lettered", g(&self.dead_lettered)),
+            ("duplicates", g(&self.duplicates)),
+            ("outputs", g(&self.outputs)),
+            ("rate_limited", g(&self.rate_limited)),
+            ("abandoned", g(&self.abandoned)),
+        ]
+    }
+}
+
+/// A stop signal shared by a route's tasks.
+#[derive(Clone, Debug)]
+pub struct Shutdown {
+    rx: watch::Receiver<bool>,
+}
+
+/// The sending side of [`Shutdown`].
+#[derive(Debug)]
+pub struct ShutdownTrigger {
+    tx: watch::Sender<bool>,
+}
+
+impl ShutdownTrigger {
+    /// Signals every [`Shutdown`] made from this trigger.
+    pub fn trigger(&self) {
+        self.tx.send_replace(true);
+    }
+}
+
+impl Shutdown {
+    /// A new signal and its trigger.
+    pub fn new() -> (ShutdownTrigger, Shutdown) {
+        let (tx, rx) = watch::channel(false);
+        (ShutdownTrigger { tx }, Shutdown { rx })
+    }
+
+    /// Whether the signal fired.
+    pub fn is_set(&self) -> bool {
+        *self.rx.borrow()
+    }
+
+    /// Waits until the signal fires.
+    pub async fn wait(&self) {
+        let mut rx = self.rx.clone();
+        // An error means the trigger was dropped: treat that as a stop too.
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+
+    /// Sleeps for `d`; returns false if the signal fired first.
+    pub async fn sleep(&self, d: Duration) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(d) => true,
+            () = self.wait() => false,
+        }
+    }
+}
+
+/// Where a route's outputs and dead letters go.
+#[derive(Clone)]
+pub struct RouteSinks {
+    /// Outputs (on the source's broker).
+    pub outputs: Arc<dyn Sink>,
+    /// The dead-letter destination.
+    pub dlq: Arc<dyn Sink>,
+}
+
+/// What a route needs to run.
+pub struct Route {
+    config: RouteConfig,
+    invoker: Arc<dyn Invoker>,
+    sinks: RouteSinks,
+    done_keys: Option<DoneKeys>,
+    stats: Arc<RouteStats>,
+    max_in_flight: usize,
+    shutdown_grace: Duration,
+}
+
+/// How a route ended.
+#[derive(Debug)]
+pub struct RouteReport {
+    /// The route's name.
+    pub route: String,
+    /// Final counters.
+    pub stats: Vec<(&'static str, u64)>,
+    /// The source error that ended the route, if it was not a shutdown.
+    pub error: Option<BrokerError>,
+}
+
+struct Item {
+    delivery: Delivery,
+    _permit: OwnedSemaphorePermit,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct LaneKey {
+    partition: Option<u32>,
+    key: Option<Vec<u8>>,
+}
+
+/// State the worker tasks share.
+struct Shared {
+    route: String,
+    config: RouteConfig,
+    invoker: Arc<dyn Invoker>,
+    sinks: RouteSinks,
+    done_keys: Option<DoneKeys>,
+    stats: Arc<RouteStats>,
+    breaker: Option<Breaker>,
+    shutdown: Shutdown,
+}
+
+/// The breaker plus a wakeup for everything waiting on it.
+struct Breaker {
+    state: std::sync::Mutex<CircuitBreaker>,
+    changed: Notify,
+}
+
+impl Breaker {
+    fn with<R>(&self, f: impl FnOnce(&mut CircuitBreaker) -> R) -> R {
+        let mut b = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = (b.state(), b.trips());
+        let r = f(&mut b);
+        let changed = (b.state(), b.trips()) != before;
+        drop(b);
+        // Only real transitions wake waiters: a waiter's own `admit` that answers Wait must not
+        // wake itself.
+        if changed {
+            self.changed.notify_waiters();
+        }
+        r
+    }
+
+    fn peek(&self) -> Admission {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .peek(Instant::now())
+    }
+
+    /// Waits until the breaker stops admitting.
+    async fn wait_for_open(&self) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if matches!(self.peek(), Admission::Wait(_)) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Waits until `ask` allows; false if `shutdown` fired first.
+    async fn wait_until(&self, shutdown: &Shutdown, ask: impl Fn(&Self) -> Admission) -> bool {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match ask(self) {
+                Admission::Allow | Admission::Probe => return true,
+                Admission::Wait(until) => {
+                    let timer = async {
+                        match until {
+                            Some(t) => tokio::time::sleep_until(t).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        () = timer => {}
+                        () = &mut changed => {}
+                        () = shutdown.wait() => return false,
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Route {
+    /// A route running `invoker` with `sinks`; `done_keys` is required when the route has an
+    /// `idempotency` table (it is ignored otherwise).
+    pub fn new(
+        config: RouteConfig,
+        invoker: Arc<dyn Invoker>,
+        sinks: RouteSinks,
+        done_keys: Option<DoneKeys>,
+    ) -> Self {
+        let done_keys = if config.idempotency.is_some() {
+            done_keys
+        } else {
+            None
+        };
+        Self {
+            config,
+            invoker,
+            sinks,
+            done_keys,
+            stats: Arc::new(RouteStats::default()),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+
+    /// Changes the in-flight bound (default [`DEFAULT_MAX_IN_FLIGHT`]).
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.max(1);
+        self
+    }
+
+    /// Time in-flight work gets to finish after the stop signal (default 10 s).
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self
+    }
+
+    /// The route's counters, live.
+    pub fn stats(&self) -> Arc<RouteStats> {
+        self.stats.clone()
+    }
+
+    /// Runs until `shutdown` fires (or the source fails), then lets in-flight work finish within
+    /// the grace period, abandons the rest and commits what is done.
+    pub async fn run(self, mut source: Box<dyn Source>, shutdown: Shutdown) -> RouteReport {
+        let route = self.config.name.clone();
+        let concurrency = self.config.concurrency.max(1) as usize;
+        let rate_limit = self.config.rate_limit.map(RateLimit::new);
+        let breaker = self.config.circuit_breaker.clone().map(|c| Breaker {
+            state: std::sync::Mutex::new(CircuitBreaker::new(c)),
+            changed: Notify::new(),
+        });
+        // Workers stop on their own signal, fired after the dispatcher stopped, so an error from
+        // the source also drains the workers.
+        let (worker_trigger, worker_shutdown) = Shutdown::new();
+        let shared = Arc::new(Shared {
+            route: route.clone(),
+            config: self.config,
+            invoker: self.invoker,
+            sinks: self.sinks,
+            done_keys: self.done_keys,
+            stats: self.stats.clone(),
+            breaker,
+            shutdown: worker_shutdown,
+        });
+        let lanes: Arc<Lanes<LaneKey, Item>> = Arc::new(Lanes::new());
+        let in_flight = Arc::new(Semaphore::new(self.max_in_flight));
+
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..concurrency {
+            let shared = shared.clone();
+            let lanes = lanes.clone();
+            workers.spawn(async move {
+                while let Some((lane, item)) = lanes.take().await {
+                    if shared.shutdown.is_set() {
+                        abandon(&shared.stats, item);
+                    } else {
+                        shared.handle(item.delivery).await;
+                    }
+                    lanes.done(&lane);
+                }
+            });
+        }
+
+        let error = dispatch(
+            &shared,
+            source.as_mut(),
+            &lanes,
+            &in_flight,
+            rate_limit.as_ref(),
+            &shutdown,
+        )
+        .await;
+
+        // Stop: nothing new starts, queued work is abandoned, running work gets the grace.
+        worker_trigger.trigger();
+        for item in lanes.close() {
+            abandon(&shared.stats, item);
+        }
+        let drained = tokio::time::timeout(self.shutdown_grace, async {
+            while workers.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                route = %route,
+                grace_ms = self.shutdown_grace.as_millis() as u64,
+                "In-flight messages did not finish within the shutdown grace; they stay unacknowledged and will be redelivered"
+            );
+            workers.abort_all();
+        }
+        if let Err(e) = source.commit().await {
+            tracing::error!(route = %route, error = %e, "Committing positions at shutdown failed; done messages will be redelivered");
+        }
+        RouteReport {
+            route,
+            stats: self.stats.snapshot(),
+            error,
+        }
+    }
+}
+
+fn abandon(stats: &RouteStats, item: Item) {
+    RouteStats::bump(&stats.abandoned);
+    drop(item);
+}
+
+/// Pulls from the source until shutdown or a source error (returned).
+async fn dispatch(
+    shared: &Shared,
+    source: &mut dyn Source,
+    lanes: &Lanes<LaneKey, Item>,
+    in_flight: &Arc<Semaphore>,
+    rate_limit: Option<&RateLimit>,
+    shutdown: &Shutdown,
+) -> Option<BrokerError> {
+    let mut paused = false;
+    loop {
+        if shutdown.is_set() {
+            return None;
+        }
+        if let Some(b) = &shared.breaker
+            && matches!(b.peek(), Admission::Wait(_))
+        {
+            if !paused {
+                tracing::warn!(route = %shared.route, "Circuit breaker open: pausing the source; messages wait in the broker");
+                if let Err(e) = source.pause().await {
+                    return Some(e);
+                }
+                paused = true;
+            }
+            if !b.wait_until(shutdown, Breaker::peek).await {
+                return None;
+            }
+        }
+        if paused {
+            tracing::info!(route = %shared.route, "Circuit breaker half-open: resuming the source");
+            if let Err(e) = source.resume().await {
+                return Some(e);
+            }
+            paused = false;
+        }
+        let permit = tokio::select! {
+            p = in_flight.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return None,
+            },
+            () = shutdown.wait() => return None,
+        };
+        if let Some(limit) = rate_limit
+            && let Err(wait) = limit.try_acquire()
+        {
+            RouteStats::bump(&shared.stats.rate_limited);
+            if !shutdown.sleep(wait).await {
+                return None;
+            }
+            tokio::select! {
+                () = limit.acquire() => {}
+                () = shutdown.wait() => return None,
+            }
+        }
+        // A breaker that opens while the source has nothing to deliver must still pause it, so
+        // the wait for the next message gives way to the breaker (`next` is cancel-safe).
+        let breaker_opened = async {
+            match &shared.breaker {
+                Some(b) => b.wait_for_open().await,
+                None => std::future::pending().await,
+            }
+        };
+        let delivery = tokio::select! {
+            d = source.next() => match d {
+                Ok(d) => d,
+                Err(BrokerError::Closed) => return None,
+                Err(e) => return Some(e),
+            },
+            () = breaker_opened => {
+                drop(permit);
+                continue;
+            }
+            () = shutdown.wait() => return None,
+        };
+        RouteStats::bump(&shared.stats.received);
+        let lane = LaneKey {
+            partition: delivery.record.partition,
+            key: match shared.config.ordering {
+                Ordering::Partition => None,
+                Ordering::Key => delivery.record.key.clone(),
+            },
+        };
+        let item = Item {
+            delivery,
+            _permit: permit,
+        };
+        if let Err(item) = lanes.push(lane, item) {
+            abandon(&shared.stats, item);
+            return None;
+        }
+    }
+}
+
+/// A failed attempt, kept for the dead letter.
+struct LastFailure {
+    kind: &'static str,
+    reason: String,
+    first_ms: u64,
+    last_ms: u64,
+}
+
+impl Shared {
+    /// Takes one delivery to its end: acked (done or dead-lettered) or abandoned.
+    async fn handle(&self, delivery: Delivery) {
+        let Delivery {
+            record,
+            ack,
+            previous_attempts,
+        } = delivery;
+        let idem_key = match (&self.config.idempotency, &self.done_keys) {
+            (Some(cfg), Some(_)) => {
+                let k = key_of(&cfg.key, &record);
+                if k.is_none() {
+                    tracing::debug!(route = %self.route, position = %record.position(), "Message has no idempotency key; handled without deduplication");
+                }
+                k
+            }
+            _ => None,
+        };
+        if let (Some(key), Some(keys)) = (&idem_key, &self.done_keys) {
+            let Some(done) = self
+                .retry_infra("check the idempotency key", || keys.is_done(key))
+                .await
+            else {
+                return RouteStats::bump(&self.stats.abandoned);
+            };
+            if done {
+                RouteStats::bump(&self.stats.duplicates);
+                return self.finish(ack, AckKind::Done).await;
+            }
+        }
+
+        let message_id = record.position();
+        let dedup_base = match &idem_key {
+            Some(k) => format!("{}:key:{k}", self.route),
+            None => format!("{}:pos:{message_id}", self.route),
+        };
+        let mut attempt = previous_attempts.saturating_add(1);
+        let mut failure: Option<LastFailure> = None;
+        loop {
+            if let Some(b) = &self.breaker
+                && !b
+                    .wait_until(&self.shutdown, |b| b.with(|cb| cb.admit(Instant::now())))
+                    .await
+            {
+                return RouteStats::bump(&self.stats.abandoned);
+            }
+            let inbound = inbound(&record, attempt);
+            let module_hash = self.invoker.module_hash();
+            let invocation = {
+                let invoker = self.invoker.clone();
+                match tokio::task::spawn_blocking(move || invoker.invoke(&inbound)).await {
+                    Ok(inv) => inv,
+                    Err(e) => Invocation {
+                        outcome: Outcome::Trapped {
+                            reason: format!("handler task failed: {e}"),
+                        },
+                        logs: Vec::new(),
+                        dropped_logs: 0,
+                        elapsed: Duration::ZERO,
+                    },
+                }
+            };
+            for log in &invocation.logs {
+                tracing::debug!(route = %self.route, message = %message_id, level = log.level.as_str(), "guest: {}", log.message);
+            }
+            let kind = match &invocation.outcome {
+                Outcome::Ok { .. } => None,
+                Outcome::Retry { .. } => Some(FailureKind::Retry),
+                Outcome::Rejected { .. } => Some(FailureKind::Reject),
+                Outcome::Trapped { .. } | Outcome::OutOfMemory { .. } => Some(FailureKind::Trap),
+                Outcome::TimedOut { .. } => Some(FailureKind::Timeout),
+            };
+            if let Some(b) = &self.breaker {
+                match kind {
+                    None => b.with(|cb| cb.on_success(Instant::now())),
+                    Some(FailureKind::Reject) => {}
+                    Some(_) => b.with(|cb| cb.on_failure(Instant::now())),
+                }
+            }
+            let Some(kind) = kind else {
+                let Outcome::Ok { outputs } = invocation.outcome else {
+                    unreachable!("kind is None only for Ok");
+                };
+                let records: Vec<OutRecord> = outputs
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, o)| {
+                        let mut headers = o.headers;
+                        headers.retain(|(n, _)| n != LOCKGATE_ID_HEADER);
+                        headers.push((
+                            LOCKGATE_ID_HEADER.to_owned(),
+                            format!("{dedup_base}:{i}").into_bytes(),
+                        ));
+                        OutRecord {
+                            topic: o.topic,
+                            key: o.key,
+                            headers,
+                            payload: o.payload,
+                        }
+                    })
+                    .collect();
+                let count = records.len() as u64;
+                if !records.is_empty() {
+                    let sink = self.sinks.outputs.clone();
+                    if self
+                        .retry_infra("publish outputs", || sink.publish(records.clone()))
+                        .await
+                        .is_none()
+                    {
+                        return RouteStats::bump(&self.stats.abandoned);
+                    }
+                }
+                self.stats.outputs.fetch_add(count, AtomicOrdering::Relaxed);
+                RouteStats::bump(&self.stats.succeeded);
+                if !self.mark_done(idem_key.as_deref()).await {
+                    return RouteStats::bump(&self.stats.abandoned);
+                }
+                return self.finish(ack, AckKind::Done).await;
+            };
+
+            let now = now_ms();
+            let (reason, after) = match &invocation.outcome {
+                Outcome::Retry { reason, after } => (reason.clone(), *after),
+                other => (other.reason().unwrap_or_default(), None),
+            };
+            let first_ms = failure.as_ref().map_or(now, |f| f.first_ms);
+            failure = Some(LastFailure {
+                kind: invocation.outcome.kind(),
+                reason,
+                first_ms,
+                last_ms: now,
+            });
+            match self
+                .config
+                .retry
+                .decide(attempt, kind, after, fastrand::f64())
+            {
+                Decision::RetryAfter {
+                    delay,
+                    attempt: next,
+                } => {
+                    RouteStats::bump(&self.stats.retried);
+                    tracing::debug!(route = %self.route, message = %message_id, attempt, delay_ms = delay.as_millis() as u64, "Attempt failed; retrying");
+                    if !self.shutdown.sleep(delay).await {
+                        return RouteStats::bump(&self.stats.abandoned);
+                    }
+                    attempt = next;
+                }
+                Decision::GiveUp { reason: gave_up } => {
+                    let Some(f) = failure.take() else {
+                        unreachable!("a failure was just recorded");
+                    };
+                    if kind == FailureKind::Reject {
+                        RouteStats::bump(&self.stats.rejected);
+                    }
+                    tracing::info!(route = %self.route, message = %message_id, attempts = attempt, kind = f.kind, reason = %f.reason, "Dead-lettering message");
+                    let letter = dlq::envelope(
+                        &record,
+                        &Failure {
+                            route: self.route.clone(),
+                            handler: self.invoker.handler_name(),
+                            module_hash,
+                            message_id: message_id.clone(),
+                            error_kind: f.kind.to_owned(),
+                            reason: f.reason,
+                            gave_up,
+                            attempts: attempt,
+                            first_failure_ms: f.first_ms,
+                            last_failure_ms: f.last_ms,
+                        },
+                        &self.config.dlq.topic,
+                    );
+                    let sink = self.sinks.dlq.clone();
+                    if self
+                        .retry_infra("write to the dead-letter topic", || {
+                            sink.publish(vec![letter.clone()])
+                        })
+                        .await
+                        .is_none()
+                    {
+                        return RouteStats::bump(&self.stats.abandoned);
+                    }
+                    RouteStats::bump(&self.stats.dead_lettered);
+                    if !self.mark_done(idem_key.as_deref()).await {
+                        return RouteStats::bump(&self.stats.abandoned);
+                    }
+                    return self.finish(ack, AckKind::DeadLettered).await;
+                }
+            }
+        }
+    }
+
+    async fn mark_done(&self, key: Option<&str>) -> bool {
+        match (key, &self.done_keys) {
+            (Some(key), Some(keys)) => self
+                .retry_infra("record the idempotency key", || keys.mark_done(key))
+                .await
+                .is_some(),
+            _ => true,
+        }
+    }
+
+    async fn finish(&self, ack: AckHandle, kind: AckKind) {
+        if let Err(e) = ack.ack(kind).await {
+            // The message stays unacknowledged and comes back; with idempotency on it is then
+            // skipped as a duplicate.
+            tracing::warn!(route = %self.route, error = %e, "Acknowledging a message failed; it will be redelivered");
+        }
+    }
+
+    /// Retries `op` with capped exponential backoff until it succeeds (Some) or the route stops
+    /// (None). Used for everything that must happen before an ack: giving up would lose data.
+    async fn retry_infra<T, E, F, Fut>(&self, what: &str, op: F) -> Option<T>
+    where
+        E: std::fmt::Display,
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let mut backoff = INITIAL_INFRA_BACKOFF;
+        loop {
+            match op().await {
+                Ok(v) => return Some(v),
+                Err(e) => {
+                    RouteStats::bump(&self.stats.infra_retries);
+                    tracing::error!(route = %self.route, error = %e, retry_in_ms = backoff.as_millis() as u64, "Cannot {what}; the message stays unacknowledged and the call is retried");
+                    if !self.shutdown.sleep(backoff).await {
+                        return None;
+                    }
+                    backoff = (backoff * 2).min(MAX_INFRA_BACKOFF);
+                }
+            }
+        }
+    }
+}
+
+/// `record` as the handler would see it on attempt `attempt` (exposed for tests and tools).
+pub fn inbound(record: &Record, attempt: u32) -> InboundMessage {
+    InboundMessage {
+        id: record.position(),
+        topic: record.topic.clone(),
+        partition: record.partition,
+        offset: record.offset,
+        key: record.key.clone(),
+        headers: record.headers.clone(),
+        payload: record.payload.clone(),
+        timestamp_ms: record.timestamp_ms,
+        attempt,
+        reply_to: record.reply_to.clone(),
+    }
+}
+
+#[cfg(test)]
+#[path = "route_tests.rs"]
+mod tests;

@@ -1,0 +1,524 @@
+//! Route behaviour on the in-memory broker with native handlers and tokio's paused clock.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::*;
+use crate::broker::memory::MemoryBroker;
+use crate::config::Config;
+use crate::engine::OutgoingMessage;
+use crate::state::{KvStore, MemoryStore};
+
+/// A handler written as a Rust closure.
+struct FnInvoker<F>(F);
+
+impl<F> Invoker for FnInvoker<F>
+where
+    F: Fn(&InboundMessage) -> Outcome + Send + Sync + 'static,
+{
+    fn invoke(&self, message: &InboundMessage) -> Invocation {
+        Invocation {
+            outcome: (self.0)(message),
+            logs: Vec::new(),
+            dropped_logs: 0,
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    fn handler_name(&self) -> String {
+        "h".into()
+    }
+
+    fn module_hash(&self) -> String {
+        "cafe".into()
+    }
+}
+
+fn ok_to(topic: &str, payload: Vec<u8>) -> Outcome {
+    Outcome::Ok {
+        outputs: vec![OutgoingMessage {
+            topic: topic.into(),
+            payload,
+            ..OutgoingMessage::default()
+        }],
+    }
+}
+
+fn retry(reason: &str) -> Outcome {
+    Outcome::Retry {
+        reason: reason.into(),
+        after: None,
+    }
+}
+
+fn route_config(extra: &str) -> RouteConfig {
+    let text = format!(
+        "[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.r]\nhandler = \"h\"\nsource = {{ topic = \"in\" }}\noutputs = [\"out\"]\n{extra}"
+    );
+    Config::parse(Path::new("rt.toml"), &text)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .routes["r"]
+        .clone()
+}
+
+fn msg(payload: &str, key: Option<&str>, headers: &[(&str, &str)]) -> OutRecord {
+    OutRecord {
+        topic: "in".into(),
+        key: key.map(|k| k.as_bytes().to_vec()),
+        headers: headers
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec()))
+            .collect(),
+        payload: payload.as_bytes().to_vec(),
+    }
+}
+
+struct Running {
+    trigger: ShutdownTrigger,
+    task: JoinHandle<RouteReport>,
+}
+
+impl Running {
+    async fn stop(self) -> RouteReport {
+        self.trigger.trigger();
+        self.task.await.unwrap()
+    }
+}
+
+fn start(
+    broker: &MemoryBroker,
+    config: RouteConfig,
+    invoker: impl Invoker,
+    done_keys: Option<DoneKeys>,
+) -> Running {
+    let sink: Arc<dyn Sink> = Arc::new(broker.sink());
+    let route = Route::new(
+        config,
+        Arc::new(invoker),
+        RouteSinks {
+            outputs: sink.clone(),
+            dlq: sink,
+        },
+        done_keys,
+    )
+    .shutdown_grace(Duration::from_secs(1));
+    let (trigger, shutdown) = Shutdown::new();
+    let source = Box::new(broker.source("in", "g"));
+    let task = tokio::spawn(route.run(source, shutdown));
+    Running { trigger, task }
+}
+
+fn payloads(broker: &MemoryBroker, topic: &str) -> Vec<String> {
+    broker
+        .records(topic)
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+        .collect()
+}
+
+fn stat(stats: &[(&'static str, u64)], name: &str) -> u64 {
+    stats
+        .iter()
+        .copied()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v)
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_attempts_publish_nothing_and_the_success_publishes_once() {
+    let broker = MemoryBroker::new();
+    broker.produce("in", [msg("m", None, &[])]);
+    let cfg =
+        route_config("retry = { max_attempts = 5, initial_backoff_ms = 10, jitter = \"none\" }\n");
+    let running = start(
+        &broker,
+        cfg,
+        FnInvoker(|m: &InboundMessage| {
+            if m.attempt < 3 {
+                retry("not yet")
+            } else {
+                ok_to("out", format!("attempt-{}", m.attempt).into_bytes())
+            }
+        }),
+        None,
+    );
+    broker.wait_acked(1).await;
+    assert_eq!(payloads(&broker, "out"), vec!["attempt-3"]);
+    assert!(broker.records("in.dlq").is_empty());
+    let out = &broker.records("out")[0];
+    assert_eq!(out.header(LOCKGATE_ID_HEADER), Some(&b"r:pos:in/0/0:0"[..]));
+    let report = running.stop().await;
+    assert_eq!(stat(&report.stats, "retried"), 2);
+    assert_eq!(broker.committed("in", "g"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_follows_the_policy_and_retry_after_is_capped() {
+    let broker = MemoryBroker::new();
+    broker.produce("in", [msg("m", None, &[])]);
+    let cfg = route_config(
+        "retry = { max_attempts = 4, initial_backoff_ms = 100, max_backoff_ms = 300, jitter = \"none\" }\n",
+    );
+    let calls: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let seen = calls.clone();
+    let running = start(
+        &broker,
+        cfg,
+        FnInvoker(move |m: &InboundMessage| {
+            seen.lock().unwrap().push(Instant::now());
+            if m.attempt == 2 {
+                // Asks for an hour: honoured only up to max_backoff_ms.
+                Outcome::Retry {
+                    reason: "later".into(),
+                    after: Some(Duration::from_secs(3600)),
+                }
+            } else {
+                retry("no")
+            }
+        }),
+        None,
+    );
+    broker.wait_acked(1).await;
+    let calls = calls.lock().unwrap().clone();
+    let gaps: Vec<u128> = calls
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_millis())
+        .collect();
+    assert_eq!(
+        gaps,
+        vec![100, 300, 300],
+        "100, then retry-after capped, then 100×2² capped"
+    );
+    let dead = broker.records("in.dlq");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dlq::header(&dead[0], "gave-up"), Some("attempts_exhausted"));
+    assert_eq!(dlq::header(&dead[0], "attempts"), Some("4"));
+    running.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn poison_goes_to_the_dlq_with_metadata_and_is_acked_after_the_write() {
+    let broker = MemoryBroker::new();
+    broker.produce(
+        "in",
+        [
+            msg("good", Some("k"), &[]),
+            msg("poison", Some("k"), &[("trace", "t1")]),
+        ],
+    );
+    let running = start(
+        &broker,
+        route_config(""),
+        FnInvoker(|m: &InboundMessage| {
+            if m.payload == b"poison" {
+                Outcome::Rejected {
+                    reason: "cannot parse".into(),
+                }
+            } else {
+                ok_to("out", m.payload.clone())
+            }
+        }),
+        None,
+    );
+    broker.wait_acked(2).await;
+    let dead = broker.records("in.dlq");
+    assert_eq!(dead.len(), 1);
+    let d = &dead[0];
+    assert_eq!(d.payload, b"poison");
+    assert_eq!(d.key.as_deref(), Some(&b"k"[..]));
+    assert_eq!(d.header("trace"), Some(&b"t1"[..]));
+    for (name, want) in [
+        ("route", "r"),
+        ("handler", "h"),
+        ("module-hash", "cafe"),
+        ("topic", "in"),
+        ("partition", "0"),
+        ("offset", "1"),
+        ("error-kind", "reject"),
+        ("reason", "cannot parse"),
+        ("gave-up", "rejected"),
+        ("attempts", "1"),
+    ] {
+        assert_eq!(dlq::header(d, name), Some(want), "header {name}");
+    }
+    assert!(dlq::header(d, "first-failure-ms").is_some());
+    assert_eq!(broker.stats().acked_dead.load(AtomicOrdering::SeqCst), 1);
+    assert_eq!(payloads(&broker, "out"), vec!["good"]);
+    let report = running.stop().await;
+    let s = &report.stats;
+    assert_eq!(stat(s, "rejected"), 1);
+    assert_eq!(stat(s, "dead_lettered"), 1);
+    assert_eq!(broker.committed("in", "g"), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unavailable_dlq_holds_the_ack_until_the_write_succeeds() {
+    let broker = MemoryBroker::new();
+    broker.set_failing("in.dlq", true);
+    broker.produce("in", [msg("poison", None, &[])]);
+    let running = start(
+        &broker,
+        route_config(""),
+        FnInvoker(|_: &InboundMessage| Outcome::Rejected {
+            reason: "no".into(),
+        }),
+        None,
+    );
+    // Drive the paused clock through several infra retries.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(broker.stats().failed_publishes.load(AtomicOrdering::SeqCst) >= 3);
+    assert_eq!(broker.acked(), 0, "acked past an unwritten dead letter");
+    broker.set_failing("in.dlq", false);
+    broker.wait_acked(1).await;
+    assert_eq!(broker.records("in.dlq").len(), 1);
+    running.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_open_breaker_pauses_the_source_and_dead_letters_nothing() {
+    let broker = MemoryBroker::new();
+    let keys: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+    broker.produce("in", keys.iter().map(|k| msg(k, Some(k), &[])));
+    let healthy = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU32::new(0));
+    let (h, c) = (healthy.clone(), calls.clone());
+    let cfg = route_config(
+        "concurrency = 4\nordering = \"key\"\nretry = { max_attempts = 1000, initial_backoff_ms = 10, max_backoff_ms = 10, jitter = \"none\" }\ncircuit_breaker = { consecutive_failures = 3, open_ms = 1000, half_open_max = 2 }\n",
+    );
+    let running = start(
+        &broker,
+        cfg,
+        FnInvoker(move |m: &InboundMessage| {
+            c.fetch_add(1, AtomicOrdering::SeqCst);
+            if h.load(AtomicOrdering::SeqCst) {
+                ok_to("out", m.payload.clone())
+            } else {
+                retry("dependency down")
+            }
+        }),
+        None,
+    );
+    // Let the failures trip the breaker.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        broker.is_paused(),
+        "source not paused while the breaker is open"
+    );
+    let at_open = calls.load(AtomicOrdering::SeqCst);
+    // Three failures trip it; a fourth lane may have been admitted before the third reported.
+    assert!(
+        (3..=4).contains(&at_open),
+        "calls before tripping: {at_open}"
+    );
+    // Open: nothing runs, nothing is dead-lettered, nothing acked.
+    tokio::time::sleep(Duration::from_millis(850)).await;
+    assert_eq!(calls.load(AtomicOrdering::SeqCst), at_open);
+    // Half-open: at most half_open_max probes, which fail and reopen the breaker.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // (A probe that fails before the second is admitted reopens the breaker at once.)
+    let probes = calls.load(AtomicOrdering::SeqCst) - at_open;
+    assert!((1..=2).contains(&probes), "probes: {probes}");
+    assert!(broker.records("in.dlq").is_empty());
+    assert_eq!(broker.acked(), 0);
+    // The dependency recovers: the next probes succeed, the breaker closes, all drain.
+    healthy.store(true, AtomicOrdering::SeqCst);
+    broker.wait_acked(20).await;
+    assert!(broker.records("in.dlq").is_empty());
+    let mut out = payloads(&broker, "out");
+    out.sort();
+    let mut want = keys.clone();
+    want.sort();
+    assert_eq!(out, want);
+    assert!(broker.stats().pauses.load(AtomicOrdering::SeqCst) >= 1);
+    assert!(broker.stats().resumes.load(AtomicOrdering::SeqCst) >= 1);
+    running.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retrying_key_holds_back_only_its_own_lane() {
+    let broker = MemoryBroker::new();
+    broker.produce(
+        "in",
+        [
+            msg("a1", Some("a"), &[]),
+            msg("a2", Some("a"), &[]),
+            msg("b1", Some("b"), &[]),
+            msg("b2", Some("b"), &[]),
+            msg("c1", Some("c"), &[]),
+            msg("b3", Some("b"), &[]),
+        ],
+    );
+    let cfg = route_config(
+        "concurrency = 2\nordering = \"key\"\nretry = { max_attempts = 4, initial_backoff_ms = 1000, max_backoff_ms = 1000, jitter = \"none\" }\n",
+    );
+    let running = start(
+        &broker,
+        cfg,
+        FnInvoker(|m: &InboundMessage| {
+            if m.payload == b"a1" && m.attempt < 4 {
+                retry("slow dependency")
+            } else {
+                ok_to("out", m.payload.clone())
+            }
+        }),
+        None,
+    );
+    broker.wait_acked(6).await;
+    let out = payloads(&broker, "out");
+    assert_eq!(out[4..], ["a1", "a2"], "a2 waits for a1: {out:?}");
+    let b: Vec<&String> = out[..4].iter().filter(|p| p.starts_with('b')).collect();
+    assert_eq!(
+        b,
+        ["b1", "b2", "b3"],
+        "other keys finish, in order, while a1 retries: {out:?}"
+    );
+    assert!(out[..4].contains(&"c1".to_owned()), "{out:?}");
+    // The committed position is the contiguous prefix: nothing could be committed past a1
+    // until it was done.
+    running.stop().await;
+    assert_eq!(broker.committed("in", "g"), 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn partition_ordering_keeps_everything_in_sequence() {
+    let broker = MemoryBroker::new();
+    let input: Vec<String> = (0..50).map(|i| format!("m{i:02}")).collect();
+    broker.produce(
+        "in",
+        input
+            .iter()
+            .enumerate()
+            .map(|(i, p)| msg(p, Some(&format!("k{}", i % 7)), &[])),
+    );
+    let cfg = route_config(
+        "concurrency = 8\nretry = { max_attempts = 3, initial_backoff_ms = 5, jitter = \"none\" }\n",
+    );
+    let running = start(
+        &broker,
+        cfg,
+        FnInvoker(|m: &InboundMessage| {
+            if m.payload.ends_with(b"3") && m.attempt == 1 {
+                retry("once")
+            } else {
+                ok_to("out", m.payload.clone())
+            }
+        }),
+        None,
+    );
+    broker.wait_acked(50).await;
+    assert_eq!(payloads(&broker, "out"), input);
+    running.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn idempotency_skips_completed_keys_across_restarts() {
+    let broker = MemoryBroker::new();
+    let store: Arc<dyn KvStore> = Arc::new(MemoryStore::new());
+    let keys = || DoneKeys::new(store.clone(), "r", Duration::from_secs(3600));
+    let calls = Arc::new(AtomicU32::new(0));
+    let invoker = |calls: Arc<AtomicU32>| {
+        FnInvoker(move |m: &InboundMessage| {
+            calls.fetch_add(1, AtomicOrdering::SeqCst);
+            ok_to("out", m.payload.clone())
+        })
+    };
+    let cfg = route_config("idempotency = { key = \"header:id\" }\n");
+    broker.produce(
+        "in",
+        [
+            msg("first-x", None, &[("id", "x")]),
+            msg("y", None, &[("id", "y")]),
+            msg("again-x", None, &[("id", "x")]),
+            msg("no-key", None, &[]),
+        ],
+    );
+    let running = start(&broker, cfg.clone(), invoker(calls.clone()), Some(keys()));
+    broker.wait_acked(4).await;
+    let report = running.stop().await;
+    assert_eq!(calls.load(AtomicOrdering::SeqCst), 3, "the duplicate ran");
+    assert_eq!(payloads(&broker, "out"), vec!["first-x", "y", "no-key"]);
+    assert_eq!(stat(&report.stats, "duplicates"), 1);
+    let out = broker.records("out");
+    assert_eq!(out[0].header(LOCKGATE_ID_HEADER), Some(&b"r:key:x:0"[..]));
+
+    // A restarted route (same store) still knows x and y.
+    broker.produce("in", [msg("x-after-restart", None, &[("id", "x")])]);
+    let running = start(&broker, cfg, invoker(calls.clone()), Some(keys()));
+    broker.wait_acked(5).await;
+    running.stop().await;
+    assert_eq!(calls.load(AtomicOrdering::SeqCst), 3);
+    assert_eq!(broker.records("out").len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_rate_limit_holds_under_a_burst() {
+    let broker = MemoryBroker::new();
+    broker.produce("in", (0..25).map(|i| msg(&i.to_string(), None, &[])));
+    let cfg = route_config("rate_limit = { per_second = 10, burst = 5 }\n");
+    let started = Instant::now();
+    let running = start(
+        &broker,
+        cfg,
+        FnInvoker(|m: &InboundMessage| ok_to("out", m.payload.clone())),
+        None,
+    );
+    broker.wait_acked(5).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(10),
+        "the burst passes at once"
+    );
+    broker.wait_acked(25).await;
+    let took = started.elapsed();
+    // 20 messages beyond the burst at 10/s.
+    assert!(
+        took >= Duration::from_millis(1_990) && took <= Duration::from_millis(2_100),
+        "{took:?}"
+    );
+    let report = running.stop().await;
+    assert!(stat(&report.stats, "rate_limited") >= 20);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_mid_retry_leaves_the_message_unacknowledged() {
+    let broker = MemoryBroker::new();
+    broker.produce("in", [msg("ok", None, &[]), msg("stuck", None, &[])]);
+    let cfg = route_config(
+        "retry = { max_attempts = 10, initial_backoff_ms = 60000, max_backoff_ms = 60000, jitter = \"none\" }\n",
+    );
+    let running = start(
+        &broker,
+        cfg,
+        FnInvoker(|m: &InboundMessage| {
+            if m.payload == b"stuck" {
+                retry("down")
+            } else {
+                ok_to("out", m.payload.clone())
+            }
+        }),
+        None,
+    );
+    broker.wait_acked(1).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let started = Instant::now();
+    let report = running.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "shutdown waited for the backoff"
+    );
+    assert_eq!(broker.acked(), 1);
+    assert_eq!(stat(&report.stats, "abandoned"), 1);
+    assert!(broker.records("in.dlq").is_empty());
+    assert_eq!(
+        broker.committed("in", "g"),
+        1,
+        "committed past an unfinished message"
+    );
+}
