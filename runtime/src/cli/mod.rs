@@ -1,6 +1,8 @@
 //! Command-line interface: argument definitions and dispatch.
 
 mod check;
+mod local;
+mod run;
 mod test;
 
 use std::path::PathBuf;
@@ -52,6 +54,42 @@ enum Command {
     /// not export `handle` or import interfaces lockgate does not provide, and start functions
     /// that trap. Exit codes: 0 valid, 1 problems found, 2 the file cannot be read.
     Check(check::CheckArgs),
+
+    /// Run every route of runtime.toml until SIGINT or SIGTERM.
+    ///
+    /// Prints one line per route at start (source, handler version, outputs, lanes, retry,
+    /// breaker, DLQ, idempotency, rate limit) and its counters at the end. On SIGINT/SIGTERM it
+    /// stops fetching, lets in-flight messages finish within `[runtime] shutdown_grace_ms`,
+    /// leaves the rest unacknowledged (they are redelivered) and commits what is done.
+    /// Exit codes: 0 stopped by a signal, 1 a route's source failed, 2 bad config or a module
+    /// that does not load.
+    Run(run::RunArgs),
+
+    /// Append a message (or a JSON Lines file of them) to a topic of the embedded broker.
+    ///
+    /// Examples:
+    ///   lockgate send orders '{"kind":"order","id":1}' --key user-1 --header trace=abc
+    ///   lockgate send orders --file tests/fixtures/router/input.jsonl
+    #[command(verbatim_doc_comment)]
+    Send(local::SendArgs),
+
+    /// Print the messages of a topic of the embedded broker (`--follow` keeps waiting).
+    ///
+    /// Text lines look like `#OFFSET key=K header=value | payload`; `--json` prints one object
+    /// per line. Dead-letter topics (`<topic>.dlq`) show the failure in `lockgate-dlq-*`
+    /// headers.
+    Tail(local::TailArgs),
+}
+
+impl Cli {
+    /// The log filter used when `LOCKGATE_LOG` is not set: `lockgate run` reports its routes'
+    /// warnings and notable events (`info`); the other commands stay quiet (`warn`).
+    pub fn default_log_filter(&self) -> &'static str {
+        match self.command {
+            Command::Run(_) => "lockgate=info,warn",
+            _ => "warn",
+        }
+    }
 }
 
 /// Runs the parsed command; returns the process exit code.
@@ -59,6 +97,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Test(args) => test::run(args),
         Command::Check(args) => check::run(args),
+        Command::Run(args) => run::run(args),
+        Command::Send(args) => local::send(args),
+        Command::Tail(args) => local::tail(args),
     }
 }
 

@@ -52,6 +52,8 @@ pub const DEFAULT_MAX_LOG_RECORDS: u32 = 100;
 pub const DEFAULT_MAX_MESSAGES_PER_INSTANCE: u64 = 10_000;
 /// Default pool size (instances alive at once).
 pub const DEFAULT_MAX_INSTANCES: u32 = 1_000;
+/// Default time in-flight messages get to finish after SIGINT/SIGTERM.
+pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
 /// Default state directory, relative to the config file.
 pub const DEFAULT_STATE_DIR: &str = ".lockgate";
 
@@ -64,6 +66,8 @@ pub struct Config {
     pub base_dir: PathBuf,
     /// Where the embedded store, local broker and compiled cache live.
     pub state_dir: PathBuf,
+    /// `[runtime] shutdown_grace_ms`: how long in-flight work may take to finish at shutdown.
+    pub shutdown_grace_ms: u64,
     /// Engine settings.
     pub engine: EngineConfig,
     /// Handlers by name, in file order.
@@ -194,6 +198,7 @@ impl Config {
         }
 
         let mut state_dir = base_dir.join(DEFAULT_STATE_DIR);
+        let mut shutdown_grace_ms = DEFAULT_SHUTDOWN_GRACE_MS;
         if let Some(rt) = root.table("runtime") {
             let mut r = root.child("runtime", rt);
             if let Some(dir) = r.string("state_dir") {
@@ -203,7 +208,10 @@ impl Config {
                     state_dir = base_dir.join(dir);
                 }
             }
-            r.finish(&["state_dir"]);
+            if let Some(ms) = r.positive("shutdown_grace_ms") {
+                shutdown_grace_ms = ms;
+            }
+            r.finish(&["state_dir", "shutdown_grace_ms"]);
         }
 
         let mut engine = EngineConfig {
@@ -244,6 +252,7 @@ impl Config {
             file: file.to_owned(),
             base_dir,
             state_dir,
+            shutdown_grace_ms,
             engine,
             handlers,
             routes,

@@ -1,0 +1,94 @@
+//! A handler whose failures are chosen by the message, for the delivery demo and the end-to-end
+//! crash tests: `{"id": 7}` is forwarded to config `target`; `{"id": 7, "fail": 2}` asks to be
+//! retried on attempts 1 and 2 and succeeds on attempt 3; `{"id": 7, "poison": true}` (and
+//! anything that is not such JSON) is rejected, so it ends up in the dead-letter topic.
+
+use lockgate_sdk::emit::Outgoing;
+use lockgate_sdk::{Error, Message, config};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Order {
+    id: u64,
+    #[serde(default)]
+    poison: bool,
+    #[serde(default)]
+    fail: u32,
+}
+
+#[lockgate_sdk::handler]
+fn handle(msg: Message) -> Result<(), Error> {
+    let order: Order = msg.json()?;
+    if order.poison {
+        return Err(Error::reject(format!("order {} is poison", order.id)));
+    }
+    if msg.attempt() <= order.fail {
+        return Err(Error::retry(format!(
+            "order {}: dependency unavailable (attempt {} of {} planned failures)",
+            order.id,
+            msg.attempt(),
+            order.fail
+        )));
+    }
+    let target =
+        config::get("target").ok_or_else(|| Error::reject("config key `target` is not set"))?;
+    Outgoing::new(target)
+        .maybe_key(msg.key())
+        .payload(msg.payload())
+        .publish()?;
+    Ok(())
+}
+
+#[cfg(all(test, not(target_arch = "wasm32")))] // TestHost is native-only
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use super::*;
+    use lockgate_sdk::testing::TestHost;
+
+    fn host() -> TestHost {
+        TestHost::new().config("target", "out")
+    }
+
+    #[test]
+    fn forwards_good_orders_unchanged() {
+        let mut host = host();
+        host.call(handle, Message::new(r#"{"id":1}"#).with_key("k"))
+            .unwrap();
+        let published = host.take_published();
+        assert_eq!(published.len(), 1);
+        assert_eq!(published[0].topic, "out");
+        assert_eq!(published[0].payload_str(), Some(r#"{"id":1}"#));
+        assert_eq!(published[0].key_str(), Some("k"));
+    }
+
+    #[test]
+    fn flaky_orders_retry_the_planned_number_of_times() {
+        let mut host = host();
+        let flaky = r#"{"id":2,"fail":2}"#;
+        for attempt in 1..=2 {
+            let err = host
+                .call(handle, Message::new(flaky).with_attempt(attempt))
+                .unwrap_err();
+            assert!(err.is_retry(), "{err:?}");
+            assert!(host.take_published().is_empty());
+        }
+        host.call(handle, Message::new(flaky).with_attempt(3))
+            .unwrap();
+        assert_eq!(host.take_published().len(), 1);
+    }
+
+    #[test]
+    fn poison_and_garbage_are_rejected() {
+        let mut host = host();
+        let err = host
+            .call(handle, Message::new(r#"{"id":3,"poison":true}"#))
+            .unwrap_err();
+        assert_eq!(err, Error::reject("order 3 is poison"));
+        assert!(
+            host.call(handle, Message::new("not json"))
+                .unwrap_err()
+                .is_reject()
+        );
+        assert!(host.take_published().is_empty());
+    }
+}
