@@ -727,6 +727,20 @@ mod tests {
     }
 
     #[test]
+    fn runtime_table_fields() {
+        let c =
+            Config::parse(Path::new("rt.toml"), "[runtime]\nshutdown_grace_ms = 250\n").unwrap();
+        assert_eq!(c.shutdown_grace_ms, 250);
+        assert_eq!(
+            problems("[runtime]\nshutdown_grace_ms = 0\nstate = \"x\"\n"),
+            vec![
+                "rt.toml: runtime.shutdown_grace_ms: must be greater than 0, found 0",
+                "rt.toml: runtime.state: unknown field `state` (expected one of: state_dir, shutdown_grace_ms)",
+            ]
+        );
+    }
+
+    #[test]
     fn edit_distance_is_levenshtein() {
         assert_eq!(edit_distance("timout_ms", "timeout_ms"), 1);
         assert_eq!(edit_distance("abc", "abc"), 0);

@@ -1,0 +1,296 @@
+//! End to end on the embedded broker: `lockgate run` as a child process, 10,000 messages with
+//! poison and flaky ones, a SIGKILL mid-stream and a restart. Nothing may be missing, poison
+//! messages must all be dead-lettered with their metadata, and (idempotency on) no output may be
+//! duplicated.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lockgate::broker::local::LocalBroker;
+use lockgate::broker::{OutRecord, Record};
+use lockgate::pipeline::dlq;
+use lockgate_tests::{guest, lockgate, lockgate_bin, show};
+
+const TOTAL: u64 = 10_000;
+/// Generous bound for a debug build on a loaded 2-core machine; the run takes far less.
+const DEADLINE: Duration = Duration::from_secs(600);
+
+fn is_poison(i: u64) -> bool {
+    i % 100 == 7
+}
+
+fn is_flaky(i: u64) -> bool {
+    i % 20 == 3
+}
+
+fn message(i: u64) -> OutRecord {
+    let payload = if is_poison(i) {
+        format!(r#"{{"id":{i},"poison":true}}"#)
+    } else if is_flaky(i) {
+        format!(r#"{{"id":{i},"fail":2}}"#)
+    } else {
+        format!(r#"{{"id":{i}}}"#)
+    };
+    OutRecord {
+        topic: "orders".into(),
+        key: Some(format!("customer-{}", i % 64).into_bytes()),
+        headers: vec![("trace".into(), format!("t{i}").into_bytes())],
+        payload: payload.into_bytes(),
+    }
+}
+
+fn write_config(dir: &Path) -> std::path::PathBuf {
+    let config = dir.join("runtime.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"version = 1
+[runtime]
+state_dir = "state"
+shutdown_grace_ms = 5000
+
+[handlers.chaos]
+module = "{}"
+config = {{ target = "out" }}
+
+[routes.orders]
+handler = "chaos"
+source = {{ topic = "orders", group = "e2e" }}
+outputs = ["out"]
+concurrency = 4
+ordering = "key"
+retry = {{ max_attempts = 4, initial_backoff_ms = 5, max_backoff_ms = 50 }}
+idempotency = {{ key = "json:/id" }}
+"#,
+            guest("chaos").display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn start(dir: &Path, config: &Path, run: u32) -> Child {
+    let log = |name: &str| std::fs::File::create(dir.join(format!("run{run}.{name}"))).unwrap();
+    Command::new(lockgate_bin())
+        .arg("run")
+        .arg(config)
+        .env("LOCKGATE_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log("stdout"))
+        .stderr(log("stderr"))
+        .spawn()
+        .expect("cannot start lockgate run")
+}
+
+fn logs(dir: &Path, run: u32) -> String {
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(format!("run{run}.{name}"))).unwrap_or_default()
+    };
+    format!(
+        "--- run {run} stdout\n{}\n--- run {run} stderr\n{}",
+        read("stdout"),
+        read("stderr")
+    )
+}
+
+/// Waits until output + dead letters reach `n` (the child is another process: its progress
+/// is only visible in the topics, so this polls them).
+fn wait_for_progress(broker: &LocalBroker, child: &mut Child, n: u64, dir: &Path, run: u32) {
+    let started = Instant::now();
+    loop {
+        let done = broker.end_offset("out").unwrap() + broker.end_offset("orders.dlq").unwrap();
+        if done >= n {
+            return;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "lockgate run exited early ({status}) at {done}/{n}\n{}",
+                logs(dir, run)
+            );
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "no progress to {n} within {DEADLINE:?} (at {done})\n{}",
+            logs(dir, run)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn id_of(r: &Record) -> u64 {
+    let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+    v["id"].as_u64().unwrap()
+}
+
+#[test]
+fn sigkill_mid_stream_then_restart_loses_nothing_and_duplicates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let broker = LocalBroker::open(&dir.path().join("state/local")).unwrap();
+
+    // Half the stream before the start, half while the first process runs.
+    let first: Vec<OutRecord> = (0..TOTAL / 2).map(message).collect();
+    broker.append(&first).unwrap();
+    let mut child = start(dir.path(), &config, 1);
+    wait_for_progress(&broker, &mut child, 1_000, dir.path(), 1);
+    let second: Vec<OutRecord> = (TOTAL / 2..TOTAL).map(message).collect();
+    broker.append(&second).unwrap();
+    wait_for_progress(&broker, &mut child, TOTAL / 2, dir.path(), 1);
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let at_kill = broker.end_offset("out").unwrap() + broker.end_offset("orders.dlq").unwrap();
+    assert!(at_kill < TOTAL, "the kill came too late to test anything");
+
+    let mut child = start(dir.path(), &config, 2);
+    wait_for_progress(&broker, &mut child, TOTAL, dir.path(), 2);
+    // A graceful stop commits the final position.
+    let pid = child.id().to_string();
+    let term = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(term.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}\n{}", logs(dir.path(), 2));
+
+    let outputs = broker.read("out", 0, usize::MAX).unwrap();
+    let dead = broker.read("orders.dlq", 0, usize::MAX).unwrap();
+
+    let mut seen: BTreeMap<u64, u32> = BTreeMap::new();
+    for r in &outputs {
+        *seen.entry(id_of(r)).or_default() += 1;
+    }
+    let duplicated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(10).collect();
+    assert!(duplicated.is_empty(), "duplicated outputs: {duplicated:?}");
+    let want_out: BTreeSet<u64> = (0..TOTAL).filter(|i| !is_poison(*i)).collect();
+    let got_out: BTreeSet<u64> = seen.keys().copied().collect();
+    let missing: Vec<_> = want_out.difference(&got_out).take(10).collect();
+    assert!(
+        missing.is_empty(),
+        "missing from the output: {missing:?}..."
+    );
+    assert_eq!(
+        got_out, want_out,
+        "outputs that should have been dead-lettered"
+    );
+
+    let want_dead: BTreeSet<u64> = (0..TOTAL).filter(|i| is_poison(*i)).collect();
+    let got_dead: Vec<u64> = dead.iter().map(id_of).collect();
+    assert_eq!(got_dead.len(), want_dead.len(), "duplicated dead letters");
+    assert_eq!(got_dead.iter().copied().collect::<BTreeSet<_>>(), want_dead);
+    for d in &dead {
+        let i = id_of(d);
+        let offset = i.to_string();
+        let trace = format!("t{i}");
+        let key = format!("customer-{}", i % 64);
+        assert_eq!(d.key.as_deref(), Some(key.as_bytes()));
+        assert_eq!(
+            d.header("trace"),
+            Some(trace.as_bytes()),
+            "original headers kept"
+        );
+        for (name, want) in [
+            ("route", "orders"),
+            ("handler", "chaos"),
+            ("topic", "orders"),
+            ("partition", "0"),
+            ("offset", offset.as_str()),
+            ("error-kind", "reject"),
+            ("gave-up", "rejected"),
+            ("attempts", "1"),
+        ] {
+            assert_eq!(
+                dlq::header(d, name),
+                Some(want),
+                "{name} of dead letter {i}"
+            );
+        }
+        assert_eq!(
+            dlq::header(d, "reason"),
+            Some(format!("order {i} is poison").as_str())
+        );
+        assert_eq!(dlq::header(d, "module-hash").map(str::len), Some(64));
+    }
+    // The graceful stop reported and committed a position that covers every message.
+    let stdout = logs(dir.path(), 2);
+    assert!(stdout.contains("route orders: stopped"), "{stdout}");
+    assert_eq!(broker.committed("orders", "e2e").unwrap(), TOTAL);
+}
+
+#[test]
+fn run_refuses_a_bad_config_with_the_file_field_and_value() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rt.toml"),
+        "[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.r]\nhandler = \"h\"\nsource = { topic = \"in\" }\nretry = { initial_backoff_ms = 500, max_backoff_ms = 100 }\n",
+    )
+    .unwrap();
+    let out = lockgate(dir.path(), &["run", "rt.toml"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "rt.toml: routes.r.retry.max_backoff_ms: 100 is less than initial_backoff_ms (500)"
+        ),
+        "{}",
+        show(&out)
+    );
+    assert!(!dir.path().join(".lockgate").exists(), "started anyway");
+}
+
+#[test]
+fn send_then_tail_round_trips_keys_headers_and_payloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("st");
+    let state = state.to_str().unwrap();
+    let out = lockgate(
+        dir.path(),
+        &[
+            "send",
+            "t",
+            "hello",
+            "--key",
+            "k1",
+            "-H",
+            "a=b",
+            "--state-dir",
+            state,
+        ],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    std::fs::write(
+        dir.path().join("m.jsonl"),
+        "{\"payload_json\": {\"id\": 2}, \"key\": \"k2\"}\n{\"payload_base64\": \"AJ//\"}\n",
+    )
+    .unwrap();
+    let out = lockgate(
+        dir.path(),
+        &["send", "t", "--file", "m.jsonl", "--state-dir", state],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("appended 2 messages at offsets 1..=2"));
+    let out = lockgate(dir.path(), &["tail", "t", "--json", "--state-dir", state]);
+    assert!(out.status.success(), "{}", show(&out));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["payload"], "hello");
+    assert_eq!(lines[0]["key"], "k1");
+    assert_eq!(lines[0]["headers"]["a"], "b");
+    assert_eq!(lines[1]["payload"], "{\"id\":2}");
+    assert_eq!(lines[1]["offset"], 1);
+    assert_eq!(lines[2]["payload_base64"], "AJ//");
+    let out = lockgate(
+        dir.path(),
+        &["send", "bad/topic", "x", "--state-dir", state],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bad/topic"),
+        "{}",
+        show(&out)
+    );
+}
