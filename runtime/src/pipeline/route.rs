@@ -445,11 +445,20 @@ async fn dispatch(
             }
             paused = false;
         }
+        // Waiting for room or for the next message gives way to the breaker opening, so a route
+        // that is full or idle still pauses its source (`next` is cancel-safe).
+        let breaker_opened = || async {
+            match &shared.breaker {
+                Some(b) => b.wait_for_open().await,
+                None => std::future::pending().await,
+            }
+        };
         let permit = tokio::select! {
             p = in_flight.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => return None,
             },
+            () = breaker_opened() => continue,
             () = shutdown.wait() => return None,
         };
         if let Some(limit) = rate_limit
@@ -464,27 +473,20 @@ async fn dispatch(
                 () = shutdown.wait() => return None,
             }
         }
-        // A breaker that opens while the source has nothing to deliver must still pause it, so
-        // the wait for the next message gives way to the breaker (`next` is cancel-safe).
-        let breaker_opened = async {
-            match &shared.breaker {
-                Some(b) => b.wait_for_open().await,
-                None => std::future::pending().await,
-            }
-        };
         let delivery = tokio::select! {
             d = source.next() => match d {
                 Ok(d) => d,
                 Err(BrokerError::Closed) => return None,
                 Err(e) => return Some(e),
             },
-            () = breaker_opened => {
+            () = breaker_opened() => {
                 drop(permit);
                 continue;
             }
             () = shutdown.wait() => return None,
         };
         RouteStats::bump(&shared.stats.received);
+        tracing::trace!(route = %shared.route, position = %delivery.record.position(), "Delivery taken");
         let lane = LaneKey {
             partition: delivery.record.partition,
             key: match shared.config.ordering {
@@ -557,6 +559,7 @@ impl Shared {
             {
                 return RouteStats::bump(&self.stats.abandoned);
             }
+            tracing::trace!(route = %self.route, message = %message_id, attempt, "Invoking the handler");
             let inbound = inbound(&record, attempt);
             let module_hash = self.invoker.module_hash();
             let invocation = {

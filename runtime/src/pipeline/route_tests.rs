@@ -98,6 +98,16 @@ fn start(
     invoker: impl Invoker,
     done_keys: Option<DoneKeys>,
 ) -> Running {
+    start_bounded(broker, config, invoker, done_keys, DEFAULT_MAX_IN_FLIGHT)
+}
+
+fn start_bounded(
+    broker: &MemoryBroker,
+    config: RouteConfig,
+    invoker: impl Invoker,
+    done_keys: Option<DoneKeys>,
+    max_in_flight: usize,
+) -> Running {
     let sink: Arc<dyn Sink> = Arc::new(broker.sink());
     let route = Route::new(
         config,
@@ -108,7 +118,8 @@ fn start(
         },
         done_keys,
     )
-    .shutdown_grace(Duration::from_secs(1));
+    .shutdown_grace(Duration::from_secs(1))
+    .max_in_flight(max_in_flight);
     let (trigger, shutdown) = Shutdown::new();
     let source = Box::new(broker.source("in", "g"));
     let task = tokio::spawn(route.run(source, shutdown));
@@ -339,6 +350,26 @@ async fn an_open_breaker_pauses_the_source_and_dead_letters_nothing() {
     assert_eq!(out, want);
     assert!(broker.stats().pauses.load(AtomicOrdering::SeqCst) >= 1);
     assert!(broker.stats().resumes.load(AtomicOrdering::SeqCst) >= 1);
+    running.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_breaker_pauses_the_source_even_when_the_in_flight_bound_is_full() {
+    let broker = MemoryBroker::new();
+    broker.produce("in", (0..50).map(|i| msg(&i.to_string(), None, &[])));
+    let cfg = route_config(
+        "retry = { max_attempts = 1000, initial_backoff_ms = 10, max_backoff_ms = 10, jitter = \"none\" }\ncircuit_breaker = { consecutive_failures = 3, open_ms = 60000 }\n",
+    );
+    let running = start_bounded(
+        &broker,
+        cfg,
+        FnInvoker(|_: &InboundMessage| retry("down")),
+        None,
+        5,
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(broker.is_paused(), "a full route did not pause its source");
+    assert!(broker.records("in.dlq").is_empty());
     running.stop().await;
 }
 
