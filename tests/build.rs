@@ -70,6 +70,21 @@ fn main() {
     );
 }
 
+/// Registers `p` and, for a directory, every file below it (except `target/`): cargo's own
+/// directory check was seen to miss an edited guest source, leaving a stale guest.
 fn rerun_if_changed(p: &Path) {
     println!("cargo:rerun-if-changed={}", p.display());
+    if let Ok(entries) = std::fs::read_dir(p) {
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.file_name().is_some_and(|n| n == "target") {
+                continue;
+            }
+            if path.is_dir() {
+                rerun_if_changed(&path);
+            } else {
+                println!("cargo:rerun-if-changed={}", path.display());
+            }
+        }
+    }
 }

@@ -98,3 +98,30 @@ pub fn guest_pool(
         .expect("guest loads");
     lockgate::engine::InstancePool::new(handler, isolation, u64::MAX)
 }
+
+/// A child process that is killed when dropped, so a failing test leaves no `lockgate run`
+/// behind (a panic unwinds through it).
+#[derive(Debug)]
+pub struct Proc(pub std::process::Child);
+
+impl std::ops::Deref for Proc {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}

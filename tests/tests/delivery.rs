@@ -7,7 +7,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+use lockgate_tests::Proc;
 use std::time::{Duration, Instant};
 
 use lockgate::broker::local::LocalBroker;
@@ -73,7 +75,7 @@ idempotency = {{ key = "json:/id" }}
     config
 }
 
-fn start(dir: &Path, config: &Path, run: u32) -> Child {
+fn start(dir: &Path, config: &Path, run: u32) -> Proc {
     let log = |name: &str| std::fs::File::create(dir.join(format!("run{run}.{name}"))).unwrap();
     Command::new(lockgate_bin())
         .arg("run")
@@ -83,6 +85,7 @@ fn start(dir: &Path, config: &Path, run: u32) -> Child {
         .stdout(log("stdout"))
         .stderr(log("stderr"))
         .spawn()
+        .map(Proc)
         .expect("cannot start lockgate run")
 }
 
@@ -99,7 +102,7 @@ fn logs(dir: &Path, run: u32) -> String {
 
 /// Waits until output + dead letters reach `n` (the child is another process: its progress
 /// is only visible in the topics, so this polls them).
-fn wait_for_progress(broker: &LocalBroker, child: &mut Child, n: u64, dir: &Path, run: u32) {
+fn wait_for_progress(broker: &LocalBroker, child: &mut Proc, n: u64, dir: &Path, run: u32) {
     let started = Instant::now();
     loop {
         let done = broker.end_offset("out").unwrap() + broker.end_offset("orders.dlq").unwrap();
