@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/lockgate/target}"
 
+scripts/deps.sh
 scripts/build-guests.sh >/dev/null
 # The dev profile shares its build with the tests; a release build of wasmtime takes minutes.
 cargo build --locked -p lockgate --bin lockgate

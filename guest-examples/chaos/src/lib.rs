@@ -2,6 +2,9 @@
 //! crash tests: `{"id": 7}` is forwarded to config `target`; `{"id": 7, "fail": 2}` asks to be
 //! retried on attempts 1 and 2 and succeeds on attempt 3; `{"id": 7, "poison": true}` (and
 //! anything that is not such JSON) is rejected, so it ends up in the dead-letter topic.
+//!
+//! Config `down_until_ms` (ms since the Unix epoch) simulates a dependency outage: until then every
+//! message asks to be retried, which is what trips a route's circuit breaker.
 
 use lockgate_sdk::emit::Outgoing;
 use lockgate_sdk::{Error, Message, config};
@@ -18,6 +21,18 @@ struct Order {
 
 #[lockgate_sdk::handler]
 fn handle(msg: Message) -> Result<(), Error> {
+    if let Some(until) = config::get("down_until_ms") {
+        let until: u128 = until
+            .parse()
+            .map_err(|_| Error::reject("config key `down_until_ms` is not a number"))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or_default();
+        if now < until {
+            return Err(Error::retry("dependency down"));
+        }
+    }
     let order: Order = msg.json()?;
     if order.poison {
         return Err(Error::reject(format!("order {} is poison", order.id)));
@@ -75,6 +90,16 @@ mod tests {
         host.call(handle, Message::new(flaky).with_attempt(3))
             .unwrap();
         assert_eq!(host.take_published().len(), 1);
+    }
+
+    #[test]
+    fn an_outage_retries_everything_until_it_ends() {
+        let mut down = host().config("down_until_ms", "99999999999999");
+        let err = down.call(handle, Message::new(r#"{"id":1}"#)).unwrap_err();
+        assert_eq!(err, Error::retry("dependency down"));
+        let mut up = host().config("down_until_ms", "1");
+        up.call(handle, Message::new(r#"{"id":1}"#)).unwrap();
+        assert_eq!(up.take_published().len(), 1);
     }
 
     #[test]

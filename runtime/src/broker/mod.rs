@@ -10,6 +10,7 @@
 //! Backends: [`local`] (the embedded, file-backed development broker) and [`memory`] (in-process,
 //! for unit tests and benchmarks of the pipeline).
 
+pub mod kafka;
 pub mod local;
 pub mod memory;
 

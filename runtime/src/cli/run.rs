@@ -1,6 +1,6 @@
 //! `lockgate run`: starts every route of runtime.toml and runs until SIGINT or SIGTERM.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use lockgate::broker::Sink;
+use lockgate::broker::kafka::{DEFAULT_MAX_IN_FLIGHT_PER_PARTITION, KafkaSink, KafkaSource};
 use lockgate::broker::local::LocalBroker;
-use lockgate::config::{Config, IdempotencyKey, Ordering, RouteConfig};
+use lockgate::broker::{Sink, Source};
+use lockgate::config::{BrokerKind, Config, IdempotencyKey, Ordering, RouteConfig};
 use lockgate::engine::{Engine, HandlerEnv, InstancePool};
 use lockgate::pipeline::backoff::Jitter;
 use lockgate::pipeline::idempotency::DoneKeys;
@@ -81,6 +82,7 @@ async fn run_routes(config: Config) -> anyhow::Result<ExitCode> {
 
     let (trigger, shutdown) = Shutdown::new();
     let mut routes = tokio::task::JoinSet::new();
+    let mut sinks = Sinks::default();
     for route in config.routes.values() {
         let Some(handler_cfg) = config.handlers.get(&route.handler) else {
             anyhow::bail!(
@@ -105,19 +107,23 @@ async fn run_routes(config: Config) -> anyhow::Result<ExitCode> {
                     handler_cfg.name
                 )
             })?;
-        let source = broker
-            .source(&route.source.topic, &route.source.group)
+        let source = open_source(&config, &broker, route)
             .with_context(|| format!("route {}: cannot open its source", route.name))?;
         println!(
             "{}",
-            summary(route, handler.module_hash(), &source_describe(&source))
+            summary(route, handler.module_hash(), &source.describe())
         );
         let pool = InstancePool::new(
             handler,
             handler_cfg.isolation,
             handler_cfg.max_messages_per_instance,
         );
-        let sink: Arc<dyn Sink> = Arc::new(broker.sink());
+        let outputs = sinks
+            .get(&config, &broker, &route.source.broker)
+            .with_context(|| format!("route {}: cannot create its output producer", route.name))?;
+        let dlq = sinks
+            .get(&config, &broker, &route.dlq.broker)
+            .with_context(|| format!("route {}: cannot create its DLQ producer", route.name))?;
         let done_keys = route
             .idempotency
             .as_ref()
@@ -125,14 +131,11 @@ async fn run_routes(config: Config) -> anyhow::Result<ExitCode> {
         let r = Route::new(
             route.clone(),
             Arc::new(pool),
-            RouteSinks {
-                outputs: sink.clone(),
-                dlq: sink,
-            },
+            RouteSinks { outputs, dlq },
             done_keys,
         )
         .shutdown_grace(grace);
-        routes.spawn(r.run(Box::new(source), shutdown.clone()));
+        routes.spawn(r.run(source, shutdown.clone()));
     }
     println!(
         "lockgate: {} route{} running; Ctrl-C or SIGTERM stops (in-flight work gets {} ms)",
@@ -194,9 +197,58 @@ async fn stop_signal() -> std::io::Result<&'static str> {
     })
 }
 
-fn source_describe(source: &lockgate::broker::local::LocalSource) -> String {
-    use lockgate::broker::Source;
-    source.describe()
+/// Opens the source of `route` on its broker.
+fn open_source(
+    config: &Config,
+    local: &LocalBroker,
+    route: &RouteConfig,
+) -> anyhow::Result<Box<dyn Source>> {
+    let src = &route.source;
+    if src.broker == "local" {
+        return Ok(Box::new(local.source(&src.topic, &src.group)?));
+    }
+    let Some(broker) = config.brokers.get(&src.broker) else {
+        anyhow::bail!("broker {} is not defined", src.broker);
+    };
+    match broker.kind {
+        BrokerKind::Kafka => Ok(Box::new(KafkaSource::new(
+            broker,
+            &src.topic,
+            &src.group,
+            DEFAULT_MAX_IN_FLIGHT_PER_PARTITION,
+        )?)),
+    }
+}
+
+/// One producer per broker, shared by every route that publishes there.
+#[derive(Default)]
+struct Sinks {
+    by_broker: HashMap<String, Arc<dyn Sink>>,
+}
+
+impl Sinks {
+    fn get(
+        &mut self,
+        config: &Config,
+        local: &LocalBroker,
+        name: &str,
+    ) -> anyhow::Result<Arc<dyn Sink>> {
+        if let Some(s) = self.by_broker.get(name) {
+            return Ok(s.clone());
+        }
+        let sink: Arc<dyn Sink> = if name == "local" {
+            Arc::new(local.sink())
+        } else {
+            let Some(broker) = config.brokers.get(name) else {
+                anyhow::bail!("broker {name} is not defined");
+            };
+            match broker.kind {
+                BrokerKind::Kafka => Arc::new(KafkaSink::new(broker)?),
+            }
+        };
+        self.by_broker.insert(name.to_owned(), sink.clone());
+        Ok(sink)
+    }
 }
 
 /// The one line a route logs at start: where from, what runs, where to, and its policies.

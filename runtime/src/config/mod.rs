@@ -28,8 +28,8 @@ use toml::map::Map as IndexMap;
 mod routes;
 
 pub use routes::{
-    BUILTIN_BROKERS, Endpoint, IdempotencyConfig, IdempotencyKey, Ordering, RateLimitConfig,
-    RouteConfig,
+    BUILTIN_BROKERS, DEFAULT_GROUP, Endpoint, IdempotencyConfig, IdempotencyKey, Ordering,
+    RateLimitConfig, RouteConfig,
 };
 
 use crate::engine::{EngineSettings, HandlerLimits, Isolation};
@@ -72,8 +72,44 @@ pub struct Config {
     pub engine: EngineConfig,
     /// Handlers by name, in file order.
     pub handlers: IndexMap<String, HandlerConfig>,
+    /// Brokers defined in `[brokers.<name>]`, in file order (`local` is built in).
+    pub brokers: IndexMap<String, BrokerConfig>,
     /// Routes by name, in file order.
     pub routes: IndexMap<String, RouteConfig>,
+}
+
+/// The kinds of broker a `[brokers.<name>]` table can define.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BrokerKind {
+    /// Apache Kafka or anything speaking its protocol (rdkafka).
+    Kafka,
+}
+
+/// One `[brokers.<name>]` table.
+///
+/// Example:
+/// ```toml
+/// [brokers.kafka]
+/// kind = "kafka"
+/// bootstrap_servers = "127.0.0.1:9092"
+/// properties = { "session.timeout.ms" = 6000 }          # consumers and producers
+/// consumer_properties = { "group.instance.id" = "node-1" }
+/// producer_properties = { "linger.ms" = 5 }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerConfig {
+    /// The broker's name (the table key), used by routes' `source.broker` and `dlq.broker`.
+    pub name: String,
+    /// What it is.
+    pub kind: BrokerKind,
+    /// `bootstrap_servers`: comma-separated host:port list.
+    pub bootstrap_servers: String,
+    /// `properties`: librdkafka properties for consumers and producers, passed through.
+    pub properties: BTreeMap<String, String>,
+    /// `consumer_properties`: librdkafka properties for consumers only (override `properties`).
+    pub consumer_properties: BTreeMap<String, String>,
+    /// `producer_properties`: librdkafka properties for producers only (override `properties`).
+    pub producer_properties: BTreeMap<String, String>,
 }
 
 /// The `[engine]` table.
@@ -243,10 +279,18 @@ impl Config {
             .and_then(toml::Value::as_table)
             .map(|t| t.keys().map(String::as_str).collect())
             .unwrap_or_default();
+        let brokers = root.named_tables("brokers", "broker", parse_broker);
+        let broker_names: Vec<&str> = table
+            .get("brokers")
+            .and_then(toml::Value::as_table)
+            .map(|t| t.keys().map(String::as_str).collect())
+            .unwrap_or_default();
         let routes = root.named_tables("routes", "route", |name, r| {
-            routes::parse_route(name, &declared, r)
+            routes::parse_route(name, &declared, &broker_names, r)
         });
-        root.finish(&["version", "runtime", "engine", "handlers", "routes"]);
+        root.finish(&[
+            "version", "runtime", "engine", "handlers", "brokers", "routes",
+        ]);
 
         let config = Config {
             file: file.to_owned(),
@@ -255,6 +299,7 @@ impl Config {
             shutdown_grace_ms,
             engine,
             handlers,
+            brokers,
             routes,
         };
         Ok((config, problems))
@@ -312,28 +357,7 @@ fn parse_handler(name: &str, base_dir: &Path, r: &mut Reader<'_>) -> Option<Hand
     let max_log_records = r
         .positive_u32("max_log_records")
         .unwrap_or(DEFAULT_MAX_LOG_RECORDS);
-    let mut config = BTreeMap::new();
-    if let Some(t) = r.table("config") {
-        for (k, v) in t {
-            let value = match v {
-                toml::Value::String(s) => s.clone(),
-                toml::Value::Integer(i) => i.to_string(),
-                toml::Value::Float(f) => f.to_string(),
-                toml::Value::Boolean(b) => b.to_string(),
-                other => {
-                    r.problems.push(Problem::new(
-                        &format!("{}.config.{k}", r.path),
-                        format!(
-                            "expected a string, number or boolean, found {}",
-                            describe(other)
-                        ),
-                    ));
-                    continue;
-                }
-            };
-            config.insert(k.clone(), value);
-        }
-    }
+    let config = scalar_table(r, "config");
     r.finish(HANDLER_FIELDS);
     if r.problems.len() != before {
         return None;
@@ -352,6 +376,78 @@ fn parse_handler(name: &str, base_dir: &Path, r: &mut Reader<'_>) -> Option<Hand
         max_log_records,
         config,
     })
+}
+
+fn parse_broker(name: &str, r: &mut Reader<'_>) -> Option<BrokerConfig> {
+    let before = r.problems.len();
+    if routes::BUILTIN_BROKERS.contains(&name) {
+        r.problem(
+            "",
+            format!("`{name}` is the built-in embedded broker and cannot be redefined"),
+        );
+    }
+    if !r.table.contains_key("kind") {
+        r.problem("kind", "missing: \"kafka\"".into());
+    }
+    let kind = r.choice("kind", &[("kafka", BrokerKind::Kafka)]);
+    if !r.table.contains_key("bootstrap_servers") {
+        r.problem(
+            "bootstrap_servers",
+            "missing: e.g. \"127.0.0.1:9092\"".into(),
+        );
+    }
+    let bootstrap_servers = r.string("bootstrap_servers");
+    if bootstrap_servers.as_deref() == Some("") {
+        r.problem("bootstrap_servers", "must not be empty".into());
+    }
+    let properties = scalar_table(r, "properties");
+    let consumer_properties = scalar_table(r, "consumer_properties");
+    let producer_properties = scalar_table(r, "producer_properties");
+    r.finish(&[
+        "kind",
+        "bootstrap_servers",
+        "properties",
+        "consumer_properties",
+        "producer_properties",
+    ]);
+    if r.problems.len() != before {
+        return None;
+    }
+    Some(BrokerConfig {
+        name: name.to_owned(),
+        kind: kind?,
+        bootstrap_servers: bootstrap_servers?,
+        properties,
+        consumer_properties,
+        producer_properties,
+    })
+}
+
+/// A table of strings, numbers and booleans, as strings (handler `config`, broker properties).
+fn scalar_table(r: &mut Reader<'_>, key: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    if let Some(t) = r.table(key) {
+        for (k, v) in t {
+            let value = match v {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    r.problems.push(Problem::new(
+                        &format!("{}.{key}.{k}", r.path),
+                        format!(
+                            "expected a string, number or boolean, found {}",
+                            describe(other)
+                        ),
+                    ));
+                    continue;
+                }
+            };
+            out.insert(k.clone(), value);
+        }
+    }
+    out
 }
 
 /// Handler and route names become kv namespaces, metric labels and log fields: keep them plain.
@@ -724,6 +820,39 @@ mod tests {
         assert_eq!(p.len(), 2, "{p:?}");
         assert!(p[0].contains("version: unsupported schema version 2"));
         assert!(p[1].contains("handlers.Bad: invalid handler name"));
+    }
+
+    #[test]
+    fn kafka_brokers_parse_and_routes_may_use_them() {
+        let c = Config::parse(
+            Path::new("rt.toml"),
+            "[brokers.kafka]\nkind = \"kafka\"\nbootstrap_servers = \"127.0.0.1:9092\"\nproperties = { \"session.timeout.ms\" = 6000 }\nproducer_properties = { \"linger.ms\" = \"5\" }\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.r]\nhandler = \"h\"\nsource = { broker = \"kafka\", topic = \"t\" }\n",
+        )
+        .unwrap();
+        let b = &c.brokers["kafka"];
+        assert_eq!(b.kind, BrokerKind::Kafka);
+        assert_eq!(b.bootstrap_servers, "127.0.0.1:9092");
+        assert_eq!(b.properties["session.timeout.ms"], "6000");
+        assert_eq!(b.producer_properties["linger.ms"], "5");
+        assert_eq!(c.routes["r"].source.broker, "kafka");
+        assert_eq!(c.routes["r"].dlq.broker, "kafka");
+    }
+
+    #[test]
+    fn broker_mistakes_are_named() {
+        assert_eq!(
+            problems(
+                "[brokers.local]\nkind = \"kafka\"\nbootstrap_servers = \"x:1\"\n\n[brokers.k]\nkind = \"pulsar\"\nproperties = { a = [1] }\nbootstrap = \"x\"\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.r]\nhandler = \"h\"\nsource = { broker = \"kafak\", topic = \"t\" }\n"
+            ),
+            vec![
+                "rt.toml: brokers.local: `local` is the built-in embedded broker and cannot be redefined",
+                "rt.toml: brokers.k.kind: unknown value \"pulsar\"; expected \"kafka\"",
+                "rt.toml: brokers.k.bootstrap_servers: missing: e.g. \"127.0.0.1:9092\"",
+                "rt.toml: brokers.k.properties.a: expected a string, number or boolean, found an array",
+                "rt.toml: brokers.k.bootstrap: unknown field `bootstrap` (expected one of: kind, bootstrap_servers, properties, consumer_properties, producer_properties)",
+                "rt.toml: routes.r.source.broker: unknown broker `kafak` (known: local, k)",
+            ]
+        );
     }
 
     #[test]

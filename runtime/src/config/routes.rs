@@ -124,16 +124,18 @@ const ROUTE_FIELDS: &[&str] = &[
     "rate_limit",
 ];
 
-fn check_broker(r: &mut Reader<'_>, key: &str, broker: &str) -> bool {
-    if BUILTIN_BROKERS.contains(&broker) {
+fn check_broker(r: &mut Reader<'_>, key: &str, broker: &str, declared: &[&str]) -> bool {
+    if BUILTIN_BROKERS.contains(&broker) || declared.contains(&broker) {
         return true;
     }
+    let known: Vec<&str> = BUILTIN_BROKERS
+        .iter()
+        .chain(declared.iter().filter(|d| !BUILTIN_BROKERS.contains(d)))
+        .copied()
+        .collect();
     r.problem(
         key,
-        format!(
-            "unknown broker `{broker}` (known: {})",
-            BUILTIN_BROKERS.join(", ")
-        ),
+        format!("unknown broker `{broker}` (known: {})", known.join(", ")),
     );
     false
 }
@@ -147,10 +149,12 @@ fn non_empty(r: &mut Reader<'_>, key: &str) -> Option<String> {
     Some(s)
 }
 
-/// Parses one route table; `handlers` are the handler names declared in the file.
+/// Parses one route table; `handlers` and `brokers` are the handler and broker names declared in
+/// the file.
 pub(super) fn parse_route(
     name: &str,
     handlers: &[&str],
+    brokers: &[&str],
     r: &mut Reader<'_>,
 ) -> Option<RouteConfig> {
     let before = r.problems.len();
@@ -189,7 +193,7 @@ pub(super) fn parse_route(
         Some(t) => {
             let mut s = r.child("source", t);
             let broker = s.string("broker").unwrap_or_else(|| "local".to_owned());
-            let broker_ok = check_broker(&mut s, "broker", &broker);
+            let broker_ok = check_broker(&mut s, "broker", &broker, brokers);
             if !s.table.contains_key("topic") {
                 s.problem("topic", "missing".into());
             }
@@ -248,7 +252,7 @@ pub(super) fn parse_route(
                 .string("broker")
                 .or_else(|| source.as_ref().map(|s| s.broker.clone()))
                 .unwrap_or_else(|| "local".to_owned());
-            check_broker(&mut d, "broker", &broker);
+            check_broker(&mut d, "broker", &broker, brokers);
             let topic = non_empty(&mut d, "topic");
             if let (Some(topic), Some(src)) = (&topic, source)
                 && src.broker == broker

@@ -1,0 +1,600 @@
+//! Kafka (rdkafka): a consumer-group [`Source`] that stores an offset only when it and every
+//! earlier offset of its partition are done, and an idempotent-producer [`Sink`].
+//!
+//! How the source keeps its promises:
+//! - **Commit only what is done.** `enable.auto.offset.store=false`: librdkafka's auto-commit
+//!   only commits offsets we *store*, and we store a partition's position only when the
+//!   [`OffsetTracker`] watermark (contiguous prefix of done offsets) advances.
+//! - **Rebalance safety.** On revoke, inside the rebalance callback, the stored positions are
+//!   committed synchronously before the partitions go; acks that arrive later for a revoked
+//!   partition are dropped (the new owner redelivers those messages). Cooperative-sticky
+//!   assignment by default, so a rebalance only moves the partitions that must move.
+//! - **`max.poll.interval.ms` safety.** A dedicated task polls the consumer all the time and hands
+//!   messages to the pipeline through a channel; a slow handler never stops the polling. The
+//!   bound on in-flight work is per partition: a partition with `max_in_flight_per_partition`
+//!   messages not yet done is paused and resumed when half of them are.
+//! - **Pause.** The breaker pauses every assigned partition (and partitions assigned while
+//!   paused); polling goes on, so the consumer stays in its group.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use super::{
+    Ack, AckHandle, AckKind, BoxFuture, BrokerError, Delivery, OutRecord, Record, Sink, Source,
+};
+use crate::config::BrokerConfig;
+use crate::pipeline::ack::OffsetTracker;
+
+/// Default bound on messages of one partition that are delivered and not yet done.
+pub const DEFAULT_MAX_IN_FLIGHT_PER_PARTITION: usize = 500;
+/// How long a producer waits for a delivery report before the publish counts as failed.
+pub const PRODUCE_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(format!("kafka: {what}: {e}"))
+}
+
+/// Builds the client config of `broker` for a consumer or a producer: our defaults, then the
+/// user's `properties`, then the role's own properties (later ones win).
+fn client_config(
+    broker: &BrokerConfig,
+    defaults: &[(&str, &str)],
+    role: &BTreeMap<String, String>,
+) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &broker.bootstrap_servers);
+    for (k, v) in defaults {
+        c.set(*k, *v);
+    }
+    for (k, v) in broker.properties.iter().chain(role) {
+        c.set(k, v);
+    }
+    c
+}
+
+/// One *assigned* partition: its watermark tracker (seeded with the committed position at
+/// assignment, or at the first message when the group has none) and the assignment's generation,
+/// so acks and messages left over from an earlier assignment are recognised as stale.
+#[derive(Debug)]
+struct PartitionState {
+    tracker: Option<OffsetTracker>,
+    generation: u64,
+    paused_for_backlog: bool,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    partitions: Mutex<HashMap<(String, i32), PartitionState>>,
+    generation: AtomicU64,
+    breaker_paused: AtomicBool,
+    max_in_flight: usize,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i32), PartitionState>> {
+        self.partitions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The consumer context: commits on revoke, pauses new partitions while the route is paused.
+struct LockgateContext {
+    shared: Arc<Shared>,
+    source: String,
+}
+
+impl ClientContext for LockgateContext {}
+
+impl ConsumerContext for LockgateContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        // Store the final done positions of the revoked partitions and commit them now, while we
+        // still own them; then forget them, so late acks cannot store anything.
+        let mut done = TopicPartitionList::new();
+        {
+            let mut parts = self.shared.lock();
+            for e in tpl.elements() {
+                let key = (e.topic().to_owned(), e.partition());
+                if let Some(tracker) = parts.remove(&key).and_then(|s| s.tracker) {
+                    let position = i64::try_from(tracker.committable()).unwrap_or(i64::MAX);
+                    if done
+                        .add_partition_offset(&key.0, key.1, Offset::Offset(position))
+                        .is_err()
+                    {
+                        continue;
+                    }
+                }
+            }
+        }
+        if done.count() > 0 {
+            if let Err(e) = consumer.store_offsets(&done) {
+                tracing::warn!(source = %self.source, error = %e, "Storing offsets of revoked partitions failed");
+            }
+            if let Err(e) = consumer.commit(&done, CommitMode::Sync) {
+                tracing::warn!(source = %self.source, error = %e, "Committing offsets of revoked partitions failed; their done messages will be redelivered to the new owner");
+            }
+        }
+        self.shared.generation.fetch_add(1, Ordering::SeqCst);
+        tracing::info!(source = %self.source, partitions = tpl.count(), "Partitions revoked");
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                tracing::info!(source = %self.source, partitions = tpl.count(), "Partitions assigned");
+                // Seed each partition's tracker with its committed position, so a message left
+                // in the queue from an earlier assignment can never become the starting point.
+                let committed = consumer
+                    .committed_offsets((*tpl).clone(), Duration::from_secs(10))
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(source = %self.source, error = %e, "Reading committed offsets failed; positions start at the first message");
+                        TopicPartitionList::new()
+                    });
+                let generation = self.shared.generation.load(Ordering::SeqCst);
+                {
+                    let mut parts = self.shared.lock();
+                    for e in tpl.elements() {
+                        let start = committed.find_partition(e.topic(), e.partition()).and_then(
+                            |c| match c.offset() {
+                                Offset::Offset(o) => u64::try_from(o).ok(),
+                                _ => None,
+                            },
+                        );
+                        parts.insert(
+                            (e.topic().to_owned(), e.partition()),
+                            PartitionState {
+                                tracker: start.map(OffsetTracker::new),
+                                generation,
+                                paused_for_backlog: false,
+                            },
+                        );
+                    }
+                }
+                // librdkafka may keep a partition's pause across a revoke and a new assignment:
+                // set it explicitly to what the route wants now.
+                let result = if self.shared.breaker_paused.load(Ordering::SeqCst) {
+                    consumer.pause(tpl)
+                } else {
+                    consumer.resume(tpl)
+                };
+                if let Err(e) = result {
+                    tracing::warn!(source = %self.source, error = %e, "Setting the pause state of assigned partitions failed");
+                }
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => {
+                tracing::error!(source = %self.source, error = %e, "Rebalance failed");
+            }
+        }
+    }
+}
+
+type Consumer_ = StreamConsumer<LockgateContext>;
+
+/// A Kafka consumer-group source for one topic.
+pub struct KafkaSource {
+    consumer: Arc<Consumer_>,
+    shared: Arc<Shared>,
+    rx: mpsc::UnboundedReceiver<Delivery>,
+    poller: tokio::task::JoinHandle<()>,
+    describe: String,
+}
+
+impl std::fmt::Debug for KafkaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSource")
+            .field("describe", &self.describe)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaSource {
+    /// Subscribes to `topic` in consumer group `group` on `broker`. Must be called inside a tokio
+    /// runtime (it starts the polling task).
+    pub fn new(
+        broker: &BrokerConfig,
+        topic: &str,
+        group: &str,
+        max_in_flight_per_partition: usize,
+    ) -> Result<Self, BrokerError> {
+        let describe = format!(
+            "kafka {} topic {topic}, group {group}",
+            broker.bootstrap_servers
+        );
+        let shared = Arc::new(Shared {
+            max_in_flight: max_in_flight_per_partition.max(1),
+            ..Shared::default()
+        });
+        let config = client_config(
+            broker,
+            &[
+                ("group.id", group),
+                ("enable.auto.commit", "true"),
+                ("auto.commit.interval.ms", "1000"),
+                ("enable.auto.offset.store", "false"),
+                ("auto.offset.reset", "earliest"),
+                ("partition.assignment.strategy", "cooperative-sticky"),
+                ("enable.partition.eof", "false"),
+            ],
+            &broker.consumer_properties,
+        );
+        let consumer: Consumer_ = config
+            .create_with_context(LockgateContext {
+                shared: shared.clone(),
+                source: describe.clone(),
+            })
+            .map_err(|e| BrokerError::Invalid(format!("kafka consumer for {describe}: {e}")))?;
+        consumer
+            .subscribe(&[topic])
+            .map_err(|e| unavailable("subscribe", e))?;
+        let consumer = Arc::new(consumer);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let poller = tokio::spawn(poll(consumer.clone(), shared.clone(), tx, describe.clone()));
+        Ok(Self {
+            consumer,
+            shared,
+            rx,
+            poller,
+            describe,
+        })
+    }
+
+    /// Per-partition lag: (topic, partition, committed position, high watermark).
+    pub fn lag(&self) -> Result<Vec<(String, i32, i64, i64)>, BrokerError> {
+        let assignment = self
+            .consumer
+            .assignment()
+            .map_err(|e| unavailable("assignment", e))?;
+        let committed = self
+            .consumer
+            .committed_offsets(assignment, Duration::from_secs(5))
+            .map_err(|e| unavailable("committed offsets", e))?;
+        let mut out = Vec::new();
+        for e in committed.elements() {
+            let (_, high) = self
+                .consumer
+                .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(5))
+                .map_err(|err| unavailable("watermarks", err))?;
+            let position = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            };
+            out.push((e.topic().to_owned(), e.partition(), position, high));
+        }
+        Ok(out)
+    }
+
+    fn set_paused(&self, pause: bool) -> Result<(), BrokerError> {
+        self.shared.breaker_paused.store(pause, Ordering::SeqCst);
+        let assignment = self
+            .consumer
+            .assignment()
+            .map_err(|e| unavailable("assignment", e))?;
+        if pause {
+            self.consumer
+                .pause(&assignment)
+                .map_err(|e| unavailable("pause", e))
+        } else {
+            // Partitions paused for their backlog stay paused until it drains.
+            let mut resume = TopicPartitionList::new();
+            let parts = self.shared.lock();
+            for e in assignment.elements() {
+                let backlogged = parts
+                    .get(&(e.topic().to_owned(), e.partition()))
+                    .is_some_and(|s| s.paused_for_backlog);
+                if !backlogged {
+                    resume.add_partition(e.topic(), e.partition());
+                }
+            }
+            drop(parts);
+            self.consumer
+                .resume(&resume)
+                .map_err(|e| unavailable("resume", e))
+        }
+    }
+}
+
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        self.poller.abort();
+    }
+}
+
+/// Polls the consumer forever, turning messages into deliveries.
+async fn poll(
+    consumer: Arc<Consumer_>,
+    shared: Arc<Shared>,
+    tx: mpsc::UnboundedSender<Delivery>,
+    describe: String,
+) {
+    loop {
+        let msg = match consumer.recv().await {
+            Ok(m) => m,
+            Err(e) => {
+                // librdkafka retries connections itself; errors here are informational.
+                tracing::warn!(source = %describe, error = %e, "Kafka consumer error");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (Ok(partition), Ok(offset)) =
+            (u32::try_from(msg.partition()), u64::try_from(msg.offset()))
+        else {
+            continue;
+        };
+        let topic = msg.topic().to_owned();
+        tracing::trace!(source = %describe, partition, offset, "Message received");
+        let record = Record {
+            topic: topic.clone(),
+            partition: Some(partition),
+            offset: Some(offset),
+            key: msg.key().map(<[u8]>::to_vec),
+            headers: msg
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|Header { key, value }| {
+                            (
+                                key.to_owned(),
+                                value.map(<[u8]>::to_vec).unwrap_or_default(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            payload: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            timestamp_ms: msg
+                .timestamp()
+                .to_millis()
+                .and_then(|t| u64::try_from(t).ok()),
+            reply_to: None,
+        };
+        // Only assigned partitions have state. A message of a partition we no longer own, or
+        // below the position we resumed from, is left over from an earlier assignment: its new
+        // owner (or an earlier run of ours) has it.
+        let (pause_now, generation) = {
+            let mut parts = shared.lock();
+            let Some(state) = parts.get_mut(&(topic.clone(), msg.partition())) else {
+                continue;
+            };
+            let tracker = state
+                .tracker
+                .get_or_insert_with(|| OffsetTracker::new(offset));
+            if offset < tracker.committable() {
+                continue;
+            }
+            tracker.begin(offset);
+            let pause = tracker.in_flight() >= shared.max_in_flight && !state.paused_for_backlog;
+            if pause {
+                state.paused_for_backlog = true;
+            }
+            (pause, state.generation)
+        };
+        if pause_now {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&topic, msg.partition());
+            if let Err(e) = consumer.pause(&tpl) {
+                tracing::warn!(source = %describe, error = %e, "Pausing a backlogged partition failed");
+            }
+        }
+        let ack = KafkaAck {
+            consumer: consumer.clone(),
+            shared: shared.clone(),
+            topic,
+            partition: msg.partition(),
+            offset,
+            generation,
+        };
+        drop(msg);
+        if tx
+            .send(Delivery {
+                record,
+                ack: AckHandle::new(ack),
+                previous_attempts: 0,
+            })
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+struct KafkaAck {
+    consumer: Arc<Consumer_>,
+    shared: Arc<Shared>,
+    topic: String,
+    partition: i32,
+    offset: u64,
+    generation: u64,
+}
+
+impl Ack for KafkaAck {
+    fn ack(self: Box<Self>, _kind: AckKind) -> BoxFuture<'static, Result<(), BrokerError>> {
+        let (store, resume) = {
+            let mut parts = self.shared.lock();
+            match parts.get_mut(&(self.topic.clone(), self.partition)) {
+                // A revoked partition (maybe assigned again since): its new owner redelivers.
+                Some(state) if state.generation == self.generation => {
+                    let Some(tracker) = state.tracker.as_mut() else {
+                        return Box::pin(async { Ok(()) });
+                    };
+                    let advanced = tracker.complete(self.offset);
+                    let resume = state.paused_for_backlog
+                        && tracker.in_flight() <= self.shared.max_in_flight / 2;
+                    if resume {
+                        state.paused_for_backlog = false;
+                    }
+                    (advanced, resume)
+                }
+                _ => (None, false),
+            }
+        };
+        let mut result = Ok(());
+        if let Some(position) = store {
+            let mut tpl = TopicPartitionList::new();
+            let offset = Offset::Offset(i64::try_from(position).unwrap_or(i64::MAX));
+            if tpl
+                .add_partition_offset(&self.topic, self.partition, offset)
+                .is_ok()
+                && let Err(e) = self.consumer.store_offsets(&tpl)
+            {
+                // Not assigned any more: the commit on revoke already covered what was done.
+                tracing::debug!(topic = %self.topic, partition = self.partition, error = %e, "Offset not stored");
+            }
+        }
+        if resume && !self.shared.breaker_paused.load(Ordering::SeqCst) {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&self.topic, self.partition);
+            if let Err(e) = self.consumer.resume(&tpl) {
+                result = Err(unavailable("resume", e));
+            }
+        }
+        Box::pin(async move { result })
+    }
+}
+
+impl Source for KafkaSource {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn next(&mut self) -> BoxFuture<'_, Result<Delivery, BrokerError>> {
+        Box::pin(async move { self.rx.recv().await.ok_or(BrokerError::Closed) })
+    }
+
+    fn pause(&mut self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        let r = self.set_paused(true);
+        Box::pin(async move { r })
+    }
+
+    fn resume(&mut self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        let r = self.set_paused(false);
+        Box::pin(async move { r })
+    }
+
+    fn commit(&mut self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            // Acks already stored their positions; commit them synchronously (off the async
+            // threads: a sync commit blocks until the broker answers).
+            let consumer = self.consumer.clone();
+            tokio::task::spawn_blocking(move || {
+                match consumer.commit_consumer_state(CommitMode::Sync) {
+                    // Nothing stored since the last commit.
+                    Err(rdkafka::error::KafkaError::ConsumerCommit(
+                        rdkafka::types::RDKafkaErrorCode::NoOffset,
+                    )) => Ok(()),
+                    other => other,
+                }
+            })
+            .await
+            .map_err(|e| unavailable("commit task", e))?
+            .map_err(|e| unavailable("commit", e))
+        })
+    }
+}
+
+/// An idempotent producer (`acks=all`, `enable.idempotence=true`) for outputs and dead letters.
+#[derive(Clone)]
+pub struct KafkaSink {
+    producer: FutureProducer,
+}
+
+impl std::fmt::Debug for KafkaSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSink").finish_non_exhaustive()
+    }
+}
+
+impl KafkaSink {
+    /// A producer for `broker`.
+    pub fn new(broker: &BrokerConfig) -> Result<Self, BrokerError> {
+        let producer = client_config(
+            broker,
+            &[
+                ("acks", "all"),
+                ("enable.idempotence", "true"),
+                ("message.timeout.ms", "30000"),
+                // Each output is awaited before its message is acked: keep batching short.
+                ("linger.ms", "2"),
+            ],
+            &broker.producer_properties,
+        )
+        .create()
+        .map_err(|e| BrokerError::Invalid(format!("kafka producer for {}: {e}", broker.name)))?;
+        Ok(Self { producer })
+    }
+}
+
+impl Sink for KafkaSink {
+    fn publish(&self, records: Vec<OutRecord>) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            // Queue all, then await every delivery report: a batch is acknowledged only whole.
+            let mut pending = Vec::with_capacity(records.len());
+            for r in &records {
+                let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+                for (name, value) in &r.headers {
+                    headers = headers.insert(Header {
+                        key: name,
+                        value: Some(value),
+                    });
+                }
+                let mut record = FutureRecord::to(&r.topic)
+                    .payload(&r.payload)
+                    .headers(headers);
+                if let Some(k) = &r.key {
+                    record = record.key(k);
+                }
+                // send_result enqueues at once (send would only when polled); a full local queue
+                // drains as earlier records are delivered.
+                let future = loop {
+                    match self.producer.send_result(record) {
+                        Ok(f) => break f,
+                        Err((
+                            rdkafka::error::KafkaError::MessageProduction(
+                                rdkafka::types::RDKafkaErrorCode::QueueFull,
+                            ),
+                            back,
+                        )) => {
+                            record = back;
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        Err((e, _)) => {
+                            return Err(unavailable(&format!("publish to {}", r.topic), e));
+                        }
+                    }
+                };
+                pending.push(future);
+            }
+            for (r, delivery) in records.iter().zip(pending) {
+                match delivery.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err((e, _))) => {
+                        return Err(unavailable(&format!("publish to {}", r.topic), e));
+                    }
+                    Err(_) => {
+                        return Err(unavailable(
+                            &format!("publish to {}", r.topic),
+                            "the producer was dropped before the delivery report",
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+}
