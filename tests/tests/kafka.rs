@@ -53,8 +53,12 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn create_topics(rt: &tokio::runtime::Runtime, topics: &[(&str, i32)]) {
+    create_topics_at(rt, &bootstrap(), topics);
+}
+
+fn create_topics_at(rt: &tokio::runtime::Runtime, bootstrap: &str, topics: &[(&str, i32)]) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
+        .set("bootstrap.servers", bootstrap)
         .create()
         .unwrap();
     let new: Vec<NewTopic<'_>> = topics
@@ -65,7 +69,12 @@ fn create_topics(rt: &tokio::runtime::Runtime, topics: &[(&str, i32)]) {
         .block_on(admin.create_topics(&new, &AdminOptions::new()))
         .unwrap();
     for r in results {
-        r.unwrap_or_else(|(topic, e)| panic!("cannot create topic {topic}: {e}"));
+        match r {
+            Ok(_) => {}
+            // tansu creates a topic on first produce: a sink retrying may have been first.
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, e)) => panic!("cannot create topic {topic}: {e}"),
+        }
     }
 }
 
@@ -117,8 +126,12 @@ struct Tail {
 
 impl Tail {
     fn new(topics: &[(&str, i32)]) -> Self {
+        Self::at(&bootstrap(), topics)
+    }
+
+    fn at(bootstrap: &str, topics: &[(&str, i32)]) -> Self {
         let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap())
+            .set("bootstrap.servers", bootstrap)
             .set("group.id", unique("reader"))
             .set("enable.auto.commit", "false")
             .create()
@@ -626,4 +639,145 @@ fn an_open_breaker_pauses_consumption_and_dead_letters_nothing() {
         .collect();
     assert_same("outputs", &ids, &(0..N).collect());
     assert!(logs(dir.path(), 1).contains("resuming the source"));
+}
+
+/// The tansu binary `scripts/brokers.sh` installed.
+fn tansu_binary() -> PathBuf {
+    let dir = std::env::var_os("LOCKGATE_BROKERS_DIR").map_or_else(
+        || PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/lockgate/brokers"),
+        PathBuf::from,
+    );
+    let bin = dir.join("tansu");
+    assert!(
+        bin.is_file(),
+        "{} missing: run scripts/brokers.sh start kafka",
+        bin.display()
+    );
+    bin
+}
+
+fn committed(group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let c = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    (0..partitions)
+        .map(|p| match c.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o,
+            _ => 0,
+        })
+        .collect()
+}
+
+#[test]
+fn an_unreachable_dlq_holds_the_offset_until_it_is_back() {
+    const N: u64 = 300;
+    const POISON: u64 = 100;
+    let rt = runtime();
+    let n = names("dlqdown");
+    create_topics(&rt, &[(&n.input, 3), (&n.out, 3)]);
+    produce(
+        &rt,
+        &n.input,
+        &orders(N, 7, |i| if i == POISON { r#","poison":true"# } else { "" }),
+    );
+    // Where each message landed, to know what the stalled partition holds back.
+    let mut input = Tail::new(&[(&n.input, 3)]);
+    input.drain(Duration::from_secs(2));
+    let inputs = input.records(&n.input);
+    assert_eq!(inputs.len() as u64, N);
+    let poison_partition = inputs
+        .iter()
+        .find(|g| id_of(&g.payload) == POISON)
+        .unwrap()
+        .partition;
+    let in_poison_partition: Vec<u64> = inputs
+        .iter()
+        .filter(|g| g.partition == poison_partition)
+        .map(|g| id_of(&g.payload))
+        .collect();
+    let poison_offset = in_poison_partition
+        .iter()
+        .position(|i| *i == POISON)
+        .unwrap() as i64;
+    let held_back = in_poison_partition.len() - poison_offset as usize;
+
+    // The DLQ lives on a second broker whose port is closed for now.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dead = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &n, "concurrency = 3\n");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &format!("dlq = {{ topic = \"{}\" }}", n.dlq),
+        &format!("dlq = {{ broker = \"dead\", topic = \"{}\" }}", n.dlq),
+    ) + &format!(
+        "\n[brokers.dead]\nkind = \"kafka\"\nbootstrap_servers = \"{dead}\"\nproducer_properties = {{ \"message.timeout.ms\" = 3000, \"reconnect.backoff.max.ms\" = 500 }}\n"
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut child = start(dir.path(), &config, 1);
+    let mut out = Tail::new(&[(&n.out, 3)]);
+    wait_for(&mut out, N as usize - held_back, &mut child, dir.path(), 1);
+    // Give it time to (wrongly) move on, then check nothing past the poison was done or committed.
+    std::thread::sleep(Duration::from_secs(3));
+    out.drain(Duration::from_millis(500));
+    assert_eq!(
+        out.ids().len(),
+        N as usize - held_back,
+        "handled past the failed DLQ write"
+    );
+    let stalled = committed(&n.group, &n.input, 3)[poison_partition as usize];
+    assert!(
+        stalled <= poison_offset,
+        "committed {stalled} past the poison message at {poison_offset}"
+    );
+
+    // The DLQ broker comes up: the write goes through and everything drains.
+    let _broker = Command::new(tansu_binary())
+        .args([
+            "broker",
+            "--listener-url",
+            &format!("tcp://{dead}"),
+            "--advertised-listener-url",
+            &format!("tcp://{dead}"),
+            "--storage-engine",
+            "memory://tansu/",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Proc)
+        .unwrap();
+    let started = Instant::now();
+    while std::net::TcpStream::connect(&dead).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "second broker did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    create_topics_at(&rt, &dead, &[(&n.dlq, 1)]);
+    wait_for(&mut out, N as usize - 1, &mut child, dir.path(), 1);
+    stop(&mut child, dir.path(), 1);
+    let mut dlq = Tail::at(&dead, &[(&n.dlq, 1)]);
+    dlq.drain(Duration::from_secs(2));
+    let dead_letters = dlq.records(&n.dlq);
+    assert_eq!(dead_letters.len(), 1);
+    assert_eq!(id_of(&dead_letters[0].payload), POISON);
+    assert_eq!(dead_letters[0].headers["lockgate-dlq-gave-up"], "rejected");
+    let ends: Vec<i64> = (0..3)
+        .map(|p| inputs.iter().filter(|g| g.partition == p).count() as i64)
+        .collect();
+    assert_eq!(committed(&n.group, &n.input, 3), ends);
 }
