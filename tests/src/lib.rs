@@ -125,3 +125,40 @@ impl Drop for Proc {
         }
     }
 }
+
+/// Starts `lockgate run CONFIG` with stdout and stderr in `dir/run<N>.stdout|stderr` (so a
+/// test can show them when it fails), optionally with `--state-dir`, logging at `log_filter`.
+pub fn start_run(
+    dir: &std::path::Path,
+    config: &std::path::Path,
+    run: u32,
+    state_dir: Option<&std::path::Path>,
+    log_filter: &str,
+) -> Proc {
+    let log =
+        |name: &str| std::fs::File::create(dir.join(format!("run{run}.{name}"))).expect("log file");
+    let mut cmd = Command::new(lockgate_bin());
+    cmd.arg("run").arg(config);
+    if let Some(d) = state_dir {
+        cmd.arg("--state-dir").arg(d);
+    }
+    cmd.env("LOCKGATE_LOG", log_filter)
+        .stdin(std::process::Stdio::null())
+        .stdout(log("stdout"))
+        .stderr(log("stderr"))
+        .spawn()
+        .map(Proc)
+        .expect("cannot start lockgate run")
+}
+
+/// What run `run` (see [`start_run`]) printed so far, for assertion messages.
+pub fn run_logs(dir: &std::path::Path, run: u32) -> String {
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(format!("run{run}.{name}"))).unwrap_or_default()
+    };
+    format!(
+        "--- run {run} stdout\n{}\n--- run {run} stderr\n{}",
+        read("stdout"),
+        read("stderr")
+    )
+}

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use lockgate_tests::Proc;
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use lockgate::broker::local::LocalBroker;
 use lockgate::broker::{OutRecord, Record};
 use lockgate::pipeline::dlq;
-use lockgate_tests::{guest, lockgate, lockgate_bin, show};
+use lockgate_tests::{guest, lockgate, run_logs, show, start_run};
 
 const TOTAL: u64 = 10_000;
 /// Generous bound for a debug build on a loaded 2-core machine; the run takes far less.
@@ -76,28 +76,11 @@ idempotency = {{ key = "json:/id" }}
 }
 
 fn start(dir: &Path, config: &Path, run: u32) -> Proc {
-    let log = |name: &str| std::fs::File::create(dir.join(format!("run{run}.{name}"))).unwrap();
-    Command::new(lockgate_bin())
-        .arg("run")
-        .arg(config)
-        .env("LOCKGATE_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(log("stdout"))
-        .stderr(log("stderr"))
-        .spawn()
-        .map(Proc)
-        .expect("cannot start lockgate run")
+    start_run(dir, config, run, None, "warn")
 }
 
 fn logs(dir: &Path, run: u32) -> String {
-    let read = |name: &str| {
-        std::fs::read_to_string(dir.join(format!("run{run}.{name}"))).unwrap_or_default()
-    };
-    format!(
-        "--- run {run} stdout\n{}\n--- run {run} stderr\n{}",
-        read("stdout"),
-        read("stderr")
-    )
+    run_logs(dir, run)
 }
 
 /// Waits until output + dead letters reach `n` (the child is another process: its progress

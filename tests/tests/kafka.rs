@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use lockgate_tests::Proc;
 use std::time::{Duration, Instant};
 
-use lockgate_tests::{guest, lockgate_bin};
+use lockgate_tests::{guest, run_logs, start_run};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -258,30 +258,11 @@ fn start(dir: &Path, config: &Path, run: u32) -> Proc {
 
 /// Starts `lockgate run`, optionally with its own state directory (a second process).
 fn start_in(dir: &Path, config: &Path, run: u32, state_dir: Option<&Path>) -> Proc {
-    let log = |name: &str| std::fs::File::create(dir.join(format!("run{run}.{name}"))).unwrap();
-    let mut cmd = Command::new(lockgate_bin());
-    cmd.arg("run").arg(config);
-    if let Some(d) = state_dir {
-        cmd.arg("--state-dir").arg(d);
-    }
-    cmd.env("LOCKGATE_LOG", "lockgate=info,warn")
-        .stdin(Stdio::null())
-        .stdout(log("stdout"))
-        .stderr(log("stderr"))
-        .spawn()
-        .map(Proc)
-        .expect("cannot start lockgate run")
+    start_run(dir, config, run, state_dir, "lockgate=info,warn")
 }
 
 fn logs(dir: &Path, run: u32) -> String {
-    let read = |name: &str| {
-        std::fs::read_to_string(dir.join(format!("run{run}.{name}"))).unwrap_or_default()
-    };
-    format!(
-        "--- run {run} stdout\n{}\n--- run {run} stderr\n{}",
-        read("stdout"),
-        read("stderr")
-    )
+    run_logs(dir, run)
 }
 
 /// Waits until `target` distinct messages were handled (output or dead-lettered), reading the

@@ -59,7 +59,7 @@ pub struct SendArgs {
     key: Option<String>,
 
     /// A header, as NAME=VALUE (repeatable).
-    #[arg(long = "header", short = 'H', value_name = "NAME=VALUE", value_parser = parse_header)]
+    #[arg(long = "header", short = 'H', value_name = "NAME=VALUE", value_parser = super::parse_kv)]
     headers: Vec<(String, String)>,
 
     /// Append every message of a JSON Lines file (the `lockgate test` input format:
@@ -69,13 +69,6 @@ pub struct SendArgs {
 
     #[command(flatten)]
     broker: BrokerArgs,
-}
-
-fn parse_header(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .filter(|(k, _)| !k.is_empty())
-        .ok_or_else(|| format!("expected NAME=VALUE, got {s:?}"))
 }
 
 pub fn send(args: SendArgs) -> anyhow::Result<ExitCode> {

@@ -107,3 +107,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 pub fn default_config() -> PathBuf {
     PathBuf::from("runtime.toml")
 }
+
+/// Parses `KEY=VALUE` arguments (`--config`, `--header`).
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}

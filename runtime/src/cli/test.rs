@@ -27,7 +27,7 @@ pub struct TestArgs {
     input: PathBuf,
 
     /// A value for the handler's config table (repeatable), as key=value.
-    #[arg(long = "config", short = 'c', value_name = "KEY=VALUE", value_parser = parse_kv)]
+    #[arg(long = "config", short = 'c', value_name = "KEY=VALUE", value_parser = super::parse_kv)]
     config: Vec<(String, String)>,
 
     /// Expected results, one JSON object per message; exit 1 with a diff on mismatch.
@@ -58,13 +58,6 @@ pub struct TestArgs {
     /// so state carries over between runs.
     #[arg(long, value_name = "FILE")]
     kv: Option<PathBuf>,
-}
-
-fn parse_kv(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .filter(|(k, _)| !k.is_empty())
-        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
 
 pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
