@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: where the built guests and the `lockgate` binary
 //! are, and how to run the binary.
 
+pub mod kafka;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 

@@ -12,99 +12,15 @@ use std::process::{Command, Stdio};
 use lockgate_tests::Proc;
 use std::time::{Duration, Instant};
 
+use lockgate_tests::kafka::{bootstrap, create_topics, create_topics_at, produce, runtime, unique};
 use lockgate_tests::{guest, run_logs, start_run};
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 /// Generous bound for a debug build on a loaded 2-core machine.
 const DEADLINE: Duration = Duration::from_secs(600);
-
-fn bootstrap() -> String {
-    let addr =
-        std::env::var("LOCKGATE_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    let first = addr.split(',').next().unwrap_or_default().to_owned();
-    assert!(
-        std::net::TcpStream::connect_timeout(&first.parse().unwrap(), Duration::from_secs(2))
-            .is_ok(),
-        "no Kafka broker at {addr}: start one with `scripts/brokers.sh start kafka`"
-    );
-    addr
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{prefix}-{}-{nanos}", std::process::id())
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn create_topics(rt: &tokio::runtime::Runtime, topics: &[(&str, i32)]) {
-    create_topics_at(rt, &bootstrap(), topics);
-}
-
-fn create_topics_at(rt: &tokio::runtime::Runtime, bootstrap: &str, topics: &[(&str, i32)]) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .unwrap();
-    let new: Vec<NewTopic<'_>> = topics
-        .iter()
-        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
-        .collect();
-    let results = rt
-        .block_on(admin.create_topics(&new, &AdminOptions::new()))
-        .unwrap();
-    for r in results {
-        match r {
-            Ok(_) => {}
-            // tansu creates a topic on first produce: a sink retrying may have been first.
-            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, e)) => panic!("cannot create topic {topic}: {e}"),
-        }
-    }
-}
-
-/// (key, payload) pairs, produced in order and awaited.
-fn produce(rt: &tokio::runtime::Runtime, topic: &str, messages: &[(String, String)]) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .set("linger.ms", "5")
-        .create()
-        .unwrap();
-    rt.block_on(async {
-        let mut pending = Vec::new();
-        for (key, payload) in messages {
-            let mut record = FutureRecord::to(topic).key(key).payload(payload);
-            let future = loop {
-                match producer.send_result(record) {
-                    Ok(f) => break f,
-                    Err((_, back)) => {
-                        record = back;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                }
-            };
-            pending.push(future);
-        }
-        for p in pending {
-            p.await.unwrap().unwrap();
-        }
-    });
-}
 
 /// One consumed record: partition, key, payload, headers.
 #[derive(Debug, Clone)]

@@ -1,0 +1,154 @@
+//! Throughput of `lockgate run` (the `uppercase` guest, Kafka in and out, every output awaited
+//! before its message is done) next to a raw rdkafka consumer that only drains the same topic.
+//!
+//! Run (needs the test broker and a release build of lockgate):
+//! ```sh
+//! scripts/brokers.sh start kafka
+//! cargo build --release -p lockgate --bin lockgate
+//! cargo bench -p lockgate-tests --bench kafka_throughput
+//! ```
+//! `LOCKGATE_BIN` overrides the binary (default: `release/lockgate` beside this bench's target).
+//! Rounds alternate the two arms on fresh topics; each arm is timed from its first message to its
+//! last, so group joins do not count. The table shows the median rate and the min-max spread;
+//! compare the ratio, not absolute numbers. Not a test: nothing is asserted.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use lockgate_tests::kafka::{bootstrap, create_topics, produce, runtime, unique};
+use lockgate_tests::{Proc, guest};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Message, Timestamp};
+
+const N: usize = 20_000;
+const ROUNDS: usize = 3;
+
+fn lockgate_release() -> PathBuf {
+    if let Some(p) = std::env::var_os("LOCKGATE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    // <target>/release/deps/kafka_throughput-* -> <target>/release/lockgate
+    let bin = exe.parent().unwrap().parent().unwrap().join("lockgate");
+    assert!(
+        bin.is_file(),
+        "{} missing: cargo build --release -p lockgate --bin lockgate",
+        bin.display()
+    );
+    bin
+}
+
+/// Messages per second a group consumer drains `topic` at, first message to last.
+fn raw_drain(topic: &str) -> f64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", unique("raw"))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut first = None;
+    let mut n = 0;
+    while n < N {
+        if let Some(m) = consumer.poll(Duration::from_millis(500)) {
+            m.unwrap();
+            first.get_or_insert_with(Instant::now);
+            n += 1;
+        }
+    }
+    let secs = first.map_or(f64::NAN, |t| t.elapsed().as_secs_f64());
+    N as f64 / secs
+}
+
+/// Messages per second `lockgate run` handles `topic` at: from its first output's broker
+/// timestamp to its last.
+fn lockgate_drain(topic: &str, out: &str) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("runtime.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[brokers.kafka]\nkind = \"kafka\"\nbootstrap_servers = \"{}\"\nconsumer_properties = {{ \"session.timeout.ms\" = 6000 }}\n\n[handlers.up]\nmodule = \"{}\"\nconfig = {{ target = \"{out}\" }}\n\n[routes.bench]\nhandler = \"up\"\nsource = {{ broker = \"kafka\", topic = \"{topic}\", group = \"{}\" }}\noutputs = [\"{out}\"]\nconcurrency = 3\n",
+            bootstrap(),
+            guest("uppercase").display(),
+            unique("bench")
+        ),
+    )
+    .unwrap();
+    let _child = Command::new(lockgate_release())
+        .arg("run")
+        .arg(&config)
+        .env("LOCKGATE_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map(Proc)
+        .unwrap();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[out]).unwrap();
+    let (mut lo, mut hi) = (i64::MAX, i64::MIN);
+    let mut n = 0;
+    while n < N {
+        if let Some(m) = consumer.poll(Duration::from_millis(500)) {
+            let m = m.unwrap();
+            if let Timestamp::CreateTime(t) | Timestamp::LogAppendTime(t) = m.timestamp() {
+                lo = lo.min(t);
+                hi = hi.max(t);
+            }
+            n += 1;
+        }
+    }
+    N as f64 / ((hi - lo).max(1) as f64 / 1000.0)
+}
+
+fn median_spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+fn main() {
+    let rt = runtime();
+    let payload = "x".repeat(100);
+    let messages: Vec<(String, String)> = (0..N)
+        .map(|i| (format!("k{}", i % 64), payload.clone()))
+        .collect();
+    let (mut raw, mut lg) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let topic = unique("bench-in");
+        let out = unique("bench-out");
+        create_topics(&rt, &[(&topic, 3), (&out, 3)]);
+        produce(&rt, &topic, &messages);
+        // Alternate which arm goes first.
+        if round % 2 == 0 {
+            raw.push(raw_drain(&topic));
+            lg.push(lockgate_drain(&topic, &out));
+        } else {
+            lg.push(lockgate_drain(&topic, &out));
+            raw.push(raw_drain(&topic));
+        }
+        eprintln!(
+            "round {round}: raw {:.0}/s, lockgate {:.0}/s",
+            raw[round], lg[round]
+        );
+    }
+    let ratios: Vec<f64> = lg.iter().zip(&raw).map(|(l, r)| l / r).collect();
+    let (r, rlo, rhi) = median_spread(raw);
+    let (l, llo, lhi) = median_spread(lg);
+    let (q, qlo, qhi) = median_spread(ratios);
+    println!("{N} messages x {ROUNDS} rounds, 3 partitions, 100 B payloads");
+    println!("| arm | msgs/s (median) | min..max |");
+    println!("|---|---|---|");
+    println!("| raw rdkafka consumer (drain only) | {r:.0} | {rlo:.0}..{rhi:.0} |");
+    println!("| lockgate run, uppercase guest, outputs awaited | {l:.0} | {llo:.0}..{lhi:.0} |");
+    println!("| ratio lockgate / raw | {q:.2} | {qlo:.2}..{qhi:.2} |");
+}

@@ -1,0 +1,98 @@
+//! Helpers for tests and benches against the Kafka-protocol test broker.
+
+#![allow(clippy::unwrap_used)] // test support: a failed unwrap is a failed test
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+/// The Kafka bootstrap address (`LOCKGATE_KAFKA_BOOTSTRAP`, default 127.0.0.1:9092); panics
+/// with the command that starts the test broker when nothing listens there.
+pub fn bootstrap() -> String {
+    let addr =
+        std::env::var("LOCKGATE_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let first = addr.split(',').next().unwrap_or_default().to_owned();
+    assert!(
+        std::net::TcpStream::connect_timeout(&first.parse().unwrap(), Duration::from_secs(2))
+            .is_ok(),
+        "no Kafka broker at {addr}: start one with `scripts/brokers.sh start kafka`"
+    );
+    addr
+}
+
+/// A name no other test or run uses (topics, groups).
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{}-{nanos}", std::process::id())
+}
+
+/// A small runtime for the async admin and producer clients.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Creates `(topic, partitions)` on the test broker.
+pub fn create_topics(rt: &tokio::runtime::Runtime, topics: &[(&str, i32)]) {
+    create_topics_at(rt, &bootstrap(), topics);
+}
+
+/// Creates `(topic, partitions)` on the broker at `bootstrap` (an existing topic is fine).
+pub fn create_topics_at(rt: &tokio::runtime::Runtime, bootstrap: &str, topics: &[(&str, i32)]) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let results = rt
+        .block_on(admin.create_topics(&new, &AdminOptions::new()))
+        .unwrap();
+    for r in results {
+        match r {
+            Ok(_) => {}
+            // tansu creates a topic on first produce: a sink retrying may have been first.
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, e)) => panic!("cannot create topic {topic}: {e}"),
+        }
+    }
+}
+
+/// Produces (key, payload) pairs to `topic`, in order, and awaits every delivery.
+pub fn produce(rt: &tokio::runtime::Runtime, topic: &str, messages: &[(String, String)]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    rt.block_on(async {
+        let mut pending = Vec::new();
+        for (key, payload) in messages {
+            let mut record = FutureRecord::to(topic).key(key).payload(payload);
+            let future = loop {
+                match producer.send_result(record) {
+                    Ok(f) => break f,
+                    Err((_, back)) => {
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            };
+            pending.push(future);
+        }
+        for p in pending {
+            p.await.unwrap().unwrap();
+        }
+    });
+}
