@@ -164,3 +164,36 @@ pub fn run_logs(dir: &std::path::Path, run: u32) -> String {
         read("stderr")
     )
 }
+
+/// Waits until `progress()` reaches `target` while run `run` (see [`start_run`]) works, calling
+/// it again after `pause`. Fails, with the run's output, if the run exits first or `deadline`
+/// passes. The runtime is another process: its progress only shows in what it wrote.
+pub fn wait_for_progress(
+    child: &mut Proc,
+    dir: &std::path::Path,
+    run: u32,
+    target: u64,
+    deadline: std::time::Duration,
+    pause: std::time::Duration,
+    mut progress: impl FnMut() -> u64,
+) {
+    let started = std::time::Instant::now();
+    loop {
+        let done = progress();
+        if done >= target {
+            return;
+        }
+        if let Some(status) = child.try_wait().expect("child status") {
+            panic!(
+                "lockgate run exited early ({status}) at {done}/{target}\n{}",
+                run_logs(dir, run)
+            );
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "no progress to {target} within {deadline:?} (at {done})\n{}",
+            run_logs(dir, run)
+        );
+        std::thread::sleep(pause);
+    }
+}

@@ -10,12 +10,12 @@ use std::path::Path;
 use std::process::Command;
 
 use lockgate_tests::Proc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lockgate::broker::local::LocalBroker;
 use lockgate::broker::{OutRecord, Record};
 use lockgate::pipeline::dlq;
-use lockgate_tests::{guest, lockgate, run_logs, show, start_run};
+use lockgate_tests::{guest, lockgate, run_logs, show, start_run, wait_for_progress};
 
 const TOTAL: u64 = 10_000;
 /// Generous bound for a debug build on a loaded 2-core machine; the run takes far less.
@@ -83,28 +83,17 @@ fn logs(dir: &Path, run: u32) -> String {
     run_logs(dir, run)
 }
 
-/// Waits until output + dead letters reach `n` (the child is another process: its progress
-/// is only visible in the topics, so this polls them).
-fn wait_for_progress(broker: &LocalBroker, child: &mut Proc, n: u64, dir: &Path, run: u32) {
-    let started = Instant::now();
-    loop {
-        let done = broker.end_offset("out").unwrap() + broker.end_offset("orders.dlq").unwrap();
-        if done >= n {
-            return;
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!(
-                "lockgate run exited early ({status}) at {done}/{n}\n{}",
-                logs(dir, run)
-            );
-        }
-        assert!(
-            started.elapsed() < DEADLINE,
-            "no progress to {n} within {DEADLINE:?} (at {done})\n{}",
-            logs(dir, run)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// Waits until output + dead letters reach `n`.
+fn wait_for(broker: &LocalBroker, child: &mut Proc, n: u64, dir: &Path, run: u32) {
+    wait_for_progress(
+        child,
+        dir,
+        run,
+        n,
+        DEADLINE,
+        Duration::from_millis(20),
+        || broker.end_offset("out").unwrap() + broker.end_offset("orders.dlq").unwrap(),
+    );
 }
 
 fn id_of(r: &Record) -> u64 {
@@ -122,17 +111,17 @@ fn sigkill_mid_stream_then_restart_loses_nothing_and_duplicates_nothing() {
     let first: Vec<OutRecord> = (0..TOTAL / 2).map(message).collect();
     broker.append(&first).unwrap();
     let mut child = start(dir.path(), &config, 1);
-    wait_for_progress(&broker, &mut child, 1_000, dir.path(), 1);
+    wait_for(&broker, &mut child, 1_000, dir.path(), 1);
     let second: Vec<OutRecord> = (TOTAL / 2..TOTAL).map(message).collect();
     broker.append(&second).unwrap();
-    wait_for_progress(&broker, &mut child, TOTAL / 2, dir.path(), 1);
+    wait_for(&broker, &mut child, TOTAL / 2, dir.path(), 1);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let at_kill = broker.end_offset("out").unwrap() + broker.end_offset("orders.dlq").unwrap();
     assert!(at_kill < TOTAL, "the kill came too late to test anything");
 
     let mut child = start(dir.path(), &config, 2);
-    wait_for_progress(&broker, &mut child, TOTAL, dir.path(), 2);
+    wait_for(&broker, &mut child, TOTAL, dir.path(), 2);
     // A graceful stop commits the final position.
     let pid = child.id().to_string();
     let term = Command::new("kill").args(["-TERM", &pid]).status().unwrap();

@@ -13,7 +13,7 @@ use lockgate_tests::Proc;
 use std::time::{Duration, Instant};
 
 use lockgate_tests::kafka::{bootstrap, create_topics, create_topics_at, produce, runtime, unique};
-use lockgate_tests::{guest, run_logs, start_run};
+use lockgate_tests::{guest, run_logs, start_run, wait_for_progress};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -184,25 +184,19 @@ fn logs(dir: &Path, run: u32) -> String {
 /// Waits until `target` distinct messages were handled (output or dead-lettered), reading the
 /// topics (the runtime is another process: the topics are where its progress shows).
 fn wait_for(tail: &mut Tail, target: usize, child: &mut Proc, dir: &Path, run: u32) {
-    let started = Instant::now();
-    loop {
-        tail.drain(Duration::from_millis(200));
-        let done = tail.ids().len();
-        if done >= target {
-            return;
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!(
-                "lockgate run exited early ({status}) at {done}/{target}\n{}",
-                logs(dir, run)
-            );
-        }
-        assert!(
-            started.elapsed() < DEADLINE,
-            "no progress to {target} within {DEADLINE:?} (at {done})\n{}",
-            logs(dir, run)
-        );
-    }
+    // drain() itself waits 200 ms for quiet, so no extra pause between checks.
+    wait_for_progress(
+        child,
+        dir,
+        run,
+        target as u64,
+        DEADLINE,
+        Duration::ZERO,
+        || {
+            tail.drain(Duration::from_millis(200));
+            tail.ids().len() as u64
+        },
+    );
 }
 
 fn out_and_dlq(n: &Names) -> Tail {
