@@ -32,6 +32,8 @@ pub struct MemoryStats {
     pub deduplicated: AtomicU64,
     /// Publish calls refused because the sink was set to fail.
     pub failed_publishes: AtomicU64,
+    /// Publish calls that succeeded.
+    pub publishes: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -325,6 +327,7 @@ impl Sink for MemorySink {
                 let topic = r.topic.clone();
                 self.broker.produce(&topic, [r]);
             }
+            inner.stats.publishes.fetch_add(1, Ordering::SeqCst);
             Ok(())
         })
     }

@@ -31,6 +31,10 @@ pub const DEFAULT_GROUP: &str = "lockgate";
 pub const DEFAULT_IDEMPOTENCY_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 /// Most lanes a route may run.
 pub const MAX_CONCURRENCY: u32 = 1024;
+/// Messages of one lane handled before their outputs are published together, by default.
+pub const DEFAULT_MAX_BATCH: u32 = 256;
+/// Largest `max_batch` accepted.
+pub const MAX_BATCH_LIMIT: u32 = 10_000;
 
 /// A broker and topic (plus, for sources, a consumer group).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,6 +103,9 @@ pub struct RouteConfig {
     pub concurrency: u32,
     /// What order is kept.
     pub ordering: Ordering,
+    /// Up to this many queued messages of one lane are handled in a row, their outputs published
+    /// in one batch and then acknowledged together.
+    pub max_batch: u32,
     /// Retry policy (defaults apply when the table is absent).
     pub retry: RetryPolicy,
     /// Circuit breaker; none unless configured.
@@ -117,6 +124,7 @@ const ROUTE_FIELDS: &[&str] = &[
     "outputs",
     "concurrency",
     "ordering",
+    "max_batch",
     "retry",
     "circuit_breaker",
     "dlq",
@@ -236,6 +244,13 @@ pub(super) fn parse_route(
             &[("partition", Ordering::Partition), ("key", Ordering::Key)],
         )
         .unwrap_or_default();
+    let max_batch = r.positive_u32("max_batch").unwrap_or(DEFAULT_MAX_BATCH);
+    if max_batch > MAX_BATCH_LIMIT {
+        r.problem(
+            "max_batch",
+            format!("{max_batch} is over the limit of {MAX_BATCH_LIMIT}"),
+        );
+    }
 
     let retry = match r.table("retry") {
         Some(t) => parse_retry(&mut r.child("retry", t)),
@@ -312,6 +327,7 @@ pub(super) fn parse_route(
         outputs,
         concurrency,
         ordering,
+        max_batch,
         retry,
         circuit_breaker,
         dlq: dlq?,
@@ -519,17 +535,19 @@ mod tests {
         assert_eq!(r.retry, RetryPolicy::default());
         assert_eq!(r.concurrency, 1);
         assert_eq!(r.ordering, Ordering::Partition);
+        assert_eq!(r.max_batch, DEFAULT_MAX_BATCH);
         assert!(r.circuit_breaker.is_none() && r.idempotency.is_none() && r.rate_limit.is_none());
     }
 
     #[test]
     fn full_route_parses() {
         let r = parse(
-            "handler = \"h\"\nsource = { broker = \"local\", topic = \"in\", group = \"g\" }\noutputs = [\"out\"]\nconcurrency = 8\nordering = \"key\"\nretry = { max_attempts = 3, initial_backoff_ms = 10, max_backoff_ms = 1000, multiplier = 1.5, jitter = \"proportional\", jitter_fraction = 0.5, retry_traps = false }\ncircuit_breaker = { failure_ratio = 0.5, window_ms = 1000, min_calls = 4, open_ms = 200, half_open_max = 2 }\ndlq = { topic = \"dead\" }\nidempotency = { key = \"json:/order/id\", ttl_ms = 60000 }\nrate_limit = { per_second = 100 }\n",
+            "handler = \"h\"\nsource = { broker = \"local\", topic = \"in\", group = \"g\" }\noutputs = [\"out\"]\nconcurrency = 8\nordering = \"key\"\nmax_batch = 7\nretry = { max_attempts = 3, initial_backoff_ms = 10, max_backoff_ms = 1000, multiplier = 1.5, jitter = \"proportional\", jitter_fraction = 0.5, retry_traps = false }\ncircuit_breaker = { failure_ratio = 0.5, window_ms = 1000, min_calls = 4, open_ms = 200, half_open_max = 2 }\ndlq = { topic = \"dead\" }\nidempotency = { key = \"json:/order/id\", ttl_ms = 60000 }\nrate_limit = { per_second = 100 }\n",
         )
         .unwrap();
         assert_eq!(r.outputs, vec!["out"]);
         assert_eq!(r.ordering, Ordering::Key);
+        assert_eq!(r.max_batch, 7);
         assert_eq!(r.retry.jitter, Jitter::Proportional(0.5));
         assert!(!r.retry.retry_traps);
         assert_eq!(r.circuit_breaker.unwrap().failure_ratio, Some(0.5));
@@ -556,7 +574,7 @@ mod tests {
             vec![
                 "rt.toml: routes.r.source.topik: unknown field `topik`; did you mean `topic`?",
                 "rt.toml: routes.r.retry.max_attempt: unknown field `max_attempt`; did you mean `max_attempts`?",
-                "rt.toml: routes.r.retries: unknown field `retries` (expected one of: handler, source, outputs, concurrency, ordering, retry, circuit_breaker, dlq, idempotency, rate_limit)",
+                "rt.toml: routes.r.retries: unknown field `retries` (expected one of: handler, source, outputs, concurrency, ordering, max_batch, retry, circuit_breaker, dlq, idempotency, rate_limit)",
             ]
         );
     }
@@ -623,11 +641,12 @@ mod tests {
     fn bad_enums_and_ranges() {
         assert_eq!(
             errors(
-                "handler = \"h\"\nsource = { topic = \"t\" }\nordering = \"global\"\nconcurrency = 5000\nretry = { jitter = \"some\", multiplier = 0.5 }\ncircuit_breaker = { failure_ratio = 1.5 }\nidempotency = { key = \"payload\" }\n"
+                "handler = \"h\"\nsource = { topic = \"t\" }\nordering = \"global\"\nconcurrency = 5000\nmax_batch = 0\nretry = { jitter = \"some\", multiplier = 0.5 }\ncircuit_breaker = { failure_ratio = 1.5 }\nidempotency = { key = \"payload\" }\n"
             ),
             vec![
                 "rt.toml: routes.r.concurrency: 5000 is over the limit of 1024",
                 "rt.toml: routes.r.ordering: unknown value \"global\"; expected \"partition\" or \"key\"",
+                "rt.toml: routes.r.max_batch: must be greater than 0, found 0",
                 "rt.toml: routes.r.retry.multiplier: must be between 1 and 1000, found 0.5",
                 "rt.toml: routes.r.retry.jitter: unknown value \"some\"; expected \"full\", \"proportional\" or \"none\"",
                 "rt.toml: routes.r.circuit_breaker.failure_ratio: must be greater than 0 and at most 1, found 1.5",

@@ -68,6 +68,15 @@ impl<K: Eq + Hash + Clone, T> Lanes<K, T> {
     /// Waits for a ready lane and takes its first item; the lane stays busy until
     /// [`Self::done`]. `None` once the lanes are closed.
     pub async fn take(&self) -> Option<(K, T)> {
+        let (key, mut items) = self.take_batch(1).await?;
+        let item = items.pop()?;
+        Some((key, item))
+    }
+
+    /// Like [`Self::take`], but takes up to `max` queued items of the lane at once (in order,
+    /// at least one). The lane stays busy until [`Self::done`].
+    pub async fn take_batch(&self, max: usize) -> Option<(K, Vec<T>)> {
+        let max = max.max(1);
         loop {
             let permit = self.ready_count.acquire().await.ok()?;
             permit.forget();
@@ -75,8 +84,12 @@ impl<K: Eq + Hash + Clone, T> Lanes<K, T> {
             let Some(key) = s.ready.pop_front() else {
                 continue;
             };
-            if let Some(item) = s.queues.get_mut(&key).and_then(VecDeque::pop_front) {
-                return Some((key, item));
+            if let Some(q) = s.queues.get_mut(&key)
+                && !q.is_empty()
+            {
+                let n = q.len().min(max);
+                let items: Vec<T> = q.drain(..n).collect();
+                return Some((key, items));
             }
             s.queues.remove(&key);
         }
@@ -143,6 +156,27 @@ mod tests {
         assert_eq!(lanes.queued(), 0);
         lanes.push("a", 3).unwrap();
         assert_eq!(lanes.take().await.unwrap(), ("a", 3));
+    }
+
+    #[tokio::test]
+    async fn batches_take_up_to_max_in_order_and_keep_the_lane_busy() {
+        let lanes = Lanes::new();
+        for i in 1..=5 {
+            lanes.push("a", i).unwrap();
+        }
+        lanes.push("b", 10).unwrap();
+        assert_eq!(lanes.take_batch(3).await.unwrap(), ("a", vec![1, 2, 3]));
+        assert_eq!(lanes.take_batch(3).await.unwrap(), ("b", vec![10]));
+        lanes.push("a", 6).unwrap();
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(20), lanes.take_batch(3))
+                .await
+                .is_err()
+        );
+        lanes.done(&"a");
+        assert_eq!(lanes.take_batch(0).await.unwrap(), ("a", vec![4]));
+        lanes.done(&"a");
+        assert_eq!(lanes.take_batch(10).await.unwrap(), ("a", vec![5, 6]));
     }
 
     #[tokio::test]

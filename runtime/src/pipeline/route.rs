@@ -39,6 +39,9 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 1_000;
 pub const INITIAL_INFRA_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest wait between retries of a failed publish, DLQ write or state-store call.
 pub const MAX_INFRA_BACKOFF: Duration = Duration::from_secs(5);
+/// A lane publishes and acks its finished messages once the oldest of them has waited this
+/// long, even if its batch (`max_batch`) is not through yet.
+pub const MAX_BATCH_AGE: Duration = Duration::from_millis(100);
 
 /// Runs a handler on one message. [`InstancePool`] is the real one; tests and benchmarks plug in
 /// native closures.
@@ -351,17 +354,14 @@ impl Route {
         let lanes: Arc<Lanes<LaneKey, Item>> = Arc::new(Lanes::new());
         let in_flight = Arc::new(Semaphore::new(self.max_in_flight));
 
+        let max_batch = shared.config.max_batch.max(1) as usize;
         let mut workers = tokio::task::JoinSet::new();
         for _ in 0..concurrency {
             let shared = shared.clone();
             let lanes = lanes.clone();
             workers.spawn(async move {
-                while let Some((lane, item)) = lanes.take().await {
-                    if shared.shutdown.is_set() {
-                        abandon(&shared.stats, item);
-                    } else {
-                        shared.handle(item.delivery).await;
-                    }
+                while let Some((lane, items)) = lanes.take_batch(max_batch).await {
+                    shared.handle_batch(items).await;
                     lanes.done(&lane);
                 }
             });
@@ -505,6 +505,33 @@ async fn dispatch(
     }
 }
 
+/// Messages of one lane that are handled but not yet acknowledged, with the outputs they wait
+/// for. Publishing them as one batch costs one broker round trip instead of one per message.
+#[derive(Default)]
+struct Pending {
+    records: Vec<OutRecord>,
+    messages: Vec<PendingMessage>,
+    /// When the oldest pending message finished.
+    since: Option<Instant>,
+}
+
+impl Pending {
+    fn push(&mut self, message: PendingMessage, records: Vec<OutRecord>) {
+        self.since.get_or_insert_with(Instant::now);
+        self.messages.push(message);
+        self.records.extend(records);
+    }
+}
+
+struct PendingMessage {
+    ack: AckHandle,
+    idem_key: Option<String>,
+    outputs: u64,
+    /// Already counted as a duplicate: nothing to publish or record.
+    duplicate: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
 /// A failed attempt, kept for the dead letter.
 struct LastFailure {
     kind: &'static str,
@@ -514,13 +541,87 @@ struct LastFailure {
 }
 
 impl Shared {
-    /// Takes one delivery to its end: acked (done or dead-lettered) or abandoned.
-    async fn handle(&self, delivery: Delivery) {
-        let Delivery {
-            record,
-            ack,
-            previous_attempts,
-        } = delivery;
+    /// Takes a lane's batch to its end, in order: every message is acked (done or
+    /// dead-lettered) or abandoned. Successful messages wait in `Pending` until the batch's
+    /// outputs are published; anything that may wait (a retry, the breaker, a dead letter)
+    /// publishes what is pending first, so a slow message never holds back finished ones.
+    async fn handle_batch(&self, items: Vec<Item>) {
+        let mut pending = Pending::default();
+        let mut items = items.into_iter();
+        while let Some(item) = items.next() {
+            if self.shutdown.is_set() {
+                abandon(&self.stats, item);
+                continue;
+            }
+            // Slow handlers must not hold finished messages back for a whole batch.
+            if pending.since.is_some_and(|t| t.elapsed() >= MAX_BATCH_AGE)
+                && !self.flush(&mut pending).await
+            {
+                abandon(&self.stats, item);
+                items.for_each(|item| abandon(&self.stats, item));
+                break;
+            }
+            if !self.handle(item, &mut pending).await {
+                // The route is stopping and what was pending could not be published.
+                items.for_each(|item| abandon(&self.stats, item));
+                break;
+            }
+        }
+        self.flush(&mut pending).await;
+    }
+
+    /// Publishes the pending outputs, records idempotency keys and acks the pending messages.
+    /// False (everything pending abandoned) if the route stopped before that could happen.
+    async fn flush(&self, pending: &mut Pending) -> bool {
+        if pending.messages.is_empty() {
+            return true;
+        }
+        let records = std::mem::take(&mut pending.records);
+        let messages = std::mem::take(&mut pending.messages);
+        pending.since = None;
+        if !records.is_empty() {
+            let sink = self.sinks.outputs.clone();
+            if self
+                .retry_infra("publish outputs", || sink.publish(records.clone()))
+                .await
+                .is_none()
+            {
+                for _ in &messages {
+                    RouteStats::bump(&self.stats.abandoned);
+                }
+                return false;
+            }
+        }
+        let mut messages = messages.into_iter();
+        while let Some(m) = messages.next() {
+            if !m.duplicate {
+                self.stats
+                    .outputs
+                    .fetch_add(m.outputs, AtomicOrdering::Relaxed);
+                RouteStats::bump(&self.stats.succeeded);
+                if !self.mark_done(m.idem_key.as_deref()).await {
+                    RouteStats::bump(&self.stats.abandoned);
+                    messages.for_each(|_| RouteStats::bump(&self.stats.abandoned));
+                    return false;
+                }
+            }
+            self.finish(m.ack, AckKind::Done).await;
+        }
+        true
+    }
+
+    /// Takes one delivery to its end (acked, dead-lettered or abandoned) or, when it succeeds,
+    /// into `pending`. False if the route stopped while `pending` could not be flushed.
+    async fn handle(&self, item: Item, pending: &mut Pending) -> bool {
+        let Item {
+            delivery:
+                Delivery {
+                    record,
+                    ack,
+                    previous_attempts,
+                },
+            _permit: permit,
+        } = item;
         let idem_key = match (&self.config.idempotency, &self.done_keys) {
             (Some(cfg), Some(_)) => {
                 let k = key_of(&cfg.key, &record);
@@ -532,15 +633,37 @@ impl Shared {
             _ => None,
         };
         if let (Some(key), Some(keys)) = (&idem_key, &self.done_keys) {
+            // A repeat of a key still pending in this batch: its key must be recorded before it
+            // can be recognised.
+            if pending
+                .messages
+                .iter()
+                .any(|m| m.idem_key.as_deref() == Some(key.as_str()))
+                && !self.flush(pending).await
+            {
+                RouteStats::bump(&self.stats.abandoned);
+                return false;
+            }
             let Some(done) = self
                 .retry_infra("check the idempotency key", || keys.is_done(key))
                 .await
             else {
-                return RouteStats::bump(&self.stats.abandoned);
+                RouteStats::bump(&self.stats.abandoned);
+                return self.flush(pending).await;
             };
             if done {
                 RouteStats::bump(&self.stats.duplicates);
-                return self.finish(ack, AckKind::Done).await;
+                pending.push(
+                    PendingMessage {
+                        ack,
+                        idem_key: None,
+                        outputs: 0,
+                        duplicate: true,
+                        _permit: permit,
+                    },
+                    Vec::new(),
+                );
+                return true;
             }
         }
 
@@ -552,12 +675,18 @@ impl Shared {
         let mut attempt = previous_attempts.saturating_add(1);
         let mut failure: Option<LastFailure> = None;
         loop {
-            if let Some(b) = &self.breaker
-                && !b
+            if let Some(b) = &self.breaker {
+                if matches!(b.peek(), Admission::Wait(_)) && !self.flush(pending).await {
+                    RouteStats::bump(&self.stats.abandoned);
+                    return false;
+                }
+                if !b
                     .wait_until(&self.shutdown, |b| b.with(|cb| cb.admit(Instant::now())))
                     .await
-            {
-                return RouteStats::bump(&self.stats.abandoned);
+                {
+                    RouteStats::bump(&self.stats.abandoned);
+                    return self.flush(pending).await;
+                }
             }
             tracing::trace!(route = %self.route, message = %message_id, attempt, "Invoking the handler");
             let inbound = inbound(&record, attempt);
@@ -615,24 +744,25 @@ impl Shared {
                         }
                     })
                     .collect();
-                let count = records.len() as u64;
-                if !records.is_empty() {
-                    let sink = self.sinks.outputs.clone();
-                    if self
-                        .retry_infra("publish outputs", || sink.publish(records.clone()))
-                        .await
-                        .is_none()
-                    {
-                        return RouteStats::bump(&self.stats.abandoned);
-                    }
-                }
-                self.stats.outputs.fetch_add(count, AtomicOrdering::Relaxed);
-                RouteStats::bump(&self.stats.succeeded);
-                if !self.mark_done(idem_key.as_deref()).await {
-                    return RouteStats::bump(&self.stats.abandoned);
-                }
-                return self.finish(ack, AckKind::Done).await;
+                pending.push(
+                    PendingMessage {
+                        ack,
+                        idem_key,
+                        outputs: records.len() as u64,
+                        duplicate: false,
+                        _permit: permit,
+                    },
+                    records,
+                );
+                return true;
             };
+
+            // Earlier messages of the batch are finished: publish and ack them before this one
+            // waits for a retry or a dead-letter write.
+            if !self.flush(pending).await {
+                RouteStats::bump(&self.stats.abandoned);
+                return false;
+            }
 
             let now = now_ms();
             let (reason, after) = match &invocation.outcome {
@@ -658,7 +788,8 @@ impl Shared {
                     RouteStats::bump(&self.stats.retried);
                     tracing::debug!(route = %self.route, message = %message_id, attempt, delay_ms = delay.as_millis() as u64, "Attempt failed; retrying");
                     if !self.shutdown.sleep(delay).await {
-                        return RouteStats::bump(&self.stats.abandoned);
+                        RouteStats::bump(&self.stats.abandoned);
+                        return true;
                     }
                     attempt = next;
                 }
@@ -694,13 +825,17 @@ impl Shared {
                         .await
                         .is_none()
                     {
-                        return RouteStats::bump(&self.stats.abandoned);
+                        RouteStats::bump(&self.stats.abandoned);
+                        return true;
                     }
                     RouteStats::bump(&self.stats.dead_lettered);
-                    if !self.mark_done(idem_key.as_deref()).await {
-                        return RouteStats::bump(&self.stats.abandoned);
+                    if self.mark_done(idem_key.as_deref()).await {
+                        self.finish(ack, AckKind::DeadLettered).await;
+                    } else {
+                        RouteStats::bump(&self.stats.abandoned);
                     }
-                    return self.finish(ack, AckKind::DeadLettered).await;
+                    drop(permit);
+                    return true;
                 }
             }
         }

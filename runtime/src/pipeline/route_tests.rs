@@ -553,3 +553,133 @@ async fn shutdown_mid_retry_leaves_the_message_unacknowledged() {
         "committed past an unfinished message"
     );
 }
+
+/// Makes publishes to `out` fail until the first one was refused, so the route's first message
+/// backs off while everything after it queues up in its lane.
+async fn hold_first_publish(broker: &MemoryBroker) {
+    while broker.stats().failed_publishes.load(AtomicOrdering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    broker.set_failing("out", false);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lane_publishes_its_queued_messages_as_one_batch() {
+    for (max_batch, most_publishes) in [(32, 2), (1, 10)] {
+        let broker = MemoryBroker::new();
+        let input: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+        broker.produce("in", input.iter().map(|p| msg(p, None, &[])));
+        broker.set_failing("out", true);
+        let running = start(
+            &broker,
+            route_config(&format!("max_batch = {max_batch}\n")),
+            FnInvoker(|m: &InboundMessage| ok_to("out", m.payload.clone())),
+            None,
+        );
+        hold_first_publish(&broker).await;
+        broker.wait_acked(10).await;
+        let report = running.stop().await;
+        assert_eq!(payloads(&broker, "out"), input, "max_batch {max_batch}");
+        assert_eq!(stat(&report.stats, "succeeded"), 10);
+        assert_eq!(stat(&report.stats, "outputs"), 10);
+        let publishes = broker.stats().publishes.load(AtomicOrdering::SeqCst);
+        if max_batch == 1 {
+            assert_eq!(publishes, most_publishes, "one publish per message");
+        } else {
+            assert!(
+                publishes <= most_publishes,
+                "{publishes} publishes for 10 messages with max_batch {max_batch}"
+            );
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retrying_message_does_not_hold_back_the_finished_ones_of_its_batch() {
+    let broker = MemoryBroker::new();
+    broker.produce("in", ["first", "a", "b", "c"].map(|p| msg(p, None, &[])));
+    broker.set_failing("out", true);
+    let cfg = route_config(
+        "retry = { max_attempts = 3, initial_backoff_ms = 10000, jitter = \"none\" }\n",
+    );
+    let running = start(
+        &broker,
+        cfg,
+        FnInvoker(|m: &InboundMessage| {
+            if m.payload == b"b" && m.attempt == 1 {
+                retry("once")
+            } else {
+                ok_to("out", m.payload.clone())
+            }
+        }),
+        None,
+    );
+    hold_first_publish(&broker).await;
+    let t0 = Instant::now();
+    // "a" shares a batch with "b"; it is published and acked before b's 10 s backoff ends.
+    broker.wait_acked(2).await;
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert_eq!(payloads(&broker, "out"), vec!["first", "a"]);
+    broker.wait_acked(4).await;
+    assert!(t0.elapsed() >= Duration::from_secs(10));
+    assert_eq!(payloads(&broker, "out"), vec!["first", "a", "b", "c"]);
+    running.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_repeated_key_inside_one_batch_is_still_deduplicated() {
+    let broker = MemoryBroker::new();
+    let store: Arc<dyn KvStore> = Arc::new(MemoryStore::new());
+    let keys = DoneKeys::new(store, "r", Duration::from_secs(3600));
+    broker.produce(
+        "in",
+        [("first", "f"), ("x1", "x"), ("y", "y"), ("x2", "x")]
+            .map(|(p, id)| msg(p, None, &[("id", id)])),
+    );
+    broker.set_failing("out", true);
+    let running = start(
+        &broker,
+        route_config("idempotency = { key = \"header:id\" }\n"),
+        FnInvoker(|m: &InboundMessage| ok_to("out", m.payload.clone())),
+        Some(keys),
+    );
+    hold_first_publish(&broker).await;
+    broker.wait_acked(4).await;
+    let report = running.stop().await;
+    assert_eq!(payloads(&broker, "out"), vec!["first", "x1", "y"]);
+    assert_eq!(stat(&report.stats, "duplicates"), 1);
+    assert_eq!(broker.committed("in", "g"), 4);
+}
+
+// Real time: the handler blocks its thread, which a paused clock cannot see.
+#[tokio::test]
+async fn slow_handlers_flush_their_batch_after_max_batch_age() {
+    let broker = MemoryBroker::new();
+    broker.produce("in", (0..8).map(|i| msg(&format!("m{i}"), None, &[])));
+    broker.set_failing("out", true);
+    let calls = Arc::new(AtomicU32::new(0));
+    let counted = calls.clone();
+    let running = start(
+        &broker,
+        route_config(""),
+        FnInvoker(move |m: &InboundMessage| {
+            counted.fetch_add(1, AtomicOrdering::SeqCst);
+            if m.payload != b"m0" {
+                std::thread::sleep(MAX_BATCH_AGE / 2);
+            }
+            ok_to("out", m.payload.clone())
+        }),
+        None,
+    );
+    // m0 backs off on the failing sink while m1..m7 queue up: one batch of seven 50 ms calls.
+    hold_first_publish(&broker).await;
+    broker.wait_acked(2).await;
+    let at_first_flush = calls.load(AtomicOrdering::SeqCst);
+    assert!(
+        at_first_flush < 8,
+        "the batch's first message was acked only after all {at_first_flush} calls"
+    );
+    broker.wait_acked(8).await;
+    running.stop().await;
+    assert_eq!(payloads(&broker, "out").len(), 8);
+}
