@@ -7,7 +7,8 @@
 //! cargo build --release -p lockgate --bin lockgate
 //! cargo bench -p lockgate-tests --bench kafka_throughput
 //! ```
-//! `LOCKGATE_BIN` overrides the binary (default: `release/lockgate` beside this bench's target).
+//! `LOCKGATE_BIN` overrides the binary (default: `release/lockgate` beside this bench's target);
+//! `LOCKGATE_BENCH_ROUTE` adds lines to the route table (e.g. `max_batch = 256`).
 //! Rounds alternate the two arms on fresh topics; each arm is timed from its start (so both
 //! include a consumer-group join, about 3 s on tansu) to its last message. The table shows the median rate and the min-max spread;
 //! compare the ratio, not absolute numbers. Not a test: nothing is asserted.
@@ -72,10 +73,11 @@ fn lockgate_drain(topic: &str, out: &str) -> f64 {
     std::fs::write(
         &config,
         format!(
-            "[brokers.kafka]\nkind = \"kafka\"\nbootstrap_servers = \"{}\"\nconsumer_properties = {{ \"session.timeout.ms\" = 6000 }}\n\n[handlers.up]\nmodule = \"{}\"\nconfig = {{ target = \"{out}\" }}\n\n[routes.bench]\nhandler = \"up\"\nsource = {{ broker = \"kafka\", topic = \"{topic}\", group = \"{}\" }}\noutputs = [\"{out}\"]\nconcurrency = 3\n",
+            "[brokers.kafka]\nkind = \"kafka\"\nbootstrap_servers = \"{}\"\nconsumer_properties = {{ \"session.timeout.ms\" = 6000 }}\n\n[handlers.up]\nmodule = \"{}\"\nconfig = {{ target = \"{out}\" }}\n\n[routes.bench]\nhandler = \"up\"\nsource = {{ broker = \"kafka\", topic = \"{topic}\", group = \"{}\" }}\noutputs = [\"{out}\"]\nconcurrency = 3\n{}\n",
             bootstrap(),
             guest("uppercase").display(),
-            unique("bench")
+            unique("bench"),
+            std::env::var("LOCKGATE_BENCH_ROUTE").unwrap_or_default()
         ),
     )
     .unwrap();
@@ -86,7 +88,10 @@ fn lockgate_drain(topic: &str, out: &str) -> f64 {
     let _child = Command::new(lockgate_release())
         .arg("run")
         .arg(&config)
-        .env("LOCKGATE_LOG", "error")
+        .env(
+            "LOCKGATE_LOG",
+            std::env::var("LOCKGATE_BENCH_LOG").unwrap_or_else(|_| "error".into()),
+        )
         .stdout(std::process::Stdio::null())
         .spawn()
         .map(Proc)

@@ -303,7 +303,7 @@ fn sigkill_mid_stream_loses_nothing_and_repeats_only_what_was_in_flight() {
     let config = write_config(
         dir.path(),
         &n,
-        "concurrency = 6\nordering = \"key\"\nretry = { max_attempts = 4, initial_backoff_ms = 5, max_backoff_ms = 50 }\nidempotency = { key = \"json:/id\" }\n",
+        "concurrency = 6\nordering = \"key\"\nmax_batch = 4\nretry = { max_attempts = 4, initial_backoff_ms = 5, max_backoff_ms = 50 }\nidempotency = { key = \"json:/id\" }\n",
     );
     // Kill at two points, then let a third run finish.
     let mut tail = out_and_dlq(&n);
@@ -328,16 +328,17 @@ fn sigkill_mid_stream_loses_nothing_and_repeats_only_what_was_in_flight() {
     }
     // A Kafka sink cannot drop a duplicate (no transactions), so the one window idempotency
     // leaves open stays: a kill after an output was acknowledged and before its key was
-    // recorded. Only messages in that window at a kill may repeat: at most one per lane per
-    // kill, and only once. (Without idempotency everything since the last commit repeats.)
+    // recorded. Only messages in that window at a kill may repeat: at most one batch
+    // (max_batch = 4) per worker (6) per kill, and only once. (Without idempotency everything
+    // since the last commit repeats.)
     let dup: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
     assert!(
         dup.iter().all(|(_, c)| **c == 2),
         "outputs repeated more than once: {dup:?}"
     );
     assert!(
-        dup.len() <= 2 * 6,
-        "more duplicates than lanes in flight at 2 kills: {dup:?}"
+        dup.len() <= 2 * 6 * 4,
+        "more duplicates than batches in flight at 2 kills: {dup:?}"
     );
     let want: BTreeSet<u64> = (0..N).filter(|i| !poison(*i)).collect();
     assert_same("outputs", &seen.keys().copied().collect(), &want);
@@ -426,7 +427,7 @@ fn a_second_runtime_joins_and_the_first_leaves_without_losing_anything() {
         dir.path(),
         &n,
         "",
-        "concurrency = 3\nrate_limit = { per_second = 400, burst = 50 }\n",
+        "concurrency = 3\nrate_limit = { per_second = 250, burst = 50 }\n",
     );
     let mut tail = out_and_dlq(&n);
     let mut first = start(dir.path(), &config, 1);

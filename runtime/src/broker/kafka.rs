@@ -37,8 +37,6 @@ use super::{
 use crate::config::BrokerConfig;
 use crate::pipeline::ack::OffsetTracker;
 
-/// Default bound on messages of one partition that are delivered and not yet done.
-pub const DEFAULT_MAX_IN_FLIGHT_PER_PARTITION: usize = 500;
 /// How long a producer waits for a delivery report before the publish counts as failed.
 pub const PRODUCE_TIMEOUT: Duration = Duration::from_secs(30);
 

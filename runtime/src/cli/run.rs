@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use lockgate::broker::kafka::{DEFAULT_MAX_IN_FLIGHT_PER_PARTITION, KafkaSink, KafkaSource};
+use lockgate::broker::kafka::{KafkaSink, KafkaSource};
 use lockgate::broker::local::LocalBroker;
 use lockgate::broker::{Sink, Source};
 use lockgate::config::{BrokerKind, Config, IdempotencyKey, Ordering, RouteConfig};
@@ -215,7 +215,7 @@ fn open_source(
             broker,
             &src.topic,
             &src.group,
-            DEFAULT_MAX_IN_FLIGHT_PER_PARTITION,
+            broker.max_in_flight_per_partition,
         )?)),
     }
 }

@@ -110,7 +110,16 @@ pub struct BrokerConfig {
     pub consumer_properties: BTreeMap<String, String>,
     /// `producer_properties`: librdkafka properties for producers only (override `properties`).
     pub producer_properties: BTreeMap<String, String>,
+    /// `max_in_flight_per_partition`: a partition with this many received, unfinished messages
+    /// is paused until half of them are done.
+    pub max_in_flight_per_partition: usize,
 }
+
+/// Default of `[brokers.<name>] max_in_flight_per_partition`. Large enough that the pause and
+/// resume it costs (a fetch round trip) are rare; small enough to bound memory.
+pub const DEFAULT_MAX_IN_FLIGHT_PER_PARTITION: usize = 5000;
+/// Largest accepted `max_in_flight_per_partition`.
+pub const MAX_IN_FLIGHT_PER_PARTITION_LIMIT: u64 = 1_000_000;
 
 /// The `[engine]` table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -403,12 +412,22 @@ fn parse_broker(name: &str, r: &mut Reader<'_>) -> Option<BrokerConfig> {
     let properties = scalar_table(r, "properties");
     let consumer_properties = scalar_table(r, "consumer_properties");
     let producer_properties = scalar_table(r, "producer_properties");
+    let max_in_flight = r.positive("max_in_flight_per_partition");
+    if let Some(n) = max_in_flight
+        && n > MAX_IN_FLIGHT_PER_PARTITION_LIMIT
+    {
+        r.problem(
+            "max_in_flight_per_partition",
+            format!("{n} is over the limit of {MAX_IN_FLIGHT_PER_PARTITION_LIMIT}"),
+        );
+    }
     r.finish(&[
         "kind",
         "bootstrap_servers",
         "properties",
         "consumer_properties",
         "producer_properties",
+        "max_in_flight_per_partition",
     ]);
     if r.problems.len() != before {
         return None;
@@ -420,6 +439,8 @@ fn parse_broker(name: &str, r: &mut Reader<'_>) -> Option<BrokerConfig> {
         properties,
         consumer_properties,
         producer_properties,
+        max_in_flight_per_partition: max_in_flight
+            .map_or(DEFAULT_MAX_IN_FLIGHT_PER_PARTITION, |n| n as usize),
     })
 }
 
@@ -826,7 +847,7 @@ mod tests {
     fn kafka_brokers_parse_and_routes_may_use_them() {
         let c = Config::parse(
             Path::new("rt.toml"),
-            "[brokers.kafka]\nkind = \"kafka\"\nbootstrap_servers = \"127.0.0.1:9092\"\nproperties = { \"session.timeout.ms\" = 6000 }\nproducer_properties = { \"linger.ms\" = \"5\" }\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.r]\nhandler = \"h\"\nsource = { broker = \"kafka\", topic = \"t\" }\n",
+            "[brokers.kafka]\nkind = \"kafka\"\nbootstrap_servers = \"127.0.0.1:9092\"\nproperties = { \"session.timeout.ms\" = 6000 }\nproducer_properties = { \"linger.ms\" = \"5\" }\nmax_in_flight_per_partition = 77\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.r]\nhandler = \"h\"\nsource = { broker = \"kafka\", topic = \"t\" }\n",
         )
         .unwrap();
         let b = &c.brokers["kafka"];
@@ -834,6 +855,7 @@ mod tests {
         assert_eq!(b.bootstrap_servers, "127.0.0.1:9092");
         assert_eq!(b.properties["session.timeout.ms"], "6000");
         assert_eq!(b.producer_properties["linger.ms"], "5");
+        assert_eq!(b.max_in_flight_per_partition, 77);
         assert_eq!(c.routes["r"].source.broker, "kafka");
         assert_eq!(c.routes["r"].dlq.broker, "kafka");
     }
@@ -849,7 +871,7 @@ mod tests {
                 "rt.toml: brokers.k.kind: unknown value \"pulsar\"; expected \"kafka\"",
                 "rt.toml: brokers.k.bootstrap_servers: missing: e.g. \"127.0.0.1:9092\"",
                 "rt.toml: brokers.k.properties.a: expected a string, number or boolean, found an array",
-                "rt.toml: brokers.k.bootstrap: unknown field `bootstrap` (expected one of: kind, bootstrap_servers, properties, consumer_properties, producer_properties)",
+                "rt.toml: brokers.k.bootstrap: unknown field `bootstrap` (expected one of: kind, bootstrap_servers, properties, consumer_properties, producer_properties, max_in_flight_per_partition)",
                 "rt.toml: routes.r.source.broker: unknown broker `kafak` (known: local, k)",
             ]
         );
