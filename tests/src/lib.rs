@@ -2,6 +2,7 @@
 //! are, and how to run the binary.
 
 pub mod kafka;
+pub mod nats;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -163,6 +164,18 @@ pub fn run_logs(dir: &std::path::Path, run: u32) -> String {
         read("stdout"),
         read("stderr")
     )
+}
+
+/// Counter `name` (`received`, `succeeded`, ...) from the summary run `run` printed at its
+/// end; 0 when it printed none.
+pub fn run_stat(dir: &std::path::Path, run: u32, name: &str) -> u64 {
+    let stdout = std::fs::read_to_string(dir.join(format!("run{run}.stdout"))).unwrap_or_default();
+    let prefix = format!("{name}=");
+    stdout
+        .split(|c: char| c.is_whitespace() || c == '(')
+        .find_map(|w| w.strip_prefix(prefix.as_str()))
+        .and_then(|n| n.trim_end_matches(')').parse().ok())
+        .unwrap_or(0)
 }
 
 /// Waits until `progress()` reaches `target` while run `run` (see [`start_run`]) works, calling

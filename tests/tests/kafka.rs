@@ -406,12 +406,7 @@ fn a_poison_message_is_dead_lettered_after_max_attempts_and_other_partitions_flo
 }
 
 fn succeeded(dir: &Path, run: u32) -> u64 {
-    let stdout = std::fs::read_to_string(dir.join(format!("run{run}.stdout"))).unwrap_or_default();
-    stdout
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("succeeded="))
-        .and_then(|n| n.trim_end_matches(')').parse().ok())
-        .unwrap_or(0)
+    lockgate_tests::run_stat(dir, run, "succeeded")
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! A handler whose failures are chosen by the message, for the delivery demo and the end-to-end
 //! crash tests: `{"id": 7}` is forwarded to config `target`; `{"id": 7, "fail": 2}` asks to be
 //! retried on attempts 1 and 2 and succeeds on attempt 3; `{"id": 7, "poison": true}` (and
-//! anything that is not such JSON) is rejected, so it ends up in the dead-letter topic.
+//! anything that is not such JSON) is rejected, so it ends up in the dead-letter topic;
+//! `{"id": 7, "busy_ms": 3000}` keeps the handler busy for 3 s first (a long handler).
 //!
 //! Config `down_until_ms` (ms since the Unix epoch) simulates a dependency outage: until then every
 //! message asks to be retried, which is what trips a route's circuit breaker.
@@ -17,6 +18,15 @@ struct Order {
     poison: bool,
     #[serde(default)]
     fail: u32,
+    #[serde(default)]
+    busy_ms: u64,
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default()
 }
 
 #[lockgate_sdk::handler]
@@ -25,15 +35,18 @@ fn handle(msg: Message) -> Result<(), Error> {
         let until: u128 = until
             .parse()
             .map_err(|_| Error::reject("config key `down_until_ms` is not a number"))?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or_default();
-        if now < until {
+        if now_ms() < until {
             return Err(Error::retry("dependency down"));
         }
     }
     let order: Order = msg.json()?;
+    if order.busy_ms > 0 {
+        // Busy on purpose: a guest has no sleep, and a long computation is what this stands for.
+        let started = std::time::Instant::now();
+        while started.elapsed() < std::time::Duration::from_millis(order.busy_ms) {
+            std::hint::spin_loop();
+        }
+    }
     if order.poison {
         return Err(Error::reject(format!("order {} is poison", order.id)));
     }
@@ -115,5 +128,15 @@ mod tests {
                 .is_reject()
         );
         assert!(host.take_published().is_empty());
+    }
+
+    #[test]
+    fn busy_orders_take_at_least_their_time() {
+        let mut host = host();
+        let started = std::time::Instant::now();
+        host.call(handle, Message::new(r#"{"id":4,"busy_ms":50}"#))
+            .unwrap();
+        assert!(started.elapsed() >= std::time::Duration::from_millis(50));
+        assert_eq!(host.take_published().len(), 1);
     }
 }

@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 use super::{
     Ack, AckHandle, AckKind, BoxFuture, BrokerError, Delivery, OutRecord, Record, Sink, Source,
 };
-use crate::config::BrokerConfig;
+use crate::config::KafkaConfig;
 use crate::pipeline::ack::OffsetTracker;
 
 /// How long a producer waits for a delivery report before the publish counts as failed.
@@ -47,7 +47,7 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> BrokerError {
 /// Builds the client config of `broker` for a consumer or a producer: our defaults, then the
 /// user's `properties`, then the role's own properties (later ones win).
 fn client_config(
-    broker: &BrokerConfig,
+    broker: &KafkaConfig,
     defaults: &[(&str, &str)],
     role: &BTreeMap<String, String>,
 ) -> ClientConfig {
@@ -204,18 +204,13 @@ impl std::fmt::Debug for KafkaSource {
 impl KafkaSource {
     /// Subscribes to `topic` in consumer group `group` on `broker`. Must be called inside a tokio
     /// runtime (it starts the polling task).
-    pub fn new(
-        broker: &BrokerConfig,
-        topic: &str,
-        group: &str,
-        max_in_flight_per_partition: usize,
-    ) -> Result<Self, BrokerError> {
+    pub fn new(broker: &KafkaConfig, topic: &str, group: &str) -> Result<Self, BrokerError> {
         let describe = format!(
             "kafka {} topic {topic}, group {group}",
             broker.bootstrap_servers
         );
         let shared = Arc::new(Shared {
-            max_in_flight: max_in_flight_per_partition.max(1),
+            max_in_flight: broker.max_in_flight_per_partition.max(1),
             ..Shared::default()
         });
         let config = client_config(
@@ -519,8 +514,8 @@ impl std::fmt::Debug for KafkaSink {
 }
 
 impl KafkaSink {
-    /// A producer for `broker`.
-    pub fn new(broker: &BrokerConfig) -> Result<Self, BrokerError> {
+    /// A producer for `broker` (called `name` in the config).
+    pub fn new(name: &str, broker: &KafkaConfig) -> Result<Self, BrokerError> {
         let producer = client_config(
             broker,
             &[
@@ -533,7 +528,7 @@ impl KafkaSink {
             &broker.producer_properties,
         )
         .create()
-        .map_err(|e| BrokerError::Invalid(format!("kafka producer for {}: {e}", broker.name)))?;
+        .map_err(|e| BrokerError::Invalid(format!("kafka producer for {name}: {e}")))?;
         Ok(Self { producer })
     }
 }

@@ -13,6 +13,7 @@
 pub mod kafka;
 pub mod local;
 pub mod memory;
+pub mod nats;
 
 use std::future::Future;
 use std::pin::Pin;

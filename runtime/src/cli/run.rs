@@ -10,8 +10,9 @@ use anyhow::Context;
 use clap::Args;
 use lockgate::broker::kafka::{KafkaSink, KafkaSource};
 use lockgate::broker::local::LocalBroker;
+use lockgate::broker::nats::{JetStreamSink, JetStreamSource, NatsCoreSource};
 use lockgate::broker::{Sink, Source};
-use lockgate::config::{BrokerKind, Config, IdempotencyKey, Ordering, RouteConfig};
+use lockgate::config::{BrokerKind, Config, IdempotencyKey, NatsConfig, Ordering, RouteConfig};
 use lockgate::engine::{Engine, HandlerEnv, InstancePool};
 use lockgate::pipeline::backoff::Jitter;
 use lockgate::pipeline::idempotency::DoneKeys;
@@ -82,7 +83,7 @@ async fn run_routes(config: Config) -> anyhow::Result<ExitCode> {
 
     let (trigger, shutdown) = Shutdown::new();
     let mut routes = tokio::task::JoinSet::new();
-    let mut sinks = Sinks::default();
+    let mut clients = Clients::default();
     for route in config.routes.values() {
         let Some(handler_cfg) = config.handlers.get(&route.handler) else {
             anyhow::bail!(
@@ -107,7 +108,9 @@ async fn run_routes(config: Config) -> anyhow::Result<ExitCode> {
                     handler_cfg.name
                 )
             })?;
-        let source = open_source(&config, &broker, route)
+        let source = clients
+            .source(&config, &broker, route)
+            .await
             .with_context(|| format!("route {}: cannot open its source", route.name))?;
         println!(
             "{}",
@@ -118,11 +121,13 @@ async fn run_routes(config: Config) -> anyhow::Result<ExitCode> {
             handler_cfg.isolation,
             handler_cfg.max_messages_per_instance,
         );
-        let outputs = sinks
-            .get(&config, &broker, &route.source.broker)
+        let outputs = clients
+            .sink(&config, &broker, &route.source.broker)
+            .await
             .with_context(|| format!("route {}: cannot create its output producer", route.name))?;
-        let dlq = sinks
-            .get(&config, &broker, &route.dlq.broker)
+        let dlq = clients
+            .sink(&config, &broker, &route.dlq.broker)
+            .await
             .with_context(|| format!("route {}: cannot create its DLQ producer", route.name))?;
         let done_keys = route
             .idempotency
@@ -197,43 +202,70 @@ async fn stop_signal() -> std::io::Result<&'static str> {
     })
 }
 
-/// Opens the source of `route` on its broker.
-fn open_source(
-    config: &Config,
-    local: &LocalBroker,
-    route: &RouteConfig,
-) -> anyhow::Result<Box<dyn Source>> {
-    let src = &route.source;
-    if src.broker == "local" {
-        return Ok(Box::new(local.source(&src.topic, &src.group)?));
-    }
-    let Some(broker) = config.brokers.get(&src.broker) else {
-        anyhow::bail!("broker {} is not defined", src.broker);
-    };
-    match broker.kind {
-        BrokerKind::Kafka => Ok(Box::new(KafkaSource::new(
-            broker,
-            &src.topic,
-            &src.group,
-            broker.max_in_flight_per_partition,
-        )?)),
-    }
-}
-
-/// One producer per broker, shared by every route that publishes there.
+/// Broker clients, one per broker, shared by every route that uses it.
 #[derive(Default)]
-struct Sinks {
-    by_broker: HashMap<String, Arc<dyn Sink>>,
+struct Clients {
+    sinks: HashMap<String, Arc<dyn Sink>>,
+    nats: HashMap<String, async_nats::Client>,
 }
 
-impl Sinks {
-    fn get(
+impl Clients {
+    async fn nats(
+        &mut self,
+        config: &Config,
+        name: &str,
+        cfg: &NatsConfig,
+    ) -> anyhow::Result<async_nats::Client> {
+        if let Some(c) = self.nats.get(name) {
+            return Ok(c.clone());
+        }
+        let client = lockgate::broker::nats::connect(name, cfg, &config.base_dir).await?;
+        self.nats.insert(name.to_owned(), client.clone());
+        Ok(client)
+    }
+
+    /// Opens the source of `route` on its broker.
+    async fn source(
+        &mut self,
+        config: &Config,
+        local: &LocalBroker,
+        route: &RouteConfig,
+    ) -> anyhow::Result<Box<dyn Source>> {
+        let src = &route.source;
+        if src.broker == "local" {
+            return Ok(Box::new(local.source(&src.topic, &src.group)?));
+        }
+        let Some(broker) = config.brokers.get(&src.broker) else {
+            anyhow::bail!("broker {} is not defined", src.broker);
+        };
+        match &broker.kind {
+            BrokerKind::Kafka(kafka) => {
+                Ok(Box::new(KafkaSource::new(kafka, &src.topic, &src.group)?))
+            }
+            BrokerKind::Nats(nats) => {
+                let client = self.nats(config, &broker.name, nats).await?;
+                Ok(match &route.jetstream {
+                    Some(js) => Box::new(JetStreamSource::new(client, &src.topic, &src.group, js)),
+                    None => {
+                        tracing::warn!(
+                            route = %route.name,
+                            "Core NATS source (no `source.stream`): delivery is at most once. Retries, the breaker and the DLQ apply only while this process runs; messages it holds when it stops or crashes are lost. Use a JetStream stream for at-least-once."
+                        );
+                        Box::new(NatsCoreSource::new(client, &src.topic, &src.group))
+                    }
+                })
+            }
+        }
+    }
+
+    /// The producer for broker `name`.
+    async fn sink(
         &mut self,
         config: &Config,
         local: &LocalBroker,
         name: &str,
     ) -> anyhow::Result<Arc<dyn Sink>> {
-        if let Some(s) = self.by_broker.get(name) {
+        if let Some(s) = self.sinks.get(name) {
             return Ok(s.clone());
         }
         let sink: Arc<dyn Sink> = if name == "local" {
@@ -242,11 +274,14 @@ impl Sinks {
             let Some(broker) = config.brokers.get(name) else {
                 anyhow::bail!("broker {name} is not defined");
             };
-            match broker.kind {
-                BrokerKind::Kafka => Arc::new(KafkaSink::new(broker)?),
+            match &broker.kind {
+                BrokerKind::Kafka(kafka) => Arc::new(KafkaSink::new(name, kafka)?),
+                BrokerKind::Nats(nats) => {
+                    Arc::new(JetStreamSink::new(self.nats(config, name, nats).await?))
+                }
             }
         };
-        self.by_broker.insert(name.to_owned(), sink.clone());
+        self.sinks.insert(name.to_owned(), sink.clone());
         Ok(sink)
     }
 }

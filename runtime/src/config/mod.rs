@@ -28,8 +28,8 @@ use toml::map::Map as IndexMap;
 mod routes;
 
 pub use routes::{
-    BUILTIN_BROKERS, DEFAULT_GROUP, Endpoint, IdempotencyConfig, IdempotencyKey, Ordering,
-    RateLimitConfig, RouteConfig,
+    BUILTIN_BROKERS, DEFAULT_GROUP, Endpoint, IdempotencyConfig, IdempotencyKey, JetStreamSource,
+    Ordering, RateLimitConfig, RouteConfig,
 };
 
 use crate::engine::{EngineSettings, HandlerLimits, Isolation};
@@ -78,11 +78,14 @@ pub struct Config {
     pub routes: IndexMap<String, RouteConfig>,
 }
 
-/// The kinds of broker a `[brokers.<name>]` table can define.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a `[brokers.<name>]` table defines, with the settings of that kind.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BrokerKind {
-    /// Apache Kafka or anything speaking its protocol (rdkafka).
-    Kafka,
+    /// `kind = "kafka"`: Apache Kafka or anything speaking its protocol (rdkafka).
+    Kafka(KafkaConfig),
+    /// `kind = "nats"`: a NATS server; routes with a `source.stream` use JetStream, routes
+    /// without one use core NATS subscriptions.
+    Nats(NatsConfig),
 }
 
 /// One `[brokers.<name>]` table.
@@ -95,13 +98,23 @@ pub enum BrokerKind {
 /// properties = { "session.timeout.ms" = 6000 }          # consumers and producers
 /// consumer_properties = { "group.instance.id" = "node-1" }
 /// producer_properties = { "linger.ms" = 5 }
+///
+/// [brokers.nats]
+/// kind = "nats"
+/// servers = ["nats://127.0.0.1:4222"]
+/// credentials_file = "nats.creds"                      # or nkey_seed_file, or token
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BrokerConfig {
     /// The broker's name (the table key), used by routes' `source.broker` and `dlq.broker`.
     pub name: String,
-    /// What it is.
+    /// What it is, with its settings.
     pub kind: BrokerKind,
+}
+
+/// Settings of a `kind = "kafka"` broker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KafkaConfig {
     /// `bootstrap_servers`: comma-separated host:port list.
     pub bootstrap_servers: String,
     /// `properties`: librdkafka properties for consumers and producers, passed through.
@@ -113,6 +126,26 @@ pub struct BrokerConfig {
     /// `max_in_flight_per_partition`: a partition with this many received, unfinished messages
     /// is paused until half of them are done.
     pub max_in_flight_per_partition: usize,
+}
+
+/// Settings of a `kind = "nats"` broker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatsConfig {
+    /// `servers`: URLs tried in turn (and on reconnect).
+    pub servers: Vec<String>,
+    /// `credentials_file`: a `.creds` file (JWT + nkey), relative to the config file.
+    pub credentials_file: Option<PathBuf>,
+    /// `nkey_seed_file`: a file holding an nkey seed, relative to the config file.
+    pub nkey_seed_file: Option<PathBuf>,
+    /// `token`: an auth token.
+    pub token: Option<String>,
+    /// `user` and `password`.
+    pub user_password: Option<(String, String)>,
+    /// `tls`: require TLS (`true`), or take what the server offers (`false`, the default; a
+    /// `tls://` URL also requires it).
+    pub tls: bool,
+    /// `tls_ca_file`: extra root certificate (PEM), relative to the config file.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// Default of `[brokers.<name>] max_in_flight_per_partition`. Large enough that the pause and
@@ -294,8 +327,19 @@ impl Config {
             .and_then(toml::Value::as_table)
             .map(|t| t.keys().map(String::as_str).collect())
             .unwrap_or_default();
+        // Source fields that only JetStream knows are checked against the declared kind.
+        let nats_brokers: Vec<&str> = table
+            .get("brokers")
+            .and_then(toml::Value::as_table)
+            .map(|t| {
+                t.iter()
+                    .filter(|(_, b)| b.get("kind").and_then(toml::Value::as_str) == Some("nats"))
+                    .map(|(name, _)| name.as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
         let routes = root.named_tables("routes", "route", |name, r| {
-            routes::parse_route(name, &declared, &broker_names, r)
+            routes::parse_route(name, &declared, &broker_names, &nats_brokers, r)
         });
         root.finish(&[
             "version", "runtime", "engine", "handlers", "brokers", "routes",
@@ -396,9 +440,23 @@ fn parse_broker(name: &str, r: &mut Reader<'_>) -> Option<BrokerConfig> {
         );
     }
     if !r.table.contains_key("kind") {
-        r.problem("kind", "missing: \"kafka\"".into());
+        r.problem("kind", "missing: \"kafka\" or \"nats\"".into());
     }
-    let kind = r.choice("kind", &[("kafka", BrokerKind::Kafka)]);
+    let kind = match r.choice("kind", &[("kafka", "kafka"), ("nats", "nats")]) {
+        Some("kafka") => parse_kafka(r).map(BrokerKind::Kafka),
+        Some(_) => parse_nats(r).map(BrokerKind::Nats),
+        None => None,
+    };
+    if r.problems.len() != before {
+        return None;
+    }
+    Some(BrokerConfig {
+        name: name.to_owned(),
+        kind: kind?,
+    })
+}
+
+fn parse_kafka(r: &mut Reader<'_>) -> Option<KafkaConfig> {
     if !r.table.contains_key("bootstrap_servers") {
         r.problem(
             "bootstrap_servers",
@@ -429,18 +487,93 @@ fn parse_broker(name: &str, r: &mut Reader<'_>) -> Option<BrokerConfig> {
         "producer_properties",
         "max_in_flight_per_partition",
     ]);
-    if r.problems.len() != before {
-        return None;
-    }
-    Some(BrokerConfig {
-        name: name.to_owned(),
-        kind: kind?,
+    Some(KafkaConfig {
         bootstrap_servers: bootstrap_servers?,
         properties,
         consumer_properties,
         producer_properties,
         max_in_flight_per_partition: max_in_flight
             .map_or(DEFAULT_MAX_IN_FLIGHT_PER_PARTITION, |n| n as usize),
+    })
+}
+
+fn parse_nats(r: &mut Reader<'_>) -> Option<NatsConfig> {
+    // `servers` may be one string or a list.
+    let servers = match r.table.get("servers") {
+        None => {
+            r.problem(
+                "servers",
+                "missing: e.g. [\"nats://127.0.0.1:4222\"]".into(),
+            );
+            None
+        }
+        Some(toml::Value::String(s)) => Some(vec![s.clone()]),
+        Some(_) => r.strings("servers"),
+    };
+    if let Some(list) = &servers {
+        if list.is_empty() {
+            r.problem("servers", "must name at least one server".into());
+        }
+        for url in list {
+            if let Err(e) = url.parse::<async_nats::ServerAddr>() {
+                r.problem(
+                    "servers",
+                    format!("\"{url}\" is not a NATS server address: {e}"),
+                );
+            }
+        }
+    }
+    let path = |r: &mut Reader<'_>, key: &str| r.string(key).map(PathBuf::from);
+    let credentials_file = path(r, "credentials_file");
+    let nkey_seed_file = path(r, "nkey_seed_file");
+    let token = r.string("token");
+    let user = r.string("user");
+    let password = r.string("password");
+    let user_password = match (user, password) {
+        (Some(u), Some(p)) => Some((u, p)),
+        (None, None) => None,
+        (Some(_), None) => {
+            r.problem("password", "missing: `user` needs a `password`".into());
+            None
+        }
+        (None, Some(_)) => {
+            r.problem("user", "missing: `password` needs a `user`".into());
+            None
+        }
+    };
+    let methods = [
+        credentials_file.is_some(),
+        nkey_seed_file.is_some(),
+        token.is_some(),
+        user_password.is_some(),
+    ];
+    if methods.iter().filter(|m| **m).count() > 1 {
+        r.problem(
+            "",
+            "set at most one of credentials_file, nkey_seed_file, token, user/password".into(),
+        );
+    }
+    let tls = r.bool("tls").unwrap_or(false);
+    let tls_ca_file = path(r, "tls_ca_file");
+    r.finish(&[
+        "kind",
+        "servers",
+        "credentials_file",
+        "nkey_seed_file",
+        "token",
+        "user",
+        "password",
+        "tls",
+        "tls_ca_file",
+    ]);
+    Some(NatsConfig {
+        servers: servers?,
+        credentials_file,
+        nkey_seed_file,
+        token,
+        user_password,
+        tls,
+        tls_ca_file,
     })
 }
 
@@ -850,8 +983,9 @@ mod tests {
             "[brokers.kafka]\nkind = \"kafka\"\nbootstrap_servers = \"127.0.0.1:9092\"\nproperties = { \"session.timeout.ms\" = 6000 }\nproducer_properties = { \"linger.ms\" = \"5\" }\nmax_in_flight_per_partition = 77\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.r]\nhandler = \"h\"\nsource = { broker = \"kafka\", topic = \"t\" }\n",
         )
         .unwrap();
-        let b = &c.brokers["kafka"];
-        assert_eq!(b.kind, BrokerKind::Kafka);
+        let BrokerKind::Kafka(b) = &c.brokers["kafka"].kind else {
+            panic!("not kafka");
+        };
         assert_eq!(b.bootstrap_servers, "127.0.0.1:9092");
         assert_eq!(b.properties["session.timeout.ms"], "6000");
         assert_eq!(b.producer_properties["linger.ms"], "5");
@@ -864,15 +998,57 @@ mod tests {
     fn broker_mistakes_are_named() {
         assert_eq!(
             problems(
-                "[brokers.local]\nkind = \"kafka\"\nbootstrap_servers = \"x:1\"\n\n[brokers.k]\nkind = \"pulsar\"\nproperties = { a = [1] }\nbootstrap = \"x\"\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.r]\nhandler = \"h\"\nsource = { broker = \"kafak\", topic = \"t\" }\n"
+                "[brokers.local]\nkind = \"kafka\"\nbootstrap_servers = \"x:1\"\n\n[brokers.k]\nkind = \"kafka\"\nproperties = { a = [1] }\nbootstrap = \"x\"\n\n[brokers.p]\nkind = \"pulsar\"\n\n[brokers.n]\nkind = \"nats\"\nservers = [\"nats://a:4222\", \"http://b\"]\ntoken = \"t\"\nuser = \"u\"\ntls = \"yes\"\n\n[brokers.m]\nkind = \"nats\"\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.r]\nhandler = \"h\"\nsource = { broker = \"kafak\", topic = \"t\" }\n"
             ),
             vec![
                 "rt.toml: brokers.local: `local` is the built-in embedded broker and cannot be redefined",
-                "rt.toml: brokers.k.kind: unknown value \"pulsar\"; expected \"kafka\"",
                 "rt.toml: brokers.k.bootstrap_servers: missing: e.g. \"127.0.0.1:9092\"",
                 "rt.toml: brokers.k.properties.a: expected a string, number or boolean, found an array",
                 "rt.toml: brokers.k.bootstrap: unknown field `bootstrap` (expected one of: kind, bootstrap_servers, properties, consumer_properties, producer_properties, max_in_flight_per_partition)",
-                "rt.toml: routes.r.source.broker: unknown broker `kafak` (known: local, k)",
+                "rt.toml: brokers.p.kind: unknown value \"pulsar\"; expected \"kafka\" or \"nats\"",
+                "rt.toml: brokers.n.servers: \"http://b\" is not a NATS server address: invalid scheme for NATS server URL: http",
+                "rt.toml: brokers.n.password: missing: `user` needs a `password`",
+                "rt.toml: brokers.n.tls: expected a boolean, found string \"yes\"",
+                "rt.toml: brokers.m.servers: missing: e.g. [\"nats://127.0.0.1:4222\"]",
+                "rt.toml: routes.r.source.broker: unknown broker `kafak` (known: local, k, p, n, m)",
+            ]
+        );
+    }
+
+    #[test]
+    fn nats_brokers_and_jetstream_sources_parse() {
+        let c = Config::parse(
+            Path::new("rt.toml"),
+            "[brokers.nats]\nkind = \"nats\"\nservers = \"nats://127.0.0.1:4222\"\ncredentials_file = \"a.creds\"\ntls = true\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.js]\nhandler = \"h\"\nsource = { broker = \"nats\", topic = \"orders.*\", group = \"w\", stream = \"ORDERS\", ack_wait_ms = 2000, max_deliver = 5 }\ndlq = { topic = \"dead.orders\" }\n\n[routes.core]\nhandler = \"h\"\nsource = { broker = \"nats\", topic = \"ping\" }\n",
+        )
+        .unwrap();
+        let BrokerKind::Nats(n) = &c.brokers["nats"].kind else {
+            panic!("not nats");
+        };
+        assert_eq!(n.servers, vec!["nats://127.0.0.1:4222"]);
+        assert_eq!(n.credentials_file.as_deref(), Some(Path::new("a.creds")));
+        assert!(n.tls);
+        let js = c.routes["js"].jetstream.clone().unwrap();
+        assert_eq!(js.stream, "ORDERS");
+        assert_eq!(js.ack_wait, std::time::Duration::from_secs(2));
+        assert_eq!(js.max_ack_pending, routes::DEFAULT_MAX_ACK_PENDING);
+        assert_eq!(js.max_deliver, Some(5));
+        assert!(c.routes["core"].jetstream.is_none());
+        assert_eq!(c.routes["core"].dlq.topic, "ping.dlq");
+    }
+
+    #[test]
+    fn jetstream_mistakes_are_named() {
+        assert_eq!(
+            problems(
+                "[brokers.nats]\nkind = \"nats\"\nservers = [\"nats://127.0.0.1:4222\"]\n\n[brokers.k]\nkind = \"kafka\"\nbootstrap_servers = \"x:1\"\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.a]\nhandler = \"h\"\nsource = { broker = \"nats\", topic = \"orders.>\", stream = \"O\" }\n\n[routes.b]\nhandler = \"h\"\nsource = { broker = \"nats\", topic = \"orders.>\", stream = \"O\" }\ndlq = { topic = \"orders.dlq\" }\n\n[routes.c]\nhandler = \"h\"\nsource = { broker = \"k\", topic = \"t\", stream = \"S\" }\n\n[routes.d]\nhandler = \"h\"\nsource = { broker = \"nats\", topic = \"t\", ack_wait_ms = 0 }\n"
+            ),
+            vec![
+                "rt.toml: routes.a.dlq: missing: the source subject \"orders.>\" has wildcards, so there is no default \"<subject>.dlq\"; set dlq = { topic = \"...\" }",
+                "rt.toml: routes.b.dlq.topic: \"orders.dlq\" is the route's own source topic (or matches its subject filter): dead letters would be consumed again",
+                "rt.toml: routes.c.source.stream: only a source on a `kind = \"nats\"` broker has this (`k` is not one)",
+                "rt.toml: routes.d.source.ack_wait_ms: must be greater than 0, found 0",
+                "rt.toml: routes.d.source.ack_wait_ms: needs `stream`: only JetStream sources have it",
             ]
         );
     }

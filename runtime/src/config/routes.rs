@@ -47,6 +47,25 @@ pub struct Endpoint {
     pub group: String,
 }
 
+/// A JetStream source: a durable pull consumer on a stream (`source.stream` is set).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JetStreamSource {
+    /// `stream`: the stream the consumer reads (it must exist).
+    pub stream: String,
+    /// `ack_wait_ms`: how long the server waits for an ack before redelivering. lockgate sends
+    /// `in_progress` every half of it while a message is held.
+    pub ack_wait: Duration,
+    /// `max_ack_pending`: most unacknowledged messages the server hands this consumer.
+    pub max_ack_pending: u32,
+    /// `max_deliver`: deliveries before the server gives up on a message; `None` = unlimited.
+    pub max_deliver: Option<u32>,
+}
+
+/// Default `ack_wait_ms` of a JetStream source.
+pub const DEFAULT_ACK_WAIT_MS: u64 = 30_000;
+/// Default `max_ack_pending` of a JetStream source (the route's in-flight bound).
+pub const DEFAULT_MAX_ACK_PENDING: u32 = 1_000;
+
 /// How messages of one source are spread over lanes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Ordering {
@@ -97,6 +116,8 @@ pub struct RouteConfig {
     pub handler: String,
     /// Where messages come from.
     pub source: Endpoint,
+    /// JetStream consumer settings, when the source is a JetStream stream.
+    pub jetstream: Option<JetStreamSource>,
     /// Topics the handler may publish to, on the source's broker.
     pub outputs: Vec<String>,
     /// Number of lanes.
@@ -163,6 +184,7 @@ pub(super) fn parse_route(
     name: &str,
     handlers: &[&str],
     brokers: &[&str],
+    nats_brokers: &[&str],
     r: &mut Reader<'_>,
 ) -> Option<RouteConfig> {
     let before = r.problems.len();
@@ -188,6 +210,7 @@ pub(super) fn parse_route(
         }
     };
 
+    let mut jetstream = None;
     let source = match r.table("source") {
         None => {
             if !r.table.contains_key("source") {
@@ -214,7 +237,18 @@ pub(super) fn parse_route(
                 Some(g) => Some(g),
                 None => Some(DEFAULT_GROUP.to_owned()),
             };
-            s.finish(&["broker", "topic", "group"]);
+            let js_fields = ["stream", "ack_wait_ms", "max_ack_pending", "max_deliver"];
+            if nats_brokers.contains(&broker.as_str()) {
+                jetstream = parse_jetstream(&mut s);
+            } else if let Some(f) = js_fields.iter().find(|f| s.table.contains_key(**f)) {
+                s.problem(
+                    f,
+                    format!("only a source on a `kind = \"nats\"` broker has this (`{broker}` is not one)"),
+                );
+            }
+            let mut known = vec!["broker", "topic", "group"];
+            known.extend(js_fields);
+            s.finish(&known);
             match (broker_ok, topic, group) {
                 (true, Some(topic), Some(group)) => Some(Endpoint {
                     broker,
@@ -271,12 +305,14 @@ pub(super) fn parse_route(
             let topic = non_empty(&mut d, "topic");
             if let (Some(topic), Some(src)) = (&topic, source)
                 && src.broker == broker
-                && &src.topic == topic
+                && (&src.topic == topic
+                    || (nats_brokers.contains(&broker.as_str())
+                        && subject_matches(&src.topic, topic)))
             {
                 d.problem(
                     "topic",
                     format!(
-                        "\"{topic}\" is the route's own source topic: dead letters would be consumed again"
+                        "\"{topic}\" is the route's own source topic (or matches its subject filter): dead letters would be consumed again"
                     ),
                 );
             }
@@ -289,6 +325,16 @@ pub(super) fn parse_route(
                 topic,
                 group: String::new(),
             })
+        }
+        (None, Some(src)) if is_wildcard(&src.topic) => {
+            r.problem(
+                "dlq",
+                format!(
+                    "missing: the source subject \"{}\" has wildcards, so there is no default \"<subject>.dlq\"; set dlq = {{ topic = \"...\" }}",
+                    src.topic
+                ),
+            );
+            None
         }
         (None, Some(src)) => Some(Endpoint {
             broker: src.broker.clone(),
@@ -324,6 +370,7 @@ pub(super) fn parse_route(
         name: name.to_owned(),
         handler: handler?,
         source: source?,
+        jetstream,
         outputs,
         concurrency,
         ordering,
@@ -333,6 +380,50 @@ pub(super) fn parse_route(
         dlq: dlq?,
         idempotency,
         rate_limit,
+    })
+}
+
+fn is_wildcard(subject: &str) -> bool {
+    subject.split('.').any(|t| t == "*" || t == ">")
+}
+
+/// Whether NATS subject `filter` (with `*` and `>` wildcards) matches `subject`.
+pub fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut f = filter.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (f.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The JetStream fields of a NATS source; `None` (core NATS) when `stream` is absent.
+fn parse_jetstream(s: &mut Reader<'_>) -> Option<JetStreamSource> {
+    let stream = non_empty(s, "stream");
+    let ack_wait = s.positive("ack_wait_ms").unwrap_or(DEFAULT_ACK_WAIT_MS);
+    let max_ack_pending = s
+        .positive_u32("max_ack_pending")
+        .unwrap_or(DEFAULT_MAX_ACK_PENDING);
+    let max_deliver = s.positive_u32("max_deliver");
+    let Some(stream) = stream else {
+        if let Some(f) = ["ack_wait_ms", "max_ack_pending", "max_deliver"]
+            .iter()
+            .find(|f| s.table.contains_key(**f))
+        {
+            s.problem(f, "needs `stream`: only JetStream sources have it".into());
+        }
+        return None;
+    };
+    Some(JetStreamSource {
+        stream,
+        ack_wait: Duration::from_millis(ack_wait),
+        max_ack_pending,
+        max_deliver,
     })
 }
 
@@ -526,6 +617,18 @@ mod tests {
     }
 
     #[test]
+    fn nats_subject_filters_match_like_the_server() {
+        assert!(subject_matches("orders.>", "orders.dlq"));
+        assert!(subject_matches("orders.>", "orders.eu.dlq"));
+        assert!(!subject_matches("orders.>", "orders"));
+        assert!(subject_matches("orders.*", "orders.dlq"));
+        assert!(!subject_matches("orders.*", "orders.eu.dlq"));
+        assert!(subject_matches("orders", "orders"));
+        assert!(!subject_matches("orders", "orders.dlq"));
+        assert!(subject_matches("*.dlq", "orders.dlq"));
+    }
+
+    #[test]
     fn minimal_route_gets_defaults() {
         let r = parse("handler = \"h\"\nsource = { topic = \"orders\" }\n").unwrap();
         assert_eq!(r.source.broker, "local");
@@ -632,7 +735,7 @@ mod tests {
                 "handler = \"h\"\nsource = { topic = \"orders\" }\ndlq = { topic = \"orders\" }\n"
             ),
             vec![
-                "rt.toml: routes.r.dlq.topic: \"orders\" is the route's own source topic: dead letters would be consumed again"
+                "rt.toml: routes.r.dlq.topic: \"orders\" is the route's own source topic (or matches its subject filter): dead letters would be consumed again"
             ]
         );
     }

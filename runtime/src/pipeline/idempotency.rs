@@ -34,7 +34,11 @@ pub fn key_of(source: &IdempotencyKey, record: &Record) -> Option<String> {
                 other => other.to_string(),
             }
         }
-        IdempotencyKey::Position => record.position(),
+        // Without an offset (core NATS) a position names no single message.
+        IdempotencyKey::Position => {
+            record.offset?;
+            record.position()
+        }
     };
     if raw.is_empty() {
         return None;
@@ -148,6 +152,11 @@ mod tests {
         assert_eq!(k(IdempotencyKey::JsonPointer("/none".into())), None);
         assert_eq!(k(IdempotencyKey::JsonPointer("/missing".into())), None);
         assert_eq!(k(IdempotencyKey::Position).as_deref(), Some("t/2/9"));
+        let unpositioned = Record {
+            offset: None,
+            ..record()
+        };
+        assert_eq!(key_of(&IdempotencyKey::Position, &unpositioned), None);
         let not_json = Record {
             payload: b"nope".to_vec(),
             ..record()

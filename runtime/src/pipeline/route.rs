@@ -489,9 +489,17 @@ async fn dispatch(
         tracing::trace!(route = %shared.route, position = %delivery.record.position(), "Delivery taken");
         let lane = LaneKey {
             partition: delivery.record.partition,
+            // Messages without a key are ordered per topic (per subject on NATS, where one
+            // route may read many).
             key: match shared.config.ordering {
                 Ordering::Partition => None,
-                Ordering::Key => delivery.record.key.clone(),
+                Ordering::Key => Some(
+                    delivery
+                        .record
+                        .key
+                        .clone()
+                        .unwrap_or_else(|| delivery.record.topic.as_bytes().to_vec()),
+                ),
             },
         };
         let item = Item {
@@ -670,7 +678,15 @@ impl Shared {
         let message_id = record.position();
         let dedup_base = match &idem_key {
             Some(k) => format!("{}:key:{k}", self.route),
-            None => format!("{}:pos:{message_id}", self.route),
+            None if record.offset.is_some() => format!("{}:pos:{message_id}", self.route),
+            // No position (core NATS): a fresh id, or a sink that drops repeated ids would drop
+            // every output after the first.
+            None => format!(
+                "{}:msg:{:016x}{:016x}",
+                self.route,
+                fastrand::u64(..),
+                fastrand::u64(..)
+            ),
         };
         let mut attempt = previous_attempts.saturating_add(1);
         let mut failure: Option<LastFailure> = None;

@@ -1,0 +1,470 @@
+//! NATS: JetStream pull consumers and publishes (at-least-once), and core NATS queue
+//! subscriptions (at-most-once).
+//!
+//! - **Connection.** One client per `[brokers.<name>]`, shared by every source and sink on it.
+//!   It connects in the background and reconnects forever with a capped backoff, so a server
+//!   restart never ends a route: sources re-create their consumer and go on.
+//! - **JetStream source.** A durable pull consumer (`source.group` is its name) on an existing
+//!   stream, filtered by `source.topic`, explicit acks. A delivery is acked after it is done,
+//!   `term`ed after its dead letter was written, and while it is held (queued, running, backing
+//!   off between in-process retries) an `in_progress` goes out every half `ack_wait`, so a long
+//!   handler is never redelivered under it. A dropped (abandoned) delivery stops its heartbeat
+//!   and is redelivered after `ack_wait`. Pause stops fetching. The delivery count gives the
+//!   attempts already made.
+//! - **JetStream sink.** Publishes with an awaited PubAck; the `lockgate-id` header becomes
+//!   `Nats-Msg-Id`, so the stream drops a repeated output inside its duplicate window.
+//! - **Keys.** NATS has no message key: a key travels in the `lockgate-key` header. (With
+//!   `ordering = "key"` the pipeline orders messages without a key per subject.)
+//! - **Core source.** A queue subscription (`source.group` is the queue group). Core NATS has no
+//!   acknowledgements: a message the process holds when it dies is gone.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind as JsAck, consumer};
+use futures_util::StreamExt;
+
+use super::{
+    Ack, AckHandle, AckKind, BoxFuture, BrokerError, Delivery, OutRecord, Record, Sink, Source,
+};
+use crate::config::{JetStreamSource as JetStreamConfig, NatsConfig};
+
+/// Header that carries a message key through NATS (which has none).
+pub const KEY_HEADER: &str = "lockgate-key";
+
+/// Longest wait between two reconnect attempts.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(format!("nats: {what}: {e}"))
+}
+
+/// Connects to the broker `name` described by `cfg`; relative file paths are taken from
+/// `base_dir`. Returns at once: the connection is made (and remade) in the background.
+pub async fn connect(
+    name: &str,
+    cfg: &NatsConfig,
+    base_dir: &Path,
+) -> Result<async_nats::Client, BrokerError> {
+    let broker = name.to_owned();
+    let mut options = async_nats::ConnectOptions::new()
+        .name(format!("lockgate {name}"))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .reconnect_delay_callback(|attempts| {
+            let ms = 100u64.saturating_mul(1 << attempts.min(6));
+            Duration::from_millis(ms).min(MAX_RECONNECT_DELAY)
+        })
+        .event_callback(move |event| {
+            let broker = broker.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        tracing::info!(broker = %broker, "NATS connected");
+                    }
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!(broker = %broker, "NATS disconnected; reconnecting");
+                    }
+                    other => tracing::debug!(broker = %broker, event = %other, "NATS event"),
+                }
+            }
+        })
+        .require_tls(cfg.tls);
+    if let Some(f) = &cfg.credentials_file {
+        let path = base_dir.join(f);
+        options = options.credentials_file(&path).await.map_err(|e| {
+            BrokerError::Invalid(format!(
+                "nats {name}: cannot read credentials_file {}: {e}",
+                path.display()
+            ))
+        })?;
+    }
+    if let Some(f) = &cfg.nkey_seed_file {
+        let path = base_dir.join(f);
+        let seed = std::fs::read_to_string(&path).map_err(|e| {
+            BrokerError::Invalid(format!(
+                "nats {name}: cannot read nkey_seed_file {}: {e}",
+                path.display()
+            ))
+        })?;
+        options = options.nkey(seed.trim().to_owned());
+    }
+    if let Some(t) = &cfg.token {
+        options = options.token(t.clone());
+    }
+    if let Some((u, p)) = &cfg.user_password {
+        options = options.user_and_password(u.clone(), p.clone());
+    }
+    if let Some(f) = &cfg.tls_ca_file {
+        options = options.add_root_certificates(base_dir.join(f));
+    }
+    let servers: Vec<async_nats::ServerAddr> = cfg
+        .servers
+        .iter()
+        .map(|s| {
+            s.parse()
+                .map_err(|e| BrokerError::Invalid(format!("nats {name}: server {s}: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    options
+        .connect(servers)
+        .await
+        .map_err(|e| unavailable(&format!("connect to {name}"), e))
+}
+
+fn record_of(message: &async_nats::Message) -> Record {
+    let mut headers = Vec::new();
+    let mut key = None;
+    if let Some(h) = &message.headers {
+        for (name, values) in h.iter() {
+            for v in values {
+                if AsRef::<str>::as_ref(name) == KEY_HEADER {
+                    key = Some(v.as_str().as_bytes().to_vec());
+                }
+                headers.push((name.to_string(), v.as_str().as_bytes().to_vec()));
+            }
+        }
+        // A hash map's order is arbitrary; sorted headers at least compare stably.
+        headers.sort();
+    }
+    Record {
+        topic: message.subject.to_string(),
+        partition: None,
+        offset: None,
+        key,
+        headers,
+        payload: message.payload.to_vec(),
+        timestamp_ms: None,
+        reply_to: None,
+    }
+}
+
+/// A JetStream durable pull consumer.
+pub struct JetStreamSource {
+    js: jetstream::Context,
+    subject: String,
+    durable: String,
+    cfg: JetStreamConfig,
+    describe: String,
+    messages: Option<consumer::pull::Stream>,
+    retry_in: Duration,
+}
+
+impl std::fmt::Debug for JetStreamSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe)
+    }
+}
+
+impl JetStreamSource {
+    /// Consumer `durable` on `cfg.stream`, filtered by `subject`. Nothing is contacted until the
+    /// first [`Source::next`].
+    pub fn new(
+        client: async_nats::Client,
+        subject: &str,
+        durable: &str,
+        cfg: &JetStreamConfig,
+    ) -> Self {
+        Self {
+            js: jetstream::new(client),
+            subject: subject.to_owned(),
+            durable: durable.to_owned(),
+            describe: format!(
+                "jetstream stream {} subject {subject}, consumer {durable}",
+                cfg.stream
+            ),
+            cfg: cfg.clone(),
+            messages: None,
+            retry_in: Duration::from_millis(100),
+        }
+    }
+
+    async fn open(&self) -> Result<consumer::pull::Stream, BrokerError> {
+        let stream = self
+            .js
+            .get_stream(&self.cfg.stream)
+            .await
+            .map_err(|e| unavailable(&format!("stream {}", self.cfg.stream), e))?;
+        let config = consumer::pull::Config {
+            durable_name: Some(self.durable.clone()),
+            filter_subject: self.subject.clone(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.cfg.ack_wait,
+            max_deliver: self.cfg.max_deliver.map_or(-1, i64::from),
+            max_ack_pending: i64::from(self.cfg.max_ack_pending),
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        };
+        let consumer: consumer::PullConsumer = stream
+            .get_or_create_consumer(&self.durable, config)
+            .await
+            .map_err(|e| unavailable(&format!("consumer {}", self.durable), e))?;
+        let batch = usize::try_from(self.cfg.max_ack_pending)
+            .unwrap_or(usize::MAX)
+            .clamp(1, 500);
+        consumer
+            .stream()
+            .max_messages_per_batch(batch)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| unavailable(&format!("pull from {}", self.durable), e))
+    }
+
+    fn delivery(&self, message: jetstream::Message) -> Delivery {
+        let (mut record, delivered, sequence, published_ms) = {
+            let record = record_of(&message.message);
+            match message.info() {
+                Ok(info) => (
+                    record,
+                    info.delivered,
+                    Some(info.stream_sequence),
+                    u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).ok(),
+                ),
+                Err(_) => (record, 1, None, None),
+            }
+        };
+        record.offset = sequence;
+        record.timestamp_ms = published_ms;
+        let (_, acker) = message.split();
+        let acker = Arc::new(acker);
+        // Keeps the delivery alive on the server while the pipeline holds it.
+        let beat = {
+            let acker = acker.clone();
+            let every = self.cfg.ack_wait / 2;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    if let Err(e) = acker.ack_with(JsAck::Progress).await {
+                        tracing::debug!(error = %e, "in_progress failed");
+                    }
+                }
+            })
+        };
+        Delivery {
+            record,
+            ack: AckHandle::new(JetStreamAck {
+                acker,
+                beat: beat.abort_handle(),
+            }),
+            previous_attempts: u32::try_from(delivered.saturating_sub(1)).unwrap_or(0),
+        }
+    }
+}
+
+/// Acks (or terms) one JetStream delivery; stops its heartbeat when resolved or dropped.
+struct JetStreamAck {
+    acker: Arc<jetstream::message::Acker>,
+    beat: tokio::task::AbortHandle,
+}
+
+impl Drop for JetStreamAck {
+    fn drop(&mut self) {
+        self.beat.abort();
+    }
+}
+
+impl Ack for JetStreamAck {
+    fn ack(self: Box<Self>, kind: AckKind) -> BoxFuture<'static, Result<(), BrokerError>> {
+        Box::pin(async move {
+            self.beat.abort();
+            let result = match kind {
+                AckKind::Done => self.acker.ack().await,
+                AckKind::DeadLettered => self.acker.ack_with(JsAck::Term).await,
+            };
+            result.map_err(|e| unavailable("ack", e))
+        })
+    }
+}
+
+impl Source for JetStreamSource {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn next(&mut self) -> BoxFuture<'_, Result<Delivery, BrokerError>> {
+        Box::pin(async move {
+            loop {
+                if self.messages.is_none() {
+                    match self.open().await {
+                        Ok(m) => {
+                            self.messages = Some(m);
+                            self.retry_in = Duration::from_millis(100);
+                        }
+                        Err(e) => {
+                            tracing::warn!(source = %self.describe, error = %e, retry_in_ms = self.retry_in.as_millis() as u64, "Cannot consume; retrying");
+                            tokio::time::sleep(self.retry_in).await;
+                            self.retry_in = (self.retry_in * 2).min(MAX_RECONNECT_DELAY);
+                            continue;
+                        }
+                    }
+                }
+                let Some(messages) = self.messages.as_mut() else {
+                    continue;
+                };
+                match messages.next().await {
+                    Some(Ok(m)) => return Ok(self.delivery(m)),
+                    Some(Err(e)) => {
+                        // Missed heartbeats, a deleted consumer, a lost connection: start over
+                        // (get-or-create the consumer again) after a pause.
+                        tracing::warn!(source = %self.describe, error = %e, "Pull failed; re-creating the consumer");
+                        self.messages = None;
+                        tokio::time::sleep(self.retry_in).await;
+                        self.retry_in = (self.retry_in * 2).min(MAX_RECONNECT_DELAY);
+                    }
+                    None => self.messages = None,
+                }
+            }
+        })
+    }
+
+    fn pause(&mut self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        // Stop fetching: messages already pulled but not handed out come back after ack_wait.
+        self.messages = None;
+        Box::pin(async { Ok(()) })
+    }
+
+    fn commit(&mut self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        let client = self.js.client();
+        Box::pin(async move {
+            client
+                .flush()
+                .await
+                .map_err(|e| unavailable("flush acks", e))
+        })
+    }
+}
+
+/// Publishes to JetStream streams with awaited acknowledgements.
+#[derive(Clone, Debug)]
+pub struct JetStreamSink {
+    js: jetstream::Context,
+}
+
+impl JetStreamSink {
+    /// A sink on `client`.
+    pub fn new(client: async_nats::Client) -> Self {
+        Self {
+            js: jetstream::new(client),
+        }
+    }
+}
+
+fn header_map(r: &OutRecord) -> async_nats::HeaderMap {
+    let mut h = async_nats::HeaderMap::new();
+    for (name, value) in &r.headers {
+        // NATS headers are text; bytes that are not UTF-8 are replaced.
+        h.append(name.as_str(), String::from_utf8_lossy(value).into_owned());
+        if name == super::LOCKGATE_ID_HEADER {
+            h.insert(
+                async_nats::header::NATS_MESSAGE_ID,
+                String::from_utf8_lossy(value).into_owned(),
+            );
+        }
+    }
+    if let Some(k) = &r.key {
+        h.insert(KEY_HEADER, String::from_utf8_lossy(k).into_owned());
+    }
+    h
+}
+
+impl Sink for JetStreamSink {
+    fn publish(&self, records: Vec<OutRecord>) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            // Send all, then await every PubAck: one round trip for the batch.
+            let mut acks = Vec::with_capacity(records.len());
+            for r in &records {
+                let ack = self
+                    .js
+                    .publish_with_headers(r.topic.clone(), header_map(r), r.payload.clone().into())
+                    .await
+                    .map_err(|e| unavailable(&format!("publish to {}", r.topic), e))?;
+                acks.push(ack);
+            }
+            for (r, ack) in records.iter().zip(acks) {
+                ack.await
+                    .map_err(|e| unavailable(&format!("publish to {}", r.topic), e))?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A core NATS queue subscription: at most once.
+pub struct NatsCoreSource {
+    client: async_nats::Client,
+    subject: String,
+    queue: String,
+    describe: String,
+    subscriber: Option<async_nats::Subscriber>,
+}
+
+impl NatsCoreSource {
+    /// Subscribes to `subject` in queue group `queue` on first [`Source::next`].
+    pub fn new(client: async_nats::Client, subject: &str, queue: &str) -> Self {
+        Self {
+            client,
+            subject: subject.to_owned(),
+            queue: queue.to_owned(),
+            describe: format!("nats core subject {subject}, queue group {queue}"),
+            subscriber: None,
+        }
+    }
+}
+
+/// Core NATS has nothing to acknowledge.
+struct NoAck;
+
+impl Ack for NoAck {
+    fn ack(self: Box<Self>, _kind: AckKind) -> BoxFuture<'static, Result<(), BrokerError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+impl Source for NatsCoreSource {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn next(&mut self) -> BoxFuture<'_, Result<Delivery, BrokerError>> {
+        Box::pin(async move {
+            loop {
+                if self.subscriber.is_none() {
+                    let sub = self
+                        .client
+                        .queue_subscribe(self.subject.clone(), self.queue.clone())
+                        .await
+                        .map_err(|e| unavailable(&format!("subscribe to {}", self.subject), e))?;
+                    // The subscription is live once the server answered a ping after it.
+                    self.client
+                        .flush()
+                        .await
+                        .map_err(|e| unavailable(&format!("subscribe to {}", self.subject), e))?;
+                    tracing::info!(source = %self.describe, "Subscribed");
+                    self.subscriber = Some(sub);
+                }
+                let Some(sub) = self.subscriber.as_mut() else {
+                    continue;
+                };
+                match sub.next().await {
+                    Some(m) => {
+                        let mut record = record_of(&m);
+                        record.reply_to = m.reply.as_ref().map(ToString::to_string);
+                        return Ok(Delivery {
+                            record,
+                            ack: AckHandle::new(NoAck),
+                            previous_attempts: 0,
+                        });
+                    }
+                    None => return Err(BrokerError::Closed),
+                }
+            }
+        })
+    }
+
+    fn commit(&mut self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async { Ok(()) })
+    }
+}

@@ -1,0 +1,557 @@
+//! `lockgate run` against a real nats-server (JetStream and core NATS) (started by `scripts/brokers.sh
+//! start nats`; `LOCKGATE_NATS_URL` overrides nats://127.0.0.1:4222).
+//!
+//! Every test makes its own streams, subjects and consumer, so tests never see each other's data.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+use lockgate_tests::kafka::unique;
+use lockgate_tests::nats::{Got, Nats, url};
+use lockgate_tests::{Proc, guest, run_logs, run_stat, start_run, wait_for_progress};
+
+/// Generous bound for a debug build on a loaded 2-core machine.
+const DEADLINE: Duration = Duration::from_secs(600);
+
+/// Subjects and streams of one test: `<base>.in|out|dlq` in streams `<base>-in|out|dlq`.
+struct Names {
+    base: String,
+    durable: String,
+}
+
+impl Names {
+    fn new(test: &str) -> Self {
+        let base = unique(test);
+        Self {
+            durable: format!("{base}-worker"),
+            base,
+        }
+    }
+    fn subject(&self, what: &str) -> String {
+        format!("{}.{what}", self.base)
+    }
+    fn stream(&self, what: &str) -> String {
+        format!("{}-{what}", self.base)
+    }
+    /// Creates the three streams.
+    fn create(&self, nats: &Nats) {
+        for what in ["in", "out", "dlq"] {
+            nats.create_stream(&self.stream(what), &[&self.subject(what)]);
+        }
+    }
+}
+
+fn write_config(
+    dir: &Path,
+    n: &Names,
+    server: &str,
+    source_extra: &str,
+    route_extra: &str,
+) -> PathBuf {
+    let config = dir.join("runtime.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"version = 1
+[runtime]
+state_dir = "state"
+shutdown_grace_ms = 5000
+
+[brokers.nats]
+kind = "nats"
+servers = ["{server}"]
+
+[handlers.chaos]
+module = "{module}"
+timeout_ms = 10000
+config = {{ target = "{out}" }}
+
+[routes.orders]
+handler = "chaos"
+source = {{ broker = "nats", topic = "{input}", group = "{durable}", stream = "{stream}"{source_extra} }}
+outputs = ["{out}"]
+dlq = {{ topic = "{dlq}" }}
+{route_extra}
+"#,
+            module = guest("chaos").display(),
+            out = n.subject("out"),
+            input = n.subject("in"),
+            durable = n.durable,
+            stream = n.stream("in"),
+            dlq = n.subject("dlq"),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn start(dir: &Path, config: &Path, run: u32) -> Proc {
+    start_run(dir, config, run, None, "lockgate=info,warn")
+}
+
+/// Waits until out + dlq streams hold `target` messages.
+fn wait_for(nats: &Nats, n: &Names, target: u64, child: &mut Proc, dir: &Path, run: u32) {
+    wait_for_progress(
+        child,
+        dir,
+        run,
+        target,
+        DEADLINE,
+        Duration::from_millis(100),
+        || nats.count(&n.stream("out")) + nats.count(&n.stream("dlq")),
+    );
+}
+
+fn stop(child: &mut Proc, dir: &Path, run: u32) {
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}\n{}", run_logs(dir, run));
+}
+
+fn id_of(payload: &str) -> u64 {
+    let v: serde_json::Value = serde_json::from_str(payload).unwrap();
+    v["id"].as_u64().unwrap()
+}
+
+/// Messages `0..n` on `subject`: key `k<i % keys>`, payload `{"id": i}` plus `extra(i)`.
+fn orders(
+    subject: &str,
+    n: u64,
+    keys: u64,
+    extra: impl Fn(u64) -> &'static str,
+) -> Vec<(String, Option<String>, String)> {
+    (0..n)
+        .map(|i| {
+            (
+                subject.to_owned(),
+                Some(format!("k{}", i % keys)),
+                format!(r#"{{"id":{i}{}}}"#, extra(i)),
+            )
+        })
+        .collect()
+}
+
+fn counts(got: &[Got]) -> BTreeMap<u64, u32> {
+    let mut seen = BTreeMap::new();
+    for g in got {
+        *seen.entry(id_of(&g.payload)).or_default() += 1;
+    }
+    seen
+}
+
+/// Compares id sets, naming at most 20 missing and 20 unexpected ids.
+fn assert_same(what: &str, got: &BTreeSet<u64>, want: &BTreeSet<u64>) {
+    let missing: Vec<_> = want.difference(got).take(20).collect();
+    let extra: Vec<_> = got.difference(want).take(20).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{what}: {} missing (first: {missing:?}), {} unexpected (first: {extra:?})",
+        want.difference(got).count(),
+        got.difference(want).count()
+    );
+}
+
+#[test]
+fn happy_path_handles_every_message_once_in_order_per_key() {
+    const N: u64 = 20_000;
+    let nats = Nats::connect();
+    let n = Names::new("js-happy");
+    n.create(&nats);
+    nats.publish(&orders(&n.subject("in"), N, 61, |_| ""));
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &n,
+        &url(),
+        "",
+        "concurrency = 4\nordering = \"key\"\n",
+    );
+    let mut child = start(dir.path(), &config, 1);
+    wait_for(&nats, &n, N, &mut child, dir.path(), 1);
+    stop(&mut child, dir.path(), 1);
+
+    let out = nats.read(&n.stream("out"));
+    assert_eq!(out.len() as u64, N, "outputs");
+    let seen = counts(&out);
+    assert!(seen.values().all(|c| *c == 1), "an output repeated");
+    assert_same(
+        "outputs",
+        &seen.keys().copied().collect(),
+        &(0..N).collect(),
+    );
+    assert_eq!(nats.count(&n.stream("dlq")), 0);
+    // Order per key: ids only grow within a key, and keys travel in `lockgate-key`.
+    let mut last: BTreeMap<String, u64> = BTreeMap::new();
+    for g in &out {
+        let id = id_of(&g.payload);
+        let key = g.headers["lockgate-key"].clone();
+        assert_eq!(key, format!("k{}", id % 61));
+        if let Some(prev) = last.insert(key.clone(), id) {
+            assert!(prev < id, "key {key} out of order: {prev} then {id}");
+        }
+        assert!(g.headers.contains_key("Nats-Msg-Id"));
+    }
+    let (unacked, redelivered, pending) = nats.consumer_state(&n.stream("in"), &n.durable);
+    assert_eq!((unacked, redelivered, pending), (0, 0, 0));
+}
+
+#[test]
+fn sigkill_mid_stream_loses_nothing_and_duplicates_no_output() {
+    const N: u64 = 10_000;
+    let poison = |i: u64| i % 100 == 42;
+    let nats = Nats::connect();
+    let n = Names::new("js-crash");
+    n.create(&nats);
+    nats.publish(&orders(&n.subject("in"), N, 61, |i| {
+        if i % 100 == 42 {
+            r#","poison":true"#
+        } else if i % 20 == 3 {
+            r#","fail":2"#
+        } else {
+            ""
+        }
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    // A short ack_wait so what the killed processes held comes back quickly.
+    let config = write_config(
+        dir.path(),
+        &n,
+        &url(),
+        ", ack_wait_ms = 2000",
+        "concurrency = 6\nordering = \"key\"\nretry = { max_attempts = 4, initial_backoff_ms = 5, max_backoff_ms = 50 }\nidempotency = { key = \"json:/id\" }\n",
+    );
+    let mut run = 0;
+    for at in [2_000, 6_000] {
+        run += 1;
+        let mut child = start(dir.path(), &config, run);
+        wait_for(&nats, &n, at, &mut child, dir.path(), run);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    run += 1;
+    let mut child = start(dir.path(), &config, run);
+    wait_for(&nats, &n, N, &mut child, dir.path(), run);
+    // Redeliveries of what the kills left unacknowledged may still be running: wait until the
+    // consumer has nothing unacknowledged, then stop.
+    let started = std::time::Instant::now();
+    while nats.consumer_state(&n.stream("in"), &n.durable).0 > 0 {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "{}",
+            run_logs(dir.path(), run)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop(&mut child, dir.path(), run);
+
+    // JetStream drops a repeated `Nats-Msg-Id`, so with idempotency nothing repeats at all.
+    let out = nats.read(&n.stream("out"));
+    let seen = counts(&out);
+    let dup: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(dup.is_empty(), "duplicated outputs: {dup:?}");
+    let want: BTreeSet<u64> = (0..N).filter(|i| !poison(*i)).collect();
+    assert_same("outputs", &seen.keys().copied().collect(), &want);
+    let dead = nats.read(&n.stream("dlq"));
+    let dead_ids: BTreeSet<u64> = dead.iter().map(|g| id_of(&g.payload)).collect();
+    assert_same(
+        "dead letters",
+        &dead_ids,
+        &(0..N).filter(|i| poison(*i)).collect(),
+    );
+    assert_eq!(dead.len(), dead_ids.len(), "a dead letter repeated");
+}
+
+#[test]
+fn a_poison_message_is_dead_lettered_once_termed_and_not_redelivered() {
+    let nats = Nats::connect();
+    let n = Names::new("js-poison");
+    n.create(&nats);
+    nats.publish(&orders(&n.subject("in"), 200, 7, |i| {
+        if i == 50 {
+            r#","poison":true"#
+        } else if i == 60 {
+            r#","fail":9"#
+        } else {
+            ""
+        }
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    // max_deliver 2 with in-process retries: attempts happen within one delivery, so the broker's
+    // limit is never what ends a message; the pipeline dead-letters and terms it.
+    let config = write_config(
+        dir.path(),
+        &n,
+        &url(),
+        ", ack_wait_ms = 1000, max_deliver = 2",
+        "retry = { max_attempts = 3, initial_backoff_ms = 700, max_backoff_ms = 700, jitter = \"none\" }\n",
+    );
+    // The server announces every `term` on an advisory subject.
+    let mut terminated = nats
+        .block_on(nats.client.subscribe(format!(
+            "$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{}.{}",
+            n.stream("in"),
+            n.durable
+        )))
+        .unwrap();
+    let mut child = start(dir.path(), &config, 1);
+    wait_for(&nats, &n, 200, &mut child, dir.path(), 1);
+    // Two more ack_wait periods: a message that was not termed would come back in that time.
+    std::thread::sleep(Duration::from_millis(2_500));
+    stop(&mut child, dir.path(), 1);
+
+    let dead = nats.read(&n.stream("dlq"));
+    let ids: Vec<u64> = dead.iter().map(|g| id_of(&g.payload)).collect();
+    assert_eq!(ids, vec![50, 60], "each dead-lettered once");
+    let d = &dead[1];
+    assert_eq!(d.headers["lockgate-dlq-attempts"], "3");
+    assert_eq!(d.headers["lockgate-dlq-gave-up"], "attempts_exhausted");
+    assert_eq!(dead[0].headers["lockgate-dlq-error-kind"], "reject");
+    assert_eq!(nats.count(&n.stream("out")), 198);
+    let terms = nats.block_on(async {
+        let mut n = 0;
+        while let Ok(Some(_)) =
+            tokio::time::timeout(Duration::from_millis(500), terminated.next()).await
+        {
+            n += 1;
+        }
+        n
+    });
+    assert_eq!(terms, 2, "both dead letters were termed");
+    assert_eq!(
+        run_stat(dir.path(), 1, "received"),
+        200,
+        "redelivered while retrying"
+    );
+    let (unacked, redelivered, pending) = nats.consumer_state(&n.stream("in"), &n.durable);
+    assert_eq!(
+        (unacked, redelivered, pending),
+        (0, 0, 0),
+        "the retries (1.4 s) outlived ack_wait (1 s) only thanks to in_progress"
+    );
+}
+
+#[test]
+fn a_handler_running_three_ack_waits_is_not_redelivered() {
+    let nats = Nats::connect();
+    let n = Names::new("js-long");
+    n.create(&nats);
+    nats.publish(&orders(&n.subject("in"), 3, 3, |i| {
+        if i == 1 { r#","busy_ms":3000"# } else { "" }
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &n,
+        &url(),
+        ", ack_wait_ms = 1000",
+        "concurrency = 3\nordering = \"key\"\n",
+    );
+    let mut child = start(dir.path(), &config, 1);
+    wait_for(&nats, &n, 3, &mut child, dir.path(), 1);
+    std::thread::sleep(Duration::from_millis(1_500));
+    stop(&mut child, dir.path(), 1);
+
+    let out = nats.read(&n.stream("out"));
+    let ids: BTreeSet<u64> = out.iter().map(|g| id_of(&g.payload)).collect();
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert_eq!(ids, BTreeSet::from([0, 1, 2]));
+    // The output stream would drop a repeated output (same Nats-Msg-Id): count deliveries.
+    assert_eq!(
+        run_stat(dir.path(), 1, "received"),
+        3,
+        "redelivered while running"
+    );
+    assert_eq!(run_stat(dir.path(), 1, "succeeded"), 3);
+    let (unacked, redelivered, _) = nats.consumer_state(&n.stream("in"), &n.durable);
+    assert_eq!(
+        (unacked, redelivered),
+        (0, 0),
+        "{}",
+        run_logs(dir.path(), 1)
+    );
+}
+
+/// A nats-server of the test's own (port, store), so it can be restarted without disturbing
+/// the shared one.
+struct OwnServer {
+    port: u16,
+    store: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl OwnServer {
+    fn start(store: &Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut s = Self {
+            port,
+            store: store.to_owned(),
+            proc: None,
+        };
+        s.launch();
+        s
+    }
+
+    fn launch(&mut self) {
+        let child = Command::new("nats-server")
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&self.store)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map(Proc)
+            .expect("nats-server (scripts/brokers.sh installs it)");
+        self.proc = Some(child);
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "nats-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &p.id().to_string()])
+                .status();
+            p.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[test]
+fn a_server_restart_mid_stream_loses_nothing() {
+    const N: u64 = 5_000;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = OwnServer::start(&dir.path().join("nats"));
+    let n = Names::new("js-restart");
+    {
+        let nats = Nats::connect_to(&server.url());
+        n.create(&nats);
+        nats.publish(&orders(&n.subject("in"), N, 13, |_| ""));
+    }
+    let config = write_config(
+        dir.path(),
+        &n,
+        &server.url(),
+        ", ack_wait_ms = 2000",
+        "concurrency = 2\nordering = \"key\"\nrate_limit = { per_second = 1000 }\nidempotency = { key = \"json:/id\" }\n",
+    );
+    let mut child = start(dir.path(), &config, 1);
+    {
+        let nats = Nats::connect_to(&server.url());
+        wait_for(&nats, &n, 1_000, &mut child, dir.path(), 1);
+    }
+    server.stop();
+    // The runtime must ride out the outage.
+    std::thread::sleep(Duration::from_millis(1_000));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "{}",
+        run_logs(dir.path(), 1)
+    );
+    server.launch();
+    let nats = Nats::connect_to(&server.url());
+    wait_for(&nats, &n, N, &mut child, dir.path(), 1);
+    stop(&mut child, dir.path(), 1);
+
+    let out = nats.read(&n.stream("out"));
+    let seen = counts(&out);
+    assert_same(
+        "outputs",
+        &seen.keys().copied().collect(),
+        &(0..N).collect(),
+    );
+    let dup: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(dup.is_empty(), "duplicated outputs: {dup:?}");
+    let logs = run_logs(dir.path(), 1);
+    assert!(logs.contains("NATS disconnected"), "{logs}");
+}
+
+#[test]
+fn a_core_nats_route_handles_what_arrives_and_warns_it_is_at_most_once() {
+    let nats = Nats::connect();
+    let n = Names::new("core");
+    for what in ["out", "dlq"] {
+        nats.create_stream(&n.stream(what), &[&n.subject(what)]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &n, &url(), "", "");
+    // The same config without `stream`: a core queue subscription.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&format!(", stream = \"{}\"", n.stream("in")), "");
+    std::fs::write(&config, text).unwrap();
+    let mut child = start(dir.path(), &config, 1);
+    let started = std::time::Instant::now();
+    while !run_logs(dir.path(), 1).contains("Subscribed") {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "{}",
+            run_logs(dir.path(), 1)
+        );
+        assert!(started.elapsed() < DEADLINE, "{}", run_logs(dir.path(), 1));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    nats.block_on(async {
+        for i in 0..100 {
+            let payload = if i == 7 {
+                r#"{"id":7,"poison":true}"#.to_owned()
+            } else {
+                format!(r#"{{"id":{i}}}"#)
+            };
+            nats.client
+                .publish(n.subject("in"), payload.into())
+                .await
+                .unwrap();
+        }
+        nats.client.flush().await.unwrap();
+    });
+    wait_for(&nats, &n, 100, &mut child, dir.path(), 1);
+    stop(&mut child, dir.path(), 1);
+
+    let out = nats.read(&n.stream("out"));
+    let ids: BTreeSet<u64> = out.iter().map(|g| id_of(&g.payload)).collect();
+    assert_eq!(ids, (0..100).filter(|i| *i != 7).collect());
+    let dead = nats.read(&n.stream("dlq"));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(id_of(&dead[0].payload), 7);
+    let logs = run_logs(dir.path(), 1);
+    assert!(logs.contains("delivery is at most once"), "{logs}");
+}
