@@ -504,31 +504,33 @@ fn a_server_restart_mid_stream_loses_nothing() {
     assert!(logs.contains("NATS disconnected"), "{logs}");
 }
 
-#[test]
-fn a_core_nats_route_handles_what_arrives_and_warns_it_is_at_most_once() {
-    let nats = Nats::connect();
-    let n = Names::new("core");
+/// Starts a core NATS route (no `stream`) with its out and dlq streams; returns once its
+/// subscription is live.
+fn start_core(nats: &Nats, n: &Names, dir: &Path) -> Proc {
     for what in ["out", "dlq"] {
         nats.create_stream(&n.stream(what), &[&n.subject(what)]);
     }
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &n, &url(), "", "");
-    // The same config without `stream`: a core queue subscription.
+    let config = write_config(dir, n, &url(), "", "");
     let text = std::fs::read_to_string(&config)
         .unwrap()
         .replace(&format!(", stream = \"{}\"", n.stream("in")), "");
     std::fs::write(&config, text).unwrap();
-    let mut child = start(dir.path(), &config, 1);
+    let mut child = start(dir, &config, 1);
     let started = std::time::Instant::now();
-    while !run_logs(dir.path(), 1).contains("Subscribed") {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "{}",
-            run_logs(dir.path(), 1)
-        );
-        assert!(started.elapsed() < DEADLINE, "{}", run_logs(dir.path(), 1));
+    while !run_logs(dir, 1).contains("Subscribed") {
+        assert!(child.try_wait().unwrap().is_none(), "{}", run_logs(dir, 1));
+        assert!(started.elapsed() < DEADLINE, "{}", run_logs(dir, 1));
         std::thread::sleep(Duration::from_millis(50));
     }
+    child
+}
+
+#[test]
+fn a_core_nats_route_handles_what_arrives_and_warns_it_is_at_most_once() {
+    let nats = Nats::connect();
+    let n = Names::new("core");
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = start_core(&nats, &n, dir.path());
     nats.block_on(async {
         for i in 0..100 {
             let payload = if i == 7 {
@@ -554,4 +556,130 @@ fn a_core_nats_route_handles_what_arrives_and_warns_it_is_at_most_once() {
     assert_eq!(id_of(&dead[0].payload), 7);
     let logs = run_logs(dir.path(), 1);
     assert!(logs.contains("delivery is at most once"), "{logs}");
+}
+
+/// Seconds since midnight of a log line's leading RFC 3339 timestamp.
+fn log_time(line: &str) -> f64 {
+    let time = line
+        .split('T')
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(|c| c != 'Z');
+    let time = time.split('Z').next().unwrap();
+    let mut parts = time.split(':');
+    let h: f64 = parts.next().unwrap().parse().unwrap();
+    let m: f64 = parts.next().unwrap().parse().unwrap();
+    let s: f64 = parts.next().unwrap().parse().unwrap();
+    h * 3600.0 + m * 60.0 + s
+}
+
+#[test]
+fn broker_mode_redelivers_after_the_backoff_and_counts_attempts_from_deliveries() {
+    let nats = Nats::connect();
+    let n = Names::new("js-nak");
+    n.create(&nats);
+    nats.publish(&orders(&n.subject("in"), 3, 3, |i| match i {
+        0 => r#","fail":3"#,
+        1 => r#","fail":9"#,
+        _ => "",
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &n,
+        &url(),
+        ", ack_wait_ms = 10000, max_deliver = 10",
+        "concurrency = 3\nordering = \"key\"\nretry = { mode = \"broker\", max_attempts = 4, initial_backoff_ms = 300, max_backoff_ms = 5000, multiplier = 2.0, jitter = \"none\" }\n",
+    );
+    let mut child = start_run(dir.path(), &config, 1, None, "lockgate=debug,warn");
+    wait_for(&nats, &n, 3, &mut child, dir.path(), 1);
+    stop(&mut child, dir.path(), 1);
+
+    let out = nats.read(&n.stream("out"));
+    let ids: BTreeSet<u64> = out.iter().map(|g| id_of(&g.payload)).collect();
+    assert_eq!(ids, BTreeSet::from([0, 2]));
+    let dead = nats.read(&n.stream("dlq"));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(id_of(&dead[0].payload), 1);
+    assert_eq!(dead[0].headers["lockgate-dlq-attempts"], "4");
+    // Every attempt was its own delivery: 4 + 4 + 1.
+    assert_eq!(run_stat(dir.path(), 1, "received"), 9);
+    assert_eq!(run_stat(dir.path(), 1, "retried"), 6);
+
+    // The failed attempts of message 0 (stream sequence 1), as logged: attempt numbers come
+    // from the delivery count, and the gaps follow the backoff (300 ms, then 600 ms).
+    let logs = run_logs(dir.path(), 1);
+    let failures: Vec<(u32, f64)> = logs
+        .lines()
+        .filter(|l| l.contains("the broker redelivers it") && l.contains("/-/1 "))
+        .map(|l| {
+            let attempt = l
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("attempt="))
+                .unwrap()
+                .parse()
+                .unwrap();
+            (attempt, log_time(l))
+        })
+        .collect();
+    let attempts: Vec<u32> = failures.iter().map(|(a, _)| *a).collect();
+    assert_eq!(attempts, vec![1, 2, 3], "{logs}");
+    for (i, want) in [(1, 0.3), (2, 0.6)] {
+        let gap = failures[i].1 - failures[i - 1].1;
+        assert!(
+            gap >= want * 0.9 && gap <= want + 1.5,
+            "gap before attempt {} was {gap:.3} s, backoff {want} s\n{logs}",
+            i + 1
+        );
+    }
+}
+
+#[test]
+fn requests_get_the_handlers_answer_or_an_error_answer() {
+    let nats = Nats::connect();
+    let n = Names::new("req");
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = start_core(&nats, &n, dir.path());
+    let path = dir.path().to_owned();
+    let (ok, failed) = nats.block_on(async {
+        let ask = |payload: &'static str| {
+            let path = path.clone();
+            let client = nats.client.clone();
+            let subject = n.subject("in");
+            async move {
+                tokio::time::timeout(
+                    Duration::from_secs(20),
+                    client.request(subject, payload.into()),
+                )
+                .await
+                .expect("no answer before the timeout")
+                .unwrap_or_else(|e| panic!("{e}\n{}", run_logs(&path, 1)))
+            }
+        };
+        (
+            ask(r#"{"id":1}"#).await,
+            ask(r#"{"id":2,"poison":true}"#).await,
+        )
+    });
+    stop(&mut child, dir.path(), 1);
+
+    assert_eq!(&ok.payload[..], br#"{"ok":1}"#);
+    assert!(
+        ok.headers
+            .as_ref()
+            .and_then(|h| h.get("lockgate-error"))
+            .is_none()
+    );
+    let h = failed.headers.as_ref().expect("error answer has headers");
+    assert_eq!(h.get("lockgate-error").unwrap().as_str(), "reject");
+    assert!(
+        h.get("lockgate-error-reason")
+            .unwrap()
+            .as_str()
+            .contains("order 2 is poison")
+    );
+    assert!(failed.payload.is_empty());
+    // The answer does not replace the usual effects: an output and a dead letter.
+    assert_eq!(nats.count(&n.stream("out")), 1);
+    assert_eq!(nats.count(&n.stream("dlq")), 1);
 }

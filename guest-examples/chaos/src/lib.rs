@@ -2,7 +2,8 @@
 //! crash tests: `{"id": 7}` is forwarded to config `target`; `{"id": 7, "fail": 2}` asks to be
 //! retried on attempts 1 and 2 and succeeds on attempt 3; `{"id": 7, "poison": true}` (and
 //! anything that is not such JSON) is rejected, so it ends up in the dead-letter topic;
-//! `{"id": 7, "busy_ms": 3000}` keeps the handler busy for 3 s first (a long handler).
+//! `{"id": 7, "busy_ms": 3000}` keeps the handler busy for 3 s first (a long handler). A message
+//! with a reply subject (a NATS request) is also answered there with `{"ok": 7}`.
 //!
 //! Config `down_until_ms` (ms since the Unix epoch) simulates a dependency outage: until then every
 //! message asks to be retried, which is what trips a route's circuit breaker.
@@ -64,6 +65,11 @@ fn handle(msg: Message) -> Result<(), Error> {
         .maybe_key(msg.key())
         .payload(msg.payload())
         .publish()?;
+    if let Some(reply_to) = msg.reply_to() {
+        Outgoing::new(reply_to)
+            .payload(format!(r#"{{"ok":{}}}"#, order.id))
+            .publish()?;
+    }
     Ok(())
 }
 
@@ -138,5 +144,19 @@ mod tests {
             .unwrap();
         assert!(started.elapsed() >= std::time::Duration::from_millis(50));
         assert_eq!(host.take_published().len(), 1);
+    }
+
+    #[test]
+    fn requests_are_answered_on_their_reply_subject() {
+        let mut host = host();
+        host.call(
+            handle,
+            Message::new(r#"{"id":5}"#).with_reply_to("_INBOX.abc"),
+        )
+        .unwrap();
+        let published = host.take_published();
+        assert_eq!(published.len(), 2);
+        assert_eq!(published[1].topic, "_INBOX.abc");
+        assert_eq!(published[1].payload_str(), Some(r#"{"ok":5}"#));
     }
 }

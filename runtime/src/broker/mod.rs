@@ -111,6 +111,16 @@ pub trait Ack: Send + 'static {
     /// (local, Kafka) this marks the offset done; the position advances over the contiguous
     /// prefix of done messages and is committed in the background.
     fn ack(self: Box<Self>, kind: AckKind) -> BoxFuture<'static, Result<(), BrokerError>>;
+
+    /// Gives the message back for redelivery after `delay` (JetStream's `nak`). Brokers that
+    /// cannot do that leave it unacknowledged, as if dropped.
+    fn redeliver(
+        self: Box<Self>,
+        delay: std::time::Duration,
+    ) -> BoxFuture<'static, Result<(), BrokerError>> {
+        let _ = delay;
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// The pipeline's handle on one delivery. Dropping it without [`AckHandle::ack`] leaves the
@@ -127,6 +137,11 @@ impl AckHandle {
     /// Finishes the delivery.
     pub async fn ack(self, kind: AckKind) -> Result<(), BrokerError> {
         self.0.ack(kind).await
+    }
+
+    /// Asks the broker to deliver the message again after `delay` (see [`Ack::redeliver`]).
+    pub async fn redeliver(self, delay: std::time::Duration) -> Result<(), BrokerError> {
+        self.0.redeliver(delay).await
     }
 }
 

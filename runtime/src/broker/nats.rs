@@ -277,6 +277,16 @@ impl Ack for JetStreamAck {
             result.map_err(|e| unavailable("ack", e))
         })
     }
+
+    fn redeliver(self: Box<Self>, delay: Duration) -> BoxFuture<'static, Result<(), BrokerError>> {
+        Box::pin(async move {
+            self.beat.abort();
+            self.acker
+                .ack_with(JsAck::Nak(Some(delay)))
+                .await
+                .map_err(|e| unavailable("nak", e))
+        })
+    }
 }
 
 impl Source for JetStreamSource {
@@ -388,6 +398,37 @@ impl Sink for JetStreamSink {
                     .map_err(|e| unavailable(&format!("publish to {}", r.topic), e))?;
             }
             Ok(())
+        })
+    }
+}
+
+/// Answers requests with plain (core) publishes: a reply subject belongs to no stream.
+#[derive(Clone, Debug)]
+pub struct NatsReplySink {
+    client: async_nats::Client,
+}
+
+impl NatsReplySink {
+    /// Replies through `client`.
+    pub fn new(client: async_nats::Client) -> Self {
+        Self { client }
+    }
+}
+
+impl Sink for NatsReplySink {
+    fn publish(&self, records: Vec<OutRecord>) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            for r in &records {
+                self.client
+                    .publish_with_headers(r.topic.clone(), header_map(r), r.payload.clone().into())
+                    .await
+                    .map_err(|e| unavailable(&format!("reply to {}", r.topic), e))?;
+            }
+            // Core NATS has no acknowledgement: a flush is the most there is.
+            self.client
+                .flush()
+                .await
+                .map_err(|e| unavailable("flush replies", e))
         })
     }
 }

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use lockgate::broker::kafka::{KafkaSink, KafkaSource};
 use lockgate::broker::local::LocalBroker;
-use lockgate::broker::nats::{JetStreamSink, JetStreamSource, NatsCoreSource};
+use lockgate::broker::nats::{JetStreamSink, JetStreamSource, NatsCoreSource, NatsReplySink};
 use lockgate::broker::{Sink, Source};
 use lockgate::config::{BrokerKind, Config, IdempotencyKey, NatsConfig, Ordering, RouteConfig};
 use lockgate::engine::{Engine, HandlerEnv, InstancePool};
@@ -136,7 +136,11 @@ async fn run_routes(config: Config) -> anyhow::Result<ExitCode> {
         let r = Route::new(
             route.clone(),
             Arc::new(pool),
-            RouteSinks { outputs, dlq },
+            RouteSinks {
+                outputs,
+                dlq,
+                replies: clients.replies(&config, route).await?,
+            },
             done_keys,
         )
         .shutdown_grace(grace);
@@ -255,6 +259,24 @@ impl Clients {
                     }
                 })
             }
+        }
+    }
+
+    /// The sink for answers to requests, for routes whose source has reply subjects.
+    async fn replies(
+        &mut self,
+        config: &Config,
+        route: &RouteConfig,
+    ) -> anyhow::Result<Option<Arc<dyn Sink>>> {
+        let Some(broker) = config.brokers.get(&route.source.broker) else {
+            return Ok(None);
+        };
+        match &broker.kind {
+            BrokerKind::Nats(nats) if route.jetstream.is_none() => {
+                let client = self.nats(config, &broker.name, nats).await?;
+                Ok(Some(Arc::new(NatsReplySink::new(client))))
+            }
+            _ => Ok(None),
         }
     }
 

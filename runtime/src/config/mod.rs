@@ -903,6 +903,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::backoff::RetryMode;
 
     fn problems(text: &str) -> Vec<String> {
         match Config::parse(Path::new("rt.toml"), text) {
@@ -1019,7 +1020,7 @@ mod tests {
     fn nats_brokers_and_jetstream_sources_parse() {
         let c = Config::parse(
             Path::new("rt.toml"),
-            "[brokers.nats]\nkind = \"nats\"\nservers = \"nats://127.0.0.1:4222\"\ncredentials_file = \"a.creds\"\ntls = true\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.js]\nhandler = \"h\"\nsource = { broker = \"nats\", topic = \"orders.*\", group = \"w\", stream = \"ORDERS\", ack_wait_ms = 2000, max_deliver = 5 }\ndlq = { topic = \"dead.orders\" }\n\n[routes.core]\nhandler = \"h\"\nsource = { broker = \"nats\", topic = \"ping\" }\n",
+            "[brokers.nats]\nkind = \"nats\"\nservers = \"nats://127.0.0.1:4222\"\ncredentials_file = \"a.creds\"\ntls = true\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.js]\nhandler = \"h\"\nsource = { broker = \"nats\", topic = \"orders.*\", group = \"w\", stream = \"ORDERS\", ack_wait_ms = 2000, max_deliver = 5 }\nretry = { mode = \"broker\" }\ndlq = { topic = \"dead.orders\" }\n\n[routes.core]\nhandler = \"h\"\nsource = { broker = \"nats\", topic = \"ping\" }\n",
         )
         .unwrap();
         let BrokerKind::Nats(n) = &c.brokers["nats"].kind else {
@@ -1034,6 +1035,8 @@ mod tests {
         assert_eq!(js.max_ack_pending, routes::DEFAULT_MAX_ACK_PENDING);
         assert_eq!(js.max_deliver, Some(5));
         assert!(c.routes["core"].jetstream.is_none());
+        assert_eq!(c.routes["js"].retry.mode, RetryMode::Broker);
+        assert_eq!(c.routes["core"].retry.mode, RetryMode::InProcess);
         assert_eq!(c.routes["core"].dlq.topic, "ping.dlq");
     }
 
@@ -1041,14 +1044,17 @@ mod tests {
     fn jetstream_mistakes_are_named() {
         assert_eq!(
             problems(
-                "[brokers.nats]\nkind = \"nats\"\nservers = [\"nats://127.0.0.1:4222\"]\n\n[brokers.k]\nkind = \"kafka\"\nbootstrap_servers = \"x:1\"\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.a]\nhandler = \"h\"\nsource = { broker = \"nats\", topic = \"orders.>\", stream = \"O\" }\n\n[routes.b]\nhandler = \"h\"\nsource = { broker = \"nats\", topic = \"orders.>\", stream = \"O\" }\ndlq = { topic = \"orders.dlq\" }\n\n[routes.c]\nhandler = \"h\"\nsource = { broker = \"k\", topic = \"t\", stream = \"S\" }\n\n[routes.d]\nhandler = \"h\"\nsource = { broker = \"nats\", topic = \"t\", ack_wait_ms = 0 }\n"
+                "[brokers.nats]\nkind = \"nats\"\nservers = [\"nats://127.0.0.1:4222\"]\n\n[brokers.k]\nkind = \"kafka\"\nbootstrap_servers = \"x:1\"\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.a]\nhandler = \"h\"\nsource = { broker = \"nats\", topic = \"orders.>\", stream = \"O\" }\n\n[routes.b]\nhandler = \"h\"\nsource = { broker = \"nats\", topic = \"orders.>\", stream = \"O\" }\ndlq = { topic = \"orders.dlq\" }\n\n[routes.c]\nhandler = \"h\"\nsource = { broker = \"k\", topic = \"t\", stream = \"S\" }\n\n[routes.d]\nhandler = \"h\"\nsource = { broker = \"nats\", topic = \"t\", ack_wait_ms = 0 }\n\n[routes.e]\nhandler = \"h\"\nsource = { topic = \"t\" }\nretry = { mode = \"broker\" }\n\n[routes.f]\nhandler = \"h\"\nsource = { broker = \"nats\", topic = \"t\", stream = \"S\", max_deliver = 2 }\nretry = { mode = \"broker\", max_attempts = 3 }\n\n[routes.g]\nhandler = \"h\"\nsource = { broker = \"nats\", topic = \"t\", stream = \"S\", max_deliver = 3 }\nretry = { mode = \"nak\", max_attempts = 3 }\n"
             ),
             vec![
                 "rt.toml: routes.a.dlq: missing: the source subject \"orders.>\" has wildcards, so there is no default \"<subject>.dlq\"; set dlq = { topic = \"...\" }",
-                "rt.toml: routes.b.dlq.topic: \"orders.dlq\" is the route's own source topic (or matches its subject filter): dead letters would be consumed again",
+                "rt.toml: routes.b.dlq.topic: \"orders.dlq\" matches the route's source subject \"orders.>\": dead letters would be consumed again",
                 "rt.toml: routes.c.source.stream: only a source on a `kind = \"nats\"` broker has this (`k` is not one)",
                 "rt.toml: routes.d.source.ack_wait_ms: must be greater than 0, found 0",
                 "rt.toml: routes.d.source.ack_wait_ms: needs `stream`: only JetStream sources have it",
+                "rt.toml: routes.e.retry.mode: \"broker\" needs a JetStream source (`source.stream`): only JetStream redelivers with a delay",
+                "rt.toml: routes.f.source.max_deliver: 2 is less than retry.max_attempts (3): with retry.mode = \"broker\" the server would stop redelivering before the message is dead-lettered",
+                "rt.toml: routes.g.retry.mode: unknown value \"nak\"; expected \"process\" or \"broker\"",
             ]
         );
     }

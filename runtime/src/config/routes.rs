@@ -19,7 +19,7 @@
 use std::time::Duration;
 
 use super::Reader;
-use crate::pipeline::backoff::{Jitter, RetryPolicy};
+use crate::pipeline::backoff::{Jitter, RetryMode, RetryPolicy};
 use crate::pipeline::breaker::BreakerConfig;
 
 /// Brokers every config can name without defining them. `local` is the embedded broker.
@@ -290,6 +290,23 @@ pub(super) fn parse_route(
         Some(t) => parse_retry(&mut r.child("retry", t)),
         None => RetryPolicy::default(),
     };
+    if retry.mode == RetryMode::Broker {
+        match &jetstream {
+            None if source.is_some() => r.problem(
+                "retry.mode",
+                "\"broker\" needs a JetStream source (`source.stream`): only JetStream redelivers with a delay".into(),
+            ),
+            Some(js) if js.max_deliver.is_some_and(|m| m < retry.max_attempts) => r.problem(
+                "source.max_deliver",
+                format!(
+                    "{} is less than retry.max_attempts ({}): with retry.mode = \"broker\" the server would stop redelivering before the message is dead-lettered",
+                    js.max_deliver.unwrap_or_default(),
+                    retry.max_attempts
+                ),
+            ),
+            _ => {}
+        }
+    }
     let circuit_breaker = r
         .table("circuit_breaker")
         .map(|t| parse_breaker(&mut r.child("circuit_breaker", t)));
@@ -309,11 +326,14 @@ pub(super) fn parse_route(
                     || (nats_brokers.contains(&broker.as_str())
                         && subject_matches(&src.topic, topic)))
             {
+                let what = if &src.topic == topic {
+                    "is the route's own source topic".to_owned()
+                } else {
+                    format!("matches the route's source subject \"{}\"", src.topic)
+                };
                 d.problem(
                     "topic",
-                    format!(
-                        "\"{topic}\" is the route's own source topic (or matches its subject filter): dead letters would be consumed again"
-                    ),
+                    format!("\"{topic}\" {what}: dead letters would be consumed again"),
                 );
             }
             if !d.table.contains_key("topic") {
@@ -488,7 +508,17 @@ fn parse_retry(r: &mut Reader<'_>) -> RetryPolicy {
     }
     let retry_traps = r.bool("retry_traps").unwrap_or(d.retry_traps);
     let retry_timeouts = r.bool("retry_timeouts").unwrap_or(d.retry_timeouts);
+    let mode = r
+        .choice(
+            "mode",
+            &[
+                ("process", RetryMode::InProcess),
+                ("broker", RetryMode::Broker),
+            ],
+        )
+        .unwrap_or_default();
     r.finish(&[
+        "mode",
         "max_attempts",
         "initial_backoff_ms",
         "max_backoff_ms",
@@ -506,6 +536,7 @@ fn parse_retry(r: &mut Reader<'_>) -> RetryPolicy {
         jitter,
         retry_traps,
         retry_timeouts,
+        mode,
     }
 }
 
@@ -735,7 +766,7 @@ mod tests {
                 "handler = \"h\"\nsource = { topic = \"orders\" }\ndlq = { topic = \"orders\" }\n"
             ),
             vec![
-                "rt.toml: routes.r.dlq.topic: \"orders\" is the route's own source topic (or matches its subject filter): dead letters would be consumed again"
+                "rt.toml: routes.r.dlq.topic: \"orders\" is the route's own source topic: dead letters would be consumed again"
             ]
         );
     }

@@ -78,6 +78,8 @@ pub(crate) struct CallState {
     pub dropped_logs: u64,
     /// The first publish the host refused; it fails the invocation even if `handle` returns ok.
     pub refused_output: Option<String>,
+    /// The message's reply subject: publishing to it is always allowed (request-reply).
+    pub reply_to: Option<String>,
 }
 
 impl CallState {
@@ -177,6 +179,7 @@ impl emit::Host for HostState {
             .outputs
             .as_ref()
             .is_some_and(|allowed| !allowed.contains(&message.topic))
+            && self.call.reply_to.as_deref() != Some(message.topic.as_str())
         {
             Some((
                 format!(

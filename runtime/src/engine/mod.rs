@@ -478,7 +478,10 @@ impl Instance {
         let limits = self.handler.inner.env.limits.clone();
         {
             let data = self.store.data_mut();
-            data.call = CallState::default();
+            data.call = CallState {
+                reply_to: message.reply_to.clone(),
+                ..CallState::default()
+            };
             data.memory.hit = false;
         }
         self.store.set_epoch_deadline(ticks(limits.timeout));

@@ -34,6 +34,17 @@ pub enum FailureKind {
     Timeout,
 }
 
+/// Where the wait between attempts happens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RetryMode {
+    /// `"process"` (the default): lockgate holds the message and retries it after the backoff.
+    #[default]
+    InProcess,
+    /// `"broker"` (JetStream only): lockgate gives the message back with the backoff as the
+    /// redelivery delay (`nak`); the attempt number comes from the delivery count.
+    Broker,
+}
+
 /// A route's `retry` table.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RetryPolicy {
@@ -52,6 +63,8 @@ pub struct RetryPolicy {
     pub retry_traps: bool,
     /// Whether timeouts are retried. Default true.
     pub retry_timeouts: bool,
+    /// Where the wait between attempts happens.
+    pub mode: RetryMode,
 }
 
 impl Default for RetryPolicy {
@@ -64,6 +77,7 @@ impl Default for RetryPolicy {
             jitter: Jitter::Full,
             retry_traps: true,
             retry_timeouts: true,
+            mode: RetryMode::InProcess,
         }
     }
 }

@@ -22,7 +22,7 @@ use crate::broker::{
 };
 use crate::config::{Ordering, RouteConfig};
 use crate::engine::{InboundMessage, InstancePool, Invocation, Outcome};
-use crate::pipeline::backoff::{Decision, FailureKind};
+use crate::pipeline::backoff::{Decision, FailureKind, RetryMode};
 use crate::pipeline::breaker::{Admission, CircuitBreaker};
 use crate::pipeline::dlq::{self, Failure};
 use crate::pipeline::idempotency::{DoneKeys, key_of};
@@ -169,7 +169,15 @@ pub struct RouteSinks {
     pub outputs: Arc<dyn Sink>,
     /// The dead-letter destination.
     pub dlq: Arc<dyn Sink>,
+    /// Answers to requests (outputs to a message's reply subject, and the error answer when a
+    /// request fails for good), for sources whose messages have one (core NATS). Without it
+    /// such outputs go to `outputs`.
+    pub replies: Option<Arc<dyn Sink>>,
 }
+
+/// Header of the answer a requester gets when its request failed for good (`reject`, `retry`,
+/// `trap`, `timeout`); `lockgate-error-reason` carries the reason.
+pub const ERROR_HEADER: &str = "lockgate-error";
 
 /// What a route needs to run.
 pub struct Route {
@@ -486,7 +494,7 @@ async fn dispatch(
             () = shutdown.wait() => return None,
         };
         RouteStats::bump(&shared.stats.received);
-        tracing::trace!(route = %shared.route, position = %delivery.record.position(), "Delivery taken");
+        tracing::trace!(route = %shared.route, position = %delivery.record.position(), reply_to = ?delivery.record.reply_to, "Delivery taken");
         let lane = LaneKey {
             partition: delivery.record.partition,
             // Messages without a key are ordered per topic (per subject on NATS, where one
@@ -518,16 +526,23 @@ async fn dispatch(
 #[derive(Default)]
 struct Pending {
     records: Vec<OutRecord>,
+    replies: Vec<OutRecord>,
     messages: Vec<PendingMessage>,
     /// When the oldest pending message finished.
     since: Option<Instant>,
 }
 
 impl Pending {
-    fn push(&mut self, message: PendingMessage, records: Vec<OutRecord>) {
+    fn push(&mut self, message: PendingMessage, records: Vec<OutRecord>, reply_to: Option<&str>) {
         self.since.get_or_insert_with(Instant::now);
         self.messages.push(message);
-        self.records.extend(records);
+        for r in records {
+            if reply_to == Some(r.topic.as_str()) {
+                self.replies.push(r);
+            } else {
+                self.records.push(r);
+            }
+        }
     }
 }
 
@@ -585,12 +600,20 @@ impl Shared {
             return true;
         }
         let records = std::mem::take(&mut pending.records);
+        let replies = std::mem::take(&mut pending.replies);
         let messages = std::mem::take(&mut pending.messages);
         pending.since = None;
-        if !records.is_empty() {
-            let sink = self.sinks.outputs.clone();
+        tracing::trace!(route = %self.route, messages = messages.len(), outputs = records.len(), answers = replies.len(), "Publishing a batch");
+        let reply_sink = self.sinks.replies.as_ref().unwrap_or(&self.sinks.outputs);
+        for (what, sink, batch) in [
+            ("publish outputs", &self.sinks.outputs, records),
+            ("answer requests", reply_sink, replies),
+        ] {
+            if batch.is_empty() {
+                continue;
+            }
             if self
-                .retry_infra("publish outputs", || sink.publish(records.clone()))
+                .retry_infra(what, || sink.publish(batch.clone()))
                 .await
                 .is_none()
             {
@@ -670,6 +693,7 @@ impl Shared {
                         _permit: permit,
                     },
                     Vec::new(),
+                    None,
                 );
                 return true;
             }
@@ -769,6 +793,7 @@ impl Shared {
                         _permit: permit,
                     },
                     records,
+                    record.reply_to.as_deref(),
                 );
                 return true;
             };
@@ -797,6 +822,17 @@ impl Shared {
                 .retry
                 .decide(attempt, kind, after, fastrand::f64())
             {
+                Decision::RetryAfter { delay, .. }
+                    if self.config.retry.mode == RetryMode::Broker =>
+                {
+                    RouteStats::bump(&self.stats.retried);
+                    tracing::debug!(route = %self.route, message = %message_id, attempt, delay_ms = delay.as_millis() as u64, "Attempt failed; the broker redelivers it");
+                    if let Err(e) = ack.redeliver(delay).await {
+                        // Unacknowledged, it still comes back after ack_wait.
+                        tracing::warn!(route = %self.route, error = %e, "Asking for a redelivery failed; the message returns after ack_wait");
+                    }
+                    return true;
+                }
                 Decision::RetryAfter {
                     delay,
                     attempt: next,
@@ -817,6 +853,7 @@ impl Shared {
                         RouteStats::bump(&self.stats.rejected);
                     }
                     tracing::info!(route = %self.route, message = %message_id, attempts = attempt, kind = f.kind, reason = %f.reason, "Dead-lettering message");
+                    let (letter_kind, letter_reason) = (f.kind, f.reason.clone());
                     let letter = dlq::envelope(
                         &record,
                         &Failure {
@@ -845,6 +882,25 @@ impl Shared {
                         return true;
                     }
                     RouteStats::bump(&self.stats.dead_lettered);
+                    if let Some(reply_to) = &record.reply_to {
+                        // Answer now, so the requester does not wait for its timeout.
+                        let answer = OutRecord {
+                            topic: reply_to.clone(),
+                            key: None,
+                            headers: vec![
+                                (ERROR_HEADER.to_owned(), letter_kind.as_bytes().to_vec()),
+                                (
+                                    format!("{ERROR_HEADER}-reason"),
+                                    letter_reason.clone().into_bytes(),
+                                ),
+                            ],
+                            payload: Vec::new(),
+                        };
+                        let sink = self.sinks.replies.as_ref().unwrap_or(&self.sinks.outputs);
+                        if let Err(e) = sink.publish(vec![answer]).await {
+                            tracing::warn!(route = %self.route, error = %e, "Cannot answer the failed request; the requester will time out");
+                        }
+                    }
                     if self.mark_done(idem_key.as_deref()).await {
                         self.finish(ack, AckKind::DeadLettered).await;
                     } else {

@@ -115,6 +115,7 @@ fn start_bounded(
         RouteSinks {
             outputs: sink.clone(),
             dlq: sink,
+            replies: None,
         },
         done_keys,
     )
