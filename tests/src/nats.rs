@@ -62,6 +62,18 @@ impl Nats {
         Self { rt, client, js }
     }
 
+    /// Connects to `url` with an auth token.
+    pub fn connect_with_token(url: &str, token: &str) -> Self {
+        let rt = crate::kafka::runtime();
+        let client = rt
+            .block_on(
+                async_nats::ConnectOptions::with_token(token.to_owned()).connect(url.to_owned()),
+            )
+            .unwrap();
+        let js = rt.block_on(async { jetstream::new(client.clone()) });
+        Self { rt, client, js }
+    }
+
     /// Runs `f` on this client's runtime.
     pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
         self.rt.block_on(f)

@@ -389,11 +389,17 @@ fn a_handler_running_three_ack_waits_is_not_redelivered() {
 struct OwnServer {
     port: u16,
     store: PathBuf,
+    extra: Vec<String>,
     proc: Option<Proc>,
 }
 
 impl OwnServer {
     fn start(store: &Path) -> Self {
+        Self::start_with(store, &[])
+    }
+
+    /// With extra nats-server arguments (e.g. `--auth TOKEN`).
+    fn start_with(store: &Path, extra: &[&str]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -402,6 +408,7 @@ impl OwnServer {
         let mut s = Self {
             port,
             store: store.to_owned(),
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
             proc: None,
         };
         s.launch();
@@ -419,6 +426,7 @@ impl OwnServer {
                 "-sd",
             ])
             .arg(&self.store)
+            .args(&self.extra)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -682,4 +690,34 @@ fn requests_get_the_handlers_answer_or_an_error_answer() {
     // The answer does not replace the usual effects: an output and a dead letter.
     assert_eq!(nats.count(&n.stream("out")), 1);
     assert_eq!(nats.count(&n.stream("dlq")), 1);
+}
+
+#[test]
+fn a_token_protected_server_is_used_with_its_token() {
+    const TOKEN: &str = "s3cret-token";
+    let dir = tempfile::tempdir().unwrap();
+    let server = OwnServer::start_with(&dir.path().join("nats"), &["--auth", TOKEN]);
+    let url = server.url();
+    let nats = Nats::connect_with_token(&url, TOKEN);
+    let n = Names::new("js-token");
+    n.create(&nats);
+    nats.publish(&orders(&n.subject("in"), 50, 5, |_| ""));
+    let config = write_config(dir.path(), &n, &url, "", "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "kind = \"nats\"\n",
+        &format!("kind = \"nats\"\ntoken = \"{TOKEN}\"\n"),
+    );
+    std::fs::write(&config, &text).unwrap();
+    let mut child = start(dir.path(), &config, 1);
+    wait_for(&nats, &n, 50, &mut child, dir.path(), 1);
+    stop(&mut child, dir.path(), 1);
+    assert_eq!(nats.count(&n.stream("out")), 50);
+
+    // A wrong token fails the start with a reason, instead of retrying forever in silence.
+    std::fs::write(&config, text.replace(TOKEN, "wrong")).unwrap();
+    let mut child = start(dir.path(), &config, 2);
+    let status = child.wait().unwrap();
+    let logs = run_logs(dir.path(), 2);
+    assert_eq!(status.code(), Some(2), "{logs}");
+    assert!(logs.contains("refused the credentials"), "{logs}");
 }

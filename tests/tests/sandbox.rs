@@ -14,8 +14,14 @@ const TIMEOUT: Duration = Duration::from_millis(200);
 const MEMORY_MB: u64 = 32;
 
 fn pool(pooling: bool, isolation: Isolation) -> InstancePool {
+    pool_with_timeout(pooling, isolation, TIMEOUT)
+}
+
+/// For guests that do real work before the limit under test hits (building a 10 MiB payload
+/// takes longer than `TIMEOUT` on a loaded machine).
+fn pool_with_timeout(pooling: bool, isolation: Isolation, timeout: Duration) -> InstancePool {
     let limits = HandlerLimits {
-        timeout: TIMEOUT,
+        timeout,
         max_memory_bytes: MEMORY_MB * 1024 * 1024,
         ..HandlerLimits::default()
     };
@@ -132,7 +138,7 @@ fn environment_is_empty_inside_the_guest() {
 
 #[test]
 fn oversized_publish_fails_the_invocation_even_if_the_guest_returns_ok() {
-    let pool = pool(true, Isolation::Reuse);
+    let pool = pool_with_timeout(true, Isolation::Reuse, Duration::from_secs(10));
     let inv = pool.invoke(&msg("publish-big"));
     match &inv.outcome {
         Outcome::Rejected { reason } => {

@@ -2,8 +2,9 @@
 //! subscriptions (at-most-once).
 //!
 //! - **Connection.** One client per `[brokers.<name>]`, shared by every source and sink on it.
-//!   It connects in the background and reconnects forever with a capped backoff, so a server
-//!   restart never ends a route: sources re-create their consumer and go on.
+//!   Refused credentials fail the start; otherwise it reconnects forever with a capped backoff
+//!   (and connects in the background if the server is down at start), so a server restart
+//!   never ends a route: sources re-create their consumer and go on.
 //! - **JetStream source.** A durable pull consumer (`source.group` is its name) on an existing
 //!   stream, filtered by `source.topic`, explicit acks. A delivery is acked after it is done,
 //!   `term`ed after its dead letter was written, and while it is held (queued, running, backing
@@ -41,16 +42,59 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> BrokerError {
 }
 
 /// Connects to the broker `name` described by `cfg`; relative file paths are taken from
-/// `base_dir`. Returns at once: the connection is made (and remade) in the background.
+/// `base_dir`. Refused credentials are an error at once; an unreachable server is not: the
+/// client then connects (and always reconnects) in the background.
 pub async fn connect(
     name: &str,
     cfg: &NatsConfig,
     base_dir: &Path,
 ) -> Result<async_nats::Client, BrokerError> {
+    let servers: Vec<async_nats::ServerAddr> = cfg
+        .servers
+        .iter()
+        .map(|s| {
+            s.parse()
+                .map_err(|e| BrokerError::Invalid(format!("nats {name}: server {s}: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    match options(name, cfg, base_dir)
+        .await?
+        .connection_timeout(Duration::from_secs(5))
+        .connect(servers.clone())
+        .await
+    {
+        Ok(client) => return Ok(client),
+        Err(e)
+            if matches!(
+                e.kind(),
+                async_nats::ConnectErrorKind::AuthorizationViolation
+                    | async_nats::ConnectErrorKind::Authentication
+            ) =>
+        {
+            return Err(BrokerError::Invalid(format!(
+                "nats {name}: the server refused the credentials: {e}"
+            )));
+        }
+        Err(e) => {
+            tracing::warn!(broker = %name, error = %e, "NATS unreachable at start; connecting in the background");
+        }
+    }
+    options(name, cfg, base_dir)
+        .await?
+        .retry_on_initial_connect()
+        .connect(servers)
+        .await
+        .map_err(|e| unavailable(&format!("connect to {name}"), e))
+}
+
+async fn options(
+    name: &str,
+    cfg: &NatsConfig,
+    base_dir: &Path,
+) -> Result<async_nats::ConnectOptions, BrokerError> {
     let broker = name.to_owned();
     let mut options = async_nats::ConnectOptions::new()
         .name(format!("lockgate {name}"))
-        .retry_on_initial_connect()
         .max_reconnects(None)
         .reconnect_delay_callback(|attempts| {
             let ms = 100u64.saturating_mul(1 << attempts.min(6));
@@ -65,6 +109,15 @@ pub async fn connect(
                     }
                     async_nats::Event::Disconnected => {
                         tracing::warn!(broker = %broker, "NATS disconnected; reconnecting");
+                    }
+                    async_nats::Event::ServerError(e) => {
+                        tracing::error!(broker = %broker, error = %e, "NATS server error");
+                    }
+                    async_nats::Event::ClientError(e) => {
+                        tracing::warn!(broker = %broker, error = %e, "NATS client error");
+                    }
+                    async_nats::Event::SlowConsumer(_) => {
+                        tracing::warn!(broker = %broker, "NATS dropped messages for a slow subscription");
                     }
                     other => tracing::debug!(broker = %broker, event = %other, "NATS event"),
                 }
@@ -99,18 +152,7 @@ pub async fn connect(
     if let Some(f) = &cfg.tls_ca_file {
         options = options.add_root_certificates(base_dir.join(f));
     }
-    let servers: Vec<async_nats::ServerAddr> = cfg
-        .servers
-        .iter()
-        .map(|s| {
-            s.parse()
-                .map_err(|e| BrokerError::Invalid(format!("nats {name}: server {s}: {e}")))
-        })
-        .collect::<Result<_, _>>()?;
-    options
-        .connect(servers)
-        .await
-        .map_err(|e| unavailable(&format!("connect to {name}"), e))
+    Ok(options)
 }
 
 fn record_of(message: &async_nats::Message) -> Record {
