@@ -13,6 +13,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod broker;
 pub mod config;
 pub mod engine;

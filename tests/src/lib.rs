@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: where the built guests and the `lockgate` binary
 //! are, and how to run the binary.
 
+pub mod admin;
 pub mod kafka;
 pub mod nats;
 

@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 use lockgate_tests::Proc;
 use std::time::{Duration, Instant};
 
+use lockgate_tests::admin::{self, admin_addr};
 use lockgate_tests::kafka::{bootstrap, create_topics, create_topics_at, produce, runtime, unique};
 use lockgate_tests::{guest, run_logs, start_run, wait_for_progress};
 use rdkafka::ClientConfig;
@@ -139,6 +140,7 @@ fn write_config_with(dir: &Path, n: &Names, handler_config: &str, route_extra: &
 [runtime]
 state_dir = "state"
 shutdown_grace_ms = 5000
+admin = "127.0.0.1:0"
 
 [brokers.kafka]
 kind = "kafka"
@@ -504,7 +506,23 @@ fn an_open_breaker_pauses_consumption_and_dead_letters_nothing() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    // While it is down: nothing is output, nothing is dead-lettered.
+    // While it is down the consumer's lag shows the waiting messages (refreshed every 5 s).
+    let addr = admin_addr(&mut child, dir.path(), 1);
+    let started = Instant::now();
+    let lag = loop {
+        let page = admin::get(&addr, "/metrics").1;
+        let lag = admin::sum(&page, "lockgate_consumer_lag_messages", "orders");
+        if lag > 0.0 {
+            break lag;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no lag reported while paused\n{page}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(lag <= N as f64, "lag {lag} of {N} messages");
+    // Nothing is output, nothing is dead-lettered.
     let mut tail = out_and_dlq(&n);
     tail.drain(Duration::from_millis(500));
     assert!(

@@ -32,7 +32,8 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use super::{
-    Ack, AckHandle, AckKind, BoxFuture, BrokerError, Delivery, OutRecord, Record, Sink, Source,
+    Ack, AckHandle, AckKind, BoxFuture, BrokerError, Delivery, Lag, LagGauge, OutRecord, Record,
+    Sink, Source,
 };
 use crate::config::KafkaConfig;
 use crate::pipeline::ack::OffsetTracker;
@@ -190,6 +191,8 @@ pub struct KafkaSource {
     shared: Arc<Shared>,
     rx: mpsc::UnboundedReceiver<Delivery>,
     poller: tokio::task::JoinHandle<()>,
+    lag: LagGauge,
+    lag_task: tokio::task::JoinHandle<()>,
     describe: String,
 }
 
@@ -238,38 +241,23 @@ impl KafkaSource {
         let consumer = Arc::new(consumer);
         let (tx, rx) = mpsc::unbounded_channel();
         let poller = tokio::spawn(poll(consumer.clone(), shared.clone(), tx, describe.clone()));
+        let lag = LagGauge::default();
+        let lag_task = tokio::spawn(refresh_lag(consumer.clone(), lag.clone()));
         Ok(Self {
             consumer,
             shared,
             rx,
             poller,
+            lag,
+            lag_task,
             describe,
         })
     }
 
-    /// Per-partition lag: (topic, partition, committed position, high watermark).
-    pub fn lag(&self) -> Result<Vec<(String, i32, i64, i64)>, BrokerError> {
-        let assignment = self
-            .consumer
-            .assignment()
-            .map_err(|e| unavailable("assignment", e))?;
-        let committed = self
-            .consumer
-            .committed_offsets(assignment, Duration::from_secs(5))
-            .map_err(|e| unavailable("committed offsets", e))?;
-        let mut out = Vec::new();
-        for e in committed.elements() {
-            let (_, high) = self
-                .consumer
-                .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(5))
-                .map_err(|err| unavailable("watermarks", err))?;
-            let position = match e.offset() {
-                Offset::Offset(o) => o,
-                _ => 0,
-            };
-            out.push((e.topic().to_owned(), e.partition(), position, high));
-        }
-        Ok(out)
+    /// Per-partition lag of the assigned partitions: (topic, partition, committed position,
+    /// high watermark). Blocks on broker round trips.
+    pub fn lag_now(&self) -> Result<Vec<(String, i32, i64, i64)>, BrokerError> {
+        lag_of(&self.consumer)
     }
 
     fn set_paused(&self, pause: bool) -> Result<(), BrokerError> {
@@ -305,6 +293,51 @@ impl KafkaSource {
 impl Drop for KafkaSource {
     fn drop(&mut self) {
         self.poller.abort();
+        self.lag_task.abort();
+    }
+}
+
+fn lag_of(consumer: &Consumer_) -> Result<Vec<(String, i32, i64, i64)>, BrokerError> {
+    let assignment = consumer
+        .assignment()
+        .map_err(|e| unavailable("assignment", e))?;
+    let committed = consumer
+        .committed_offsets(assignment, Duration::from_secs(5))
+        .map_err(|e| unavailable("committed offsets", e))?;
+    let mut out = Vec::new();
+    for e in committed.elements() {
+        let (_, high) = consumer
+            .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(5))
+            .map_err(|err| unavailable("watermarks", err))?;
+        let position = match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        };
+        out.push((e.topic().to_owned(), e.partition(), position, high));
+    }
+    Ok(out)
+}
+
+/// Keeps `gauge` current: committed vs high watermark per assigned partition.
+async fn refresh_lag(consumer: Arc<Consumer_>, gauge: LagGauge) {
+    let mut every = tokio::time::interval(super::LAG_REFRESH);
+    loop {
+        every.tick().await;
+        let c = consumer.clone();
+        match tokio::task::spawn_blocking(move || lag_of(&c)).await {
+            Ok(Ok(parts)) => gauge.set(
+                parts
+                    .into_iter()
+                    .map(|(topic, partition, committed, high)| Lag {
+                        topic,
+                        partition: Some(partition),
+                        messages: u64::try_from(high.saturating_sub(committed)).unwrap_or(0),
+                    })
+                    .collect(),
+            ),
+            Ok(Err(e)) => tracing::debug!(error = %e, "Reading consumer lag failed"),
+            Err(_) => return,
+        }
     }
 }
 
@@ -464,6 +497,10 @@ impl Ack for KafkaAck {
 impl Source for KafkaSource {
     fn describe(&self) -> String {
         self.describe.clone()
+    }
+
+    fn lag(&self) -> Option<LagGauge> {
+        Some(self.lag.clone())
     }
 
     fn next(&mut self) -> BoxFuture<'_, Result<Delivery, BrokerError>> {

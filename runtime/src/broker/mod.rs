@@ -163,6 +163,42 @@ pub struct Delivery {
     pub previous_attempts: u32,
 }
 
+/// The backlog of one partition (or stream) of a source: messages not yet committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lag {
+    /// Topic or subject.
+    pub topic: String,
+    /// Partition, when the broker has them.
+    pub partition: Option<i32>,
+    /// Messages behind.
+    pub messages: u64,
+}
+
+/// A source's backlog, refreshed by the source in the background (reading it costs nothing).
+#[derive(Clone, Debug, Default)]
+pub struct LagGauge(std::sync::Arc<std::sync::Mutex<Vec<Lag>>>);
+
+impl LagGauge {
+    /// Replaces the readings.
+    pub fn set(&self, lag: Vec<Lag>) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = lag;
+    }
+
+    /// The latest readings.
+    pub fn get(&self) -> Vec<Lag> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// How often sources refresh their [`LagGauge`].
+pub const LAG_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Where a route's messages come from.
 ///
 /// The pipeline pulls: it calls [`Source::next`] only when it has room (in-flight bound, rate
@@ -172,6 +208,11 @@ pub struct Delivery {
 pub trait Source: Send + 'static {
     /// A one-line description for logs (`local topic orders, group lockgate`).
     fn describe(&self) -> String;
+
+    /// The source's backlog, when the broker can tell (Kafka lag, JetStream pending).
+    fn lag(&self) -> Option<LagGauge> {
+        None
+    }
 
     /// The next delivery, waiting until one arrives. [`BrokerError::Closed`] ends the stream.
     ///

@@ -27,7 +27,8 @@ use async_nats::jetstream::{self, AckKind as JsAck, consumer};
 use futures_util::StreamExt;
 
 use super::{
-    Ack, AckHandle, AckKind, BoxFuture, BrokerError, Delivery, OutRecord, Record, Sink, Source,
+    Ack, AckHandle, AckKind, BoxFuture, BrokerError, Delivery, Lag, LagGauge, OutRecord, Record,
+    Sink, Source,
 };
 use crate::config::{JetStreamSource as JetStreamConfig, NatsConfig};
 
@@ -191,6 +192,32 @@ pub struct JetStreamSource {
     describe: String,
     messages: Option<consumer::pull::Stream>,
     retry_in: Duration,
+    lag: LagGauge,
+    lag_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for JetStreamSource {
+    fn drop(&mut self) {
+        if let Some(t) = self.lag_task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// Keeps `gauge` at the consumer's pending count (messages not yet delivered).
+async fn refresh_pending(consumer: consumer::PullConsumer, subject: String, gauge: LagGauge) {
+    let mut every = tokio::time::interval(super::LAG_REFRESH);
+    loop {
+        every.tick().await;
+        match consumer.get_info().await {
+            Ok(info) => gauge.set(vec![Lag {
+                topic: subject.clone(),
+                partition: None,
+                messages: info.num_pending,
+            }]),
+            Err(e) => tracing::debug!(error = %e, "Reading consumer info failed"),
+        }
+    }
 }
 
 impl std::fmt::Debug for JetStreamSource {
@@ -219,10 +246,12 @@ impl JetStreamSource {
             cfg: cfg.clone(),
             messages: None,
             retry_in: Duration::from_millis(100),
+            lag: LagGauge::default(),
+            lag_task: None,
         }
     }
 
-    async fn open(&self) -> Result<consumer::pull::Stream, BrokerError> {
+    async fn open(&self) -> Result<(consumer::PullConsumer, consumer::pull::Stream), BrokerError> {
         let stream = self
             .js
             .get_stream(&self.cfg.stream)
@@ -245,14 +274,15 @@ impl JetStreamSource {
         let batch = usize::try_from(self.cfg.max_ack_pending)
             .unwrap_or(usize::MAX)
             .clamp(1, 500);
-        consumer
+        let messages = consumer
             .stream()
             .max_messages_per_batch(batch)
             .heartbeat(Duration::from_secs(5))
             .expires(Duration::from_secs(30))
             .messages()
             .await
-            .map_err(|e| unavailable(&format!("pull from {}", self.durable), e))
+            .map_err(|e| unavailable(&format!("pull from {}", self.durable), e))?;
+        Ok((consumer, messages))
     }
 
     fn delivery(&self, message: jetstream::Message) -> Delivery {
@@ -336,14 +366,26 @@ impl Source for JetStreamSource {
         self.describe.clone()
     }
 
+    fn lag(&self) -> Option<LagGauge> {
+        Some(self.lag.clone())
+    }
+
     fn next(&mut self) -> BoxFuture<'_, Result<Delivery, BrokerError>> {
         Box::pin(async move {
             loop {
                 if self.messages.is_none() {
                     match self.open().await {
-                        Ok(m) => {
+                        Ok((consumer, m)) => {
                             self.messages = Some(m);
                             self.retry_in = Duration::from_millis(100);
+                            if let Some(t) = self.lag_task.take() {
+                                t.abort();
+                            }
+                            self.lag_task = Some(tokio::spawn(refresh_pending(
+                                consumer,
+                                self.subject.clone(),
+                                self.lag.clone(),
+                            )));
                         }
                         Err(e) => {
                             tracing::warn!(source = %self.describe, error = %e, retry_in_ms = self.retry_in.as_millis() as u64, "Cannot consume; retrying");

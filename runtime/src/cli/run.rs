@@ -37,6 +37,11 @@ pub struct RunArgs {
     /// `[runtime] state_dir` (the demo and tests use a fresh directory).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+
+    /// Serve /metrics (Prometheus), /healthz and /readyz on this address (ip:port; port 0
+    /// picks a free one). Overrides `[runtime] admin`.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<std::net::SocketAddr>,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -50,6 +55,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     if let Some(dir) = args.state_dir {
         config.state_dir = dir;
+    }
+    if let Some(addr) = args.admin {
+        config.admin = Some(addr.to_string());
     }
     if config.routes.is_empty() {
         eprintln!(
@@ -82,6 +90,22 @@ async fn run_routes(config: Config) -> anyhow::Result<ExitCode> {
     let grace = Duration::from_millis(config.shutdown_grace_ms);
 
     let (trigger, shutdown) = Shutdown::new();
+    let admin_routes = lockgate::admin::AdminRoutes::default();
+    if let Some(addr) = &config.admin {
+        let (listener, local) = lockgate::admin::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on the admin address {addr}"))?;
+        println!("lockgate: admin endpoint on http://{local} (/metrics, /healthz, /readyz)");
+        let stop = shutdown.clone();
+        let admin = admin_routes.clone();
+        tokio::spawn(async move {
+            if let Err(e) =
+                lockgate::admin::serve(listener, admin, async move { stop.wait().await }).await
+            {
+                tracing::error!(error = %e, "The admin endpoint failed");
+            }
+        });
+    }
     let mut routes = tokio::task::JoinSet::new();
     let mut clients = Clients::default();
     for route in config.routes.values() {
@@ -108,14 +132,12 @@ async fn run_routes(config: Config) -> anyhow::Result<ExitCode> {
                     handler_cfg.name
                 )
             })?;
+        let module_hash = handler.module_hash().to_owned();
         let source = clients
             .source(&config, &broker, route)
             .await
             .with_context(|| format!("route {}: cannot open its source", route.name))?;
-        println!(
-            "{}",
-            summary(route, handler.module_hash(), &source.describe())
-        );
+        println!("{}", summary(route, &module_hash, &source.describe()));
         let pool = InstancePool::new(
             handler,
             handler_cfg.isolation,
@@ -144,6 +166,13 @@ async fn run_routes(config: Config) -> anyhow::Result<ExitCode> {
             done_keys,
         )
         .shutdown_grace(grace);
+        admin_routes.add(lockgate::admin::RouteEntry {
+            route: route.name.clone(),
+            handler: route.handler.clone(),
+            handler_version: module_hash.clone(),
+            stats: r.stats(),
+            lag: source.lag(),
+        });
         routes.spawn(r.run(source, shutdown.clone()));
     }
     println!(

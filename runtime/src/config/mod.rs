@@ -68,6 +68,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// `[runtime] shutdown_grace_ms`: how long in-flight work may take to finish at shutdown.
     pub shutdown_grace_ms: u64,
+    /// `[runtime] admin`: `host:port` of `/metrics`, `/healthz` and `/readyz`; off when unset.
+    pub admin: Option<String>,
     /// Engine settings.
     pub engine: EngineConfig,
     /// Handlers by name, in file order.
@@ -277,6 +279,7 @@ impl Config {
 
         let mut state_dir = base_dir.join(DEFAULT_STATE_DIR);
         let mut shutdown_grace_ms = DEFAULT_SHUTDOWN_GRACE_MS;
+        let mut admin = None;
         if let Some(rt) = root.table("runtime") {
             let mut r = root.child("runtime", rt);
             if let Some(dir) = r.string("state_dir") {
@@ -289,7 +292,18 @@ impl Config {
             if let Some(ms) = r.positive("shutdown_grace_ms") {
                 shutdown_grace_ms = ms;
             }
-            r.finish(&["state_dir", "shutdown_grace_ms"]);
+            if let Some(a) = r.string("admin") {
+                match a.parse::<std::net::SocketAddr>() {
+                    Ok(_) => admin = Some(a),
+                    Err(_) => r.problem(
+                        "admin",
+                        format!(
+                            "\"{a}\" is not an address: expected ip:port, e.g. \"127.0.0.1:9464\""
+                        ),
+                    ),
+                }
+            }
+            r.finish(&["state_dir", "shutdown_grace_ms", "admin"]);
         }
 
         let mut engine = EngineConfig {
@@ -350,6 +364,7 @@ impl Config {
             base_dir,
             state_dir,
             shutdown_grace_ms,
+            admin,
             engine,
             handlers,
             brokers,
@@ -1061,14 +1076,19 @@ mod tests {
 
     #[test]
     fn runtime_table_fields() {
-        let c =
-            Config::parse(Path::new("rt.toml"), "[runtime]\nshutdown_grace_ms = 250\n").unwrap();
+        let c = Config::parse(
+            Path::new("rt.toml"),
+            "[runtime]\nshutdown_grace_ms = 250\nadmin = \"127.0.0.1:9464\"\n",
+        )
+        .unwrap();
         assert_eq!(c.shutdown_grace_ms, 250);
+        assert_eq!(c.admin.as_deref(), Some("127.0.0.1:9464"));
+        assert_eq!(Config::parse(Path::new("rt.toml"), "").unwrap().admin, None);
         assert_eq!(
             problems("[runtime]\nshutdown_grace_ms = 0\nstate = \"x\"\n"),
             vec![
                 "rt.toml: runtime.shutdown_grace_ms: must be greater than 0, found 0",
-                "rt.toml: runtime.state: unknown field `state` (expected one of: state_dir, shutdown_grace_ms)",
+                "rt.toml: runtime.state: unknown field `state` (expected one of: state_dir, shutdown_grace_ms, admin)",
             ]
         );
     }

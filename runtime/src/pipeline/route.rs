@@ -23,7 +23,7 @@ use crate::broker::{
 use crate::config::{Ordering, RouteConfig};
 use crate::engine::{InboundMessage, InstancePool, Invocation, Outcome};
 use crate::pipeline::backoff::{Decision, FailureKind, RetryMode};
-use crate::pipeline::breaker::{Admission, CircuitBreaker};
+use crate::pipeline::breaker::{Admission, BreakerState, CircuitBreaker};
 use crate::pipeline::dlq::{self, Failure};
 use crate::pipeline::idempotency::{DoneKeys, key_of};
 use crate::pipeline::lanes::Lanes;
@@ -68,8 +68,39 @@ impl Invoker for InstancePool {
     }
 }
 
-/// Counters of one route (the metrics endpoint will export them).
-#[derive(Debug, Default)]
+/// Buckets of the handler-duration histogram, in seconds (100 µs .. ~26 s).
+fn duration_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.0001, 4.0, 10)
+}
+
+/// What a route is doing, for `/readyz` and the `lockgate_route_state` gauge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RouteState {
+    /// Opening its source.
+    Starting = 0,
+    /// Taking messages.
+    Running = 1,
+    /// Source paused: the circuit breaker is open.
+    Paused = 2,
+    /// Ended (shutdown or a source error).
+    Stopped = 3,
+}
+
+impl RouteState {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
+/// Counters and gauges of one route, read by `lockgate run`'s summary and `/metrics`.
+#[derive(Debug)]
 pub struct RouteStats {
     /// Deliveries taken from the source.
     pub received: AtomicU64,
@@ -91,9 +122,56 @@ pub struct RouteStats {
     pub abandoned: AtomicU64,
     /// Failed publish / DLQ / state-store calls that were retried.
     pub infra_retries: AtomicU64,
+    /// Messages held (queued in lanes, running, waiting for a retry or for their batch).
+    pub in_flight: AtomicU64,
+    /// Times the circuit breaker opened.
+    pub breaker_trips: AtomicU64,
+    /// The breaker's state: 0 closed, 1 open, 2 half-open (probing).
+    pub breaker_state: AtomicU64,
+    state: std::sync::atomic::AtomicU8,
+    /// Handler call durations, seconds.
+    pub handler_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for RouteStats {
+    fn default() -> Self {
+        Self {
+            received: AtomicU64::new(0),
+            succeeded: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            outputs: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
+            infra_retries: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            breaker_trips: AtomicU64::new(0),
+            breaker_state: AtomicU64::new(0),
+            state: std::sync::atomic::AtomicU8::new(RouteState::Starting as u8),
+            handler_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                duration_buckets(),
+            ),
+        }
+    }
 }
 
 impl RouteStats {
+    /// The route's current state.
+    pub fn state(&self) -> RouteState {
+        match self.state.load(AtomicOrdering::Relaxed) {
+            0 => RouteState::Starting,
+            1 => RouteState::Running,
+            2 => RouteState::Paused,
+            _ => RouteState::Stopped,
+        }
+    }
+
+    fn set_state(&self, state: RouteState) {
+        self.state.store(state as u8, AtomicOrdering::Relaxed);
+    }
+
     fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, AtomicOrdering::Relaxed);
     }
@@ -203,7 +281,29 @@ pub struct RouteReport {
 
 struct Item {
     delivery: Delivery,
+    _permit: Held,
+}
+
+/// A message's place in the in-flight bound, counted in `RouteStats::in_flight` until dropped.
+struct Held {
     _permit: OwnedSemaphorePermit,
+    stats: Arc<RouteStats>,
+}
+
+impl Held {
+    fn new(permit: OwnedSemaphorePermit, stats: Arc<RouteStats>) -> Self {
+        stats.in_flight.fetch_add(1, AtomicOrdering::Relaxed);
+        Self {
+            _permit: permit,
+            stats,
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.stats.in_flight.fetch_sub(1, AtomicOrdering::Relaxed);
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -226,6 +326,7 @@ struct Shared {
 
 /// The breaker plus a wakeup for everything waiting on it.
 struct Breaker {
+    stats: Arc<RouteStats>,
     state: std::sync::Mutex<CircuitBreaker>,
     changed: Notify,
 }
@@ -239,6 +340,19 @@ impl Breaker {
         let before = (b.state(), b.trips());
         let r = f(&mut b);
         let changed = (b.state(), b.trips()) != before;
+        if changed {
+            let code = match b.state() {
+                BreakerState::Closed => 0,
+                BreakerState::Open { .. } => 1,
+                BreakerState::HalfOpen { .. } => 2,
+            };
+            self.stats
+                .breaker_state
+                .store(code, AtomicOrdering::Relaxed);
+            self.stats
+                .breaker_trips
+                .store(b.trips(), AtomicOrdering::Relaxed);
+        }
         drop(b);
         // Only real transitions wake waiters: a waiter's own `admit` that answers Wait must not
         // wake itself.
@@ -343,6 +457,7 @@ impl Route {
         let concurrency = self.config.concurrency.max(1) as usize;
         let rate_limit = self.config.rate_limit.map(RateLimit::new);
         let breaker = self.config.circuit_breaker.clone().map(|c| Breaker {
+            stats: self.stats.clone(),
             state: std::sync::Mutex::new(CircuitBreaker::new(c)),
             changed: Notify::new(),
         });
@@ -375,6 +490,7 @@ impl Route {
             });
         }
 
+        self.stats.set_state(RouteState::Running);
         let error = dispatch(
             &shared,
             source.as_mut(),
@@ -405,6 +521,7 @@ impl Route {
         if let Err(e) = source.commit().await {
             tracing::error!(route = %route, error = %e, "Committing positions at shutdown failed; done messages will be redelivered");
         }
+        self.stats.set_state(RouteState::Stopped);
         RouteReport {
             route,
             stats: self.stats.snapshot(),
@@ -441,6 +558,7 @@ async fn dispatch(
                     return Some(e);
                 }
                 paused = true;
+                shared.stats.set_state(RouteState::Paused);
             }
             if !b.wait_until(shutdown, Breaker::peek).await {
                 return None;
@@ -452,6 +570,7 @@ async fn dispatch(
                 return Some(e);
             }
             paused = false;
+            shared.stats.set_state(RouteState::Running);
         }
         // Waiting for room or for the next message gives way to the breaker opening, so a route
         // that is full or idle still pauses its source (`next` is cancel-safe).
@@ -512,7 +631,7 @@ async fn dispatch(
         };
         let item = Item {
             delivery,
-            _permit: permit,
+            _permit: Held::new(permit, shared.stats.clone()),
         };
         if let Err(item) = lanes.push(lane, item) {
             abandon(&shared.stats, item);
@@ -552,7 +671,7 @@ struct PendingMessage {
     outputs: u64,
     /// Already counted as a duplicate: nothing to publish or record.
     duplicate: bool,
-    _permit: OwnedSemaphorePermit,
+    _permit: Held,
 }
 
 /// A failed attempt, kept for the dead letter.
@@ -745,6 +864,9 @@ impl Shared {
                     },
                 }
             };
+            self.stats
+                .handler_seconds
+                .observe(invocation.elapsed.as_secs_f64());
             for log in &invocation.logs {
                 tracing::debug!(route = %self.route, message = %message_id, level = log.level.as_str(), "guest: {}", log.message);
             }

@@ -1,0 +1,298 @@
+//! The admin endpoint of `lockgate run`: `/metrics` (Prometheus text format), `/healthz` and
+//! `/readyz`.
+//!
+//! Metrics are read from each route's live [`RouteStats`] at scrape time (a
+//! `prometheus-client` collector), so the pipeline keeps counting with plain atomics and nothing
+//! is counted twice. Every series carries `route`, `handler` and `handler_version` (the first
+//! 12 hex digits of the module's hash).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::broker::LagGauge;
+use crate::pipeline::RouteStats;
+use crate::pipeline::route::RouteState;
+
+/// One route as the admin endpoint sees it.
+#[derive(Clone, Debug)]
+pub struct RouteEntry {
+    /// Route name.
+    pub route: String,
+    /// Handler name.
+    pub handler: String,
+    /// Module hash (hex).
+    pub handler_version: String,
+    /// Live counters.
+    pub stats: Arc<RouteStats>,
+    /// The source's backlog, when it reports one.
+    pub lag: Option<LagGauge>,
+}
+
+impl RouteEntry {
+    fn labels(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("route", self.route.clone()),
+            ("handler", self.handler.clone()),
+            (
+                "handler_version",
+                self.handler_version.chars().take(12).collect(),
+            ),
+        ]
+    }
+}
+
+/// The routes of a running instance (shared with the HTTP handlers).
+#[derive(Clone, Debug, Default)]
+pub struct AdminRoutes(Arc<Mutex<Vec<RouteEntry>>>);
+
+impl AdminRoutes {
+    /// Adds a route.
+    pub fn add(&self, entry: RouteEntry) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(entry);
+    }
+
+    fn all(&self) -> Vec<RouteEntry> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+type Read = fn(&RouteStats) -> u64;
+
+/// Counters: (name without `_total`, help, reader).
+const COUNTERS: &[(&str, &str, Read)] = &[
+    (
+        "lockgate_messages_received",
+        "Deliveries taken from the source.",
+        |s| load(&s.received),
+    ),
+    (
+        "lockgate_messages_succeeded",
+        "Messages whose handler succeeded and whose outputs were acknowledged.",
+        |s| load(&s.succeeded),
+    ),
+    (
+        "lockgate_attempts_retried",
+        "Failed attempts that were retried.",
+        |s| load(&s.retried),
+    ),
+    (
+        "lockgate_messages_rejected",
+        "Messages the handler rejected.",
+        |s| load(&s.rejected),
+    ),
+    (
+        "lockgate_messages_dead_lettered",
+        "Messages written to the dead-letter destination.",
+        |s| load(&s.dead_lettered),
+    ),
+    (
+        "lockgate_messages_duplicates_skipped",
+        "Redelivered messages skipped because their idempotency key was done.",
+        |s| load(&s.duplicates),
+    ),
+    (
+        "lockgate_outputs_published",
+        "Outputs published and acknowledged.",
+        |s| load(&s.outputs),
+    ),
+    (
+        "lockgate_rate_limited_waits",
+        "Times the rate limit made the route wait.",
+        |s| load(&s.rate_limited),
+    ),
+    (
+        "lockgate_messages_abandoned",
+        "Messages left unacknowledged at shutdown (redelivered later).",
+        |s| load(&s.abandoned),
+    ),
+    (
+        "lockgate_infra_retries",
+        "Failed publish, dead-letter or state-store calls that were retried.",
+        |s| load(&s.infra_retries),
+    ),
+    (
+        "lockgate_breaker_trips",
+        "Times the circuit breaker opened.",
+        |s| load(&s.breaker_trips),
+    ),
+];
+
+/// Gauges: (name, help, reader).
+const GAUGES: &[(&str, &str, Read)] = &[
+    (
+        "lockgate_messages_in_flight",
+        "Messages held: queued in lanes, running, waiting for a retry or their batch.",
+        |s| load(&s.in_flight),
+    ),
+    (
+        "lockgate_breaker_state",
+        "Circuit breaker: 0 closed, 1 open, 2 half-open.",
+        |s| load(&s.breaker_state),
+    ),
+    (
+        "lockgate_route_state",
+        "Route: 0 starting, 1 running, 2 paused by the breaker, 3 stopped.",
+        |s| s.state() as u64,
+    ),
+];
+
+fn load(a: &std::sync::atomic::AtomicU64) -> u64 {
+    a.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn gauge_value(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl prometheus_client::collector::Collector for AdminRoutes {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let routes = self.all();
+        for (name, help, read) in COUNTERS {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for r in &routes {
+                let labels = r.labels();
+                ConstCounter::new(read(&r.stats)).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        for (name, help, read) in GAUGES {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for r in &routes {
+                let labels = r.labels();
+                ConstGauge::new(gauge_value(read(&r.stats)))
+                    .encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        let mut metric = encoder.encode_descriptor(
+            "lockgate_handler_duration_seconds",
+            "Duration of handler calls (every attempt).",
+            None,
+            MetricType::Histogram,
+        )?;
+        for r in &routes {
+            let labels = r.labels();
+            r.stats
+                .handler_seconds
+                .encode(metric.encode_family(&labels)?)?;
+        }
+        let mut metric = encoder.encode_descriptor(
+            "lockgate_consumer_lag_messages",
+            "Messages not yet committed per partition (Kafka: high watermark - committed; JetStream: consumer pending), refreshed every 5 s.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for r in &routes {
+            for lag in r.lag.iter().flat_map(LagGauge::get) {
+                let labels = vec![
+                    ("route", r.route.clone()),
+                    ("topic", lag.topic.clone()),
+                    (
+                        "partition",
+                        lag.partition.map_or_else(String::new, |p| p.to_string()),
+                    ),
+                ];
+                ConstGauge::new(gauge_value(lag.messages))
+                    .encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct AdminState {
+    registry: Registry,
+    routes: AdminRoutes,
+}
+
+/// Serves the admin endpoint on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    routes: AdminRoutes,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(routes.clone()));
+    let state = Arc::new(AdminState { registry, routes });
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Binds the admin address (`host:port`).
+pub async fn bind(addr: &str) -> std::io::Result<(tokio::net::TcpListener, SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}
+
+async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("cannot encode metrics: {e}\n"),
+        ),
+    }
+}
+
+/// 200 when every route is running (or paused by its breaker, which is it doing its job), 503
+/// while one is starting or after one stopped; the body names each route's state.
+async fn ready(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    let routes = state.routes.all();
+    let ready = !routes.is_empty()
+        && routes
+            .iter()
+            .all(|r| matches!(r.stats.state(), RouteState::Running | RouteState::Paused));
+    let body = serde_json::json!({
+        "ready": ready,
+        "routes": routes.iter().map(|r| serde_json::json!({
+            "route": r.route,
+            "state": r.stats.state().as_str(),
+            "breaker": match load(&r.stats.breaker_state) {
+                0 => "closed",
+                1 => "open",
+                _ => "half_open",
+            },
+            "in_flight": load(&r.stats.in_flight),
+        })).collect::<Vec<_>>(),
+    });
+    (
+        if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{body}\n"),
+    )
+}

@@ -1,0 +1,70 @@
+//! Reading the admin endpoint of a `lockgate run` child (see [`crate::start_run`]).
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use crate::{Proc, run_logs};
+
+/// `GET path` on `addr` (`ip:port`): (status code, body). Panics when the endpoint does not
+/// answer.
+pub fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("admin endpoint reachable");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("set timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send request");
+    let mut response = String::new();
+    s.read_to_string(&mut response).expect("read response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (status, body.to_owned())
+}
+
+/// The value of the first series `name{...}` of `route` in a metrics page.
+pub fn value(page: &str, name: &str, route: &str) -> Option<f64> {
+    let label = format!("route=\"{route}\"");
+    page.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(&label))?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The sum of every series `name{...}` of `route` (e.g. lag over partitions).
+pub fn sum(page: &str, name: &str, route: &str) -> f64 {
+    let label = format!("route=\"{route}\"");
+    page.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The admin address run `run` printed at start (`[runtime] admin` or `--admin`).
+pub fn admin_addr(child: &mut Proc, dir: &Path, run: u32) -> String {
+    let started = std::time::Instant::now();
+    loop {
+        let logs = run_logs(dir, run);
+        if let Some(addr) = logs
+            .split("admin endpoint on http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+        {
+            return addr.to_owned();
+        }
+        assert!(
+            child.try_wait().expect("child status").is_none(),
+            "exited\n{logs}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(60), "{logs}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

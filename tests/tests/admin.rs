@@ -1,0 +1,142 @@
+//! The admin endpoint of `lockgate run` during an end-to-end run on the embedded broker: the
+//! counters `/metrics` reports equal what the messages were built to do.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use lockgate_tests::admin::{admin_addr, get};
+use lockgate_tests::{guest, lockgate, run_logs, show, start_run, wait_for_progress};
+
+/// The value of the series `name{...route="orders"...}` in a metrics page.
+fn value(page: &str, name: &str) -> f64 {
+    lockgate_tests::admin::value(page, name, "orders")
+        .unwrap_or_else(|| panic!("no {name} for route orders in\n{page}"))
+}
+
+#[test]
+fn metrics_count_what_the_messages_were_built_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("runtime.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[runtime]
+state_dir = "state"
+admin = "127.0.0.1:0"
+
+[handlers.chaos]
+module = "{}"
+config = {{ target = "out" }}
+
+[routes.orders]
+handler = "chaos"
+source = {{ topic = "in" }}
+outputs = ["out"]
+retry = {{ max_attempts = 3, initial_backoff_ms = 10, jitter = "none" }}
+"#,
+            guest("chaos").display()
+        ),
+    )
+    .unwrap();
+    // 20 good, 3 that fail once, 2 poison: 25 received, 23 succeeded, 3 retried, 2 rejected and
+    // dead-lettered, 28 handler calls.
+    let mut lines = Vec::new();
+    for i in 0..25 {
+        let extra = match i {
+            20..=22 => r#","fail":1"#,
+            23 | 24 => r#","poison":true"#,
+            _ => "",
+        };
+        lines.push(serde_json::json!({"payload": format!(r#"{{"id":{i}{extra}}}"#)}).to_string());
+    }
+    std::fs::write(dir.path().join("in.jsonl"), lines.join("\n")).unwrap();
+    let out = lockgate(
+        dir.path(),
+        &[
+            "send",
+            "in",
+            "--file",
+            "in.jsonl",
+            "--config",
+            "runtime.toml",
+        ],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+
+    let mut child = start_run(dir.path(), &config, 1, None, "lockgate=info,warn");
+    let addr = admin_addr(&mut child, dir.path(), 1);
+    assert_eq!(get(&addr, "/healthz"), (200, "ok\n".to_owned()));
+    wait_for_progress(
+        &mut child,
+        dir.path(),
+        1,
+        25,
+        Duration::from_secs(120),
+        Duration::from_millis(50),
+        || {
+            let page = get(&addr, "/metrics").1;
+            if !page.contains("lockgate_messages_succeeded_total{") {
+                return 0;
+            }
+            (value(&page, "lockgate_messages_succeeded_total")
+                + value(&page, "lockgate_messages_dead_lettered_total")) as u64
+        },
+    );
+    let (status, page) = get(&addr, "/metrics");
+    assert_eq!(status, 200);
+    for (name, want) in [
+        ("lockgate_messages_received_total", 25.0),
+        ("lockgate_messages_succeeded_total", 23.0),
+        ("lockgate_attempts_retried_total", 3.0),
+        ("lockgate_messages_rejected_total", 2.0),
+        ("lockgate_messages_dead_lettered_total", 2.0),
+        ("lockgate_outputs_published_total", 23.0),
+        ("lockgate_messages_duplicates_skipped_total", 0.0),
+        ("lockgate_handler_duration_seconds_count", 28.0),
+        ("lockgate_messages_in_flight", 0.0),
+        ("lockgate_breaker_state", 0.0),
+        ("lockgate_route_state", 1.0),
+    ] {
+        assert_eq!(value(&page, name), want, "{name}\n{page}");
+    }
+    assert!(page.contains("handler=\"chaos\""), "{page}");
+    assert!(page.contains("handler_version=\""), "{page}");
+    let (status, body) = get(&addr, "/readyz");
+    assert_eq!(status, 200, "{body}");
+    let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ready["ready"], true);
+    assert_eq!(ready["routes"][0]["route"], "orders");
+    assert_eq!(ready["routes"][0]["state"], "running");
+    assert_eq!(ready["routes"][0]["breaker"], "closed");
+
+    let pid = child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{}", run_logs(dir.path(), 1));
+}
+
+#[test]
+fn a_bad_admin_address_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("runtime.toml"),
+        "[runtime]\nadmin = \"localhost\"\n",
+    )
+    .unwrap();
+    let out = lockgate(dir.path(), &["check", "runtime.toml"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(
+            "runtime.admin: \"localhost\" is not an address: expected ip:port, e.g. \"127.0.0.1:9464\""
+        ),
+        "{}",
+        show(&out)
+    );
+}
