@@ -13,10 +13,10 @@
 
 #![deny(unsafe_code)]
 
-pub mod admin;
 pub mod broker;
 pub mod config;
 pub mod engine;
 pub mod fixture;
 pub mod pipeline;
 pub mod state;
+pub mod telemetry;

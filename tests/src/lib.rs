@@ -139,6 +139,18 @@ pub fn start_run(
     state_dir: Option<&std::path::Path>,
     log_filter: &str,
 ) -> Proc {
+    start_run_with_env(dir, config, run, state_dir, log_filter, &[])
+}
+
+/// [`start_run`] with extra environment variables for the child.
+pub fn start_run_with_env(
+    dir: &std::path::Path,
+    config: &std::path::Path,
+    run: u32,
+    state_dir: Option<&std::path::Path>,
+    log_filter: &str,
+    env: &[(&str, &str)],
+) -> Proc {
     let log =
         |name: &str| std::fs::File::create(dir.join(format!("run{run}.{name}"))).expect("log file");
     let mut cmd = Command::new(lockgate_bin());
@@ -146,6 +158,7 @@ pub fn start_run(
     if let Some(d) = state_dir {
         cmd.arg("--state-dir").arg(d);
     }
+    cmd.envs(env.iter().copied());
     cmd.env("LOCKGATE_LOG", log_filter)
         .stdin(std::process::Stdio::null())
         .stdout(log("stdout"))

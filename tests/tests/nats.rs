@@ -14,7 +14,9 @@ use futures_util::StreamExt;
 
 use lockgate_tests::kafka::unique;
 use lockgate_tests::nats::{Got, Nats, url};
-use lockgate_tests::{Proc, guest, run_logs, run_stat, start_run, wait_for_progress};
+use lockgate_tests::{
+    Proc, guest, run_logs, run_stat, start_run, start_run_with_env, wait_for_progress,
+};
 
 /// Generous bound for a debug build on a loaded 2-core machine.
 const DEADLINE: Duration = Duration::from_secs(600);
@@ -703,21 +705,29 @@ fn a_token_protected_server_is_used_with_its_token() {
     n.create(&nats);
     nats.publish(&orders(&n.subject("in"), 50, 5, |_| ""));
     let config = write_config(dir.path(), &n, &url, "", "");
+    // The secret comes from the environment, never from the file.
     let text = std::fs::read_to_string(&config).unwrap().replace(
         "kind = \"nats\"\n",
-        &format!("kind = \"nats\"\ntoken = \"{TOKEN}\"\n"),
+        "kind = \"nats\"\ntoken_env = \"TEST_NATS_TOKEN\"\n",
     );
     std::fs::write(&config, &text).unwrap();
-    let mut child = start(dir.path(), &config, 1);
+    let run = |run: u32, token: Option<&str>| {
+        let env: Vec<(&str, &str)> = token.map(|t| ("TEST_NATS_TOKEN", t)).into_iter().collect();
+        start_run_with_env(dir.path(), &config, run, None, "lockgate=info,warn", &env)
+    };
+    let mut child = run(1, Some(TOKEN));
     wait_for(&nats, &n, 50, &mut child, dir.path(), 1);
     stop(&mut child, dir.path(), 1);
     assert_eq!(nats.count(&n.stream("out")), 50);
 
-    // A wrong token fails the start with a reason, instead of retrying forever in silence.
-    std::fs::write(&config, text.replace(TOKEN, "wrong")).unwrap();
-    let mut child = start(dir.path(), &config, 2);
-    let status = child.wait().unwrap();
-    let logs = run_logs(dir.path(), 2);
-    assert_eq!(status.code(), Some(2), "{logs}");
-    assert!(logs.contains("refused the credentials"), "{logs}");
+    // A wrong token, or none, fails the start with a reason instead of retrying in silence.
+    for (attempt, token, why) in [
+        (2, Some("wrong"), "refused the credentials"),
+        (3, None, "TEST_NATS_TOKEN, which is not set"),
+    ] {
+        let status = run(attempt, token).wait().unwrap();
+        let logs = run_logs(dir.path(), attempt);
+        assert_eq!(status.code(), Some(2), "{logs}");
+        assert!(logs.contains(why), "{logs}");
+    }
 }

@@ -144,11 +144,18 @@ async fn options(
         })?;
         options = options.nkey(seed.trim().to_owned());
     }
-    if let Some(t) = &cfg.token {
-        options = options.token(t.clone());
+    let secret = |var: &str, field: &str| {
+        std::env::var(var).map_err(|_| {
+            BrokerError::Invalid(format!(
+                "nats {name}: {field} names the environment variable {var}, which is not set"
+            ))
+        })
+    };
+    if let Some(var) = &cfg.token_env {
+        options = options.token(secret(var, "token_env")?);
     }
-    if let Some((u, p)) = &cfg.user_password {
-        options = options.user_and_password(u.clone(), p.clone());
+    if let Some((user, var)) = &cfg.user_password_env {
+        options = options.user_and_password(user.clone(), secret(var, "password_env")?);
     }
     if let Some(f) = &cfg.tls_ca_file {
         options = options.add_root_certificates(base_dir.join(f));

@@ -90,9 +90,9 @@ async fn run_routes(config: Config) -> anyhow::Result<ExitCode> {
     let grace = Duration::from_millis(config.shutdown_grace_ms);
 
     let (trigger, shutdown) = Shutdown::new();
-    let admin_routes = lockgate::admin::AdminRoutes::default();
+    let admin_routes = lockgate::telemetry::AdminRoutes::default();
     if let Some(addr) = &config.admin {
-        let (listener, local) = lockgate::admin::bind(addr)
+        let (listener, local) = lockgate::telemetry::bind(addr)
             .await
             .with_context(|| format!("cannot listen on the admin address {addr}"))?;
         println!("lockgate: admin endpoint on http://{local} (/metrics, /healthz, /readyz)");
@@ -100,7 +100,7 @@ async fn run_routes(config: Config) -> anyhow::Result<ExitCode> {
         let admin = admin_routes.clone();
         tokio::spawn(async move {
             if let Err(e) =
-                lockgate::admin::serve(listener, admin, async move { stop.wait().await }).await
+                lockgate::telemetry::serve(listener, admin, async move { stop.wait().await }).await
             {
                 tracing::error!(error = %e, "The admin endpoint failed");
             }
@@ -166,7 +166,7 @@ async fn run_routes(config: Config) -> anyhow::Result<ExitCode> {
             done_keys,
         )
         .shutdown_grace(grace);
-        admin_routes.add(lockgate::admin::RouteEntry {
+        admin_routes.add(lockgate::telemetry::RouteEntry {
             route: route.name.clone(),
             handler: route.handler.clone(),
             handler_version: module_hash.clone(),

@@ -104,7 +104,7 @@ pub enum BrokerKind {
 /// [brokers.nats]
 /// kind = "nats"
 /// servers = ["nats://127.0.0.1:4222"]
-/// credentials_file = "nats.creds"                      # or nkey_seed_file, or token
+/// credentials_file = "nats.creds"             # or nkey_seed_file, token_env, user + password_env
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BrokerConfig {
@@ -139,10 +139,11 @@ pub struct NatsConfig {
     pub credentials_file: Option<PathBuf>,
     /// `nkey_seed_file`: a file holding an nkey seed, relative to the config file.
     pub nkey_seed_file: Option<PathBuf>,
-    /// `token`: an auth token.
-    pub token: Option<String>,
-    /// `user` and `password`.
-    pub user_password: Option<(String, String)>,
+    /// `token_env`: the environment variable holding an auth token (secrets stay out of the
+    /// config file).
+    pub token_env: Option<String>,
+    /// `user` and `password_env` (the environment variable holding the password).
+    pub user_password_env: Option<(String, String)>,
     /// `tls`: require TLS (`true`), or take what the server offers (`false`, the default; a
     /// `tls://` URL also requires it).
     pub tls: bool,
@@ -541,31 +542,36 @@ fn parse_nats(r: &mut Reader<'_>) -> Option<NatsConfig> {
     let path = |r: &mut Reader<'_>, key: &str| r.string(key).map(PathBuf::from);
     let credentials_file = path(r, "credentials_file");
     let nkey_seed_file = path(r, "nkey_seed_file");
-    let token = r.string("token");
+    let token_env = r.string("token_env");
     let user = r.string("user");
-    let password = r.string("password");
-    let user_password = match (user, password) {
+    let password_env = r.string("password_env");
+    let user_password_env = match (user, password_env) {
         (Some(u), Some(p)) => Some((u, p)),
         (None, None) => None,
         (Some(_), None) => {
-            r.problem("password", "missing: `user` needs a `password`".into());
+            r.problem(
+                "password_env",
+                "missing: `user` needs `password_env`, the environment variable holding the password"
+                    .into(),
+            );
             None
         }
         (None, Some(_)) => {
-            r.problem("user", "missing: `password` needs a `user`".into());
+            r.problem("user", "missing: `password_env` needs a `user`".into());
             None
         }
     };
     let methods = [
         credentials_file.is_some(),
         nkey_seed_file.is_some(),
-        token.is_some(),
-        user_password.is_some(),
+        token_env.is_some(),
+        user_password_env.is_some(),
     ];
     if methods.iter().filter(|m| **m).count() > 1 {
         r.problem(
             "",
-            "set at most one of credentials_file, nkey_seed_file, token, user/password".into(),
+            "set at most one of credentials_file, nkey_seed_file, token_env, user/password_env"
+                .into(),
         );
     }
     let tls = r.bool("tls").unwrap_or(false);
@@ -575,9 +581,9 @@ fn parse_nats(r: &mut Reader<'_>) -> Option<NatsConfig> {
         "servers",
         "credentials_file",
         "nkey_seed_file",
-        "token",
+        "token_env",
         "user",
-        "password",
+        "password_env",
         "tls",
         "tls_ca_file",
     ]);
@@ -585,8 +591,8 @@ fn parse_nats(r: &mut Reader<'_>) -> Option<NatsConfig> {
         servers: servers?,
         credentials_file,
         nkey_seed_file,
-        token,
-        user_password,
+        token_env,
+        user_password_env,
         tls,
         tls_ca_file,
     })
@@ -1023,8 +1029,9 @@ mod tests {
                 "rt.toml: brokers.k.bootstrap: unknown field `bootstrap` (expected one of: kind, bootstrap_servers, properties, consumer_properties, producer_properties, max_in_flight_per_partition)",
                 "rt.toml: brokers.p.kind: unknown value \"pulsar\"; expected \"kafka\" or \"nats\"",
                 "rt.toml: brokers.n.servers: \"http://b\" is not a NATS server address: invalid scheme for NATS server URL: http",
-                "rt.toml: brokers.n.password: missing: `user` needs a `password`",
+                "rt.toml: brokers.n.password_env: missing: `user` needs `password_env`, the environment variable holding the password",
                 "rt.toml: brokers.n.tls: expected a boolean, found string \"yes\"",
+                "rt.toml: brokers.n.token: unknown field `token` (expected one of: kind, servers, credentials_file, nkey_seed_file, token_env, user, password_env, tls, tls_ca_file)",
                 "rt.toml: brokers.m.servers: missing: e.g. [\"nats://127.0.0.1:4222\"]",
                 "rt.toml: routes.r.source.broker: unknown broker `kafak` (known: local, k, p, n, m)",
             ]

@@ -1,4 +1,4 @@
-//! The admin endpoint of `lockgate run`: `/metrics` (Prometheus text format), `/healthz` and
+//! Telemetry: the admin endpoint of `lockgate run`: `/metrics` (Prometheus text format), `/healthz` and
 //! `/readyz`.
 //!
 //! Metrics are read from each route's live [`RouteStats`] at scrape time (a
