@@ -11,5 +11,6 @@ pub mod idempotency;
 pub mod lanes;
 pub mod rate_limit;
 pub mod route;
+pub mod trace;
 
 pub use route::{Invoker, Route, RouteReport, RouteSinks, RouteStats, Shutdown, ShutdownTrigger};

@@ -28,7 +28,9 @@ use crate::pipeline::dlq::{self, Failure};
 use crate::pipeline::idempotency::{DoneKeys, key_of};
 use crate::pipeline::lanes::Lanes;
 use crate::pipeline::rate_limit::RateLimit;
+use crate::pipeline::trace;
 use crate::state::now_ms;
+use tracing::Instrument;
 
 /// Messages a route holds at once (queued in lanes or being handled). Bounds memory and how much
 /// a crash makes the broker redeliver.
@@ -703,7 +705,17 @@ impl Shared {
                 items.for_each(|item| abandon(&self.stats, item));
                 break;
             }
-            if !self.handle(item, &mut pending).await {
+            // Every log line about this message carries its route, position and trace id.
+            let span = tracing::info_span!(
+                "message",
+                route = %self.route,
+                message = %item.delivery.record.position(),
+                trace_id = tracing::field::Empty,
+            );
+            if let Some(t) = trace::trace_id(&item.delivery.record) {
+                span.record("trace_id", t);
+            }
+            if !self.handle(item, &mut pending).instrument(span).await {
                 // The route is stopping and what was pending could not be published.
                 items.for_each(|item| abandon(&self.stats, item));
                 break;
@@ -894,10 +906,9 @@ impl Shared {
                     .map(|(i, o)| {
                         let mut headers = o.headers;
                         headers.retain(|(n, _)| n != LOCKGATE_ID_HEADER);
-                        headers.push((
-                            LOCKGATE_ID_HEADER.to_owned(),
-                            format!("{dedup_base}:{i}").into_bytes(),
-                        ));
+                        let id = format!("{dedup_base}:{i}");
+                        trace::propagate(&record, &mut headers, &id);
+                        headers.push((LOCKGATE_ID_HEADER.to_owned(), id.into_bytes()));
                         OutRecord {
                             topic: o.topic,
                             key: o.key,

@@ -140,3 +140,97 @@ fn a_bad_admin_address_is_a_config_error() {
         show(&out)
     );
 }
+
+#[test]
+fn outputs_and_dead_letters_carry_the_inputs_trace_id() {
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("runtime.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[runtime]
+state_dir = "state"
+
+[handlers.chaos]
+module = "{}"
+config = {{ target = "out" }}
+
+[routes.orders]
+handler = "chaos"
+source = {{ topic = "in" }}
+outputs = ["out"]
+retry = {{ max_attempts = 1 }}
+"#,
+            guest("chaos").display()
+        ),
+    )
+    .unwrap();
+    for (payload, span) in [
+        (r#"{"id":1}"#, "00f067aa0ba902b7"),
+        (r#"{"id":2,"poison":true}"#, "00f067aa0ba902b8"),
+    ] {
+        let tp = format!("traceparent=00-{TRACE}-{span}-01");
+        let out = lockgate(
+            dir.path(),
+            &["send", "in", payload, "-H", &tp, "--config", "runtime.toml"],
+        );
+        assert!(out.status.success(), "{}", show(&out));
+    }
+    let mut child = lockgate_tests::start_run_with_env(
+        dir.path(),
+        &config,
+        1,
+        None,
+        "lockgate=debug,warn",
+        &[("LOCKGATE_LOG_FORMAT", "json")],
+    );
+    let tail = |topic: &str| -> Vec<serde_json::Value> {
+        let out = lockgate(
+            dir.path(),
+            &["tail", topic, "--json", "--config", "runtime.toml"],
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    wait_for_progress(
+        &mut child,
+        dir.path(),
+        1,
+        2,
+        Duration::from_secs(120),
+        Duration::from_millis(50),
+        || (tail("out").len() + tail("in.dlq").len()) as u64,
+    );
+    let pid = child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    child.wait().unwrap();
+
+    let out = tail("out");
+    let tp = out[0]["headers"]["traceparent"].as_str().unwrap();
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!(parts[1], TRACE, "{tp}");
+    assert_ne!(
+        parts[2], "00f067aa0ba902b7",
+        "the output is a new span: {tp}"
+    );
+    let dead = tail("in.dlq");
+    assert_eq!(
+        dead[0]["headers"]["traceparent"],
+        format!("00-{TRACE}-00f067aa0ba902b8-01")
+    );
+    // JSON logs: the message's lines carry its trace id.
+    let logs = run_logs(dir.path(), 1);
+    let traced = logs
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["span"]["trace_id"] == TRACE)
+        .count();
+    assert!(traced > 0, "no JSON log line with the trace id\n{logs}");
+}
