@@ -168,6 +168,30 @@ pub fn start_run_with_env(
         .expect("cannot start lockgate run")
 }
 
+/// Stops run `run` (see [`start_run`]) with SIGTERM and asserts it exited cleanly.
+pub fn stop_run(child: &mut Proc, dir: &std::path::Path, run: u32) {
+    let pid = child.id().to_string();
+    let sent = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("cannot run kill");
+    assert!(sent.success(), "kill -TERM {pid} failed");
+    let status = child.wait().expect("child status");
+    assert!(status.success(), "{status}\n{}", run_logs(dir, run));
+}
+
+/// Payload extras of the crash tests: every 100th message (42, 142, ...) is poison, every 20th
+/// (3, 23, ...) fails twice before it succeeds.
+pub fn crash_mix(i: u64) -> &'static str {
+    if i % 100 == 42 {
+        r#","poison":true"#
+    } else if i % 20 == 3 {
+        r#","fail":2"#
+    } else {
+        ""
+    }
+}
+
 /// What run `run` (see [`start_run`]) printed so far, for assertion messages.
 pub fn run_logs(dir: &std::path::Path, run: u32) -> String {
     let read = |name: &str| {

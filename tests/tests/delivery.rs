@@ -7,7 +7,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::Command;
 
 use lockgate_tests::Proc;
 use std::time::Duration;
@@ -123,11 +122,7 @@ fn sigkill_mid_stream_then_restart_loses_nothing_and_duplicates_nothing() {
     let mut child = start(dir.path(), &config, 2);
     wait_for(&broker, &mut child, TOTAL, dir.path(), 2);
     // A graceful stop commits the final position.
-    let pid = child.id().to_string();
-    let term = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(term.success());
-    let status = child.wait().unwrap();
-    assert!(status.success(), "{status}\n{}", logs(dir.path(), 2));
+    lockgate_tests::stop_run(&mut child, dir.path(), 2);
 
     let outputs = broker.read("out", 0, usize::MAX).unwrap();
     let dead = broker.read("orders.dlq", 0, usize::MAX).unwrap();

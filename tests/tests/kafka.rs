@@ -206,16 +206,7 @@ fn out_and_dlq(n: &Names) -> Tail {
 }
 
 fn stop(child: &mut Proc, dir: &Path, run: u32) {
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = child.wait().unwrap();
-    assert!(status.success(), "{status}\n{}", logs(dir, run));
+    lockgate_tests::stop_run(child, dir, run);
 }
 
 /// Compares id sets, naming at most 20 missing and 20 unexpected ids.
@@ -288,19 +279,7 @@ fn sigkill_mid_stream_loses_nothing_and_repeats_only_what_was_in_flight() {
     let rt = runtime();
     let n = names("crash");
     create_topics(&rt, &[(&n.input, 3), (&n.out, 3), (&n.dlq, 1)]);
-    produce(
-        &rt,
-        &n.input,
-        &orders(N, 61, |i| {
-            if i % 100 == 42 {
-                r#","poison":true"#
-            } else if i % 20 == 3 {
-                r#","fail":2"#
-            } else {
-                ""
-            }
-        }),
-    );
+    produce(&rt, &n.input, &orders(N, 61, lockgate_tests::crash_mix));
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(
         dir.path(),

@@ -111,16 +111,7 @@ fn wait_for(nats: &Nats, n: &Names, target: u64, child: &mut Proc, dir: &Path, r
 }
 
 fn stop(child: &mut Proc, dir: &Path, run: u32) {
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = child.wait().unwrap();
-    assert!(status.success(), "{status}\n{}", run_logs(dir, run));
+    lockgate_tests::stop_run(child, dir, run);
 }
 
 fn id_of(payload: &str) -> u64 {
@@ -217,15 +208,7 @@ fn sigkill_mid_stream_loses_nothing_and_duplicates_no_output() {
     let nats = Nats::connect();
     let n = Names::new("js-crash");
     n.create(&nats);
-    nats.publish(&orders(&n.subject("in"), N, 61, |i| {
-        if i % 100 == 42 {
-            r#","poison":true"#
-        } else if i % 20 == 3 {
-            r#","fail":2"#
-        } else {
-            ""
-        }
-    }));
+    nats.publish(&orders(&n.subject("in"), N, 61, lockgate_tests::crash_mix));
     let dir = tempfile::tempdir().unwrap();
     // A short ack_wait so what the killed processes held comes back quickly.
     let config = write_config(

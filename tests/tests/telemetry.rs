@@ -6,7 +6,26 @@
 use std::time::Duration;
 
 use lockgate_tests::admin::{admin_addr, get};
-use lockgate_tests::{guest, lockgate, run_logs, show, start_run, wait_for_progress};
+use lockgate_tests::{guest, lockgate, run_logs, show, start_run, stop_run, wait_for_progress};
+
+/// A config with one route `orders`: the chaos guest from local topic `in` to `out`, plus
+/// `runtime_extra` lines in `[runtime]` and `route_extra` lines in the route.
+fn write_config(
+    dir: &std::path::Path,
+    runtime_extra: &str,
+    route_extra: &str,
+) -> std::path::PathBuf {
+    let config = dir.join("runtime.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[runtime]\nstate_dir = \"state\"\n{runtime_extra}\n[handlers.chaos]\nmodule = \"{}\"\nconfig = {{ target = \"out\" }}\n\n[routes.orders]\nhandler = \"chaos\"\nsource = {{ topic = \"in\" }}\noutputs = [\"out\"]\n{route_extra}",
+            guest("chaos").display()
+        ),
+    )
+    .unwrap();
+    config
+}
 
 /// The value of the series `name{...route="orders"...}` in a metrics page.
 fn value(page: &str, name: &str) -> f64 {
@@ -17,28 +36,11 @@ fn value(page: &str, name: &str) -> f64 {
 #[test]
 fn metrics_count_what_the_messages_were_built_to_do() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("runtime.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[runtime]
-state_dir = "state"
-admin = "127.0.0.1:0"
-
-[handlers.chaos]
-module = "{}"
-config = {{ target = "out" }}
-
-[routes.orders]
-handler = "chaos"
-source = {{ topic = "in" }}
-outputs = ["out"]
-retry = {{ max_attempts = 3, initial_backoff_ms = 10, jitter = "none" }}
-"#,
-            guest("chaos").display()
-        ),
-    )
-    .unwrap();
+    let config = write_config(
+        dir.path(),
+        "admin = \"127.0.0.1:0\"\n",
+        "retry = { max_attempts = 3, initial_backoff_ms = 10, jitter = \"none\" }\n",
+    );
     // 20 good, 3 that fail once, 2 poison: 25 received, 23 succeeded, 3 retried, 2 rejected and
     // dead-lettered, 28 handler calls.
     let mut lines = Vec::new();
@@ -110,16 +112,7 @@ retry = {{ max_attempts = 3, initial_backoff_ms = 10, jitter = "none" }}
     assert_eq!(ready["routes"][0]["state"], "running");
     assert_eq!(ready["routes"][0]["breaker"], "closed");
 
-    let pid = child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = child.wait().unwrap();
-    assert!(status.success(), "{}", run_logs(dir.path(), 1));
+    stop_run(&mut child, dir.path(), 1);
 }
 
 #[test]
@@ -145,27 +138,7 @@ fn a_bad_admin_address_is_a_config_error() {
 fn outputs_and_dead_letters_carry_the_inputs_trace_id() {
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("runtime.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[runtime]
-state_dir = "state"
-
-[handlers.chaos]
-module = "{}"
-config = {{ target = "out" }}
-
-[routes.orders]
-handler = "chaos"
-source = {{ topic = "in" }}
-outputs = ["out"]
-retry = {{ max_attempts = 1 }}
-"#,
-            guest("chaos").display()
-        ),
-    )
-    .unwrap();
+    let config = write_config(dir.path(), "", "retry = { max_attempts = 1 }\n");
     for (payload, span) in [
         (r#"{"id":1}"#, "00f067aa0ba902b7"),
         (r#"{"id":2,"poison":true}"#, "00f067aa0ba902b8"),
@@ -204,12 +177,7 @@ retry = {{ max_attempts = 1 }}
         Duration::from_millis(50),
         || (tail("out").len() + tail("in.dlq").len()) as u64,
     );
-    let pid = child.id().to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    child.wait().unwrap();
+    stop_run(&mut child, dir.path(), 1);
 
     let out = tail("out");
     let tp = out[0]["headers"]["traceparent"].as_str().unwrap();
