@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 
+use lockgate_tests::admin;
 use lockgate_tests::kafka::unique;
 use lockgate_tests::nats::{Got, Nats, url};
 use lockgate_tests::{
@@ -713,4 +714,53 @@ fn a_token_protected_server_is_used_with_its_token() {
         assert_eq!(status.code(), Some(2), "{logs}");
         assert!(logs.contains(why), "{logs}");
     }
+}
+
+#[test]
+fn jetstream_pending_is_exported_as_consumer_lag() {
+    let nats = Nats::connect();
+    let n = Names::new("js-lag");
+    n.create(&nats);
+    nats.publish(&orders(&n.subject("in"), 300, 7, |_| ""));
+    let dir = tempfile::tempdir().unwrap();
+    // max_ack_pending keeps most messages undelivered (pending) while the rate limit drains.
+    let config = write_config(
+        dir.path(),
+        &n,
+        &url(),
+        ", max_ack_pending = 20",
+        "rate_limit = { per_second = 100, burst = 10 }\n",
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[runtime]\n", "[runtime]\nadmin = \"127.0.0.1:0\"\n");
+    std::fs::write(&config, text).unwrap();
+    let mut child = start(dir.path(), &config, 1);
+    let addr = admin::admin_addr(&mut child, dir.path(), 1);
+    let lag = || {
+        let page = admin::get(&addr, "/metrics").1;
+        page.contains("lockgate_consumer_lag_messages{")
+            .then(|| admin::sum(&page, "lockgate_consumer_lag_messages", "orders"))
+    };
+    let started = std::time::Instant::now();
+    let first = loop {
+        if let Some(l) = lag() {
+            break l;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{}",
+            run_logs(dir.path(), 1)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(first > 0.0 && first <= 300.0, "pending {first}");
+    wait_for(&nats, &n, 300, &mut child, dir.path(), 1);
+    // The next refresh (every 5 s) sees nothing pending.
+    let started = std::time::Instant::now();
+    while lag() != Some(0.0) {
+        assert!(started.elapsed() < Duration::from_secs(30), "{:?}", lag());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop(&mut child, dir.path(), 1);
 }
