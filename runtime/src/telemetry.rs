@@ -233,6 +233,7 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .route("/status", get(status))
         .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -265,6 +266,49 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     }
 }
 
+/// Every route's state and counters as JSON, for `lockgate status`.
+async fn status(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    let routes: Vec<serde_json::Value> = state
+        .routes
+        .all()
+        .iter()
+        .map(|r| {
+            let s = &r.stats;
+            let lag: Option<u64> = r
+                .lag
+                .as_ref()
+                .map(|g| g.get().iter().map(|l| l.messages).sum());
+            serde_json::json!({
+                "route": r.route,
+                "handler": r.handler,
+                "handler_version": r.handler_version.chars().take(12).collect::<String>(),
+                "state": s.state().as_str(),
+                "breaker": breaker_name(load(&s.breaker_state)),
+                "in_flight": load(&s.in_flight),
+                "received": load(&s.received),
+                "succeeded": load(&s.succeeded),
+                "retried": load(&s.retried),
+                "rejected": load(&s.rejected),
+                "dead_lettered": load(&s.dead_lettered),
+                "duplicates": load(&s.duplicates),
+                "lag": lag,
+            })
+        })
+        .collect();
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{}\n", serde_json::json!({ "routes": routes })),
+    )
+}
+
+fn breaker_name(code: u64) -> &'static str {
+    match code {
+        0 => "closed",
+        1 => "open",
+        _ => "half_open",
+    }
+}
+
 /// 200 when every route is running (or paused by its breaker, which is it doing its job), 503
 /// while one is starting or after one stopped; the body names each route's state.
 async fn ready(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
@@ -278,11 +322,7 @@ async fn ready(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
         "routes": routes.iter().map(|r| serde_json::json!({
             "route": r.route,
             "state": r.stats.state().as_str(),
-            "breaker": match load(&r.stats.breaker_state) {
-                0 => "closed",
-                1 => "open",
-                _ => "half_open",
-            },
+            "breaker": breaker_name(load(&r.stats.breaker_state)),
             "in_flight": load(&r.stats.in_flight),
         })).collect::<Vec<_>>(),
     });

@@ -112,6 +112,37 @@ fn metrics_count_what_the_messages_were_built_to_do() {
     assert_eq!(ready["routes"][0]["state"], "running");
     assert_eq!(ready["routes"][0]["breaker"], "closed");
 
+    // `lockgate status` shows the same numbers as a table (and the JSON with --json).
+    let out = lockgate(
+        dir.path(),
+        &["status", "--admin", &addr, "--interval-ms", "100"],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header[..4],
+        ["ROUTE", "STATE", "BREAKER", "IN-FLIGHT"],
+        "{table}"
+    );
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(
+        row,
+        [
+            "orders", "running", "closed", "0", "25", "23", "3", "2", "-", "0.0"
+        ],
+        "{table}"
+    );
+    let out = lockgate(
+        dir.path(),
+        &["status", "--json", "runtime.toml", "--admin", &addr],
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["routes"][0]["dead_lettered"], 2);
+    let out = lockgate(dir.path(), &["status", "--admin", "127.0.0.1:1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read http://127.0.0.1:1/status"));
+
     stop_run(&mut child, dir.path(), 1);
 }
 

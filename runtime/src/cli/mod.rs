@@ -3,6 +3,7 @@
 mod check;
 mod local;
 mod run;
+mod status;
 mod test;
 
 use std::path::PathBuf;
@@ -79,6 +80,13 @@ enum Command {
     /// per line. Dead-letter topics (`<topic>.dlq`) show the failure in `lockgate-dlq-*`
     /// headers.
     Tail(local::TailArgs),
+
+    /// Show a running `lockgate run`'s routes: state, breaker, in-flight, counters, lag and
+    /// the current rate, read from its admin endpoint (`--admin`, or the config's
+    /// `[runtime] admin`).
+    ///
+    /// Exit codes: 0 shown, 1 the endpoint did not answer, 2 no address to ask.
+    Status(status::StatusArgs),
 }
 
 impl Cli {
@@ -100,6 +108,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run::run(args),
         Command::Send(args) => local::send(args),
         Command::Tail(args) => local::tail(args),
+        Command::Status(args) => status::run(args),
     }
 }
 

@@ -1,0 +1,174 @@
+//! `lockgate status`: a table of a running instance's routes, from its admin endpoint.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use lockgate::config::Config;
+
+use super::{EXIT_FAILED, EXIT_USAGE};
+
+/// Arguments of `lockgate status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The config file whose `[runtime] admin` names the endpoint.
+    #[arg(default_value_os_t = super::default_config())]
+    config: PathBuf,
+
+    /// The admin endpoint (ip:port) instead of the config's.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<String>,
+
+    /// Time between the two readings the rate is computed from.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    interval_ms: u64,
+
+    /// Print the endpoint's JSON instead of a table (one reading, no rate).
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let addr = match args.admin {
+        Some(a) => a,
+        None => match Config::load(&args.config) {
+            Ok(c) => match c.admin {
+                Some(a) => a,
+                None => {
+                    eprintln!(
+                        "{}: no [runtime] admin address; pass --admin ADDR",
+                        args.config.display()
+                    );
+                    return Ok(ExitCode::from(EXIT_USAGE));
+                }
+            },
+            Err(e) => {
+                eprintln!("{e}");
+                return Ok(ExitCode::from(EXIT_USAGE));
+            }
+        },
+    };
+    let first = match fetch(&addr) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("lockgate status: {e:#}");
+            return Ok(ExitCode::from(EXIT_FAILED));
+        }
+    };
+    if args.json {
+        println!("{first}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let interval = Duration::from_millis(args.interval_ms.max(1));
+    std::thread::sleep(interval);
+    let second = match fetch(&addr) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("lockgate status: {e:#}");
+            return Ok(ExitCode::from(EXIT_FAILED));
+        }
+    };
+    print!("{}", table(&first, &second, interval));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `GET /status` on `addr`, parsed.
+fn fetch(addr: &str) -> anyhow::Result<serde_json::Value> {
+    let (code, body) = http_get(addr, "/status").with_context(|| {
+        format!(
+            "cannot read http://{addr}/status (is `lockgate run` running with an admin address?)"
+        )
+    })?;
+    anyhow::ensure!(code == 200, "http://{addr}/status answered {code}: {body}");
+    serde_json::from_str(&body).with_context(|| format!("http://{addr}/status sent no JSON"))
+}
+
+/// A one-shot HTTP/1.1 GET with `Connection: close` (the admin endpoint is local and small).
+fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    let sock: std::net::SocketAddr = addr
+        .parse()
+        .with_context(|| format!("{addr} is not an address: expected ip:port"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    s.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("not an HTTP response")?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no status code in the response")?;
+    Ok((code, body.to_owned()))
+}
+
+/// The table: one line per route, the rate from the two readings' `received`.
+fn table(first: &serde_json::Value, second: &serde_json::Value, interval: Duration) -> String {
+    let empty = Vec::new();
+    let routes = second["routes"].as_array().unwrap_or(&empty);
+    let before = |route: &str| {
+        first["routes"]
+            .as_array()
+            .and_then(|rs| rs.iter().find(|r| r["route"] == route))
+            .and_then(|r| r["received"].as_u64())
+            .unwrap_or(0)
+    };
+    let mut rows = vec![
+        [
+            "ROUTE",
+            "STATE",
+            "BREAKER",
+            "IN-FLIGHT",
+            "RECEIVED",
+            "SUCCEEDED",
+            "RETRIED",
+            "DLQ",
+            "LAG",
+            "MSG/S",
+        ]
+        .map(str::to_owned),
+    ];
+    for r in routes {
+        let name = r["route"].as_str().unwrap_or("?");
+        let n = |k: &str| {
+            r[k].as_u64()
+                .map_or_else(|| "-".to_owned(), |v| v.to_string())
+        };
+        let received = r["received"].as_u64().unwrap_or(0);
+        let rate = received.saturating_sub(before(name)) as f64 / interval.as_secs_f64();
+        rows.push([
+            name.to_owned(),
+            r["state"].as_str().unwrap_or("?").to_owned(),
+            r["breaker"].as_str().unwrap_or("?").to_owned(),
+            n("in_flight"),
+            n("received"),
+            n("succeeded"),
+            n("retried"),
+            n("dead_lettered"),
+            n("lag"),
+            format!("{rate:.1}"),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
