@@ -654,9 +654,23 @@ fn an_unreachable_dlq_holds_the_offset_until_it_is_back() {
     create_topics_at(&rt, &dead, &[(&n.dlq, 1)]);
     wait_for(&mut out, N as usize - 1, &mut child, dir.path(), 1);
     stop(&mut child, dir.path(), 1);
-    // The write was acknowledged before the partition moved on, but tansu may show a record
-    // to readers only some time later (its high watermark lags): read until it appears.
-    let mut dlq = Tail::at(&dead, &[(&n.dlq, 1)]);
+    // If the retrying DLQ producer reached the new broker before create_topics_at, tansu
+    // auto-created the topic with its own partition count: read every partition it has.
+    let partitions = {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &dead)
+            .create()
+            .unwrap();
+        let md = c
+            .fetch_metadata(Some(&n.dlq), Duration::from_secs(10))
+            .unwrap();
+        md.topics()
+            .first()
+            .map_or(1, |t| t.partitions().len().max(1) as i32)
+    };
+    // tansu may also show a record to readers only some time after acknowledging it (its high
+    // watermark lags): read until it appears.
+    let mut dlq = Tail::at(&dead, &[(&n.dlq, partitions)]);
     let started = Instant::now();
     while dlq.records(&n.dlq).is_empty() && started.elapsed() < Duration::from_secs(30) {
         dlq.drain(Duration::from_millis(500));
