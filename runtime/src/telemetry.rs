@@ -240,6 +240,36 @@ pub async fn serve(
         .await
 }
 
+/// A one-shot `GET path` on an admin endpoint at `addr` (`ip:port`, HTTP/1.1,
+/// `Connection: close`): (status code, body). For `lockgate status` and tests.
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Error, ErrorKind, Read, Write};
+    let sock: SocketAddr = addr.parse().map_err(|_| {
+        Error::new(
+            ErrorKind::InvalidInput,
+            format!("{addr} is not an address: expected ip:port"),
+        )
+    })?;
+    let mut s = std::net::TcpStream::connect_timeout(&sock, std::time::Duration::from_secs(5))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    s.read_to_string(&mut response)?;
+    let invalid = |what: &str| Error::new(ErrorKind::InvalidData, what.to_owned());
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| invalid("not an HTTP response"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| invalid("no status code in the response"))?;
+    Ok((code, body.to_owned()))
+}
+
 /// Binds the admin address (`host:port`).
 pub async fn bind(addr: &str) -> std::io::Result<(tokio::net::TcpListener, SocketAddr)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;

@@ -1,6 +1,5 @@
 //! Reading the admin endpoint of a `lockgate run` child (see [`crate::start_run`]).
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Duration;
 
@@ -9,23 +8,7 @@ use crate::{Proc, run_logs};
 /// `GET path` on `addr` (`ip:port`): (status code, body). Panics when the endpoint does not
 /// answer.
 pub fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).expect("admin endpoint reachable");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("set timeout");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send request");
-    let mut response = String::new();
-    s.read_to_string(&mut response).expect("read response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("a status code");
-    (status, body.to_owned())
+    lockgate::telemetry::http_get(addr, path).expect("admin endpoint answers")
 }
 
 /// The value of the first series `name{...}` of `route` in a metrics page.

@@ -1,6 +1,5 @@
 //! `lockgate status`: a table of a running instance's routes, from its admin endpoint.
 
-use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -77,37 +76,13 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
 
 /// `GET /status` on `addr`, parsed.
 fn fetch(addr: &str) -> anyhow::Result<serde_json::Value> {
-    let (code, body) = http_get(addr, "/status").with_context(|| {
+    let (code, body) = lockgate::telemetry::http_get(addr, "/status").with_context(|| {
         format!(
             "cannot read http://{addr}/status (is `lockgate run` running with an admin address?)"
         )
     })?;
     anyhow::ensure!(code == 200, "http://{addr}/status answered {code}: {body}");
     serde_json::from_str(&body).with_context(|| format!("http://{addr}/status sent no JSON"))
-}
-
-/// A one-shot HTTP/1.1 GET with `Connection: close` (the admin endpoint is local and small).
-fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    let sock: std::net::SocketAddr = addr
-        .parse()
-        .with_context(|| format!("{addr} is not an address: expected ip:port"))?;
-    let mut s = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    s.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("not an HTTP response")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("no status code in the response")?;
-    Ok((code, body.to_owned()))
 }
 
 /// The table: one line per route, the rate from the two readings' `received`.

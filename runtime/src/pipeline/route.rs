@@ -735,10 +735,9 @@ impl Shared {
         let messages = std::mem::take(&mut pending.messages);
         pending.since = None;
         tracing::trace!(route = %self.route, messages = messages.len(), outputs = records.len(), answers = replies.len(), "Publishing a batch");
-        let reply_sink = self.sinks.replies.as_ref().unwrap_or(&self.sinks.outputs);
         for (what, sink, batch) in [
             ("publish outputs", &self.sinks.outputs, records),
-            ("answer requests", reply_sink, replies),
+            ("answer requests", self.reply_sink(), replies),
         ] {
             if batch.is_empty() {
                 continue;
@@ -748,9 +747,9 @@ impl Shared {
                 .await
                 .is_none()
             {
-                for _ in &messages {
-                    RouteStats::bump(&self.stats.abandoned);
-                }
+                self.stats
+                    .abandoned
+                    .fetch_add(messages.len() as u64, AtomicOrdering::Relaxed);
                 return false;
             }
         }
@@ -762,8 +761,10 @@ impl Shared {
                     .fetch_add(m.outputs, AtomicOrdering::Relaxed);
                 RouteStats::bump(&self.stats.succeeded);
                 if !self.mark_done(m.idem_key.as_deref()).await {
-                    RouteStats::bump(&self.stats.abandoned);
-                    messages.for_each(|_| RouteStats::bump(&self.stats.abandoned));
+                    // This message and the ones after it stay unacknowledged.
+                    self.stats
+                        .abandoned
+                        .fetch_add(1 + messages.len() as u64, AtomicOrdering::Relaxed);
                     return false;
                 }
             }
@@ -1029,8 +1030,7 @@ impl Shared {
                             ],
                             payload: Vec::new(),
                         };
-                        let sink = self.sinks.replies.as_ref().unwrap_or(&self.sinks.outputs);
-                        if let Err(e) = sink.publish(vec![answer]).await {
+                        if let Err(e) = self.reply_sink().publish(vec![answer]).await {
                             tracing::warn!(route = %self.route, error = %e, "Cannot answer the failed request; the requester will time out");
                         }
                     }
@@ -1044,6 +1044,11 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Where answers to requests go.
+    fn reply_sink(&self) -> &Arc<dyn Sink> {
+        self.sinks.replies.as_ref().unwrap_or(&self.sinks.outputs)
     }
 
     async fn mark_done(&self, key: Option<&str>) -> bool {
