@@ -123,6 +123,11 @@ const COUNTERS: &[(&str, &str, Read)] = &[
         |s| load(&s.abandoned),
     ),
     (
+        "lockgate_messages_revoked",
+        "Queued messages skipped because their partition was revoked (the new owner has them).",
+        |s| load(&s.revoked),
+    ),
+    (
         "lockgate_infra_retries",
         "Failed publish, dead-letter or state-store calls that were retried.",
         |s| load(&s.infra_retries),

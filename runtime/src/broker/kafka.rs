@@ -450,6 +450,13 @@ struct KafkaAck {
 }
 
 impl Ack for KafkaAck {
+    fn is_current(&self) -> bool {
+        let parts = self.shared.lock();
+        parts
+            .get(&(self.topic.clone(), self.partition))
+            .is_some_and(|state| state.generation == self.generation)
+    }
+
     fn ack(self: Box<Self>, _kind: AckKind) -> BoxFuture<'static, Result<(), BrokerError>> {
         let (store, resume) = {
             let mut parts = self.shared.lock();

@@ -112,6 +112,13 @@ pub trait Ack: Send + 'static {
     /// prefix of done messages and is committed in the background.
     fn ack(self: Box<Self>, kind: AckKind) -> BoxFuture<'static, Result<(), BrokerError>>;
 
+    /// Whether this process still owns the message. False once its partition was revoked
+    /// (Kafka rebalance): the new owner gets it again, so handling it here would only repeat
+    /// its outputs.
+    fn is_current(&self) -> bool {
+        true
+    }
+
     /// Gives the message back for redelivery after `delay` (JetStream's `nak`). Brokers that
     /// cannot do that leave it unacknowledged, as if dropped.
     fn redeliver(
@@ -137,6 +144,11 @@ impl AckHandle {
     /// Finishes the delivery.
     pub async fn ack(self, kind: AckKind) -> Result<(), BrokerError> {
         self.0.ack(kind).await
+    }
+
+    /// See [`Ack::is_current`].
+    pub fn is_current(&self) -> bool {
+        self.0.is_current()
     }
 
     /// Asks the broker to deliver the message again after `delay` (see [`Ack::redeliver`]).

@@ -122,6 +122,8 @@ pub struct RouteStats {
     pub rate_limited: AtomicU64,
     /// Messages left unacknowledged at shutdown (they will be redelivered).
     pub abandoned: AtomicU64,
+    /// Queued messages skipped because their partition was revoked (the new owner has them).
+    pub revoked: AtomicU64,
     /// Failed publish / DLQ / state-store calls that were retried.
     pub infra_retries: AtomicU64,
     /// Messages held (queued in lanes, running, waiting for a retry or for their batch).
@@ -147,6 +149,7 @@ impl Default for RouteStats {
             outputs: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             abandoned: AtomicU64::new(0),
+            revoked: AtomicU64::new(0),
             infra_retries: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             breaker_trips: AtomicU64::new(0),
@@ -191,6 +194,7 @@ impl RouteStats {
             ("outputs", g(&self.outputs)),
             ("rate_limited", g(&self.rate_limited)),
             ("abandoned", g(&self.abandoned)),
+            ("revoked", g(&self.revoked)),
         ]
     }
 }
@@ -785,6 +789,12 @@ impl Shared {
                 },
             _permit: permit,
         } = item;
+        if !ack.is_current() {
+            // Its partition went to another process while it was queued here.
+            tracing::debug!(route = %self.route, position = %record.position(), "Skipping a message of a revoked partition");
+            RouteStats::bump(&self.stats.revoked);
+            return true;
+        }
         let idem_key = match (&self.config.idempotency, &self.done_keys) {
             (Some(cfg), Some(_)) => {
                 let k = key_of(&cfg.key, &record);
