@@ -168,6 +168,40 @@ pub fn start_run_with_env(
         .expect("cannot start lockgate run")
 }
 
+/// Starts `lockgate ARGS` in `dir` with stdout and stderr in `dir/<name>.stdout|stderr`, for
+/// commands a test interrupts (read them back with [`logs_of`]).
+pub fn spawn_lockgate(dir: &std::path::Path, name: &str, args: &[&str]) -> Proc {
+    let log =
+        |ext: &str| std::fs::File::create(dir.join(format!("{name}.{ext}"))).expect("log file");
+    Command::new(lockgate_bin())
+        .current_dir(dir)
+        .args(args)
+        .env("LOCKGATE_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(log("stdout"))
+        .stderr(log("stderr"))
+        .spawn()
+        .map(Proc)
+        .expect("cannot start lockgate")
+}
+
+/// What [`spawn_lockgate`]'s process `name` printed: (stdout, stderr).
+pub fn logs_of(dir: &std::path::Path, name: &str) -> (String, String) {
+    let read =
+        |ext: &str| std::fs::read_to_string(dir.join(format!("{name}.{ext}"))).unwrap_or_default();
+    (read("stdout"), read("stderr"))
+}
+
+/// Sends `signal` (`INT`, `TERM`, `KILL`) to `child`.
+pub fn signal(child: &Proc, signal: &str) {
+    let pid = child.id().to_string();
+    let sent = Command::new("kill")
+        .args([&format!("-{signal}"), &pid])
+        .status()
+        .expect("cannot run kill");
+    assert!(sent.success(), "kill -{signal} {pid} failed");
+}
+
 /// Stops run `run` (see [`start_run`]) with SIGTERM and asserts it exited cleanly.
 pub fn stop_run(child: &mut Proc, dir: &std::path::Path, run: u32) {
     let pid = child.id().to_string();

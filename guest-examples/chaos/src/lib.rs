@@ -6,7 +6,9 @@
 //! with a reply subject (a NATS request) is also answered there with `{"ok": 7}`.
 //!
 //! Config `down_until_ms` (ms since the Unix epoch) simulates a dependency outage: until then every
-//! message asks to be retried, which is what trips a route's circuit breaker.
+//! message asks to be retried, which is what trips a route's circuit breaker. Config
+//! `poison_ok = "true"` is the fixed version: poison orders are forwarded like good ones (the DLQ
+//! replay tests deploy it before replaying).
 
 use lockgate_sdk::emit::Outgoing;
 use lockgate_sdk::{Error, Message, config};
@@ -48,7 +50,7 @@ fn handle(msg: Message) -> Result<(), Error> {
             std::hint::spin_loop();
         }
     }
-    if order.poison {
+    if order.poison && config::get("poison_ok").as_deref() != Some("true") {
         return Err(Error::reject(format!("order {} is poison", order.id)));
     }
     if msg.attempt() <= order.fail {
@@ -119,6 +121,15 @@ mod tests {
         let mut up = host().config("down_until_ms", "1");
         up.call(handle, Message::new(r#"{"id":1}"#)).unwrap();
         assert_eq!(up.take_published().len(), 1);
+    }
+
+    #[test]
+    fn the_fixed_version_forwards_poison() {
+        let mut fixed = host().config("poison_ok", "true");
+        fixed
+            .call(handle, Message::new(r#"{"id":3,"poison":true}"#))
+            .unwrap();
+        assert_eq!(fixed.take_published().len(), 1);
     }
 
     #[test]

@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 
 use super::{
     Ack, AckHandle, AckKind, BoxFuture, BrokerError, Delivery, Lag, LagGauge, OutRecord, Record,
-    Sink, Source,
+    Scan, Sink, Source,
 };
 use crate::config::KafkaConfig;
 use crate::pipeline::ack::OffsetTracker;
@@ -342,6 +342,40 @@ async fn refresh_lag(consumer: Arc<Consumer_>, gauge: LagGauge) {
 }
 
 /// Polls the consumer forever, turning messages into deliveries.
+/// The record of a Kafka message (`None` for a negative partition or offset, which a fetched
+/// message never has).
+fn record_of<M: Message>(msg: &M) -> Option<Record> {
+    let (Ok(partition), Ok(offset)) = (u32::try_from(msg.partition()), u64::try_from(msg.offset()))
+    else {
+        return None;
+    };
+    Some(Record {
+        topic: msg.topic().to_owned(),
+        partition: Some(partition),
+        offset: Some(offset),
+        key: msg.key().map(<[u8]>::to_vec),
+        headers: msg
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|Header { key, value }| {
+                        (
+                            key.to_owned(),
+                            value.map(<[u8]>::to_vec).unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        payload: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        timestamp_ms: msg
+            .timestamp()
+            .to_millis()
+            .and_then(|t| u64::try_from(t).ok()),
+        reply_to: None,
+    })
+}
+
 async fn poll(
     consumer: Arc<Consumer_>,
     shared: Arc<Shared>,
@@ -358,38 +392,12 @@ async fn poll(
                 continue;
             }
         };
-        let (Ok(partition), Ok(offset)) =
-            (u32::try_from(msg.partition()), u64::try_from(msg.offset()))
-        else {
+        let Some(record) = record_of(&msg) else {
             continue;
         };
-        let topic = msg.topic().to_owned();
+        let (topic, partition) = (record.topic.clone(), msg.partition());
+        let offset = record.offset.unwrap_or_default();
         tracing::trace!(source = %describe, partition, offset, "Message received");
-        let record = Record {
-            topic: topic.clone(),
-            partition: Some(partition),
-            offset: Some(offset),
-            key: msg.key().map(<[u8]>::to_vec),
-            headers: msg
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|Header { key, value }| {
-                            (
-                                key.to_owned(),
-                                value.map(<[u8]>::to_vec).unwrap_or_default(),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
-            payload: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-            timestamp_ms: msg
-                .timestamp()
-                .to_millis()
-                .and_then(|t| u64::try_from(t).ok()),
-            reply_to: None,
-        };
         // Only assigned partitions have state. A message of a partition we no longer own, or
         // below the position we resumed from, is left over from an earlier assignment: its new
         // owner (or an earlier run of ours) has it.
@@ -632,6 +640,134 @@ impl Sink for KafkaSink {
                 }
             }
             Ok(())
+        })
+    }
+}
+
+/// How long a scan waits for the next record it knows exists before giving up.
+const SCAN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Records a scan returns at once.
+const SCAN_BATCH: usize = 500;
+
+/// A [`Scan`] of every partition of one topic, from each partition's low watermark to the high
+/// watermark it had at open. Partitions are assigned directly (no group, nothing committed).
+pub struct KafkaScan {
+    consumer: StreamConsumer,
+    /// Partitions not yet read to their end, with that end (exclusive).
+    remaining: HashMap<i32, i64>,
+    topic: String,
+}
+
+impl std::fmt::Debug for KafkaScan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaScan")
+            .field("topic", &self.topic)
+            .field("remaining", &self.remaining)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaScan {
+    /// Opens a scan of `topic`. A topic that does not exist scans as empty.
+    pub async fn open(broker: &KafkaConfig, topic: &str) -> Result<Self, BrokerError> {
+        let consumer: StreamConsumer = client_config(
+            broker,
+            &[
+                ("group.id", "lockgate-dlq-scan"),
+                ("enable.auto.commit", "false"),
+                ("enable.auto.offset.store", "false"),
+                ("allow.auto.create.topics", "false"),
+            ],
+            &broker.consumer_properties,
+        )
+        .create()
+        .map_err(|e| BrokerError::Invalid(format!("kafka consumer: {e}")))?;
+        let consumer = Arc::new(consumer);
+        let (c, t) = (consumer.clone(), topic.to_owned());
+        // Metadata and watermark requests block: off the async threads.
+        let ends =
+            tokio::task::spawn_blocking(move || -> Result<Vec<(i32, i64, i64)>, BrokerError> {
+                let md = c
+                    .fetch_metadata(Some(&t), Duration::from_secs(10))
+                    .map_err(|e| unavailable(&format!("metadata of {t}"), e))?;
+                let mut ends = Vec::new();
+                for mt in md.topics().iter().filter(|mt| mt.name() == t) {
+                    if mt.error().is_some() {
+                        // Unknown topic: nothing was ever dead-lettered there.
+                        continue;
+                    }
+                    for p in mt.partitions() {
+                        let (low, high) = c
+                            .fetch_watermarks(&t, p.id(), Duration::from_secs(10))
+                            .map_err(|e| {
+                            unavailable(&format!("watermarks of {t}/{}", p.id()), e)
+                        })?;
+                        ends.push((p.id(), low, high));
+                    }
+                }
+                Ok(ends)
+            })
+            .await
+            .map_err(|e| BrokerError::Unavailable(format!("scan task failed: {e}")))??;
+        let consumer = Arc::try_unwrap(consumer)
+            .map_err(|_| BrokerError::Unavailable("kafka scan consumer still shared".into()))?;
+        let mut tpl = TopicPartitionList::new();
+        let mut remaining = HashMap::new();
+        for (p, low, high) in ends {
+            if high > low {
+                tpl.add_partition_offset(topic, p, Offset::Beginning)
+                    .map_err(|e| unavailable(&format!("assign {topic}/{p}"), e))?;
+                remaining.insert(p, high);
+            }
+        }
+        if !remaining.is_empty() {
+            consumer
+                .assign(&tpl)
+                .map_err(|e| unavailable(&format!("assign {topic}"), e))?;
+        }
+        Ok(Self {
+            consumer,
+            remaining,
+            topic: topic.to_owned(),
+        })
+    }
+}
+
+impl Scan for KafkaScan {
+    fn next_batch(&mut self) -> BoxFuture<'_, Result<Option<Vec<Record>>, BrokerError>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            while !self.remaining.is_empty() && out.len() < SCAN_BATCH {
+                let msg = match tokio::time::timeout(SCAN_TIMEOUT, self.consumer.recv()).await {
+                    Ok(Ok(m)) => m,
+                    Ok(Err(e)) => return Err(unavailable(&format!("read {}", self.topic), e)),
+                    Err(_) => {
+                        return Err(unavailable(
+                            &format!("read {}", self.topic),
+                            format!(
+                                "no record for {} s although partitions {:?} have more",
+                                SCAN_TIMEOUT.as_secs(),
+                                self.remaining.keys().collect::<Vec<_>>()
+                            ),
+                        ));
+                    }
+                };
+                let p = msg.partition();
+                let Some(&end) = self.remaining.get(&p) else {
+                    continue;
+                };
+                if msg.offset() >= end {
+                    self.remaining.remove(&p);
+                    continue;
+                }
+                if msg.offset() + 1 >= end {
+                    self.remaining.remove(&p);
+                }
+                if let Some(r) = record_of(&msg) {
+                    out.push(r);
+                }
+            }
+            Ok(if out.is_empty() { None } else { Some(out) })
         })
     }
 }

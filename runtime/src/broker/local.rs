@@ -41,7 +41,7 @@ use tokio::sync::Notify;
 
 use super::{
     Ack, AckHandle, AckKind, BoxFuture, BrokerError, Delivery, LOCKGATE_ID_HEADER, OutRecord,
-    Record, Sink, Source,
+    Record, Scan, Sink, Source,
 };
 use crate::pipeline::ack::OffsetTracker;
 
@@ -313,6 +313,16 @@ impl LocalBroker {
             committer,
             task: None,
             poll: POLL_INTERVAL,
+        })
+    }
+
+    /// A [`Scan`] of `topic` from offset 0 to its current end.
+    pub fn scan(&self, topic: &str) -> Result<LocalScan, BrokerError> {
+        Ok(LocalScan {
+            broker: self.clone(),
+            topic: topic.to_owned(),
+            next: 0,
+            end: self.end_offset(topic)?,
         })
     }
 
@@ -1424,5 +1434,40 @@ mod tests {
                 .enumerate()
                 .all(|(i, r)| r.offset == Some(i as u64))
         );
+    }
+}
+
+/// A [`Scan`] of one topic of the embedded broker.
+#[derive(Debug)]
+pub struct LocalScan {
+    broker: LocalBroker,
+    topic: String,
+    next: u64,
+    end: u64,
+}
+
+/// Records a scan reads at once.
+const SCAN_BATCH: u64 = 500;
+
+impl Scan for LocalScan {
+    fn next_batch(&mut self) -> BoxFuture<'_, Result<Option<Vec<Record>>, BrokerError>> {
+        Box::pin(async move {
+            if self.next >= self.end {
+                return Ok(None);
+            }
+            let max = (self.end - self.next).min(SCAN_BATCH);
+            let broker = self.broker.clone();
+            let (topic, from) = (self.topic.clone(), self.next);
+            let records = tokio::task::spawn_blocking(move || {
+                broker.read(&topic, from, usize::try_from(max).unwrap_or(usize::MAX))
+            })
+            .await
+            .map_err(|e| BrokerError::Unavailable(format!("scan task failed: {e}")))??;
+            if records.is_empty() {
+                return Ok(None);
+            }
+            self.next += records.len() as u64;
+            Ok(Some(records))
+        })
     }
 }

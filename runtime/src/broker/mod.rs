@@ -247,6 +247,14 @@ pub trait Source: Send + 'static {
     fn commit(&mut self) -> BoxFuture<'_, Result<(), BrokerError>>;
 }
 
+/// Reads a topic from its beginning up to the end it had when the scan was opened: what the
+/// dead-letter tools (`lockgate dlq`) use to list and replay a DLQ without joining a consumer
+/// group or committing anything. Records appended after the scan opened are not returned.
+pub trait Scan: Send {
+    /// The next records (in order within each partition), or `None` once the end is reached.
+    fn next_batch(&mut self) -> BoxFuture<'_, Result<Option<Vec<Record>>, BrokerError>>;
+}
+
 /// Where outputs and dead letters go.
 pub trait Sink: Send + Sync + 'static {
     /// Publishes `records` and returns once the broker acknowledged all of them. A sink that can

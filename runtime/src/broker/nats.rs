@@ -28,7 +28,7 @@ use futures_util::StreamExt;
 
 use super::{
     Ack, AckHandle, AckKind, BoxFuture, BrokerError, Delivery, Lag, LagGauge, OutRecord, Record,
-    Sink, Source,
+    Scan, Sink, Source,
 };
 use crate::config::{JetStreamSource as JetStreamConfig, NatsConfig};
 
@@ -598,5 +598,125 @@ impl Source for NatsCoreSource {
 
     fn commit(&mut self) -> BoxFuture<'_, Result<(), BrokerError>> {
         Box::pin(async { Ok(()) })
+    }
+}
+
+/// How long a JetStream scan waits for the next record it knows exists.
+const SCAN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Records a scan returns at once.
+const SCAN_BATCH: usize = 500;
+
+/// A [`Scan`] of one subject of a JetStream stream through an ephemeral ordered consumer, up to
+/// the stream's last sequence at open. Records carry the stream sequence as their offset.
+pub struct JetStreamScan {
+    messages: Option<consumer::pull::Ordered>,
+    end: u64,
+    subject: String,
+}
+
+impl std::fmt::Debug for JetStreamScan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamScan")
+            .field("subject", &self.subject)
+            .field("end", &self.end)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JetStreamScan {
+    /// Opens a scan of `subject` in whichever stream captures it.
+    pub async fn open(client: async_nats::Client, subject: &str) -> Result<Self, BrokerError> {
+        let js = jetstream::new(client);
+        let name = js.stream_by_subject(subject).await.map_err(|e| {
+            unavailable(
+                &format!("no JetStream stream captures subject {subject}"),
+                e,
+            )
+        })?;
+        let mut stream = js
+            .get_stream(&name)
+            .await
+            .map_err(|e| unavailable(&format!("stream {name}"), e))?;
+        let end = stream
+            .info()
+            .await
+            .map_err(|e| unavailable(&format!("stream {name}"), e))?
+            .state
+            .last_sequence;
+        let mut consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: subject.to_owned(),
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable(&format!("scan consumer on {name}"), e))?;
+        let pending = consumer
+            .info()
+            .await
+            .map_err(|e| unavailable(&format!("scan consumer on {name}"), e))?
+            .num_pending;
+        let messages = if pending == 0 {
+            None
+        } else {
+            Some(
+                consumer
+                    .messages()
+                    .await
+                    .map_err(|e| unavailable(&format!("read {subject}"), e))?,
+            )
+        };
+        Ok(Self {
+            messages,
+            end,
+            subject: subject.to_owned(),
+        })
+    }
+}
+
+impl Scan for JetStreamScan {
+    fn next_batch(&mut self) -> BoxFuture<'_, Result<Option<Vec<Record>>, BrokerError>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            while out.len() < SCAN_BATCH {
+                let Some(messages) = self.messages.as_mut() else {
+                    break;
+                };
+                let next = tokio::time::timeout(SCAN_TIMEOUT, messages.next()).await;
+                let message = match next {
+                    Ok(Some(Ok(m))) => m,
+                    Ok(Some(Err(e))) => {
+                        return Err(unavailable(&format!("read {}", self.subject), e));
+                    }
+                    Ok(None) => {
+                        self.messages = None;
+                        break;
+                    }
+                    Err(_) => {
+                        return Err(unavailable(
+                            &format!("read {}", self.subject),
+                            format!("no message for {} s", SCAN_TIMEOUT.as_secs()),
+                        ));
+                    }
+                };
+                let mut record = record_of(&message.message);
+                let info = message
+                    .info()
+                    .map_err(|e| unavailable(&format!("read {}", self.subject), e))?;
+                let (sequence, pending) = (info.stream_sequence, info.pending);
+                record.timestamp_ms =
+                    u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).ok();
+                if sequence > self.end {
+                    self.messages = None;
+                    break;
+                }
+                record.offset = Some(sequence);
+                out.push(record);
+                if pending == 0 || sequence >= self.end {
+                    self.messages = None;
+                }
+            }
+            Ok(if out.is_empty() { None } else { Some(out) })
+        })
     }
 }

@@ -1,6 +1,8 @@
 //! Command-line interface: argument definitions and dispatch.
 
 mod check;
+mod clients;
+mod dlq;
 mod local;
 mod run;
 mod status;
@@ -87,6 +89,18 @@ enum Command {
     ///
     /// Exit codes: 0 shown, 1 the endpoint did not answer, 2 no address to ask.
     Status(status::StatusArgs),
+
+    /// Inspect dead letters and replay them once the handler is fixed (`list`, `show`,
+    /// `replay`), on the embedded broker, Kafka and JetStream.
+    ///
+    /// Reads the DLQs the config's routes name. Typical workflow:
+    ///   lockgate dlq list --route orders --since 2h
+    ///   lockgate dlq show orders.dlq/0/17
+    ///   (deploy the fixed handler)
+    ///   lockgate dlq replay --route orders --dry-run
+    ///   lockgate dlq replay --route orders --rate 200
+    #[command(verbatim_doc_comment)]
+    Dlq(dlq::DlqArgs),
 }
 
 impl Cli {
@@ -109,6 +123,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Send(args) => local::send(args),
         Command::Tail(args) => local::tail(args),
         Command::Status(args) => status::run(args),
+        Command::Dlq(args) => dlq::run(args),
     }
 }
 

@@ -1,6 +1,6 @@
 //! `lockgate run`: starts every route of runtime.toml and runs until SIGINT or SIGTERM.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -8,17 +8,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use lockgate::broker::kafka::{KafkaSink, KafkaSource};
 use lockgate::broker::local::LocalBroker;
-use lockgate::broker::nats::{JetStreamSink, JetStreamSource, NatsCoreSource, NatsReplySink};
-use lockgate::broker::{Sink, Source};
-use lockgate::config::{BrokerKind, Config, IdempotencyKey, NatsConfig, Ordering, RouteConfig};
+use lockgate::config::{Config, IdempotencyKey, Ordering, RouteConfig};
 use lockgate::engine::{Engine, HandlerEnv, InstancePool};
 use lockgate::pipeline::backoff::Jitter;
 use lockgate::pipeline::idempotency::DoneKeys;
 use lockgate::pipeline::{Route, RouteSinks, Shutdown};
 use lockgate::state::{EmbeddedStore, KvStore};
 
+use super::clients::Clients;
 use super::{EXIT_FAILED, EXIT_USAGE};
 
 /// File name of the embedded state store (guest kv and idempotency keys) in the state directory.
@@ -233,108 +231,6 @@ async fn stop_signal() -> std::io::Result<&'static str> {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     })
-}
-
-/// Broker clients, one per broker, shared by every route that uses it.
-#[derive(Default)]
-struct Clients {
-    sinks: HashMap<String, Arc<dyn Sink>>,
-    nats: HashMap<String, async_nats::Client>,
-}
-
-impl Clients {
-    async fn nats(
-        &mut self,
-        config: &Config,
-        name: &str,
-        cfg: &NatsConfig,
-    ) -> anyhow::Result<async_nats::Client> {
-        if let Some(c) = self.nats.get(name) {
-            return Ok(c.clone());
-        }
-        let client = lockgate::broker::nats::connect(name, cfg, &config.base_dir).await?;
-        self.nats.insert(name.to_owned(), client.clone());
-        Ok(client)
-    }
-
-    /// Opens the source of `route` on its broker.
-    async fn source(
-        &mut self,
-        config: &Config,
-        local: &LocalBroker,
-        route: &RouteConfig,
-    ) -> anyhow::Result<Box<dyn Source>> {
-        let src = &route.source;
-        if src.broker == "local" {
-            return Ok(Box::new(local.source(&src.topic, &src.group)?));
-        }
-        let Some(broker) = config.brokers.get(&src.broker) else {
-            anyhow::bail!("broker {} is not defined", src.broker);
-        };
-        match &broker.kind {
-            BrokerKind::Kafka(kafka) => {
-                Ok(Box::new(KafkaSource::new(kafka, &src.topic, &src.group)?))
-            }
-            BrokerKind::Nats(nats) => {
-                let client = self.nats(config, &broker.name, nats).await?;
-                Ok(match &route.jetstream {
-                    Some(js) => Box::new(JetStreamSource::new(client, &src.topic, &src.group, js)),
-                    None => {
-                        tracing::warn!(
-                            route = %route.name,
-                            "Core NATS source (no `source.stream`): delivery is at most once. Retries, the breaker and the DLQ apply only while this process runs; messages it holds when it stops or crashes are lost. Use a JetStream stream for at-least-once."
-                        );
-                        Box::new(NatsCoreSource::new(client, &src.topic, &src.group))
-                    }
-                })
-            }
-        }
-    }
-
-    /// The sink for answers to requests, for routes whose source has reply subjects.
-    async fn replies(
-        &mut self,
-        config: &Config,
-        route: &RouteConfig,
-    ) -> anyhow::Result<Option<Arc<dyn Sink>>> {
-        let Some(broker) = config.brokers.get(&route.source.broker) else {
-            return Ok(None);
-        };
-        match &broker.kind {
-            BrokerKind::Nats(nats) if route.jetstream.is_none() => {
-                let client = self.nats(config, &broker.name, nats).await?;
-                Ok(Some(Arc::new(NatsReplySink::new(client))))
-            }
-            _ => Ok(None),
-        }
-    }
-
-    /// The producer for broker `name`.
-    async fn sink(
-        &mut self,
-        config: &Config,
-        local: &LocalBroker,
-        name: &str,
-    ) -> anyhow::Result<Arc<dyn Sink>> {
-        if let Some(s) = self.sinks.get(name) {
-            return Ok(s.clone());
-        }
-        let sink: Arc<dyn Sink> = if name == "local" {
-            Arc::new(local.sink())
-        } else {
-            let Some(broker) = config.brokers.get(name) else {
-                anyhow::bail!("broker {name} is not defined");
-            };
-            match &broker.kind {
-                BrokerKind::Kafka(kafka) => Arc::new(KafkaSink::new(name, kafka)?),
-                BrokerKind::Nats(nats) => {
-                    Arc::new(JetStreamSink::new(self.nats(config, name, nats).await?))
-                }
-            }
-        };
-        self.sinks.insert(name.to_owned(), sink.clone());
-        Ok(sink)
-    }
 }
 
 /// The one line a route logs at start: where from, what runs, where to, and its policies.

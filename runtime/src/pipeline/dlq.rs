@@ -1,9 +1,15 @@
 //! The dead-letter envelope: one format on every broker, so one replay tool serves all.
 //!
 //! A dead letter is the original message, unchanged — same key, same payload bytes, same headers
-//! in the same order — plus `lockgate-dlq-*` headers describing the failure. Replaying it means
-//! dropping the `lockgate-dlq-*` headers (restoring `lockgate-dlq-original-id` as `lockgate-id`)
-//! and publishing to `lockgate-dlq-topic`.
+//! in the same order — plus `lockgate-dlq-*` headers describing the failure. Replaying it
+//! ([`replay_record`]) drops the `lockgate-dlq-*` headers, marks the copy with
+//! `lockgate-replayed-from` and a replay id, and publishes it to `lockgate-dlq-topic`.
+//!
+//! The replay tool remembers what it replayed in the DLQ itself: after the copies of a batch are
+//! acknowledged it appends one *replay marker* ([`marker`]): a record with the header
+//! `lockgate-dlq-replayed` and a JSON payload naming the replayed positions. Any later `list` or
+//! `replay` reads the markers and treats those dead letters as replayed, whoever ran it and
+//! wherever.
 //!
 //! | header | value |
 //! |---|---|
@@ -22,6 +28,11 @@
 //! | `lockgate-dlq-first-failure-ms`, `lockgate-dlq-last-failure-ms` | ms since the Unix epoch |
 //! | `lockgate-dlq-original-id` | the message's own `lockgate-id`, if it had one |
 //! | `lockgate-id` | `<route>:dlq:<topic>/<partition>/<offset>`: dedups a repeated DLQ write |
+//!
+//! A replayed copy carries `lockgate-replayed-from` (the dead letter's position in its DLQ),
+//! `lockgate-original-id` (the message's own `lockgate-id`, if it had one) and
+//! `lockgate-id = <route>:replay:<dlq position>`: a sink that deduplicates (the embedded broker,
+//! JetStream within its window) drops a second copy of the same dead letter.
 
 use crate::broker::{LOCKGATE_ID_HEADER, OutRecord, Record};
 use crate::pipeline::backoff::GiveUpReason;
@@ -30,6 +41,12 @@ use crate::pipeline::backoff::GiveUpReason;
 pub const DLQ_HEADER_PREFIX: &str = "lockgate-dlq-";
 /// Where a message's own `lockgate-id` is kept in its dead letter.
 pub const ORIGINAL_ID_HEADER: &str = "lockgate-dlq-original-id";
+/// Header of a replay marker (its value is the replay's destination summary).
+pub const MARKER_HEADER: &str = "lockgate-dlq-replayed";
+/// Header of a replayed copy: the position of the dead letter it came from.
+pub const REPLAYED_FROM_HEADER: &str = "lockgate-replayed-from";
+/// Header of a replayed copy: the message's own `lockgate-id` before it was dead-lettered.
+pub const REPLAY_ORIGINAL_ID_HEADER: &str = "lockgate-original-id";
 
 /// What went wrong, for the envelope.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,6 +140,132 @@ pub fn header<'a>(record: &'a Record, name: &str) -> Option<&'a str> {
         .and_then(|(_, v)| std::str::from_utf8(v).ok())
 }
 
+/// A dead letter read back from a DLQ: the envelope's metadata and the original message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Where it sits in the DLQ (`topic/partition/offset`): its name for `show` and markers.
+    pub position: String,
+    /// Route that gave up on it.
+    pub route: String,
+    /// Handler that ran it.
+    pub handler: String,
+    /// Module hash of the version that ran the last attempt.
+    pub module_hash: String,
+    /// Topic or subject it came from.
+    pub topic: String,
+    /// Position it had there (`topic/partition/offset`).
+    pub source_position: String,
+    /// Message id the handler saw.
+    pub message_id: String,
+    /// Outcome kind of the last attempt.
+    pub error_kind: String,
+    /// Reason of the last attempt.
+    pub reason: String,
+    /// Why it was not retried further.
+    pub gave_up: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// First failure, ms since the Unix epoch.
+    pub first_failure_ms: u64,
+    /// Last failure (when it was dead-lettered), ms since the Unix epoch.
+    pub last_failure_ms: u64,
+    /// The dead letter as read (original key, payload and headers plus the envelope).
+    pub record: Record,
+}
+
+impl DeadLetter {
+    /// Reads the envelope of `record`; `None` for a record that is not a dead letter (a replay
+    /// marker, or something else published to the topic).
+    pub fn parse(record: Record) -> Option<Self> {
+        let text = |name: &str| header(&record, name).map(str::to_owned);
+        let number = |name: &str| header(&record, name).and_then(|v| v.parse::<u64>().ok());
+        let route = text("route")?;
+        let topic = text("topic")?;
+        let source_position = format!(
+            "{topic}/{}/{}",
+            header(&record, "partition").unwrap_or("-"),
+            header(&record, "offset").unwrap_or("-")
+        );
+        Some(Self {
+            position: record.position(),
+            handler: text("handler").unwrap_or_default(),
+            module_hash: text("module-hash").unwrap_or_default(),
+            message_id: text("message-id").unwrap_or_default(),
+            error_kind: text("error-kind").unwrap_or_default(),
+            reason: text("reason").unwrap_or_default(),
+            gave_up: text("gave-up").unwrap_or_default(),
+            attempts: number("attempts")
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(0),
+            first_failure_ms: number("first-failure-ms").unwrap_or(0),
+            last_failure_ms: number("last-failure-ms").unwrap_or(0),
+            route,
+            topic,
+            source_position,
+            record,
+        })
+    }
+}
+
+/// The copy of `dead` to publish when replaying it to `to`: the original key, payload and
+/// headers (without the envelope), marked as a replay.
+pub fn replay_record(dead: &DeadLetter, to: &str) -> OutRecord {
+    let mut headers: Vec<(String, Vec<u8>)> = dead
+        .record
+        .headers
+        .iter()
+        .filter(|(n, _)| {
+            !n.starts_with(DLQ_HEADER_PREFIX)
+                && n != LOCKGATE_ID_HEADER
+                && n != REPLAYED_FROM_HEADER
+                && n != REPLAY_ORIGINAL_ID_HEADER
+        })
+        .cloned()
+        .collect();
+    if let Some(id) = dead.record.header(ORIGINAL_ID_HEADER) {
+        headers.push((REPLAY_ORIGINAL_ID_HEADER.to_owned(), id.to_vec()));
+    }
+    headers.push((
+        REPLAYED_FROM_HEADER.to_owned(),
+        dead.position.clone().into_bytes(),
+    ));
+    headers.push((
+        LOCKGATE_ID_HEADER.to_owned(),
+        format!("{}:replay:{}", dead.route, dead.position).into_bytes(),
+    ));
+    OutRecord {
+        topic: to.to_owned(),
+        key: dead.record.key.clone(),
+        headers,
+        payload: dead.record.payload.clone(),
+    }
+}
+
+/// The replay marker appended to `dlq_topic` once the copies of `positions` were acknowledged.
+pub fn marker(dlq_topic: &str, positions: &[String], to: &str, at_ms: u64) -> OutRecord {
+    let payload = serde_json::json!({ "replayed": positions, "to": to, "at_ms": at_ms });
+    OutRecord {
+        topic: dlq_topic.to_owned(),
+        key: None,
+        headers: vec![(MARKER_HEADER.to_owned(), to.as_bytes().to_vec())],
+        payload: payload.to_string().into_bytes(),
+    }
+}
+
+/// The positions a replay marker names; `None` when `record` is not a marker.
+pub fn marker_positions(record: &Record) -> Option<Vec<String>> {
+    record.header(MARKER_HEADER)?;
+    let value: serde_json::Value = serde_json::from_slice(&record.payload).ok()?;
+    Some(
+        value
+            .get("replayed")?
+            .as_array()?
+            .iter()
+            .filter_map(|p| p.as_str().map(str::to_owned))
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -183,5 +326,98 @@ mod tests {
                 .count(),
             1
         );
+    }
+    #[test]
+    fn a_dead_letter_parses_and_replays_as_the_original_marked() {
+        let record = Record {
+            topic: "orders".into(),
+            partition: Some(2),
+            offset: Some(7),
+            key: Some(b"k".to_vec()),
+            headers: vec![
+                ("trace".into(), b"abc".to_vec()),
+                (LOCKGATE_ID_HEADER.into(), b"up:1".to_vec()),
+            ],
+            payload: b"{}".to_vec(),
+            timestamp_ms: None,
+            reply_to: None,
+        };
+        let failure = Failure {
+            route: "r".into(),
+            handler: "h".into(),
+            module_hash: "ab".into(),
+            message_id: "orders/2/7".into(),
+            error_kind: "retry".into(),
+            reason: "down".into(),
+            gave_up: GiveUpReason::AttemptsExhausted,
+            attempts: 5,
+            first_failure_ms: 10,
+            last_failure_ms: 20,
+        };
+        let out = envelope(&record, &failure, "orders.dlq");
+        let as_read = Record {
+            topic: out.topic,
+            partition: Some(0),
+            offset: Some(3),
+            key: out.key,
+            headers: out.headers,
+            payload: out.payload,
+            ..Record::default()
+        };
+        let dead = DeadLetter::parse(as_read).unwrap();
+        assert_eq!(dead.position, "orders.dlq/0/3");
+        assert_eq!(dead.source_position, "orders/2/7");
+        assert_eq!(
+            (dead.route.as_str(), dead.error_kind.as_str(), dead.attempts),
+            ("r", "retry", 5)
+        );
+        assert_eq!((dead.first_failure_ms, dead.last_failure_ms), (10, 20));
+        assert_eq!(dead.gave_up, "attempts_exhausted");
+
+        let copy = replay_record(&dead, "orders");
+        assert_eq!(copy.topic, "orders");
+        assert_eq!(copy.key.as_deref(), Some(&b"k"[..]));
+        assert_eq!(copy.payload, b"{}");
+        let names: Vec<&str> = copy.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "trace",
+                REPLAY_ORIGINAL_ID_HEADER,
+                REPLAYED_FROM_HEADER,
+                LOCKGATE_ID_HEADER
+            ]
+        );
+        let copy_record = Record {
+            headers: copy.headers,
+            ..Record::default()
+        };
+        assert_eq!(
+            copy_record.header(LOCKGATE_ID_HEADER),
+            Some(&b"r:replay:orders.dlq/0/3"[..])
+        );
+        assert_eq!(
+            copy_record.header(REPLAYED_FROM_HEADER),
+            Some(&b"orders.dlq/0/3"[..])
+        );
+        assert_eq!(
+            copy_record.header(REPLAY_ORIGINAL_ID_HEADER),
+            Some(&b"up:1"[..])
+        );
+    }
+
+    #[test]
+    fn markers_round_trip_and_are_not_dead_letters() {
+        let positions = vec!["d/0/1".to_owned(), "d/1/4".to_owned()];
+        let m = marker("d", &positions, "orders", 99);
+        let as_read = Record {
+            topic: m.topic,
+            headers: m.headers,
+            payload: m.payload,
+            ..Record::default()
+        };
+        assert_eq!(marker_positions(&as_read), Some(positions));
+        assert_eq!(DeadLetter::parse(as_read), None);
+        assert_eq!(marker_positions(&Record::default()), None);
     }
 }

@@ -1,0 +1,157 @@
+//! Broker clients for the commands that talk to brokers (`run`, `dlq`): one connection or
+//! producer per `[brokers.<name>]`, shared by every route and command step that uses it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use lockgate::broker::kafka::{KafkaScan, KafkaSink, KafkaSource};
+use lockgate::broker::local::LocalBroker;
+use lockgate::broker::nats::{
+    JetStreamScan, JetStreamSink, JetStreamSource, NatsCoreSource, NatsReplySink,
+};
+use lockgate::broker::{Scan, Sink, Source};
+use lockgate::config::{BrokerKind, Config, Endpoint, NatsConfig, RouteConfig};
+
+/// Broker clients, one per broker, shared by every route that uses it.
+#[derive(Default)]
+pub struct Clients {
+    sinks: HashMap<String, Arc<dyn Sink>>,
+    nats: HashMap<String, async_nats::Client>,
+}
+
+impl Clients {
+    pub async fn nats(
+        &mut self,
+        config: &Config,
+        name: &str,
+        cfg: &NatsConfig,
+    ) -> anyhow::Result<async_nats::Client> {
+        if let Some(c) = self.nats.get(name) {
+            return Ok(c.clone());
+        }
+        let client = lockgate::broker::nats::connect(name, cfg, &config.base_dir).await?;
+        self.nats.insert(name.to_owned(), client.clone());
+        Ok(client)
+    }
+
+    /// Opens the source of `route` on its broker.
+    pub async fn source(
+        &mut self,
+        config: &Config,
+        local: &LocalBroker,
+        route: &RouteConfig,
+    ) -> anyhow::Result<Box<dyn Source>> {
+        let src = &route.source;
+        if src.broker == "local" {
+            return Ok(Box::new(local.source(&src.topic, &src.group)?));
+        }
+        let Some(broker) = config.brokers.get(&src.broker) else {
+            anyhow::bail!("broker {} is not defined", src.broker);
+        };
+        match &broker.kind {
+            BrokerKind::Kafka(kafka) => {
+                Ok(Box::new(KafkaSource::new(kafka, &src.topic, &src.group)?))
+            }
+            BrokerKind::Nats(nats) => {
+                let client = self.nats(config, &broker.name, nats).await?;
+                Ok(match &route.jetstream {
+                    Some(js) => Box::new(JetStreamSource::new(client, &src.topic, &src.group, js)),
+                    None => {
+                        tracing::warn!(
+                            route = %route.name,
+                            "Core NATS source (no `source.stream`): delivery is at most once. Retries, the breaker and the DLQ apply only while this process runs; messages it holds when it stops or crashes are lost. Use a JetStream stream for at-least-once."
+                        );
+                        Box::new(NatsCoreSource::new(client, &src.topic, &src.group))
+                    }
+                })
+            }
+        }
+    }
+
+    /// The sink for answers to requests, for routes whose source has reply subjects.
+    pub async fn replies(
+        &mut self,
+        config: &Config,
+        route: &RouteConfig,
+    ) -> anyhow::Result<Option<Arc<dyn Sink>>> {
+        let Some(broker) = config.brokers.get(&route.source.broker) else {
+            return Ok(None);
+        };
+        match &broker.kind {
+            BrokerKind::Nats(nats) if route.jetstream.is_none() => {
+                let client = self.nats(config, &broker.name, nats).await?;
+                Ok(Some(Arc::new(NatsReplySink::new(client))))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The producer for broker `name`.
+    pub async fn sink(
+        &mut self,
+        config: &Config,
+        local: &LocalBroker,
+        name: &str,
+    ) -> anyhow::Result<Arc<dyn Sink>> {
+        if let Some(s) = self.sinks.get(name) {
+            return Ok(s.clone());
+        }
+        let sink: Arc<dyn Sink> = if name == "local" {
+            Arc::new(local.sink())
+        } else {
+            let Some(broker) = config.brokers.get(name) else {
+                anyhow::bail!("broker {name} is not defined");
+            };
+            match &broker.kind {
+                BrokerKind::Kafka(kafka) => Arc::new(KafkaSink::new(name, kafka)?),
+                BrokerKind::Nats(nats) => {
+                    Arc::new(JetStreamSink::new(self.nats(config, name, nats).await?))
+                }
+            }
+        };
+        self.sinks.insert(name.to_owned(), sink.clone());
+        Ok(sink)
+    }
+}
+
+impl Clients {
+    /// A scan of `endpoint`'s topic from its start (the DLQ tools read with it).
+    pub async fn scan(
+        &mut self,
+        config: &Config,
+        local: &LocalBroker,
+        endpoint: &Endpoint,
+    ) -> anyhow::Result<Box<dyn Scan>> {
+        if endpoint.broker == "local" {
+            return Ok(Box::new(local.scan(&endpoint.topic)?));
+        }
+        let Some(broker) = config.brokers.get(&endpoint.broker) else {
+            anyhow::bail!("broker {} is not defined", endpoint.broker);
+        };
+        Ok(match &broker.kind {
+            BrokerKind::Kafka(kafka) => Box::new(KafkaScan::open(kafka, &endpoint.topic).await?),
+            BrokerKind::Nats(nats) => {
+                let client = self.nats(config, &broker.name, nats).await?;
+                Box::new(JetStreamScan::open(client, &endpoint.topic).await?)
+            }
+        })
+    }
+
+    /// The producer that feeds `route`'s source: its broker's sink, or a core NATS publisher
+    /// when the route reads core NATS (a JetStream publish would find no stream).
+    pub async fn feeder(
+        &mut self,
+        config: &Config,
+        local: &LocalBroker,
+        route: &RouteConfig,
+    ) -> anyhow::Result<Arc<dyn Sink>> {
+        if let Some(broker) = config.brokers.get(&route.source.broker)
+            && let BrokerKind::Nats(nats) = &broker.kind
+            && route.jetstream.is_none()
+        {
+            let client = self.nats(config, &broker.name, nats).await?;
+            return Ok(Arc::new(NatsReplySink::new(client)));
+        }
+        self.sink(config, local, &route.source.broker).await
+    }
+}

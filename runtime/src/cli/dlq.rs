@@ -1,0 +1,879 @@
+//! `lockgate dlq list|show|replay`: inspect dead letters and send them back once the handler is
+//! fixed, on every broker a route can dead-letter to (embedded, Kafka, JetStream).
+//!
+//! The DLQs are the ones runtime.toml names (`dlq = ...` of each route). Reading never joins a
+//! consumer group or commits anything. What was replayed is remembered in the DLQ itself (replay
+//! markers, see [`lockgate::pipeline::dlq`]), so a second replay, from any machine, skips it; a
+//! replay that is interrupted writes the marker of the batch in flight before it exits and the
+//! next run goes on from there.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use clap::{Args, Subcommand};
+use lockgate::broker::local::LocalBroker;
+use lockgate::broker::{OutRecord, Scan, Sink};
+use lockgate::config::{Config, Endpoint};
+use lockgate::pipeline::dlq::{DeadLetter, marker, marker_positions, replay_record};
+use serde_json::json;
+
+use super::clients::Clients;
+use super::run::LOCAL_BROKER_DIR;
+use super::{EXIT_FAILED, EXIT_USAGE};
+
+/// Exit code of a replay stopped by SIGINT or SIGTERM (after its batch in flight was finished).
+const EXIT_INTERRUPTED: u8 = 130;
+
+/// Arguments of `lockgate dlq`.
+#[derive(Debug, Args)]
+pub struct DlqArgs {
+    #[command(subcommand)]
+    command: DlqCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// List dead letters: position, route, error kind, attempts, when, status and reason.
+    ///
+    /// Every DLQ named by a route of the config is read (or only `--route`'s). Status is
+    /// `pending` or `replayed`. Exit codes: 0 listed, 2 bad config or arguments, 1 a DLQ could
+    /// not be read.
+    List(ListArgs),
+
+    /// Show one dead letter whole: metadata, key, headers and payload.
+    ///
+    /// POSITION is the first column of `lockgate dlq list` (`topic/partition/offset`).
+    /// Exit codes: 0 shown, 1 not found or unreadable, 2 bad config or arguments.
+    Show(ShowArgs),
+
+    /// Publish dead letters back to the topic they came from (or `--to`), then mark them replayed.
+    ///
+    /// Replays the pending dead letters that match the filters, in DLQ order, in batches: a
+    /// batch's copies are acknowledged by the broker before the batch is marked replayed in the
+    /// DLQ. A copy carries the original key, payload and headers (without the `lockgate-dlq-*`
+    /// envelope) plus `lockgate-replayed-from: <dlq position>` and the id
+    /// `<route>:replay:<dlq position>`. A second replay skips what was replayed.
+    ///
+    /// Ctrl-C or SIGTERM stops after the batch in flight (a second Ctrl-C stops at once); run the
+    /// same command again to replay the rest. Only a kill in the middle of a batch can repeat
+    /// that batch, and the embedded broker and JetStream drop such repeats by their id.
+    ///
+    /// Exit codes: 0 replayed (or nothing to do), 1 a publish or a DLQ read failed (what was
+    /// marked stays replayed; run again), 2 bad config or arguments, 130 interrupted.
+    Replay(ReplayArgs),
+}
+
+/// Which config, and where its embedded broker lives.
+#[derive(Debug, Args)]
+struct ConfigArgs {
+    /// The config file whose routes name the DLQs.
+    #[arg(long, short = 'c', default_value_os_t = super::default_config())]
+    config: PathBuf,
+
+    /// Use this state directory (embedded broker) instead of the config's `state_dir`.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+/// Which dead letters.
+#[derive(Debug, Args, Clone, Default)]
+struct Filter {
+    /// Only this route's dead letters (and only its DLQ is read).
+    #[arg(long, short = 'r')]
+    route: Option<String>,
+
+    /// Only this error kind: reject, retry, trapped, timed_out, out_of_memory (repeatable).
+    #[arg(long = "error-kind", value_name = "KIND")]
+    error_kinds: Vec<String>,
+
+    /// Only dead-lettered at or after this time: RFC 3339 (`2026-11-25T10:00:00Z`) or an age
+    /// (`90m`, `2h`, `3days`).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    since: Option<u64>,
+
+    /// Only dead-lettered before this time (same forms as --since).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    until: Option<u64>,
+}
+
+/// Arguments of `lockgate dlq list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+
+    #[command(flatten)]
+    filter: Filter,
+
+    /// Hide dead letters that were replayed.
+    #[arg(long)]
+    pending: bool,
+
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `lockgate dlq show`.
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The dead letter's position, as `lockgate dlq list` prints it.
+    position: String,
+
+    #[command(flatten)]
+    config: ConfigArgs,
+
+    /// Read only this route's DLQ.
+    #[arg(long, short = 'r')]
+    route: Option<String>,
+
+    /// One JSON object (payload as text when it is UTF-8, else `payload_base64`).
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `lockgate dlq replay`.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+
+    #[command(flatten)]
+    filter: Filter,
+
+    /// Publish to this topic (on the route's source broker) instead of the original topic.
+    #[arg(long, value_name = "TOPIC")]
+    to: Option<String>,
+
+    /// Print what would be replayed and where; publish nothing.
+    #[arg(long)]
+    dry_run: bool,
+
+    /// Dead letters per batch (published, acknowledged, then marked together).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    batch: u32,
+
+    /// At most this many messages per second (spare the fixed handler a flood).
+    #[arg(long, value_name = "PER_SECOND", value_parser = clap::value_parser!(u32).range(1..))]
+    rate: Option<u32>,
+}
+
+/// Parses `--since`/`--until`: RFC 3339 or an age before now; ms since the Unix epoch.
+fn parse_time(s: &str) -> Result<u64, String> {
+    let time = match humantime::parse_rfc3339_weak(s) {
+        Ok(t) => t,
+        Err(_) => match humantime::parse_duration(s) {
+            Ok(age) => SystemTime::now()
+                .checked_sub(age)
+                .ok_or_else(|| format!("{s:?} reaches before 1970"))?,
+            Err(_) => {
+                return Err(format!(
+                    "{s:?} is neither an RFC 3339 time (2026-11-25T10:00:00Z) nor an age (90m, 2h)"
+                ));
+            }
+        },
+    };
+    time.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .map_err(|_| format!("{s:?} is before 1970"))
+}
+
+impl Filter {
+    fn matches(&self, d: &DeadLetter) -> bool {
+        self.route.as_ref().is_none_or(|r| *r == d.route)
+            && (self.error_kinds.is_empty() || self.error_kinds.contains(&d.error_kind))
+            && self.since.is_none_or(|t| d.last_failure_ms >= t)
+            && self.until.is_none_or(|t| d.last_failure_ms < t)
+    }
+}
+
+/// A loaded config, its embedded broker and its broker clients.
+struct Ctx {
+    config: Config,
+    local: LocalBroker,
+    clients: Clients,
+}
+
+impl Ctx {
+    /// Loads the config; `Err(code)` after printing why it cannot be used.
+    fn load(args: &ConfigArgs) -> Result<Self, ExitCode> {
+        let mut config = match Config::load(&args.config) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{e}");
+                return Err(ExitCode::from(EXIT_USAGE));
+            }
+        };
+        if let Some(d) = &args.state_dir {
+            config.state_dir = d.clone();
+        }
+        let local = match LocalBroker::open(&config.state_dir.join(LOCAL_BROKER_DIR)) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("cannot open the embedded broker: {e}");
+                return Err(ExitCode::from(EXIT_FAILED));
+            }
+        };
+        Ok(Self {
+            config,
+            local,
+            clients: Clients::default(),
+        })
+    }
+
+    /// The DLQs to read: `route`'s, or every distinct one of the config.
+    fn dlqs(&self, route: Option<&str>) -> Result<Vec<Endpoint>, String> {
+        if let Some(name) = route {
+            let Some(r) = self.config.routes.get(name) else {
+                return Err(format!(
+                    "{}: no route {name:?} (routes: {})",
+                    self.config.file.display(),
+                    self.config
+                        .routes
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            };
+            return Ok(vec![r.dlq.clone()]);
+        }
+        let mut seen = HashSet::new();
+        Ok(self
+            .config
+            .routes
+            .values()
+            .filter(|r| seen.insert((r.dlq.broker.clone(), r.dlq.topic.clone())))
+            .map(|r| r.dlq.clone())
+            .collect())
+    }
+
+    async fn scan(&mut self, dlq: &Endpoint) -> anyhow::Result<Box<dyn Scan>> {
+        self.clients
+            .scan(&self.config, &self.local, dlq)
+            .await
+            .with_context(|| format!("cannot read the DLQ {}:{}", dlq.broker, dlq.topic))
+    }
+}
+
+/// What a DLQ holds: its dead letters (payload and headers dropped unless asked for) and the
+/// positions its replay markers name.
+#[derive(Default)]
+struct Contents {
+    dead: Vec<DeadLetter>,
+    replayed: HashSet<String>,
+}
+
+async fn read_all(
+    scan: &mut dyn Scan,
+    filter: &Filter,
+    keep: impl Fn(&DeadLetter) -> bool,
+) -> anyhow::Result<Contents> {
+    let mut c = Contents::default();
+    while let Some(batch) = scan.next_batch().await? {
+        for record in batch {
+            if let Some(positions) = marker_positions(&record) {
+                c.replayed.extend(positions);
+            } else if let Some(mut d) = DeadLetter::parse(record)
+                && filter.matches(&d)
+            {
+                if !keep(&d) {
+                    d.record.payload = Vec::new();
+                    d.record.headers = Vec::new();
+                }
+                c.dead.push(d);
+            }
+        }
+    }
+    Ok(c)
+}
+
+fn block_on<F: std::future::Future<Output = anyhow::Result<ExitCode>>>(
+    f: F,
+) -> anyhow::Result<ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(f)
+}
+
+/// Runs `lockgate dlq ...`.
+pub fn run(args: DlqArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        DlqCommand::List(a) => block_on(list(a)),
+        DlqCommand::Show(a) => block_on(show(a)),
+        DlqCommand::Replay(a) => block_on(replay(a)),
+    }
+}
+
+fn rfc3339(ms: u64) -> String {
+    if ms == 0 {
+        return "-".to_owned();
+    }
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn status(replayed: bool) -> &'static str {
+    if replayed { "replayed" } else { "pending" }
+}
+
+/// The first line of `text`, at most `max` characters.
+fn one_line(text: &str, max: usize) -> String {
+    let line = text.lines().next().unwrap_or("");
+    if line.chars().count() > max || line.len() < text.len() {
+        let cut: String = line.chars().take(max.saturating_sub(1)).collect();
+        format!("{cut}…")
+    } else {
+        line.to_owned()
+    }
+}
+
+async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
+    let mut ctx = match Ctx::load(&args.config) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let dlqs = match ctx.dlqs(args.filter.route.as_deref()) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+    };
+    let mut rows = Vec::new();
+    for dlq in &dlqs {
+        let mut scan = ctx.scan(dlq).await?;
+        let c = read_all(scan.as_mut(), &args.filter, |_| false)
+            .await
+            .with_context(|| format!("cannot read the DLQ {}:{}", dlq.broker, dlq.topic))?;
+        for d in c.dead {
+            let replayed = c.replayed.contains(&d.position);
+            if !(args.pending && replayed) {
+                rows.push((dlq.clone(), d, replayed));
+            }
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        for (dlq, d, replayed) in &rows {
+            let line = json!({
+                "dlq": format!("{}:{}", dlq.broker, dlq.topic),
+                "position": d.position,
+                "status": status(*replayed),
+                "route": d.route,
+                "handler": d.handler,
+                "module_hash": d.module_hash,
+                "source": d.source_position,
+                "message_id": d.message_id,
+                "error_kind": d.error_kind,
+                "reason": d.reason,
+                "gave_up": d.gave_up,
+                "attempts": d.attempts,
+                "first_failure_ms": d.first_failure_ms,
+                "last_failure_ms": d.last_failure_ms,
+            });
+            writeln!(out, "{line}")?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let width = rows
+        .iter()
+        .map(|(_, d, _)| d.position.len())
+        .max()
+        .unwrap_or(8)
+        .max(8);
+    let route_width = rows
+        .iter()
+        .map(|(_, d, _)| d.route.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    writeln!(
+        out,
+        "{:width$}  {:route_width$}  {:13}  {:>8}  {:20}  {:8}  REASON",
+        "POSITION", "ROUTE", "ERROR", "ATTEMPTS", "DEAD-LETTERED (UTC)", "STATUS"
+    )?;
+    for (_, d, replayed) in &rows {
+        writeln!(
+            out,
+            "{:width$}  {:route_width$}  {:13}  {:>8}  {:20}  {:8}  {}",
+            d.position,
+            d.route,
+            d.error_kind,
+            d.attempts,
+            rfc3339(d.last_failure_ms),
+            status(*replayed),
+            one_line(&d.reason, 80)
+        )?;
+    }
+    let replayed = rows.iter().filter(|(_, _, r)| *r).count();
+    let names: Vec<String> = dlqs
+        .iter()
+        .map(|d| format!("{}:{}", d.broker, d.topic))
+        .collect();
+    writeln!(
+        out,
+        "{} dead letter{} ({} pending, {replayed} replayed) in {}",
+        rows.len(),
+        if rows.len() == 1 { "" } else { "s" },
+        rows.len() - replayed,
+        names.join(", ")
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Text of a byte string: itself when UTF-8, else base64 with a note.
+fn text_or_base64(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_owned(),
+        Err(_) => format!("(base64) {}", B64.encode(bytes)),
+    }
+}
+
+async fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
+    let mut ctx = match Ctx::load(&args.config) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let dlqs = match ctx.dlqs(args.route.as_deref()) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+    };
+    // The position starts with the DLQ's topic: read only DLQs with that topic.
+    let candidates: Vec<&Endpoint> = dlqs
+        .iter()
+        .filter(|d| {
+            args.position
+                .strip_prefix(&d.topic)
+                .is_some_and(|rest| rest.starts_with('/'))
+        })
+        .collect();
+    if candidates.is_empty() {
+        let topics: Vec<&str> = dlqs.iter().map(|d| d.topic.as_str()).collect();
+        eprintln!(
+            "{:?} is not a position in any DLQ of {} (positions look like TOPIC/PARTITION/OFFSET; DLQ topics: {})",
+            args.position,
+            ctx.config.file.display(),
+            topics.join(", ")
+        );
+        return Ok(ExitCode::from(EXIT_USAGE));
+    }
+    for dlq in candidates {
+        let mut scan = ctx.scan(dlq).await?;
+        let position = args.position.clone();
+        let c = read_all(scan.as_mut(), &Filter::default(), |d| {
+            d.position == position
+        })
+        .await
+        .with_context(|| format!("cannot read the DLQ {}:{}", dlq.broker, dlq.topic))?;
+        let replayed = c.replayed.contains(&args.position);
+        let Some(d) = c.dead.into_iter().find(|d| d.position == args.position) else {
+            continue;
+        };
+        print_dead_letter(dlq, &d, replayed, args.json)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("no dead letter at {}", args.position);
+    Ok(ExitCode::from(EXIT_FAILED))
+}
+
+fn print_dead_letter(
+    dlq: &Endpoint,
+    d: &DeadLetter,
+    replayed: bool,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let original_headers: Vec<(&String, &Vec<u8>)> = d
+        .record
+        .headers
+        .iter()
+        .filter(|(n, _)| !n.starts_with(lockgate::pipeline::dlq::DLQ_HEADER_PREFIX))
+        .filter(|(n, _)| n != lockgate::broker::LOCKGATE_ID_HEADER)
+        .map(|(n, v)| (n, v))
+        .collect();
+    if as_json {
+        let mut v = json!({
+            "dlq": format!("{}:{}", dlq.broker, dlq.topic),
+            "position": d.position,
+            "status": status(replayed),
+            "route": d.route,
+            "handler": d.handler,
+            "module_hash": d.module_hash,
+            "source": d.source_position,
+            "message_id": d.message_id,
+            "error_kind": d.error_kind,
+            "reason": d.reason,
+            "gave_up": d.gave_up,
+            "attempts": d.attempts,
+            "first_failure_ms": d.first_failure_ms,
+            "last_failure_ms": d.last_failure_ms,
+            "headers": original_headers
+                .iter()
+                .map(|(n, v)| json!([n, String::from_utf8_lossy(v)]))
+                .collect::<Vec<_>>(),
+        });
+        if let Some(k) = &d.record.key {
+            v["key"] = json!(String::from_utf8_lossy(k));
+        }
+        match std::str::from_utf8(&d.record.payload) {
+            Ok(s) => v["payload"] = json!(s),
+            Err(_) => v["payload_base64"] = json!(B64.encode(&d.record.payload)),
+        }
+        writeln!(out, "{v}")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "position       {} ({}:{})",
+        d.position, dlq.broker, dlq.topic
+    )?;
+    writeln!(out, "status         {}", status(replayed))?;
+    writeln!(
+        out,
+        "route          {} (handler {}, module {})",
+        d.route, d.handler, d.module_hash
+    )?;
+    writeln!(
+        out,
+        "source         {} (message id {})",
+        d.source_position, d.message_id
+    )?;
+    writeln!(
+        out,
+        "error          {}: {} ({} after {} attempt{})",
+        d.error_kind,
+        d.reason,
+        d.gave_up,
+        d.attempts,
+        if d.attempts == 1 { "" } else { "s" }
+    )?;
+    writeln!(out, "first failure  {}", rfc3339(d.first_failure_ms))?;
+    writeln!(out, "last failure   {}", rfc3339(d.last_failure_ms))?;
+    if let Some(k) = &d.record.key {
+        writeln!(out, "key            {}", text_or_base64(k))?;
+    }
+    for (n, v) in &original_headers {
+        writeln!(out, "header         {n}={}", text_or_base64(v))?;
+    }
+    writeln!(out, "payload        {}", text_or_base64(&d.record.payload))?;
+    Ok(())
+}
+
+/// Progress of a replay: a bar with rate and ETA on a terminal, a line a second otherwise.
+struct Progress {
+    bar: indicatif::ProgressBar,
+    started: Instant,
+    last_line: Instant,
+    total: u64,
+    done: u64,
+}
+
+impl Progress {
+    fn new(total: u64) -> Self {
+        let bar = if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new(total);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "replay {bar:40} {pos}/{len} {per_sec} ETA {eta}",
+            ) {
+                bar.set_style(style);
+            }
+            bar
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let now = Instant::now();
+        Self {
+            bar,
+            started: now,
+            last_line: now,
+            total,
+            done: 0,
+        }
+    }
+
+    fn add(&mut self, n: u64) {
+        self.done += n;
+        self.bar.set_position(self.done);
+        if self.bar.is_hidden()
+            && (self.last_line.elapsed() >= Duration::from_secs(1) || self.done == self.total)
+        {
+            self.last_line = Instant::now();
+            let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+            let rate = self.done as f64 / secs;
+            let eta = if rate > 0.0 {
+                (self.total - self.done) as f64 / rate
+            } else {
+                0.0
+            };
+            eprintln!(
+                "replay: {}/{} ({rate:.0}/s, ETA {eta:.0} s)",
+                self.done, self.total
+            );
+        }
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// One dead letter to replay and where its copy goes.
+struct Planned {
+    position: String,
+    route: String,
+    to: String,
+}
+
+async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let mut ctx = match Ctx::load(&args.config) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let dlqs = match ctx.dlqs(args.filter.route.as_deref()) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+    };
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                if flag.swap(true, AtomicOrdering::SeqCst) {
+                    eprintln!("replay: stopped at once; the batch in flight may be replayed again");
+                    std::process::exit(i32::from(EXIT_INTERRUPTED));
+                }
+                eprintln!(
+                    "replay: stopping after the batch in flight (Ctrl-C again to stop at once)"
+                );
+            }
+        });
+    }
+
+    // Pass 1: what is pending, per DLQ, and whether every route it belongs to is known.
+    let mut plans: Vec<(Endpoint, Vec<Planned>)> = Vec::new();
+    let mut already = 0usize;
+    let mut unknown_routes = BTreeMap::<String, usize>::new();
+    for dlq in &dlqs {
+        let mut scan = ctx.scan(dlq).await?;
+        let c = read_all(scan.as_mut(), &args.filter, |_| false)
+            .await
+            .with_context(|| format!("cannot read the DLQ {}:{}", dlq.broker, dlq.topic))?;
+        let mut planned = Vec::new();
+        for d in c.dead {
+            if c.replayed.contains(&d.position) {
+                already += 1;
+                continue;
+            }
+            if !ctx.config.routes.contains_key(&d.route) {
+                *unknown_routes.entry(d.route.clone()).or_default() += 1;
+                continue;
+            }
+            planned.push(Planned {
+                to: args.to.clone().unwrap_or_else(|| d.topic.clone()),
+                position: d.position,
+                route: d.route,
+            });
+        }
+        if !planned.is_empty() {
+            plans.push((dlq.clone(), planned));
+        }
+        if interrupted.load(AtomicOrdering::SeqCst) {
+            eprintln!("replay: interrupted before anything was replayed");
+            return Ok(ExitCode::from(EXIT_INTERRUPTED));
+        }
+    }
+    if !unknown_routes.is_empty() {
+        for (route, n) in &unknown_routes {
+            eprintln!(
+                "{}: {n} dead letter{} of route {route:?}, which is not in the config: cannot tell which broker to replay {} to (add the route back, or filter with --route)",
+                ctx.config.file.display(),
+                if *n == 1 { "" } else { "s" },
+                if *n == 1 { "it" } else { "them" }
+            );
+        }
+        return Ok(ExitCode::from(EXIT_USAGE));
+    }
+    let total: usize = plans.iter().map(|(_, p)| p.len()).sum();
+    if total == 0 {
+        println!(
+            "nothing to replay: no pending dead letter matches ({already} matching already replayed)"
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.dry_run {
+        for (dlq, planned) in &plans {
+            for p in planned {
+                let broker = &ctx.config.routes[&p.route].source.broker;
+                println!(
+                    "would replay {} ({}:{}) to {broker}:{} for route {}",
+                    p.position, dlq.broker, dlq.topic, p.to, p.route
+                );
+            }
+        }
+        println!("dry run: {total} dead letters would be replayed ({already} already replayed)");
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    // Pass 2: read again, publish the planned ones batch by batch, mark each batch.
+    let mut progress = Progress::new(total as u64);
+    let mut replayed = 0usize;
+    let batch_size = args.batch as usize;
+    for (dlq, planned) in plans {
+        let mut todo: std::collections::HashMap<String, Planned> = planned
+            .into_iter()
+            .map(|p| (p.position.clone(), p))
+            .collect();
+        let marks = ctx
+            .clients
+            .sink(&ctx.config, &ctx.local, &dlq.broker)
+            .await
+            .with_context(|| format!("cannot write to the DLQ broker {}", dlq.broker))?;
+        let mut scan = ctx.scan(&dlq).await?;
+        let mut batch: Vec<(OutRecord, String)> = Vec::new();
+        let mut batch_route = String::new();
+        while !todo.is_empty() {
+            let Some(records) = scan
+                .next_batch()
+                .await
+                .with_context(|| format!("cannot read the DLQ {}:{}", dlq.broker, dlq.topic))?
+            else {
+                break;
+            };
+            for record in records {
+                let Some(plan) = todo.remove(&record.position()) else {
+                    continue;
+                };
+                let Some(dead) = DeadLetter::parse(record) else {
+                    continue;
+                };
+                if (!batch.is_empty() && plan.route != batch_route) || batch.len() >= batch_size {
+                    if interrupted.load(AtomicOrdering::SeqCst) {
+                        return Ok(stopped(replayed, total));
+                    }
+                    let n = flush(&mut ctx, &dlq, &*marks, &batch_route, &mut batch).await?;
+                    replayed += n;
+                    progress.add(n as u64);
+                    pace(args.rate, replayed, &progress).await;
+                }
+                batch_route.clone_from(&plan.route);
+                batch.push((replay_record(&dead, &plan.to), plan.position));
+            }
+        }
+        if !batch.is_empty() {
+            if interrupted.load(AtomicOrdering::SeqCst) {
+                return Ok(stopped(replayed, total));
+            }
+            let n = flush(&mut ctx, &dlq, &*marks, &batch_route, &mut batch).await?;
+            replayed += n;
+            progress.add(n as u64);
+        }
+        if !todo.is_empty() {
+            eprintln!(
+                "replay: {} dead letters of {}:{} were not found on the second read (removed by retention?)",
+                todo.len(),
+                dlq.broker,
+                dlq.topic
+            );
+        }
+    }
+    progress.finish();
+    println!(
+        "replayed {replayed} dead letter{} ({already} matching already replayed before)",
+        if replayed == 1 { "" } else { "s" }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn stopped(replayed: usize, total: usize) -> ExitCode {
+    eprintln!(
+        "replay: interrupted after {replayed} of {total}; run the same command again to replay the rest"
+    );
+    ExitCode::from(EXIT_INTERRUPTED)
+}
+
+/// Sleeps until `replayed` messages fit the rate.
+async fn pace(rate: Option<u32>, replayed: usize, progress: &Progress) {
+    if let Some(rate) = rate {
+        let due = Duration::from_secs_f64(replayed as f64 / f64::from(rate));
+        if let Some(wait) = due.checked_sub(progress.started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// Publishes one batch to its route's source broker, then marks it replayed in the DLQ.
+async fn flush(
+    ctx: &mut Ctx,
+    dlq: &Endpoint,
+    marks: &dyn Sink,
+    route: &str,
+    batch: &mut Vec<(OutRecord, String)>,
+) -> anyhow::Result<usize> {
+    let Some(r) = ctx.config.routes.get(route).cloned() else {
+        anyhow::bail!("route {route} is not in the config");
+    };
+    let sink = ctx
+        .clients
+        .feeder(&ctx.config, &ctx.local, &r)
+        .await
+        .with_context(|| format!("cannot publish to broker {}", r.source.broker))?;
+    let (records, positions): (Vec<OutRecord>, Vec<String>) =
+        std::mem::take(batch).into_iter().unzip();
+    let n = records.len();
+    let to: Vec<String> = {
+        let mut t: Vec<String> = records.iter().map(|o| o.topic.clone()).collect();
+        t.sort();
+        t.dedup();
+        t
+    };
+    let to = format!("{}:{}", r.source.broker, to.join(","));
+    sink.publish(records).await.with_context(|| {
+        format!(
+            "publishing {n} replayed messages to {to} failed (nothing of this batch was marked; run again)"
+        )
+    })?;
+    let now = u64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis(),
+    )
+    .unwrap_or(u64::MAX);
+    marks
+        .publish(vec![marker(&dlq.topic, &positions, &to, now)])
+        .await
+        .with_context(|| {
+            format!(
+                "marking {n} replayed dead letters in {}:{} failed: they were published and will be replayed again by the next run",
+                dlq.broker, dlq.topic
+            )
+        })?;
+    Ok(n)
+}

@@ -1,0 +1,311 @@
+//! `lockgate dlq list|show|replay` on the embedded broker: poison messages are dead-lettered,
+//! listed and filtered, the handler is fixed, the dead letters are replayed (interrupted once,
+//! killed once), every one succeeds exactly once, and a further replay does nothing.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use lockgate::broker::local::LocalBroker;
+use lockgate::broker::{OutRecord, Record};
+use lockgate_tests::{
+    Proc, guest, lockgate, logs_of, show, signal, spawn_lockgate, start_run, stop_run,
+    wait_for_progress,
+};
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// 25 good orders (ids 0..25), 10 poison (25..35, rejected), 5 that always fail (35..40, retried
+/// until attempts run out).
+fn message(i: u64) -> OutRecord {
+    let extra = match i {
+        25..=34 => r#","poison":true"#,
+        35..=39 => r#","fail":99"#,
+        _ => "",
+    };
+    OutRecord {
+        topic: "orders".into(),
+        key: Some(format!("k{i}").into_bytes()),
+        headers: vec![("trace".into(), format!("t{i}").into_bytes())],
+        payload: format!(r#"{{"id":{i}{extra}}}"#).into_bytes(),
+    }
+}
+
+/// The config; `fixed` deploys the handler version that accepts poison orders.
+fn write_config(dir: &Path, fixed: bool) -> std::path::PathBuf {
+    let config = dir.join("runtime.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[runtime]
+state_dir = "state"
+
+[handlers.chaos]
+module = "{}"
+config = {{ target = "out", poison_ok = "{fixed}" }}
+
+[routes.orders]
+handler = "chaos"
+source = {{ topic = "orders" }}
+outputs = ["out"]
+retry = {{ max_attempts = 2, initial_backoff_ms = 5, jitter = "none" }}
+"#,
+            guest("chaos").display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn id_of(r: &Record) -> u64 {
+    let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+    v["id"].as_u64().unwrap()
+}
+
+fn run_until(broker: &LocalBroker, child: &mut Proc, dir: &Path, run: u32, out: u64, dlq: u64) {
+    wait_for_progress(
+        child,
+        dir,
+        run,
+        out + dlq,
+        DEADLINE,
+        Duration::from_millis(20),
+        || broker.end_offset("out").unwrap().min(out) + dead_letters(broker).min(dlq),
+    );
+}
+
+/// Dead letters in `orders.dlq` (not counting replay markers).
+fn dead_letters(broker: &LocalBroker) -> u64 {
+    broker
+        .read("orders.dlq", 0, 10_000)
+        .unwrap()
+        .iter()
+        .filter(|r| r.header("lockgate-dlq-replayed").is_none())
+        .count() as u64
+}
+
+/// `lockgate dlq list --json ARGS` as parsed objects.
+fn list(dir: &Path, args: &[&str]) -> Vec<serde_json::Value> {
+    let mut all = vec!["dlq", "list", "--json"];
+    all.extend_from_slice(args);
+    let out = lockgate(dir, &all);
+    assert!(out.status.success(), "{}", show(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn count_status(rows: &[serde_json::Value], status: &str) -> usize {
+    rows.iter().filter(|r| r["status"] == status).count()
+}
+
+#[test]
+fn dead_letters_are_listed_fixed_replayed_once_and_an_interrupted_replay_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = LocalBroker::open(&dir.path().join("state/local")).unwrap();
+    broker
+        .append(&(0..40).map(message).collect::<Vec<_>>())
+        .unwrap();
+
+    // Run 1, the broken handler: 25 outputs, 15 dead letters.
+    let config = write_config(dir.path(), false);
+    let mut run = start_run(dir.path(), &config, 1, None, "warn");
+    run_until(&broker, &mut run, dir.path(), 1, 25, 15);
+    stop_run(&mut run, dir.path(), 1);
+
+    // List and filter.
+    let all = list(dir.path(), &[]);
+    assert_eq!(all.len(), 15, "{all:?}");
+    assert_eq!(count_status(&all, "pending"), 15);
+    let rejects = list(dir.path(), &["--error-kind", "reject"]);
+    assert_eq!(rejects.len(), 10);
+    assert!(rejects.iter().all(|r| r["gave_up"] == "rejected"
+        && r["attempts"] == 1
+        && r["route"] == "orders"
+        && r["reason"].as_str().unwrap().ends_with("is poison")));
+    let retries = list(dir.path(), &["--error-kind", "retry", "--route", "orders"]);
+    assert_eq!(retries.len(), 5);
+    assert!(
+        retries
+            .iter()
+            .all(|r| r["gave_up"] == "attempts_exhausted" && r["attempts"] == 2)
+    );
+    assert_eq!(list(dir.path(), &["--since", "1h"]).len(), 15);
+    assert_eq!(list(dir.path(), &["--until", "1h"]).len(), 0);
+    let out = lockgate(dir.path(), &["dlq", "list", "--route", "nope"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(show(&out).contains("no route \"nope\" (routes: orders)"));
+    let out = lockgate(dir.path(), &["dlq", "list", "--since", "yesterday-ish"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        show(&out).contains("neither an RFC 3339 time"),
+        "{}",
+        show(&out)
+    );
+
+    // The table and one dead letter whole.
+    let out = lockgate(dir.path(), &["dlq", "list"]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(table.starts_with("POSITION"), "{table}");
+    assert!(
+        table.contains("15 dead letters (15 pending, 0 replayed) in local:orders.dlq"),
+        "{table}"
+    );
+    let first = rejects[0]["position"].as_str().unwrap();
+    assert_eq!(first, "orders.dlq/0/0");
+    let out = lockgate(dir.path(), &["dlq", "show", first]);
+    assert!(out.status.success(), "{}", show(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("error          reject: order 25 is poison (rejected after 1 attempt)"),
+        "{text}"
+    );
+    assert!(text.contains("source         orders/0/25"), "{text}");
+    assert!(text.contains("key            k25"), "{text}");
+    assert!(text.contains("header         trace=t25"), "{text}");
+    assert!(
+        text.contains(r#"payload        {"id":25,"poison":true}"#),
+        "{text}"
+    );
+    let out = lockgate(dir.path(), &["dlq", "show", "orders.dlq/0/999"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+
+    // A dry run publishes nothing.
+    let out = lockgate(
+        dir.path(),
+        &["dlq", "replay", "--error-kind", "reject", "--dry-run"],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        show(&out).contains("dry run: 10 dead letters would be replayed"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(broker.end_offset("orders").unwrap(), 40);
+
+    // Deploy the fixed handler, then replay the rejected ones, slowly, and interrupt.
+    let config = write_config(dir.path(), true);
+    let mut run = start_run(dir.path(), &config, 2, None, "warn");
+    let mut replay = spawn_lockgate(
+        dir.path(),
+        "replay1",
+        &[
+            "dlq",
+            "replay",
+            "--error-kind",
+            "reject",
+            "--batch",
+            "2",
+            "--rate",
+            "10",
+        ],
+    );
+    wait_for_progress(
+        &mut replay,
+        dir.path(),
+        0,
+        44,
+        DEADLINE,
+        Duration::from_millis(10),
+        || broker.end_offset("orders").unwrap(),
+    );
+    signal(&replay, "INT");
+    let status = replay.wait().unwrap();
+    let (stdout, stderr) = logs_of(dir.path(), "replay1");
+    assert_eq!(status.code(), Some(130), "{stdout}\n{stderr}");
+    assert!(stderr.contains("run the same command again"), "{stderr}");
+    let first_part = broker.end_offset("orders").unwrap() - 40;
+    assert!((4..10).contains(&first_part), "{first_part}\n{stderr}");
+    assert_eq!(
+        count_status(&list(dir.path(), &["--error-kind", "reject"]), "replayed") as u64,
+        first_part,
+        "every published batch is marked, nothing else"
+    );
+
+    // Resume: the rest, and only the rest.
+    let out = lockgate(dir.path(), &["dlq", "replay", "--error-kind", "reject"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        show(&out).contains(&format!("replayed {} dead letters", 10 - first_part)),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(broker.end_offset("orders").unwrap(), 50);
+    let out = lockgate(dir.path(), &["dlq", "replay", "--error-kind", "reject"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        show(&out).contains(
+            "nothing to replay: no pending dead letter matches (10 matching already replayed)"
+        ),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(broker.end_offset("orders").unwrap(), 50);
+
+    // The copies: original key, payload and headers, marked, no envelope.
+    let copies = broker.read("orders", 40, 100).unwrap();
+    for c in &copies {
+        let from = std::str::from_utf8(c.header("lockgate-replayed-from").unwrap()).unwrap();
+        assert!(from.starts_with("orders.dlq/0/"), "{c:?}");
+        assert_eq!(
+            c.header("lockgate-id").unwrap(),
+            format!("orders:replay:{from}").as_bytes()
+        );
+        let id = id_of(c);
+        assert_eq!(c.key.as_deref(), Some(format!("k{id}").as_bytes()));
+        assert_eq!(c.header("trace"), Some(format!("t{id}").as_bytes()));
+        assert!(
+            c.headers
+                .iter()
+                .all(|(n, _)| !n.starts_with("lockgate-dlq-"))
+        );
+    }
+
+    // The fixed handler forwards every replayed poison order exactly once.
+    run_until(&broker, &mut run, dir.path(), 2, 35, 15);
+    let mut seen = BTreeMap::<u64, u32>::new();
+    for r in broker.read("out", 0, 1000).unwrap() {
+        *seen.entry(id_of(&r)).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 35, "{seen:?}");
+    assert!(seen.values().all(|n| *n == 1), "{seen:?}");
+    assert!((25..35).all(|i| seen.contains_key(&i)));
+
+    stop_run(&mut run, dir.path(), 2);
+
+    // A kill in the middle of a replay repeats nothing: the copies' ids dedup on this broker.
+    // Replaying the still-failing ones dead-letters them again (new positions, pending).
+    let mut replay = spawn_lockgate(
+        dir.path(),
+        "replay2",
+        &[
+            "dlq", "replay", "--route", "orders", "--batch", "1", "--rate", "4",
+        ],
+    );
+    wait_for_progress(
+        &mut replay,
+        dir.path(),
+        0,
+        52,
+        DEADLINE,
+        Duration::from_millis(10),
+        || broker.end_offset("orders").unwrap(),
+    );
+    signal(&replay, "KILL");
+    let _ = replay.wait();
+    let out = lockgate(dir.path(), &["dlq", "replay", "--route", "orders"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(broker.end_offset("orders").unwrap(), 55, "each copy once");
+    let mut run = start_run(dir.path(), &config, 3, None, "warn");
+    run_until(&broker, &mut run, dir.path(), 3, 35, 20);
+    stop_run(&mut run, dir.path(), 3);
+    let all = list(dir.path(), &[]);
+    assert_eq!(all.len(), 20);
+    assert_eq!(count_status(&all, "replayed"), 15);
+    let again: Vec<_> = all.iter().filter(|r| r["status"] == "pending").collect();
+    assert_eq!(again.len(), 5);
+    assert!(again.iter().all(|r| r["error_kind"] == "retry"));
+}
