@@ -685,3 +685,70 @@ fn an_unreachable_dlq_holds_the_offset_until_it_is_back() {
         .collect();
     assert_eq!(committed(&n.group, &n.input, 3), ends);
 }
+
+/// `lockgate dlq ARGS` in `dir`, asserted to succeed; its stdout.
+fn dlq_cmd(dir: &Path, args: &[&str]) -> String {
+    let mut all = vec!["dlq"];
+    all.extend_from_slice(args);
+    let out = lockgate_tests::lockgate(dir, &all);
+    assert!(out.status.success(), "{}", lockgate_tests::show(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn dead_letters_are_replayed_once_after_the_handler_is_fixed() {
+    let rt = runtime();
+    let n = names("replay");
+    create_topics(&rt, &[(&n.input, 3), (&n.out, 3), (&n.dlq, 1)]);
+    // 30 orders; 20..29 are poison for the first handler version.
+    produce(
+        &rt,
+        &n.input,
+        &orders(30, 7, |i| if i >= 20 { r#","poison":true"# } else { "" }),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &n, "");
+    let mut child = start(dir.path(), &config, 1);
+    let mut tail = out_and_dlq(&n);
+    wait_for(&mut tail, 30, &mut child, dir.path(), 1);
+    stop(&mut child, dir.path(), 1);
+
+    let listed = dlq_cmd(dir.path(), &["list", "--json", "--route", "orders"]);
+    let rows: Vec<serde_json::Value> = listed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 10, "{listed}");
+    assert!(rows.iter().all(|r| r["status"] == "pending"
+        && r["error_kind"] == "reject"
+        && r["dlq"] == format!("kafka:{}", n.dlq)));
+    let position = rows[0]["position"].as_str().unwrap();
+    let shown = dlq_cmd(dir.path(), &["show", position]);
+    assert!(shown.contains("is poison"), "{shown}");
+
+    // The fixed version, then the replay; a second replay finds nothing left.
+    let config = write_config_with(dir.path(), &n, r#", poison_ok = "true""#, "");
+    let mut child = start(dir.path(), &config, 2);
+    let said = dlq_cmd(dir.path(), &["replay", "--route", "orders"]);
+    assert!(said.contains("replayed 10 dead letters"), "{said}");
+    let said = dlq_cmd(dir.path(), &["replay", "--route", "orders"]);
+    assert!(
+        said.contains(
+            "nothing to replay: no pending dead letter matches (10 matching already replayed)"
+        ),
+        "{said}"
+    );
+    let mut outputs = Tail::new(&[(&n.out, 3)]);
+    wait_for(&mut outputs, 30, &mut child, dir.path(), 2);
+    stop(&mut child, dir.path(), 2);
+    outputs.drain(Duration::from_secs(1));
+    let out = outputs.records(&n.out);
+    assert_eq!(out.len(), 30, "each replayed order handled once");
+    assert_same("outputs", &outputs.ids(), &(0..30).collect());
+    let listed = dlq_cmd(dir.path(), &["list", "--json"]);
+    assert_eq!(
+        listed.matches(r#""status":"replayed""#).count(),
+        10,
+        "{listed}"
+    );
+}

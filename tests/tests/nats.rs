@@ -764,3 +764,78 @@ fn jetstream_pending_is_exported_as_consumer_lag() {
     }
     stop(&mut child, dir.path(), 1);
 }
+
+/// `lockgate dlq ARGS` in `dir`, asserted to succeed; its stdout.
+fn dlq_cmd(dir: &Path, args: &[&str]) -> String {
+    let mut all = vec!["dlq"];
+    all.extend_from_slice(args);
+    let out = lockgate_tests::lockgate(dir, &all);
+    assert!(out.status.success(), "{}", lockgate_tests::show(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn jetstream_dead_letters_are_replayed_once_after_the_handler_is_fixed() {
+    let nats = Nats::connect();
+    let n = Names::new("js-replay");
+    n.create(&nats);
+    nats.publish(&orders(&n.subject("in"), 30, 7, |i| {
+        if i >= 20 { r#","poison":true"# } else { "" }
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &n, &url(), "", "");
+    let mut child = start(dir.path(), &config, 1);
+    wait_for(&nats, &n, 30, &mut child, dir.path(), 1);
+    stop(&mut child, dir.path(), 1);
+
+    let listed = dlq_cmd(dir.path(), &["list", "--json", "--error-kind", "reject"]);
+    let rows: Vec<serde_json::Value> = listed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 10, "{listed}");
+    assert!(rows.iter().all(|r| r["status"] == "pending"));
+    let shown = dlq_cmd(dir.path(), &["show", rows[3]["position"].as_str().unwrap()]);
+    assert!(shown.contains("is poison"), "{shown}");
+    assert!(shown.contains("key            k"), "{shown}");
+
+    // Deploy the fixed version, replay, replay again.
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &format!(r#"config = {{ target = "{}" }}"#, n.subject("out")),
+        &format!(
+            r#"config = {{ target = "{}", poison_ok = "true" }}"#,
+            n.subject("out")
+        ),
+    );
+    assert!(text.contains("poison_ok"));
+    std::fs::write(&config, text).unwrap();
+    let mut child = start(dir.path(), &config, 2);
+    let said = dlq_cmd(dir.path(), &["replay", "--batch", "3"]);
+    assert!(said.contains("replayed 10 dead letters"), "{said}");
+    let said = dlq_cmd(dir.path(), &["replay"]);
+    assert!(said.contains("nothing to replay"), "{said}");
+    wait_for_progress(
+        &mut child,
+        dir.path(),
+        2,
+        30,
+        DEADLINE,
+        Duration::from_millis(100),
+        || nats.count(&n.stream("out")),
+    );
+    stop(&mut child, dir.path(), 2);
+    let seen = counts(&nats.read(&n.stream("out")));
+    assert_same(
+        "outputs",
+        &seen.keys().copied().collect(),
+        &(0..30).collect(),
+    );
+    assert!(seen.values().all(|c| *c == 1), "{seen:?}");
+    assert_eq!(nats.count(&n.stream("in")), 40, "ten copies on the source");
+    let listed = dlq_cmd(dir.path(), &["list", "--json"]);
+    assert_eq!(
+        listed.matches(r#""status":"replayed""#).count(),
+        10,
+        "{listed}"
+    );
+}
