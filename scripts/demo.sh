@@ -54,6 +54,10 @@ for topic in orders.accepted refunds misc incoming.dlq payments.done payments.dl
     run tail "$topic" --state-dir "$state"
 done
 
+# The dead letters as an operator sees them, and what a replay would do once the handler is fixed.
+run dlq list --config runtime.toml --state-dir "$state"
+run dlq replay --config runtime.toml --state-dir "$state" --dry-run
+
 # The sandbox: a hostile guest's infinite loop, memory bomb and file/socket/env access all fail.
 run test "$wasm/adversarial.wasm" --input tests/fixtures/adversarial/input.jsonl \
   --timeout-ms 200 --max-memory-mb 32 --expect tests/fixtures/adversarial/expected.jsonl

@@ -21,6 +21,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use crate::broker::LagGauge;
+use crate::engine::PoolCounters;
 use crate::pipeline::RouteStats;
 use crate::pipeline::route::RouteState;
 
@@ -37,6 +38,8 @@ pub struct RouteEntry {
     pub stats: Arc<RouteStats>,
     /// The source's backlog, when it reports one.
     pub lag: Option<LagGauge>,
+    /// The handler's instance pool.
+    pub pool: Option<Arc<PoolCounters>>,
 }
 
 impl RouteEntry {
@@ -183,6 +186,26 @@ impl prometheus_client::collector::Collector for AdminRoutes {
                 ConstGauge::new(gauge_value(read(&r.stats)))
                     .encode(metric.encode_family(&labels)?)?;
             }
+        }
+        let mut metric = encoder.encode_descriptor(
+            "lockgate_instances",
+            "Handler instances alive: idle in the pool or running a message.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for r in routes.iter().filter(|r| r.pool.is_some()) {
+            let live = r.pool.as_ref().map_or(0, |p| load(&p.live));
+            ConstGauge::new(gauge_value(live)).encode(metric.encode_family(&r.labels())?)?;
+        }
+        let mut metric = encoder.encode_descriptor(
+            "lockgate_instances_created",
+            "Handler instances created (one per message with isolation = \"fresh\").",
+            None,
+            MetricType::Counter,
+        )?;
+        for r in routes.iter().filter(|r| r.pool.is_some()) {
+            let created = r.pool.as_ref().map_or(0, |p| load(&p.created));
+            ConstCounter::new(created).encode(metric.encode_family(&r.labels())?)?;
         }
         let mut metric = encoder.encode_descriptor(
             "lockgate_handler_duration_seconds",

@@ -102,6 +102,10 @@ fn metrics_count_what_the_messages_were_built_to_do() {
     ] {
         assert_eq!(value(&page, name), want, "{name}\n{page}");
     }
+    // Reused instances that never trapped: every one created is still alive.
+    let created = value(&page, "lockgate_instances_created_total");
+    assert!(created >= 1.0, "{page}");
+    assert_eq!(value(&page, "lockgate_instances"), created, "{page}");
     assert!(page.contains("handler=\"chaos\""), "{page}");
     assert!(page.contains("handler_version=\""), "{page}");
     let (status, body) = get(&addr, "/readyz");
@@ -223,13 +227,34 @@ fn outputs_and_dead_letters_carry_the_inputs_trace_id() {
         dead[0]["headers"]["traceparent"],
         format!("00-{TRACE}-00f067aa0ba902b8-01")
     );
-    // JSON logs: the message's lines carry its trace id.
+    // JSON logs: the message's lines carry its trace id, position, handler version, attempt
+    // and outcome.
     let logs = run_logs(dir.path(), 1);
-    let traced = logs
+    let traced: Vec<serde_json::Value> = logs
         .lines()
         .filter(|l| l.starts_with('{'))
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["span"]["trace_id"] == TRACE)
-        .count();
-    assert!(traced > 0, "no JSON log line with the trace id\n{logs}");
+        .collect();
+    assert!(
+        !traced.is_empty(),
+        "no JSON log line with the trace id\n{logs}"
+    );
+    let outcomes: Vec<&serde_json::Value> = traced
+        .iter()
+        .filter(|v| v["span"]["outcome"].is_string())
+        .collect();
+    let of = |want: &str| outcomes.iter().find(|v| v["span"]["outcome"] == want);
+    let ok = of("ok").unwrap_or_else(|| panic!("no line with outcome ok\n{logs}"));
+    assert_eq!(ok["span"]["topic"], "in", "{ok}");
+    assert_eq!(ok["span"]["partition"], 0, "{ok}");
+    assert_eq!(ok["span"]["attempt"], 1, "{ok}");
+    assert_eq!(ok["span"]["route"], "orders", "{ok}");
+    assert_eq!(
+        ok["span"]["handler_version"].as_str().map(str::len),
+        Some(64),
+        "{ok}"
+    );
+    let dead = of("dead_lettered").unwrap_or_else(|| panic!("no dead_lettered line\n{logs}"));
+    assert_eq!(dead["span"]["offset"], 1, "{dead}");
 }

@@ -141,6 +141,7 @@ async fn run_routes(config: Config) -> anyhow::Result<ExitCode> {
             handler_cfg.isolation,
             handler_cfg.max_messages_per_instance,
         );
+        let pool_counters = pool.counters();
         let outputs = clients
             .sink(&config, &broker, &route.source.broker)
             .await
@@ -170,6 +171,7 @@ async fn run_routes(config: Config) -> anyhow::Result<ExitCode> {
             handler_version: module_hash.clone(),
             stats: r.stats(),
             lag: source.lag(),
+            pool: Some(pool_counters),
         });
         routes.spawn(r.run(source, shutdown.clone()));
     }

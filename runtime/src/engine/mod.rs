@@ -11,6 +11,7 @@ mod stdio;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -602,6 +603,16 @@ pub struct InstancePool {
     isolation: Isolation,
     max_messages_per_instance: u64,
     idle: Mutex<Vec<Instance>>,
+    counters: Arc<PoolCounters>,
+}
+
+/// Live numbers of an [`InstancePool`], for the admin endpoint.
+#[derive(Debug, Default)]
+pub struct PoolCounters {
+    /// Instances alive now: idle in the pool or running a message.
+    pub live: std::sync::atomic::AtomicU64,
+    /// Instances created since start.
+    pub created: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for InstancePool {
@@ -621,7 +632,13 @@ impl InstancePool {
             isolation,
             max_messages_per_instance: max_messages_per_instance.max(1),
             idle: Mutex::new(Vec::new()),
+            counters: Arc::default(),
         }
+    }
+
+    /// The pool's live counters (shared: they stay current).
+    pub fn counters(&self) -> Arc<PoolCounters> {
+        self.counters.clone()
     }
 
     /// The pool's handler.
@@ -640,7 +657,11 @@ impl InstancePool {
         let mut instance = match reused {
             Some(i) => i,
             None => match self.handler.instantiate() {
-                Ok(i) => i,
+                Ok(i) => {
+                    self.counters.created.fetch_add(1, AtomicOrdering::Relaxed);
+                    self.counters.live.fetch_add(1, AtomicOrdering::Relaxed);
+                    i
+                }
                 Err(e) => {
                     return Invocation {
                         outcome: Outcome::Trapped {
@@ -662,6 +683,8 @@ impl InstancePool {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .push(instance);
+        } else {
+            self.counters.live.fetch_sub(1, AtomicOrdering::Relaxed);
         }
         invocation
     }

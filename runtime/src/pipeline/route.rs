@@ -688,6 +688,11 @@ struct LastFailure {
     last_ms: u64,
 }
 
+/// Records how the current message's span ended (`ok`, `duplicate`, `dead_lettered`, ...).
+fn outcome(what: &'static str) {
+    tracing::Span::current().record("outcome", what);
+}
+
 impl Shared {
     /// Takes a lane's batch to its end, in order: every message is acked (done or
     /// dead-lettered) or abandoned. Successful messages wait in `Pending` until the batch's
@@ -709,11 +714,19 @@ impl Shared {
                 items.for_each(|item| abandon(&self.stats, item));
                 break;
             }
-            // Every log line about this message carries its route, position and trace id.
+            // Every log line about this message carries its route, position, handler version
+            // and trace id; `attempt` and `outcome` are filled in as it goes.
+            let record = &item.delivery.record;
             let span = tracing::info_span!(
                 "message",
                 route = %self.route,
-                message = %item.delivery.record.position(),
+                message = %record.position(),
+                topic = %record.topic,
+                partition = record.partition,
+                offset = record.offset,
+                handler_version = %self.invoker.module_hash(),
+                attempt = tracing::field::Empty,
+                outcome = tracing::field::Empty,
                 trace_id = tracing::field::Empty,
             );
             if let Some(t) = trace::trace_id(&item.delivery.record) {
@@ -793,6 +806,7 @@ impl Shared {
             // Its partition went to another process while it was queued here.
             tracing::debug!(route = %self.route, position = %record.position(), "Skipping a message of a revoked partition");
             RouteStats::bump(&self.stats.revoked);
+            outcome("revoked");
             return true;
         }
         let idem_key = match (&self.config.idempotency, &self.done_keys) {
@@ -826,6 +840,7 @@ impl Shared {
             };
             if done {
                 RouteStats::bump(&self.stats.duplicates);
+                outcome("duplicate");
                 pending.push(
                     PendingMessage {
                         ack,
@@ -870,6 +885,7 @@ impl Shared {
                     return self.flush(pending).await;
                 }
             }
+            tracing::Span::current().record("attempt", attempt);
             tracing::trace!(route = %self.route, message = %message_id, attempt, "Invoking the handler");
             let inbound = inbound(&record, attempt);
             let module_hash = self.invoker.module_hash();
@@ -939,6 +955,8 @@ impl Shared {
                     records,
                     record.reply_to.as_deref(),
                 );
+                outcome("ok");
+                tracing::debug!(attempt, "Message handled");
                 return true;
             };
 
@@ -970,6 +988,7 @@ impl Shared {
                     if self.config.retry.mode == RetryMode::Broker =>
                 {
                     RouteStats::bump(&self.stats.retried);
+                    outcome("redelivery");
                     tracing::debug!(route = %self.route, message = %message_id, attempt, delay_ms = delay.as_millis() as u64, "Attempt failed; the broker redelivers it");
                     if let Err(e) = ack.redeliver(delay).await {
                         // Unacknowledged, it still comes back after ack_wait.
@@ -996,6 +1015,7 @@ impl Shared {
                     if kind == FailureKind::Reject {
                         RouteStats::bump(&self.stats.rejected);
                     }
+                    outcome("dead_lettered");
                     tracing::info!(route = %self.route, message = %message_id, attempts = attempt, kind = f.kind, reason = %f.reason, "Dead-lettering message");
                     let (letter_kind, letter_reason) = (f.kind, f.reason.clone());
                     let letter = dlq::envelope(
