@@ -21,7 +21,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use crate::broker::LagGauge;
-use crate::engine::PoolCounters;
+use crate::pipeline::HandlerSlot;
 use crate::pipeline::RouteStats;
 use crate::pipeline::route::RouteState;
 
@@ -32,14 +32,12 @@ pub struct RouteEntry {
     pub route: String,
     /// Handler name.
     pub handler: String,
-    /// Module hash (hex).
-    pub handler_version: String,
+    /// The handler version it runs (read at each scrape: hot reload swaps it).
+    pub slot: HandlerSlot,
     /// Live counters.
     pub stats: Arc<RouteStats>,
     /// The source's backlog, when it reports one.
     pub lag: Option<LagGauge>,
-    /// The handler's instance pool.
-    pub pool: Option<Arc<PoolCounters>>,
 }
 
 impl RouteEntry {
@@ -49,31 +47,84 @@ impl RouteEntry {
             ("handler", self.handler.clone()),
             (
                 "handler_version",
-                self.handler_version.chars().take(12).collect(),
+                self.slot.current().module_hash().chars().take(12).collect(),
             ),
         ]
     }
 }
 
-/// The routes of a running instance (shared with the HTTP handlers).
+/// The routes of a running instance (shared with the HTTP handlers), and its reload counts.
 #[derive(Clone, Debug, Default)]
-pub struct AdminRoutes(Arc<Mutex<Vec<RouteEntry>>>);
+pub struct AdminRoutes {
+    routes: Arc<Mutex<Vec<RouteEntry>>>,
+    reloads: Arc<ReloadCounters>,
+}
+
+/// How many reloads were applied and refused since start.
+#[derive(Debug, Default)]
+pub struct ReloadCounters {
+    /// Reloads that changed something (a module swapped, routes added, changed or removed).
+    pub applied: std::sync::atomic::AtomicU64,
+    /// Reloads refused (invalid config, a module that does not load); the old state kept serving.
+    pub refused: std::sync::atomic::AtomicU64,
+}
 
 impl AdminRoutes {
-    /// Adds a route.
+    /// Adds a route (replacing one of the same name).
     pub fn add(&self, entry: RouteEntry) {
-        self.0
+        let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        routes.retain(|r| r.route != entry.route);
+        routes.push(entry);
+    }
+
+    /// Removes a route.
+    pub fn remove(&self, route: &str) {
+        self.routes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(entry);
+            .retain(|r| r.route != route);
+    }
+
+    /// The reload counters.
+    pub fn reloads(&self) -> &ReloadCounters {
+        &self.reloads
     }
 
     fn all(&self) -> Vec<RouteEntry> {
-        self.0
+        self.routes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
+}
+
+/// What a reload did, as `POST /reload` answers it.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct ReloadOutcome {
+    /// Whether the new state is serving (false: refused, the old state keeps serving).
+    pub applied: bool,
+    /// What changed, one line each (empty when nothing differed).
+    pub changes: Vec<String>,
+    /// Why it was refused.
+    pub error: Option<String>,
+}
+
+/// A reload asked for over the admin endpoint; the runtime answers on `reply`.
+#[derive(Debug)]
+pub struct ReloadRequest {
+    /// Where the outcome goes.
+    pub reply: tokio::sync::oneshot::Sender<ReloadOutcome>,
+}
+
+/// What the admin endpoint may change in the running process.
+#[derive(Clone, Debug)]
+pub struct AdminControl {
+    /// Reload requests go here.
+    pub reload: tokio::sync::mpsc::UnboundedSender<ReloadRequest>,
+    /// The token `POST /reload` must present, if one is configured.
+    pub token: Option<String>,
+    /// Whether the endpoint listens on a loopback address only (then no token is required).
+    pub loopback: bool,
 }
 
 type Read = fn(&RouteStats) -> u64;
@@ -193,9 +244,11 @@ impl prometheus_client::collector::Collector for AdminRoutes {
             None,
             MetricType::Gauge,
         )?;
-        for r in routes.iter().filter(|r| r.pool.is_some()) {
-            let live = r.pool.as_ref().map_or(0, |p| load(&p.live));
-            ConstGauge::new(gauge_value(live)).encode(metric.encode_family(&r.labels())?)?;
+        for r in &routes {
+            if let Some(p) = r.slot.current().pool_counters() {
+                ConstGauge::new(gauge_value(load(&p.live)))
+                    .encode(metric.encode_family(&r.labels())?)?;
+            }
         }
         let mut metric = encoder.encode_descriptor(
             "lockgate_instances_created",
@@ -203,9 +256,10 @@ impl prometheus_client::collector::Collector for AdminRoutes {
             None,
             MetricType::Counter,
         )?;
-        for r in routes.iter().filter(|r| r.pool.is_some()) {
-            let created = r.pool.as_ref().map_or(0, |p| load(&p.created));
-            ConstCounter::new(created).encode(metric.encode_family(&r.labels())?)?;
+        for r in &routes {
+            if let Some(p) = r.slot.current().pool_counters() {
+                ConstCounter::new(load(&p.created)).encode(metric.encode_family(&r.labels())?)?;
+            }
         }
         let mut metric = encoder.encode_descriptor(
             "lockgate_handler_duration_seconds",
@@ -218,6 +272,18 @@ impl prometheus_client::collector::Collector for AdminRoutes {
             r.stats
                 .handler_seconds
                 .encode(metric.encode_family(&labels)?)?;
+        }
+        let mut metric = encoder.encode_descriptor(
+            "lockgate_reloads",
+            "Reloads of modules or runtime.toml: applied (something changed) or refused (the old state kept serving).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (result, n) in [
+            ("applied", load(&self.reloads.applied)),
+            ("refused", load(&self.reloads.refused)),
+        ] {
+            ConstCounter::new(n).encode(metric.encode_family(&[("result", result)])?)?;
         }
         let mut metric = encoder.encode_descriptor(
             "lockgate_consumer_lag_messages",
@@ -246,22 +312,30 @@ impl prometheus_client::collector::Collector for AdminRoutes {
 struct AdminState {
     registry: Registry,
     routes: AdminRoutes,
+    control: Option<AdminControl>,
 }
 
-/// Serves the admin endpoint on `listener` until `shutdown` resolves.
+/// Serves the admin endpoint on `listener` until `shutdown` resolves. With `control`,
+/// `POST /reload` reloads the running process.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     routes: AdminRoutes,
+    control: Option<AdminControl>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(routes.clone()));
-    let state = Arc::new(AdminState { registry, routes });
+    let state = Arc::new(AdminState {
+        registry,
+        routes,
+        control,
+    });
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/status", get(status))
+        .route("/reload", axum::routing::post(reload))
         .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -271,6 +345,16 @@ pub async fn serve(
 /// A one-shot `GET path` on an admin endpoint at `addr` (`ip:port`, HTTP/1.1,
 /// `Connection: close`): (status code, body). For `lockgate status` and tests.
 pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path, None)
+}
+
+/// Like [`http_get`] with another method and an optional bearer token.
+pub fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     use std::io::{Error, ErrorKind, Read, Write};
     let sock: SocketAddr = addr.parse().map_err(|_| {
         Error::new(
@@ -279,10 +363,12 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
         )
     })?;
     let mut s = std::net::TcpStream::connect_timeout(&sock, std::time::Duration::from_secs(5))?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    // A reload compiles modules and drains changed routes: give it time.
+    s.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
+    let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut response = String::new();
     s.read_to_string(&mut response)?;
@@ -303,6 +389,73 @@ pub async fn bind(addr: &str) -> std::io::Result<(tokio::net::TcpListener, Socke
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     Ok((listener, local))
+}
+
+async fn reload(
+    State(state): State<Arc<AdminState>>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
+    let refuse = |code: StatusCode, error: String| {
+        let body = ReloadOutcome {
+            applied: false,
+            changes: Vec::new(),
+            error: Some(error),
+        };
+        (
+            code,
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::to_string(&body).unwrap_or_default(),
+        )
+    };
+    let Some(control) = &state.control else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "this process does not reload".to_owned(),
+        );
+    };
+    match &control.token {
+        Some(token) => {
+            let given = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if given != Some(token.as_str()) {
+                return refuse(
+                    StatusCode::UNAUTHORIZED,
+                    "POST /reload needs `Authorization: Bearer <token>` with the token from [runtime] admin_token_env".to_owned(),
+                );
+            }
+        }
+        None if !control.loopback => {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "the admin endpoint listens beyond loopback: set [runtime] admin_token_env to allow POST /reload".to_owned(),
+            );
+        }
+        None => {}
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if control.reload.send(ReloadRequest { reply: tx }).is_err() {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the runtime is stopping".to_owned(),
+        );
+    }
+    match rx.await {
+        Ok(outcome) => (
+            if outcome.applied {
+                StatusCode::OK
+            } else {
+                StatusCode::UNPROCESSABLE_ENTITY
+            },
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::to_string(&outcome).unwrap_or_default(),
+        ),
+        Err(_) => refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the runtime is stopping".to_owned(),
+        ),
+    }
 }
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
@@ -339,7 +492,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
             serde_json::json!({
                 "route": r.route,
                 "handler": r.handler,
-                "handler_version": r.handler_version.chars().take(12).collect::<String>(),
+                "handler_version": r.slot.current().module_hash().chars().take(12).collect::<String>(),
                 "state": s.state().as_str(),
                 "breaker": breaker_name(load(&s.breaker_state)),
                 "in_flight": load(&s.in_flight),

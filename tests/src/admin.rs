@@ -51,3 +51,25 @@ pub fn admin_addr(child: &mut Proc, dir: &Path, run: u32) -> String {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Reloads the process behind `addr` counted so far: (applied, refused).
+pub fn reloads(addr: &str) -> (u64, u64) {
+    let page = get(addr, "/metrics").1;
+    let read = |result: &str| {
+        page.lines()
+            .find(|l| l.starts_with(&format!("lockgate_reloads_total{{result=\"{result}\"}}")))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0) as u64
+    };
+    (read("applied"), read("refused"))
+}
+
+/// Resident memory of process `pid` in KiB (Linux `/proc`).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("/proc status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS line")
+}

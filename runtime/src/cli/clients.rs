@@ -115,6 +115,12 @@ impl Clients {
 }
 
 impl Clients {
+    /// Drops the clients of broker `name` (its definition changed): the next use connects anew.
+    pub fn forget(&mut self, name: &str) {
+        self.sinks.remove(name);
+        self.nats.remove(name);
+    }
+
     /// A scan of `endpoint`'s topic from its start (the DLQ tools read with it).
     pub async fn scan(
         &mut self,

@@ -4,8 +4,10 @@ mod check;
 mod clients;
 mod dlq;
 mod local;
+mod reload;
 mod run;
 mod status;
+mod supervisor;
 mod test;
 
 use std::path::PathBuf;
@@ -101,6 +103,15 @@ enum Command {
     ///   lockgate dlq replay --route orders --rate 200
     #[command(verbatim_doc_comment)]
     Dlq(dlq::DlqArgs),
+
+    /// Ask a running `lockgate run` to reload runtime.toml and its handler modules now.
+    ///
+    /// `lockgate run` also reloads by itself when a module or the config file changes, and on
+    /// SIGHUP. New modules are compiled and instantiated before anything changes; a config or
+    /// module with a problem is refused whole and the running routes stay as they were.
+    /// Exit codes: 0 reloaded (the changes are printed), 1 refused (the reason is printed) or
+    /// no answer, 2 no address to ask.
+    Reload(reload::ReloadArgs),
 }
 
 impl Cli {
@@ -124,6 +135,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Tail(args) => local::tail(args),
         Command::Status(args) => status::run(args),
         Command::Dlq(args) => dlq::run(args),
+        Command::Reload(args) => reload::run(args),
     }
 }
 

@@ -1,6 +1,5 @@
 //! `lockgate run`: starts every route of runtime.toml and runs until SIGINT or SIGTERM.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,13 +9,14 @@ use anyhow::Context;
 use clap::Args;
 use lockgate::broker::local::LocalBroker;
 use lockgate::config::{Config, IdempotencyKey, Ordering, RouteConfig};
-use lockgate::engine::{Engine, HandlerEnv, InstancePool};
+use lockgate::engine::Engine;
 use lockgate::pipeline::backoff::Jitter;
-use lockgate::pipeline::idempotency::DoneKeys;
-use lockgate::pipeline::{Route, RouteSinks, Shutdown};
+use lockgate::pipeline::{RouteReport, Shutdown};
 use lockgate::state::{EmbeddedStore, KvStore};
+use lockgate::telemetry::{AdminControl, ReloadRequest};
+use tokio::sync::mpsc;
 
-use super::clients::Clients;
+use super::supervisor::{Change, DEBOUNCE, Overrides, Supervisor, watch};
 use super::{EXIT_FAILED, EXIT_USAGE};
 
 /// File name of the embedded state store (guest kv and idempotency keys) in the state directory.
@@ -43,6 +43,10 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let overrides = Overrides {
+        state_dir: args.state_dir,
+        admin: args.admin.map(|a| a.to_string()),
+    };
     let mut config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
@@ -51,12 +55,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_USAGE));
         }
     };
-    if let Some(dir) = args.state_dir {
-        config.state_dir = dir;
-    }
-    if let Some(addr) = args.admin {
-        config.admin = Some(addr.to_string());
-    }
+    overrides.apply(&mut config);
     if config.routes.is_empty() {
         eprintln!(
             "{}: no [routes.<name>] tables: nothing to run (see README, \"Routes\")",
@@ -68,10 +67,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run_routes(config))
+    runtime.block_on(run_routes(config, overrides))
 }
 
-async fn run_routes(config: Config) -> anyhow::Result<ExitCode> {
+async fn run_routes(config: Config, overrides: Overrides) -> anyhow::Result<ExitCode> {
     let engine = Engine::new(&config.engine_settings()).context("cannot create the engine")?;
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("cannot create {}", config.state_dir.display()))?;
@@ -89,133 +88,130 @@ async fn run_routes(config: Config) -> anyhow::Result<ExitCode> {
 
     let (trigger, shutdown) = Shutdown::new();
     let admin_routes = lockgate::telemetry::AdminRoutes::default();
+    let (reload_tx, mut reload_rx) = mpsc::unbounded_channel::<ReloadRequest>();
     if let Some(addr) = &config.admin {
         let (listener, local) = lockgate::telemetry::bind(addr)
             .await
             .with_context(|| format!("cannot listen on the admin address {addr}"))?;
         println!("lockgate: admin endpoint on http://{local} (/metrics, /healthz, /readyz)");
+        let token = match &config.admin_token_env {
+            Some(name) => Some(std::env::var(name).with_context(|| {
+                format!(
+                    "{}: runtime.admin_token_env: environment variable {name} is not set",
+                    config.file.display()
+                )
+            })?),
+            None => None,
+        };
+        let control = AdminControl {
+            reload: reload_tx.clone(),
+            token,
+            loopback: local.ip().is_loopback(),
+        };
         let stop = shutdown.clone();
         let admin = admin_routes.clone();
         tokio::spawn(async move {
-            if let Err(e) =
-                lockgate::telemetry::serve(listener, admin, async move { stop.wait().await }).await
+            if let Err(e) = lockgate::telemetry::serve(listener, admin, Some(control), async move {
+                stop.wait().await
+            })
+            .await
             {
                 tracing::error!(error = %e, "The admin endpoint failed");
             }
         });
     }
-    let mut routes = tokio::task::JoinSet::new();
-    let mut clients = Clients::default();
-    for route in config.routes.values() {
-        let Some(handler_cfg) = config.handlers.get(&route.handler) else {
-            anyhow::bail!(
-                "route {}: handler {} is not defined",
-                route.name,
-                route.handler
-            );
-        };
-        let env = HandlerEnv {
-            name: handler_cfg.name.clone(),
-            config: handler_cfg.config.clone(),
-            outputs: Some(route.outputs.iter().cloned().collect::<BTreeSet<_>>()),
-            limits: handler_cfg.limits(),
-            kv: store.clone(),
-        };
-        let handler = engine
-            .load_handler(&handler_cfg.module, env)
-            .with_context(|| {
-                format!(
-                    "{}: handlers.{}: cannot load the module",
-                    config.file.display(),
-                    handler_cfg.name
-                )
-            })?;
-        let module_hash = handler.module_hash().to_owned();
-        let source = clients
-            .source(&config, &broker, route)
-            .await
-            .with_context(|| format!("route {}: cannot open its source", route.name))?;
-        println!("{}", summary(route, &module_hash, &source.describe()));
-        let pool = InstancePool::new(
-            handler,
-            handler_cfg.isolation,
-            handler_cfg.max_messages_per_instance,
-        );
-        let pool_counters = pool.counters();
-        let outputs = clients
-            .sink(&config, &broker, &route.source.broker)
-            .await
-            .with_context(|| format!("route {}: cannot create its output producer", route.name))?;
-        let dlq = clients
-            .sink(&config, &broker, &route.dlq.broker)
-            .await
-            .with_context(|| format!("route {}: cannot create its DLQ producer", route.name))?;
-        let done_keys = route
-            .idempotency
-            .as_ref()
-            .map(|i| DoneKeys::new(store.clone(), &route.name, i.ttl));
-        let r = Route::new(
-            route.clone(),
-            Arc::new(pool),
-            RouteSinks {
-                outputs,
-                dlq,
-                replies: clients.replies(&config, route).await?,
-            },
-            done_keys,
-        )
-        .shutdown_grace(grace);
-        admin_routes.add(lockgate::telemetry::RouteEntry {
-            route: route.name.clone(),
-            handler: route.handler.clone(),
-            handler_version: module_hash.clone(),
-            stats: r.stats(),
-            lag: source.lag(),
-            pool: Some(pool_counters),
-        });
-        routes.spawn(r.run(source, shutdown.clone()));
-    }
+    let (ended_tx, mut ended_rx) = mpsc::unbounded_channel();
+    let mut sup = Supervisor::new(
+        config,
+        overrides,
+        engine,
+        store,
+        broker,
+        admin_routes,
+        ended_tx,
+    );
+    // Watch before loading, so a change made while the modules compile is not missed.
+    let (change_tx, mut change_rx) = mpsc::unbounded_channel();
+    let mut watcher = start_watching(&sup, &change_tx);
+    let mut watched = sup.watched_files();
+    sup.start_all().await?;
     println!(
-        "lockgate: {} route{} running; Ctrl-C or SIGTERM stops (in-flight work gets {} ms)",
-        routes.len(),
-        if routes.len() == 1 { "" } else { "s" },
+        "lockgate: {} route{} running; Ctrl-C or SIGTERM stops (in-flight work gets {} ms), SIGHUP reloads",
+        sup.len(),
+        if sup.len() == 1 { "" } else { "s" },
         grace.as_millis()
     );
 
-    // Stop on a signal, or as soon as any route ends by itself (its source failed).
-    let mut reports = Vec::new();
-    tokio::select! {
-        signal = stop_signal() => {
-            let name = signal.context("cannot listen for signals")?;
-            eprintln!("lockgate: {name} received; stopping (finishing in-flight messages)");
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot listen for SIGHUP")?;
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    let mut debounce: Option<tokio::time::Instant> = None;
+    let mut failed_reports = Vec::new();
+    loop {
+        let settle = async {
+            match debounce {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        let reply = tokio::select! {
+            signal = &mut stop => {
+                let name = signal.context("cannot listen for signals")?;
+                eprintln!("lockgate: {name} received; stopping (finishing in-flight messages)");
+                break;
+            }
+            Some((name, generation)) = ended_rx.recv() => {
+                if sup.is_current(&name, generation) {
+                    // A route that ends by itself lost its source: stop everything.
+                    if let Some(report) = sup.reap(&name).await {
+                        failed_reports.push(report);
+                    }
+                    break;
+                }
+                continue;
+            }
+            Some(change) = change_rx.recv() => {
+                match change {
+                    Change::Complete => {}
+                    Change::InProgress => {
+                        debounce = Some(tokio::time::Instant::now() + DEBOUNCE);
+                        continue;
+                    }
+                }
+                None
+            }
+            () = settle => None,
+            Some(_) = hangup.recv() => {
+                tracing::info!("SIGHUP received; reloading");
+                None
+            }
+            Some(req) = reload_rx.recv() => Some(req.reply),
+        };
+        debounce = None;
+        let outcome = sup.reload().await;
+        if outcome.applied && sup.watched_files() != watched {
+            // Only when the set changed: a second watcher would deliver late duplicates of the
+            // events the first one saw, and a late "in progress" could time a reload into the
+            // middle of the next write.
+            watched = sup.watched_files();
+            watcher = start_watching(&sup, &change_tx);
         }
-        Some(first) = routes.join_next() => reports.push(first),
+        if let Some(reply) = reply {
+            let _ = reply.send(outcome);
+        }
     }
+    drop(watcher);
     trigger.trigger();
-    while let Some(report) = routes.join_next().await {
-        reports.push(report);
-    }
+    let mut reports = sup.stop_all().await;
+    reports.extend(failed_reports);
 
     let mut failed = false;
     for report in reports {
-        match report {
-            Ok(report) => {
-                let counts: Vec<String> = report
-                    .stats
-                    .iter()
-                    .filter(|(_, v)| *v > 0)
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect();
-                println!("route {}: stopped ({})", report.route, counts.join(" "));
-                if let Some(e) = report.error {
-                    eprintln!("route {}: its source failed: {e}", report.route);
-                    failed = true;
-                }
-            }
-            Err(e) => {
-                eprintln!("a route task failed: {e}");
-                failed = true;
-            }
+        println!("route {}: stopped ({})", report.route, counts(&report));
+        if let Some(e) = report.error {
+            eprintln!("route {}: its source failed: {e}", report.route);
+            failed = true;
         }
     }
     Ok(if failed {
@@ -223,6 +219,32 @@ async fn run_routes(config: Config) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Watches the config and module files; a failure to watch is logged, not fatal (SIGHUP and
+/// `lockgate reload` still work).
+fn start_watching(
+    sup: &Supervisor,
+    tx: &mpsc::UnboundedSender<Change>,
+) -> Option<Box<dyn notify::Watcher + Send>> {
+    match watch(&sup.watched_files(), sup.config().watch, tx.clone()) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "Cannot watch the config and modules; reload with SIGHUP or `lockgate reload`");
+            None
+        }
+    }
+}
+
+/// A report's non-zero counters, `name=value` separated by spaces.
+pub fn counts(report: &RouteReport) -> String {
+    report
+        .stats
+        .iter()
+        .filter(|(_, v)| *v > 0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 async fn stop_signal() -> std::io::Result<&'static str> {
@@ -236,7 +258,7 @@ async fn stop_signal() -> std::io::Result<&'static str> {
 }
 
 /// The one line a route logs at start: where from, what runs, where to, and its policies.
-fn summary(route: &RouteConfig, module_hash: &str, source: &str) -> String {
+pub fn summary(route: &RouteConfig, module_hash: &str, source: &str) -> String {
     let r = &route.retry;
     let jitter = match r.jitter {
         Jitter::None => "no jitter".to_owned(),

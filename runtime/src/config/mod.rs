@@ -70,6 +70,11 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// `[runtime] admin`: `host:port` of `/metrics`, `/healthz` and `/readyz`; off when unset.
     pub admin: Option<String>,
+    /// `[runtime] admin_token_env`: the environment variable holding the token that `POST
+    /// /reload` must present (`Authorization: Bearer ...`).
+    pub admin_token_env: Option<String>,
+    /// `[runtime] watch`: how `lockgate run` notices changed modules and config.
+    pub watch: WatchMode,
     /// Engine settings.
     pub engine: EngineConfig,
     /// Handlers by name, in file order.
@@ -78,6 +83,18 @@ pub struct Config {
     pub brokers: IndexMap<String, BrokerConfig>,
     /// Routes by name, in file order.
     pub routes: IndexMap<String, RouteConfig>,
+}
+
+/// `[runtime] watch`: how changes to handler modules and runtime.toml are noticed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WatchMode {
+    /// File-system events (inotify), falling back to polling where they are unavailable.
+    #[default]
+    Events,
+    /// Poll the files' size and modification time every 500 ms (network file systems).
+    Poll,
+    /// No watching: reload only on SIGHUP or `lockgate reload`.
+    Off,
 }
 
 /// What a `[brokers.<name>]` table defines, with the settings of that kind.
@@ -281,6 +298,8 @@ impl Config {
         let mut state_dir = base_dir.join(DEFAULT_STATE_DIR);
         let mut shutdown_grace_ms = DEFAULT_SHUTDOWN_GRACE_MS;
         let mut admin = None;
+        let mut admin_token_env = None;
+        let mut watch = WatchMode::default();
         if let Some(rt) = root.table("runtime") {
             let mut r = root.child("runtime", rt);
             if let Some(dir) = r.string("state_dir") {
@@ -304,7 +323,31 @@ impl Config {
                     ),
                 }
             }
-            r.finish(&["state_dir", "shutdown_grace_ms", "admin"]);
+            if let Some(name) = r.string("admin_token_env") {
+                if name.is_empty() {
+                    r.problem("admin_token_env", "must not be empty".into());
+                } else {
+                    admin_token_env = Some(name);
+                }
+            }
+            if let Some(w) = r.string("watch") {
+                match w.as_str() {
+                    "events" => watch = WatchMode::Events,
+                    "poll" => watch = WatchMode::Poll,
+                    "off" => watch = WatchMode::Off,
+                    other => r.problem(
+                        "watch",
+                        format!("\"{other}\" is not a watch mode: expected \"events\", \"poll\" or \"off\""),
+                    ),
+                }
+            }
+            r.finish(&[
+                "state_dir",
+                "shutdown_grace_ms",
+                "admin",
+                "admin_token_env",
+                "watch",
+            ]);
         }
 
         let mut engine = EngineConfig {
@@ -366,6 +409,8 @@ impl Config {
             state_dir,
             shutdown_grace_ms,
             admin,
+            admin_token_env,
+            watch,
             engine,
             handlers,
             brokers,
@@ -1095,7 +1140,24 @@ mod tests {
             problems("[runtime]\nshutdown_grace_ms = 0\nstate = \"x\"\n"),
             vec![
                 "rt.toml: runtime.shutdown_grace_ms: must be greater than 0, found 0",
-                "rt.toml: runtime.state: unknown field `state` (expected one of: state_dir, shutdown_grace_ms, admin)",
+                "rt.toml: runtime.state: unknown field `state` (expected one of: state_dir, shutdown_grace_ms, admin, admin_token_env, watch)",
+            ]
+        );
+        let c = Config::parse(
+            Path::new("rt.toml"),
+            "[runtime]\nwatch = \"poll\"\nadmin_token_env = \"TOKEN\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.watch, WatchMode::Poll);
+        assert_eq!(c.admin_token_env.as_deref(), Some("TOKEN"));
+        assert_eq!(
+            Config::parse(Path::new("rt.toml"), "").unwrap().watch,
+            WatchMode::Events
+        );
+        assert_eq!(
+            problems("[runtime]\nwatch = \"inotify\"\n"),
+            vec![
+                "rt.toml: runtime.watch: \"inotify\" is not a watch mode: expected \"events\", \"poll\" or \"off\""
             ]
         );
     }

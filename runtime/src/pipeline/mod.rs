@@ -13,4 +13,6 @@ pub mod rate_limit;
 pub mod route;
 pub mod trace;
 
-pub use route::{Invoker, Route, RouteReport, RouteSinks, RouteStats, Shutdown, ShutdownTrigger};
+pub use route::{
+    HandlerSlot, Invoker, Route, RouteReport, RouteSinks, RouteStats, Shutdown, ShutdownTrigger,
+};

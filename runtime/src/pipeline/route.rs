@@ -54,6 +54,10 @@ pub trait Invoker: Send + Sync + 'static {
     fn handler_name(&self) -> String;
     /// The version that runs (module hash).
     fn module_hash(&self) -> String;
+    /// Live numbers of its instance pool, when it has one.
+    fn pool_counters(&self) -> Option<Arc<crate::engine::PoolCounters>> {
+        None
+    }
 }
 
 impl Invoker for InstancePool {
@@ -67,6 +71,41 @@ impl Invoker for InstancePool {
 
     fn module_hash(&self) -> String {
         self.handler().module_hash().to_owned()
+    }
+
+    fn pool_counters(&self) -> Option<Arc<crate::engine::PoolCounters>> {
+        Some(self.counters())
+    }
+}
+
+/// The handler version a route runs, swapped by hot reload. A message pins the version current
+/// when it starts and keeps it for all its attempts; the next message gets the new one. The old
+/// version is dropped when its last message finishes.
+#[derive(Clone)]
+pub struct HandlerSlot(Arc<arc_swap::ArcSwap<Arc<dyn Invoker>>>);
+
+impl HandlerSlot {
+    /// A slot holding `invoker`.
+    pub fn new(invoker: Arc<dyn Invoker>) -> Self {
+        Self(Arc::new(arc_swap::ArcSwap::from_pointee(invoker)))
+    }
+
+    /// The version new messages get.
+    pub fn current(&self) -> Arc<dyn Invoker> {
+        Arc::clone(&self.0.load())
+    }
+
+    /// Makes `invoker` the version new messages get.
+    pub fn swap(&self, invoker: Arc<dyn Invoker>) {
+        self.0.store(Arc::new(invoker));
+    }
+}
+
+impl std::fmt::Debug for HandlerSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("HandlerSlot")
+            .field(&self.current().module_hash())
+            .finish()
     }
 }
 
@@ -266,7 +305,7 @@ pub const ERROR_HEADER: &str = "lockgate-error";
 /// What a route needs to run.
 pub struct Route {
     config: RouteConfig,
-    invoker: Arc<dyn Invoker>,
+    invoker: HandlerSlot,
     sinks: RouteSinks,
     done_keys: Option<DoneKeys>,
     stats: Arc<RouteStats>,
@@ -322,7 +361,7 @@ struct LaneKey {
 struct Shared {
     route: String,
     config: RouteConfig,
-    invoker: Arc<dyn Invoker>,
+    invoker: HandlerSlot,
     sinks: RouteSinks,
     done_keys: Option<DoneKeys>,
     stats: Arc<RouteStats>,
@@ -430,7 +469,7 @@ impl Route {
         };
         Self {
             config,
-            invoker,
+            invoker: HandlerSlot::new(invoker),
             sinks,
             done_keys,
             stats: Arc::new(RouteStats::default()),
@@ -449,6 +488,11 @@ impl Route {
     pub fn shutdown_grace(mut self, grace: Duration) -> Self {
         self.shutdown_grace = grace;
         self
+    }
+
+    /// The slot of the route's handler: swap a new version in while it runs.
+    pub fn handler_slot(&self) -> HandlerSlot {
+        self.invoker.clone()
     }
 
     /// The route's counters, live.
@@ -716,6 +760,8 @@ impl Shared {
             }
             // Every log line about this message carries its route, position, handler version
             // and trace id; `attempt` and `outcome` are filled in as it goes.
+            // The version current now runs this message, all its attempts.
+            let invoker = self.invoker.current();
             let record = &item.delivery.record;
             let span = tracing::info_span!(
                 "message",
@@ -724,7 +770,7 @@ impl Shared {
                 topic = %record.topic,
                 partition = record.partition,
                 offset = record.offset,
-                handler_version = %self.invoker.module_hash(),
+                handler_version = %invoker.module_hash(),
                 attempt = tracing::field::Empty,
                 outcome = tracing::field::Empty,
                 trace_id = tracing::field::Empty,
@@ -732,7 +778,11 @@ impl Shared {
             if let Some(t) = trace::trace_id(&item.delivery.record) {
                 span.record("trace_id", t);
             }
-            if !self.handle(item, &mut pending).instrument(span).await {
+            if !self
+                .handle(item, &invoker, &mut pending)
+                .instrument(span)
+                .await
+            {
                 // The route is stopping and what was pending could not be published.
                 items.for_each(|item| abandon(&self.stats, item));
                 break;
@@ -792,7 +842,7 @@ impl Shared {
 
     /// Takes one delivery to its end (acked, dead-lettered or abandoned) or, when it succeeds,
     /// into `pending`. False if the route stopped while `pending` could not be flushed.
-    async fn handle(&self, item: Item, pending: &mut Pending) -> bool {
+    async fn handle(&self, item: Item, invoker: &Arc<dyn Invoker>, pending: &mut Pending) -> bool {
         let Item {
             delivery:
                 Delivery {
@@ -888,9 +938,9 @@ impl Shared {
             tracing::Span::current().record("attempt", attempt);
             tracing::trace!(route = %self.route, message = %message_id, attempt, "Invoking the handler");
             let inbound = inbound(&record, attempt);
-            let module_hash = self.invoker.module_hash();
+            let module_hash = invoker.module_hash();
             let invocation = {
-                let invoker = self.invoker.clone();
+                let invoker = invoker.clone();
                 match tokio::task::spawn_blocking(move || invoker.invoke(&inbound)).await {
                     Ok(inv) => inv,
                     Err(e) => Invocation {
@@ -1022,7 +1072,7 @@ impl Shared {
                         &record,
                         &Failure {
                             route: self.route.clone(),
-                            handler: self.invoker.handler_name(),
+                            handler: invoker.handler_name(),
                             module_hash,
                             message_id: message_id.clone(),
                             error_kind: f.kind.to_owned(),

@@ -1,0 +1,86 @@
+//! `lockgate reload`: asks a running `lockgate run` to reload its config and modules.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use lockgate::config::Config;
+use lockgate::telemetry::ReloadOutcome;
+
+use super::{EXIT_FAILED, EXIT_USAGE};
+
+/// Arguments of `lockgate reload`.
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    /// The config file whose `[runtime] admin` (and `admin_token_env`) name the endpoint.
+    #[arg(default_value_os_t = super::default_config())]
+    config: PathBuf,
+
+    /// The admin endpoint (ip:port) instead of the config's.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<String>,
+}
+
+pub fn run(args: ReloadArgs) -> anyhow::Result<ExitCode> {
+    // The config may be the very thing being fixed: an unreadable one still lets --admin work.
+    let config = Config::load(&args.config);
+    let addr = match (&args.admin, &config) {
+        (Some(a), _) => a.clone(),
+        (None, Ok(c)) => match &c.admin {
+            Some(a) if a.ends_with(":0") => {
+                eprintln!(
+                    "{}: [runtime] admin is {a}: the port was picked at start; pass --admin with the address `lockgate run` printed",
+                    args.config.display()
+                );
+                return Ok(ExitCode::from(EXIT_USAGE));
+            }
+            Some(a) => a.clone(),
+            None => {
+                eprintln!(
+                    "{}: no [runtime] admin address; pass --admin ADDR",
+                    args.config.display()
+                );
+                return Ok(ExitCode::from(EXIT_USAGE));
+            }
+        },
+        (None, Err(e)) => {
+            eprintln!("{e}");
+            eprintln!("(pass --admin ADDR to reach the running process anyway)");
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+    };
+    let token = config
+        .as_ref()
+        .ok()
+        .and_then(|c| c.admin_token_env.as_ref())
+        .and_then(|name| std::env::var(name).ok());
+    let (code, body) =
+        match lockgate::telemetry::http_request(&addr, "POST", "/reload", token.as_deref()) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("lockgate reload: no answer from http://{addr}: {e}");
+                return Ok(ExitCode::from(EXIT_FAILED));
+            }
+        };
+    let outcome: ReloadOutcome = match serde_json::from_str(&body) {
+        Ok(o) => o,
+        Err(_) => {
+            eprintln!("lockgate reload: http://{addr}/reload answered {code}: {body}");
+            return Ok(ExitCode::from(EXIT_FAILED));
+        }
+    };
+    if !outcome.applied {
+        eprintln!(
+            "lockgate reload: refused, nothing changed: {}",
+            outcome.error.unwrap_or_default()
+        );
+        return Ok(ExitCode::from(EXIT_FAILED));
+    }
+    if outcome.changes.is_empty() {
+        println!("reloaded: nothing changed");
+    }
+    for c in outcome.changes {
+        println!("reloaded: {c}");
+    }
+    Ok(ExitCode::SUCCESS)
+}

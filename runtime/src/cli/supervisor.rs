@@ -1,0 +1,572 @@
+//! The routes of `lockgate run` and their hot reload.
+//!
+//! A reload (file change, SIGHUP or `POST /reload`) reads runtime.toml and every handler module
+//! again and reconciles: routes whose settings are unchanged but whose module (or handler table)
+//! changed get the new version swapped into their [`HandlerSlot`] (messages already started finish
+//! on the old one); routes whose own settings or brokers changed are drained and restarted; new
+//! routes start; removed routes drain, commit and stop. Everything new is compiled and
+//! instantiated once *before* anything changes: a config with a problem, or a module that is
+//! truncated, not a component, of the wrong world or trapping at start, refuses the whole reload
+//! and the old state keeps serving.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use lockgate::broker::local::LocalBroker;
+use lockgate::config::{Config, HandlerConfig, RouteConfig};
+use lockgate::engine::{Engine, Handler, HandlerEnv, InstancePool};
+use lockgate::pipeline::idempotency::DoneKeys;
+use lockgate::pipeline::{HandlerSlot, Route, RouteReport, RouteSinks, Shutdown, ShutdownTrigger};
+use lockgate::state::KvStore;
+use lockgate::telemetry::{AdminRoutes, ReloadOutcome, RouteEntry};
+use sha2::Digest as _;
+use tokio::sync::mpsc;
+
+use super::clients::Clients;
+
+/// Settings given on the command line, which a reloaded file does not override.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--admin`.
+    pub admin: Option<String>,
+}
+
+impl Overrides {
+    /// Applies the overrides to a freshly loaded config.
+    pub fn apply(&self, config: &mut Config) {
+        if let Some(d) = &self.state_dir {
+            config.state_dir.clone_from(d);
+        }
+        if let Some(a) = &self.admin {
+            config.admin = Some(a.clone());
+        }
+    }
+}
+
+/// A running route.
+struct Running {
+    config: RouteConfig,
+    handler: HandlerConfig,
+    module_hash: String,
+    slot: HandlerSlot,
+    trigger: ShutdownTrigger,
+    task: tokio::task::JoinHandle<RouteReport>,
+    generation: u64,
+}
+
+/// A handler loaded and instantiated once, ready to serve a route.
+struct Prepared {
+    handler: Handler,
+    config: HandlerConfig,
+}
+
+/// What a reload will do to one route.
+enum Plan {
+    Start(RouteConfig, Prepared),
+    Restart(RouteConfig, Prepared, &'static str),
+    Swap(RouteConfig, Prepared),
+    Stop(String),
+}
+
+/// Owns the routes of `lockgate run`.
+pub struct Supervisor {
+    config: Config,
+    overrides: Overrides,
+    engine: Engine,
+    store: Arc<dyn KvStore>,
+    broker: LocalBroker,
+    clients: Clients,
+    admin: AdminRoutes,
+    grace: Duration,
+    routes: BTreeMap<String, Running>,
+    ended_tx: mpsc::UnboundedSender<(String, u64)>,
+    next_generation: u64,
+    /// Reports of routes that a reload stopped.
+    pub stopped: Vec<RouteReport>,
+}
+
+impl Supervisor {
+    /// A supervisor with no routes yet; `ended_tx` hears of every route task that ends.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: Config,
+        overrides: Overrides,
+        engine: Engine,
+        store: Arc<dyn KvStore>,
+        broker: LocalBroker,
+        admin: AdminRoutes,
+        ended_tx: mpsc::UnboundedSender<(String, u64)>,
+    ) -> Self {
+        let grace = Duration::from_millis(config.shutdown_grace_ms);
+        Self {
+            config,
+            overrides,
+            engine,
+            store,
+            broker,
+            clients: Clients::default(),
+            admin,
+            grace,
+            routes: BTreeMap::new(),
+            ended_tx,
+            next_generation: 0,
+            stopped: Vec::new(),
+        }
+    }
+
+    /// The config being served.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Number of running routes.
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// Files whose change means a reload: the config and every module it names.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.config.file.clone()];
+        for h in self.config.handlers.values() {
+            if !files.contains(&h.module) {
+                files.push(h.module.clone());
+            }
+        }
+        files
+    }
+
+    /// Starts every route of the config (at process start).
+    pub async fn start_all(&mut self) -> anyhow::Result<()> {
+        let config = self.config.clone();
+        for route in config.routes.values() {
+            let prepared = prepare(&self.engine, &self.store, &config, route)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            self.start(route, prepared).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether `(name, generation)` is a route still meant to run (its end is a failure).
+    pub fn is_current(&self, name: &str, generation: u64) -> bool {
+        self.routes
+            .get(name)
+            .is_some_and(|r| r.generation == generation)
+    }
+
+    /// Takes a route that ended by itself out of the set; its report.
+    pub async fn reap(&mut self, name: &str) -> Option<RouteReport> {
+        let r = self.routes.remove(name)?;
+        self.admin.remove(name);
+        r.task.await.ok()
+    }
+
+    /// Stops every route (drains, commits) and returns their reports.
+    pub async fn stop_all(&mut self) -> Vec<RouteReport> {
+        for r in self.routes.values() {
+            r.trigger.trigger();
+        }
+        let mut reports = std::mem::take(&mut self.stopped);
+        for (_, r) in std::mem::take(&mut self.routes) {
+            match r.task.await {
+                Ok(report) => reports.push(report),
+                Err(e) => tracing::error!(error = %e, "A route task failed"),
+            }
+        }
+        reports
+    }
+
+    async fn start(&mut self, route: &RouteConfig, prepared: Prepared) -> anyhow::Result<()> {
+        let Prepared { handler, config } = prepared;
+        let module_hash = handler.module_hash().to_owned();
+        let source = self
+            .clients
+            .source(&self.config, &self.broker, route)
+            .await
+            .with_context(|| format!("route {}: cannot open its source", route.name))?;
+        println!(
+            "{}",
+            super::run::summary(route, &module_hash, &source.describe())
+        );
+        let pool = InstancePool::new(handler, config.isolation, config.max_messages_per_instance);
+        let outputs = self
+            .clients
+            .sink(&self.config, &self.broker, &route.source.broker)
+            .await
+            .with_context(|| format!("route {}: cannot create its output producer", route.name))?;
+        let dlq = self
+            .clients
+            .sink(&self.config, &self.broker, &route.dlq.broker)
+            .await
+            .with_context(|| format!("route {}: cannot create its DLQ producer", route.name))?;
+        let replies = self.clients.replies(&self.config, route).await?;
+        let done_keys = route
+            .idempotency
+            .as_ref()
+            .map(|i| DoneKeys::new(self.store.clone(), &route.name, i.ttl));
+        let r = Route::new(
+            route.clone(),
+            Arc::new(pool),
+            RouteSinks {
+                outputs,
+                dlq,
+                replies,
+            },
+            done_keys,
+        )
+        .shutdown_grace(self.grace);
+        let slot = r.handler_slot();
+        self.admin.add(RouteEntry {
+            route: route.name.clone(),
+            handler: route.handler.clone(),
+            slot: slot.clone(),
+            stats: r.stats(),
+            lag: source.lag(),
+        });
+        let (trigger, shutdown) = Shutdown::new();
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        let ended = self.ended_tx.clone();
+        let name = route.name.clone();
+        let task = tokio::spawn(async move {
+            let report = r.run(source, shutdown).await;
+            let _ = ended.send((name, generation));
+            report
+        });
+        self.routes.insert(
+            route.name.clone(),
+            Running {
+                config: route.clone(),
+                handler: config,
+                module_hash,
+                slot,
+                trigger,
+                task,
+                generation,
+            },
+        );
+        Ok(())
+    }
+
+    /// Drains and stops a route; its report is kept for the end-of-run summary.
+    async fn stop(&mut self, name: &str) {
+        let Some(r) = self.routes.remove(name) else {
+            return;
+        };
+        r.trigger.trigger();
+        self.admin.remove(name);
+        match r.task.await {
+            Ok(report) => {
+                println!(
+                    "route {name}: stopped by a reload ({})",
+                    super::run::counts(&report)
+                );
+                self.stopped.push(report);
+            }
+            Err(e) => tracing::error!(route = name, error = %e, "A route task failed"),
+        }
+    }
+
+    /// Reads the config and modules again and applies what changed (see the module docs).
+    pub async fn reload(&mut self) -> ReloadOutcome {
+        let outcome = match self.try_reload().await {
+            Ok(changes) => ReloadOutcome {
+                applied: true,
+                changes,
+                error: None,
+            },
+            Err(error) => ReloadOutcome {
+                applied: false,
+                changes: Vec::new(),
+                error: Some(error),
+            },
+        };
+        let counters = self.admin.reloads();
+        if let Some(e) = &outcome.error {
+            counters
+                .refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(
+                "Reload refused; the running routes and modules stay as they were: {e}"
+            );
+        } else if !outcome.changes.is_empty() {
+            counters
+                .applied
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            for c in &outcome.changes {
+                tracing::info!("Reloaded: {c}");
+            }
+        }
+        outcome
+    }
+
+    async fn try_reload(&mut self) -> Result<Vec<String>, String> {
+        let mut new = Config::load(&self.config.file).map_err(|e| e.to_string())?;
+        self.overrides.apply(&mut new);
+        let mut notes = Vec::new();
+        if new.state_dir != self.config.state_dir
+            || new.admin != self.config.admin
+            || new.admin_token_env != self.config.admin_token_env
+            || new.engine != self.config.engine
+            || new.shutdown_grace_ms != self.config.shutdown_grace_ms
+            || new.watch != self.config.watch
+        {
+            notes.push("[runtime] and [engine] changes are not applied until a restart".to_owned());
+        }
+        let changed_brokers: Vec<String> = self
+            .config
+            .brokers
+            .keys()
+            .chain(new.brokers.keys())
+            .filter(|n| self.config.brokers.get(*n) != new.brokers.get(*n))
+            .cloned()
+            .collect();
+
+        // Everything that will run is loaded and instantiated before anything changes.
+        let mut plans = Vec::new();
+        for route in new.routes.values() {
+            let Some(hc) = new.handlers.get(&route.handler) else {
+                return Err(format!(
+                    "route {}: handler {} is not defined",
+                    route.name, route.handler
+                ));
+            };
+            let bytes = read_module(hc)?;
+            let hash = hex::encode(sha2::Sha256::digest(&bytes));
+            let uses_changed_broker = [&route.source.broker, &route.dlq.broker]
+                .iter()
+                .any(|b| changed_brokers.contains(b));
+            let plan = match self.routes.get(&route.name) {
+                None => Some("start"),
+                Some(r) if r.config != *route => Some("restart: its settings changed"),
+                Some(_) if uses_changed_broker => Some("restart: its broker changed"),
+                Some(r) if r.handler != *hc || r.module_hash != hash => Some("swap"),
+                Some(_) => None,
+            };
+            let Some(plan) = plan else { continue };
+            let prepared = prepare_bytes(&self.engine, &self.store, route, hc, bytes).await?;
+            plans.push(match plan {
+                "start" => Plan::Start(route.clone(), prepared),
+                "swap" => Plan::Swap(route.clone(), prepared),
+                why => Plan::Restart(route.clone(), prepared, why),
+            });
+        }
+        for name in self.routes.keys() {
+            if !new.routes.contains_key(name) {
+                plans.push(Plan::Stop(name.clone()));
+            }
+        }
+
+        // Apply: stop what goes away or restarts (drained, committed), then start and swap.
+        let mut changes = Vec::new();
+        for plan in &plans {
+            match plan {
+                Plan::Stop(name) => {
+                    self.stop(name).await;
+                    changes.push(format!("route {name}: removed (drained and stopped)"));
+                }
+                Plan::Restart(route, _, _) => self.stop(&route.name).await,
+                _ => {}
+            }
+        }
+        for name in &changed_brokers {
+            self.clients.forget(name);
+        }
+        let old_config = std::mem::replace(&mut self.config, new);
+        for plan in plans {
+            match plan {
+                Plan::Stop(_) => {}
+                Plan::Start(route, prepared) => {
+                    let hash = prepared.handler.module_hash().to_owned();
+                    self.start(&route, prepared)
+                        .await
+                        .map_err(|e| format!("{e:#}"))?;
+                    changes.push(format!("route {}: added ({})", route.name, short(&hash)));
+                }
+                Plan::Restart(route, prepared, why) => {
+                    self.start(&route, prepared)
+                        .await
+                        .map_err(|e| format!("{e:#}"))?;
+                    changes.push(format!("route {}: {why}", route.name));
+                }
+                Plan::Swap(route, prepared) => {
+                    let Some(r) = self.routes.get_mut(&route.name) else {
+                        continue;
+                    };
+                    let from = std::mem::replace(
+                        &mut r.module_hash,
+                        prepared.handler.module_hash().to_owned(),
+                    );
+                    let hc = prepared.config.clone();
+                    r.slot.swap(Arc::new(InstancePool::new(
+                        prepared.handler,
+                        hc.isolation,
+                        hc.max_messages_per_instance,
+                    )));
+                    r.handler = hc;
+                    changes.push(format!(
+                        "route {}: handler {} {} -> {}",
+                        route.name,
+                        route.handler,
+                        short(&from),
+                        short(&r.module_hash)
+                    ));
+                }
+            }
+        }
+        drop(old_config);
+        if !changes.is_empty() {
+            changes.extend(notes);
+        }
+        Ok(changes)
+    }
+}
+
+fn short(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
+}
+
+fn read_module(hc: &HandlerConfig) -> Result<Vec<u8>, String> {
+    std::fs::read(&hc.module).map_err(|e| {
+        format!(
+            "handlers.{}: module {}: cannot read: {e}",
+            hc.name,
+            hc.module.display()
+        )
+    })
+}
+
+async fn prepare(
+    engine: &Engine,
+    store: &Arc<dyn KvStore>,
+    config: &Config,
+    route: &RouteConfig,
+) -> Result<Prepared, String> {
+    let Some(hc) = config.handlers.get(&route.handler) else {
+        return Err(format!(
+            "route {}: handler {} is not defined",
+            route.name, route.handler
+        ));
+    };
+    let bytes = read_module(hc)?;
+    prepare_bytes(engine, store, route, hc, bytes).await
+}
+
+/// Compiles (or loads from the cache) and instantiates once, off the async threads.
+async fn prepare_bytes(
+    engine: &Engine,
+    store: &Arc<dyn KvStore>,
+    route: &RouteConfig,
+    hc: &HandlerConfig,
+    bytes: Vec<u8>,
+) -> Result<Prepared, String> {
+    let env = HandlerEnv {
+        name: hc.name.clone(),
+        config: hc.config.clone(),
+        outputs: Some(route.outputs.iter().cloned().collect()),
+        limits: hc.limits(),
+        kv: store.clone(),
+    };
+    let (engine, hc2) = (engine.clone(), hc.clone());
+    let handler = tokio::task::spawn_blocking(move || {
+        let h = engine.load_handler_bytes(&hc2.module, &bytes, env)?;
+        h.check_instantiate()?;
+        Ok::<_, lockgate::engine::EngineError>(h)
+    })
+    .await
+    .map_err(|e| format!("handlers.{}: loading task failed: {e}", hc.name))?
+    .map_err(|e| format!("handlers.{}: {e}", hc.name))?;
+    Ok(Prepared {
+        handler,
+        config: hc.clone(),
+    })
+}
+
+/// What the watcher tells the run loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// A watched file was closed after writing or renamed into place: its content is complete.
+    Complete,
+    /// A watched file is being modified (or a backend without close events saw a change):
+    /// reload once it has been quiet for [`DEBOUNCE`].
+    InProgress,
+}
+
+/// Quiet time after the last in-progress change before a reload.
+pub const DEBOUNCE: Duration = Duration::from_millis(300);
+
+/// Watches `files` (their directories, so editors that replace a file by renaming are seen)
+/// and reports changes on `tx`. Returns the watcher, which watches until dropped.
+pub fn watch(
+    files: &[PathBuf],
+    mode: lockgate::config::WatchMode,
+    tx: mpsc::UnboundedSender<Change>,
+) -> anyhow::Result<Option<Box<dyn notify::Watcher + Send>>> {
+    use notify::event::{AccessKind, AccessMode, ModifyKind};
+    use notify::{EventKind, RecursiveMode, Watcher};
+
+    if mode == lockgate::config::WatchMode::Off {
+        return Ok(None);
+    }
+    // Directory -> file names in it that matter.
+    let mut dirs: HashMap<PathBuf, Vec<std::ffi::OsString>> = HashMap::new();
+    for f in files {
+        let dir = f
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+        if let Some(name) = f.file_name() {
+            dirs.entry(dir).or_default().push(name.to_owned());
+        }
+    }
+    let wanted = dirs.clone();
+    let handler = move |res: notify::Result<notify::Event>| {
+        let Ok(event) = res else { return };
+        let relevant = event.paths.iter().any(|p| {
+            let (Some(dir), Some(name)) = (p.parent(), p.file_name()) else {
+                return false;
+            };
+            wanted
+                .get(dir)
+                .is_some_and(|names| names.iter().any(|n| n == name))
+        });
+        if !relevant {
+            return;
+        }
+        let change = match event.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Name(_)) => Change::Complete,
+            EventKind::Access(_) | EventKind::Remove(_) => return,
+            _ => Change::InProgress,
+        };
+        let _ = tx.send(change);
+    };
+    let mut watcher: Box<dyn notify::Watcher + Send> = match mode {
+        lockgate::config::WatchMode::Poll => Box::new(notify::PollWatcher::new(
+            handler,
+            notify::Config::default().with_poll_interval(Duration::from_millis(500)),
+        )?),
+        _ => match notify::RecommendedWatcher::new(handler.clone(), notify::Config::default()) {
+            Ok(w) => Box::new(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "File events are unavailable; polling every 500 ms instead");
+                Box::new(notify::PollWatcher::new(
+                    handler,
+                    notify::Config::default().with_poll_interval(Duration::from_millis(500)),
+                )?)
+            }
+        },
+    };
+    for dir in dirs.keys() {
+        watcher
+            .watch(dir, RecursiveMode::NonRecursive)
+            .with_context(|| format!("cannot watch {}", dir.display()))?;
+    }
+    Ok(Some(watcher))
+}
