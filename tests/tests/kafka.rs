@@ -752,3 +752,89 @@ fn dead_letters_are_replayed_once_after_the_handler_is_fixed() {
         "{listed}"
     );
 }
+
+#[test]
+fn a_hundred_module_reloads_while_kafka_messages_flow_lose_nothing() {
+    const N: u64 = 50_000;
+    const RELOADS: usize = 100;
+    let rt = runtime();
+    let n = names("reload");
+    create_topics(&rt, &[(&n.input, 3), (&n.out, 3), (&n.dlq, 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &n, "concurrency = 3\n");
+    // The handler's module is a file of the test's, rewritten below.
+    let module = dir.path().join("handler.wasm");
+    std::fs::copy(guest("chaos"), &module).unwrap();
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&guest("chaos").display().to_string(), "handler.wasm");
+    std::fs::write(&config, text).unwrap();
+    let mut child = start(dir.path(), &config, 1);
+    let addr = admin_addr(&mut child, dir.path(), 1);
+    let succeeded = || {
+        admin::value(
+            &admin::get(&addr, "/metrics").1,
+            "lockgate_messages_succeeded_total",
+            "orders",
+        )
+        .unwrap_or(0.0) as u64
+    };
+    let chunk = N / RELOADS as u64;
+    let mut next = 0u64;
+    let all = orders(N, 97, |_| "");
+    let mut pid_child = child;
+    let rss = lockgate_tests::reload::churn(
+        &mut pid_child,
+        dir.path(),
+        1,
+        &addr,
+        &module,
+        RELOADS,
+        |i| {
+            let handled = i as u64 * chunk;
+            let until = |target: u64| {
+                let started = Instant::now();
+                while succeeded() < target {
+                    assert!(started.elapsed() < DEADLINE, "chunk {i} not handled");
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            };
+            until(handled);
+            produce(&rt, &n.input, &all[next as usize..(next + chunk) as usize]);
+            next += chunk;
+            until(handled + chunk / 10);
+        },
+    );
+    let mut child = pid_child;
+    // Succeeded counts a message once its outputs are acknowledged.
+    wait_for_progress(
+        &mut child,
+        dir.path(),
+        1,
+        N,
+        DEADLINE,
+        Duration::from_millis(50),
+        succeeded,
+    );
+    stop(&mut child, dir.path(), 1);
+    let mut tail = Tail::new(&[(&n.out, 3), (&n.dlq, 1)]);
+    tail.drain(Duration::from_secs(2));
+
+    let out = tail.records(&n.out);
+    let mut versions = BTreeMap::<char, u64>::new();
+    let mut ids = BTreeMap::<u64, u32>::new();
+    for g in &out {
+        let (v, id) = lockgate_tests::reload::version_of(g.payload.as_bytes());
+        *versions.entry(v).or_default() += 1;
+        *ids.entry(id).or_default() += 1;
+    }
+    assert_eq!(ids.len() as u64, N, "nothing lost");
+    assert!(ids.values().all(|c| *c == 1), "each handled once");
+    assert_eq!(versions.len(), 2, "{versions:?}");
+    assert!(tail.records(&n.dlq).is_empty(), "garbage never ran");
+    let (early, last) = (rss[19], rss[RELOADS - 1]);
+    assert!(
+        last < early + 48 * 1024,
+        "RSS grew from {early} KiB to {last} KiB over 80 reloads"
+    );
+}

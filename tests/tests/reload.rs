@@ -308,3 +308,79 @@ fn config_reloads_add_change_and_remove_routes_and_refuse_a_bad_config() {
     assert_eq!(ids.len(), 300);
     assert!(ids.values().all(|n| *n == 1), "{ids:?}");
 }
+
+/// Config of one route from `in` to `out` whose module is `handler.wasm` in `dir`.
+fn module_config(dir: &Path, runtime_extra: &str) -> (PathBuf, PathBuf) {
+    let module = dir.join("handler.wasm");
+    std::fs::copy(guest("chaos"), &module).unwrap();
+    let config = dir.join("runtime.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[runtime]\nstate_dir = \"state\"\n{runtime_extra}\n[handlers.h]\nmodule = \"handler.wasm\"\nconfig = {{ target = \"out\" }}\n\n[routes.orders]\nhandler = \"h\"\nsource = {{ topic = \"in\" }}\noutputs = [\"out\"]\n"
+        ),
+    )
+    .unwrap();
+    (config, module)
+}
+
+fn wait_reloads(run: &mut lockgate_tests::Proc, dir: &Path, addr: &str, want: (u64, u64)) {
+    wait_for_progress(run, dir, 1, 1, DEADLINE, Duration::from_millis(20), || {
+        u64::from(reloads(addr) == want)
+    });
+}
+
+#[test]
+fn polling_notices_a_module_change_and_reload_beyond_loopback_needs_a_token() {
+    // Polling, admin on every interface, no token: POST /reload is refused, the file watcher
+    // still reloads.
+    let dir = tempfile::tempdir().unwrap();
+    let (config, module) = module_config(dir.path(), "admin = \"0.0.0.0:0\"\nwatch = \"poll\"\n");
+    let mut run = start_run(dir.path(), &config, 1, None, "lockgate=info,warn");
+    let addr = admin_addr(&mut run, dir.path(), 1);
+    let (code, body) = lockgate::telemetry::http_request(&addr, "POST", "/reload", None).unwrap();
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("admin_token_env"), "{body}");
+    std::fs::copy(guest("uppercase"), &module).unwrap();
+    wait_reloads(&mut run, dir.path(), &addr, (1, 0));
+    stop_run(&mut run, dir.path(), 1);
+
+    // A token, no watching: only an authorised POST /reload or SIGHUP reloads.
+    let dir = tempfile::tempdir().unwrap();
+    let (config, module) = module_config(
+        dir.path(),
+        "admin = \"0.0.0.0:0\"\nwatch = \"off\"\nadmin_token_env = \"LG_TEST_TOKEN\"\n",
+    );
+    let mut run = lockgate_tests::start_run_with_env(
+        dir.path(),
+        &config,
+        1,
+        None,
+        "lockgate=info,warn",
+        &[("LG_TEST_TOKEN", "s3cret")],
+    );
+    let addr = admin_addr(&mut run, dir.path(), 1);
+    for token in [None, Some("wrong")] {
+        let (code, body) =
+            lockgate::telemetry::http_request(&addr, "POST", "/reload", token).unwrap();
+        assert_eq!(code, 401, "{body}");
+    }
+    std::fs::copy(guest("uppercase"), &module).unwrap();
+    let (code, body) =
+        lockgate::telemetry::http_request(&addr, "POST", "/reload", Some("s3cret")).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let outcome: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(outcome["applied"], true);
+    assert!(
+        outcome["changes"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("route orders: handler h "),
+        "{body}"
+    );
+    assert_eq!(reloads(&addr), (1, 0));
+    std::fs::copy(guest("chaos"), &module).unwrap();
+    lockgate_tests::signal(&run, "HUP");
+    wait_reloads(&mut run, dir.path(), &addr, (2, 0));
+    stop_run(&mut run, dir.path(), 1);
+}

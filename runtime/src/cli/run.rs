@@ -146,15 +146,12 @@ async fn run_routes(config: Config, overrides: Overrides) -> anyhow::Result<Exit
         .context("cannot listen for SIGHUP")?;
     let stop = stop_signal();
     tokio::pin!(stop);
-    let mut debounce: Option<tokio::time::Instant> = None;
+    // Armed by an "in progress" change; fires once the files were quiet for DEBOUNCE.
+    let settle = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(settle);
+    let mut armed = false;
     let mut failed_reports = Vec::new();
     loop {
-        let settle = async {
-            match debounce {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
-            }
-        };
         let reply = tokio::select! {
             signal = &mut stop => {
                 let name = signal.context("cannot listen for signals")?;
@@ -172,23 +169,26 @@ async fn run_routes(config: Config, overrides: Overrides) -> anyhow::Result<Exit
                 continue;
             }
             Some(change) = change_rx.recv() => {
+                tracing::debug!(?change, "Watched file changed");
                 match change {
                     Change::Complete => {}
                     Change::InProgress => {
-                        debounce = Some(tokio::time::Instant::now() + DEBOUNCE);
+                        settle.as_mut().reset(tokio::time::Instant::now() + DEBOUNCE);
+                        armed = true;
                         continue;
                     }
                 }
                 None
             }
-            () = settle => None,
+            () = &mut settle, if armed => None,
             Some(_) = hangup.recv() => {
                 tracing::info!("SIGHUP received; reloading");
                 None
             }
             Some(req) = reload_rx.recv() => Some(req.reply),
         };
-        debounce = None;
+        armed = false;
+        tracing::debug!("Reloading");
         let outcome = sup.reload().await;
         if outcome.applied && sup.watched_files() != watched {
             // Only when the set changed: a second watcher would deliver late duplicates of the

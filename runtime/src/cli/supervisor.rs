@@ -547,26 +547,41 @@ pub fn watch(
         };
         let _ = tx.send(change);
     };
-    let mut watcher: Box<dyn notify::Watcher + Send> = match mode {
-        lockgate::config::WatchMode::Poll => Box::new(notify::PollWatcher::new(
+    // Polling compares contents (its timestamps have whole-second resolution, so two writes in
+    // one second would look alike) and watches the files themselves, not every file of their
+    // directories.
+    let poll = |handler| -> anyhow::Result<Box<dyn notify::Watcher + Send>> {
+        let mut w = notify::PollWatcher::new(
             handler,
-            notify::Config::default().with_poll_interval(Duration::from_millis(500)),
-        )?),
-        _ => match notify::RecommendedWatcher::new(handler.clone(), notify::Config::default()) {
-            Ok(w) => Box::new(w),
-            Err(e) => {
-                tracing::warn!(error = %e, "File events are unavailable; polling every 500 ms instead");
-                Box::new(notify::PollWatcher::new(
-                    handler,
-                    notify::Config::default().with_poll_interval(Duration::from_millis(500)),
-                )?)
-            }
-        },
+            notify::Config::default()
+                .with_poll_interval(Duration::from_millis(500))
+                .with_compare_contents(true),
+        )?;
+        for f in files {
+            let f = f.canonicalize().unwrap_or_else(|_| f.clone());
+            w.watch(&f, RecursiveMode::NonRecursive)
+                .with_context(|| format!("cannot watch {}", f.display()))?;
+        }
+        Ok(Box::new(w))
+    };
+    if mode == lockgate::config::WatchMode::Poll {
+        return poll(handler).map(Some);
+    }
+    let mut watcher = match notify::RecommendedWatcher::new(
+        handler.clone(),
+        notify::Config::default(),
+    ) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "File events are unavailable; polling every 500 ms instead");
+            return poll(handler).map(Some);
+        }
     };
     for dir in dirs.keys() {
         watcher
             .watch(dir, RecursiveMode::NonRecursive)
             .with_context(|| format!("cannot watch {}", dir.display()))?;
     }
+    let watcher: Box<dyn notify::Watcher + Send> = Box::new(watcher);
     Ok(Some(watcher))
 }
