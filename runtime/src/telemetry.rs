@@ -252,7 +252,7 @@ impl prometheus_client::collector::Collector for AdminRoutes {
         }
         let mut metric = encoder.encode_descriptor(
             "lockgate_instances_created",
-            "Handler instances created (one per message with isolation = \"fresh\").",
+            "Handler instances created (one per message with isolation = \"per-message\").",
             None,
             MetricType::Counter,
         )?;
