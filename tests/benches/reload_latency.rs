@@ -78,7 +78,10 @@ fn measure(a: &Path, b: &Path, cache: bool, swaps: usize) -> Vec<Duration> {
         {
             break a.to_owned();
         }
-        assert!(child.try_wait().unwrap().is_none(), "lockgate exited: {text}");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "lockgate exited: {text}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     };
     let serving = |hash: &str| {
@@ -94,7 +97,10 @@ fn measure(a: &Path, b: &Path, cache: bool, swaps: usize) -> Vec<Duration> {
         let started = Instant::now();
         std::fs::write(&module, next).unwrap();
         while !serving(&want) {
-            assert!(started.elapsed() < Duration::from_secs(120), "swap {i} never happened");
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "swap {i} never happened"
+            );
         }
         if i >= 2 {
             out.push(started.elapsed());
@@ -124,15 +130,26 @@ fn row(name: &str, cache: bool, mut v: Vec<Duration>) {
 fn main() {
     let python = std::env::var_os("LOCKGATE_GUEST_OUT")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lockgate/guests")))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lockgate/guests"))
+        })
         .map(|d| d.join("python"));
-    let mut pairs: Vec<(&str, PathBuf, PathBuf, usize)> =
-        vec![("Rust (chaos <-> uppercase)", guest("chaos"), guest("uppercase"), SWAPS)];
+    let mut pairs: Vec<(&str, PathBuf, PathBuf, usize)> = vec![(
+        "Rust (chaos <-> uppercase)",
+        guest("chaos"),
+        guest("uppercase"),
+        SWAPS,
+    )];
     if let Some(py) = python
         && py.join("router.wasm").is_file()
         && py.join("hostile.wasm").is_file()
     {
-        pairs.push(("Python (router <-> hostile)", py.join("router.wasm"), py.join("hostile.wasm"), SWAPS / 4));
+        pairs.push((
+            "Python (router <-> hostile)",
+            py.join("router.wasm"),
+            py.join("hostile.wasm"),
+            SWAPS / 4,
+        ));
     } else {
         eprintln!("(no Python guests built: scripts/build-guest-python.sh adds that row)");
     }

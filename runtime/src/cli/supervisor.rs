@@ -474,8 +474,17 @@ async fn prepare_bytes(
     };
     let (engine, hc2) = (engine.clone(), hc.clone());
     let handler = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
         let h = engine.load_handler_bytes(&hc2.module, &bytes, env)?;
+        let loaded = started.elapsed();
         h.check_instantiate()?;
+        tracing::debug!(
+            handler = %hc2.name,
+            from_cache = h.loaded_from_cache(),
+            load_ms = loaded.as_secs_f64() * 1000.0,
+            instantiate_ms = (started.elapsed() - loaded).as_secs_f64() * 1000.0,
+            "Handler prepared"
+        );
         Ok::<_, lockgate::engine::EngineError>(h)
     })
     .await
