@@ -349,7 +349,8 @@ impl Supervisor {
                 Some(_) => None,
             };
             let Some(plan) = plan else { continue };
-            let prepared = prepare_bytes(&self.engine, &self.store, route, hc, bytes).await?;
+            let prepared =
+                prepare_bytes(&self.engine, &self.store, route, hc, bytes, Some(hash)).await?;
             plans.push(match plan {
                 "start" => Plan::Start(route.clone(), prepared),
                 "swap" => Plan::Swap(route.clone(), prepared),
@@ -454,7 +455,7 @@ async fn prepare(
         ));
     };
     let bytes = read_module(hc)?;
-    prepare_bytes(engine, store, route, hc, bytes).await
+    prepare_bytes(engine, store, route, hc, bytes, None).await
 }
 
 /// Compiles (or loads from the cache) and instantiates once, off the async threads.
@@ -464,6 +465,7 @@ async fn prepare_bytes(
     route: &RouteConfig,
     hc: &HandlerConfig,
     bytes: Vec<u8>,
+    hash: Option<String>,
 ) -> Result<Prepared, String> {
     let env = HandlerEnv {
         name: hc.name.clone(),
@@ -475,7 +477,10 @@ async fn prepare_bytes(
     let (engine, hc2) = (engine.clone(), hc.clone());
     let handler = tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
-        let h = engine.load_handler_bytes(&hc2.module, &bytes, env)?;
+        let h = match hash {
+            Some(hash) => engine.load_handler_hashed(&hc2.module, &bytes, hash, env)?,
+            None => engine.load_handler_bytes(&hc2.module, &bytes, env)?,
+        };
         let loaded = started.elapsed();
         h.check_instantiate()?;
         tracing::debug!(

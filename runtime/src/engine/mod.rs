@@ -207,6 +207,20 @@ impl Engine {
     ) -> Result<Handler, EngineError> {
         check_magic(path, bytes)?;
         let hash = hex::encode(Sha256::digest(bytes));
+        self.load_handler_hashed(path, bytes, hash, env)
+    }
+
+    /// Like [`Self::load_handler_bytes`] when the caller already has the bytes' SHA-256 (hex):
+    /// a hot reload hashes a module once to see whether it changed, and a large component
+    /// (18 MB for Python) costs tens of milliseconds per hash.
+    pub fn load_handler_hashed(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+        hash: String,
+        env: HandlerEnv,
+    ) -> Result<Handler, EngineError> {
+        check_magic(path, bytes)?;
         let engine = &self.inner.engine;
         let cached = self
             .inner
