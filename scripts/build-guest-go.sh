@@ -75,7 +75,7 @@ replace go.bytecodealliance.org/pkg => $GO_WIT_PKG
 MOD
     (
         cd "$mod"
-        GOOS=wasip1 GOARCH=wasm "$GO" vet ./handler
+        GOOS=wasip1 GOARCH=wasm "$GO" vet . ./handler
         GOOS=wasip1 GOARCH=wasm "$GO" build -trimpath -buildmode=c-shared \
             -ldflags='-s -w -checklinkname=0' -o "$build/core.wasm" ./component
     )
