@@ -55,6 +55,12 @@ for name in "${names[@]}"; do
         echo "$wasm"
         continue
     fi
+    for f in "$examples/$name"/*.go; do
+        [[ -f "$f" ]] || die "no .go files in $examples/$name"
+        [[ "$f" == *_test.go ]] && continue
+        grep -Eq '^package handler([[:space:]]|$)' "$f" \
+            || die "$f: a Go handler is package handler, with func Handle(msg lockgate.Message) error"
+    done
     build="$out/.build/$name"
     rm -rf "$build"
     mkdir -p "$build"
@@ -67,7 +73,7 @@ for name in "${names[@]}"; do
     cat > "$mod/go.mod" <<MOD
 module lockgate
 
-go 1.25
+$(grep -m1 '^go ' "$GO_WIT_PKG/go.mod")
 
 require go.bytecodealliance.org/pkg v0.4.0
 

@@ -24,9 +24,9 @@
  * Results: LOCKGATE_OK, lockgate_retry(reason), lockgate_retry_after(reason, ms),
  * lockgate_reject(reason), or the *f variants taking a printf format (lockgate's own printf,
  * without flags and widths and without stdio, so a handler that does not call printf itself
- * imports nothing from WASI). Helpers that can fail
- * (publish, kv) return a lockgate_result too, mapped as the Rust SDK does: a refused publish
- * rejects, an unavailable kv store retries, a bad kv key or oversized value rejects.
+ * imports nothing from WASI). Helpers that can fail (publish, kv) return a lockgate_result too,
+ * mapped as the Rust SDK does: a refused publish rejects, an unavailable kv store retries, a bad
+ * kv key or oversized value rejects.
  */
 #ifndef LOCKGATE_H
 #define LOCKGATE_H

@@ -231,11 +231,19 @@ func kvError(e lockgate_handler_kv.KvError) error {
 	}
 }
 
+// millis rounds d up to whole milliseconds, negative durations to 0.
+func millis(d time.Duration) uint64 {
+	if d <= 0 {
+		return 0
+	}
+	return uint64((d + time.Millisecond - 1) / time.Millisecond)
+}
+
 func ttlOption(ttl time.Duration) witTypes.Option[uint64] {
 	if ttl <= 0 {
 		return witTypes.None[uint64]()
 	}
-	return witTypes.Some(uint64(ttl.Milliseconds()))
+	return witTypes.Some(millis(ttl))
 }
 
 func bytesOption(b []byte) witTypes.Option[[]uint8] {
@@ -256,7 +264,7 @@ func KVGet(key string) ([]byte, bool, error) {
 	return v.SomeOr(nil), v.IsSome(), nil
 }
 
-// KVSet stores value under key; with ttl > 0 the entry expires after ttl.
+// KVSet stores value under key; with ttl > 0 the entry expires after ttl (rounded up to ms).
 func KVSet(key string, value []byte, ttl time.Duration) error {
 	if r := lockgate_handler_kv.Set(key, value, ttlOption(ttl)); r.IsErr() {
 		return kvError(r.Err())
@@ -302,7 +310,7 @@ func Dispatch(handle func(Message) error, m types.Message) witTypes.Result[witTy
 	}
 	after := witTypes.None[uint64]()
 	if e.hasAfter {
-		after = witTypes.Some(uint64(e.after.Milliseconds()))
+		after = witTypes.Some(millis(e.after))
 	}
 	return witTypes.Err[witTypes.Unit](types.MakeHandlerErrorRetry(types.RetryError{Reason: e.reason, AfterMs: after}))
 }
