@@ -24,8 +24,8 @@ examples="$repo/guest-examples/python"
 die() { echo "build-guest-python: error: $*" >&2; exit 1; }
 
 mkdir -p "$toolchains" "$out"
-# One build at a time per output dir (tests may run this script concurrently).
-exec 9>"$out/.lock"
+# One run at a time per toolchain (tests may run this script concurrently).
+exec 9>"$toolchains/python.lock"
 flock 9
 
 # --- toolchain -------------------------------------------------------------------------------
