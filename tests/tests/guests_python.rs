@@ -1,0 +1,131 @@
+//! The Python guests (`guest-examples/python/`, SDK in `sdk/python/`): built by
+//! `scripts/build-guest-python.sh` (which installs componentize-py on first use and rebuilds only
+//! what changed), then run through `lockgate test --expect`. The router must pass the same fixture
+//! as the Rust router; the hostile guest must find files, sockets and env vars denied. A missing
+//! toolchain fails these tests: they never skip.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use lockgate_tests::{lockgate, show, workspace_root};
+
+/// Path of Python guest `name`, after building every Python guest once per test binary.
+fn python_guest(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Vec<PathBuf>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let root = workspace_root();
+        let out = Command::new("bash")
+            .arg(root.join("scripts/build-guest-python.sh"))
+            .current_dir(&root)
+            .output()
+            .expect("cannot run scripts/build-guest-python.sh");
+        assert!(
+            out.status.success(),
+            "scripts/build-guest-python.sh failed\n{}",
+            show(&out)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(PathBuf::from)
+            .collect()
+    });
+    let wasm = built
+        .iter()
+        .find(|p| p.file_stem().is_some_and(|s| s == name))
+        .unwrap_or_else(|| panic!("the build script printed no {name}.wasm: {built:?}"))
+        .clone();
+    assert!(wasm.is_file(), "{} does not exist", wasm.display());
+    wasm
+}
+
+fn run_fixture(wasm: &std::path::Path, fixture: &str, extra: &[&str]) -> std::process::Output {
+    let input = format!("tests/fixtures/{fixture}/input.jsonl");
+    let expect = format!("tests/fixtures/{fixture}/expected.jsonl");
+    let mut args = vec![
+        "test",
+        wasm.to_str().expect("utf-8 path"),
+        "--input",
+        &input,
+        "--expect",
+        &expect,
+    ];
+    args.extend_from_slice(extra);
+    lockgate(&workspace_root(), &args)
+}
+
+#[test]
+fn python_router_matches_the_shared_router_fixture() {
+    let out = run_fixture(
+        &python_guest("router"),
+        "router",
+        &[
+            "-c",
+            "route.order=orders",
+            "-c",
+            "route.refund=refunds",
+            "-c",
+            "default=misc",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("5 message(s): 3 ok, 2 reject"), "{stdout}");
+    assert!(stdout.contains("all 5 message(s) match"), "{stdout}");
+}
+
+#[test]
+fn python_router_keeps_the_key_and_explains_rejections() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("in.jsonl"),
+        concat!(
+            "{\"payload\": \"{\\\"kind\\\": \\\"order\\\"}\", \"key\": \"alice\"}\n",
+            "{\"payload\": \"[1, 2]\"}\n",
+            "{\"payload\": \"{\\\"kind\\\": 7}\"}\n",
+            "{\"payload\": \"{\\\"kind\\\": \\\"other\\\"}\"}\n",
+        ),
+    )
+    .expect("write");
+    std::fs::write(
+        dir.path().join("expected.jsonl"),
+        concat!(
+            "{\"outcome\": \"ok\", \"published\": [{\"topic\": \"orders\", \"key\": \"alice\", \"payload\": \"{\\\"kind\\\": \\\"order\\\"}\"}]}\n",
+            "{\"outcome\": \"reject\", \"reason\": \"missing `kind` field\"}\n",
+            "{\"outcome\": \"reject\", \"reason\": \"`kind` must be a string, got int\"}\n",
+            "{\"outcome\": \"reject\", \"reason\": \"no route for kind `other` and no `default`\"}\n",
+        ),
+    )
+    .expect("write");
+    let wasm = python_guest("router");
+    let out = lockgate(
+        dir.path(),
+        &[
+            "test",
+            wasm.to_str().expect("utf-8 path"),
+            "-i",
+            "in.jsonl",
+            "-e",
+            "expected.jsonl",
+            "-c",
+            "route.order=orders",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+}
+
+#[test]
+fn python_guest_gets_no_file_socket_or_env() {
+    let out = run_fixture(&python_guest("hostile"), "python-sandbox", &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("5 message(s): 4 ok, 1 trapped"), "{stdout}");
+    assert!(stdout.contains("all 5 message(s) match"), "{stdout}");
+    // An exception the SDK does not map traps the call, with the traceback in the call's logs.
+    assert!(
+        stdout.contains("stderr warn: RuntimeError: a bug in the handler"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("ALLOWED"), "{stdout}");
+    assert!(!stdout.contains("root:"), "file content leaked: {stdout}");
+}
