@@ -56,6 +56,15 @@ pub fn lockgate(dir: &std::path::Path, args: &[&str]) -> Output {
         .expect("cannot run lockgate")
 }
 
+/// `lockgate dlq ARGS` in `dir`, asserted to succeed; its stdout.
+pub fn dlq_cmd(dir: &std::path::Path, args: &[&str]) -> String {
+    let mut all = vec!["dlq"];
+    all.extend_from_slice(args);
+    let out = lockgate(dir, &all);
+    assert!(out.status.success(), "{}", show(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Stdout and stderr of `out` as text, for assertion messages.
 pub fn show(out: &Output) -> String {
     format!(

@@ -686,14 +686,7 @@ fn an_unreachable_dlq_holds_the_offset_until_it_is_back() {
     assert_eq!(committed(&n.group, &n.input, 3), ends);
 }
 
-/// `lockgate dlq ARGS` in `dir`, asserted to succeed; its stdout.
-fn dlq_cmd(dir: &Path, args: &[&str]) -> String {
-    let mut all = vec!["dlq"];
-    all.extend_from_slice(args);
-    let out = lockgate_tests::lockgate(dir, &all);
-    assert!(out.status.success(), "{}", lockgate_tests::show(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use lockgate_tests::dlq_cmd;
 
 #[test]
 fn dead_letters_are_replayed_once_after_the_handler_is_fixed() {

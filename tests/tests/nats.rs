@@ -765,14 +765,7 @@ fn jetstream_pending_is_exported_as_consumer_lag() {
     stop(&mut child, dir.path(), 1);
 }
 
-/// `lockgate dlq ARGS` in `dir`, asserted to succeed; its stdout.
-fn dlq_cmd(dir: &Path, args: &[&str]) -> String {
-    let mut all = vec!["dlq"];
-    all.extend_from_slice(args);
-    let out = lockgate_tests::lockgate(dir, &all);
-    assert!(out.status.success(), "{}", lockgate_tests::show(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use lockgate_tests::dlq_cmd;
 
 #[test]
 fn jetstream_dead_letters_are_replayed_once_after_the_handler_is_fixed() {

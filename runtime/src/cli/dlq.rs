@@ -365,23 +365,7 @@ async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     if args.json {
         for (dlq, d, replayed) in &rows {
-            let line = json!({
-                "dlq": format!("{}:{}", dlq.broker, dlq.topic),
-                "position": d.position,
-                "status": status(*replayed),
-                "route": d.route,
-                "handler": d.handler,
-                "module_hash": d.module_hash,
-                "source": d.source_position,
-                "message_id": d.message_id,
-                "error_kind": d.error_kind,
-                "reason": d.reason,
-                "gave_up": d.gave_up,
-                "attempts": d.attempts,
-                "first_failure_ms": d.first_failure_ms,
-                "last_failure_ms": d.last_failure_ms,
-            });
-            writeln!(out, "{line}")?;
+            writeln!(out, "{}", metadata_json(dlq, d, *replayed))?;
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -429,6 +413,26 @@ async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
         names.join(", ")
     )?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A dead letter's envelope as one JSON object (what `list --json` prints per line).
+fn metadata_json(dlq: &Endpoint, d: &DeadLetter, replayed: bool) -> serde_json::Value {
+    json!({
+        "dlq": format!("{}:{}", dlq.broker, dlq.topic),
+        "position": d.position,
+        "status": status(replayed),
+        "route": d.route,
+        "handler": d.handler,
+        "module_hash": d.module_hash,
+        "source": d.source_position,
+        "message_id": d.message_id,
+        "error_kind": d.error_kind,
+        "reason": d.reason,
+        "gave_up": d.gave_up,
+        "attempts": d.attempts,
+        "first_failure_ms": d.first_failure_ms,
+        "last_failure_ms": d.last_failure_ms,
+    })
 }
 
 /// Text of a byte string: itself when UTF-8, else base64 with a note.
@@ -505,26 +509,11 @@ fn print_dead_letter(
         .map(|(n, v)| (n, v))
         .collect();
     if as_json {
-        let mut v = json!({
-            "dlq": format!("{}:{}", dlq.broker, dlq.topic),
-            "position": d.position,
-            "status": status(replayed),
-            "route": d.route,
-            "handler": d.handler,
-            "module_hash": d.module_hash,
-            "source": d.source_position,
-            "message_id": d.message_id,
-            "error_kind": d.error_kind,
-            "reason": d.reason,
-            "gave_up": d.gave_up,
-            "attempts": d.attempts,
-            "first_failure_ms": d.first_failure_ms,
-            "last_failure_ms": d.last_failure_ms,
-            "headers": original_headers
-                .iter()
-                .map(|(n, v)| json!([n, String::from_utf8_lossy(v)]))
-                .collect::<Vec<_>>(),
-        });
+        let mut v = metadata_json(dlq, d, replayed);
+        v["headers"] = original_headers
+            .iter()
+            .map(|(n, v)| json!([n, String::from_utf8_lossy(v)]))
+            .collect();
         if let Some(k) = &d.record.key {
             v["key"] = json!(String::from_utf8_lossy(k));
         }
