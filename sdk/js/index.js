@@ -23,11 +23,27 @@ import { log as witLog } from "lockgate:handler/log@0.1.0";
 import * as witKv from "lockgate:handler/kv@0.1.0";
 
 // ---- text ------------------------------------------------------------------------------------
-// TextEncoder/TextDecoder exist in StarlingMonkey but not in every engine (QuickJS), so UTF-8 is
-// done here.
+// TextEncoder/TextDecoder exist in StarlingMonkey but not in QuickJS, so UTF-8 is also done here.
+
+const nativeEncoder = typeof TextEncoder === "function" ? new TextEncoder() : undefined;
+const nativeDecoder =
+  typeof TextDecoder === "function" ? new TextDecoder("utf-8", { fatal: true }) : undefined;
 
 /** Encodes a string as UTF-8 bytes. */
 export function utf8Encode(s) {
+  if (nativeEncoder !== undefined) return nativeEncoder.encode(s);
+  let ascii = true;
+  for (let i = 0; i < s.length; i++) {
+    if (s.charCodeAt(i) >= 0x80) {
+      ascii = false;
+      break;
+    }
+  }
+  if (ascii) {
+    const out = new Uint8Array(s.length);
+    for (let i = 0; i < s.length; i++) out[i] = s.charCodeAt(i);
+    return out;
+  }
   const out = [];
   for (let i = 0; i < s.length; i++) {
     let c = s.charCodeAt(i);
@@ -52,6 +68,27 @@ export function utf8Encode(s) {
  * it each invalid sequence becomes U+FFFD.
  */
 export function utf8Decode(bytes, fatal = true) {
+  if (fatal && nativeDecoder !== undefined) {
+    try {
+      return nativeDecoder.decode(bytes);
+    } catch {
+      // fall through to the decoder below, which says where
+    }
+  }
+  let isAscii = true;
+  for (let k = 0; k < bytes.length; k++) {
+    if (bytes[k] >= 0x80) {
+      isAscii = false;
+      break;
+    }
+  }
+  if (isAscii) {
+    let s = "";
+    for (let k = 0; k < bytes.length; k += 8192) {
+      s += String.fromCharCode.apply(null, bytes.subarray(k, k + 8192));
+    }
+    return s;
+  }
   let s = "";
   let i = 0;
   const bad = () => {
