@@ -15,7 +15,6 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -27,21 +26,6 @@ use rdkafka::message::{Message, Timestamp};
 
 const N: usize = 20_000;
 const ROUNDS: usize = 3;
-
-fn lockgate_release() -> PathBuf {
-    if let Some(p) = std::env::var_os("LOCKGATE_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().unwrap();
-    // <target>/release/deps/kafka_throughput-* -> <target>/release/lockgate
-    let bin = exe.parent().unwrap().parent().unwrap().join("lockgate");
-    assert!(
-        bin.is_file(),
-        "{} missing: cargo build --release -p lockgate --bin lockgate",
-        bin.display()
-    );
-    bin
-}
 
 /// Messages per second a group consumer drains `topic` at, from subscribing (group join
 /// included) to its last message.
@@ -85,7 +69,7 @@ fn lockgate_drain(topic: &str, out: &str) -> f64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
-    let _child = Command::new(lockgate_release())
+    let _child = Command::new(lockgate_tests::lockgate_release_bin())
         .arg("run")
         .arg(&config)
         .env(

@@ -26,20 +26,6 @@ use sha2::Digest as _;
 
 const SWAPS: usize = 40;
 
-fn lockgate_release() -> PathBuf {
-    if let Some(p) = std::env::var_os("LOCKGATE_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("lockgate");
-    assert!(
-        bin.is_file(),
-        "{} missing: cargo build --release -p lockgate --bin lockgate",
-        bin.display()
-    );
-    bin
-}
-
 fn short_hash(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))[..12].to_owned()
 }
@@ -59,7 +45,7 @@ fn measure(a: &Path, b: &Path, cache: bool, swaps: usize) -> Vec<Duration> {
     .unwrap();
     let stdout = dir.path().join("stdout");
     let mut child = Proc(
-        Command::new(lockgate_release())
+        Command::new(lockgate_tests::lockgate_release_bin())
             .current_dir(dir.path())
             .arg("run")
             .env("LOCKGATE_LOG", "warn")

@@ -46,6 +46,27 @@ pub fn lockgate_bin() -> PathBuf {
     bin
 }
 
+/// Path of the release `lockgate` binary for the benches: `LOCKGATE_BIN`, or `release/lockgate`
+/// beside the bench executable's target directory.
+pub fn lockgate_release_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("LOCKGATE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // <target>/release/deps/<bench>-* -> <target>/release/lockgate
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("bench binary is in <target>/release/deps")
+        .join("lockgate");
+    assert!(
+        bin.is_file(),
+        "{} missing: cargo build --release -p lockgate --bin lockgate",
+        bin.display()
+    );
+    bin
+}
+
 /// Runs `lockgate` with `args` in `dir` and returns its output.
 pub fn lockgate(dir: &std::path::Path, args: &[&str]) -> Output {
     Command::new(lockgate_bin())

@@ -682,35 +682,30 @@ impl KafkaScan {
         )
         .create()
         .map_err(|e| BrokerError::Invalid(format!("kafka consumer: {e}")))?;
-        let consumer = Arc::new(consumer);
-        let (c, t) = (consumer.clone(), topic.to_owned());
-        // Metadata and watermark requests block: off the async threads.
-        let ends =
-            tokio::task::spawn_blocking(move || -> Result<Vec<(i32, i64, i64)>, BrokerError> {
-                let md = c
-                    .fetch_metadata(Some(&t), Duration::from_secs(10))
-                    .map_err(|e| unavailable(&format!("metadata of {t}"), e))?;
-                let mut ends = Vec::new();
-                for mt in md.topics().iter().filter(|mt| mt.name() == t) {
-                    if mt.error().is_some() {
-                        // Unknown topic: nothing was ever dead-lettered there.
-                        continue;
-                    }
-                    for p in mt.partitions() {
-                        let (low, high) = c
-                            .fetch_watermarks(&t, p.id(), Duration::from_secs(10))
-                            .map_err(|e| {
-                            unavailable(&format!("watermarks of {t}/{}", p.id()), e)
-                        })?;
-                        ends.push((p.id(), low, high));
-                    }
+        let t = topic.to_owned();
+        // Metadata and watermark requests block: off the async threads (the consumer goes
+        // along and comes back).
+        let (consumer, ends) = tokio::task::spawn_blocking(move || {
+            let md = consumer
+                .fetch_metadata(Some(&t), Duration::from_secs(10))
+                .map_err(|e| unavailable(&format!("metadata of {t}"), e))?;
+            let mut ends = Vec::new();
+            for mt in md.topics().iter().filter(|mt| mt.name() == t) {
+                if mt.error().is_some() {
+                    // Unknown topic: nothing was ever dead-lettered there.
+                    continue;
                 }
-                Ok(ends)
-            })
-            .await
-            .map_err(|e| BrokerError::Unavailable(format!("scan task failed: {e}")))??;
-        let consumer = Arc::try_unwrap(consumer)
-            .map_err(|_| BrokerError::Unavailable("kafka scan consumer still shared".into()))?;
+                for p in mt.partitions() {
+                    let (low, high) = consumer
+                        .fetch_watermarks(&t, p.id(), Duration::from_secs(10))
+                        .map_err(|e| unavailable(&format!("watermarks of {t}/{}", p.id()), e))?;
+                    ends.push((p.id(), low, high));
+                }
+            }
+            Ok::<_, BrokerError>((consumer, ends))
+        })
+        .await
+        .map_err(|e| BrokerError::Unavailable(format!("scan task failed: {e}")))??;
         let mut tpl = TopicPartitionList::new();
         let mut remaining = HashMap::new();
         for (p, low, high) in ends {

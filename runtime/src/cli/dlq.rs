@@ -229,6 +229,18 @@ impl Ctx {
         })
     }
 
+    /// Loads the config and names the DLQs to read; `Err(code)` after printing why not.
+    fn open(args: &ConfigArgs, route: Option<&str>) -> Result<(Self, Vec<Endpoint>), ExitCode> {
+        let ctx = Self::load(args)?;
+        match ctx.dlqs(route) {
+            Ok(dlqs) => Ok((ctx, dlqs)),
+            Err(e) => {
+                eprintln!("{e}");
+                Err(ExitCode::from(EXIT_USAGE))
+            }
+        }
+    }
+
     /// The DLQs to read: `route`'s, or every distinct one of the config.
     fn dlqs(&self, route: Option<&str>) -> Result<Vec<Endpoint>, String> {
         if let Some(name) = route {
@@ -338,16 +350,9 @@ fn one_line(text: &str, max: usize) -> String {
 }
 
 async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
-    let mut ctx = match Ctx::load(&args.config) {
+    let (mut ctx, dlqs) = match Ctx::open(&args.config, args.filter.route.as_deref()) {
         Ok(c) => c,
         Err(code) => return Ok(code),
-    };
-    let dlqs = match ctx.dlqs(args.filter.route.as_deref()) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("{e}");
-            return Ok(ExitCode::from(EXIT_USAGE));
-        }
     };
     let mut rows = Vec::new();
     for dlq in &dlqs {
@@ -444,16 +449,9 @@ fn text_or_base64(bytes: &[u8]) -> String {
 }
 
 async fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
-    let mut ctx = match Ctx::load(&args.config) {
+    let (mut ctx, dlqs) = match Ctx::open(&args.config, args.route.as_deref()) {
         Ok(c) => c,
         Err(code) => return Ok(code),
-    };
-    let dlqs = match ctx.dlqs(args.route.as_deref()) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("{e}");
-            return Ok(ExitCode::from(EXIT_USAGE));
-        }
     };
     // The position starts with the DLQ's topic: read only DLQs with that topic.
     let candidates: Vec<&Endpoint> = dlqs
@@ -627,16 +625,9 @@ struct Planned {
 }
 
 async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
-    let mut ctx = match Ctx::load(&args.config) {
+    let (mut ctx, dlqs) = match Ctx::open(&args.config, args.filter.route.as_deref()) {
         Ok(c) => c,
         Err(code) => return Ok(code),
-    };
-    let dlqs = match ctx.dlqs(args.filter.route.as_deref()) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("{e}");
-            return Ok(ExitCode::from(EXIT_USAGE));
-        }
     };
     let interrupted = Arc::new(AtomicBool::new(false));
     {

@@ -327,7 +327,9 @@ impl Supervisor {
             .cloned()
             .collect();
 
-        // Everything that will run is loaded and instantiated before anything changes.
+        // Everything that will run is loaded and instantiated before anything changes. A module
+        // several routes use is read and hashed once.
+        let mut modules: HashMap<PathBuf, (Vec<u8>, String)> = HashMap::new();
         let mut plans = Vec::new();
         for route in new.routes.values() {
             let Some(hc) = new.handlers.get(&route.handler) else {
@@ -336,26 +338,32 @@ impl Supervisor {
                     route.name, route.handler
                 ));
             };
-            let bytes = read_module(hc)?;
-            let hash = hex::encode(sha2::Sha256::digest(&bytes));
+            let (bytes, hash) = match modules.get(&hc.module) {
+                Some(m) => m.clone(),
+                None => {
+                    let bytes = read_module(hc)?;
+                    let hash = hex::encode(sha2::Sha256::digest(&bytes));
+                    modules.insert(hc.module.clone(), (bytes.clone(), hash.clone()));
+                    (bytes, hash)
+                }
+            };
             let uses_changed_broker = [&route.source.broker, &route.dlq.broker]
                 .iter()
                 .any(|b| changed_brokers.contains(b));
-            let plan = match self.routes.get(&route.name) {
-                None => Some("start"),
-                Some(r) if r.config != *route => Some("restart: its settings changed"),
-                Some(_) if uses_changed_broker => Some("restart: its broker changed"),
-                Some(r) if r.handler != *hc || r.module_hash != hash => Some("swap"),
-                Some(_) => None,
+            let plan: fn(RouteConfig, Prepared) -> Plan = match self.routes.get(&route.name) {
+                None => Plan::Start,
+                Some(r) if r.config != *route => {
+                    |r, p| Plan::Restart(r, p, "restart: its settings changed")
+                }
+                Some(_) if uses_changed_broker => {
+                    |r, p| Plan::Restart(r, p, "restart: its broker changed")
+                }
+                Some(r) if r.handler != *hc || r.module_hash != hash => Plan::Swap,
+                Some(_) => continue,
             };
-            let Some(plan) = plan else { continue };
             let prepared =
                 prepare_bytes(&self.engine, &self.store, route, hc, bytes, Some(hash)).await?;
-            plans.push(match plan {
-                "start" => Plan::Start(route.clone(), prepared),
-                "swap" => Plan::Swap(route.clone(), prepared),
-                why => Plan::Restart(route.clone(), prepared, why),
-            });
+            plans.push(plan(route.clone(), prepared));
         }
         for name in self.routes.keys() {
             if !new.routes.contains_key(name) {
