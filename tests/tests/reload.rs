@@ -324,6 +324,14 @@ fn module_config(dir: &Path, runtime_extra: &str) -> (PathBuf, PathBuf) {
     (config, module)
 }
 
+/// The route serves `module`: `/status` names its hash.
+fn assert_serving(addr: &str, module: &Path) {
+    use sha2::Digest as _;
+    let hash = hex::encode(sha2::Sha256::digest(std::fs::read(module).unwrap()));
+    let body = get(addr, "/status").1;
+    assert!(body.contains(&hash[..12]), "not serving {hash}: {body}");
+}
+
 fn wait_reloads(run: &mut lockgate_tests::Proc, dir: &Path, addr: &str, want: (u64, u64)) {
     wait_for_progress(run, dir, 1, 1, DEADLINE, Duration::from_millis(20), || {
         u64::from(reloads(addr) == want)
@@ -343,6 +351,7 @@ fn polling_notices_a_module_change_and_reload_beyond_loopback_needs_a_token() {
     assert!(body.contains("admin_token_env"), "{body}");
     std::fs::copy(guest("uppercase"), &module).unwrap();
     wait_reloads(&mut run, dir.path(), &addr, (1, 0));
+    assert_serving(&addr, &guest("uppercase"));
     stop_run(&mut run, dir.path(), 1);
 
     // A token, no watching: only an authorised POST /reload or SIGHUP reloads.
@@ -382,5 +391,6 @@ fn polling_notices_a_module_change_and_reload_beyond_loopback_needs_a_token() {
     std::fs::copy(guest("chaos"), &module).unwrap();
     lockgate_tests::signal(&run, "HUP");
     wait_reloads(&mut run, dir.path(), &addr, (2, 0));
+    assert_serving(&addr, &guest("chaos"));
     stop_run(&mut run, dir.path(), 1);
 }
