@@ -162,6 +162,11 @@ const COUNTERS: &[(&str, &str, Read)] = &[
         |s| load(&s.duplicates),
     ),
     (
+        "lockgate_idempotency_claim_waits",
+        "Messages that waited because their idempotency key was being handled by another lane or process.",
+        |s| load(&s.claim_waits),
+    ),
+    (
         "lockgate_outputs_published",
         "Outputs published and acknowledged.",
         |s| load(&s.outputs),

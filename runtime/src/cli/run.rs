@@ -125,7 +125,7 @@ async fn run_routes(config: Config, overrides: Overrides) -> anyhow::Result<Exit
         config,
         overrides,
         engine,
-        store,
+        super::supervisor::Stores::new(store),
         broker,
         admin_routes,
         ended_tx,

@@ -16,11 +16,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use lockgate::broker::local::LocalBroker;
-use lockgate::config::{Config, HandlerConfig, RouteConfig};
+use lockgate::config::{
+    Config, EMBEDDED_STORE, HandlerConfig, RouteConfig, StoreConfig, StoreKind,
+};
 use lockgate::engine::{Engine, Handler, HandlerEnv, InstancePool};
 use lockgate::pipeline::idempotency::DoneKeys;
 use lockgate::pipeline::{HandlerSlot, Route, RouteReport, RouteSinks, Shutdown, ShutdownTrigger};
-use lockgate::state::KvStore;
+use lockgate::state::{KvStore, PostgresStore, RedisStore, StateStore};
 use lockgate::telemetry::{AdminRoutes, ReloadOutcome, RouteEntry};
 use sha2::Digest as _;
 use tokio::sync::mpsc;
@@ -48,9 +50,70 @@ impl Overrides {
     }
 }
 
+/// The state stores routes use: the embedded one, and each `[stores.<name>]` opened on first use
+/// (a reload that changes a store's table opens it anew).
+pub struct Stores {
+    embedded: StateStore,
+    open: HashMap<String, (StoreConfig, StateStore)>,
+}
+
+impl Stores {
+    /// Stores with `embedded` as the built-in one.
+    pub fn new(embedded: Arc<dyn KvStore>) -> Self {
+        Self {
+            embedded: StateStore::local(EMBEDDED_STORE, embedded),
+            open: HashMap::new(),
+        }
+    }
+
+    /// The store named `name` in `config`.
+    pub fn get(&mut self, config: &Config, name: &str) -> Result<StateStore, String> {
+        if name == EMBEDDED_STORE {
+            return Ok(self.embedded.clone());
+        }
+        let Some(sc) = config.stores.get(name) else {
+            return Err(format!("state store {name} is not defined"));
+        };
+        if let Some((c, s)) = self.open.get(name)
+            && c == sc
+        {
+            return Ok(s.clone());
+        }
+        let url = sc.url()?;
+        let store = match &sc.kind {
+            StoreKind::Redis { prefix } => {
+                let s = Arc::new(
+                    RedisStore::new(&url, prefix).map_err(|e| format!("stores.{name}: {e}"))?,
+                );
+                StateStore {
+                    name: name.to_owned(),
+                    kv: s.clone(),
+                    idempotency: s,
+                }
+            }
+            StoreKind::Postgres { schema, pool_size } => {
+                let s = Arc::new(
+                    PostgresStore::new(&url, schema, *pool_size)
+                        .map_err(|e| format!("stores.{name}: {e}"))?,
+                );
+                StateStore {
+                    name: name.to_owned(),
+                    kv: s.clone(),
+                    idempotency: s,
+                }
+            }
+        };
+        self.open
+            .insert(name.to_owned(), (sc.clone(), store.clone()));
+        Ok(store)
+    }
+}
+
 /// A running route.
 struct Running {
     config: RouteConfig,
+    /// Its state store's name and table (a change restarts the route).
+    store: (String, Option<StoreConfig>),
     handler: HandlerConfig,
     module_hash: String,
     slot: HandlerSlot,
@@ -63,6 +126,7 @@ struct Running {
 struct Prepared {
     handler: Handler,
     config: HandlerConfig,
+    store: StateStore,
 }
 
 /// What a reload will do to one route.
@@ -78,7 +142,7 @@ pub struct Supervisor {
     config: Config,
     overrides: Overrides,
     engine: Engine,
-    store: Arc<dyn KvStore>,
+    stores: Stores,
     broker: LocalBroker,
     clients: Clients,
     admin: AdminRoutes,
@@ -97,7 +161,7 @@ impl Supervisor {
         config: Config,
         overrides: Overrides,
         engine: Engine,
-        store: Arc<dyn KvStore>,
+        stores: Stores,
         broker: LocalBroker,
         admin: AdminRoutes,
         ended_tx: mpsc::UnboundedSender<(String, u64)>,
@@ -107,7 +171,7 @@ impl Supervisor {
             config,
             overrides,
             engine,
-            store,
+            stores,
             broker,
             clients: Clients::default(),
             admin,
@@ -144,7 +208,11 @@ impl Supervisor {
     pub async fn start_all(&mut self) -> anyhow::Result<()> {
         let config = self.config.clone();
         for route in config.routes.values() {
-            let prepared = prepare(&self.engine, &self.store, &config, route)
+            let store = self
+                .stores
+                .get(&config, config.store_of(route))
+                .map_err(|e| anyhow::anyhow!("route {}: {e}", route.name))?;
+            let prepared = prepare(&self.engine, store, &config, route)
                 .await
                 .map_err(anyhow::Error::msg)?;
             self.start(route, prepared).await?;
@@ -182,7 +250,11 @@ impl Supervisor {
     }
 
     async fn start(&mut self, route: &RouteConfig, prepared: Prepared) -> anyhow::Result<()> {
-        let Prepared { handler, config } = prepared;
+        let Prepared {
+            handler,
+            config,
+            store,
+        } = prepared;
         let module_hash = handler.module_hash().to_owned();
         let source = self
             .clients
@@ -208,7 +280,7 @@ impl Supervisor {
         let done_keys = route
             .idempotency
             .as_ref()
-            .map(|i| DoneKeys::new(self.store.clone(), &route.name, i.ttl));
+            .map(|i| DoneKeys::new(store.idempotency.clone(), &route.name, i.ttl, i.lease));
         let r = Route::new(
             route.clone(),
             Arc::new(pool),
@@ -242,6 +314,10 @@ impl Supervisor {
             route.name.clone(),
             Running {
                 config: route.clone(),
+                store: (
+                    store.name.clone(),
+                    self.config.stores.get(&store.name).cloned(),
+                ),
                 handler: config,
                 module_hash,
                 slot,
@@ -350,6 +426,12 @@ impl Supervisor {
             let uses_changed_broker = [&route.source.broker, &route.dlq.broker]
                 .iter()
                 .any(|b| changed_brokers.contains(b));
+            let store_name = new.store_of(route).to_owned();
+            let store_key = (store_name.clone(), new.stores.get(&store_name).cloned());
+            let store = self
+                .stores
+                .get(&new, &store_name)
+                .map_err(|e| format!("route {}: {e}", route.name))?;
             let plan: fn(RouteConfig, Prepared) -> Plan = match self.routes.get(&route.name) {
                 None => Plan::Start,
                 Some(r) if r.config != *route => {
@@ -358,11 +440,13 @@ impl Supervisor {
                 Some(_) if uses_changed_broker => {
                     |r, p| Plan::Restart(r, p, "restart: its broker changed")
                 }
+                Some(r) if r.store != store_key => {
+                    |r, p| Plan::Restart(r, p, "restart: its state store changed")
+                }
                 Some(r) if r.handler != *hc || r.module_hash != hash => Plan::Swap,
                 Some(_) => continue,
             };
-            let prepared =
-                prepare_bytes(&self.engine, &self.store, route, hc, bytes, Some(hash)).await?;
+            let prepared = prepare_bytes(&self.engine, store, route, hc, bytes, Some(hash)).await?;
             plans.push(plan(route.clone(), prepared));
         }
         for name in self.routes.keys() {
@@ -452,7 +536,7 @@ fn read_module(hc: &HandlerConfig) -> Result<Vec<u8>, String> {
 
 async fn prepare(
     engine: &Engine,
-    store: &Arc<dyn KvStore>,
+    store: StateStore,
     config: &Config,
     route: &RouteConfig,
 ) -> Result<Prepared, String> {
@@ -469,7 +553,7 @@ async fn prepare(
 /// Compiles (or loads from the cache) and instantiates once, off the async threads.
 async fn prepare_bytes(
     engine: &Engine,
-    store: &Arc<dyn KvStore>,
+    store: StateStore,
     route: &RouteConfig,
     hc: &HandlerConfig,
     bytes: Vec<u8>,
@@ -480,7 +564,7 @@ async fn prepare_bytes(
         config: hc.config.clone(),
         outputs: Some(route.outputs.iter().cloned().collect()),
         limits: hc.limits(),
-        kv: store.clone(),
+        kv: store.kv.clone(),
     };
     let (engine, hc2) = (engine.clone(), hc.clone());
     let handler = tokio::task::spawn_blocking(move || {
@@ -506,6 +590,7 @@ async fn prepare_bytes(
     Ok(Prepared {
         handler,
         config: hc.clone(),
+        store,
     })
 }
 

@@ -28,8 +28,8 @@ use toml::map::Map as IndexMap;
 mod routes;
 
 pub use routes::{
-    BUILTIN_BROKERS, DEFAULT_GROUP, Endpoint, IdempotencyConfig, IdempotencyKey, JetStreamSource,
-    Ordering, RateLimitConfig, RouteConfig,
+    BUILTIN_BROKERS, DEFAULT_GROUP, DEFAULT_IDEMPOTENCY_LEASE_MS, EMBEDDED_STORE, Endpoint,
+    IdempotencyConfig, IdempotencyKey, JetStreamSource, Ordering, RateLimitConfig, RouteConfig,
 };
 
 use crate::engine::{EngineSettings, HandlerLimits, Isolation};
@@ -75,6 +75,10 @@ pub struct Config {
     pub admin_token_env: Option<String>,
     /// `[runtime] watch`: how `lockgate run` notices changed modules and config.
     pub watch: WatchMode,
+    /// `[runtime] state`: the store of routes without their own `state` (default `embedded`).
+    pub state: String,
+    /// Shared state stores defined in `[stores.<name>]`, in file order (`embedded` is built in).
+    pub stores: IndexMap<String, StoreConfig>,
     /// Engine settings.
     pub engine: EngineConfig,
     /// Handlers by name, in file order.
@@ -83,6 +87,73 @@ pub struct Config {
     pub brokers: IndexMap<String, BrokerConfig>,
     /// Routes by name, in file order.
     pub routes: IndexMap<String, RouteConfig>,
+}
+
+/// One `[stores.<name>]` table: a shared state store for idempotency keys and guest kv.
+///
+/// Example:
+/// ```toml
+/// [stores.shared]
+/// kind = "redis"
+/// url = "redis://127.0.0.1:6379/0"     # or url_env = "REDIS_URL" to keep a password out
+/// prefix = "lockgate"                  # every key starts with it
+///
+/// [stores.pg]
+/// kind = "postgres"
+/// url_env = "DATABASE_URL"             # postgres://user:password@host:5432/db
+/// schema = "lockgate"                  # created and migrated by the runtime
+/// pool_size = 16
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// The store's name (the table key), used by `state = "<name>"`.
+    pub name: String,
+    /// Where its URL comes from.
+    pub url: UrlSource,
+    /// What it is.
+    pub kind: StoreKind,
+}
+
+/// The kind of a `[stores.<name>]` table, with its settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    /// `kind = "redis"`.
+    Redis {
+        /// `prefix` of every key (default `lockgate`).
+        prefix: String,
+    },
+    /// `kind = "postgres"`.
+    Postgres {
+        /// `schema` holding the tables (default `lockgate`).
+        schema: String,
+        /// `pool_size`: most connections (default 16).
+        pool_size: usize,
+    },
+}
+
+/// A connection URL, inline or from an environment variable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UrlSource {
+    /// `url = "..."`.
+    Inline(String),
+    /// `url_env = "NAME"`.
+    Env(String),
+}
+
+impl StoreConfig {
+    /// The URL, read from the environment when configured so; the error names the variable.
+    pub fn url(&self) -> Result<String, String> {
+        match &self.url {
+            UrlSource::Inline(u) => Ok(u.clone()),
+            UrlSource::Env(name) => match std::env::var(name) {
+                Ok(v) if !v.is_empty() => Ok(v),
+                _ => Err(format!(
+                    "stores.{}.url_env: the environment variable {name} is not set",
+                    self.name
+                )),
+            },
+        }
+    }
 }
 
 /// `[runtime] watch`: how changes to handler modules and runtime.toml are noticed.
@@ -226,6 +297,11 @@ impl HandlerConfig {
 }
 
 impl Config {
+    /// The name of the store `route` uses: its own `state`, else `[runtime] state`.
+    pub fn store_of<'a>(&'a self, route: &'a RouteConfig) -> &'a str {
+        route.state.as_deref().unwrap_or(&self.state)
+    }
+
     /// Engine settings derived from the config.
     pub fn engine_settings(&self) -> EngineSettings {
         let max_memory_mb = self
@@ -300,6 +376,13 @@ impl Config {
         let mut admin = None;
         let mut admin_token_env = None;
         let mut watch = WatchMode::default();
+        let mut state = EMBEDDED_STORE.to_owned();
+        let stores = root.named_tables("stores", "store", parse_store);
+        let store_names: Vec<&str> = table
+            .get("stores")
+            .and_then(toml::Value::as_table)
+            .map(|t| t.keys().map(String::as_str).collect())
+            .unwrap_or_default();
         if let Some(rt) = root.table("runtime") {
             let mut r = root.child("runtime", rt);
             if let Some(dir) = r.string("state_dir") {
@@ -341,12 +424,18 @@ impl Config {
                     ),
                 }
             }
+            if let Some(st) = r.string("state")
+                && check_store(&mut r, "state", &st, &store_names)
+            {
+                state = st;
+            }
             r.finish(&[
                 "state_dir",
                 "shutdown_grace_ms",
                 "admin",
                 "admin_token_env",
                 "watch",
+                "state",
             ]);
         }
 
@@ -397,10 +486,17 @@ impl Config {
             })
             .unwrap_or_default();
         let routes = root.named_tables("routes", "route", |name, r| {
-            routes::parse_route(name, &declared, &broker_names, &nats_brokers, r)
+            routes::parse_route(
+                name,
+                &declared,
+                &broker_names,
+                &nats_brokers,
+                &store_names,
+                r,
+            )
         });
         root.finish(&[
-            "version", "runtime", "engine", "handlers", "brokers", "routes",
+            "version", "runtime", "engine", "handlers", "brokers", "stores", "routes",
         ]);
 
         let config = Config {
@@ -411,6 +507,8 @@ impl Config {
             admin,
             admin_token_env,
             watch,
+            state,
+            stores,
             engine,
             handlers,
             brokers,
@@ -489,6 +587,116 @@ fn parse_handler(name: &str, base_dir: &Path, r: &mut Reader<'_>) -> Option<Hand
         max_outputs,
         max_log_records,
         config,
+    })
+}
+
+/// Reports `name` at `key` unless it is `embedded` or a declared store; true if it is known.
+fn check_store(r: &mut Reader<'_>, key: &str, name: &str, declared: &[&str]) -> bool {
+    if name == EMBEDDED_STORE || declared.contains(&name) {
+        return true;
+    }
+    let mut known = vec![EMBEDDED_STORE];
+    known.extend(declared.iter().filter(|n| **n != EMBEDDED_STORE));
+    r.problem(
+        key,
+        format!(
+            "unknown state store `{name}` (defined: {}; add a [stores.{name}] table)",
+            known.join(", ")
+        ),
+    );
+    false
+}
+
+fn parse_store(name: &str, r: &mut Reader<'_>) -> Option<StoreConfig> {
+    let before = r.problems.len();
+    if name == EMBEDDED_STORE {
+        r.problem(
+            "",
+            format!("`{name}` is the built-in embedded store and cannot be redefined"),
+        );
+    }
+    if !r.table.contains_key("kind") {
+        r.problem("kind", "missing: \"redis\" or \"postgres\"".into());
+    }
+    let kind = r.choice("kind", &[("redis", "redis"), ("postgres", "postgres")]);
+    let url = match (r.string("url"), r.string("url_env")) {
+        (Some(_), Some(_)) => {
+            r.problem("url_env", "set either url or url_env, not both".into());
+            None
+        }
+        (Some(u), None) if u.is_empty() => {
+            r.problem("url", "must not be empty".into());
+            None
+        }
+        (Some(u), None) => Some(UrlSource::Inline(u)),
+        (None, Some(e)) if e.is_empty() => {
+            r.problem("url_env", "must not be empty".into());
+            None
+        }
+        (None, Some(e)) => Some(UrlSource::Env(e)),
+        (None, None) => {
+            if !r.table.contains_key("url") && !r.table.contains_key("url_env") {
+                r.problem(
+                    "url",
+                    "missing: url = \"redis://...\" / \"postgres://...\", or url_env = \"<VARIABLE>\""
+                        .into(),
+                );
+            }
+            None
+        }
+    };
+    let store_kind = match kind {
+        Some("redis") => {
+            let prefix = r.string("prefix").unwrap_or_else(|| "lockgate".into());
+            if prefix.is_empty() {
+                r.problem("prefix", "must not be empty".into());
+            }
+            r.finish(&["kind", "url", "url_env", "prefix"]);
+            if let Some(UrlSource::Inline(u)) = &url
+                && !(u.starts_with("redis://")
+                    || u.starts_with("rediss://")
+                    || u.starts_with("unix://"))
+            {
+                r.problem(
+                    "url",
+                    format!("\"{u}\" is not a Redis URL: expected redis://host:port[/db]"),
+                );
+            }
+            Some(StoreKind::Redis { prefix })
+        }
+        Some(_) => {
+            let schema = r.string("schema").unwrap_or_else(|| "lockgate".into());
+            if !crate::state::postgres_schema_name_ok(&schema) {
+                r.problem(
+                    "schema",
+                    format!("\"{schema}\" is not a usable schema name: lowercase letters, digits and _, starting with a letter or _"),
+                );
+            }
+            let pool_size = r
+                .positive("pool_size")
+                .map_or(crate::state::POSTGRES_POOL_SIZE, |n| {
+                    usize::try_from(n).unwrap_or(usize::MAX)
+                });
+            r.finish(&["kind", "url", "url_env", "schema", "pool_size"]);
+            if let Some(UrlSource::Inline(u)) = &url
+                && u.parse::<tokio_postgres::Config>().is_err()
+            {
+                r.problem(
+                    "url",
+                    "not a PostgreSQL URL: expected postgres://user@host:5432/db".into(),
+                );
+            }
+            Some(StoreKind::Postgres { schema, pool_size })
+        }
+        None => None,
+    };
+    if r.problems.len() != before {
+        return None;
+    }
+    Some(StoreConfig {
+        name: name.to_owned(),
+        url: url?,
+        kind: store_kind?,
     })
 }
 
@@ -1084,6 +1292,71 @@ mod tests {
     }
 
     #[test]
+    fn stores_parse_and_routes_pick_one() {
+        let c = Config::parse(
+            Path::new("rt.toml"),
+            "[runtime]\nstate = \"shared\"\n\n[stores.shared]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379/2\"\n\n[stores.pg]\nkind = \"postgres\"\nurl_env = \"PG_URL\"\nschema = \"lg_1\"\npool_size = 4\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.a]\nhandler = \"h\"\nsource = { topic = \"t\" }\nidempotency = { key = \"key\", lease_ms = 5000 }\n\n[routes.b]\nhandler = \"h\"\nsource = { topic = \"u\" }\nstate = \"pg\"\n\n[routes.c]\nhandler = \"h\"\nsource = { topic = \"v\" }\nstate = \"embedded\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.state, "shared");
+        assert_eq!(
+            c.stores["shared"].kind,
+            StoreKind::Redis {
+                prefix: "lockgate".into()
+            }
+        );
+        assert_eq!(
+            c.stores["shared"].url(),
+            Ok("redis://127.0.0.1:6379/2".to_owned())
+        );
+        assert_eq!(
+            c.stores["pg"].kind,
+            StoreKind::Postgres {
+                schema: "lg_1".into(),
+                pool_size: 4
+            }
+        );
+        assert_eq!(c.stores["pg"].url, UrlSource::Env("PG_URL".into()));
+        assert_eq!(c.store_of(&c.routes["a"]), "shared");
+        assert_eq!(c.store_of(&c.routes["b"]), "pg");
+        assert_eq!(c.store_of(&c.routes["c"]), "embedded");
+        let idem = c.routes["a"].idempotency.as_ref().unwrap();
+        assert_eq!(idem.lease, std::time::Duration::from_millis(5000));
+        // Defaults: the embedded store, a 30 s lease.
+        let d = Config::parse(
+            Path::new("rt.toml"),
+            "[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.a]\nhandler = \"h\"\nsource = { topic = \"t\" }\nidempotency = { key = \"key\" }\n",
+        )
+        .unwrap();
+        assert_eq!(d.store_of(&d.routes["a"]), "embedded");
+        assert_eq!(
+            d.routes["a"].idempotency.as_ref().unwrap().lease,
+            std::time::Duration::from_millis(DEFAULT_IDEMPOTENCY_LEASE_MS)
+        );
+    }
+
+    #[test]
+    fn store_mistakes_are_named() {
+        assert_eq!(
+            problems(
+                "[runtime]\nstate = \"redis\"\n\n[stores.embedded]\nkind = \"redis\"\nurl = \"redis://x\"\n\n[stores.a]\nkind = \"mongo\"\nurl = \"x\"\n\n[stores.b]\nkind = \"redis\"\nurl = \"http://x\"\nschema = \"s\"\n\n[stores.c]\nkind = \"postgres\"\nurl = \"postgres://u@h/db\"\nurl_env = \"X\"\nschema = \"Bad-Name\"\n\n[stores.d]\nkind = \"postgres\"\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.r]\nhandler = \"h\"\nsource = { topic = \"t\" }\nstate = \"sharde\"\nidempotency = { key = \"key\", lease_ms = 0 }\n"
+            ),
+            vec![
+                "rt.toml: stores.embedded: `embedded` is the built-in embedded store and cannot be redefined",
+                "rt.toml: stores.a.kind: unknown value \"mongo\"; expected \"redis\" or \"postgres\"",
+                "rt.toml: stores.b.schema: unknown field `schema` (expected one of: kind, url, url_env, prefix)",
+                "rt.toml: stores.b.url: \"http://x\" is not a Redis URL: expected redis://host:port[/db]",
+                "rt.toml: stores.c.url_env: set either url or url_env, not both",
+                "rt.toml: stores.c.schema: \"Bad-Name\" is not a usable schema name: lowercase letters, digits and _, starting with a letter or _",
+                "rt.toml: stores.d.url: missing: url = \"redis://...\" / \"postgres://...\", or url_env = \"<VARIABLE>\"",
+                "rt.toml: runtime.state: unknown state store `redis` (defined: embedded, a, b, c, d; add a [stores.redis] table)",
+                "rt.toml: routes.r.state: unknown state store `sharde` (defined: embedded, a, b, c, d; add a [stores.sharde] table)",
+                "rt.toml: routes.r.idempotency.lease_ms: must be greater than 0, found 0",
+            ]
+        );
+    }
+
+    #[test]
     fn nats_brokers_and_jetstream_sources_parse() {
         let c = Config::parse(
             Path::new("rt.toml"),
@@ -1140,7 +1413,7 @@ mod tests {
             problems("[runtime]\nshutdown_grace_ms = 0\nstate = \"x\"\n"),
             vec![
                 "rt.toml: runtime.shutdown_grace_ms: must be greater than 0, found 0",
-                "rt.toml: runtime.state: unknown field `state` (expected one of: state_dir, shutdown_grace_ms, admin, admin_token_env, watch)",
+                "rt.toml: runtime.state: unknown state store `x` (defined: embedded; add a [stores.x] table)",
             ]
         );
         let c = Config::parse(

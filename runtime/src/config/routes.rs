@@ -29,6 +29,11 @@ pub const DEFAULT_GROUP: &str = "lockgate";
 /// How long a completed idempotency key is remembered by default (7 days): longer than any
 /// broker's redelivery horizon in common setups.
 pub const DEFAULT_IDEMPOTENCY_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+/// How long a claim on an idempotency key holds by default (30 s): after a crash, the keys the
+/// crashed process held wait this long before another process may run them.
+pub const DEFAULT_IDEMPOTENCY_LEASE_MS: u64 = 30_000;
+/// The built-in state store: redb in the state directory.
+pub const EMBEDDED_STORE: &str = "embedded";
 /// Most lanes a route may run.
 pub const MAX_CONCURRENCY: u32 = 1024;
 /// Messages of one lane handled before their outputs are published together, by default.
@@ -96,6 +101,8 @@ pub struct IdempotencyConfig {
     pub key: IdempotencyKey,
     /// How long a completed key is remembered.
     pub ttl: Duration,
+    /// How long a claim holds before another process may take the key over.
+    pub lease: Duration,
 }
 
 /// A route's `rate_limit` table.
@@ -137,6 +144,9 @@ pub struct RouteConfig {
     pub idempotency: Option<IdempotencyConfig>,
     /// Rate limit; none unless configured.
     pub rate_limit: Option<RateLimitConfig>,
+    /// `state`: the store of this route's idempotency keys and its handler's kv; `None` takes
+    /// `[runtime] state`.
+    pub state: Option<String>,
 }
 
 const ROUTE_FIELDS: &[&str] = &[
@@ -151,6 +161,7 @@ const ROUTE_FIELDS: &[&str] = &[
     "dlq",
     "idempotency",
     "rate_limit",
+    "state",
 ];
 
 fn check_broker(r: &mut Reader<'_>, key: &str, broker: &str, declared: &[&str]) -> bool {
@@ -178,16 +189,21 @@ fn non_empty(r: &mut Reader<'_>, key: &str) -> Option<String> {
     Some(s)
 }
 
-/// Parses one route table; `handlers` and `brokers` are the handler and broker names declared in
-/// the file.
+/// Parses one route table; `handlers`, `brokers` and `stores` are the names declared in the
+/// file.
 pub(super) fn parse_route(
     name: &str,
     handlers: &[&str],
     brokers: &[&str],
     nats_brokers: &[&str],
+    stores: &[&str],
     r: &mut Reader<'_>,
 ) -> Option<RouteConfig> {
     let before = r.problems.len();
+    let state = r.string("state");
+    if let Some(st) = &state {
+        super::check_store(r, "state", st, stores);
+    }
 
     let handler = match r.string("handler") {
         None if !r.table.contains_key("handler") => {
@@ -400,6 +416,7 @@ pub(super) fn parse_route(
         dlq: dlq?,
         idempotency,
         rate_limit,
+        state,
     })
 }
 
@@ -619,10 +636,14 @@ fn parse_idempotency(r: &mut Reader<'_>) -> Option<IdempotencyConfig> {
         parsed
     });
     let ttl = r.positive("ttl_ms").unwrap_or(DEFAULT_IDEMPOTENCY_TTL_MS);
-    r.finish(&["key", "ttl_ms"]);
+    let lease = r
+        .positive("lease_ms")
+        .unwrap_or(DEFAULT_IDEMPOTENCY_LEASE_MS);
+    r.finish(&["key", "ttl_ms", "lease_ms"]);
     key.map(|key| IdempotencyConfig {
         key,
         ttl: Duration::from_millis(ttl),
+        lease: Duration::from_millis(lease),
     })
 }
 
@@ -708,7 +729,7 @@ mod tests {
             vec![
                 "rt.toml: routes.r.source.topik: unknown field `topik`; did you mean `topic`?",
                 "rt.toml: routes.r.retry.max_attempt: unknown field `max_attempt`; did you mean `max_attempts`?",
-                "rt.toml: routes.r.retries: unknown field `retries` (expected one of: handler, source, outputs, concurrency, ordering, max_batch, retry, circuit_breaker, dlq, idempotency, rate_limit)",
+                "rt.toml: routes.r.retries: unknown field `retries` (expected one of: handler, source, outputs, concurrency, ordering, max_batch, retry, circuit_breaker, dlq, idempotency, rate_limit, state)",
             ]
         );
     }

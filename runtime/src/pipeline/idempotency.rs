@@ -7,14 +7,17 @@
 //! was recorded — is closed by sinks that deduplicate by `lockgate-id` (the local broker and
 //! JetStream do), because outputs derive their id from the idempotency key.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
 
 use sha2::{Digest, Sha256};
 
 use crate::broker::Record;
 use crate::config::IdempotencyKey;
-use crate::state::{KvStore, StateError, now_ms};
+use crate::state::{Claim, ClaimRequest, IdempotencyStore, StateError};
 
 /// Keys longer than this are stored as their SHA-256 (hex), so a huge header cannot bloat the
 /// store.
@@ -52,72 +55,142 @@ pub fn key_of(source: &IdempotencyKey, record: &Record) -> Option<String> {
     Some(raw)
 }
 
-/// The done-keys of one route in a [`KvStore`] (namespace `idempotency/<route>`, which cannot
-/// collide with a handler's kv namespace because handler names contain no `/`).
+/// Most claims sent to the store in one call.
+const MAX_CLAIM_BATCH: usize = 256;
+
+/// A unique claim owner: this process (random, so a restarted process is someone else) and a
+/// counter.
+pub fn new_owner() -> String {
+    static PROCESS: LazyLock<String> =
+        LazyLock::new(|| format!("{:x}.{:012x}", std::process::id(), fastrand::u64(..) >> 16));
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{}.{}", *PROCESS, NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+type ClaimReply = oneshot::Sender<Result<Claim, StateError>>;
+
+/// The idempotency keys of one route in an [`IdempotencyStore`] (scope `idempotency/<route>`,
+/// which cannot collide with a handler's kv namespace because handler names contain no `/`).
+///
+/// Claims from all lanes go through one queue: whatever is waiting when the store answers the
+/// previous call goes out as the next call, so the messages in flight share round trips.
 #[derive(Clone)]
 pub struct DoneKeys {
-    store: Arc<dyn KvStore>,
-    namespace: String,
+    store: Arc<dyn IdempotencyStore>,
+    scope: String,
     ttl: Duration,
+    lease: Duration,
+    claims: mpsc::UnboundedSender<(ClaimRequest, ClaimReply)>,
 }
 
 impl std::fmt::Debug for DoneKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DoneKeys")
-            .field("namespace", &self.namespace)
+            .field("scope", &self.scope)
             .field("ttl", &self.ttl)
+            .field("lease", &self.lease)
             .finish_non_exhaustive()
     }
 }
 
 impl DoneKeys {
-    /// Done-keys of `route`, remembered for `ttl`.
-    pub fn new(store: Arc<dyn KvStore>, route: &str, ttl: Duration) -> Self {
+    /// Keys of `route`: claimed for `lease`, remembered as done for `ttl`. Must be called inside
+    /// a tokio runtime (it starts the claim batcher, which ends when the last clone is dropped).
+    pub fn new(
+        store: Arc<dyn IdempotencyStore>,
+        route: &str,
+        ttl: Duration,
+        lease: Duration,
+    ) -> Self {
+        let scope = format!("idempotency/{route}");
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(batch_claims(store.clone(), scope.clone(), lease, rx));
         Self {
             store,
-            namespace: format!("idempotency/{route}"),
+            scope,
             ttl,
+            lease,
+            claims: tx,
         }
     }
 
-    /// Whether `key` is recorded as done. Runs on a blocking thread (the store may fsync).
-    pub async fn is_done(&self, key: &str) -> Result<bool, StateError> {
-        let this = self.clone();
-        let key = key.to_owned();
-        blocking(move || {
-            this.store
-                .get(&this.namespace, &key, now_ms())
-                .map(|v| v.is_some())
-        })
-        .await
+    /// How long a claim holds.
+    pub fn lease(&self) -> Duration {
+        self.lease
     }
 
-    /// Records `key` as done until now + ttl.
-    pub async fn mark_done(&self, key: &str) -> Result<(), StateError> {
-        let this = self.clone();
-        let key = key.to_owned();
-        blocking(move || {
-            let ttl = u64::try_from(this.ttl.as_millis()).unwrap_or(u64::MAX);
-            let expires = now_ms().saturating_add(ttl);
-            this.store.set(&this.namespace, &key, b"1", Some(expires))
-        })
-        .await
+    /// Claims `key` for `owner` (asking again with the same owner renews the lease).
+    pub async fn claim(&self, key: &str, owner: &str) -> Result<Claim, StateError> {
+        let (tx, rx) = oneshot::channel();
+        let request = ClaimRequest {
+            key: key.to_owned(),
+            owner: owner.to_owned(),
+        };
+        self.claims
+            .send((request, tx))
+            .map_err(|_| StateError::Unavailable("the claim batcher stopped".into()))?;
+        rx.await
+            .map_err(|_| StateError::Unavailable("the claim batcher stopped".into()))?
+    }
+
+    /// Records `keys` as done until now + ttl, in one call.
+    pub async fn complete(&self, keys: Vec<String>) -> Result<(), StateError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.store
+            .complete(self.scope.clone(), keys, self.ttl)
+            .await
+    }
+
+    /// Gives up claims (best effort: an unreleased claim only delays the next claimant until
+    /// its lease runs out).
+    pub async fn release(&self, claims: Vec<ClaimRequest>) {
+        if claims.is_empty() {
+            return;
+        }
+        let release = self.store.release(self.scope.clone(), claims);
+        match tokio::time::timeout(Duration::from_secs(2), release).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(scope = %self.scope, error = %e, "Releasing claims failed; they run out with their lease");
+            }
+            Err(_) => {
+                tracing::debug!(scope = %self.scope, "Releasing claims timed out; they run out with their lease");
+            }
+        }
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StateError> + Send + 'static,
-) -> Result<T, StateError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| StateError::Unavailable(format!("state store task failed: {e}")))?
+async fn batch_claims(
+    store: Arc<dyn IdempotencyStore>,
+    scope: String,
+    lease: Duration,
+    mut rx: mpsc::UnboundedReceiver<(ClaimRequest, ClaimReply)>,
+) {
+    let mut batch = Vec::with_capacity(MAX_CLAIM_BATCH);
+    while rx.recv_many(&mut batch, MAX_CLAIM_BATCH).await > 0 {
+        let (requests, replies): (Vec<ClaimRequest>, Vec<ClaimReply>) = batch.drain(..).unzip();
+        match store.claim(scope.clone(), requests, lease).await {
+            Ok(answers) => {
+                for (reply, answer) in replies.into_iter().zip(answers) {
+                    let _ = reply.send(Ok(answer));
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::state::{EmbeddedStore, MemoryStore};
+    use crate::state::{EmbeddedStore, IdempotencyStore, LocalClaims, MemoryStore};
 
     fn record() -> Record {
         Record {
@@ -181,31 +254,79 @@ mod tests {
     async fn done_keys_survive_a_restart_of_the_store() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
+        let lease = Duration::from_secs(30);
+        let keys_of = |store: Arc<dyn crate::state::KvStore>, route: &str| {
+            DoneKeys::new(
+                Arc::new(LocalClaims::new(store)),
+                route,
+                Duration::from_secs(60),
+                lease,
+            )
+        };
         {
-            let store: Arc<dyn KvStore> = Arc::new(EmbeddedStore::open(&path).unwrap());
-            let keys = DoneKeys::new(store, "orders", Duration::from_secs(60));
-            assert!(!keys.is_done("k1").await.unwrap());
-            keys.mark_done("k1").await.unwrap();
-            assert!(keys.is_done("k1").await.unwrap());
+            // The store itself, not DoneKeys: its batcher task would keep the file open until
+            // it is next polled.
+            let claims = LocalClaims::new(Arc::new(EmbeddedStore::open(&path).unwrap()));
+            let scope = "idempotency/orders".to_owned();
+            let req = |owner: &str| {
+                vec![ClaimRequest {
+                    key: "k1".into(),
+                    owner: owner.into(),
+                }]
+            };
+            assert_eq!(
+                claims.claim(scope.clone(), req("a"), lease).await.unwrap(),
+                vec![Claim::Claimed]
+            );
+            claims
+                .complete(scope.clone(), vec!["k1".into()], Duration::from_secs(60))
+                .await
+                .unwrap();
+            assert_eq!(
+                claims.claim(scope, req("b"), lease).await.unwrap(),
+                vec![Claim::Done]
+            );
         }
-        let store: Arc<dyn KvStore> = Arc::new(EmbeddedStore::open(&path).unwrap());
-        let keys = DoneKeys::new(store.clone(), "orders", Duration::from_secs(60));
-        assert!(keys.is_done("k1").await.unwrap(), "forgotten after reopen");
+        let store: Arc<dyn crate::state::KvStore> = Arc::new(EmbeddedStore::open(&path).unwrap());
+        let keys = keys_of(store.clone(), "orders");
+        assert_eq!(
+            keys.claim("k1", "c").await.unwrap(),
+            Claim::Done,
+            "forgotten after reopen"
+        );
         // Routes do not see each other's keys.
-        let other = DoneKeys::new(store, "payments", Duration::from_secs(60));
-        assert!(!other.is_done("k1").await.unwrap());
+        let other = keys_of(store, "payments");
+        assert_eq!(other.claim("k1", "c").await.unwrap(), Claim::Claimed);
     }
 
     #[tokio::test]
-    async fn expired_keys_are_forgotten() {
-        let store: Arc<dyn KvStore> = Arc::new(MemoryStore::new());
-        let keys = DoneKeys::new(store, "r", Duration::from_millis(1));
-        keys.mark_done("k").await.unwrap();
-        // The store compares against wall-clock ms; wait until the expiry has certainly passed.
-        let deadline = now_ms() + 5;
-        while now_ms() <= deadline {
-            tokio::task::yield_now().await;
+    async fn concurrent_claims_share_calls_and_exclude_each_other() {
+        let keys = DoneKeys::new(
+            Arc::new(LocalClaims::new(Arc::new(MemoryStore::new()))),
+            "r",
+            Duration::from_secs(60),
+            Duration::from_secs(30),
+        );
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..50 {
+            let keys = keys.clone();
+            tasks.spawn(async move { keys.claim(&format!("k{}", i % 10), &new_owner()).await });
         }
-        assert!(!keys.is_done("k").await.unwrap());
+        let mut claimed = 0;
+        let mut busy = 0;
+        while let Some(r) = tasks.join_next().await {
+            match r.unwrap().unwrap() {
+                Claim::Claimed => claimed += 1,
+                Claim::Busy(_) => busy += 1,
+                Claim::Done => panic!("nothing is done"),
+            }
+        }
+        assert_eq!((claimed, busy), (10, 40), "one owner per key");
+    }
+
+    #[test]
+    fn owners_are_unique() {
+        let a = new_owner();
+        assert_ne!(a, new_owner());
     }
 }

@@ -25,11 +25,11 @@ use crate::engine::{InboundMessage, InstancePool, Invocation, Outcome};
 use crate::pipeline::backoff::{Decision, FailureKind, RetryMode};
 use crate::pipeline::breaker::{Admission, BreakerState, CircuitBreaker};
 use crate::pipeline::dlq::{self, Failure};
-use crate::pipeline::idempotency::{DoneKeys, key_of};
+use crate::pipeline::idempotency::{DoneKeys, key_of, new_owner};
 use crate::pipeline::lanes::Lanes;
 use crate::pipeline::rate_limit::RateLimit;
 use crate::pipeline::trace;
-use crate::state::now_ms;
+use crate::state::{Claim, ClaimRequest, now_ms};
 use tracing::Instrument;
 
 /// Messages a route holds at once (queued in lanes or being handled). Bounds memory and how much
@@ -44,6 +44,9 @@ pub const MAX_INFRA_BACKOFF: Duration = Duration::from_secs(5);
 /// A lane publishes and acks its finished messages once the oldest of them has waited this
 /// long, even if its batch (`max_batch`) is not through yet.
 pub const MAX_BATCH_AGE: Duration = Duration::from_millis(100);
+/// Longest wait before asking again for an idempotency key someone else holds: the holder may
+/// finish long before its lease ends.
+const MAX_CLAIM_POLL: Duration = Duration::from_millis(250);
 
 /// Runs a handler on one message. [`InstancePool`] is the real one; tests and benchmarks plug in
 /// native closures.
@@ -165,6 +168,9 @@ pub struct RouteStats {
     pub revoked: AtomicU64,
     /// Failed publish / DLQ / state-store calls that were retried.
     pub infra_retries: AtomicU64,
+    /// Messages that waited because their idempotency key was claimed by another lane or
+    /// process.
+    pub claim_waits: AtomicU64,
     /// Messages held (queued in lanes, running, waiting for a retry or for their batch).
     pub in_flight: AtomicU64,
     /// Times the circuit breaker opened.
@@ -190,6 +196,7 @@ impl Default for RouteStats {
             abandoned: AtomicU64::new(0),
             revoked: AtomicU64::new(0),
             infra_retries: AtomicU64::new(0),
+            claim_waits: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             breaker_trips: AtomicU64::new(0),
             breaker_state: AtomicU64::new(0),
@@ -718,10 +725,30 @@ impl Pending {
 struct PendingMessage {
     ack: AckHandle,
     idem_key: Option<String>,
+    /// Who holds the claim on `idem_key`.
+    owner: Option<String>,
     outputs: u64,
     /// Already counted as a duplicate: nothing to publish or record.
     duplicate: bool,
     _permit: Held,
+}
+
+/// Acknowledges a message whose idempotency key is done, with the batch.
+fn duplicate(stats: &RouteStats, pending: &mut Pending, ack: AckHandle, permit: Held) {
+    RouteStats::bump(&stats.duplicates);
+    outcome("duplicate");
+    pending.push(
+        PendingMessage {
+            ack,
+            idem_key: None,
+            owner: None,
+            outputs: 0,
+            duplicate: true,
+            _permit: permit,
+        },
+        Vec::new(),
+        None,
+    );
 }
 
 /// A failed attempt, kept for the dead letter.
@@ -814,30 +841,104 @@ impl Shared {
                 .await
                 .is_none()
             {
-                self.stats
-                    .abandoned
-                    .fetch_add(messages.len() as u64, AtomicOrdering::Relaxed);
+                self.give_up(messages).await;
                 return false;
             }
         }
-        let mut messages = messages.into_iter();
-        while let Some(m) = messages.next() {
+        // Every key of the batch in one store call, before any message is acknowledged.
+        if let Some(keys) = &self.done_keys {
+            let done: Vec<String> = messages
+                .iter()
+                .filter(|m| !m.duplicate)
+                .filter_map(|m| m.idem_key.clone())
+                .collect();
+            if !done.is_empty()
+                && self
+                    .retry_infra("record the idempotency keys", || {
+                        keys.complete(done.clone())
+                    })
+                    .await
+                    .is_none()
+            {
+                self.give_up(messages).await;
+                return false;
+            }
+        }
+        for m in messages {
             if !m.duplicate {
                 self.stats
                     .outputs
                     .fetch_add(m.outputs, AtomicOrdering::Relaxed);
                 RouteStats::bump(&self.stats.succeeded);
-                if !self.mark_done(m.idem_key.as_deref()).await {
-                    // This message and the ones after it stay unacknowledged.
-                    self.stats
-                        .abandoned
-                        .fetch_add(1 + messages.len() as u64, AtomicOrdering::Relaxed);
-                    return false;
-                }
             }
             self.finish(m.ack, AckKind::Done).await;
         }
         true
+    }
+
+    /// The route stopped before `messages` could be finished: they stay unacknowledged (and
+    /// come back), and their claims are released so the next claimant need not wait out the
+    /// lease.
+    async fn give_up(&self, messages: Vec<PendingMessage>) {
+        self.stats
+            .abandoned
+            .fetch_add(messages.len() as u64, AtomicOrdering::Relaxed);
+        if let Some(keys) = &self.done_keys {
+            let claims = messages
+                .iter()
+                .filter_map(|m| {
+                    Some(ClaimRequest {
+                        key: m.idem_key.clone()?,
+                        owner: m.owner.clone()?,
+                    })
+                })
+                .collect();
+            drop(messages);
+            keys.release(claims).await;
+        }
+    }
+
+    /// Releases the claim `owner` holds on `key`, if any (the message is abandoned or goes back
+    /// to the broker).
+    async fn release(&self, key: Option<&String>, owner: Option<&String>) {
+        if let (Some(keys), Some(key), Some(owner)) = (&self.done_keys, key, owner) {
+            keys.release(vec![ClaimRequest {
+                key: key.clone(),
+                owner: owner.clone(),
+            }])
+            .await;
+        }
+    }
+
+    /// Claims `key` for `owner`, waiting while someone else holds it: `Claimed` or `Done`, or
+    /// `None` when the route stopped first. Pending messages are published before any wait.
+    async fn acquire(
+        &self,
+        keys: &DoneKeys,
+        key: &str,
+        owner: &str,
+        pending: &mut Pending,
+    ) -> Option<Claim> {
+        let mut waited = false;
+        loop {
+            let claim = self
+                .retry_infra("claim the idempotency key", || keys.claim(key, owner))
+                .await?;
+            let Claim::Busy(left) = claim else {
+                return Some(claim);
+            };
+            if !waited {
+                waited = true;
+                RouteStats::bump(&self.stats.claim_waits);
+                tracing::debug!(route = %self.route, key, lease_left_ms = left.as_millis() as u64, "Idempotency key is being handled elsewhere; waiting for it");
+            }
+            if !self.flush(pending).await {
+                return None;
+            }
+            if !self.shutdown.sleep(left.min(MAX_CLAIM_POLL)).await {
+                return None;
+            }
+        }
     }
 
     /// Takes one delivery to its end (acked, dead-lettered or abandoned) or, when it succeeds,
@@ -869,6 +970,7 @@ impl Shared {
             }
             _ => None,
         };
+        let mut owner: Option<String> = None;
         if let (Some(key), Some(keys)) = (&idem_key, &self.done_keys) {
             // A repeat of a key still pending in this batch: its key must be recorded before it
             // can be recognised.
@@ -881,28 +983,17 @@ impl Shared {
                 RouteStats::bump(&self.stats.abandoned);
                 return false;
             }
-            let Some(done) = self
-                .retry_infra("check the idempotency key", || keys.is_done(key))
-                .await
-            else {
-                RouteStats::bump(&self.stats.abandoned);
-                return self.flush(pending).await;
-            };
-            if done {
-                RouteStats::bump(&self.stats.duplicates);
-                outcome("duplicate");
-                pending.push(
-                    PendingMessage {
-                        ack,
-                        idem_key: None,
-                        outputs: 0,
-                        duplicate: true,
-                        _permit: permit,
-                    },
-                    Vec::new(),
-                    None,
-                );
-                return true;
+            let me = new_owner();
+            match self.acquire(keys, key, &me, pending).await {
+                None => {
+                    RouteStats::bump(&self.stats.abandoned);
+                    return self.flush(pending).await;
+                }
+                Some(Claim::Claimed) => owner = Some(me),
+                Some(_) => {
+                    duplicate(&self.stats, pending, ack, permit);
+                    return true;
+                }
             }
         }
 
@@ -932,6 +1023,7 @@ impl Shared {
                     .await
                 {
                     RouteStats::bump(&self.stats.abandoned);
+                    self.release(idem_key.as_ref(), owner.as_ref()).await;
                     return self.flush(pending).await;
                 }
             }
@@ -998,6 +1090,7 @@ impl Shared {
                     PendingMessage {
                         ack,
                         idem_key,
+                        owner,
                         outputs: records.len() as u64,
                         duplicate: false,
                         _permit: permit,
@@ -1040,6 +1133,8 @@ impl Shared {
                     RouteStats::bump(&self.stats.retried);
                     outcome("redelivery");
                     tracing::debug!(route = %self.route, message = %message_id, attempt, delay_ms = delay.as_millis() as u64, "Attempt failed; the broker redelivers it");
+                    // The redelivery may go to another process: it must not wait for our lease.
+                    self.release(idem_key.as_ref(), owner.as_ref()).await;
                     if let Err(e) = ack.redeliver(delay).await {
                         // Unacknowledged, it still comes back after ack_wait.
                         tracing::warn!(route = %self.route, error = %e, "Asking for a redelivery failed; the message returns after ack_wait");
@@ -1054,7 +1149,25 @@ impl Shared {
                     tracing::debug!(route = %self.route, message = %message_id, attempt, delay_ms = delay.as_millis() as u64, "Attempt failed; retrying");
                     if !self.shutdown.sleep(delay).await {
                         RouteStats::bump(&self.stats.abandoned);
+                        self.release(idem_key.as_ref(), owner.as_ref()).await;
                         return true;
+                    }
+                    // Renew the claim for the next attempt; if the lease lapsed meanwhile and
+                    // another holder finished the message, it is done.
+                    if let (Some(keys), Some(key), Some(me)) =
+                        (&self.done_keys, idem_key.as_ref(), owner.as_ref())
+                    {
+                        match self.acquire(keys, key, me, pending).await {
+                            None => {
+                                RouteStats::bump(&self.stats.abandoned);
+                                return true;
+                            }
+                            Some(Claim::Claimed) => {}
+                            Some(_) => {
+                                duplicate(&self.stats, pending, ack, permit);
+                                return true;
+                            }
+                        }
                     }
                     attempt = next;
                 }
@@ -1093,6 +1206,7 @@ impl Shared {
                         .is_none()
                     {
                         RouteStats::bump(&self.stats.abandoned);
+                        self.release(idem_key.as_ref(), owner.as_ref()).await;
                         return true;
                     }
                     RouteStats::bump(&self.stats.dead_lettered);
@@ -1134,7 +1248,9 @@ impl Shared {
     async fn mark_done(&self, key: Option<&str>) -> bool {
         match (key, &self.done_keys) {
             (Some(key), Some(keys)) => self
-                .retry_infra("record the idempotency key", || keys.mark_done(key))
+                .retry_infra("record the idempotency key", || {
+                    keys.complete(vec![key.to_owned()])
+                })
                 .await
                 .is_some(),
             _ => true,

@@ -14,7 +14,7 @@ use super::*;
 use crate::broker::memory::MemoryBroker;
 use crate::config::Config;
 use crate::engine::OutgoingMessage;
-use crate::state::{KvStore, MemoryStore};
+use crate::state::{LocalClaims, MemoryStore};
 
 /// A handler written as a Rust closure.
 struct FnInvoker<F>(F);
@@ -83,6 +83,16 @@ fn msg(payload: &str, key: Option<&str>, headers: &[(&str, &str)]) -> OutRecord 
 struct Running {
     trigger: ShutdownTrigger,
     task: JoinHandle<RouteReport>,
+    stats: Arc<RouteStats>,
+}
+
+fn memory_keys() -> DoneKeys {
+    DoneKeys::new(
+        Arc::new(LocalClaims::new(Arc::new(MemoryStore::new()))),
+        "r",
+        Duration::from_secs(3600),
+        Duration::from_secs(30),
+    )
 }
 
 impl Running {
@@ -123,8 +133,13 @@ fn start_bounded(
     .max_in_flight(max_in_flight);
     let (trigger, shutdown) = Shutdown::new();
     let source = Box::new(broker.source("in", "g"));
+    let stats = route.stats();
     let task = tokio::spawn(route.run(source, shutdown));
-    Running { trigger, task }
+    Running {
+        trigger,
+        task,
+        stats,
+    }
 }
 
 fn payloads(broker: &MemoryBroker, topic: &str) -> Vec<String> {
@@ -453,8 +468,15 @@ async fn partition_ordering_keeps_everything_in_sequence() {
 #[tokio::test(start_paused = true)]
 async fn idempotency_skips_completed_keys_across_restarts() {
     let broker = MemoryBroker::new();
-    let store: Arc<dyn KvStore> = Arc::new(MemoryStore::new());
-    let keys = || DoneKeys::new(store.clone(), "r", Duration::from_secs(3600));
+    let store = Arc::new(LocalClaims::new(Arc::new(MemoryStore::new())));
+    let keys = || {
+        DoneKeys::new(
+            store.clone(),
+            "r",
+            Duration::from_secs(3600),
+            Duration::from_secs(30),
+        )
+    };
     let calls = Arc::new(AtomicU32::new(0));
     let invoker = |calls: Arc<AtomicU32>| {
         FnInvoker(move |m: &InboundMessage| {
@@ -630,8 +652,7 @@ async fn a_retrying_message_does_not_hold_back_the_finished_ones_of_its_batch() 
 #[tokio::test(start_paused = true)]
 async fn a_repeated_key_inside_one_batch_is_still_deduplicated() {
     let broker = MemoryBroker::new();
-    let store: Arc<dyn KvStore> = Arc::new(MemoryStore::new());
-    let keys = DoneKeys::new(store, "r", Duration::from_secs(3600));
+    let keys = memory_keys();
     broker.produce(
         "in",
         [("first", "f"), ("x1", "x"), ("y", "y"), ("x2", "x")]
@@ -683,4 +704,49 @@ async fn slow_handlers_flush_their_batch_after_max_batch_age() {
     broker.wait_acked(8).await;
     running.stop().await;
     assert_eq!(payloads(&broker, "out").len(), 8);
+}
+
+// Real time: the first handler call blocks its thread until the test lets it go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_claimed_by_another_lane_waits_and_then_is_a_duplicate() {
+    let broker = MemoryBroker::new();
+    // Different message keys (two lanes), one idempotency key.
+    broker.produce(
+        "in",
+        [
+            msg("first", Some("a"), &[("id", "x")]),
+            msg("second", Some("b"), &[("id", "x")]),
+        ],
+    );
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let gate = Mutex::new(gate);
+    let calls = Arc::new(AtomicU32::new(0));
+    let counted = calls.clone();
+    let running = start(
+        &broker,
+        route_config(
+            "concurrency = 2\nordering = \"key\"\nidempotency = { key = \"header:id\" }\n",
+        ),
+        FnInvoker(move |m: &InboundMessage| {
+            counted.fetch_add(1, AtomicOrdering::SeqCst);
+            // Every call waits for the test; a second call would wait forever (and time out).
+            let _ = gate.lock().unwrap().recv_timeout(Duration::from_secs(10));
+            ok_to("out", m.payload.clone())
+        }),
+        Some(memory_keys()),
+    );
+    // Whichever message claimed x first is blocked in the handler; the other must wait for
+    // the claim rather than run.
+    let t0 = std::time::Instant::now();
+    while running.stats.claim_waits.load(AtomicOrdering::SeqCst) == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "nobody waited");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(calls.load(AtomicOrdering::SeqCst), 1, "ran while claimed");
+    release.send(()).unwrap();
+    broker.wait_acked(2).await;
+    let report = running.stop().await;
+    assert_eq!(calls.load(AtomicOrdering::SeqCst), 1, "the duplicate ran");
+    assert_eq!(stat(&report.stats, "duplicates"), 1);
+    assert_eq!(broker.records("out").len(), 1);
 }

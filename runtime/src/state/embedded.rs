@@ -89,6 +89,22 @@ impl KvStore for EmbeddedStore {
         self.write(|t| t.insert(k.as_slice(), v.as_slice()).map(drop))
     }
 
+    fn set_many(
+        &self,
+        namespace: &str,
+        entries: &[(String, Vec<u8>)],
+        expires_at_ms: Option<u64>,
+    ) -> Result<(), StateError> {
+        // One transaction, one fsync, for every key of a batch.
+        self.write(|t| {
+            for (k, v) in entries {
+                let k = full_key(namespace, k);
+                t.insert(k.as_slice(), encode_entry(v, expires_at_ms).as_slice())?;
+            }
+            Ok(())
+        })
+    }
+
     fn delete(&self, namespace: &str, key: &str, now_ms: u64) -> Result<bool, StateError> {
         let k = full_key(namespace, key);
         self.write(|t| {
@@ -141,6 +157,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(&dir.path().join("state.redb")).unwrap();
         super::super::conformance::run(&store);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn claims_conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: std::sync::Arc<dyn KvStore> =
+            std::sync::Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
+        crate::state::claims_conformance::run(&crate::state::LocalClaims::new(store)).await;
     }
 
     #[test]

@@ -1,28 +1,136 @@
-//! Persistent state behind one trait: guest key-value data (and, with the delivery pipeline,
-//! idempotency keys).
+//! Persistent state behind two traits: guest key-value data ([`KvStore`]) and idempotency keys
+//! ([`IdempotencyStore`]).
 //!
 //! Backends: [`MemoryStore`] for `lockgate test` and unit tests, [`EmbeddedStore`] (redb, one file
-//! in the state directory) as the default for `lockgate run`. Shared stores (Redis, PostgreSQL) add
-//! a file each behind the same trait.
+//! in the state directory) as the default for `lockgate run`, and the shared stores
+//! [`RedisStore`] and [`PostgresStore`] for routes that run on several processes.
 //!
 //! Semantics every backend keeps: keys live in a namespace (the handler's name); an entry with an
 //! expiry is invisible from that instant on; compare-and-swap compares against the *visible* value,
 //! so an expired entry compares equal to "absent".
+//!
+//! Idempotency is a claim, not a lookup: before a handler runs for a key, the route claims the key
+//! with a lease; a second claimant (another lane, another process) meets the live claim and waits
+//! instead of running the handler concurrently. When the message is done the key becomes *done*
+//! for the route's TTL; a crashed claimant's lease runs out and the key can be claimed again.
 
 mod embedded;
+mod local;
 mod memory;
+mod postgres;
+mod redis;
 
 pub use embedded::EmbeddedStore;
+pub use local::LocalClaims;
 pub use memory::MemoryStore;
+pub use postgres::{
+    DEFAULT_POOL_SIZE as POSTGRES_POOL_SIZE, PostgresStore,
+    SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION,
+};
 
-use std::time::{SystemTime, UNIX_EPOCH};
+/// Whether `name` can be a PostgreSQL store's schema.
+pub fn postgres_schema_name_ok(name: &str) -> bool {
+    postgres::valid_schema_name(name)
+}
+pub use redis::RedisStore;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::broker::BoxFuture;
 
 /// Errors from a state backend.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StateError {
     /// The backend failed (I/O, corruption, unreachable). Retrying later may succeed.
     #[error("state store unavailable: {0}")]
     Unavailable(String),
+    /// The store's settings are wrong (a URL that does not parse, a bad schema name).
+    #[error("{0}")]
+    Config(String),
+}
+
+/// What a claim on an idempotency key found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The caller holds the key until its lease ends: run the handler.
+    Claimed,
+    /// The key is recorded as done: the message is a duplicate.
+    Done,
+    /// Someone else holds a live claim; ask again after at most this long.
+    Busy(Duration),
+}
+
+/// One key to claim, for one holder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimRequest {
+    /// The idempotency key.
+    pub key: String,
+    /// Who claims it: unique per message handling, so two lanes of one process exclude each
+    /// other as two processes do.
+    pub owner: String,
+}
+
+/// The idempotency keys of routes: claims with a lease, then done records with a TTL.
+///
+/// Every method takes many keys, so a backend can serve the messages in flight in one round trip.
+/// A `scope` is one route's key space (`idempotency/<route>`).
+pub trait IdempotencyStore: Send + Sync + 'static {
+    /// Claims each key for `lease` unless it is done or held live by another owner. Answers in
+    /// request order. A key requested twice in one call is claimed at most once.
+    fn claim(
+        &self,
+        scope: String,
+        requests: Vec<ClaimRequest>,
+        lease: Duration,
+    ) -> BoxFuture<'_, Result<Vec<Claim>, StateError>>;
+
+    /// Records `keys` as done for `ttl` (whoever holds them: the effect happened).
+    fn complete(
+        &self,
+        scope: String,
+        keys: Vec<String>,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<(), StateError>>;
+
+    /// Drops claims that are still held by their owner and not done (a message abandoned at
+    /// shutdown), so the next claimant need not wait for the lease.
+    fn release(
+        &self,
+        scope: String,
+        requests: Vec<ClaimRequest>,
+    ) -> BoxFuture<'_, Result<(), StateError>>;
+}
+
+/// A configured state store: guest kv and idempotency keys, from one backend.
+#[derive(Clone)]
+pub struct StateStore {
+    /// `embedded`, or the `[stores.<name>]` table it came from.
+    pub name: String,
+    /// Guest kv.
+    pub kv: Arc<dyn KvStore>,
+    /// Idempotency keys.
+    pub idempotency: Arc<dyn IdempotencyStore>,
+}
+
+impl std::fmt::Debug for StateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateStore")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StateStore {
+    /// A process-local store (embedded or memory): claims live in this process, done records in
+    /// `kv`.
+    pub fn local(name: &str, kv: Arc<dyn KvStore>) -> Self {
+        Self {
+            name: name.to_owned(),
+            idempotency: Arc::new(LocalClaims::new(kv.clone())),
+            kv,
+        }
+    }
 }
 
 /// A key-value store shared by every handler of a process, namespaced per handler.
@@ -56,6 +164,20 @@ pub trait KvStore: Send + Sync + 'static {
         expires_at_ms: Option<u64>,
         now_ms: u64,
     ) -> Result<bool, StateError>;
+
+    /// Stores every `(key, value)` with one expiry; backends that can do it in one write
+    /// transaction (one fsync) override this.
+    fn set_many(
+        &self,
+        namespace: &str,
+        entries: &[(String, Vec<u8>)],
+        expires_at_ms: Option<u64>,
+    ) -> Result<(), StateError> {
+        for (k, v) in entries {
+            self.set(namespace, k, v, expires_at_ms)?;
+        }
+        Ok(())
+    }
 }
 
 /// Milliseconds since the Unix epoch, the clock every backend compares expiries against.
@@ -85,14 +207,17 @@ pub(crate) fn decode_entry(raw: &[u8], now_ms: u64) -> Option<&[u8]> {
     Some(value)
 }
 
-#[cfg(test)]
-pub(crate) mod conformance {
-    //! One suite every backend must pass.
+/// One suite every backend must pass; public so the integration tests run it against real Redis
+/// and PostgreSQL servers. Panics on the first broken rule.
+#[doc(hidden)]
+#[allow(clippy::unwrap_used)]
+pub mod conformance {
     use super::KvStore;
 
     const T0: u64 = 1_000_000;
 
-    /// Runs the shared semantics checks against `store`.
+    /// Runs the shared semantics checks against `store` (which must be empty). Call it from a
+    /// blocking thread: network backends block on their runtime.
     pub fn run(store: &dyn KvStore) {
         // get / set / overwrite
         assert_eq!(store.get("h", "a", T0).unwrap(), None);
@@ -167,5 +292,153 @@ pub(crate) mod conformance {
                 .unwrap()
         );
         assert_eq!(store.get("h", "ct", T0 + 5).unwrap(), None);
+
+        // set_many writes every entry with the one expiry
+        store
+            .set_many(
+                "m",
+                &[("x".into(), b"1".to_vec()), ("y".into(), b"2".to_vec())],
+                Some(T0 + 50),
+            )
+            .unwrap();
+        assert_eq!(store.get("m", "y", T0).unwrap().as_deref(), Some(&b"2"[..]));
+        assert_eq!(store.get("m", "x", T0 + 50).unwrap(), None);
+
+        // binary values and keys with separators survive unchanged
+        let bin: Vec<u8> = (0..=255).collect();
+        store.set("h:x", "y:z/é", &bin, None).unwrap();
+        assert_eq!(store.get("h:x", "y:z/é", T0).unwrap(), Some(bin));
+        assert_eq!(store.get("h", "x:y:z/é", T0).unwrap(), None);
+    }
+}
+
+/// One suite every [`IdempotencyStore`] must pass (the integration tests run it against real
+/// Redis and PostgreSQL). Panics on the first broken rule. The store must be empty.
+#[doc(hidden)]
+#[allow(clippy::unwrap_used)]
+pub mod claims_conformance {
+    use std::time::{Duration, Instant};
+
+    use super::{Claim, ClaimRequest, IdempotencyStore};
+
+    const LEASE: Duration = Duration::from_secs(30);
+
+    fn req(key: &str, owner: &str) -> ClaimRequest {
+        ClaimRequest {
+            key: key.into(),
+            owner: owner.into(),
+        }
+    }
+
+    async fn claim(store: &dyn IdempotencyStore, scope: &str, key: &str, owner: &str) -> Claim {
+        let mut v = store
+            .claim(scope.into(), vec![req(key, owner)], LEASE)
+            .await
+            .unwrap();
+        assert_eq!(v.len(), 1);
+        v.remove(0)
+    }
+
+    /// Polls until `key` can be claimed by a new owner; panics after 10 s. Returns how long it
+    /// took.
+    async fn until_claimable(store: &dyn IdempotencyStore, scope: &str, key: &str) -> Duration {
+        let start = Instant::now();
+        loop {
+            match claim(store, scope, key, "poller").await {
+                Claim::Claimed => return start.elapsed(),
+                other => assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "{key} still {other:?} after 10 s"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Runs the checks.
+    pub async fn run(store: &dyn IdempotencyStore) {
+        let s = "idempotency/r";
+        assert_eq!(claim(store, s, "k1", "o1").await, Claim::Claimed);
+        match claim(store, s, "k1", "o2").await {
+            Claim::Busy(d) => assert!(d <= LEASE && d > Duration::ZERO, "{d:?}"),
+            other => panic!("a live claim must make others wait, got {other:?}"),
+        }
+        // The holder may ask again (a retry of its own request).
+        assert_eq!(claim(store, s, "k1", "o1").await, Claim::Claimed);
+        // Only the holder can release.
+        store
+            .release(s.into(), vec![req("k1", "o2")])
+            .await
+            .unwrap();
+        assert!(matches!(claim(store, s, "k1", "o2").await, Claim::Busy(_)));
+        store
+            .release(s.into(), vec![req("k1", "o1")])
+            .await
+            .unwrap();
+        assert_eq!(claim(store, s, "k1", "o2").await, Claim::Claimed);
+        // Done is done for everyone, the holder included.
+        store
+            .complete(s.into(), vec!["k1".into()], Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(claim(store, s, "k1", "o3").await, Claim::Done);
+        assert_eq!(claim(store, s, "k1", "o2").await, Claim::Done);
+        // Releasing a done key leaves it done.
+        store
+            .release(s.into(), vec![req("k1", "o2")])
+            .await
+            .unwrap();
+        assert_eq!(claim(store, s, "k1", "o4").await, Claim::Done);
+        // Scopes are separate.
+        assert_eq!(
+            claim(store, "idempotency/other", "k1", "o1").await,
+            Claim::Claimed
+        );
+
+        // Many keys in one call, answers in order; a key asked twice is claimed once.
+        let answers = store
+            .claim(
+                s.into(),
+                vec![
+                    req("b1", "x"),
+                    req("k1", "x"),
+                    req("b2", "x"),
+                    req("b1", "y"),
+                ],
+                LEASE,
+            )
+            .await
+            .unwrap();
+        assert_eq!(answers.len(), 4);
+        assert_eq!(answers[0], Claim::Claimed);
+        assert_eq!(answers[1], Claim::Done);
+        assert_eq!(answers[2], Claim::Claimed);
+        assert!(matches!(answers[3], Claim::Busy(_)), "{:?}", answers[3]);
+        store
+            .complete(s.into(), vec!["b1".into(), "b2".into()], LEASE)
+            .await
+            .unwrap();
+        assert_eq!(claim(store, s, "b2", "z").await, Claim::Done);
+
+        // A crashed holder's lease runs out.
+        let lease = Duration::from_millis(300);
+        let got = store
+            .claim(s.into(), vec![req("l1", "crashed")], lease)
+            .await
+            .unwrap();
+        assert_eq!(got, vec![Claim::Claimed]);
+        let waited = until_claimable(store, s, "l1").await;
+        assert!(
+            waited >= lease / 2,
+            "claimable after {waited:?}, lease {lease:?}"
+        );
+
+        // Done records expire with their TTL.
+        store
+            .complete(s.into(), vec!["t1".into()], Duration::from_millis(300))
+            .await
+            .unwrap();
+        assert_eq!(claim(store, s, "t1", "o").await, Claim::Done);
+        until_claimable(store, s, "t1").await;
     }
 }

@@ -1,0 +1,155 @@
+//! Idempotency for process-local stores (embedded, memory): claims in this process, done records
+//! in the kv store.
+//!
+//! Nothing else can open the same embedded store, so a claim never has to outlive the process: a
+//! crash forgets it, and the redelivered message is claimed afresh after the restart.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::{Claim, ClaimRequest, IdempotencyStore, KvStore, StateError, now_ms};
+use crate::broker::BoxFuture;
+
+/// Value of a done record.
+const DONE: &[u8] = b"1";
+
+/// Claims held in memory, done records in a [`KvStore`].
+pub struct LocalClaims {
+    kv: Arc<dyn KvStore>,
+    held: Mutex<HashMap<(String, String), (String, Instant)>>,
+}
+
+impl std::fmt::Debug for LocalClaims {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalClaims").finish_non_exhaustive()
+    }
+}
+
+impl LocalClaims {
+    /// Claims whose done records live in `kv`.
+    pub fn new(kv: Arc<dyn KvStore>) -> Self {
+        Self {
+            kv,
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), (String, Instant)>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StateError> + Send + 'static,
+) -> Result<T, StateError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StateError::Unavailable(format!("state store task failed: {e}")))?
+}
+
+impl IdempotencyStore for LocalClaims {
+    fn claim(
+        &self,
+        scope: String,
+        requests: Vec<ClaimRequest>,
+        lease: Duration,
+    ) -> BoxFuture<'_, Result<Vec<Claim>, StateError>> {
+        Box::pin(async move {
+            let now = Instant::now();
+            // Take the claims first, so two lanes asking at once cannot both win.
+            let mut answers: Vec<Option<Claim>> = {
+                let mut held = self.held();
+                requests
+                    .iter()
+                    .map(|r| {
+                        let id = (scope.clone(), r.key.clone());
+                        match held.get(&id) {
+                            Some((owner, until)) if owner != &r.owner && *until > now => {
+                                Some(Claim::Busy(*until - now))
+                            }
+                            _ => {
+                                held.insert(id, (r.owner.clone(), now + lease));
+                                None
+                            }
+                        }
+                    })
+                    .collect()
+            };
+            let kv = self.kv.clone();
+            let (ns, keys) = (scope.clone(), requests.clone());
+            let done: Vec<bool> = blocking(move || {
+                let now = now_ms();
+                keys.iter()
+                    .map(|r| kv.get(&ns, &r.key, now).map(|v| v.is_some()))
+                    .collect()
+            })
+            .await?;
+            let mut held = self.held();
+            for ((answer, r), done) in answers.iter_mut().zip(&requests).zip(done) {
+                if answer.is_none() {
+                    *answer = Some(if done {
+                        held.remove(&(scope.clone(), r.key.clone()));
+                        Claim::Done
+                    } else {
+                        Claim::Claimed
+                    });
+                }
+            }
+            Ok(answers.into_iter().flatten().collect())
+        })
+    }
+
+    fn complete(
+        &self,
+        scope: String,
+        keys: Vec<String>,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<(), StateError>> {
+        Box::pin(async move {
+            let kv = self.kv.clone();
+            let (ns, entries): (String, Vec<(String, Vec<u8>)>) = (
+                scope.clone(),
+                keys.iter().map(|k| (k.clone(), DONE.to_vec())).collect(),
+            );
+            blocking(move || {
+                let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+                kv.set_many(&ns, &entries, Some(now_ms().saturating_add(ttl)))
+            })
+            .await?;
+            let mut held = self.held();
+            for k in keys {
+                held.remove(&(scope.clone(), k));
+            }
+            Ok(())
+        })
+    }
+
+    fn release(
+        &self,
+        scope: String,
+        requests: Vec<ClaimRequest>,
+    ) -> BoxFuture<'_, Result<(), StateError>> {
+        let mut held = self.held();
+        for r in requests {
+            let id = (scope.clone(), r.key);
+            if held.get(&id).is_some_and(|(owner, _)| *owner == r.owner) {
+                held.remove(&id);
+            }
+        }
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::state::MemoryStore;
+
+    #[tokio::test]
+    async fn claims_follow_the_shared_rules() {
+        let store = LocalClaims::new(Arc::new(MemoryStore::new()));
+        crate::state::claims_conformance::run(&store).await;
+    }
+}

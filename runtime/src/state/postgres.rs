@@ -1,0 +1,651 @@
+//! PostgreSQL as a shared state store: guest kv and idempotency claims for routes that run on
+//! several processes.
+//!
+//! A deadpool pool of tokio-postgres connections; every operation is one statement (a batch of
+//! claims or completions included: `unnest` over the keys), so a remote store costs one round
+//! trip per batch rather than per message. Lease and TTL arithmetic uses the *server's* clock
+//! (`clock_timestamp()`), so processes with skewed clocks still agree on when a lease ran out.
+//!
+//! The schema (default `lockgate`) is created and versioned by the runtime on first use, or ahead
+//! of time by `lockgate migrate`; concurrent starters serialise on an advisory lock.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+use super::{Claim, ClaimRequest, IdempotencyStore, KvStore, StateError};
+use crate::broker::BoxFuture;
+
+/// Default connections per store.
+pub const DEFAULT_POOL_SIZE: usize = 16;
+
+/// Milliseconds since the epoch on the server's clock.
+const NOW: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+
+/// How long expired rows are left before the cleanup deletes them.
+const CLEANUP_GRACE_MS: i64 = 60_000;
+/// Rows one cleanup statement deletes at most (short transactions, no long locks).
+const CLEANUP_BATCH: i64 = 5_000;
+/// Time between cleanups.
+const CLEANUP_EVERY: Duration = Duration::from_secs(60);
+
+/// Schema migrations, in order; version `i + 1` is `MIGRATIONS[i]`. Never edit one that shipped:
+/// add another.
+const MIGRATIONS: &[(&str, &str)] = &[(
+    "kv and idempotency tables",
+    "CREATE TABLE {s}.kv (
+        namespace text NOT NULL,
+        key text NOT NULL,
+        value bytea NOT NULL,
+        expires_at_ms bigint,
+        PRIMARY KEY (namespace, key)
+    );
+    CREATE INDEX kv_expiry ON {s}.kv (expires_at_ms) WHERE expires_at_ms IS NOT NULL;
+    CREATE TABLE {s}.idempotency (
+        scope text NOT NULL,
+        key text NOT NULL,
+        state text NOT NULL CHECK (state IN ('c', 'd')),
+        owner text,
+        until_ms bigint NOT NULL,
+        PRIMARY KEY (scope, key)
+    );
+    CREATE INDEX idempotency_until ON {s}.idempotency (until_ms);",
+)];
+
+/// The newest schema version this build knows.
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
+/// Statements, with the schema name filled in once.
+#[derive(Debug)]
+struct Sql {
+    get: String,
+    set_many: String,
+    delete: String,
+    insert_if_absent: String,
+    update_if: String,
+    delete_if: String,
+    visible: String,
+    claim: String,
+    complete: String,
+    release: String,
+    cleanup_kv: String,
+    cleanup_idempotency: String,
+}
+
+impl Sql {
+    fn new(s: &str) -> Self {
+        let visible = "(expires_at_ms IS NULL OR expires_at_ms > $3)";
+        Self {
+            get: format!(
+                "SELECT value FROM {s}.kv WHERE namespace = $1 AND key = $2 AND {visible}"
+            ),
+            set_many: format!(
+                "INSERT INTO {s}.kv (namespace, key, value, expires_at_ms)
+                 SELECT $1, k, v, $4 FROM unnest($2::text[], $3::bytea[]) AS e(k, v)
+                 ON CONFLICT (namespace, key) DO UPDATE
+                 SET value = excluded.value, expires_at_ms = excluded.expires_at_ms"
+            ),
+            delete: format!(
+                "WITH d AS (DELETE FROM {s}.kv WHERE namespace = $1 AND key = $2
+                            RETURNING expires_at_ms)
+                 SELECT count(*) FROM d WHERE {visible}"
+            ),
+            insert_if_absent: format!(
+                "INSERT INTO {s}.kv AS kv (namespace, key, value, expires_at_ms)
+                 VALUES ($1, $2, $4, $5)
+                 ON CONFLICT (namespace, key) DO UPDATE
+                 SET value = excluded.value, expires_at_ms = excluded.expires_at_ms
+                 WHERE kv.expires_at_ms IS NOT NULL AND kv.expires_at_ms <= $3"
+            ),
+            update_if: format!(
+                "UPDATE {s}.kv SET value = $5, expires_at_ms = $6
+                 WHERE namespace = $1 AND key = $2 AND value = $4 AND {visible}"
+            ),
+            delete_if: format!(
+                "DELETE FROM {s}.kv WHERE namespace = $1 AND key = $2 AND value = $4 AND {visible}"
+            ),
+            visible: format!(
+                "SELECT count(*) FROM {s}.kv WHERE namespace = $1 AND key = $2 AND {visible}"
+            ),
+            // Answers per request, in order: 0 claimed, -1 done, n > 0 busy for n more ms. The
+            // final SELECT sees the table as it was before the INSERT (one snapshot), which is
+            // why "claimed" comes from the INSERT's RETURNING; a row another transaction
+            // inserted meanwhile is invisible here and answers "busy 1 ms", asked again.
+            claim: format!(
+                "WITH r AS (
+                    SELECT key, owner, ord
+                    FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS r(key, owner, ord)
+                 ), first AS (
+                    SELECT DISTINCT ON (key) key, owner FROM r ORDER BY key, ord
+                 ), t AS (SELECT {NOW} AS now),
+                 up AS (
+                    INSERT INTO {s}.idempotency AS i (scope, key, state, owner, until_ms)
+                    SELECT $1, first.key, 'c', first.owner, t.now + $4 FROM first, t
+                    ON CONFLICT (scope, key) DO UPDATE
+                    SET state = 'c', owner = excluded.owner, until_ms = excluded.until_ms
+                    WHERE i.until_ms <= excluded.until_ms - $4
+                       OR (i.state = 'c' AND i.owner = excluded.owner)
+                    RETURNING i.key, i.owner
+                 )
+                 SELECT CASE
+                    WHEN up.key IS NOT NULL AND up.owner = r.owner THEN 0::bigint
+                    WHEN i.state = 'd' THEN -1::bigint
+                    ELSE greatest(i.until_ms - t.now, 1::bigint)
+                 END
+                 FROM r CROSS JOIN t
+                 LEFT JOIN up ON up.key = r.key
+                 LEFT JOIN {s}.idempotency i ON i.scope = $1 AND i.key = r.key
+                 ORDER BY r.ord"
+            ),
+            complete: format!(
+                "INSERT INTO {s}.idempotency (scope, key, state, owner, until_ms)
+                 SELECT $1, k, 'd', NULL, {NOW} + $3 FROM unnest($2::text[]) AS k
+                 ON CONFLICT (scope, key) DO UPDATE
+                 SET state = 'd', owner = NULL, until_ms = excluded.until_ms"
+            ),
+            release: format!(
+                "DELETE FROM {s}.idempotency i
+                 USING unnest($2::text[], $3::text[]) AS r(key, owner)
+                 WHERE i.scope = $1 AND i.key = r.key AND i.state = 'c' AND i.owner = r.owner"
+            ),
+            cleanup_kv: format!(
+                "DELETE FROM {s}.kv WHERE ctid IN (
+                    SELECT ctid FROM {s}.kv WHERE expires_at_ms < {NOW} - $1 LIMIT $2)"
+            ),
+            cleanup_idempotency: format!(
+                "DELETE FROM {s}.idempotency WHERE ctid IN (
+                    SELECT ctid FROM {s}.idempotency WHERE until_ms < {NOW} - $1 LIMIT $2)"
+            ),
+        }
+    }
+}
+
+/// A PostgreSQL database as the state store.
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: std::sync::Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    schema: String,
+    sql: Sql,
+    /// host:port/db, for error messages (never the password).
+    addr: String,
+    migrated: tokio::sync::OnceCell<()>,
+    runtime: tokio::runtime::Handle,
+    cleanup: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(task) = self
+            .cleanup
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            task.abort();
+        }
+    }
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("addr", &self.inner.addr)
+            .field("schema", &self.inner.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether `name` can be used unquoted as a schema name.
+pub fn valid_schema_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= 63
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
+}
+
+fn ms(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl PostgresStore {
+    /// A store in `schema` of the database at `url` (`postgres://user[:password]@host:port/db`
+    /// or a `key=value` connection string), with at most `pool_size` connections. Connects
+    /// lazily: an unreachable server shows as [`StateError::Unavailable`] on use. Must be called
+    /// inside a tokio runtime, which the synchronous [`KvStore`] methods block on.
+    pub fn new(url: &str, schema: &str, pool_size: usize) -> Result<Self, StateError> {
+        if !valid_schema_name(schema) {
+            return Err(StateError::Config(format!(
+                "\"{schema}\" is not a usable schema name: lowercase letters, digits and _, \
+                 starting with a letter or _, at most 63 characters"
+            )));
+        }
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StateError::Config(format!("not a PostgreSQL URL: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(2));
+        }
+        let addr = describe(&config);
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .recycle_timeout(Some(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| StateError::Config(format!("postgres at {addr}: {e}")))?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            StateError::Config("the PostgreSQL store must be created inside a tokio runtime".into())
+        })?;
+        let store = Self {
+            inner: std::sync::Arc::new(Inner {
+                pool,
+                schema: schema.to_owned(),
+                sql: Sql::new(schema),
+                addr,
+                migrated: tokio::sync::OnceCell::new(),
+                runtime,
+                cleanup: std::sync::Mutex::new(None),
+            }),
+        };
+        let weak = std::sync::Arc::downgrade(&store.inner);
+        let task = store.inner.runtime.spawn(async move {
+            let mut tick = tokio::time::interval(CLEANUP_EVERY);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let store = PostgresStore { inner };
+                if let Err(e) = store.cleanup().await {
+                    tracing::warn!(error = %e, "Cleaning up expired state rows failed; trying again later");
+                }
+            }
+        });
+        *store
+            .inner
+            .cleanup
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
+        Ok(store)
+    }
+
+    fn err(&self, what: &str, e: impl std::fmt::Display) -> StateError {
+        StateError::Unavailable(format!("postgres at {} ({what}): {e}", self.inner.addr))
+    }
+
+    /// Creates or upgrades the schema to [`SCHEMA_VERSION`]; returns the version found before.
+    /// Safe to run from several processes at once.
+    pub async fn migrate(&self) -> Result<usize, StateError> {
+        let mut client = self
+            .inner
+            .pool
+            .get()
+            .await
+            .map_err(|e| self.err("connect", e))?;
+        let s = &self.inner.schema;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| self.err("migrate", e))?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('lockgate-migrate:' || $1))",
+            &[s],
+        )
+        .await
+        .map_err(|e| self.err("migrate", e))?;
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {s};
+             CREATE TABLE IF NOT EXISTS {s}.schema_migrations (
+                 version integer PRIMARY KEY,
+                 description text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             );"
+        ))
+        .await
+        .map_err(|e| self.err("migrate", e))?;
+        let row = tx
+            .query_one(
+                &format!("SELECT coalesce(max(version), 0) FROM {s}.schema_migrations"),
+                &[],
+            )
+            .await
+            .map_err(|e| self.err("migrate", e))?;
+        let found = usize::try_from(row.get::<_, i32>(0)).unwrap_or(0);
+        if found > SCHEMA_VERSION {
+            return Err(StateError::Config(format!(
+                "postgres at {}: schema {s} is at version {found}, newer than this lockgate \
+                 knows ({SCHEMA_VERSION}); upgrade lockgate",
+                self.inner.addr
+            )));
+        }
+        for (i, (description, sql)) in MIGRATIONS.iter().enumerate().skip(found) {
+            tx.batch_execute(&sql.replace("{s}", s))
+                .await
+                .map_err(|e| self.err("migrate", e))?;
+            let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
+            tx.execute(
+                &format!(
+                    "INSERT INTO {s}.schema_migrations (version, description) VALUES ($1, $2)"
+                ),
+                &[&version, description],
+            )
+            .await
+            .map_err(|e| self.err("migrate", e))?;
+        }
+        tx.commit().await.map_err(|e| self.err("migrate", e))?;
+        Ok(found)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StateError> {
+        self.inner
+            .migrated
+            .get_or_try_init(|| async { self.migrate().await.map(drop) })
+            .await?;
+        self.inner
+            .pool
+            .get()
+            .await
+            .map_err(|e| self.err("connect", e))
+    }
+
+    /// Runs `sql` with `params` and returns the rows.
+    async fn query(
+        &self,
+        what: &str,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, StateError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| self.err(what, e))?;
+        client
+            .query(&stmt, params)
+            .await
+            .map_err(|e| self.err(what, e))
+    }
+
+    async fn execute(
+        &self,
+        what: &str,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<u64, StateError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| self.err(what, e))?;
+        client
+            .execute(&stmt, params)
+            .await
+            .map_err(|e| self.err(what, e))
+    }
+
+    /// Deletes rows that expired more than a minute ago, a bounded batch per table.
+    pub async fn cleanup(&self) -> Result<u64, StateError> {
+        let sql = &self.inner.sql;
+        let mut deleted = 0;
+        for q in [&sql.cleanup_kv, &sql.cleanup_idempotency] {
+            deleted += self
+                .execute("cleanup", q, &[&CLEANUP_GRACE_MS, &CLEANUP_BATCH])
+                .await?;
+        }
+        Ok(deleted)
+    }
+
+    fn block<T>(&self, f: impl Future<Output = Result<T, StateError>>) -> Result<T, StateError> {
+        self.inner.runtime.block_on(f)
+    }
+}
+
+/// `host:port/db` of a connection config.
+fn describe(config: &tokio_postgres::Config) -> String {
+    let host = config
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let db = config.get_dbname().or(config.get_user()).unwrap_or("");
+    format!("{host}:{port}/{db}")
+}
+
+impl KvStore for PostgresStore {
+    fn get(&self, namespace: &str, key: &str, now_ms: u64) -> Result<Option<Vec<u8>>, StateError> {
+        self.block(async {
+            let rows = self
+                .query(
+                    "kv get",
+                    &self.inner.sql.get,
+                    &[&namespace, &key, &ms(now_ms)],
+                )
+                .await?;
+            Ok(rows.first().map(|r| r.get::<_, Vec<u8>>(0)))
+        })
+    }
+
+    fn set(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: &[u8],
+        expires_at_ms: Option<u64>,
+    ) -> Result<(), StateError> {
+        self.set_many(
+            namespace,
+            &[(key.to_owned(), value.to_vec())],
+            expires_at_ms,
+        )
+    }
+
+    fn set_many(
+        &self,
+        namespace: &str,
+        entries: &[(String, Vec<u8>)],
+        expires_at_ms: Option<u64>,
+    ) -> Result<(), StateError> {
+        // One statement cannot upsert a row twice: the last write of a key wins, as it would
+        // one set at a time.
+        let mut last: std::collections::HashMap<&str, &[u8]> = std::collections::HashMap::new();
+        for (k, v) in entries {
+            last.insert(k.as_str(), v.as_slice());
+        }
+        let (keys, values): (Vec<&str>, Vec<&[u8]>) = last.into_iter().unzip();
+        let expires = expires_at_ms.map(ms);
+        self.block(async {
+            self.execute(
+                "kv set",
+                &self.inner.sql.set_many,
+                &[&namespace, &keys, &values, &expires],
+            )
+            .await
+            .map(drop)
+        })
+    }
+
+    fn delete(&self, namespace: &str, key: &str, now_ms: u64) -> Result<bool, StateError> {
+        self.block(async {
+            let rows = self
+                .query(
+                    "kv delete",
+                    &self.inner.sql.delete,
+                    &[&namespace, &key, &ms(now_ms)],
+                )
+                .await?;
+            Ok(rows.first().is_some_and(|r| r.get::<_, i64>(0) > 0))
+        })
+    }
+
+    fn compare_and_swap(
+        &self,
+        namespace: &str,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+        expires_at_ms: Option<u64>,
+        now_ms: u64,
+    ) -> Result<bool, StateError> {
+        let sql = &self.inner.sql;
+        let now = ms(now_ms);
+        let expires = expires_at_ms.map(ms);
+        self.block(async {
+            Ok(match (expected, new) {
+                (None, Some(new)) => {
+                    self.execute(
+                        "kv compare-and-swap",
+                        &sql.insert_if_absent,
+                        &[&namespace, &key, &now, &new, &expires],
+                    )
+                    .await?
+                        == 1
+                }
+                (Some(old), Some(new)) => {
+                    self.execute(
+                        "kv compare-and-swap",
+                        &sql.update_if,
+                        &[&namespace, &key, &now, &old, &new, &expires],
+                    )
+                    .await?
+                        == 1
+                }
+                (Some(old), None) => {
+                    self.execute(
+                        "kv compare-and-swap",
+                        &sql.delete_if,
+                        &[&namespace, &key, &now, &old],
+                    )
+                    .await?
+                        == 1
+                }
+                (None, None) => {
+                    let rows = self
+                        .query(
+                            "kv compare-and-swap",
+                            &sql.visible,
+                            &[&namespace, &key, &now],
+                        )
+                        .await?;
+                    rows.first().is_none_or(|r| r.get::<_, i64>(0) == 0)
+                }
+            })
+        })
+    }
+}
+
+impl IdempotencyStore for PostgresStore {
+    fn claim(
+        &self,
+        scope: String,
+        requests: Vec<ClaimRequest>,
+        lease: Duration,
+    ) -> BoxFuture<'_, Result<Vec<Claim>, StateError>> {
+        Box::pin(async move {
+            if requests.is_empty() {
+                return Ok(Vec::new());
+            }
+            let keys: Vec<&str> = requests.iter().map(|r| r.key.as_str()).collect();
+            let owners: Vec<&str> = requests.iter().map(|r| r.owner.as_str()).collect();
+            let rows = self
+                .query(
+                    "claim idempotency keys",
+                    &self.inner.sql.claim,
+                    &[&scope, &keys, &owners, &millis(lease)],
+                )
+                .await?;
+            if rows.len() != requests.len() {
+                return Err(self.err(
+                    "claim idempotency keys",
+                    format!("{} answers for {} keys", rows.len(), requests.len()),
+                ));
+            }
+            Ok(rows
+                .iter()
+                .map(|r| match r.get::<_, i64>(0) {
+                    0 => Claim::Claimed,
+                    n if n < 0 => Claim::Done,
+                    n => Claim::Busy(Duration::from_millis(n.unsigned_abs())),
+                })
+                .collect())
+        })
+    }
+
+    fn complete(
+        &self,
+        scope: String,
+        mut keys: Vec<String>,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<(), StateError>> {
+        Box::pin(async move {
+            keys.sort_unstable();
+            keys.dedup();
+            if keys.is_empty() {
+                return Ok(());
+            }
+            self.execute(
+                "record idempotency keys",
+                &self.inner.sql.complete,
+                &[&scope, &keys, &millis(ttl)],
+            )
+            .await
+            .map(drop)
+        })
+    }
+
+    fn release(
+        &self,
+        scope: String,
+        requests: Vec<ClaimRequest>,
+    ) -> BoxFuture<'_, Result<(), StateError>> {
+        Box::pin(async move {
+            if requests.is_empty() {
+                return Ok(());
+            }
+            let keys: Vec<&str> = requests.iter().map(|r| r.key.as_str()).collect();
+            let owners: Vec<&str> = requests.iter().map(|r| r.owner.as_str()).collect();
+            self.execute(
+                "release idempotency keys",
+                &self.inner.sql.release,
+                &[&scope, &keys, &owners],
+            )
+            .await
+            .map(drop)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names() {
+        assert!(valid_schema_name("lockgate"));
+        assert!(valid_schema_name("_t1"));
+        assert!(!valid_schema_name("1x"));
+        assert!(!valid_schema_name("a-b"));
+        assert!(!valid_schema_name("A"));
+        assert!(!valid_schema_name(""));
+        assert!(!valid_schema_name("x; drop table y"));
+    }
+}

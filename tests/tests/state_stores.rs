@@ -1,0 +1,208 @@
+//! The shared state stores against real servers (`scripts/brokers.sh start redis postgres`):
+//! guest kv semantics and idempotency claims pass the same suites as the embedded store, the
+//! PostgreSQL schema migrates once under concurrent starters, and an unreachable store answers
+//! with an error instead of hanging.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lockgate::state::{
+    IdempotencyStore, KvStore, POSTGRES_SCHEMA_VERSION, PostgresStore, RedisStore, StateError,
+    claims_conformance, conformance,
+};
+
+const REDIS: &str = "redis://127.0.0.1:6379";
+const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// A name no earlier run used, so each test starts from an empty store.
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}_{}_{nanos}", std::process::id())
+}
+
+/// Drops a test schema (tests leave nothing behind in the shared server).
+async fn drop_schema(schema: &str) {
+    let (client, conn) = tokio_postgres::connect(POSTGRES, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let task = tokio::spawn(conn);
+    client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .await
+        .unwrap();
+    drop(client);
+    let _ = task.await;
+}
+
+/// Deletes every key under `prefix`.
+async fn drop_prefix(prefix: &str) {
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        redis::cmd("DEL")
+            .arg(keys)
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+    }
+}
+
+async fn kv_suite(store: Arc<dyn KvStore>) {
+    // The kv trait is synchronous (guests call it from a blocking thread).
+    tokio::task::spawn_blocking(move || conformance::run(store.as_ref()))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_kv_follows_the_shared_rules() {
+    let prefix = unique("lgtest");
+    let store = RedisStore::new(REDIS, &prefix).unwrap();
+    store
+        .ping()
+        .await
+        .expect("redis on 127.0.0.1:6379 (scripts/brokers.sh start redis)");
+    kv_suite(Arc::new(store)).await;
+    drop_prefix(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_claims_follow_the_shared_rules() {
+    let prefix = unique("lgtest");
+    let store = RedisStore::new(REDIS, &prefix).unwrap();
+    claims_conformance::run(&store).await;
+    drop_prefix(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_kv_follows_the_shared_rules() {
+    let schema = unique("lgtest");
+    let store = PostgresStore::new(POSTGRES, &schema, 4).unwrap();
+    kv_suite(Arc::new(store)).await;
+    drop_schema(&schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_claims_follow_the_shared_rules() {
+    let schema = unique("lgtest");
+    let store = PostgresStore::new(POSTGRES, &schema, 4).unwrap();
+    claims_conformance::run(&store).await;
+    drop_schema(&schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_schema_migrates_once_under_concurrent_starters() {
+    let schema = unique("lgtest");
+    let stores: Vec<PostgresStore> = (0..4)
+        .map(|_| PostgresStore::new(POSTGRES, &schema, 2).unwrap())
+        .collect();
+    let found: Vec<usize> = futures_util::future::join_all(stores.iter().map(|s| s.migrate()))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    // Exactly one starter found an empty schema; the others found it migrated.
+    assert_eq!(found.iter().filter(|v| **v == 0).count(), 1, "{found:?}");
+    assert!(
+        found
+            .iter()
+            .all(|v| *v == 0 || *v == POSTGRES_SCHEMA_VERSION),
+        "{found:?}"
+    );
+    assert_eq!(stores[0].migrate().await.unwrap(), POSTGRES_SCHEMA_VERSION);
+    drop_schema(&schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_claims_in_one_call_on_both_stores() {
+    // The batch path: 500 keys, half of them done, in one call each way.
+    let schema = unique("lgtest");
+    let prefix = unique("lgtest");
+    let stores: Vec<Box<dyn IdempotencyStore>> = vec![
+        Box::new(RedisStore::new(REDIS, &prefix).unwrap()),
+        Box::new(PostgresStore::new(POSTGRES, &schema, 2).unwrap()),
+    ];
+    for store in &stores {
+        let keys: Vec<String> = (0..500).map(|i| format!("k{i}")).collect();
+        store
+            .complete(
+                "s".into(),
+                keys.iter().step_by(2).cloned().collect(),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        let requests = keys
+            .iter()
+            .map(|k| lockgate::state::ClaimRequest {
+                key: k.clone(),
+                owner: "o".into(),
+            })
+            .collect();
+        let answers = store
+            .claim("s".into(), requests, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(answers.len(), 500);
+        for (i, a) in answers.iter().enumerate() {
+            let want = if i % 2 == 0 {
+                lockgate::state::Claim::Done
+            } else {
+                lockgate::state::Claim::Claimed
+            };
+            assert_eq!(*a, want, "key k{i}");
+        }
+    }
+    drop_schema(&schema).await;
+    drop_prefix(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_store_errors_promptly() {
+    // Nothing listens on port 1.
+    let redis = Arc::new(RedisStore::new("redis://127.0.0.1:1", "x").unwrap());
+    let pg =
+        Arc::new(PostgresStore::new("postgres://postgres@127.0.0.1:1/postgres", "x", 1).unwrap());
+    for (name, store) in [
+        ("redis", redis.clone() as Arc<dyn KvStore>),
+        ("postgres", pg.clone() as Arc<dyn KvStore>),
+    ] {
+        let t0 = Instant::now();
+        let r = tokio::task::spawn_blocking(move || store.get("h", "k", 0))
+            .await
+            .unwrap();
+        assert!(
+            matches!(r, Err(StateError::Unavailable(_))),
+            "{name}: {r:?}"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "{name} took {:?}",
+            t0.elapsed()
+        );
+    }
+    let claim = redis
+        .claim(
+            "s".into(),
+            vec![lockgate::state::ClaimRequest {
+                key: "k".into(),
+                owner: "o".into(),
+            }],
+            Duration::from_secs(1),
+        )
+        .await;
+    assert!(
+        matches!(claim, Err(StateError::Unavailable(_))),
+        "{claim:?}"
+    );
+}
