@@ -356,6 +356,7 @@ mod tests {
             logs: vec![],
             dropped_logs: 0,
             elapsed: Duration::from_micros(1500),
+            kv_writes: None,
         };
         let v = result_json(2, &inv);
         assert_eq!(v["message"], 2);

@@ -167,6 +167,11 @@ const COUNTERS: &[(&str, &str, Read)] = &[
         |s| load(&s.claim_waits),
     ),
     (
+        "lockgate_messages_recovered",
+        "Messages whose effects an earlier holder committed before crashing: their kept outputs were published without running the handler again.",
+        |s| load(&s.recovered),
+    ),
+    (
         "lockgate_outputs_published",
         "Outputs published and acknowledged.",
         |s| load(&s.outputs),

@@ -79,8 +79,8 @@ async fn redis_kv_follows_the_shared_rules() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_claims_follow_the_shared_rules() {
     let prefix = unique("lgtest");
-    let store = RedisStore::new(REDIS, &prefix).unwrap();
-    claims_conformance::run(&store).await;
+    let store = Arc::new(RedisStore::new(REDIS, &prefix).unwrap());
+    claims_conformance::run(store.as_ref(), store.clone()).await;
     drop_prefix(&prefix).await;
 }
 
@@ -95,8 +95,8 @@ async fn postgres_kv_follows_the_shared_rules() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_claims_follow_the_shared_rules() {
     let schema = unique("lgtest");
-    let store = PostgresStore::new(POSTGRES, &schema, 4).unwrap();
-    claims_conformance::run(&store).await;
+    let store = Arc::new(PostgresStore::new(POSTGRES, &schema, 4).unwrap());
+    claims_conformance::run(store.as_ref(), store.clone()).await;
     drop_schema(&schema).await;
 }
 
@@ -205,4 +205,72 @@ async fn an_unreachable_store_errors_promptly() {
         matches!(claim, Err(StateError::Unavailable(_))),
         "{claim:?}"
     );
+}
+
+#[test]
+fn a_staged_call_holds_its_kv_writes_back_with_what_it_read() {
+    use lockgate::engine::{HandlerEnv, HandlerLimits, InboundMessage, Isolation, Outcome};
+    use lockgate::state::{KvWrite, MemoryStore};
+
+    let store = Arc::new(MemoryStore::new());
+    let env = HandlerEnv {
+        name: "chaos".into(),
+        config: [("target", "out"), ("count_effects", "true")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        outputs: None,
+        limits: HandlerLimits::default(),
+        kv: store.clone(),
+    };
+    let pool = lockgate_tests::guest_pool("chaos", false, Isolation::Reuse, env);
+    let msg = |payload: &str, attempt: u32| InboundMessage {
+        id: "t/0/1".into(),
+        topic: "in".into(),
+        payload: payload.as_bytes().to_vec(),
+        attempt,
+        ..InboundMessage::default()
+    };
+    let effect = || {
+        store
+            .get("chaos", "effects/1", lockgate::state::now_ms())
+            .unwrap()
+    };
+
+    let inv = pool.invoke_with(&msg(r#"{"id":1}"#, 1), true);
+    assert!(
+        matches!(inv.outcome, Outcome::Ok { .. }),
+        "{:?}",
+        inv.outcome
+    );
+    assert_eq!(
+        inv.kv_writes,
+        Some(vec![KvWrite {
+            namespace: "chaos".into(),
+            key: "effects/1".into(),
+            value: Some(b"1".to_vec()),
+            expires_at_ms: None,
+            expected: Some(None),
+        }])
+    );
+    assert_eq!(effect(), None, "a staged write reached the store");
+
+    // Unstaged, the write applies at once; a staged call then reads it and expects it.
+    let inv = pool.invoke(&msg(r#"{"id":1}"#, 1));
+    assert_eq!(inv.kv_writes, None);
+    assert_eq!(effect().as_deref(), Some(&b"1"[..]));
+    let inv = pool.invoke_with(&msg(r#"{"id":1}"#, 1), true);
+    let writes = inv.kv_writes.unwrap();
+    assert_eq!(writes[0].value.as_deref(), Some(&b"2"[..]));
+    assert_eq!(writes[0].expected, Some(Some(b"1".to_vec())));
+
+    // A failed attempt stages nothing.
+    let inv = pool.invoke_with(&msg(r#"{"id":1,"fail":1}"#, 1), true);
+    assert!(
+        matches!(inv.outcome, Outcome::Retry { .. }),
+        "{:?}",
+        inv.outcome
+    );
+    assert_eq!(inv.kv_writes, Some(vec![]));
+    assert_eq!(effect().as_deref(), Some(&b"1"[..]));
 }

@@ -8,10 +8,12 @@
 //! Config `down_until_ms` (ms since the Unix epoch) simulates a dependency outage: until then every
 //! message asks to be retried, which is what trips a route's circuit breaker. Config
 //! `poison_ok = "true"` is the fixed version: poison orders are forwarded like good ones (the DLQ
-//! replay tests deploy it before replaying).
+//! replay tests deploy it before replaying). Config `count_effects = "true"` gives every handled
+//! order a side effect to count: kv `effects/<id>` is incremented (read, add one, write), so the
+//! scale-out tests can tell an effect that ran twice from one that ran once.
 
 use lockgate_sdk::emit::Outgoing;
-use lockgate_sdk::{Error, Message, config};
+use lockgate_sdk::{Error, Message, config, kv};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -60,6 +62,14 @@ fn handle(msg: Message) -> Result<(), Error> {
             msg.attempt(),
             order.fail
         )));
+    }
+    if config::get("count_effects").as_deref() == Some("true") {
+        let key = format!("effects/{}", order.id);
+        let seen: u64 = kv::get(&key)?
+            .and_then(|v| String::from_utf8(v).ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        kv::set(&key, (seen + 1).to_string())?;
     }
     let target =
         config::get("target").ok_or_else(|| Error::reject("config key `target` is not set"))?;
@@ -145,6 +155,20 @@ mod tests {
                 .is_reject()
         );
         assert!(host.take_published().is_empty());
+    }
+
+    #[test]
+    fn effects_are_counted_per_order_when_asked() {
+        let mut host = host().config("count_effects", "true");
+        for _ in 0..2 {
+            host.call(handle, Message::new(r#"{"id":9}"#)).unwrap();
+        }
+        host.call(handle, Message::new(r#"{"id":8}"#)).unwrap();
+        assert_eq!(host.kv_get("effects/9").as_deref(), Some(&b"2"[..]));
+        assert_eq!(host.kv_get("effects/8").as_deref(), Some(&b"1"[..]));
+        let mut plain = super::tests::host();
+        plain.call(handle, Message::new(r#"{"id":9}"#)).unwrap();
+        assert_eq!(plain.kv_get("effects/9"), None);
     }
 
     #[test]

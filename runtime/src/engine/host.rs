@@ -80,6 +80,51 @@ pub(crate) struct CallState {
     pub refused_output: Option<String>,
     /// The message's reply subject: publishing to it is always allowed (request-reply).
     pub reply_to: Option<String>,
+    /// Set when the call's kv writes are staged (to be committed with the message's
+    /// idempotency key) instead of applied at once.
+    pub kv_txn: Option<KvTxn>,
+}
+
+/// Most bytes of kv values one invocation may stage (16 MiB).
+pub const MAX_STAGED_KV_BYTES: usize = 16 * 1024 * 1024;
+
+/// A staged write: a value with its expiry, or `None` for a delete.
+type Staged = Option<(Vec<u8>, Option<u64>)>;
+
+/// The kv writes of one invocation, held back until its message commits. Reads see the
+/// invocation's own writes; the first value read from the store for a key is remembered, so a
+/// write to a key the handler read applies only if the key has not changed since.
+#[derive(Debug, Default)]
+pub(crate) struct KvTxn {
+    /// Staged: a value with its expiry, or `None` for a delete.
+    writes: BTreeMap<String, Staged>,
+    /// The visible value first read from the store.
+    seen: BTreeMap<String, Option<Vec<u8>>>,
+    bytes: usize,
+}
+
+impl KvTxn {
+    /// The writes, for the commit.
+    pub(crate) fn into_writes(self, namespace: &str) -> Vec<state::KvWrite> {
+        let mut seen = self.seen;
+        self.writes
+            .into_iter()
+            .map(|(key, w)| {
+                let expected = seen.remove(&key);
+                let (value, expires_at_ms) = match w {
+                    Some((v, e)) => (Some(v), e),
+                    None => (None, None),
+                };
+                state::KvWrite {
+                    namespace: namespace.to_owned(),
+                    key,
+                    value,
+                    expires_at_ms,
+                    expected,
+                }
+            })
+            .collect()
+    }
 }
 
 impl CallState {
@@ -231,6 +276,12 @@ fn check_key(key: &str) -> Result<(), kv::KvError> {
     if key.is_empty() {
         return Err(kv::KvError::InvalidKey("key is empty".into()));
     }
+    // PostgreSQL text cannot hold NUL; refusing it everywhere keeps handlers portable.
+    if key.contains('\0') {
+        return Err(kv::KvError::InvalidKey(
+            "key contains a NUL character".into(),
+        ));
+    }
     if key.len() > MAX_KV_KEY_BYTES {
         return Err(kv::KvError::InvalidKey(format!(
             "key is {} bytes, over the limit of {MAX_KV_KEY_BYTES}",
@@ -255,12 +306,55 @@ fn store_error(e: state::StateError) -> kv::KvError {
     kv::KvError::Unavailable(e.to_string())
 }
 
+impl HostState {
+    /// The visible value of `key` for a staged call: its own write, else the store's (which is
+    /// remembered as what the call saw).
+    fn staged_get(&mut self, key: &str, now: u64) -> Result<Option<Vec<u8>>, kv::KvError> {
+        let Some(txn) = &mut self.call.kv_txn else {
+            return Ok(None);
+        };
+        if let Some(w) = txn.writes.get(key) {
+            return Ok(match w {
+                Some((v, e)) if e.is_none_or(|e| e > now) => Some(v.clone()),
+                _ => None,
+            });
+        }
+        if let Some(v) = txn.seen.get(key) {
+            return Ok(v.clone());
+        }
+        let v = self
+            .env
+            .kv
+            .get(&self.env.name, key, now)
+            .map_err(store_error)?;
+        txn.seen.insert(key.to_owned(), v.clone());
+        Ok(v)
+    }
+
+    fn stage(&mut self, key: String, w: Staged) -> Result<(), kv::KvError> {
+        let Some(txn) = &mut self.call.kv_txn else {
+            return Ok(());
+        };
+        let size = key.len() + w.as_ref().map_or(0, |(v, _)| v.len());
+        if txn.bytes + size > MAX_STAGED_KV_BYTES {
+            return Err(kv::KvError::TooLarge(MAX_STAGED_KV_BYTES as u64));
+        }
+        txn.bytes += size;
+        txn.writes.insert(key, w);
+        Ok(())
+    }
+}
+
 impl kv::Host for HostState {
     fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, kv::KvError> {
         check_key(&key)?;
+        let now = state::now_ms();
+        if self.call.kv_txn.is_some() {
+            return self.staged_get(&key, now);
+        }
         self.env
             .kv
-            .get(&self.env.name, &key, state::now_ms())
+            .get(&self.env.name, &key, now)
             .map_err(store_error)
     }
 
@@ -268,6 +362,9 @@ impl kv::Host for HostState {
         check_key(&key)?;
         check_value(&value)?;
         let exp = expiry(state::now_ms(), ttl_ms);
+        if self.call.kv_txn.is_some() {
+            return self.stage(key, Some((value, exp)));
+        }
         self.env
             .kv
             .set(&self.env.name, &key, &value, exp)
@@ -276,9 +373,15 @@ impl kv::Host for HostState {
 
     fn delete(&mut self, key: String) -> Result<bool, kv::KvError> {
         check_key(&key)?;
+        let now = state::now_ms();
+        if self.call.kv_txn.is_some() {
+            let was = self.staged_get(&key, now)?.is_some();
+            self.stage(key, None)?;
+            return Ok(was);
+        }
         self.env
             .kv
-            .delete(&self.env.name, &key, state::now_ms())
+            .delete(&self.env.name, &key, now)
             .map_err(store_error)
     }
 
@@ -294,6 +397,13 @@ impl kv::Host for HostState {
             check_value(v)?;
         }
         let now = state::now_ms();
+        if self.call.kv_txn.is_some() {
+            if self.staged_get(&key, now)? != expected {
+                return Ok(false);
+            }
+            self.stage(key, new.map(|v| (v, expiry(now, ttl_ms))))?;
+            return Ok(true);
+        }
         self.env
             .kv
             .compare_and_swap(

@@ -478,6 +478,12 @@ impl Instance {
     /// Never panics on guest behaviour: every failure is an [`Outcome`]. After a trap, timeout or
     /// memory exhaustion the instance is poisoned and must not be reused.
     pub fn invoke(&mut self, message: &InboundMessage) -> Invocation {
+        self.invoke_with(message, false)
+    }
+
+    /// Like [`Self::invoke`]; with `stage_kv` the call's kv writes are held back and returned in
+    /// [`Invocation::kv_writes`] (for an ok outcome) instead of applied.
+    pub fn invoke_with(&mut self, message: &InboundMessage, stage_kv: bool) -> Invocation {
         let start = Instant::now();
         if self.poisoned {
             return Invocation {
@@ -487,6 +493,7 @@ impl Instance {
                 logs: Vec::new(),
                 dropped_logs: 0,
                 elapsed: Duration::ZERO,
+                kv_writes: None,
             };
         }
         self.calls += 1;
@@ -495,6 +502,7 @@ impl Instance {
             let data = self.store.data_mut();
             data.call = CallState {
                 reply_to: message.reply_to.clone(),
+                kv_txn: stage_kv.then(host::KvTxn::default),
                 ..CallState::default()
             };
             data.memory.hit = false;
@@ -558,11 +566,17 @@ impl Instance {
                 }
             }
         };
+        let kv_writes = match (&outcome, call.kv_txn.take()) {
+            (Outcome::Ok { .. }, Some(txn)) => Some(txn.into_writes(&self.handler.inner.env.name)),
+            (_, Some(_)) => Some(Vec::new()),
+            (_, None) => None,
+        };
         Invocation {
             outcome,
             logs: call.logs,
             dropped_logs: call.dropped_logs,
             elapsed,
+            kv_writes,
         }
     }
 
@@ -663,6 +677,11 @@ impl InstancePool {
     /// Runs one message on an instance from the pool. An instantiation failure becomes a
     /// `Trapped` outcome: from the message's point of view the handler failed, retryably.
     pub fn invoke(&self, message: &InboundMessage) -> Invocation {
+        self.invoke_with(message, false)
+    }
+
+    /// Like [`Self::invoke`], staging kv writes when `stage_kv` (see [`Instance::invoke_with`]).
+    pub fn invoke_with(&self, message: &InboundMessage, stage_kv: bool) -> Invocation {
         let reused = self
             .idle
             .lock()
@@ -684,11 +703,12 @@ impl InstancePool {
                         logs: Vec::new(),
                         dropped_logs: 0,
                         elapsed: Duration::ZERO,
+                        kv_writes: None,
                     };
                 }
             },
         };
-        let invocation = instance.invoke(message);
+        let invocation = instance.invoke_with(message, stage_kv);
         let keep = self.isolation == Isolation::Reuse
             && !instance.is_poisoned()
             && instance.calls() < self.max_messages_per_instance;
@@ -916,6 +936,9 @@ pub struct Invocation {
     pub dropped_logs: u64,
     /// Wall-clock time of the call.
     pub elapsed: Duration,
+    /// The kv writes the call staged, when it ran with staging (empty unless it succeeded);
+    /// `None` when its writes went straight to the store.
+    pub kv_writes: Option<Vec<crate::state::KvWrite>>,
 }
 
 /// Convenience for building a [`HandlerEnv`] with default limits and no outputs restriction.

@@ -25,11 +25,11 @@ use crate::engine::{InboundMessage, InstancePool, Invocation, Outcome};
 use crate::pipeline::backoff::{Decision, FailureKind, RetryMode};
 use crate::pipeline::breaker::{Admission, BreakerState, CircuitBreaker};
 use crate::pipeline::dlq::{self, Failure};
-use crate::pipeline::idempotency::{DoneKeys, key_of, new_owner};
+use crate::pipeline::idempotency::{DoneKeys, decode_outputs, encode_outputs, key_of, new_owner};
 use crate::pipeline::lanes::Lanes;
 use crate::pipeline::rate_limit::RateLimit;
 use crate::pipeline::trace;
-use crate::state::{Claim, ClaimRequest, now_ms};
+use crate::state::{Claim, ClaimRequest, Commit, now_ms};
 use tracing::Instrument;
 
 /// Messages a route holds at once (queued in lanes or being handled). Bounds memory and how much
@@ -53,6 +53,12 @@ const MAX_CLAIM_POLL: Duration = Duration::from_millis(250);
 pub trait Invoker: Send + Sync + 'static {
     /// Handles one message (synchronously: called on a blocking thread).
     fn invoke(&self, message: &InboundMessage) -> Invocation;
+    /// Handles one message with its kv writes staged and returned in
+    /// [`Invocation::kv_writes`] rather than applied (for a message whose idempotency key is
+    /// claimed: they commit with it). Invokers without kv just invoke.
+    fn invoke_staged(&self, message: &InboundMessage) -> Invocation {
+        self.invoke(message)
+    }
     /// The handler's name.
     fn handler_name(&self) -> String;
     /// The version that runs (module hash).
@@ -66,6 +72,10 @@ pub trait Invoker: Send + Sync + 'static {
 impl Invoker for InstancePool {
     fn invoke(&self, message: &InboundMessage) -> Invocation {
         InstancePool::invoke(self, message)
+    }
+
+    fn invoke_staged(&self, message: &InboundMessage) -> Invocation {
+        InstancePool::invoke_with(self, message, true)
     }
 
     fn handler_name(&self) -> String {
@@ -171,6 +181,9 @@ pub struct RouteStats {
     /// Messages that waited because their idempotency key was claimed by another lane or
     /// process.
     pub claim_waits: AtomicU64,
+    /// Messages whose effects an earlier holder had committed before crashing: their kept
+    /// outputs were published without running the handler again.
+    pub recovered: AtomicU64,
     /// Messages held (queued in lanes, running, waiting for a retry or for their batch).
     pub in_flight: AtomicU64,
     /// Times the circuit breaker opened.
@@ -197,6 +210,7 @@ impl Default for RouteStats {
             revoked: AtomicU64::new(0),
             infra_retries: AtomicU64::new(0),
             claim_waits: AtomicU64::new(0),
+            recovered: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             breaker_trips: AtomicU64::new(0),
             breaker_state: AtomicU64::new(0),
@@ -733,6 +747,32 @@ struct PendingMessage {
     _permit: Held,
 }
 
+/// The outputs of a successful call as published: each with its deterministic `lockgate-id`
+/// and the trace context.
+fn output_records(
+    record: &Record,
+    outputs: Vec<crate::engine::OutgoingMessage>,
+    dedup_base: &str,
+) -> Vec<OutRecord> {
+    outputs
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let mut headers = o.headers;
+            headers.retain(|(n, _)| n != LOCKGATE_ID_HEADER);
+            let id = format!("{dedup_base}:{i}");
+            trace::propagate(record, &mut headers, &id);
+            headers.push((LOCKGATE_ID_HEADER.to_owned(), id.into_bytes()));
+            OutRecord {
+                topic: o.topic,
+                key: o.key,
+                headers,
+                payload: o.payload,
+            }
+        })
+        .collect()
+}
+
 /// Acknowledges a message whose idempotency key is done, with the batch.
 fn duplicate(stats: &RouteStats, pending: &mut Pending, ack: AckHandle, permit: Held) {
     RouteStats::bump(&stats.duplicates);
@@ -990,12 +1030,18 @@ impl Shared {
                     return self.flush(pending).await;
                 }
                 Some(Claim::Claimed) => owner = Some(me),
+                Some(Claim::Applied(outputs)) => {
+                    self.push_applied(pending, ack, permit, key, me, &outputs, &record);
+                    return true;
+                }
                 Some(_) => {
                     duplicate(&self.stats, pending, ack, permit);
                     return true;
                 }
             }
         }
+        // With a claimed key, the handler's kv writes commit together with the key.
+        let staged = owner.is_some();
 
         let message_id = record.position();
         let dedup_base = match &idem_key {
@@ -1031,9 +1077,16 @@ impl Shared {
             tracing::trace!(route = %self.route, message = %message_id, attempt, "Invoking the handler");
             let inbound = inbound(&record, attempt);
             let module_hash = invoker.module_hash();
-            let invocation = {
+            let mut invocation = {
                 let invoker = invoker.clone();
-                match tokio::task::spawn_blocking(move || invoker.invoke(&inbound)).await {
+                let call = move || {
+                    if staged {
+                        invoker.invoke_staged(&inbound)
+                    } else {
+                        invoker.invoke(&inbound)
+                    }
+                };
+                match tokio::task::spawn_blocking(call).await {
                     Ok(inv) => inv,
                     Err(e) => Invocation {
                         outcome: Outcome::Trapped {
@@ -1042,6 +1095,7 @@ impl Shared {
                         logs: Vec::new(),
                         dropped_logs: 0,
                         elapsed: Duration::ZERO,
+                        kv_writes: None,
                     },
                 }
             };
@@ -1050,6 +1104,68 @@ impl Shared {
                 .observe(invocation.elapsed.as_secs_f64());
             for log in &invocation.logs {
                 tracing::debug!(route = %self.route, message = %message_id, level = log.level.as_str(), "guest: {}", log.message);
+            }
+            // A success with kv writes commits them with the key before anything is published:
+            // a crash before the commit reruns the handler (nothing was applied), a crash after
+            // it finds the key applied and publishes the kept outputs instead.
+            if let (Some(keys), Some(key), Some(me)) =
+                (&self.done_keys, idem_key.as_ref(), owner.as_ref())
+                && let Outcome::Ok { outputs } = &invocation.outcome
+                && let Some(writes) = invocation.kv_writes.take().filter(|w| !w.is_empty())
+            {
+                let kept = encode_outputs(&output_records(&record, outputs.clone(), &dedup_base));
+                let commit = self
+                    .retry_infra("commit the handler's kv writes", || {
+                        keys.commit(key, me, writes.clone(), kept.clone())
+                    })
+                    .await;
+                match commit {
+                    None => {
+                        RouteStats::bump(&self.stats.abandoned);
+                        self.release(idem_key.as_ref(), owner.as_ref()).await;
+                        return self.flush(pending).await;
+                    }
+                    Some(Commit::Committed) => {}
+                    Some(Commit::Conflict(k)) => {
+                        invocation.outcome = Outcome::Retry {
+                            reason: format!(
+                                "kv key \"{k}\" changed after the handler read it; its writes were discarded"
+                            ),
+                            after: None,
+                        };
+                    }
+                    Some(Commit::LostClaim) => {
+                        tracing::warn!(route = %self.route, message = %message_id, key = %key, "The idempotency claim ran out before the handler's writes could commit (is idempotency.lease_ms shorter than a handling?); the writes were discarded");
+                        match self.acquire(keys, key, me, pending).await {
+                            None => {
+                                RouteStats::bump(&self.stats.abandoned);
+                                return true;
+                            }
+                            Some(Claim::Claimed) => {
+                                invocation.outcome = Outcome::Retry {
+                                    reason: "lost the idempotency claim before committing".into(),
+                                    after: None,
+                                };
+                            }
+                            Some(Claim::Applied(outputs)) => {
+                                self.push_applied(
+                                    pending,
+                                    ack,
+                                    permit,
+                                    key,
+                                    me.clone(),
+                                    &outputs,
+                                    &record,
+                                );
+                                return true;
+                            }
+                            Some(_) => {
+                                duplicate(&self.stats, pending, ack, permit);
+                                return true;
+                            }
+                        }
+                    }
+                }
             }
             let kind = match &invocation.outcome {
                 Outcome::Ok { .. } => None,
@@ -1069,23 +1185,7 @@ impl Shared {
                 let Outcome::Ok { outputs } = invocation.outcome else {
                     unreachable!("kind is None only for Ok");
                 };
-                let records: Vec<OutRecord> = outputs
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, o)| {
-                        let mut headers = o.headers;
-                        headers.retain(|(n, _)| n != LOCKGATE_ID_HEADER);
-                        let id = format!("{dedup_base}:{i}");
-                        trace::propagate(&record, &mut headers, &id);
-                        headers.push((LOCKGATE_ID_HEADER.to_owned(), id.into_bytes()));
-                        OutRecord {
-                            topic: o.topic,
-                            key: o.key,
-                            headers,
-                            payload: o.payload,
-                        }
-                    })
-                    .collect();
+                let records = output_records(&record, outputs, &dedup_base);
                 pending.push(
                     PendingMessage {
                         ack,
@@ -1163,6 +1263,18 @@ impl Shared {
                                 return true;
                             }
                             Some(Claim::Claimed) => {}
+                            Some(Claim::Applied(outputs)) => {
+                                self.push_applied(
+                                    pending,
+                                    ack,
+                                    permit,
+                                    key,
+                                    me.clone(),
+                                    &outputs,
+                                    &record,
+                                );
+                                return true;
+                            }
                             Some(_) => {
                                 duplicate(&self.stats, pending, ack, permit);
                                 return true;
@@ -1238,6 +1350,44 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Takes a message whose key an earlier holder committed (and then crashed before
+    /// publishing) into `pending` with the outputs it kept: the handler does not run again.
+    #[allow(clippy::too_many_arguments)]
+    fn push_applied(
+        &self,
+        pending: &mut Pending,
+        ack: AckHandle,
+        permit: Held,
+        key: &str,
+        owner: String,
+        kept: &[u8],
+        record: &Record,
+    ) {
+        let records = match decode_outputs(kept) {
+            Ok(r) => r,
+            Err(e) => {
+                // Its effects are committed, so running it again would apply them twice.
+                tracing::error!(route = %self.route, key, error = %e, "The outputs kept with a committed idempotency key cannot be read; the message completes without them");
+                Vec::new()
+            }
+        };
+        RouteStats::bump(&self.stats.recovered);
+        outcome("recovered");
+        tracing::info!(route = %self.route, key, outputs = records.len(), "Publishing the outputs an earlier holder committed; the handler does not run again");
+        pending.push(
+            PendingMessage {
+                ack,
+                idem_key: Some(key.to_owned()),
+                owner: Some(owner),
+                outputs: records.len() as u64,
+                duplicate: false,
+                _permit: permit,
+            },
+            records,
+            record.reply_to.as_deref(),
+        );
     }
 
     /// Where answers to requests go.

@@ -29,6 +29,7 @@ where
             logs: Vec::new(),
             dropped_logs: 0,
             elapsed: Duration::ZERO,
+            kv_writes: None,
         }
     }
 

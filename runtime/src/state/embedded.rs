@@ -9,7 +9,7 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{KvStore, StateError, decode_entry, encode_entry};
+use super::{KvStore, KvWrite, StateError, decode_entry, encode_entry};
 
 /// Key: namespace, a zero byte, then the key (handler names cannot contain zero bytes).
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
@@ -105,6 +105,41 @@ impl KvStore for EmbeddedStore {
         })
     }
 
+    fn apply_atomically(
+        &self,
+        writes: &[KvWrite],
+        now_ms: u64,
+    ) -> Result<Option<String>, StateError> {
+        // One write transaction: redb serialises writers, so the checks and the writes are one
+        // atomic step, and one fsync makes them durable together.
+        self.write(|t| {
+            for w in writes {
+                if let Some(expected) = &w.expected {
+                    let k = full_key(&w.namespace, &w.key);
+                    let current = t.get(k.as_slice())?;
+                    let visible = current
+                        .as_ref()
+                        .and_then(|v| decode_entry(v.value(), now_ms).map(<[u8]>::to_vec));
+                    if visible != *expected {
+                        return Ok(Some(w.key.clone()));
+                    }
+                }
+            }
+            for w in writes {
+                let k = full_key(&w.namespace, &w.key);
+                match &w.value {
+                    Some(v) => {
+                        t.insert(k.as_slice(), encode_entry(v, w.expires_at_ms).as_slice())?;
+                    }
+                    None => {
+                        t.remove(k.as_slice())?;
+                    }
+                }
+            }
+            Ok(None)
+        })
+    }
+
     fn delete(&self, namespace: &str, key: &str, now_ms: u64) -> Result<bool, StateError> {
         let k = full_key(namespace, key);
         self.write(|t| {
@@ -164,7 +199,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: std::sync::Arc<dyn KvStore> =
             std::sync::Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
-        crate::state::claims_conformance::run(&crate::state::LocalClaims::new(store)).await;
+        crate::state::claims_conformance::run(
+            &crate::state::LocalClaims::new(store.clone()),
+            store,
+        )
+        .await;
     }
 
     #[test]

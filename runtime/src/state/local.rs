@@ -8,11 +8,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::{Claim, ClaimRequest, IdempotencyStore, KvStore, StateError, now_ms};
+use super::{Claim, ClaimRequest, Commit, IdempotencyStore, KvStore, KvWrite, StateError, now_ms};
 use crate::broker::BoxFuture;
 
 /// Value of a done record.
 const DONE: &[u8] = b"1";
+/// First byte of an applied record; the committed outputs follow.
+const APPLIED: u8 = b'a';
 
 /// Claims held in memory, done records in a [`KvStore`].
 pub struct LocalClaims {
@@ -78,21 +80,25 @@ impl IdempotencyStore for LocalClaims {
             };
             let kv = self.kv.clone();
             let (ns, keys) = (scope.clone(), requests.clone());
-            let done: Vec<bool> = blocking(move || {
+            let records: Vec<Option<Vec<u8>>> = blocking(move || {
                 let now = now_ms();
-                keys.iter()
-                    .map(|r| kv.get(&ns, &r.key, now).map(|v| v.is_some()))
-                    .collect()
+                keys.iter().map(|r| kv.get(&ns, &r.key, now)).collect()
             })
             .await?;
             let mut held = self.held();
-            for ((answer, r), done) in answers.iter_mut().zip(&requests).zip(done) {
+            for ((answer, r), record) in answers.iter_mut().zip(&requests).zip(records) {
                 if answer.is_none() {
-                    *answer = Some(if done {
-                        held.remove(&(scope.clone(), r.key.clone()));
-                        Claim::Done
-                    } else {
-                        Claim::Claimed
+                    *answer = Some(match record {
+                        None => Claim::Claimed,
+                        // Applied: the claim is ours, to publish what was committed.
+                        Some(mut v) if v.first() == Some(&APPLIED) => {
+                            v.remove(0);
+                            Claim::Applied(v)
+                        }
+                        Some(_) => {
+                            held.remove(&(scope.clone(), r.key.clone()));
+                            Claim::Done
+                        }
                     });
                 }
             }
@@ -139,6 +145,50 @@ impl IdempotencyStore for LocalClaims {
         }
         Box::pin(async { Ok(()) })
     }
+
+    fn commit(
+        &self,
+        scope: String,
+        claim: ClaimRequest,
+        mut writes: Vec<KvWrite>,
+        outputs: Vec<u8>,
+        lease: Duration,
+    ) -> BoxFuture<'_, Result<Commit, StateError>> {
+        Box::pin(async move {
+            let id = (scope.clone(), claim.key.clone());
+            {
+                let mut held = self.held();
+                match held.get_mut(&id) {
+                    Some((owner, until)) if *owner == claim.owner => {
+                        *until = Instant::now() + lease;
+                    }
+                    _ => return Ok(Commit::LostClaim),
+                }
+            }
+            // A retry of a commit that went through (only this owner can have written it).
+            let (kv, ns, key) = (self.kv.clone(), scope.clone(), claim.key.clone());
+            let already = blocking(move || kv.get(&ns, &key, now_ms())).await?;
+            if already.is_some_and(|v| v.first() == Some(&APPLIED)) {
+                return Ok(Commit::Committed);
+            }
+            let mut record = Vec::with_capacity(1 + outputs.len());
+            record.push(APPLIED);
+            record.extend_from_slice(&outputs);
+            writes.push(KvWrite {
+                namespace: scope,
+                key: claim.key,
+                value: Some(record),
+                expires_at_ms: None,
+                expected: None,
+            });
+            let kv = self.kv.clone();
+            let failed = blocking(move || kv.apply_atomically(&writes, now_ms())).await?;
+            Ok(match failed {
+                None => Commit::Committed,
+                Some(key) => Commit::Conflict(key),
+            })
+        })
+    }
 }
 
 #[cfg(test)]
@@ -147,9 +197,10 @@ mod tests {
     use super::*;
     use crate::state::MemoryStore;
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn claims_follow_the_shared_rules() {
-        let store = LocalClaims::new(Arc::new(MemoryStore::new()));
-        crate::state::claims_conformance::run(&store).await;
+        let kv: Arc<dyn KvStore> = Arc::new(MemoryStore::new());
+        let store = LocalClaims::new(kv.clone());
+        crate::state::claims_conformance::run(&store, kv).await;
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
-use super::{KvStore, StateError, decode_entry, encode_entry};
+use super::{KvStore, KvWrite, StateError, decode_entry, encode_entry};
 
 /// A process-local store; contents vanish with the process.
 #[derive(Debug, Default)]
@@ -47,6 +47,31 @@ impl KvStore for MemoryStore {
         Ok(entries
             .remove(&(namespace.to_owned(), key.to_owned()))
             .is_some_and(|raw| decode_entry(&raw, now_ms).is_some()))
+    }
+
+    fn apply_atomically(
+        &self,
+        writes: &[KvWrite],
+        now_ms: u64,
+    ) -> Result<Option<String>, StateError> {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        for w in writes {
+            if let Some(expected) = &w.expected {
+                let id = (w.namespace.clone(), w.key.clone());
+                let current = entries.get(&id).and_then(|raw| decode_entry(raw, now_ms));
+                if current != expected.as_deref() {
+                    return Ok(Some(w.key.clone()));
+                }
+            }
+        }
+        for w in writes {
+            let id = (w.namespace.clone(), w.key.clone());
+            match &w.value {
+                Some(v) => entries.insert(id, encode_entry(v, w.expires_at_ms)),
+                None => entries.remove(&id),
+            };
+        }
+        Ok(None)
     }
 
     fn compare_and_swap(

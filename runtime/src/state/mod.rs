@@ -55,6 +55,10 @@ pub enum StateError {
 pub enum Claim {
     /// The caller holds the key until its lease ends: run the handler.
     Claimed,
+    /// The caller holds the key, whose handler already ran and whose kv effects are committed
+    /// (a holder crashed before publishing): publish these outputs (as encoded by the
+    /// committer) and complete the key; do not run the handler again.
+    Applied(Vec<u8>),
     /// The key is recorded as done: the message is a duplicate.
     Done,
     /// Someone else holds a live claim; ask again after at most this long.
@@ -69,6 +73,36 @@ pub struct ClaimRequest {
     /// Who claims it: unique per message handling, so two lanes of one process exclude each
     /// other as two processes do.
     pub owner: String,
+}
+
+/// One kv write an invocation staged, applied when its message commits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvWrite {
+    /// The handler's namespace.
+    pub namespace: String,
+    /// The key.
+    pub key: String,
+    /// The new value; `None` deletes.
+    pub value: Option<Vec<u8>>,
+    /// Expiry of the new value, ms since the epoch.
+    pub expires_at_ms: Option<u64>,
+    /// The visible value the handler read before writing (`Some(None)`: it saw no entry); the
+    /// write applies only if that is still the visible value. `None` for a blind write.
+    pub expected: Option<Option<Vec<u8>>>,
+}
+
+/// How committing a message's effects went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Commit {
+    /// Effects applied and the key marked applied, atomically (or it already was, by this
+    /// owner).
+    Committed,
+    /// A key the handler read changed before the commit: nothing was applied; run the handler
+    /// again.
+    Conflict(String),
+    /// The caller no longer holds the claim (its lease ran out and another holder took it):
+    /// nothing was applied.
+    LostClaim,
 }
 
 /// The idempotency keys of routes: claims with a lease, then done records with a TTL.
@@ -93,13 +127,25 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         ttl: Duration,
     ) -> BoxFuture<'_, Result<(), StateError>>;
 
-    /// Drops claims that are still held by their owner and not done (a message abandoned at
-    /// shutdown), so the next claimant need not wait for the lease.
+    /// Drops claims that are still held by their owner and not done or applied (a message
+    /// abandoned at shutdown), so the next claimant need not wait for the lease.
     fn release(
         &self,
         scope: String,
         requests: Vec<ClaimRequest>,
     ) -> BoxFuture<'_, Result<(), StateError>>;
+
+    /// Atomically: checks that `owner` holds `key`, checks every write's expectation, applies
+    /// the writes and marks the key *applied* with `outputs` (kept until [`Self::complete`]),
+    /// its lease renewed. All or nothing.
+    fn commit(
+        &self,
+        scope: String,
+        claim: ClaimRequest,
+        writes: Vec<KvWrite>,
+        outputs: Vec<u8>,
+        lease: Duration,
+    ) -> BoxFuture<'_, Result<Commit, StateError>>;
 }
 
 /// A configured state store: guest kv and idempotency keys, from one backend.
@@ -164,6 +210,20 @@ pub trait KvStore: Send + Sync + 'static {
         expires_at_ms: Option<u64>,
         now_ms: u64,
     ) -> Result<bool, StateError>;
+
+    /// Applies `writes`, each checked against its expectation at `now_ms`, in one atomic step;
+    /// returns the key of the first failed expectation, having applied nothing. Process-local backends implement it; the shared ones commit
+    /// through [`IdempotencyStore::commit`] instead.
+    fn apply_atomically(
+        &self,
+        writes: &[KvWrite],
+        now_ms: u64,
+    ) -> Result<Option<String>, StateError> {
+        let _ = (writes, now_ms);
+        Err(StateError::Unavailable(
+            "this store cannot apply writes atomically".into(),
+        ))
+    }
 
     /// Stores every `(key, value)` with one expiry; backends that can do it in one write
     /// transaction (one fsync) override this.
@@ -317,9 +377,10 @@ pub mod conformance {
 #[doc(hidden)]
 #[allow(clippy::unwrap_used)]
 pub mod claims_conformance {
+    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use super::{Claim, ClaimRequest, IdempotencyStore};
+    use super::{Claim, ClaimRequest, Commit, IdempotencyStore, KvStore, KvWrite, now_ms};
 
     const LEASE: Duration = Duration::from_secs(30);
 
@@ -355,8 +416,25 @@ pub mod claims_conformance {
         }
     }
 
-    /// Runs the checks.
-    pub async fn run(store: &dyn IdempotencyStore) {
+    fn write(key: &str, value: Option<&[u8]>, expected: Option<Option<&[u8]>>) -> KvWrite {
+        KvWrite {
+            namespace: "h".into(),
+            key: key.into(),
+            value: value.map(<[u8]>::to_vec),
+            expires_at_ms: None,
+            expected: expected.map(|e| e.map(<[u8]>::to_vec)),
+        }
+    }
+
+    async fn kv_get(kv: &Arc<dyn KvStore>, key: &str) -> Option<Vec<u8>> {
+        let (kv, key) = (kv.clone(), key.to_owned());
+        tokio::task::spawn_blocking(move || kv.get("h", &key, now_ms()).unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// Runs the checks; `kv` is the same backend's kv side (namespace `h` must be empty).
+    pub async fn run(store: &dyn IdempotencyStore, kv: Arc<dyn KvStore>) {
         let s = "idempotency/r";
         assert_eq!(claim(store, s, "k1", "o1").await, Claim::Claimed);
         match claim(store, s, "k1", "o2").await {
@@ -440,5 +518,120 @@ pub mod claims_conformance {
             .unwrap();
         assert_eq!(claim(store, s, "t1", "o").await, Claim::Done);
         until_claimable(store, s, "t1").await;
+
+        commits(store, &kv).await;
+    }
+
+    async fn commits(store: &dyn IdempotencyStore, kv: &Arc<dyn KvStore>) {
+        let s = "idempotency/c";
+        let commit = |key: &str, owner: &str, writes: Vec<KvWrite>, out: &[u8], lease| {
+            store.commit(s.into(), req(key, owner), writes, out.to_vec(), lease)
+        };
+        // Effects and the applied mark, together; a retried commit is harmless.
+        assert_eq!(claim(store, s, "c1", "o1").await, Claim::Claimed);
+        let w = vec![
+            write("x", Some(b"1"), Some(None)),
+            write("blind", Some(b"b"), None),
+        ];
+        assert_eq!(
+            commit("c1", "o1", w.clone(), b"out1", LEASE).await.unwrap(),
+            Commit::Committed
+        );
+        assert_eq!(kv_get(kv, "x").await.as_deref(), Some(&b"1"[..]));
+        assert_eq!(kv_get(kv, "blind").await.as_deref(), Some(&b"b"[..]));
+        assert_eq!(
+            commit("c1", "o1", w, b"out1", LEASE).await.unwrap(),
+            Commit::Committed
+        );
+        // Applied and leased: others wait, and cannot commit.
+        assert!(matches!(claim(store, s, "c1", "o2").await, Claim::Busy(_)));
+        assert_eq!(
+            commit("c1", "o2", vec![], b"", LEASE).await.unwrap(),
+            Commit::LostClaim
+        );
+        assert_eq!(
+            commit("never-claimed", "o2", vec![], b"", LEASE)
+                .await
+                .unwrap(),
+            Commit::LostClaim
+        );
+        store
+            .complete(s.into(), vec!["c1".into()], LEASE)
+            .await
+            .unwrap();
+        assert_eq!(claim(store, s, "c1", "o2").await, Claim::Done);
+
+        // A failed expectation applies nothing, not even the writes before it.
+        assert_eq!(claim(store, s, "c2", "o1").await, Claim::Claimed);
+        let w = vec![
+            write("y", Some(b"1"), None),
+            write("x", Some(b"2"), Some(Some(b"0"))),
+        ];
+        assert_eq!(
+            commit("c2", "o1", w, b"", LEASE).await.unwrap(),
+            Commit::Conflict("x".into())
+        );
+        assert_eq!(kv_get(kv, "y").await, None);
+        assert_eq!(kv_get(kv, "x").await.as_deref(), Some(&b"1"[..]));
+        // Expectations that hold: replace, delete, absent-and-stays-absent.
+        let w = vec![
+            write("x", Some(b"2"), Some(Some(b"1"))),
+            write("blind", None, Some(Some(b"b"))),
+            write("nothing", None, Some(None)),
+        ];
+        assert_eq!(
+            commit("c2", "o1", w, b"", LEASE).await.unwrap(),
+            Commit::Committed
+        );
+        assert_eq!(kv_get(kv, "x").await.as_deref(), Some(&b"2"[..]));
+        assert_eq!(kv_get(kv, "blind").await, None);
+
+        // A holder that crashed after committing: after its lease, the next claimant gets the
+        // committed outputs instead of running the handler again.
+        let lease = Duration::from_millis(300);
+        let got = store
+            .claim(s.into(), vec![req("c3", "crashed")], lease)
+            .await
+            .unwrap();
+        assert_eq!(got, vec![Claim::Claimed]);
+        assert_eq!(
+            commit(
+                "c3",
+                "crashed",
+                vec![write("z", Some(b"1"), None)],
+                b"out\x003|:",
+                lease
+            )
+            .await
+            .unwrap(),
+            Commit::Committed
+        );
+        assert!(matches!(
+            claim(store, s, "c3", "next").await,
+            Claim::Busy(_)
+        ));
+        let start = Instant::now();
+        let outputs = loop {
+            match claim(store, s, "c3", "next").await {
+                Claim::Applied(out) => break out,
+                Claim::Busy(_) => {}
+                other => panic!("expected the committed outputs, got {other:?}"),
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "lease never ran out"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(outputs, b"out\x003|:");
+        // The taker holds it now.
+        assert!(matches!(
+            claim(store, s, "c3", "third").await,
+            Claim::Busy(_)
+        ));
+        assert_eq!(
+            claim(store, s, "c3", "next").await,
+            Claim::Applied(b"out\x003|:".to_vec())
+        );
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
-use super::{Claim, ClaimRequest, IdempotencyStore, KvStore, StateError};
+use super::{Claim, ClaimRequest, Commit, IdempotencyStore, KvStore, KvWrite, StateError, now_ms};
 use crate::broker::BoxFuture;
 
 /// Default connections per store.
@@ -45,9 +45,10 @@ const MIGRATIONS: &[(&str, &str)] = &[(
     CREATE TABLE {s}.idempotency (
         scope text NOT NULL,
         key text NOT NULL,
-        state text NOT NULL CHECK (state IN ('c', 'd')),
+        state text NOT NULL CHECK (state IN ('c', 'a', 'd')),
         owner text,
         until_ms bigint NOT NULL,
+        outputs bytea,
         PRIMARY KEY (scope, key)
     );
     CREATE INDEX idempotency_until ON {s}.idempotency (until_ms);",
@@ -66,6 +67,9 @@ struct Sql {
     update_if: String,
     delete_if: String,
     visible: String,
+    delete_blind: String,
+    lock_claim: String,
+    mark_applied: String,
     claim: String,
     complete: String,
     release: String,
@@ -108,10 +112,20 @@ impl Sql {
             visible: format!(
                 "SELECT count(*) FROM {s}.kv WHERE namespace = $1 AND key = $2 AND {visible}"
             ),
-            // Answers per request, in order: 0 claimed, -1 done, n > 0 busy for n more ms. The
-            // final SELECT sees the table as it was before the INSERT (one snapshot), which is
-            // why "claimed" comes from the INSERT's RETURNING; a row another transaction
-            // inserted meanwhile is invisible here and answers "busy 1 ms", asked again.
+            delete_blind: format!("DELETE FROM {s}.kv WHERE namespace = $1 AND key = $2"),
+            lock_claim: format!(
+                "SELECT state, owner FROM {s}.idempotency WHERE scope = $1 AND key = $2 FOR UPDATE"
+            ),
+            mark_applied: format!(
+                "UPDATE {s}.idempotency SET state = 'a', outputs = $3, until_ms = {NOW} + $4
+                 WHERE scope = $1 AND key = $2"
+            ),
+            // Answers per request, in order: 'c' claimed, 'a' claimed with committed outputs,
+            // 'd' done, 'b' busy for n more ms. The final SELECT sees the table as it was
+            // before the INSERT (one snapshot), which is why "claimed" comes from the INSERT's
+            // RETURNING; a row another transaction inserted meanwhile is invisible here and
+            // answers "busy 1 ms", asked again. An expired applied record stays applied: its
+            // effects are committed, only its outputs wait for a publisher.
             claim: format!(
                 "WITH r AS (
                     SELECT key, owner, ord
@@ -123,16 +137,19 @@ impl Sql {
                     INSERT INTO {s}.idempotency AS i (scope, key, state, owner, until_ms)
                     SELECT $1, first.key, 'c', first.owner, t.now + $4 FROM first, t
                     ON CONFLICT (scope, key) DO UPDATE
-                    SET state = 'c', owner = excluded.owner, until_ms = excluded.until_ms
+                    SET state = CASE WHEN i.state = 'a' THEN 'a' ELSE 'c' END,
+                        owner = excluded.owner, until_ms = excluded.until_ms
                     WHERE i.until_ms <= excluded.until_ms - $4
-                       OR (i.state = 'c' AND i.owner = excluded.owner)
-                    RETURNING i.key, i.owner
+                       OR (i.state IN ('c', 'a') AND i.owner = excluded.owner)
+                    RETURNING i.key, i.owner, i.state, i.outputs
                  )
                  SELECT CASE
-                    WHEN up.key IS NOT NULL AND up.owner = r.owner THEN 0::bigint
-                    WHEN i.state = 'd' THEN -1::bigint
-                    ELSE greatest(i.until_ms - t.now, 1::bigint)
-                 END
+                        WHEN up.key IS NOT NULL AND up.owner = r.owner THEN up.state
+                        WHEN i.state = 'd' THEN 'd'
+                        ELSE 'b'
+                    END,
+                    greatest(i.until_ms - t.now, 1::bigint),
+                    up.outputs
                  FROM r CROSS JOIN t
                  LEFT JOIN up ON up.key = r.key
                  LEFT JOIN {s}.idempotency i ON i.scope = $1 AND i.key = r.key
@@ -142,7 +159,7 @@ impl Sql {
                 "INSERT INTO {s}.idempotency (scope, key, state, owner, until_ms)
                  SELECT $1, k, 'd', NULL, {NOW} + $3 FROM unnest($2::text[]) AS k
                  ON CONFLICT (scope, key) DO UPDATE
-                 SET state = 'd', owner = NULL, until_ms = excluded.until_ms"
+                 SET state = 'd', owner = NULL, until_ms = excluded.until_ms, outputs = NULL"
             ),
             release: format!(
                 "DELETE FROM {s}.idempotency i
@@ -155,7 +172,8 @@ impl Sql {
             ),
             cleanup_idempotency: format!(
                 "DELETE FROM {s}.idempotency WHERE ctid IN (
-                    SELECT ctid FROM {s}.idempotency WHERE until_ms < {NOW} - $1 LIMIT $2)"
+                    SELECT ctid FROM {s}.idempotency
+                    WHERE until_ms < {NOW} - $1 AND state <> 'a' LIMIT $2)"
             ),
         }
     }
@@ -581,10 +599,13 @@ impl IdempotencyStore for PostgresStore {
             }
             Ok(rows
                 .iter()
-                .map(|r| match r.get::<_, i64>(0) {
-                    0 => Claim::Claimed,
-                    n if n < 0 => Claim::Done,
-                    n => Claim::Busy(Duration::from_millis(n.unsigned_abs())),
+                .map(|r| match r.get::<_, &str>(0) {
+                    "c" => Claim::Claimed,
+                    "a" => Claim::Applied(r.get::<_, Option<Vec<u8>>>(2).unwrap_or_default()),
+                    "d" => Claim::Done,
+                    _ => Claim::Busy(Duration::from_millis(
+                        r.get::<_, Option<i64>>(1).unwrap_or(1).unsigned_abs(),
+                    )),
                 })
                 .collect())
         })
@@ -609,6 +630,99 @@ impl IdempotencyStore for PostgresStore {
             )
             .await
             .map(drop)
+        })
+    }
+
+    fn commit(
+        &self,
+        scope: String,
+        claim: ClaimRequest,
+        writes: Vec<KvWrite>,
+        outputs: Vec<u8>,
+        lease: Duration,
+    ) -> BoxFuture<'_, Result<Commit, StateError>> {
+        Box::pin(async move {
+            let what = "commit effects";
+            let sql = &self.inner.sql;
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(|e| self.err(what, e))?;
+            let e = |e| self.err(what, e);
+            let stmt = tx.prepare_cached(&sql.lock_claim).await.map_err(e)?;
+            let row = tx
+                .query_opt(&stmt, &[&scope, &claim.key])
+                .await
+                .map_err(e)?;
+            match row
+                .as_ref()
+                .map(|r| (r.get::<_, &str>(0), r.get::<_, Option<&str>>(1)))
+            {
+                Some(("c", Some(owner))) if owner == claim.owner => {}
+                // A retry of a commit whose answer was lost.
+                Some(("a", Some(owner))) if owner == claim.owner => return Ok(Commit::Committed),
+                _ => return Ok(Commit::LostClaim),
+            }
+            let now = ms(now_ms());
+            for w in &writes {
+                let (ns, key) = (w.namespace.as_str(), w.key.as_str());
+                let expires = w.expires_at_ms.map(ms);
+                let q: &str = match (&w.expected, &w.value) {
+                    (None, Some(v)) => {
+                        let stmt = tx.prepare_cached(&sql.set_many).await.map_err(e)?;
+                        tx.execute(&stmt, &[&ns, &vec![key], &vec![v.as_slice()], &expires])
+                            .await
+                            .map_err(e)?;
+                        continue;
+                    }
+                    (None, None) => &sql.delete_blind,
+                    (Some(None), Some(_)) => &sql.insert_if_absent,
+                    (Some(None), None) => &sql.visible,
+                    (Some(Some(_)), Some(_)) => &sql.update_if,
+                    (Some(Some(_)), None) => &sql.delete_if,
+                };
+                let stmt = tx.prepare_cached(q).await.map_err(e)?;
+                let ok = match (&w.expected, &w.value) {
+                    (None, None) => {
+                        tx.execute(&stmt, &[&ns, &key]).await.map_err(e)?;
+                        true
+                    }
+                    (Some(None), Some(v)) => {
+                        tx.execute(&stmt, &[&ns, &key, &now, &v.as_slice(), &expires])
+                            .await
+                            .map_err(e)?
+                            == 1
+                    }
+                    (Some(None), None) => {
+                        let row = tx.query_one(&stmt, &[&ns, &key, &now]).await.map_err(e)?;
+                        row.get::<_, i64>(0) == 0
+                    }
+                    (Some(Some(old)), Some(v)) => {
+                        tx.execute(
+                            &stmt,
+                            &[&ns, &key, &now, &old.as_slice(), &v.as_slice(), &expires],
+                        )
+                        .await
+                        .map_err(e)?
+                            == 1
+                    }
+                    (Some(Some(old)), None) => {
+                        tx.execute(&stmt, &[&ns, &key, &now, &old.as_slice()])
+                            .await
+                            .map_err(e)?
+                            == 1
+                    }
+                    (None, Some(_)) => true,
+                };
+                if !ok {
+                    // Dropping the transaction rolls it back.
+                    return Ok(Commit::Conflict(w.key.clone()));
+                }
+            }
+            let stmt = tx.prepare_cached(&sql.mark_applied).await.map_err(e)?;
+            tx.execute(&stmt, &[&scope, &claim.key, &outputs, &millis(lease)])
+                .await
+                .map_err(e)?;
+            tx.commit().await.map_err(e)?;
+            Ok(Commit::Committed)
         })
     }
 

@@ -11,7 +11,12 @@
 //!   a minute after it only collects the garbage.
 //! - idempotency: `<prefix>:idem:<len(scope)>:<scope>:<key>`, a string: `c:<owner>` while
 //!   claimed (with the lease as its native expiry, so a crashed holder's claim vanishes on
-//!   Redis's clock), `d` once done (with the TTL as its expiry).
+//!   Redis's clock), `a:<lease end ms>:<owner>|<outputs>` once the handler's effects are
+//!   committed (no native expiry: it must outlive a crash until someone publishes the
+//!   outputs), `d` once done (with the TTL as its expiry).
+//!
+//! Every script touches the keys of one message only; a Redis Cluster would need them in one
+//! hash slot, so the store targets a single Redis (or a primary with replicas).
 //!
 //! The length in front of the namespace keeps `("a:b", "c")` and `("a", "b:c")` apart.
 
@@ -21,7 +26,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
-use super::{Claim, ClaimRequest, IdempotencyStore, KvStore, StateError, now_ms};
+use super::{Claim, ClaimRequest, Commit, IdempotencyStore, KvStore, KvWrite, StateError, now_ms};
 use crate::broker::BoxFuture;
 
 /// How long after its logical expiry an entry is left for Redis to collect.
@@ -60,31 +65,99 @@ return 1",
     )
 });
 
+/// Server time in ms, and the parts of an applied record (lease end, owner, outputs).
+const LUA_HELPERS: &str = r"
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function applied(v)
+  if string.sub(v, 1, 2) ~= 'a:' then return nil end
+  local sep = string.find(v, ':', 3, true)
+  local bar = string.find(v, '|', sep + 1, true)
+  return tonumber(string.sub(v, 3, sep - 1)), string.sub(v, sep + 1, bar - 1), string.sub(v, bar + 1)
+end
+local function applied_record(until_ms, owner, outputs)
+  return 'a:' .. string.format('%d', until_ms) .. ':' .. owner .. '|' .. outputs
+end
+";
+
 /// KEYS: records; ARGV: lease ms, then one owner per key. Answers per key: 0 claimed, -1 done,
-/// n > 0 busy for n more ms.
+/// n > 0 busy for n more ms, a string: applied, these are the outputs.
 static CLAIM: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local out = {}
+    Script::new(&format!(
+        r"{LUA_HELPERS}
+local lease = tonumber(ARGV[1])
+local out = {{}}
 for i, k in ipairs(KEYS) do
-  local mine = 'c:' .. ARGV[i + 1]
+  local owner = ARGV[i + 1]
+  local mine = 'c:' .. owner
   local v = redis.call('GET', k)
   if not v then
-    redis.call('SET', k, mine, 'PX', ARGV[1])
+    redis.call('SET', k, mine, 'PX', lease)
     out[i] = 0
   elseif v == 'd' then
     out[i] = -1
   elseif v == mine then
-    redis.call('PEXPIRE', k, ARGV[1])
+    redis.call('PEXPIRE', k, lease)
     out[i] = 0
   else
-    local t = redis.call('PTTL', k)
-    if t < 1 then t = 1 end
-    out[i] = t
+    local until_ms, holder, outputs = applied(v)
+    local now = now_ms()
+    if until_ms and (holder == owner or until_ms <= now) then
+      redis.call('SET', k, applied_record(now + lease, owner, outputs))
+      out[i] = outputs
+    elseif until_ms then
+      out[i] = math.max(until_ms - now, 1)
+    else
+      out[i] = math.max(redis.call('PTTL', k), 1)
+    end
   end
 end
-return out",
-    )
+return out"
+    ))
+});
+
+/// KEYS: the record, then one kv key per write. ARGV: owner, lease ms, outputs, now ms, then six
+/// per write: expectation (0 none, 1 absent, 2 this value), expected value, has a value (0/1),
+/// value, expiry (''), gc at (''). Answers {0} committed, {1} already committed by this owner,
+/// {2} lost the claim, {3, j} write j's expectation failed.
+static COMMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{LUA_HELPERS}
+local owner = ARGV[1]
+local v = redis.call('GET', KEYS[1])
+if v ~= 'c:' .. owner then
+  if v then
+    local until_ms, holder = applied(v)
+    if until_ms and holder == owner then return {{1}} end
+  end
+  return {{2}}
+end
+local now = tonumber(ARGV[4])
+for j = 2, #KEYS do
+  local b = 4 + (j - 2) * 6
+  local expect = ARGV[b + 1]
+  if expect ~= '0' then
+    local cur = redis.call('HMGET', KEYS[j], 'v', 'e')
+    local visible = cur[1]
+    if visible and cur[2] and tonumber(cur[2]) <= now then visible = false end
+    if expect == '1' and visible then return {{3, j - 1}} end
+    if expect == '2' and ((not visible) or visible ~= ARGV[b + 2]) then return {{3, j - 1}} end
+  end
+end
+for j = 2, #KEYS do
+  local b = 4 + (j - 2) * 6
+  redis.call('DEL', KEYS[j])
+  if ARGV[b + 3] == '1' then
+    redis.call('HSET', KEYS[j], 'v', ARGV[b + 4])
+    if ARGV[b + 5] ~= '' then redis.call('HSET', KEYS[j], 'e', ARGV[b + 5]) end
+    if ARGV[b + 6] ~= '' then redis.call('PEXPIREAT', KEYS[j], ARGV[b + 6]) end
+  end
+end
+redis.call('SET', KEYS[1], applied_record(now_ms() + tonumber(ARGV[2]), owner, ARGV[3]))
+return {{0}}"
+    ))
 });
 
 /// KEYS: records; ARGV: one owner per key. Deletes the claims those owners still hold.
@@ -296,7 +369,8 @@ impl IdempotencyStore for RedisStore {
                 call.key(self.idem_key(&scope, &r.key)).arg(&r.owner);
             }
             let mut c = self.conn.clone();
-            let answers: Vec<i64> = call.invoke_async(&mut c).await.map_err(|e| self.err(&e))?;
+            let answers: Vec<redis::Value> =
+                call.invoke_async(&mut c).await.map_err(|e| self.err(&e))?;
             if answers.len() != requests.len() {
                 return Err(StateError::Unavailable(format!(
                     "redis at {}: claim script answered {} of {} keys",
@@ -305,14 +379,21 @@ impl IdempotencyStore for RedisStore {
                     requests.len()
                 )));
             }
-            Ok(answers
+            answers
                 .into_iter()
-                .map(|n| match n {
-                    0 => Claim::Claimed,
-                    n if n < 0 => Claim::Done,
-                    n => Claim::Busy(Duration::from_millis(n.unsigned_abs())),
+                .map(|v| match v {
+                    redis::Value::Int(0) => Ok(Claim::Claimed),
+                    redis::Value::Int(n) if n < 0 => Ok(Claim::Done),
+                    redis::Value::Int(n) => {
+                        Ok(Claim::Busy(Duration::from_millis(n.unsigned_abs())))
+                    }
+                    redis::Value::BulkString(outputs) => Ok(Claim::Applied(outputs)),
+                    other => Err(StateError::Unavailable(format!(
+                        "redis at {}: unexpected claim answer {other:?}",
+                        self.addr
+                    ))),
                 })
-                .collect())
+                .collect()
         })
     }
 
@@ -342,6 +423,32 @@ impl IdempotencyStore for RedisStore {
         })
     }
 
+    fn commit(
+        &self,
+        scope: String,
+        claim: ClaimRequest,
+        writes: Vec<KvWrite>,
+        outputs: Vec<u8>,
+        lease: Duration,
+    ) -> BoxFuture<'_, Result<Commit, StateError>> {
+        Box::pin(async move {
+            let call = self.commit_call(&scope, &claim, &writes, &outputs, lease);
+            let mut c = self.conn.clone();
+            let answer: Vec<i64> = call.invoke_async(&mut c).await.map_err(|e| self.err(&e))?;
+            Ok(match answer.as_slice() {
+                [0] | [1] => Commit::Committed,
+                [3, j] => Commit::Conflict(
+                    usize::try_from(*j - 1)
+                        .ok()
+                        .and_then(|j| writes.get(j))
+                        .map(|w| w.key.clone())
+                        .unwrap_or_default(),
+                ),
+                _ => Commit::LostClaim,
+            })
+        })
+    }
+
     fn release(
         &self,
         scope: String,
@@ -365,6 +472,35 @@ impl IdempotencyStore for RedisStore {
 }
 
 impl RedisStore {
+    fn commit_call(
+        &self,
+        scope: &str,
+        claim: &ClaimRequest,
+        writes: &[KvWrite],
+        outputs: &[u8],
+        lease: Duration,
+    ) -> redis::ScriptInvocation<'static> {
+        let mut call = COMMIT.prepare_invoke();
+        call.key(self.idem_key(scope, &claim.key))
+            .arg(&claim.owner)
+            .arg(millis(lease))
+            .arg(outputs)
+            .arg(now_ms());
+        for w in writes {
+            call.key(self.kv_key(&w.namespace, &w.key));
+            match &w.expected {
+                None => call.arg(0).arg(""),
+                Some(None) => call.arg(1).arg(""),
+                Some(Some(v)) => call.arg(2).arg(v.as_slice()),
+            };
+            call.arg(u8::from(w.value.is_some()))
+                .arg(w.value.as_deref().unwrap_or_default())
+                .arg(opt(w.expires_at_ms))
+                .arg(opt(gc_at(w.expires_at_ms)));
+        }
+        call
+    }
+
     /// Answers PING; for `lockgate check` and tests.
     pub async fn ping(&self) -> Result<(), StateError> {
         let mut c = self.conn.clone();

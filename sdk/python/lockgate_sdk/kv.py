@@ -1,6 +1,8 @@
 """Per-handler key-value state: persistent, with optional TTL and compare-and-swap.
 
-Writes take effect immediately (they are not undone when the call fails). Host errors raise
+On a route with an idempotency key, a message's writes apply together with its key when it
+succeeds (a failed call leaves no trace); elsewhere writes take effect immediately and are not
+undone when the call fails. Host errors raise
 :class:`~lockgate_sdk.Retry` when the store is unavailable (transient) and
 :class:`~lockgate_sdk.Reject` for a bad key or an oversized value (it would fail every time).
 Values may be given as bytes or str; they are always returned as bytes.
