@@ -2,12 +2,16 @@
 
 #![allow(clippy::unwrap_used)] // test support: a failed unwrap is a failed test
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 /// The Kafka bootstrap address (`LOCKGATE_KAFKA_BOOTSTRAP`, default 127.0.0.1:9092); panics
 /// with the command that starts the test broker when nothing listens there.
@@ -95,4 +99,105 @@ pub fn produce(rt: &tokio::runtime::Runtime, topic: &str, messages: &[(String, S
             p.await.unwrap().unwrap();
         }
     });
+}
+
+/// One consumed record: partition, key, payload, headers.
+#[derive(Debug, Clone)]
+pub struct Got {
+    /// Its partition.
+    pub partition: i32,
+    /// Its key, as text.
+    pub key: String,
+    /// Its payload, as text.
+    pub payload: String,
+    /// Its headers, as text.
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Everything published to some topics, read from the beginning without a group and kept.
+///
+/// tansu's reported high watermark can lag behind the last records, so nothing here relies on
+/// watermarks: a read ends when the topics stay quiet.
+pub struct Tail {
+    consumer: BaseConsumer,
+    /// (topic, record) in arrival order.
+    pub got: Vec<(String, Got)>,
+}
+
+impl Tail {
+    /// Reads `(topic, partitions)` from the beginning, on the test broker.
+    pub fn new(topics: &[(&str, i32)]) -> Self {
+        Self::at(&bootstrap(), topics)
+    }
+
+    /// [`Self::new`] on the broker at `bootstrap`.
+    pub fn at(bootstrap: &str, topics: &[(&str, i32)]) -> Self {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", unique("reader"))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partitions) in topics {
+            for p in 0..*partitions {
+                tpl.add_partition_offset(topic, p, Offset::Beginning)
+                    .unwrap();
+            }
+        }
+        consumer.assign(&tpl).unwrap();
+        Self {
+            consumer,
+            got: Vec::new(),
+        }
+    }
+
+    /// Reads until nothing arrives for `quiet`.
+    pub fn drain(&mut self, quiet: Duration) {
+        while let Some(m) = self.consumer.poll(quiet) {
+            let m = m.unwrap();
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|x| {
+                            (
+                                x.key.to_owned(),
+                                String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            self.got.push((
+                m.topic().to_owned(),
+                Got {
+                    partition: m.partition(),
+                    key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                    payload: String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
+                    headers,
+                },
+            ));
+        }
+    }
+
+    /// What arrived on `topic`.
+    pub fn records(&self, topic: &str) -> Vec<Got> {
+        self.got
+            .iter()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, g)| g.clone())
+            .collect()
+    }
+
+    /// The `id`s of every payload that arrived (see [`id_of`]).
+    pub fn ids(&self) -> BTreeSet<u64> {
+        self.got.iter().map(|(_, g)| id_of(&g.payload)).collect()
+    }
+}
+
+/// The `id` of a `{"id": n, ...}` payload.
+pub fn id_of(payload: &str) -> u64 {
+    let v: serde_json::Value = serde_json::from_str(payload).unwrap();
+    v["id"].as_u64().unwrap()
 }

@@ -13,101 +13,16 @@ use lockgate_tests::Proc;
 use std::time::{Duration, Instant};
 
 use lockgate_tests::admin::{self, admin_addr};
-use lockgate_tests::kafka::{bootstrap, create_topics, create_topics_at, produce, runtime, unique};
+use lockgate_tests::kafka::{
+    Tail, bootstrap, create_topics, create_topics_at, id_of, produce, runtime, unique,
+};
 use lockgate_tests::{guest, run_logs, start_run, wait_for_progress};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 /// Generous bound for a debug build on a loaded 2-core machine.
 const DEADLINE: Duration = Duration::from_secs(600);
-
-/// One consumed record: partition, key, payload, headers.
-#[derive(Debug, Clone)]
-struct Got {
-    partition: i32,
-    key: String,
-    payload: String,
-    headers: BTreeMap<String, String>,
-}
-
-/// Everything published to some topics, read from the beginning without a group and kept.
-///
-/// tansu's reported high watermark can lag behind the last records, so nothing here relies on
-/// watermarks: a read ends when the topics stay quiet.
-struct Tail {
-    consumer: BaseConsumer,
-    got: Vec<(String, Got)>,
-}
-
-impl Tail {
-    fn new(topics: &[(&str, i32)]) -> Self {
-        Self::at(&bootstrap(), topics)
-    }
-
-    fn at(bootstrap: &str, topics: &[(&str, i32)]) -> Self {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("group.id", unique("reader"))
-            .set("enable.auto.commit", "false")
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        for (topic, partitions) in topics {
-            for p in 0..*partitions {
-                tpl.add_partition_offset(topic, p, Offset::Beginning)
-                    .unwrap();
-            }
-        }
-        consumer.assign(&tpl).unwrap();
-        Self {
-            consumer,
-            got: Vec::new(),
-        }
-    }
-
-    /// Reads until nothing arrives for `quiet`.
-    fn drain(&mut self, quiet: Duration) {
-        while let Some(m) = self.consumer.poll(quiet) {
-            let m = m.unwrap();
-            let headers = m
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|x| {
-                            (
-                                x.key.to_owned(),
-                                String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            self.got.push((
-                m.topic().to_owned(),
-                Got {
-                    partition: m.partition(),
-                    key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
-                    payload: String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
-                    headers,
-                },
-            ));
-        }
-    }
-
-    fn records(&self, topic: &str) -> Vec<Got> {
-        self.got
-            .iter()
-            .filter(|(t, _)| t == topic)
-            .map(|(_, g)| g.clone())
-            .collect()
-    }
-
-    fn ids(&self) -> BTreeSet<u64> {
-        self.got.iter().map(|(_, g)| id_of(&g.payload)).collect()
-    }
-}
 
 struct Names {
     input: String,
@@ -219,11 +134,6 @@ fn assert_same(what: &str, got: &BTreeSet<u64>, want: &BTreeSet<u64>) {
         want.difference(got).count(),
         got.difference(want).count()
     );
-}
-
-fn id_of(payload: &str) -> u64 {
-    let v: serde_json::Value = serde_json::from_str(payload).unwrap();
-    v["id"].as_u64().unwrap()
 }
 
 /// Messages `0..n`: key `k<i % keys>`, payload `{"id": i}` (plus `extra(i)` fields).
