@@ -201,3 +201,25 @@ pub fn id_of(payload: &str) -> u64 {
     let v: serde_json::Value = serde_json::from_str(payload).unwrap();
     v["id"].as_u64().unwrap()
 }
+
+/// The offsets `group` committed on partitions `0..partitions` of `topic` (0 when none).
+pub fn committed(group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let c = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    (0..partitions)
+        .map(|p| match c.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o,
+            _ => 0,
+        })
+        .collect()
+}

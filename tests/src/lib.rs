@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod kafka;
 pub mod nats;
+pub mod proxy;
 pub mod reload;
 
 use std::path::PathBuf;

@@ -14,12 +14,11 @@ use std::time::{Duration, Instant};
 
 use lockgate_tests::admin::{self, admin_addr};
 use lockgate_tests::kafka::{
-    Tail, bootstrap, create_topics, create_topics_at, id_of, produce, runtime, unique,
+    Tail, bootstrap, committed, create_topics, create_topics_at, id_of, produce, runtime, unique,
 };
 use lockgate_tests::{guest, run_logs, start_run, wait_for_progress};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 /// Generous bound for a debug build on a loaded 2-core machine.
 const DEADLINE: Duration = Duration::from_secs(600);
@@ -448,27 +447,6 @@ fn tansu_binary() -> PathBuf {
         bin.display()
     );
     bin
-}
-
-fn committed(group: &str, topic: &str, partitions: i32) -> Vec<i64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
-    }
-    let c = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
-    (0..partitions)
-        .map(|p| match c.find_partition(topic, p).map(|e| e.offset()) {
-            Some(Offset::Offset(o)) => o,
-            _ => 0,
-        })
-        .collect()
 }
 
 #[test]

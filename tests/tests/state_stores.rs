@@ -274,3 +274,56 @@ fn a_staged_call_holds_its_kv_writes_back_with_what_it_read() {
     assert_eq!(inv.kv_writes, Some(vec![]));
     assert_eq!(effect().as_deref(), Some(&b"1"[..]));
 }
+
+#[test]
+fn lockgate_migrate_creates_the_schema_once_and_names_a_store_it_cannot_reach() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = unique("lgtest");
+    let config = dir.path().join("runtime.toml");
+    let write = |extra: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[stores.pg]\nkind = \"postgres\"\nurl = \"{POSTGRES}\"\nschema = \"{schema}\"\n\n[stores.cache]\nkind = \"redis\"\nurl = \"{REDIS}\"\n{extra}"
+            ),
+        )
+        .unwrap();
+    };
+    write("");
+    let out = lockgate_tests::lockgate(dir.path(), &["migrate", "runtime.toml"]);
+    let text = lockgate_tests::show(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "stores.pg: schema {schema} migrated from version 0 to {POSTGRES_SCHEMA_VERSION}"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("stores.cache: redis needs no schema"),
+        "{text}"
+    );
+    let out = lockgate_tests::lockgate(dir.path(), &["migrate", "runtime.toml", "--store", "pg"]);
+    let text = lockgate_tests::show(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("the newest; nothing to do"), "{text}");
+    assert!(!text.contains("stores.cache"), "{text}");
+
+    write(
+        "\n[stores.gone]\nkind = \"postgres\"\nurl = \"postgres://postgres@127.0.0.1:1/postgres\"\n",
+    );
+    let out = lockgate_tests::lockgate(dir.path(), &["migrate", "runtime.toml"]);
+    let text = lockgate_tests::show(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("stores.gone: state store unavailable: postgres at 127.0.0.1:1/postgres"),
+        "{text}"
+    );
+    let out = lockgate_tests::lockgate(dir.path(), &["migrate", "runtime.toml", "--store", "nope"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        lockgate_tests::show(&out).contains("no [stores.nope] table (defined: pg, cache, gone)")
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(drop_schema(&schema));
+}

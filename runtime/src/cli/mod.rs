@@ -4,6 +4,7 @@ mod check;
 mod clients;
 mod dlq;
 mod local;
+mod migrate;
 mod reload;
 mod run;
 mod status;
@@ -112,6 +113,14 @@ enum Command {
     /// Exit codes: 0 reloaded (the changes are printed), 1 refused (the reason is printed) or
     /// no answer, 2 no address to ask.
     Reload(reload::ReloadArgs),
+
+    /// Create or upgrade the schema of the config's PostgreSQL state stores, and check that its
+    /// Redis stores answer.
+    ///
+    /// `lockgate run` migrates on first use too (processes starting together serialise on an
+    /// advisory lock); run this in a deploy step to fail early on a bad URL or missing rights.
+    /// Exit codes: 0 done, 1 a store failed (the reason is printed), 2 bad config or arguments.
+    Migrate(migrate::MigrateArgs),
 }
 
 impl Cli {
@@ -136,6 +145,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => status::run(args),
         Command::Dlq(args) => dlq::run(args),
         Command::Reload(args) => reload::run(args),
+        Command::Migrate(args) => migrate::run(args),
     }
 }
 
