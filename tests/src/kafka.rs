@@ -106,6 +106,8 @@ pub fn produce(rt: &tokio::runtime::Runtime, topic: &str, messages: &[(String, S
 pub struct Got {
     /// Its partition.
     pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
     /// Its key, as text.
     pub key: String,
     /// Its payload, as text.
@@ -173,6 +175,7 @@ impl Tail {
                 m.topic().to_owned(),
                 Got {
                     partition: m.partition(),
+                    offset: m.offset(),
                     key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
                     payload: String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
                     headers,

@@ -49,8 +49,15 @@ fn store_retries(dir: &Path) -> usize {
 }
 
 /// Runs the outage scenario with the store table `store_toml` (whose URL points at the proxy's
-/// port) and returns each order's effect count.
-fn outage(proxy: &mut Proxy, store_toml: &str, effects: impl Fn() -> BTreeMap<u64, u64>) {
+/// port). `not_done(ids)` reads the store directly (not through the proxy) and returns the ids
+/// whose idempotency key is not recorded as done; `effects()` returns each order's effect count
+/// and cleans up.
+fn outage(
+    proxy: &mut Proxy,
+    store_toml: &str,
+    not_done: impl Fn(&[u64]) -> Vec<u64>,
+    effects: impl Fn() -> BTreeMap<u64, u64>,
+) {
     let rt = runtime();
     let base = unique("outage");
     let (input, out, dlq, group) = (
@@ -101,6 +108,11 @@ idempotency = {{ key = "json:/id", lease_ms = 3000 }}
         ),
     )
     .unwrap();
+    // Where each order sits in the input, to check what the committed offsets cover.
+    let mut input_tail = Tail::new(&[(&input, 3)]);
+    while input_tail.got.len() < N as usize {
+        input_tail.drain(Duration::from_millis(200));
+    }
     let mut tail = Tail::new(&[(&out, 3), (&dlq, 1)]);
     let mut child = start_run(dir.path(), &config, 1, None, "lockgate=info,warn");
     let d = dir.path();
@@ -112,29 +124,54 @@ idempotency = {{ key = "json:/id", lease_ms = 3000 }}
     proxy.cut();
     // The route notices (a failed store call is logged and retried) ...
     wait_until("a store error", &mut child, d, || store_retries(d) >= 1);
-    // ... and stalls: across several more failed retries, no output appears and no offset
-    // is committed. Messages that committed their effects just before the cut may still
-    // publish; let those settle first.
-    let seen = store_retries(d);
-    wait_until("more store retries", &mut child, d, || {
-        store_retries(d) >= seen + 2
-    });
-    tail.drain(Duration::from_millis(300));
-    let (outputs, offsets) = (tail.got.len(), committed(&group, &input, 3));
-    let seen = store_retries(d);
-    wait_until("more store retries", &mut child, d, || {
-        store_retries(d) >= seen + 3
-    });
-    tail.drain(Duration::from_millis(300));
+    // ... and stalls: across several more failed retries, no output appears and no offset is
+    // committed. Messages acked just before the cut still get their offsets committed by the
+    // next auto-commit (every second), and ones that committed their effects just before it
+    // may still publish: wait until outputs and offsets hold still across a stretch of failed
+    // retries, then watch them through another.
+    let settled = |child: &mut Proc, tail: &mut Tail| {
+        let seen = store_retries(d);
+        wait_until("more store retries", child, d, || {
+            store_retries(d) >= seen + 8
+        });
+        tail.drain(Duration::from_millis(300));
+        (tail.got.len(), committed(&group, &input, 3))
+    };
+    let mut before = settled(&mut child, &mut tail);
+    loop {
+        let now = settled(&mut child, &mut tail);
+        if now == before {
+            break;
+        }
+        before = now;
+    }
+    let after = settled(&mut child, &mut tail);
     assert_eq!(
-        tail.got.len(),
-        outputs,
+        after.0, before.0,
         "outputs published while the store was down"
     );
     assert_eq!(
-        committed(&group, &input, 3),
-        offsets,
+        after.1, before.1,
         "offsets committed while the store was down"
+    );
+    // Nothing was acked without its key: every order below a committed offset is done in the
+    // store.
+    let covered: Vec<u64> = input_tail
+        .got
+        .iter()
+        .filter(|(_, g)| g.offset < after.1[g.partition as usize])
+        .map(|(_, g)| id_of(&g.payload))
+        .collect();
+    assert!(
+        !covered.is_empty(),
+        "nothing was committed before the outage"
+    );
+    let missing = not_done(&covered);
+    assert!(
+        missing.is_empty(),
+        "{} orders acked without their key recorded (first {:?})",
+        missing.len(),
+        &missing[..missing.len().min(20)]
     );
     assert!(
         tail.ids().len() < N as usize,
@@ -194,7 +231,21 @@ fn a_redis_outage_pauses_the_route_and_it_drains_after() {
         }
         counts
     };
-    outage(&mut proxy, &store, read);
+    let not_done = |ids: &[u64]| {
+        let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+        let mut c = client.get_connection().unwrap();
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.get(format!("{prefix}:idem:18:idempotency/orders:{id}"));
+        }
+        let values: Vec<Option<String>> = pipe.query(&mut c).unwrap();
+        ids.iter()
+            .zip(values)
+            .filter(|(_, v)| v.as_deref() != Some("d"))
+            .map(|(id, _)| *id)
+            .collect()
+    };
+    outage(&mut proxy, &store, not_done, read);
 }
 
 #[test]
@@ -238,5 +289,35 @@ fn a_postgres_outage_pauses_the_route_and_it_drains_after() {
                 .collect()
         })
     };
-    outage(&mut proxy, &store, read);
+    let not_done = |ids: &[u64]| {
+        let rt = runtime();
+        rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(
+                "postgres://postgres@127.0.0.1:5432/postgres",
+                tokio_postgres::NoTls,
+            )
+            .await
+            .unwrap();
+            tokio::spawn(conn);
+            let keys: Vec<String> = ids.iter().map(u64::to_string).collect();
+            let done: BTreeSet<u64> = client
+                .query(
+                    &format!(
+                        "SELECT key FROM {schema}.idempotency
+                         WHERE scope = 'idempotency/orders' AND state = 'd' AND key = ANY($1)"
+                    ),
+                    &[&keys],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, String>(0).parse().unwrap())
+                .collect();
+            ids.iter()
+                .filter(|id| !done.contains(id))
+                .copied()
+                .collect()
+        })
+    };
+    outage(&mut proxy, &store, not_done, read);
 }

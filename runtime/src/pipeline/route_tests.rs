@@ -751,3 +751,98 @@ async fn a_key_claimed_by_another_lane_waits_and_then_is_a_duplicate() {
     assert_eq!(stat(&report.stats, "duplicates"), 1);
     assert_eq!(broker.records("out").len(), 1);
 }
+
+/// Claims in memory; recording keys as done fails while `failing` is set.
+struct FlakyDone {
+    inner: LocalClaims,
+    failing: AtomicBool,
+}
+
+impl crate::state::IdempotencyStore for FlakyDone {
+    fn claim(
+        &self,
+        scope: String,
+        requests: Vec<ClaimRequest>,
+        lease: Duration,
+    ) -> crate::broker::BoxFuture<'_, Result<Vec<Claim>, crate::state::StateError>> {
+        self.inner.claim(scope, requests, lease)
+    }
+
+    fn complete(
+        &self,
+        scope: String,
+        keys: Vec<String>,
+        ttl: Duration,
+    ) -> crate::broker::BoxFuture<'_, Result<(), crate::state::StateError>> {
+        if self.failing.load(AtomicOrdering::SeqCst) {
+            return Box::pin(async { Err(crate::state::StateError::Unavailable("down".into())) });
+        }
+        self.inner.complete(scope, keys, ttl)
+    }
+
+    fn release(
+        &self,
+        scope: String,
+        requests: Vec<ClaimRequest>,
+    ) -> crate::broker::BoxFuture<'_, Result<(), crate::state::StateError>> {
+        self.inner.release(scope, requests)
+    }
+
+    fn commit(
+        &self,
+        scope: String,
+        claim: ClaimRequest,
+        writes: Vec<crate::state::KvWrite>,
+        outputs: Vec<u8>,
+        lease: Duration,
+    ) -> crate::broker::BoxFuture<'_, Result<Commit, crate::state::StateError>> {
+        self.inner.commit(scope, claim, writes, outputs, lease)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_message_is_acked_before_its_key_is_recorded() {
+    let broker = MemoryBroker::new();
+    broker.produce(
+        "in",
+        (0..10).map(|i| msg(&format!("m{i}"), None, &[("id", &i.to_string())])),
+    );
+    let store = Arc::new(FlakyDone {
+        inner: LocalClaims::new(Arc::new(MemoryStore::new())),
+        failing: AtomicBool::new(true),
+    });
+    let keys = DoneKeys::new(
+        store.clone(),
+        "r",
+        Duration::from_secs(3600),
+        Duration::from_secs(30),
+    );
+    let running = start(
+        &broker,
+        route_config("idempotency = { key = \"header:id\" }\n"),
+        FnInvoker(|m: &InboundMessage| ok_to("out", m.payload.clone())),
+        Some(keys.clone()),
+    );
+    // Outputs go out, but the keys cannot be recorded: nothing may be acked.
+    let t0 = Instant::now();
+    while running.stats.infra_retries.load(AtomicOrdering::SeqCst) < 3 && broker.acked() == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no retry of the key"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!broker.records("out").is_empty(), "nothing was handled");
+    assert_eq!(broker.acked(), 0, "acked without its key recorded");
+    store.failing.store(false, AtomicOrdering::SeqCst);
+    broker.wait_acked(10).await;
+    let report = running.stop().await;
+    assert_eq!(stat(&report.stats, "succeeded"), 10);
+    for i in 0..10 {
+        assert_eq!(
+            keys.claim(&i.to_string(), "later").await.unwrap(),
+            Claim::Done,
+            "key {i}"
+        );
+    }
+}
