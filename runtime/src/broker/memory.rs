@@ -39,6 +39,9 @@ pub struct MemoryStats {
 #[derive(Debug, Default)]
 struct Inner {
     topics: Mutex<HashMap<String, Vec<Record>>>,
+    /// `(topic, lockgate-id)` of every stored record that has one, so a sink's dedup check is a
+    /// lookup rather than a scan of the topic.
+    ids: Mutex<std::collections::HashSet<(String, Vec<u8>)>>,
     committed: Mutex<HashMap<(String, String), u64>>,
     appended: Notify,
     failing_topics: Mutex<Vec<String>>,
@@ -68,7 +71,15 @@ impl MemoryBroker {
             .unwrap_or_else(PoisonError::into_inner);
         let log = topics.entry(topic.to_owned()).or_default();
         let first = log.len() as u64;
+        let mut ids = self
+            .inner
+            .ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         for r in records {
+            if let Some((_, id)) = r.headers.iter().find(|(n, _)| n == LOCKGATE_ID_HEADER) {
+                ids.insert((topic.to_owned(), id.clone()));
+            }
             let offset = log.len() as u64;
             log.push(Record {
                 topic: topic.to_owned(),
@@ -81,6 +92,7 @@ impl MemoryBroker {
                 reply_to: None,
             });
         }
+        drop(ids);
         drop(topics);
         self.inner.appended.notify_waiters();
         first
@@ -304,18 +316,13 @@ impl Sink for MemorySink {
             }
             let mut fresh = Vec::with_capacity(records.len());
             {
-                let topics = inner.topics.lock().unwrap_or_else(PoisonError::into_inner);
+                let ids = inner.ids.lock().unwrap_or_else(PoisonError::into_inner);
                 for r in records {
-                    let id = r
+                    let seen = r
                         .headers
                         .iter()
                         .find(|(n, _)| n == LOCKGATE_ID_HEADER)
-                        .map(|(_, v)| v.clone());
-                    let seen = id.as_ref().is_some_and(|id| {
-                        topics.get(&r.topic).is_some_and(|log| {
-                            log.iter().any(|x| x.header(LOCKGATE_ID_HEADER) == Some(id))
-                        })
-                    });
+                        .is_some_and(|(_, id)| ids.contains(&(r.topic.clone(), id.clone())));
                     if seen {
                         inner.stats.deduplicated.fetch_add(1, Ordering::SeqCst);
                     } else {
