@@ -773,6 +773,16 @@ fn output_records(
         .collect()
 }
 
+/// What (re)claiming a message's key left to do.
+enum Reclaimed {
+    /// The key is ours: run the message (its ack and permit come back).
+    Held(AckHandle, Held),
+    /// Settled: acked as a duplicate or queued with an earlier holder's outputs.
+    Finished,
+    /// The route stopped first; the message stays unacknowledged.
+    Stopped,
+}
+
 /// Acknowledges a message whose idempotency key is done, with the batch.
 fn duplicate(stats: &RouteStats, pending: &mut Pending, ack: AckHandle, permit: Held) {
     RouteStats::bump(&stats.duplicates);
@@ -988,10 +998,10 @@ impl Shared {
             delivery:
                 Delivery {
                     record,
-                    ack,
+                    mut ack,
                     previous_attempts,
                 },
-            _permit: permit,
+            _permit: mut permit,
         } = item;
         if !ack.is_current() {
             // Its partition went to another process while it was queued here.
@@ -1024,19 +1034,15 @@ impl Shared {
                 return false;
             }
             let me = new_owner();
-            match self.acquire(keys, key, &me, pending).await {
-                None => {
-                    RouteStats::bump(&self.stats.abandoned);
-                    return self.flush(pending).await;
-                }
-                Some(Claim::Claimed) => owner = Some(me),
-                Some(Claim::Applied(outputs)) => {
-                    self.push_applied(pending, ack, permit, key, me, &outputs, &record);
-                    return true;
-                }
-                Some(_) => {
-                    duplicate(&self.stats, pending, ack, permit);
-                    return true;
+            match self
+                .reclaim(keys, key, &me, pending, ack, permit, &record)
+                .await
+            {
+                Reclaimed::Stopped => return self.flush(pending).await,
+                Reclaimed::Finished => return true,
+                Reclaimed::Held(a, p) => {
+                    (ack, permit) = (a, p);
+                    owner = Some(me);
                 }
             }
         }
@@ -1136,32 +1142,17 @@ impl Shared {
                     }
                     Some(Commit::LostClaim) => {
                         tracing::warn!(route = %self.route, message = %message_id, key = %key, "The idempotency claim ran out before the handler's writes could commit (is idempotency.lease_ms shorter than a handling?); the writes were discarded");
-                        match self.acquire(keys, key, me, pending).await {
-                            None => {
-                                RouteStats::bump(&self.stats.abandoned);
-                                return true;
-                            }
-                            Some(Claim::Claimed) => {
+                        match self
+                            .reclaim(keys, key, me, pending, ack, permit, &record)
+                            .await
+                        {
+                            Reclaimed::Stopped | Reclaimed::Finished => return true,
+                            Reclaimed::Held(a, p) => {
+                                (ack, permit) = (a, p);
                                 invocation.outcome = Outcome::Retry {
                                     reason: "lost the idempotency claim before committing".into(),
                                     after: None,
                                 };
-                            }
-                            Some(Claim::Applied(outputs)) => {
-                                self.push_applied(
-                                    pending,
-                                    ack,
-                                    permit,
-                                    key,
-                                    me.clone(),
-                                    &outputs,
-                                    &record,
-                                );
-                                return true;
-                            }
-                            Some(_) => {
-                                duplicate(&self.stats, pending, ack, permit);
-                                return true;
                             }
                         }
                     }
@@ -1257,28 +1248,12 @@ impl Shared {
                     if let (Some(keys), Some(key), Some(me)) =
                         (&self.done_keys, idem_key.as_ref(), owner.as_ref())
                     {
-                        match self.acquire(keys, key, me, pending).await {
-                            None => {
-                                RouteStats::bump(&self.stats.abandoned);
-                                return true;
-                            }
-                            Some(Claim::Claimed) => {}
-                            Some(Claim::Applied(outputs)) => {
-                                self.push_applied(
-                                    pending,
-                                    ack,
-                                    permit,
-                                    key,
-                                    me.clone(),
-                                    &outputs,
-                                    &record,
-                                );
-                                return true;
-                            }
-                            Some(_) => {
-                                duplicate(&self.stats, pending, ack, permit);
-                                return true;
-                            }
+                        match self
+                            .reclaim(keys, key, me, pending, ack, permit, &record)
+                            .await
+                        {
+                            Reclaimed::Stopped | Reclaimed::Finished => return true,
+                            Reclaimed::Held(a, p) => (ack, permit) = (a, p),
                         }
                     }
                     attempt = next;
@@ -1348,6 +1323,46 @@ impl Shared {
                     drop(permit);
                     return true;
                 }
+            }
+        }
+    }
+
+    /// (Re)claims `key` for `owner` and settles the message when the claim says it is no longer
+    /// ours to run: a duplicate is acked with the batch, committed outputs of an earlier holder
+    /// are queued for publishing. `Held` hands the ack and permit back.
+    #[allow(clippy::too_many_arguments)]
+    async fn reclaim(
+        &self,
+        keys: &DoneKeys,
+        key: &str,
+        owner: &str,
+        pending: &mut Pending,
+        ack: AckHandle,
+        permit: Held,
+        record: &Record,
+    ) -> Reclaimed {
+        match self.acquire(keys, key, owner, pending).await {
+            None => {
+                RouteStats::bump(&self.stats.abandoned);
+                Reclaimed::Stopped
+            }
+            Some(Claim::Claimed) => Reclaimed::Held(ack, permit),
+            Some(Claim::Applied(outputs)) => {
+                self.push_applied(
+                    pending,
+                    ack,
+                    permit,
+                    key,
+                    owner.to_owned(),
+                    &outputs,
+                    record,
+                );
+                Reclaimed::Finished
+            }
+            // `acquire` waits out `Busy`, so this is `Done`.
+            Some(Claim::Done | Claim::Busy(_)) => {
+                duplicate(&self.stats, pending, ack, permit);
+                Reclaimed::Finished
             }
         }
     }
