@@ -46,20 +46,16 @@ fn unique(prefix: &str) -> String {
 fn stores(dir: &Path) -> Vec<StateStore> {
     let embedded: Arc<dyn KvStore> =
         Arc::new(EmbeddedStore::open(&dir.join("bench.redb")).unwrap());
-    let redis = Arc::new(RedisStore::new(REDIS, &unique("lgbench")).unwrap());
-    let pg = Arc::new(PostgresStore::new(POSTGRES, &unique("lgbench"), 16).unwrap());
     vec![
         StateStore::local("embedded", embedded),
-        StateStore {
-            name: "redis".into(),
-            kv: redis.clone(),
-            idempotency: redis,
-        },
-        StateStore {
-            name: "postgres".into(),
-            kv: pg.clone(),
-            idempotency: pg,
-        },
+        StateStore::shared(
+            "redis",
+            Arc::new(RedisStore::new(REDIS, &unique("lgbench")).unwrap()),
+        ),
+        StateStore::shared(
+            "postgres",
+            Arc::new(PostgresStore::new(POSTGRES, &unique("lgbench"), 16).unwrap()),
+        ),
     ]
 }
 

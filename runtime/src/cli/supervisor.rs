@@ -80,28 +80,15 @@ impl Stores {
             return Ok(s.clone());
         }
         let url = sc.url()?;
+        let fail = |e| format!("stores.{name}: {e}");
         let store = match &sc.kind {
             StoreKind::Redis { prefix } => {
-                let s = Arc::new(
-                    RedisStore::new(&url, prefix).map_err(|e| format!("stores.{name}: {e}"))?,
-                );
-                StateStore {
-                    name: name.to_owned(),
-                    kv: s.clone(),
-                    idempotency: s,
-                }
+                StateStore::shared(name, Arc::new(RedisStore::new(&url, prefix).map_err(fail)?))
             }
-            StoreKind::Postgres { schema, pool_size } => {
-                let s = Arc::new(
-                    PostgresStore::new(&url, schema, *pool_size)
-                        .map_err(|e| format!("stores.{name}: {e}"))?,
-                );
-                StateStore {
-                    name: name.to_owned(),
-                    kv: s.clone(),
-                    idempotency: s,
-                }
-            }
+            StoreKind::Postgres { schema, pool_size } => StateStore::shared(
+                name,
+                Arc::new(PostgresStore::new(&url, schema, *pool_size).map_err(fail)?),
+            ),
         };
         self.open
             .insert(name.to_owned(), (sc.clone(), store.clone()));

@@ -166,14 +166,10 @@ impl IdempotencyStore for LocalClaims {
                 }
             }
             // A retry of a commit that went through (only this owner can have written it).
-            let (kv, ns, key) = (self.kv.clone(), scope.clone(), claim.key.clone());
-            let already = blocking(move || kv.get(&ns, &key, now_ms())).await?;
-            if already.is_some_and(|v| v.first() == Some(&APPLIED)) {
-                return Ok(Commit::Committed);
-            }
             let mut record = Vec::with_capacity(1 + outputs.len());
             record.push(APPLIED);
             record.extend_from_slice(&outputs);
+            let (ns, key) = (scope.clone(), claim.key.clone());
             writes.push(KvWrite {
                 namespace: scope,
                 key: claim.key,
@@ -182,7 +178,15 @@ impl IdempotencyStore for LocalClaims {
                 expected: None,
             });
             let kv = self.kv.clone();
-            let failed = blocking(move || kv.apply_atomically(&writes, now_ms())).await?;
+            let failed = blocking(move || {
+                // A retry of a commit that went through (only this owner can have written it).
+                let already = kv.get(&ns, &key, now_ms())?;
+                if already.is_some_and(|v| v.first() == Some(&APPLIED)) {
+                    return Ok(None);
+                }
+                kv.apply_atomically(&writes, now_ms())
+            })
+            .await?;
             Ok(match failed {
                 None => Commit::Committed,
                 Some(key) => Commit::Conflict(key),

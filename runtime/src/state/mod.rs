@@ -168,6 +168,15 @@ impl std::fmt::Debug for StateStore {
 }
 
 impl StateStore {
+    /// A shared store (Redis, PostgreSQL): one backend serves both kv and idempotency.
+    pub fn shared<T: KvStore + IdempotencyStore>(name: &str, store: Arc<T>) -> Self {
+        Self {
+            name: name.to_owned(),
+            kv: store.clone(),
+            idempotency: store,
+        }
+    }
+
     /// A process-local store (embedded or memory): claims live in this process, done records in
     /// `kv`.
     pub fn local(name: &str, kv: Arc<dyn KvStore>) -> Self {

@@ -666,13 +666,7 @@ impl IdempotencyStore for PostgresStore {
                 let (ns, key) = (w.namespace.as_str(), w.key.as_str());
                 let expires = w.expires_at_ms.map(ms);
                 let q: &str = match (&w.expected, &w.value) {
-                    (None, Some(v)) => {
-                        let stmt = tx.prepare_cached(&sql.set_many).await.map_err(e)?;
-                        tx.execute(&stmt, &[&ns, &vec![key], &vec![v.as_slice()], &expires])
-                            .await
-                            .map_err(e)?;
-                        continue;
-                    }
+                    (None, Some(_)) => &sql.set_many,
                     (None, None) => &sql.delete_blind,
                     (Some(None), Some(_)) => &sql.insert_if_absent,
                     (Some(None), None) => &sql.visible,
@@ -681,6 +675,12 @@ impl IdempotencyStore for PostgresStore {
                 };
                 let stmt = tx.prepare_cached(q).await.map_err(e)?;
                 let ok = match (&w.expected, &w.value) {
+                    (None, Some(v)) => {
+                        tx.execute(&stmt, &[&ns, &vec![key], &vec![v.as_slice()], &expires])
+                            .await
+                            .map_err(e)?;
+                        true
+                    }
                     (None, None) => {
                         tx.execute(&stmt, &[&ns, &key]).await.map_err(e)?;
                         true
@@ -710,7 +710,6 @@ impl IdempotencyStore for PostgresStore {
                             .map_err(e)?
                             == 1
                     }
-                    (None, Some(_)) => true,
                 };
                 if !ok {
                     // Dropping the transaction rolls it back.
