@@ -190,6 +190,48 @@ fn reuse_keeps_one_instance_and_per_message_keeps_none() {
 }
 
 #[test]
+fn a_fresh_instance_never_sees_an_earlier_instances_memory() {
+    // The pooling allocator resets a reused slot in place (keep-resident pages found dirty
+    // through PAGEMAP_SCAN): what one instance wrote must not show up in the next one.
+    for (pooling, keep_resident) in [(true, None), (true, Some(0)), (false, None)] {
+        let engine = Engine::new(&EngineSettings {
+            pooling,
+            max_instances: 4,
+            keep_resident_bytes: keep_resident
+                .unwrap_or(lockgate::engine::DEFAULT_KEEP_RESIDENT_BYTES),
+            ..EngineSettings::default()
+        })
+        .expect("engine");
+        let load = || {
+            engine
+                .load_handler(
+                    &guest("adversarial"),
+                    handler_env("adversarial", &[], HandlerLimits::default()),
+                )
+                .expect("guest loads")
+        };
+        let fresh = InstancePool::new(load(), Isolation::PerMessage, u64::MAX);
+        for _ in 0..5 {
+            let inv = fresh.invoke(&msg("remember"));
+            assert_eq!(
+                published(&inv.outcome),
+                "calls 1, heap blocks 1",
+                "pooling {pooling}, keep-resident {keep_resident:?}"
+            );
+        }
+        let reused = InstancePool::new(load(), Isolation::Reuse, u64::MAX);
+        for n in 1..=3 {
+            let inv = reused.invoke(&msg("remember"));
+            assert_eq!(
+                published(&inv.outcome),
+                format!("calls {n}, heap blocks {n}"),
+                "a reused instance keeps its memory"
+            );
+        }
+    }
+}
+
+#[test]
 fn compiled_components_are_cached_on_disk() {
     let dir = tempfile::tempdir().expect("tempdir");
     let settings = EngineSettings {

@@ -1,7 +1,10 @@
 //! Misbehaves as its payload commands (`loop`, `oom`, `recurse`, `recurse-memory`, `read-file`, `socket <addr>`,
-//! `env`, `publish-big`, `stdout`; anything else is echoed to `out`), to test the host sandbox.
+//! `env`, `publish-big`, `stdout`, `remember`; anything else is echoed to `out`), to test the
+//! host sandbox.
 
 use std::hint::black_box;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use lockgate_sdk::{Error, Message, emit};
 
@@ -50,6 +53,22 @@ fn handle(msg: Message) -> Result<(), Error> {
                 lockgate_sdk::warn!("publish-big refused: {err}");
             }
             Ok(())
+        }
+        "remember" => {
+            // State that outlives a call: a static (data section) and heap blocks (heap pages).
+            // A reused instance counts up; a fresh one must start from its initial memory.
+            static CALLS: AtomicU32 = AtomicU32::new(0);
+            static HEAP: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+            let calls = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut heap = HEAP
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            heap.push(vec![0xa5; 64 * 1024]);
+            let marked = heap.iter().filter(|b| b.iter().all(|x| *x == 0xa5)).count();
+            Ok(emit::publish(
+                "out",
+                format!("calls {calls}, heap blocks {marked}"),
+            )?)
         }
         "stdout" => {
             println!("hello from stdout");

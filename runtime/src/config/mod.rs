@@ -316,6 +316,7 @@ impl Config {
             max_instances: self.engine.max_instances,
             max_memory_bytes: max_memory_mb * 1024 * 1024,
             cache_dir: self.engine.cache.then(|| self.state_dir.join("cache")),
+            ..EngineSettings::default()
         }
     }
 

@@ -104,7 +104,16 @@ pub struct EngineSettings {
     pub max_memory_bytes: u64,
     /// Directory for compiled artefacts; `None` disables the cache.
     pub cache_dir: Option<PathBuf>,
+    /// With pooling: bytes at the bottom of each linear memory whose dirty pages are reset in
+    /// place (found with Linux's `PAGEMAP_SCAN`, kernel 6.7+) when a slot is reused, instead of
+    /// being discarded and faulted in again by the next instance. 0 turns it off.
+    pub keep_resident_bytes: usize,
 }
+
+/// Default of [`EngineSettings::keep_resident_bytes`]: covers a Rust guest's 1 MiB stack (at
+/// the bottom of its memory), its data and the start of its heap. Chosen from the `suite`
+/// bench (BENCHMARKS.md): a fresh instance of the Rust guest costs less than half as much.
+pub const DEFAULT_KEEP_RESIDENT_BYTES: usize = 2 << 20;
 
 impl Default for EngineSettings {
     fn default() -> Self {
@@ -113,6 +122,7 @@ impl Default for EngineSettings {
             max_instances: crate::config::DEFAULT_MAX_INSTANCES,
             max_memory_bytes: crate::config::MAX_MEMORY_MB_LIMIT * 1024 * 1024,
             cache_dir: None,
+            keep_resident_bytes: DEFAULT_KEEP_RESIDENT_BYTES,
         }
     }
 }
@@ -159,6 +169,13 @@ impl Engine {
             pool.max_core_instance_size(8 << 20);
             pool.max_component_instance_size(8 << 20);
             pool.max_memory_size(usize::try_from(settings.max_memory_bytes).unwrap_or(usize::MAX));
+            if settings.keep_resident_bytes > 0 {
+                // Only pages an instance dirtied are reset (where the kernel has PAGEMAP_SCAN;
+                // elsewhere the whole region is memset, so the default stays a few MiB).
+                pool.linear_memory_keep_resident(settings.keep_resident_bytes);
+                pool.table_keep_resident(settings.keep_resident_bytes.min(64 << 10));
+                pool.pagemap_scan(wasmtime::Enabled::Auto);
+            }
             config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         }
         let engine = wasmtime::Engine::new(&config).map_err(EngineError::Setup)?;
@@ -484,6 +501,12 @@ impl Instance {
     /// Like [`Self::invoke`]; with `stage_kv` the call's kv writes are held back and returned in
     /// [`Invocation::kv_writes`] (for an ok outcome) instead of applied.
     pub fn invoke_with(&mut self, message: &InboundMessage, stage_kv: bool) -> Invocation {
+        self.invoke_owned(message.clone(), stage_kv)
+    }
+
+    /// Like [`Self::invoke_with`] on a message the caller gives up (its bytes move into the
+    /// call instead of being copied first).
+    pub fn invoke_owned(&mut self, message: InboundMessage, stage_kv: bool) -> Invocation {
         let start = Instant::now();
         if self.poisoned {
             return Invocation {
@@ -508,7 +531,7 @@ impl Instance {
             data.memory.hit = false;
         }
         self.store.set_epoch_deadline(ticks(limits.timeout));
-        let wit_message = message.to_wit();
+        let wit_message = message.into_wit();
         let result = self.bindings.call_handle(&mut self.store, &wit_message);
         let elapsed = start.elapsed();
 
@@ -682,6 +705,11 @@ impl InstancePool {
 
     /// Like [`Self::invoke`], staging kv writes when `stage_kv` (see [`Instance::invoke_with`]).
     pub fn invoke_with(&self, message: &InboundMessage, stage_kv: bool) -> Invocation {
+        self.invoke_owned(message.clone(), stage_kv)
+    }
+
+    /// Like [`Self::invoke_with`] on a message the caller gives up (no copy before the call).
+    pub fn invoke_owned(&self, message: InboundMessage, stage_kv: bool) -> Invocation {
         let reused = self
             .idle
             .lock()
@@ -708,7 +736,7 @@ impl InstancePool {
                 }
             },
         };
-        let invocation = instance.invoke_with(message, stage_kv);
+        let invocation = instance.invoke_owned(message, stage_kv);
         let keep = self.isolation == Isolation::Reuse
             && !instance.is_poisoned()
             && instance.calls() < self.max_messages_per_instance;
@@ -758,25 +786,22 @@ pub struct InboundMessage {
 }
 
 impl InboundMessage {
-    fn to_wit(&self) -> types::Message {
+    fn into_wit(self) -> types::Message {
         types::Message {
-            id: self.id.clone(),
-            topic: self.topic.clone(),
+            id: self.id,
+            topic: self.topic,
             partition: self.partition,
             offset: self.offset,
-            key: self.key.clone(),
+            key: self.key,
             headers: self
                 .headers
-                .iter()
-                .map(|(name, value)| types::Header {
-                    name: name.clone(),
-                    value: value.clone(),
-                })
+                .into_iter()
+                .map(|(name, value)| types::Header { name, value })
                 .collect(),
-            payload: self.payload.clone(),
+            payload: self.payload,
             timestamp_ms: self.timestamp_ms,
             attempt: self.attempt.max(1),
-            reply_to: self.reply_to.clone(),
+            reply_to: self.reply_to,
         }
     }
 }
