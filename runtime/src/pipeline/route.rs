@@ -10,6 +10,7 @@
 //! Nothing is acknowledged before it is done; everything not done at shutdown is left
 //! unacknowledged and comes back from the broker.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::Duration;
@@ -59,6 +60,15 @@ pub trait Invoker: Send + Sync + 'static {
     fn invoke_staged(&self, message: &InboundMessage) -> Invocation {
         self.invoke(message)
     }
+    /// [`Self::invoke`] or, with `staged`, [`Self::invoke_staged`], on a message the caller
+    /// gives up: an invoker that copies the message into the guest anyway can skip a copy.
+    fn invoke_owned(&self, message: InboundMessage, staged: bool) -> Invocation {
+        if staged {
+            self.invoke_staged(&message)
+        } else {
+            self.invoke(&message)
+        }
+    }
     /// The handler's name.
     fn handler_name(&self) -> String;
     /// The version that runs (module hash).
@@ -76,6 +86,10 @@ impl Invoker for InstancePool {
 
     fn invoke_staged(&self, message: &InboundMessage) -> Invocation {
         InstancePool::invoke_with(self, message, true)
+    }
+
+    fn invoke_owned(&self, message: InboundMessage, staged: bool) -> Invocation {
+        InstancePool::invoke_owned(self, message, staged)
     }
 
     fn handler_name(&self) -> String {
@@ -616,6 +630,11 @@ async fn dispatch(
     shutdown: &Shutdown,
 ) -> Option<BrokerError> {
     let mut paused = false;
+    // Permits taken ahead, handed out one per message. When the bound is full the dispatcher
+    // waits for a handful to free up rather than for each one: a wake-up per finished message
+    // (a futex call when its thread parked) cost more than the rest of the dispatch.
+    let refill = (in_flight.available_permits() / 16).clamp(1, 64);
+    let mut spare: Option<OwnedSemaphorePermit> = None;
     loop {
         if shutdown.is_set() {
             return None;
@@ -651,13 +670,30 @@ async fn dispatch(
                 None => std::future::pending().await,
             }
         };
-        let permit = tokio::select! {
-            p = in_flight.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return None,
+        let permit = match spare.take() {
+            Some(mut s) if s.num_permits() > 1 => match s.split(1) {
+                Some(one) => {
+                    spare = Some(s);
+                    one
+                }
+                None => s,
             },
-            () = breaker_opened() => continue,
-            () = shutdown.wait() => return None,
+            Some(one) => one,
+            None => {
+                let free = in_flight.available_permits();
+                let want = if free > 0 { free.min(refill) } else { refill };
+                tokio::select! {
+                    p = in_flight.clone().acquire_many_owned(want as u32) => match p {
+                        Ok(p) => {
+                            spare = Some(p);
+                            continue;
+                        }
+                        Err(_) => return None,
+                    },
+                    () = breaker_opened() => continue,
+                    () = shutdown.wait() => return None,
+                }
+            }
         };
         if let Some(limit) = rate_limit
             && let Err(wait) = limit.try_acquire()
@@ -809,6 +845,11 @@ struct LastFailure {
     last_ms: u64,
 }
 
+/// Whether the route's breaker (if any) is closed, from the state the breaker publishes.
+fn breaker_closed(stats: &RouteStats) -> bool {
+    stats.breaker_state.load(AtomicOrdering::Relaxed) == 0
+}
+
 /// Records how the current message's span ended (`ok`, `duplicate`, `dead_lettered`, ...).
 fn outcome(what: &'static str) {
     tracing::Span::current().record("outcome", what);
@@ -821,6 +862,10 @@ impl Shared {
     /// publishes what is pending first, so a slow message never holds back finished ones.
     async fn handle_batch(&self, items: Vec<Item>) {
         let mut pending = Pending::default();
+        let (ahead_invoker, mut ahead) = match self.ahead_of(&items) {
+            Some(messages) => self.run_ahead(messages).await,
+            None => (None, VecDeque::new()),
+        };
         let mut items = items.into_iter();
         while let Some(item) = items.next() {
             if self.shutdown.is_set() {
@@ -837,8 +882,13 @@ impl Shared {
             }
             // Every log line about this message carries its route, position, handler version
             // and trace id; `attempt` and `outcome` are filled in as it goes.
-            // The version current now runs this message, all its attempts.
-            let invoker = self.invoker.current();
+            // The version current now runs this message, all its attempts (a first attempt run
+            // ahead ran on the version current then).
+            let first = ahead.pop_front();
+            let invoker = match (&first, &ahead_invoker) {
+                (Some(_), Some(i)) => i.clone(),
+                _ => self.invoker.current(),
+            };
             let record = &item.delivery.record;
             let span = tracing::info_span!(
                 "message",
@@ -856,7 +906,7 @@ impl Shared {
                 span.record("trace_id", t);
             }
             if !self
-                .handle(item, &invoker, &mut pending)
+                .handle(item, &invoker, first, &mut pending)
                 .instrument(span)
                 .await
             {
@@ -866,6 +916,66 @@ impl Shared {
             }
         }
         self.flush(&mut pending).await;
+    }
+
+    /// Runs the first attempts of the head of a batch in one blocking section and returns them,
+    /// in order, with the handler version that ran them. A blocking section per call (a hand-off
+    /// to a blocking thread and back) costs more than a small handler's call: the `suite` bench
+    /// measured ~20 µs of hand-off against ~1.3 µs of call. Only where nothing has to happen
+    /// between two calls: no idempotency claim to take first and a closed breaker. It stops at
+    /// the first call that does not succeed (the messages after it wait for its retries, in
+    /// order), when the breaker leaves closed, at shutdown and after [`MAX_BATCH_AGE`] (so
+    /// finished messages are not held back).
+    async fn run_ahead(
+        &self,
+        messages: Vec<InboundMessage>,
+    ) -> (Option<Arc<dyn Invoker>>, VecDeque<Invocation>) {
+        let invoker = self.invoker.current();
+        let (shutdown, stats) = (self.shutdown.clone(), self.stats.clone());
+        let run = {
+            let invoker = invoker.clone();
+            move || {
+                // Real time, also under a paused test clock: this bounds real work.
+                let start = std::time::Instant::now();
+                let mut done = VecDeque::with_capacity(messages.len());
+                for m in messages {
+                    if shutdown.is_set()
+                        || !breaker_closed(&stats)
+                        || start.elapsed() >= MAX_BATCH_AGE
+                    {
+                        break;
+                    }
+                    let invocation = invoker.invoke_owned(m, false);
+                    let ok = matches!(invocation.outcome, Outcome::Ok { .. });
+                    done.push_back(invocation);
+                    if !ok {
+                        break;
+                    }
+                }
+                done
+            }
+        };
+        // A failed section (a panic in the invoker) leaves every message to the normal path.
+        let done = tokio::task::spawn_blocking(run).await.unwrap_or_default();
+        (Some(invoker), done)
+    }
+
+    /// The messages [`Self::run_ahead`] may run for this batch, if it may run at all.
+    fn ahead_of(&self, items: &[Item]) -> Option<Vec<InboundMessage>> {
+        if items.len() < 2 || self.done_keys.is_some() || !breaker_closed(&self.stats) {
+            return None;
+        }
+        let messages = items
+            .iter()
+            .take_while(|i| i.delivery.ack.is_current())
+            .map(|i| {
+                inbound(
+                    &i.delivery.record,
+                    i.delivery.previous_attempts.saturating_add(1),
+                )
+            })
+            .collect();
+        Some(messages)
     }
 
     /// Publishes the pending outputs, records idempotency keys and acks the pending messages.
@@ -993,7 +1103,14 @@ impl Shared {
 
     /// Takes one delivery to its end (acked, dead-lettered or abandoned) or, when it succeeds,
     /// into `pending`. False if the route stopped while `pending` could not be flushed.
-    async fn handle(&self, item: Item, invoker: &Arc<dyn Invoker>, pending: &mut Pending) -> bool {
+    /// `first` is the message's first attempt when [`Self::run_ahead`] already ran it.
+    async fn handle(
+        &self,
+        item: Item,
+        invoker: &Arc<dyn Invoker>,
+        mut first: Option<Invocation>,
+        pending: &mut Pending,
+    ) -> bool {
         let Item {
             delivery:
                 Delivery {
@@ -1065,7 +1182,9 @@ impl Shared {
         let mut attempt = previous_attempts.saturating_add(1);
         let mut failure: Option<LastFailure> = None;
         loop {
-            if let Some(b) = &self.breaker {
+            // An attempt run ahead was admitted when it ran (the breaker was closed).
+            let ran_ahead = first.take();
+            if let Some(b) = self.breaker.as_ref().filter(|_| ran_ahead.is_none()) {
                 if matches!(b.peek(), Admission::Wait(_)) && !self.flush(pending).await {
                     RouteStats::bump(&self.stats.abandoned);
                     return false;
@@ -1081,17 +1200,13 @@ impl Shared {
             }
             tracing::Span::current().record("attempt", attempt);
             tracing::trace!(route = %self.route, message = %message_id, attempt, "Invoking the handler");
-            let inbound = inbound(&record, attempt);
             let module_hash = invoker.module_hash();
-            let mut invocation = {
+            let mut invocation = if let Some(done) = ran_ahead {
+                done
+            } else {
+                let inbound = inbound(&record, attempt);
                 let invoker = invoker.clone();
-                let call = move || {
-                    if staged {
-                        invoker.invoke_staged(&inbound)
-                    } else {
-                        invoker.invoke(&inbound)
-                    }
-                };
+                let call = move || invoker.invoke_owned(inbound, staged);
                 match tokio::task::spawn_blocking(call).await {
                     Ok(inv) => inv,
                     Err(e) => Invocation {

@@ -846,3 +846,41 @@ async fn no_message_is_acked_before_its_key_is_recorded() {
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_run_ahead_stops_at_a_failure_so_later_messages_wait_for_its_retry() {
+    let broker = MemoryBroker::new();
+    broker.produce(
+        "in",
+        ["first", "a", "b", "c", "d"].map(|p| msg(p, None, &[])),
+    );
+    broker.set_failing("out", true);
+    let calls: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = calls.clone();
+    let cfg =
+        route_config("retry = { max_attempts = 3, initial_backoff_ms = 100, jitter = \"none\" }\n");
+    let running = start(
+        &broker,
+        cfg,
+        FnInvoker(move |m: &InboundMessage| {
+            let p = String::from_utf8_lossy(&m.payload).into_owned();
+            seen.lock().unwrap().push(format!("{p}#{}", m.attempt));
+            if p == "b" && m.attempt == 1 {
+                retry("once")
+            } else {
+                ok_to("out", m.payload.clone())
+            }
+        }),
+        None,
+    );
+    // "first" holds the lane while a..d queue up behind it: they come as one batch.
+    hold_first_publish(&broker).await;
+    broker.wait_acked(5).await;
+    running.stop().await;
+    assert_eq!(
+        *calls.lock().unwrap(),
+        ["first#1", "a#1", "b#1", "b#2", "c#1", "d#1"],
+        "c and d must not run before b succeeded"
+    );
+    assert_eq!(payloads(&broker, "out"), ["first", "a", "b", "c", "d"]);
+}
