@@ -20,7 +20,7 @@
 //!   acknowledgements: a message the process holds when it dies is gone.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind as JsAck, consumer};
@@ -201,12 +201,63 @@ pub struct JetStreamSource {
     retry_in: Duration,
     lag: LagGauge,
     lag_task: Option<tokio::task::JoinHandle<()>>,
+    held: Held,
+    progress_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for JetStreamSource {
     fn drop(&mut self) {
-        if let Some(t) = self.lag_task.take() {
+        for t in [self.lag_task.take(), self.progress_task.take()]
+            .into_iter()
+            .flatten()
+        {
             t.abort();
+        }
+    }
+}
+
+/// The deliveries the pipeline still holds, for the task that keeps them alive on the server.
+/// A delivery is dropped from it when its [`JetStreamAck`] (the only strong reference) goes.
+#[derive(Clone, Default)]
+struct Held {
+    inner: Arc<Mutex<HeldInner>>,
+}
+
+#[derive(Default)]
+struct HeldInner {
+    ackers: Vec<Weak<jetstream::message::Acker>>,
+    /// Length at which `add` prunes resolved deliveries (so the list stays about twice the
+    /// number held, between the keeper's ticks too).
+    prune_at: usize,
+}
+
+impl Held {
+    fn add(&self, acker: &Arc<jetstream::message::Acker>) {
+        let mut h = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if h.ackers.len() >= h.prune_at {
+            h.ackers.retain(|w| w.strong_count() > 0);
+            h.prune_at = (h.ackers.len() * 2).max(1024);
+        }
+        h.ackers.push(Arc::downgrade(acker));
+    }
+
+    fn live(&self) -> Vec<Arc<jetstream::message::Acker>> {
+        let mut h = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        h.ackers.retain(|w| w.strong_count() > 0);
+        h.ackers.iter().filter_map(Weak::upgrade).collect()
+    }
+}
+
+/// Every `every`, tells the server that each held delivery is in progress, so a slow handler
+/// (or a long retry) does not see it redelivered after `ack_wait`. One task per source: a timer
+/// task per delivery cost more than the rest of its handling.
+async fn keep_in_progress(held: Held, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        for acker in held.live() {
+            if let Err(e) = acker.ack_with(JsAck::Progress).await {
+                tracing::debug!(error = %e, "in_progress failed");
+            }
         }
     }
 }
@@ -255,6 +306,8 @@ impl JetStreamSource {
             retry_in: Duration::from_millis(100),
             lag: LagGauge::default(),
             lag_task: None,
+            held: Held::default(),
+            progress_task: None,
         }
     }
 
@@ -309,46 +362,25 @@ impl JetStreamSource {
         record.timestamp_ms = published_ms;
         let (_, acker) = message.split();
         let acker = Arc::new(acker);
-        // Keeps the delivery alive on the server while the pipeline holds it.
-        let beat = {
-            let acker = acker.clone();
-            let every = self.cfg.ack_wait / 2;
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    if let Err(e) = acker.ack_with(JsAck::Progress).await {
-                        tracing::debug!(error = %e, "in_progress failed");
-                    }
-                }
-            })
-        };
+        // Kept alive on the server while the pipeline holds it.
+        self.held.add(&acker);
         Delivery {
             record,
-            ack: AckHandle::new(JetStreamAck {
-                acker,
-                beat: beat.abort_handle(),
-            }),
+            ack: AckHandle::new(JetStreamAck { acker }),
             previous_attempts: u32::try_from(delivered.saturating_sub(1)).unwrap_or(0),
         }
     }
 }
 
-/// Acks (or terms) one JetStream delivery; stops its heartbeat when resolved or dropped.
+/// Acks (or terms) one JetStream delivery. It holds the only strong reference to the acker:
+/// once resolved or dropped, the delivery is no longer kept in progress.
 struct JetStreamAck {
     acker: Arc<jetstream::message::Acker>,
-    beat: tokio::task::AbortHandle,
-}
-
-impl Drop for JetStreamAck {
-    fn drop(&mut self) {
-        self.beat.abort();
-    }
 }
 
 impl Ack for JetStreamAck {
     fn ack(self: Box<Self>, kind: AckKind) -> BoxFuture<'static, Result<(), BrokerError>> {
         Box::pin(async move {
-            self.beat.abort();
             let result = match kind {
                 AckKind::Done => self.acker.ack().await,
                 AckKind::DeadLettered => self.acker.ack_with(JsAck::Term).await,
@@ -359,7 +391,6 @@ impl Ack for JetStreamAck {
 
     fn redeliver(self: Box<Self>, delay: Duration) -> BoxFuture<'static, Result<(), BrokerError>> {
         Box::pin(async move {
-            self.beat.abort();
             self.acker
                 .ack_with(JsAck::Nak(Some(delay)))
                 .await
@@ -393,6 +424,12 @@ impl Source for JetStreamSource {
                                 self.subject.clone(),
                                 self.lag.clone(),
                             )));
+                            if self.progress_task.is_none() {
+                                self.progress_task = Some(tokio::spawn(keep_in_progress(
+                                    self.held.clone(),
+                                    self.cfg.ack_wait / 2,
+                                )));
+                            }
                         }
                         Err(e) => {
                             tracing::warn!(source = %self.describe, error = %e, retry_in_ms = self.retry_in.as_millis() as u64, "Cannot consume; retrying");
