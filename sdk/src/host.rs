@@ -71,7 +71,21 @@ mod imp {
     }
 
     pub(crate) fn config_get(key: &str) -> Option<String> {
-        config::get(key)
+        // An instance's config never changes (a new config is a new handler version with new
+        // instances), so each key crosses into the host once per instance, not once per call:
+        // a handler that reads its config per message saves a host call and a copy each time.
+        thread_local! {
+            static CACHE: std::cell::RefCell<std::collections::HashMap<String, Option<String>>> =
+                std::cell::RefCell::default();
+        }
+        CACHE.with(|cache| {
+            if let Some(v) = cache.borrow().get(key) {
+                return v.clone();
+            }
+            let v = config::get(key);
+            cache.borrow_mut().insert(key.to_owned(), v.clone());
+            v
+        })
     }
 }
 
