@@ -327,3 +327,163 @@ fn lockgate_migrate_creates_the_schema_once_and_names_a_store_it_cannot_reach() 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(drop_schema(&schema));
 }
+
+/// A dead letter of `route` for the message at offset `offset` of `orders`.
+fn letter(route: &str, offset: u64, kind: &str) -> lockgate::broker::OutRecord {
+    use lockgate::pipeline::backoff::GiveUpReason;
+    use lockgate::pipeline::dlq::{Failure, envelope};
+    let record = lockgate::broker::Record {
+        topic: "orders".into(),
+        partition: Some(0),
+        offset: Some(offset),
+        key: Some(format!("k{offset}").into_bytes()),
+        headers: vec![
+            ("trace".into(), b"t1".to_vec()),
+            ("trace".into(), vec![0xff, 0x00]),
+        ],
+        payload: format!("order {offset}").into_bytes(),
+        timestamp_ms: Some(1_700_000_000_000),
+        reply_to: None,
+    };
+    let failure = Failure {
+        route: route.into(),
+        handler: "h".into(),
+        module_hash: "cafe".into(),
+        message_id: format!("orders/0/{offset}"),
+        error_kind: kind.into(),
+        reason: format!("bad order {offset}"),
+        gave_up: GiveUpReason::Rejected,
+        attempts: 3,
+        first_failure_ms: 1_700_000_000_100,
+        last_failure_ms: 1_700_000_000_200,
+    };
+    envelope(&record, &failure, "orders.dlq")
+}
+
+async fn read_table(
+    table: &lockgate::state::DeadLetterTable,
+    dlq: &str,
+) -> (Vec<lockgate::pipeline::dlq::DeadLetter>, Vec<String>) {
+    use lockgate::broker::Scan;
+    use lockgate::pipeline::dlq::{DeadLetter, marker_positions};
+    let mut scan = table.scan(dlq);
+    let (mut dead, mut replayed) = (Vec::new(), Vec::new());
+    while let Some(batch) = scan.next_batch().await.unwrap() {
+        for r in batch {
+            match marker_positions(&r) {
+                Some(p) => replayed.extend(p),
+                None => dead.push(DeadLetter::parse(r).unwrap()),
+            }
+        }
+    }
+    (dead, replayed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_table_keeps_the_whole_envelope_and_marks_replays() {
+    use lockgate::broker::Sink;
+    use lockgate::pipeline::dlq::marker;
+    use lockgate::state::DeadLetterTable;
+    let schema = unique("lgdlq");
+    let store = Arc::new(PostgresStore::new(POSTGRES, &schema, 2).unwrap());
+    let table = DeadLetterTable::new(store.clone());
+    let written = [
+        letter("orders", 7, "reject"),
+        letter("orders", 9, "trapped"),
+    ];
+    table.publish(written.to_vec()).await.unwrap();
+    // A repeated write (the route retrying its DLQ write) is dropped by its lockgate-id.
+    table.publish(vec![written[0].clone()]).await.unwrap();
+
+    let (dead, replayed) = read_table(&table, "orders.dlq").await;
+    assert!(replayed.is_empty());
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    for (d, w) in dead.iter().zip(&written) {
+        assert_eq!(d.record.headers, w.headers, "headers whole and in order");
+        assert_eq!(d.record.payload, w.payload);
+        assert_eq!(d.record.key, w.key);
+        assert_eq!(d.route, "orders");
+        assert_eq!(d.attempts, 3);
+        assert_eq!(d.last_failure_ms, 1_700_000_000_200);
+        assert!(d.position.starts_with("orders.dlq/-/"), "{}", d.position);
+    }
+    assert_eq!(dead[1].error_kind, "trapped");
+    assert_eq!(dead[1].source_position, "orders/0/9");
+    assert!(
+        read_table(&table, "refunds.dlq").await.0.is_empty(),
+        "another DLQ's rows"
+    );
+
+    // The columns SQL users filter on.
+    let (client, conn) = tokio_postgres::connect(POSTGRES, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let task = tokio::spawn(conn);
+    let rows = client
+        .query(
+            &format!(
+                "SELECT route, error_kind, reason, attempts, source,
+                        (extract(epoch from failed_at) * 1000)::bigint
+                 FROM {schema}.dead_letters ORDER BY id"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let cols: Vec<(String, String, String, i32, String, i64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+        .collect();
+    assert_eq!(
+        cols[0],
+        (
+            "orders".into(),
+            "reject".into(),
+            "bad order 7".into(),
+            3,
+            "orders/0/7".into(),
+            1_700_000_000_200
+        )
+    );
+
+    // A replay marker sets replayed_at on the rows it names, and reads back as a marker.
+    table
+        .publish(vec![marker(
+            "orders.dlq",
+            std::slice::from_ref(&dead[0].position),
+            "orders",
+            1,
+        )])
+        .await
+        .unwrap();
+    let (dead_after, replayed) = read_table(&table, "orders.dlq").await;
+    assert_eq!(dead_after.len(), 2);
+    assert_eq!(replayed, vec![dead[0].position.clone()]);
+    let marked: Vec<(Option<String>, bool)> = client
+        .query(
+            &format!(
+                "SELECT replayed_to, replayed_at IS NOT NULL FROM {schema}.dead_letters ORDER BY id"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(marked, vec![(Some("orders".into()), true), (None, false)]);
+
+    // Only dead letters go in.
+    let err = table
+        .publish(vec![lockgate::broker::OutRecord {
+            topic: "orders.dlq".into(),
+            payload: b"x".to_vec(),
+            ..Default::default()
+        }])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not a dead letter"), "{err}");
+    drop(client);
+    let _ = task.await;
+    drop_schema(&schema).await;
+}

@@ -14,12 +14,14 @@
 //! instead of running the handler concurrently. When the message is done the key becomes *done*
 //! for the route's TTL; a crashed claimant's lease runs out and the key can be claimed again.
 
+mod dead_letters;
 mod embedded;
 mod local;
 mod memory;
 mod postgres;
 mod redis;
 
+pub use dead_letters::{DeadLetterScan, DeadLetterTable};
 pub use embedded::EmbeddedStore;
 pub use local::LocalClaims;
 pub use memory::MemoryStore;

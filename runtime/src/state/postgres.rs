@@ -32,9 +32,10 @@ const CLEANUP_EVERY: Duration = Duration::from_secs(60);
 
 /// Schema migrations, in order; version `i + 1` is `MIGRATIONS[i]`. Never edit one that shipped:
 /// add another.
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "kv and idempotency tables",
-    "CREATE TABLE {s}.kv (
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "kv and idempotency tables",
+        "CREATE TABLE {s}.kv (
         namespace text NOT NULL,
         key text NOT NULL,
         value bytea NOT NULL,
@@ -52,7 +53,34 @@ const MIGRATIONS: &[(&str, &str)] = &[(
         PRIMARY KEY (scope, key)
     );
     CREATE INDEX idempotency_until ON {s}.idempotency (until_ms);",
-)];
+    ),
+    (
+        "dead_letters table",
+        // The envelope is kept whole (headers as two parallel arrays, in order) so a dead letter
+        // reads back exactly as it was written; the columns beside it are what `lockgate dlq`
+        // and SQL users filter on.
+        "CREATE TABLE {s}.dead_letters (
+        id bigserial PRIMARY KEY,
+        dlq text NOT NULL,
+        lockgate_id text NOT NULL,
+        route text NOT NULL,
+        error_kind text NOT NULL,
+        reason text NOT NULL,
+        attempts integer NOT NULL,
+        source text NOT NULL,
+        failed_at timestamptz NOT NULL,
+        key bytea,
+        header_names text[] NOT NULL,
+        header_values bytea[] NOT NULL,
+        payload bytea NOT NULL,
+        replayed_at timestamptz,
+        replayed_to text,
+        UNIQUE (dlq, lockgate_id)
+    );
+    CREATE INDEX dead_letters_route ON {s}.dead_letters (route, error_kind, failed_at);
+    CREATE INDEX dead_letters_time ON {s}.dead_letters (failed_at);",
+    ),
+];
 
 /// The newest schema version this build knows.
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
@@ -303,7 +331,12 @@ impl PostgresStore {
         Ok(store)
     }
 
-    fn err(&self, what: &str, e: impl std::fmt::Display) -> StateError {
+    /// The schema this store's tables live in.
+    pub fn schema(&self) -> &str {
+        &self.inner.schema
+    }
+
+    pub(crate) fn err(&self, what: &str, e: impl std::fmt::Display) -> StateError {
         StateError::Unavailable(format!("postgres at {} ({what}): {e}", self.inner.addr))
     }
 
@@ -370,7 +403,8 @@ impl PostgresStore {
         Ok(found)
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, StateError> {
+    /// A pooled connection to a migrated schema.
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, StateError> {
         self.inner
             .migrated
             .get_or_try_init(|| async { self.migrate().await.map(drop) })
@@ -383,7 +417,7 @@ impl PostgresStore {
     }
 
     /// Runs `sql` with `params` and returns the rows.
-    async fn query(
+    pub(crate) async fn query(
         &self,
         what: &str,
         sql: &str,
@@ -400,7 +434,8 @@ impl PostgresStore {
             .map_err(|e| self.err(what, e))
     }
 
-    async fn execute(
+    /// Runs `sql` with `params`; the rows it changed.
+    pub(crate) async fn execute(
         &self,
         what: &str,
         sql: &str,
