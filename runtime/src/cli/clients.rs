@@ -10,16 +10,46 @@ use lockgate::broker::nats::{
     JetStreamScan, JetStreamSink, JetStreamSource, NatsCoreSource, NatsReplySink,
 };
 use lockgate::broker::{Scan, Sink, Source};
-use lockgate::config::{BrokerKind, Config, Endpoint, NatsConfig, RouteConfig};
+use lockgate::config::{
+    BrokerKind, Config, DLQ_STORE_PREFIX, Endpoint, NatsConfig, RouteConfig, StoreKind,
+};
+use lockgate::state::{DeadLetterTable, PostgresStore};
+
+/// Connections of a dead-letter table's pool: DLQ writes and reads are rare.
+const DEAD_LETTER_POOL_SIZE: usize = 2;
 
 /// Broker clients, one per broker, shared by every route that uses it.
 #[derive(Default)]
 pub struct Clients {
     sinks: HashMap<String, Arc<dyn Sink>>,
     nats: HashMap<String, async_nats::Client>,
+    tables: HashMap<String, DeadLetterTable>,
 }
 
 impl Clients {
+    /// The dead-letter table of PostgreSQL store `store`.
+    pub fn dead_letters(
+        &mut self,
+        config: &Config,
+        store: &str,
+    ) -> anyhow::Result<DeadLetterTable> {
+        if let Some(t) = self.tables.get(store) {
+            return Ok(t.clone());
+        }
+        let Some(sc) = config.stores.get(store) else {
+            anyhow::bail!("state store {store} is not defined");
+        };
+        let StoreKind::Postgres { schema, .. } = &sc.kind else {
+            anyhow::bail!("stores.{store} is not a PostgreSQL store: it has no dead-letter table");
+        };
+        let url = sc.url().map_err(anyhow::Error::msg)?;
+        let pg = PostgresStore::new(&url, schema, DEAD_LETTER_POOL_SIZE)
+            .map_err(|e| anyhow::anyhow!("stores.{store}: {e}"))?;
+        let table = DeadLetterTable::new(Arc::new(pg));
+        self.tables.insert(store.to_owned(), table.clone());
+        Ok(table)
+    }
+
     pub async fn nats(
         &mut self,
         config: &Config,
@@ -98,6 +128,8 @@ impl Clients {
         }
         let sink: Arc<dyn Sink> = if name == "local" {
             Arc::new(local.sink())
+        } else if let Some(store) = name.strip_prefix(DLQ_STORE_PREFIX) {
+            Arc::new(self.dead_letters(config, store)?)
         } else {
             let Some(broker) = config.brokers.get(name) else {
                 anyhow::bail!("broker {name} is not defined");
@@ -115,10 +147,14 @@ impl Clients {
 }
 
 impl Clients {
-    /// Drops the clients of broker `name` (its definition changed): the next use connects anew.
+    /// Drops the clients of broker `name` (or of the dead-letter table `store:<name>`) whose
+    /// definition changed: the next use connects anew.
     pub fn forget(&mut self, name: &str) {
         self.sinks.remove(name);
         self.nats.remove(name);
+        if let Some(store) = name.strip_prefix(DLQ_STORE_PREFIX) {
+            self.tables.remove(store);
+        }
     }
 
     /// A scan of `endpoint`'s topic from its start (the DLQ tools read with it).
@@ -130,6 +166,11 @@ impl Clients {
     ) -> anyhow::Result<Box<dyn Scan>> {
         if endpoint.broker == "local" {
             return Ok(Box::new(local.scan(&endpoint.topic)?));
+        }
+        if let Some(store) = endpoint.dlq_store() {
+            return Ok(Box::new(
+                self.dead_letters(config, store)?.scan(&endpoint.topic),
+            ));
         }
         let Some(broker) = config.brokers.get(&endpoint.broker) else {
             anyhow::bail!("broker {} is not defined", endpoint.broker);

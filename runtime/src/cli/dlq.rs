@@ -1,9 +1,11 @@
 //! `lockgate dlq list|show|replay`: inspect dead letters and send them back once the handler is
-//! fixed, on every broker a route can dead-letter to (embedded, Kafka, JetStream).
+//! fixed, on every broker a route can dead-letter to (embedded, Kafka, JetStream) and in a
+//! PostgreSQL store's dead-letter table.
 //!
 //! The DLQs are the ones runtime.toml names (`dlq = ...` of each route). Reading never joins a
 //! consumer group or commits anything. What was replayed is remembered in the DLQ itself (replay
-//! markers, see [`lockgate::pipeline::dlq`]), so a second replay, from any machine, skips it; a
+//! markers, see [`lockgate::pipeline::dlq`]; a dead-letter table marks its rows instead, see
+//! [`lockgate::state::DeadLetterTable`]), so a second replay, from any machine, skips it; a
 //! replay that is interrupted writes the marker of the batch in flight before it exits and the
 //! next run goes on from there.
 

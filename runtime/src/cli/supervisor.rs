@@ -381,7 +381,7 @@ impl Supervisor {
         {
             notes.push("[runtime] and [engine] changes are not applied until a restart".to_owned());
         }
-        let changed_brokers: Vec<String> = self
+        let mut changed_brokers: Vec<String> = self
             .config
             .brokers
             .keys()
@@ -389,6 +389,15 @@ impl Supervisor {
             .filter(|n| self.config.brokers.get(*n) != new.brokers.get(*n))
             .cloned()
             .collect();
+        // A changed store is a changed DLQ destination for routes that dead-letter into it.
+        changed_brokers.extend(
+            self.config
+                .stores
+                .keys()
+                .chain(new.stores.keys())
+                .filter(|n| self.config.stores.get(*n) != new.stores.get(*n))
+                .map(|n| format!("{}{n}", lockgate::config::DLQ_STORE_PREFIX)),
+        );
 
         // Everything that will run is loaded and instantiated before anything changes. A module
         // several routes use is read and hashed once.

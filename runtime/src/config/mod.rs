@@ -28,8 +28,9 @@ use toml::map::Map as IndexMap;
 mod routes;
 
 pub use routes::{
-    BUILTIN_BROKERS, DEFAULT_GROUP, DEFAULT_IDEMPOTENCY_LEASE_MS, EMBEDDED_STORE, Endpoint,
-    IdempotencyConfig, IdempotencyKey, JetStreamSource, Ordering, RateLimitConfig, RouteConfig,
+    BUILTIN_BROKERS, DEFAULT_GROUP, DEFAULT_IDEMPOTENCY_LEASE_MS, DLQ_STORE_PREFIX, EMBEDDED_STORE,
+    Endpoint, IdempotencyConfig, IdempotencyKey, JetStreamSource, Ordering, RateLimitConfig,
+    RouteConfig,
 };
 
 use crate::engine::{EngineSettings, HandlerLimits, Isolation};
@@ -486,6 +487,18 @@ impl Config {
                     .collect()
             })
             .unwrap_or_default();
+        let pg_stores: Vec<&str> = table
+            .get("stores")
+            .and_then(toml::Value::as_table)
+            .map(|t| {
+                t.iter()
+                    .filter(|(_, b)| {
+                        b.get("kind").and_then(toml::Value::as_str) == Some("postgres")
+                    })
+                    .map(|(name, _)| name.as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
         let routes = root.named_tables("routes", "route", |name, r| {
             routes::parse_route(
                 name,
@@ -493,6 +506,7 @@ impl Config {
                 &broker_names,
                 &nats_brokers,
                 &store_names,
+                &pg_stores,
                 r,
             )
         });
@@ -1353,6 +1367,32 @@ mod tests {
                 "rt.toml: runtime.state: unknown state store `redis` (defined: embedded, a, b, c, d; add a [stores.redis] table)",
                 "rt.toml: routes.r.state: unknown state store `sharde` (defined: embedded, a, b, c, d; add a [stores.sharde] table)",
                 "rt.toml: routes.r.idempotency.lease_ms: must be greater than 0, found 0",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_dlq_can_be_a_postgres_stores_dead_letter_table() {
+        let stores = "[stores.pg]\nkind = \"postgres\"\nurl = \"postgres://u@h/db\"\n\n[stores.r]\nkind = \"redis\"\nurl = \"redis://h\"\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n";
+        let c = Config::parse(
+            Path::new("rt.toml"),
+            &format!(
+                "{stores}[routes.a]\nhandler = \"h\"\nsource = {{ topic = \"orders\" }}\ndlq = {{ store = \"pg\" }}\n\n[routes.b]\nhandler = \"h\"\nsource = {{ topic = \"refunds\" }}\ndlq = {{ store = \"pg\", topic = \"all.dlq\" }}\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(c.routes["a"].dlq.broker, "store:pg");
+        assert_eq!(c.routes["a"].dlq.topic, "orders.dlq");
+        assert_eq!(c.routes["a"].dlq.dlq_store(), Some("pg"));
+        assert_eq!(c.routes["b"].dlq.topic, "all.dlq");
+        assert_eq!(
+            problems(&format!(
+                "{stores}[routes.a]\nhandler = \"h\"\nsource = {{ topic = \"o\" }}\ndlq = {{ store = \"r\" }}\n\n[routes.b]\nhandler = \"h\"\nsource = {{ topic = \"o\" }}\ndlq = {{ store = \"nope\" }}\n\n[routes.c]\nhandler = \"h\"\nsource = {{ topic = \"o\" }}\ndlq = {{ store = \"pg\", broker = \"local\" }}\n"
+            )),
+            [
+                "rt.toml: routes.a.dlq.store: state store `r` is not a PostgreSQL store: a dead-letter table needs kind = \"postgres\"",
+                "rt.toml: routes.b.dlq.store: unknown state store `nope` (PostgreSQL stores defined: pg; add a [stores.nope] table with kind = \"postgres\")",
+                "rt.toml: routes.c.dlq.broker: a DLQ goes to a broker or to a store's dead_letters table: set `broker` or `store`, not both",
             ]
         );
     }

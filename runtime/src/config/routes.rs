@@ -44,12 +44,24 @@ pub const MAX_BATCH_LIMIT: u32 = 10_000;
 /// A broker and topic (plus, for sources, a consumer group).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
-    /// Broker name (`local`, or a broker defined in the config).
+    /// Broker name (`local`, or a broker defined in the config); for a DLQ in a PostgreSQL
+    /// store's dead-letter table, [`DLQ_STORE_PREFIX`] and the store's name.
     pub broker: String,
     /// Topic, subject or queue.
     pub topic: String,
     /// Consumer group (sources only).
     pub group: String,
+}
+
+/// How a DLQ [`Endpoint`] names a PostgreSQL store's dead-letter table (`dlq = { store = "pg" }`)
+/// instead of a broker: `store:pg` (broker names cannot contain a colon).
+pub const DLQ_STORE_PREFIX: &str = "store:";
+
+impl Endpoint {
+    /// The store whose dead-letter table this DLQ is, if it is one.
+    pub fn dlq_store(&self) -> Option<&str> {
+        self.broker.strip_prefix(DLQ_STORE_PREFIX)
+    }
 }
 
 /// A JetStream source: a durable pull consumer on a stream (`source.stream` is set).
@@ -197,6 +209,7 @@ pub(super) fn parse_route(
     brokers: &[&str],
     nats_brokers: &[&str],
     stores: &[&str],
+    pg_stores: &[&str],
     r: &mut Reader<'_>,
 ) -> Option<RouteConfig> {
     let before = r.problems.len();
@@ -328,6 +341,51 @@ pub(super) fn parse_route(
         .map(|t| parse_breaker(&mut r.child("circuit_breaker", t)));
 
     let dlq = match (r.table("dlq"), &source) {
+        (Some(t), source) if t.contains_key("store") => {
+            let mut d = r.child("dlq", t);
+            let store = d.string("store").unwrap_or_default();
+            if d.table.contains_key("broker") {
+                d.problem(
+                    "broker",
+                    "a DLQ goes to a broker or to a store's dead_letters table: set `broker` or `store`, not both".into(),
+                );
+            }
+            if !pg_stores.contains(&store.as_str()) {
+                let why = if stores.contains(&store.as_str()) {
+                    format!(
+                        "state store `{store}` is not a PostgreSQL store: a dead-letter table needs kind = \"postgres\""
+                    )
+                } else {
+                    format!(
+                        "unknown state store `{store}` (PostgreSQL stores defined: {}; add a [stores.{store}] table with kind = \"postgres\")",
+                        if pg_stores.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            pg_stores.join(", ")
+                        }
+                    )
+                };
+                d.problem("store", why);
+            }
+            let topic = match (non_empty(&mut d, "topic"), source) {
+                (Some(t), _) => Some(t),
+                (None, Some(src)) if !is_wildcard(&src.topic) => Some(format!("{}.dlq", src.topic)),
+                (None, _) => {
+                    d.problem(
+                        "topic",
+                        "missing: the source has no single topic to name the DLQ after; set topic = \"...\" (the DLQ's name in the dead_letters table)".into(),
+                    );
+                    None
+                }
+            };
+            // `broker` was reported above, more plainly than as an unknown field.
+            d.finish(&["store", "topic", "broker"]);
+            topic.map(|topic| Endpoint {
+                broker: format!("{DLQ_STORE_PREFIX}{store}"),
+                topic,
+                group: String::new(),
+            })
+        }
         (Some(t), source) => {
             let mut d = r.child("dlq", t);
             let broker = d

@@ -1,0 +1,252 @@
+//! A PostgreSQL dead-letter table as a route's DLQ (`dlq = { store = "pg" }`, needs
+//! `scripts/brokers.sh start postgres`): poison messages land in `<schema>.dead_letters` with the
+//! full envelope, `lockgate dlq list|show` read them from there, and after the handler is fixed
+//! `lockgate dlq replay` sends them back once and marks the rows replayed.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use lockgate::broker::OutRecord;
+use lockgate::broker::local::LocalBroker;
+use lockgate_tests::{guest, lockgate, show, start_run, stop_run, wait_for_progress};
+
+const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// 25 good orders (ids 0..25), 10 poison (25..35, rejected), 5 that always fail (35..40).
+fn message(i: u64) -> OutRecord {
+    let extra = match i {
+        25..=34 => r#","poison":true"#,
+        35..=39 => r#","fail":99"#,
+        _ => "",
+    };
+    OutRecord {
+        topic: "orders".into(),
+        key: Some(format!("k{i}").into_bytes()),
+        headers: vec![("trace".into(), format!("t{i}").into_bytes())],
+        payload: format!(r#"{{"id":{i}{extra}}}"#).into_bytes(),
+    }
+}
+
+fn write_config(dir: &Path, schema: &str, fixed: bool) -> std::path::PathBuf {
+    let config = dir.join("runtime.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[runtime]
+state_dir = "state"
+
+[stores.pg]
+kind = "postgres"
+url = "{POSTGRES}"
+schema = "{schema}"
+
+[handlers.chaos]
+module = "{}"
+config = {{ target = "out", poison_ok = "{fixed}" }}
+
+[routes.orders]
+handler = "chaos"
+source = {{ topic = "orders" }}
+outputs = ["out"]
+retry = {{ max_attempts = 2, initial_backoff_ms = 5, jitter = "none" }}
+dlq = {{ store = "pg" }}
+"#,
+            guest("chaos").display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// A blocking SQL client for the assertions.
+struct Sql {
+    rt: tokio::runtime::Runtime,
+    client: tokio_postgres::Client,
+}
+
+impl Sql {
+    fn connect() -> Self {
+        let rt = lockgate_tests::kafka::runtime();
+        let client = rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(POSTGRES, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            client
+        });
+        Self { rt, client }
+    }
+
+    fn rows(&self, sql: &str) -> Vec<tokio_postgres::Row> {
+        self.rt.block_on(self.client.query(sql, &[])).unwrap()
+    }
+
+    fn count(&self, sql: &str) -> u64 {
+        let n: i64 = self.rows(sql)[0].get(0);
+        u64::try_from(n).unwrap()
+    }
+
+    fn exec(&self, sql: &str) {
+        self.rt.block_on(self.client.batch_execute(sql)).unwrap();
+    }
+}
+
+fn list(dir: &Path, args: &[&str]) -> Vec<serde_json::Value> {
+    let mut all = vec!["dlq", "list", "--json"];
+    all.extend_from_slice(args);
+    let out = lockgate(dir, &all);
+    assert!(out.status.success(), "{}", show(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn poison_lands_in_the_dead_letter_table_and_replays_from_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = format!(
+        "lgdlt_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    );
+    let sql = Sql::connect();
+    let table = format!("{schema}.dead_letters");
+    let broker = LocalBroker::open(&dir.path().join("state/local")).unwrap();
+    broker
+        .append(&(0..40).map(message).collect::<Vec<_>>())
+        .unwrap();
+
+    // Run 1, the broken handler: 25 outputs, 15 rows in the table, nothing on a DLQ topic.
+    let config = write_config(dir.path(), &schema, false);
+    let mut run = start_run(dir.path(), &config, 1, None, "warn");
+    let rows = |sql: &Sql| {
+        let exists = sql.count(&format!(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = '{schema}' AND table_name = 'dead_letters'"
+        ));
+        if exists == 0 {
+            0
+        } else {
+            sql.count(&format!("SELECT count(*) FROM {table}"))
+        }
+    };
+    wait_for_progress(
+        &mut run,
+        dir.path(),
+        1,
+        40,
+        DEADLINE,
+        Duration::from_millis(20),
+        || broker.end_offset("out").unwrap().min(25) + rows(&sql).min(15),
+    );
+    stop_run(&mut run, dir.path(), 1);
+    assert_eq!(rows(&sql), 15);
+    assert_eq!(broker.end_offset("orders.dlq").unwrap_or(0), 0);
+
+    // The columns SQL users filter on, and the envelope kept whole.
+    let by_kind: Vec<(String, String, i64)> = sql
+        .rows(&format!(
+            "SELECT route, error_kind, count(*) FROM {table} GROUP BY 1, 2 ORDER BY 2"
+        ))
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        by_kind,
+        vec![
+            ("orders".into(), "reject".into(), 10),
+            ("orders".into(), "retry".into(), 5)
+        ]
+    );
+    let (id, source, attempts): (i64, String, i32) = {
+        let r = &sql.rows(&format!(
+            "SELECT id, source, attempts FROM {table} WHERE error_kind = 'reject' ORDER BY id LIMIT 1"
+        ))[0];
+        (r.get(0), r.get(1), r.get(2))
+    };
+    assert_eq!((source.as_str(), attempts), ("orders/0/25", 1));
+
+    // `lockgate dlq` reads the table.
+    let all = list(dir.path(), &[]);
+    assert_eq!(all.len(), 15, "{all:?}");
+    assert!(all.iter().all(|r| r["status"] == "pending"));
+    let rejects = list(dir.path(), &["--error-kind", "reject"]);
+    assert_eq!(rejects.len(), 10);
+    assert_eq!(rejects[0]["position"], format!("orders.dlq/-/{id}"));
+    let out = lockgate(dir.path(), &["dlq", "list"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("15 dead letters (15 pending, 0 replayed) in store:pg:orders.dlq"),
+        "{text}"
+    );
+    let out = lockgate(dir.path(), &["dlq", "show", &format!("orders.dlq/-/{id}")]);
+    assert!(out.status.success(), "{}", show(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("error          reject: order 25 is poison (rejected after 1 attempt)"),
+        "{text}"
+    );
+    assert!(text.contains("key            k25"), "{text}");
+    assert!(text.contains("header         trace=t25"), "{text}");
+    assert!(
+        text.contains(r#"payload        {"id":25,"poison":true}"#),
+        "{text}"
+    );
+
+    // The fixed handler; replay the rejected ones: each once, rows marked.
+    let config = write_config(dir.path(), &schema, true);
+    let mut run = start_run(dir.path(), &config, 2, None, "warn");
+    let out = lockgate(dir.path(), &["dlq", "replay", "--error-kind", "reject"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        show(&out).contains("replayed 10 dead letters"),
+        "{}",
+        show(&out)
+    );
+    wait_for_progress(
+        &mut run,
+        dir.path(),
+        2,
+        35,
+        DEADLINE,
+        Duration::from_millis(20),
+        || broker.end_offset("out").unwrap(),
+    );
+    stop_run(&mut run, dir.path(), 2);
+    assert_eq!(broker.end_offset("orders").unwrap(), 50);
+    assert_eq!(
+        sql.count(&format!(
+            "SELECT count(*) FROM {table} WHERE replayed_at IS NOT NULL AND replayed_to = 'local:orders' AND error_kind = 'reject'"
+        )),
+        10
+    );
+    assert_eq!(
+        sql.count(&format!(
+            "SELECT count(*) FROM {table} WHERE replayed_at IS NOT NULL"
+        )),
+        10,
+        "only the replayed rows are marked"
+    );
+    let after = list(dir.path(), &[]);
+    assert_eq!(
+        after.iter().filter(|r| r["status"] == "replayed").count(),
+        10
+    );
+    let out = lockgate(dir.path(), &["dlq", "replay", "--error-kind", "reject"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(show(&out).contains("nothing to replay"), "{}", show(&out));
+    assert_eq!(broker.end_offset("orders").unwrap(), 50);
+    let copies = broker.read("orders", 40, 100).unwrap();
+    assert!(copies.iter().all(|c| {
+        c.header("lockgate-replayed-from")
+            .is_some_and(|f| f.starts_with(b"orders.dlq/-/"))
+    }));
+
+    sql.exec(&format!("DROP SCHEMA {schema} CASCADE"));
+}
