@@ -2,8 +2,10 @@
 //! are, and how to run the binary.
 
 pub mod admin;
+pub mod dlq;
 pub mod kafka;
 pub mod nats;
+pub mod pg;
 pub mod proxy;
 pub mod reload;
 

@@ -8,27 +8,12 @@
 use std::path::Path;
 use std::time::Duration;
 
-use lockgate::broker::OutRecord;
 use lockgate::broker::local::LocalBroker;
+use lockgate_tests::dlq::{list, order};
+use lockgate_tests::pg::{self, SyncPg};
 use lockgate_tests::{guest, lockgate, show, start_run, stop_run, wait_for_progress};
 
-const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 const DEADLINE: Duration = Duration::from_secs(120);
-
-/// 25 good orders (ids 0..25), 10 poison (25..35, rejected), 5 that always fail (35..40).
-fn message(i: u64) -> OutRecord {
-    let extra = match i {
-        25..=34 => r#","poison":true"#,
-        35..=39 => r#","fail":99"#,
-        _ => "",
-    };
-    OutRecord {
-        topic: "orders".into(),
-        key: Some(format!("k{i}").into_bytes()),
-        headers: vec![("trace".into(), format!("t{i}").into_bytes())],
-        payload: format!(r#"{{"id":{i}{extra}}}"#).into_bytes(),
-    }
-}
 
 fn write_config(dir: &Path, schema: &str, fixed: bool) -> std::path::PathBuf {
     let config = dir.join("runtime.toml");
@@ -40,7 +25,7 @@ state_dir = "state"
 
 [stores.pg]
 kind = "postgres"
-url = "{POSTGRES}"
+url = "{}"
 schema = "{schema}"
 
 [handlers.chaos]
@@ -54,6 +39,7 @@ outputs = ["out"]
 retry = {{ max_attempts = 2, initial_backoff_ms = 5, jitter = "none" }}
 dlq = {{ store = "pg" }}
 "#,
+            pg::URL,
             guest("chaos").display()
         ),
     )
@@ -61,72 +47,21 @@ dlq = {{ store = "pg" }}
     config
 }
 
-/// A blocking SQL client for the assertions.
-struct Sql {
-    rt: tokio::runtime::Runtime,
-    client: tokio_postgres::Client,
-}
-
-impl Sql {
-    fn connect() -> Self {
-        let rt = lockgate_tests::kafka::runtime();
-        let client = rt.block_on(async {
-            let (client, conn) = tokio_postgres::connect(POSTGRES, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            client
-        });
-        Self { rt, client }
-    }
-
-    fn rows(&self, sql: &str) -> Vec<tokio_postgres::Row> {
-        self.rt.block_on(self.client.query(sql, &[])).unwrap()
-    }
-
-    fn count(&self, sql: &str) -> u64 {
-        let n: i64 = self.rows(sql)[0].get(0);
-        u64::try_from(n).unwrap()
-    }
-
-    fn exec(&self, sql: &str) {
-        self.rt.block_on(self.client.batch_execute(sql)).unwrap();
-    }
-}
-
-fn list(dir: &Path, args: &[&str]) -> Vec<serde_json::Value> {
-    let mut all = vec!["dlq", "list", "--json"];
-    all.extend_from_slice(args);
-    let out = lockgate(dir, &all);
-    assert!(out.status.success(), "{}", show(&out));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn poison_lands_in_the_dead_letter_table_and_replays_from_it_once() {
     let dir = tempfile::tempdir().unwrap();
-    let schema = format!(
-        "lgdlt_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-    );
-    let sql = Sql::connect();
+    let schema = pg::unique_schema("lgdlt");
+    let sql = SyncPg::connect();
     let table = format!("{schema}.dead_letters");
     let broker = LocalBroker::open(&dir.path().join("state/local")).unwrap();
     broker
-        .append(&(0..40).map(message).collect::<Vec<_>>())
+        .append(&(0..40).map(order).collect::<Vec<_>>())
         .unwrap();
 
     // Run 1, the broken handler: 25 outputs, 15 rows in the table, nothing on a DLQ topic.
     let config = write_config(dir.path(), &schema, false);
     let mut run = start_run(dir.path(), &config, 1, None, "warn");
-    let rows = |sql: &Sql| {
+    let rows = |sql: &SyncPg| {
         let exists = sql.count(&format!(
             "SELECT count(*) FROM information_schema.tables WHERE table_schema = '{schema}' AND table_name = 'dead_letters'"
         ));
@@ -151,9 +86,10 @@ fn poison_lands_in_the_dead_letter_table_and_replays_from_it_once() {
 
     // The columns SQL users filter on, and the envelope kept whole.
     let by_kind: Vec<(String, String, i64)> = sql
-        .rows(&format!(
-            "SELECT route, error_kind, count(*) FROM {table} GROUP BY 1, 2 ORDER BY 2"
-        ))
+        .query(
+            &format!("SELECT route, error_kind, count(*) FROM {table} GROUP BY 1, 2 ORDER BY 2"),
+            &[],
+        )
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
@@ -165,9 +101,12 @@ fn poison_lands_in_the_dead_letter_table_and_replays_from_it_once() {
         ]
     );
     let (id, source, attempts): (i64, String, i32) = {
-        let r = &sql.rows(&format!(
-            "SELECT id, source, attempts FROM {table} WHERE error_kind = 'reject' ORDER BY id LIMIT 1"
-        ))[0];
+        let r = &sql.query(
+            &format!(
+                "SELECT id, source, attempts FROM {table} WHERE error_kind = 'reject' ORDER BY id LIMIT 1"
+            ),
+            &[],
+        )[0];
         (r.get(0), r.get(1), r.get(2))
     };
     assert_eq!((source.as_str(), attempts), ("orders/0/25", 1));
@@ -248,5 +187,5 @@ fn poison_lands_in_the_dead_letter_table_and_replays_from_it_once() {
             .is_some_and(|f| f.starts_with(b"orders.dlq/-/"))
     }));
 
-    sql.exec(&format!("DROP SCHEMA {schema} CASCADE"));
+    sql.drop_schema(&schema);
 }

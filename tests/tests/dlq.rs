@@ -8,30 +8,15 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use lockgate::broker::Record;
 use lockgate::broker::local::LocalBroker;
-use lockgate::broker::{OutRecord, Record};
+use lockgate_tests::dlq::{list, order};
 use lockgate_tests::{
     Proc, guest, lockgate, logs_of, show, signal, spawn_lockgate, start_run, stop_run,
     wait_for_progress,
 };
 
 const DEADLINE: Duration = Duration::from_secs(120);
-
-/// 25 good orders (ids 0..25), 10 poison (25..35, rejected), 5 that always fail (35..40, retried
-/// until attempts run out).
-fn message(i: u64) -> OutRecord {
-    let extra = match i {
-        25..=34 => r#","poison":true"#,
-        35..=39 => r#","fail":99"#,
-        _ => "",
-    };
-    OutRecord {
-        topic: "orders".into(),
-        key: Some(format!("k{i}").into_bytes()),
-        headers: vec![("trace".into(), format!("t{i}").into_bytes())],
-        payload: format!(r#"{{"id":{i}{extra}}}"#).into_bytes(),
-    }
-}
 
 /// The config; `fixed` deploys the handler version that accepts poison orders.
 fn write_config(dir: &Path, fixed: bool) -> std::path::PathBuf {
@@ -86,18 +71,6 @@ fn dead_letters(broker: &LocalBroker) -> u64 {
         .count() as u64
 }
 
-/// `lockgate dlq list --json ARGS` as parsed objects.
-fn list(dir: &Path, args: &[&str]) -> Vec<serde_json::Value> {
-    let mut all = vec!["dlq", "list", "--json"];
-    all.extend_from_slice(args);
-    let out = lockgate(dir, &all);
-    assert!(out.status.success(), "{}", show(&out));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn count_status(rows: &[serde_json::Value], status: &str) -> usize {
     rows.iter().filter(|r| r["status"] == status).count()
 }
@@ -107,7 +80,7 @@ fn dead_letters_are_listed_fixed_replayed_once_and_an_interrupted_replay_resumes
     let dir = tempfile::tempdir().unwrap();
     let broker = LocalBroker::open(&dir.path().join("state/local")).unwrap();
     broker
-        .append(&(0..40).map(message).collect::<Vec<_>>())
+        .append(&(0..40).map(order).collect::<Vec<_>>())
         .unwrap();
 
     // Run 1, the broken handler: 25 outputs, 15 dead letters.

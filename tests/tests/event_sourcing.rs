@@ -14,9 +14,9 @@ use std::time::Duration;
 use lockgate::broker::OutRecord;
 use lockgate::broker::local::LocalBroker;
 use lockgate::state::{EmbeddedStore, KvStore};
+use lockgate_tests::pg::{self, SyncPg};
 use lockgate_tests::{guest, run_stat, start_run, stop_run, wait_for_progress};
 
-const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 const DEADLINE: Duration = Duration::from_secs(180);
 const ACCOUNTS: u64 = 4;
 const COMMANDS: u64 = 1_000;
@@ -33,7 +33,8 @@ fn write_config(dir: &Path, store: Store<'_>, rebuild: bool) -> std::path::PathB
         Store::Postgres(schema) => (
             "pg".to_owned(),
             format!(
-                "[stores.pg]\nkind = \"postgres\"\nurl = \"{POSTGRES}\"\nschema = \"{schema}\"\n\n"
+                "[stores.pg]\nkind = \"postgres\"\nurl = \"{}\"\nschema = \"{schema}\"\n\n",
+                pg::URL
             ),
         ),
     };
@@ -146,18 +147,15 @@ fn view(dir: &Path, store: Store<'_>, namespace: &str) -> BTreeMap<String, (u64,
             read(&|k| kv.get(namespace, k, 0).unwrap())
         }
         Store::Postgres(schema) => {
-            let rt = lockgate_tests::kafka::runtime();
-            let (client, conn) = rt
-                .block_on(tokio_postgres::connect(POSTGRES, tokio_postgres::NoTls))
-                .unwrap();
-            rt.spawn(conn);
+            let client = SyncPg::connect();
             read(&|k| {
-                rt.block_on(client.query_opt(
-                    &format!("SELECT value FROM {schema}.kv WHERE namespace = $1 AND key = $2"),
-                    &[&namespace, &k],
-                ))
-                .unwrap()
-                .map(|r| r.get(0))
+                client
+                    .query(
+                        &format!("SELECT value FROM {schema}.kv WHERE namespace = $1 AND key = $2"),
+                        &[&namespace, &k],
+                    )
+                    .first()
+                    .map(|r| r.get(0))
             })
         }
     }
@@ -330,24 +328,7 @@ fn concurrent_commands_on_the_embedded_store_match_the_sequential_model() {
 
 #[test]
 fn concurrent_commands_on_postgres_match_the_sequential_model() {
-    let schema = format!(
-        "lges_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-    );
+    let schema = pg::unique_schema("lges");
     run_example(Store::Postgres(&schema));
-    let rt = lockgate_tests::kafka::runtime();
-    rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(POSTGRES, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        client
-            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-            .await
-            .unwrap();
-    });
+    SyncPg::connect().drop_schema(&schema);
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use lockgate::state::{EmbeddedStore, KvStore};
 use lockgate_tests::kafka::{Tail, bootstrap, create_topics, id_of, produce, runtime, unique};
 use lockgate_tests::nats::Nats;
+use lockgate_tests::pg::{self, SyncPg};
 use lockgate_tests::{Proc, crash_mix, guest, run_logs, start_run};
 
 const N: u64 = 30_000;
@@ -23,7 +24,6 @@ const PROCESSES: usize = 3;
 const KILLS: [usize; 4] = [5_000, 11_000, 17_000, 23_000];
 const DEADLINE: Duration = Duration::from_secs(900);
 const REDIS: &str = "redis://127.0.0.1:6379";
-const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 #[derive(Clone, Debug)]
 enum Store {
@@ -44,7 +44,8 @@ impl Store {
                 "[stores.shared]\nkind = \"redis\"\nurl = \"{REDIS}\"\nprefix = \"{prefix}\"\n"
             ),
             Self::Postgres { schema } => format!(
-                "[stores.shared]\nkind = \"postgres\"\nurl = \"{POSTGRES}\"\nschema = \"{schema}\"\npool_size = 8\n"
+                "[stores.shared]\nkind = \"postgres\"\nurl = \"{}\"\nschema = \"{schema}\"\npool_size = 8\n",
+                pg::URL
             ),
             Self::Embedded => String::new(),
         }
@@ -73,14 +74,11 @@ impl Store {
                 }
             }
             Self::Postgres { schema } => {
-                let mut client = postgres_client();
-                for row in client
-                    .query(
-                        &format!("SELECT key, value FROM {schema}.kv WHERE namespace = 'chaos'"),
-                        &[],
-                    )
-                    .unwrap()
-                {
+                let client = SyncPg::connect();
+                for row in client.query(
+                    &format!("SELECT key, value FROM {schema}.kv WHERE namespace = 'chaos'"),
+                    &[],
+                ) {
                     let key: String = row.get(0);
                     let id = key.strip_prefix("effects/").unwrap().parse().unwrap();
                     counts.insert(id, parse(&row.get::<_, Vec<u8>>(1)));
@@ -116,49 +114,10 @@ impl Store {
                 }
             }
             Self::Postgres { schema } => {
-                postgres_client()
-                    .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-                    .unwrap();
+                SyncPg::connect().drop_schema(schema);
             }
             Self::Embedded => {}
         }
-    }
-}
-
-/// A blocking PostgreSQL client (the test body is synchronous).
-fn postgres_client() -> SyncPg {
-    SyncPg::connect()
-}
-
-/// tokio-postgres driven by a private runtime.
-struct SyncPg {
-    rt: tokio::runtime::Runtime,
-    client: tokio_postgres::Client,
-}
-
-impl SyncPg {
-    fn connect() -> Self {
-        let rt = runtime();
-        let client = rt.block_on(async {
-            let (client, conn) = tokio_postgres::connect(POSTGRES, tokio_postgres::NoTls)
-                .await
-                .expect("postgres on 127.0.0.1:5432 (scripts/brokers.sh start postgres)");
-            tokio::spawn(conn);
-            client
-        });
-        Self { rt, client }
-    }
-
-    fn query(
-        &mut self,
-        sql: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-        self.rt.block_on(self.client.query(sql, params))
-    }
-
-    fn batch_execute(&mut self, sql: &str) -> Result<(), tokio_postgres::Error> {
-        self.rt.block_on(self.client.batch_execute(sql))
     }
 }
 

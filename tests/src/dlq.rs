@@ -1,0 +1,33 @@
+//! What the DLQ tests share: the orders they dead-letter and `lockgate dlq list --json`.
+
+#![allow(clippy::unwrap_used)] // test support: a failed unwrap is a failed test
+
+use lockgate::broker::OutRecord;
+
+/// Order `i` for the `chaos` guest on topic `orders`: 0..25 good, 25..35 poison (rejected),
+/// 35..40 failing on every attempt (retried until the attempts run out).
+pub fn order(i: u64) -> OutRecord {
+    let extra = match i {
+        25..=34 => r#","poison":true"#,
+        35..=39 => r#","fail":99"#,
+        _ => "",
+    };
+    OutRecord {
+        topic: "orders".into(),
+        key: Some(format!("k{i}").into_bytes()),
+        headers: vec![("trace".into(), format!("t{i}").into_bytes())],
+        payload: format!(r#"{{"id":{i}{extra}}}"#).into_bytes(),
+    }
+}
+
+/// `lockgate dlq list --json ARGS` run in `dir`, as parsed objects; fails the test if it fails.
+pub fn list(dir: &std::path::Path, args: &[&str]) -> Vec<serde_json::Value> {
+    let mut all = vec!["dlq", "list", "--json"];
+    all.extend_from_slice(args);
+    let out = crate::lockgate(dir, &all);
+    assert!(out.status.success(), "{}", crate::show(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
