@@ -51,9 +51,11 @@ fn flaky_matches_its_fixture() {
 
 #[test]
 fn adversarial_matches_its_fixture() {
+    // A deadline the loops hit while building a 10 MiB output (`publish-big`) stays well inside
+    // it on a loaded machine; the demo runs the same fixture with 200 ms.
     let out = run_fixture(
         "adversarial",
-        &["--timeout-ms", "200", "--max-memory-mb", "32"],
+        &["--timeout-ms", "1000", "--max-memory-mb", "32"],
     );
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
 }
