@@ -28,23 +28,29 @@ use lockgate_tests::{Proc, guest};
 const N: usize = 20_000;
 const ROUNDS: usize = 3;
 
+/// A new durable pull consumer of `stream` with explicit acks, as its message stream.
+async fn pull(nats: &Nats, stream: &str) -> consumer::pull::Stream {
+    jetstream::new(nats.client.clone())
+        .get_stream(stream)
+        .await
+        .unwrap()
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(unique("raw").replace('-', "_")),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .messages()
+        .await
+        .unwrap()
+}
+
 /// Messages per second a durable pull consumer drains `stream` at, acking each.
 fn raw_drain(nats: &Nats, stream: &str) -> f64 {
     nats.block_on(async {
         let started = Instant::now();
-        let js = jetstream::new(nats.client.clone());
-        let consumer = js
-            .get_stream(stream)
-            .await
-            .unwrap()
-            .create_consumer(consumer::pull::Config {
-                durable_name: Some(unique("raw").replace('-', "_")),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let mut messages = consumer.messages().await.unwrap();
+        let mut messages = pull(nats, stream).await;
         let mut n = 0;
         while n < N {
             let m = messages.next().await.unwrap().unwrap();
@@ -61,18 +67,7 @@ fn raw_pipeline(nats: &Nats, stream: &str, out: &str) -> f64 {
     nats.block_on(async {
         let started = Instant::now();
         let js = jetstream::new(nats.client.clone());
-        let consumer = js
-            .get_stream(stream)
-            .await
-            .unwrap()
-            .create_consumer(consumer::pull::Config {
-                durable_name: Some(unique("rawp").replace('-', "_")),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let mut messages = consumer.messages().await.unwrap();
+        let mut messages = pull(nats, stream).await;
         for _ in 0..N / 200 {
             let mut batch = Vec::with_capacity(200);
             let mut acks = Vec::with_capacity(200);

@@ -31,3 +31,45 @@ pub fn list(dir: &std::path::Path, args: &[&str]) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// Writes `dir/runtime.toml`: route `orders` (the `chaos` guest, two attempts) on the embedded
+/// broker; `fixed` deploys the version that accepts poison orders. With `table_schema` the DLQ is
+/// the `dead_letters` table of a PostgreSQL store in that schema, else the topic `orders.dlq`.
+pub fn write_config(
+    dir: &std::path::Path,
+    fixed: bool,
+    table_schema: Option<&str>,
+) -> std::path::PathBuf {
+    let (store, dlq) = match table_schema {
+        Some(schema) => (
+            format!(
+                "[stores.pg]\nkind = \"postgres\"\nurl = \"{}\"\nschema = \"{schema}\"\n\n",
+                crate::pg::URL
+            ),
+            "dlq = { store = \"pg\" }\n",
+        ),
+        None => (String::new(), ""),
+    };
+    let config = dir.join("runtime.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[runtime]
+state_dir = "state"
+
+{store}[handlers.chaos]
+module = "{}"
+config = {{ target = "out", poison_ok = "{fixed}" }}
+
+[routes.orders]
+handler = "chaos"
+source = {{ topic = "orders" }}
+outputs = ["out"]
+retry = {{ max_attempts = 2, initial_backoff_ms = 5, jitter = "none" }}
+{dlq}"#,
+            crate::guest("chaos").display()
+        ),
+    )
+    .unwrap();
+    config
+}

@@ -5,47 +5,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
 use std::time::Duration;
 
 use lockgate::broker::local::LocalBroker;
-use lockgate_tests::dlq::{list, order};
+use lockgate_tests::dlq::{list, order, write_config};
 use lockgate_tests::pg::{self, SyncPg};
-use lockgate_tests::{guest, lockgate, show, start_run, stop_run, wait_for_progress};
+use lockgate_tests::{lockgate, show, start_run, stop_run, wait_for_progress};
 
 const DEADLINE: Duration = Duration::from_secs(120);
-
-fn write_config(dir: &Path, schema: &str, fixed: bool) -> std::path::PathBuf {
-    let config = dir.join("runtime.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[runtime]
-state_dir = "state"
-
-[stores.pg]
-kind = "postgres"
-url = "{}"
-schema = "{schema}"
-
-[handlers.chaos]
-module = "{}"
-config = {{ target = "out", poison_ok = "{fixed}" }}
-
-[routes.orders]
-handler = "chaos"
-source = {{ topic = "orders" }}
-outputs = ["out"]
-retry = {{ max_attempts = 2, initial_backoff_ms = 5, jitter = "none" }}
-dlq = {{ store = "pg" }}
-"#,
-            pg::URL,
-            guest("chaos").display()
-        ),
-    )
-    .unwrap();
-    config
-}
 
 #[test]
 fn poison_lands_in_the_dead_letter_table_and_replays_from_it_once() {
@@ -59,7 +26,7 @@ fn poison_lands_in_the_dead_letter_table_and_replays_from_it_once() {
         .unwrap();
 
     // Run 1, the broken handler: 25 outputs, 15 rows in the table, nothing on a DLQ topic.
-    let config = write_config(dir.path(), &schema, false);
+    let config = write_config(dir.path(), false, Some(&schema));
     let mut run = start_run(dir.path(), &config, 1, None, "warn");
     let rows = |sql: &SyncPg| {
         let exists = sql.count(&format!(
@@ -139,7 +106,7 @@ fn poison_lands_in_the_dead_letter_table_and_replays_from_it_once() {
     );
 
     // The fixed handler; replay the rejected ones: each once, rows marked.
-    let config = write_config(dir.path(), &schema, true);
+    let config = write_config(dir.path(), true, Some(&schema));
     let mut run = start_run(dir.path(), &config, 2, None, "warn");
     let out = lockgate(dir.path(), &["dlq", "replay", "--error-kind", "reject"]);
     assert!(out.status.success(), "{}", show(&out));

@@ -10,39 +10,12 @@ use std::time::Duration;
 
 use lockgate::broker::Record;
 use lockgate::broker::local::LocalBroker;
-use lockgate_tests::dlq::{list, order};
+use lockgate_tests::dlq::{list, order, write_config};
 use lockgate_tests::{
-    Proc, guest, lockgate, logs_of, show, signal, spawn_lockgate, start_run, stop_run,
-    wait_for_progress,
+    Proc, lockgate, logs_of, show, signal, spawn_lockgate, start_run, stop_run, wait_for_progress,
 };
 
 const DEADLINE: Duration = Duration::from_secs(120);
-
-/// The config; `fixed` deploys the handler version that accepts poison orders.
-fn write_config(dir: &Path, fixed: bool) -> std::path::PathBuf {
-    let config = dir.join("runtime.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[runtime]
-state_dir = "state"
-
-[handlers.chaos]
-module = "{}"
-config = {{ target = "out", poison_ok = "{fixed}" }}
-
-[routes.orders]
-handler = "chaos"
-source = {{ topic = "orders" }}
-outputs = ["out"]
-retry = {{ max_attempts = 2, initial_backoff_ms = 5, jitter = "none" }}
-"#,
-            guest("chaos").display()
-        ),
-    )
-    .unwrap();
-    config
-}
 
 fn id_of(r: &Record) -> u64 {
     let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
@@ -84,7 +57,7 @@ fn dead_letters_are_listed_fixed_replayed_once_and_an_interrupted_replay_resumes
         .unwrap();
 
     // Run 1, the broken handler: 25 outputs, 15 dead letters.
-    let config = write_config(dir.path(), false);
+    let config = write_config(dir.path(), false, None);
     let mut run = start_run(dir.path(), &config, 1, None, "warn");
     run_until(&broker, &mut run, dir.path(), 1, 25, 15);
     stop_run(&mut run, dir.path(), 1);
@@ -160,7 +133,7 @@ fn dead_letters_are_listed_fixed_replayed_once_and_an_interrupted_replay_resumes
     assert_eq!(broker.end_offset("orders").unwrap(), 40);
 
     // Deploy the fixed handler, then replay the rejected ones, slowly, and interrupt.
-    let config = write_config(dir.path(), true);
+    let config = write_config(dir.path(), true, None);
     let mut run = start_run(dir.path(), &config, 2, None, "warn");
     let mut replay = spawn_lockgate(
         dir.path(),
