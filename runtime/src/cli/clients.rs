@@ -13,10 +13,27 @@ use lockgate::broker::{Scan, Sink, Source};
 use lockgate::config::{
     BrokerKind, Config, DLQ_STORE_PREFIX, Endpoint, NatsConfig, RouteConfig, StoreKind,
 };
-use lockgate::state::{DeadLetterTable, PostgresStore};
+use lockgate::state::{DeadLetterTable, OutboxRelay, PostgresStore};
 
 /// Connections of a dead-letter table's pool: DLQ writes and reads are rare.
 const DEAD_LETTER_POOL_SIZE: usize = 2;
+
+/// Connections of an outbox relay's pool: its lease, renew, mark and cleanup statements.
+const OUTBOX_POOL_SIZE: usize = 4;
+
+/// A PostgreSQL store of its own (with its own small pool) on `[stores.<store>]`.
+fn postgres(config: &Config, store: &str, pool_size: usize) -> anyhow::Result<PostgresStore> {
+    let Some(sc) = config.stores.get(store) else {
+        anyhow::bail!("state store {store} is not defined");
+    };
+    let StoreKind::Postgres { schema, .. } = &sc.kind else {
+        anyhow::bail!(
+            "stores.{store} is not a PostgreSQL store: it has no dead-letter or outbox table"
+        );
+    };
+    let url = sc.url().map_err(anyhow::Error::msg)?;
+    PostgresStore::new(&url, schema, pool_size).map_err(|e| anyhow::anyhow!("stores.{store}: {e}"))
+}
 
 /// Broker clients, one per broker, shared by every route that uses it.
 #[derive(Default)]
@@ -36,15 +53,7 @@ impl Clients {
         if let Some(t) = self.tables.get(store) {
             return Ok(t.clone());
         }
-        let Some(sc) = config.stores.get(store) else {
-            anyhow::bail!("state store {store} is not defined");
-        };
-        let StoreKind::Postgres { schema, .. } = &sc.kind else {
-            anyhow::bail!("stores.{store} is not a PostgreSQL store: it has no dead-letter table");
-        };
-        let url = sc.url().map_err(anyhow::Error::msg)?;
-        let pg = PostgresStore::new(&url, schema, DEAD_LETTER_POOL_SIZE)
-            .map_err(|e| anyhow::anyhow!("stores.{store}: {e}"))?;
+        let pg = postgres(config, store, DEAD_LETTER_POOL_SIZE)?;
         let table = DeadLetterTable::new(Arc::new(pg));
         self.tables.insert(store.to_owned(), table.clone());
         Ok(table)
@@ -71,6 +80,10 @@ impl Clients {
         local: &LocalBroker,
         route: &RouteConfig,
     ) -> anyhow::Result<Box<dyn Source>> {
+        if let Some(outbox) = &route.outbox {
+            let store = postgres(config, &outbox.store, OUTBOX_POOL_SIZE)?;
+            return Ok(Box::new(OutboxRelay::new(store, outbox.clone())));
+        }
         let src = &route.source;
         if src.broker == "local" {
             return Ok(Box::new(local.source(&src.topic, &src.group)?));
@@ -192,6 +205,13 @@ impl Clients {
         local: &LocalBroker,
         route: &RouteConfig,
     ) -> anyhow::Result<Arc<dyn Sink>> {
+        if let Some(outbox) = &route.outbox {
+            anyhow::bail!(
+                "route {} reads the outbox table of store {}: write rows there with SQL (see the README's outbox section)",
+                route.name,
+                outbox.store
+            );
+        }
         if let Some(broker) = config.brokers.get(&route.source.broker)
             && let BrokerKind::Nats(nats) = &broker.kind
             && route.jetstream.is_none()

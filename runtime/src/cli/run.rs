@@ -266,15 +266,19 @@ pub fn summary(route: &RouteConfig, module_hash: &str, source: &str) -> String {
         Jitter::Proportional(f) => format!("±{:.0}% jitter", f * 100.0),
     };
     let mut parts = vec![
-        format!(
-            "{source} -> handler {} ({})",
-            route.handler,
-            short(module_hash)
-        ),
-        if route.outputs.is_empty() {
-            "outputs none".to_owned()
-        } else {
-            format!("outputs {}", route.outputs.join(","))
+        match &route.handler {
+            Some(h) => format!("{source} -> handler {h} ({})", short(module_hash)),
+            None => format!("{source} -> published as written"),
+        },
+        match (route.outputs_mode, route.outputs.is_empty()) {
+            (lockgate::config::OutputsMode::Outbox, _) => {
+                format!("outputs {} into the outbox", route.outputs.join(","))
+            }
+            (_, true) if route.outbox.is_some() => {
+                format!("outputs to their rows' topics on {}", route.outputs_broker)
+            }
+            (_, true) => "outputs none".to_owned(),
+            (_, false) => format!("outputs {}", route.outputs.join(",")),
         },
         format!(
             "{} lane{} by {}",

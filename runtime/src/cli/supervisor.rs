@@ -21,6 +21,7 @@ use lockgate::config::{
 };
 use lockgate::engine::{Engine, Handler, HandlerEnv, InstancePool};
 use lockgate::pipeline::idempotency::DoneKeys;
+use lockgate::pipeline::route::{Invoker, Passthrough};
 use lockgate::pipeline::{HandlerSlot, Route, RouteReport, RouteSinks, Shutdown, ShutdownTrigger};
 use lockgate::state::{KvStore, PostgresStore, RedisStore, StateStore};
 use lockgate::telemetry::{AdminRoutes, ReloadOutcome, RouteEntry};
@@ -101,7 +102,8 @@ struct Running {
     config: RouteConfig,
     /// Its state store's name and table (a change restarts the route).
     store: (String, Option<StoreConfig>),
-    handler: HandlerConfig,
+    /// `None` for a relay that publishes rows as written.
+    handler: Option<HandlerConfig>,
     module_hash: String,
     slot: HandlerSlot,
     trigger: ShutdownTrigger,
@@ -109,11 +111,20 @@ struct Running {
     generation: u64,
 }
 
-/// A handler loaded and instantiated once, ready to serve a route.
+/// A handler loaded and instantiated once, ready to serve a route (`None`: a relay without
+/// one).
 struct Prepared {
-    handler: Handler,
-    config: HandlerConfig,
+    handler: Option<(Handler, HandlerConfig)>,
     store: StateStore,
+}
+
+impl Prepared {
+    fn module_hash(&self) -> String {
+        self.handler
+            .as_ref()
+            .map(|(h, _)| h.module_hash().to_owned())
+            .unwrap_or_default()
+    }
 }
 
 /// What a reload will do to one route.
@@ -237,12 +248,8 @@ impl Supervisor {
     }
 
     async fn start(&mut self, route: &RouteConfig, prepared: Prepared) -> anyhow::Result<()> {
-        let Prepared {
-            handler,
-            config,
-            store,
-        } = prepared;
-        let module_hash = handler.module_hash().to_owned();
+        let module_hash = prepared.module_hash();
+        let Prepared { handler, store } = prepared;
         let source = self
             .clients
             .source(&self.config, &self.broker, route)
@@ -252,10 +259,20 @@ impl Supervisor {
             "{}",
             super::run::summary(route, &module_hash, &source.describe())
         );
-        let pool = InstancePool::new(handler, config.isolation, config.max_messages_per_instance);
+        let (invoker, config): (Arc<dyn Invoker>, _) = match handler {
+            Some((handler, config)) => (
+                Arc::new(InstancePool::new(
+                    handler,
+                    config.isolation,
+                    config.max_messages_per_instance,
+                )),
+                Some(config),
+            ),
+            None => (Arc::new(Passthrough), None),
+        };
         let outputs = self
             .clients
-            .sink(&self.config, &self.broker, &route.source.broker)
+            .sink(&self.config, &self.broker, &route.outputs_broker)
             .await
             .with_context(|| format!("route {}: cannot create its output producer", route.name))?;
         let dlq = self
@@ -270,7 +287,7 @@ impl Supervisor {
             .map(|i| DoneKeys::new(store.idempotency.clone(), &route.name, i.ttl, i.lease));
         let r = Route::new(
             route.clone(),
-            Arc::new(pool),
+            invoker,
             RouteSinks {
                 outputs,
                 dlq,
@@ -282,7 +299,7 @@ impl Supervisor {
         let slot = r.handler_slot();
         self.admin.add(RouteEntry {
             route: route.name.clone(),
-            handler: route.handler.clone(),
+            handler: route.handler.clone().unwrap_or_else(|| "-".to_owned()),
             slot: slot.clone(),
             stats: r.stats(),
             lag: source.lag(),
@@ -404,24 +421,34 @@ impl Supervisor {
         let mut modules: HashMap<PathBuf, (Vec<u8>, String)> = HashMap::new();
         let mut plans = Vec::new();
         for route in new.routes.values() {
-            let Some(hc) = new.handlers.get(&route.handler) else {
-                return Err(format!(
-                    "route {}: handler {} is not defined",
-                    route.name, route.handler
-                ));
-            };
-            let (bytes, hash) = match modules.get(&hc.module) {
-                Some(m) => m.clone(),
-                None => {
-                    let bytes = read_module(hc)?;
-                    let hash = hex::encode(sha2::Sha256::digest(&bytes));
-                    modules.insert(hc.module.clone(), (bytes.clone(), hash.clone()));
-                    (bytes, hash)
+            let module = match &route.handler {
+                None => None,
+                Some(name) => {
+                    let Some(hc) = new.handlers.get(name) else {
+                        return Err(format!(
+                            "route {}: handler {name} is not defined",
+                            route.name
+                        ));
+                    };
+                    let (bytes, hash) = match modules.get(&hc.module) {
+                        Some(m) => m.clone(),
+                        None => {
+                            let bytes = read_module(hc)?;
+                            let hash = hex::encode(sha2::Sha256::digest(&bytes));
+                            modules.insert(hc.module.clone(), (bytes.clone(), hash.clone()));
+                            (bytes, hash)
+                        }
+                    };
+                    Some((hc, bytes, hash))
                 }
             };
-            let uses_changed_broker = [&route.source.broker, &route.dlq.broker]
-                .iter()
-                .any(|b| changed_brokers.contains(b));
+            let uses_changed_broker = [
+                &route.source.broker,
+                &route.dlq.broker,
+                &route.outputs_broker,
+            ]
+            .iter()
+            .any(|b| changed_brokers.contains(b));
             let store_name = new.store_of(route).to_owned();
             let store_key = (store_name.clone(), new.stores.get(&store_name).cloned());
             let store = self
@@ -439,10 +466,23 @@ impl Supervisor {
                 Some(r) if r.store != store_key => {
                     |r, p| Plan::Restart(r, p, "restart: its state store changed")
                 }
-                Some(r) if r.handler != *hc || r.module_hash != hash => Plan::Swap,
+                Some(r)
+                    if r.handler.as_ref() != module.as_ref().map(|m| m.0)
+                        || module.as_ref().is_some_and(|m| r.module_hash != m.2) =>
+                {
+                    Plan::Swap
+                }
                 Some(_) => continue,
             };
-            let prepared = prepare_bytes(&self.engine, store, route, hc, bytes, Some(hash)).await?;
+            let prepared = match module {
+                Some((hc, bytes, hash)) => {
+                    prepare_bytes(&self.engine, store, route, hc, bytes, Some(hash)).await?
+                }
+                None => Prepared {
+                    handler: None,
+                    store,
+                },
+            };
             plans.push(plan(route.clone(), prepared));
         }
         for name in self.routes.keys() {
@@ -471,7 +511,7 @@ impl Supervisor {
             match plan {
                 Plan::Stop(_) => {}
                 Plan::Start(route, prepared) => {
-                    let hash = prepared.handler.module_hash().to_owned();
+                    let hash = prepared.module_hash();
                     self.start(&route, prepared)
                         .await
                         .map_err(|e| format!("{e:#}"))?;
@@ -487,24 +527,26 @@ impl Supervisor {
                     let Some(r) = self.routes.get_mut(&route.name) else {
                         continue;
                     };
-                    let from = std::mem::replace(
-                        &mut r.module_hash,
-                        prepared.handler.module_hash().to_owned(),
-                    );
-                    let hc = prepared.config.clone();
+                    // A change between "no handler" and a handler changes the route's config,
+                    // which restarts it: a swap always has one.
+                    let Some((handler, hc)) = prepared.handler else {
+                        continue;
+                    };
+                    let from =
+                        std::mem::replace(&mut r.module_hash, handler.module_hash().to_owned());
                     r.slot.swap(Arc::new(InstancePool::new(
-                        prepared.handler,
+                        handler,
                         hc.isolation,
                         hc.max_messages_per_instance,
                     )));
-                    r.handler = hc;
                     changes.push(format!(
                         "route {}: handler {} {} -> {}",
                         route.name,
-                        route.handler,
+                        hc.name,
                         short(&from),
                         short(&r.module_hash)
                     ));
+                    r.handler = Some(hc);
                 }
             }
         }
@@ -536,10 +578,16 @@ async fn prepare(
     config: &Config,
     route: &RouteConfig,
 ) -> Result<Prepared, String> {
-    let Some(hc) = config.handlers.get(&route.handler) else {
+    let Some(name) = &route.handler else {
+        return Ok(Prepared {
+            handler: None,
+            store,
+        });
+    };
+    let Some(hc) = config.handlers.get(name) else {
         return Err(format!(
-            "route {}: handler {} is not defined",
-            route.name, route.handler
+            "route {}: handler {name} is not defined",
+            route.name
         ));
     };
     let bytes = read_module(hc)?;
@@ -584,8 +632,7 @@ async fn prepare_bytes(
     .map_err(|e| format!("handlers.{}: loading task failed: {e}", hc.name))?
     .map_err(|e| format!("handlers.{}: {e}", hc.name))?;
     Ok(Prepared {
-        handler,
-        config: hc.clone(),
+        handler: Some((handler, hc.clone())),
         store,
     })
 }

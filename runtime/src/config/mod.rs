@@ -29,8 +29,8 @@ mod routes;
 
 pub use routes::{
     BUILTIN_BROKERS, DEFAULT_GROUP, DEFAULT_IDEMPOTENCY_LEASE_MS, DLQ_STORE_PREFIX, EMBEDDED_STORE,
-    Endpoint, IdempotencyConfig, IdempotencyKey, JetStreamSource, Ordering, RateLimitConfig,
-    RouteConfig,
+    Endpoint, IdempotencyConfig, IdempotencyKey, JetStreamSource, OUTBOX_TABLE, Ordering,
+    OutboxSource, OutputsMode, RateLimitConfig, RouteConfig,
 };
 
 use crate::engine::{EngineSettings, HandlerLimits, Isolation};
@@ -505,8 +505,11 @@ impl Config {
                 &declared,
                 &broker_names,
                 &nats_brokers,
-                &store_names,
-                &pg_stores,
+                &routes::StoreNames {
+                    all: &store_names,
+                    postgres: &pg_stores,
+                    default: &state,
+                },
                 r,
             )
         });
@@ -1393,6 +1396,55 @@ mod tests {
                 "rt.toml: routes.a.dlq.store: state store `r` is not a PostgreSQL store: a dead-letter table needs kind = \"postgres\"",
                 "rt.toml: routes.b.dlq.store: unknown state store `nope` (PostgreSQL stores defined: pg; add a [stores.nope] table with kind = \"postgres\")",
                 "rt.toml: routes.c.dlq.broker: a DLQ goes to a broker or to a store's dead_letters table: set `broker` or `store`, not both",
+            ]
+        );
+    }
+
+    #[test]
+    fn outbox_routes_and_relays_parse() {
+        let stores = "[stores.pg]\nkind = \"postgres\"\nurl = \"postgres://u@h/db\"\n\n[stores.r]\nkind = \"redis\"\nurl = \"redis://h\"\n\n[brokers.k]\nkind = \"kafka\"\nbootstrap_servers = \"127.0.0.1:9092\"\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n";
+        let c = Config::parse(
+            Path::new("rt.toml"),
+            &format!(
+                "{stores}[routes.orders]\nhandler = \"h\"\nsource = {{ topic = \"orders\" }}\nstate = \"pg\"\noutputs = {{ topics = [\"events\"], mode = \"outbox\" }}\nidempotency = {{ key = \"key\" }}\n\n[routes.relay]\nsource = {{ outbox = \"pg\", batch = 100, poll_ms = 50, retention_ms = 1000 }}\noutputs = {{ broker = \"k\" }}\nordering = \"key\"\n\n[routes.enrich]\nhandler = \"h\"\nsource = {{ outbox = \"pg\" }}\noutputs = {{ broker = \"local\", topics = [\"x\"] }}\n"
+            ),
+        )
+        .unwrap();
+        let o = &c.routes["orders"];
+        assert_eq!(o.outputs_mode, OutputsMode::Outbox);
+        assert_eq!(o.outputs, vec!["events"]);
+        assert_eq!(o.outputs_broker, "local");
+        let r = &c.routes["relay"];
+        assert_eq!(r.handler, None);
+        assert_eq!(r.outputs_broker, "k");
+        assert_eq!(r.outputs_mode, OutputsMode::Publish);
+        let ob = r.outbox.as_ref().unwrap();
+        assert_eq!((ob.store.as_str(), ob.batch), ("pg", 100));
+        assert_eq!(ob.poll, std::time::Duration::from_millis(50));
+        assert_eq!(ob.retention, std::time::Duration::from_millis(1000));
+        assert_eq!(
+            ob.lease,
+            std::time::Duration::from_millis(routes::DEFAULT_OUTBOX_LEASE_MS)
+        );
+        // A relay's dead letters go to its store's table by default.
+        assert_eq!(r.dlq.dlq_store(), Some("pg"));
+        assert_eq!(r.dlq.topic, "outbox.dlq");
+        assert_eq!(c.routes["enrich"].handler.as_deref(), Some("h"));
+
+        assert_eq!(
+            problems(&format!(
+                "{stores}[routes.a]\nhandler = \"h\"\nsource = {{ topic = \"o\" }}\noutputs = {{ mode = \"outbox\" }}\n\n[routes.b]\nhandler = \"h\"\nsource = {{ topic = \"o\" }}\nstate = \"r\"\nidempotency = {{ key = \"key\" }}\noutputs = {{ mode = \"outbx\" }}\n\n[routes.c]\nsource = {{ outbox = \"r\" }}\noutputs = [\"x\"]\n\n[routes.d]\nsource = {{ outbox = \"pg\", topic = \"t\" }}\noutputs = {{ mode = \"outbox\" }}\n\n[routes.e]\nsource = {{ topic = \"o\" }}\n"
+            )),
+            [
+                "rt.toml: routes.a.outputs.mode: \"outbox\" needs a PostgreSQL state store (the outbox rows commit in its transaction), but this route's store is `embedded`; set `state` to a [stores.<name>] table with kind = \"postgres\"",
+                "rt.toml: routes.a.outputs.mode: \"outbox\" needs idempotency = { key = \"...\" }: the outbox rows commit with the message's idempotency key, which is how a redelivery finds them",
+                "rt.toml: routes.b.outputs.mode: unknown value \"outbx\"; expected \"publish\" or \"outbox\"",
+                "rt.toml: routes.c.source.outbox: state store `r` is not a PostgreSQL store: only kind = \"postgres\" has an outbox table",
+                "rt.toml: routes.c.outputs: missing: a relay publishes to a broker; set outputs = { broker = \"...\" }",
+                "rt.toml: routes.d.source.topic: an outbox source reads a table, not a broker: it has `outbox` (the store) instead",
+                "rt.toml: routes.d.outputs.broker: missing: the broker a relay publishes its rows to",
+                "rt.toml: routes.d.outputs.mode: \"outbox\" on a route that relays an outbox: its rows would be written back to an outbox; publish them instead",
+                "rt.toml: routes.e.handler: missing: the name of a [handlers.<name>] table",
             ]
         );
     }

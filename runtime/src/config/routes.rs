@@ -78,6 +78,50 @@ pub struct JetStreamSource {
     pub max_deliver: Option<u32>,
 }
 
+/// How a route's outputs leave it (`outputs.mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OutputsMode {
+    /// Published to the outputs broker and acknowledged there before the source is acked (the
+    /// default).
+    #[default]
+    Publish,
+    /// Written as rows of the PostgreSQL state store's `outbox` table, in the one transaction
+    /// that also commits the handler's kv writes and the message's idempotency key; a route with
+    /// an outbox source publishes them.
+    Outbox,
+}
+
+/// A route that relays a PostgreSQL store's `outbox` table: `source = { outbox = "<store>" }`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxSource {
+    /// `outbox`: the `[stores.<name>]` (kind `postgres`) whose table is relayed.
+    pub store: String,
+    /// `batch`: most rows leased by one query.
+    pub batch: u32,
+    /// `lease_ms`: how long leased rows stay this relay's before another may take them (renewed
+    /// while they are held).
+    pub lease: Duration,
+    /// `poll_ms`: how often the table is read when no notification arrives.
+    pub poll: Duration,
+    /// `retention_ms`: how long published rows are kept before the cleanup deletes them.
+    pub retention: Duration,
+    /// `cleanup_every_ms`: time between cleanups.
+    pub cleanup_every: Duration,
+}
+
+/// Default `batch` of an outbox source.
+pub const DEFAULT_OUTBOX_BATCH: u32 = 256;
+/// Default `lease_ms` of an outbox source.
+pub const DEFAULT_OUTBOX_LEASE_MS: u64 = 30_000;
+/// Default `poll_ms` of an outbox source: the fallback when a notification is lost.
+pub const DEFAULT_OUTBOX_POLL_MS: u64 = 1_000;
+/// Default `retention_ms` of an outbox source (one day).
+pub const DEFAULT_OUTBOX_RETENTION_MS: u64 = 24 * 3600 * 1000;
+/// Default `cleanup_every_ms` of an outbox source.
+pub const DEFAULT_OUTBOX_CLEANUP_EVERY_MS: u64 = 60_000;
+/// The `topic` of an outbox source's endpoint (the table it reads).
+pub const OUTBOX_TABLE: &str = "outbox";
+
 /// Default `ack_wait_ms` of a JetStream source.
 pub const DEFAULT_ACK_WAIT_MS: u64 = 30_000;
 /// Default `max_ack_pending` of a JetStream source (the route's in-flight bound).
@@ -131,14 +175,21 @@ pub struct RateLimitConfig {
 pub struct RouteConfig {
     /// The route's name (the table key).
     pub name: String,
-    /// The `[handlers.<name>]` it runs.
-    pub handler: String,
-    /// Where messages come from.
+    /// The `[handlers.<name>]` it runs; `None` only for an outbox relay, which then publishes
+    /// each row as it is.
+    pub handler: Option<String>,
+    /// Where messages come from (for an outbox relay: broker `store:<store>`, topic `outbox`).
     pub source: Endpoint,
     /// JetStream consumer settings, when the source is a JetStream stream.
     pub jetstream: Option<JetStreamSource>,
-    /// Topics the handler may publish to, on the source's broker.
+    /// Outbox relay settings, when the source is a PostgreSQL store's outbox table.
+    pub outbox: Option<OutboxSource>,
+    /// Topics the handler may publish to.
     pub outputs: Vec<String>,
+    /// Where outputs go: published, or written to the state store's outbox table.
+    pub outputs_mode: OutputsMode,
+    /// The broker outputs are published to (`outputs.broker`; the source's broker by default).
+    pub outputs_broker: String,
     /// Number of lanes.
     pub concurrency: u32,
     /// What order is kept.
@@ -201,6 +252,14 @@ fn non_empty(r: &mut Reader<'_>, key: &str) -> Option<String> {
     Some(s)
 }
 
+/// The state stores a route can name: every declared one, the PostgreSQL ones, and the
+/// `[runtime] state` default.
+pub(super) struct StoreNames<'a> {
+    pub all: &'a [&'a str],
+    pub postgres: &'a [&'a str],
+    pub default: &'a str,
+}
+
 /// Parses one route table; `handlers`, `brokers` and `stores` are the names declared in the
 /// file.
 pub(super) fn parse_route(
@@ -208,17 +267,20 @@ pub(super) fn parse_route(
     handlers: &[&str],
     brokers: &[&str],
     nats_brokers: &[&str],
-    stores: &[&str],
-    pg_stores: &[&str],
+    store_names: &StoreNames<'_>,
     r: &mut Reader<'_>,
 ) -> Option<RouteConfig> {
+    let (stores, pg_stores) = (store_names.all, store_names.postgres);
     let before = r.problems.len();
     let state = r.string("state");
     if let Some(st) = &state {
         super::check_store(r, "state", st, stores);
     }
+    let relays = r.table("source").is_some_and(|t| t.contains_key("outbox"));
 
     let handler = match r.string("handler") {
+        // A relay without a handler publishes its rows as they are.
+        None if relays && !r.table.contains_key("handler") => None,
         None if !r.table.contains_key("handler") => {
             r.problem(
                 "handler",
@@ -240,6 +302,7 @@ pub(super) fn parse_route(
     };
 
     let mut jetstream = None;
+    let mut outbox = None;
     let source = match r.table("source") {
         None => {
             if !r.table.contains_key("source") {
@@ -249,6 +312,15 @@ pub(super) fn parse_route(
                 );
             }
             None
+        }
+        Some(t) if t.contains_key("outbox") => {
+            let mut s = r.child("source", t);
+            outbox = parse_outbox_source(&mut s, stores, pg_stores);
+            outbox.as_ref().map(|o| Endpoint {
+                broker: format!("{DLQ_STORE_PREFIX}{}", o.store),
+                topic: OUTBOX_TABLE.to_owned(),
+                group: String::new(),
+            })
         }
         Some(t) => {
             let mut s = r.child("source", t);
@@ -289,7 +361,7 @@ pub(super) fn parse_route(
         }
     };
 
-    let outputs = r.strings("outputs").unwrap_or_default();
+    let (outputs, outputs_mode, outputs_broker) = parse_outputs(r, brokers, source.as_ref());
     if outputs.iter().any(String::is_empty) {
         r.problem("outputs", "topics must not be empty".into());
     }
@@ -392,7 +464,12 @@ pub(super) fn parse_route(
                 .string("broker")
                 .or_else(|| source.as_ref().map(|s| s.broker.clone()))
                 .unwrap_or_else(|| "local".to_owned());
-            check_broker(&mut d, "broker", &broker, brokers);
+            // A relay's DLQ defaults to its store's dead-letter table, named like its source.
+            let relay_default = source.as_ref().is_some_and(|s| s.broker == broker)
+                && broker.starts_with(DLQ_STORE_PREFIX);
+            if !relay_default {
+                check_broker(&mut d, "broker", &broker, brokers);
+            }
             let topic = non_empty(&mut d, "topic");
             if let (Some(topic), Some(src)) = (&topic, source)
                 && src.broker == broker
@@ -456,16 +533,42 @@ pub(super) fn parse_route(
         })
     });
 
+    if outputs_mode == OutputsMode::Outbox {
+        let store = state.as_deref().unwrap_or(store_names.default);
+        if outbox.is_some() {
+            r.problem(
+                "outputs.mode",
+                "\"outbox\" on a route that relays an outbox: its rows would be written back to an outbox; publish them instead".into(),
+            );
+        } else if !pg_stores.contains(&store) {
+            r.problem(
+                "outputs.mode",
+                format!(
+                    "\"outbox\" needs a PostgreSQL state store (the outbox rows commit in its transaction), but this route's store is `{store}`; set `state` to a [stores.<name>] table with kind = \"postgres\""
+                ),
+            );
+        }
+        if outbox.is_none() && idempotency.is_none() {
+            r.problem(
+                "outputs.mode",
+                "\"outbox\" needs idempotency = { key = \"...\" }: the outbox rows commit with the message's idempotency key, which is how a redelivery finds them".into(),
+            );
+        }
+    }
+
     r.finish(ROUTE_FIELDS);
     if r.problems.len() != before {
         return None;
     }
     Some(RouteConfig {
         name: name.to_owned(),
-        handler: handler?,
+        handler,
         source: source?,
         jetstream,
+        outbox,
         outputs,
+        outputs_mode,
+        outputs_broker: outputs_broker?,
         concurrency,
         ordering,
         max_batch,
@@ -475,6 +578,125 @@ pub(super) fn parse_route(
         idempotency,
         rate_limit,
         state,
+    })
+}
+
+/// `outputs`: an array of topics, or a table `{ topics, mode, broker }`. Returns the topics, the
+/// mode and the broker (`None` after a problem).
+fn parse_outputs(
+    r: &mut Reader<'_>,
+    brokers: &[&str],
+    source: Option<&Endpoint>,
+) -> (Vec<String>, OutputsMode, Option<String>) {
+    let relay = source.is_some_and(|s| s.broker.starts_with(DLQ_STORE_PREFIX));
+    let default_broker = source.filter(|_| !relay).map(|s| s.broker.clone());
+    let Some(t) = r.table.get("outputs").and_then(toml::Value::as_table) else {
+        let topics = r.strings("outputs").unwrap_or_default();
+        if relay {
+            r.problem(
+                "outputs",
+                "missing: a relay publishes to a broker; set outputs = { broker = \"...\" }".into(),
+            );
+            return (topics, OutputsMode::Publish, None);
+        }
+        let broker = default_broker.or_else(|| source.is_none().then(String::new));
+        return (topics, OutputsMode::Publish, broker);
+    };
+    let mut o = r.child("outputs", t);
+    let topics = o.strings("topics").unwrap_or_default();
+    let mode = o
+        .choice(
+            "mode",
+            &[
+                ("publish", OutputsMode::Publish),
+                ("outbox", OutputsMode::Outbox),
+            ],
+        )
+        .unwrap_or_default();
+    let broker = match o.string("broker") {
+        Some(b) if check_broker(&mut o, "broker", &b, brokers) => Some(b),
+        Some(_) => None,
+        None if relay => {
+            o.problem(
+                "broker",
+                "missing: the broker a relay publishes its rows to".into(),
+            );
+            None
+        }
+        None => default_broker.or_else(|| source.is_none().then(String::new)),
+    };
+    o.finish(&["topics", "mode", "broker"]);
+    (topics, mode, broker)
+}
+
+/// `source = { outbox = "<store>", ... }`.
+fn parse_outbox_source(
+    s: &mut Reader<'_>,
+    stores: &[&str],
+    pg_stores: &[&str],
+) -> Option<OutboxSource> {
+    let store = non_empty(s, "outbox");
+    if let Some(store) = &store
+        && !pg_stores.contains(&store.as_str())
+    {
+        let why = if stores.contains(&store.as_str()) {
+            format!(
+                "state store `{store}` is not a PostgreSQL store: only kind = \"postgres\" has an outbox table"
+            )
+        } else {
+            format!(
+                "unknown state store `{store}` (PostgreSQL stores defined: {}; add a [stores.{store}] table with kind = \"postgres\")",
+                if pg_stores.is_empty() {
+                    "none".to_owned()
+                } else {
+                    pg_stores.join(", ")
+                }
+            )
+        };
+        s.problem("outbox", why);
+    }
+    for f in ["broker", "topic", "group", "stream"] {
+        if s.table.contains_key(f) {
+            s.problem(
+                f,
+                "an outbox source reads a table, not a broker: it has `outbox` (the store) instead"
+                    .into(),
+            );
+        }
+    }
+    let batch = s.positive_u32("batch").unwrap_or(DEFAULT_OUTBOX_BATCH);
+    if batch > MAX_BATCH_LIMIT {
+        s.problem(
+            "batch",
+            format!("{batch} is over the limit of {MAX_BATCH_LIMIT}"),
+        );
+    }
+    let ms = |s: &mut Reader<'_>, key: &str, default: u64| {
+        Duration::from_millis(s.positive(key).unwrap_or(default))
+    };
+    let lease = ms(s, "lease_ms", DEFAULT_OUTBOX_LEASE_MS);
+    let poll = ms(s, "poll_ms", DEFAULT_OUTBOX_POLL_MS);
+    let retention = ms(s, "retention_ms", DEFAULT_OUTBOX_RETENTION_MS);
+    let cleanup_every = ms(s, "cleanup_every_ms", DEFAULT_OUTBOX_CLEANUP_EVERY_MS);
+    s.finish(&[
+        "outbox",
+        "batch",
+        "lease_ms",
+        "poll_ms",
+        "retention_ms",
+        "cleanup_every_ms",
+        "broker",
+        "topic",
+        "group",
+        "stream",
+    ]);
+    Some(OutboxSource {
+        store: store?,
+        batch,
+        lease,
+        poll,
+        retention,
+        cleanup_every,
     })
 }
 

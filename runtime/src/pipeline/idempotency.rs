@@ -243,6 +243,24 @@ impl DoneKeys {
             .await
     }
 
+    /// Commits a handler's kv `writes` and its outputs as outbox `rows` with `key` (held by
+    /// `owner`), in one transaction of the store.
+    pub async fn commit_outbox(
+        &self,
+        key: &str,
+        owner: &str,
+        writes: Vec<KvWrite>,
+        rows: Vec<OutRecord>,
+    ) -> Result<Commit, StateError> {
+        let claim = ClaimRequest {
+            key: key.to_owned(),
+            owner: owner.to_owned(),
+        };
+        self.store
+            .commit_outbox(self.scope.clone(), claim, writes, rows, self.lease)
+            .await
+    }
+
     /// Records `keys` as done until now + ttl, in one call.
     pub async fn complete(&self, keys: Vec<String>) -> Result<(), StateError> {
         if keys.is_empty() {

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use crate::broker::{
     AckHandle, AckKind, BrokerError, Delivery, LOCKGATE_ID_HEADER, OutRecord, Record, Sink, Source,
 };
-use crate::config::{Ordering, RouteConfig};
+use crate::config::{Ordering, OutputsMode, RouteConfig};
 use crate::engine::{InboundMessage, InstancePool, Invocation, Outcome};
 use crate::pipeline::backoff::{Decision, FailureKind, RetryMode};
 use crate::pipeline::breaker::{Admission, BreakerState, CircuitBreaker};
@@ -76,6 +76,43 @@ pub trait Invoker: Send + Sync + 'static {
     /// Live numbers of its instance pool, when it has one.
     fn pool_counters(&self) -> Option<Arc<crate::engine::PoolCounters>> {
         None
+    }
+    /// Whether this is [`Passthrough`]: messages are published as they are, without a call.
+    fn passthrough(&self) -> bool {
+        false
+    }
+}
+
+/// The "handler" of an outbox relay without one: every row is published as it is, keeping its
+/// topic, key, headers and `lockgate-id`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Passthrough;
+
+impl Invoker for Passthrough {
+    fn invoke(&self, message: &InboundMessage) -> Invocation {
+        Invocation {
+            outcome: Outcome::Ok {
+                outputs: vec![crate::engine::OutgoingMessage {
+                    topic: message.topic.clone(),
+                    key: message.key.clone(),
+                    headers: message.headers.clone(),
+                    payload: message.payload.clone(),
+                }],
+            },
+            logs: Vec::new(),
+            dropped_logs: 0,
+            elapsed: Duration::ZERO,
+            kv_writes: None,
+        }
+    }
+    fn handler_name(&self) -> String {
+        "-".to_owned()
+    }
+    fn module_hash(&self) -> String {
+        String::new()
+    }
+    fn passthrough(&self) -> bool {
+        true
     }
 }
 
@@ -1127,9 +1164,14 @@ impl Shared {
             outcome("revoked");
             return true;
         }
+        let outbox = self.config.outputs_mode == OutputsMode::Outbox;
         let idem_key = match (&self.config.idempotency, &self.done_keys) {
             (Some(cfg), Some(_)) => {
-                let k = key_of(&cfg.key, &record);
+                // Outbox rows commit with a key: a message without one uses its position.
+                let k = key_of(&cfg.key, &record).or_else(|| {
+                    (outbox && record.offset.is_some())
+                        .then(|| format!("position:{}", record.position()))
+                });
                 if k.is_none() {
                     tracing::debug!(route = %self.route, position = %record.position(), "Message has no idempotency key; handled without deduplication");
                 }
@@ -1162,6 +1204,28 @@ impl Shared {
                     owner = Some(me);
                 }
             }
+        }
+        if invoker.passthrough() {
+            let out = OutRecord {
+                topic: record.topic,
+                key: record.key,
+                headers: record.headers,
+                payload: record.payload,
+            };
+            pending.push(
+                PendingMessage {
+                    ack,
+                    idem_key,
+                    owner,
+                    outputs: 1,
+                    duplicate: false,
+                    _permit: permit,
+                },
+                vec![out],
+                None,
+            );
+            outcome("ok");
+            return true;
         }
         // With a claimed key, the handler's kv writes commit together with the key.
         let staged = owner.is_some();
@@ -1226,20 +1290,34 @@ impl Shared {
             for log in &invocation.logs {
                 tracing::debug!(route = %self.route, message = %message_id, level = log.level.as_str(), "guest: {}", log.message);
             }
+            if outbox && owner.is_none() && matches!(invocation.outcome, Outcome::Ok { .. }) {
+                invocation.outcome = Outcome::Rejected {
+                    reason: "outputs.mode = \"outbox\": the message has no idempotency key (and no position to use instead), so its outputs cannot commit with one".into(),
+                };
+            }
             // A success with kv writes commits them with the key before anything is published:
             // a crash before the commit reruns the handler (nothing was applied), a crash after
-            // it finds the key applied and publishes the kept outputs instead.
+            // it finds the key applied and publishes the kept outputs instead. In outbox mode
+            // the outputs are part of that commit, as outbox rows, and nothing is published.
             if let (Some(keys), Some(key), Some(me)) =
                 (&self.done_keys, idem_key.as_ref(), owner.as_ref())
                 && let Outcome::Ok { outputs } = &invocation.outcome
-                && let Some(writes) = invocation.kv_writes.take().filter(|w| !w.is_empty())
+                && (outbox || invocation.kv_writes.as_ref().is_some_and(|w| !w.is_empty()))
             {
-                let kept = encode_outputs(&output_records(&record, outputs.clone(), &dedup_base));
-                let commit = self
-                    .retry_infra("commit the handler's kv writes", || {
+                let writes = invocation.kv_writes.take().unwrap_or_default();
+                let records = output_records(&record, outputs.clone(), &dedup_base);
+                let commit = if outbox {
+                    self.retry_infra("commit the handler's kv writes and outbox rows", || {
+                        keys.commit_outbox(key, me, writes.clone(), records.clone())
+                    })
+                    .await
+                } else {
+                    let kept = encode_outputs(&records);
+                    self.retry_infra("commit the handler's kv writes", || {
                         keys.commit(key, me, writes.clone(), kept.clone())
                     })
-                    .await;
+                    .await
+                };
                 match commit {
                     None => {
                         RouteStats::bump(&self.stats.abandoned);
@@ -1291,13 +1369,18 @@ impl Shared {
                 let Outcome::Ok { outputs } = invocation.outcome else {
                     unreachable!("kind is None only for Ok");
                 };
-                let records = output_records(&record, outputs, &dedup_base);
+                let mut records = output_records(&record, outputs, &dedup_base);
+                let count = records.len() as u64;
+                if outbox {
+                    // Committed as outbox rows: the relay publishes them.
+                    records.clear();
+                }
                 pending.push(
                     PendingMessage {
                         ack,
                         idem_key,
                         owner,
-                        outputs: records.len() as u64,
+                        outputs: count,
                         duplicate: false,
                         _permit: permit,
                     },

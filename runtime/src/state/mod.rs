@@ -18,6 +18,7 @@ mod dead_letters;
 mod embedded;
 mod local;
 mod memory;
+mod outbox;
 mod postgres;
 mod redis;
 
@@ -25,6 +26,7 @@ pub use dead_letters::{DeadLetterScan, DeadLetterTable};
 pub use embedded::EmbeddedStore;
 pub use local::LocalClaims;
 pub use memory::MemoryStore;
+pub use outbox::OutboxRelay;
 pub use postgres::{
     DEFAULT_POOL_SIZE as POSTGRES_POOL_SIZE, PostgresStore,
     SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION,
@@ -39,7 +41,7 @@ pub use redis::RedisStore;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::broker::BoxFuture;
+use crate::broker::{BoxFuture, OutRecord};
 
 /// Errors from a state backend.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -148,6 +150,27 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         outputs: Vec<u8>,
         lease: Duration,
     ) -> BoxFuture<'_, Result<Commit, StateError>>;
+
+    /// Like [`Self::commit`], but the outputs become `rows` of the store's outbox table in the
+    /// same transaction (each keeping its `lockgate-id`, a row already holding that id is not
+    /// written again), and the key is marked applied with no outputs to publish. Only stores
+    /// with an outbox table (PostgreSQL) can.
+    fn commit_outbox(
+        &self,
+        scope: String,
+        claim: ClaimRequest,
+        writes: Vec<KvWrite>,
+        rows: Vec<OutRecord>,
+        lease: Duration,
+    ) -> BoxFuture<'_, Result<Commit, StateError>> {
+        let _ = (scope, claim, writes, rows, lease);
+        Box::pin(async {
+            Err(StateError::Config(
+                "this state store has no outbox table (outputs.mode = \"outbox\" needs PostgreSQL)"
+                    .into(),
+            ))
+        })
+    }
 }
 
 /// A configured state store: guest kv and idempotency keys, from one backend.

@@ -15,7 +15,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
 use super::{Claim, ClaimRequest, Commit, IdempotencyStore, KvStore, KvWrite, StateError, now_ms};
-use crate::broker::BoxFuture;
+use crate::broker::{BoxFuture, LOCKGATE_ID_HEADER, OutRecord};
 
 /// Default connections per store.
 pub const DEFAULT_POOL_SIZE: usize = 16;
@@ -80,6 +80,37 @@ const MIGRATIONS: &[(&str, &str)] = &[
     CREATE INDEX dead_letters_route ON {s}.dead_letters (route, error_kind, failed_at);
     CREATE INDEX dead_letters_time ON {s}.dead_letters (failed_at);",
     ),
+    (
+        "outbox table",
+        // Written by outbox routes (in the transaction of their kv writes and idempotency key)
+        // and by any service that wants its rows relayed; read by outbox relays. A statement
+        // trigger wakes relays (LISTEN "<schema>.outbox"), whoever inserted. The partial
+        // indexes keep the relay's reads proportional to the backlog, not to the table.
+        "CREATE TABLE {s}.outbox (
+        id bigserial PRIMARY KEY,
+        topic text NOT NULL,
+        key bytea,
+        header_names text[] NOT NULL DEFAULT '{}',
+        header_values bytea[] NOT NULL DEFAULT '{}',
+        payload bytea NOT NULL,
+        lockgate_id text UNIQUE,
+        created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        published_at timestamptz,
+        claimed_by text,
+        claimed_until timestamptz,
+        CHECK (cardinality(header_names) = cardinality(header_values))
+    );
+    CREATE INDEX outbox_unpublished ON {s}.outbox (id) WHERE published_at IS NULL;
+    CREATE INDEX outbox_unpublished_key ON {s}.outbox (key, id) WHERE published_at IS NULL;
+    CREATE INDEX outbox_published ON {s}.outbox (published_at) WHERE published_at IS NOT NULL;
+    CREATE FUNCTION {s}.outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('{s}.outbox', '');
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER outbox_notify AFTER INSERT ON {s}.outbox
+        FOR EACH STATEMENT EXECUTE FUNCTION {s}.outbox_notify();",
+    ),
 ];
 
 /// The newest schema version this build knows.
@@ -98,6 +129,7 @@ struct Sql {
     delete_blind: String,
     lock_claim: String,
     mark_applied: String,
+    insert_outbox: String,
     claim: String,
     complete: String,
     release: String,
@@ -143,6 +175,12 @@ impl Sql {
             delete_blind: format!("DELETE FROM {s}.kv WHERE namespace = $1 AND key = $2"),
             lock_claim: format!(
                 "SELECT state, owner FROM {s}.idempotency WHERE scope = $1 AND key = $2 FOR UPDATE"
+            ),
+            // A row whose lockgate_id is already there was written by an earlier commit of
+            // the same message (its key expired and it came back): it is not written twice.
+            insert_outbox: format!(
+                "INSERT INTO {s}.outbox (topic, key, header_names, header_values, payload, lockgate_id)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (lockgate_id) DO NOTHING"
             ),
             mark_applied: format!(
                 "UPDATE {s}.idempotency SET state = 'a', outputs = $3, until_ms = {NOW} + $4
@@ -215,6 +253,8 @@ pub struct PostgresStore {
 
 struct Inner {
     pool: Pool,
+    /// For connections outside the pool (the outbox relay's LISTEN).
+    pg_config: tokio_postgres::Config,
     schema: String,
     sql: Sql,
     /// host:port/db, for error messages (never the password).
@@ -281,6 +321,7 @@ impl PostgresStore {
             config.connect_timeout(Duration::from_secs(2));
         }
         let addr = describe(&config);
+        let pg_config = config.clone();
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -302,6 +343,7 @@ impl PostgresStore {
         let store = Self {
             inner: std::sync::Arc::new(Inner {
                 pool,
+                pg_config,
                 schema: schema.to_owned(),
                 sql: Sql::new(schema),
                 addr,
@@ -334,6 +376,11 @@ impl PostgresStore {
     /// The schema this store's tables live in.
     pub fn schema(&self) -> &str {
         &self.inner.schema
+    }
+
+    /// The connection settings, for a connection of its own.
+    pub(crate) fn pg_config(&self) -> &tokio_postgres::Config {
+        &self.inner.pg_config
     }
 
     pub(crate) fn err(&self, what: &str, e: impl std::fmt::Display) -> StateError {
@@ -676,88 +723,25 @@ impl IdempotencyStore for PostgresStore {
         outputs: Vec<u8>,
         lease: Duration,
     ) -> BoxFuture<'_, Result<Commit, StateError>> {
-        Box::pin(async move {
-            let what = "commit effects";
-            let sql = &self.inner.sql;
-            let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(|e| self.err(what, e))?;
-            let e = |e| self.err(what, e);
-            let stmt = tx.prepare_cached(&sql.lock_claim).await.map_err(e)?;
-            let row = tx
-                .query_opt(&stmt, &[&scope, &claim.key])
-                .await
-                .map_err(e)?;
-            match row
-                .as_ref()
-                .map(|r| (r.get::<_, &str>(0), r.get::<_, Option<&str>>(1)))
-            {
-                Some(("c", Some(owner))) if owner == claim.owner => {}
-                // A retry of a commit whose answer was lost.
-                Some(("a", Some(owner))) if owner == claim.owner => return Ok(Commit::Committed),
-                _ => return Ok(Commit::LostClaim),
-            }
-            let now = ms(now_ms());
-            for w in &writes {
-                let (ns, key) = (w.namespace.as_str(), w.key.as_str());
-                let expires = w.expires_at_ms.map(ms);
-                let q: &str = match (&w.expected, &w.value) {
-                    (None, Some(_)) => &sql.set_many,
-                    (None, None) => &sql.delete_blind,
-                    (Some(None), Some(_)) => &sql.insert_if_absent,
-                    (Some(None), None) => &sql.visible,
-                    (Some(Some(_)), Some(_)) => &sql.update_if,
-                    (Some(Some(_)), None) => &sql.delete_if,
-                };
-                let stmt = tx.prepare_cached(q).await.map_err(e)?;
-                let ok = match (&w.expected, &w.value) {
-                    (None, Some(v)) => {
-                        tx.execute(&stmt, &[&ns, &vec![key], &vec![v.as_slice()], &expires])
-                            .await
-                            .map_err(e)?;
-                        true
-                    }
-                    (None, None) => {
-                        tx.execute(&stmt, &[&ns, &key]).await.map_err(e)?;
-                        true
-                    }
-                    (Some(None), Some(v)) => {
-                        tx.execute(&stmt, &[&ns, &key, &now, &v.as_slice(), &expires])
-                            .await
-                            .map_err(e)?
-                            == 1
-                    }
-                    (Some(None), None) => {
-                        let row = tx.query_one(&stmt, &[&ns, &key, &now]).await.map_err(e)?;
-                        row.get::<_, i64>(0) == 0
-                    }
-                    (Some(Some(old)), Some(v)) => {
-                        tx.execute(
-                            &stmt,
-                            &[&ns, &key, &now, &old.as_slice(), &v.as_slice(), &expires],
-                        )
-                        .await
-                        .map_err(e)?
-                            == 1
-                    }
-                    (Some(Some(old)), None) => {
-                        tx.execute(&stmt, &[&ns, &key, &now, &old.as_slice()])
-                            .await
-                            .map_err(e)?
-                            == 1
-                    }
-                };
-                if !ok {
-                    // Dropping the transaction rolls it back.
-                    return Ok(Commit::Conflict(w.key.clone()));
-                }
-            }
-            let stmt = tx.prepare_cached(&sql.mark_applied).await.map_err(e)?;
-            tx.execute(&stmt, &[&scope, &claim.key, &outputs, &millis(lease)])
-                .await
-                .map_err(e)?;
-            tx.commit().await.map_err(e)?;
-            Ok(Commit::Committed)
-        })
+        Box::pin(self.commit_tx(scope, claim, writes, outputs, Vec::new(), lease))
+    }
+
+    fn commit_outbox(
+        &self,
+        scope: String,
+        claim: ClaimRequest,
+        writes: Vec<KvWrite>,
+        rows: Vec<OutRecord>,
+        lease: Duration,
+    ) -> BoxFuture<'_, Result<Commit, StateError>> {
+        Box::pin(self.commit_tx(
+            scope,
+            claim,
+            writes,
+            crate::pipeline::idempotency::encode_outputs(&[]),
+            rows,
+            lease,
+        ))
     }
 
     fn release(
@@ -780,6 +764,139 @@ impl IdempotencyStore for PostgresStore {
             .map(drop)
         })
     }
+}
+
+impl PostgresStore {
+    /// Checks the claim, applies `writes`, inserts the outbox `rows` and marks the key applied
+    /// with `outputs`, in one transaction.
+    async fn commit_tx(
+        &self,
+        scope: String,
+        claim: ClaimRequest,
+        writes: Vec<KvWrite>,
+        outputs: Vec<u8>,
+        rows: Vec<OutRecord>,
+        lease: Duration,
+    ) -> Result<Commit, StateError> {
+        let what = "commit effects";
+
+        let sql = &self.inner.sql;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(what, e))?;
+        let e = |e| self.err(what, e);
+        let stmt = tx.prepare_cached(&sql.lock_claim).await.map_err(e)?;
+        let row = tx
+            .query_opt(&stmt, &[&scope, &claim.key])
+            .await
+            .map_err(e)?;
+        match row
+            .as_ref()
+            .map(|r| (r.get::<_, &str>(0), r.get::<_, Option<&str>>(1)))
+        {
+            Some(("c", Some(owner))) if owner == claim.owner => {}
+            // A retry of a commit whose answer was lost.
+            Some(("a", Some(owner))) if owner == claim.owner => return Ok(Commit::Committed),
+            _ => return Ok(Commit::LostClaim),
+        }
+        let now = ms(now_ms());
+        for w in &writes {
+            let (ns, key) = (w.namespace.as_str(), w.key.as_str());
+            let expires = w.expires_at_ms.map(ms);
+            let q: &str = match (&w.expected, &w.value) {
+                (None, Some(_)) => &sql.set_many,
+                (None, None) => &sql.delete_blind,
+                (Some(None), Some(_)) => &sql.insert_if_absent,
+                (Some(None), None) => &sql.visible,
+                (Some(Some(_)), Some(_)) => &sql.update_if,
+                (Some(Some(_)), None) => &sql.delete_if,
+            };
+            let stmt = tx.prepare_cached(q).await.map_err(e)?;
+            let ok = match (&w.expected, &w.value) {
+                (None, Some(v)) => {
+                    tx.execute(&stmt, &[&ns, &vec![key], &vec![v.as_slice()], &expires])
+                        .await
+                        .map_err(e)?;
+                    true
+                }
+                (None, None) => {
+                    tx.execute(&stmt, &[&ns, &key]).await.map_err(e)?;
+                    true
+                }
+                (Some(None), Some(v)) => {
+                    tx.execute(&stmt, &[&ns, &key, &now, &v.as_slice(), &expires])
+                        .await
+                        .map_err(e)?
+                        == 1
+                }
+                (Some(None), None) => {
+                    let row = tx.query_one(&stmt, &[&ns, &key, &now]).await.map_err(e)?;
+                    row.get::<_, i64>(0) == 0
+                }
+                (Some(Some(old)), Some(v)) => {
+                    tx.execute(
+                        &stmt,
+                        &[&ns, &key, &now, &old.as_slice(), &v.as_slice(), &expires],
+                    )
+                    .await
+                    .map_err(e)?
+                        == 1
+                }
+                (Some(Some(old)), None) => {
+                    tx.execute(&stmt, &[&ns, &key, &now, &old.as_slice()])
+                        .await
+                        .map_err(e)?
+                        == 1
+                }
+            };
+            if !ok {
+                // Dropping the transaction rolls it back.
+                return Ok(Commit::Conflict(w.key.clone()));
+            }
+        }
+        if !rows.is_empty() {
+            let stmt = tx.prepare_cached(&sql.insert_outbox).await.map_err(e)?;
+            for r in &rows {
+                let (names, values) = outbox_headers(r);
+                tx.execute(
+                    &stmt,
+                    &[
+                        &r.topic,
+                        &r.key,
+                        &names,
+                        &values,
+                        &r.payload,
+                        &lockgate_id(r),
+                    ],
+                )
+                .await
+                .map_err(e)?;
+            }
+        }
+        let stmt = tx.prepare_cached(&sql.mark_applied).await.map_err(e)?;
+        tx.execute(&stmt, &[&scope, &claim.key, &outputs, &millis(lease)])
+            .await
+            .map_err(e)?;
+        tx.commit().await.map_err(e)?;
+        Ok(Commit::Committed)
+    }
+}
+
+/// A record's headers as the outbox stores them: two parallel arrays, without the
+/// `lockgate-id` (it has its own column).
+pub(crate) fn outbox_headers(r: &OutRecord) -> (Vec<&str>, Vec<&[u8]>) {
+    r.headers
+        .iter()
+        .filter(|(n, _)| n != LOCKGATE_ID_HEADER)
+        .map(|(n, v)| (n.as_str(), v.as_slice()))
+        .unzip()
+}
+
+/// A record's `lockgate-id`, if it has one.
+fn lockgate_id(r: &OutRecord) -> Option<String> {
+    r.headers
+        .iter()
+        .find(|(n, _)| n == LOCKGATE_ID_HEADER)
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
 }
 
 #[cfg(test)]
