@@ -487,3 +487,126 @@ async fn a_dead_letter_table_keeps_the_whole_envelope_and_marks_replays() {
     let _ = task.await;
     drop_schema(&schema).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_commit_writes_its_rows_with_its_effects_or_nothing() {
+    use lockgate::broker::OutRecord;
+    use lockgate::state::{Claim, ClaimRequest, Commit, KvWrite, MemoryStore, StateStore};
+    let schema = unique("lgoutbox");
+    let store = PostgresStore::new(POSTGRES, &schema, 2).unwrap();
+    let scope = "idempotency/orders".to_owned();
+    let lease = Duration::from_secs(30);
+    let req = |key: &str| ClaimRequest {
+        key: key.into(),
+        owner: "me".into(),
+    };
+    let write = |expected: Option<Option<Vec<u8>>>| KvWrite {
+        namespace: "h".into(),
+        key: "x".into(),
+        value: Some(b"1".to_vec()),
+        expires_at_ms: None,
+        expected,
+    };
+    let row = |id: Option<&str>, payload: &str| OutRecord {
+        topic: "events".into(),
+        key: Some(b"acct-1".to_vec()),
+        headers: [("a".to_owned(), b"b".to_vec())]
+            .into_iter()
+            .chain(id.map(|id| ("lockgate-id".to_owned(), id.as_bytes().to_vec())))
+            .collect(),
+        payload: payload.as_bytes().to_vec(),
+    };
+    let rows = || async {
+        let (client, conn) = tokio_postgres::connect(POSTGRES, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+            .query(
+                &format!(
+                    "SELECT lockgate_id, header_names, convert_from(payload, 'UTF8') FROM {schema}.outbox ORDER BY id"
+                ),
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<_, Option<String>>(0), r.get::<_, Vec<String>>(1), r.get::<_, String>(2)))
+            .collect::<Vec<_>>()
+    };
+    let claim = |key: &str| store.claim(scope.clone(), vec![req(key)], lease);
+
+    assert_eq!(claim("k1").await.unwrap(), vec![Claim::Claimed]);
+    let commit = store.commit_outbox(
+        scope.clone(),
+        req("k1"),
+        vec![write(Some(None))],
+        vec![row(Some("id-1"), "one"), row(None, "two")],
+        lease,
+    );
+    assert_eq!(commit.await.unwrap(), Commit::Committed);
+    let first = vec![
+        (
+            Some("id-1".to_owned()),
+            vec!["a".to_owned()],
+            "one".to_owned(),
+        ),
+        (None, vec!["a".to_owned()], "two".to_owned()),
+    ];
+    assert_eq!(rows().await, first);
+    let kv = store.clone();
+    let x = tokio::task::spawn_blocking(move || kv.get("h", "x", lockgate::state::now_ms()))
+        .await
+        .unwrap();
+    assert_eq!(x.unwrap(), Some(b"1".to_vec()));
+    // A retried commit (its answer was lost) writes nothing twice.
+    let again = store.commit_outbox(
+        scope.clone(),
+        req("k1"),
+        vec![write(Some(None))],
+        vec![row(Some("id-1"), "one"), row(None, "two")],
+        lease,
+    );
+    assert_eq!(again.await.unwrap(), Commit::Committed);
+    assert_eq!(rows().await, first);
+    // A failed expectation writes no row either.
+    assert_eq!(claim("k2").await.unwrap(), vec![Claim::Claimed]);
+    let conflict = store.commit_outbox(
+        scope.clone(),
+        req("k2"),
+        vec![write(Some(None))],
+        vec![row(Some("id-3"), "three")],
+        lease,
+    );
+    assert_eq!(conflict.await.unwrap(), Commit::Conflict("x".into()));
+    assert_eq!(rows().await, first);
+    // The same message committed again under a new key (its old one expired) adds no row.
+    assert_eq!(claim("k3").await.unwrap(), vec![Claim::Claimed]);
+    let repeat = store.commit_outbox(
+        scope.clone(),
+        req("k3"),
+        vec![],
+        vec![row(Some("id-1"), "one")],
+        lease,
+    );
+    assert_eq!(repeat.await.unwrap(), Commit::Committed);
+    assert_eq!(rows().await, first);
+
+    // A store without an outbox table says so instead of dropping the outputs.
+    let local = StateStore::local("m", Arc::new(MemoryStore::new()));
+    let refused = local
+        .idempotency
+        .commit_outbox(
+            scope.clone(),
+            req("k1"),
+            vec![],
+            vec![row(None, "x")],
+            lease,
+        )
+        .await;
+    assert!(
+        matches!(&refused, Err(StateError::Config(m)) if m.contains("outbox")),
+        "{refused:?}"
+    );
+    drop_schema(&schema).await;
+}

@@ -1,0 +1,376 @@
+//! The transactional outbox against real PostgreSQL and Kafka.
+//!
+//! - An outbox route (Kafka in, the `chaos` guest counting an effect per order, outputs as
+//!   outbox rows) and a relay (outbox to Kafka) in one `lockgate run`, SIGKILLed and restarted
+//!   mid-stream: every order ends as exactly one outbox row and one effect, and the relay
+//!   publishes every row (a repeat downstream carries the row's `lockgate-id`).
+//! - Two relays on 50,000 rows written by plain SQL: every row published once, in order per
+//!   aggregate, and the cleanup deletes published rows only.
+//!
+//! Needs Kafka and PostgreSQL on 127.0.0.1 (`scripts/brokers.sh start`).
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use lockgate_tests::kafka::{Tail, bootstrap, create_topics, id_of, produce, runtime, unique};
+use lockgate_tests::pg::{self, SyncPg};
+use lockgate_tests::{Proc, crash_mix, guest, lockgate, run_logs, run_stat, show, start_run};
+
+const DEADLINE: Duration = Duration::from_secs(600);
+
+fn kafka_broker() -> String {
+    format!(
+        "[brokers.kafka]\nkind = \"kafka\"\nbootstrap_servers = \"{}\"\nconsumer_properties = {{ \"session.timeout.ms\" = 6000, \"max.poll.interval.ms\" = 10000 }}\n",
+        bootstrap()
+    )
+}
+
+fn pg_store(schema: &str) -> String {
+    format!(
+        "[stores.pg]\nkind = \"postgres\"\nurl = \"{}\"\nschema = \"{schema}\"\npool_size = 8\n",
+        pg::URL
+    )
+}
+
+/// Polls `progress` until it reaches `target`, failing with the logs of runs `1..=runs` if a
+/// process in `procs` exits or the deadline passes.
+fn wait_until(
+    dir: &Path,
+    procs: &mut [&mut Proc],
+    runs: u32,
+    target: u64,
+    mut progress: impl FnMut() -> u64,
+) {
+    let started = Instant::now();
+    loop {
+        let done = progress();
+        if done >= target {
+            return;
+        }
+        let logs = || {
+            (1..=runs)
+                .map(|r| run_logs(dir, r))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        for p in procs.iter_mut() {
+            if let Some(status) = p.try_wait().unwrap() {
+                panic!("a run exited ({status}) at {done}/{target}\n{}", logs());
+            }
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "only {done} of {target} after {DEADLINE:?}\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const ORDERS: u64 = 20_000;
+/// Outbox rows written when the runtime is SIGKILLed and restarted.
+const KILLS: [u64; 4] = [3_000, 7_000, 11_000, 15_000];
+
+#[test]
+fn an_outbox_route_killed_mid_stream_loses_and_repeats_nothing() {
+    let rt = runtime();
+    let base = unique("outbox");
+    let (input, out, dlq) = (
+        format!("{base}.in"),
+        format!("{base}.out"),
+        format!("{base}.dlq"),
+    );
+    create_topics(&rt, &[(&input, 6), (&out, 3), (&dlq, 1)]);
+    let poison = |i: u64| i % 100 == 42;
+    let orders: Vec<(String, String)> = (0..ORDERS)
+        .map(|i| {
+            (
+                format!("k{}", i % 97),
+                format!(r#"{{"id":{i}{}}}"#, crash_mix(i)),
+            )
+        })
+        .collect();
+    produce(&rt, &input, &orders);
+    let schema = pg::unique_schema("lgoutbox");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("runtime.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"version = 1
+[runtime]
+shutdown_grace_ms = 5000
+
+{kafka}
+{store}
+[handlers.chaos]
+module = "{module}"
+config = {{ target = "{out}", count_effects = "true" }}
+
+[routes.orders]
+handler = "chaos"
+source = {{ broker = "kafka", topic = "{input}", group = "{base}.group" }}
+state = "pg"
+outputs = {{ topics = ["{out}"], mode = "outbox" }}
+dlq = {{ topic = "{dlq}" }}
+concurrency = 8
+ordering = "key"
+max_batch = 4
+retry = {{ max_attempts = 4, initial_backoff_ms = 5, max_backoff_ms = 50 }}
+idempotency = {{ key = "json:/id", lease_ms = 3000 }}
+
+[routes.relay]
+source = {{ outbox = "pg", lease_ms = 3000, poll_ms = 200 }}
+outputs = {{ broker = "kafka" }}
+ordering = "key"
+concurrency = 4
+"#,
+            kafka = kafka_broker(),
+            store = pg_store(&schema),
+            module = guest("chaos").display(),
+        ),
+    )
+    .unwrap();
+
+    let pg = SyncPg::connect();
+    let rows = |pg: &SyncPg| {
+        // The schema appears with the first run's migration.
+        if pg.count(&format!(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = '{schema}' AND table_name = 'outbox'"
+        )) == 0
+        {
+            return 0;
+        }
+        pg.count(&format!("SELECT count(*) FROM {schema}.outbox"))
+    };
+    let mut run = 1;
+    let mut proc = start_run(dir.path(), &config, run, None, "lockgate=info,warn");
+    for at in KILLS {
+        wait_until(dir.path(), &mut [&mut proc], run, at, || rows(&pg));
+        proc.kill().unwrap();
+        proc.wait().unwrap();
+        run += 1;
+        proc = start_run(dir.path(), &config, run, None, "lockgate=info,warn");
+    }
+    let want: BTreeSet<u64> = (0..ORDERS).filter(|i| !poison(*i)).collect();
+    let dead_want: BTreeSet<u64> = (0..ORDERS).filter(|i| poison(*i)).collect();
+    let mut tail = Tail::new(&[(&out, 3), (&dlq, 1)]);
+    wait_until(dir.path(), &mut [&mut proc], run, want.len() as u64, || {
+        tail.drain(Duration::from_millis(200));
+        tail.records(&out)
+            .iter()
+            .map(|g| id_of(&g.payload))
+            .collect::<BTreeSet<_>>()
+            .len() as u64
+    });
+    wait_until(
+        dir.path(),
+        &mut [&mut proc],
+        run,
+        dead_want.len() as u64,
+        || {
+            tail.drain(Duration::from_millis(200));
+            tail.records(&dlq)
+                .iter()
+                .map(|g| id_of(&g.payload))
+                .collect::<BTreeSet<_>>()
+                .len() as u64
+        },
+    );
+    lockgate_tests::stop_run(&mut proc, dir.path(), run);
+    tail.drain(Duration::from_secs(1));
+
+    // Exactly one outbox row per handled order, each with the order's deterministic id.
+    let ids: Vec<String> = pg
+        .query(&format!("SELECT lockgate_id FROM {schema}.outbox"), &[])
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let expected: BTreeSet<String> = want.iter().map(|i| format!("orders:key:{i}:0")).collect();
+    assert_eq!(ids.len(), want.len(), "outbox rows");
+    assert_eq!(ids.iter().cloned().collect::<BTreeSet<_>>(), expected);
+    assert_eq!(
+        pg.count(&format!(
+            "SELECT count(*) FROM {schema}.outbox WHERE published_at IS NULL"
+        )),
+        0,
+        "unpublished outbox rows after the relay drained"
+    );
+    // Exactly one effect per handled order, none for poison ones.
+    let mut effects: BTreeMap<u64, String> = BTreeMap::new();
+    for r in pg.query(
+        &format!("SELECT key, value FROM {schema}.kv WHERE namespace = 'chaos'"),
+        &[],
+    ) {
+        let key: String = r.get(0);
+        let id = key.strip_prefix("effects/").unwrap().parse().unwrap();
+        effects.insert(id, String::from_utf8(r.get(1)).unwrap());
+    }
+    assert_eq!(effects.keys().copied().collect::<BTreeSet<_>>(), want);
+    let repeated: Vec<_> = effects.iter().filter(|(_, v)| *v != "1").collect();
+    assert!(repeated.is_empty(), "effects that ran twice: {repeated:?}");
+
+    // The relay published every row; a repeat carries the same id.
+    let mut published: BTreeMap<u64, usize> = BTreeMap::new();
+    for g in tail.records(&out) {
+        let id = id_of(&g.payload);
+        assert_eq!(
+            g.headers.get("lockgate-id").map(String::as_str),
+            Some(format!("orders:key:{id}:0").as_str())
+        );
+        *published.entry(id).or_default() += 1;
+    }
+    assert_eq!(published.keys().copied().collect::<BTreeSet<_>>(), want);
+    let dead: BTreeSet<u64> = tail
+        .records(&dlq)
+        .iter()
+        .map(|g| id_of(&g.payload))
+        .collect();
+    assert_eq!(dead, dead_want);
+    let repeats: usize = published.values().map(|n| n - 1).sum();
+    eprintln!(
+        "outbox crash test: {} rows, {} effects, {} SIGKILLs, {repeats} rows published again (a kill between a publish and its mark)",
+        ids.len(),
+        effects.len(),
+        KILLS.len()
+    );
+    pg.drop_schema(&schema);
+}
+
+const ROWS: u64 = 50_000;
+const AGGREGATES: u64 = 100;
+
+/// Rows `from..to` of the plain-SQL writer: row `n` is event `n / 100` of aggregate `n % 100`.
+fn write_rows(pg: &SyncPg, schema: &str, topic: &str, from: u64, to: u64) {
+    for start in (from..to).step_by(1_000) {
+        let end = (start + 1_000).min(to) - 1;
+        pg.exec(&format!(
+            "BEGIN;
+             INSERT INTO {schema}.outbox (topic, key, header_names, header_values, payload)
+             SELECT '{topic}', convert_to('agg-' || (n % {AGGREGATES}), 'UTF8'),
+                    ARRAY['writer'], ARRAY[convert_to('sql', 'UTF8')],
+                    convert_to(json_build_object('id', n, 'agg', n % {AGGREGATES},
+                                                 'seq', n / {AGGREGATES})::text, 'UTF8')
+             FROM generate_series({start}, {end}) AS n ORDER BY n;
+             COMMIT;"
+        ));
+    }
+}
+
+#[test]
+fn two_relays_publish_every_row_once_in_order_per_aggregate_and_clean_up_only_published_rows() {
+    let rt = runtime();
+    let out = unique("relay.out");
+    create_topics(&rt, &[(&out, 3)]);
+    let schema = pg::unique_schema("lgrelay");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("runtime.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "version = 1\n{kafka}\n{store}\n[routes.relay]\nsource = {{ outbox = \"pg\", batch = 200, poll_ms = 200, retention_ms = 2000, cleanup_every_ms = 500 }}\noutputs = {{ broker = \"kafka\" }}\nordering = \"key\"\nconcurrency = 8\n",
+            kafka = kafka_broker(),
+            store = pg_store(&schema),
+        ),
+    )
+    .unwrap();
+    let migrate = lockgate(dir.path(), &["migrate", config.to_str().unwrap()]);
+    assert!(migrate.status.success(), "{}", show(&migrate));
+    let pg = SyncPg::connect();
+    // A row another relay holds for an hour, and a later row of its key: neither may be
+    // published (order per key), and the cleanup must leave both alone.
+    pg.exec(&format!(
+        "INSERT INTO {schema}.outbox (topic, key, payload, created_at, claimed_by, claimed_until)
+         VALUES ('{out}', 'held', '{{\"id\": 900000}}', now() - interval '1 day', 'elsewhere',
+                 now() + interval '1 hour');
+         INSERT INTO {schema}.outbox (topic, key, payload, created_at)
+         VALUES ('{out}', 'held', '{{\"id\": 900001}}', now() - interval '1 day');"
+    ));
+    write_rows(&pg, &schema, &out, 0, ROWS / 2);
+    let state = |n: &str| dir.path().join(n);
+    let mut a = start_run(
+        dir.path(),
+        &config,
+        1,
+        Some(&state("a")),
+        "lockgate=info,warn",
+    );
+    let mut b = start_run(
+        dir.path(),
+        &config,
+        2,
+        Some(&state("b")),
+        "lockgate=info,warn",
+    );
+    // The rest arrives while both relay.
+    write_rows(&pg, &schema, &out, ROWS / 2, ROWS);
+
+    let mut tail = Tail::new(&[(&out, 3)]);
+    wait_until(dir.path(), &mut [&mut a, &mut b], 2, ROWS, || {
+        tail.drain(Duration::from_millis(200));
+        tail.ids().len() as u64
+    });
+    // Published rows go once they are older than the retention; the held ones stay.
+    wait_until(dir.path(), &mut [&mut a, &mut b], 2, 1, || {
+        u64::from(
+            pg.count(&format!(
+                "SELECT count(*) FROM {schema}.outbox WHERE key <> 'held'::bytea"
+            )) == 0,
+        )
+    });
+    tail.drain(Duration::from_secs(1));
+    lockgate_tests::stop_run(&mut a, dir.path(), 1);
+    lockgate_tests::stop_run(&mut b, dir.path(), 2);
+
+    let got = tail.records(&out);
+    assert_eq!(
+        got.len() as u64,
+        ROWS,
+        "records published (a repeat is a bug here)"
+    );
+    let ids: BTreeSet<u64> = got.iter().map(|g| id_of(&g.payload)).collect();
+    assert_eq!(ids, (0..ROWS).collect::<BTreeSet<_>>());
+    // Order per aggregate: its events arrive by seq (one key, one partition, in offset order).
+    let mut last: BTreeMap<String, i64> = BTreeMap::new();
+    for g in &got {
+        let v: serde_json::Value = serde_json::from_str(&g.payload).unwrap();
+        let seq = v["seq"].as_i64().unwrap();
+        let prev = last.insert(g.key.clone(), seq).unwrap_or(-1);
+        assert_eq!(seq, prev + 1, "aggregate {} out of order", g.key);
+        assert_eq!(g.headers.get("writer").map(String::as_str), Some("sql"));
+        assert!(
+            g.headers
+                .get("lockgate-id")
+                .is_some_and(|id| id.starts_with(&format!("outbox:{schema}:"))),
+            "{:?}",
+            g.headers
+        );
+    }
+    assert_eq!(last.len() as u64, AGGREGATES);
+    let left: Vec<(i64, Option<String>)> = pg
+        .query(
+            &format!("SELECT (convert_from(payload, 'UTF8')::json->>'id')::bigint, claimed_by FROM {schema}.outbox ORDER BY id"),
+            &[],
+        )
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        left,
+        vec![(900_000, Some("elsewhere".to_owned())), (900_001, None)]
+    );
+    let (ra, rb) = (
+        run_stat(dir.path(), 1, "outputs"),
+        run_stat(dir.path(), 2, "outputs"),
+    );
+    eprintln!("relay test: relay 1 published {ra} rows, relay 2 {rb}");
+    assert_eq!(ra + rb, ROWS);
+    assert!(
+        ra > 0 && rb > 0,
+        "both relays should take part: {ra} and {rb}"
+    );
+    pg.drop_schema(&schema);
+}
