@@ -374,3 +374,108 @@ fn two_relays_publish_every_row_once_in_order_per_aggregate_and_clean_up_only_pu
     );
     pg.drop_schema(&schema);
 }
+
+/// A relay with a handler: each row is the handler's message, its outputs are published
+/// instead of the row, a rejected row is dead-lettered into the store's table, and a replay
+/// writes it back into the outbox, where the fixed handler relays it.
+#[test]
+fn a_relay_with_a_handler_transforms_dead_letters_and_replays_into_the_outbox() {
+    use lockgate::broker::local::LocalBroker;
+    use lockgate_tests::stop_run;
+    let dir = tempfile::tempdir().unwrap();
+    let schema = pg::unique_schema("lgrelayh");
+    let write = |poison_ok: bool| {
+        let config = dir.path().join("runtime.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 1\n[runtime]\nstate_dir = \"state\"\n\n{store}\n[handlers.chaos]\nmodule = \"{module}\"\nconfig = {{ target = \"relayed\", poison_ok = \"{poison_ok}\" }}\n\n[routes.relay]\nhandler = \"chaos\"\nsource = {{ outbox = \"pg\", poll_ms = 100 }}\noutputs = {{ broker = \"local\", topics = [\"relayed\"] }}\n",
+                store = pg_store(&schema),
+                module = guest("chaos").display(),
+            ),
+        )
+        .unwrap();
+        config
+    };
+    let config = write(false);
+    let migrate = lockgate(dir.path(), &["migrate", config.to_str().unwrap()]);
+    assert!(migrate.status.success(), "{}", show(&migrate));
+    let pg = SyncPg::connect();
+    pg.exec(&format!(
+        "INSERT INTO {schema}.outbox (topic, key, payload)
+         SELECT 'in', convert_to('k' || n, 'UTF8'),
+                convert_to(CASE WHEN n IN (7, 13) THEN json_build_object('id', n, 'poison', true)
+                                ELSE json_build_object('id', n) END::text, 'UTF8')
+         FROM generate_series(0, 19) AS n ORDER BY n"
+    ));
+    let broker = LocalBroker::open(&dir.path().join("state/local")).unwrap();
+    let dead = |pg: &SyncPg| pg.count(&format!("SELECT count(*) FROM {schema}.dead_letters"));
+    let relayed = || broker.end_offset("relayed").unwrap_or(0);
+
+    let mut run = start_run(dir.path(), &config, 1, None, "lockgate=info,warn");
+    wait_until(dir.path(), &mut [&mut run], 1, 20, || relayed() + dead(&pg));
+    stop_run(&mut run, dir.path(), 1);
+    assert_eq!((relayed(), dead(&pg)), (18, 2));
+    let first = &broker.read("relayed", 0, 1).unwrap()[0];
+    let row_id: i64 = pg.query(&format!("SELECT min(id) FROM {schema}.outbox"), &[])[0].get(0);
+    assert_eq!(
+        first.header("lockgate-id"),
+        Some(format!("relay:pos:in/-/{row_id}:0").as_bytes())
+    );
+    assert_eq!(first.key.as_deref(), Some(&b"k0"[..]));
+    // Rejected rows are finished too: every row is marked.
+    assert_eq!(
+        pg.count(&format!(
+            "SELECT count(*) FROM {schema}.outbox WHERE published_at IS NULL"
+        )),
+        0
+    );
+    let sources: Vec<String> = pg
+        .query(
+            &format!(
+                "SELECT source FROM {schema}.dead_letters WHERE dlq = 'outbox.dlq' ORDER BY id"
+            ),
+            &[],
+        )
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        sources,
+        vec![
+            format!("in/-/{}", row_id + 7),
+            format!("in/-/{}", row_id + 13)
+        ]
+    );
+
+    // Fixed handler; the replay writes the two rows back into the outbox.
+    let config = write(true);
+    let mut run = start_run(dir.path(), &config, 2, None, "lockgate=info,warn");
+    let out = lockgate(
+        dir.path(),
+        &["dlq", "replay", "--config", config.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        show(&out).contains("replayed 2 dead letters"),
+        "{}",
+        show(&out)
+    );
+    wait_until(dir.path(), &mut [&mut run], 2, 20, relayed);
+    stop_run(&mut run, dir.path(), 2);
+    assert_eq!(relayed(), 20);
+    assert_eq!(
+        pg.count(&format!(
+            "SELECT count(*) FROM {schema}.outbox WHERE lockgate_id LIKE 'relay:replay:outbox.dlq/-/%' AND published_at IS NOT NULL"
+        )),
+        2
+    );
+    let ids: BTreeSet<u64> = broker
+        .read("relayed", 0, 100)
+        .unwrap()
+        .iter()
+        .map(|r| id_of(&String::from_utf8_lossy(&r.payload)))
+        .collect();
+    assert_eq!(ids, (0..20).collect());
+    pg.drop_schema(&schema);
+}

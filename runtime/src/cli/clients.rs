@@ -13,7 +13,7 @@ use lockgate::broker::{Scan, Sink, Source};
 use lockgate::config::{
     BrokerKind, Config, DLQ_STORE_PREFIX, Endpoint, NatsConfig, RouteConfig, StoreKind,
 };
-use lockgate::state::{DeadLetterTable, OutboxRelay, PostgresStore};
+use lockgate::state::{DeadLetterTable, OutboxRelay, OutboxWriter, PostgresStore};
 
 /// Connections of a dead-letter table's pool: DLQ writes and reads are rare.
 const DEAD_LETTER_POOL_SIZE: usize = 2;
@@ -197,20 +197,19 @@ impl Clients {
         })
     }
 
-    /// The producer that feeds `route`'s source: its broker's sink, or a core NATS publisher
-    /// when the route reads core NATS (a JetStream publish would find no stream).
+    /// The producer that feeds `route`'s source: its broker's sink, a core NATS publisher
+    /// when the route reads core NATS (a JetStream publish would find no stream), or a writer
+    /// of outbox rows when it relays an outbox.
     pub async fn feeder(
         &mut self,
         config: &Config,
         local: &LocalBroker,
         route: &RouteConfig,
     ) -> anyhow::Result<Arc<dyn Sink>> {
+        // A route that relays an outbox is fed by writing rows into it.
         if let Some(outbox) = &route.outbox {
-            anyhow::bail!(
-                "route {} reads the outbox table of store {}: write rows there with SQL (see the README's outbox section)",
-                route.name,
-                outbox.store
-            );
+            let store = postgres(config, &outbox.store, DEAD_LETTER_POOL_SIZE)?;
+            return Ok(Arc::new(OutboxWriter::new(store)));
         }
         if let Some(broker) = config.brokers.get(&route.source.broker)
             && let BrokerKind::Nats(nats) = &broker.kind

@@ -26,7 +26,7 @@ pub use dead_letters::{DeadLetterScan, DeadLetterTable};
 pub use embedded::EmbeddedStore;
 pub use local::LocalClaims;
 pub use memory::MemoryStore;
-pub use outbox::OutboxRelay;
+pub use outbox::{OutboxRelay, OutboxWriter};
 pub use postgres::{
     DEFAULT_POOL_SIZE as POSTGRES_POOL_SIZE, PostgresStore,
     SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION,

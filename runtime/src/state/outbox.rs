@@ -27,10 +27,11 @@ use tokio::task::JoinHandle;
 
 use crate::broker::{
     Ack, AckHandle, AckKind, BoxFuture, BrokerError, Delivery, LAG_REFRESH, LOCKGATE_ID_HEADER,
-    Lag, LagGauge, Record, Source,
+    Lag, LagGauge, OutRecord, Record, Sink, Source,
 };
 use crate::config::OutboxSource as Settings;
 
+use super::postgres::{lockgate_id, outbox_headers};
 use super::{PostgresStore, StateError};
 
 /// Published rows one cleanup statement deletes at most.
@@ -533,5 +534,66 @@ async fn cleanup(store: PostgresStore, sql: Arc<Sql>, retention: Duration, every
                 tracing::warn!(error = %e, "Cleaning up the outbox failed; trying again later");
             }
         }
+    }
+}
+
+/// Writes records as rows of a PostgreSQL store's outbox table, all of a batch in one
+/// transaction (a row whose `lockgate-id` is already there is not written again): where
+/// `lockgate dlq replay` sends dead letters back to when their route relays an outbox.
+#[derive(Clone, Debug)]
+pub struct OutboxWriter {
+    store: PostgresStore,
+    insert: String,
+}
+
+impl OutboxWriter {
+    /// A writer into `store`'s outbox table.
+    pub fn new(store: PostgresStore) -> Self {
+        let s = store.schema();
+        let insert = format!(
+            "INSERT INTO {s}.outbox (topic, key, header_names, header_values, payload, lockgate_id)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (lockgate_id) DO NOTHING"
+        );
+        Self { store, insert }
+    }
+
+    async fn write(&self, records: Vec<OutRecord>) -> Result<(), StateError> {
+        let what = "write outbox rows";
+        let mut client = self.store.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| self.store.err(what, e))?;
+        let stmt = tx
+            .prepare_cached(&self.insert)
+            .await
+            .map_err(|e| self.store.err(what, e))?;
+        for r in &records {
+            let (names, values) = outbox_headers(r);
+            tx.execute(
+                &stmt,
+                &[
+                    &r.topic,
+                    &r.key,
+                    &names,
+                    &values,
+                    &r.payload,
+                    &lockgate_id(r),
+                ],
+            )
+            .await
+            .map_err(|e| self.store.err(what, e))?;
+        }
+        tx.commit().await.map_err(|e| self.store.err(what, e))
+    }
+}
+
+impl Sink for OutboxWriter {
+    fn publish(&self, records: Vec<OutRecord>) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            self.write(records)
+                .await
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))
+        })
     }
 }

@@ -892,7 +892,7 @@ pub(crate) fn outbox_headers(r: &OutRecord) -> (Vec<&str>, Vec<&[u8]>) {
 }
 
 /// A record's `lockgate-id`, if it has one.
-fn lockgate_id(r: &OutRecord) -> Option<String> {
+pub(crate) fn lockgate_id(r: &OutRecord) -> Option<String> {
     r.headers
         .iter()
         .find(|(n, _)| n == LOCKGATE_ID_HEADER)
