@@ -311,3 +311,109 @@ fn an_unroutable_output_is_not_acknowledged_and_names_exchange_and_routing_key()
     assert_eq!(rabbit.ready(&q.input), 1);
     q.delete(&rabbit);
 }
+
+/// Sets the server's `consumer_timeout` (ms) through `rabbitmqctl eval`; channels opened
+/// afterwards get it.
+fn set_consumer_timeout(ms: u64) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "-n",
+            "rabbit@localhost",
+            "eval",
+            &format!("application:set_env(rabbit, consumer_timeout, {ms})."),
+        ])
+        .output()
+        .expect("rabbitmqctl (scripts/brokers.sh installs it)");
+    assert!(out.status.success(), "{}", lockgate_tests::show(&out));
+}
+
+/// Puts the server's default back even when the test fails.
+struct RestoreTimeout;
+
+impl Drop for RestoreTimeout {
+    fn drop(&mut self) {
+        set_consumer_timeout(1_800_000);
+    }
+}
+
+#[test]
+fn an_open_breaker_leaves_messages_in_the_queue_and_never_meets_consumer_timeout() {
+    const N: u64 = 200;
+    let rabbit = Rabbit::connect();
+    let q = Queues::new(&rabbit);
+    set_consumer_timeout(3_000);
+    let _restore = RestoreTimeout;
+    let messages: Vec<(Option<String>, String)> = (0..N)
+        .map(|i| (Some(format!("k{}", i % 5)), format!(r#"{{"id":{i}}}"#)))
+        .collect();
+    rabbit.publish(&q.input, &messages);
+    let down_until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 8_000;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &q,
+        "",
+        "concurrency = 4\nordering = \"key\"\ncircuit_breaker = { consecutive_failures = 3, open_ms = 500 }\n",
+    );
+    // The dependency is down for 8 s; no attempt limit is reached meanwhile; the source
+    // lets go of its deliveries after 1 s paused (half of the 2 s it is told).
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(
+            "count_effects = \"true\"",
+            &format!("down_until_ms = \"{down_until}\""),
+        )
+        .replace(
+            "max_attempts = 4, initial_backoff_ms = 5, max_backoff_ms = 50",
+            "max_attempts = 1000, initial_backoff_ms = 5, max_backoff_ms = 50",
+        )
+        .replace(
+            "url_env = \"TEST_AMQP_URL\"",
+            "url_env = \"TEST_AMQP_URL\"\nconsumer_timeout_ms = 2000",
+        );
+    std::fs::write(&config, text).unwrap();
+    let mut proc = run(dir.path(), &config, 1);
+    let log = || std::fs::read_to_string(dir.path().join("run1.stderr")).unwrap_or_default();
+    let start = Instant::now();
+    // While it is down: the breaker opens, the source lets go, the messages wait in the queue.
+    let mut most_ready = 0;
+    while !(log().contains("Circuit breaker open")
+        && log().contains("Paused for half of consumer_timeout"))
+        || most_ready < N as u32 / 2
+    {
+        most_ready = most_ready.max(rabbit.ready(&q.input));
+        assert!(
+            proc.try_wait().unwrap().is_none(),
+            "{}",
+            run_logs(dir.path(), 1)
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(8),
+            "breaker, release or queue depth missing (most ready {most_ready})\n{}",
+            run_logs(dir.path(), 1)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        rabbit.ready(&q.dlq),
+        0,
+        "nothing is dead-lettered for the breaker"
+    );
+    // After the outage everything drains.
+    let mut got = (Vec::new(), Vec::new());
+    collect(&rabbit, &q, &mut proc, dir.path(), 1, &mut got, N as usize);
+    stop_run(&mut proc, dir.path(), 1);
+    assert!(got.1.is_empty(), "dead letters: {:?}", got.1);
+    let ids: BTreeSet<u64> = got.0.iter().map(|g| id_of(&g.payload)).collect();
+    assert_eq!(ids, (0..N).collect());
+    let logs = run_logs(dir.path(), 1);
+    assert!(
+        !logs.contains("PRECONDITION_FAILED") && !logs.contains("timed out"),
+        "the server closed a channel for consumer_timeout\n{logs}"
+    );
+    q.delete(&rabbit);
+}

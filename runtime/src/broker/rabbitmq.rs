@@ -22,10 +22,11 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
@@ -146,12 +147,23 @@ impl Ack for RabbitAck {
         Box::pin(async move {
             let Some(acker) = acker else { return Ok(()) };
             // A dead letter was written, so a dead-lettered delivery is acked too.
-            acker
-                .ack(BasicAckOptions::default())
-                .await
-                .map(drop)
-                .map_err(|e| BrokerError::Unavailable(format!("rabbitmq: ack: {e}")))
+            match acker.ack(BasicAckOptions::default()).await {
+                Ok(true) => Ok(()),
+                // Its channel closed: the broker has requeued the message already.
+                Ok(false) => Err(BrokerError::Unavailable(
+                    "rabbitmq: ack: the delivery's channel is closed; the broker delivers it again"
+                        .into(),
+                )),
+                Err(e) => Err(BrokerError::Unavailable(format!("rabbitmq: ack: {e}"))),
+            }
         })
+    }
+
+    /// False once the delivery's channel closed (a reconnect, or the source let go of it while
+    /// the breaker was open): the broker has requeued it, so handling it here would only repeat
+    /// it.
+    fn is_current(&self) -> bool {
+        self.acker.as_ref().is_some_and(lapin::Acker::usable)
     }
 }
 
@@ -173,15 +185,27 @@ impl Drop for RabbitAck {
     }
 }
 
+/// A source's connection, its channel and (unless paused) its consumer.
+struct Open {
+    conn: Connection,
+    channel: Channel,
+    consumer: Option<Consumer>,
+}
+
 /// Consumes one queue.
 pub struct RabbitSource {
     broker: String,
     cfg: RabbitConfig,
     queue: String,
     settings: SourceConfig,
+    /// The consumer tag of the current `basic.consume` (a fresh one each time: RabbitMQ 3.10
+    /// crashes the channel when a quorum queue delivers to a tag cancelled and reused).
     tag: String,
-    open: Option<(Connection, Consumer)>,
+    consumes: u64,
+    open: Option<Open>,
     backoff: Duration,
+    /// While paused: closes the channel before the broker's `consumer_timeout` would.
+    watchdog: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for RabbitSource {
@@ -201,13 +225,32 @@ impl RabbitSource {
             cfg: cfg.clone(),
             queue: queue.to_owned(),
             settings: settings.clone(),
-            tag: format!("lockgate-{}", crate::pipeline::idempotency::new_owner()),
+            tag: String::new(),
+            consumes: 0,
             open: None,
             backoff: Duration::ZERO,
+            watchdog: None,
         }
     }
 
-    async fn open(&self) -> Result<(Connection, Consumer), BrokerError> {
+    async fn consume(&mut self, ch: &Channel) -> Result<Consumer, BrokerError> {
+        self.consumes += 1;
+        self.tag = format!(
+            "lockgate-{}-{}",
+            crate::pipeline::idempotency::new_owner(),
+            self.consumes
+        );
+        ch.basic_consume(
+            self.queue.as_str().into(),
+            self.tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|x| unavailable(&self.broker, &format!("consume queue {}", self.queue), x))
+    }
+
+    async fn open(&mut self) -> Result<Open, BrokerError> {
         let conn = connect(&self.broker, &self.cfg).await?;
         let e = |what: &str, e: lapin::Error| unavailable(&self.broker, what, e);
         let ch = conn
@@ -245,16 +288,12 @@ impl RabbitSource {
             .await
             .map_err(|x| e(&format!("bind queue {} to {exchange}", self.queue), x))?;
         }
-        let consumer = ch
-            .basic_consume(
-                self.queue.as_str().into(),
-                self.tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|x| e(&format!("consume queue {}", self.queue), x))?;
-        Ok((conn, consumer))
+        let consumer = self.consume(&ch).await?;
+        Ok(Open {
+            conn,
+            channel: ch,
+            consumer: Some(consumer),
+        })
     }
 
     async fn wait(&mut self, error: &BrokerError) {
@@ -286,7 +325,9 @@ impl Source for RabbitSource {
                         }
                     }
                 }
-                let Some((_, consumer)) = self.open.as_mut() else {
+                let Some(consumer) = self.open.as_mut().and_then(|o| o.consumer.as_mut()) else {
+                    // Paused and resumed on a closed channel: open anew.
+                    self.open = None;
                     continue;
                 };
                 let error = match consumer.next().await {
@@ -311,14 +352,89 @@ impl Source for RabbitSource {
         })
     }
 
-    fn commit(&mut self) -> BoxFuture<'_, Result<(), BrokerError>> {
+    /// Cancels the consumer and gives back what it had received but not handed out, so the
+    /// broker holds the messages while the breaker is open. Deliveries the route already holds
+    /// stay on the channel; if the pause lasts half the broker's `consumer_timeout`, the channel
+    /// is closed (the broker requeues them, and the route skips them as no longer current)
+    /// before the broker would close it for the timeout.
+    fn pause(&mut self) -> BoxFuture<'_, Result<(), BrokerError>> {
         Box::pin(async move {
-            // Closing the connection requeues whatever it still holds.
-            if let Some((conn, _)) = self.open.take() {
-                let _ = conn.close(200, "lockgate stopping".into()).await;
+            let Some(open) = self.open.as_mut() else {
+                return Ok(());
+            };
+            if let Some(mut consumer) = open.consumer.take() {
+                let cancel = open
+                    .channel
+                    .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
+                    .await;
+                if cancel.is_err() {
+                    self.open = None;
+                    return Ok(());
+                }
+                let requeue = BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                };
+                while let Some(Some(Ok(d))) = consumer.next().now_or_never() {
+                    let _ = d.acker.nack(requeue).await;
+                }
+            }
+            let channel = open.channel.clone();
+            let after = self.cfg.consumer_timeout / 2;
+            let (broker, queue) = (self.broker.clone(), self.queue.clone());
+            self.watchdog = Some(tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                tracing::info!(broker = %broker, queue = %queue, paused_ms = after.as_millis() as u64, "Paused for half of consumer_timeout: closing the channel so the broker requeues what the route holds");
+                let _ = channel
+                    .close(200, "paused by lockgate's circuit breaker".into())
+                    .await;
+            }));
+            Ok(())
+        })
+    }
+
+    fn resume(&mut self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            if let Some(w) = self.watchdog.take() {
+                w.abort();
+            }
+            let Some(open) = self.open.take() else {
+                return Ok(());
+            };
+            if open.consumer.is_some() {
+                self.open = Some(open);
+            } else if open.channel.status().connected() {
+                // On failure `next` opens a new connection.
+                if let Ok(c) = self.consume(&open.channel).await {
+                    self.open = Some(Open {
+                        consumer: Some(c),
+                        ..open
+                    });
+                }
             }
             Ok(())
         })
+    }
+
+    fn commit(&mut self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            if let Some(w) = self.watchdog.take() {
+                w.abort();
+            }
+            // Closing the connection requeues whatever it still holds.
+            if let Some(open) = self.open.take() {
+                let _ = open.conn.close(200, "lockgate stopping".into()).await;
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Drop for RabbitSource {
+    fn drop(&mut self) {
+        if let Some(w) = self.watchdog.take() {
+            w.abort();
+        }
     }
 }
 

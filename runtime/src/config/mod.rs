@@ -210,7 +210,14 @@ pub struct RabbitConfig {
     /// key; `""` (the default exchange) routes straight to the queue named by the topic, and
     /// lockgate then declares that queue (durable) before its first publish.
     pub exchange: String,
+    /// `consumer_timeout_ms`: the server's `consumer_timeout` (RabbitMQ's default 30 minutes).
+    /// A source paused by the breaker for half of it lets go of the deliveries it holds, so
+    /// the server never closes the channel for holding them too long.
+    pub consumer_timeout: std::time::Duration,
 }
+
+/// RabbitMQ's default `consumer_timeout`, in ms.
+pub const DEFAULT_CONSUMER_TIMEOUT_MS: u64 = 1_800_000;
 
 impl RabbitConfig {
     /// The URL (see [`UrlSource::resolve`]); `broker` names the table in errors.
@@ -847,10 +854,21 @@ fn parse_rabbit(r: &mut Reader<'_>, base_dir: &Path) -> Option<RabbitConfig> {
         }
     };
     let exchange = r.string("exchange").unwrap_or_default();
-    r.finish(&["kind", "url", "url_env", "url_file", "exchange"]);
+    let consumer_timeout = r
+        .positive("consumer_timeout_ms")
+        .unwrap_or(DEFAULT_CONSUMER_TIMEOUT_MS);
+    r.finish(&[
+        "kind",
+        "url",
+        "url_env",
+        "url_file",
+        "exchange",
+        "consumer_timeout_ms",
+    ]);
     Some(RabbitConfig {
         url: url?,
         exchange,
+        consumer_timeout: std::time::Duration::from_millis(consumer_timeout),
     })
 }
 
