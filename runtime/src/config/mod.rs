@@ -1427,7 +1427,7 @@ mod tests {
                 "rt.toml: brokers.k.bootstrap_servers: missing: e.g. \"127.0.0.1:9092\"",
                 "rt.toml: brokers.k.properties.a: expected a string, number or boolean, found an array",
                 "rt.toml: brokers.k.bootstrap: unknown field `bootstrap` (expected one of: kind, bootstrap_servers, properties, consumer_properties, producer_properties, max_in_flight_per_partition)",
-                "rt.toml: brokers.p.kind: unknown value \"pulsar\"; expected \"kafka\" or \"nats\"",
+                "rt.toml: brokers.p.kind: unknown value \"pulsar\"; expected \"kafka\", \"nats\" or \"rabbitmq\"",
                 "rt.toml: brokers.n.servers: \"http://b\" is not a NATS server address: invalid scheme for NATS server URL: http",
                 "rt.toml: brokers.n.password_env: missing: `user` needs `password_env`, the environment variable holding the password",
                 "rt.toml: brokers.n.tls: expected a boolean, found string \"yes\"",
@@ -1525,6 +1525,45 @@ mod tests {
                 "rt.toml: routes.a.dlq.store: state store `r` is not a PostgreSQL store: a dead-letter table needs kind = \"postgres\"",
                 "rt.toml: routes.b.dlq.store: unknown state store `nope` (PostgreSQL stores defined: pg; add a [stores.nope] table with kind = \"postgres\")",
                 "rt.toml: routes.c.dlq.broker: a DLQ goes to a broker or to a store's dead_letters table: set `broker` or `store`, not both",
+            ]
+        );
+    }
+
+    #[test]
+    fn rabbitmq_brokers_and_sources_parse() {
+        let c = Config::parse(
+            Path::new("rt.toml"),
+            "[brokers.rabbit]\nkind = \"rabbitmq\"\nurl_env = \"AMQP_URL\"\nexchange = \"events\"\nconsumer_timeout_ms = 60000\n\n[brokers.r2]\nkind = \"rabbitmq\"\nurl_file = \"secrets/amqp\"\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.a]\nhandler = \"h\"\nsource = { broker = \"rabbit\", topic = \"orders\", queue_type = \"classic\", prefetch = 50, exchange = \"in\", binding_key = \"order.*\", single_active_consumer = true }\n\n[routes.b]\nhandler = \"h\"\nsource = { broker = \"r2\", topic = \"q\" }\n",
+        )
+        .unwrap();
+        let BrokerKind::RabbitMq(r) = &c.brokers["rabbit"].kind else {
+            panic!("not rabbitmq")
+        };
+        assert_eq!(r.url, UrlSource::Env("AMQP_URL".into()));
+        assert_eq!(r.exchange, "events");
+        assert_eq!(r.consumer_timeout, std::time::Duration::from_secs(60));
+        let BrokerKind::RabbitMq(r2) = &c.brokers["r2"].kind else {
+            panic!("not rabbitmq")
+        };
+        assert_eq!(r2.url, UrlSource::File(Path::new(".").join("secrets/amqp")));
+        assert_eq!(r2.exchange, "");
+        let a = c.routes["a"].rabbitmq.clone().unwrap();
+        assert_eq!(a.queue_type, QueueType::Classic);
+        assert_eq!(a.prefetch, 50);
+        assert_eq!(a.exchange.as_deref(), Some("in"));
+        assert_eq!(a.binding_key, "order.*");
+        assert!(a.single_active_consumer);
+        assert_eq!(c.routes["b"].rabbitmq, Some(RabbitSource::default()));
+        assert_eq!(
+            problems(
+                "[brokers.rabbit]\nkind = \"rabbitmq\"\nurl = \"http://u:secret@h\"\n\n[brokers.k]\nkind = \"kafka\"\nbootstrap_servers = \"h:9092\"\n\n[brokers.none]\nkind = \"rabbitmq\"\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.a]\nhandler = \"h\"\nsource = { broker = \"rabbit\", topic = \"q\", prefetch = 70000, binding_key = \"x\" }\n\n[routes.b]\nhandler = \"h\"\nsource = { broker = \"k\", topic = \"t\", prefetch = 5 }\n"
+            ),
+            [
+                "rt.toml: brokers.rabbit.url: not an AMQP URL: expected amqp://user:password@host:5672/vhost or amqps://...",
+                "rt.toml: brokers.none.url: missing: url = \"amqp://guest:guest@127.0.0.1:5672/%2f\", url_env = \"<VARIABLE>\" or url_file = \"<path>\"",
+                "rt.toml: routes.a.source.prefetch: 70000 is over RabbitMQ's limit of 65535",
+                "rt.toml: routes.a.source.binding_key: needs `exchange`: the binding is from that exchange to the queue",
+                "rt.toml: routes.b.source.prefetch: only a source on a `kind = \"rabbitmq\"` broker has this (`k` is not one)",
             ]
         );
     }
