@@ -317,3 +317,20 @@ pub fn wait_for_progress(
         std::thread::sleep(pause);
     }
 }
+
+/// Seconds since midnight of a log line's leading RFC 3339 timestamp.
+pub fn log_time(line: &str) -> f64 {
+    let time = line
+        .split('T')
+        .nth(1)
+        .and_then(|t| t.split('Z').next())
+        .unwrap_or_else(|| panic!("no timestamp in {line}"));
+    time.split(':')
+        .map(|p| {
+            p.parse::<f64>()
+                .unwrap_or_else(|e| panic!("timestamp of {line}: {e}"))
+        })
+        .zip([3600.0, 60.0, 1.0])
+        .map(|(v, unit)| v * unit)
+        .sum()
+}

@@ -552,21 +552,6 @@ fn a_core_nats_route_handles_what_arrives_and_warns_it_is_at_most_once() {
     assert!(logs.contains("delivery is at most once"), "{logs}");
 }
 
-/// Seconds since midnight of a log line's leading RFC 3339 timestamp.
-fn log_time(line: &str) -> f64 {
-    let time = line
-        .split('T')
-        .nth(1)
-        .unwrap()
-        .trim_end_matches(|c| c != 'Z');
-    let time = time.split('Z').next().unwrap();
-    let mut parts = time.split(':');
-    let h: f64 = parts.next().unwrap().parse().unwrap();
-    let m: f64 = parts.next().unwrap().parse().unwrap();
-    let s: f64 = parts.next().unwrap().parse().unwrap();
-    h * 3600.0 + m * 60.0 + s
-}
-
 #[test]
 fn broker_mode_redelivers_after_the_backoff_and_counts_attempts_from_deliveries() {
     let nats = Nats::connect();
@@ -613,7 +598,7 @@ fn broker_mode_redelivers_after_the_backoff_and_counts_attempts_from_deliveries(
                 .unwrap()
                 .parse()
                 .unwrap();
-            (attempt, log_time(l))
+            (attempt, lockgate_tests::log_time(l))
         })
         .collect();
     let attempts: Vec<u32> = failures.iter().map(|(a, _)| *a).collect();

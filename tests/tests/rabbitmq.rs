@@ -15,6 +15,16 @@ use lockgate_tests::{Proc, crash_mix, guest, run_logs, stop_run};
 
 const DEADLINE: Duration = Duration::from_secs(300);
 
+/// One test at a time: one restarts the broker and one changes its consumer_timeout, which
+/// would disturb the others.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 struct Queues {
     input: String,
     out: String,
@@ -129,6 +139,7 @@ fn collect(
 
 #[test]
 fn a_queue_drains_in_order_and_poison_is_dead_lettered_once() {
+    let _serial = serial();
     const N: u64 = 20_000;
     let rabbit = Rabbit::connect();
     let q = Queues::new(&rabbit);
@@ -192,6 +203,7 @@ fn a_queue_drains_in_order_and_poison_is_dead_lettered_once() {
 
 #[test]
 fn a_runtime_killed_mid_stream_loses_nothing_and_runs_each_effect_once() {
+    let _serial = serial();
     const N: u64 = 10_000;
     const KILLS: [usize; 3] = [2_000, 5_000, 8_000];
     let rabbit = Rabbit::connect();
@@ -278,6 +290,7 @@ fn a_runtime_killed_mid_stream_loses_nothing_and_runs_each_effect_once() {
 
 #[test]
 fn an_unroutable_output_is_not_acknowledged_and_names_exchange_and_routing_key() {
+    let _serial = serial();
     let rabbit = Rabbit::connect();
     let q = Queues::new(&rabbit);
     rabbit.publish(&q.input, &[(None, r#"{"id":1}"#.to_owned())]);
@@ -338,6 +351,7 @@ impl Drop for RestoreTimeout {
 
 #[test]
 fn an_open_breaker_leaves_messages_in_the_queue_and_never_meets_consumer_timeout() {
+    let _serial = serial();
     const N: u64 = 200;
     let rabbit = Rabbit::connect();
     let q = Queues::new(&rabbit);
@@ -415,5 +429,121 @@ fn an_open_breaker_leaves_messages_in_the_queue_and_never_meets_consumer_timeout
         !logs.contains("PRECONDITION_FAILED") && !logs.contains("timed out"),
         "the server closed a channel for consumer_timeout\n{logs}"
     );
+    q.delete(&rabbit);
+}
+
+fn brokers(command: &str) {
+    let script = lockgate_tests::workspace_root().join("scripts/brokers.sh");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .args([command, "rabbitmq"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "brokers.sh {command} rabbitmq: {}",
+        lockgate_tests::show(&out)
+    );
+}
+
+#[test]
+fn a_broker_restart_mid_stream_loses_nothing() {
+    let _serial = serial();
+    const N: u64 = 5_000;
+    let rabbit = Rabbit::connect();
+    let q = Queues::new(&rabbit);
+    let messages: Vec<(Option<String>, String)> = (0..N)
+        .map(|i| (Some(format!("k{}", i % 20)), format!(r#"{{"id":{i}}}"#)))
+        .collect();
+    rabbit.publish(&q.input, &messages);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &q,
+        "",
+        "concurrency = 4\nordering = \"key\"\nidempotency = { key = \"json:/id\" }\n",
+    );
+    let mut proc = run(dir.path(), &config, 1);
+    let mut got = (Vec::new(), Vec::new());
+    collect(&rabbit, &q, &mut proc, dir.path(), 1, &mut got, 1_500);
+    drop(rabbit);
+    brokers("stop");
+    brokers("start");
+    let rabbit = Rabbit::connect();
+    collect(&rabbit, &q, &mut proc, dir.path(), 1, &mut got, N as usize);
+    stop_run(&mut proc, dir.path(), 1);
+    got.0.extend(rabbit.drain(&q.out));
+    let ids: BTreeSet<u64> = got.0.iter().map(|g| id_of(&g.payload)).collect();
+    assert_eq!(ids, (0..N).collect());
+    assert!(got.1.is_empty(), "dead letters: {}", got.1.len());
+    assert!(
+        run_logs(dir.path(), 1).contains("RabbitMQ consumer down; reconnecting"),
+        "{}",
+        run_logs(dir.path(), 1)
+    );
+    eprintln!(
+        "rabbitmq restart: {} outputs for {N} messages ({} repeated)",
+        got.0.len(),
+        got.0.len() - ids.len()
+    );
+    assert_eq!(rabbit.ready(&q.input), 0);
+    q.delete(&rabbit);
+}
+
+#[test]
+fn broker_mode_waits_in_retry_queues_for_the_backoff_and_counts_attempts() {
+    let _serial = serial();
+    let rabbit = Rabbit::connect();
+    let q = Queues::new(&rabbit);
+    rabbit.publish(&q.input, &[(None, r#"{"id":0,"fail":3}"#.to_owned())]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &q, "", "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "retry = { max_attempts = 4, initial_backoff_ms = 5, max_backoff_ms = 50 }",
+        "retry = { mode = \"broker\", max_attempts = 5, initial_backoff_ms = 300, max_backoff_ms = 5000, multiplier = 2.0, jitter = \"none\" }",
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut proc = lockgate_tests::start_run_with_env(
+        dir.path(),
+        &config,
+        1,
+        Some(&dir.path().join("state")),
+        "lockgate=debug,warn",
+        &[("TEST_AMQP_URL", &url())],
+    );
+    let mut got = (Vec::new(), Vec::new());
+    collect(&rabbit, &q, &mut proc, dir.path(), 1, &mut got, 1);
+    stop_run(&mut proc, dir.path(), 1);
+    assert_eq!(got.0.len(), 1);
+    // Every attempt was a delivery of its own: three through retry queues, then success.
+    assert_eq!(lockgate_tests::run_stat(dir.path(), 1, "received"), 4);
+    let logs = run_logs(dir.path(), 1);
+    let failures: Vec<(u32, f64)> = logs
+        .lines()
+        .filter(|l| l.contains("the broker redelivers it"))
+        .map(|l| {
+            let attempt = l
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("attempt="))
+                .unwrap()
+                .parse()
+                .unwrap();
+            (attempt, lockgate_tests::log_time(l))
+        })
+        .collect();
+    let attempts: Vec<u32> = failures.iter().map(|(a, _)| *a).collect();
+    assert_eq!(attempts, vec![1, 2, 3], "{logs}");
+    // Gaps follow the backoff (300 ms, then 600 ms), rounded to a delay tier (within 13%).
+    for (i, want) in [(1, 0.3), (2, 0.6)] {
+        let gap = failures[i].1 - failures[i - 1].1;
+        assert!(
+            gap >= want * 0.85 && gap <= want + 1.5,
+            "gap before attempt {} was {gap:.3} s, backoff {want} s\n{logs}",
+            i + 1
+        );
+    }
+    for tier in ["316", "631"] {
+        rabbit.delete(&format!("{}.retry.{tier}", q.input));
+    }
     q.delete(&rabbit);
 }

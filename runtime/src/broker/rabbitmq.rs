@@ -39,6 +39,28 @@ use crate::config::{QueueType, RabbitConfig, RabbitSource as SourceConfig};
 
 /// Header that carries a message key through AMQP (which has none).
 pub const KEY_HEADER: &str = "lockgate-key";
+/// Header of a message put back through a retry queue: the attempts already made.
+pub const ATTEMPTS_HEADER: &str = "lockgate-attempts";
+/// Retry queues are deleted after going unused this long beyond their delay.
+const RETRY_QUEUE_IDLE: Duration = Duration::from_secs(600);
+
+/// The delay tier a backoff is rounded to: ten per decade (each about 26% above the last), so
+/// a route's jittered backoffs share a handful of retry queues and the delay is off by at most
+/// about 13%.
+pub fn retry_tier(delay: Duration) -> Duration {
+    let ms = delay.as_secs_f64() * 1000.0;
+    if ms < 1.0 {
+        return Duration::from_millis(1);
+    }
+    let step = (ms.log10() * 10.0).round();
+    Duration::from_millis(10f64.powf(step / 10.0).round() as u64)
+}
+
+/// The queue a retry waits in: `<queue>.retry.<ms>`, whose message TTL dead-letters it back
+/// into `<queue>` through the default exchange.
+fn retry_queue(queue: &str, tier: Duration) -> String {
+    format!("{queue}.retry.{}", tier.as_millis())
+}
 /// AMQP delivery mode of a message the broker writes to disk.
 const PERSISTENT: u8 = 2;
 /// Longest wait between two reconnect attempts.
@@ -99,10 +121,22 @@ fn record(queue: &str, d: &lapin::message::Delivery) -> (Record, u32) {
     let mut headers = Vec::new();
     let mut key = None;
     let mut delivered_before = None;
+    let mut retried = 0;
     if let Some(table) = props.headers() {
         for (name, value) in table {
             match name.as_str() {
                 "x-delivery-count" => delivered_before = value_u32(value),
+                ATTEMPTS_HEADER => {
+                    retried = value_bytes(value)
+                        .and_then(|v| String::from_utf8(v).ok())
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                }
+                // The broker's record of the retry queues it passed through.
+                "x-death"
+                | "x-first-death-exchange"
+                | "x-first-death-queue"
+                | "x-first-death-reason" => {}
                 KEY_HEADER => key = value_bytes(value),
                 n => {
                     if let Some(v) = value_bytes(value) {
@@ -120,8 +154,9 @@ fn record(queue: &str, d: &lapin::message::Delivery) -> (Record, u32) {
             id.as_str().as_bytes().to_vec(),
         ));
     }
-    // Classic queues only say "redelivered", not how often.
-    let previous = delivered_before.unwrap_or(u32::from(d.redelivered));
+    // Classic queues only say "redelivered", not how often. A copy put back through a retry
+    // queue is a new message: its header counts the attempts before it.
+    let previous = retried + delivered_before.unwrap_or(u32::from(d.redelivered));
     let record = Record {
         topic: queue.to_owned(),
         partition: None,
@@ -139,6 +174,84 @@ fn record(queue: &str, d: &lapin::message::Delivery) -> (Record, u32) {
 /// requeue, so the message goes back to the queue now rather than when the channel closes.
 struct RabbitAck {
     acker: Option<lapin::Acker>,
+    /// With `retry.mode = "broker"`: what a redelivery needs.
+    retry: Option<Box<Retry>>,
+}
+
+/// A delivery's copy for a retry queue, and where to publish it.
+struct Retry {
+    channel: Channel,
+    queue: String,
+    properties: BasicProperties,
+    data: Vec<u8>,
+    /// Attempts made, the failed one included.
+    attempts: u32,
+}
+
+impl Retry {
+    /// Puts the copy in the retry queue of `delay`'s tier (declared on first use) and waits
+    /// for the broker's confirm.
+    async fn publish(self, delay: Duration) -> Result<(), BrokerError> {
+        let tier = retry_tier(delay);
+        let name = retry_queue(&self.queue, tier);
+        let err = |what: &str, e: lapin::Error| {
+            BrokerError::Unavailable(format!("rabbitmq: {what} {name}: {e}"))
+        };
+        let mut args = FieldTable::default();
+        let ms = i64::try_from(tier.as_millis()).unwrap_or(i64::MAX);
+        let idle = i64::try_from((tier + RETRY_QUEUE_IDLE).as_millis()).unwrap_or(i64::MAX);
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ms));
+        args.insert("x-expires".into(), AMQPValue::LongLongInt(idle));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(LongString::from("")),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(LongString::from(self.queue.as_str())),
+        );
+        self.channel
+            .queue_declare(name.as_str().into(), QueueDeclareOptions::durable(), args)
+            .await
+            .map_err(|e| err("declare retry queue", e))?;
+        // Without the broker's x-death record: a message dead-lettered from the same queue
+        // twice with no rejection between counts as a cycle, and RabbitMQ drops it.
+        let mut headers = FieldTable::default();
+        if let Some(old) = self.properties.headers() {
+            for (k, v) in old {
+                if !k.as_str().starts_with("x-death") && !k.as_str().starts_with("x-first-death") {
+                    headers.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        headers.insert(
+            ATTEMPTS_HEADER.into(),
+            AMQPValue::LongString(LongString::from(self.attempts.to_string())),
+        );
+        let properties = self.properties.with_headers(headers);
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                name.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &self.data,
+                properties,
+            )
+            .await
+            .map_err(|e| err("publish to", e))?
+            .await
+            .map_err(|e| err("confirm from", e))?;
+        match confirm {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            _ => Err(BrokerError::Unavailable(format!(
+                "rabbitmq: the broker did not take the retry copy into {name}"
+            ))),
+        }
+    }
 }
 
 impl Ack for RabbitAck {
@@ -156,6 +269,38 @@ impl Ack for RabbitAck {
                 )),
                 Err(e) => Err(BrokerError::Unavailable(format!("rabbitmq: ack: {e}"))),
             }
+        })
+    }
+
+    /// Puts a copy in the retry queue of `delay`'s tier, whose TTL dead-letters it back into the
+    /// source queue, then acks this delivery. If the copy cannot be published the delivery is
+    /// given back at once (nack with requeue) instead.
+    fn redeliver(
+        mut self: Box<Self>,
+        delay: Duration,
+    ) -> BoxFuture<'static, Result<(), BrokerError>> {
+        let retry = self.retry.take();
+        let acker = self.acker.take();
+        Box::pin(async move {
+            let (Some(retry), Some(acker)) = (retry, acker) else {
+                return Err(BrokerError::Invalid(
+                    "rabbitmq: this source was not opened for retry.mode = \"broker\"".into(),
+                ));
+            };
+            if let Err(e) = retry.publish(delay).await {
+                let _ = acker
+                    .nack(BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    })
+                    .await;
+                return Err(e);
+            }
+            acker
+                .ack(BasicAckOptions::default())
+                .await
+                .map(drop)
+                .map_err(|e| BrokerError::Unavailable(format!("rabbitmq: ack: {e}")))
         })
     }
 
@@ -190,6 +335,8 @@ struct Open {
     conn: Connection,
     channel: Channel,
     consumer: Option<Consumer>,
+    /// With `retry.mode = "broker"`: a channel with publisher confirms for the retry copies.
+    retries: Option<Channel>,
 }
 
 /// Consumes one queue.
@@ -206,6 +353,8 @@ pub struct RabbitSource {
     backoff: Duration,
     /// While paused: closes the channel before the broker's `consumer_timeout` would.
     watchdog: Option<tokio::task::JoinHandle<()>>,
+    /// `retry.mode = "broker"`: failed deliveries wait in retry queues.
+    broker_retries: bool,
 }
 
 impl std::fmt::Debug for RabbitSource {
@@ -230,7 +379,14 @@ impl RabbitSource {
             open: None,
             backoff: Duration::ZERO,
             watchdog: None,
+            broker_retries: false,
         }
+    }
+
+    /// Failed deliveries are retried through retry queues (`retry.mode = "broker"`).
+    pub fn with_broker_retries(mut self) -> Self {
+        self.broker_retries = true;
+        self
     }
 
     async fn consume(&mut self, ch: &Channel) -> Result<Consumer, BrokerError> {
@@ -288,11 +444,24 @@ impl RabbitSource {
             .await
             .map_err(|x| e(&format!("bind queue {} to {exchange}", self.queue), x))?;
         }
+        let retries = if self.broker_retries {
+            let r = conn
+                .create_channel()
+                .await
+                .map_err(|x| e("open a channel", x))?;
+            r.confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(|x| e("confirm.select", x))?;
+            Some(r)
+        } else {
+            None
+        };
         let consumer = self.consume(&ch).await?;
         Ok(Open {
             conn,
             channel: ch,
             consumer: Some(consumer),
+            retries,
         })
     }
 
@@ -325,7 +494,11 @@ impl Source for RabbitSource {
                         }
                     }
                 }
-                let Some(consumer) = self.open.as_mut().and_then(|o| o.consumer.as_mut()) else {
+                let Some(open) = self.open.as_mut() else {
+                    continue;
+                };
+                let retries = open.retries.clone();
+                let Some(consumer) = open.consumer.as_mut() else {
                     // Paused and resumed on a closed channel: open anew.
                     self.open = None;
                     continue;
@@ -333,10 +506,20 @@ impl Source for RabbitSource {
                 let error = match consumer.next().await {
                     Some(Ok(d)) => {
                         let (record, previous_attempts) = record(&self.queue, &d);
+                        let retry = retries.map(|channel| {
+                            Box::new(Retry {
+                                channel,
+                                queue: self.queue.clone(),
+                                properties: d.properties.clone(),
+                                data: d.data.clone(),
+                                attempts: previous_attempts + 1,
+                            })
+                        });
                         return Ok(Delivery {
                             record,
                             ack: AckHandle::new(RabbitAck {
                                 acker: Some(d.acker),
+                                retry,
                             }),
                             previous_attempts,
                         });
@@ -622,5 +805,40 @@ impl Sink for RabbitSink {
             }
             result
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_round_to_tiers_within_thirteen_percent() {
+        assert_eq!(retry_tier(Duration::from_millis(300)).as_millis(), 316);
+        assert_eq!(retry_tier(Duration::from_millis(600)).as_millis(), 631);
+        assert_eq!(retry_tier(Duration::from_millis(1000)).as_millis(), 1000);
+        assert_eq!(retry_tier(Duration::ZERO).as_millis(), 1);
+        let mut last = Duration::ZERO;
+        for ms in (1..200_000).step_by(7) {
+            let d = Duration::from_millis(ms);
+            let t = retry_tier(d);
+            let off = (t.as_secs_f64() - d.as_secs_f64()).abs() / d.as_secs_f64();
+            assert!(off <= 0.13 || ms < 10, "{ms} ms -> {t:?}");
+            assert!(t >= last, "tiers must not decrease");
+            last = t;
+        }
+        // Ten per decade: every delay from 100 ms to 30 s shares 26 queues.
+        let tiers: HashSet<Duration> = (100..30_000)
+            .map(|ms| retry_tier(Duration::from_millis(ms)))
+            .collect();
+        assert_eq!(tiers.len(), 26);
+    }
+
+    #[test]
+    fn retry_queues_are_named_after_their_source_and_tier() {
+        assert_eq!(
+            retry_queue("orders", Duration::from_millis(316)),
+            "orders.retry.316"
+        );
     }
 }

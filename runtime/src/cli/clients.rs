@@ -109,12 +109,21 @@ impl Clients {
                     }
                 })
             }
-            BrokerKind::RabbitMq(rabbit) => Ok(Box::new(RabbitSource::new(
-                &broker.name,
-                rabbit,
-                &src.topic,
-                &route.rabbitmq.clone().unwrap_or_default(),
-            ))),
+            BrokerKind::RabbitMq(rabbit) => {
+                let source = RabbitSource::new(
+                    &broker.name,
+                    rabbit,
+                    &src.topic,
+                    &route.rabbitmq.clone().unwrap_or_default(),
+                );
+                Ok(Box::new(
+                    if route.retry.mode == lockgate::pipeline::backoff::RetryMode::Broker {
+                        source.with_broker_retries()
+                    } else {
+                        source
+                    },
+                ))
+            }
         }
     }
 

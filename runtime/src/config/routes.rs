@@ -455,9 +455,10 @@ pub(super) fn parse_route(
     };
     if retry.mode == RetryMode::Broker {
         match &jetstream {
+            None if rabbitmq.is_some() => {}
             None if source.is_some() => r.problem(
                 "retry.mode",
-                "\"broker\" needs a JetStream source (`source.stream`): only JetStream redelivers with a delay".into(),
+                "\"broker\" needs a JetStream source (`source.stream`) or a RabbitMQ queue: only they redeliver with a delay".into(),
             ),
             Some(js) if js.max_deliver.is_some_and(|m| m < retry.max_attempts) => r.problem(
                 "source.max_deliver",
