@@ -1653,7 +1653,7 @@ mod tests {
                 "rt.toml: routes.c.source.stream: only a source on a `kind = \"nats\"` broker has this (`k` is not one)",
                 "rt.toml: routes.d.source.ack_wait_ms: must be greater than 0, found 0",
                 "rt.toml: routes.d.source.ack_wait_ms: needs `stream`: only JetStream sources have it",
-                "rt.toml: routes.e.retry.mode: \"broker\" needs a JetStream source (`source.stream`): only JetStream redelivers with a delay",
+                "rt.toml: routes.e.retry.mode: \"broker\" needs a JetStream source (`source.stream`) or a RabbitMQ queue: only they redeliver with a delay",
                 "rt.toml: routes.f.source.max_deliver: 2 is less than retry.max_attempts (3): with retry.mode = \"broker\" the server would stop redelivering before the message is dead-lettered",
                 "rt.toml: routes.g.retry.mode: unknown value \"nak\"; expected \"process\" or \"broker\"",
             ]
