@@ -334,3 +334,32 @@ pub fn log_time(line: &str) -> f64 {
         .map(|(v, unit)| v * unit)
         .sum()
 }
+
+/// The failed attempts a run logged as "the broker redelivers it" (debug level), of the lines
+/// `keep` accepts: (attempt number, seconds since midnight).
+pub fn redeliveries(logs: &str, keep: impl Fn(&str) -> bool) -> Vec<(u32, f64)> {
+    logs.lines()
+        .filter(|l| l.contains("the broker redelivers it") && keep(l))
+        .map(|l| {
+            let attempt = l
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("attempt="))
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("no attempt in {l}"));
+            (attempt, log_time(l))
+        })
+        .collect()
+}
+
+/// Asserts that redeliveries `i` came `want[i - 1]` seconds after the one before, at least
+/// `low` of it and at most 1.5 s late (a loaded machine).
+pub fn assert_gaps(failures: &[(u32, f64)], want: &[f64], low: f64, logs: &str) {
+    for (i, want) in want.iter().enumerate() {
+        let gap = failures[i + 1].1 - failures[i].1;
+        assert!(
+            gap >= want * low && gap <= want + 1.5,
+            "gap before attempt {} was {gap:.3} s, backoff {want} s\n{logs}",
+            i + 2
+        );
+    }
+}

@@ -29,6 +29,8 @@ pub struct Got {
     pub headers: BTreeMap<String, String>,
     /// The AMQP `message_id`.
     pub message_id: Option<String>,
+    /// The AMQP `correlation_id`.
+    pub correlation_id: Option<String>,
 }
 
 /// A blocking client (test bodies are synchronous): lapin on a private runtime.
@@ -111,6 +113,44 @@ impl Rabbit {
         });
     }
 
+    /// A server-named queue of this connection only, for answers.
+    pub fn reply_queue(&self) -> String {
+        let options = QueueDeclareOptions {
+            exclusive: true,
+            ..QueueDeclareOptions::default()
+        };
+        self.rt
+            .block_on(
+                self.channel
+                    .queue_declare("".into(), options, FieldTable::default()),
+            )
+            .unwrap()
+            .name()
+            .as_str()
+            .to_owned()
+    }
+
+    /// Sends a request to queue `name`: `payload`, answered to `reply_to` with `correlation`.
+    pub fn request(&self, name: &str, payload: &str, reply_to: &str, correlation: &str) {
+        self.rt.block_on(async {
+            let props = BasicProperties::default()
+                .with_reply_to(reply_to.into())
+                .with_correlation_id(correlation.into());
+            let confirm = self
+                .channel
+                .basic_publish(
+                    "".into(),
+                    name.into(),
+                    BasicPublishOptions::default(),
+                    payload.as_bytes(),
+                    props,
+                )
+                .await
+                .unwrap();
+            assert!(confirm.await.unwrap().is_ack());
+        });
+    }
+
     /// Messages ready in queue `name` (not counting those delivered and unacknowledged).
     pub fn ready(&self, name: &str) -> u32 {
         let passive = QueueDeclareOptions {
@@ -151,6 +191,11 @@ impl Rabbit {
                     message_id: d
                         .properties
                         .message_id()
+                        .as_ref()
+                        .map(|s| s.as_str().to_owned()),
+                    correlation_id: d
+                        .properties
+                        .correlation_id()
                         .as_ref()
                         .map(|s| s.as_str().to_owned()),
                 });

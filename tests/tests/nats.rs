@@ -588,29 +588,10 @@ fn broker_mode_redelivers_after_the_backoff_and_counts_attempts_from_deliveries(
     // The failed attempts of message 0 (stream sequence 1), as logged: attempt numbers come
     // from the delivery count, and the gaps follow the backoff (300 ms, then 600 ms).
     let logs = run_logs(dir.path(), 1);
-    let failures: Vec<(u32, f64)> = logs
-        .lines()
-        .filter(|l| l.contains("the broker redelivers it") && l.contains("/-/1 "))
-        .map(|l| {
-            let attempt = l
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("attempt="))
-                .unwrap()
-                .parse()
-                .unwrap();
-            (attempt, lockgate_tests::log_time(l))
-        })
-        .collect();
+    let failures = lockgate_tests::redeliveries(&logs, |l| l.contains("/-/1 "));
     let attempts: Vec<u32> = failures.iter().map(|(a, _)| *a).collect();
     assert_eq!(attempts, vec![1, 2, 3], "{logs}");
-    for (i, want) in [(1, 0.3), (2, 0.6)] {
-        let gap = failures[i].1 - failures[i - 1].1;
-        assert!(
-            gap >= want * 0.9 && gap <= want + 1.5,
-            "gap before attempt {} was {gap:.3} s, backoff {want} s\n{logs}",
-            i + 1
-        );
-    }
+    lockgate_tests::assert_gaps(&failures, &[0.3, 0.6], 0.9, &logs);
 }
 
 #[test]

@@ -53,7 +53,10 @@ impl Queues {
     }
 }
 
+/// Writes `dir/runtime.toml` (route `orders`: the `chaos` guest from `q.input` to `q.out`)
+/// and the URL file it names, so `lockgate dlq` in `dir` finds the broker too.
 fn write_config(dir: &Path, q: &Queues, exchange: &str, route: &str) -> PathBuf {
+    std::fs::write(dir.join("amqp-url"), url()).unwrap();
     let config = dir.join("runtime.toml");
     std::fs::write(
         &config,
@@ -64,7 +67,7 @@ shutdown_grace_ms = 5000
 
 [brokers.rabbit]
 kind = "rabbitmq"
-url_env = "TEST_AMQP_URL"
+url_file = "amqp-url"
 exchange = "{exchange}"
 
 [handlers.chaos]
@@ -95,7 +98,7 @@ fn run(dir: &Path, config: &Path, n: u32) -> Proc {
         n,
         Some(&dir.join("state")),
         "lockgate=info,warn",
-        &[("TEST_AMQP_URL", &url())],
+        &[],
     )
 }
 
@@ -386,8 +389,8 @@ fn an_open_breaker_leaves_messages_in_the_queue_and_never_meets_consumer_timeout
             "max_attempts = 1000, initial_backoff_ms = 5, max_backoff_ms = 50",
         )
         .replace(
-            "url_env = \"TEST_AMQP_URL\"",
-            "url_env = \"TEST_AMQP_URL\"\nconsumer_timeout_ms = 2000",
+            "url_file = \"amqp-url\"",
+            "url_file = \"amqp-url\"\nconsumer_timeout_ms = 2000",
         );
     std::fs::write(&config, text).unwrap();
     let mut proc = run(dir.path(), &config, 1);
@@ -509,7 +512,7 @@ fn broker_mode_waits_in_retry_queues_for_the_backoff_and_counts_attempts() {
         1,
         Some(&dir.path().join("state")),
         "lockgate=debug,warn",
-        &[("TEST_AMQP_URL", &url())],
+        &[],
     );
     let mut got = (Vec::new(), Vec::new());
     collect(&rabbit, &q, &mut proc, dir.path(), 1, &mut got, 1);
@@ -518,32 +521,139 @@ fn broker_mode_waits_in_retry_queues_for_the_backoff_and_counts_attempts() {
     // Every attempt was a delivery of its own: three through retry queues, then success.
     assert_eq!(lockgate_tests::run_stat(dir.path(), 1, "received"), 4);
     let logs = run_logs(dir.path(), 1);
-    let failures: Vec<(u32, f64)> = logs
-        .lines()
-        .filter(|l| l.contains("the broker redelivers it"))
-        .map(|l| {
-            let attempt = l
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("attempt="))
-                .unwrap()
-                .parse()
-                .unwrap();
-            (attempt, lockgate_tests::log_time(l))
-        })
-        .collect();
+    let failures = lockgate_tests::redeliveries(&logs, |_| true);
     let attempts: Vec<u32> = failures.iter().map(|(a, _)| *a).collect();
     assert_eq!(attempts, vec![1, 2, 3], "{logs}");
     // Gaps follow the backoff (300 ms, then 600 ms), rounded to a delay tier (within 13%).
-    for (i, want) in [(1, 0.3), (2, 0.6)] {
-        let gap = failures[i].1 - failures[i - 1].1;
-        assert!(
-            gap >= want * 0.85 && gap <= want + 1.5,
-            "gap before attempt {} was {gap:.3} s, backoff {want} s\n{logs}",
-            i + 1
-        );
-    }
+    lockgate_tests::assert_gaps(&failures, &[0.3, 0.6], 0.85, &logs);
     for tier in ["316", "631"] {
         rabbit.delete(&format!("{}.retry.{tier}", q.input));
     }
+    q.delete(&rabbit);
+}
+
+#[test]
+fn requests_are_answered_with_their_correlation_id_and_failures_with_an_error() {
+    let _serial = serial();
+    let rabbit = Rabbit::connect();
+    let q = Queues::new(&rabbit);
+    let reply = rabbit.reply_queue();
+    rabbit.request(&q.input, r#"{"id":7}"#, &reply, "c-7");
+    rabbit.request(&q.input, r#"{"id":8,"poison":true}"#, &reply, "c-8");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &q, "", "");
+    let mut proc = run(dir.path(), &config, 1);
+    let start = Instant::now();
+    let mut answers: Vec<Got> = Vec::new();
+    while answers.len() < 2 {
+        answers.extend(rabbit.drain(&reply));
+        assert!(
+            proc.try_wait().unwrap().is_none(),
+            "{}",
+            run_logs(dir.path(), 1)
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "answers: {answers:?}\n{}",
+            run_logs(dir.path(), 1)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop_run(&mut proc, dir.path(), 1);
+    let by_id: BTreeMap<String, &Got> = answers
+        .iter()
+        .map(|g| (g.correlation_id.clone().unwrap_or_default(), g))
+        .collect();
+    assert_eq!(by_id["c-7"].payload, r#"{"ok":7}"#, "{answers:?}");
+    let failed = by_id["c-8"];
+    assert_eq!(failed.payload, "");
+    assert_eq!(
+        failed.headers.get("lockgate-error").map(String::as_str),
+        Some("reject")
+    );
+    assert_eq!(
+        failed
+            .headers
+            .get("lockgate-error-reason")
+            .map(String::as_str),
+        Some("order 8 is poison")
+    );
+    // The request's output went out as usual, and the poison one was dead-lettered.
+    assert_eq!(rabbit.drain(&q.out).len(), 1);
+    assert_eq!(rabbit.drain(&q.dlq).len(), 1);
+    q.delete(&rabbit);
+}
+
+#[test]
+fn dead_letters_are_listed_and_replayed_from_a_rabbitmq_dlq_once() {
+    let _serial = serial();
+    let rabbit = Rabbit::connect();
+    let q = Queues::new(&rabbit);
+    let messages: Vec<(Option<String>, String)> = (0..30)
+        .map(|i| {
+            let extra = if i % 10 == 3 { r#","poison":true"# } else { "" };
+            (Some(format!("k{i}")), format!(r#"{{"id":{i}{extra}}}"#))
+        })
+        .collect();
+    rabbit.publish(&q.input, &messages);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &q, "", "");
+    let mut proc = run(dir.path(), &config, 1);
+    let mut out = Vec::new();
+    let start = Instant::now();
+    while out.len() < 27 || rabbit.ready(&q.dlq) < 3 {
+        out.extend(rabbit.drain(&q.out));
+        assert!(
+            proc.try_wait().unwrap().is_none(),
+            "{}",
+            run_logs(dir.path(), 1)
+        );
+        assert!(start.elapsed() < DEADLINE, "{}", run_logs(dir.path(), 1));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop_run(&mut proc, dir.path(), 1);
+
+    // Listing reads the DLQ without consuming it: twice, same letters, same positions.
+    let first = lockgate_tests::dlq::list(dir.path(), &[]);
+    let again = lockgate_tests::dlq::list(dir.path(), &[]);
+    assert_eq!(first.len(), 3, "{first:?}");
+    assert_eq!(first, again);
+    assert!(first.iter().all(|r| r["status"] == "pending"));
+    assert_eq!(rabbit.ready(&q.dlq), 3);
+    let position = first[0]["position"].as_str().unwrap().to_owned();
+    let shown = lockgate_tests::dlq_cmd(dir.path(), &["show", &position]);
+    assert!(shown.contains("is poison"), "{shown}");
+
+    // The fixed handler; replay: each letter once, then nothing left to replay.
+    let fixed = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("count_effects = \"true\"", "poison_ok = \"true\"");
+    std::fs::write(&config, fixed).unwrap();
+    let mut proc = run(dir.path(), &config, 2);
+    let replay = lockgate_tests::dlq_cmd(dir.path(), &["replay"]);
+    assert!(replay.contains("replayed 3 dead letters"), "{replay}");
+    let start = Instant::now();
+    while out.len() < 30 {
+        out.extend(rabbit.drain(&q.out));
+        assert!(
+            proc.try_wait().unwrap().is_none(),
+            "{}",
+            run_logs(dir.path(), 2)
+        );
+        assert!(start.elapsed() < DEADLINE, "{}", run_logs(dir.path(), 2));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop_run(&mut proc, dir.path(), 2);
+    let ids: BTreeSet<u64> = out.iter().map(|g| id_of(&g.payload)).collect();
+    assert_eq!(ids, (0..30).collect());
+    let after = lockgate_tests::dlq::list(dir.path(), &[]);
+    assert_eq!(
+        after.iter().filter(|r| r["status"] == "replayed").count(),
+        3,
+        "{after:?}"
+    );
+    let again = lockgate_tests::dlq_cmd(dir.path(), &["replay"]);
+    assert!(again.contains("nothing to replay"), "{again}");
+    assert_eq!(rabbit.drain(&q.out).len(), 0);
     q.delete(&rabbit);
 }

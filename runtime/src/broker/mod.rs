@@ -27,6 +27,10 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// redelivery (DESIGN promise 2).
 pub const LOCKGATE_ID_HEADER: &str = "lockgate-id";
 
+/// Header with a request's correlation id (RabbitMQ's `correlation_id` property): the pipeline
+/// copies it onto the answers to the request, and a sink that has such a property sets it.
+pub const CORRELATION_HEADER: &str = "correlation-id";
+
 /// Errors from a broker adapter.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {

@@ -32,8 +32,8 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
 
 use super::{
-    Ack, AckHandle, AckKind, BoxFuture, BrokerError, Delivery, LOCKGATE_ID_HEADER, OutRecord,
-    Record, Sink, Source,
+    Ack, AckHandle, AckKind, BoxFuture, BrokerError, CORRELATION_HEADER, Delivery,
+    LOCKGATE_ID_HEADER, OutRecord, Record, Scan, Sink, Source,
 };
 use crate::config::{QueueType, RabbitConfig, RabbitSource as SourceConfig};
 
@@ -152,6 +152,15 @@ fn record(queue: &str, d: &lapin::message::Delivery) -> (Record, u32) {
         headers.push((
             LOCKGATE_ID_HEADER.to_owned(),
             id.as_str().as_bytes().to_vec(),
+        ));
+    }
+    // The request's correlation id: the pipeline copies it onto the answers.
+    if let Some(c) = props.correlation_id()
+        && !headers.iter().any(|(n, _)| n == CORRELATION_HEADER)
+    {
+        headers.push((
+            CORRELATION_HEADER.to_owned(),
+            c.as_str().as_bytes().to_vec(),
         ));
     }
     // Classic queues only say "redelivered", not how often. A copy put back through a retry
@@ -633,6 +642,9 @@ pub struct RabbitSink {
     broker: String,
     cfg: RabbitConfig,
     open: tokio::sync::Mutex<Option<Publisher>>,
+    /// Answers to requests: to the default exchange (a reply-to names a queue), never
+    /// declaring it (it belongs to the requester).
+    replies: bool,
 }
 
 impl std::fmt::Debug for RabbitSink {
@@ -651,6 +663,17 @@ impl RabbitSink {
             broker: broker.to_owned(),
             cfg: cfg.clone(),
             open: tokio::sync::Mutex::new(None),
+            replies: false,
+        }
+    }
+
+    /// A publisher of answers to requests on broker `broker`: each goes to the queue its
+    /// topic (the request's `reply_to`) names, through the default exchange, with the
+    /// request's `correlation_id`.
+    pub fn replies(broker: &str, cfg: &RabbitConfig) -> Self {
+        Self {
+            replies: true,
+            ..Self::new(broker, cfg)
         }
     }
 
@@ -706,8 +729,12 @@ impl RabbitSink {
     }
 
     async fn send(&self, p: &mut Publisher, records: &[OutRecord]) -> Result<(), BrokerError> {
-        let exchange = self.cfg.exchange.as_str();
-        if exchange.is_empty() {
+        let exchange = if self.replies {
+            ""
+        } else {
+            self.cfg.exchange.as_str()
+        };
+        if exchange.is_empty() && !self.replies {
             for r in records {
                 if !p.declared.contains(&r.topic) {
                     self.declare(p, &r.topic).await?;
@@ -718,9 +745,14 @@ impl RabbitSink {
         for r in records {
             let mut table = FieldTable::default();
             let mut message_id = None;
+            let mut correlation = None;
             for (name, value) in &r.headers {
                 if name == LOCKGATE_ID_HEADER {
                     message_id = Some(String::from_utf8_lossy(value).into_owned());
+                }
+                if name == CORRELATION_HEADER {
+                    correlation = Some(String::from_utf8_lossy(value).into_owned());
+                    continue;
                 }
                 table.insert(
                     name.as_str().into(),
@@ -738,6 +770,9 @@ impl RabbitSink {
                 .with_headers(table);
             if let Some(id) = message_id {
                 props = props.with_message_id(ShortString::from(id));
+            }
+            if let Some(c) = correlation {
+                props = props.with_correlation_id(ShortString::from(c));
             }
             let options = BasicPublishOptions {
                 mandatory: true,
@@ -804,6 +839,149 @@ impl Sink for RabbitSink {
                 *open = None;
             }
             result
+        })
+    }
+}
+
+/// Records read per [`Scan::next_batch`].
+const SCAN_BATCH: usize = 500;
+
+/// Reads a queue (a DLQ) from its head without consuming it: each message is taken with
+/// `basic.get` and left unacknowledged, and closing the scan gives all of them back. Only the
+/// messages the queue held when the scan opened are read. Queues have no offsets, so a
+/// record's position is `<queue>/-/<n>` with `n` derived from its `lockgate-id` (or, lacking
+/// one, its `message_id` or payload): the same letter has the same position in every scan,
+/// which is what replay markers name.
+pub struct RabbitScan {
+    conn: Connection,
+    channel: Channel,
+    queue: String,
+    broker: String,
+    /// Messages the queue held at open.
+    initial: u32,
+    remaining: u32,
+    /// Delivery tag of the last message taken.
+    last_tag: Option<u64>,
+}
+
+impl RabbitScan {
+    /// Opens a scan of `queue` on broker `broker`.
+    pub async fn open(broker: &str, cfg: &RabbitConfig, queue: &str) -> Result<Self, BrokerError> {
+        let conn = connect(broker, cfg).await?;
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(|e| unavailable(broker, "open a channel", e))?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let remaining = match channel
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+        {
+            Ok(q) => q.message_count(),
+            // No queue, no dead letters.
+            Err(_) => 0,
+        };
+        let channel = if channel.status().connected() {
+            channel
+        } else {
+            conn.create_channel()
+                .await
+                .map_err(|e| unavailable(broker, "open a channel", e))?
+        };
+        Ok(Self {
+            conn,
+            channel,
+            queue: queue.to_owned(),
+            broker: broker.to_owned(),
+            initial: remaining,
+            remaining,
+            last_tag: None,
+        })
+    }
+
+    /// Gives every message taken back and waits (up to 10 s) until the queue holds at least
+    /// what it held at open: a quorum queue requeues asynchronously, and the next scan (a
+    /// replay reads the DLQ twice) must see every letter again.
+    async fn give_back(&mut self) -> Result<(), BrokerError> {
+        let Some(tag) = self.last_tag.take() else {
+            let _ = self.conn.close(200, "scan done".into()).await;
+            return Ok(());
+        };
+        let all = BasicNackOptions {
+            multiple: true,
+            requeue: true,
+        };
+        self.channel
+            .basic_nack(tag, all)
+            .await
+            .map_err(|e| unavailable(&self.broker, &format!("give back {}", self.queue), e))?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let ready = self
+                .channel
+                .queue_declare(self.queue.as_str().into(), passive, FieldTable::default())
+                .await
+                .map(|q| q.message_count())
+                .unwrap_or(0);
+            if ready >= self.initial || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = self.conn.close(200, "scan done".into()).await;
+        Ok(())
+    }
+}
+
+/// A stable number for a scanned message: the first 8 bytes of the SHA-256 of its
+/// `lockgate-id` (dead letters always have one), else of its payload.
+fn scan_offset(record: &Record) -> u64 {
+    use sha2::{Digest, Sha256};
+    let basis = record
+        .header(LOCKGATE_ID_HEADER)
+        .unwrap_or(record.payload.as_slice());
+    let digest = Sha256::digest(basis);
+    let mut head = [0u8; 8];
+    head.copy_from_slice(&digest[..8]);
+    // Positive in an i64 too (positions are printed and parsed).
+    u64::from_be_bytes(head) >> 1
+}
+
+impl Scan for RabbitScan {
+    fn next_batch(&mut self) -> BoxFuture<'_, Result<Option<Vec<Record>>, BrokerError>> {
+        Box::pin(async move {
+            if self.remaining == 0 {
+                self.give_back().await?;
+                return Ok(None);
+            }
+            let mut out = Vec::new();
+            while out.len() < SCAN_BATCH && self.remaining > 0 {
+                let got = self
+                    .channel
+                    .basic_get(
+                        self.queue.as_str().into(),
+                        lapin::options::BasicGetOptions { no_ack: false },
+                    )
+                    .await
+                    .map_err(|e| unavailable("scan", &format!("read {}", self.queue), e))?;
+                let Some(m) = got else {
+                    self.remaining = 0;
+                    break;
+                };
+                self.remaining -= 1;
+                self.last_tag = Some(m.delivery.delivery_tag);
+                let (mut record, _) = record(&self.queue, &m.delivery);
+                record.offset = Some(scan_offset(&record));
+                out.push(record);
+            }
+            Ok(Some(out))
         })
     }
 }

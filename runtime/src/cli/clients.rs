@@ -9,7 +9,7 @@ use lockgate::broker::local::LocalBroker;
 use lockgate::broker::nats::{
     JetStreamScan, JetStreamSink, JetStreamSource, NatsCoreSource, NatsReplySink,
 };
-use lockgate::broker::rabbitmq::{RabbitSink, RabbitSource};
+use lockgate::broker::rabbitmq::{RabbitScan, RabbitSink, RabbitSource};
 use lockgate::broker::{Scan, Sink, Source};
 use lockgate::config::{
     BrokerKind, Config, DLQ_STORE_PREFIX, Endpoint, NatsConfig, RouteConfig, StoreKind,
@@ -141,6 +141,9 @@ impl Clients {
                 let client = self.nats(config, &broker.name, nats).await?;
                 Ok(Some(Arc::new(NatsReplySink::new(client))))
             }
+            BrokerKind::RabbitMq(rabbit) => {
+                Ok(Some(Arc::new(RabbitSink::replies(&broker.name, rabbit))))
+            }
             _ => Ok(None),
         }
     }
@@ -211,10 +214,9 @@ impl Clients {
                 let client = self.nats(config, &broker.name, nats).await?;
                 Box::new(JetStreamScan::open(client, &endpoint.topic).await?)
             }
-            BrokerKind::RabbitMq(_) => anyhow::bail!(
-                "reading a RabbitMQ DLQ ({}) is not supported yet: a queue cannot be read without consuming it",
-                endpoint.topic
-            ),
+            BrokerKind::RabbitMq(rabbit) => {
+                Box::new(RabbitScan::open(&broker.name, rabbit, &endpoint.topic).await?)
+            }
         })
     }
 

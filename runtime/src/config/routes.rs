@@ -485,21 +485,12 @@ pub(super) fn parse_route(
                     "a DLQ goes to a broker or to a store's dead_letters table: set `broker` or `store`, not both".into(),
                 );
             }
-            if !pg_stores.contains(&store.as_str()) {
-                let why = if stores.contains(&store.as_str()) {
-                    format!(
-                        "state store `{store}` is not a PostgreSQL store: a dead-letter table needs kind = \"postgres\""
-                    )
-                } else {
-                    format!(
-                        "unknown state store `{store}` (PostgreSQL stores defined: {}; add a [stores.{store}] table with kind = \"postgres\")",
-                        if pg_stores.is_empty() {
-                            "none".to_owned()
-                        } else {
-                            pg_stores.join(", ")
-                        }
-                    )
-                };
+            if let Some(why) = not_postgres(
+                &store,
+                stores,
+                pg_stores,
+                "a dead-letter table needs kind = \"postgres\"",
+            ) {
                 d.problem("store", why);
             }
             let topic = match (non_empty(&mut d, "topic"), source) {
@@ -732,6 +723,26 @@ fn parse_rabbit_source(s: &mut Reader<'_>) -> RabbitSource {
     }
 }
 
+/// Why `store` cannot serve where a PostgreSQL store is needed (`need` says for what), or
+/// `None` if it is one.
+fn not_postgres(store: &str, stores: &[&str], pg_stores: &[&str], need: &str) -> Option<String> {
+    if pg_stores.contains(&store) {
+        return None;
+    }
+    Some(if stores.contains(&store) {
+        format!("state store `{store}` is not a PostgreSQL store: {need}")
+    } else {
+        format!(
+            "unknown state store `{store}` (PostgreSQL stores defined: {}; add a [stores.{store}] table with kind = \"postgres\")",
+            if pg_stores.is_empty() {
+                "none".to_owned()
+            } else {
+                pg_stores.join(", ")
+            }
+        )
+    })
+}
+
 /// `source = { outbox = "<store>", ... }`.
 fn parse_outbox_source(
     s: &mut Reader<'_>,
@@ -739,23 +750,14 @@ fn parse_outbox_source(
     pg_stores: &[&str],
 ) -> Option<OutboxSource> {
     let store = non_empty(s, "outbox");
-    if let Some(store) = &store
-        && !pg_stores.contains(&store.as_str())
-    {
-        let why = if stores.contains(&store.as_str()) {
-            format!(
-                "state store `{store}` is not a PostgreSQL store: only kind = \"postgres\" has an outbox table"
-            )
-        } else {
-            format!(
-                "unknown state store `{store}` (PostgreSQL stores defined: {}; add a [stores.{store}] table with kind = \"postgres\")",
-                if pg_stores.is_empty() {
-                    "none".to_owned()
-                } else {
-                    pg_stores.join(", ")
-                }
-            )
-        };
+    if let Some(why) = store.as_deref().and_then(|store| {
+        not_postgres(
+            store,
+            stores,
+            pg_stores,
+            "only kind = \"postgres\" has an outbox table",
+        )
+    }) {
         s.problem("outbox", why);
     }
     for f in ["broker", "topic", "group", "stream"] {

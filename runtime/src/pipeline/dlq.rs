@@ -27,7 +27,7 @@
 //! | `lockgate-dlq-attempts` | attempts made |
 //! | `lockgate-dlq-first-failure-ms`, `lockgate-dlq-last-failure-ms` | ms since the Unix epoch |
 //! | `lockgate-dlq-original-id` | the message's own `lockgate-id`, if it had one |
-//! | `lockgate-id` | `<route>:dlq:<topic>/<partition>/<offset>`: dedups a repeated DLQ write |
+//! | `lockgate-id` | `<route>:dlq:<topic>/<partition>/<offset>` (without a position: `<route>:dlq:id:<the message's lockgate-id>`, else a fresh `msg:` id): dedups a repeated DLQ write |
 //!
 //! A replayed copy carries `lockgate-replayed-from` (the dead letter's position in its DLQ),
 //! `lockgate-original-id` (the message's own `lockgate-id`, if it had one) and
@@ -118,9 +118,17 @@ pub fn envelope(record: &Record, failure: &Failure, topic: &str) -> OutRecord {
     put("attempts", failure.attempts.to_string());
     put("first-failure-ms", failure.first_failure_ms.to_string());
     put("last-failure-ms", failure.last_failure_ms.to_string());
+    // A position names one message; without one (core NATS, RabbitMQ queues) the message's
+    // own id does, and failing that a fresh one: the same id on every dead letter of such a
+    // source would make a deduplicating DLQ keep only the first.
+    let basis = match (record.offset, record.header(LOCKGATE_ID_HEADER)) {
+        (Some(_), _) => record.position(),
+        (None, Some(id)) => format!("id:{}", String::from_utf8_lossy(id)),
+        (None, None) => format!("msg:{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+    };
     headers.push((
         LOCKGATE_ID_HEADER.to_owned(),
-        format!("{}:dlq:{}", failure.route, record.position()).into_bytes(),
+        format!("{}:dlq:{basis}", failure.route).into_bytes(),
     ));
     OutRecord {
         topic: topic.to_owned(),

@@ -19,7 +19,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::broker::{
-    AckHandle, AckKind, BrokerError, Delivery, LOCKGATE_ID_HEADER, OutRecord, Record, Sink, Source,
+    AckHandle, AckKind, BrokerError, CORRELATION_HEADER, Delivery, LOCKGATE_ID_HEADER, OutRecord,
+    Record, Sink, Source,
 };
 use crate::config::{Ordering, OutputsMode, RouteConfig};
 use crate::engine::{InboundMessage, InstancePool, Invocation, Outcome};
@@ -796,11 +797,19 @@ struct Pending {
 }
 
 impl Pending {
-    fn push(&mut self, message: PendingMessage, records: Vec<OutRecord>, reply_to: Option<&str>) {
+    /// Queues `message` with its outputs; those to the request's reply destination are answers
+    /// and carry its correlation id.
+    fn push(&mut self, message: PendingMessage, records: Vec<OutRecord>, request: Option<&Record>) {
         self.since.get_or_insert_with(Instant::now);
         self.messages.push(message);
-        for r in records {
+        let reply_to = request.and_then(|r| r.reply_to.as_deref());
+        for mut r in records {
             if reply_to == Some(r.topic.as_str()) {
+                if let Some(c) = request.and_then(|q| q.header(CORRELATION_HEADER))
+                    && !r.headers.iter().any(|(n, _)| n == CORRELATION_HEADER)
+                {
+                    r.headers.push((CORRELATION_HEADER.to_owned(), c.to_vec()));
+                }
                 self.replies.push(r);
             } else {
                 self.records.push(r);
@@ -1385,7 +1394,7 @@ impl Shared {
                         _permit: permit,
                     },
                     records,
-                    record.reply_to.as_deref(),
+                    Some(&record),
                 );
                 outcome("ok");
                 tracing::debug!(attempt, "Message handled");
@@ -1497,16 +1506,20 @@ impl Shared {
                     RouteStats::bump(&self.stats.dead_lettered);
                     if let Some(reply_to) = &record.reply_to {
                         // Answer now, so the requester does not wait for its timeout.
+                        let mut headers = vec![
+                            (ERROR_HEADER.to_owned(), letter_kind.as_bytes().to_vec()),
+                            (
+                                format!("{ERROR_HEADER}-reason"),
+                                letter_reason.clone().into_bytes(),
+                            ),
+                        ];
+                        if let Some(c) = record.header(CORRELATION_HEADER) {
+                            headers.push((CORRELATION_HEADER.to_owned(), c.to_vec()));
+                        }
                         let answer = OutRecord {
                             topic: reply_to.clone(),
                             key: None,
-                            headers: vec![
-                                (ERROR_HEADER.to_owned(), letter_kind.as_bytes().to_vec()),
-                                (
-                                    format!("{ERROR_HEADER}-reason"),
-                                    letter_reason.clone().into_bytes(),
-                                ),
-                            ],
+                            headers,
                             payload: Vec::new(),
                         };
                         if let Err(e) = self.reply_sink().publish(vec![answer]).await {
@@ -1599,7 +1612,7 @@ impl Shared {
                 _permit: permit,
             },
             records,
-            record.reply_to.as_deref(),
+            Some(record),
         );
     }
 

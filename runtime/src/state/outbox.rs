@@ -31,7 +31,6 @@ use crate::broker::{
 };
 use crate::config::OutboxSource as Settings;
 
-use super::postgres::{lockgate_id, outbox_headers};
 use super::{PostgresStore, StateError};
 
 /// Published rows one cleanup statement deletes at most.
@@ -543,18 +542,12 @@ async fn cleanup(store: PostgresStore, sql: Arc<Sql>, retention: Duration, every
 #[derive(Clone, Debug)]
 pub struct OutboxWriter {
     store: PostgresStore,
-    insert: String,
 }
 
 impl OutboxWriter {
     /// A writer into `store`'s outbox table.
     pub fn new(store: PostgresStore) -> Self {
-        let s = store.schema();
-        let insert = format!(
-            "INSERT INTO {s}.outbox (topic, key, header_names, header_values, payload, lockgate_id)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (lockgate_id) DO NOTHING"
-        );
-        Self { store, insert }
+        Self { store }
     }
 
     async fn write(&self, records: Vec<OutRecord>) -> Result<(), StateError> {
@@ -564,26 +557,7 @@ impl OutboxWriter {
             .transaction()
             .await
             .map_err(|e| self.store.err(what, e))?;
-        let stmt = tx
-            .prepare_cached(&self.insert)
-            .await
-            .map_err(|e| self.store.err(what, e))?;
-        for r in &records {
-            let (names, values) = outbox_headers(r);
-            tx.execute(
-                &stmt,
-                &[
-                    &r.topic,
-                    &r.key,
-                    &names,
-                    &values,
-                    &r.payload,
-                    &lockgate_id(r),
-                ],
-            )
-            .await
-            .map_err(|e| self.store.err(what, e))?;
-        }
+        self.store.insert_outbox(&tx, &records, what).await?;
         tx.commit().await.map_err(|e| self.store.err(what, e))
     }
 }

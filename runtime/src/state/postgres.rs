@@ -853,25 +853,7 @@ impl PostgresStore {
                 return Ok(Commit::Conflict(w.key.clone()));
             }
         }
-        if !rows.is_empty() {
-            let stmt = tx.prepare_cached(&sql.insert_outbox).await.map_err(e)?;
-            for r in &rows {
-                let (names, values) = outbox_headers(r);
-                tx.execute(
-                    &stmt,
-                    &[
-                        &r.topic,
-                        &r.key,
-                        &names,
-                        &values,
-                        &r.payload,
-                        &lockgate_id(r),
-                    ],
-                )
-                .await
-                .map_err(e)?;
-            }
-        }
+        self.insert_outbox(&tx, &rows, what).await?;
         let stmt = tx.prepare_cached(&sql.mark_applied).await.map_err(e)?;
         tx.execute(&stmt, &[&scope, &claim.key, &outputs, &millis(lease)])
             .await
@@ -881,9 +863,37 @@ impl PostgresStore {
     }
 }
 
+impl PostgresStore {
+    /// Inserts `rows` into the outbox table within `tx` (a row whose `lockgate-id` is already
+    /// there is skipped).
+    pub(crate) async fn insert_outbox(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        rows: &[OutRecord],
+        what: &str,
+    ) -> Result<(), StateError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let e = |e| self.err(what, e);
+        let stmt = tx
+            .prepare_cached(&self.inner.sql.insert_outbox)
+            .await
+            .map_err(e)?;
+        for r in rows {
+            let (names, values) = outbox_headers(r);
+            let id = lockgate_id(r);
+            tx.execute(&stmt, &[&r.topic, &r.key, &names, &values, &r.payload, &id])
+                .await
+                .map_err(e)?;
+        }
+        Ok(())
+    }
+}
+
 /// A record's headers as the outbox stores them: two parallel arrays, without the
 /// `lockgate-id` (it has its own column).
-pub(crate) fn outbox_headers(r: &OutRecord) -> (Vec<&str>, Vec<&[u8]>) {
+fn outbox_headers(r: &OutRecord) -> (Vec<&str>, Vec<&[u8]>) {
     r.headers
         .iter()
         .filter(|(n, _)| n != LOCKGATE_ID_HEADER)
@@ -892,7 +902,7 @@ pub(crate) fn outbox_headers(r: &OutRecord) -> (Vec<&str>, Vec<&[u8]>) {
 }
 
 /// A record's `lockgate-id`, if it has one.
-pub(crate) fn lockgate_id(r: &OutRecord) -> Option<String> {
+fn lockgate_id(r: &OutRecord) -> Option<String> {
     r.headers
         .iter()
         .find(|(n, _)| n == LOCKGATE_ID_HEADER)
