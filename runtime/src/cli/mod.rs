@@ -94,7 +94,8 @@ enum Command {
     Status(status::StatusArgs),
 
     /// Inspect dead letters and replay them once the handler is fixed (`list`, `show`,
-    /// `replay`), on the embedded broker, Kafka and JetStream.
+    /// `replay`), on the embedded broker, Kafka, JetStream, RabbitMQ and PostgreSQL
+    /// dead-letter tables.
     ///
     /// Reads the DLQs the config's routes name. Typical workflow:
     ///   lockgate dlq list --route orders --since 2h
