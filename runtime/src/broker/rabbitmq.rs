@@ -179,6 +179,18 @@ fn record(queue: &str, d: &lapin::message::Delivery) -> (Record, u32) {
     (record, previous)
 }
 
+/// Acks a delivery; an ack its closed channel could not carry is an error (the broker has
+/// requeued the message already), not a silent success.
+async fn ack_now(acker: &lapin::Acker) -> Result<(), BrokerError> {
+    match acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(BrokerError::Unavailable(
+            "rabbitmq: ack: the delivery's channel is closed; the broker delivers it again".into(),
+        )),
+        Err(e) => Err(BrokerError::Unavailable(format!("rabbitmq: ack: {e}"))),
+    }
+}
+
 /// Acks one delivery. Dropped without an ack (the route gave the message up), it nacks with
 /// requeue, so the message goes back to the queue now rather than when the channel closes.
 struct RabbitAck {
@@ -223,16 +235,10 @@ impl Retry {
             .queue_declare(name.as_str().into(), QueueDeclareOptions::durable(), args)
             .await
             .map_err(|e| err("declare retry queue", e))?;
-        // Without the broker's x-death record: a message dead-lettered from the same queue
-        // twice with no rejection between counts as a cycle, and RabbitMQ drops it.
-        let mut headers = FieldTable::default();
-        if let Some(old) = self.properties.headers() {
-            for (k, v) in old {
-                if !k.as_str().starts_with("x-death") && !k.as_str().starts_with("x-first-death") {
-                    headers.insert(k.clone(), v.clone());
-                }
-            }
-        }
+        // The broker's x-death record rides along (the source does not show it to the
+        // handler); it names only retry queues, so RabbitMQ's cycle check (a message reaching
+        // the same queue twice without a rejection) never drops the copy.
+        let mut headers = self.properties.headers().clone().unwrap_or_default();
         headers.insert(
             ATTEMPTS_HEADER.into(),
             AMQPValue::LongString(LongString::from(self.attempts.to_string())),
@@ -269,15 +275,7 @@ impl Ack for RabbitAck {
         Box::pin(async move {
             let Some(acker) = acker else { return Ok(()) };
             // A dead letter was written, so a dead-lettered delivery is acked too.
-            match acker.ack(BasicAckOptions::default()).await {
-                Ok(true) => Ok(()),
-                // Its channel closed: the broker has requeued the message already.
-                Ok(false) => Err(BrokerError::Unavailable(
-                    "rabbitmq: ack: the delivery's channel is closed; the broker delivers it again"
-                        .into(),
-                )),
-                Err(e) => Err(BrokerError::Unavailable(format!("rabbitmq: ack: {e}"))),
-            }
+            ack_now(&acker).await
         })
     }
 
@@ -305,11 +303,7 @@ impl Ack for RabbitAck {
                     .await;
                 return Err(e);
             }
-            acker
-                .ack(BasicAckOptions::default())
-                .await
-                .map(drop)
-                .map_err(|e| BrokerError::Unavailable(format!("rabbitmq: ack: {e}")))
+            ack_now(&acker).await
         })
     }
 
@@ -632,7 +626,7 @@ impl Drop for RabbitSource {
 
 /// The open publishing channel of a [`RabbitSink`] and the queues it declared.
 struct Publisher {
-    _conn: Connection,
+    conn: Connection,
     channel: Channel,
     declared: HashSet<String>,
 }
@@ -688,7 +682,7 @@ impl RabbitSink {
             .await
             .map_err(|e| unavailable(&self.broker, "confirm.select", e))?;
         Ok(Publisher {
-            _conn: conn,
+            conn,
             channel,
             declared: HashSet::new(),
         })
@@ -698,7 +692,7 @@ impl RabbitSink {
     /// channel of its own asks first, because a failed declare closes its channel.
     async fn declare(&self, p: &mut Publisher, name: &str) -> Result<(), BrokerError> {
         let probe = p
-            ._conn
+            .conn
             .create_channel()
             .await
             .map_err(|e| unavailable(&self.broker, "open a channel", e))?;

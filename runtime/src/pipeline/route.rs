@@ -1008,7 +1008,12 @@ impl Shared {
 
     /// The messages [`Self::run_ahead`] may run for this batch, if it may run at all.
     fn ahead_of(&self, items: &[Item]) -> Option<Vec<InboundMessage>> {
-        if items.len() < 2 || self.done_keys.is_some() || !breaker_closed(&self.stats) {
+        // A passthrough has no call to run ahead: `handle` publishes its messages as they are.
+        if items.len() < 2
+            || self.done_keys.is_some()
+            || !breaker_closed(&self.stats)
+            || self.invoker.current().passthrough()
+        {
             return None;
         }
         let messages = items

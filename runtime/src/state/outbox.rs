@@ -203,16 +203,6 @@ impl OutboxRelay {
             backoff: Duration::ZERO,
         }
     }
-
-    /// Deletes published rows older than `retention`, in bounded batches, until none are left;
-    /// returns how many went. Unpublished rows are never deleted.
-    pub async fn cleanup_now(
-        store: &PostgresStore,
-        retention: Duration,
-    ) -> Result<u64, StateError> {
-        let sql = Sql::new(store.schema());
-        cleanup_once(store, &sql, retention).await
-    }
 }
 
 fn secs(d: Duration) -> f64 {
