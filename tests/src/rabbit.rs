@@ -93,18 +93,7 @@ impl Rabbit {
                     let props = BasicProperties::default()
                         .with_delivery_mode(2)
                         .with_headers(headers);
-                    confirms.push(
-                        self.channel
-                            .basic_publish(
-                                "".into(),
-                                name.into(),
-                                BasicPublishOptions::default(),
-                                payload.as_bytes(),
-                                props,
-                            )
-                            .await
-                            .unwrap(),
-                    );
+                    confirms.push(self.send(name, payload, props).await);
                 }
                 for c in confirms {
                     assert!(c.await.unwrap().is_ack());
@@ -136,19 +125,33 @@ impl Rabbit {
             let props = BasicProperties::default()
                 .with_reply_to(reply_to.into())
                 .with_correlation_id(correlation.into());
-            let confirm = self
-                .channel
-                .basic_publish(
-                    "".into(),
-                    name.into(),
-                    BasicPublishOptions::default(),
-                    payload.as_bytes(),
-                    props,
-                )
-                .await
-                .unwrap();
-            assert!(confirm.await.unwrap().is_ack());
+            assert!(
+                self.send(name, payload, props)
+                    .await
+                    .await
+                    .unwrap()
+                    .is_ack()
+            );
         });
+    }
+
+    /// Publishes `payload` to queue `name` (default exchange); its confirm, to await.
+    async fn send(
+        &self,
+        name: &str,
+        payload: &str,
+        props: BasicProperties,
+    ) -> lapin::PublisherConfirm {
+        self.channel
+            .basic_publish(
+                "".into(),
+                name.into(),
+                BasicPublishOptions::default(),
+                payload.as_bytes(),
+                props,
+            )
+            .await
+            .unwrap()
     }
 
     /// Messages ready in queue `name` (not counting those delivered and unacknowledged).

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lockgate::state::{EmbeddedStore, KvStore};
 use lockgate_tests::kafka::{id_of, unique};
@@ -14,6 +14,7 @@ use lockgate_tests::rabbit::{Got, Rabbit, url};
 use lockgate_tests::{Proc, crash_mix, guest, run_logs, stop_run};
 
 const DEADLINE: Duration = Duration::from_secs(300);
+const POLL: Duration = Duration::from_millis(50);
 
 /// One test at a time: one restarts the broker and one changes its consumer_timeout, which
 /// would disturb the others.
@@ -102,19 +103,24 @@ fn run(dir: &Path, config: &Path, n: u32) -> Proc {
     )
 }
 
-/// Takes messages off `out` and `dlq` into `got` until `want` distinct ids arrived; fails
-/// with the logs if the run exits or the deadline passes.
+/// Polls `progress` until it reaches `target` while run `run` works (see
+/// [`lockgate_tests::wait_for_progress`]).
+fn wait(proc: &mut Proc, dir: &Path, run: u32, target: u64, progress: impl FnMut() -> u64) {
+    lockgate_tests::wait_for_progress(proc, dir, run, target, DEADLINE, POLL, progress);
+}
+
+/// Takes messages off `out` and `dlq` into `got` until `want` distinct ids arrived, while run
+/// `run` works.
 fn collect(
     rabbit: &Rabbit,
     q: &Queues,
     proc: &mut Proc,
     dir: &Path,
-    runs: u32,
+    run: u32,
     got: &mut (Vec<Got>, Vec<Got>),
     want: usize,
 ) {
-    let start = Instant::now();
-    loop {
+    wait(proc, dir, run, want as u64, || {
         got.0.extend(rabbit.drain(&q.out));
         got.1.extend(rabbit.drain(&q.dlq));
         let ids: BTreeSet<u64> = got
@@ -123,21 +129,8 @@ fn collect(
             .chain(&got.1)
             .map(|g| id_of(&g.payload))
             .collect();
-        if ids.len() >= want {
-            return;
-        }
-        let logs = || (1..=runs).map(|r| run_logs(dir, r)).collect::<String>();
-        if let Some(status) = proc.try_wait().unwrap() {
-            panic!("run exited ({status}) at {}/{want}\n{}", ids.len(), logs());
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "{} of {want} after {DEADLINE:?}\n{}",
-            ids.len(),
-            logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        ids.len() as u64
+    });
 }
 
 #[test]
@@ -301,27 +294,22 @@ fn an_unroutable_output_is_not_acknowledged_and_names_exchange_and_routing_key()
     // amq.direct exists on every broker; nothing is bound to the output's routing key.
     let config = write_config(dir.path(), &q, "amq.direct", "");
     let mut proc = run(dir.path(), &config, 1);
-    let start = Instant::now();
     let needle = format!(
         "unroutable: exchange \"amq.direct\" has no queue bound for routing key \"{}\"",
         q.out
     );
-    while !std::fs::read_to_string(dir.path().join("run1.stderr"))
-        .unwrap_or_default()
-        .contains(&needle)
-    {
-        assert!(
-            proc.try_wait().unwrap().is_none(),
-            "{}",
-            run_logs(dir.path(), 1)
-        );
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no unroutable error\n{}",
-            run_logs(dir.path(), 1)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    lockgate_tests::wait_for_progress(
+        &mut proc,
+        dir.path(),
+        1,
+        1,
+        Duration::from_secs(60),
+        POLL,
+        || {
+            let log = std::fs::read_to_string(dir.path().join("run1.stderr")).unwrap_or_default();
+            u64::from(log.contains(&needle))
+        },
+    );
     stop_run(&mut proc, dir.path(), 1);
     // Not acknowledged: the message is back in its queue.
     assert_eq!(rabbit.ready(&q.input), 1);
@@ -395,26 +383,26 @@ fn an_open_breaker_leaves_messages_in_the_queue_and_never_meets_consumer_timeout
     std::fs::write(&config, text).unwrap();
     let mut proc = run(dir.path(), &config, 1);
     let log = || std::fs::read_to_string(dir.path().join("run1.stderr")).unwrap_or_default();
-    let start = Instant::now();
-    // While it is down: the breaker opens, the source lets go, the messages wait in the queue.
+    // While it is down (8 s): the breaker opens, the source lets go, the messages wait in the
+    // queue (at least half of them at some point).
     let mut most_ready = 0;
-    while !(log().contains("Circuit breaker open")
-        && log().contains("Paused for half of consumer_timeout"))
-        || most_ready < N as u32 / 2
-    {
-        most_ready = most_ready.max(rabbit.ready(&q.input));
-        assert!(
-            proc.try_wait().unwrap().is_none(),
-            "{}",
-            run_logs(dir.path(), 1)
-        );
-        assert!(
-            start.elapsed() < Duration::from_secs(8),
-            "breaker, release or queue depth missing (most ready {most_ready})\n{}",
-            run_logs(dir.path(), 1)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    lockgate_tests::wait_for_progress(
+        &mut proc,
+        dir.path(),
+        1,
+        1,
+        Duration::from_secs(8),
+        POLL,
+        || {
+            most_ready = most_ready.max(rabbit.ready(&q.input));
+            let log = log();
+            u64::from(
+                log.contains("Circuit breaker open")
+                    && log.contains("Paused for half of consumer_timeout")
+                    && most_ready >= N as u32 / 2,
+            )
+        },
+    );
     assert_eq!(
         rabbit.ready(&q.dlq),
         0,
@@ -543,22 +531,11 @@ fn requests_are_answered_with_their_correlation_id_and_failures_with_an_error() 
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &q, "", "");
     let mut proc = run(dir.path(), &config, 1);
-    let start = Instant::now();
     let mut answers: Vec<Got> = Vec::new();
-    while answers.len() < 2 {
+    wait(&mut proc, dir.path(), 1, 2, || {
         answers.extend(rabbit.drain(&reply));
-        assert!(
-            proc.try_wait().unwrap().is_none(),
-            "{}",
-            run_logs(dir.path(), 1)
-        );
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "answers: {answers:?}\n{}",
-            run_logs(dir.path(), 1)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        answers.len() as u64
+    });
     stop_run(&mut proc, dir.path(), 1);
     let by_id: BTreeMap<String, &Got> = answers
         .iter()
@@ -600,17 +577,10 @@ fn dead_letters_are_listed_and_replayed_from_a_rabbitmq_dlq_once() {
     let config = write_config(dir.path(), &q, "", "");
     let mut proc = run(dir.path(), &config, 1);
     let mut out = Vec::new();
-    let start = Instant::now();
-    while out.len() < 27 || rabbit.ready(&q.dlq) < 3 {
+    wait(&mut proc, dir.path(), 1, 30, || {
         out.extend(rabbit.drain(&q.out));
-        assert!(
-            proc.try_wait().unwrap().is_none(),
-            "{}",
-            run_logs(dir.path(), 1)
-        );
-        assert!(start.elapsed() < DEADLINE, "{}", run_logs(dir.path(), 1));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        out.len().min(27) as u64 + u64::from(rabbit.ready(&q.dlq).min(3))
+    });
     stop_run(&mut proc, dir.path(), 1);
 
     // Listing reads the DLQ without consuming it: twice, same letters, same positions.
@@ -632,17 +602,10 @@ fn dead_letters_are_listed_and_replayed_from_a_rabbitmq_dlq_once() {
     let mut proc = run(dir.path(), &config, 2);
     let replay = lockgate_tests::dlq_cmd(dir.path(), &["replay"]);
     assert!(replay.contains("replayed 3 dead letters"), "{replay}");
-    let start = Instant::now();
-    while out.len() < 30 {
+    wait(&mut proc, dir.path(), 2, 30, || {
         out.extend(rabbit.drain(&q.out));
-        assert!(
-            proc.try_wait().unwrap().is_none(),
-            "{}",
-            run_logs(dir.path(), 2)
-        );
-        assert!(start.elapsed() < DEADLINE, "{}", run_logs(dir.path(), 2));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        out.len() as u64
+    });
     stop_run(&mut proc, dir.path(), 2);
     let ids: BTreeSet<u64> = out.iter().map(|g| id_of(&g.payload)).collect();
     assert_eq!(ids, (0..30).collect());
@@ -655,5 +618,40 @@ fn dead_letters_are_listed_and_replayed_from_a_rabbitmq_dlq_once() {
     let again = lockgate_tests::dlq_cmd(dir.path(), &["replay"]);
     assert!(again.contains("nothing to replay"), "{again}");
     assert_eq!(rabbit.drain(&q.out).len(), 0);
+    q.delete(&rabbit);
+}
+
+#[test]
+fn broker_mode_retries_through_the_same_delay_tier_more_than_once() {
+    let _serial = serial();
+    let rabbit = Rabbit::connect();
+    let q = Queues::new(&rabbit);
+    rabbit.publish(&q.input, &[(None, r#"{"id":0,"fail":3}"#.to_owned())]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &q, "", "");
+    // Every backoff is 300 ms: all three retries wait in the one queue of that tier.
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "retry = { max_attempts = 4, initial_backoff_ms = 5, max_backoff_ms = 50 }",
+        "retry = { mode = \"broker\", max_attempts = 5, initial_backoff_ms = 300, max_backoff_ms = 300, jitter = \"none\" }",
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut proc = run(dir.path(), &config, 1);
+    let mut out = Vec::new();
+    lockgate_tests::wait_for_progress(
+        &mut proc,
+        dir.path(),
+        1,
+        1,
+        Duration::from_secs(30),
+        POLL,
+        || {
+            out.extend(rabbit.drain(&q.out));
+            out.len() as u64
+        },
+    );
+    stop_run(&mut proc, dir.path(), 1);
+    assert_eq!(lockgate_tests::run_stat(dir.path(), 1, "received"), 4);
+    assert_eq!(lockgate_tests::run_stat(dir.path(), 1, "retried"), 3);
+    rabbit.delete(&format!("{}.retry.316", q.input));
     q.delete(&rabbit);
 }
