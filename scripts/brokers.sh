@@ -15,6 +15,7 @@ NATS_MONITOR_PORT="${LOCKGATE_NATS_MONITOR_PORT:-8222}"
 REDIS_PORT="${LOCKGATE_REDIS_PORT:-6379}"
 PG_PORT="${LOCKGATE_PG_PORT:-5432}"
 RABBITMQ_PORT="${LOCKGATE_RABBITMQ_PORT:-5672}"
+RABBITMQ_TLS_PORT="${LOCKGATE_RABBITMQ_TLS_PORT:-5671}"
 # RabbitMQ's consumer_timeout in ms; empty: RabbitMQ's default (30 minutes)
 RABBITMQ_CONSUMER_TIMEOUT_MS="${LOCKGATE_RABBITMQ_CONSUMER_TIMEOUT_MS:-}"
 TANSU="$DIR/tansu"
@@ -67,11 +68,14 @@ Brokers:
   rabbitmq RabbitMQ (apt package rabbitmq-server, installed if missing; Erlang comes with it),
            node $RMQ_NODE, run in the foreground: config, Mnesia data and plugin list (none:
            no management plugin) in the RabbitMQ dir, its log on stdout (rabbitmq.log).
-           AMQP, Erlang distribution (port + 20000) and epmd listen on 127.0.0.1 only. As root
+           AMQP, AMQP over TLS (a test CA made once in the RabbitMQ dir; its certificate is
+           copied to \$LOCKGATE_BROKERS_DIR/rabbitmq-ca.pem for clients), Erlang distribution
+           (port + 20000) and epmd listen on 127.0.0.1 only. As root
            it runs as the rabbitmq user, like the package's service. The config file is
            rewritten on every start. Ready when its port accepts TCP connections and
            \`rabbitmqctl await_startup\` succeeds. epmd (port 4369) outlives \`stop\`.
            Connect: amqp://guest:guest@127.0.0.1:$RABBITMQ_PORT/ (guest works from localhost)
+                    amqps://guest:guest@localhost:$RABBITMQ_TLS_PORT/ (trusting rabbitmq-ca.pem)
            Manage:  rabbitmqctl -n $RMQ_NODE ... (as root; as another user
                     $RMQ_BIN/rabbitmqctl -n $RMQ_NODE ...)
 
@@ -89,6 +93,7 @@ Environment:
                                $(resolve_pg_dir && echo "$PG_DIR" || echo "decided once PostgreSQL is installed"))
   LOCKGATE_RABBITMQ_PORT       RabbitMQ AMQP port (default 5672; now: $RABBITMQ_PORT); the node
                                name stays $RMQ_NODE, so one such node per machine
+  LOCKGATE_RABBITMQ_TLS_PORT   RabbitMQ AMQP-over-TLS port (default 5671; now: $RABBITMQ_TLS_PORT)
   LOCKGATE_RABBITMQ_CONSUMER_TIMEOUT_MS
                                RabbitMQ consumer_timeout, ms: how long a delivery may stay
                                unacked before RabbitMQ closes its channel (default: unset,
@@ -459,13 +464,47 @@ rmq_ctl() { # rmq_ctl SECONDS ARG...: rabbitmqctl against our node, killed after
   (cd / && timeout "$t" "${RMQ_CMD[@]}" -n "$RMQ_NODE" "$@")
 }
 
+make_rmq_tls() { # a test CA and a server certificate (localhost, 127.0.0.1) in RMQ_DIR/tls, once
+  local t="$RMQ_DIR/tls"
+  if [[ ! -s "$t/server.pem" || ! -s "$t/ca.pem" ]]; then
+    if ! command -v openssl >/dev/null; then
+      apt_install openssl || return 1
+    fi
+    mkdir -p "$t" || return 1
+    {
+      openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=lockgate test CA" \
+        -keyout "$t/ca-key.pem" -out "$t/ca.pem" &&
+        openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+          -keyout "$t/server-key.pem" -out "$t/server.csr" &&
+        printf 'subjectAltName = DNS:localhost, IP:127.0.0.1\n' >"$t/server.ext" &&
+        openssl x509 -req -in "$t/server.csr" -CA "$t/ca.pem" -CAkey "$t/ca-key.pem" \
+          -CAcreateserial -days 3650 -extfile "$t/server.ext" -out "$t/server.pem"
+    } >"$DIR/rabbitmq-tls.log" 2>&1 || {
+      err "rabbitmq: error: making the test TLS certificates failed (see $DIR/rabbitmq-tls.log)"
+      return 1
+    }
+  fi
+  if [[ $EUID -eq 0 ]]; then
+    chown -R rabbitmq: "$t" || return 1
+  fi
+  cp "$t/ca.pem" "$DIR/rabbitmq-ca.pem"
+}
+
 write_rmq_config() { # the config files in RMQ_DIR, rewritten on every start (from the environment)
+  make_rmq_tls || return 1
   {
     echo "# Written by scripts/brokers.sh on every start: edits here are lost."
     echo "# The listener (127.0.0.1:$RABBITMQ_PORT) comes from RABBITMQ_NODE_IP_ADDRESS/_PORT."
     if [[ -n "$RABBITMQ_CONSUMER_TIMEOUT_MS" ]]; then
       echo "consumer_timeout = $RABBITMQ_CONSUMER_TIMEOUT_MS"
     fi
+    # AMQP over TLS with the test CA's server certificate; clients are not asked for one.
+    echo "listeners.ssl.default = 127.0.0.1:$RABBITMQ_TLS_PORT"
+    echo "ssl_options.cacertfile = $RMQ_DIR/tls/ca.pem"
+    echo "ssl_options.certfile = $RMQ_DIR/tls/server.pem"
+    echo "ssl_options.keyfile = $RMQ_DIR/tls/server-key.pem"
+    echo "ssl_options.verify = verify_none"
+    echo "ssl_options.fail_if_no_peer_cert = false"
   } >"$RMQ_DIR/rabbitmq.conf" || return 1
   echo "[]." >"$RMQ_DIR/enabled_plugins" || return 1 # no plugins: no management listener
   # Empty, so that /etc/rabbitmq/rabbitmq-env.conf does not apply.

@@ -18,6 +18,30 @@ pub fn url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// The test broker's AMQP-over-TLS URL (`LOCKGATE_RABBITMQ_TLS_URL`, default guest on
+/// localhost:5671, the name its certificate carries).
+pub fn tls_url() -> String {
+    std::env::var("LOCKGATE_RABBITMQ_TLS_URL")
+        .unwrap_or_else(|_| "amqps://guest:guest@localhost:5671/%2f".into())
+}
+
+/// The CA certificate the test broker's TLS listener was signed with
+/// (`LOCKGATE_RABBITMQ_CA`, default `rabbitmq-ca.pem` in the brokers dir, where
+/// `scripts/brokers.sh` copies it).
+pub fn tls_ca() -> std::path::PathBuf {
+    if let Ok(p) = std::env::var("LOCKGATE_RABBITMQ_CA") {
+        return p.into();
+    }
+    let dir = std::env::var("LOCKGATE_BROKERS_DIR").map_or_else(
+        |_| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/lockgate/brokers")
+        },
+        std::path::PathBuf::from,
+    );
+    dir.join("rabbitmq-ca.pem")
+}
+
 /// One message read back: key (the `lockgate-key` header), payload, headers and `message_id`.
 #[derive(Clone, Debug)]
 pub struct Got {
@@ -64,11 +88,19 @@ impl Rabbit {
 
     /// Declares durable quorum queue `name`.
     pub fn declare(&self, name: &str) {
+        self.declare_with(name, false);
+    }
+
+    /// Declares durable quorum queue `name` with `x-single-active-consumer` set as given.
+    pub fn declare_with(&self, name: &str, single_active_consumer: bool) {
         let mut args = FieldTable::default();
         args.insert(
             "x-queue-type".into(),
             AMQPValue::LongString(LongString::from("quorum")),
         );
+        if single_active_consumer {
+            args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        }
         self.rt
             .block_on(
                 self.channel

@@ -1,6 +1,7 @@
 //! RabbitMQ routes against the real rabbitmq-server (`scripts/brokers.sh start rabbitmq`):
 //! a queue drained in order with poison messages dead-lettered once, a runtime SIGKILLed
-//! mid-stream losing nothing, and an unroutable output that is not acknowledged.
+//! mid-stream losing nothing, a server restarted or frozen mid-stream losing nothing, and an
+//! unroutable output that is not acknowledged.
 
 #![allow(clippy::unwrap_used)]
 
@@ -34,6 +35,12 @@ struct Queues {
 
 impl Queues {
     fn new(rabbit: &Rabbit) -> Self {
+        Self::declared(rabbit, false)
+    }
+
+    /// Like [`Self::new`], with the input queue's `x-single-active-consumer` as given (the
+    /// route's must match it, or the server refuses the route's declare).
+    fn declared(rabbit: &Rabbit, single_active_consumer: bool) -> Self {
         let base = unique("rmq");
         let q = Self {
             input: format!("{base}.in"),
@@ -41,7 +48,8 @@ impl Queues {
             dlq: format!("{base}.dlq"),
         };
         // The route declares them too; the test reads the outputs from the start.
-        for name in [&q.input, &q.out, &q.dlq] {
+        rabbit.declare_with(&q.input, single_active_consumer);
+        for name in [&q.out, &q.dlq] {
             rabbit.declare(name);
         }
         q
@@ -478,6 +486,234 @@ fn a_broker_restart_mid_stream_loses_nothing() {
         got.0.len() - ids.len()
     );
     assert_eq!(rabbit.ready(&q.input), 0);
+    q.delete(&rabbit);
+}
+
+/// The server's Erlang VM, stopped with SIGSTOP until dropped: its sockets stay open and
+/// nothing answers, as with a hung server or a partition that drops no connection.
+struct Frozen(String);
+
+impl Frozen {
+    fn server() -> Self {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args(["-n", "rabbit@localhost", "eval", "os:getpid()."])
+            .output()
+            .expect("rabbitmqctl (scripts/brokers.sh installs it)");
+        assert!(out.status.success(), "{}", lockgate_tests::show(&out));
+        let pid = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .trim_matches('"')
+            .to_owned();
+        assert!(pid.parse::<u32>().is_ok(), "server pid: {pid:?}");
+        Self::signal(&pid, "STOP");
+        Self(pid)
+    }
+
+    fn signal(pid: &str, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        Self::signal(&self.0, "CONT");
+    }
+}
+
+#[test]
+fn a_server_that_stops_answering_is_given_up_on_and_nothing_is_lost() {
+    let _serial = serial();
+    const N: u64 = 5_000;
+    let rabbit = Rabbit::connect();
+    let q = Queues::new(&rabbit);
+    let messages: Vec<(Option<String>, String)> = (0..N)
+        .map(|i| (Some(format!("k{}", i % 20)), format!(r#"{{"id":{i}}}"#)))
+        .collect();
+    rabbit.publish(&q.input, &messages);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &q, "", "concurrency = 4\nordering = \"key\"\n");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "exchange = \"\"\n",
+        "exchange = \"\"\nrequest_timeout_ms = 1000\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut proc = run(dir.path(), &config, 1);
+    let mut got = (Vec::new(), Vec::new());
+    collect(&rabbit, &q, &mut proc, dir.path(), 1, &mut got, 300);
+    let frozen = Frozen::server();
+    // Requests in flight (a publish waiting for its confirm, the reconnect after it) get no
+    // answer: the route must say so and give up on them instead of waiting forever.
+    let said = "no answer within 1000 ms";
+    let within = Duration::from_secs(60);
+    lockgate_tests::wait_for_progress(&mut proc, dir.path(), 1, 1, within, POLL, || {
+        u64::from(run_logs(dir.path(), 1).contains(said))
+    });
+    drop(frozen);
+    collect(&rabbit, &q, &mut proc, dir.path(), 1, &mut got, N as usize);
+    stop_run(&mut proc, dir.path(), 1);
+    got.0.extend(rabbit.drain(&q.out));
+    let ids: BTreeSet<u64> = got.0.iter().map(|g| id_of(&g.payload)).collect();
+    assert_eq!(ids, (0..N).collect());
+    assert!(got.1.is_empty(), "dead letters: {}", got.1.len());
+    eprintln!(
+        "rabbitmq frozen: {} outputs for {N} messages ({} repeated)",
+        got.0.len(),
+        got.0.len() - ids.len()
+    );
+    assert_eq!(rabbit.ready(&q.input), 0);
+    q.delete(&rabbit);
+}
+
+/// Whether each consumer of `queue` is the active one (`rabbitmqctl list_consumers`).
+fn consumers_active(queue: &str) -> Vec<bool> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "-n",
+            "rabbit@localhost",
+            "list_consumers",
+            "-q",
+            "--no-table-headers",
+            "queue_name",
+            "active",
+        ])
+        .output()
+        .expect("rabbitmqctl (scripts/brokers.sh installs it)");
+    assert!(out.status.success(), "{}", lockgate_tests::show(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(name, _)| *name == queue)
+        .map(|(_, active)| active.trim() == "true")
+        .collect()
+}
+
+#[test]
+fn a_single_active_consumer_queue_is_drained_by_one_process_at_a_time_in_order() {
+    let _serial = serial();
+    const N: u64 = 3_000;
+    let rabbit = Rabbit::connect();
+    let q = Queues::declared(&rabbit, true);
+    let messages: Vec<(Option<String>, String)> =
+        (0..N).map(|i| (None, format!(r#"{{"id":{i}}}"#))).collect();
+    rabbit.publish(&q.input, &messages);
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut procs = Vec::new();
+    for dir in [&a, &b] {
+        let config = write_config(dir.path(), &q, "", "rate_limit = { per_second = 300 }\n");
+        let text = std::fs::read_to_string(&config).unwrap().replace(
+            "prefetch = 500 }",
+            "prefetch = 50, single_active_consumer = true }",
+        );
+        std::fs::write(&config, text).unwrap();
+        let mut proc = run(dir.path(), &config, 1);
+        let want = procs.len() as u64 + 1;
+        wait(&mut proc, dir.path(), 1, want, || {
+            consumers_active(&q.input).len() as u64
+        });
+        procs.push(proc);
+    }
+    // Both processes consume the queue; the server delivers to one of them only.
+    let active = consumers_active(&q.input);
+    assert_eq!(active.iter().filter(|a| **a).count(), 1, "{active:?}");
+    let mut got = (Vec::new(), Vec::new());
+    let mut second = procs.pop().unwrap();
+    let mut first = procs.pop().unwrap();
+    collect(&rabbit, &q, &mut first, a.path(), 1, &mut got, 1_000);
+    lockgate_tests::signal(&first, "KILL");
+    first.wait().unwrap();
+    // What the killed process held goes back to the queue, and the other takes over.
+    collect(&rabbit, &q, &mut second, b.path(), 1, &mut got, N as usize);
+    stop_run(&mut second, b.path(), 1);
+    got.0.extend(rabbit.drain(&q.out));
+    assert!(got.1.is_empty(), "dead letters: {}", got.1.len());
+    let mut seen = BTreeSet::new();
+    let order: Vec<u64> = got
+        .0
+        .iter()
+        .map(|g| id_of(&g.payload))
+        .filter(|id| seen.insert(*id))
+        .collect();
+    // One process at a time, in queue order: the outputs (each id at its first appearance)
+    // are the queue's order, across the handover too.
+    assert_eq!(order, (0..N).collect::<Vec<_>>());
+    eprintln!(
+        "rabbitmq single active consumer: {} outputs for {N} messages ({} repeated after the kill)",
+        got.0.len(),
+        got.0.len() - order.len()
+    );
+    assert_eq!(rabbit.ready(&q.input), 0);
+    q.delete(&rabbit);
+}
+
+/// Whether the server's client connections use TLS, from `rabbitmqctl list_connections`.
+fn connections_tls() -> Vec<bool> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "-n",
+            "rabbit@localhost",
+            "list_connections",
+            "-q",
+            "--no-table-headers",
+            "ssl",
+        ])
+        .output()
+        .expect("rabbitmqctl (scripts/brokers.sh installs it)");
+    assert!(out.status.success(), "{}", lockgate_tests::show(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim() == "true")
+        .collect()
+}
+
+#[test]
+fn a_route_over_amqps_trusts_its_ca_file_and_refuses_an_unknown_certificate() {
+    let _serial = serial();
+    const N: u64 = 200;
+    let rabbit = Rabbit::connect();
+    let q = Queues::new(&rabbit);
+    let messages: Vec<(Option<String>, String)> =
+        (0..N).map(|i| (None, format!(r#"{{"id":{i}}}"#))).collect();
+    rabbit.publish(&q.input, &messages);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &q, "", "");
+    std::fs::write(
+        dir.path().join("amqp-url"),
+        lockgate_tests::rabbit::tls_url(),
+    )
+    .unwrap();
+    let ca = lockgate_tests::rabbit::tls_ca();
+    assert!(
+        ca.exists(),
+        "{} (scripts/brokers.sh start rabbitmq makes it)",
+        ca.display()
+    );
+    // Without the CA the server's certificate is unknown: no connection, nothing consumed.
+    let mut proc = run(dir.path(), &config, 1);
+    wait(&mut proc, dir.path(), 1, 1, || {
+        u64::from(run_logs(dir.path(), 1).contains("UnknownIssuer"))
+    });
+    stop_run(&mut proc, dir.path(), 1);
+    assert_eq!(rabbit.ready(&q.input), N as u32);
+    // With it, the route consumes and publishes over TLS.
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "url_file = \"amqp-url\"\n",
+        &format!("url_file = \"amqp-url\"\nca_file = \"{}\"\n", ca.display()),
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut proc = run(dir.path(), &config, 2);
+    let mut got = (Vec::new(), Vec::new());
+    collect(&rabbit, &q, &mut proc, dir.path(), 2, &mut got, N as usize);
+    // The test's own connection is plain; the route's two (consumer, publisher) are TLS.
+    let tls = connections_tls();
+    assert_eq!(tls.iter().filter(|t| **t).count(), 2, "{tls:?}");
+    stop_run(&mut proc, dir.path(), 2);
+    let ids: BTreeSet<u64> = got.0.iter().map(|g| id_of(&g.payload)).collect();
+    assert_eq!(ids, (0..N).collect());
+    assert!(got.1.is_empty(), "dead letters: {}", got.1.len());
     q.delete(&rabbit);
 }
 

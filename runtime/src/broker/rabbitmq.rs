@@ -28,6 +28,7 @@ use lapin::options::{
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
 
@@ -70,16 +71,53 @@ fn unavailable(broker: &str, what: &str, e: impl std::fmt::Display) -> BrokerErr
     BrokerError::Unavailable(format!("rabbitmq {broker}: {what}: {e}"))
 }
 
+/// Waits at most `limit` for `request`, an exchange with broker `broker`. lapin can leave a
+/// request unanswered forever when the server goes away in the middle of it
+/// (amqp-rs/lapin#409); one that never ends would hold its message and lane, or every
+/// publisher of the route, for good. Past the limit it is an unavailable broker like any
+/// other: the caller drops the connection and retries.
+async fn answered<T>(
+    limit: Duration,
+    broker: &str,
+    what: &str,
+    request: impl Future<Output = Result<T, BrokerError>>,
+) -> Result<T, BrokerError> {
+    match tokio::time::timeout(limit, request).await {
+        Ok(r) => r,
+        Err(_) => Err(unavailable(
+            broker,
+            what,
+            format!("no answer within {} ms", limit.as_millis()),
+        )),
+    }
+}
+
 /// Opens a connection to broker `name`. The error never contains the URL (it may hold a
 /// password).
 pub async fn connect(name: &str, cfg: &RabbitConfig) -> Result<Connection, BrokerError> {
     let url = cfg.url(name).map_err(BrokerError::Invalid)?;
-    let connect = Connection::connect(&url, ConnectionProperties::default());
-    match tokio::time::timeout(Duration::from_secs(10), connect).await {
-        Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(unavailable(name, "connect", e)),
-        Err(_) => Err(unavailable(name, "connect", "no answer within 10 s")),
+    let mut tls = OwnedTLSConfig::default();
+    if let Some(path) = &cfg.ca_file {
+        let pem = std::fs::read_to_string(path).map_err(|e| {
+            BrokerError::Invalid(format!(
+                "brokers.{name}.ca_file: cannot read {}: {e}",
+                path.display()
+            ))
+        })?;
+        tls.cert_chain = Some(pem);
     }
+    let builder = lapin::DefaultConnectionBuilder::new()
+        .map_err(|e| unavailable(name, "connect", e))?
+        .with_uri_str(url)
+        .with_properties(ConnectionProperties::default())
+        .with_tls_config(tls);
+    answered(cfg.request_timeout, name, "connect", async {
+        builder
+            .connect()
+            .await
+            .map_err(|e| unavailable(name, "connect", e))
+    })
+    .await
 }
 
 /// A header value as bytes: strings as they are, numbers and booleans as text; other types
@@ -180,14 +218,39 @@ fn record(queue: &str, d: &lapin::message::Delivery) -> (Record, u32) {
 }
 
 /// Acks a delivery; an ack its closed channel could not carry is an error (the broker has
-/// requeued the message already), not a silent success.
-async fn ack_now(acker: &lapin::Acker) -> Result<(), BrokerError> {
-    match acker.ack(BasicAckOptions::default()).await {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(BrokerError::Unavailable(
+/// requeued the message already), not a silent success, and so is one unanswered within
+/// `limit` (the message may come again; with idempotency on it is then a duplicate).
+async fn ack_now(acker: &lapin::Acker, limit: Duration) -> Result<(), BrokerError> {
+    match tokio::time::timeout(limit, acker.ack(BasicAckOptions::default())).await {
+        Ok(Ok(true)) => Ok(()),
+        Ok(Ok(false)) => Err(BrokerError::Unavailable(
             "rabbitmq: ack: the delivery's channel is closed; the broker delivers it again".into(),
         )),
-        Err(e) => Err(BrokerError::Unavailable(format!("rabbitmq: ack: {e}"))),
+        Ok(Err(e)) => Err(BrokerError::Unavailable(format!("rabbitmq: ack: {e}"))),
+        Err(_) => Err(BrokerError::Unavailable(format!(
+            "rabbitmq: ack: no answer within {} ms; the broker may deliver it again",
+            limit.as_millis()
+        ))),
+    }
+}
+
+/// Gives a delivery back to its queue (nack with requeue), waiting at most `limit`. Failing
+/// is harmless: the broker requeues whatever a closed channel held.
+async fn give_back(acker: &lapin::Acker, limit: Duration) {
+    let requeue = BasicNackOptions {
+        multiple: false,
+        requeue: true,
+    };
+    match tokio::time::timeout(limit, acker.nack(requeue)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "Giving a delivery back failed; the broker requeues it when the channel closes");
+        }
+        Err(_) => {
+            tracing::debug!(
+                "Giving a delivery back got no answer; the broker requeues it when the channel closes"
+            );
+        }
     }
 }
 
@@ -195,6 +258,8 @@ async fn ack_now(acker: &lapin::Acker) -> Result<(), BrokerError> {
 /// requeue, so the message goes back to the queue now rather than when the channel closes.
 struct RabbitAck {
     acker: Option<lapin::Acker>,
+    /// The broker's `request_timeout`.
+    limit: Duration,
     /// With `retry.mode = "broker"`: what a redelivery needs.
     retry: Option<Box<Retry>>,
 }
@@ -272,10 +337,11 @@ impl Retry {
 impl Ack for RabbitAck {
     fn ack(mut self: Box<Self>, _kind: AckKind) -> BoxFuture<'static, Result<(), BrokerError>> {
         let acker = self.acker.take();
+        let limit = self.limit;
         Box::pin(async move {
             let Some(acker) = acker else { return Ok(()) };
             // A dead letter was written, so a dead-lettered delivery is acked too.
-            ack_now(&acker).await
+            ack_now(&acker, limit).await
         })
     }
 
@@ -288,22 +354,25 @@ impl Ack for RabbitAck {
     ) -> BoxFuture<'static, Result<(), BrokerError>> {
         let retry = self.retry.take();
         let acker = self.acker.take();
+        let limit = self.limit;
         Box::pin(async move {
             let (Some(retry), Some(acker)) = (retry, acker) else {
                 return Err(BrokerError::Invalid(
                     "rabbitmq: this source was not opened for retry.mode = \"broker\"".into(),
                 ));
             };
-            if let Err(e) = retry.publish(delay).await {
-                let _ = acker
-                    .nack(BasicNackOptions {
-                        multiple: false,
-                        requeue: true,
-                    })
-                    .await;
+            let published = match tokio::time::timeout(limit, retry.publish(delay)).await {
+                Ok(r) => r,
+                Err(_) => Err(BrokerError::Unavailable(format!(
+                    "rabbitmq: retry copy: no answer within {} ms",
+                    limit.as_millis()
+                ))),
+            };
+            if let Err(e) = published {
+                give_back(&acker, limit).await;
                 return Err(e);
             }
-            ack_now(&acker).await
+            ack_now(&acker, limit).await
         })
     }
 
@@ -320,15 +389,8 @@ impl Drop for RabbitAck {
         if let Some(acker) = self.acker.take()
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
-            rt.spawn(async move {
-                let requeue = BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                };
-                if let Err(e) = acker.nack(requeue).await {
-                    tracing::debug!(error = %e, "Giving a delivery back failed; the broker requeues it when the channel closes");
-                }
-            });
+            let limit = self.limit;
+            rt.spawn(async move { give_back(&acker, limit).await });
         }
     }
 }
@@ -486,7 +548,9 @@ impl Source for RabbitSource {
         Box::pin(async move {
             loop {
                 if self.open.is_none() {
-                    match self.open().await {
+                    let (limit, broker) = (self.cfg.request_timeout, self.broker.clone());
+                    let what = format!("consume queue {}", self.queue);
+                    match answered(limit, &broker, &what, self.open()).await {
                         Ok(open) => {
                             self.backoff = Duration::ZERO;
                             self.open = Some(open);
@@ -522,6 +586,7 @@ impl Source for RabbitSource {
                             record,
                             ack: AckHandle::new(RabbitAck {
                                 acker: Some(d.acker),
+                                limit: self.cfg.request_timeout,
                                 retry,
                             }),
                             previous_attempts,
@@ -548,21 +613,18 @@ impl Source for RabbitSource {
             let Some(open) = self.open.as_mut() else {
                 return Ok(());
             };
+            let limit = self.cfg.request_timeout;
             if let Some(mut consumer) = open.consumer.take() {
                 let cancel = open
                     .channel
-                    .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
-                    .await;
-                if cancel.is_err() {
+                    .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default());
+                if !matches!(tokio::time::timeout(limit, cancel).await, Ok(Ok(()))) {
+                    // Dropping the connection ends the consumer and requeues what it held.
                     self.open = None;
                     return Ok(());
                 }
-                let requeue = BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                };
                 while let Some(Some(Ok(d))) = consumer.next().now_or_never() {
-                    let _ = d.acker.nack(requeue).await;
+                    give_back(&d.acker, limit).await;
                 }
             }
             let channel = open.channel.clone();
@@ -591,7 +653,8 @@ impl Source for RabbitSource {
                 self.open = Some(open);
             } else if open.channel.status().connected() {
                 // On failure `next` opens a new connection.
-                if let Ok(c) = self.consume(&open.channel).await {
+                let limit = self.cfg.request_timeout;
+                if let Ok(Ok(c)) = tokio::time::timeout(limit, self.consume(&open.channel)).await {
                     self.open = Some(Open {
                         consumer: Some(c),
                         ..open
@@ -607,9 +670,11 @@ impl Source for RabbitSource {
             if let Some(w) = self.watchdog.take() {
                 w.abort();
             }
-            // Closing the connection requeues whatever it still holds.
+            // Closing the connection requeues whatever it still holds (and so does dropping
+            // it, if the server does not answer the close).
             if let Some(open) = self.open.take() {
-                let _ = open.conn.close(200, "lockgate stopping".into()).await;
+                let close = open.conn.close(200, "lockgate stopping".into());
+                let _ = tokio::time::timeout(self.cfg.request_timeout, close).await;
             }
             Ok(())
         })
@@ -817,17 +882,18 @@ impl Sink for RabbitSink {
             if records.is_empty() {
                 return Ok(());
             }
+            let limit = self.cfg.request_timeout;
             let mut open = self.open.lock().await;
             if open
                 .as_ref()
                 .is_none_or(|p| !p.channel.status().connected())
             {
-                *open = Some(self.publisher().await?);
+                *open = Some(answered(limit, &self.broker, "connect", self.publisher()).await?);
             }
             let Some(p) = open.as_mut() else {
                 return Err(unavailable(&self.broker, "publish", "no channel"));
             };
-            let result = self.send(p, &records).await;
+            let result = answered(limit, &self.broker, "publish", self.send(p, &records)).await;
             if matches!(result, Err(BrokerError::Unavailable(_))) {
                 // Start over on a fresh connection next time.
                 *open = None;
@@ -849,6 +915,8 @@ const SCAN_BATCH: usize = 500;
 pub struct RabbitScan {
     conn: Connection,
     channel: Channel,
+    /// The broker's `request_timeout`.
+    limit: Duration,
     queue: String,
     broker: String,
     /// Messages the queue held at open.
@@ -861,6 +929,17 @@ pub struct RabbitScan {
 impl RabbitScan {
     /// Opens a scan of `queue` on broker `broker`.
     pub async fn open(broker: &str, cfg: &RabbitConfig, queue: &str) -> Result<Self, BrokerError> {
+        let what = format!("read {queue}");
+        answered(
+            cfg.request_timeout,
+            broker,
+            &what,
+            Self::open_now(broker, cfg, queue),
+        )
+        .await
+    }
+
+    async fn open_now(broker: &str, cfg: &RabbitConfig, queue: &str) -> Result<Self, BrokerError> {
         let conn = connect(broker, cfg).await?;
         let channel = conn
             .create_channel()
@@ -888,6 +967,7 @@ impl RabbitScan {
         Ok(Self {
             conn,
             channel,
+            limit: cfg.request_timeout,
             queue: queue.to_owned(),
             broker: broker.to_owned(),
             initial: remaining,
@@ -896,7 +976,8 @@ impl RabbitScan {
         })
     }
 
-    /// Gives every message taken back and waits (up to 10 s) until the queue holds at least
+    /// Gives every message taken back and waits (up to 10 s, or half the broker's
+    /// `request_timeout`) until the queue holds at least
     /// what it held at open: a quorum queue requeues asynchronously, and the next scan (a
     /// replay reads the DLQ twice) must see every letter again.
     async fn give_back(&mut self) -> Result<(), BrokerError> {
@@ -916,7 +997,8 @@ impl RabbitScan {
             passive: true,
             ..QueueDeclareOptions::default()
         };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        // Within the request's own limit, which covers this whole call.
+        let deadline = tokio::time::Instant::now() + (self.limit / 2).min(Duration::from_secs(10));
         loop {
             let ready = self
                 .channel
@@ -950,33 +1032,39 @@ fn scan_offset(record: &Record) -> u64 {
 
 impl Scan for RabbitScan {
     fn next_batch(&mut self) -> BoxFuture<'_, Result<Option<Vec<Record>>, BrokerError>> {
-        Box::pin(async move {
-            if self.remaining == 0 {
-                self.give_back().await?;
-                return Ok(None);
-            }
-            let mut out = Vec::new();
-            while out.len() < SCAN_BATCH && self.remaining > 0 {
-                let got = self
-                    .channel
-                    .basic_get(
-                        self.queue.as_str().into(),
-                        lapin::options::BasicGetOptions { no_ack: false },
-                    )
-                    .await
-                    .map_err(|e| unavailable("scan", &format!("read {}", self.queue), e))?;
-                let Some(m) = got else {
-                    self.remaining = 0;
-                    break;
-                };
-                self.remaining -= 1;
-                self.last_tag = Some(m.delivery.delivery_tag);
-                let (mut record, _) = record(&self.queue, &m.delivery);
-                record.offset = Some(scan_offset(&record));
-                out.push(record);
-            }
-            Ok(Some(out))
-        })
+        let (limit, broker) = (self.limit, self.broker.clone());
+        let what = format!("read {}", self.queue);
+        Box::pin(async move { answered(limit, &broker, &what, self.next_batch_now()).await })
+    }
+}
+
+impl RabbitScan {
+    async fn next_batch_now(&mut self) -> Result<Option<Vec<Record>>, BrokerError> {
+        if self.remaining == 0 {
+            self.give_back().await?;
+            return Ok(None);
+        }
+        let mut out = Vec::new();
+        while out.len() < SCAN_BATCH && self.remaining > 0 {
+            let got = self
+                .channel
+                .basic_get(
+                    self.queue.as_str().into(),
+                    lapin::options::BasicGetOptions { no_ack: false },
+                )
+                .await
+                .map_err(|e| unavailable(&self.broker, &format!("read {}", self.queue), e))?;
+            let Some(m) = got else {
+                self.remaining = 0;
+                break;
+            };
+            self.remaining -= 1;
+            self.last_tag = Some(m.delivery.delivery_tag);
+            let (mut record, _) = record(&self.queue, &m.delivery);
+            record.offset = Some(scan_offset(&record));
+            out.push(record);
+        }
+        Ok(Some(out))
     }
 }
 

@@ -214,10 +214,20 @@ pub struct RabbitConfig {
     /// A source paused by the breaker for half of it lets go of the deliveries it holds, so
     /// the server never closes the channel for holding them too long.
     pub consumer_timeout: std::time::Duration,
+    /// `request_timeout_ms`: the longest wait for the server to answer one request (connect,
+    /// declare, consume, a publisher confirm, an ack). Past it the connection is dropped and
+    /// opened anew, and what the request was for is retried, so a server that goes away
+    /// mid-request never holds a message (or every publisher) forever.
+    pub request_timeout: std::time::Duration,
+    /// `ca_file`: PEM certificates (relative to runtime.toml) trusted for `amqps://` besides
+    /// the system's roots, for a server whose certificate a private CA signed.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// RabbitMQ's default `consumer_timeout`, in ms.
 pub const DEFAULT_CONSUMER_TIMEOUT_MS: u64 = 1_800_000;
+/// Default of `[brokers.<name>] request_timeout_ms` for RabbitMQ.
+pub const DEFAULT_RABBIT_REQUEST_TIMEOUT_MS: u64 = 30_000;
 
 impl RabbitConfig {
     /// The URL (see [`UrlSource::resolve`]); `broker` names the table in errors.
@@ -857,6 +867,19 @@ fn parse_rabbit(r: &mut Reader<'_>, base_dir: &Path) -> Option<RabbitConfig> {
     let consumer_timeout = r
         .positive("consumer_timeout_ms")
         .unwrap_or(DEFAULT_CONSUMER_TIMEOUT_MS);
+    let request_timeout = r
+        .positive("request_timeout_ms")
+        .unwrap_or(DEFAULT_RABBIT_REQUEST_TIMEOUT_MS);
+    let ca_file = r.string("ca_file").map(|f| base_dir.join(f));
+    if ca_file.is_some()
+        && let Some(UrlSource::Inline(u)) = &url
+        && !u.starts_with("amqps://")
+    {
+        r.problem(
+            "ca_file",
+            "only used with an amqps:// URL (TLS); the url is amqp://".into(),
+        );
+    }
     r.finish(&[
         "kind",
         "url",
@@ -864,11 +887,15 @@ fn parse_rabbit(r: &mut Reader<'_>, base_dir: &Path) -> Option<RabbitConfig> {
         "url_file",
         "exchange",
         "consumer_timeout_ms",
+        "request_timeout_ms",
+        "ca_file",
     ]);
     Some(RabbitConfig {
         url: url?,
         exchange,
         consumer_timeout: std::time::Duration::from_millis(consumer_timeout),
+        request_timeout: std::time::Duration::from_millis(request_timeout),
+        ca_file,
     })
 }
 
@@ -1533,7 +1560,7 @@ mod tests {
     fn rabbitmq_brokers_and_sources_parse() {
         let c = Config::parse(
             Path::new("rt.toml"),
-            "[brokers.rabbit]\nkind = \"rabbitmq\"\nurl_env = \"AMQP_URL\"\nexchange = \"events\"\nconsumer_timeout_ms = 60000\n\n[brokers.r2]\nkind = \"rabbitmq\"\nurl_file = \"secrets/amqp\"\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.a]\nhandler = \"h\"\nsource = { broker = \"rabbit\", topic = \"orders\", queue_type = \"classic\", prefetch = 50, exchange = \"in\", binding_key = \"order.*\", single_active_consumer = true }\n\n[routes.b]\nhandler = \"h\"\nsource = { broker = \"r2\", topic = \"q\" }\n",
+            "[brokers.rabbit]\nkind = \"rabbitmq\"\nurl_env = \"AMQP_URL\"\nexchange = \"events\"\nconsumer_timeout_ms = 60000\nrequest_timeout_ms = 5000\n\n[brokers.r2]\nkind = \"rabbitmq\"\nurl_file = \"secrets/amqp\"\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.a]\nhandler = \"h\"\nsource = { broker = \"rabbit\", topic = \"orders\", queue_type = \"classic\", prefetch = 50, exchange = \"in\", binding_key = \"order.*\", single_active_consumer = true }\n\n[routes.b]\nhandler = \"h\"\nsource = { broker = \"r2\", topic = \"q\" }\n",
         )
         .unwrap();
         let BrokerKind::RabbitMq(r) = &c.brokers["rabbit"].kind else {
@@ -1542,11 +1569,34 @@ mod tests {
         assert_eq!(r.url, UrlSource::Env("AMQP_URL".into()));
         assert_eq!(r.exchange, "events");
         assert_eq!(r.consumer_timeout, std::time::Duration::from_secs(60));
+        assert_eq!(r.request_timeout, std::time::Duration::from_secs(5));
         let BrokerKind::RabbitMq(r2) = &c.brokers["r2"].kind else {
             panic!("not rabbitmq")
         };
         assert_eq!(r2.url, UrlSource::File(Path::new(".").join("secrets/amqp")));
         assert_eq!(r2.exchange, "");
+        assert_eq!(
+            r2.request_timeout,
+            std::time::Duration::from_millis(DEFAULT_RABBIT_REQUEST_TIMEOUT_MS)
+        );
+        assert_eq!(r2.ca_file, None);
+        let tls = Config::parse(
+            Path::new("conf/rt.toml"),
+            "[brokers.r]\nkind = \"rabbitmq\"\nurl = \"amqps://h\"\nca_file = \"certs/ca.pem\"\n",
+        )
+        .unwrap();
+        let BrokerKind::RabbitMq(r) = &tls.brokers["r"].kind else {
+            panic!("not rabbitmq")
+        };
+        assert_eq!(r.ca_file, Some(Path::new("conf").join("certs/ca.pem")));
+        assert_eq!(
+            problems(
+                "[brokers.r]\nkind = \"rabbitmq\"\nurl = \"amqp://h\"\nca_file = \"ca.pem\"\n"
+            ),
+            [
+                "rt.toml: brokers.r.ca_file: only used with an amqps:// URL (TLS); the url is amqp://"
+            ]
+        );
         let a = c.routes["a"].rabbitmq.clone().unwrap();
         assert_eq!(a.queue_type, QueueType::Classic);
         assert_eq!(a.prefetch, 50);
