@@ -324,19 +324,25 @@ fn an_unroutable_output_is_not_acknowledged_and_names_exchange_and_routing_key()
     q.delete(&rabbit);
 }
 
-/// Sets the server's `consumer_timeout` (ms) through `rabbitmqctl eval`; channels opened
-/// afterwards get it.
-fn set_consumer_timeout(ms: u64) {
+/// Runs `rabbitmqctl -n rabbit@localhost ARGS` and returns what it printed; fails the test if
+/// it fails.
+fn rabbitmqctl(args: &[&str]) -> String {
     let out = std::process::Command::new("rabbitmqctl")
-        .args([
-            "-n",
-            "rabbit@localhost",
-            "eval",
-            &format!("application:set_env(rabbit, consumer_timeout, {ms})."),
-        ])
+        .args(["-n", "rabbit@localhost"])
+        .args(args)
         .output()
         .expect("rabbitmqctl (scripts/brokers.sh installs it)");
     assert!(out.status.success(), "{}", lockgate_tests::show(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Sets the server's `consumer_timeout` (ms) through `rabbitmqctl eval`; channels opened
+/// afterwards get it.
+fn set_consumer_timeout(ms: u64) {
+    rabbitmqctl(&[
+        "eval",
+        &format!("application:set_env(rabbit, consumer_timeout, {ms})."),
+    ]);
 }
 
 /// Puts the server's default back even when the test fails.
@@ -445,9 +451,15 @@ fn brokers(command: &str) {
     );
 }
 
-#[test]
-fn a_broker_restart_mid_stream_loses_nothing() {
-    let _serial = serial();
+/// Runs 5,000 keyed messages through a route (four lanes by key, idempotency on, `broker`
+/// added to its broker table), calls `disturb` once `at` outputs arrived, and asserts that all
+/// of them still arrive and nothing is dead-lettered. Returns the run's logs.
+fn survives(
+    label: &str,
+    broker: &str,
+    at: usize,
+    disturb: impl FnOnce(&mut Proc, &Path),
+) -> String {
     const N: u64 = 5_000;
     let rabbit = Rabbit::connect();
     let q = Queues::new(&rabbit);
@@ -462,12 +474,16 @@ fn a_broker_restart_mid_stream_loses_nothing() {
         "",
         "concurrency = 4\nordering = \"key\"\nidempotency = { key = \"json:/id\" }\n",
     );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("exchange = \"\"\n", &format!("exchange = \"\"\n{broker}"));
+    std::fs::write(&config, text).unwrap();
     let mut proc = run(dir.path(), &config, 1);
     let mut got = (Vec::new(), Vec::new());
-    collect(&rabbit, &q, &mut proc, dir.path(), 1, &mut got, 1_500);
+    collect(&rabbit, &q, &mut proc, dir.path(), 1, &mut got, at);
+    // The test's own connection may not survive what follows.
     drop(rabbit);
-    brokers("stop");
-    brokers("start");
+    disturb(&mut proc, dir.path());
     let rabbit = Rabbit::connect();
     collect(&rabbit, &q, &mut proc, dir.path(), 1, &mut got, N as usize);
     stop_run(&mut proc, dir.path(), 1);
@@ -475,18 +491,27 @@ fn a_broker_restart_mid_stream_loses_nothing() {
     let ids: BTreeSet<u64> = got.0.iter().map(|g| id_of(&g.payload)).collect();
     assert_eq!(ids, (0..N).collect());
     assert!(got.1.is_empty(), "dead letters: {}", got.1.len());
-    assert!(
-        run_logs(dir.path(), 1).contains("RabbitMQ consumer down; reconnecting"),
-        "{}",
-        run_logs(dir.path(), 1)
-    );
     eprintln!(
-        "rabbitmq restart: {} outputs for {N} messages ({} repeated)",
+        "rabbitmq {label}: {} outputs for {N} messages ({} repeated)",
         got.0.len(),
         got.0.len() - ids.len()
     );
     assert_eq!(rabbit.ready(&q.input), 0);
     q.delete(&rabbit);
+    run_logs(dir.path(), 1)
+}
+
+#[test]
+fn a_broker_restart_mid_stream_loses_nothing() {
+    let _serial = serial();
+    let logs = survives("restart", "", 1_500, |_, _| {
+        brokers("stop");
+        brokers("start");
+    });
+    assert!(
+        logs.contains("RabbitMQ consumer down; reconnecting"),
+        "{logs}"
+    );
 }
 
 /// The server's Erlang VM, stopped with SIGSTOP until dropped: its sockets stay open and
@@ -495,12 +520,7 @@ struct Frozen(String);
 
 impl Frozen {
     fn server() -> Self {
-        let out = std::process::Command::new("rabbitmqctl")
-            .args(["-n", "rabbit@localhost", "eval", "os:getpid()."])
-            .output()
-            .expect("rabbitmqctl (scripts/brokers.sh installs it)");
-        assert!(out.status.success(), "{}", lockgate_tests::show(&out));
-        let pid = String::from_utf8_lossy(&out.stdout)
+        let pid = rabbitmqctl(&["eval", "os:getpid()."])
             .trim()
             .trim_matches('"')
             .to_owned();
@@ -527,68 +547,32 @@ impl Drop for Frozen {
 #[test]
 fn a_server_that_stops_answering_is_given_up_on_and_nothing_is_lost() {
     let _serial = serial();
-    const N: u64 = 5_000;
-    let rabbit = Rabbit::connect();
-    let q = Queues::new(&rabbit);
-    let messages: Vec<(Option<String>, String)> = (0..N)
-        .map(|i| (Some(format!("k{}", i % 20)), format!(r#"{{"id":{i}}}"#)))
-        .collect();
-    rabbit.publish(&q.input, &messages);
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &q, "", "concurrency = 4\nordering = \"key\"\n");
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "exchange = \"\"\n",
-        "exchange = \"\"\nrequest_timeout_ms = 1000\n",
-    );
-    std::fs::write(&config, text).unwrap();
-    let mut proc = run(dir.path(), &config, 1);
-    let mut got = (Vec::new(), Vec::new());
-    collect(&rabbit, &q, &mut proc, dir.path(), 1, &mut got, 300);
-    let frozen = Frozen::server();
-    // Requests in flight (a publish waiting for its confirm, the reconnect after it) get no
-    // answer: the route must say so and give up on them instead of waiting forever.
-    let said = "no answer within 1000 ms";
-    let within = Duration::from_secs(60);
-    lockgate_tests::wait_for_progress(&mut proc, dir.path(), 1, 1, within, POLL, || {
-        u64::from(run_logs(dir.path(), 1).contains(said))
+    survives("frozen", "request_timeout_ms = 1000\n", 300, |proc, dir| {
+        let _frozen = Frozen::server();
+        // Requests in flight (a publish waiting for its confirm, the reconnect after it) get
+        // no answer: the route must say so and give up on them instead of waiting forever.
+        let said = "no answer within 1000 ms";
+        let within = Duration::from_secs(60);
+        lockgate_tests::wait_for_progress(proc, dir, 1, 1, within, POLL, || {
+            u64::from(run_logs(dir, 1).contains(said))
+        });
     });
-    drop(frozen);
-    collect(&rabbit, &q, &mut proc, dir.path(), 1, &mut got, N as usize);
-    stop_run(&mut proc, dir.path(), 1);
-    got.0.extend(rabbit.drain(&q.out));
-    let ids: BTreeSet<u64> = got.0.iter().map(|g| id_of(&g.payload)).collect();
-    assert_eq!(ids, (0..N).collect());
-    assert!(got.1.is_empty(), "dead letters: {}", got.1.len());
-    eprintln!(
-        "rabbitmq frozen: {} outputs for {N} messages ({} repeated)",
-        got.0.len(),
-        got.0.len() - ids.len()
-    );
-    assert_eq!(rabbit.ready(&q.input), 0);
-    q.delete(&rabbit);
 }
 
 /// Whether each consumer of `queue` is the active one (`rabbitmqctl list_consumers`).
 fn consumers_active(queue: &str) -> Vec<bool> {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args([
-            "-n",
-            "rabbit@localhost",
-            "list_consumers",
-            "-q",
-            "--no-table-headers",
-            "queue_name",
-            "active",
-        ])
-        .output()
-        .expect("rabbitmqctl (scripts/brokers.sh installs it)");
-    assert!(out.status.success(), "{}", lockgate_tests::show(&out));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_once('\t'))
-        .filter(|(name, _)| *name == queue)
-        .map(|(_, active)| active.trim() == "true")
-        .collect()
+    rabbitmqctl(&[
+        "list_consumers",
+        "-q",
+        "--no-table-headers",
+        "queue_name",
+        "active",
+    ])
+    .lines()
+    .filter_map(|l| l.split_once('\t'))
+    .filter(|(name, _)| *name == queue)
+    .map(|(_, active)| active.trim() == "true")
+    .collect()
 }
 
 #[test]
@@ -651,19 +635,7 @@ fn a_single_active_consumer_queue_is_drained_by_one_process_at_a_time_in_order()
 
 /// Whether the server's client connections use TLS, from `rabbitmqctl list_connections`.
 fn connections_tls() -> Vec<bool> {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args([
-            "-n",
-            "rabbit@localhost",
-            "list_connections",
-            "-q",
-            "--no-table-headers",
-            "ssl",
-        ])
-        .output()
-        .expect("rabbitmqctl (scripts/brokers.sh installs it)");
-    assert!(out.status.success(), "{}", lockgate_tests::show(&out));
-    String::from_utf8_lossy(&out.stdout)
+    rabbitmqctl(&["list_connections", "-q", "--no-table-headers", "ssl"])
         .lines()
         .map(|l| l.trim() == "true")
         .collect()

@@ -1556,6 +1556,14 @@ mod tests {
         );
     }
 
+    /// The RabbitMQ settings of broker `name`.
+    fn rabbit_of<'c>(c: &'c Config, name: &str) -> &'c RabbitConfig {
+        match &c.brokers[name].kind {
+            BrokerKind::RabbitMq(r) => r,
+            _ => panic!("{name} is not rabbitmq"),
+        }
+    }
+
     #[test]
     fn rabbitmq_brokers_and_sources_parse() {
         let c = Config::parse(
@@ -1563,16 +1571,12 @@ mod tests {
             "[brokers.rabbit]\nkind = \"rabbitmq\"\nurl_env = \"AMQP_URL\"\nexchange = \"events\"\nconsumer_timeout_ms = 60000\nrequest_timeout_ms = 5000\n\n[brokers.r2]\nkind = \"rabbitmq\"\nurl_file = \"secrets/amqp\"\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.a]\nhandler = \"h\"\nsource = { broker = \"rabbit\", topic = \"orders\", queue_type = \"classic\", prefetch = 50, exchange = \"in\", binding_key = \"order.*\", single_active_consumer = true }\n\n[routes.b]\nhandler = \"h\"\nsource = { broker = \"r2\", topic = \"q\" }\n",
         )
         .unwrap();
-        let BrokerKind::RabbitMq(r) = &c.brokers["rabbit"].kind else {
-            panic!("not rabbitmq")
-        };
+        let r = rabbit_of(&c, "rabbit");
         assert_eq!(r.url, UrlSource::Env("AMQP_URL".into()));
         assert_eq!(r.exchange, "events");
         assert_eq!(r.consumer_timeout, std::time::Duration::from_secs(60));
         assert_eq!(r.request_timeout, std::time::Duration::from_secs(5));
-        let BrokerKind::RabbitMq(r2) = &c.brokers["r2"].kind else {
-            panic!("not rabbitmq")
-        };
+        let r2 = rabbit_of(&c, "r2");
         assert_eq!(r2.url, UrlSource::File(Path::new(".").join("secrets/amqp")));
         assert_eq!(r2.exchange, "");
         assert_eq!(
@@ -1585,9 +1589,7 @@ mod tests {
             "[brokers.r]\nkind = \"rabbitmq\"\nurl = \"amqps://h\"\nca_file = \"certs/ca.pem\"\n",
         )
         .unwrap();
-        let BrokerKind::RabbitMq(r) = &tls.brokers["r"].kind else {
-            panic!("not rabbitmq")
-        };
+        let r = rabbit_of(&tls, "r");
         assert_eq!(r.ca_file, Some(Path::new("conf").join("certs/ca.pem")));
         assert_eq!(
             problems(
