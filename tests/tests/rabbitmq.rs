@@ -519,14 +519,20 @@ fn a_broker_restart_mid_stream_loses_nothing() {
 struct Frozen(String);
 
 impl Frozen {
-    fn server() -> Self {
+    /// The server VM's OS pid (asked for before the test needs it: `rabbitmqctl` takes a
+    /// second or two, in which the route would run on).
+    fn server_pid() -> String {
         let pid = rabbitmqctl(&["eval", "os:getpid()."])
             .trim()
             .trim_matches('"')
             .to_owned();
         assert!(pid.parse::<u32>().is_ok(), "server pid: {pid:?}");
-        Self::signal(&pid, "STOP");
-        Self(pid)
+        pid
+    }
+
+    fn stop(pid: &str) -> Self {
+        Self::signal(pid, "STOP");
+        Self(pid.to_owned())
     }
 
     fn signal(pid: &str, signal: &str) {
@@ -547,8 +553,9 @@ impl Drop for Frozen {
 #[test]
 fn a_server_that_stops_answering_is_given_up_on_and_nothing_is_lost() {
     let _serial = serial();
+    let pid = Frozen::server_pid();
     survives("frozen", "request_timeout_ms = 1000\n", 300, |proc, dir| {
-        let _frozen = Frozen::server();
+        let _frozen = Frozen::stop(&pid);
         // Requests in flight (a publish waiting for its confirm, the reconnect after it) get
         // no answer: the route must say so and give up on them instead of waiting forever.
         let said = "no answer within 1000 ms";
