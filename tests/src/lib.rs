@@ -90,6 +90,18 @@ pub fn dlq_cmd(dir: &std::path::Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Replaces `from` with `to` in the file at `path` (a test's runtime.toml), failing the test
+/// if `from` is not there: an edit that silently matched nothing would test the wrong setup.
+pub fn edit_config(path: &std::path::Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).expect("config file");
+    assert!(
+        text.contains(from),
+        "{} has no {from:?}:\n{text}",
+        path.display()
+    );
+    std::fs::write(path, text.replace(from, to)).expect("config file");
+}
+
 /// Stdout and stderr of `out` as text, for assertion messages.
 pub fn show(out: &Output) -> String {
     format!(

@@ -646,10 +646,11 @@ fn a_hundred_module_reloads_while_kafka_messages_flow_lose_nothing() {
     // The handler's module is a file of the test's, rewritten below.
     let module = dir.path().join("handler.wasm");
     std::fs::copy(guest("chaos"), &module).unwrap();
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace(&guest("chaos").display().to_string(), "handler.wasm");
-    std::fs::write(&config, text).unwrap();
+    lockgate_tests::edit_config(
+        &config,
+        &guest("chaos").display().to_string(),
+        "handler.wasm",
+    );
     let mut child = start(dir.path(), &config, 1);
     let addr = admin_addr(&mut child, dir.path(), 1);
     let succeeded = || {

@@ -505,10 +505,7 @@ fn start_core(nats: &Nats, n: &Names, dir: &Path) -> Proc {
         nats.create_stream(&n.stream(what), &[&n.subject(what)]);
     }
     let config = write_config(dir, n, &url(), "", "");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace(&format!(", stream = \"{}\"", n.stream("in")), "");
-    std::fs::write(&config, text).unwrap();
+    lockgate_tests::edit_config(&config, &format!(", stream = \"{}\"", n.stream("in")), "");
     let mut child = start(dir, &config, 1);
     let started = std::time::Instant::now();
     while !run_logs(dir, 1).contains("Subscribed") {
@@ -656,11 +653,11 @@ fn a_token_protected_server_is_used_with_its_token() {
     nats.publish(&orders(&n.subject("in"), 50, 5, |_| ""));
     let config = write_config(dir.path(), &n, &url, "", "");
     // The secret comes from the environment, never from the file.
-    let text = std::fs::read_to_string(&config).unwrap().replace(
+    lockgate_tests::edit_config(
+        &config,
         "kind = \"nats\"\n",
         "kind = \"nats\"\ntoken_env = \"TEST_NATS_TOKEN\"\n",
     );
-    std::fs::write(&config, &text).unwrap();
     let run = |run: u32, token: Option<&str>| {
         let env: Vec<(&str, &str)> = token.map(|t| ("TEST_NATS_TOKEN", t)).into_iter().collect();
         start_run_with_env(dir.path(), &config, run, None, "lockgate=info,warn", &env)
@@ -697,10 +694,11 @@ fn jetstream_pending_is_exported_as_consumer_lag() {
         ", max_ack_pending = 20",
         "rate_limit = { per_second = 100, burst = 10 }\n",
     );
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("[runtime]\n", "[runtime]\nadmin = \"127.0.0.1:0\"\n");
-    std::fs::write(&config, text).unwrap();
+    lockgate_tests::edit_config(
+        &config,
+        "[runtime]\n",
+        "[runtime]\nadmin = \"127.0.0.1:0\"\n",
+    );
     let mut child = start(dir.path(), &config, 1);
     let addr = admin::admin_addr(&mut child, dir.path(), 1);
     let lag = || {
@@ -759,15 +757,19 @@ fn jetstream_dead_letters_are_replayed_once_after_the_handler_is_fixed() {
     assert!(shown.contains("key            k"), "{shown}");
 
     // Deploy the fixed version, replay, replay again.
-    let text = std::fs::read_to_string(&config).unwrap().replace(
+    lockgate_tests::edit_config(
+        &config,
         &format!(r#"config = {{ target = "{}" }}"#, n.subject("out")),
         &format!(
             r#"config = {{ target = "{}", poison_ok = "true" }}"#,
             n.subject("out")
         ),
     );
-    assert!(text.contains("poison_ok"));
-    std::fs::write(&config, text).unwrap();
+    assert!(
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .contains("poison_ok")
+    );
     let mut child = start(dir.path(), &config, 2);
     let said = dlq_cmd(dir.path(), &["replay", "--batch", "3"]);
     assert!(said.contains("replayed 10 dead letters"), "{said}");

@@ -474,10 +474,11 @@ fn survives(
         "",
         "concurrency = 4\nordering = \"key\"\nidempotency = { key = \"json:/id\" }\n",
     );
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("exchange = \"\"\n", &format!("exchange = \"\"\n{broker}"));
-    std::fs::write(&config, text).unwrap();
+    lockgate_tests::edit_config(
+        &config,
+        "exchange = \"\"\n",
+        &format!("exchange = \"\"\n{broker}"),
+    );
     let mut proc = run(dir.path(), &config, 1);
     let mut got = (Vec::new(), Vec::new());
     collect(&rabbit, &q, &mut proc, dir.path(), 1, &mut got, at);
@@ -595,11 +596,11 @@ fn a_single_active_consumer_queue_is_drained_by_one_process_at_a_time_in_order()
     let mut procs = Vec::new();
     for dir in [&a, &b] {
         let config = write_config(dir.path(), &q, "", "rate_limit = { per_second = 300 }\n");
-        let text = std::fs::read_to_string(&config).unwrap().replace(
+        lockgate_tests::edit_config(
+            &config,
             "prefetch = 500 }",
             "prefetch = 50, single_active_consumer = true }",
         );
-        std::fs::write(&config, text).unwrap();
         let mut proc = run(dir.path(), &config, 1);
         let want = procs.len() as u64 + 1;
         wait(&mut proc, dir.path(), 1, want, || {
@@ -678,11 +679,11 @@ fn a_route_over_amqps_trusts_its_ca_file_and_refuses_an_unknown_certificate() {
     stop_run(&mut proc, dir.path(), 1);
     assert_eq!(rabbit.ready(&q.input), N as u32);
     // With it, the route consumes and publishes over TLS.
-    let text = std::fs::read_to_string(&config).unwrap().replace(
+    lockgate_tests::edit_config(
+        &config,
         "url_file = \"amqp-url\"\n",
         &format!("url_file = \"amqp-url\"\nca_file = \"{}\"\n", ca.display()),
     );
-    std::fs::write(&config, text).unwrap();
     let mut proc = run(dir.path(), &config, 2);
     let mut got = (Vec::new(), Vec::new());
     collect(&rabbit, &q, &mut proc, dir.path(), 2, &mut got, N as usize);
@@ -704,11 +705,11 @@ fn broker_mode_waits_in_retry_queues_for_the_backoff_and_counts_attempts() {
     rabbit.publish(&q.input, &[(None, r#"{"id":0,"fail":3}"#.to_owned())]);
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &q, "", "");
-    let text = std::fs::read_to_string(&config).unwrap().replace(
+    lockgate_tests::edit_config(
+        &config,
         "retry = { max_attempts = 4, initial_backoff_ms = 5, max_backoff_ms = 50 }",
         "retry = { mode = \"broker\", max_attempts = 5, initial_backoff_ms = 300, max_backoff_ms = 5000, multiplier = 2.0, jitter = \"none\" }",
     );
-    std::fs::write(&config, text).unwrap();
     let mut proc = lockgate_tests::start_run_with_env(
         dir.path(),
         &config,
@@ -810,10 +811,7 @@ fn dead_letters_are_listed_and_replayed_from_a_rabbitmq_dlq_once() {
     assert!(shown.contains("is poison"), "{shown}");
 
     // The fixed handler; replay: each letter once, then nothing left to replay.
-    let fixed = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("count_effects = \"true\"", "poison_ok = \"true\"");
-    std::fs::write(&config, fixed).unwrap();
+    lockgate_tests::edit_config(&config, "count_effects = \"true\"", "poison_ok = \"true\"");
     let mut proc = run(dir.path(), &config, 2);
     let replay = lockgate_tests::dlq_cmd(dir.path(), &["replay"]);
     assert!(replay.contains("replayed 3 dead letters"), "{replay}");
@@ -845,11 +843,11 @@ fn broker_mode_retries_through_the_same_delay_tier_more_than_once() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &q, "", "");
     // Every backoff is 300 ms: all three retries wait in the one queue of that tier.
-    let text = std::fs::read_to_string(&config).unwrap().replace(
+    lockgate_tests::edit_config(
+        &config,
         "retry = { max_attempts = 4, initial_backoff_ms = 5, max_backoff_ms = 50 }",
         "retry = { mode = \"broker\", max_attempts = 5, initial_backoff_ms = 300, max_backoff_ms = 300, jitter = \"none\" }",
     );
-    std::fs::write(&config, text).unwrap();
     let mut proc = run(dir.path(), &config, 1);
     let mut out = Vec::new();
     lockgate_tests::wait_for_progress(
