@@ -261,6 +261,19 @@ pub fn stop_run(child: &mut Proc, dir: &std::path::Path, run: u32) {
     assert!(status.success(), "{status}\n{}", run_logs(dir, run));
 }
 
+/// `n` orders `{"id":i...}` keyed `k<i % keys>`, with `extra(i)` added to each payload (for
+/// example [`crash_mix`]).
+pub fn orders(n: u64, keys: u64, extra: impl Fn(u64) -> &'static str) -> Vec<(String, String)> {
+    (0..n)
+        .map(|i| {
+            (
+                format!("k{}", i % keys),
+                format!(r#"{{"id":{i}{}}}"#, extra(i)),
+            )
+        })
+        .collect()
+}
+
 /// Payload extras of the crash tests: every 100th message (42, 142, ...) is poison, every 20th
 /// (3, 23, ...) fails twice before it succeeds.
 pub fn crash_mix(i: u64) -> &'static str {

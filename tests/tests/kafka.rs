@@ -16,7 +16,7 @@ use lockgate_tests::admin::{self, admin_addr};
 use lockgate_tests::kafka::{
     Tail, bootstrap, committed, create_topics, create_topics_at, id_of, produce, runtime, unique,
 };
-use lockgate_tests::{guest, run_logs, start_run, wait_for_progress};
+use lockgate_tests::{guest, orders, run_logs, start_run, wait_for_progress};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
@@ -133,18 +133,6 @@ fn assert_same(what: &str, got: &BTreeSet<u64>, want: &BTreeSet<u64>) {
         want.difference(got).count(),
         got.difference(want).count()
     );
-}
-
-/// Messages `0..n`: key `k<i % keys>`, payload `{"id": i}` (plus `extra(i)` fields).
-fn orders(n: u64, keys: u64, extra: impl Fn(u64) -> &'static str) -> Vec<(String, String)> {
-    (0..n)
-        .map(|i| {
-            (
-                format!("k{}", i % keys),
-                format!(r#"{{"id":{i}{}}}"#, extra(i)),
-            )
-        })
-        .collect()
 }
 
 #[test]

@@ -120,21 +120,16 @@ fn id_of(payload: &str) -> u64 {
     v["id"].as_u64().unwrap()
 }
 
-/// Messages `0..n` on `subject`: key `k<i % keys>`, payload `{"id": i}` plus `extra(i)`.
+/// [`lockgate_tests::orders`] on `subject`.
 fn orders(
     subject: &str,
     n: u64,
     keys: u64,
     extra: impl Fn(u64) -> &'static str,
 ) -> Vec<(String, Option<String>, String)> {
-    (0..n)
-        .map(|i| {
-            (
-                subject.to_owned(),
-                Some(format!("k{}", i % keys)),
-                format!(r#"{{"id":{i}{}}}"#, extra(i)),
-            )
-        })
+    lockgate_tests::orders(n, keys, extra)
+        .into_iter()
+        .map(|(key, payload)| (subject.to_owned(), Some(key), payload))
         .collect()
 }
 

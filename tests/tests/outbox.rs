@@ -85,14 +85,7 @@ fn an_outbox_route_killed_mid_stream_loses_and_repeats_nothing() {
     );
     create_topics(&rt, &[(&input, 6), (&out, 3), (&dlq, 1)]);
     let poison = |i: u64| i % 100 == 42;
-    let orders: Vec<(String, String)> = (0..ORDERS)
-        .map(|i| {
-            (
-                format!("k{}", i % 97),
-                format!(r#"{{"id":{i}{}}}"#, crash_mix(i)),
-            )
-        })
-        .collect();
+    let orders = lockgate_tests::orders(ORDERS, 97, crash_mix);
     produce(&rt, &input, &orders);
     let schema = pg::unique_schema("lgoutbox");
     let dir = tempfile::tempdir().unwrap();

@@ -213,13 +213,9 @@ fn a_runtime_killed_mid_stream_loses_nothing_and_runs_each_effect_once() {
     let rabbit = Rabbit::connect();
     let q = Queues::new(&rabbit);
     let poison = |i: u64| i % 100 == 42;
-    let messages: Vec<(Option<String>, String)> = (0..N)
-        .map(|i| {
-            (
-                Some(format!("k{}", i % 50)),
-                format!(r#"{{"id":{i}{}}}"#, crash_mix(i)),
-            )
-        })
+    let messages: Vec<(Option<String>, String)> = lockgate_tests::orders(N, 50, crash_mix)
+        .into_iter()
+        .map(|(k, v)| (Some(k), v))
         .collect();
     rabbit.publish(&q.input, &messages);
     let dir = tempfile::tempdir().unwrap();

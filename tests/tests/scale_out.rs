@@ -409,14 +409,7 @@ fn scenario(kafka: bool, store: &Store) -> Measured {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let poison = |i: u64| i % 100 == 42;
-    let orders: Vec<(String, String)> = (0..N)
-        .map(|i| {
-            (
-                format!("k{}", i % 97),
-                format!(r#"{{"id":{i}{}}}"#, crash_mix(i)),
-            )
-        })
-        .collect();
+    let orders = lockgate_tests::orders(N, 97, crash_mix);
     let mut bus = if kafka {
         Bus::kafka(&orders)
     } else {
