@@ -102,11 +102,6 @@ fn lockgate_drain(topic: &str, out: &str) -> f64 {
     N as f64 / ((hi - started_ms).max(1) as f64 / 1000.0)
 }
 
-fn median_spread(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
-}
-
 fn main() {
     let rt = runtime();
     let payload = "x".repeat(100);
@@ -133,9 +128,9 @@ fn main() {
         );
     }
     let ratios: Vec<f64> = lg.iter().zip(&raw).map(|(l, r)| l / r).collect();
-    let (r, rlo, rhi) = median_spread(raw);
-    let (l, llo, lhi) = median_spread(lg);
-    let (q, qlo, qhi) = median_spread(ratios);
+    let (r, rlo, rhi) = lockgate_tests::median_spread(&raw);
+    let (l, llo, lhi) = lockgate_tests::median_spread(&lg);
+    let (q, qlo, qhi) = lockgate_tests::median_spread(&ratios);
     println!("{N} messages x {ROUNDS} rounds, 3 partitions, 100 B payloads");
     println!("| arm | msgs/s (median) | min..max |");
     println!("|---|---|---|");

@@ -138,11 +138,6 @@ fn lockgate_drain(nats: &Nats, stream: &str, subject: &str, out_stream: &str, ou
     (N as u64 - n0) as f64 / t0.elapsed().as_secs_f64()
 }
 
-fn median_spread(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
-}
-
 fn main() {
     let nats = Nats::connect();
     let payload = "x".repeat(100);
@@ -182,11 +177,11 @@ fn main() {
     }
     let ratios: Vec<f64> = lg.iter().zip(&raw).map(|(l, r)| l / r).collect();
     let ratios_p: Vec<f64> = lg.iter().zip(&rawp).map(|(l, r)| l / r).collect();
-    let (r, rlo, rhi) = median_spread(raw);
-    let (p, plo, phi) = median_spread(rawp);
-    let (l, llo, lhi) = median_spread(lg);
-    let (q, qlo, qhi) = median_spread(ratios);
-    let (qp, qplo, qphi) = median_spread(ratios_p);
+    let (r, rlo, rhi) = lockgate_tests::median_spread(&raw);
+    let (p, plo, phi) = lockgate_tests::median_spread(&rawp);
+    let (l, llo, lhi) = lockgate_tests::median_spread(&lg);
+    let (q, qlo, qhi) = lockgate_tests::median_spread(&ratios);
+    let (qp, qplo, qphi) = lockgate_tests::median_spread(&ratios_p);
     println!("{N} messages x {ROUNDS} rounds, JetStream file streams, 100 B payloads, 64 keys");
     println!("| arm | msgs/s (median) | min..max |");
     println!("|---|---|---|");

@@ -239,11 +239,6 @@ async fn drop_schema(schema: &str) {
         .unwrap();
 }
 
-fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
-}
-
 fn main() {
     let rt = runtime();
     let topics: Vec<String> = (0..ROUNDS).map(|_| unique("outbox-bench")).collect();
@@ -272,9 +267,9 @@ fn main() {
             );
         }
         let ratios: Vec<f64> = lg.iter().zip(&plain).map(|(l, p)| l / p).collect();
-        let (l, llo, lhi) = median(lg);
-        let (p, plo, phi) = median(plain);
-        let (q, qlo, qhi) = median(ratios);
+        let (l, llo, lhi) = lockgate_tests::median_spread(&lg);
+        let (p, plo, phi) = lockgate_tests::median_spread(&plain);
+        let (q, qlo, qhi) = lockgate_tests::median_spread(&ratios);
         println!("Relay: {ROWS} rows x {ROUNDS} rounds to Kafka (3 partitions), 100 B payloads");
         println!("| arm | rows/s (median) | min..max |");
         println!("|---|---|---|");
@@ -293,8 +288,8 @@ fn main() {
                 publish.push(route_rate(&engine, "publish").await);
             }
         }
-        let (pu, _, _) = median(publish);
-        let (ob, _, _) = median(outbox);
+        let (pu, _, _) = lockgate_tests::median_spread(&publish);
+        let (ob, _, _) = lockgate_tests::median_spread(&outbox);
         println!();
         println!(
             "Outbox mode: {MESSAGES} messages x {ROUNDS} rounds, chaos guest (one kv write each), 8 lanes, idempotency on PostgreSQL"

@@ -91,11 +91,6 @@ fn lockgate_drain(rabbit: &Rabbit, queue: &str, out: &str) -> f64 {
     N as f64 / started.elapsed().as_secs_f64()
 }
 
-fn median_spread(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
-}
-
 fn main() {
     let rabbit = Rabbit::connect();
     let payload = "x".repeat(100);
@@ -124,9 +119,9 @@ fn main() {
         );
     }
     let ratios: Vec<f64> = lg.iter().zip(&raw).map(|(l, r)| l / r).collect();
-    let (r, rlo, rhi) = median_spread(raw);
-    let (l, llo, lhi) = median_spread(lg);
-    let (q, qlo, qhi) = median_spread(ratios);
+    let (r, rlo, rhi) = lockgate_tests::median_spread(&raw);
+    let (l, llo, lhi) = lockgate_tests::median_spread(&lg);
+    let (q, qlo, qhi) = lockgate_tests::median_spread(&ratios);
     println!("{N} messages x {ROUNDS} rounds, quorum queues, 100 B payloads, prefetch {PREFETCH}");
     println!("| arm | msgs/s (median) | min..max |");
     println!("|---|---|---|");

@@ -35,12 +35,6 @@ use lockgate_tests::{guest, handler_env};
 
 const ROUNDS: usize = 5;
 
-fn median_spread(v: &[f64]) -> (f64, f64, f64) {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
-}
-
 /// Nanoseconds per call.
 fn per_call(iters: u32, mut f: impl FnMut()) -> f64 {
     let start = Instant::now();
@@ -315,7 +309,7 @@ fn main() {
     ];
     let s = interleave(&mut arms);
     drop(arms);
-    let native = median_spread(&s[0]).0;
+    let native = lockgate_tests::median_spread(&s[0]).0;
     let targets = ["", "", "≤ 1 µs", "", "≤ 10 µs", "", "", ""];
     for (i, name) in [
         "native closure",
@@ -330,7 +324,7 @@ fn main() {
     .iter()
     .enumerate()
     {
-        let (m, lo, hi) = median_spread(&s[i]);
+        let (m, lo, hi) = lockgate_tests::median_spread(&s[i]);
         row(
             &format!("call: {name}"),
             format!("{:.2} µs", m / 1e3),
@@ -368,7 +362,7 @@ fn main() {
     ];
     let s = interleave(&mut arms);
     drop(arms);
-    let (native_rate, ..) = median_spread(&s[0]);
+    let (native_rate, ..) = lockgate_tests::median_spread(&s[0]);
     for (i, name) in [
         "native",
         "guest",
@@ -378,11 +372,11 @@ fn main() {
     .iter()
     .enumerate()
     {
-        let (m, lo, hi) = median_spread(&s[i]);
+        let (m, lo, hi) = lockgate_tests::median_spread(&s[i]);
         let base = if i < 2 {
             native_rate
         } else {
-            median_spread(&s[2]).0
+            lockgate_tests::median_spread(&s[2]).0
         };
         row(
             &format!("pipeline, 1 lane: {name}"),
@@ -426,7 +420,7 @@ fn main() {
     let s = interleave(&mut arms);
     drop(arms);
     for (i, (label, n)) in labels.iter().enumerate() {
-        let (m, lo, hi) = median_spread(&s[i]);
+        let (m, lo, hi) = lockgate_tests::median_spread(&s[i]);
         // In and out of the guest: the payload crosses the ABI twice.
         let gbps = 2.0 * *n as f64 / m;
         row(
@@ -463,8 +457,8 @@ fn main() {
     let s = interleave(&mut arms);
     drop(arms);
     for (i, bytes) in [100usize, 64 << 10].iter().enumerate() {
-        let (one, ..) = median_spread(&s[2 * i]);
-        let (two, lo, hi) = median_spread(&s[2 * i + 1]);
+        let (one, ..) = lockgate_tests::median_spread(&s[2 * i]);
+        let (two, lo, hi) = lockgate_tests::median_spread(&s[2 * i + 1]);
         row(
             &format!(
                 "guest route, {} payloads, 2 lanes vs 1 (2 cores)",
@@ -501,8 +495,8 @@ fn main() {
     ];
     let s = interleave(&mut arms);
     drop(arms);
-    let (one, ..) = median_spread(&s[0]);
-    let (two, lo, hi) = median_spread(&s[1]);
+    let (one, ..) = lockgate_tests::median_spread(&s[0]);
+    let (two, lo, hi) = lockgate_tests::median_spread(&s[1]);
     row(
         "guest calls alone (64 KiB), 2 threads vs 1 (2 cores)",
         format!("{two:.0} vs {one:.0} calls/s"),

@@ -90,6 +90,14 @@ pub fn dlq_cmd(dir: &std::path::Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A benchmark's samples as (median, lowest, highest): benches report the median of a few
+/// rounds with their spread (the machine is noisy).
+pub fn median_spread(v: &[f64]) -> (f64, f64, f64) {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
 /// Replaces `from` with `to` in the file at `path` (a test's runtime.toml), failing the test
 /// if `from` is not there: an edit that silently matched nothing would test the wrong setup.
 pub fn edit_config(path: &std::path::Path, from: &str, to: &str) {
