@@ -648,13 +648,24 @@ impl Sink for KafkaSink {
 const SCAN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Records a scan returns at once.
 const SCAN_BATCH: usize = 500;
+/// After the watermarks, how long a scan keeps taking records that come, until one such pause
+/// passes without any.
+const SCAN_TAIL_QUIET: Duration = Duration::from_millis(250);
 
 /// A [`Scan`] of every partition of one topic, from each partition's low watermark to the high
-/// watermark it had at open. Partitions are assigned directly (no group, nothing committed).
+/// watermark it had at open, and then whatever arrives until the topic is quiet for
+/// [`SCAN_TAIL_QUIET`]: a broker may report a high watermark behind its last records (tansu,
+/// the Kafka-protocol broker of the tests, counts only the first record of the newest batch
+/// until the next write), and a reader of a DLQ must not miss the newest letters, markers or
+/// replay results. Partitions are assigned directly (no group, nothing committed).
 pub struct KafkaScan {
     consumer: StreamConsumer,
     /// Partitions not yet read to their end, with that end (exclusive).
     remaining: HashMap<i32, i64>,
+    /// Per assigned partition, the next offset to return (records below it were returned).
+    next: HashMap<i32, i64>,
+    /// Whether the quiet tail after the watermarks was read.
+    tail_done: bool,
     topic: String,
 }
 
@@ -708,14 +719,16 @@ impl KafkaScan {
         .map_err(|e| BrokerError::Unavailable(format!("scan task failed: {e}")))??;
         let mut tpl = TopicPartitionList::new();
         let mut remaining = HashMap::new();
+        let mut next = HashMap::new();
         for (p, low, high) in ends {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .map_err(|e| unavailable(&format!("assign {topic}/{p}"), e))?;
+            next.insert(p, low);
             if high > low {
-                tpl.add_partition_offset(topic, p, Offset::Beginning)
-                    .map_err(|e| unavailable(&format!("assign {topic}/{p}"), e))?;
                 remaining.insert(p, high);
             }
         }
-        if !remaining.is_empty() {
+        if !next.is_empty() {
             consumer
                 .assign(&tpl)
                 .map_err(|e| unavailable(&format!("assign {topic}"), e))?;
@@ -723,8 +736,27 @@ impl KafkaScan {
         Ok(Self {
             consumer,
             remaining,
+            tail_done: next.is_empty(),
+            next,
             topic: topic.to_owned(),
         })
+    }
+}
+
+/// Adds `msg` to `out` unless it was returned already (`next`: per partition, the next offset
+/// to return).
+fn take_new(
+    next: &mut HashMap<i32, i64>,
+    msg: &rdkafka::message::BorrowedMessage<'_>,
+    out: &mut Vec<Record>,
+) {
+    let next = next.entry(msg.partition()).or_insert(0);
+    if msg.offset() < *next {
+        return;
+    }
+    *next = msg.offset() + 1;
+    if let Some(r) = record_of(msg) {
+        out.push(r);
     }
 }
 
@@ -753,13 +785,25 @@ impl Scan for KafkaScan {
                 };
                 if msg.offset() >= end {
                     self.remaining.remove(&p);
-                    continue;
+                    // Past the watermark: the tail below takes it.
                 }
                 if msg.offset() + 1 >= end {
                     self.remaining.remove(&p);
                 }
-                if let Some(r) = record_of(&msg) {
-                    out.push(r);
+                take_new(&mut self.next, &msg, &mut out);
+            }
+            if self.remaining.is_empty() && !self.tail_done {
+                while out.len() < SCAN_BATCH {
+                    match tokio::time::timeout(SCAN_TAIL_QUIET, self.consumer.recv()).await {
+                        Ok(Ok(msg)) => take_new(&mut self.next, &msg, &mut out),
+                        Ok(Err(e)) => {
+                            return Err(unavailable(&format!("read {}", self.topic), e));
+                        }
+                        Err(_) => {
+                            self.tail_done = true;
+                            break;
+                        }
+                    }
                 }
             }
             Ok(if out.is_empty() { None } else { Some(out) })
