@@ -158,8 +158,18 @@ const COUNTERS: &[(&str, &str, Read)] = &[
     ),
     (
         "lockgate_messages_duplicates_skipped",
-        "Redelivered messages skipped because their idempotency key was done.",
+        "Redelivered messages skipped because their idempotency key was done (or their message was dead-lettered and they are not a replay).",
         |s| load(&s.duplicates),
+    ),
+    (
+        "lockgate_outputs_refused",
+        "Publishes the host refused during calls (a topic not in the route's outputs, too large, too many); each fails its call.",
+        |s| load(&s.refused_outputs),
+    ),
+    (
+        "lockgate_replays_finished",
+        "Replayed dead letters taken to their end (handled, skipped or dead-lettered again).",
+        |s| load(&s.replays),
     ),
     (
         "lockgate_idempotency_claim_waits",

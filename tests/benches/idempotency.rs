@@ -26,8 +26,8 @@ use lockgate::engine::{
 use lockgate::pipeline::idempotency::DoneKeys;
 use lockgate::pipeline::{Route, RouteSinks, Shutdown};
 use lockgate::state::{
-    ClaimRequest, EmbeddedStore, IdempotencyStore, KvStore, KvWrite, PostgresStore, RedisStore,
-    StateStore,
+    ClaimRequest, Completion, EmbeddedStore, IdempotencyStore, KvStore, KvWrite, PostgresStore,
+    RedisStore, StateStore,
 };
 
 const REDIS: &str = "redis://127.0.0.1:6379";
@@ -60,10 +60,7 @@ fn stores(dir: &Path) -> Vec<StateStore> {
 }
 
 fn req(key: String) -> ClaimRequest {
-    ClaimRequest {
-        key,
-        owner: "bench".into(),
-    }
+    ClaimRequest::new(key, "bench")
 }
 
 /// Microseconds per message of claim + complete, `batch` messages per call.
@@ -85,7 +82,7 @@ async fn claim_and_complete(
             .await
             .unwrap();
         store
-            .complete(scope.into(), chunk.to_vec(), TTL)
+            .complete(scope.into(), chunk.to_vec(), TTL, Completion::Done)
             .await
             .unwrap();
     }
@@ -118,7 +115,10 @@ async fn with_commit(store: &dyn IdempotencyStore, scope: &str, n: usize) -> f64
             )
             .await
             .unwrap();
-        store.complete(scope.into(), vec![key], TTL).await.unwrap();
+        store
+            .complete(scope.into(), vec![key], TTL, Completion::Done)
+            .await
+            .unwrap();
     }
     start.elapsed().as_secs_f64() * 1e6 / n as f64
 }

@@ -33,8 +33,10 @@ pub fn list(dir: &std::path::Path, args: &[&str]) -> Vec<serde_json::Value> {
 }
 
 /// Writes `dir/runtime.toml`: route `orders` (the `chaos` guest, two attempts) on the embedded
-/// broker; `fixed` deploys the version that accepts poison orders. With `table_schema` the DLQ is
-/// the `dead_letters` table of a PostgreSQL store in that schema, else the topic `orders.dlq`.
+/// broker, deduplicating by the payload's `id` (the case where a replay must re-open the key of
+/// a dead letter); `fixed` deploys the version that accepts poison orders. With `table_schema`
+/// the DLQ is the `dead_letters` table of a PostgreSQL store in that schema and the keys live in
+/// that store, else the DLQ is the topic `orders.dlq` and the keys are in the embedded store.
 pub fn write_config(
     dir: &std::path::Path,
     fixed: bool,
@@ -46,7 +48,7 @@ pub fn write_config(
                 "[stores.pg]\nkind = \"postgres\"\nurl = \"{}\"\nschema = \"{schema}\"\n\n",
                 crate::pg::URL
             ),
-            "dlq = { store = \"pg\" }\n",
+            "dlq = { store = \"pg\" }\nstate = \"pg\"\n",
         ),
         None => (String::new(), ""),
     };
@@ -66,10 +68,31 @@ handler = "chaos"
 source = {{ topic = "orders" }}
 outputs = ["out"]
 retry = {{ max_attempts = 2, initial_backoff_ms = 5, jitter = "none" }}
+idempotency = {{ key = "json:/id" }}
 {dlq}"#,
             crate::guest("chaos").display()
         ),
     )
     .unwrap();
     config
+}
+
+/// Waits until the embedded broker's group `lockgate` committed `offset` of topic `orders`
+/// (every message before it was done) while run `run` works.
+pub fn wait_committed(
+    broker: &lockgate::broker::local::LocalBroker,
+    child: &mut crate::Proc,
+    dir: &std::path::Path,
+    run: u32,
+    offset: u64,
+) {
+    crate::wait_for_progress(
+        child,
+        dir,
+        run,
+        offset,
+        std::time::Duration::from_secs(60),
+        std::time::Duration::from_millis(20),
+        || broker.committed("orders", "lockgate").unwrap_or(0),
+    );
 }

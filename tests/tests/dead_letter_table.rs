@@ -1,14 +1,16 @@
 //! A PostgreSQL dead-letter table as a route's DLQ (`dlq = { store = "pg" }`, needs
 //! `scripts/brokers.sh start postgres`): poison messages land in `<schema>.dead_letters` with the
 //! full envelope, `lockgate dlq list|show` read them from there, and after the handler is fixed
-//! `lockgate dlq replay` sends them back once and marks the rows replayed.
+//! `lockgate dlq replay` sends them back once, marks the rows replayed and records each one's
+//! result. The route's idempotency keys live in the same PostgreSQL store: a dead-lettered key
+//! does not make its replay a duplicate, a true duplicate is still skipped.
 
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
 use lockgate::broker::local::LocalBroker;
-use lockgate_tests::dlq::{list, order, write_config};
+use lockgate_tests::dlq::{list, order, wait_committed, write_config};
 use lockgate_tests::pg::{self, SyncPg};
 use lockgate_tests::{lockgate, show, start_run, stop_run, wait_for_progress};
 
@@ -115,6 +117,11 @@ fn poison_lands_in_the_dead_letter_table_and_replays_from_it_once() {
         "{}",
         show(&out)
     );
+    assert!(
+        show(&out).contains("results: 10 handled, 0 skipped"),
+        "{}",
+        show(&out)
+    );
     wait_for_progress(
         &mut run,
         dir.path(),
@@ -124,8 +131,33 @@ fn poison_lands_in_the_dead_letter_table_and_replays_from_it_once() {
         Duration::from_millis(20),
         || broker.end_offset("out").unwrap(),
     );
+    // True duplicates: of an order handled at first, and of one handled on replay.
+    broker.append(&[order(3), order(26)]).unwrap();
+    wait_committed(&broker, &mut run, dir.path(), 2, 52);
     stop_run(&mut run, dir.path(), 2);
-    assert_eq!(broker.end_offset("orders").unwrap(), 50);
+    assert_eq!(
+        broker.end_offset("out").unwrap(),
+        35,
+        "duplicates run nothing"
+    );
+    assert_eq!(lockgate_tests::run_stat(dir.path(), 2, "duplicates"), 2);
+    assert_eq!(broker.end_offset("orders").unwrap(), 52);
+    assert_eq!(
+        sql.count(&format!(
+            "SELECT count(*) FROM {table} WHERE replay_result = 'handled' AND replay_route = 'orders' AND replay_detail = '1 output' AND replay_result_at IS NOT NULL"
+        )),
+        10
+    );
+    // The keys: 35 handled, 5 still dead-lettered.
+    let keys: Vec<(String, i64)> = sql
+        .query(
+            &format!("SELECT state, count(*) FROM {schema}.idempotency GROUP BY 1 ORDER BY 1"),
+            &[],
+        )
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(keys, vec![("d".into(), 35), ("x".into(), 5)]);
     assert_eq!(
         sql.count(&format!(
             "SELECT count(*) FROM {table} WHERE replayed_at IS NOT NULL AND replayed_to = 'local:orders' AND error_kind = 'reject'"
@@ -144,11 +176,15 @@ fn poison_lands_in_the_dead_letter_table_and_replays_from_it_once() {
         after.iter().filter(|r| r["status"] == "replayed").count(),
         10
     );
+    assert_eq!(
+        after.iter().filter(|r| r["result"] == "handled").count(),
+        10
+    );
     let out = lockgate(dir.path(), &["dlq", "replay", "--error-kind", "reject"]);
     assert!(out.status.success(), "{}", show(&out));
     assert!(show(&out).contains("nothing to replay"), "{}", show(&out));
-    assert_eq!(broker.end_offset("orders").unwrap(), 50);
-    let copies = broker.read("orders", 40, 100).unwrap();
+    assert_eq!(broker.end_offset("orders").unwrap(), 52);
+    let copies = broker.read("orders", 40, 10).unwrap();
     assert!(copies.iter().all(|c| {
         c.header("lockgate-replayed-from")
             .is_some_and(|f| f.starts_with(b"orders.dlq/-/"))

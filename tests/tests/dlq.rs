@@ -1,6 +1,8 @@
 //! `lockgate dlq list|show|replay` on the embedded broker: poison messages are dead-lettered,
 //! listed and filtered, the handler is fixed, the dead letters are replayed (interrupted once,
-//! killed once), every one succeeds exactly once, and a further replay does nothing.
+//! killed once), every one succeeds exactly once although the route deduplicates by a payload
+//! key, true duplicates are still skipped, each letter's result is reported, and a further
+//! replay does nothing.
 
 #![allow(clippy::unwrap_used)]
 
@@ -10,7 +12,7 @@ use std::time::Duration;
 
 use lockgate::broker::Record;
 use lockgate::broker::local::LocalBroker;
-use lockgate_tests::dlq::{list, order, write_config};
+use lockgate_tests::dlq::{list, order, wait_committed, write_config};
 use lockgate_tests::{
     Proc, lockgate, logs_of, show, signal, spawn_lockgate, start_run, stop_run, wait_for_progress,
 };
@@ -171,11 +173,19 @@ fn dead_letters_are_listed_fixed_replayed_once_and_an_interrupted_replay_resumes
         "every published batch is marked, nothing else"
     );
 
-    // Resume: the rest, and only the rest.
+    // Resume: the rest, and only the rest; each handled by the running route.
     let out = lockgate(dir.path(), &["dlq", "replay", "--error-kind", "reject"]);
     assert!(out.status.success(), "{}", show(&out));
     assert!(
         show(&out).contains(&format!("replayed {} dead letters", 10 - first_part)),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        show(&out).contains(&format!(
+            "results: {} handled, 0 skipped (already handled), 0 dead-lettered again",
+            10 - first_part
+        )),
         "{}",
         show(&out)
     );
@@ -210,8 +220,11 @@ fn dead_letters_are_listed_fixed_replayed_once_and_an_interrupted_replay_resumes
         );
     }
 
-    // The fixed handler forwards every replayed poison order exactly once.
+    // The fixed handler forwards every replayed poison order exactly once; true duplicates of
+    // an order handled at first and of one handled on replay are skipped.
     run_until(&broker, &mut run, dir.path(), 2, 35, 15);
+    broker.append(&[order(3), order(26)]).unwrap();
+    wait_committed(&broker, &mut run, dir.path(), 2, 52);
     let mut seen = BTreeMap::<u64, u32>::new();
     for r in broker.read("out", 0, 1000).unwrap() {
         *seen.entry(id_of(&r)).or_default() += 1;
@@ -221,6 +234,14 @@ fn dead_letters_are_listed_fixed_replayed_once_and_an_interrupted_replay_resumes
     assert!((25..35).all(|i| seen.contains_key(&i)));
 
     stop_run(&mut run, dir.path(), 2);
+    assert_eq!(lockgate_tests::run_stat(dir.path(), 2, "duplicates"), 2);
+    let handled = list(dir.path(), &["--error-kind", "reject"]);
+    assert!(
+        handled
+            .iter()
+            .all(|r| r["result"] == "handled" && r["result_route"] == "orders"),
+        "{handled:?}"
+    );
 
     // A kill in the middle of a replay repeats nothing: the copies' ids dedup on this broker.
     // Replaying the still-failing ones dead-letters them again (new positions, pending).
@@ -235,23 +256,61 @@ fn dead_letters_are_listed_fixed_replayed_once_and_an_interrupted_replay_resumes
         &mut replay,
         dir.path(),
         0,
-        52,
+        54,
         DEADLINE,
         Duration::from_millis(10),
         || broker.end_offset("orders").unwrap(),
     );
     signal(&replay, "KILL");
     let _ = replay.wait();
-    let out = lockgate(dir.path(), &["dlq", "replay", "--route", "orders"]);
+    // No route runs now: `--wait 0` publishes without waiting for results.
+    let out = lockgate(
+        dir.path(),
+        &["dlq", "replay", "--route", "orders", "--wait", "0"],
+    );
     assert!(out.status.success(), "{}", show(&out));
-    assert_eq!(broker.end_offset("orders").unwrap(), 55, "each copy once");
+    assert_eq!(broker.end_offset("orders").unwrap(), 57, "each copy once");
+    let waiting = list(dir.path(), &["--error-kind", "retry"]);
+    assert!(
+        waiting
+            .iter()
+            .all(|r| r["status"] == "replayed" && r["result"].is_null()),
+        "{waiting:?}"
+    );
     let mut run = start_run(dir.path(), &config, 3, None, "warn");
     run_until(&broker, &mut run, dir.path(), 3, 35, 20);
+    // Each still-failing copy ran again (its dead-lettered key re-opened) and failed again.
+    let started = std::time::Instant::now();
+    let failed = loop {
+        let rows = list(dir.path(), &["--error-kind", "retry"]);
+        let failed: Vec<_> = rows
+            .into_iter()
+            .filter(|r| r["result"] == "failed")
+            .collect();
+        if failed.len() == 5 || started.elapsed() > DEADLINE {
+            break failed;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     stop_run(&mut run, dir.path(), 3);
+    assert_eq!(failed.len(), 5, "{failed:?}");
+    assert!(
+        failed.iter().all(|r| r["result_detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("retry: order 3")),
+        "{failed:?}"
+    );
     let all = list(dir.path(), &[]);
     assert_eq!(all.len(), 20);
     assert_eq!(count_status(&all, "replayed"), 15);
     let again: Vec<_> = all.iter().filter(|r| r["status"] == "pending").collect();
     assert_eq!(again.len(), 5);
     assert!(again.iter().all(|r| r["error_kind"] == "retry"));
+    let table =
+        String::from_utf8_lossy(&lockgate(dir.path(), &["dlq", "list"]).stdout).into_owned();
+    assert!(
+        table.contains("20 dead letters (5 pending, 15 replayed: 5 failed, 10 handled)"),
+        "{table}"
+    );
 }

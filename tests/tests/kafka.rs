@@ -564,6 +564,8 @@ fn an_unreachable_dlq_holds_the_offset_until_it_is_back() {
 
 use lockgate_tests::dlq_cmd;
 
+/// The route deduplicates by a payload key in Redis: a dead-lettered order's key must not make
+/// its replay a duplicate, and a true duplicate must still be skipped.
 #[test]
 fn dead_letters_are_replayed_once_after_the_handler_is_fixed() {
     let rt = runtime();
@@ -576,7 +578,11 @@ fn dead_letters_are_replayed_once_after_the_handler_is_fixed() {
         &orders(30, 7, |i| if i >= 20 { r#","poison":true"# } else { "" }),
     );
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &n, "");
+    let keys_in_redis = format!(
+        "state = \"shared\"\nidempotency = {{ key = \"json:/id\" }}\n\n[stores.shared]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\nprefix = \"{}\"\n",
+        n.group
+    );
+    let config = write_config(dir.path(), &n, &keys_in_redis);
     let mut child = start(dir.path(), &config, 1);
     let mut tail = out_and_dlq(&n);
     wait_for(&mut tail, 30, &mut child, dir.path(), 1);
@@ -596,10 +602,14 @@ fn dead_letters_are_replayed_once_after_the_handler_is_fixed() {
     assert!(shown.contains("is poison"), "{shown}");
 
     // The fixed version, then the replay; a second replay finds nothing left.
-    let config = write_config_with(dir.path(), &n, r#", poison_ok = "true""#, "");
+    let config = write_config_with(dir.path(), &n, r#", poison_ok = "true""#, &keys_in_redis);
     let mut child = start(dir.path(), &config, 2);
     let said = dlq_cmd(dir.path(), &["replay", "--route", "orders"]);
     assert!(said.contains("replayed 10 dead letters"), "{said}");
+    assert!(
+        said.contains("results: 10 handled, 0 skipped (already handled), 0 dead-lettered again"),
+        "{said}"
+    );
     let said = dlq_cmd(dir.path(), &["replay", "--route", "orders"]);
     assert!(
         said.contains(
@@ -609,14 +619,51 @@ fn dead_letters_are_replayed_once_after_the_handler_is_fixed() {
     );
     let mut outputs = Tail::new(&[(&n.out, 3)]);
     wait_for(&mut outputs, 30, &mut child, dir.path(), 2);
+    // True duplicates of an order that succeeded at first and of one that succeeded on replay
+    // are still skipped.
+    produce(
+        &rt,
+        &n.input,
+        &[
+            ("k3".to_owned(), r#"{"id":3}"#.to_owned()),
+            ("k25".to_owned(), r#"{"id":25,"poison":true}"#.to_owned()),
+        ],
+    );
+    let addr = lockgate_tests::admin::admin_addr(&mut child, dir.path(), 2);
+    lockgate_tests::wait_for_progress(
+        &mut child,
+        dir.path(),
+        2,
+        2,
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || {
+            let page = lockgate_tests::admin::get(&addr, "/metrics").1;
+            lockgate_tests::admin::value(
+                &page,
+                "lockgate_messages_duplicates_skipped_total",
+                "orders",
+            )
+            .unwrap_or(0.0) as u64
+        },
+    );
     stop(&mut child, dir.path(), 2);
     outputs.drain(Duration::from_secs(1));
     let out = outputs.records(&n.out);
-    assert_eq!(out.len(), 30, "each replayed order handled once");
+    assert_eq!(
+        out.len(),
+        30,
+        "each replayed order handled once, duplicates skipped"
+    );
     assert_same("outputs", &outputs.ids(), &(0..30).collect());
     let listed = dlq_cmd(dir.path(), &["list", "--json"]);
     assert_eq!(
         listed.matches(r#""status":"replayed""#).count(),
+        10,
+        "{listed}"
+    );
+    assert_eq!(
+        listed.matches(r#""result":"handled""#).count(),
         10,
         "{listed}"
     );

@@ -726,6 +726,8 @@ fn jetstream_pending_is_exported_as_consumer_lag() {
 
 use lockgate_tests::dlq_cmd;
 
+/// The route deduplicates by a payload key: a dead-lettered order's key must not make its
+/// replay a duplicate, and a true duplicate must still be skipped.
 #[test]
 fn jetstream_dead_letters_are_replayed_once_after_the_handler_is_fixed() {
     let nats = Nats::connect();
@@ -735,7 +737,13 @@ fn jetstream_dead_letters_are_replayed_once_after_the_handler_is_fixed() {
         if i >= 20 { r#","poison":true"# } else { "" }
     }));
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &n, &url(), "", "");
+    let config = write_config(
+        dir.path(),
+        &n,
+        &url(),
+        "",
+        "idempotency = { key = \"json:/id\" }",
+    );
     let mut child = start(dir.path(), &config, 1);
     wait_for(&nats, &n, 30, &mut child, dir.path(), 1);
     stop(&mut child, dir.path(), 1);
@@ -768,6 +776,10 @@ fn jetstream_dead_letters_are_replayed_once_after_the_handler_is_fixed() {
     let mut child = start(dir.path(), &config, 2);
     let said = dlq_cmd(dir.path(), &["replay", "--batch", "3"]);
     assert!(said.contains("replayed 10 dead letters"), "{said}");
+    assert!(
+        said.contains("results: 10 handled, 0 skipped (already handled), 0 dead-lettered again"),
+        "{said}"
+    );
     let said = dlq_cmd(dir.path(), &["replay"]);
     assert!(said.contains("nothing to replay"), "{said}");
     wait_for_progress(
@@ -779,7 +791,29 @@ fn jetstream_dead_letters_are_replayed_once_after_the_handler_is_fixed() {
         Duration::from_millis(100),
         || nats.count(&n.stream("out")),
     );
+    // True duplicates of an order handled at first and of one handled on replay: skipped.
+    nats.publish(&[
+        (n.subject("in"), Some("k3".into()), r#"{"id":3}"#.into()),
+        (
+            n.subject("in"),
+            Some("k4".into()),
+            r#"{"id":25,"poison":true}"#.into(),
+        ),
+    ]);
+    wait_for_progress(
+        &mut child,
+        dir.path(),
+        2,
+        1,
+        DEADLINE,
+        Duration::from_millis(50),
+        || {
+            let (unacked, _, undelivered) = nats.consumer_state(&n.stream("in"), &n.durable);
+            u64::from(unacked == 0 && undelivered == 0)
+        },
+    );
     stop(&mut child, dir.path(), 2);
+    assert_eq!(lockgate_tests::run_stat(dir.path(), 2, "duplicates"), 2);
     let seen = counts(&nats.read(&n.stream("out")));
     assert_same(
         "outputs",
@@ -787,10 +821,19 @@ fn jetstream_dead_letters_are_replayed_once_after_the_handler_is_fixed() {
         &(0..30).collect(),
     );
     assert!(seen.values().all(|c| *c == 1), "{seen:?}");
-    assert_eq!(nats.count(&n.stream("in")), 40, "ten copies on the source");
+    assert_eq!(
+        nats.count(&n.stream("in")),
+        42,
+        "ten copies and two duplicates on the source"
+    );
     let listed = dlq_cmd(dir.path(), &["list", "--json"]);
     assert_eq!(
         listed.matches(r#""status":"replayed""#).count(),
+        10,
+        "{listed}"
+    );
+    assert_eq!(
+        listed.matches(r#""result":"handled""#).count(),
         10,
         "{listed}"
     );

@@ -454,6 +454,11 @@ fn a_relay_with_a_handler_transforms_dead_letters_and_replays_into_the_outbox() 
         "{}",
         show(&out)
     );
+    assert!(
+        show(&out).contains("results: 2 handled, 0 skipped"),
+        "{}",
+        show(&out)
+    );
     wait_until(dir.path(), &mut [&mut run], 2, 20, relayed);
     stop_run(&mut run, dir.path(), 2);
     assert_eq!(relayed(), 20);

@@ -773,6 +773,8 @@ fn requests_are_answered_with_their_correlation_id_and_failures_with_an_error() 
     q.delete(&rabbit);
 }
 
+/// The route deduplicates by a payload key: a dead-lettered order's key must not make its
+/// replay a duplicate, and a true duplicate must still be skipped.
 #[test]
 fn dead_letters_are_listed_and_replayed_from_a_rabbitmq_dlq_once() {
     let _serial = serial();
@@ -786,7 +788,12 @@ fn dead_letters_are_listed_and_replayed_from_a_rabbitmq_dlq_once() {
         .collect();
     rabbit.publish(&q.input, &messages);
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &q, "", "");
+    let config = write_config(dir.path(), &q, "", "idempotency = { key = \"json:/id\" }\n");
+    lockgate_tests::edit_config(
+        &config,
+        "shutdown_grace_ms = 5000",
+        "shutdown_grace_ms = 5000\nadmin = \"127.0.0.1:0\"",
+    );
     let mut proc = run(dir.path(), &config, 1);
     let mut out = Vec::new();
     wait(&mut proc, dir.path(), 1, 30, || {
@@ -811,16 +818,45 @@ fn dead_letters_are_listed_and_replayed_from_a_rabbitmq_dlq_once() {
     let mut proc = run(dir.path(), &config, 2);
     let replay = lockgate_tests::dlq_cmd(dir.path(), &["replay"]);
     assert!(replay.contains("replayed 3 dead letters"), "{replay}");
+    assert!(
+        replay.contains("results: 3 handled, 0 skipped (already handled), 0 dead-lettered again"),
+        "{replay}"
+    );
     wait(&mut proc, dir.path(), 2, 30, || {
         out.extend(rabbit.drain(&q.out));
         out.len() as u64
     });
+    // True duplicates of an order handled at first and of one handled on replay: skipped.
+    rabbit.publish(
+        &q.input,
+        &[
+            (Some("k0".into()), r#"{"id":0}"#.into()),
+            (Some("k13".into()), r#"{"id":13,"poison":true}"#.into()),
+        ],
+    );
+    let addr = lockgate_tests::admin::admin_addr(&mut proc, dir.path(), 2);
+    wait(&mut proc, dir.path(), 2, 2, || {
+        let page = lockgate_tests::admin::get(&addr, "/metrics").1;
+        lockgate_tests::admin::value(
+            &page,
+            "lockgate_messages_duplicates_skipped_total",
+            "orders",
+        )
+        .unwrap_or(0.0) as u64
+    });
     stop_run(&mut proc, dir.path(), 2);
+    out.extend(rabbit.drain(&q.out));
+    assert_eq!(out.len(), 30, "duplicates publish nothing");
     let ids: BTreeSet<u64> = out.iter().map(|g| id_of(&g.payload)).collect();
     assert_eq!(ids, (0..30).collect());
     let after = lockgate_tests::dlq::list(dir.path(), &[]);
     assert_eq!(
         after.iter().filter(|r| r["status"] == "replayed").count(),
+        3,
+        "{after:?}"
+    );
+    assert_eq!(
+        after.iter().filter(|r| r["result"] == "handled").count(),
         3,
         "{after:?}"
     );

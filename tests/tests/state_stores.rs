@@ -139,15 +139,13 @@ async fn many_claims_in_one_call_on_both_stores() {
                 "s".into(),
                 keys.iter().step_by(2).cloned().collect(),
                 Duration::from_secs(60),
+                lockgate::state::Completion::Done,
             )
             .await
             .unwrap();
         let requests = keys
             .iter()
-            .map(|k| lockgate::state::ClaimRequest {
-                key: k.clone(),
-                owner: "o".into(),
-            })
+            .map(|k| lockgate::state::ClaimRequest::new(k.clone(), "o"))
             .collect();
         let answers = store
             .claim("s".into(), requests, Duration::from_secs(30))
@@ -194,10 +192,7 @@ async fn an_unreachable_store_errors_promptly() {
     let claim = redis
         .claim(
             "s".into(),
-            vec![lockgate::state::ClaimRequest {
-                key: "k".into(),
-                owner: "o".into(),
-            }],
+            vec![lockgate::state::ClaimRequest::new("k", "o")],
             Duration::from_secs(1),
         )
         .await;
@@ -496,10 +491,7 @@ async fn an_outbox_commit_writes_its_rows_with_its_effects_or_nothing() {
     let store = PostgresStore::new(POSTGRES, &schema, 2).unwrap();
     let scope = "idempotency/orders".to_owned();
     let lease = Duration::from_secs(30);
-    let req = |key: &str| ClaimRequest {
-        key: key.into(),
-        owner: "me".into(),
-    };
+    let req = |key: &str| ClaimRequest::new(key, "me");
     let write = |expected: Option<Option<Vec<u8>>>| KvWrite {
         namespace: "h".into(),
         key: "x".into(),

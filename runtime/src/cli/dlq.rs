@@ -8,8 +8,12 @@
 //! [`lockgate::state::DeadLetterTable`]), so a second replay, from any machine, skips it; a
 //! replay that is interrupted writes the marker of the batch in flight before it exits and the
 //! next run goes on from there.
+//!
+//! The route that takes a replayed copy to its end appends a replay result to its DLQ (handled,
+//! skipped as a duplicate, or dead-lettered again); `list` and `show` print it and `replay`
+//! waits for the results of what it replayed (`--wait`) and reports each letter's.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,7 +28,9 @@ use clap::{Args, Subcommand};
 use lockgate::broker::local::LocalBroker;
 use lockgate::broker::{OutRecord, Scan, Sink};
 use lockgate::config::{Config, Endpoint};
-use lockgate::pipeline::dlq::{DeadLetter, marker, marker_positions, replay_record};
+use lockgate::pipeline::dlq::{
+    DeadLetter, ReplayOutcome, ReplayResult, marker, marker_positions, parse_result, replay_record,
+};
 use serde_json::json;
 
 use super::clients::Clients;
@@ -33,6 +39,9 @@ use super::{EXIT_FAILED, EXIT_USAGE};
 
 /// Exit code of a replay stopped by SIGINT or SIGTERM (after its batch in flight was finished).
 const EXIT_INTERRUPTED: u8 = 130;
+/// Exit code of a replay whose copies were all published but not all handled: some were
+/// dead-lettered again, or had no result within `--wait`.
+const EXIT_NOT_ALL_HANDLED: u8 = 3;
 
 /// Arguments of `lockgate dlq`.
 #[derive(Debug, Args)]
@@ -46,8 +55,10 @@ enum DlqCommand {
     /// List dead letters: position, route, error kind, attempts, when, status and reason.
     ///
     /// Every DLQ named by a route of the config is read (or only `--route`'s). Status is
-    /// `pending` or `replayed`. Exit codes: 0 listed, 2 bad config or arguments, 1 a DLQ could
-    /// not be read.
+    /// `pending`, `replayed` (a copy was published, no result yet), or the replayed copy's
+    /// result: `handled`, `skipped` (its idempotency key had already succeeded) or `failed`
+    /// (dead-lettered again, as a new dead letter). Exit codes: 0 listed, 2 bad config or
+    /// arguments, 1 a DLQ could not be read.
     List(ListArgs),
 
     /// Show one dead letter whole: metadata, key, headers and payload.
@@ -64,12 +75,22 @@ enum DlqCommand {
     /// envelope) plus `lockgate-replayed-from: <dlq position>` and the id
     /// `<route>:replay:<dlq position>`. A second replay skips what was replayed.
     ///
+    /// With idempotency keys on the route, a replayed copy runs even though its message's key
+    /// was seen (a dead-lettered key is re-opened for its replay); a copy whose key has since
+    /// succeeded is skipped, never run twice.
+    ///
+    /// Then it waits (up to `--wait`) for the routes to take the copies to their end and
+    /// reports each dead letter's result: handled, skipped (already handled) or dead-lettered
+    /// again.
+    ///
     /// Ctrl-C or SIGTERM stops after the batch in flight (a second Ctrl-C stops at once); run the
     /// same command again to replay the rest. Only a kill in the middle of a batch can repeat
     /// that batch, and the embedded broker and JetStream drop such repeats by their id.
     ///
-    /// Exit codes: 0 replayed (or nothing to do), 1 a publish or a DLQ read failed (what was
-    /// marked stays replayed; run again), 2 bad config or arguments, 130 interrupted.
+    /// Exit codes: 0 replayed and every copy handled or skipped (or nothing to do, or
+    /// `--wait 0`), 3 replayed but some copies were dead-lettered again or had no result within
+    /// `--wait`, 1 a publish or a DLQ read failed (what was marked stays replayed; run again),
+    /// 2 bad config or arguments, 130 interrupted.
     Replay(ReplayArgs),
 }
 
@@ -166,6 +187,20 @@ pub struct ReplayArgs {
     /// At most this many messages per second (spare the fixed handler a flood).
     #[arg(long, value_name = "PER_SECOND", value_parser = clap::value_parser!(u32).range(1..))]
     rate: Option<u32>,
+
+    /// How long to wait for the routes to report what became of the replayed copies (`30s`,
+    /// `2m`; `0` does not wait). The routes must be running for results to come.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_wait)]
+    wait: Duration,
+}
+
+/// Parses `--wait`: a duration such as `30s` or `2m`, or `0`.
+fn parse_wait(s: &str) -> Result<Duration, String> {
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s)
+        .map_err(|_| format!("{s:?} is not a duration (30s, 2m, 0 to not wait)"))
 }
 
 /// Parses `--since`/`--until`: RFC 3339 or an age before now; ms since the Unix epoch.
@@ -278,12 +313,44 @@ impl Ctx {
     }
 }
 
-/// What a DLQ holds: its dead letters (payload and headers dropped unless asked for) and the
-/// positions its replay markers name.
+/// What a DLQ holds: its dead letters (payload and headers dropped unless asked for), the
+/// positions its replay markers name and the results of replayed copies.
 #[derive(Default)]
 struct Contents {
     dead: Vec<DeadLetter>,
     replayed: HashSet<String>,
+    results: HashMap<String, ReplayResult>,
+}
+
+impl Contents {
+    /// The status of dead letter `d`: `pending`, `replayed` (no result yet) or its result.
+    fn status(&self, d: &DeadLetter) -> &'static str {
+        match self.results.get(&d.position) {
+            Some(r) => result_name(r.outcome),
+            None if self.replayed.contains(&d.position) => "replayed",
+            None => "pending",
+        }
+    }
+}
+
+/// How a result is named in statuses.
+fn result_name(outcome: ReplayOutcome) -> &'static str {
+    match outcome {
+        ReplayOutcome::Handled => "handled",
+        ReplayOutcome::Skipped => "skipped",
+        ReplayOutcome::DeadLettered => "failed",
+    }
+}
+
+/// Keeps `r` as its letter's result unless an earlier one stands (see
+/// [`ReplayResult::supersedes`]).
+fn add_result(results: &mut HashMap<String, ReplayResult>, r: ReplayResult) {
+    match results.get(&r.position) {
+        Some(earlier) if !r.supersedes(earlier) => {}
+        _ => {
+            results.insert(r.position.clone(), r);
+        }
+    }
 }
 
 async fn read_all(
@@ -296,6 +363,8 @@ async fn read_all(
         for record in batch {
             if let Some(positions) = marker_positions(&record) {
                 c.replayed.extend(positions);
+            } else if let Some(r) = parse_result(&record) {
+                add_result(&mut c.results, r);
             } else if let Some(mut d) = DeadLetter::parse(record)
                 && filter.matches(&d)
             {
@@ -336,8 +405,26 @@ fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
-fn status(replayed: bool) -> &'static str {
-    if replayed { "replayed" } else { "pending" }
+/// One dead letter as `list` and `show` print it: the letter, whether it was replayed, and
+/// the result of its replayed copy.
+struct Row {
+    dlq: Endpoint,
+    dead: DeadLetter,
+    status: &'static str,
+    replayed: bool,
+    result: Option<ReplayResult>,
+}
+
+impl Row {
+    fn new(dlq: &Endpoint, dead: DeadLetter, c: &Contents) -> Self {
+        Self {
+            dlq: dlq.clone(),
+            status: c.status(&dead),
+            replayed: c.replayed.contains(&dead.position),
+            result: c.results.get(&dead.position).cloned(),
+            dead,
+        }
+    }
 }
 
 /// The first line of `text`, at most `max` characters.
@@ -359,32 +446,32 @@ async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     let mut rows = Vec::new();
     for dlq in &dlqs {
         let mut scan = ctx.scan(dlq).await?;
-        let c = read_all(scan.as_mut(), &args.filter, |_| false)
+        let mut c = read_all(scan.as_mut(), &args.filter, |_| false)
             .await
             .with_context(|| format!("cannot read the DLQ {}:{}", dlq.broker, dlq.topic))?;
-        for d in c.dead {
-            let replayed = c.replayed.contains(&d.position);
-            if !(args.pending && replayed) {
-                rows.push((dlq.clone(), d, replayed));
+        for d in std::mem::take(&mut c.dead) {
+            let row = Row::new(dlq, d, &c);
+            if !(args.pending && row.replayed) {
+                rows.push(row);
             }
         }
     }
     let mut out = std::io::stdout().lock();
     if args.json {
-        for (dlq, d, replayed) in &rows {
-            writeln!(out, "{}", metadata_json(dlq, d, *replayed))?;
+        for row in &rows {
+            writeln!(out, "{}", metadata_json(row))?;
         }
         return Ok(ExitCode::SUCCESS);
     }
     let width = rows
         .iter()
-        .map(|(_, d, _)| d.position.len())
+        .map(|r| r.dead.position.len())
         .max()
         .unwrap_or(8)
         .max(8);
     let route_width = rows
         .iter()
-        .map(|(_, d, _)| d.route.len())
+        .map(|r| r.dead.route.len())
         .max()
         .unwrap_or(5)
         .max(5);
@@ -393,7 +480,8 @@ async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
         "{:width$}  {:route_width$}  {:13}  {:>8}  {:20}  {:8}  REASON",
         "POSITION", "ROUTE", "ERROR", "ATTEMPTS", "DEAD-LETTERED (UTC)", "STATUS"
     )?;
-    for (_, d, replayed) in &rows {
+    for r in &rows {
+        let d = &r.dead;
         writeln!(
             out,
             "{:width$}  {:route_width$}  {:13}  {:>8}  {:20}  {:8}  {}",
@@ -402,18 +490,28 @@ async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
             d.error_kind,
             d.attempts,
             rfc3339(d.last_failure_ms),
-            status(*replayed),
+            r.status,
             one_line(&d.reason, 80)
         )?;
     }
-    let replayed = rows.iter().filter(|(_, _, r)| *r).count();
+    let replayed = rows.iter().filter(|r| r.replayed).count();
     let names: Vec<String> = dlqs
         .iter()
         .map(|d| format!("{}:{}", d.broker, d.topic))
         .collect();
+    let mut results = BTreeMap::<&str, usize>::new();
+    for r in rows.iter().filter(|r| r.replayed) {
+        *results.entry(r.status).or_default() += 1;
+    }
+    let results = if results.is_empty() {
+        String::new()
+    } else {
+        let parts: Vec<String> = results.iter().map(|(s, n)| format!("{n} {s}")).collect();
+        format!(": {}", parts.join(", "))
+    };
     writeln!(
         out,
-        "{} dead letter{} ({} pending, {replayed} replayed) in {}",
+        "{} dead letter{} ({} pending, {replayed} replayed{results}) in {}",
         rows.len(),
         if rows.len() == 1 { "" } else { "s" },
         rows.len() - replayed,
@@ -422,12 +520,18 @@ async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A dead letter's envelope as one JSON object (what `list --json` prints per line).
-fn metadata_json(dlq: &Endpoint, d: &DeadLetter, replayed: bool) -> serde_json::Value {
+/// A dead letter's envelope as one JSON object (what `list --json` prints per line). `status`
+/// stays `pending` or `replayed`; `result` is the replayed copy's (`handled`, `skipped`,
+/// `failed`), or null.
+fn metadata_json(row: &Row) -> serde_json::Value {
+    let (dlq, d) = (&row.dlq, &row.dead);
     json!({
         "dlq": format!("{}:{}", dlq.broker, dlq.topic),
         "position": d.position,
-        "status": status(replayed),
+        "status": if row.replayed { "replayed" } else { "pending" },
+        "result": row.result.as_ref().map(|r| result_name(r.outcome)),
+        "result_detail": row.result.as_ref().map(|r| r.detail.clone()),
+        "result_route": row.result.as_ref().map(|r| r.route.clone()),
         "route": d.route,
         "handler": d.handler,
         "module_hash": d.module_hash,
@@ -477,28 +581,26 @@ async fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
     for dlq in candidates {
         let mut scan = ctx.scan(dlq).await?;
         let position = args.position.clone();
-        let c = read_all(scan.as_mut(), &Filter::default(), |d| {
+        let mut c = read_all(scan.as_mut(), &Filter::default(), |d| {
             d.position == position
         })
         .await
         .with_context(|| format!("cannot read the DLQ {}:{}", dlq.broker, dlq.topic))?;
-        let replayed = c.replayed.contains(&args.position);
-        let Some(d) = c.dead.into_iter().find(|d| d.position == args.position) else {
+        let Some(d) = std::mem::take(&mut c.dead)
+            .into_iter()
+            .find(|d| d.position == args.position)
+        else {
             continue;
         };
-        print_dead_letter(dlq, &d, replayed, args.json)?;
+        print_dead_letter(&Row::new(dlq, d, &c), args.json)?;
         return Ok(ExitCode::SUCCESS);
     }
     eprintln!("no dead letter at {}", args.position);
     Ok(ExitCode::from(EXIT_FAILED))
 }
 
-fn print_dead_letter(
-    dlq: &Endpoint,
-    d: &DeadLetter,
-    replayed: bool,
-    as_json: bool,
-) -> anyhow::Result<()> {
+fn print_dead_letter(row: &Row, as_json: bool) -> anyhow::Result<()> {
+    let (dlq, d) = (&row.dlq, &row.dead);
     let mut out = std::io::stdout().lock();
     let original_headers: Vec<(&String, &Vec<u8>)> = d
         .record
@@ -509,7 +611,7 @@ fn print_dead_letter(
         .map(|(n, v)| (n, v))
         .collect();
     if as_json {
-        let mut v = metadata_json(dlq, d, replayed);
+        let mut v = metadata_json(row);
         v["headers"] = original_headers
             .iter()
             .map(|(n, v)| json!([n, String::from_utf8_lossy(v)]))
@@ -529,7 +631,17 @@ fn print_dead_letter(
         "position       {} ({}:{})",
         d.position, dlq.broker, dlq.topic
     )?;
-    writeln!(out, "status         {}", status(replayed))?;
+    writeln!(out, "status         {}", row.status)?;
+    if let Some(r) = &row.result {
+        writeln!(
+            out,
+            "replay result  {} by route {} at {}: {}",
+            result_name(r.outcome),
+            r.route,
+            rfc3339(r.at_ms),
+            r.detail
+        )?;
+    }
     writeln!(
         out,
         "route          {} (handler {}, module {})",
@@ -726,6 +838,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     // Pass 2: read again, publish the planned ones batch by batch, mark each batch.
     let mut progress = Progress::new(total as u64);
     let mut replayed = 0usize;
+    let mut published: Vec<(Endpoint, Vec<String>)> = Vec::new();
     let batch_size = args.batch as usize;
     for (dlq, planned) in plans {
         let mut todo: std::collections::HashMap<String, Planned> = planned
@@ -760,8 +873,9 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
                         return Ok(stopped(replayed, total));
                     }
                     let n = flush(&mut ctx, &dlq, &*marks, &batch_route, &mut batch).await?;
-                    replayed += n;
-                    progress.add(n as u64);
+                    replayed += n.len();
+                    progress.add(n.len() as u64);
+                    add_published(&mut published, &dlq, n);
                     pace(args.rate, replayed, &progress).await;
                 }
                 batch_route.clone_from(&plan.route);
@@ -773,8 +887,9 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
                 return Ok(stopped(replayed, total));
             }
             let n = flush(&mut ctx, &dlq, &*marks, &batch_route, &mut batch).await?;
-            replayed += n;
-            progress.add(n as u64);
+            replayed += n.len();
+            progress.add(n.len() as u64);
+            add_published(&mut published, &dlq, n);
         }
         if !todo.is_empty() {
             eprintln!(
@@ -790,7 +905,132 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         "replayed {replayed} dead letter{} ({already} matching already replayed before)",
         if replayed == 1 { "" } else { "s" }
     );
-    Ok(ExitCode::SUCCESS)
+    if args.wait.is_zero() || replayed == 0 {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let results = await_results(&mut ctx, &published, args.wait, &interrupted).await?;
+    Ok(report_results(&published, &results, args.wait, &ctx.config))
+}
+
+/// Remembers that `positions` of `dlq` were published.
+fn add_published(
+    published: &mut Vec<(Endpoint, Vec<String>)>,
+    dlq: &Endpoint,
+    positions: Vec<String>,
+) {
+    match published.iter_mut().find(|(d, _)| d == dlq) {
+        Some((_, p)) => p.extend(positions),
+        None => published.push((dlq.clone(), positions)),
+    }
+}
+
+/// Reads the DLQs again and again until every published position has a result, `wait` has
+/// passed or the replay was interrupted; returns the results found.
+async fn await_results(
+    ctx: &mut Ctx,
+    published: &[(Endpoint, Vec<String>)],
+    wait: Duration,
+    interrupted: &AtomicBool,
+) -> anyhow::Result<HashMap<String, ReplayResult>> {
+    let total: usize = published.iter().map(|(_, p)| p.len()).sum();
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(100);
+    let mut last_said = Instant::now();
+    let mut results = HashMap::new();
+    loop {
+        for (dlq, positions) in published {
+            let mut scan = ctx.scan(dlq).await?;
+            let c = read_all(scan.as_mut(), &Filter::default(), |_| false)
+                .await
+                .with_context(|| format!("cannot read the DLQ {}:{}", dlq.broker, dlq.topic))?;
+            for p in positions {
+                if let Some(r) = c.results.get(p) {
+                    results.insert(p.clone(), r.clone());
+                }
+            }
+        }
+        let left = total - results.len();
+        if left == 0 || interrupted.load(AtomicOrdering::SeqCst) {
+            return Ok(results);
+        }
+        let Some(remaining) = wait.checked_sub(started.elapsed()) else {
+            return Ok(results);
+        };
+        if last_said.elapsed() >= Duration::from_secs(2) {
+            last_said = Instant::now();
+            eprintln!(
+                "replay: {} of {total} handled so far, waiting up to {} s more",
+                results.len(),
+                remaining.as_secs()
+            );
+        }
+        tokio::time::sleep(pause.min(remaining)).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Prints what became of each replayed dead letter (one line for each that was not handled,
+/// one summary line) and chooses the exit code.
+fn report_results(
+    published: &[(Endpoint, Vec<String>)],
+    results: &HashMap<String, ReplayResult>,
+    wait: Duration,
+    config: &Config,
+) -> ExitCode {
+    let mut counts = BTreeMap::<ReplayOutcome, usize>::new();
+    let mut missing: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut out = std::io::stdout().lock();
+    for (dlq, positions) in published {
+        for p in positions {
+            match results.get(p) {
+                Some(r) => {
+                    *counts.entry(r.outcome).or_default() += 1;
+                    if r.outcome != ReplayOutcome::Handled {
+                        let _ = writeln!(
+                            out,
+                            "{p}: {} by route {}: {}",
+                            match r.outcome {
+                                ReplayOutcome::Skipped => "skipped",
+                                _ => "dead-lettered again",
+                            },
+                            r.route,
+                            r.detail
+                        );
+                    }
+                }
+                None => *missing.entry(dlq.topic.as_str()).or_default() += 1,
+            }
+        }
+    }
+    let n = |o| counts.get(&o).copied().unwrap_or(0);
+    let (handled, skipped, failed) = (
+        n(ReplayOutcome::Handled),
+        n(ReplayOutcome::Skipped),
+        n(ReplayOutcome::DeadLettered),
+    );
+    let unknown: usize = missing.values().sum();
+    let _ = writeln!(
+        out,
+        "results: {handled} handled, {skipped} skipped (already handled), {failed} dead-lettered again{}",
+        if unknown > 0 {
+            format!(", {unknown} without a result after {} s", wait.as_secs())
+        } else {
+            String::new()
+        }
+    );
+    if unknown > 0 {
+        let routes: Vec<&str> = config.routes.keys().map(String::as_str).collect();
+        let _ = writeln!(
+            out,
+            "no result yet means no route has taken those copies to their end: is `lockgate run` running with the route ({})? `lockgate dlq list` shows each one's result once it comes",
+            routes.join(", ")
+        );
+    }
+    if failed > 0 || unknown > 0 {
+        ExitCode::from(EXIT_NOT_ALL_HANDLED)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn stopped(replayed: usize, total: usize) -> ExitCode {
@@ -810,14 +1050,15 @@ async fn pace(rate: Option<u32>, replayed: usize, progress: &Progress) {
     }
 }
 
-/// Publishes one batch to its route's source broker, then marks it replayed in the DLQ.
+/// Publishes one batch to its route's source broker, then marks it replayed in the DLQ; returns
+/// the positions it replayed.
 async fn flush(
     ctx: &mut Ctx,
     dlq: &Endpoint,
     marks: &dyn Sink,
     route: &str,
     batch: &mut Vec<(OutRecord, String)>,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<Vec<String>> {
     let Some(r) = ctx.config.routes.get(route).cloned() else {
         anyhow::bail!("route {route} is not in the config");
     };
@@ -857,5 +1098,5 @@ async fn flush(
                 dlq.broker, dlq.topic
             )
         })?;
-    Ok(n)
+    Ok(positions)
 }

@@ -33,6 +33,12 @@
 //! `lockgate-original-id` (the message's own `lockgate-id`, if it had one) and
 //! `lockgate-id = <route>:replay:<dlq position>`: a sink that deduplicates (the embedded broker,
 //! JetStream within its window) drops a second copy of the same dead letter.
+//!
+//! The route that takes a replayed copy to its end says what became of it in the DLQ of the
+//! route: a *replay result* ([`result_record`]), a record with the header
+//! `lockgate-dlq-replay-result` (`handled`, `skipped` or `dead_lettered`) and a JSON payload
+//! naming the dead letter's position, the route and, for the last two, why. `lockgate dlq list`
+//! shows it as the letter's status and `lockgate dlq replay` waits for them.
 
 use crate::broker::{LOCKGATE_ID_HEADER, OutRecord, Record};
 use crate::pipeline::backoff::GiveUpReason;
@@ -47,6 +53,99 @@ pub const MARKER_HEADER: &str = "lockgate-dlq-replayed";
 pub const REPLAYED_FROM_HEADER: &str = "lockgate-replayed-from";
 /// Header of a replayed copy: the message's own `lockgate-id` before it was dead-lettered.
 pub const REPLAY_ORIGINAL_ID_HEADER: &str = "lockgate-original-id";
+/// Header of a replay result (its value is the [`ReplayOutcome`]).
+pub const RESULT_HEADER: &str = "lockgate-dlq-replay-result";
+
+/// What became of a replayed copy of a dead letter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ReplayOutcome {
+    /// Not handled: its idempotency key had already succeeded (a copy of a message that was
+    /// handled since, or a second copy of this replay).
+    Skipped,
+    /// It failed again and was dead-lettered again (as a new dead letter).
+    DeadLettered,
+    /// The handler succeeded and its outputs were published.
+    Handled,
+}
+
+impl ReplayOutcome {
+    /// The name in the header and in `lockgate dlq list`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Skipped => "skipped",
+            Self::DeadLettered => "dead_lettered",
+            Self::Handled => "handled",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "skipped" => Self::Skipped,
+            "dead_lettered" => Self::DeadLettered,
+            "handled" => Self::Handled,
+            _ => return None,
+        })
+    }
+}
+
+/// A replay result: what became of the replayed copy of the dead letter at `position`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplayResult {
+    /// The dead letter's position in its DLQ (the copy's `lockgate-replayed-from`).
+    pub position: String,
+    /// What happened.
+    pub outcome: ReplayOutcome,
+    /// The route that took the copy.
+    pub route: String,
+    /// Why it was skipped or dead-lettered again; outputs published when handled.
+    pub detail: String,
+    /// When, ms since the Unix epoch.
+    pub at_ms: u64,
+}
+
+impl ReplayResult {
+    /// Whether `self` should replace `earlier` as the letter's result: a copy delivered twice
+    /// is handled once and skipped once, and the handling is what happened to the letter.
+    pub fn supersedes(&self, earlier: &ReplayResult) -> bool {
+        !(earlier.outcome == ReplayOutcome::Handled && self.outcome == ReplayOutcome::Skipped)
+    }
+}
+
+/// The replay result record for `result`, to append to `dlq_topic`.
+pub fn result_record(dlq_topic: &str, result: &ReplayResult) -> OutRecord {
+    let payload = serde_json::json!({
+        "position": result.position,
+        "route": result.route,
+        "detail": result.detail,
+        "at_ms": result.at_ms,
+    });
+    OutRecord {
+        topic: dlq_topic.to_owned(),
+        key: None,
+        headers: vec![(
+            RESULT_HEADER.to_owned(),
+            result.outcome.as_str().as_bytes().to_vec(),
+        )],
+        payload: payload.to_string().into_bytes(),
+    }
+}
+
+/// The replay result `record` holds; `None` when it is not one.
+pub fn parse_result(record: &Record) -> Option<ReplayResult> {
+    let outcome = ReplayOutcome::parse(std::str::from_utf8(record.header(RESULT_HEADER)?).ok()?)?;
+    let value: serde_json::Value = serde_json::from_slice(&record.payload).ok()?;
+    let text = |k: &str| value.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    Some(ReplayResult {
+        position: text("position")?,
+        outcome,
+        route: text("route").unwrap_or_default(),
+        detail: text("detail").unwrap_or_default(),
+        at_ms: value
+            .get("at_ms")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0),
+    })
+}
 
 /// What went wrong, for the envelope.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -335,6 +434,46 @@ mod tests {
             1
         );
     }
+    #[test]
+    fn replay_results_round_trip_and_a_handling_is_not_undone_by_a_skip() {
+        let handled = ReplayResult {
+            position: "orders.dlq/0/3".into(),
+            outcome: ReplayOutcome::Handled,
+            route: "orders".into(),
+            detail: "2 outputs".into(),
+            at_ms: 7,
+        };
+        let out = result_record("orders.dlq", &handled);
+        assert_eq!(out.topic, "orders.dlq");
+        let record = Record {
+            headers: out.headers.clone(),
+            payload: out.payload.clone(),
+            ..Record::default()
+        };
+        assert_eq!(parse_result(&record), Some(handled.clone()));
+        // Neither a dead letter nor a marker.
+        assert!(DeadLetter::parse(record.clone()).is_none());
+        assert!(marker_positions(&record).is_none());
+        let skipped = ReplayResult {
+            outcome: ReplayOutcome::Skipped,
+            ..handled.clone()
+        };
+        let failed = ReplayResult {
+            outcome: ReplayOutcome::DeadLettered,
+            ..handled.clone()
+        };
+        assert!(!skipped.supersedes(&handled));
+        assert!(handled.supersedes(&skipped));
+        assert!(failed.supersedes(&handled));
+        assert!(handled.supersedes(&failed));
+        let unknown = Record {
+            headers: vec![(RESULT_HEADER.into(), b"exploded".to_vec())],
+            payload: out.payload,
+            ..Record::default()
+        };
+        assert_eq!(parse_result(&unknown), None);
+    }
+
     #[test]
     fn a_dead_letter_parses_and_replays_as_the_original_marked() {
         let record = Record {

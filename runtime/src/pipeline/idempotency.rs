@@ -6,6 +6,10 @@
 //! rerun. The one window left — a crash after the outputs were acknowledged and before the key
 //! was recorded — is closed by sinks that deduplicate by `lockgate-id` (the local broker and
 //! JetStream do), because outputs derive their id from the idempotency key.
+//!
+//! A dead-lettered message is recorded as such ([`Completion::DeadLettered`]), not as done: its
+//! redeliveries are skipped, but a replayed copy of its dead letter claims the key again and
+//! runs the fixed handler (see [`crate::state`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -17,7 +21,9 @@ use sha2::{Digest, Sha256};
 
 use crate::broker::{OutRecord, Record};
 use crate::config::IdempotencyKey;
-use crate::state::{Claim, ClaimRequest, Commit, IdempotencyStore, KvWrite, StateError};
+use crate::state::{
+    Claim, ClaimRequest, Commit, Completion, IdempotencyStore, KvWrite, StateError,
+};
 
 /// Keys longer than this are stored as their SHA-256 (hex), so a huge header cannot bloat the
 /// store.
@@ -211,12 +217,13 @@ impl DoneKeys {
         self.lease
     }
 
-    /// Claims `key` for `owner` (asking again with the same owner renews the lease).
-    pub async fn claim(&self, key: &str, owner: &str) -> Result<Claim, StateError> {
+    /// Claims `key` for `owner` (asking again with the same owner renews the lease); a
+    /// `replay` (a replayed dead letter) may claim a key whose message was dead-lettered.
+    pub async fn claim(&self, key: &str, owner: &str, replay: bool) -> Result<Claim, StateError> {
         let (tx, rx) = oneshot::channel();
         let request = ClaimRequest {
-            key: key.to_owned(),
-            owner: owner.to_owned(),
+            replay,
+            ..ClaimRequest::new(key, owner)
         };
         self.claims
             .send((request, tx))
@@ -234,10 +241,7 @@ impl DoneKeys {
         writes: Vec<KvWrite>,
         outputs: Vec<u8>,
     ) -> Result<Commit, StateError> {
-        let claim = ClaimRequest {
-            key: key.to_owned(),
-            owner: owner.to_owned(),
-        };
+        let claim = ClaimRequest::new(key, owner);
         self.store
             .commit(self.scope.clone(), claim, writes, outputs, self.lease)
             .await
@@ -252,22 +256,19 @@ impl DoneKeys {
         writes: Vec<KvWrite>,
         rows: Vec<OutRecord>,
     ) -> Result<Commit, StateError> {
-        let claim = ClaimRequest {
-            key: key.to_owned(),
-            owner: owner.to_owned(),
-        };
+        let claim = ClaimRequest::new(key, owner);
         self.store
             .commit_outbox(self.scope.clone(), claim, writes, rows, self.lease)
             .await
     }
 
-    /// Records `keys` as done until now + ttl, in one call.
-    pub async fn complete(&self, keys: Vec<String>) -> Result<(), StateError> {
+    /// Records how the messages of `keys` ended, until now + ttl, in one call.
+    pub async fn complete(&self, keys: Vec<String>, how: Completion) -> Result<(), StateError> {
         if keys.is_empty() {
             return Ok(());
         }
         self.store
-            .complete(self.scope.clone(), keys, self.ttl)
+            .complete(self.scope.clone(), keys, self.ttl, how)
             .await
     }
 
@@ -396,18 +397,18 @@ mod tests {
             // it is next polled.
             let claims = LocalClaims::new(Arc::new(EmbeddedStore::open(&path).unwrap()));
             let scope = "idempotency/orders".to_owned();
-            let req = |owner: &str| {
-                vec![ClaimRequest {
-                    key: "k1".into(),
-                    owner: owner.into(),
-                }]
-            };
+            let req = |owner: &str| vec![ClaimRequest::new("k1", owner)];
             assert_eq!(
                 claims.claim(scope.clone(), req("a"), lease).await.unwrap(),
                 vec![Claim::Claimed]
             );
             claims
-                .complete(scope.clone(), vec!["k1".into()], Duration::from_secs(60))
+                .complete(
+                    scope.clone(),
+                    vec!["k1".into()],
+                    Duration::from_secs(60),
+                    Completion::Done,
+                )
                 .await
                 .unwrap();
             assert_eq!(
@@ -418,13 +419,13 @@ mod tests {
         let store: Arc<dyn crate::state::KvStore> = Arc::new(EmbeddedStore::open(&path).unwrap());
         let keys = keys_of(store.clone(), "orders");
         assert_eq!(
-            keys.claim("k1", "c").await.unwrap(),
+            keys.claim("k1", "c", false).await.unwrap(),
             Claim::Done,
             "forgotten after reopen"
         );
         // Routes do not see each other's keys.
         let other = keys_of(store, "payments");
-        assert_eq!(other.claim("k1", "c").await.unwrap(), Claim::Claimed);
+        assert_eq!(other.claim("k1", "c", false).await.unwrap(), Claim::Claimed);
     }
 
     #[tokio::test]
@@ -438,7 +439,10 @@ mod tests {
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..50 {
             let keys = keys.clone();
-            tasks.spawn(async move { keys.claim(&format!("k{}", i % 10), &new_owner()).await });
+            tasks.spawn(async move {
+                keys.claim(&format!("k{}", i % 10), &new_owner(), false)
+                    .await
+            });
         }
         let mut claimed = 0;
         let mut busy = 0;

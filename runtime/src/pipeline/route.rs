@@ -5,8 +5,11 @@
 //! dispatcher: breaker allows? ─ in-flight permit ─ rate limit ─ source.next() ─► lanes
 //! worker ×N:  lanes.take() ─ duplicate? ─ attempt loop (admit, invoke, decide, back off)
 //!             ─ ok: publish outputs (awaited) ─ mark key done ─ ack
-//!             ─ give up: DLQ write (awaited) ─ mark key done ─ ack(dead-lettered)
+//!             ─ give up: DLQ write (awaited) ─ mark key dead-lettered ─ ack(dead-lettered)
 //! ```
+//! A replayed dead letter (`lockgate-replayed-from`) may claim a dead-lettered key again, and
+//! once it is finished the route appends a replay result to its DLQ
+//! (see [`crate::pipeline::dlq`]).
 //! Nothing is acknowledged before it is done; everything not done at shutdown is left
 //! unacknowledged and comes back from the broker.
 
@@ -26,12 +29,12 @@ use crate::config::{Ordering, OutputsMode, RouteConfig};
 use crate::engine::{InboundMessage, InstancePool, Invocation, Outcome};
 use crate::pipeline::backoff::{Decision, FailureKind, RetryMode};
 use crate::pipeline::breaker::{Admission, BreakerState, CircuitBreaker};
-use crate::pipeline::dlq::{self, Failure};
+use crate::pipeline::dlq::{self, Failure, ReplayOutcome, ReplayResult};
 use crate::pipeline::idempotency::{DoneKeys, decode_outputs, encode_outputs, key_of, new_owner};
 use crate::pipeline::lanes::Lanes;
 use crate::pipeline::rate_limit::RateLimit;
 use crate::pipeline::trace;
-use crate::state::{Claim, ClaimRequest, Commit, now_ms};
+use crate::state::{Claim, ClaimRequest, Commit, Completion, now_ms};
 use tracing::Instrument;
 
 /// Messages a route holds at once (queued in lanes or being handled). Bounds memory and how much
@@ -218,8 +221,15 @@ pub struct RouteStats {
     pub rejected: AtomicU64,
     /// Messages written to the dead-letter destination.
     pub dead_lettered: AtomicU64,
-    /// Redelivered messages skipped because their idempotency key was done.
+    /// Redelivered messages skipped because their idempotency key was done (or their message
+    /// was dead-lettered and they are not a replay).
     pub duplicates: AtomicU64,
+    /// Publishes the host refused during calls (a topic not in `outputs`, too large, too many):
+    /// each fails its call, and a route whose handler keeps doing it dead-letters its traffic.
+    pub refused_outputs: AtomicU64,
+    /// Replayed dead letters this route took to their end (handled, skipped or dead-lettered
+    /// again).
+    pub replays: AtomicU64,
     /// Outputs published.
     pub outputs: AtomicU64,
     /// Times the rate limit made the route wait.
@@ -256,6 +266,8 @@ impl Default for RouteStats {
             rejected: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
+            refused_outputs: AtomicU64::new(0),
+            replays: AtomicU64::new(0),
             outputs: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             abandoned: AtomicU64::new(0),
@@ -303,6 +315,8 @@ impl RouteStats {
             ("rejected", g(&self.rejected)),
             ("dead_lettered", g(&self.dead_lettered)),
             ("duplicates", g(&self.duplicates)),
+            ("refused_outputs", g(&self.refused_outputs)),
+            ("replays", g(&self.replays)),
             ("outputs", g(&self.outputs)),
             ("rate_limited", g(&self.rate_limited)),
             ("abandoned", g(&self.abandoned)),
@@ -440,6 +454,8 @@ struct Shared {
     stats: Arc<RouteStats>,
     breaker: Option<Breaker>,
     shutdown: Shutdown,
+    /// Held while replay results are published, so they go out one at a time.
+    reporting: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The breaker plus a wakeup for everything waiting on it.
@@ -596,6 +612,7 @@ impl Route {
             stats: self.stats.clone(),
             breaker,
             shutdown: worker_shutdown,
+            reporting: Arc::default(),
         });
         let lanes: Arc<Lanes<LaneKey, Item>> = Arc::new(Lanes::new());
         let in_flight = Arc::new(Semaphore::new(self.max_in_flight));
@@ -826,6 +843,9 @@ struct PendingMessage {
     outputs: u64,
     /// Already counted as a duplicate: nothing to publish or record.
     duplicate: bool,
+    /// The DLQ position this message is a replayed copy of: its result is reported once it is
+    /// acknowledged.
+    replay_of: Option<String>,
     _permit: Held,
 }
 
@@ -866,7 +886,13 @@ enum Reclaimed {
 }
 
 /// Acknowledges a message whose idempotency key is done, with the batch.
-fn duplicate(stats: &RouteStats, pending: &mut Pending, ack: AckHandle, permit: Held) {
+fn duplicate(
+    stats: &RouteStats,
+    pending: &mut Pending,
+    ack: AckHandle,
+    permit: Held,
+    replay_of: Option<String>,
+) {
     RouteStats::bump(&stats.duplicates);
     outcome("duplicate");
     pending.push(
@@ -876,11 +902,19 @@ fn duplicate(stats: &RouteStats, pending: &mut Pending, ack: AckHandle, permit: 
             owner: None,
             outputs: 0,
             duplicate: true,
+            replay_of,
             _permit: permit,
         },
         Vec::new(),
         None,
     );
+}
+
+/// The DLQ position `record` is a replayed copy of, if it is one.
+fn replay_of(record: &Record) -> Option<String> {
+    record
+        .header(dlq::REPLAYED_FROM_HEADER)
+        .map(|p| String::from_utf8_lossy(p).into_owned())
 }
 
 /// A failed attempt, kept for the dead letter.
@@ -1066,7 +1100,7 @@ impl Shared {
             if !done.is_empty()
                 && self
                     .retry_infra("record the idempotency keys", || {
-                        keys.complete(done.clone())
+                        keys.complete(done.clone(), Completion::Done)
                     })
                     .await
                     .is_none()
@@ -1075,6 +1109,7 @@ impl Shared {
                 return false;
             }
         }
+        let mut results = Vec::new();
         for m in messages {
             if !m.duplicate {
                 self.stats
@@ -1083,8 +1118,74 @@ impl Shared {
                 RouteStats::bump(&self.stats.succeeded);
             }
             self.finish(m.ack, AckKind::Done).await;
+            if let Some(position) = m.replay_of {
+                results.push(if m.duplicate {
+                    self.replay_result(
+                        position,
+                        ReplayOutcome::Skipped,
+                        "its idempotency key was already handled successfully".into(),
+                    )
+                } else {
+                    self.replay_result(
+                        position,
+                        ReplayOutcome::Handled,
+                        format!(
+                            "{} output{}",
+                            m.outputs,
+                            if m.outputs == 1 { "" } else { "s" }
+                        ),
+                    )
+                });
+            }
         }
+        self.report_replays(results);
         true
+    }
+
+    fn replay_result(
+        &self,
+        position: String,
+        outcome: ReplayOutcome,
+        detail: String,
+    ) -> ReplayResult {
+        ReplayResult {
+            position,
+            outcome,
+            route: self.route.clone(),
+            detail,
+            at_ms: now_ms(),
+        }
+    }
+
+    /// Appends the results of finished replayed copies to the route's DLQ, in the background:
+    /// they only inform `lockgate dlq`, so a DLQ that cannot take them must not hold the lane.
+    fn report_replays(&self, results: Vec<ReplayResult>) {
+        if results.is_empty() {
+            return;
+        }
+        self.stats
+            .replays
+            .fetch_add(results.len() as u64, AtomicOrdering::Relaxed);
+        for r in &results {
+            tracing::info!(route = %self.route, dead_letter = %r.position, result = r.outcome.as_str(), detail = %r.detail, "Replayed dead letter finished");
+        }
+        let records: Vec<OutRecord> = results
+            .iter()
+            .map(|r| dlq::result_record(&self.config.dlq.topic, r))
+            .collect();
+        let (sink, route) = (self.sinks.dlq.clone(), self.route.clone());
+        let reporting = self.reporting.clone();
+        tokio::spawn(async move {
+            // One record at a time: a reader that stops at a Kafka partition's high watermark
+            // must see each (tansu, the Kafka-protocol test broker, counts only the first record
+            // of the newest batch in it until the next write), and replays are rare.
+            let _one_at_a_time = reporting.lock().await;
+            for record in records {
+                if let Err(e) = sink.publish(vec![record]).await {
+                    tracing::warn!(route = %route, error = %e, "Cannot record the result of a replayed dead letter in the DLQ; `lockgate dlq list` shows it as replayed without a result");
+                }
+            }
+        });
     }
 
     /// The route stopped before `messages` could be finished: they stay unacknowledged (and
@@ -1097,12 +1198,7 @@ impl Shared {
         if let Some(keys) = &self.done_keys {
             let claims = messages
                 .iter()
-                .filter_map(|m| {
-                    Some(ClaimRequest {
-                        key: m.idem_key.clone()?,
-                        owner: m.owner.clone()?,
-                    })
-                })
+                .filter_map(|m| Some(ClaimRequest::new(m.idem_key.clone()?, m.owner.clone()?)))
                 .collect();
             drop(messages);
             keys.release(claims).await;
@@ -1113,27 +1209,27 @@ impl Shared {
     /// to the broker).
     async fn release(&self, key: Option<&String>, owner: Option<&String>) {
         if let (Some(keys), Some(key), Some(owner)) = (&self.done_keys, key, owner) {
-            keys.release(vec![ClaimRequest {
-                key: key.clone(),
-                owner: owner.clone(),
-            }])
-            .await;
+            keys.release(vec![ClaimRequest::new(key.clone(), owner.clone())])
+                .await;
         }
     }
 
-    /// Claims `key` for `owner`, waiting while someone else holds it: `Claimed` or `Done`, or
-    /// `None` when the route stopped first. Pending messages are published before any wait.
+    /// Claims `key` for `owner`, waiting while someone else holds it: `Claimed`, `Applied`,
+    /// `Done` or `DeadLettered`, or `None` when the route stopped first. Pending messages are published before any wait.
     async fn acquire(
         &self,
         keys: &DoneKeys,
         key: &str,
         owner: &str,
+        replay: bool,
         pending: &mut Pending,
     ) -> Option<Claim> {
         let mut waited = false;
         loop {
             let claim = self
-                .retry_infra("claim the idempotency key", || keys.claim(key, owner))
+                .retry_infra("claim the idempotency key", || {
+                    keys.claim(key, owner, replay)
+                })
                 .await?;
             let Claim::Busy(left) = claim else {
                 return Some(claim);
@@ -1179,6 +1275,7 @@ impl Shared {
             return true;
         }
         let outbox = self.config.outputs_mode == OutputsMode::Outbox;
+        let replayed = replay_of(&record);
         let idem_key = match (&self.config.idempotency, &self.done_keys) {
             (Some(cfg), Some(_)) => {
                 // Outbox rows commit with a key: a message without one uses its position.
@@ -1233,6 +1330,7 @@ impl Shared {
                     owner,
                     outputs: 1,
                     duplicate: false,
+                    replay_of: replayed,
                     _permit: permit,
                 },
                 vec![out],
@@ -1396,6 +1494,7 @@ impl Shared {
                         owner,
                         outputs: count,
                         duplicate: false,
+                        replay_of: replayed,
                         _permit: permit,
                     },
                     records,
@@ -1531,8 +1630,16 @@ impl Shared {
                             tracing::warn!(route = %self.route, error = %e, "Cannot answer the failed request; the requester will time out");
                         }
                     }
-                    if self.mark_done(idem_key.as_deref()).await {
+                    if self.mark_dead_lettered(idem_key.as_deref()).await {
                         self.finish(ack, AckKind::DeadLettered).await;
+                        if let Some(position) = replayed {
+                            let detail = format!("{letter_kind}: {letter_reason}");
+                            self.report_replays(vec![self.replay_result(
+                                position,
+                                ReplayOutcome::DeadLettered,
+                                detail,
+                            )]);
+                        }
                     } else {
                         RouteStats::bump(&self.stats.abandoned);
                     }
@@ -1557,7 +1664,8 @@ impl Shared {
         permit: Held,
         record: &Record,
     ) -> Reclaimed {
-        match self.acquire(keys, key, owner, pending).await {
+        let replay = replay_of(record).is_some();
+        match self.acquire(keys, key, owner, replay, pending).await {
             None => {
                 RouteStats::bump(&self.stats.abandoned);
                 Reclaimed::Stopped
@@ -1576,8 +1684,13 @@ impl Shared {
                 Reclaimed::Finished
             }
             // `acquire` waits out `Busy`, so this is `Done`.
+            Some(Claim::DeadLettered) => {
+                tracing::debug!(route = %self.route, key, "The message of this idempotency key was dead-lettered; skipping its redelivery (`lockgate dlq replay` runs it again)");
+                duplicate(&self.stats, pending, ack, permit, None);
+                Reclaimed::Finished
+            }
             Some(Claim::Done | Claim::Busy(_)) => {
-                duplicate(&self.stats, pending, ack, permit);
+                duplicate(&self.stats, pending, ack, permit, replay_of(record));
                 Reclaimed::Finished
             }
         }
@@ -1614,6 +1727,7 @@ impl Shared {
                 owner: Some(owner),
                 outputs: records.len() as u64,
                 duplicate: false,
+                replay_of: replay_of(record),
                 _permit: permit,
             },
             records,
@@ -1626,11 +1740,13 @@ impl Shared {
         self.sinks.replies.as_ref().unwrap_or(&self.sinks.outputs)
     }
 
-    async fn mark_done(&self, key: Option<&str>) -> bool {
+    /// Records the key of a dead-lettered message: its redeliveries are skipped, a replay of its
+    /// dead letter runs it again.
+    async fn mark_dead_lettered(&self, key: Option<&str>) -> bool {
         match (key, &self.done_keys) {
             (Some(key), Some(keys)) => self
                 .retry_infra("record the idempotency key", || {
-                    keys.complete(vec![key.to_owned()])
+                    keys.complete(vec![key.to_owned()], Completion::DeadLettered)
                 })
                 .await
                 .is_some(),

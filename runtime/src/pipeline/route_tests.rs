@@ -773,11 +773,12 @@ impl crate::state::IdempotencyStore for FlakyDone {
         scope: String,
         keys: Vec<String>,
         ttl: Duration,
+        how: crate::state::Completion,
     ) -> crate::broker::BoxFuture<'_, Result<(), crate::state::StateError>> {
         if self.failing.load(AtomicOrdering::SeqCst) {
             return Box::pin(async { Err(crate::state::StateError::Unavailable("down".into())) });
         }
-        self.inner.complete(scope, keys, ttl)
+        self.inner.complete(scope, keys, ttl, how)
     }
 
     fn release(
@@ -840,7 +841,7 @@ async fn no_message_is_acked_before_its_key_is_recorded() {
     assert_eq!(stat(&report.stats, "succeeded"), 10);
     for i in 0..10 {
         assert_eq!(
-            keys.claim(&i.to_string(), "later").await.unwrap(),
+            keys.claim(&i.to_string(), "later", false).await.unwrap(),
             Claim::Done,
             "key {i}"
         );

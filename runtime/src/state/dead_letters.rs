@@ -10,12 +10,17 @@
 //! a repeated write of the same `lockgate-id` is dropped) and a [`Scan`] (`lockgate dlq list|show|replay` read it). Where a
 //! broker DLQ records a replay by appending a marker, the table sets `replayed_at` and
 //! `replayed_to` on the rows instead, and reads them back as markers, so the replay tool works
-//! the same on both.
+//! the same on both. Replay results likewise set `replay_result`, `replay_route`,
+//! `replay_detail` and `replay_result_at` (keeping a handling over a later skip) and read back
+//! as result records.
 
 use std::sync::Arc;
 
 use crate::broker::{BoxFuture, BrokerError, LOCKGATE_ID_HEADER, OutRecord, Record, Scan, Sink};
-use crate::pipeline::dlq::{MARKER_HEADER, marker, marker_positions};
+use crate::pipeline::dlq::{
+    MARKER_HEADER, RESULT_HEADER, ReplayOutcome, ReplayResult, marker, marker_positions,
+    parse_result, result_record,
+};
 
 use super::PostgresStore;
 
@@ -163,19 +168,70 @@ impl DeadLetterTable {
         }
         Ok(())
     }
+
+    /// Sets the replay result of the rows the results name. A `skipped` does not replace a
+    /// `handled` (a copy delivered twice is handled once and skipped once).
+    async fn record_results(&self, results: Vec<OutRecord>) -> Result<(), BrokerError> {
+        let s = self.store.schema();
+        for r in results {
+            let record = Record {
+                headers: r.headers,
+                payload: r.payload,
+                ..Record::default()
+            };
+            let Some(result) = parse_result(&record) else {
+                continue;
+            };
+            let Some(id) = Self::id_of(&r.topic, &result.position) else {
+                continue;
+            };
+            let at = i64::try_from(result.at_ms).unwrap_or(i64::MAX);
+            self.store
+                .execute(
+                    "record replay results",
+                    &format!(
+                        "UPDATE {s}.dead_letters SET replay_result = $3, replay_route = $4,
+                             replay_detail = $6, replay_result_at = to_timestamp($5::bigint / 1000.0)
+                         WHERE dlq = $1 AND id = $2
+                           AND NOT (replay_result IS NOT DISTINCT FROM 'handled'
+                                    AND $3 = 'skipped')"
+                    ),
+                    &[
+                        &r.topic,
+                        &id,
+                        &result.outcome.as_str(),
+                        &result.route,
+                        &at,
+                        &result.detail,
+                    ],
+                )
+                .await
+                .map_err(Self::unavailable)?;
+        }
+        Ok(())
+    }
+}
+
+/// What a record written to the table is.
+fn is(r: &OutRecord, header: &str) -> bool {
+    r.headers.iter().any(|(n, _)| n == header)
 }
 
 impl Sink for DeadLetterTable {
     fn publish(&self, records: Vec<OutRecord>) -> BoxFuture<'_, Result<(), BrokerError>> {
         Box::pin(async move {
-            let (markers, letters): (Vec<_>, Vec<_>) = records
-                .into_iter()
-                .partition(|r| r.headers.iter().any(|(n, _)| n == MARKER_HEADER));
+            let (markers, rest): (Vec<_>, Vec<_>) =
+                records.into_iter().partition(|r| is(r, MARKER_HEADER));
+            let (results, letters): (Vec<_>, Vec<_>) =
+                rest.into_iter().partition(|r| is(r, RESULT_HEADER));
             if !letters.is_empty() {
                 self.insert(letters).await?;
             }
             if !markers.is_empty() {
                 self.mark(markers).await?;
+            }
+            if !results.is_empty() {
+                self.record_results(results).await?;
             }
             Ok(())
         })
@@ -202,7 +258,9 @@ impl Scan for DeadLetterScan {
                     &format!(
                         "SELECT id, key, header_names, header_values, payload,
                              (extract(epoch from failed_at) * 1000)::bigint,
-                             replayed_to, (extract(epoch from replayed_at) * 1000)::bigint
+                             replayed_to, (extract(epoch from replayed_at) * 1000)::bigint,
+                             replay_result, replay_route, replay_detail,
+                             (extract(epoch from replay_result_at) * 1000)::bigint
                          FROM {s}.dead_letters WHERE dlq = $1 AND id > $2 ORDER BY id LIMIT $3"
                     ),
                     &[&self.dlq, &self.after, &SCAN_BATCH],
@@ -236,7 +294,12 @@ impl Scan for DeadLetterScan {
                 let position = record.position();
                 out.push(record);
                 if let Some((to, at)) = replayed {
-                    let m = marker(&self.dlq, &[position], &to, u64::try_from(at).unwrap_or(0));
+                    let m = marker(
+                        &self.dlq,
+                        std::slice::from_ref(&position),
+                        &to,
+                        u64::try_from(at).unwrap_or(0),
+                    );
                     out.push(Record {
                         topic: m.topic,
                         headers: m.headers,
@@ -244,8 +307,37 @@ impl Scan for DeadLetterScan {
                         ..Record::default()
                     });
                 }
+                if let Some(result) = stored_result(&row, position) {
+                    let r = result_record(&self.dlq, &result);
+                    out.push(Record {
+                        topic: r.topic,
+                        headers: r.headers,
+                        payload: r.payload,
+                        ..Record::default()
+                    });
+                }
             }
             Ok(Some(out))
         })
     }
+}
+
+/// The replay result kept in a row (columns 8-11 of the scan), if any.
+fn stored_result(row: &tokio_postgres::Row, position: String) -> Option<ReplayResult> {
+    let outcome = match row.get::<_, Option<&str>>(8)? {
+        "handled" => ReplayOutcome::Handled,
+        "skipped" => ReplayOutcome::Skipped,
+        "dead_lettered" => ReplayOutcome::DeadLettered,
+        _ => return None,
+    };
+    Some(ReplayResult {
+        position,
+        outcome,
+        route: row.get::<_, Option<String>>(9).unwrap_or_default(),
+        detail: row.get::<_, Option<String>>(10).unwrap_or_default(),
+        at_ms: row
+            .get::<_, Option<i64>>(11)
+            .and_then(|v| u64::try_from(v).ok())
+            .unwrap_or(0),
+    })
 }

@@ -8,11 +8,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::{Claim, ClaimRequest, Commit, IdempotencyStore, KvStore, KvWrite, StateError, now_ms};
+use super::{
+    Claim, ClaimRequest, Commit, Completion, IdempotencyStore, KvStore, KvWrite, StateError, now_ms,
+};
 use crate::broker::BoxFuture;
 
 /// Value of a done record.
 const DONE: &[u8] = b"1";
+/// Value of a dead-lettered record.
+const DEAD_LETTERED: &[u8] = b"x";
 /// First byte of an applied record; the committed outputs follow.
 const APPLIED: u8 = b'a';
 
@@ -95,6 +99,12 @@ impl IdempotencyStore for LocalClaims {
                             v.remove(0);
                             Claim::Applied(v)
                         }
+                        // A replay runs it again; the record stays until its end is recorded.
+                        Some(v) if v == DEAD_LETTERED && r.replay => Claim::Claimed,
+                        Some(v) if v == DEAD_LETTERED => {
+                            held.remove(&(scope.clone(), r.key.clone()));
+                            Claim::DeadLettered
+                        }
                         Some(_) => {
                             held.remove(&(scope.clone(), r.key.clone()));
                             Claim::Done
@@ -111,12 +121,17 @@ impl IdempotencyStore for LocalClaims {
         scope: String,
         keys: Vec<String>,
         ttl: Duration,
+        how: Completion,
     ) -> BoxFuture<'_, Result<(), StateError>> {
         Box::pin(async move {
             let kv = self.kv.clone();
+            let value = match how {
+                Completion::Done => DONE,
+                Completion::DeadLettered => DEAD_LETTERED,
+            };
             let (ns, entries): (String, Vec<(String, Vec<u8>)>) = (
                 scope.clone(),
-                keys.iter().map(|k| (k.clone(), DONE.to_vec())).collect(),
+                keys.iter().map(|k| (k.clone(), value.to_vec())).collect(),
             );
             blocking(move || {
                 let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);

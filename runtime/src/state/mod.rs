@@ -13,6 +13,11 @@
 //! with a lease; a second claimant (another lane, another process) meets the live claim and waits
 //! instead of running the handler concurrently. When the message is done the key becomes *done*
 //! for the route's TTL; a crashed claimant's lease runs out and the key can be claimed again.
+//!
+//! A message that was dead-lettered leaves its key *dead-lettered*, not done: a redelivery of
+//! it is still skipped, but a replayed copy (`lockgate dlq replay`, a [`ClaimRequest::replay`])
+//! may claim the key again and run the fixed handler. Its success makes the key done, so the
+//! key is re-opened once per failure, never for a message that succeeded.
 
 mod dead_letters;
 mod embedded;
@@ -65,6 +70,9 @@ pub enum Claim {
     Applied(Vec<u8>),
     /// The key is recorded as done: the message is a duplicate.
     Done,
+    /// The key's message was dead-lettered and this request is not a replay: a redelivery of a
+    /// dead letter, skipped like a duplicate.
+    DeadLettered,
     /// Someone else holds a live claim; ask again after at most this long.
     Busy(Duration),
 }
@@ -77,6 +85,29 @@ pub struct ClaimRequest {
     /// Who claims it: unique per message handling, so two lanes of one process exclude each
     /// other as two processes do.
     pub owner: String,
+    /// The message is a replayed dead letter: a key recorded as dead-lettered may be claimed
+    /// again. Read by [`IdempotencyStore::claim`] only.
+    pub replay: bool,
+}
+
+impl ClaimRequest {
+    /// A request for `key` by `owner` that is not a replay.
+    pub fn new(key: impl Into<String>, owner: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            owner: owner.into(),
+            replay: false,
+        }
+    }
+}
+
+/// How a message whose key is recorded ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Completion {
+    /// Handled: its effects happened. Every later message with the key is a duplicate.
+    Done,
+    /// Dead-lettered: a redelivery is skipped, a replayed copy may run again.
+    DeadLettered,
 }
 
 /// One kv write an invocation staged, applied when its message commits.
@@ -114,8 +145,9 @@ pub enum Commit {
 /// Every method takes many keys, so a backend can serve the messages in flight in one round trip.
 /// A `scope` is one route's key space (`idempotency/<route>`).
 pub trait IdempotencyStore: Send + Sync + 'static {
-    /// Claims each key for `lease` unless it is done or held live by another owner. Answers in
-    /// request order. A key requested twice in one call is claimed at most once.
+    /// Claims each key for `lease` unless it is done, dead-lettered (and the request is not a
+    /// replay) or held live by another owner. Answers in request order. A key requested twice
+    /// in one call is claimed at most once.
     fn claim(
         &self,
         scope: String,
@@ -123,12 +155,14 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         lease: Duration,
     ) -> BoxFuture<'_, Result<Vec<Claim>, StateError>>;
 
-    /// Records `keys` as done for `ttl` (whoever holds them: the effect happened).
+    /// Records how the messages of `keys` ended, for `ttl` (whoever holds them: the effect, or
+    /// the dead letter, happened).
     fn complete(
         &self,
         scope: String,
         keys: Vec<String>,
         ttl: Duration,
+        how: Completion,
     ) -> BoxFuture<'_, Result<(), StateError>>;
 
     /// Drops claims that are still held by their owner and not done or applied (a message
@@ -414,24 +448,31 @@ pub mod claims_conformance {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use super::{Claim, ClaimRequest, Commit, IdempotencyStore, KvStore, KvWrite, now_ms};
+    use super::{
+        Claim, ClaimRequest, Commit, Completion, IdempotencyStore, KvStore, KvWrite, now_ms,
+    };
 
     const LEASE: Duration = Duration::from_secs(30);
 
     fn req(key: &str, owner: &str) -> ClaimRequest {
+        ClaimRequest::new(key, owner)
+    }
+
+    fn replay(key: &str, owner: &str) -> ClaimRequest {
         ClaimRequest {
-            key: key.into(),
-            owner: owner.into(),
+            replay: true,
+            ..ClaimRequest::new(key, owner)
         }
     }
 
-    async fn claim(store: &dyn IdempotencyStore, scope: &str, key: &str, owner: &str) -> Claim {
-        let mut v = store
-            .claim(scope.into(), vec![req(key, owner)], LEASE)
-            .await
-            .unwrap();
+    async fn claim_one(store: &dyn IdempotencyStore, scope: &str, r: ClaimRequest) -> Claim {
+        let mut v = store.claim(scope.into(), vec![r], LEASE).await.unwrap();
         assert_eq!(v.len(), 1);
         v.remove(0)
+    }
+
+    async fn claim(store: &dyn IdempotencyStore, scope: &str, key: &str, owner: &str) -> Claim {
+        claim_one(store, scope, req(key, owner)).await
     }
 
     /// Polls until `key` can be claimed by a new owner; panics after 10 s. Returns how long it
@@ -490,7 +531,12 @@ pub mod claims_conformance {
         assert_eq!(claim(store, s, "k1", "o2").await, Claim::Claimed);
         // Done is done for everyone, the holder included.
         store
-            .complete(s.into(), vec!["k1".into()], Duration::from_secs(60))
+            .complete(
+                s.into(),
+                vec!["k1".into()],
+                Duration::from_secs(60),
+                Completion::Done,
+            )
             .await
             .unwrap();
         assert_eq!(claim(store, s, "k1", "o3").await, Claim::Done);
@@ -527,7 +573,12 @@ pub mod claims_conformance {
         assert_eq!(answers[2], Claim::Claimed);
         assert!(matches!(answers[3], Claim::Busy(_)), "{:?}", answers[3]);
         store
-            .complete(s.into(), vec!["b1".into(), "b2".into()], LEASE)
+            .complete(
+                s.into(),
+                vec!["b1".into(), "b2".into()],
+                LEASE,
+                Completion::Done,
+            )
             .await
             .unwrap();
         assert_eq!(claim(store, s, "b2", "z").await, Claim::Done);
@@ -547,13 +598,92 @@ pub mod claims_conformance {
 
         // Done records expire with their TTL.
         store
-            .complete(s.into(), vec!["t1".into()], Duration::from_millis(300))
+            .complete(
+                s.into(),
+                vec!["t1".into()],
+                Duration::from_millis(300),
+                Completion::Done,
+            )
             .await
             .unwrap();
         assert_eq!(claim(store, s, "t1", "o").await, Claim::Done);
         until_claimable(store, s, "t1").await;
 
+        dead_letters(store).await;
         commits(store, &kv).await;
+    }
+
+    /// A dead-lettered key: redeliveries are skipped, a replay may claim it again (once: its
+    /// success makes the key done), a replay of a key that succeeded is a duplicate.
+    async fn dead_letters(store: &dyn IdempotencyStore) {
+        let s = "idempotency/d";
+        let ttl = Duration::from_secs(60);
+        assert_eq!(claim(store, s, "x1", "o1").await, Claim::Claimed);
+        store
+            .complete(s.into(), vec!["x1".into()], ttl, Completion::DeadLettered)
+            .await
+            .unwrap();
+        assert_eq!(claim(store, s, "x1", "o2").await, Claim::DeadLettered);
+        assert_eq!(
+            claim_one(store, s, replay("x1", "r1")).await,
+            Claim::Claimed
+        );
+        // While the replay holds it, everyone else waits (a second replay copy included).
+        assert!(matches!(claim(store, s, "x1", "o3").await, Claim::Busy(_)));
+        assert!(matches!(
+            claim_one(store, s, replay("x1", "r2")).await,
+            Claim::Busy(_)
+        ));
+        // The replay failed again: dead-lettered again, and a later replay may run it.
+        store
+            .complete(s.into(), vec!["x1".into()], ttl, Completion::DeadLettered)
+            .await
+            .unwrap();
+        assert_eq!(claim(store, s, "x1", "o4").await, Claim::DeadLettered);
+        assert_eq!(
+            claim_one(store, s, replay("x1", "r3")).await,
+            Claim::Claimed
+        );
+        // A released replay claim leaves the key claimable, by a replay or anyone.
+        store
+            .release(s.into(), vec![replay("x1", "r3")])
+            .await
+            .unwrap();
+        assert_eq!(
+            claim_one(store, s, replay("x1", "r4")).await,
+            Claim::Claimed
+        );
+        store
+            .complete(s.into(), vec!["x1".into()], ttl, Completion::Done)
+            .await
+            .unwrap();
+        // Succeeded: done for redeliveries and replays alike.
+        assert_eq!(claim(store, s, "x1", "o5").await, Claim::Done);
+        assert_eq!(claim_one(store, s, replay("x1", "r5")).await, Claim::Done);
+        // A replay of a key never seen is an ordinary claim; many keys mix in one call.
+        let answers = store
+            .claim(
+                s.into(),
+                vec![replay("x2", "m"), req("x1", "m"), replay("x3", "m")],
+                LEASE,
+            )
+            .await
+            .unwrap();
+        assert_eq!(answers, vec![Claim::Claimed, Claim::Done, Claim::Claimed]);
+        store
+            .complete(
+                s.into(),
+                vec!["x2".into(), "x3".into()],
+                ttl,
+                Completion::DeadLettered,
+            )
+            .await
+            .unwrap();
+        let answers = store
+            .claim(s.into(), vec![req("x2", "n"), replay("x3", "n")], LEASE)
+            .await
+            .unwrap();
+        assert_eq!(answers, vec![Claim::DeadLettered, Claim::Claimed]);
     }
 
     async fn commits(store: &dyn IdempotencyStore, kv: &Arc<dyn KvStore>) {
@@ -590,7 +720,7 @@ pub mod claims_conformance {
             Commit::LostClaim
         );
         store
-            .complete(s.into(), vec!["c1".into()], LEASE)
+            .complete(s.into(), vec!["c1".into()], LEASE, Completion::Done)
             .await
             .unwrap();
         assert_eq!(claim(store, s, "c1", "o2").await, Claim::Done);

@@ -14,7 +14,9 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
-use super::{Claim, ClaimRequest, Commit, IdempotencyStore, KvStore, KvWrite, StateError, now_ms};
+use super::{
+    Claim, ClaimRequest, Commit, Completion, IdempotencyStore, KvStore, KvWrite, StateError, now_ms,
+};
 use crate::broker::{BoxFuture, LOCKGATE_ID_HEADER, OutRecord};
 
 /// Default connections per store.
@@ -111,6 +113,18 @@ const MIGRATIONS: &[(&str, &str)] = &[
     CREATE TRIGGER outbox_notify AFTER INSERT ON {s}.outbox
         FOR EACH STATEMENT EXECUTE FUNCTION {s}.outbox_notify();",
     ),
+    (
+        "dead-lettered keys and replay results",
+        // 'x': the key's message was dead-lettered (a replayed copy may claim it again). The
+        // replay_* columns say what became of a dead letter's replayed copy.
+        "ALTER TABLE {s}.idempotency DROP CONSTRAINT idempotency_state_check;
+    ALTER TABLE {s}.idempotency ADD CONSTRAINT idempotency_state_check
+        CHECK (state IN ('c', 'a', 'd', 'x'));
+    ALTER TABLE {s}.dead_letters ADD COLUMN replay_result text,
+        ADD COLUMN replay_route text,
+        ADD COLUMN replay_detail text,
+        ADD COLUMN replay_result_at timestamptz;",
+    ),
 ];
 
 /// The newest schema version this build knows.
@@ -187,17 +201,19 @@ impl Sql {
                  WHERE scope = $1 AND key = $2"
             ),
             // Answers per request, in order: 'c' claimed, 'a' claimed with committed outputs,
-            // 'd' done, 'b' busy for n more ms. The final SELECT sees the table as it was
+            // 'd' done, 'x' dead-lettered (claimed instead when the request is a replay), 'b'
+            // busy for n more ms. The final SELECT sees the table as it was
             // before the INSERT (one snapshot), which is why "claimed" comes from the INSERT's
             // RETURNING; a row another transaction inserted meanwhile is invisible here and
             // answers "busy 1 ms", asked again. An expired applied record stays applied: its
             // effects are committed, only its outputs wait for a publisher.
             claim: format!(
                 "WITH r AS (
-                    SELECT key, owner, ord
-                    FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS r(key, owner, ord)
+                    SELECT key, owner, replay, ord
+                    FROM unnest($2::text[], $3::text[], $5::bool[])
+                        WITH ORDINALITY AS r(key, owner, replay, ord)
                  ), first AS (
-                    SELECT DISTINCT ON (key) key, owner FROM r ORDER BY key, ord
+                    SELECT DISTINCT ON (key) key, owner, replay FROM r ORDER BY key, ord
                  ), t AS (SELECT {NOW} AS now),
                  up AS (
                     INSERT INTO {s}.idempotency AS i (scope, key, state, owner, until_ms)
@@ -207,11 +223,13 @@ impl Sql {
                         owner = excluded.owner, until_ms = excluded.until_ms
                     WHERE i.until_ms <= excluded.until_ms - $4
                        OR (i.state IN ('c', 'a') AND i.owner = excluded.owner)
+                       OR (i.state = 'x' AND EXISTS (
+                            SELECT 1 FROM first f WHERE f.key = excluded.key AND f.replay))
                     RETURNING i.key, i.owner, i.state, i.outputs
                  )
                  SELECT CASE
                         WHEN up.key IS NOT NULL AND up.owner = r.owner THEN up.state
-                        WHEN i.state = 'd' THEN 'd'
+                        WHEN i.state IN ('d', 'x') THEN i.state
                         ELSE 'b'
                     END,
                     greatest(i.until_ms - t.now, 1::bigint),
@@ -223,9 +241,10 @@ impl Sql {
             ),
             complete: format!(
                 "INSERT INTO {s}.idempotency (scope, key, state, owner, until_ms)
-                 SELECT $1, k, 'd', NULL, {NOW} + $3 FROM unnest($2::text[]) AS k
+                 SELECT $1, k, $4, NULL, {NOW} + $3 FROM unnest($2::text[]) AS k
                  ON CONFLICT (scope, key) DO UPDATE
-                 SET state = 'd', owner = NULL, until_ms = excluded.until_ms, outputs = NULL"
+                 SET state = excluded.state, owner = NULL, until_ms = excluded.until_ms,
+                     outputs = NULL"
             ),
             release: format!(
                 "DELETE FROM {s}.idempotency i
@@ -666,11 +685,12 @@ impl IdempotencyStore for PostgresStore {
             }
             let keys: Vec<&str> = requests.iter().map(|r| r.key.as_str()).collect();
             let owners: Vec<&str> = requests.iter().map(|r| r.owner.as_str()).collect();
+            let replays: Vec<bool> = requests.iter().map(|r| r.replay).collect();
             let rows = self
                 .query(
                     "claim idempotency keys",
                     &self.inner.sql.claim,
-                    &[&scope, &keys, &owners, &millis(lease)],
+                    &[&scope, &keys, &owners, &millis(lease), &replays],
                 )
                 .await?;
             if rows.len() != requests.len() {
@@ -685,6 +705,7 @@ impl IdempotencyStore for PostgresStore {
                     "c" => Claim::Claimed,
                     "a" => Claim::Applied(r.get::<_, Option<Vec<u8>>>(2).unwrap_or_default()),
                     "d" => Claim::Done,
+                    "x" => Claim::DeadLettered,
                     _ => Claim::Busy(Duration::from_millis(
                         r.get::<_, Option<i64>>(1).unwrap_or(1).unsigned_abs(),
                     )),
@@ -698,6 +719,7 @@ impl IdempotencyStore for PostgresStore {
         scope: String,
         mut keys: Vec<String>,
         ttl: Duration,
+        how: Completion,
     ) -> BoxFuture<'_, Result<(), StateError>> {
         Box::pin(async move {
             keys.sort_unstable();
@@ -705,10 +727,14 @@ impl IdempotencyStore for PostgresStore {
             if keys.is_empty() {
                 return Ok(());
             }
+            let state = match how {
+                Completion::Done => "d",
+                Completion::DeadLettered => "x",
+            };
             self.execute(
                 "record idempotency keys",
                 &self.inner.sql.complete,
-                &[&scope, &keys, &millis(ttl)],
+                &[&scope, &keys, &millis(ttl), &state],
             )
             .await
             .map(drop)

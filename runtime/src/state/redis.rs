@@ -13,7 +13,8 @@
 //!   claimed (with the lease as its native expiry, so a crashed holder's claim vanishes on
 //!   Redis's clock), `a:<lease end ms>:<owner>|<outputs>` once the handler's effects are
 //!   committed (no native expiry: it must outlive a crash until someone publishes the
-//!   outputs), `d` once done (with the TTL as its expiry).
+//!   outputs), `d` once done and `x` once dead-lettered (with the TTL as their expiry; a
+//!   replayed copy may claim an `x` key again).
 //!
 //! Every script touches the keys of one message only; a Redis Cluster would need them in one
 //! hash slot, so the store targets a single Redis (or a primary with replicas).
@@ -26,7 +27,9 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
-use super::{Claim, ClaimRequest, Commit, IdempotencyStore, KvStore, KvWrite, StateError, now_ms};
+use super::{
+    Claim, ClaimRequest, Commit, Completion, IdempotencyStore, KvStore, KvWrite, StateError, now_ms,
+};
 use crate::broker::BoxFuture;
 
 /// How long after its logical expiry an entry is left for Redis to collect.
@@ -82,22 +85,25 @@ local function applied_record(until_ms, owner, outputs)
 end
 ";
 
-/// KEYS: records; ARGV: lease ms, then one owner per key. Answers per key: 0 claimed, -1 done,
-/// n > 0 busy for n more ms, a string: applied, these are the outputs.
+/// KEYS: records; ARGV: lease ms, then per key its owner and whether it is a replay ('1'/'0').
+/// Answers per key: 0 claimed, -1 done, -2 dead-lettered, n > 0 busy for n more ms, a string:
+/// applied, these are the outputs.
 static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{LUA_HELPERS}
 local lease = tonumber(ARGV[1])
 local out = {{}}
 for i, k in ipairs(KEYS) do
-  local owner = ARGV[i + 1]
+  local owner = ARGV[2 * i]
   local mine = 'c:' .. owner
   local v = redis.call('GET', k)
-  if not v then
+  if not v or (v == 'x' and ARGV[2 * i + 1] == '1') then
     redis.call('SET', k, mine, 'PX', lease)
     out[i] = 0
   elseif v == 'd' then
     out[i] = -1
+  elseif v == 'x' then
+    out[i] = -2
   elseif v == mine then
     redis.call('PEXPIRE', k, lease)
     out[i] = 0
@@ -366,7 +372,9 @@ impl IdempotencyStore for RedisStore {
             let mut call = CLAIM.prepare_invoke();
             call.arg(millis(lease));
             for r in &requests {
-                call.key(self.idem_key(&scope, &r.key)).arg(&r.owner);
+                call.key(self.idem_key(&scope, &r.key))
+                    .arg(&r.owner)
+                    .arg(if r.replay { "1" } else { "0" });
             }
             let mut c = self.conn.clone();
             let answers: Vec<redis::Value> =
@@ -383,6 +391,7 @@ impl IdempotencyStore for RedisStore {
                 .into_iter()
                 .map(|v| match v {
                     redis::Value::Int(0) => Ok(Claim::Claimed),
+                    redis::Value::Int(-2) => Ok(Claim::DeadLettered),
                     redis::Value::Int(n) if n < 0 => Ok(Claim::Done),
                     redis::Value::Int(n) => {
                         Ok(Claim::Busy(Duration::from_millis(n.unsigned_abs())))
@@ -402,16 +411,21 @@ impl IdempotencyStore for RedisStore {
         scope: String,
         keys: Vec<String>,
         ttl: Duration,
+        how: Completion,
     ) -> BoxFuture<'_, Result<(), StateError>> {
         Box::pin(async move {
             if keys.is_empty() {
                 return Ok(());
             }
+            let value = match how {
+                Completion::Done => "d",
+                Completion::DeadLettered => "x",
+            };
             let mut pipe = redis::pipe();
             for k in &keys {
                 pipe.cmd("SET")
                     .arg(self.idem_key(&scope, k))
-                    .arg("d")
+                    .arg(value)
                     .arg("PX")
                     .arg(millis(ttl))
                     .ignore();
