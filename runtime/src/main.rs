@@ -11,6 +11,8 @@ fn main() -> ExitCode {
     init_tracing(args.default_log_filter());
     match cli::run(args) {
         Ok(code) => code,
+        // The reader of our output went away (`| head`): a normal end.
+        Err(e) if cli::is_closed_stdout(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(cli::EXIT_USAGE)

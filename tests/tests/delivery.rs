@@ -264,3 +264,22 @@ fn send_then_tail_round_trips_keys_headers_and_payloads() {
         show(&out)
     );
 }
+
+#[test]
+fn a_route_that_took_nothing_says_so_when_it_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let mut child = start(dir.path(), &config, 1);
+    // Started once it printed its summary line.
+    let started = std::time::Instant::now();
+    while !logs(dir.path(), 1).contains("1 route running") {
+        assert!(started.elapsed() < DEADLINE, "{}", logs(dir.path(), 1));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    lockgate_tests::stop_run(&mut child, dir.path(), 1);
+    let said = logs(dir.path(), 1);
+    assert!(
+        said.contains("route orders: stopped (no messages)"),
+        "{said}"
+    );
+}

@@ -389,12 +389,20 @@ fn block_on<F: std::future::Future<Output = anyhow::Result<ExitCode>>>(
         .block_on(f)
 }
 
-/// Runs `lockgate dlq ...`.
+/// Runs `lockgate dlq ...`. Bad config and arguments are answered (exit 2) before anything is
+/// read; a failure after that (a DLQ or broker that cannot be read or written) exits 1.
 pub fn run(args: DlqArgs) -> anyhow::Result<ExitCode> {
-    match args.command {
+    let done = match args.command {
         DlqCommand::List(a) => block_on(list(a)),
         DlqCommand::Show(a) => block_on(show(a)),
         DlqCommand::Replay(a) => block_on(replay(a)),
+    };
+    match done {
+        Err(e) if !super::is_closed_stdout(&e) => {
+            eprintln!("error: {e:#}");
+            Ok(ExitCode::from(EXIT_FAILED))
+        }
+        other => other,
     }
 }
 
@@ -816,7 +824,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     }
     let total: usize = plans.iter().map(|(_, p)| p.len()).sum();
     if total == 0 {
-        println!(
+        outln!(
             "nothing to replay: no pending dead letter matches ({already} matching already replayed)"
         );
         return Ok(ExitCode::SUCCESS);
@@ -825,13 +833,17 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         for (dlq, planned) in &plans {
             for p in planned {
                 let broker = &ctx.config.routes[&p.route].source.broker;
-                println!(
+                outln!(
                     "would replay {} ({}:{}) to {broker}:{} for route {}",
-                    p.position, dlq.broker, dlq.topic, p.to, p.route
+                    p.position,
+                    dlq.broker,
+                    dlq.topic,
+                    p.to,
+                    p.route
                 );
             }
         }
-        println!("dry run: {total} dead letters would be replayed ({already} already replayed)");
+        outln!("dry run: {total} dead letters would be replayed ({already} already replayed)");
         return Ok(ExitCode::SUCCESS);
     }
 
@@ -901,7 +913,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         }
     }
     progress.finish();
-    println!(
+    outln!(
         "replayed {replayed} dead letter{} ({already} matching already replayed before)",
         if replayed == 1 { "" } else { "s" }
     );

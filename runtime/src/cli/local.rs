@@ -123,14 +123,14 @@ pub fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     let written: Vec<u64> = offsets.iter().flatten().copied().collect();
     match (written.first(), written.last()) {
         (Some(first), Some(last)) if first == last => {
-            println!("{}: appended 1 message at offset {first}", args.topic);
+            outln!("{}: appended 1 message at offset {first}", args.topic);
         }
-        (Some(first), Some(last)) => println!(
+        (Some(first), Some(last)) => outln!(
             "{}: appended {} messages at offsets {first}..={last}",
             args.topic,
             written.len()
         ),
-        _ => println!("{}: nothing appended", args.topic),
+        _ => outln!("{}: nothing appended", args.topic),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -47,7 +47,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(EXIT_USAGE));
     }
     if config.stores.is_empty() {
-        println!(
+        outln!(
             "{}: no [stores.<name>] tables; the embedded store needs no migration",
             args.config.display()
         );
@@ -91,7 +91,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
             }
         });
         match result {
-            Ok(done) => println!("stores.{name}: {done}"),
+            Ok(done) => outln!("stores.{name}: {done}"),
             Err(e) => {
                 let e: lockgate::state::StateError = e;
                 eprintln!("stores.{name}: {e}");

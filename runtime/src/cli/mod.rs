@@ -1,5 +1,17 @@
 //! Command-line interface: argument definitions and dispatch.
 
+/// `println!` for command output that a reader may stop reading (`lockgate test --json | head`):
+/// a closed stdout ends the command at once with exit code 0 instead of a panic (see
+/// [`write_out`]).
+macro_rules! outln {
+    () => {
+        $crate::cli::write_out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod check;
 mod clients;
 mod dlq;
@@ -20,6 +32,33 @@ use clap::{Parser, Subcommand};
 pub const EXIT_FAILED: u8 = 1;
 /// Exit code for unusable input (bad arguments, unreadable files, a component that won't load).
 pub const EXIT_USAGE: u8 = 2;
+
+/// Writes command output to stdout. When the reader has gone (a closed pipe: `| head` read what
+/// it wanted) the command's output is no longer wanted, so the process ends at once with exit
+/// code 0; another write error ends it with [`EXIT_FAILED`].
+pub fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        stdout_failed(&e);
+    }
+}
+
+/// Ends the process after a failed write to stdout (see [`write_out`]).
+pub fn stdout_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: cannot write to stdout: {e}");
+    std::process::exit(i32::from(EXIT_FAILED));
+}
+
+/// Whether `e` comes from writing to a stdout whose reader has gone (see [`write_out`]).
+pub fn is_closed_stdout(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
 
 /// lockgate runs WebAssembly message handlers against Kafka, NATS, RabbitMQ or its embedded broker,
 /// with retries, circuit breakers, dead-letter routing and idempotency around every call.

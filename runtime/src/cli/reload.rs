@@ -77,10 +77,10 @@ pub fn run(args: ReloadArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(EXIT_FAILED));
     }
     if outcome.changes.is_empty() {
-        println!("reloaded: nothing changed");
+        outln!("reloaded: nothing changed");
     }
     for c in outcome.changes {
-        println!("reloaded: {c}");
+        outln!("reloaded: {c}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -236,15 +236,20 @@ fn start_watching(
     }
 }
 
-/// A report's non-zero counters, `name=value` separated by spaces.
+/// A report's non-zero counters, `name=value` separated by spaces, or `no messages` when the
+/// route took none.
 pub fn counts(report: &RouteReport) -> String {
-    report
+    let counts: Vec<String> = report
         .stats
         .iter()
         .filter(|(_, v)| *v > 0)
         .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(" ")
+        .collect();
+    if counts.is_empty() {
+        "no messages".to_owned()
+    } else {
+        counts.join(" ")
+    }
 }
 
 async fn stop_signal() -> std::io::Result<&'static str> {

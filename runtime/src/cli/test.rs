@@ -121,7 +121,7 @@ pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
         let invocation = pool.invoke(message);
         let json = fixture::result_json(i + 1, &invocation);
         if args.json {
-            println!("{json}");
+            outln!("{json}");
         } else {
             print_human(i + 1, *line, &invocation);
         }
@@ -163,7 +163,7 @@ pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
     }
     if mismatches == 0 {
         if !args.json {
-            println!(
+            outln!(
                 "expectations: all {} message(s) match {}",
                 results.len(),
                 path.display()
@@ -197,17 +197,17 @@ fn show_bytes(b: &[u8]) -> String {
 fn print_human(index: usize, line: usize, inv: &lockgate::engine::Invocation) {
     let took = format!("{:.3} ms", inv.elapsed.as_secs_f64() * 1e3);
     match &inv.outcome {
-        Outcome::Ok { .. } => println!("message {index} (line {line}): ok in {took}"),
+        Outcome::Ok { .. } => outln!("message {index} (line {line}): ok in {took}"),
         Outcome::Retry { after, .. } => {
             let after = after
                 .map(|a| format!(" after {} ms", a.as_millis()))
                 .unwrap_or_default();
-            println!(
+            outln!(
                 "message {index} (line {line}): retry{after}: {} ({took})",
                 inv.outcome.reason().unwrap_or_default()
             );
         }
-        other => println!(
+        other => outln!(
             "message {index} (line {line}): {}: {} ({took})",
             other.kind(),
             other.reason().unwrap_or_default()
@@ -225,7 +225,7 @@ fn print_human(index: usize, line: usize, inv: &lockgate::engine::Invocation) {
                 .iter()
                 .map(|(k, v)| format!(" {k}={}", show_bytes(v)))
                 .collect();
-            println!(
+            outln!(
                 "  publish -> {}{key}{headers} payload={}",
                 o.topic,
                 show_bytes(&o.payload)
@@ -233,7 +233,7 @@ fn print_human(index: usize, line: usize, inv: &lockgate::engine::Invocation) {
         }
     }
     for l in &inv.logs {
-        println!(
+        outln!(
             "  {} {}: {}",
             l.source.as_str(),
             l.level.as_str(),
@@ -241,7 +241,7 @@ fn print_human(index: usize, line: usize, inv: &lockgate::engine::Invocation) {
         );
     }
     if inv.dropped_logs > 0 {
-        println!("  ({} log records dropped)", inv.dropped_logs);
+        outln!("  ({} log records dropped)", inv.dropped_logs);
     }
 }
 
@@ -253,5 +253,5 @@ fn print_summary(results: &[serde_json::Value]) {
             .or_default() += 1;
     }
     let parts: Vec<String> = counts.iter().map(|(k, n)| format!("{n} {k}")).collect();
-    println!("{} message(s): {}", results.len(), parts.join(", "));
+    outln!("{} message(s): {}", results.len(), parts.join(", "));
 }
