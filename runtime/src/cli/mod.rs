@@ -58,7 +58,11 @@ enum Command {
     /// Prints every problem, one per line, as `FILE: TOML.PATH: what is wrong`: unknown fields,
     /// bad values, missing module files, modules that are not components, components that do
     /// not export `handle` or import interfaces lockgate does not provide, and start functions
-    /// that trap. Exit codes: 0 valid, 1 problems found, 2 the file cannot be read.
+    /// that trap. With --connect it also connects to every broker and state store and reports
+    /// refused logins, unreachable servers and sources that do not exist or are declared
+    /// differently (a missing Kafka topic or JetStream stream, a RabbitMQ queue of another
+    /// type), the same way, changing nothing.
+    /// Exit codes: 0 valid, 1 problems found, 2 the file cannot be read.
     Check(check::CheckArgs),
 
     /// Run every route of runtime.toml until SIGINT or SIGTERM.
@@ -90,6 +94,9 @@ enum Command {
     /// the current rate, read from its admin endpoint (`--admin`, or the config's
     /// `[runtime] admin`).
     ///
+    /// States: running, paused (by the breaker), connecting (its source or a store it needs
+    /// has not connected yet), failing (its source or a store fails; the reason and the fix
+    /// are printed under the table), starting, stopped.
     /// Exit codes: 0 shown, 1 the endpoint did not answer, 2 no address to ask.
     Status(status::StatusArgs),
 
