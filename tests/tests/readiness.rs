@@ -585,6 +585,42 @@ fn a_closed_kafka_port_is_transient_and_reported_by_check() {
     stop_run(&mut child, dir.path(), 1);
 }
 
+#[test]
+fn kafka_credentials_the_broker_refuses_fail_the_route_once_at_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("ready-kafka-sasl");
+    // tansu speaks no SASL: a client configured for it fails to authenticate, as with a wrong
+    // password on a broker that does.
+    let broker = format!(
+        "[brokers.kafka]\nkind = \"kafka\"\nbootstrap_servers = \"{}\"\nproperties = {{ \"security.protocol\" = \"SASL_PLAINTEXT\", \"sasl.mechanisms\" = \"PLAIN\", \"sasl.username\" = \"lockgate\", \"sasl.password\" = \"wrong\" }}\n",
+        bootstrap()
+    );
+    write_config(
+        dir.path(),
+        &broker,
+        "out",
+        &format!("source = {{ broker = \"kafka\", topic = \"{topic}\" }}\noutputs = [\"out\"]\n"),
+    );
+    assert_check_fails(
+        dir.path(),
+        "Authentication (Local: Authentication failure); fix: check security.protocol, sasl.mechanisms, sasl.username and sasl.password",
+    );
+
+    let (mut child, addr) = start(dir.path());
+    wait_failing(&mut child, dir.path(), &addr, "Authentication failure", 2);
+    assert_status(
+        dir.path(),
+        &addr,
+        "failing",
+        "Authentication failure",
+        Some("sasl.password"),
+    );
+    let logs = run_logs(dir.path(), 1);
+    assert_eq!(log_lines(dir.path(), "ERROR", ""), 1, "{logs}");
+    assert!(!logs.contains("librdkafka"), "{logs}");
+    stop_run(&mut child, dir.path(), 1);
+}
+
 /// A route on the embedded broker that keeps its idempotency keys in store `store` (given by
 /// `table`).
 fn store_route(dir: &Path, table: &str) {
@@ -600,13 +636,20 @@ fn store_route(dir: &Path, table: &str) {
 fn an_unreachable_redis_store_fails_the_routes_that_need_it() {
     let dir = tempfile::tempdir().unwrap();
     let port = closed_port();
+    // `locked` is the real server with a password it does not know: only check tries it.
     store_route(
         dir.path(),
-        &format!("[stores.shared]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{port}\"\n"),
+        &format!(
+            "[stores.shared]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{port}\"\n\n[stores.locked]\nkind = \"redis\"\nurl = \"redis://:wrong@127.0.0.1:6379\"\n"
+        ),
     );
     assert_check_fails(
         dir.path(),
         &format!("stores.shared: redis at 127.0.0.1:{port}: connect: "),
+    );
+    assert_check_fails(
+        dir.path(),
+        "stores.locked: redis at 127.0.0.1:6379: connect: Password authentication failed",
     );
 
     let (mut child, addr) = start(dir.path());
@@ -648,10 +691,23 @@ fn a_postgres_store_whose_role_cannot_work_fails_its_route_until_it_can() {
     let dir = tempfile::tempdir().unwrap();
     let role = PgRole(lockgate_tests::pg::unique_schema("lg_ready"));
     let r = role.0.clone();
+    let port = closed_port();
     store_route(
         dir.path(),
         &format!(
             "[stores.shared]\nkind = \"postgres\"\nurl = \"postgres://{r}:pw@127.0.0.1:5432/postgres\"\nschema = \"{r}\"\n"
+        ),
+    );
+    // A second store nobody uses, at a closed port: `check --connect` tries it too.
+    let config = dir.path().join("runtime.toml");
+    let gone = format!(
+        "[stores.gone]\nkind = \"postgres\"\nurl = \"postgres://postgres@127.0.0.1:{port}/postgres\"\n\n"
+    );
+    lockgate_tests::edit_config(&config, "[handlers.up]", &format!("{gone}[handlers.up]"));
+    assert_check_fails(
+        dir.path(),
+        &format!(
+            "stores.gone: postgres at 127.0.0.1:{port}/postgres: connect: error connecting to server"
         ),
     );
     assert_check_fails(
@@ -690,12 +746,14 @@ fn a_postgres_store_whose_role_cannot_work_fails_its_route_until_it_can() {
     );
     pg.exec(&format!("GRANT CREATE ON DATABASE postgres TO {r}"));
     wait_ready(&mut child, dir.path(), &addr);
+    stop_run(&mut child, dir.path(), 1);
+    // (Edited only now: the running process would reload it.)
+    lockgate_tests::edit_config(&config, &gone, "");
     let notes = assert_check_passes(dir.path());
     assert!(
         notes.contains(&format!("schema {r} does not exist yet")),
         "{notes}"
     );
-    stop_run(&mut child, dir.path(), 1);
     // One line per misconfiguration, however often each was retried.
     let logs = run_logs(dir.path(), 1);
     assert_eq!(log_lines(dir.path(), "ERROR", ""), 2, "{logs}");

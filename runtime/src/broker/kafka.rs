@@ -274,6 +274,10 @@ struct Readiness {
     assigned: AtomicBool,
     /// Wakes the topic check at once (the consumer reported an unknown topic).
     check_now: tokio::sync::Notify,
+    /// The last refusal the client reported (authentication, authorization), until a topic
+    /// check succeeds: a metadata request of a client whose login was refused only times out,
+    /// and that must not turn the misconfiguration back into a transient failure.
+    refusal: Mutex<Option<Failure>>,
 }
 
 impl Readiness {
@@ -289,10 +293,23 @@ impl Readiness {
     /// itself (an idle connection closed, one broker of several away).
     fn client_error(&self, failure: Failure) {
         if failure.is_misconfigured() {
+            *self.refusal.lock().unwrap_or_else(PoisonError::into_inner) = Some(failure.clone());
             self.health
                 .failing(failure, crate::health::MISCONFIGURED_RETRY);
         }
         self.check_now.notify_one();
+    }
+
+    /// What a failed topic check means: a transient failure after a refusal is the refusal.
+    fn check_failed(&self, failure: Failure) -> Failure {
+        if failure.is_misconfigured() {
+            return failure;
+        }
+        self.refusal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or(failure)
     }
 }
 
@@ -580,6 +597,10 @@ async fn watch_topic(
         let wait = match checked {
             Ok(()) => {
                 backoff.reset();
+                *readiness
+                    .refusal
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = None;
                 readiness.topic_known.store(true, Ordering::SeqCst);
                 if readiness.assigned.load(Ordering::SeqCst) {
                     readiness.health.ready();
@@ -606,6 +627,7 @@ async fn watch_topic(
                 super::LAG_REFRESH
             }
             Err(failure) => {
+                let failure = readiness.check_failed(failure);
                 if failure.is_misconfigured() {
                     readiness.topic_known.store(false, Ordering::SeqCst);
                 }
@@ -1053,5 +1075,60 @@ impl Scan for KafkaScan {
             }
             Ok(if out.is_empty() { None } else { Some(out) })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::FailureKind;
+
+    #[test]
+    fn refusals_are_misconfigurations_and_the_rest_transient() {
+        for code in [
+            RDKafkaErrorCode::Authentication,
+            RDKafkaErrorCode::SaslAuthenticationFailed,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::GroupAuthorizationFailed,
+            RDKafkaErrorCode::SSL,
+        ] {
+            let f = failure_of("h:9092: consume", Some(code), code);
+            assert_eq!(f.kind, FailureKind::Misconfigured, "{code:?}");
+            assert!(f.fix.is_some(), "{code:?}");
+        }
+        for code in [
+            Some(RDKafkaErrorCode::BrokerTransportFailure),
+            Some(RDKafkaErrorCode::AllBrokersDown),
+            Some(RDKafkaErrorCode::UnknownTopicOrPartition),
+            None,
+        ] {
+            let f = failure_of("h:9092: consume", code, "x");
+            assert_eq!(f.kind, FailureKind::Transient, "{code:?}");
+        }
+        let unknown = unknown_topic("h:9092", "orders");
+        assert_eq!(unknown.error, "kafka h:9092: topic orders does not exist");
+        assert!(unknown.is_misconfigured());
+    }
+
+    #[test]
+    fn a_failed_topic_check_after_a_refusal_stays_the_refusal() {
+        let r = Readiness::default();
+        let timeout = Failure::transient("kafka h:9092: metadata: timed out");
+        assert_eq!(r.check_failed(timeout.clone()), timeout);
+        let refused = failure_of(
+            "h:9092: client",
+            Some(RDKafkaErrorCode::Authentication),
+            "Local: Authentication failure",
+        );
+        r.client_error(refused.clone());
+        assert_eq!(r.health.get().failure(), Some(&refused));
+        assert_eq!(r.check_failed(timeout), refused);
+        // A transient client error only asks for a check; it does not flip a ready source.
+        let r = Readiness::default();
+        r.health.ready();
+        r.client_error(Failure::transient(
+            "kafka h:9092: client: idle connection closed",
+        ));
+        assert_eq!(r.health.get(), crate::health::Health::Ready);
     }
 }

@@ -1072,3 +1072,37 @@ impl Scan for JetStreamScan {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_credentials_are_a_misconfiguration_and_an_unreachable_server_is_not() {
+        let refused =
+            async_nats::ConnectError::new(async_nats::ConnectErrorKind::AuthorizationViolation);
+        let f = connect_failure("nats", &refused);
+        assert!(f.is_misconfigured());
+        assert!(f.fix.as_deref().is_some_and(|x| x.contains("token_env")));
+        let down = async_nats::ConnectError::with_source(
+            async_nats::ConnectErrorKind::Io,
+            std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        );
+        assert_eq!(connect_failure("nats", &down).kind, FailureKind::Transient);
+    }
+
+    #[test]
+    fn background_attempts_keep_the_detailed_reason_of_their_kind() {
+        let health = HealthReporter::new();
+        let detailed = Failure::transient("nats n: cannot connect: IO error: Connection refused");
+        health.failing(detailed.clone(), Duration::ZERO);
+        // async-nats only says "IO error" for later attempts.
+        attempt_failed("n", &health, "nats: IO error");
+        assert_eq!(health.get().failure(), Some(&detailed));
+        attempt_failed("n", &health, "nats: authorization violation");
+        let refused = health.get().failure().cloned().unwrap();
+        assert!(refused.is_misconfigured(), "{refused:?}");
+        assert!(refused.error.contains("refused the credentials"));
+        assert!(matches!(health.get(), Health::Failing { attempts: 3, .. }));
+    }
+}

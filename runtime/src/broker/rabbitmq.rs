@@ -1275,6 +1275,104 @@ mod tests {
         assert_eq!(tiers.len(), 26);
     }
 
+    fn amqp(kind: AMQPErrorKind, text: &str) -> lapin::Error {
+        lapin::ErrorKind::ProtocolError(lapin::protocol::AMQPError::new(kind, text.into())).into()
+    }
+
+    fn fix_of(e: &BrokerError) -> &str {
+        match e {
+            BrokerError::Misconfigured { fix, .. } => fix,
+            other => panic!("not a misconfiguration: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn refusals_only_a_change_fixes_are_misconfigurations_with_the_fix() {
+        let login = classify(
+            "rabbit",
+            "connect",
+            &amqp(
+                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED),
+                "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN.",
+            ),
+        );
+        assert!(fix_of(&login).contains("user name and password in the URL of brokers.rabbit"));
+        // The server's words, not lapin's wrapping.
+        assert_eq!(
+            login.failure().error,
+            "rabbitmq rabbit: connect: ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN."
+        );
+        let permissions = classify(
+            "rabbit",
+            "declare queue q",
+            &amqp(
+                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED),
+                "ACCESS_REFUSED - access to queue 'q' in vhost '/' refused for user 'u'",
+            ),
+        );
+        assert!(fix_of(&permissions).contains("set_permissions"));
+        let vhost = classify(
+            "rabbit",
+            "connect",
+            &amqp(
+                AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED),
+                "NOT_ALLOWED - vhost nope not found",
+            ),
+        );
+        assert!(fix_of(&vhost).contains("vhost"));
+        let classic = classify(
+            "rabbit",
+            "declare queue q",
+            &amqp(
+                AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED),
+                "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in vhost '/': received the value 'quorum' of type 'longstr' but current is none",
+            ),
+        );
+        assert!(fix_of(&classic).contains("source.queue_type"));
+        let durable = classify(
+            "rabbit",
+            "declare queue q",
+            &amqp(
+                AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED),
+                "PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'q'",
+            ),
+        );
+        assert!(fix_of(&durable).contains("other arguments"));
+        let exchange = classify(
+            "rabbit",
+            "bind queue q to events",
+            &amqp(
+                AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND),
+                "NOT_FOUND - no exchange 'events' in vhost '/'",
+            ),
+        );
+        assert!(fix_of(&exchange).contains("declare the exchange"));
+    }
+
+    #[test]
+    fn what_goes_away_by_itself_is_transient() {
+        for e in [
+            lapin::Error::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+            amqp(
+                AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED),
+                "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue 'q'",
+            ),
+            // A queue deleted under the consumer is declared again on the next attempt.
+            amqp(
+                AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND),
+                "NOT_FOUND - no queue 'q' in vhost '/'",
+            ),
+            amqp(
+                AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED),
+                "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'",
+            ),
+        ] {
+            let c = classify("rabbit", "consume", &e);
+            assert!(matches!(c, BrokerError::Unavailable(_)), "{e}: {c:?}");
+            assert_eq!(c.failure().kind, crate::health::FailureKind::Transient);
+        }
+    }
+
     #[test]
     fn retry_queues_are_named_after_their_source_and_tier() {
         assert_eq!(

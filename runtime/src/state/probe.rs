@@ -364,3 +364,33 @@ async fn watch_redis(url: String, health: HealthReporter) {
         health.retry_after(&mut backoff, failure).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::FailureKind;
+
+    #[test]
+    fn redis_refusals_are_misconfigurations_and_the_rest_transient() {
+        let refused = redis::RedisError::from((
+            redis::ErrorKind::AuthenticationFailed,
+            "Password authentication failed",
+        ));
+        let f = redis_failure("h:6379", "connect", &refused);
+        assert_eq!(f.kind, FailureKind::Misconfigured);
+        assert!(f.fix.as_deref().is_some_and(|x| x.contains("password")));
+        let down =
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(
+            redis_failure("h:6379", "connect", &down).kind,
+            FailureKind::Transient
+        );
+    }
+
+    #[test]
+    fn store_urls_are_described_without_their_password() {
+        let config = postgres_config("postgres://app:secret@db.internal:6543/orders").unwrap();
+        assert_eq!(postgres_addr(&config), "db.internal:6543/orders");
+        assert!(postgres_config("not a url").unwrap_err().is_misconfigured());
+    }
+}
