@@ -71,6 +71,10 @@ enum Command {
     /// breaker, DLQ, idempotency, rate limit) and its counters at the end. On SIGINT/SIGTERM it
     /// stops fetching, lets in-flight messages finish within `[runtime] shutdown_grace_ms`,
     /// leaves the rest unacknowledged (they are redelivered) and commits what is done.
+    /// A route whose broker or state store is down or refuses it keeps trying and shows as
+    /// `connecting` or `failing` with the reason on /readyz and in `lockgate status`; a
+    /// misconfiguration (refused login, a queue declared differently, a missing topic or
+    /// stream) is logged once with what to change and retried every 10 s or so.
     /// Exit codes: 0 stopped by a signal, 1 a route's source failed, 2 bad config or a module
     /// that does not load.
     Run(run::RunArgs),
