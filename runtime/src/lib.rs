@@ -8,6 +8,7 @@
 //! - [`engine`]: the sandboxed wasmtime host, compiled-artefact cache and instance pool;
 //! - [`state`]: persistent key-value state (guest `kv`);
 //! - [`fixture`]: the JSON Lines format `lockgate test` reads and writes;
+//! - [`health`]: whether a route's source and stores are connected, and why not;
 //! - [`pipeline`]: delivery policies (retry with backoff, circuit breaker, rate limit, ack
 //!   watermark).
 
@@ -17,6 +18,7 @@ pub mod broker;
 pub mod config;
 pub mod engine;
 pub mod fixture;
+pub mod health;
 pub mod pipeline;
 pub mod state;
 pub mod telemetry;

@@ -20,10 +20,32 @@ fn main() -> ExitCode {
     }
 }
 
+/// Directive added to every log filter that does not name `lapin`: lapin logs at ERROR what
+/// lockgate handles and reports itself (a NOT_FOUND answer to a passive declare that lockgate
+/// asked in order to learn whether a queue exists; "Exponential backoff attempts exhausted,
+/// aborting recovery" after any failed connection, because lockgate reconnects by itself and
+/// leaves lapin's recovery off), so its lines would contradict lockgate's. Every error lapin
+/// returns reaches lockgate, which classifies and reports it with its route.
+const QUIET_LAPIN: &str = "lapin=off";
+
+/// The log filter: `LOCKGATE_LOG` (tracing's syntax) or `default_filter`, with lapin quiet
+/// unless the filter names it (`LOCKGATE_LOG=info,lapin=debug` shows lapin's lines).
+fn log_filter(env: Option<&str>, default_filter: &str) -> String {
+    let filter = env
+        .filter(|f| !f.trim().is_empty())
+        .unwrap_or(default_filter);
+    if filter.contains("lapin") {
+        filter.to_owned()
+    } else {
+        format!("{filter},{QUIET_LAPIN}")
+    }
+}
+
 fn init_tracing(default_filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("LOCKGATE_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let env = std::env::var("LOCKGATE_LOG").ok();
+    let filter = EnvFilter::try_new(log_filter(env.as_deref(), default_filter))
+        .unwrap_or_else(|_| EnvFilter::new(log_filter(None, default_filter)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -34,5 +56,24 @@ fn init_tracing(default_filter: &str) {
         builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn lapin_is_quiet_unless_the_filter_names_it() {
+        assert_eq!(
+            log_filter(None, "lockgate=info,warn"),
+            "lockgate=info,warn,lapin=off"
+        );
+        assert_eq!(log_filter(Some("debug"), "warn"), "debug,lapin=off");
+        assert_eq!(log_filter(Some(""), "warn"), "warn,lapin=off");
+        assert_eq!(
+            log_filter(Some("info,lapin=debug"), "warn"),
+            "info,lapin=debug"
+        );
     }
 }

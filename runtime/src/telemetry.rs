@@ -1,6 +1,10 @@
 //! Telemetry: the admin endpoint of `lockgate run`: `/metrics` (Prometheus text format), `/healthz` and
 //! `/readyz`.
 //!
+//! A route is ready when it is connected and consuming (or paused by its breaker): a route
+//! whose source (or a store it needs) has not connected yet is `connecting`, one whose source
+//! or store fails is `failing`, and `/readyz` and `/status` say why (`reason`, `fix`).
+//!
 //! Metrics are read from each route's live [`RouteStats`] at scrape time (a
 //! `prometheus-client` collector), so the pipeline keeps counting with plain atomics and nothing
 //! is counted twice. Every series carries `route`, `handler` and `handler_version` (the first
@@ -21,6 +25,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use crate::broker::LagGauge;
+use crate::health::Health;
 use crate::pipeline::HandlerSlot;
 use crate::pipeline::RouteStats;
 use crate::pipeline::route::RouteState;
@@ -227,7 +232,7 @@ const GAUGES: &[(&str, &str, Read)] = &[
     ),
     (
         "lockgate_route_state",
-        "Route: 0 starting, 1 running, 2 paused by the breaker, 3 stopped.",
+        "Route: 0 starting, 1 running, 2 paused by the breaker, 3 stopped, 4 connecting (its source or a store it needs not connected yet), 5 failing (its source or a store fails; see /readyz).",
         |s| s.state() as u64,
     ),
 ];
@@ -505,6 +510,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
         .iter()
         .map(|r| {
             let s = &r.stats;
+            let why = reason(s);
             let lag: Option<u64> = r
                 .lag
                 .as_ref()
@@ -514,6 +520,9 @@ async fn status(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
                 "handler": r.handler,
                 "handler_version": r.slot.current().module_hash().chars().take(12).collect::<String>(),
                 "state": s.state().as_str(),
+                "reason": why.reason,
+                "fix": why.fix,
+                "attempts": why.attempts,
                 "breaker": breaker_name(load(&s.breaker_state)),
                 "in_flight": load(&s.in_flight),
                 "received": load(&s.received),
@@ -540,22 +549,58 @@ fn breaker_name(code: u64) -> &'static str {
     }
 }
 
+/// Why a route is not ready, when a dependency is the reason.
+#[derive(Default)]
+struct Why {
+    /// `"<part>: <error>"`, or `"<part>: connecting"`.
+    reason: Option<String>,
+    /// What to change, when known.
+    fix: Option<String>,
+    /// Failed attempts in a row.
+    attempts: Option<u32>,
+}
+
+fn reason(stats: &crate::pipeline::RouteStats) -> Why {
+    match stats.blocker() {
+        Some((
+            part,
+            Health::Failing {
+                failure, attempts, ..
+            },
+        )) => Why {
+            reason: Some(format!("{part}: {}", failure.error)),
+            fix: failure.fix,
+            attempts: Some(attempts),
+        },
+        Some((part, h)) => Why {
+            reason: Some(format!("{part}: {}", h.as_str())),
+            ..Why::default()
+        },
+        None => Why::default(),
+    }
+}
+
 /// 200 when every route is running (or paused by its breaker, which is it doing its job), 503
-/// while one is starting or after one stopped; the body names each route's state.
+/// while one is starting, connecting or failing, or after one stopped; the body names each
+/// route's state, and for one that is not ready, why (`reason`) and what to change (`fix`).
 async fn ready(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     let routes = state.routes.all();
-    let ready = !routes.is_empty()
-        && routes
-            .iter()
-            .all(|r| matches!(r.stats.state(), RouteState::Running | RouteState::Paused));
+    let states: Vec<RouteState> = routes.iter().map(|r| r.stats.state()).collect();
+    let ready = !routes.is_empty() && states.iter().all(|s| s.is_ready());
     let body = serde_json::json!({
         "ready": ready,
-        "routes": routes.iter().map(|r| serde_json::json!({
-            "route": r.route,
-            "state": r.stats.state().as_str(),
-            "breaker": breaker_name(load(&r.stats.breaker_state)),
-            "in_flight": load(&r.stats.in_flight),
-        })).collect::<Vec<_>>(),
+        "routes": routes.iter().zip(&states).map(|(r, s)| {
+            let why = if s.is_ready() { Why::default() } else { reason(&r.stats) };
+            serde_json::json!({
+                "route": r.route,
+                "state": s.as_str(),
+                "reason": why.reason,
+                "fix": why.fix,
+                "attempts": why.attempts,
+                "breaker": breaker_name(load(&r.stats.breaker_state)),
+                "in_flight": load(&r.stats.in_flight),
+            })
+        }).collect::<Vec<_>>(),
     });
     (
         if ready {

@@ -60,7 +60,7 @@ fn measure(a: &Path, b: &Path, cache: bool, swaps: usize) -> Vec<Duration> {
             .split("admin endpoint on http://")
             .nth(1)
             .and_then(|r| r.split_whitespace().next())
-            && text.contains("running")
+            && text.contains("started")
         {
             break a.to_owned();
         }

@@ -73,3 +73,40 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .expect("VmRSS line")
 }
+
+/// `/readyz` of `addr` as (status code, JSON body).
+pub fn readyz(addr: &str) -> (u16, serde_json::Value) {
+    let (code, body) = get(addr, "/readyz");
+    let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("/readyz: {e}: {body}"));
+    (code, json)
+}
+
+/// Polls `/readyz` of run `run` (see [`crate::start_run`]) until `done` accepts its answer, and
+/// returns it; fails, with the run's output, when the run exits or `deadline` passes first.
+pub fn wait_readyz(
+    child: &mut Proc,
+    dir: &Path,
+    run: u32,
+    addr: &str,
+    deadline: Duration,
+    mut done: impl FnMut(u16, &serde_json::Value) -> bool,
+) -> (u16, serde_json::Value) {
+    let started = std::time::Instant::now();
+    loop {
+        let (code, json) = readyz(addr);
+        if done(code, &json) {
+            return (code, json);
+        }
+        assert!(
+            child.try_wait().expect("child status").is_none(),
+            "exited; last /readyz {code} {json}\n{}",
+            run_logs(dir, run)
+        );
+        assert!(
+            started.elapsed() < deadline,
+            "/readyz still {code} {json} after {deadline:?}\n{}",
+            run_logs(dir, run)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

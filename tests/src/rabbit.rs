@@ -109,6 +109,17 @@ impl Rabbit {
             .unwrap();
     }
 
+    /// Declares durable classic queue `name` (no `x-queue-type`).
+    pub fn declare_classic(&self, name: &str) {
+        self.rt
+            .block_on(self.channel.queue_declare(
+                name.into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            ))
+            .unwrap();
+    }
+
     /// Publishes `(key, payload)`s to queue `name` (default exchange), awaiting every confirm.
     pub fn publish(&self, name: &str, messages: &[(Option<String>, String)]) {
         self.rt.block_on(async {

@@ -637,7 +637,7 @@ fn requests_get_the_handlers_answer_or_an_error_answer() {
 }
 
 #[test]
-fn a_token_protected_server_is_used_with_its_token() {
+fn a_token_protected_server_is_used_with_its_token_and_a_wrong_one_shows_failing() {
     const TOKEN: &str = "s3cret-token";
     let dir = tempfile::tempdir().unwrap();
     let server = OwnServer::start_with(&dir.path().join("nats"), &["--auth", TOKEN]);
@@ -662,16 +662,37 @@ fn a_token_protected_server_is_used_with_its_token() {
     stop(&mut child, dir.path(), 1);
     assert_eq!(nats.count(&n.stream("out")), 50);
 
-    // A wrong token, or none, fails the start with a reason instead of retrying in silence.
-    for (attempt, token, why) in [
-        (2, Some("wrong"), "refused the credentials"),
-        (3, None, "TEST_NATS_TOKEN, which is not set"),
-    ] {
-        let status = run(attempt, token).wait().unwrap();
-        let logs = run_logs(dir.path(), attempt);
-        assert_eq!(status.code(), Some(2), "{logs}");
-        assert!(logs.contains(why), "{logs}");
-    }
+    // A wrong token is not retried in silence: the route shows failing with the reason (and
+    // keeps trying, slowly, until the server's accounts or the token change).
+    lockgate_tests::edit_config(
+        &config,
+        "[runtime]\n",
+        "[runtime]\nadmin = \"127.0.0.1:0\"\n",
+    );
+    let mut child = run(2, Some("wrong"));
+    let addr = admin::admin_addr(&mut child, dir.path(), 2);
+    let (code, ready) = admin::wait_readyz(&mut child, dir.path(), 2, &addr, DEADLINE, |_, j| {
+        j["routes"][0]["state"] == "failing"
+    });
+    assert_eq!(code, 503, "{ready}");
+    let route = &ready["routes"][0];
+    assert!(
+        route["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the server refused the credentials"),
+        "{ready}"
+    );
+    assert!(
+        route["fix"].as_str().unwrap().contains("token_env"),
+        "{ready}"
+    );
+    stop(&mut child, dir.path(), 2);
+    // No token at all is a config problem: the start fails.
+    let status = run(3, None).wait().unwrap();
+    let logs = run_logs(dir.path(), 3);
+    assert_eq!(status.code(), Some(2), "{logs}");
+    assert!(logs.contains("TEST_NATS_TOKEN, which is not set"), "{logs}");
 }
 
 #[test]

@@ -15,6 +15,14 @@
 //!   messages not yet done is paused and resumed when half of them are.
 //! - **Pause.** The breaker pauses every assigned partition (and partitions assigned while
 //!   paused); polling goes on, so the consumer stays in its group.
+//! - **Health.** The source is ready once the topic exists and the group handed out an
+//!   assignment. A task asks for the topic's metadata (every 5 s, with the lag; on the backoff
+//!   while failing): a topic the broker does not know, refused authentication or missing ACLs
+//!   are [`FailureKind::Misconfigured`](crate::health::FailureKind) (lockgate does not create
+//!   topics; the same metadata request makes librdkafka notice a topic created later, which it
+//!   would otherwise only see after `topic.metadata.refresh.interval.ms`, 5 minutes), a broker
+//!   that cannot be reached is transient. librdkafka's own log lines go to `debug`: what they
+//!   say reaches the route's health.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,18 +39,192 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+
 use super::{
     Ack, AckHandle, AckKind, BoxFuture, BrokerError, Delivery, Lag, LagGauge, OutRecord, Record,
     Scan, Sink, Source,
 };
 use crate::config::KafkaConfig;
+use crate::health::{Backoff, Failure, HealthReporter, HealthWatch};
 use crate::pipeline::ack::OffsetTracker;
 
 /// How long a producer waits for a delivery report before the publish counts as failed.
 pub const PRODUCE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a metadata request (the topic check) may take.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn unavailable(what: &str, e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(format!("kafka: {what}: {e}"))
+}
+
+/// A librdkafka error code, classified: authentication and authorization refusals are
+/// misconfigurations; anything else (a broker that cannot be reached, a timeout) is transient.
+/// `what` starts with the bootstrap servers when the caller knows them.
+fn failure_of(what: &str, code: Option<RDKafkaErrorCode>, e: impl std::fmt::Display) -> Failure {
+    let error = format!("kafka {what}: {e}");
+    match code {
+        Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {
+            Failure::misconfigured(
+                error,
+                "check security.protocol, sasl.mechanisms, sasl.username and sasl.password in the broker's properties",
+            )
+        }
+        Some(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::GroupAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed,
+        ) => Failure::misconfigured(
+            error,
+            "grant the client's principal read access to the topic and the consumer group (Kafka ACLs)",
+        ),
+        Some(RDKafkaErrorCode::SSL) => Failure::misconfigured(
+            error,
+            "check the ssl.* properties of the broker against the brokers' certificates",
+        ),
+        _ => Failure::transient(error),
+    }
+}
+
+/// The failure for a topic the broker does not know.
+fn unknown_topic(bootstrap: &str, topic: &str) -> Failure {
+    Failure::misconfigured(
+        format!("kafka {bootstrap}: topic {topic} does not exist"),
+        "create the topic (lockgate does not create topics), or correct the route's source.topic",
+    )
+}
+
+/// Asks the broker for `topic`'s metadata: `Ok` when it exists and has partitions.
+fn check_topic<C: ConsumerContext, X: Consumer<C>>(
+    consumer: &X,
+    bootstrap: &str,
+    topic: &str,
+) -> Result<(), Failure> {
+    let md = consumer
+        .fetch_metadata(Some(topic), METADATA_TIMEOUT)
+        .map_err(|e| {
+            failure_of(
+                &format!("{bootstrap}: metadata"),
+                e.rdkafka_error_code(),
+                &e,
+            )
+        })?;
+    let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+        return Err(unknown_topic(bootstrap, topic));
+    };
+    match t.error().map(RDKafkaErrorCode::from) {
+        None if !t.partitions().is_empty() => Ok(()),
+        None | Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
+            Err(unknown_topic(bootstrap, topic))
+        }
+        Some(code) => Err(failure_of(
+            &format!("{bootstrap}: metadata of topic {topic}"),
+            Some(code),
+            code,
+        )),
+    }
+}
+
+/// Sends librdkafka's log lines and errors to `debug` (what they say reaches the source's
+/// health, classified), except fatal errors, and keeps the last error for the caller.
+fn quiet_log(level: RDKafkaLogLevel, fac: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
+            tracing::error!(target: "librdkafka", "librdkafka: {fac} {message}");
+        }
+        _ => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}"),
+    }
+}
+
+fn quiet_error(error: &KafkaError, reason: &str) {
+    if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+        tracing::error!(error = %error, reason, "Kafka client failed for good");
+    } else {
+        tracing::debug!(error = %error, reason, "Kafka client error");
+    }
+}
+
+/// The context of producers and probes: librdkafka's chatter at `debug`, the last error kept.
+#[derive(Clone, Default)]
+pub struct QuietContext {
+    last_error: Arc<Mutex<Option<KafkaError>>>,
+}
+
+impl QuietContext {
+    fn last_error(&self) -> Option<KafkaError> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl ClientContext for QuietContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        quiet_log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        quiet_error(&error, reason);
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(error);
+    }
+}
+
+impl ConsumerContext for QuietContext {}
+
+/// What `lockgate check --connect` finds, changing nothing: that a broker answers (and accepts
+/// the credentials) and, with `topic`, that the topic exists.
+pub async fn probe(broker: &KafkaConfig, topic: Option<&str>) -> Result<(), BrokerError> {
+    let context = QuietContext::default();
+    let consumer: BaseConsumer<QuietContext> = client_config(
+        broker,
+        &[
+            ("group.id", "lockgate-check"),
+            ("enable.auto.commit", "false"),
+            ("allow.auto.create.topics", "false"),
+        ],
+        &broker.consumer_properties,
+    )
+    .create_with_context(context.clone())
+    .map_err(|e| BrokerError::Invalid(format!("kafka consumer: {e}")))?;
+    let t = topic.map(str::to_owned);
+    let bootstrap = broker.bootstrap_servers.clone();
+    let checked = tokio::task::spawn_blocking(move || match &t {
+        Some(t) => check_topic(&consumer, &bootstrap, t),
+        None => consumer
+            .fetch_metadata(None, METADATA_TIMEOUT)
+            .map(drop)
+            .map_err(|e| {
+                failure_of(
+                    &format!("{bootstrap}: metadata"),
+                    e.rdkafka_error_code(),
+                    &e,
+                )
+            }),
+    })
+    .await
+    .map_err(|e| unavailable("check task", e))?;
+    checked.map_err(|f| {
+        // A refused login shows as a metadata timeout; the error callback said why.
+        match context.last_error() {
+            Some(e) if !f.is_misconfigured() => {
+                let why = failure_of(
+                    &format!("{}: connect", broker.bootstrap_servers),
+                    e.rdkafka_error_code(),
+                    &e,
+                );
+                if why.is_misconfigured() { why } else { f }
+            }
+            _ => f,
+        }
+        .into()
+    })
 }
 
 /// Builds the client config of `broker` for a consumer or a producer: our defaults, then the
@@ -79,6 +261,56 @@ struct Shared {
     generation: AtomicU64,
     breaker_paused: AtomicBool,
     max_in_flight: usize,
+    readiness: Readiness,
+}
+
+/// What the source knows about its topic and group, turned into its health.
+#[derive(Debug, Default)]
+struct Readiness {
+    health: HealthReporter,
+    /// The last metadata request found the topic.
+    topic_known: AtomicBool,
+    /// The group handed out an assignment (maybe empty: more members than partitions).
+    assigned: AtomicBool,
+    /// Wakes the topic check at once (the consumer reported an unknown topic).
+    check_now: tokio::sync::Notify,
+    /// The last refusal the client reported (authentication, authorization), until a topic
+    /// check succeeds: a metadata request of a client whose login was refused only times out,
+    /// and that must not turn the misconfiguration back into a transient failure.
+    refusal: Mutex<Option<Failure>>,
+}
+
+impl Readiness {
+    /// Ready once the topic is known and the group assigned.
+    fn settle(&self) {
+        if self.topic_known.load(Ordering::SeqCst) && self.assigned.load(Ordering::SeqCst) {
+            self.health.ready();
+        }
+    }
+
+    /// An error the client reported: a refusal is reported at once; anything else is confirmed
+    /// (or not) by a topic check now, since librdkafka also reports errors it recovers from by
+    /// itself (an idle connection closed, one broker of several away).
+    fn client_error(&self, failure: Failure) {
+        if failure.is_misconfigured() {
+            *self.refusal.lock().unwrap_or_else(PoisonError::into_inner) = Some(failure.clone());
+            self.health
+                .failing(failure, crate::health::MISCONFIGURED_RETRY);
+        }
+        self.check_now.notify_one();
+    }
+
+    /// What a failed topic check means: a transient failure after a refusal is the refusal.
+    fn check_failed(&self, failure: Failure) -> Failure {
+        if failure.is_misconfigured() {
+            return failure;
+        }
+        self.refusal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or(failure)
+    }
 }
 
 impl Shared {
@@ -95,7 +327,20 @@ struct LockgateContext {
     source: String,
 }
 
-impl ClientContext for LockgateContext {}
+impl ClientContext for LockgateContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        quiet_log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        quiet_error(&error, reason);
+        self.shared.readiness.client_error(failure_of(
+            &format!("{}: client", self.source.trim_start_matches("kafka ")),
+            error.rdkafka_error_code(),
+            format!("{error}: {reason}"),
+        ));
+    }
+}
 
 impl ConsumerContext for LockgateContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -136,6 +381,12 @@ impl ConsumerContext for LockgateContext {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 tracing::info!(source = %self.source, partitions = tpl.count(), "Partitions assigned");
+                let readiness = &self.shared.readiness;
+                readiness.assigned.store(true, Ordering::SeqCst);
+                if tpl.count() > 0 {
+                    readiness.topic_known.store(true, Ordering::SeqCst);
+                }
+                readiness.settle();
                 // Seed each partition's tracker with its committed position, so a message left
                 // in the queue from an earlier assignment can never become the starting point.
                 let committed = consumer
@@ -242,7 +493,13 @@ impl KafkaSource {
         let (tx, rx) = mpsc::unbounded_channel();
         let poller = tokio::spawn(poll(consumer.clone(), shared.clone(), tx, describe.clone()));
         let lag = LagGauge::default();
-        let lag_task = tokio::spawn(refresh_lag(consumer.clone(), lag.clone()));
+        let lag_task = tokio::spawn(watch_topic(
+            consumer.clone(),
+            shared.clone(),
+            broker.bootstrap_servers.clone(),
+            topic.to_owned(),
+            lag.clone(),
+        ));
         Ok(Self {
             consumer,
             shared,
@@ -318,25 +575,70 @@ fn lag_of(consumer: &Consumer_) -> Result<Vec<(String, i32, i64, i64)>, BrokerEr
     Ok(out)
 }
 
-/// Keeps `gauge` current: committed vs high watermark per assigned partition.
-async fn refresh_lag(consumer: Arc<Consumer_>, gauge: LagGauge) {
-    let mut every = tokio::time::interval(super::LAG_REFRESH);
+/// Checks the topic and keeps `gauge` current (committed vs high watermark per assigned
+/// partition): every [`super::LAG_REFRESH`] while the source is healthy, on the backoff while it
+/// fails, and at once when the consumer reports an error.
+async fn watch_topic(
+    consumer: Arc<Consumer_>,
+    shared: Arc<Shared>,
+    bootstrap: String,
+    topic: String,
+    gauge: LagGauge,
+) {
+    let readiness = &shared.readiness;
+    let mut backoff = Backoff::new();
     loop {
-        every.tick().await;
-        let c = consumer.clone();
-        match tokio::task::spawn_blocking(move || lag_of(&c)).await {
-            Ok(Ok(parts)) => gauge.set(
-                parts
-                    .into_iter()
-                    .map(|(topic, partition, committed, high)| Lag {
-                        topic,
-                        partition: Some(partition),
-                        messages: u64::try_from(high.saturating_sub(committed)).unwrap_or(0),
-                    })
-                    .collect(),
-            ),
-            Ok(Err(e)) => tracing::debug!(error = %e, "Reading consumer lag failed"),
-            Err(_) => return,
+        let (c, b, t) = (consumer.clone(), bootstrap.clone(), topic.clone());
+        let Ok(checked) =
+            tokio::task::spawn_blocking(move || check_topic(c.as_ref(), &b, &t)).await
+        else {
+            return;
+        };
+        let wait = match checked {
+            Ok(()) => {
+                backoff.reset();
+                *readiness
+                    .refusal
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = None;
+                readiness.topic_known.store(true, Ordering::SeqCst);
+                if readiness.assigned.load(Ordering::SeqCst) {
+                    readiness.health.ready();
+                } else if readiness.health.get().failure().is_some() {
+                    // The topic is there now; the group has yet to assign it.
+                    readiness.health.connecting();
+                }
+                let c = consumer.clone();
+                match tokio::task::spawn_blocking(move || lag_of(&c)).await {
+                    Ok(Ok(parts)) => gauge.set(
+                        parts
+                            .into_iter()
+                            .map(|(topic, partition, committed, high)| Lag {
+                                topic,
+                                partition: Some(partition),
+                                messages: u64::try_from(high.saturating_sub(committed))
+                                    .unwrap_or(0),
+                            })
+                            .collect(),
+                    ),
+                    Ok(Err(e)) => tracing::debug!(error = %e, "Reading consumer lag failed"),
+                    Err(_) => return,
+                }
+                super::LAG_REFRESH
+            }
+            Err(failure) => {
+                let failure = readiness.check_failed(failure);
+                if failure.is_misconfigured() {
+                    readiness.topic_known.store(false, Ordering::SeqCst);
+                }
+                let wait = backoff.next(failure.kind);
+                readiness.health.failing(failure, wait);
+                wait
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = readiness.check_now.notified() => {}
         }
     }
 }
@@ -386,8 +688,13 @@ async fn poll(
         let msg = match consumer.recv().await {
             Ok(m) => m,
             Err(e) => {
-                // librdkafka retries connections itself; errors here are informational.
-                tracing::warn!(source = %describe, error = %e, "Kafka consumer error");
+                // librdkafka retries connections itself; the topic check tells what is wrong.
+                tracing::debug!(source = %describe, error = %e, "Kafka consumer error");
+                shared.readiness.client_error(failure_of(
+                    &format!("{}: consume", describe.trim_start_matches("kafka ")),
+                    e.rdkafka_error_code(),
+                    &e,
+                ));
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -518,6 +825,10 @@ impl Source for KafkaSource {
         Some(self.lag.clone())
     }
 
+    fn health(&self) -> HealthWatch {
+        self.shared.readiness.health.watch()
+    }
+
     fn next(&mut self) -> BoxFuture<'_, Result<Delivery, BrokerError>> {
         Box::pin(async move { self.rx.recv().await.ok_or(BrokerError::Closed) })
     }
@@ -556,7 +867,7 @@ impl Source for KafkaSource {
 /// An idempotent producer (`acks=all`, `enable.idempotence=true`) for outputs and dead letters.
 #[derive(Clone)]
 pub struct KafkaSink {
-    producer: FutureProducer,
+    producer: FutureProducer<QuietContext>,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -579,7 +890,7 @@ impl KafkaSink {
             ],
             &broker.producer_properties,
         )
-        .create()
+        .create_with_context(QuietContext::default())
         .map_err(|e| BrokerError::Invalid(format!("kafka producer for {name}: {e}")))?;
         Ok(Self { producer })
     }
@@ -808,5 +1119,60 @@ impl Scan for KafkaScan {
             }
             Ok(if out.is_empty() { None } else { Some(out) })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::FailureKind;
+
+    #[test]
+    fn refusals_are_misconfigurations_and_the_rest_transient() {
+        for code in [
+            RDKafkaErrorCode::Authentication,
+            RDKafkaErrorCode::SaslAuthenticationFailed,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::GroupAuthorizationFailed,
+            RDKafkaErrorCode::SSL,
+        ] {
+            let f = failure_of("h:9092: consume", Some(code), code);
+            assert_eq!(f.kind, FailureKind::Misconfigured, "{code:?}");
+            assert!(f.fix.is_some(), "{code:?}");
+        }
+        for code in [
+            Some(RDKafkaErrorCode::BrokerTransportFailure),
+            Some(RDKafkaErrorCode::AllBrokersDown),
+            Some(RDKafkaErrorCode::UnknownTopicOrPartition),
+            None,
+        ] {
+            let f = failure_of("h:9092: consume", code, "x");
+            assert_eq!(f.kind, FailureKind::Transient, "{code:?}");
+        }
+        let unknown = unknown_topic("h:9092", "orders");
+        assert_eq!(unknown.error, "kafka h:9092: topic orders does not exist");
+        assert!(unknown.is_misconfigured());
+    }
+
+    #[test]
+    fn a_failed_topic_check_after_a_refusal_stays_the_refusal() {
+        let r = Readiness::default();
+        let timeout = Failure::transient("kafka h:9092: metadata: timed out");
+        assert_eq!(r.check_failed(timeout.clone()), timeout);
+        let refused = failure_of(
+            "h:9092: client",
+            Some(RDKafkaErrorCode::Authentication),
+            "Local: Authentication failure",
+        );
+        r.client_error(refused.clone());
+        assert_eq!(r.health.get().failure(), Some(&refused));
+        assert_eq!(r.check_failed(timeout), refused);
+        // A transient client error only asks for a check; it does not flip a ready source.
+        let r = Readiness::default();
+        r.health.ready();
+        r.client_error(Failure::transient(
+            "kafka h:9092: client: idle connection closed",
+        ));
+        assert_eq!(r.health.get(), crate::health::Health::Ready);
     }
 }

@@ -19,6 +19,8 @@ pub mod rabbitmq;
 use std::future::Future;
 use std::pin::Pin;
 
+use crate::health::{Failure, FailureKind, HealthWatch};
+
 /// A boxed, sendable future: the return type of the object-safe broker methods.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -43,6 +45,48 @@ pub enum BrokerError {
     /// The source was closed (shutdown): no more deliveries.
     #[error("source closed")]
     Closed,
+    /// The broker refused something only a change fixes: credentials, access rights, a queue
+    /// or stream declared differently, a topic or stream that does not exist. Retrying unchanged
+    /// fails the same way.
+    #[error("{error}; fix: {fix}")]
+    Misconfigured {
+        /// What failed and what the broker said.
+        error: String,
+        /// What to change.
+        fix: String,
+    },
+}
+
+impl BrokerError {
+    /// The failure as a route's health reports it: [`BrokerError::Misconfigured`] and
+    /// [`BrokerError::Invalid`] are misconfigurations, the rest transient.
+    pub fn failure(&self) -> Failure {
+        match self {
+            Self::Misconfigured { error, fix } => {
+                Failure::misconfigured(error.clone(), fix.clone())
+            }
+            Self::Invalid(e) => Failure {
+                kind: FailureKind::Misconfigured,
+                error: e.clone(),
+                fix: None,
+            },
+            Self::Unavailable(e) => Failure::transient(e.clone()),
+            Self::Closed => Failure::transient("source closed"),
+        }
+    }
+}
+
+impl From<Failure> for BrokerError {
+    fn from(f: Failure) -> Self {
+        match (f.kind, f.fix) {
+            (FailureKind::Misconfigured, Some(fix)) => Self::Misconfigured {
+                error: f.error,
+                fix,
+            },
+            (FailureKind::Misconfigured, None) => Self::Invalid(f.error),
+            (FailureKind::Transient, _) => Self::Unavailable(f.error),
+        }
+    }
 }
 
 /// A message as a broker delivered it.
@@ -231,7 +275,17 @@ pub trait Source: Send + 'static {
         None
     }
 
+    /// Whether the source is connected and consuming, and why not: what makes its route ready
+    /// (`/readyz`). Sources with nothing to connect to are ready for good (the default).
+    fn health(&self) -> HealthWatch {
+        crate::health::always_ready()
+    }
+
     /// The next delivery, waiting until one arrives. [`BrokerError::Closed`] ends the stream.
+    ///
+    /// A broker that is unreachable or refuses the source is retried *inside* `next` (with
+    /// [`crate::health::Backoff`]) and reported through [`Source::health`]; an error returned
+    /// here ends the route.
     ///
     /// Must be cancel-safe: the pipeline drops a pending `next` when the breaker opens or the
     /// route stops, and no message may be lost or skipped by that.

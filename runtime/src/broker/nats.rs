@@ -1,10 +1,14 @@
 //! NATS: JetStream pull consumers and publishes (at-least-once), and core NATS queue
 //! subscriptions (at-most-once).
 //!
-//! - **Connection.** One client per `[brokers.<name>]`, shared by every source and sink on it.
-//!   Refused credentials fail the start; otherwise it reconnects forever with a capped backoff
-//!   (and connects in the background if the server is down at start), so a server restart
-//!   never ends a route: sources re-create their consumer and go on.
+//! - **Connection.** One client per `[brokers.<name>]` ([`NatsLink`]), shared by every source and
+//!   sink on it. It connects in the background when the server is down at start and reconnects
+//!   forever with a jittered, capped backoff, so a server restart never ends a route: sources
+//!   re-create their consumer and go on. Credentials the server refuses are a misconfiguration:
+//!   the link reports them with what to change and tries again only every ~10 s.
+//! - **Health.** A source is ready once it consumes (JetStream: its consumer exists and pulls;
+//!   core: its subscription is registered). A stream that does not exist, or a consumer the
+//!   server refuses as configured, is [`BrokerError::Misconfigured`] and retried slowly.
 //! - **JetStream source.** A durable pull consumer (`source.group` is its name) on an existing
 //!   stream, filtered by `source.topic`, explicit acks. A delivery is acked after it is done,
 //!   `term`ed after its dead letter was written, and while it is held (queued, running, backing
@@ -31,91 +35,269 @@ use super::{
     Scan, Sink, Source,
 };
 use crate::config::{JetStreamSource as JetStreamConfig, NatsConfig};
+use crate::health::{Backoff, Failure, FailureKind, Health, HealthReporter, HealthWatch};
 
 /// Header that carries a message key through NATS (which has none).
 pub const KEY_HEADER: &str = "lockgate-key";
 
-/// Longest wait between two reconnect attempts.
-const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
+/// How long one connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(format!("nats: {what}: {e}"))
 }
 
+/// The fix for credentials the server refused.
+fn credentials_fix(name: &str) -> String {
+    format!(
+        "check the credentials of brokers.{name} (credentials_file, nkey_seed_file, token_env or user and password_env) against the server's accounts"
+    )
+}
+
+/// A failed connection attempt to broker `name`, classified.
+fn connect_failure(name: &str, e: &async_nats::ConnectError) -> Failure {
+    let error = format!("nats {name}: cannot connect: {e}");
+    match e.kind() {
+        async_nats::ConnectErrorKind::AuthorizationViolation
+        | async_nats::ConnectErrorKind::Authentication => Failure::misconfigured(
+            format!("nats {name}: the server refused the credentials: {e}"),
+            credentials_fix(name),
+        ),
+        async_nats::ConnectErrorKind::Tls => Failure::misconfigured(
+            error,
+            format!("check brokers.{name}.tls and tls_ca_file against the server's TLS setup"),
+        ),
+        _ => Failure::transient(error),
+    }
+}
+
+/// One connection per `[brokers.<name>]` of kind NATS, shared by every source and sink on it,
+/// and its health (whether it is connected, and why not).
+#[derive(Clone, Debug)]
+pub struct NatsLink {
+    /// The client.
+    pub client: async_nats::Client,
+    health: HealthReporter,
+}
+
+impl NatsLink {
+    /// Whether the client is connected now.
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// The connection's health.
+    pub fn health(&self) -> HealthWatch {
+        self.health.watch()
+    }
+
+    /// Waits at most `limit` for the connection, for one-shot commands (`lockgate dlq`) that
+    /// should fail with the reason rather than wait for a request timeout.
+    pub async fn connected_within(&self, limit: Duration) -> Result<(), BrokerError> {
+        let mut health = self.health();
+        let wait = async {
+            while !self.connected() {
+                if health.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(limit, wait).await;
+        if self.connected() {
+            return Ok(());
+        }
+        Err(match self.health.get().failure() {
+            Some(f) => f.clone().into(),
+            None => unavailable(
+                "connect",
+                format!("not connected within {} s", limit.as_secs()),
+            ),
+        })
+    }
+}
+
 /// Connects to the broker `name` described by `cfg`; relative file paths are taken from
-/// `base_dir`. Refused credentials are an error at once; an unreachable server is not: the
-/// client then connects (and always reconnects) in the background.
+/// `base_dir`. Only settings that cannot work (a server address that does not parse, a
+/// credentials file that cannot be read) are an error: a server that is down or refuses the
+/// credentials is reported on the link's health while the client keeps trying in the
+/// background.
 pub async fn connect(
     name: &str,
     cfg: &NatsConfig,
     base_dir: &Path,
-) -> Result<async_nats::Client, BrokerError> {
-    let servers: Vec<async_nats::ServerAddr> = cfg
-        .servers
+) -> Result<NatsLink, BrokerError> {
+    let servers = servers(name, cfg)?;
+    let health = HealthReporter::new();
+    match options(name, cfg, base_dir, None)
+        .await?
+        .connection_timeout(CONNECT_TIMEOUT)
+        .connect(servers.clone())
+        .await
+    {
+        Ok(client) => {
+            health.ready();
+            return Ok(NatsLink { client, health });
+        }
+        Err(e) => {
+            let failure = connect_failure(name, &e);
+            tracing::debug!(broker = %name, error = %failure, "NATS not connected at start; connecting in the background");
+            health.failing(failure, Duration::ZERO);
+        }
+    }
+    let client = options(name, cfg, base_dir, Some(health.clone()))
+        .await?
+        .connection_timeout(CONNECT_TIMEOUT)
+        .retry_on_initial_connect()
+        .connect(servers)
+        .await
+        .map_err(|e| unavailable(&format!("connect to {name}"), e))?;
+    Ok(NatsLink { client, health })
+}
+
+fn servers(name: &str, cfg: &NatsConfig) -> Result<Vec<async_nats::ServerAddr>, BrokerError> {
+    cfg.servers
         .iter()
         .map(|s| {
             s.parse()
                 .map_err(|e| BrokerError::Invalid(format!("nats {name}: server {s}: {e}")))
         })
-        .collect::<Result<_, _>>()?;
-    match options(name, cfg, base_dir)
+        .collect()
+}
+
+/// Connects once, without retrying in the background, and checks that JetStream answers (for
+/// `lockgate check --connect`).
+pub async fn probe_connect(
+    name: &str,
+    cfg: &NatsConfig,
+    base_dir: &Path,
+) -> Result<async_nats::Client, BrokerError> {
+    let client = options(name, cfg, base_dir, None)
         .await?
-        .connection_timeout(Duration::from_secs(5))
-        .connect(servers.clone())
+        .connection_timeout(CONNECT_TIMEOUT)
+        .connect(servers(name, cfg)?)
         .await
-    {
-        Ok(client) => return Ok(client),
-        Err(e)
-            if matches!(
-                e.kind(),
-                async_nats::ConnectErrorKind::AuthorizationViolation
-                    | async_nats::ConnectErrorKind::Authentication
-            ) =>
-        {
-            return Err(BrokerError::Invalid(format!(
-                "nats {name}: the server refused the credentials: {e}"
-            )));
-        }
-        Err(e) => {
-            tracing::warn!(broker = %name, error = %e, "NATS unreachable at start; connecting in the background");
-        }
+        .map_err(|e| BrokerError::from(connect_failure(name, &e)))?;
+    Ok(client)
+}
+
+/// What `lockgate check --connect` finds for a JetStream source, changing nothing: that the
+/// stream exists, and whether the durable consumer does (`lockgate run` creates it).
+pub async fn probe_stream(
+    client: async_nats::Client,
+    stream: &str,
+    durable: &str,
+) -> Result<Vec<String>, BrokerError> {
+    let js = jetstream::new(client);
+    let what = format!("stream {stream}");
+    let s = tokio::time::timeout(CONNECT_TIMEOUT, js.get_stream(stream))
+        .await
+        .map_err(|_| unavailable(&what, "no answer within 5 s"))?
+        .map_err(|e| get_stream_error(stream, &e))?;
+    let mut notes = Vec::new();
+    match s.consumer_info(durable).await {
+        Ok(_) => {}
+        Err(e) if e.to_string().contains("consumer not found") => notes.push(format!(
+            "consumer {durable} does not exist yet on stream {stream}: `lockgate run` creates it"
+        )),
+        Err(e) => return Err(unavailable(&format!("consumer {durable}"), e)),
     }
-    options(name, cfg, base_dir)
-        .await?
-        .retry_on_initial_connect()
-        .connect(servers)
-        .await
-        .map_err(|e| unavailable(&format!("connect to {name}"), e))
+    Ok(notes)
+}
+
+/// A JetStream API error the server answered for `what`, classified.
+fn jetstream_error(what: &str, api: &jetstream::Error, fix: &str) -> BrokerError {
+    let error = format!("nats: {what}: {api}");
+    let code = api.error_code();
+    if code == jetstream::ErrorCode::JETSTREAM_NOT_ENABLED
+        || code == jetstream::ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT
+    {
+        return BrokerError::Misconfigured {
+            error,
+            fix: "enable JetStream on the server (nats-server -js) and for the account".into(),
+        };
+    }
+    // 4xx: the server refused the request as made; it will refuse it again.
+    if (400..500).contains(&api.code()) && api.code() != 408 {
+        return BrokerError::Misconfigured {
+            error,
+            fix: fix.to_owned(),
+        };
+    }
+    BrokerError::Unavailable(error)
+}
+
+fn get_stream_error(stream: &str, e: &jetstream::context::GetStreamError) -> BrokerError {
+    match e.kind() {
+        jetstream::context::GetStreamErrorKind::JetStream(api)
+            if api.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+        {
+            BrokerError::Misconfigured {
+                error: format!("nats: JetStream stream {stream} does not exist"),
+                fix: format!(
+                    "create the stream (for example `nats stream add {stream} --subjects '<the source's subjects>'`) or correct source.stream; lockgate does not create streams"
+                ),
+            }
+        }
+        jetstream::context::GetStreamErrorKind::JetStream(api) => jetstream_error(
+            &format!("stream {stream}"),
+            &api,
+            "check source.stream and the account's JetStream permissions",
+        ),
+        _ => unavailable(&format!("stream {stream}"), e),
+    }
 }
 
 async fn options(
     name: &str,
     cfg: &NatsConfig,
     base_dir: &Path,
+    health: Option<HealthReporter>,
 ) -> Result<async_nats::ConnectOptions, BrokerError> {
     let broker = name.to_owned();
+    let paced = health.clone();
     let mut options = async_nats::ConnectOptions::new()
         .name(format!("lockgate {name}"))
         .max_reconnects(None)
-        .reconnect_delay_callback(|attempts| {
-            let ms = 100u64.saturating_mul(1 << attempts.min(6));
-            Duration::from_millis(ms).min(MAX_RECONNECT_DELAY)
+        .reconnect_delay_callback(move |attempts| {
+            // Refused credentials are not retried in a hot loop.
+            let refused = paced
+                .as_ref()
+                .is_some_and(|h| h.get().failure().is_some_and(Failure::is_misconfigured));
+            if refused {
+                crate::health::misconfigured_wait()
+            } else {
+                crate::health::transient_wait(u32::try_from(attempts).unwrap_or(u32::MAX))
+            }
         })
         .event_callback(move |event| {
             let broker = broker.clone();
+            let health = health.clone();
             async move {
                 match event {
                     async_nats::Event::Connected => {
                         tracing::info!(broker = %broker, "NATS connected");
+                        if let Some(h) = &health {
+                            h.ready();
+                        }
                     }
                     async_nats::Event::Disconnected => {
                         tracing::warn!(broker = %broker, "NATS disconnected; reconnecting");
+                        if let Some(h) = &health {
+                            h.failing(
+                                Failure::transient(format!("nats {broker}: disconnected from the server")),
+                                Duration::ZERO,
+                            );
+                        }
                     }
                     async_nats::Event::ServerError(e) => {
                         tracing::error!(broker = %broker, error = %e, "NATS server error");
                     }
                     async_nats::Event::ClientError(e) => {
-                        tracing::warn!(broker = %broker, error = %e, "NATS client error");
+                        // A failed (re)connection attempt; sources report it with their route.
+                        tracing::debug!(broker = %broker, error = %e, "NATS client error");
+                        if let Some(h) = &health {
+                            attempt_failed(&broker, h, &e.to_string());
+                        }
                     }
                     async_nats::Event::SlowConsumer(_) => {
                         tracing::warn!(broker = %broker, "NATS dropped messages for a slow subscription");
@@ -163,6 +345,22 @@ async fn options(
     Ok(options)
 }
 
+/// Records a failed background connection attempt on `health`. async-nats only says what kind
+/// of failure it was (`IO error`, `authorization violation`), so a more detailed reason of the
+/// same kind (from the first attempt at start) is kept.
+fn attempt_failed(broker: &str, health: &HealthReporter, what: &str) {
+    let refused = what.contains("authorization violation") || what.contains("failed signing nonce");
+    let failure = match health.get() {
+        Health::Failing { failure, .. } if failure.is_misconfigured() == refused => failure,
+        _ if refused => Failure::misconfigured(
+            format!("nats {broker}: the server refused the credentials: {what}"),
+            credentials_fix(broker),
+        ),
+        _ => Failure::transient(format!("nats {broker}: cannot connect: {what}")),
+    };
+    health.failing(failure, Duration::ZERO);
+}
+
 fn record_of(message: &async_nats::Message) -> Record {
     let mut headers = Vec::new();
     let mut key = None;
@@ -192,13 +390,15 @@ fn record_of(message: &async_nats::Message) -> Record {
 
 /// A JetStream durable pull consumer.
 pub struct JetStreamSource {
+    link: NatsLink,
     js: jetstream::Context,
     subject: String,
     durable: String,
     cfg: JetStreamConfig,
     describe: String,
     messages: Option<consumer::pull::Stream>,
-    retry_in: Duration,
+    backoff: Backoff,
+    health: HealthReporter,
     lag: LagGauge,
     lag_task: Option<tokio::task::JoinHandle<()>>,
     held: Held,
@@ -287,14 +487,10 @@ impl std::fmt::Debug for JetStreamSource {
 impl JetStreamSource {
     /// Consumer `durable` on `cfg.stream`, filtered by `subject`. Nothing is contacted until the
     /// first [`Source::next`].
-    pub fn new(
-        client: async_nats::Client,
-        subject: &str,
-        durable: &str,
-        cfg: &JetStreamConfig,
-    ) -> Self {
+    pub fn new(link: NatsLink, subject: &str, durable: &str, cfg: &JetStreamConfig) -> Self {
         Self {
-            js: jetstream::new(client),
+            js: jetstream::new(link.client.clone()),
+            link,
             subject: subject.to_owned(),
             durable: durable.to_owned(),
             describe: format!(
@@ -303,7 +499,8 @@ impl JetStreamSource {
             ),
             cfg: cfg.clone(),
             messages: None,
-            retry_in: Duration::from_millis(100),
+            backoff: Backoff::new(),
+            health: HealthReporter::new(),
             lag: LagGauge::default(),
             lag_task: None,
             held: Held::default(),
@@ -316,7 +513,7 @@ impl JetStreamSource {
             .js
             .get_stream(&self.cfg.stream)
             .await
-            .map_err(|e| unavailable(&format!("stream {}", self.cfg.stream), e))?;
+            .map_err(|e| get_stream_error(&self.cfg.stream, &e))?;
         let config = consumer::pull::Config {
             durable_name: Some(self.durable.clone()),
             filter_subject: self.subject.clone(),
@@ -327,10 +524,21 @@ impl JetStreamSource {
             deliver_policy: consumer::DeliverPolicy::All,
             ..Default::default()
         };
+        let what = format!("consumer {} on stream {}", self.durable, self.cfg.stream);
         let consumer: consumer::PullConsumer = stream
             .get_or_create_consumer(&self.durable, config)
             .await
-            .map_err(|e| unavailable(&format!("consumer {}", self.durable), e))?;
+            .map_err(|e| match e.kind() {
+                jetstream::stream::ConsumerErrorKind::JetStream(api) => jetstream_error(
+                    &what,
+                    &api,
+                    &format!(
+                        "check source.topic against the stream's subjects, or delete the durable consumer if it was created with other settings (nats consumer rm {} {})",
+                        self.cfg.stream, self.durable
+                    ),
+                ),
+                _ => unavailable(&what, e),
+            })?;
         let batch = usize::try_from(self.cfg.max_ack_pending)
             .unwrap_or(usize::MAX)
             .clamp(1, 500);
@@ -408,14 +616,24 @@ impl Source for JetStreamSource {
         Some(self.lag.clone())
     }
 
+    fn health(&self) -> HealthWatch {
+        self.health.watch()
+    }
+
     fn next(&mut self) -> BoxFuture<'_, Result<Delivery, BrokerError>> {
         Box::pin(async move {
             loop {
                 if self.messages.is_none() {
+                    // A JetStream request on a client that is not connected only waits for its
+                    // timeout: wait for the connection, reporting why it is not there.
+                    if !wait_connected(&self.link, &self.health, &mut self.backoff).await {
+                        continue;
+                    }
                     match self.open().await {
                         Ok((consumer, m)) => {
                             self.messages = Some(m);
-                            self.retry_in = Duration::from_millis(100);
+                            self.backoff.reset();
+                            self.health.ready();
                             if let Some(t) = self.lag_task.take() {
                                 t.abort();
                             }
@@ -432,9 +650,10 @@ impl Source for JetStreamSource {
                             }
                         }
                         Err(e) => {
-                            tracing::warn!(source = %self.describe, error = %e, retry_in_ms = self.retry_in.as_millis() as u64, "Cannot consume; retrying");
-                            tokio::time::sleep(self.retry_in).await;
-                            self.retry_in = (self.retry_in * 2).min(MAX_RECONNECT_DELAY);
+                            tracing::debug!(source = %self.describe, error = %e, "Cannot consume; retrying");
+                            self.health
+                                .retry_after(&mut self.backoff, e.failure())
+                                .await;
                             continue;
                         }
                     }
@@ -447,10 +666,13 @@ impl Source for JetStreamSource {
                     Some(Err(e)) => {
                         // Missed heartbeats, a deleted consumer, a lost connection: start over
                         // (get-or-create the consumer again) after a pause.
-                        tracing::warn!(source = %self.describe, error = %e, "Pull failed; re-creating the consumer");
+                        tracing::debug!(source = %self.describe, error = %e, "Pull failed; re-creating the consumer");
                         self.messages = None;
-                        tokio::time::sleep(self.retry_in).await;
-                        self.retry_in = (self.retry_in * 2).min(MAX_RECONNECT_DELAY);
+                        let failure = Failure::transient(format!(
+                            "nats: pull from consumer {}: {e}",
+                            self.durable
+                        ));
+                        self.health.retry_after(&mut self.backoff, failure).await;
                     }
                     None => self.messages = None,
                 }
@@ -466,10 +688,16 @@ impl Source for JetStreamSource {
 
     fn commit(&mut self) -> BoxFuture<'_, Result<(), BrokerError>> {
         let client = self.js.client();
+        let connected = self.link.connected();
         Box::pin(async move {
-            client
-                .flush()
+            // A flush waits for the server: without a connection it would never end (and stop
+            // the process from exiting); acks that cannot go out are redeliveries anyway.
+            if !connected {
+                return Err(unavailable("flush acks", "not connected"));
+            }
+            tokio::time::timeout(CONNECT_TIMEOUT, client.flush())
                 .await
+                .map_err(|_| unavailable("flush acks", "no answer within 5 s"))?
                 .map_err(|e| unavailable("flush acks", e))
         })
     }
@@ -552,10 +780,11 @@ impl Sink for NatsReplySink {
                     .await
                     .map_err(|e| unavailable(&format!("reply to {}", r.topic), e))?;
             }
-            // Core NATS has no acknowledgement: a flush is the most there is.
-            self.client
-                .flush()
+            // Core NATS has no acknowledgement: a flush is the most there is (bounded: without
+            // a connection it would wait for good).
+            tokio::time::timeout(CONNECT_TIMEOUT, self.client.flush())
                 .await
+                .map_err(|_| unavailable("flush replies", "no answer within 5 s"))?
                 .map_err(|e| unavailable("flush replies", e))
         })
     }
@@ -563,24 +792,74 @@ impl Sink for NatsReplySink {
 
 /// A core NATS queue subscription: at most once.
 pub struct NatsCoreSource {
-    client: async_nats::Client,
+    link: NatsLink,
     subject: String,
     queue: String,
     describe: String,
     subscriber: Option<async_nats::Subscriber>,
+    backoff: Backoff,
+    health: HealthReporter,
+    /// Once subscribed: follows the connection's health (the client resubscribes by itself
+    /// after a reconnect).
+    mirror: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for NatsCoreSource {
+    fn drop(&mut self) {
+        if let Some(t) = self.mirror.take() {
+            t.abort();
+        }
+    }
 }
 
 impl NatsCoreSource {
     /// Subscribes to `subject` in queue group `queue` on first [`Source::next`].
-    pub fn new(client: async_nats::Client, subject: &str, queue: &str) -> Self {
+    pub fn new(link: NatsLink, subject: &str, queue: &str) -> Self {
         Self {
-            client,
+            link,
             subject: subject.to_owned(),
             queue: queue.to_owned(),
             describe: format!("nats core subject {subject}, queue group {queue}"),
             subscriber: None,
+            backoff: Backoff::new(),
+            health: HealthReporter::new(),
+            mirror: None,
         }
     }
+
+    async fn subscribe(&self) -> Result<async_nats::Subscriber, BrokerError> {
+        let what = format!("subscribe to {}", self.subject);
+        let sub = self
+            .link
+            .client
+            .queue_subscribe(self.subject.clone(), self.queue.clone())
+            .await
+            .map_err(|e| unavailable(&what, e))?;
+        // The subscription is live once the server answered a ping after it.
+        tokio::time::timeout(CONNECT_TIMEOUT, self.link.client.flush())
+            .await
+            .map_err(|_| unavailable(&what, "no answer within 5 s"))?
+            .map_err(|e| unavailable(&what, e))?;
+        Ok(sub)
+    }
+}
+
+/// Waits until `link` is connected; false (after reporting why on `health` and waiting for a
+/// change, at most one backoff step) if it is not.
+async fn wait_connected(link: &NatsLink, health: &HealthReporter, backoff: &mut Backoff) -> bool {
+    if link.connected() {
+        return true;
+    }
+    let mut changes = link.health();
+    let failure = changes
+        .borrow_and_update()
+        .failure()
+        .cloned()
+        .unwrap_or_else(|| Failure::transient("nats: not connected to the server yet"));
+    let wait = backoff.next(failure.kind);
+    health.failing(failure, wait);
+    let _ = tokio::time::timeout(wait, changes.changed()).await;
+    false
 }
 
 /// Core NATS has nothing to acknowledge.
@@ -597,22 +876,35 @@ impl Source for NatsCoreSource {
         self.describe.clone()
     }
 
+    fn health(&self) -> HealthWatch {
+        self.health.watch()
+    }
+
     fn next(&mut self) -> BoxFuture<'_, Result<Delivery, BrokerError>> {
         Box::pin(async move {
             loop {
                 if self.subscriber.is_none() {
-                    let sub = self
-                        .client
-                        .queue_subscribe(self.subject.clone(), self.queue.clone())
-                        .await
-                        .map_err(|e| unavailable(&format!("subscribe to {}", self.subject), e))?;
-                    // The subscription is live once the server answered a ping after it.
-                    self.client
-                        .flush()
-                        .await
-                        .map_err(|e| unavailable(&format!("subscribe to {}", self.subject), e))?;
-                    tracing::info!(source = %self.describe, "Subscribed");
-                    self.subscriber = Some(sub);
+                    if !wait_connected(&self.link, &self.health, &mut self.backoff).await {
+                        continue;
+                    }
+                    match self.subscribe().await {
+                        Ok(sub) => {
+                            tracing::info!(source = %self.describe, "Subscribed");
+                            self.subscriber = Some(sub);
+                            self.backoff.reset();
+                            self.health.ready();
+                            self.mirror = Some(tokio::spawn(mirror(
+                                self.link.health(),
+                                self.health.clone(),
+                            )));
+                        }
+                        Err(e) => {
+                            self.health
+                                .retry_after(&mut self.backoff, e.failure())
+                                .await;
+                            continue;
+                        }
+                    }
                 }
                 let Some(sub) = self.subscriber.as_mut() else {
                     continue;
@@ -635,6 +927,29 @@ impl Source for NatsCoreSource {
 
     fn commit(&mut self) -> BoxFuture<'_, Result<(), BrokerError>> {
         Box::pin(async { Ok(()) })
+    }
+}
+
+/// Follows `link`'s health on `health`: a core subscription lives as long as the connection
+/// (the client resubscribes after a reconnect).
+async fn mirror(mut link: HealthWatch, health: HealthReporter) {
+    loop {
+        let now = link.borrow_and_update().clone();
+        match now {
+            Health::Ready => health.ready(),
+            Health::Connecting => health.connecting(),
+            Health::Failing { failure, .. } => {
+                let wait = if failure.kind == FailureKind::Misconfigured {
+                    crate::health::MISCONFIGURED_RETRY
+                } else {
+                    crate::health::MAX_TRANSIENT_RETRY
+                };
+                health.failing(failure, wait);
+            }
+        }
+        if link.changed().await.is_err() {
+            return;
+        }
     }
 }
 
@@ -755,5 +1070,39 @@ impl Scan for JetStreamScan {
             }
             Ok(if out.is_empty() { None } else { Some(out) })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_credentials_are_a_misconfiguration_and_an_unreachable_server_is_not() {
+        let refused =
+            async_nats::ConnectError::new(async_nats::ConnectErrorKind::AuthorizationViolation);
+        let f = connect_failure("nats", &refused);
+        assert!(f.is_misconfigured());
+        assert!(f.fix.as_deref().is_some_and(|x| x.contains("token_env")));
+        let down = async_nats::ConnectError::with_source(
+            async_nats::ConnectErrorKind::Io,
+            std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        );
+        assert_eq!(connect_failure("nats", &down).kind, FailureKind::Transient);
+    }
+
+    #[test]
+    fn background_attempts_keep_the_detailed_reason_of_their_kind() {
+        let health = HealthReporter::new();
+        let detailed = Failure::transient("nats n: cannot connect: IO error: Connection refused");
+        health.failing(detailed.clone(), Duration::ZERO);
+        // async-nats only says "IO error" for later attempts.
+        attempt_failed("n", &health, "nats: IO error");
+        assert_eq!(health.get().failure(), Some(&detailed));
+        attempt_failed("n", &health, "nats: authorization violation");
+        let refused = health.get().failure().cloned().unwrap();
+        assert!(refused.is_misconfigured(), "{refused:?}");
+        assert!(refused.error.contains("refused the credentials"));
+        assert!(matches!(health.get(), Health::Failing { attempts: 3, .. }));
     }
 }

@@ -7,8 +7,11 @@
 //!   lets this consumer hold. A delivery is acked when it is done (promise 1) or after its dead
 //!   letter was written; one the pipeline gives up (shutdown) is nacked with requeue, so it goes
 //!   back to the queue at once. The quorum queue's `x-delivery-count` gives the attempts
-//!   already made. A dropped connection (a broker restart) is reopened with a capped backoff;
-//!   what the old channel held is requeued by the broker.
+//!   already made. A dropped connection (a broker restart) is reopened with a jittered, capped
+//!   backoff; what the old channel held is requeued by the broker. The source is ready
+//!   ([`Source::health`]) once it consumes; refusals only a change fixes (login or access
+//!   refused, a vhost that does not exist, the queue declared with other arguments, a missing
+//!   exchange) are [`BrokerError::Misconfigured`] with what to change, and retried slowly.
 //! - **Sink.** Publishes to the broker's `exchange` with the record's topic as routing key,
 //!   persistent, `mandatory` (an unroutable record is an error naming exchange and routing key,
 //!   not a silent drop), and awaits the publisher confirm of every record. The `lockgate-id`
@@ -28,6 +31,7 @@ use lapin::options::{
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
@@ -37,6 +41,7 @@ use super::{
     LOCKGATE_ID_HEADER, OutRecord, Record, Scan, Sink, Source,
 };
 use crate::config::{QueueType, RabbitConfig, RabbitSource as SourceConfig};
+use crate::health::{Backoff, HealthReporter, HealthWatch};
 
 /// Header that carries a message key through AMQP (which has none).
 pub const KEY_HEADER: &str = "lockgate-key";
@@ -64,11 +69,67 @@ fn retry_queue(queue: &str, tier: Duration) -> String {
 }
 /// AMQP delivery mode of a message the broker writes to disk.
 const PERSISTENT: u8 = 2;
-/// Longest wait between two reconnect attempts.
-const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
 
 fn unavailable(broker: &str, what: &str, e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(format!("rabbitmq {broker}: {what}: {e}"))
+}
+
+/// The error of request `what` on broker `broker`, classified: a refusal only a change fixes
+/// is [`BrokerError::Misconfigured`] with what to change; anything else (a broker that is down,
+/// a dropped connection, a queue locked by another connection) is
+/// [`BrokerError::Unavailable`].
+pub fn classify(broker: &str, what: &str, e: &lapin::Error) -> BrokerError {
+    // The server's own words ("ACCESS_REFUSED - Login was refused ...") say it best.
+    let error = match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => {
+            format!("rabbitmq {broker}: {what}: {}", amqp.get_message())
+        }
+        _ => format!("rabbitmq {broker}: {what}: {e}"),
+    };
+    let misconfigured = |fix: String| BrokerError::Misconfigured {
+        error: error.clone(),
+        fix,
+    };
+    let amqp = match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => amqp,
+        lapin::ErrorKind::IOError(io) if io.to_string().contains("invalid peer certificate") => {
+            return misconfigured(format!(
+                "trust the server's certificate: set brokers.{broker}.ca_file to the CA certificate that signed it"
+            ));
+        }
+        _ => return BrokerError::Unavailable(error),
+    };
+    let text = amqp.get_message().as_str();
+    match amqp.kind() {
+        AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) if text.contains("Login was refused") => {
+            misconfigured(format!(
+                "check the user name and password in the URL of brokers.{broker} (url, url_env or url_file), or create that user on the server"
+            ))
+        }
+        AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => misconfigured(
+            "give the URL's user permissions on it (rabbitmqctl set_permissions -p <vhost> <user> <configure> <write> <read>), or use a user that has them".into(),
+        ),
+        AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => misconfigured(format!(
+            "check the vhost in the URL of brokers.{broker}: it must exist and its user must have access to it (rabbitmqctl add_vhost / set_permissions)"
+        )),
+        AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+            if text.contains("'x-queue-type'") =>
+        {
+            misconfigured(
+                "the queue exists with another type: set the route's source.queue_type to the queue's type (\"classic\" or \"quorum\"), or delete the queue (rabbitmqctl delete_queue <queue>) so lockgate declares it".into(),
+            )
+        }
+        AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => misconfigured(
+            "the queue exists with other arguments than the route declares (see the reason): make the route's source settings match the queue, or delete the queue so lockgate declares it".into(),
+        ),
+        AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) if text.contains("no exchange") => {
+            misconfigured(
+                "declare the exchange on the server, or correct the route's source.exchange"
+                    .into(),
+            )
+        }
+        _ => BrokerError::Unavailable(error),
+    }
 }
 
 /// Waits at most `limit` for `request`, an exchange with broker `broker`. lapin can leave a
@@ -107,7 +168,7 @@ pub async fn connect(name: &str, cfg: &RabbitConfig) -> Result<Connection, Broke
         tls.cert_chain = Some(pem);
     }
     let builder = lapin::DefaultConnectionBuilder::new()
-        .map_err(|e| unavailable(name, "connect", e))?
+        .map_err(|e| classify(name, "connect", &e))?
         .with_uri_str(url)
         .with_properties(ConnectionProperties::default())
         .with_tls_config(tls);
@@ -115,7 +176,7 @@ pub async fn connect(name: &str, cfg: &RabbitConfig) -> Result<Connection, Broke
         builder
             .connect()
             .await
-            .map_err(|e| unavailable(name, "connect", e))
+            .map_err(|e| classify(name, "connect", &e))
     })
     .await
 }
@@ -415,7 +476,8 @@ pub struct RabbitSource {
     tag: String,
     consumes: u64,
     open: Option<Open>,
-    backoff: Duration,
+    backoff: Backoff,
+    health: HealthReporter,
     /// While paused: closes the channel before the broker's `consumer_timeout` would.
     watchdog: Option<tokio::task::JoinHandle<()>>,
     /// `retry.mode = "broker"`: failed deliveries wait in retry queues.
@@ -442,7 +504,8 @@ impl RabbitSource {
             tag: String::new(),
             consumes: 0,
             open: None,
-            backoff: Duration::ZERO,
+            backoff: Backoff::new(),
+            health: HealthReporter::new(),
             watchdog: None,
             broker_retries: false,
         }
@@ -468,12 +531,12 @@ impl RabbitSource {
             FieldTable::default(),
         )
         .await
-        .map_err(|x| unavailable(&self.broker, &format!("consume queue {}", self.queue), x))
+        .map_err(|x| classify(&self.broker, &format!("consume queue {}", self.queue), &x))
     }
 
     async fn open(&mut self) -> Result<Open, BrokerError> {
         let conn = connect(&self.broker, &self.cfg).await?;
-        let e = |what: &str, e: lapin::Error| unavailable(&self.broker, what, e);
+        let e = |what: &str, e: lapin::Error| classify(&self.broker, what, &e);
         let ch = conn
             .create_channel()
             .await
@@ -481,20 +544,10 @@ impl RabbitSource {
         ch.basic_qos(self.settings.prefetch, BasicQosOptions::default())
             .await
             .map_err(|x| e("basic.qos", x))?;
-        let mut args = FieldTable::default();
-        if self.settings.queue_type == QueueType::Quorum {
-            args.insert(
-                "x-queue-type".into(),
-                AMQPValue::LongString(LongString::from("quorum")),
-            );
-        }
-        if self.settings.single_active_consumer {
-            args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-        }
         ch.queue_declare(
             self.queue.as_str().into(),
             QueueDeclareOptions::durable(),
-            args,
+            queue_arguments(&self.settings),
         )
         .await
         .map_err(|x| e(&format!("declare queue {}", self.queue), x))?;
@@ -530,18 +583,38 @@ impl RabbitSource {
         })
     }
 
+    /// Reports `error` (the route logs it) and waits before the next attempt: briefly, with
+    /// jitter, for a broker that is away; slowly for a refusal only a change fixes.
     async fn wait(&mut self, error: &BrokerError) {
-        self.backoff = (self.backoff * 2)
-            .max(Duration::from_millis(100))
-            .min(MAX_RECONNECT_DELAY);
-        tracing::warn!(broker = %self.broker, queue = %self.queue, error = %error, retry_in_ms = self.backoff.as_millis() as u64, "RabbitMQ consumer down; reconnecting");
-        tokio::time::sleep(self.backoff).await;
+        tracing::debug!(broker = %self.broker, queue = %self.queue, error = %error, "RabbitMQ consumer down; reconnecting");
+        self.health
+            .retry_after(&mut self.backoff, error.failure())
+            .await;
     }
+}
+
+/// The arguments the source declares its queue with.
+fn queue_arguments(settings: &SourceConfig) -> FieldTable {
+    let mut args = FieldTable::default();
+    if settings.queue_type == QueueType::Quorum {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+    }
+    if settings.single_active_consumer {
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    }
+    args
 }
 
 impl Source for RabbitSource {
     fn describe(&self) -> String {
         format!("rabbitmq {} queue {}", self.broker, self.queue)
+    }
+
+    fn health(&self) -> HealthWatch {
+        self.health.watch()
     }
 
     fn next(&mut self) -> BoxFuture<'_, Result<Delivery, BrokerError>> {
@@ -552,7 +625,8 @@ impl Source for RabbitSource {
                     let what = format!("consume queue {}", self.queue);
                     match answered(limit, &broker, &what, self.open()).await {
                         Ok(open) => {
-                            self.backoff = Duration::ZERO;
+                            self.backoff.reset();
+                            self.health.ready();
                             self.open = Some(open);
                         }
                         Err(e) => {
@@ -592,7 +666,7 @@ impl Source for RabbitSource {
                             previous_attempts,
                         });
                     }
-                    Some(Err(e)) => unavailable(&self.broker, "consume", e),
+                    Some(Err(e)) => classify(&self.broker, "consume", &e),
                     None => {
                         unavailable(&self.broker, "consume", "the broker cancelled the consumer")
                     }
@@ -781,7 +855,7 @@ impl RabbitSink {
             p.channel
                 .queue_declare(name.into(), QueueDeclareOptions::durable(), args)
                 .await
-                .map_err(|e| unavailable(&self.broker, &format!("declare queue {name}"), e))?;
+                .map_err(|e| classify(&self.broker, &format!("declare queue {name}"), &e))?;
         }
         p.declared.insert(name.to_owned());
         Ok(())
@@ -901,6 +975,113 @@ impl Sink for RabbitSink {
             result
         })
     }
+}
+
+/// Longest a `lockgate check --connect` probe waits for the server.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether `e` is the server's NOT_FOUND (a passive declare of something that does not exist).
+fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(a)
+        if *a.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+}
+
+/// Connects to broker `broker` and logs in (for `lockgate check --connect`).
+pub async fn probe_connect(broker: &str, cfg: &RabbitConfig) -> Result<(), BrokerError> {
+    let limit = cfg.request_timeout.min(PROBE_TIMEOUT);
+    answered(limit, broker, "connect", async {
+        let conn = connect(broker, cfg).await?;
+        let _ = conn.close(200, "check done".into()).await;
+        Ok(())
+    })
+    .await
+}
+
+/// What `lockgate check --connect` finds for a source on queue `queue`, changing nothing: the
+/// login, whether the queue exists with the arguments the route declares (an existing queue is
+/// declared again with them, which changes nothing when they match and fails with
+/// PRECONDITION_FAILED when they differ) and whether the exchange to bind to exists. Returns
+/// what `lockgate run` would create.
+pub async fn probe_source(
+    broker: &str,
+    cfg: &RabbitConfig,
+    queue: &str,
+    settings: &SourceConfig,
+) -> Result<Vec<String>, BrokerError> {
+    let limit = cfg.request_timeout.min(PROBE_TIMEOUT);
+    answered(limit, broker, &format!("check queue {queue}"), async {
+        let conn = connect(broker, cfg).await?;
+        let result = probe_queue(&conn, broker, queue, settings).await;
+        let _ = conn.close(200, "check done".into()).await;
+        result
+    })
+    .await
+}
+
+async fn probe_queue(
+    conn: &Connection,
+    broker: &str,
+    queue: &str,
+    settings: &SourceConfig,
+) -> Result<Vec<String>, BrokerError> {
+    // A refused declare closes its channel: one channel per question.
+    let channel = || async {
+        conn.create_channel()
+            .await
+            .map_err(|e| classify(broker, "open a channel", &e))
+    };
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let mut notes = Vec::new();
+    let declare = format!("declare queue {queue}");
+    match channel()
+        .await?
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+    {
+        Ok(_) => {
+            channel()
+                .await?
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions::durable(),
+                    queue_arguments(settings),
+                )
+                .await
+                .map_err(|e| classify(broker, &declare, &e))?;
+        }
+        Err(e) if is_not_found(&e) => notes.push(format!(
+            "queue {queue} does not exist yet: `lockgate run` declares it (durable, {})",
+            match settings.queue_type {
+                QueueType::Quorum => "quorum",
+                QueueType::Classic => "classic",
+            }
+        )),
+        Err(e) => return Err(classify(broker, &declare, &e)),
+    }
+    if let Some(exchange) = &settings.exchange {
+        let passive = lapin::options::ExchangeDeclareOptions {
+            passive: true,
+            ..lapin::options::ExchangeDeclareOptions::default()
+        };
+        channel()
+            .await?
+            .exchange_declare(
+                exchange.as_str().into(),
+                lapin::ExchangeKind::Topic,
+                passive,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| classify(broker, &format!("declare exchange {exchange}"), &e))?;
+        notes.push(format!(
+            "`lockgate run` binds queue {queue} to exchange {exchange} with key \"{}\"",
+            settings.binding_key
+        ));
+    }
+    Ok(notes)
 }
 
 /// Records read per [`Scan::next_batch`].
@@ -1092,6 +1273,104 @@ mod tests {
             .map(|ms| retry_tier(Duration::from_millis(ms)))
             .collect();
         assert_eq!(tiers.len(), 26);
+    }
+
+    fn amqp(kind: AMQPErrorKind, text: &str) -> lapin::Error {
+        lapin::ErrorKind::ProtocolError(lapin::protocol::AMQPError::new(kind, text.into())).into()
+    }
+
+    fn fix_of(e: &BrokerError) -> &str {
+        match e {
+            BrokerError::Misconfigured { fix, .. } => fix,
+            other => panic!("not a misconfiguration: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn refusals_only_a_change_fixes_are_misconfigurations_with_the_fix() {
+        let login = classify(
+            "rabbit",
+            "connect",
+            &amqp(
+                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED),
+                "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN.",
+            ),
+        );
+        assert!(fix_of(&login).contains("user name and password in the URL of brokers.rabbit"));
+        // The server's words, not lapin's wrapping.
+        assert_eq!(
+            login.failure().error,
+            "rabbitmq rabbit: connect: ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN."
+        );
+        let permissions = classify(
+            "rabbit",
+            "declare queue q",
+            &amqp(
+                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED),
+                "ACCESS_REFUSED - access to queue 'q' in vhost '/' refused for user 'u'",
+            ),
+        );
+        assert!(fix_of(&permissions).contains("set_permissions"));
+        let vhost = classify(
+            "rabbit",
+            "connect",
+            &amqp(
+                AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED),
+                "NOT_ALLOWED - vhost nope not found",
+            ),
+        );
+        assert!(fix_of(&vhost).contains("vhost"));
+        let classic = classify(
+            "rabbit",
+            "declare queue q",
+            &amqp(
+                AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED),
+                "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in vhost '/': received the value 'quorum' of type 'longstr' but current is none",
+            ),
+        );
+        assert!(fix_of(&classic).contains("source.queue_type"));
+        let durable = classify(
+            "rabbit",
+            "declare queue q",
+            &amqp(
+                AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED),
+                "PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'q'",
+            ),
+        );
+        assert!(fix_of(&durable).contains("other arguments"));
+        let exchange = classify(
+            "rabbit",
+            "bind queue q to events",
+            &amqp(
+                AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND),
+                "NOT_FOUND - no exchange 'events' in vhost '/'",
+            ),
+        );
+        assert!(fix_of(&exchange).contains("declare the exchange"));
+    }
+
+    #[test]
+    fn what_goes_away_by_itself_is_transient() {
+        for e in [
+            lapin::Error::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+            amqp(
+                AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED),
+                "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue 'q'",
+            ),
+            // A queue deleted under the consumer is declared again on the next attempt.
+            amqp(
+                AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND),
+                "NOT_FOUND - no queue 'q' in vhost '/'",
+            ),
+            amqp(
+                AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED),
+                "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'",
+            ),
+        ] {
+            let c = classify("rabbit", "consume", &e);
+            assert!(matches!(c, BrokerError::Unavailable(_)), "{e}: {c:?}");
+            assert_eq!(c.failure().kind, crate::health::FailureKind::Transient);
+        }
     }
 
     #[test]

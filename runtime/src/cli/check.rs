@@ -1,13 +1,15 @@
-//! `lockgate check`.
+//! `lockgate check`, and with `--connect` a try of every broker and store the config names.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Args;
-use lockgate::config::{Config, Problem, format_problem};
+use lockgate::broker::BrokerError;
+use lockgate::config::{BrokerKind, Config, Problem, StoreKind, format_problem};
 use lockgate::engine::{Engine, EngineError, HandlerEnv};
 use lockgate::state::MemoryStore;
+use lockgate::state::probe;
 
 use super::{EXIT_FAILED, EXIT_USAGE};
 
@@ -17,6 +19,13 @@ pub struct CheckArgs {
     /// The config file to check.
     #[arg(default_value_os_t = super::default_config())]
     config: PathBuf,
+
+    /// Also connect to every broker and state store the config defines (log in, and check
+    /// that each route's source exists or can be declared: Kafka topic, JetStream stream,
+    /// RabbitMQ queue with the route's arguments and its exchange; PostgreSQL schema) without
+    /// changing anything. What `lockgate run` would create is printed as a note.
+    #[arg(long)]
+    connect: bool,
 }
 
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
@@ -41,13 +50,37 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     // Modules of the handlers that validated are loaded even when other tables are broken, so
     // one run shows every problem.
     problems.extend(check_handlers(&config)?);
+    let mut notes = Vec::new();
+    if args.connect {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let (p, n) = runtime.block_on(check_connections(&config));
+        problems.extend(p);
+        notes = n;
+        // Background tasks of the clients (connection drivers) end with the runtime.
+        runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    }
     for p in &problems {
         eprintln!("{}", format_problem(&config.file, p));
     }
+    for n in &notes {
+        println!("{}", format_problem(&config.file, n));
+    }
     if problems.is_empty() {
         let plural = |n: usize| if n == 1 { "" } else { "s" };
+        let connected = if args.connect {
+            let (b, s) = (config.brokers.len(), config.stores.len());
+            format!(
+                "; connected to {b} broker{} and {s} store{}",
+                plural(b),
+                plural(s)
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "{}: ok ({} handler{}, {} route{})",
+            "{}: ok ({} handler{}, {} route{}{connected})",
             config.file.display(),
             config.handlers.len(),
             plural(config.handlers.len()),
@@ -94,4 +127,122 @@ fn check_handlers(config: &Config) -> anyhow::Result<Vec<Problem>> {
         }
     }
     Ok(problems)
+}
+
+/// A problem found by connecting: the failure and, if known, what to change.
+fn connect_problem(path: &str, e: &BrokerError) -> Problem {
+    Problem::new(path, e.failure().to_string())
+}
+
+/// Connects to every broker and store of `config` and checks each route's source, changing
+/// nothing: (problems, notes on what `lockgate run` would create).
+async fn check_connections(config: &Config) -> (Vec<Problem>, Vec<Problem>) {
+    let mut problems = Vec::new();
+    let mut notes = Vec::new();
+    for broker in config.brokers.values() {
+        let table = format!("brokers.{}", broker.name);
+        let routes: Vec<_> = config
+            .routes
+            .values()
+            .filter(|r| r.outbox.is_none() && r.source.broker == broker.name)
+            .collect();
+        match &broker.kind {
+            BrokerKind::Kafka(kafka) => {
+                if let Err(e) = lockgate::broker::kafka::probe(kafka, None).await {
+                    problems.push(connect_problem(&table, &e));
+                    continue;
+                }
+                for r in routes {
+                    if let Err(e) =
+                        lockgate::broker::kafka::probe(kafka, Some(&r.source.topic)).await
+                    {
+                        problems.push(connect_problem(
+                            &format!("routes.{}.source.topic", r.name),
+                            &e,
+                        ));
+                    }
+                }
+            }
+            BrokerKind::Nats(nats) => {
+                let client = match lockgate::broker::nats::probe_connect(
+                    &broker.name,
+                    nats,
+                    &config.base_dir,
+                )
+                .await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        problems.push(connect_problem(&table, &e));
+                        continue;
+                    }
+                };
+                for r in routes {
+                    let Some(js) = &r.jetstream else { continue };
+                    match lockgate::broker::nats::probe_stream(
+                        client.clone(),
+                        &js.stream,
+                        &r.source.group,
+                    )
+                    .await
+                    {
+                        Ok(n) => notes.extend(
+                            n.into_iter()
+                                .map(|n| Problem::new(&format!("routes.{}.source", r.name), n)),
+                        ),
+                        Err(e) => problems.push(connect_problem(
+                            &format!("routes.{}.source.stream", r.name),
+                            &e,
+                        )),
+                    }
+                }
+            }
+            BrokerKind::RabbitMq(rabbit) => {
+                if let Err(e) =
+                    lockgate::broker::rabbitmq::probe_connect(&broker.name, rabbit).await
+                {
+                    problems.push(connect_problem(&table, &e));
+                    continue;
+                }
+                for r in routes {
+                    let settings = r.rabbitmq.clone().unwrap_or_default();
+                    match lockgate::broker::rabbitmq::probe_source(
+                        &broker.name,
+                        rabbit,
+                        &r.source.topic,
+                        &settings,
+                    )
+                    .await
+                    {
+                        Ok(n) => notes.extend(
+                            n.into_iter()
+                                .map(|n| Problem::new(&format!("routes.{}.source", r.name), n)),
+                        ),
+                        Err(e) => {
+                            problems.push(connect_problem(&format!("routes.{}.source", r.name), &e))
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for store in config.stores.values() {
+        let table = format!("stores.{}", store.name);
+        let url = match store.url() {
+            Ok(u) => u,
+            Err(e) => {
+                problems.push(Problem::new("", e));
+                continue;
+            }
+        };
+        let checked = match &store.kind {
+            StoreKind::Postgres { schema, .. } => probe::probe_postgres(&url, schema).await,
+            StoreKind::Redis { .. } => probe::probe_redis(&url).await.map(|()| Vec::new()),
+        };
+        match checked {
+            Ok(n) => notes.extend(n.into_iter().map(|n| Problem::new(&table, n))),
+            Err(f) => problems.push(Problem::new(&table, f.to_string())),
+        }
+    }
+    (problems, notes)
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use lockgate::broker::kafka::{KafkaScan, KafkaSink, KafkaSource};
 use lockgate::broker::local::LocalBroker;
 use lockgate::broker::nats::{
-    JetStreamScan, JetStreamSink, JetStreamSource, NatsCoreSource, NatsReplySink,
+    JetStreamScan, JetStreamSink, JetStreamSource, NatsCoreSource, NatsLink, NatsReplySink,
 };
 use lockgate::broker::rabbitmq::{RabbitScan, RabbitSink, RabbitSource};
 use lockgate::broker::{Scan, Sink, Source};
@@ -36,11 +36,15 @@ fn postgres(config: &Config, store: &str, pool_size: usize) -> anyhow::Result<Po
     PostgresStore::new(&url, schema, pool_size).map_err(|e| anyhow::anyhow!("stores.{store}: {e}"))
 }
 
+/// How long the one-shot commands (`lockgate dlq`) wait for a NATS connection before they
+/// fail with the reason.
+const NATS_CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Broker clients, one per broker, shared by every route that uses it.
 #[derive(Default)]
 pub struct Clients {
     sinks: HashMap<String, Arc<dyn Sink>>,
-    nats: HashMap<String, async_nats::Client>,
+    nats: HashMap<String, NatsLink>,
     tables: HashMap<String, DeadLetterTable>,
 }
 
@@ -60,18 +64,20 @@ impl Clients {
         Ok(table)
     }
 
+    /// The connection to NATS broker `name` (connecting in the background if the server is
+    /// not there yet).
     pub async fn nats(
         &mut self,
         config: &Config,
         name: &str,
         cfg: &NatsConfig,
-    ) -> anyhow::Result<async_nats::Client> {
+    ) -> anyhow::Result<NatsLink> {
         if let Some(c) = self.nats.get(name) {
             return Ok(c.clone());
         }
-        let client = lockgate::broker::nats::connect(name, cfg, &config.base_dir).await?;
-        self.nats.insert(name.to_owned(), client.clone());
-        Ok(client)
+        let link = lockgate::broker::nats::connect(name, cfg, &config.base_dir).await?;
+        self.nats.insert(name.to_owned(), link.clone());
+        Ok(link)
     }
 
     /// Opens the source of `route` on its broker.
@@ -97,15 +103,15 @@ impl Clients {
                 Ok(Box::new(KafkaSource::new(kafka, &src.topic, &src.group)?))
             }
             BrokerKind::Nats(nats) => {
-                let client = self.nats(config, &broker.name, nats).await?;
+                let link = self.nats(config, &broker.name, nats).await?;
                 Ok(match &route.jetstream {
-                    Some(js) => Box::new(JetStreamSource::new(client, &src.topic, &src.group, js)),
+                    Some(js) => Box::new(JetStreamSource::new(link, &src.topic, &src.group, js)),
                     None => {
                         tracing::warn!(
                             route = %route.name,
                             "Core NATS source (no `source.stream`): delivery is at most once. Retries, the breaker and the DLQ apply only while this process runs; messages it holds when it stops or crashes are lost. Use a JetStream stream for at-least-once."
                         );
-                        Box::new(NatsCoreSource::new(client, &src.topic, &src.group))
+                        Box::new(NatsCoreSource::new(link, &src.topic, &src.group))
                     }
                 })
             }
@@ -138,8 +144,8 @@ impl Clients {
         };
         match &broker.kind {
             BrokerKind::Nats(nats) if route.jetstream.is_none() => {
-                let client = self.nats(config, &broker.name, nats).await?;
-                Ok(Some(Arc::new(NatsReplySink::new(client))))
+                let link = self.nats(config, &broker.name, nats).await?;
+                Ok(Some(Arc::new(NatsReplySink::new(link.client))))
             }
             BrokerKind::RabbitMq(rabbit) => {
                 Ok(Some(Arc::new(RabbitSink::replies(&broker.name, rabbit))))
@@ -168,9 +174,9 @@ impl Clients {
             };
             match &broker.kind {
                 BrokerKind::Kafka(kafka) => Arc::new(KafkaSink::new(name, kafka)?),
-                BrokerKind::Nats(nats) => {
-                    Arc::new(JetStreamSink::new(self.nats(config, name, nats).await?))
-                }
+                BrokerKind::Nats(nats) => Arc::new(JetStreamSink::new(
+                    self.nats(config, name, nats).await?.client,
+                )),
                 BrokerKind::RabbitMq(rabbit) => Arc::new(RabbitSink::new(name, rabbit)),
             }
         };
@@ -211,8 +217,9 @@ impl Clients {
         Ok(match &broker.kind {
             BrokerKind::Kafka(kafka) => Box::new(KafkaScan::open(kafka, &endpoint.topic).await?),
             BrokerKind::Nats(nats) => {
-                let client = self.nats(config, &broker.name, nats).await?;
-                Box::new(JetStreamScan::open(client, &endpoint.topic).await?)
+                let link = self.nats(config, &broker.name, nats).await?;
+                link.connected_within(NATS_CONNECT_WAIT).await?;
+                Box::new(JetStreamScan::open(link.client, &endpoint.topic).await?)
             }
             BrokerKind::RabbitMq(rabbit) => {
                 Box::new(RabbitScan::open(&broker.name, rabbit, &endpoint.topic).await?)
@@ -238,8 +245,8 @@ impl Clients {
             && let BrokerKind::Nats(nats) = &broker.kind
             && route.jetstream.is_none()
         {
-            let client = self.nats(config, &broker.name, nats).await?;
-            return Ok(Arc::new(NatsReplySink::new(client)));
+            let link = self.nats(config, &broker.name, nats).await?;
+            return Ok(Arc::new(NatsReplySink::new(link.client)));
         }
         self.sink(config, local, &route.source.broker).await
     }

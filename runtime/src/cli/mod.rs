@@ -97,7 +97,11 @@ enum Command {
     /// Prints every problem, one per line, as `FILE: TOML.PATH: what is wrong`: unknown fields,
     /// bad values, missing module files, modules that are not components, components that do
     /// not export `handle` or import interfaces lockgate does not provide, and start functions
-    /// that trap. Exit codes: 0 valid, 1 problems found, 2 the file cannot be read.
+    /// that trap. With --connect it also connects to every broker and state store and reports
+    /// refused logins, unreachable servers and sources that do not exist or are declared
+    /// differently (a missing Kafka topic or JetStream stream, a RabbitMQ queue of another
+    /// type), the same way, changing nothing.
+    /// Exit codes: 0 valid, 1 problems found, 2 the file cannot be read.
     Check(check::CheckArgs),
 
     /// Run every route of runtime.toml until SIGINT or SIGTERM.
@@ -106,6 +110,10 @@ enum Command {
     /// breaker, DLQ, idempotency, rate limit) and its counters at the end. On SIGINT/SIGTERM it
     /// stops fetching, lets in-flight messages finish within `[runtime] shutdown_grace_ms`,
     /// leaves the rest unacknowledged (they are redelivered) and commits what is done.
+    /// A route whose broker or state store is down or refuses it keeps trying and shows as
+    /// `connecting` or `failing` with the reason on /readyz and in `lockgate status`; a
+    /// misconfiguration (refused login, a queue declared differently, a missing topic or
+    /// stream) is logged once with what to change and retried every 10 s or so.
     /// Exit codes: 0 stopped by a signal, 1 a route's source failed, 2 bad config or a module
     /// that does not load.
     Run(run::RunArgs),
@@ -129,6 +137,9 @@ enum Command {
     /// the current rate, read from its admin endpoint (`--admin`, or the config's
     /// `[runtime] admin`).
     ///
+    /// States: running, paused (by the breaker), connecting (its source or a store it needs
+    /// has not connected yet), failing (its source or a store fails; the reason and the fix
+    /// are printed under the table), starting, stopped.
     /// Exit codes: 0 shown, 1 the endpoint did not answer, 2 no address to ask.
     Status(status::StatusArgs),
 

@@ -135,8 +135,10 @@ async fn run_routes(config: Config, overrides: Overrides) -> anyhow::Result<Exit
     let mut watcher = start_watching(&sup, &change_tx);
     let mut watched = sup.watched_files();
     sup.start_all().await?;
+    // Started, not necessarily consuming: each route logs "Ready" once its source consumes,
+    // and /readyz and `lockgate status` show one that cannot connect, with the reason.
     println!(
-        "lockgate: {} route{} running; Ctrl-C or SIGTERM stops (in-flight work gets {} ms), SIGHUP reloads",
+        "lockgate: {} route{} started; Ctrl-C or SIGTERM stops (in-flight work gets {} ms), SIGHUP reloads",
         sup.len(),
         if sup.len() == 1 { "" } else { "s" },
         grace.as_millis()

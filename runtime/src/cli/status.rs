@@ -1,4 +1,6 @@
-//! `lockgate status`: a table of a running instance's routes, from its admin endpoint.
+//! `lockgate status`: a table of a running instance's routes, from its admin endpoint, and why
+//! a route that is not ready is not (its source or a store it needs fails, or has not connected
+//! yet).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -144,6 +146,17 @@ fn table(first: &serde_json::Value, second: &serde_json::Value, interval: Durati
             .collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
+    }
+    // Why a route is not ready, under the table (reasons are too long for a column).
+    for r in routes {
+        if let Some(reason) = r["reason"].as_str() {
+            let name = r["route"].as_str().unwrap_or("?");
+            let state = r["state"].as_str().unwrap_or("?");
+            out.push_str(&format!("route {name} {state}: {reason}\n"));
+            if let Some(fix) = r["fix"].as_str() {
+                out.push_str(&format!("  fix: {fix}\n"));
+            }
+        }
     }
     out
 }

@@ -20,9 +20,11 @@ use lockgate::config::{
     Config, EMBEDDED_STORE, HandlerConfig, RouteConfig, StoreConfig, StoreKind,
 };
 use lockgate::engine::{Engine, Handler, HandlerEnv, InstancePool};
+use lockgate::health::HealthWatch;
 use lockgate::pipeline::idempotency::DoneKeys;
 use lockgate::pipeline::route::{Invoker, Passthrough};
 use lockgate::pipeline::{HandlerSlot, Route, RouteReport, RouteSinks, Shutdown, ShutdownTrigger};
+use lockgate::state::probe::StoreMonitor;
 use lockgate::state::{KvStore, PostgresStore, RedisStore, StateStore};
 use lockgate::telemetry::{AdminRoutes, ReloadOutcome, RouteEntry};
 use sha2::Digest as _;
@@ -52,10 +54,11 @@ impl Overrides {
 }
 
 /// The state stores routes use: the embedded one, and each `[stores.<name>]` opened on first use
-/// (a reload that changes a store's table opens it anew).
+/// (a reload that changes a store's table opens it anew), with a watch on its health.
 pub struct Stores {
     embedded: StateStore,
     open: HashMap<String, (StoreConfig, StateStore)>,
+    monitors: HashMap<String, (StoreConfig, StoreMonitor)>,
 }
 
 impl Stores {
@@ -64,7 +67,30 @@ impl Stores {
         Self {
             embedded: StateStore::local(EMBEDDED_STORE, embedded),
             open: HashMap::new(),
+            monitors: HashMap::new(),
         }
+    }
+
+    /// The health of shared store `name` of `config`, watched from its first use (`None` for the
+    /// embedded store, which has nothing to connect to).
+    pub fn health(&mut self, config: &Config, name: &str) -> Option<HealthWatch> {
+        let sc = config.stores.get(name)?;
+        if let Some((c, m)) = self.monitors.get(name)
+            && c == sc
+        {
+            return Some(m.health());
+        }
+        let url = sc.url().ok()?;
+        let monitor = StoreMonitor::spawn(&url, &sc.kind);
+        let health = monitor.health();
+        self.monitors.insert(name.to_owned(), (sc.clone(), monitor));
+        Some(health)
+    }
+
+    /// Stops watching stores `config` no longer defines.
+    pub fn forget_removed(&mut self, config: &Config) {
+        self.monitors
+            .retain(|name, _| config.stores.contains_key(name));
     }
 
     /// The store named `name` in `config`.
@@ -296,6 +322,18 @@ impl Supervisor {
             done_keys,
         )
         .shutdown_grace(self.grace);
+        // A route is ready only while the stores it writes to answer: its state store (for
+        // idempotency keys and the handler's kv) and a dead-letter table.
+        let uses_state = route.handler.is_some() || route.idempotency.is_some();
+        if uses_state && let Some(h) = self.stores.health(&self.config, &store.name) {
+            r.stats()
+                .depend_on(format!("state store {}", store.name), h);
+        }
+        if let Some(dlq) = route.dlq.dlq_store()
+            && let Some(h) = self.stores.health(&self.config, dlq)
+        {
+            r.stats().depend_on(format!("dead-letter store {dlq}"), h);
+        }
         let slot = r.handler_slot();
         self.admin.add(RouteEntry {
             route: route.name.clone(),
@@ -506,6 +544,7 @@ impl Supervisor {
         for name in &changed_brokers {
             self.clients.forget(name);
         }
+        self.stores.forget_removed(&new);
         let old_config = std::mem::replace(&mut self.config, new);
         for plan in plans {
             match plan {

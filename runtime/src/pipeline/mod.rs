@@ -10,6 +10,7 @@ pub mod dlq;
 pub mod idempotency;
 pub mod lanes;
 pub mod rate_limit;
+pub mod readiness;
 pub mod route;
 pub mod trace;
 

@@ -27,12 +27,14 @@ use crate::broker::{
 };
 use crate::config::{Ordering, OutputsMode, RouteConfig};
 use crate::engine::{InboundMessage, InstancePool, Invocation, Outcome};
+use crate::health::{Health, HealthWatch};
 use crate::pipeline::backoff::{Decision, FailureKind, RetryMode};
 use crate::pipeline::breaker::{Admission, BreakerState, CircuitBreaker};
 use crate::pipeline::dlq::{self, Failure, ReplayOutcome, ReplayResult};
 use crate::pipeline::idempotency::{DoneKeys, decode_outputs, encode_outputs, key_of, new_owner};
 use crate::pipeline::lanes::Lanes;
 use crate::pipeline::rate_limit::RateLimit;
+use crate::pipeline::readiness::{self, Dependency};
 use crate::pipeline::trace;
 use crate::state::{Claim, ClaimRequest, Commit, Completion, now_ms};
 use tracing::Instrument;
@@ -182,18 +184,24 @@ fn duration_buckets() -> impl Iterator<Item = f64> {
     prometheus_client::metrics::histogram::exponential_buckets(0.0001, 4.0, 10)
 }
 
-/// What a route is doing, for `/readyz` and the `lockgate_route_state` gauge.
+/// What a route is doing, for `/readyz` and the `lockgate_route_state` gauge (whose values are
+/// the discriminants: new states get new numbers, existing ones never change).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum RouteState {
-    /// Opening its source.
+    /// Created, not running yet.
     Starting = 0,
-    /// Taking messages.
+    /// Connected and consuming.
     Running = 1,
     /// Source paused: the circuit breaker is open.
     Paused = 2,
     /// Ended (shutdown or a source error).
     Stopped = 3,
+    /// Running, but its source (or a store it needs) has not connected yet.
+    Connecting = 4,
+    /// Running, but its source (or a store it needs) fails; it keeps trying (see
+    /// [`RouteStats::blocker`] for why).
+    Failing = 5,
 }
 
 impl RouteState {
@@ -204,7 +212,15 @@ impl RouteState {
             Self::Running => "running",
             Self::Paused => "paused",
             Self::Stopped => "stopped",
+            Self::Connecting => "connecting",
+            Self::Failing => "failing",
         }
+    }
+
+    /// Whether a route in this state is ready (`/readyz`): consuming, or paused by its breaker
+    /// (which is it doing its job).
+    pub fn is_ready(self) -> bool {
+        matches!(self, Self::Running | Self::Paused)
     }
 }
 
@@ -252,7 +268,11 @@ pub struct RouteStats {
     pub breaker_trips: AtomicU64,
     /// The breaker's state: 0 closed, 1 open, 2 half-open (probing).
     pub breaker_state: AtomicU64,
+    /// Where the route is in its life: starting, running, paused, stopped.
     state: std::sync::atomic::AtomicU8,
+    /// What it needs to work (its source, its stores); they make a running route connecting
+    /// or failing.
+    dependencies: std::sync::Mutex<Vec<Dependency>>,
     /// Handler call durations, seconds.
     pub handler_seconds: prometheus_client::metrics::histogram::Histogram,
 }
@@ -279,6 +299,7 @@ impl Default for RouteStats {
             breaker_trips: AtomicU64::new(0),
             breaker_state: AtomicU64::new(0),
             state: std::sync::atomic::AtomicU8::new(RouteState::Starting as u8),
+            dependencies: std::sync::Mutex::new(Vec::new()),
             handler_seconds: prometheus_client::metrics::histogram::Histogram::new(
                 duration_buckets(),
             ),
@@ -287,14 +308,78 @@ impl Default for RouteStats {
 }
 
 impl RouteStats {
-    /// The route's current state.
+    /// The route's current state: its place in its life and, while it runs, its dependencies'
+    /// health (one failing makes it `Failing`, one not connected yet `Connecting`).
     pub fn state(&self) -> RouteState {
-        match self.state.load(AtomicOrdering::Relaxed) {
+        let life = match self.state.load(AtomicOrdering::Relaxed) {
             0 => RouteState::Starting,
             1 => RouteState::Running,
             2 => RouteState::Paused,
             _ => RouteState::Stopped,
+        };
+        if !life.is_ready() {
+            return life;
         }
+        match self.blocker() {
+            Some((_, Health::Failing { .. })) => RouteState::Failing,
+            Some(_) => RouteState::Connecting,
+            None => life,
+        }
+    }
+
+    /// Makes the route's state depend on `health`: its source's, or a store's it needs.
+    pub fn depend_on(&self, name: impl Into<String>, health: HealthWatch) {
+        self.dependencies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Dependency {
+                name: name.into(),
+                health,
+            });
+    }
+
+    /// Like [`Self::depend_on`], first in line (the source: the reason a route gives is about
+    /// its source when both it and a store fail).
+    fn depend_first_on(&self, name: impl Into<String>, health: HealthWatch) {
+        self.dependencies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(
+                0,
+                Dependency {
+                    name: name.into(),
+                    health,
+                },
+            );
+    }
+
+    /// What the route depends on.
+    pub fn dependencies(&self) -> Vec<Dependency> {
+        self.dependencies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Why the route is not ready, if a dependency is the reason: the first failing one (else
+    /// the first not connected yet), by name, with its health.
+    pub fn blocker(&self) -> Option<(String, Health)> {
+        let deps = self
+            .dependencies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut connecting = None;
+        for d in deps.iter() {
+            let h = d.health.borrow();
+            match &*h {
+                Health::Ready => {}
+                Health::Failing { .. } => return Some((d.name.clone(), h.clone())),
+                Health::Connecting => {
+                    connecting.get_or_insert_with(|| (d.name.clone(), h.clone()));
+                }
+            }
+        }
+        connecting
     }
 
     fn set_state(&self, state: RouteState) {
@@ -616,6 +701,15 @@ impl Route {
         });
         let lanes: Arc<Lanes<LaneKey, Item>> = Arc::new(Lanes::new());
         let in_flight = Arc::new(Semaphore::new(self.max_in_flight));
+        // Readiness: the source's health (and any store's the caller added) make the route's
+        // state; each change is logged once, with the route's name.
+        self.stats.depend_first_on("source", source.health());
+        let health_logs: Vec<_> = self
+            .stats
+            .dependencies()
+            .into_iter()
+            .map(|d| tokio::spawn(readiness::log_changes(route.clone(), d)))
+            .collect();
 
         let max_batch = shared.config.max_batch.max(1) as usize;
         let mut workers = tokio::task::JoinSet::new();
@@ -662,6 +756,9 @@ impl Route {
             tracing::error!(route = %route, error = %e, "Committing positions at shutdown failed; done messages will be redelivered");
         }
         self.stats.set_state(RouteState::Stopped);
+        for t in health_logs {
+            t.abort();
+        }
         RouteReport {
             route,
             stats: self.stats.snapshot(),

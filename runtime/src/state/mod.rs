@@ -25,6 +25,7 @@ mod local;
 mod memory;
 mod outbox;
 mod postgres;
+pub mod probe;
 mod redis;
 
 pub use dead_letters::{DeadLetterScan, DeadLetterTable};

@@ -16,6 +16,11 @@
 //! fall back to polling every `poll_ms`. Leases of held rows are renewed every third of the
 //! lease. A cleanup deletes published rows older than `retention_ms`, in bounded batches; it
 //! never touches an unpublished row.
+//!
+//! The relay is ready ([`Source::health`]) once a lease statement went through; a failed one is
+//! classified on a connection of its own (a refused login or a schema the user may not create
+//! is a misconfiguration, retried slowly; a server that is away is retried on a jittered
+//! backoff).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -30,12 +35,13 @@ use crate::broker::{
     Lag, LagGauge, OutRecord, Record, Sink, Source,
 };
 use crate::config::OutboxSource as Settings;
+use crate::health::{Backoff, HealthReporter, HealthWatch};
 
 use super::{PostgresStore, StateError};
 
 /// Published rows one cleanup statement deletes at most.
 const CLEANUP_BATCH: i64 = 5_000;
-/// Longest wait between attempts after the database failed.
+/// Longest wait between attempts of the background tasks after the database failed.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// A leased row: its id and the record it is delivered as.
@@ -139,7 +145,8 @@ pub struct OutboxRelay {
     wake: Arc<Notify>,
     lag: LagGauge,
     tasks: Vec<JoinHandle<()>>,
-    backoff: Duration,
+    backoff: Backoff,
+    health: HealthReporter,
 }
 
 impl std::fmt::Debug for OutboxRelay {
@@ -200,7 +207,8 @@ impl OutboxRelay {
             wake,
             lag,
             tasks,
-            backoff: Duration::ZERO,
+            backoff: Backoff::new(),
+            health: HealthReporter::new(),
         }
     }
 }
@@ -266,6 +274,10 @@ impl Source for OutboxRelay {
         Some(self.lag.clone())
     }
 
+    fn health(&self) -> HealthWatch {
+        self.health.watch()
+    }
+
     fn next(&mut self) -> BoxFuture<'_, Result<Delivery, BrokerError>> {
         Box::pin(async move {
             loop {
@@ -292,7 +304,8 @@ impl Source for OutboxRelay {
                 self.fetch = None;
                 match result {
                     Ok(Ok(rows)) if !rows.is_empty() => {
-                        self.backoff = Duration::ZERO;
+                        self.backoff.reset();
+                        self.health.ready();
                         let mut held = self.held.rows();
                         // A row this relay already holds (its lease ran out before a renewal)
                         // is already on its way.
@@ -303,7 +316,8 @@ impl Source for OutboxRelay {
                         }
                     }
                     Ok(Ok(_)) => {
-                        self.backoff = Duration::ZERO;
+                        self.backoff.reset();
+                        self.health.ready();
                         tokio::select! {
                             () = self.wake.notified() => {}
                             () = tokio::time::sleep(self.settings.poll) => {}
@@ -353,12 +367,17 @@ impl Source for OutboxRelay {
 }
 
 impl OutboxRelay {
+    /// Reports why the outbox table cannot be read (the route logs it) and waits before the
+    /// next attempt.
     async fn failed(&mut self, error: &str) {
-        self.backoff = (self.backoff * 2)
-            .max(Duration::from_millis(100))
-            .min(MAX_BACKOFF);
-        tracing::warn!(schema = %self.store.schema(), error, retry_in_ms = self.backoff.as_millis() as u64, "Cannot read the outbox table; trying again");
-        tokio::time::sleep(self.backoff).await;
+        tracing::debug!(schema = %self.store.schema(), error, "Cannot read the outbox table; trying again");
+        let failure = super::probe::classify_postgres(
+            self.store.pg_config(),
+            self.store.schema(),
+            format!("outbox {}.outbox: {error}", self.store.schema()),
+        )
+        .await;
+        self.health.retry_after(&mut self.backoff, failure).await;
     }
 }
 
