@@ -272,7 +272,7 @@ fn a_route_that_took_nothing_says_so_when_it_stops() {
     let mut child = start(dir.path(), &config, 1);
     // Started once it printed its summary line.
     let started = std::time::Instant::now();
-    while !logs(dir.path(), 1).contains("1 route running") {
+    while !logs(dir.path(), 1).contains("1 route started") {
         assert!(started.elapsed() < DEADLINE, "{}", logs(dir.path(), 1));
         std::thread::sleep(Duration::from_millis(20));
     }

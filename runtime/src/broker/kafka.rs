@@ -195,18 +195,29 @@ pub async fn probe(broker: &KafkaConfig, topic: Option<&str>) -> Result<(), Brok
     .map_err(|e| BrokerError::Invalid(format!("kafka consumer: {e}")))?;
     let t = topic.map(str::to_owned);
     let bootstrap = broker.bootstrap_servers.clone();
-    let checked = tokio::task::spawn_blocking(move || match &t {
-        Some(t) => check_topic(&consumer, &bootstrap, t),
-        None => consumer
-            .fetch_metadata(None, METADATA_TIMEOUT)
-            .map(drop)
-            .map_err(|e| {
-                failure_of(
-                    &format!("{bootstrap}: metadata"),
-                    e.rdkafka_error_code(),
-                    &e,
-                )
-            }),
+    let checked = tokio::task::spawn_blocking(move || {
+        let checked = match &t {
+            Some(t) => check_topic(&consumer, &bootstrap, t),
+            None => consumer
+                .fetch_metadata(None, METADATA_TIMEOUT)
+                .map(drop)
+                .map_err(|e| {
+                    failure_of(
+                        &format!("{bootstrap}: metadata"),
+                        e.rdkafka_error_code(),
+                        &e,
+                    )
+                }),
+        };
+        if checked.is_err() {
+            // The error callback that says why (a refused login) is served by a poll: on a busy
+            // machine it may not have run yet when the metadata request gave up.
+            let until = std::time::Instant::now() + Duration::from_secs(1);
+            while std::time::Instant::now() < until {
+                let _ = consumer.poll(Duration::from_millis(100));
+            }
+        }
+        checked
     })
     .await
     .map_err(|e| unavailable("check task", e))?;
