@@ -8,7 +8,8 @@
 //! turns that error into a trap, the call's outcome into `timed_out`, and discards the instance.
 
 use std::cell::Cell;
-use std::future::Future;
+use std::future::{Future, poll_fn};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 /// The moment a guest call (or an instantiation) must be over.
@@ -61,12 +62,16 @@ impl Deadline {
 
     /// Runs `wait` to completion, or gives up at the deadline; once the deadline has passed it
     /// does not start `wait` at all (the call is over, and a guest looping on waits that return
-    /// at once must not outlive it). Needs a tokio runtime with its timer enabled (every runtime
-    /// lockgate builds, and wasmtime-wasi's own); a `wait` that is ready at once never touches
-    /// the timer.
+    /// at once must not outlive it). A `wait` that is ready at once (most are: a write to the
+    /// captured stdout) costs a clock read and nothing else; one that is not needs a tokio
+    /// runtime with its timer enabled (every runtime lockgate builds, and wasmtime-wasi's own).
     pub async fn bound<F: Future>(self, wait: F) -> Result<F::Output, DeadlineExceeded> {
         if self.has_passed() {
             return Err(DeadlineExceeded);
+        }
+        let mut wait = std::pin::pin!(wait);
+        if let Poll::Ready(out) = poll_fn(|cx| Poll::Ready(wait.as_mut().poll(cx))).await {
+            return Ok(out);
         }
         tokio::time::timeout_at(tokio::time::Instant::from_std(self.0), wait)
             .await

@@ -16,8 +16,8 @@
 //!
 //! A wait that starts after the deadline traps at once, so a guest looping on waits that return
 //! immediately (reading a closed stdin) ends at its deadline even when the epoch ticker is late.
-//! The wrapping costs one clock read per blocking call on the hot path (a guest's `print` is a
-//! `blocking-write-and-flush`): a wait that is ready at once never arms the timer.
+//! The wrapping costs one clock read per blocking call that is ready at once (a guest's `print`
+//! is a `blocking-write-and-flush` to the captured stdout); only a wait that is not sets a timer.
 
 use std::future::Future;
 
