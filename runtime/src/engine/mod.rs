@@ -4,14 +4,14 @@
 //! Guest calls are synchronous and must run on a thread that is not a tokio worker (a plain
 //! thread or `spawn_blocking`): wasmtime-wasi's synchronous bindings block on futures internally.
 //!
-//! Every call (and every instantiation) has a [`Deadline`](crate::deadline::Deadline), kept in
+//! Every call (and every instantiation) has a [`Deadline`], kept in
 //! the store's call state, and it ends the call wherever the guest is:
 //! - running wasm: epoch interruption (the ticker below) makes it check the deadline every
 //!   [`EPOCH_TICK`], and trap once it has passed;
 //! - waiting in the host: every blocking WASI function (`wasi:io/poll` and the blocking
 //!   `wasi:io/streams` functions, through which every sleep, stdin read, socket wait and, later,
 //!   outbound HTTP wait goes) is replaced by one bounded by the deadline (`wasi_io`), and kv calls
-//!   run under [`Deadline::scope`](crate::deadline::Deadline::scope), which the network stores
+//!   run under [`Deadline::scope`], which the network stores
 //!   bound their waits by.
 //!
 //! Either way the call's outcome is [`Outcome::TimedOut`] and the instance is discarded.
