@@ -5,6 +5,7 @@
 //! This crate is both the `lockgate` binary and its library. Modules:
 //! - [`broker`]: the `Source`/`Sink` traits and the broker adapters;
 //! - [`config`]: `runtime.toml` schema and validation;
+//! - [`deadline`]: the deadline of a guest call, which bounds every host wait of that call;
 //! - [`engine`]: the sandboxed wasmtime host, compiled-artefact cache and instance pool;
 //! - [`state`]: persistent key-value state (guest `kv`);
 //! - [`fixture`]: the JSON Lines format `lockgate test` reads and writes;
@@ -16,6 +17,7 @@
 
 pub mod broker;
 pub mod config;
+pub mod deadline;
 pub mod engine;
 pub mod fixture;
 pub mod health;

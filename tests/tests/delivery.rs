@@ -1,7 +1,7 @@
 //! End to end on the embedded broker: `lockgate run` as a child process, 10,000 messages with
 //! poison and flaky ones, a SIGKILL mid-stream and a restart. Nothing may be missing, poison
 //! messages must all be dead-lettered with their metadata, and (idempotency on) no output may be
-//! duplicated.
+//! duplicated. A handler that sleeps past its deadline does not hold its lane.
 
 #![allow(clippy::unwrap_used)]
 
@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use lockgate_tests::Proc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lockgate::broker::local::LocalBroker;
 use lockgate::broker::{OutRecord, Record};
@@ -281,5 +281,90 @@ fn a_route_that_took_nothing_says_so_when_it_stops() {
     assert!(
         said.contains("route orders: stopped (no messages)"),
         "{said}"
+    );
+}
+
+/// End to end: `lockgate run` on the embedded broker, one lane, a handler that sleeps far past
+/// its `timeout_ms` followed by a normal message. The sleeper is dead-lettered as timed out, and
+/// the message behind it does not wait for the sleep.
+#[test]
+fn a_sleeping_handler_does_not_hold_its_lane() {
+    /// The handler's `timeout_ms`.
+    const TIMEOUT: Duration = Duration::from_millis(200);
+    /// How long the adversarial guest's `sleep` sleeps.
+    const LONG_WAIT: Duration = Duration::from_secs(10);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("runtime.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"version = 1
+[runtime]
+state_dir = "state"
+
+[handlers.adversarial]
+module = "{}"
+timeout_ms = {}
+
+[routes.probe]
+handler = "adversarial"
+source = {{ topic = "probe", group = "sandbox" }}
+outputs = ["out"]
+concurrency = 1
+retry = {{ max_attempts = 1 }}
+"#,
+            guest("adversarial").display(),
+            TIMEOUT.as_millis()
+        ),
+    )
+    .expect("config");
+    let broker = LocalBroker::open(&dir.path().join("state/local")).expect("broker");
+    let record = |payload: &str| OutRecord {
+        topic: "probe".into(),
+        key: None,
+        headers: Vec::new(),
+        payload: payload.as_bytes().to_vec(),
+    };
+    let mut child = start_run(dir.path(), &config, 1, None, "warn");
+    let count = |topic: &str| broker.end_offset(topic).expect("end offset");
+    let wait = |child: &mut Proc, target: u64, within: Duration| {
+        wait_for_progress(
+            child,
+            dir.path(),
+            1,
+            target,
+            within,
+            Duration::from_millis(10),
+            || count("out") + count("probe.dlq"),
+        );
+    };
+    // The route is up (component compiled, instance warm) once the first message is through.
+    broker.append(&[record("warm-up")]).expect("append");
+    wait(&mut child, 1, Duration::from_secs(120));
+
+    let start = Instant::now();
+    broker
+        .append(&[record("sleep"), record("after the sleeper")])
+        .expect("append");
+    // Without a bound on the sleep, the second message would wait the whole `LONG_WAIT`.
+    wait(&mut child, 3, LONG_WAIT / 2);
+    let took = start.elapsed();
+    lockgate_tests::stop_run(&mut child, dir.path(), 1);
+
+    let outputs: Vec<String> = broker
+        .read("out", 0, usize::MAX)
+        .expect("read")
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+        .collect();
+    assert_eq!(outputs, ["warm-up", "after the sleeper"], "took {took:?}");
+    let dead = broker.read("probe.dlq", 0, usize::MAX).expect("read");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].payload, b"sleep");
+    assert_eq!(dlq::header(&dead[0], "error-kind"), Some("timed_out"));
+    assert!(
+        took >= TIMEOUT,
+        "the sleeper cannot have been handled in {took:?}"
     );
 }

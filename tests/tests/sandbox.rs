@@ -255,3 +255,93 @@ fn compiled_components_are_cached_on_disk() {
         .check_instantiate()
         .expect("cached code instantiates");
 }
+
+/// How late past its deadline a call blocked in the host may end.
+const MARGIN: Duration = Duration::from_millis(50);
+
+/// Runs `command` once on `pool` and checks that it ended as `timed_out` at its deadline, with
+/// its instance discarded, and that the pool serves the next message.
+fn times_out_at_the_deadline(pool: &InstancePool, command: &str) {
+    assert_still_serving(pool);
+    assert_eq!(pool.idle_instances(), 1, "{command}: a warm instance");
+    let start = Instant::now();
+    let inv = pool.invoke(&msg(command));
+    let took = start.elapsed();
+    assert_eq!(
+        inv.outcome,
+        Outcome::TimedOut { timeout: TIMEOUT },
+        "{command} after {took:?}"
+    );
+    assert!(took >= TIMEOUT, "{command}: fired early, after {took:?}");
+    assert!(
+        took <= TIMEOUT + MARGIN,
+        "{command}: ended {took:?} after the call began (deadline {TIMEOUT:?})"
+    );
+    assert_eq!(
+        pool.idle_instances(),
+        0,
+        "{command}: the instance that timed out was kept"
+    );
+    assert_still_serving(pool);
+}
+
+/// A guest blocked in the host (sleeping, reading stdin, waiting on a clock pollable) runs no
+/// wasm, so the epoch cannot stop it: each of these waits must still end at the call's deadline.
+#[test]
+fn host_waits_end_at_the_deadline() {
+    let pool = pool(true, Isolation::Reuse);
+    for command in ["sleep", "stdin", "clock-poll", "clock-block"] {
+        times_out_at_the_deadline(&pool, command);
+    }
+}
+
+/// The same from where the pipeline calls guests: a blocking thread of a tokio runtime, where
+/// wasmtime-wasi waits on that runtime instead of its own.
+#[test]
+fn host_waits_end_at_the_deadline_on_a_runtime_blocking_thread() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        tokio::task::spawn_blocking(|| {
+            let pool = pool(true, Isolation::Reuse);
+            for command in ["sleep", "clock-poll"] {
+                times_out_at_the_deadline(&pool, command);
+            }
+        })
+        .await
+        .expect("no panic");
+    });
+}
+
+/// A kv call to a store that accepts the connection and never answers (a TCP listener that
+/// nobody reads: the kernel completes the handshake) ends at the call's deadline too, instead of
+/// after the store's own connection and response timeouts (seconds).
+#[test]
+fn kv_call_to_a_silent_store_ends_at_the_deadline() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("redis://{}", silent.local_addr().expect("addr"));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let store = lockgate::state::RedisStore::new(&url, "sandbox").expect("store");
+        tokio::task::spawn_blocking(move || {
+            let limits = HandlerLimits {
+                timeout: TIMEOUT,
+                ..HandlerLimits::default()
+            };
+            let mut env = handler_env("adversarial", &[], limits);
+            env.kv = std::sync::Arc::new(store);
+            let pool = guest_pool("adversarial", true, Isolation::Reuse, env);
+            times_out_at_the_deadline(&pool, "kv-get");
+        })
+        .await
+        .expect("no panic");
+    });
+    drop(silent);
+}

@@ -1,12 +1,58 @@
 //! Misbehaves as its payload commands (`loop`, `oom`, `recurse`, `recurse-memory`, `read-file`, `socket <addr>`,
-//! `env`, `publish-big`, `stdout`, `remember`; anything else is echoed to `out`), to test the
-//! host sandbox.
+//! `env`, `publish-big`, `stdout`, `remember`, `sleep`, `stdin`, `clock-poll`, `clock-block`, `kv-get`;
+//! anything else is echoed to `out`), to test the host sandbox.
 
 use std::hint::black_box;
+use std::io::Read;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use lockgate_sdk::{Error, Message, emit};
+
+/// The WASI 0.2.0 interfaces the clock probes call directly, exactly as WASI defines them (the
+/// toolchain's own imports of the same interfaces merge with these).
+mod raw {
+    #![allow(missing_docs)]
+
+    wit_bindgen::generate!({
+        inline: r#"
+            package lockgate:adversarial;
+
+            world probes {
+                import wasi:clocks/monotonic-clock@0.2.0;
+            }
+
+            package wasi:io@0.2.0 {
+                interface poll {
+                    resource pollable {
+                        ready: func() -> bool;
+                        block: func();
+                    }
+                    poll: func(in: list<borrow<pollable>>) -> list<u32>;
+                }
+            }
+
+            package wasi:clocks@0.2.0 {
+                interface monotonic-clock {
+                    use wasi:io/poll@0.2.0.{pollable};
+                    type instant = u64;
+                    type duration = u64;
+                    now: func() -> instant;
+                    resolution: func() -> duration;
+                    subscribe-instant: func(when: instant) -> pollable;
+                    subscribe-duration: func(when: duration) -> pollable;
+                }
+            }
+        "#,
+        generate_all,
+    });
+}
+
+use raw::wasi::clocks::monotonic_clock;
+
+/// How long the waiting probes wait: far past any deadline a test sets.
+const LONG_WAIT: Duration = Duration::from_secs(10);
 
 #[lockgate_sdk::handler]
 fn handle(msg: Message) -> Result<(), Error> {
@@ -75,8 +121,45 @@ fn handle(msg: Message) -> Result<(), Error> {
             eprintln!("hello from stderr");
             Ok(())
         }
+        // Waits in the host, where no epoch interrupt reaches it: the host must bound each wait.
+        "sleep" => {
+            std::thread::sleep(LONG_WAIT);
+            Ok(emit::publish("out", "woke up")?)
+        }
+        "stdin" => {
+            let text = read_stdin_until_data();
+            Ok(emit::publish("out", format!("stdin: {text}"))?)
+        }
+        "clock-poll" => {
+            let timer = monotonic_clock::subscribe_duration(nanos(LONG_WAIT));
+            let ready = raw::wasi::io::poll::poll(&[&timer]);
+            Ok(emit::publish("out", format!("clock ready: {ready:?}"))?)
+        }
+        "clock-block" => {
+            monotonic_clock::subscribe_duration(nanos(LONG_WAIT)).block();
+            Ok(emit::publish("out", "clock ready")?)
+        }
+        "kv-get" => {
+            let found = lockgate_sdk::kv::get("probe");
+            Ok(emit::publish("out", format!("kv: {found:?}"))?)
+        }
         _ => Ok(emit::publish("out", msg.payload())?),
     }
+}
+
+/// Reads stdin until it yields data, retrying on end-of-file and errors: a guest that insists on
+/// input the host never gives.
+fn read_stdin_until_data() -> String {
+    let mut buf = [0_u8; 256];
+    loop {
+        if let Ok(n @ 1..) = std::io::stdin().read(&mut buf) {
+            return String::from_utf8_lossy(&buf[..n]).into_owned();
+        }
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Publishes what a sandbox probe found: `denied: <error>` or the leak.

@@ -9,6 +9,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::bindings::{config, emit, kv, log, types};
 use super::stdio::CaptureBuffer;
 use super::{LogLevel, LogRecord, LogSource, OutgoingMessage};
+use crate::deadline::{Deadline, DeadlineExceeded};
 use crate::state::{self, KvStore};
 
 /// Longest kv key a guest may use, in bytes. Keys are namespaced and indexed; a megabyte key is a
@@ -73,6 +74,9 @@ impl std::fmt::Debug for HandlerEnv {
 /// What one invocation accumulates; reset before each call.
 #[derive(Default)]
 pub(crate) struct CallState {
+    /// When the call (or the instantiation) must be over: every host wait made on its behalf
+    /// ends then. `None` between calls, when no guest code runs.
+    pub deadline: Option<Deadline>,
     pub outputs: Vec<OutgoingMessage>,
     pub logs: Vec<LogRecord>,
     pub dropped_logs: u64,
@@ -128,6 +132,12 @@ impl KvTxn {
 }
 
 impl CallState {
+    /// The deadline every host wait of the running call is bounded by. Outside a call there is
+    /// none to wait for, so a wait there ends at once rather than never.
+    pub(crate) fn deadline(&self) -> Deadline {
+        self.deadline.unwrap_or_else(Deadline::passed)
+    }
+
     pub(crate) fn push_log(&mut self, max: u32, level: LogLevel, source: LogSource, text: &str) {
         if self.logs.len() >= max as usize {
             self.dropped_logs += 1;
@@ -302,14 +312,48 @@ fn expiry(now: u64, ttl_ms: Option<u64>) -> Option<u64> {
     ttl_ms.map(|ttl| now.saturating_add(ttl.max(1)))
 }
 
-fn store_error(e: state::StateError) -> kv::KvError {
-    kv::KvError::Unavailable(e.to_string())
+/// Why a kv import failed: an error the guest gets to handle, or the call's deadline, which ends
+/// the call (a trap, reported as `timed_out`).
+#[derive(Debug)]
+pub(crate) enum KvFailure {
+    /// Returned to the guest.
+    Guest(kv::KvError),
+    /// The store did not answer before the call's deadline.
+    Deadline(DeadlineExceeded),
+}
+
+impl From<kv::KvError> for KvFailure {
+    fn from(e: kv::KvError) -> Self {
+        Self::Guest(e)
+    }
+}
+
+impl From<state::StateError> for KvFailure {
+    fn from(e: state::StateError) -> Self {
+        match e {
+            state::StateError::DeadlineExceeded => Self::Deadline(DeadlineExceeded),
+            other => Self::Guest(kv::KvError::Unavailable(other.to_string())),
+        }
+    }
+}
+
+/// Runs one store operation under the call's deadline: the network stores bound their waits by
+/// it (see [`crate::deadline::bound_current`]). Past the deadline none starts: the call is over.
+fn bounded<T>(
+    deadline: Deadline,
+    op: impl FnOnce() -> Result<T, state::StateError>,
+) -> Result<T, KvFailure> {
+    if deadline.has_passed() {
+        return Err(KvFailure::Deadline(DeadlineExceeded));
+    }
+    Ok(deadline.scope(op)?)
 }
 
 impl HostState {
     /// The visible value of `key` for a staged call: its own write, else the store's (which is
     /// remembered as what the call saw).
-    fn staged_get(&mut self, key: &str, now: u64) -> Result<Option<Vec<u8>>, kv::KvError> {
+    fn staged_get(&mut self, key: &str, now: u64) -> Result<Option<Vec<u8>>, KvFailure> {
+        let deadline = self.call.deadline();
         let Some(txn) = &mut self.call.kv_txn else {
             return Ok(None);
         };
@@ -322,22 +366,18 @@ impl HostState {
         if let Some(v) = txn.seen.get(key) {
             return Ok(v.clone());
         }
-        let v = self
-            .env
-            .kv
-            .get(&self.env.name, key, now)
-            .map_err(store_error)?;
+        let v = bounded(deadline, || self.env.kv.get(&self.env.name, key, now))?;
         txn.seen.insert(key.to_owned(), v.clone());
         Ok(v)
     }
 
-    fn stage(&mut self, key: String, w: Staged) -> Result<(), kv::KvError> {
+    fn stage(&mut self, key: String, w: Staged) -> Result<(), KvFailure> {
         let Some(txn) = &mut self.call.kv_txn else {
             return Ok(());
         };
         let size = key.len() + w.as_ref().map_or(0, |(v, _)| v.len());
         if txn.bytes + size > MAX_STAGED_KV_BYTES {
-            return Err(kv::KvError::TooLarge(MAX_STAGED_KV_BYTES as u64));
+            return Err(kv::KvError::TooLarge(MAX_STAGED_KV_BYTES as u64).into());
         }
         txn.bytes += size;
         txn.writes.insert(key, w);
@@ -346,32 +386,37 @@ impl HostState {
 }
 
 impl kv::Host for HostState {
-    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, kv::KvError> {
+    fn convert_kv_error(&mut self, err: KvFailure) -> wasmtime::Result<kv::KvError> {
+        match err {
+            KvFailure::Guest(e) => Ok(e),
+            KvFailure::Deadline(e) => Err(e.into()),
+        }
+    }
+
+    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, KvFailure> {
         check_key(&key)?;
         let now = state::now_ms();
         if self.call.kv_txn.is_some() {
             return self.staged_get(&key, now);
         }
-        self.env
-            .kv
-            .get(&self.env.name, &key, now)
-            .map_err(store_error)
+        bounded(self.call.deadline(), || {
+            self.env.kv.get(&self.env.name, &key, now)
+        })
     }
 
-    fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<(), kv::KvError> {
+    fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<(), KvFailure> {
         check_key(&key)?;
         check_value(&value)?;
         let exp = expiry(state::now_ms(), ttl_ms);
         if self.call.kv_txn.is_some() {
             return self.stage(key, Some((value, exp)));
         }
-        self.env
-            .kv
-            .set(&self.env.name, &key, &value, exp)
-            .map_err(store_error)
+        bounded(self.call.deadline(), || {
+            self.env.kv.set(&self.env.name, &key, &value, exp)
+        })
     }
 
-    fn delete(&mut self, key: String) -> Result<bool, kv::KvError> {
+    fn delete(&mut self, key: String) -> Result<bool, KvFailure> {
         check_key(&key)?;
         let now = state::now_ms();
         if self.call.kv_txn.is_some() {
@@ -379,10 +424,9 @@ impl kv::Host for HostState {
             self.stage(key, None)?;
             return Ok(was);
         }
-        self.env
-            .kv
-            .delete(&self.env.name, &key, now)
-            .map_err(store_error)
+        bounded(self.call.deadline(), || {
+            self.env.kv.delete(&self.env.name, &key, now)
+        })
     }
 
     fn compare_and_swap(
@@ -391,7 +435,7 @@ impl kv::Host for HostState {
         expected: Option<Vec<u8>>,
         new: Option<Vec<u8>>,
         ttl_ms: Option<u64>,
-    ) -> Result<bool, kv::KvError> {
+    ) -> Result<bool, KvFailure> {
         check_key(&key)?;
         if let Some(v) = &new {
             check_value(v)?;
@@ -404,9 +448,8 @@ impl kv::Host for HostState {
             self.stage(key, new.map(|v| (v, expiry(now, ttl_ms))))?;
             return Ok(true);
         }
-        self.env
-            .kv
-            .compare_and_swap(
+        bounded(self.call.deadline(), || {
+            self.env.kv.compare_and_swap(
                 &self.env.name,
                 &key,
                 expected.as_deref(),
@@ -414,7 +457,7 @@ impl kv::Host for HostState {
                 expiry(now, ttl_ms),
                 now,
             )
-            .map_err(store_error)
+        })
     }
 }
 

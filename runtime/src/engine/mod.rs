@@ -3,11 +3,24 @@
 //!
 //! Guest calls are synchronous and must run on a thread that is not a tokio worker (a plain
 //! thread or `spawn_blocking`): wasmtime-wasi's synchronous bindings block on futures internally.
+//!
+//! Every call (and every instantiation) has a [`Deadline`], kept in
+//! the store's call state, and it ends the call wherever the guest is:
+//! - running wasm: epoch interruption (the ticker below) makes it check the deadline every
+//!   [`EPOCH_TICK`], and trap once it has passed;
+//! - waiting in the host: every blocking WASI function (`wasi:io/poll` and the blocking
+//!   `wasi:io/streams` functions, through which every sleep, stdin read, socket wait and, later,
+//!   outbound HTTP wait goes) is replaced by one bounded by the deadline (`wasi_io`), and kv calls
+//!   run under [`Deadline::scope`], which the network stores
+//!   bound their waits by.
+//!
+//! Either way the call's outcome is [`Outcome::TimedOut`] and the instance is discarded.
 
 mod bindings;
 mod cache;
 mod host;
 mod stdio;
+mod wasi_io;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,6 +33,8 @@ use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Store, Trap};
 use wasmtime_wasi::WasiCtxBuilder;
 
+use crate::deadline::{Deadline, DeadlineExceeded};
+
 pub use cache::CompileCache;
 pub use host::{HandlerEnv, HandlerLimits, MAX_KV_KEY_BYTES, MAX_KV_VALUE_BYTES};
 
@@ -27,8 +42,10 @@ use bindings::types;
 use host::{CallState, HostState, MemoryLimiter};
 use stdio::CaptureBuffer;
 
-/// Interval of the epoch ticker. Deadlines are rounded up to it, so a timeout fires at most one
-/// tick late.
+/// Interval of the epoch ticker. At every tick a guest running wasm compares the clock with its
+/// call's deadline, so a timeout fires at most one tick (plus the ticker thread's scheduling
+/// delay) late. Counting ticks instead would add up every late wake-up of the ticker over the
+/// whole timeout: on a loaded machine a 200 ms deadline fired after 300 ms and more.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// Bytes of stdout (and, separately, stderr) kept per invocation; the rest is counted and dropped.
 pub const MAX_STDIO_BYTES: usize = 64 * 1024;
@@ -182,6 +199,9 @@ impl Engine {
 
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(EngineError::Setup)?;
+        // Last of the WASI interfaces: replaces the blocking waits with ones bounded by the
+        // call's deadline.
+        wasi_io::shadow(&mut linker).map_err(EngineError::Setup)?;
         bindings::Handler::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(EngineError::Setup)?;
 
@@ -430,15 +450,24 @@ impl Handler {
         };
         let mut store = Store::new(&self.inner.engine.inner.engine, state);
         store.limiter(|s| &mut s.memory);
+        // Every tick, a guest running wasm checks the clock against its call's deadline.
+        store.epoch_deadline_callback(|store| {
+            if store.data().call.deadline().has_passed() {
+                Err(DeadlineExceeded.into())
+            } else {
+                Ok(wasmtime::UpdateDeadline::Continue(1))
+            }
+        });
         let deadline = self.inner.env.limits.timeout.max(MIN_INSTANTIATE_TIMEOUT);
-        store.set_epoch_deadline(ticks(deadline));
+        store.data_mut().call.deadline = Some(Deadline::after(deadline));
+        store.set_epoch_deadline(1);
         let bindings = self.inner.pre.instantiate(&mut store).map_err(|e| {
             let message = if store.data().memory.hit {
                 format!(
                     "memory limit of {} MiB reached while instantiating",
                     self.inner.env.limits.max_memory_bytes / (1024 * 1024)
                 )
-            } else if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+            } else if past_deadline(&e) {
                 format!("instantiation exceeded its deadline of {deadline:?}")
             } else {
                 format!("{e:#}")
@@ -462,12 +491,6 @@ impl Handler {
     pub fn check_instantiate(&self) -> Result<(), EngineError> {
         self.instantiate().map(drop)
     }
-}
-
-fn ticks(d: Duration) -> u64 {
-    let tick = EPOCH_TICK.as_nanos();
-    // +1: the first tick may arrive immediately after the deadline is set.
-    u64::try_from(d.as_nanos().div_ceil(tick)).unwrap_or(u64::MAX / 2) + 1
 }
 
 /// One live instance of a handler. Reusable across messages until it traps.
@@ -524,13 +547,15 @@ impl Instance {
         {
             let data = self.store.data_mut();
             data.call = CallState {
+                deadline: Some(Deadline::after_from(start, limits.timeout)),
                 reply_to: message.reply_to.clone(),
                 kv_txn: stage_kv.then(host::KvTxn::default),
                 ..CallState::default()
             };
             data.memory.hit = false;
         }
-        self.store.set_epoch_deadline(ticks(limits.timeout));
+        // The next tick checks the deadline (see `Handler::instantiate`).
+        self.store.set_epoch_deadline(1);
         let wit_message = message.into_wit();
         let result = self.bindings.call_handle(&mut self.store, &wit_message);
         let elapsed = start.elapsed();
@@ -574,7 +599,7 @@ impl Instance {
                     Outcome::OutOfMemory {
                         limit_bytes: limits.max_memory_bytes,
                     }
-                } else if trap == Some(Trap::Interrupt) {
+                } else if past_deadline(&e) {
                     Outcome::TimedOut {
                         timeout: limits.timeout,
                     }
@@ -617,6 +642,12 @@ impl Instance {
     pub fn handler(&self) -> &Handler {
         &self.handler
     }
+}
+
+/// Whether `e` ended a call at its deadline: an epoch interrupt while the guest ran wasm, or a
+/// host wait cut short while it waited (see [`crate::deadline`]).
+fn past_deadline(e: &wasmtime::Error) -> bool {
+    matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) || e.is::<DeadlineExceeded>()
 }
 
 /// One line for an outcome: the trap's own text, plus the innermost guest function that has a
@@ -905,7 +936,7 @@ pub enum Outcome {
         /// The trap, in one line.
         reason: String,
     },
-    /// The call exceeded its deadline and was interrupted.
+    /// The call exceeded its deadline and was interrupted, running wasm or waiting in the host.
     TimedOut {
         /// The deadline that fired.
         timeout: Duration,

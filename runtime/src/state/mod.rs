@@ -58,6 +58,10 @@ pub enum StateError {
     /// The store's settings are wrong (a URL that does not parse, a bad schema name).
     #[error("{0}")]
     Config(String),
+    /// The guest call this operation ran for reached its deadline before the store answered
+    /// (see [`crate::deadline`]); the operation may or may not have taken effect.
+    #[error("state store did not answer before the call's deadline")]
+    DeadlineExceeded,
 }
 
 /// What a claim on an idempotency key found.
@@ -798,5 +802,56 @@ pub mod claims_conformance {
             claim(store, s, "c3", "next").await,
             Claim::Applied(b"out\x003|:".to_vec())
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::deadline::Deadline;
+
+    /// A guest's kv call to a network store that accepts the connection and never answers (a
+    /// listener nobody reads: the kernel completes the handshake) ends at the call's deadline,
+    /// not after the store's own connection and response timeouts (seconds).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn network_store_calls_end_at_the_current_deadline() {
+        const TIMEOUT: Duration = Duration::from_millis(200);
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = silent.local_addr().expect("addr");
+        let stores: [(&str, Arc<dyn KvStore>); 2] = [
+            (
+                "redis",
+                Arc::new(RedisStore::new(&format!("redis://{addr}"), "t").expect("redis")),
+            ),
+            (
+                "postgres",
+                Arc::new(
+                    PostgresStore::new(&format!("postgres://u@{addr}/db"), "t", 1)
+                        .expect("postgres"),
+                ),
+            ),
+        ];
+        for (name, store) in stores {
+            let (result, took) = tokio::task::spawn_blocking(move || {
+                let start = Instant::now();
+                let result = Deadline::at(start + TIMEOUT).scope(|| store.get("h", "k", now_ms()));
+                (result, start.elapsed())
+            })
+            .await
+            .expect("no panic");
+            assert!(
+                matches!(result, Err(StateError::DeadlineExceeded)),
+                "{name}: {result:?} after {took:?}"
+            );
+            assert!(took >= TIMEOUT, "{name}: gave up early, after {took:?}");
+            assert!(
+                took <= TIMEOUT + Duration::from_millis(50),
+                "{name}: ended {took:?} after the call began"
+            );
+        }
+        drop(silent);
     }
 }

@@ -530,8 +530,12 @@ impl PostgresStore {
         Ok(deleted)
     }
 
+    /// Blocks on `f` for a guest's kv call, no longer than the call's deadline.
     fn block<T>(&self, f: impl Future<Output = Result<T, StateError>>) -> Result<T, StateError> {
-        self.inner.runtime.block_on(f)
+        self.inner
+            .runtime
+            .block_on(crate::deadline::bound_current(f))
+            .map_err(|_| StateError::DeadlineExceeded)?
     }
 }
 

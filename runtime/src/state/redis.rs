@@ -237,8 +237,11 @@ impl RedisStore {
         format!("{}:idem:{}:{scope}:{key}", self.prefix, scope.len())
     }
 
+    /// Blocks on `f` for a guest's kv call, no longer than the call's deadline.
     fn block<T>(&self, f: impl Future<Output = Result<T, StateError>>) -> Result<T, StateError> {
-        self.runtime.block_on(f)
+        self.runtime
+            .block_on(crate::deadline::bound_current(f))
+            .map_err(|_| StateError::DeadlineExceeded)?
     }
 }
 
