@@ -355,6 +355,7 @@ mod tests {
             },
             logs: vec![],
             dropped_logs: 0,
+            refused_outputs: 0,
             elapsed: Duration::from_micros(1500),
             kv_writes: None,
         };

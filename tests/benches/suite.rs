@@ -122,6 +122,7 @@ impl Invoker for Native {
             outcome: Outcome::Ok { outputs },
             logs: Vec::new(),
             dropped_logs: 0,
+            refused_outputs: 0,
             elapsed: start.elapsed(),
             kv_writes: None,
         }

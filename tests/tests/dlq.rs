@@ -314,3 +314,69 @@ fn dead_letters_are_listed_fixed_replayed_once_and_an_interrupted_replay_resumes
         "{table}"
     );
 }
+
+/// The new user's incident: a route whose `outputs` miss the topic its handler publishes to
+/// dead-letters all its traffic. It says so at WARN with the fix and counts the refusals; after
+/// the config is fixed (hot reload), a replay runs every letter once, with its output.
+#[test]
+fn a_route_refusing_its_handlers_outputs_warns_and_replays_after_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = LocalBroker::open(&dir.path().join("state/local")).unwrap();
+    broker
+        .append(&(0..20).map(order).collect::<Vec<_>>())
+        .unwrap();
+    let config = write_config(dir.path(), false, None);
+    lockgate_tests::edit_config(&config, "outputs = [\"out\"]", "outputs = [\"elsewhere\"]");
+    lockgate_tests::edit_config(
+        &config,
+        "state_dir = \"state\"",
+        "state_dir = \"state\"\nadmin = \"127.0.0.1:0\"",
+    );
+    let mut run = start_run(dir.path(), &config, 1, None, "lockgate=info,warn");
+    run_until(&broker, &mut run, dir.path(), 1, 0, 20);
+    let addr = lockgate_tests::admin::admin_addr(&mut run, dir.path(), 1);
+    let page = lockgate_tests::admin::get(&addr, "/metrics").1;
+    assert_eq!(
+        lockgate_tests::admin::value(&page, "lockgate_outputs_refused_total", "orders"),
+        Some(20.0),
+        "{page}"
+    );
+    let logs = lockgate_tests::run_logs(dir.path(), 1);
+    let warned = logs
+        .lines()
+        .filter(|l| l.contains(" WARN ") && l.contains("the host refused one of its outputs"))
+        .filter(|l| l.contains("routes.orders.outputs") && l.contains("not in the route's outputs"))
+        .count();
+    assert_eq!(warned, 20, "{logs}");
+
+    // The fix, picked up by hot reload; then the replay.
+    lockgate_tests::edit_config(&config, "outputs = [\"elsewhere\"]", "outputs = [\"out\"]");
+    let started = std::time::Instant::now();
+    while lockgate_tests::admin::reloads(&addr).0 < 1 {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "{}",
+            lockgate_tests::run_logs(dir.path(), 1)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = lockgate(dir.path(), &["dlq", "replay"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        show(&out)
+            .contains("results: 20 handled, 0 skipped (already handled), 0 dead-lettered again"),
+        "{}",
+        show(&out)
+    );
+    stop_run(&mut run, dir.path(), 1);
+    let ids: BTreeMap<u64, usize> =
+        broker
+            .read("out", 0, 100)
+            .unwrap()
+            .iter()
+            .fold(BTreeMap::new(), |mut m, r| {
+                *m.entry(id_of(r)).or_default() += 1;
+                m
+            });
+    assert_eq!(ids, (0..20).map(|i| (i, 1)).collect());
+}

@@ -82,6 +82,8 @@ pub(crate) struct CallState {
     pub dropped_logs: u64,
     /// The first publish the host refused; it fails the invocation even if `handle` returns ok.
     pub refused_output: Option<String>,
+    /// Publishes the host refused in this call.
+    pub refused_outputs: u32,
     /// The message's reply subject: publishing to it is always allowed (request-reply).
     pub reply_to: Option<String>,
     /// Set when the call's kv writes are staged (to be committed with the message's
@@ -266,6 +268,7 @@ impl emit::Host for HostState {
         };
         if let Some((reason, error)) = refusal {
             self.call.refused_output.get_or_insert(reason);
+            self.call.refused_outputs = self.call.refused_outputs.saturating_add(1);
             return Err(error);
         }
         self.call.outputs.push(OutgoingMessage {

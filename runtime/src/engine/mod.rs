@@ -538,6 +538,7 @@ impl Instance {
                 },
                 logs: Vec::new(),
                 dropped_logs: 0,
+                refused_outputs: 0,
                 elapsed: Duration::ZERO,
                 kv_writes: None,
             };
@@ -623,6 +624,7 @@ impl Instance {
             outcome,
             logs: call.logs,
             dropped_logs: call.dropped_logs,
+            refused_outputs: call.refused_outputs,
             elapsed,
             kv_writes,
         }
@@ -761,6 +763,7 @@ impl InstancePool {
                         },
                         logs: Vec::new(),
                         dropped_logs: 0,
+                        refused_outputs: 0,
                         elapsed: Duration::ZERO,
                         kv_writes: None,
                     };
@@ -990,6 +993,9 @@ pub struct Invocation {
     pub logs: Vec<LogRecord>,
     /// Records dropped because the bound was reached.
     pub dropped_logs: u64,
+    /// Publishes the host refused (a topic not in the route's outputs, too large, too many):
+    /// the first one's reason fails the call.
+    pub refused_outputs: u32,
     /// Wall-clock time of the call.
     pub elapsed: Duration,
     /// The kv writes the call staged, when it ran with staging (empty unless it succeeded);

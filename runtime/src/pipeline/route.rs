@@ -107,6 +107,7 @@ impl Invoker for Passthrough {
             },
             logs: Vec::new(),
             dropped_logs: 0,
+            refused_outputs: 0,
             elapsed: Duration::ZERO,
             kv_writes: None,
         }
@@ -1020,6 +1021,9 @@ struct LastFailure {
     reason: String,
     first_ms: u64,
     last_ms: u64,
+    /// The host refused an output of the call (its reason is the failure's): a configuration
+    /// that refuses what the handler publishes dead-letters all its traffic.
+    refused: bool,
 }
 
 /// Whether the route's breaker (if any) is closed, from the state the breaker publishes.
@@ -1488,6 +1492,7 @@ impl Shared {
                         },
                         logs: Vec::new(),
                         dropped_logs: 0,
+                        refused_outputs: 0,
                         elapsed: Duration::ZERO,
                         kv_writes: None,
                     },
@@ -1496,6 +1501,12 @@ impl Shared {
             self.stats
                 .handler_seconds
                 .observe(invocation.elapsed.as_secs_f64());
+            if invocation.refused_outputs > 0 {
+                self.stats.refused_outputs.fetch_add(
+                    u64::from(invocation.refused_outputs),
+                    AtomicOrdering::Relaxed,
+                );
+            }
             for log in &invocation.logs {
                 tracing::debug!(route = %self.route, message = %message_id, level = log.level.as_str(), "guest: {}", log.message);
             }
@@ -1620,6 +1631,7 @@ impl Shared {
                 reason,
                 first_ms,
                 last_ms: now,
+                refused: invocation.refused_outputs > 0,
             });
             match self
                 .config
@@ -1674,7 +1686,13 @@ impl Shared {
                         RouteStats::bump(&self.stats.rejected);
                     }
                     outcome("dead_lettered");
-                    tracing::info!(route = %self.route, message = %message_id, attempts = attempt, kind = f.kind, reason = %f.reason, "Dead-lettering message");
+                    if f.refused {
+                        // Not the message's fault: the route refuses what its handler publishes,
+                        // and will dead-letter every message that does the same.
+                        tracing::warn!(route = %self.route, message = %message_id, attempts = attempt, reason = %f.reason, "Dead-lettering message: the host refused one of its outputs. If the handler is right, add the topic to routes.{}.outputs (or raise the limit) and reload; then `lockgate dlq replay --route {}` runs the dead letters again", self.route, self.route);
+                    } else {
+                        tracing::info!(route = %self.route, message = %message_id, attempts = attempt, kind = f.kind, reason = %f.reason, "Dead-lettering message");
+                    }
                     let (letter_kind, letter_reason) = (f.kind, f.reason.clone());
                     let letter = dlq::envelope(
                         &record,

@@ -28,6 +28,7 @@ where
             outcome: (self.0)(message),
             logs: Vec::new(),
             dropped_logs: 0,
+            refused_outputs: 0,
             elapsed: Duration::ZERO,
             kv_writes: None,
         }
