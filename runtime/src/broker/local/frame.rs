@@ -155,8 +155,9 @@ pub(super) fn read_raw(r: &mut impl Read, min: usize, max: usize) -> io::Result<
     if !(min..=max).contains(&len_usize) {
         return Ok(None);
     }
-    // Grows with the data actually present, so a garbage length does not allocate it all.
-    let mut body = Vec::new();
+    // Room for bodies up to 1 MiB at once; a longer one grows with the data actually present,
+    // so a garbage length does not allocate it all.
+    let mut body = Vec::with_capacity(len_usize.min(1 << 20));
     r.take(u64::from(len)).read_to_end(&mut body)?;
     if body.len() < len_usize || crc32fast::hash(&body) != crc {
         return Ok(None);

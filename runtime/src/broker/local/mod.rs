@@ -686,14 +686,9 @@ impl Topic {
         f.seek(SeekFrom::Start(d.len))
             .map_err(|e| unavailable("cannot read", &path, &e))?;
         let (max_ids, window_ms) = (settings.duplicate_window_ids, settings.window_ms());
-        let read = read_entries(&d.file, |entry| {
-            if st.with_ids {
-                for (ts, id) in &entry.ids {
-                    // As the appender did: an id that had left the window came back.
-                    st.window.expire(*ts, window_ms);
-                    st.window.insert(*ts, id, max_ids);
-                }
-            }
+        let (entries, read) =
+            read_entries(&d.file).map_err(|e| unavailable("cannot read", &path, &e))?;
+        for entry in entries {
             if entry.end.after(&st.end) {
                 st.end = entry.end;
             }
@@ -704,8 +699,10 @@ impl Topic {
             {
                 st.unlogged.pop_front();
             }
-        })
-        .map_err(|e| unavailable("cannot read", &path, &e))?;
+            if st.with_ids {
+                st.window.load(entry, max_ids, window_ms);
+            }
+        }
         d.len += read;
         if locked {
             let len = d
@@ -975,7 +972,7 @@ impl Topic {
             st.end.pos += buf.len() as u64;
             st.end.count = count;
             for id in &ids {
-                st.window.insert(now, id, settings.duplicate_window_ids);
+                st.window.push(now, id, settings.duplicate_window_ids);
             }
         }
         // The entry: the ids of this append and of frames no entry holds, and the new end.
@@ -985,7 +982,13 @@ impl Topic {
             .map(|(_, ts, id)| (*ts, &id[..]))
             .chain(ids.iter().map(|id| (now, *id)))
             .collect();
-        let entry = encode_entry(st.end, entry_ids.into_iter());
+        // Only the newest `duplicate_window_ids` can still be in the window.
+        let keep = entry_ids.len().min(settings.duplicate_window_ids);
+        let entry = encode_entry(
+            st.end,
+            now,
+            entry_ids[entry_ids.len() - keep..].iter().copied(),
+        );
         self.write_entry(&mut st, &entry)?;
         self.maybe_compact(&mut st, fsync)?;
         for (i, offset) in assigned {
@@ -1028,11 +1031,13 @@ impl Topic {
         ));
         let mut bytes = Vec::new();
         let ids: Vec<(u64, &[u8])> = st.window.iter().collect();
+        // Each chunk's time is that of its newest id: loading it forgets nothing it holds.
         if ids.is_empty() {
-            bytes.extend(encode_entry(st.end, std::iter::empty()));
+            bytes.extend(encode_entry(st.end, 0, std::iter::empty()));
         }
         for chunk in ids.chunks(COMPACT_CHUNK) {
-            bytes.extend(encode_entry(st.end, chunk.iter().copied()));
+            let time = chunk.iter().map(|(ts, _)| *ts).max().unwrap_or(0);
+            bytes.extend(encode_entry(st.end, time, chunk.iter().copied()));
         }
         let result = (|| {
             let mut f = File::create(&tmp).map_err(|e| unavailable("cannot create", &tmp, &e))?;
