@@ -344,10 +344,11 @@ impl LocalBroker {
             let ts = settings.topic(name);
             let rolled = topic.append_batch(&batch, &ts, now, self.fsync, &mut out)?;
             topic.appended.notify_waiters();
-            if rolled && self.retention {
-                if let Err(e) = topic.enforce_retention(&ts, now) {
-                    tracing::warn!(topic = name, "Retention failed: {e}");
-                }
+            if rolled
+                && self.retention
+                && let Err(e) = topic.enforce_retention(&ts, now)
+            {
+                tracing::warn!(topic = name, "Retention failed: {e}");
             }
         }
         Ok(out)
