@@ -628,6 +628,7 @@ impl Topic {
     ) -> Result<(), BrokerError> {
         if st.loaded && with_ids && !st.with_ids {
             reset(st);
+            st.with_ids = true;
         }
         if !st.loaded {
             st.loaded = true;
@@ -1082,7 +1083,8 @@ impl Topic {
 fn reset(st: &mut TopicState) {
     *st = TopicState {
         lock: st.lock.take(),
-        with_ids: true,
+        loaded: st.loaded,
+        with_ids: st.with_ids,
         ..TopicState::default()
     };
 }
