@@ -143,7 +143,7 @@ fn check_sizes(r: &mut Reader<'_>, s: &TopicSettings, o: &TopicOverride) {
         r.problem(
             key,
             format!(
-                "max_bytes {max} is less than segment_bytes {}: retention deletes whole segments and keeps the last one, so a topic can hold a whole segment; raise max_bytes or lower segment_bytes",
+                "max_bytes {max} is less than segment_bytes {}: retention deletes whole segments and always keeps the last one, so the topic would still hold up to segment_bytes; raise max_bytes or lower segment_bytes",
                 s.segment_bytes
             ),
         );
@@ -218,8 +218,8 @@ mod tests {
                 "rt.toml: local.delete_unconsumed: expected a boolean, found string \"yes\"",
                 "rt.toml: local.duplicate_window_ids: 99999999 is over the limit of 10000000 (each id is kept in memory)",
                 "rt.toml: local.topics.bad/name: invalid topic name \"bad/name\": use 1-249 characters of A-Z a-z 0-9 . _ - (not \".\" or \"..\")",
-                "rt.toml: local.topics.t.max_bytes: max_bytes 1000 is less than segment_bytes 67108864: retention deletes whole segments and keeps the last one, so a topic can hold a whole segment; raise max_bytes or lower segment_bytes",
-                "rt.toml: local.topics.u.segment_bytes: max_bytes 1073741824 is less than segment_bytes 2000000000: retention deletes whole segments and keeps the last one, so a topic can hold a whole segment; raise max_bytes or lower segment_bytes",
+                "rt.toml: local.topics.t.max_bytes: max_bytes 1000 is less than segment_bytes 67108864: retention deletes whole segments and always keeps the last one, so the topic would still hold up to segment_bytes; raise max_bytes or lower segment_bytes",
+                "rt.toml: local.topics.u.segment_bytes: max_bytes 1073741824 is less than segment_bytes 2000000000: retention deletes whole segments and always keeps the last one, so the topic would still hold up to segment_bytes; raise max_bytes or lower segment_bytes",
                 "rt.toml: local.duplicat_window_ms: unknown field `duplicat_window_ms`; did you mean `duplicate_window_ms`?",
             ]
         );
