@@ -253,7 +253,7 @@ impl Ctx {
             config.state_dir = d.clone();
         }
         let local = match LocalBroker::open(&config.state_dir.join(LOCAL_BROKER_DIR)) {
-            Ok(l) => l,
+            Ok(l) => l.with_settings(config.local.clone()),
             Err(e) => {
                 eprintln!("cannot open the embedded broker: {e}");
                 return Err(ExitCode::from(EXIT_FAILED));

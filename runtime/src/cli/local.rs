@@ -9,7 +9,7 @@ use anyhow::Context;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use clap::Args;
-use lockgate::broker::local::LocalBroker;
+use lockgate::broker::local::{LocalBroker, LocalSettings};
 use lockgate::broker::{OutRecord, Record};
 use lockgate::config::Config;
 use serde_json::{Map, Value, json};
@@ -20,27 +20,30 @@ use super::run::LOCAL_BROKER_DIR;
 /// Where the embedded broker lives: `--state-dir`, or the config file's `state_dir`.
 #[derive(Debug, Args)]
 pub struct BrokerArgs {
-    /// The config file whose `[runtime] state_dir` holds the embedded broker.
+    /// The config file whose `[runtime] state_dir` holds the embedded broker (its `[local]`
+    /// table sets the segment size and the duplicate window of appends).
     #[arg(long, short = 'c', default_value_os_t = super::default_config())]
     config: PathBuf,
 
-    /// Use this state directory instead of the config file's.
+    /// Use this state directory instead of the config file's (the config is then not read:
+    /// `[local]` takes its defaults).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
 }
 
 impl BrokerArgs {
+    /// The broker, with the config's `[local]` settings (the defaults with `--state-dir`).
     fn open(&self) -> anyhow::Result<LocalBroker> {
-        let state_dir = match &self.state_dir {
-            Some(d) => d.clone(),
+        let (state_dir, settings) = match &self.state_dir {
+            Some(d) => (d.clone(), LocalSettings::default()),
             None => {
-                Config::load(&self.config)
+                let config = Config::load(&self.config)
                     .map_err(|e| anyhow::anyhow!("{e}"))
-                    .context("use --state-dir to name the broker's directory without a config")?
-                    .state_dir
+                    .context("use --state-dir to name the broker's directory without a config")?;
+                (config.state_dir, config.local)
             }
         };
-        Ok(LocalBroker::open(&state_dir.join(LOCAL_BROKER_DIR))?)
+        Ok(LocalBroker::open(&state_dir.join(LOCAL_BROKER_DIR))?.with_settings(settings))
     }
 }
 

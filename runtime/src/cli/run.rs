@@ -82,11 +82,19 @@ async fn run_routes(config: Config, overrides: Overrides) -> anyhow::Result<Exit
                 state_path.display()
             )
         })?);
+    // This process is the one that applies the embedded broker's retention (see
+    // `lockgate::broker::local`): it owns the state directory and knows the DLQ topics.
     let broker = LocalBroker::open(&config.state_dir.join(LOCAL_BROKER_DIR))
-        .context("cannot open the embedded broker")?;
+        .context("cannot open the embedded broker")?
+        .with_settings(config.local.clone())
+        .with_retention(true);
     let grace = Duration::from_millis(config.shutdown_grace_ms);
 
     let (trigger, shutdown) = Shutdown::new();
+    {
+        let (broker, stop) = (broker.clone(), shutdown.clone());
+        tokio::spawn(async move { broker.run_retention(stop.wait()).await });
+    }
     let admin_routes = lockgate::telemetry::AdminRoutes::default();
     let (reload_tx, mut reload_rx) = mpsc::unbounded_channel::<ReloadRequest>();
     if let Some(addr) = &config.admin {

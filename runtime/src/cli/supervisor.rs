@@ -546,6 +546,11 @@ impl Supervisor {
         }
         self.stores.forget_removed(&new);
         let old_config = std::mem::replace(&mut self.config, new);
+        if self.config.local != old_config.local {
+            // Read by every append and retention pass: applies at once, without restarts.
+            self.broker.set_settings(self.config.local.clone());
+            changes.push("[local] settings of the embedded broker applied".to_owned());
+        }
         for plan in plans {
             match plan {
                 Plan::Stop(_) => {}

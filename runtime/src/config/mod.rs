@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 use toml::map::Map as IndexMap;
 
+mod local;
 mod routes;
 
 pub use routes::{
@@ -34,6 +35,7 @@ pub use routes::{
     RouteConfig,
 };
 
+use crate::broker::local::LocalSettings;
 use crate::engine::{EngineSettings, HandlerLimits, Isolation};
 
 /// The only schema version so far.
@@ -89,6 +91,9 @@ pub struct Config {
     pub brokers: IndexMap<String, BrokerConfig>,
     /// Routes by name, in file order.
     pub routes: IndexMap<String, RouteConfig>,
+    /// `[local]`: the embedded broker's segments, retention and duplicate window (its DLQ
+    /// topics are those of the routes that dead-letter to `local`).
+    pub local: LocalSettings,
 }
 
 /// One `[stores.<name>]` table: a shared state store for idempotency keys and guest kv.
@@ -585,8 +590,18 @@ impl Config {
                 r,
             )
         });
+        let mut local = match root.table("local") {
+            Some(t) => local::parse_local(&mut root.child("local", t)),
+            None => LocalSettings::default(),
+        };
+        // Retention never drops dead letters silently: these topics are unlimited by default.
+        local.dlq_topics = routes
+            .values()
+            .filter(|r| r.dlq.broker == "local")
+            .map(|r| r.dlq.topic.clone())
+            .collect();
         root.finish(&[
-            "version", "runtime", "engine", "handlers", "brokers", "stores", "routes",
+            "version", "runtime", "engine", "handlers", "brokers", "stores", "routes", "local",
         ]);
 
         let config = Config {
@@ -603,6 +618,7 @@ impl Config {
             handlers,
             brokers,
             routes,
+            local,
         };
         Ok((config, problems))
     }
