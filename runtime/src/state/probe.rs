@@ -286,66 +286,98 @@ impl StoreMonitor {
 }
 
 async fn watch_postgres(url: String, schema: String, health: HealthReporter) {
-    let mut backoff = Backoff::new();
-    let config = match postgres_config(&url) {
-        Ok(c) => c,
-        Err(f) => {
-            // A URL that does not parse cannot get better: report it, slowly.
-            loop {
-                health.retry_after(&mut backoff, f.clone()).await;
-            }
+    match postgres_config(&url) {
+        Ok(config) => {
+            let addr = postgres_addr(&config);
+            watch(
+                &health,
+                &PostgresProbe {
+                    config,
+                    addr,
+                    schema,
+                },
+            )
+            .await;
         }
-    };
-    let addr = postgres_addr(&config);
-    loop {
-        let connected = async {
-            let client = postgres_connect(&config, &addr).await?;
-            postgres_schema(&client, &addr, &schema).await?;
-            Ok::<_, Failure>(client)
-        }
-        .await;
-        let client = match connected {
-            Ok(c) => c,
-            Err(f) => {
-                health.retry_after(&mut backoff, f).await;
-                continue;
-            }
-        };
-        backoff.reset();
-        health.ready();
-        let failure = loop {
-            tokio::time::sleep(CHECK_EVERY).await;
-            match tokio::time::timeout(TIMEOUT, client.simple_query("SELECT 1")).await {
-                Ok(Ok(_)) => health.ready(),
-                Ok(Err(e)) => break postgres_failure(&addr, "SELECT 1", &e),
-                Err(_) => {
-                    break Failure::transient(format!(
-                        "postgres at {addr}: no answer within {} s",
-                        TIMEOUT.as_secs()
-                    ));
-                }
-            }
-        };
-        health.retry_after(&mut backoff, failure).await;
+        Err(f) => report_forever(&health, f).await,
     }
 }
 
 async fn watch_redis(url: String, health: HealthReporter) {
+    match redis_client(&url) {
+        Ok((client, addr)) => watch(&health, &RedisProbe { client, addr }).await,
+        Err(f) => report_forever(&health, f).await,
+    }
+}
+
+/// A failure that cannot get better (a URL that does not parse): reported, slowly, for good.
+async fn report_forever(health: &HealthReporter, failure: Failure) {
     let mut backoff = Backoff::new();
-    let (client, addr) = match redis_client(&url) {
-        Ok(c) => c,
-        Err(f) => loop {
-            health.retry_after(&mut backoff, f.clone()).await;
-        },
-    };
     loop {
-        let connected = async {
-            let mut conn = redis_connect(&client, &addr).await?;
-            redis_ping(&mut conn, &addr).await?;
-            Ok::<_, Failure>(conn)
+        health.retry_after(&mut backoff, failure.clone()).await;
+    }
+}
+
+/// How [`watch`] connects to a store and checks the connection.
+trait Probe {
+    type Conn;
+    async fn connect(&self) -> Result<Self::Conn, Failure>;
+    async fn check(&self, conn: &mut Self::Conn) -> Result<(), Failure>;
+}
+
+struct PostgresProbe {
+    config: tokio_postgres::Config,
+    addr: String,
+    schema: String,
+}
+
+impl Probe for PostgresProbe {
+    type Conn = tokio_postgres::Client;
+
+    async fn connect(&self) -> Result<Self::Conn, Failure> {
+        let client = postgres_connect(&self.config, &self.addr).await?;
+        postgres_schema(&client, &self.addr, &self.schema).await?;
+        Ok(client)
+    }
+
+    async fn check(&self, client: &mut Self::Conn) -> Result<(), Failure> {
+        match tokio::time::timeout(TIMEOUT, client.simple_query("SELECT 1")).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(postgres_failure(&self.addr, "SELECT 1", &e)),
+            Err(_) => Err(Failure::transient(format!(
+                "postgres at {}: no answer within {} s",
+                self.addr,
+                TIMEOUT.as_secs()
+            ))),
         }
-        .await;
-        let mut conn = match connected {
+    }
+}
+
+struct RedisProbe {
+    client: redis::Client,
+    addr: String,
+}
+
+impl Probe for RedisProbe {
+    type Conn = redis::aio::MultiplexedConnection;
+
+    async fn connect(&self) -> Result<Self::Conn, Failure> {
+        let mut conn = redis_connect(&self.client, &self.addr).await?;
+        redis_ping(&mut conn, &self.addr).await?;
+        Ok(conn)
+    }
+
+    async fn check(&self, conn: &mut Self::Conn) -> Result<(), Failure> {
+        redis_ping(conn, &self.addr).await
+    }
+}
+
+/// Connects, then checks the connection every [`CHECK_EVERY`]; reports ready while it answers
+/// and, on a failure, retries the whole connect on the backoff the failure's kind calls for.
+async fn watch<P: Probe>(health: &HealthReporter, probe: &P) {
+    let mut backoff = Backoff::new();
+    loop {
+        let mut conn = match probe.connect().await {
             Ok(c) => c,
             Err(f) => {
                 health.retry_after(&mut backoff, f).await;
@@ -356,7 +388,7 @@ async fn watch_redis(url: String, health: HealthReporter) {
         health.ready();
         let failure = loop {
             tokio::time::sleep(CHECK_EVERY).await;
-            match redis_ping(&mut conn, &addr).await {
+            match probe.check(&mut conn).await {
                 Ok(()) => health.ready(),
                 Err(f) => break f,
             }
