@@ -21,6 +21,8 @@ pub mod deadline;
 pub mod engine;
 pub mod fixture;
 pub mod health;
+pub mod message;
 pub mod pipeline;
+pub mod policy;
 pub mod state;
 pub mod telemetry;

@@ -17,12 +17,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lockgate::broker::OutRecord;
 use lockgate::broker::memory::MemoryBroker;
 use lockgate::config::Config;
 use lockgate::engine::{
     Engine, EngineSettings, HandlerEnv, HandlerLimits, InstancePool, Isolation,
 };
+use lockgate::message::OutRecord;
 use lockgate::pipeline::idempotency::DoneKeys;
 use lockgate::pipeline::{Route, RouteSinks, Shutdown};
 use lockgate::state::{

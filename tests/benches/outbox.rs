@@ -18,13 +18,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use lockgate::broker::Sink;
 use lockgate::broker::kafka::KafkaSink;
 use lockgate::broker::memory::MemoryBroker;
-use lockgate::broker::{OutRecord, Sink};
 use lockgate::config::{BrokerKind, Config};
 use lockgate::engine::{
     Engine, EngineSettings, HandlerEnv, HandlerLimits, InstancePool, Isolation,
 };
+use lockgate::message::OutRecord;
 use lockgate::pipeline::idempotency::DoneKeys;
 use lockgate::pipeline::route::Passthrough;
 use lockgate::pipeline::{Route, RouteSinks, Shutdown};

@@ -21,13 +21,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lockgate::broker::OutRecord;
 use lockgate::broker::memory::MemoryBroker;
 use lockgate::config::Config;
 use lockgate::engine::{
     Engine, EngineSettings, HandlerLimits, InboundMessage, InstancePool, Invocation, Isolation,
     Outcome, OutgoingMessage,
 };
+use lockgate::message::OutRecord;
 use lockgate::pipeline::idempotency::DoneKeys;
 use lockgate::pipeline::{Invoker, Route, RouteSinks, Shutdown};
 use lockgate::state::{LocalClaims, MemoryStore};

@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)] // test support: a failed unwrap is a failed test
 
-use lockgate::broker::OutRecord;
+use lockgate::message::OutRecord;
 
 /// Order `i` for the `chaos` guest on topic `orders`: 0..25 good, 25..35 poison (rejected),
 /// 35..40 failing on every attempt (retried until the attempts run out).

@@ -8,10 +8,10 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use lockgate::broker::Record;
 use lockgate::broker::local::LocalBroker;
-use lockgate::pipeline::backoff::GiveUpReason;
+use lockgate::message::Record;
 use lockgate::pipeline::dlq::{Failure, envelope};
+use lockgate::policy::backoff::GiveUpReason;
 use lockgate_tests::{guest, lockgate_bin};
 
 /// Runs `lockgate ARGS` in `dir`, reads the first line of its stdout and closes the pipe:

@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use lockgate::broker::Record;
 use lockgate::broker::local::LocalBroker;
+use lockgate::message::Record;
 use lockgate_tests::dlq::{list, order, wait_committed, write_config};
 use lockgate_tests::{
     Proc, lockgate, logs_of, show, signal, spawn_lockgate, start_run, stop_run, wait_for_progress,

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use lockgate::broker::local::LocalBroker;
-use lockgate::broker::{LOCKGATE_ID_HEADER, OutRecord};
+use lockgate::message::{LOCKGATE_ID_HEADER, OutRecord};
 use lockgate_tests::{guest, lockgate, run_logs, show, start_run, stop_run};
 
 const TOTAL: u64 = 3_000_000;

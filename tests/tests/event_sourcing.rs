@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
-use lockgate::broker::OutRecord;
 use lockgate::broker::local::LocalBroker;
+use lockgate::message::OutRecord;
 use lockgate::state::{EmbeddedStore, KvStore};
 use lockgate_tests::pg::{self, SyncPg};
 use lockgate_tests::{guest, run_stat, start_run, stop_run, wait_for_progress};
@@ -120,7 +120,7 @@ fn commands() -> Vec<OutRecord> {
         .collect()
 }
 
-fn json(r: &lockgate::broker::Record) -> serde_json::Value {
+fn json(r: &lockgate::message::Record) -> serde_json::Value {
     serde_json::from_slice(&r.payload).unwrap()
 }
 

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use lockgate::broker::OutRecord;
 use lockgate::broker::local::LocalBroker;
+use lockgate::message::OutRecord;
 use lockgate_tests::admin::{admin_addr, get, reloads, value};
 use lockgate_tests::reload::{churn, version_of};
 use lockgate_tests::{guest, lockgate, show, start_run, stop_run, wait_for_progress};

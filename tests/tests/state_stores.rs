@@ -228,7 +228,7 @@ fn a_staged_call_holds_its_kv_writes_back_with_what_it_read() {
     };
     let effect = || {
         store
-            .get("chaos", "effects/1", lockgate::state::now_ms())
+            .get("chaos", "effects/1", lockgate::message::now_ms())
             .unwrap()
     };
 
@@ -324,10 +324,10 @@ fn lockgate_migrate_creates_the_schema_once_and_names_a_store_it_cannot_reach() 
 }
 
 /// A dead letter of `route` for the message at offset `offset` of `orders`.
-fn letter(route: &str, offset: u64, kind: &str) -> lockgate::broker::OutRecord {
-    use lockgate::pipeline::backoff::GiveUpReason;
+fn letter(route: &str, offset: u64, kind: &str) -> lockgate::message::OutRecord {
     use lockgate::pipeline::dlq::{Failure, envelope};
-    let record = lockgate::broker::Record {
+    use lockgate::policy::backoff::GiveUpReason;
+    let record = lockgate::message::Record {
         topic: "orders".into(),
         partition: Some(0),
         offset: Some(offset),
@@ -470,7 +470,7 @@ async fn a_dead_letter_table_keeps_the_whole_envelope_and_marks_replays() {
 
     // Only dead letters go in.
     let err = table
-        .publish(vec![lockgate::broker::OutRecord {
+        .publish(vec![lockgate::message::OutRecord {
             topic: "orders.dlq".into(),
             payload: b"x".to_vec(),
             ..Default::default()
@@ -485,7 +485,7 @@ async fn a_dead_letter_table_keeps_the_whole_envelope_and_marks_replays() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outbox_commit_writes_its_rows_with_its_effects_or_nothing() {
-    use lockgate::broker::OutRecord;
+    use lockgate::message::OutRecord;
     use lockgate::state::{Claim, ClaimRequest, Commit, KvWrite, MemoryStore, StateStore};
     let schema = unique("lgoutbox");
     let store = PostgresStore::new(POSTGRES, &schema, 2).unwrap();
@@ -547,7 +547,7 @@ async fn an_outbox_commit_writes_its_rows_with_its_effects_or_nothing() {
     ];
     assert_eq!(rows().await, first);
     let kv = store.clone();
-    let x = tokio::task::spawn_blocking(move || kv.get("h", "x", lockgate::state::now_ms()))
+    let x = tokio::task::spawn_blocking(move || kv.get("h", "x", lockgate::message::now_ms()))
         .await
         .unwrap();
     assert_eq!(x.unwrap(), Some(b"1".to_vec()));

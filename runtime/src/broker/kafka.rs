@@ -43,12 +43,13 @@ use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
-use super::{
-    Ack, AckHandle, AckKind, BoxFuture, BrokerError, Delivery, Lag, LagGauge, OutRecord, Record,
-    Scan, Sink, Source,
-};
+use super::{Ack, AckHandle, AckKind, BrokerError, Delivery, Lag, LagGauge, Scan, Sink, Source};
+
+use futures_util::future::BoxFuture;
+
 use crate::config::KafkaConfig;
 use crate::health::{Backoff, Failure, HealthReporter, HealthWatch};
+use crate::message::{OutRecord, Record};
 use crate::pipeline::ack::OffsetTracker;
 
 /// How long a producer waits for a delivery report before the publish counts as failed.

@@ -11,10 +11,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::Notify;
 
-use super::{
-    Ack, AckHandle, AckKind, BoxFuture, BrokerError, Delivery, LOCKGATE_ID_HEADER, OutRecord,
-    Record, Sink, Source,
-};
+use super::{Ack, AckHandle, AckKind, BrokerError, Delivery, Sink, Source};
+
+use futures_util::future::BoxFuture;
+
+use crate::message::{LOCKGATE_ID_HEADER, OutRecord, Record};
 use crate::pipeline::ack::OffsetTracker;
 
 /// Counters a test can read back.
@@ -88,7 +89,7 @@ impl MemoryBroker {
                 key: r.key,
                 headers: r.headers,
                 payload: r.payload,
-                timestamp_ms: Some(crate::state::now_ms()),
+                timestamp_ms: Some(crate::message::now_ms()),
                 reply_to: None,
             });
         }

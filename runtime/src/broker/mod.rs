@@ -16,22 +16,10 @@ pub mod memory;
 pub mod nats;
 pub mod rabbitmq;
 
-use std::future::Future;
-use std::pin::Pin;
+use futures_util::future::BoxFuture;
 
 use crate::health::{Failure, FailureKind, HealthWatch};
-
-/// A boxed, sendable future: the return type of the object-safe broker methods.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// Header every output and dead letter carries: a deterministic id (route, source position or
-/// idempotency key, output index) that lets a sink drop a duplicate written by a retry or a
-/// redelivery (DESIGN promise 2).
-pub const LOCKGATE_ID_HEADER: &str = "lockgate-id";
-
-/// Header with a request's correlation id (RabbitMQ's `correlation_id` property): the pipeline
-/// copies it onto the answers to the request, and a sink that has such a property sets it.
-pub const CORRELATION_HEADER: &str = "correlation-id";
+use crate::message::{OutRecord, Record};
 
 /// Errors from a broker adapter.
 #[derive(Debug, thiserror::Error)]
@@ -87,61 +75,6 @@ impl From<Failure> for BrokerError {
             (FailureKind::Transient, _) => Self::Unavailable(f.error),
         }
     }
-}
-
-/// A message as a broker delivered it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Record {
-    /// Topic, subject or queue.
-    pub topic: String,
-    /// Partition, when the broker has them.
-    pub partition: Option<u32>,
-    /// Offset or stream sequence, when the broker has them.
-    pub offset: Option<u64>,
-    /// Message key.
-    pub key: Option<Vec<u8>>,
-    /// Headers in order.
-    pub headers: Vec<(String, Vec<u8>)>,
-    /// Body.
-    pub payload: Vec<u8>,
-    /// Broker timestamp, ms since the Unix epoch.
-    pub timestamp_ms: Option<u64>,
-    /// Reply destination (request-reply brokers).
-    pub reply_to: Option<String>,
-}
-
-impl Record {
-    /// The first header called `name` (case-sensitive), if any.
-    pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_slice())
-    }
-
-    /// `topic/partition/offset`: unique within a route and stable across redeliveries.
-    pub fn position(&self) -> String {
-        let part = self
-            .partition
-            .map_or_else(|| "-".to_owned(), |p| p.to_string());
-        let off = self
-            .offset
-            .map_or_else(|| "-".to_owned(), |o| o.to_string());
-        format!("{}/{part}/{off}", self.topic)
-    }
-}
-
-/// A record to publish.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct OutRecord {
-    /// Destination topic.
-    pub topic: String,
-    /// Key.
-    pub key: Option<Vec<u8>>,
-    /// Headers in order (including [`LOCKGATE_ID_HEADER`] when the pipeline set one).
-    pub headers: Vec<(String, Vec<u8>)>,
-    /// Body.
-    pub payload: Vec<u8>,
 }
 
 /// How a message was finished.

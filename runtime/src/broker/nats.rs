@@ -30,12 +30,13 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind as JsAck, consumer};
 use futures_util::StreamExt;
 
-use super::{
-    Ack, AckHandle, AckKind, BoxFuture, BrokerError, Delivery, Lag, LagGauge, OutRecord, Record,
-    Scan, Sink, Source,
-};
+use super::{Ack, AckHandle, AckKind, BrokerError, Delivery, Lag, LagGauge, Scan, Sink, Source};
+
+use futures_util::future::BoxFuture;
+
 use crate::config::{JetStreamSource as JetStreamConfig, NatsConfig};
 use crate::health::{Backoff, Failure, FailureKind, Health, HealthReporter, HealthWatch};
+use crate::message::{OutRecord, Record};
 
 /// Header that carries a message key through NATS (which has none).
 pub const KEY_HEADER: &str = "lockgate-key";
@@ -723,7 +724,7 @@ fn header_map(r: &OutRecord) -> async_nats::HeaderMap {
     for (name, value) in &r.headers {
         // NATS headers are text; bytes that are not UTF-8 are replaced.
         h.append(name.as_str(), String::from_utf8_lossy(value).into_owned());
-        if name == super::LOCKGATE_ID_HEADER {
+        if name == crate::message::LOCKGATE_ID_HEADER {
             h.insert(
                 async_nats::header::NATS_MESSAGE_ID,
                 String::from_utf8_lossy(value).into_owned(),

@@ -36,12 +36,13 @@ use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
 
-use super::{
-    Ack, AckHandle, AckKind, BoxFuture, BrokerError, CORRELATION_HEADER, Delivery,
-    LOCKGATE_ID_HEADER, OutRecord, Record, Scan, Sink, Source,
-};
+use super::{Ack, AckHandle, AckKind, BrokerError, Delivery, Scan, Sink, Source};
+
+use futures_util::future::BoxFuture;
+
 use crate::config::{QueueType, RabbitConfig, RabbitSource as SourceConfig};
 use crate::health::{Backoff, HealthReporter, HealthWatch};
+use crate::message::{CORRELATION_HEADER, LOCKGATE_ID_HEADER, OutRecord, Record};
 
 /// Header that carries a message key through AMQP (which has none).
 pub const KEY_HEADER: &str = "lockgate-key";
@@ -519,11 +520,7 @@ impl RabbitSource {
 
     async fn consume(&mut self, ch: &Channel) -> Result<Consumer, BrokerError> {
         self.consumes += 1;
-        self.tag = format!(
-            "lockgate-{}-{}",
-            crate::pipeline::idempotency::new_owner(),
-            self.consumes
-        );
+        self.tag = format!("lockgate-{}-{}", crate::message::new_owner(), self.consumes);
         ch.basic_consume(
             self.queue.as_str().into(),
             self.tag.as_str().into(),

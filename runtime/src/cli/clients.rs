@@ -123,7 +123,7 @@ impl Clients {
                     &route.rabbitmq.clone().unwrap_or_default(),
                 );
                 Ok(Box::new(
-                    if route.retry.mode == lockgate::pipeline::backoff::RetryMode::Broker {
+                    if route.retry.mode == lockgate::policy::backoff::RetryMode::Broker {
                         source.with_broker_retries()
                     } else {
                         source

@@ -26,8 +26,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use clap::{Args, Subcommand};
 use lockgate::broker::local::LocalBroker;
-use lockgate::broker::{OutRecord, Scan, Sink};
+use lockgate::broker::{Scan, Sink};
 use lockgate::config::{Config, Endpoint};
+use lockgate::message::OutRecord;
 use lockgate::pipeline::dlq::{
     DeadLetter, ReplayOutcome, ReplayResult, marker, marker_positions, parse_result, replay_record,
 };
@@ -615,7 +616,7 @@ fn print_dead_letter(row: &Row, as_json: bool) -> anyhow::Result<()> {
         .headers
         .iter()
         .filter(|(n, _)| !n.starts_with(lockgate::pipeline::dlq::DLQ_HEADER_PREFIX))
-        .filter(|(n, _)| n != lockgate::broker::LOCKGATE_ID_HEADER)
+        .filter(|(n, _)| n != lockgate::message::LOCKGATE_ID_HEADER)
         .map(|(n, v)| (n, v))
         .collect();
     if as_json {

@@ -10,8 +10,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use clap::Args;
 use lockgate::broker::local::{LocalBroker, LocalSettings};
-use lockgate::broker::{OutRecord, Record};
 use lockgate::config::Config;
+use lockgate::message::{OutRecord, Record};
 use serde_json::{Map, Value, json};
 
 use super::EXIT_USAGE;

@@ -31,8 +31,7 @@ mod routes;
 pub use routes::{
     BUILTIN_BROKERS, DEFAULT_GROUP, DEFAULT_IDEMPOTENCY_LEASE_MS, DEFAULT_PREFETCH,
     DLQ_STORE_PREFIX, EMBEDDED_STORE, Endpoint, IdempotencyConfig, IdempotencyKey, JetStreamSource,
-    OUTBOX_TABLE, Ordering, OutboxSource, OutputsMode, QueueType, RabbitSource, RateLimitConfig,
-    RouteConfig,
+    OUTBOX_TABLE, Ordering, OutboxSource, OutputsMode, QueueType, RabbitSource, RouteConfig,
 };
 
 use crate::broker::local::LocalSettings;
@@ -1367,7 +1366,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::backoff::RetryMode;
+    use crate::policy::backoff::RetryMode;
 
     fn problems(text: &str) -> Vec<String> {
         match Config::parse(Path::new("rt.toml"), text) {

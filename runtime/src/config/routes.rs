@@ -19,8 +19,9 @@
 use std::time::Duration;
 
 use super::Reader;
-use crate::pipeline::backoff::{Jitter, RetryMode, RetryPolicy};
-use crate::pipeline::breaker::BreakerConfig;
+use crate::policy::backoff::{Jitter, RetryMode, RetryPolicy};
+use crate::policy::breaker::BreakerConfig;
+use crate::policy::rate_limit::RateLimitConfig;
 
 /// Brokers every config can name without defining them. `local` is the embedded broker.
 pub const BUILTIN_BROKERS: &[&str] = &["local"];
@@ -201,15 +202,6 @@ pub struct IdempotencyConfig {
     pub ttl: Duration,
     /// How long a claim holds before another process may take the key over.
     pub lease: Duration,
-}
-
-/// A route's `rate_limit` table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RateLimitConfig {
-    /// Sustained messages per second.
-    pub per_second: u32,
-    /// Messages that may pass at once after a quiet period.
-    pub burst: u32,
 }
 
 /// One validated route.

@@ -398,7 +398,7 @@ impl kv::Host for HostState {
 
     fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, KvFailure> {
         check_key(&key)?;
-        let now = state::now_ms();
+        let now = crate::message::now_ms();
         if self.call.kv_txn.is_some() {
             return self.staged_get(&key, now);
         }
@@ -410,7 +410,7 @@ impl kv::Host for HostState {
     fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<(), KvFailure> {
         check_key(&key)?;
         check_value(&value)?;
-        let exp = expiry(state::now_ms(), ttl_ms);
+        let exp = expiry(crate::message::now_ms(), ttl_ms);
         if self.call.kv_txn.is_some() {
             return self.stage(key, Some((value, exp)));
         }
@@ -421,7 +421,7 @@ impl kv::Host for HostState {
 
     fn delete(&mut self, key: String) -> Result<bool, KvFailure> {
         check_key(&key)?;
-        let now = state::now_ms();
+        let now = crate::message::now_ms();
         if self.call.kv_txn.is_some() {
             let was = self.staged_get(&key, now)?.is_some();
             self.stage(key, None)?;
@@ -443,7 +443,7 @@ impl kv::Host for HostState {
         if let Some(v) = &new {
             check_value(v)?;
         }
-        let now = state::now_ms();
+        let now = crate::message::now_ms();
         if self.call.kv_txn.is_some() {
             if self.staged_get(&key, now)? != expected {
                 return Ok(false);

@@ -40,8 +40,8 @@
 //! naming the dead letter's position, the route and, for the last two, why. `lockgate dlq list`
 //! shows it as the letter's status and `lockgate dlq replay` waits for them.
 
-use crate::broker::{LOCKGATE_ID_HEADER, OutRecord, Record};
-use crate::pipeline::backoff::GiveUpReason;
+use crate::message::{LOCKGATE_ID_HEADER, OutRecord, Record};
+use crate::policy::backoff::GiveUpReason;
 
 /// Prefix of every envelope header.
 pub const DLQ_HEADER_PREFIX: &str = "lockgate-dlq-";

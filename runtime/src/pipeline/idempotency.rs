@@ -11,16 +11,15 @@
 //! redeliveries are skipped, but a replayed copy of its dead letter claims the key again and
 //! runs the fixed handler (see [`crate::state`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
 use sha2::{Digest, Sha256};
 
-use crate::broker::{OutRecord, Record};
 use crate::config::IdempotencyKey;
+use crate::message::{OutRecord, Record};
 use crate::state::{
     Claim, ClaimRequest, Commit, Completion, IdempotencyStore, KvWrite, StateError,
 };
@@ -155,15 +154,6 @@ pub fn decode_outputs(bytes: &[u8]) -> Result<Vec<OutRecord>, String> {
 
 /// Most claims sent to the store in one call.
 const MAX_CLAIM_BATCH: usize = 256;
-
-/// A unique claim owner: this process (random, so a restarted process is someone else) and a
-/// counter.
-pub fn new_owner() -> String {
-    static PROCESS: LazyLock<String> =
-        LazyLock::new(|| format!("{:x}.{:012x}", std::process::id(), fastrand::u64(..) >> 16));
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!("{}.{}", *PROCESS, NEXT.fetch_add(1, Ordering::Relaxed))
-}
 
 type ClaimReply = oneshot::Sender<Result<Claim, StateError>>;
 
@@ -440,7 +430,7 @@ mod tests {
         for i in 0..50 {
             let keys = keys.clone();
             tasks.spawn(async move {
-                keys.claim(&format!("k{}", i % 10), &new_owner(), false)
+                keys.claim(&format!("k{}", i % 10), &crate::message::new_owner(), false)
                     .await
             });
         }
@@ -478,11 +468,5 @@ mod tests {
         assert!(decode_outputs(&bytes[..bytes.len() - 1]).is_err());
         assert!(decode_outputs(b"").is_err());
         assert!(decode_outputs(&[9, 0, 0, 0, 0]).is_err());
-    }
-
-    #[test]
-    fn owners_are_unique() {
-        let a = new_owner();
-        assert_ne!(a, new_owner());
     }
 }

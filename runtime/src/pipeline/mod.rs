@@ -1,15 +1,10 @@
-//! The per-route delivery pipeline: policies around every handler call.
-//!
-//! Policies are plain structs with pure decision logic, unit-tested with tokio's paused clock;
-//! broker adapters stay thin around them.
+//! The per-route delivery pipeline: the policies of [`crate::policy`] applied around every
+//! handler call, idempotency claims, lanes, acknowledgement.
 
 pub mod ack;
-pub mod backoff;
-pub mod breaker;
 pub mod dlq;
 pub mod idempotency;
 pub mod lanes;
-pub mod rate_limit;
 pub mod readiness;
 pub mod route;
 pub mod trace;

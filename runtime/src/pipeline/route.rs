@@ -21,22 +21,23 @@ use std::time::Duration;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 
-use crate::broker::{
-    AckHandle, AckKind, BrokerError, CORRELATION_HEADER, Delivery, LOCKGATE_ID_HEADER, OutRecord,
-    Record, Sink, Source,
-};
+use crate::broker::{AckHandle, AckKind, BrokerError, Delivery, Sink, Source};
+
 use crate::config::{Ordering, OutputsMode, RouteConfig};
 use crate::engine::{InboundMessage, InstancePool, Invocation, Outcome};
 use crate::health::{Health, HealthWatch};
-use crate::pipeline::backoff::{Decision, FailureKind, RetryMode};
-use crate::pipeline::breaker::{Admission, BreakerState, CircuitBreaker};
+use crate::message::new_owner;
+use crate::message::now_ms;
+use crate::message::{CORRELATION_HEADER, LOCKGATE_ID_HEADER, OutRecord, Record};
 use crate::pipeline::dlq::{self, Failure, ReplayOutcome, ReplayResult};
-use crate::pipeline::idempotency::{DoneKeys, decode_outputs, encode_outputs, key_of, new_owner};
+use crate::pipeline::idempotency::{DoneKeys, decode_outputs, encode_outputs, key_of};
 use crate::pipeline::lanes::Lanes;
-use crate::pipeline::rate_limit::RateLimit;
 use crate::pipeline::readiness::{self, Dependency};
 use crate::pipeline::trace;
-use crate::state::{Claim, ClaimRequest, Commit, Completion, now_ms};
+use crate::policy::backoff::{Decision, FailureKind, RetryMode};
+use crate::policy::breaker::{Admission, BreakerState, CircuitBreaker};
+use crate::policy::rate_limit::RateLimit;
+use crate::state::{Claim, ClaimRequest, Commit, Completion};
 use tracing::Instrument;
 
 /// Messages a route holds at once (queued in lanes or being handled). Bounds memory and how much

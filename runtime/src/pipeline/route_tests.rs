@@ -765,7 +765,7 @@ impl crate::state::IdempotencyStore for FlakyDone {
         scope: String,
         requests: Vec<ClaimRequest>,
         lease: Duration,
-    ) -> crate::broker::BoxFuture<'_, Result<Vec<Claim>, crate::state::StateError>> {
+    ) -> futures_util::future::BoxFuture<'_, Result<Vec<Claim>, crate::state::StateError>> {
         self.inner.claim(scope, requests, lease)
     }
 
@@ -775,7 +775,7 @@ impl crate::state::IdempotencyStore for FlakyDone {
         keys: Vec<String>,
         ttl: Duration,
         how: crate::state::Completion,
-    ) -> crate::broker::BoxFuture<'_, Result<(), crate::state::StateError>> {
+    ) -> futures_util::future::BoxFuture<'_, Result<(), crate::state::StateError>> {
         if self.failing.load(AtomicOrdering::SeqCst) {
             return Box::pin(async { Err(crate::state::StateError::Unavailable("down".into())) });
         }
@@ -786,7 +786,7 @@ impl crate::state::IdempotencyStore for FlakyDone {
         &self,
         scope: String,
         requests: Vec<ClaimRequest>,
-    ) -> crate::broker::BoxFuture<'_, Result<(), crate::state::StateError>> {
+    ) -> futures_util::future::BoxFuture<'_, Result<(), crate::state::StateError>> {
         self.inner.release(scope, requests)
     }
 
@@ -797,7 +797,7 @@ impl crate::state::IdempotencyStore for FlakyDone {
         writes: Vec<crate::state::KvWrite>,
         outputs: Vec<u8>,
         lease: Duration,
-    ) -> crate::broker::BoxFuture<'_, Result<Commit, crate::state::StateError>> {
+    ) -> futures_util::future::BoxFuture<'_, Result<Commit, crate::state::StateError>> {
         self.inner.commit(scope, claim, writes, outputs, lease)
     }
 }

@@ -8,7 +8,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::broker::Record;
+use crate::message::Record;
 
 /// The W3C header naming the trace and the parent span.
 pub const TRACEPARENT: &str = "traceparent";

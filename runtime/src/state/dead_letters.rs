@@ -16,7 +16,11 @@
 
 use std::sync::Arc;
 
-use crate::broker::{BoxFuture, BrokerError, LOCKGATE_ID_HEADER, OutRecord, Record, Scan, Sink};
+use crate::broker::{BrokerError, Scan, Sink};
+
+use futures_util::future::BoxFuture;
+
+use crate::message::{LOCKGATE_ID_HEADER, OutRecord, Record};
 use crate::pipeline::dlq::{
     MARKER_HEADER, RESULT_HEADER, ReplayOutcome, ReplayResult, marker, marker_positions,
     parse_result, result_record,
@@ -99,7 +103,7 @@ impl DeadLetterTable {
                 .unwrap_or(0);
             let failed_ms: i64 = envelope("last-failure-ms")
                 .and_then(|a| a.parse().ok())
-                .unwrap_or_else(|| i64::try_from(super::now_ms()).unwrap_or(i64::MAX));
+                .unwrap_or_else(|| i64::try_from(crate::message::now_ms()).unwrap_or(i64::MAX));
             let source = format!(
                 "{}/{}/{}",
                 envelope("topic").unwrap_or_default(),

@@ -9,9 +9,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::{
-    Claim, ClaimRequest, Commit, Completion, IdempotencyStore, KvStore, KvWrite, StateError, now_ms,
+    Claim, ClaimRequest, Commit, Completion, IdempotencyStore, KvStore, KvWrite, StateError,
 };
-use crate::broker::BoxFuture;
+
+use crate::message::now_ms;
+use futures_util::future::BoxFuture;
 
 /// Value of a done record.
 const DONE: &[u8] = b"1";

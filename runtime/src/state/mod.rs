@@ -45,9 +45,11 @@ pub fn postgres_schema_name_ok(name: &str) -> bool {
 pub use redis::RedisStore;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use crate::broker::{BoxFuture, OutRecord};
+use futures_util::future::BoxFuture;
+
+use crate::message::OutRecord;
 
 /// Errors from a state backend.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -313,14 +315,6 @@ pub trait KvStore: Send + Sync + 'static {
     }
 }
 
-/// Milliseconds since the Unix epoch, the clock every backend compares expiries against.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 /// An entry as stored: value plus optional expiry, encoded as 8 bytes of big-endian expiry
 /// (0 = never) followed by the value. Shared by backends that store opaque bytes.
 pub(crate) fn encode_entry(value: &[u8], expires_at_ms: Option<u64>) -> Vec<u8> {
@@ -453,9 +447,9 @@ pub mod claims_conformance {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use super::{
-        Claim, ClaimRequest, Commit, Completion, IdempotencyStore, KvStore, KvWrite, now_ms,
-    };
+    use super::{Claim, ClaimRequest, Commit, Completion, IdempotencyStore, KvStore, KvWrite};
+
+    use crate::message::now_ms;
 
     const LEASE: Duration = Duration::from_secs(30);
 
@@ -837,7 +831,8 @@ mod tests {
         for (name, store) in stores {
             let (result, took) = tokio::task::spawn_blocking(move || {
                 let start = Instant::now();
-                let result = Deadline::at(start + TIMEOUT).scope(|| store.get("h", "k", now_ms()));
+                let result = Deadline::at(start + TIMEOUT)
+                    .scope(|| store.get("h", "k", crate::message::now_ms()));
                 (result, start.elapsed())
             })
             .await

@@ -31,11 +31,14 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::broker::{
-    Ack, AckHandle, AckKind, BoxFuture, BrokerError, Delivery, LAG_REFRESH, LOCKGATE_ID_HEADER,
-    Lag, LagGauge, OutRecord, Record, Sink, Source,
+    Ack, AckHandle, AckKind, BrokerError, Delivery, LAG_REFRESH, Lag, LagGauge, Sink, Source,
 };
+
+use futures_util::future::BoxFuture;
+
 use crate::config::OutboxSource as Settings;
 use crate::health::{Backoff, HealthReporter, HealthWatch};
+use crate::message::{LOCKGATE_ID_HEADER, OutRecord, Record};
 
 use super::{PostgresStore, StateError};
 
@@ -173,7 +176,7 @@ impl OutboxRelay {
     /// A relay of `store`'s outbox table. Starts its listener, lease renewal, marker and
     /// cleanup tasks (must be called inside a tokio runtime).
     pub fn new(store: PostgresStore, settings: Settings) -> Self {
-        let owner = crate::pipeline::idempotency::new_owner();
+        let owner = crate::message::new_owner();
         let sql = Arc::new(Sql::new(store.schema()));
         let held = Arc::new(Held::default());
         let wake = Arc::new(Notify::new());

@@ -15,9 +15,12 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
 use super::{
-    Claim, ClaimRequest, Commit, Completion, IdempotencyStore, KvStore, KvWrite, StateError, now_ms,
+    Claim, ClaimRequest, Commit, Completion, IdempotencyStore, KvStore, KvWrite, StateError,
 };
-use crate::broker::{BoxFuture, LOCKGATE_ID_HEADER, OutRecord};
+
+use crate::message::now_ms;
+use crate::message::{LOCKGATE_ID_HEADER, OutRecord};
+use futures_util::future::BoxFuture;
 
 /// Default connections per store.
 pub const DEFAULT_POOL_SIZE: usize = 16;

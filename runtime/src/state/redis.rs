@@ -28,9 +28,11 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
 use super::{
-    Claim, ClaimRequest, Commit, Completion, IdempotencyStore, KvStore, KvWrite, StateError, now_ms,
+    Claim, ClaimRequest, Commit, Completion, IdempotencyStore, KvStore, KvWrite, StateError,
 };
-use crate::broker::BoxFuture;
+
+use crate::message::now_ms;
+use futures_util::future::BoxFuture;
 
 /// How long after its logical expiry an entry is left for Redis to collect.
 const GC_GRACE_MS: u64 = 60_000;

@@ -114,11 +114,10 @@ pub use self::settings::{
     DEFAULT_MAX_BYTES, DEFAULT_SEGMENT_BYTES, LocalSettings, MAX_DUPLICATE_WINDOW_IDS,
     MIN_SEGMENT_BYTES, TopicOverride, TopicSettings,
 };
-use super::{
-    Ack, AckHandle, AckKind, BoxFuture, BrokerError, Delivery, LOCKGATE_ID_HEADER, OutRecord,
-    Record, Scan, Sink, Source,
-};
+use super::{Ack, AckHandle, AckKind, BrokerError, Delivery, Scan, Sink, Source};
+use crate::message::{LOCKGATE_ID_HEADER, OutRecord, Record};
 use crate::pipeline::ack::OffsetTracker;
+use futures_util::future::BoxFuture;
 
 pub use self::retention::Removed;
 
@@ -249,7 +248,7 @@ impl LocalBroker {
                 topics: Mutex::new(HashMap::new()),
             }),
             settings: Arc::new(ArcSwap::from_pointee(LocalSettings::default())),
-            clock: Arc::new(crate::state::now_ms),
+            clock: Arc::new(crate::message::now_ms),
             fsync: false,
             retention: false,
         })

@@ -699,7 +699,7 @@ fn frames_written_by_an_append_that_crashed_before_its_dedup_entry_are_learned()
         .append(true)
         .open(&seg)
         .unwrap()
-        .write_all(&encode_frame(crate::state::now_ms(), &rec("t", Some("x"), b"x")).unwrap())
+        .write_all(&encode_frame(crate::message::now_ms(), &rec("t", Some("x"), b"x")).unwrap())
         .unwrap();
     let second = LocalBroker::open(dir.path()).unwrap();
     assert_eq!(second.end_offset("t").unwrap(), 2);
@@ -946,7 +946,7 @@ async fn a_single_file_log_of_an_older_lockgate_is_read_and_moved_into_segments(
     let topic_dir = dir.path().join("topics/t");
     fs::create_dir_all(topic_dir.join("groups")).unwrap();
     // The old layout: topics/t/log with the same frames, a group file without `segment`.
-    let now = crate::state::now_ms();
+    let now = crate::message::now_ms();
     let mut log = Vec::new();
     let mut second = 0;
     for (i, id) in ["a", "b", "c"].iter().enumerate() {

@@ -11,7 +11,14 @@ use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
-use crate::config::RateLimitConfig;
+/// A route's `rate_limit` table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    /// Sustained messages per second.
+    pub per_second: u32,
+    /// Messages that may pass at once after a quiet period.
+    pub burst: u32,
+}
 
 /// Time since a fixed origin, read from tokio's clock.
 #[derive(Clone, Debug)]

@@ -1,0 +1,100 @@
+//! The vocabulary every layer shares: a message as a broker delivers it ([`Record`]) and as the
+//! pipeline publishes it ([`OutRecord`]), the header names lockgate gives meaning to, the ids it
+//! makes, and the clock expiries are compared against. Nothing here knows a broker, a store or a
+//! route: it is the ground floor (see `docs/architecture.md`).
+
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Header every output and dead letter carries: a deterministic id (route, source position or
+/// idempotency key, output index) that lets a sink drop a duplicate written by a retry or a
+/// redelivery (DESIGN promise 2).
+pub const LOCKGATE_ID_HEADER: &str = "lockgate-id";
+
+/// Header with a request's correlation id (RabbitMQ's `correlation_id` property): the pipeline
+/// copies it onto the answers to the request, and a sink that has such a property sets it.
+pub const CORRELATION_HEADER: &str = "correlation-id";
+
+/// A message as a broker delivered it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Record {
+    /// Topic, subject or queue.
+    pub topic: String,
+    /// Partition, when the broker has them.
+    pub partition: Option<u32>,
+    /// Offset or stream sequence, when the broker has them.
+    pub offset: Option<u64>,
+    /// Message key.
+    pub key: Option<Vec<u8>>,
+    /// Headers in order.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Body.
+    pub payload: Vec<u8>,
+    /// Broker timestamp, ms since the Unix epoch.
+    pub timestamp_ms: Option<u64>,
+    /// Reply destination (request-reply brokers).
+    pub reply_to: Option<String>,
+}
+
+impl Record {
+    /// The first header called `name` (case-sensitive), if any.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// `topic/partition/offset`: unique within a route and stable across redeliveries.
+    pub fn position(&self) -> String {
+        let part = self
+            .partition
+            .map_or_else(|| "-".to_owned(), |p| p.to_string());
+        let off = self
+            .offset
+            .map_or_else(|| "-".to_owned(), |o| o.to_string());
+        format!("{}/{part}/{off}", self.topic)
+    }
+}
+
+/// A record to publish.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OutRecord {
+    /// Destination topic.
+    pub topic: String,
+    /// Key.
+    pub key: Option<Vec<u8>>,
+    /// Headers in order (including [`LOCKGATE_ID_HEADER`] when the pipeline set one).
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Body.
+    pub payload: Vec<u8>,
+}
+
+/// Milliseconds since the Unix epoch, the clock every backend compares expiries against.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// A unique claim owner: this process (random, so a restarted process is someone else) and a
+/// counter.
+pub fn new_owner() -> String {
+    static PROCESS: LazyLock<String> =
+        LazyLock::new(|| format!("{:x}.{:012x}", std::process::id(), fastrand::u64(..) >> 16));
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{}.{}", *PROCESS, NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owners_are_unique() {
+        let a = new_owner();
+        assert_ne!(a, new_owner());
+    }
+}
