@@ -18,6 +18,7 @@
 pub mod broker;
 pub mod config;
 pub mod deadline;
+pub mod dlq;
 pub mod engine;
 pub mod fixture;
 pub mod health;

@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::time::Instant;
 
-use lockgate::engine::{
-    HandlerLimits, InboundMessage, InstancePool, Isolation, Outcome, OutgoingMessage,
-};
+use lockgate::engine::{HandlerLimits, InboundMessage, InstancePool, Outcome, OutgoingMessage};
+
+use lockgate::config::Isolation;
 use lockgate_tests::{guest_pool, handler_env};
 
 const ROUNDS: usize = 7;

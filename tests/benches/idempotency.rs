@@ -19,9 +19,8 @@ use std::time::{Duration, Instant};
 
 use lockgate::broker::memory::MemoryBroker;
 use lockgate::config::Config;
-use lockgate::engine::{
-    Engine, EngineSettings, HandlerEnv, HandlerLimits, InstancePool, Isolation,
-};
+use lockgate::config::Isolation;
+use lockgate::engine::{Engine, EngineSettings, HandlerEnv, HandlerLimits, InstancePool};
 use lockgate::message::OutRecord;
 use lockgate::pipeline::idempotency::DoneKeys;
 use lockgate::pipeline::{Route, RouteSinks, Shutdown};

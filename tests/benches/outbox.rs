@@ -21,15 +21,15 @@ use std::time::{Duration, Instant};
 use lockgate::broker::Sink;
 use lockgate::broker::kafka::KafkaSink;
 use lockgate::broker::memory::MemoryBroker;
+use lockgate::broker::pg_outbox::OutboxRelay;
+use lockgate::config::Isolation;
 use lockgate::config::{BrokerKind, Config};
-use lockgate::engine::{
-    Engine, EngineSettings, HandlerEnv, HandlerLimits, InstancePool, Isolation,
-};
+use lockgate::engine::{Engine, EngineSettings, HandlerEnv, HandlerLimits, InstancePool};
 use lockgate::message::OutRecord;
 use lockgate::pipeline::idempotency::DoneKeys;
 use lockgate::pipeline::route::Passthrough;
 use lockgate::pipeline::{Route, RouteSinks, Shutdown};
-use lockgate::state::{KvStore, OutboxRelay, PostgresStore};
+use lockgate::state::{KvStore, PostgresStore};
 use lockgate_tests::kafka::{bootstrap, create_topics, runtime, unique};
 use lockgate_tests::pg;
 use rdkafka::ClientConfig;

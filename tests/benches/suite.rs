@@ -23,9 +23,10 @@ use std::time::{Duration, Instant};
 
 use lockgate::broker::memory::MemoryBroker;
 use lockgate::config::Config;
+use lockgate::config::Isolation;
 use lockgate::engine::{
-    Engine, EngineSettings, HandlerLimits, InboundMessage, InstancePool, Invocation, Isolation,
-    Outcome, OutgoingMessage,
+    Engine, EngineSettings, HandlerLimits, InboundMessage, InstancePool, Invocation, Outcome,
+    OutgoingMessage,
 };
 use lockgate::message::OutRecord;
 use lockgate::pipeline::idempotency::DoneKeys;

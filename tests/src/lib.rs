@@ -143,7 +143,7 @@ pub fn handler_env(
 pub fn guest_pool(
     guest_name: &str,
     pooling: bool,
-    isolation: lockgate::engine::Isolation,
+    isolation: lockgate::config::Isolation,
     env: lockgate::engine::HandlerEnv,
 ) -> lockgate::engine::InstancePool {
     let engine = lockgate::engine::Engine::new(&lockgate::engine::EngineSettings {

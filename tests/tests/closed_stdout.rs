@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use lockgate::broker::local::LocalBroker;
+use lockgate::dlq::{Failure, envelope};
 use lockgate::message::Record;
-use lockgate::pipeline::dlq::{Failure, envelope};
 use lockgate::policy::backoff::GiveUpReason;
 use lockgate_tests::{guest, lockgate_bin};
 

@@ -12,8 +12,8 @@ use lockgate_tests::Proc;
 use std::time::{Duration, Instant};
 
 use lockgate::broker::local::LocalBroker;
+use lockgate::dlq;
 use lockgate::message::{OutRecord, Record};
-use lockgate::pipeline::dlq;
 use lockgate_tests::{guest, lockgate, run_logs, show, start_run, wait_for_progress};
 
 const TOTAL: u64 = 10_000;

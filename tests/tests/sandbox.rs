@@ -5,9 +5,10 @@
 use std::time::{Duration, Instant};
 
 use lockgate::engine::{
-    Engine, EngineSettings, HandlerLimits, InboundMessage, InstancePool, Isolation, LogSource,
-    Outcome,
+    Engine, EngineSettings, HandlerLimits, InboundMessage, InstancePool, LogSource, Outcome,
 };
+
+use lockgate::config::Isolation;
 use lockgate_tests::{guest, guest_pool, handler_env};
 
 const TIMEOUT: Duration = Duration::from_millis(200);

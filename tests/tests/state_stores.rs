@@ -204,7 +204,8 @@ async fn an_unreachable_store_errors_promptly() {
 
 #[test]
 fn a_staged_call_holds_its_kv_writes_back_with_what_it_read() {
-    use lockgate::engine::{HandlerEnv, HandlerLimits, InboundMessage, Isolation, Outcome};
+    use lockgate::config::Isolation;
+    use lockgate::engine::{HandlerEnv, HandlerLimits, InboundMessage, Outcome};
     use lockgate::state::{KvWrite, MemoryStore};
 
     let store = Arc::new(MemoryStore::new());
@@ -325,7 +326,7 @@ fn lockgate_migrate_creates_the_schema_once_and_names_a_store_it_cannot_reach() 
 
 /// A dead letter of `route` for the message at offset `offset` of `orders`.
 fn letter(route: &str, offset: u64, kind: &str) -> lockgate::message::OutRecord {
-    use lockgate::pipeline::dlq::{Failure, envelope};
+    use lockgate::dlq::{Failure, envelope};
     use lockgate::policy::backoff::GiveUpReason;
     let record = lockgate::message::Record {
         topic: "orders".into(),
@@ -356,11 +357,11 @@ fn letter(route: &str, offset: u64, kind: &str) -> lockgate::message::OutRecord 
 }
 
 async fn read_table(
-    table: &lockgate::state::DeadLetterTable,
+    table: &lockgate::broker::pg_dead_letters::DeadLetterTable,
     dlq: &str,
-) -> (Vec<lockgate::pipeline::dlq::DeadLetter>, Vec<String>) {
+) -> (Vec<lockgate::dlq::DeadLetter>, Vec<String>) {
     use lockgate::broker::Scan;
-    use lockgate::pipeline::dlq::{DeadLetter, marker_positions};
+    use lockgate::dlq::{DeadLetter, marker_positions};
     let mut scan = table.scan(dlq);
     let (mut dead, mut replayed) = (Vec::new(), Vec::new());
     while let Some(batch) = scan.next_batch().await.unwrap() {
@@ -377,8 +378,8 @@ async fn read_table(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_table_keeps_the_whole_envelope_and_marks_replays() {
     use lockgate::broker::Sink;
-    use lockgate::pipeline::dlq::marker;
-    use lockgate::state::DeadLetterTable;
+    use lockgate::broker::pg_dead_letters::DeadLetterTable;
+    use lockgate::dlq::marker;
     let schema = unique("lgdlq");
     let store = Arc::new(PostgresStore::new(POSTGRES, &schema, 2).unwrap());
     let table = DeadLetterTable::new(store.clone());

@@ -47,10 +47,10 @@ use super::{Ack, AckHandle, AckKind, BrokerError, Delivery, Lag, LagGauge, Scan,
 
 use futures_util::future::BoxFuture;
 
+use crate::broker::offsets::OffsetTracker;
 use crate::config::KafkaConfig;
 use crate::health::{Backoff, Failure, HealthReporter, HealthWatch};
 use crate::message::{OutRecord, Record};
-use crate::pipeline::ack::OffsetTracker;
 
 /// How long a producer waits for a delivery report before the publish counts as failed.
 pub const PRODUCE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -15,8 +15,8 @@ use super::{Ack, AckHandle, AckKind, BrokerError, Delivery, Sink, Source};
 
 use futures_util::future::BoxFuture;
 
+use crate::broker::offsets::OffsetTracker;
 use crate::message::{LOCKGATE_ID_HEADER, OutRecord, Record};
-use crate::pipeline::ack::OffsetTracker;
 
 /// Counters a test can read back.
 #[derive(Debug, Default)]

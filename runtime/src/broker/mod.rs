@@ -14,6 +14,9 @@ pub mod kafka;
 pub mod local;
 pub mod memory;
 pub mod nats;
+pub mod offsets;
+pub mod pg_dead_letters;
+pub mod pg_outbox;
 pub mod rabbitmq;
 
 use futures_util::future::BoxFuture;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use clap::Args;
 use lockgate::broker::BrokerError;
 use lockgate::config::{BrokerKind, Config, Problem, StoreKind, format_problem};
-use lockgate::engine::{Engine, EngineError, HandlerEnv};
+use lockgate::engine::{Engine, EngineError, EngineSettings, HandlerEnv, HandlerLimits};
 use lockgate::state::MemoryStore;
 use lockgate::state::probe;
 
@@ -96,7 +96,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
 /// Compiles and instantiates every handler, collecting one problem per failing handler.
 fn check_handlers(config: &Config) -> anyhow::Result<Vec<Problem>> {
     let mut problems = Vec::new();
-    let engine = Engine::new(&config.engine_settings())?;
+    let engine = Engine::new(&EngineSettings::from(config))?;
     // kv is never touched by instantiation; an in-memory store keeps `check` free of side effects.
     let kv = Arc::new(MemoryStore::new());
     for h in config.handlers.values() {
@@ -112,7 +112,7 @@ fn check_handlers(config: &Config) -> anyhow::Result<Vec<Problem>> {
             name: h.name.clone(),
             config: h.config.clone(),
             outputs: None,
-            limits: h.limits(),
+            limits: HandlerLimits::from(h),
             kv: kv.clone(),
         };
         let loaded = std::fs::read(&h.module)

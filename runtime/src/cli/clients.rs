@@ -9,12 +9,14 @@ use lockgate::broker::local::LocalBroker;
 use lockgate::broker::nats::{
     JetStreamScan, JetStreamSink, JetStreamSource, NatsCoreSource, NatsLink, NatsReplySink,
 };
+use lockgate::broker::pg_dead_letters::DeadLetterTable;
+use lockgate::broker::pg_outbox::{OutboxRelay, OutboxWriter};
 use lockgate::broker::rabbitmq::{RabbitScan, RabbitSink, RabbitSource};
 use lockgate::broker::{Scan, Sink, Source};
 use lockgate::config::{
     BrokerKind, Config, DLQ_STORE_PREFIX, Endpoint, NatsConfig, RouteConfig, StoreKind,
 };
-use lockgate::state::{DeadLetterTable, OutboxRelay, OutboxWriter, PostgresStore};
+use lockgate::state::PostgresStore;
 
 /// Connections of a dead-letter table's pool: DLQ writes and reads are rare.
 const DEAD_LETTER_POOL_SIZE: usize = 2;

@@ -4,8 +4,8 @@
 //!
 //! The DLQs are the ones runtime.toml names (`dlq = ...` of each route). Reading never joins a
 //! consumer group or commits anything. What was replayed is remembered in the DLQ itself (replay
-//! markers, see [`lockgate::pipeline::dlq`]; a dead-letter table marks its rows instead, see
-//! [`lockgate::state::DeadLetterTable`]), so a second replay, from any machine, skips it; a
+//! markers, see [`lockgate::dlq`]; a dead-letter table marks its rows instead, see
+//! [`lockgate::broker::pg_dead_letters::DeadLetterTable`]), so a second replay, from any machine, skips it; a
 //! replay that is interrupted writes the marker of the batch in flight before it exits and the
 //! next run goes on from there.
 //!
@@ -28,10 +28,10 @@ use clap::{Args, Subcommand};
 use lockgate::broker::local::LocalBroker;
 use lockgate::broker::{Scan, Sink};
 use lockgate::config::{Config, Endpoint};
-use lockgate::message::OutRecord;
-use lockgate::pipeline::dlq::{
+use lockgate::dlq::{
     DeadLetter, ReplayOutcome, ReplayResult, marker, marker_positions, parse_result, replay_record,
 };
+use lockgate::message::OutRecord;
 use serde_json::json;
 
 use super::clients::Clients;
@@ -615,7 +615,7 @@ fn print_dead_letter(row: &Row, as_json: bool) -> anyhow::Result<()> {
         .record
         .headers
         .iter()
-        .filter(|(n, _)| !n.starts_with(lockgate::pipeline::dlq::DLQ_HEADER_PREFIX))
+        .filter(|(n, _)| !n.starts_with(lockgate::dlq::DLQ_HEADER_PREFIX))
         .filter(|(n, _)| n != lockgate::message::LOCKGATE_ID_HEADER)
         .map(|(n, v)| (n, v))
         .collect();

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Args;
 use lockgate::broker::local::LocalBroker;
 use lockgate::config::{Config, IdempotencyKey, Ordering, RouteConfig};
-use lockgate::engine::Engine;
+use lockgate::engine::{Engine, EngineSettings};
 use lockgate::pipeline::{RouteReport, Shutdown};
 use lockgate::policy::backoff::Jitter;
 use lockgate::state::{EmbeddedStore, KvStore};
@@ -71,7 +71,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_routes(config: Config, overrides: Overrides) -> anyhow::Result<ExitCode> {
-    let engine = Engine::new(&config.engine_settings()).context("cannot create the engine")?;
+    let engine = Engine::new(&EngineSettings::from(&config)).context("cannot create the engine")?;
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("cannot create {}", config.state_dir.display()))?;
     let state_path = config.state_dir.join(STATE_FILE);

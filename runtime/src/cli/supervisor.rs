@@ -19,7 +19,7 @@ use lockgate::broker::local::LocalBroker;
 use lockgate::config::{
     Config, EMBEDDED_STORE, HandlerConfig, RouteConfig, StoreConfig, StoreKind,
 };
-use lockgate::engine::{Engine, Handler, HandlerEnv, InstancePool};
+use lockgate::engine::{Engine, Handler, HandlerEnv, HandlerLimits, InstancePool};
 use lockgate::health::HealthWatch;
 use lockgate::pipeline::idempotency::DoneKeys;
 use lockgate::pipeline::route::{Invoker, Passthrough};
@@ -651,7 +651,7 @@ async fn prepare_bytes(
         name: hc.name.clone(),
         config: hc.config.clone(),
         outputs: Some(route.outputs.iter().cloned().collect()),
-        limits: hc.limits(),
+        limits: HandlerLimits::from(hc),
         kv: store.kv.clone(),
     };
     let (engine, hc2) = (engine.clone(), hc.clone());

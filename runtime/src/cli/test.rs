@@ -7,10 +7,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
+use lockgate::config::Isolation;
 use lockgate::config::{DEFAULT_MAX_MEMORY_MB, DEFAULT_TIMEOUT_MS};
-use lockgate::engine::{
-    Engine, EngineSettings, HandlerEnv, HandlerLimits, InstancePool, Isolation, Outcome,
-};
+use lockgate::engine::{Engine, EngineSettings, HandlerEnv, HandlerLimits, InstancePool, Outcome};
 use lockgate::fixture;
 use lockgate::state::{EmbeddedStore, MemoryStore};
 

@@ -35,7 +35,6 @@ pub use routes::{
 };
 
 use crate::broker::local::LocalSettings;
-use crate::engine::{EngineSettings, HandlerLimits, Isolation};
 
 /// The only schema version so far.
 pub const SCHEMA_VERSION: i64 = 1;
@@ -318,6 +317,17 @@ pub struct EngineConfig {
     pub cache: bool,
 }
 
+/// How instances are used across messages (the handler's `isolation` setting).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Isolation {
+    /// Reuse an instance for many messages; replace it after a trap, a timeout or
+    /// `max_messages_per_instance` calls.
+    #[default]
+    Reuse,
+    /// A fresh instance for every message.
+    PerMessage,
+}
+
 /// One `[handlers.<name>]` table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HandlerConfig {
@@ -345,41 +355,10 @@ pub struct HandlerConfig {
     pub config: BTreeMap<String, String>,
 }
 
-impl HandlerConfig {
-    /// The engine limits this handler runs under.
-    pub fn limits(&self) -> HandlerLimits {
-        HandlerLimits {
-            timeout: std::time::Duration::from_millis(self.timeout_ms),
-            max_memory_bytes: self.max_memory_mb * 1024 * 1024,
-            max_output_bytes: self.max_output_bytes,
-            max_outputs: self.max_outputs,
-            max_log_records: self.max_log_records,
-        }
-    }
-}
-
 impl Config {
     /// The name of the store `route` uses: its own `state`, else `[runtime] state`.
     pub fn store_of<'a>(&'a self, route: &'a RouteConfig) -> &'a str {
         route.state.as_deref().unwrap_or(&self.state)
-    }
-
-    /// Engine settings derived from the config.
-    pub fn engine_settings(&self) -> EngineSettings {
-        let max_memory_mb = self
-            .handlers
-            .values()
-            .map(|h| h.max_memory_mb)
-            .max()
-            .unwrap_or(DEFAULT_MAX_MEMORY_MB)
-            .max(DEFAULT_MAX_MEMORY_MB);
-        EngineSettings {
-            pooling: self.engine.pooling,
-            max_instances: self.engine.max_instances,
-            max_memory_bytes: max_memory_mb * 1024 * 1024,
-            cache_dir: self.engine.cache.then(|| self.state_dir.join("cache")),
-            ..EngineSettings::default()
-        }
     }
 
     /// Reads and validates `file`.

@@ -19,6 +19,7 @@
 mod bindings;
 mod cache;
 mod host;
+mod settings;
 mod stdio;
 mod wasi_io;
 
@@ -33,6 +34,7 @@ use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Store, Trap};
 use wasmtime_wasi::WasiCtxBuilder;
 
+use crate::config::Isolation;
 use crate::deadline::{Deadline, DeadlineExceeded};
 
 pub use cache::CompileCache;
@@ -668,17 +670,6 @@ fn trap_reason(e: &wasmtime::Error) -> String {
         .map(|name| format!(" in `{name}`"))
         .unwrap_or_default();
     format!("{trap}{frame}")
-}
-
-/// How instances are used across messages (the handler's `isolation` setting).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Isolation {
-    /// Reuse an instance for many messages; replace it after a trap, a timeout or
-    /// `max_messages_per_instance` calls.
-    #[default]
-    Reuse,
-    /// A fresh instance for every message.
-    PerMessage,
 }
 
 /// Hands out instances of one handler according to its [`Isolation`], keeping idle ones warm.

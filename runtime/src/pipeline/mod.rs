@@ -1,8 +1,6 @@
 //! The per-route delivery pipeline: the policies of [`crate::policy`] applied around every
 //! handler call, idempotency claims, lanes, acknowledgement.
 
-pub mod ack;
-pub mod dlq;
 pub mod idempotency;
 pub mod lanes;
 pub mod readiness;

@@ -9,7 +9,7 @@
 //! ```
 //! A replayed dead letter (`lockgate-replayed-from`) may claim a dead-lettered key again, and
 //! once it is finished the route appends a replay result to its DLQ
-//! (see [`crate::pipeline::dlq`]).
+//! (see [`crate::dlq`]).
 //! Nothing is acknowledged before it is done; everything not done at shutdown is left
 //! unacknowledged and comes back from the broker.
 
@@ -24,19 +24,20 @@ use tokio::time::Instant;
 use crate::broker::{AckHandle, AckKind, BrokerError, Delivery, Sink, Source};
 
 use crate::config::{Ordering, OutputsMode, RouteConfig};
+use crate::dlq::{self, Failure, ReplayOutcome, ReplayResult};
 use crate::engine::{InboundMessage, InstancePool, Invocation, Outcome};
 use crate::health::{Health, HealthWatch};
 use crate::message::new_owner;
 use crate::message::now_ms;
 use crate::message::{CORRELATION_HEADER, LOCKGATE_ID_HEADER, OutRecord, Record};
-use crate::pipeline::dlq::{self, Failure, ReplayOutcome, ReplayResult};
-use crate::pipeline::idempotency::{DoneKeys, decode_outputs, encode_outputs, key_of};
+use crate::pipeline::idempotency::{DoneKeys, key_of};
 use crate::pipeline::lanes::Lanes;
 use crate::pipeline::readiness::{self, Dependency};
 use crate::pipeline::trace;
 use crate::policy::backoff::{Decision, FailureKind, RetryMode};
 use crate::policy::breaker::{Admission, BreakerState, CircuitBreaker};
 use crate::policy::rate_limit::RateLimit;
+use crate::state::kept_outputs::{decode_outputs, encode_outputs};
 use crate::state::{Claim, ClaimRequest, Commit, Completion};
 use tracing::Instrument;
 

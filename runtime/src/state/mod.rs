@@ -19,20 +19,17 @@
 //! may claim the key again and run the fixed handler. Its success makes the key done, so the
 //! key is re-opened once per failure, never for a message that succeeded.
 
-mod dead_letters;
 mod embedded;
+pub mod kept_outputs;
 mod local;
 mod memory;
-mod outbox;
 mod postgres;
 pub mod probe;
 mod redis;
 
-pub use dead_letters::{DeadLetterScan, DeadLetterTable};
 pub use embedded::EmbeddedStore;
 pub use local::LocalClaims;
 pub use memory::MemoryStore;
-pub use outbox::{OutboxRelay, OutboxWriter};
 pub use postgres::{
     DEFAULT_POOL_SIZE as POSTGRES_POOL_SIZE, PostgresStore,
     SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION,

@@ -771,7 +771,7 @@ impl IdempotencyStore for PostgresStore {
             scope,
             claim,
             writes,
-            crate::pipeline::idempotency::encode_outputs(&[]),
+            crate::state::kept_outputs::encode_outputs(&[]),
             rows,
             lease,
         ))

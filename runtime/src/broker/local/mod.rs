@@ -115,8 +115,8 @@ pub use self::settings::{
     MIN_SEGMENT_BYTES, TopicOverride, TopicSettings,
 };
 use super::{Ack, AckHandle, AckKind, BrokerError, Delivery, Scan, Sink, Source};
+use crate::broker::offsets::OffsetTracker;
 use crate::message::{LOCKGATE_ID_HEADER, OutRecord, Record};
-use crate::pipeline::ack::OffsetTracker;
 use futures_util::future::BoxFuture;
 
 pub use self::retention::Removed;

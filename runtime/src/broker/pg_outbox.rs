@@ -40,7 +40,7 @@ use crate::config::OutboxSource as Settings;
 use crate::health::{Backoff, HealthReporter, HealthWatch};
 use crate::message::{LOCKGATE_ID_HEADER, OutRecord, Record};
 
-use super::{PostgresStore, StateError};
+use crate::state::{PostgresStore, StateError};
 
 /// Published rows one cleanup statement deletes at most.
 const CLEANUP_BATCH: i64 = 5_000;
@@ -374,7 +374,7 @@ impl OutboxRelay {
     /// next attempt.
     async fn failed(&mut self, error: &str) {
         tracing::debug!(schema = %self.store.schema(), error, "Cannot read the outbox table; trying again");
-        let failure = super::probe::classify_postgres(
+        let failure = crate::state::probe::classify_postgres(
             self.store.pg_config(),
             self.store.schema(),
             format!("outbox {}.outbox: {error}", self.store.schema()),

@@ -1,7 +1,7 @@
 //! A dead-letter table in PostgreSQL: the DLQ of a route whose `dlq` names a PostgreSQL store.
 //!
 //! Each dead letter is one row of `<schema>.dead_letters` holding the standard envelope (see
-//! [`crate::pipeline::dlq`]) whole, plus columns to filter on: `dlq` (the DLQ's name, so
+//! [`crate::dlq`]) whole, plus columns to filter on: `dlq` (the DLQ's name, so
 //! several routes can share the table), `route`, `error_kind`, `reason`, `attempts`, `source`
 //! (the original position) and `failed_at`, indexed by route, error kind and time. A row's
 //! position is `<dlq>/-/<id>`.
@@ -20,13 +20,13 @@ use crate::broker::{BrokerError, Scan, Sink};
 
 use futures_util::future::BoxFuture;
 
-use crate::message::{LOCKGATE_ID_HEADER, OutRecord, Record};
-use crate::pipeline::dlq::{
+use crate::dlq::{
     MARKER_HEADER, RESULT_HEADER, ReplayOutcome, ReplayResult, marker, marker_positions,
     parse_result, result_record,
 };
+use crate::message::{LOCKGATE_ID_HEADER, OutRecord, Record};
 
-use super::PostgresStore;
+use crate::state::PostgresStore;
 
 /// Rows read per [`Scan::next_batch`].
 const SCAN_BATCH: i64 = 500;
@@ -52,7 +52,7 @@ impl DeadLetterTable {
         }
     }
 
-    fn unavailable(e: super::StateError) -> BrokerError {
+    fn unavailable(e: crate::state::StateError) -> BrokerError {
         BrokerError::Unavailable(e.to_string())
     }
 
