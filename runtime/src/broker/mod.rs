@@ -3,8 +3,8 @@
 //!
 //! The traits are deliberately small so one broker fits in one file: a source hands out
 //! [`Delivery`]s, each carrying an [`AckHandle`] that the pipeline resolves exactly once when the
-//! message is *done* (DESIGN promise 1); a sink publishes a batch and returns only once the broker
-//! acknowledged every record. Ordering, retries, breakers and idempotency live in
+//! message is *done* (docs/guarantees.md#g1); a sink publishes a batch and returns only once the
+//! broker acknowledged every record. Ordering, retries, breakers and idempotency live in
 //! [`crate::pipeline`], never in a broker adapter.
 //!
 //! Backends: [`local`] (the embedded, file-backed development broker) and [`memory`] (in-process,
@@ -26,7 +26,7 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Header every output and dead letter carries: a deterministic id (route, source position or
 /// idempotency key, output index) that lets a sink drop a duplicate written by a retry or a
-/// redelivery (DESIGN promise 2).
+/// redelivery (docs/guarantees.md#g2).
 pub const LOCKGATE_ID_HEADER: &str = "lockgate-id";
 
 /// Header with a request's correlation id (RabbitMQ's `correlation_id` property): the pipeline
