@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Header every output and dead letter carries: a deterministic id (route, source position or
 /// idempotency key, output index) that lets a sink drop a duplicate written by a retry or a
-/// redelivery (DESIGN promise 2).
+/// redelivery (docs/guarantees.md#g2).
 pub const LOCKGATE_ID_HEADER: &str = "lockgate-id";
 
 /// Header with a request's correlation id (RabbitMQ's `correlation_id` property): the pipeline

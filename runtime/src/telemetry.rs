@@ -1,5 +1,16 @@
-//! Telemetry: the admin endpoint of `lockgate run`: `/metrics` (Prometheus text format), `/healthz` and
-//! `/readyz`.
+//! Telemetry: the admin endpoint of `lockgate run` ([`serve`]):
+//!
+//! - `GET /metrics`: Prometheus / OpenMetrics text, read live from the routes;
+//! - `GET /healthz`: `200 ok` while the process runs;
+//! - `GET /readyz`: `200` when every route is running or paused by its breaker, else `503`, with
+//!   a JSON body naming each route's state;
+//! - `GET /status`: JSON with each route's state, breaker, in-flight, counters and lag (what
+//!   `lockgate status` reads);
+//! - `POST /reload`: reloads the config and modules (what `lockgate reload` sends); it needs the
+//!   bearer token of `[runtime] admin_token_env` when one is set, and is refused beyond loopback
+//!   without one.
+//!
+//! The operator's view of all five is docs/operate/observability.md.
 //!
 //! A route is ready when it is connected and consuming (or paused by its breaker): a route
 //! whose source (or a store it needs) has not connected yet is `connecting`, one whose source

@@ -1,8 +1,17 @@
 //! Per-handler key-value state.
 //!
-//! Each handler has its own namespace and values persist across restarts. Writes take effect
-//! immediately: they are *not* undone when the invocation fails, so make them idempotent (for
-//! example keyed by [`crate::Message::id`]) or guard them with [`compare_and_swap`].
+//! Each handler has its own namespace and values persist across restarts. When a write takes
+//! effect depends on the route (the `kv` interface of `wit/handler.wit`, and
+//! docs/handlers/contract.md):
+//!
+//! - On a route with an idempotency key, a message's writes are held back during the call and
+//!   committed together with its key when the message succeeds. Reads see the call's own writes;
+//!   a write to a key the call read applies only if nobody changed that key meanwhile (else the
+//!   message runs again), so read-modify-write needs no [`compare_and_swap`]. A failed attempt
+//!   leaves no trace, and a redelivered message never applies its writes twice.
+//! - Elsewhere (no idempotency key, and in `lockgate test` and the native `TestHost`) writes take
+//!   effect immediately: they are *not* undone when the invocation fails, so make them idempotent
+//!   (for example keyed by [`crate::Message::id`]) or guard them with [`compare_and_swap`].
 
 use std::fmt;
 use std::time::Duration;

@@ -1,5 +1,6 @@
 //! Cost of guest kv operations on the in-memory store and the embedded redb store (each write a
-//! durable, fsynced transaction). Backs the choice of redb in the README with a measured figure.
+//! durable, fsynced transaction). Backs the choice of redb (docs/operate/state-stores.md)
+//! with a measured figure.
 //!
 //! Run: `cargo bench -p lockgate-tests --bench kv_store`. Not a test: nothing is asserted.
 

@@ -2,7 +2,7 @@
 //! consumer) and one state store (Redis, PostgreSQL, or each its own embedded store), while
 //! processes are SIGKILLed and restarted mid-stream. With a shared store nothing is lost and no handler effect runs twice; with
 //! embedded stores nothing is lost either, but an effect can run once per process that saw the
-//! message (the number is printed, and quoted in the README).
+//! message (the number is printed, and quoted in docs/operate/state-stores.md).
 //!
 //! Needs Kafka, NATS, Redis and PostgreSQL on 127.0.0.1 (`scripts/brokers.sh start`).
 

@@ -3,8 +3,8 @@
 //!
 //! The traits are deliberately small so one broker fits in one file: a source hands out
 //! [`Delivery`]s, each carrying an [`AckHandle`] that the pipeline resolves exactly once when the
-//! message is *done* (DESIGN promise 1); a sink publishes a batch and returns only once the broker
-//! acknowledged every record. Ordering, retries, breakers and idempotency live in
+//! message is *done* (docs/guarantees.md#g1); a sink publishes a batch and returns only once the
+//! broker acknowledged every record. Ordering, retries, breakers and idempotency live in
 //! [`crate::pipeline`], never in a broker adapter.
 //!
 //! Backends: [`local`] (the embedded, file-backed development broker) and [`memory`] (in-process,

@@ -2,9 +2,9 @@
 //!
 //! Messages of one partition may finish out of order (per-key lanes, retries holding one key
 //! back). The broker must only learn a position once *every* earlier message is done, or a crash
-//! would skip the unfinished ones (DESIGN promise 1). The committable position is therefore the
-//! smallest offset still in flight, or one past the highest offset delivered when nothing is in
-//! flight. Offsets may have gaps (compacted topics, transaction markers); nothing here assumes
+//! would skip the unfinished ones (docs/guarantees.md#g1). The committable position is therefore
+//! the smallest offset still in flight, or one past the highest offset delivered when nothing is
+//! in flight. Offsets may have gaps (compacted topics, transaction markers); nothing here assumes
 //! they are dense.
 
 use std::collections::BTreeSet;

@@ -1,17 +1,17 @@
 //! RabbitMQ (AMQP 0.9.1, lapin): a queue consumer with manual acks, and a publisher with
 //! confirms.
 //!
-//! - **Source.** Declares the route's queue (`source.topic`; durable, quorum by default,
-//!   optionally single-active-consumer) and binds it to `source.exchange` if one is given, then
-//!   consumes with manual acks and `basic.qos` = `prefetch`, the most deliveries the broker
-//!   lets this consumer hold. A delivery is acked when it is done (promise 1) or after its dead
-//!   letter was written; one the pipeline gives up (shutdown) is nacked with requeue, so it goes
-//!   back to the queue at once. The quorum queue's `x-delivery-count` gives the attempts
-//!   already made. A dropped connection (a broker restart) is reopened with a jittered, capped
-//!   backoff; what the old channel held is requeued by the broker. The source is ready
-//!   ([`Source::health`]) once it consumes; refusals only a change fixes (login or access
-//!   refused, a vhost that does not exist, the queue declared with other arguments, a missing
-//!   exchange) are [`BrokerError::Misconfigured`] with what to change, and retried slowly.
+//! - **Source.** Declares the route's queue (`source.topic`; durable, quorum by default, optionally
+//!   single-active-consumer) and binds it to `source.exchange` if one is given, then consumes with
+//!   manual acks and `basic.qos` = `prefetch`, the most deliveries the broker lets this consumer
+//!   hold. A delivery is acked when it is done (docs/guarantees.md#g1) or after its dead letter was
+//!   written; one the pipeline gives up (shutdown) is nacked with requeue, so it goes back to the
+//!   queue at once. The quorum queue's `x-delivery-count` gives the attempts already made. A
+//!   dropped connection (a broker restart) is reopened with a jittered, capped backoff; what the
+//!   old channel held is requeued by the broker. The source is ready ([`Source::health`]) once it
+//!   consumes; refusals only a change fixes (login or access refused, a vhost that does not exist,
+//!   the queue declared with other arguments, a missing exchange) are
+//!   [`BrokerError::Misconfigured`] with what to change, and retried slowly.
 //! - **Sink.** Publishes to the broker's `exchange` with the record's topic as routing key,
 //!   persistent, `mandatory` (an unroutable record is an error naming exchange and routing key,
 //!   not a silent drop), and awaits the publisher confirm of every record. The `lockgate-id`

@@ -58,7 +58,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     overrides.apply(&mut config);
     if config.routes.is_empty() {
         eprintln!(
-            "{}: no [routes.<name>] tables: nothing to run (see README, \"Routes\")",
+            "{}: no [routes.<name>] tables: nothing to run (see docs/reference/runtime-toml.md#routes)",
             config.file.display()
         );
         return Ok(ExitCode::from(EXIT_USAGE));

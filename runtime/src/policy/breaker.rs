@@ -1,9 +1,9 @@
 //! Per-route circuit breaker.
 //!
 //! Unlike generic breaker crates, an open breaker here does not fail calls: the route stops
-//! pulling from its source and the messages wait in the broker (DESIGN promise 6). This module is
-//! only the state machine; the pipeline asks [`CircuitBreaker::admit`] before taking a message and
-//! pauses its source on [`Admission::Wait`].
+//! pulling from its source and the messages wait in the broker (docs/guarantees.md#g6). This
+//! module is only the state machine; the pipeline asks [`CircuitBreaker::admit`] before taking a
+//! message and pauses its source on [`Admission::Wait`].
 //!
 //! What counts: retryable failures (handler `retry`, traps, timeouts) are failures; successes are
 //! successes; rejections are neither, because a poison message says nothing about the dependency.
