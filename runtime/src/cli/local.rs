@@ -9,8 +9,9 @@ use anyhow::Context;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use clap::Args;
-use lockgate::broker::local::{LocalBroker, LocalSettings};
+use lockgate::broker::local::LocalBroker;
 use lockgate::config::Config;
+use lockgate::config::local::LocalSettings;
 use lockgate::message::{OutRecord, Record};
 use serde_json::{Map, Value, json};
 

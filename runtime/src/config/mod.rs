@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 use toml::map::Map as IndexMap;
 
-mod local;
+pub mod local;
 mod routes;
 
 pub use routes::{
@@ -34,7 +34,7 @@ pub use routes::{
     OUTBOX_TABLE, Ordering, OutboxSource, OutputsMode, QueueType, RabbitSource, RouteConfig,
 };
 
-use crate::broker::local::LocalSettings;
+use self::local::LocalSettings;
 
 /// The only schema version so far.
 pub const SCHEMA_VERSION: i64 = 1;
@@ -134,6 +134,18 @@ pub enum StoreKind {
         /// `pool_size`: most connections (default 16).
         pool_size: usize,
     },
+}
+
+/// Default `pool_size` of a PostgreSQL store: most connections it opens.
+pub const POSTGRES_POOL_SIZE: usize = 16;
+
+/// Whether `name` can be a PostgreSQL store's `schema`: the store uses it unquoted in every
+/// statement, so only names that need no quoting (and fit PostgreSQL's 63 bytes) are accepted.
+pub fn postgres_schema_name_ok(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= 63
 }
 
 /// A connection URL, inline or from an environment variable.
@@ -750,17 +762,15 @@ fn parse_store(name: &str, r: &mut Reader<'_>) -> Option<StoreConfig> {
         }
         Some(_) => {
             let schema = r.string("schema").unwrap_or_else(|| "lockgate".into());
-            if !crate::state::postgres_schema_name_ok(&schema) {
+            if !postgres_schema_name_ok(&schema) {
                 r.problem(
                     "schema",
                     format!("\"{schema}\" is not a usable schema name: lowercase letters, digits and _, starting with a letter or _"),
                 );
             }
-            let pool_size = r
-                .positive("pool_size")
-                .map_or(crate::state::POSTGRES_POOL_SIZE, |n| {
-                    usize::try_from(n).unwrap_or(usize::MAX)
-                });
+            let pool_size = r.positive("pool_size").map_or(POSTGRES_POOL_SIZE, |n| {
+                usize::try_from(n).unwrap_or(usize::MAX)
+            });
             r.finish(&["kind", "url", "url_env", "schema", "pool_size"]);
             if let Some(UrlSource::Inline(u)) = &url
                 && u.parse::<tokio_postgres::Config>().is_err()
@@ -1346,6 +1356,17 @@ fn edit_distance(a: &str, b: &str) -> usize {
 mod tests {
     use super::*;
     use crate::policy::backoff::RetryMode;
+
+    #[test]
+    fn schema_names() {
+        assert!(postgres_schema_name_ok("lockgate"));
+        assert!(postgres_schema_name_ok("_t1"));
+        assert!(!postgres_schema_name_ok("1x"));
+        assert!(!postgres_schema_name_ok("a-b"));
+        assert!(!postgres_schema_name_ok("A"));
+        assert!(!postgres_schema_name_ok(""));
+        assert!(!postgres_schema_name_ok("x; drop table y"));
+    }
 
     fn problems(text: &str) -> Vec<String> {
         match Config::parse(Path::new("rt.toml"), text) {

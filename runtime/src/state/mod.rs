@@ -30,15 +30,7 @@ mod redis;
 pub use embedded::EmbeddedStore;
 pub use local::LocalClaims;
 pub use memory::MemoryStore;
-pub use postgres::{
-    DEFAULT_POOL_SIZE as POSTGRES_POOL_SIZE, PostgresStore,
-    SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION,
-};
-
-/// Whether `name` can be a PostgreSQL store's schema.
-pub fn postgres_schema_name_ok(name: &str) -> bool {
-    postgres::valid_schema_name(name)
-}
+pub use postgres::{PostgresStore, SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION};
 pub use redis::RedisStore;
 
 use std::sync::Arc;

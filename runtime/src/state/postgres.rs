@@ -18,12 +18,10 @@ use super::{
     Claim, ClaimRequest, Commit, Completion, IdempotencyStore, KvStore, KvWrite, StateError,
 };
 
+use crate::config::postgres_schema_name_ok;
 use crate::message::now_ms;
 use crate::message::{LOCKGATE_ID_HEADER, OutRecord};
 use futures_util::future::BoxFuture;
-
-/// Default connections per store.
-pub const DEFAULT_POOL_SIZE: usize = 16;
 
 /// Milliseconds since the epoch on the server's clock.
 const NOW: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
@@ -308,14 +306,6 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
-/// Whether `name` can be used unquoted as a schema name.
-pub fn valid_schema_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
-        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && name.len() <= 63
-}
-
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
 }
@@ -330,7 +320,7 @@ impl PostgresStore {
     /// lazily: an unreachable server shows as [`StateError::Unavailable`] on use. Must be called
     /// inside a tokio runtime, which the synchronous [`KvStore`] methods block on.
     pub fn new(url: &str, schema: &str, pool_size: usize) -> Result<Self, StateError> {
-        if !valid_schema_name(schema) {
+        if !postgres_schema_name_ok(schema) {
             return Err(StateError::Config(format!(
                 "\"{schema}\" is not a usable schema name: lowercase letters, digits and _, \
                  starting with a letter or _, at most 63 characters"
@@ -942,18 +932,3 @@ fn lockgate_id(r: &OutRecord) -> Option<String> {
         .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn schema_names() {
-        assert!(valid_schema_name("lockgate"));
-        assert!(valid_schema_name("_t1"));
-        assert!(!valid_schema_name("1x"));
-        assert!(!valid_schema_name("a-b"));
-        assert!(!valid_schema_name("A"));
-        assert!(!valid_schema_name(""));
-        assert!(!valid_schema_name("x; drop table y"));
-    }
-}

@@ -90,7 +90,6 @@ mod dedup;
 mod frame;
 mod retention;
 mod segments;
-mod settings;
 #[cfg(test)]
 mod tests;
 
@@ -109,13 +108,9 @@ use tokio::sync::Notify;
 use self::dedup::{COMPACT_CHUNK, COMPACT_MIN_BYTES, End, Window, encode_entry, read_entries};
 use self::frame::{encode_frame, read_frame};
 use self::segments::{Cursor, SEGMENTS_DIR, segment_path};
-pub use self::settings::{
-    DEFAULT_DUPLICATE_WINDOW_IDS, DEFAULT_DUPLICATE_WINDOW_MS, DEFAULT_MAX_AGE_MS,
-    DEFAULT_MAX_BYTES, DEFAULT_SEGMENT_BYTES, LocalSettings, MAX_DUPLICATE_WINDOW_IDS,
-    MIN_SEGMENT_BYTES, TopicOverride, TopicSettings,
-};
 use super::{Ack, AckHandle, AckKind, BrokerError, Delivery, Scan, Sink, Source};
 use crate::broker::offsets::OffsetTracker;
+use crate::config::local::{LocalSettings, TopicSettings, name_ok};
 use crate::message::{LOCKGATE_ID_HEADER, OutRecord, Record};
 use futures_util::future::BoxFuture;
 
@@ -213,21 +208,9 @@ fn unavailable(what: &str, path: &Path, e: &io::Error) -> BrokerError {
     BrokerError::Unavailable(format!("{what} {}: {e}", path.display()))
 }
 
-/// Checks a topic name for the embedded broker: 1-249 characters of `[A-Za-z0-9._-]`, not `.`
-/// or `..`. The error says what is allowed.
-pub fn check_topic_name(name: &str) -> Result<(), String> {
-    validate_name("topic", name).map_err(|e| e.to_string())
-}
-
-/// Checks a topic or group name: 1-249 characters of `[A-Za-z0-9._-]`, not `.` or `..`.
+/// Checks a topic or group name (see [`crate::config::local::name_ok`]).
 fn validate_name(kind: &str, name: &str) -> Result<(), BrokerError> {
-    let ok = (1..=249).contains(&name.len())
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
+    if name_ok(name) {
         Ok(())
     } else {
         Err(BrokerError::Invalid(format!(

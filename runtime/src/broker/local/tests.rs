@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicU64;
 
 use super::frame::encode_frame;
 use super::*;
+use crate::config::local::*;
 
 const GUARD: Duration = Duration::from_secs(5);
 
