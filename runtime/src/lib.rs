@@ -2,19 +2,23 @@
 //! delivery machinery teams otherwise rewrite per service: retries, circuit breakers, dead-letter
 //! routing, idempotency and ordered, at-least-once acknowledgement.
 //!
-//! This crate is both the `lockgate` binary and its library. Modules:
-//! - [`broker`]: the `Source`/`Sink` traits and the broker adapters;
-//! - [`config`]: `runtime.toml` schema and validation;
-//! - [`deadline`]: the deadline of a guest call, which bounds every host wait of that call;
-//! - [`engine`]: the sandboxed wasmtime host, compiled-artefact cache and instance pool;
-//! - [`state`]: persistent key-value state (guest `kv`);
-//! - [`fixture`]: the JSON Lines format `lockgate test` reads and writes;
-//! - [`health`]: whether a route's source and stores are connected, and why not;
-//! - [`pipeline`]: delivery policies (retry with backoff, circuit breaker, rate limit, ack
-//!   watermark).
+//! This crate is both the `lockgate` binary and its library. The modules form layers, each
+//! importing only those below it (docs/architecture.md#layers), from the bottom:
+//! - [`message`], [`policy`], [`health`], [`deadline`]: records and header names, the pure
+//!   policies (backoff, breaker, rate limit), connection health, the deadline of a guest call;
+//! - [`config`]: `runtime.toml` as plain data, with validation that reports every problem;
+//!   [`dlq`]: the dead-letter envelope;
+//! - [`state`]: guest `kv` and idempotency claims on the embedded, Redis and PostgreSQL stores;
+//! - [`broker`]: the `Source`/`Sink` traits and the broker adapters; [`engine`]: the sandboxed
+//!   wasmtime host, compiled-artefact cache and instance pool;
+//! - [`pipeline`]: a route: lanes, idempotency, retries, breaker, dead letters, acks;
+//!   [`fixture`]: the JSON Lines format of `lockgate test`;
+//! - [`telemetry`]: metrics and the admin endpoint;
+//! - [`app`]: the runtime as a library: build from a config, start, reload, observe, stop.
 
 #![deny(unsafe_code)]
 
+pub mod app;
 pub mod broker;
 pub mod config;
 pub mod deadline;

@@ -106,7 +106,8 @@ impl AdminRoutes {
         &self.reloads
     }
 
-    fn all(&self) -> Vec<RouteEntry> {
+    /// The routes registered now.
+    pub fn all(&self) -> Vec<RouteEntry> {
         self.routes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

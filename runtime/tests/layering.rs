@@ -20,6 +20,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("fixture", 4),
     ("pipeline", 4),
     ("telemetry", 5),
+    ("app", 6),
 ];
 
 /// Files of the binary, not the library: their `crate::` is the binary's own.

@@ -1,7 +1,8 @@
-//! Hot reload of `lockgate run` on the embedded broker: module swaps under load (no message
-//! lost, each handled by exactly one version, garbage never served, memory flat) and config
+//! Hot reload on the embedded broker, driven in process through `lockgate::app::Runtime`: config
 //! reloads (add a route, change one's retry policy, remove one mid-stream, refuse an invalid
-//! config).
+//! config) and a module change noticed by polling; and, out of process, what only the command
+//! line does: SIGHUP and the admin token of `lockgate run`. Module swaps under load are in
+//! `reload_churn.rs`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -9,115 +10,15 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use lockgate::app::{Event, ReloadError, RestartReason, RouteChange, StopCause};
 use lockgate::broker::local::LocalBroker;
 use lockgate::message::OutRecord;
-use lockgate_tests::admin::{admin_addr, get, reloads, value};
-use lockgate_tests::reload::{churn, version_of};
-use lockgate_tests::{guest, lockgate, show, start_run, stop_run, wait_for_progress};
+use lockgate_tests::admin::{admin_addr, get, reloads};
+use lockgate_tests::inproc::{self, InProc};
+use lockgate_tests::reload::version_of;
+use lockgate_tests::{guest, stop_run, wait_for_progress};
 
 const DEADLINE: Duration = Duration::from_secs(300);
-
-fn orders(from: u64, n: u64) -> Vec<OutRecord> {
-    (from..from + n)
-        .map(|i| OutRecord {
-            topic: "in".into(),
-            key: Some(format!("k{}", i % 16).into_bytes()),
-            headers: Vec::new(),
-            payload: format!(r#"{{"id":{i}}}"#).into_bytes(),
-        })
-        .collect()
-}
-
-#[test]
-fn a_hundred_module_reloads_under_load_lose_nothing_and_never_serve_garbage() {
-    const N: u64 = 50_000;
-    const RELOADS: usize = 100;
-    let dir = tempfile::tempdir().unwrap();
-    let module = dir.path().join("handler.wasm");
-    std::fs::copy(guest("chaos"), &module).unwrap();
-    let config = dir.path().join("runtime.toml");
-    std::fs::write(
-        &config,
-        r#"[runtime]
-state_dir = "state"
-admin = "127.0.0.1:0"
-
-[handlers.h]
-module = "handler.wasm"
-config = { target = "out" }
-
-[routes.orders]
-handler = "h"
-source = { topic = "in" }
-outputs = ["out"]
-concurrency = 4
-ordering = "key"
-"#,
-    )
-    .unwrap();
-    let broker = LocalBroker::open(&dir.path().join("state/local")).unwrap();
-    let mut run = start_run(dir.path(), &config, 1, None, "lockgate=info,warn");
-    let addr = admin_addr(&mut run, dir.path(), 1);
-    let chunk = N / RELOADS as u64;
-    // Each reload lands in the middle of a chunk: the previous chunk is handled, the next one
-    // appended, and the module written once a tenth of it is handled.
-    let rss = churn(&mut run, dir.path(), 1, &addr, &module, RELOADS, |i| {
-        let handled = i as u64 * chunk;
-        let until = |n: u64| {
-            let started = std::time::Instant::now();
-            while broker.end_offset("out").unwrap() < n {
-                assert!(started.elapsed() < DEADLINE, "chunk {i} not handled");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        };
-        until(handled);
-        broker.append(&orders(handled, chunk)).unwrap();
-        until(handled + chunk / 10);
-    });
-    wait_for_progress(
-        &mut run,
-        dir.path(),
-        1,
-        N,
-        DEADLINE,
-        Duration::from_millis(20),
-        || broker.end_offset("out").unwrap(),
-    );
-    let page = get(&addr, "/metrics").1;
-    stop_run(&mut run, dir.path(), 1);
-
-    let mut seen = BTreeMap::<u64, u32>::new();
-    let mut by_version = BTreeMap::<char, u64>::new();
-    for r in broker.read("out", 0, N as usize + 100).unwrap() {
-        let (version, id) = version_of(&r.payload);
-        *seen.entry(id).or_default() += 1;
-        *by_version.entry(version).or_default() += 1;
-    }
-    assert_eq!(seen.len() as u64, N, "nothing lost");
-    assert!(seen.values().all(|n| *n == 1), "each handled once");
-    assert_eq!(by_version.len(), 2, "both versions served: {by_version:?}");
-    for name in [
-        "lockgate_messages_dead_lettered_total",
-        "lockgate_attempts_retried_total",
-    ] {
-        assert_eq!(
-            value(&page, name, "orders"),
-            Some(0.0),
-            "garbage never ran: {name}\n{page}"
-        );
-    }
-    assert_eq!(broker.end_offset("in.dlq").unwrap(), 0);
-    // Memory flat: after the first 20 reloads (both versions compiled, caches warm), 80 more
-    // add no more than a generous 48 MiB (a leak of one component per reload would exceed it).
-    let (early, last) = (rss[19], rss[RELOADS - 1]);
-    assert!(
-        last < early + 48 * 1024,
-        "RSS grew from {early} KiB to {last} KiB over 80 reloads: {rss:?}"
-    );
-    println!(
-        "RSS after reload 20: {early} KiB, after {RELOADS}: {last} KiB; by version {by_version:?}"
-    );
-}
 
 /// Writes the config of the route tests: routes from `routes` (TOML), `admin` on.
 fn write_config(path: &Path, routes: &str) {
@@ -156,13 +57,60 @@ fn append(broker: &LocalBroker, topic: &str, payloads: impl Iterator<Item = Stri
     broker.append(&records).unwrap();
 }
 
-/// `lockgate reload --admin ADDR` in `dir`.
-fn reload_cmd(dir: &Path, addr: &str) -> std::process::Output {
-    lockgate(dir, &["reload", "runtime.toml", "--admin", addr])
+fn sha256(path: &Path) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
 }
 
-#[test]
-fn config_reloads_add_change_and_remove_routes_and_refuse_a_bad_config() {
+/// The events until (and with) the reload's own [`Event::Reloaded`] or
+/// [`Event::ReloadRefused`], which the runtime sends after the routes it stopped and started.
+async fn reload_events(rt: &mut InProc) -> Vec<Event> {
+    let mut seen = Vec::new();
+    loop {
+        let e = rt
+            .wait_event("the reload's events", DEADLINE, |_| true)
+            .await;
+        let last = matches!(e, Event::Reloaded { .. } | Event::ReloadRefused { .. });
+        seen.push(e);
+        if last {
+            return seen;
+        }
+    }
+}
+
+/// The routes a reload stopped, with counter `stat` of each one's final report.
+fn stopped_by_reload(events: &[Event], stat: &str) -> Vec<(String, u64)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::RouteStopped {
+                report,
+                cause: StopCause::Reload,
+            } => {
+                let value = report
+                    .stats
+                    .iter()
+                    .find(|(k, _)| *k == stat)
+                    .map_or(0, |(_, v)| *v);
+                Some((report.route.clone(), value))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn started(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::RouteStarted { route, .. } => Some(route.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_reloads_add_change_and_remove_routes_and_refuse_a_bad_config() {
     let dir = tempfile::tempdir().unwrap();
     let config: PathBuf = dir.path().join("runtime.toml");
     let route_a = |attempts: u32| {
@@ -183,20 +131,24 @@ fn config_reloads_add_change_and_remove_routes_and_refuse_a_bad_config() {
         .unwrap();
     };
     rewrite(&route_a(1));
+    let mut rt = inproc::start(&config).await;
+    // The start is a reload from nothing: route a starts, with its policies in its summary.
+    match rt
+        .wait_event("route a's start", DEADLINE, |e| {
+            matches!(e, Event::RouteStarted { .. })
+        })
+        .await
+    {
+        Event::RouteStarted { route, summary } => {
+            assert_eq!(route, "a");
+            assert!(summary.contains("retry 1 attempts"), "{summary}");
+        }
+        e => unreachable!("{e:?}"),
+    }
+    assert_eq!(rt.runtime.started_routes(), 1);
+    let addr = rt.admin();
     let broker = LocalBroker::open(&dir.path().join("state/local")).unwrap();
-    let mut run = start_run(dir.path(), &config, 1, None, "lockgate=info,warn");
-    let addr = admin_addr(&mut run, dir.path(), 1);
-    let wait_out = |run: &mut lockgate_tests::Proc, topic: &str, n: u64| {
-        wait_for_progress(
-            run,
-            dir.path(),
-            1,
-            n,
-            DEADLINE,
-            Duration::from_millis(20),
-            || broker.end_offset(topic).unwrap(),
-        );
-    };
+    let offset = |topic: &str| broker.end_offset(topic).unwrap();
 
     // Route a with max_attempts 1: a message that fails once is dead-lettered.
     append(
@@ -204,62 +156,68 @@ fn config_reloads_add_change_and_remove_routes_and_refuse_a_bad_config() {
         "in",
         (0..5).map(|i| format!(r#"{{"id":{i},"fail":1}}"#)),
     );
-    wait_for_progress(
-        &mut run,
-        dir.path(),
-        1,
-        5,
-        DEADLINE,
-        Duration::from_millis(20),
-        || broker.end_offset("in.dlq").unwrap(),
-    );
+    inproc::until("dead letters of a", DEADLINE, 5, || offset("in.dlq")).await;
 
     // Change a's retry policy: the same kind of message now succeeds on its second attempt.
     rewrite(&route_a(3));
-    let out = reload_cmd(dir.path(), &addr);
-    assert!(out.status.success(), "{}", show(&out));
-    assert!(
-        show(&out).contains("route a: restart: its settings changed"),
-        "{}",
-        show(&out)
+    let changes = rt.runtime.reload().await.unwrap();
+    assert_eq!(
+        changes,
+        vec![RouteChange::Restarted {
+            route: "a".into(),
+            why: RestartReason::Settings
+        }]
     );
+    assert_eq!(
+        changes[0].to_string(),
+        "route a: restart: its settings changed"
+    );
+    let events = reload_events(&mut rt).await;
+    assert_eq!(
+        stopped_by_reload(&events, "dead_lettered"),
+        vec![("a".to_owned(), 5)]
+    );
+    assert_eq!(started(&events), vec!["a"]);
     append(
         &broker,
         "in",
         (5..10).map(|i| format!(r#"{{"id":{i},"fail":1}}"#)),
     );
-    wait_out(&mut run, "out", 5);
-    assert_eq!(
-        broker.end_offset("in.dlq").unwrap(),
-        5,
-        "none dead-lettered since"
-    );
+    inproc::until("outputs of a", DEADLINE, 5, || offset("out")).await;
+    assert_eq!(offset("in.dlq"), 5, "none dead-lettered since");
 
     // Add route b; it serves its own topic.
     rewrite(&format!("{}{route_b}", route_a(3)));
-    let out = reload_cmd(dir.path(), &addr);
-    assert!(show(&out).contains("route b: added"), "{}", show(&out));
+    let changes = rt.runtime.reload().await.unwrap();
+    assert_eq!(
+        changes,
+        vec![RouteChange::Added {
+            route: "b".into(),
+            module_hash: sha256(&guest("chaos"))
+        }]
+    );
+    assert_eq!(started(&reload_events(&mut rt).await), vec!["b"]);
     append(&broker, "in2", (0..300).map(|i| format!(r#"{{"id":{i}}}"#)));
-    wait_out(&mut run, "out2", 20);
+    inproc::until("outputs of b", DEADLINE, 20, || offset("out2")).await;
 
     // Remove b mid-stream (it is rate-limited to 100/s): it drains and commits what it did.
     rewrite(&route_a(3));
-    let out = reload_cmd(dir.path(), &addr);
-    assert!(
-        show(&out).contains("route b: removed (drained and stopped)"),
-        "{}",
-        show(&out)
-    );
-    let done_when_removed = broker.end_offset("out2").unwrap();
+    let changes = rt.runtime.reload().await.unwrap();
+    assert_eq!(changes, vec![RouteChange::Removed { route: "b".into() }]);
+    let stopped = stopped_by_reload(&reload_events(&mut rt).await, "outputs");
+    let done_when_removed = offset("out2");
     assert!(
         done_when_removed < 300,
         "removed mid-stream: {done_when_removed}"
     );
+    assert_eq!(stopped, vec![("b".to_owned(), done_when_removed)]);
     assert_eq!(
         broker.committed("in2", "lockgate").unwrap(),
         done_when_removed,
         "everything b handled is committed, nothing more"
     );
+    let running: Vec<String> = rt.runtime.routes().into_iter().map(|r| r.route).collect();
+    assert_eq!(running, vec!["a"]);
     let (status, body) = get(&addr, "/status");
     assert_eq!(status, 200);
     assert!(!body.contains("\"b\""), "{body}");
@@ -274,12 +232,18 @@ fn config_reloads_add_change_and_remove_routes_and_refuse_a_bad_config() {
             + route_b,
     )
     .unwrap();
-    let out = reload_cmd(dir.path(), &addr);
-    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let refused = rt.runtime.reload().await.unwrap_err();
+    assert!(matches!(*refused, ReloadError::Config(_)), "{refused:?}");
     assert!(
-        show(&out).contains("routes.a.retry.max_attemps: unknown field"),
-        "{}",
-        show(&out)
+        refused
+            .to_string()
+            .contains("routes.a.retry.max_attemps: unknown field"),
+        "{refused}"
+    );
+    let events = reload_events(&mut rt).await;
+    assert!(
+        matches!(events.as_slice(), [Event::ReloadRefused { .. }]),
+        "nothing stopped or started: {events:?}"
     );
     assert_eq!(reloads(&addr), (before.0, before.1 + 1));
     append(
@@ -287,20 +251,18 @@ fn config_reloads_add_change_and_remove_routes_and_refuse_a_bad_config() {
         "in",
         (10..15).map(|i| format!(r#"{{"id":{i},"fail":1}}"#)),
     );
-    wait_out(&mut run, "out", 10);
-    assert_eq!(broker.end_offset("in.dlq").unwrap(), 5);
-    assert_eq!(
-        broker.end_offset("out2").unwrap(),
-        done_when_removed,
-        "b was not added"
-    );
+    inproc::until("outputs of a", DEADLINE, 10, || offset("out")).await;
+    assert_eq!(offset("in.dlq"), 5);
+    assert_eq!(offset("out2"), done_when_removed, "b was not added");
 
     // Adding b back goes on from its committed position: the rest, each once.
     rewrite(&format!("{}{route_b}", route_a(3)));
-    let out = reload_cmd(dir.path(), &addr);
-    assert!(out.status.success(), "{}", show(&out));
-    wait_out(&mut run, "out2", 300);
-    stop_run(&mut run, dir.path(), 1);
+    rt.runtime.reload().await.unwrap();
+    inproc::until("outputs of b", DEADLINE, 300, || offset("out2")).await;
+    let end = rt.runtime.stop().await;
+    assert!(!end.failed());
+    let ended: Vec<&str> = end.reports.iter().map(|r| r.route.as_str()).collect();
+    assert_eq!(ended, vec!["a", "b", "a", "b"], "the reload-stopped first");
     let mut ids = BTreeMap::<u64, u32>::new();
     for r in broker.read("out2", 0, 1000).unwrap() {
         *ids.entry(version_of(&r.payload).1).or_default() += 1;
@@ -332,28 +294,57 @@ fn assert_serving(addr: &str, module: &Path) {
     assert!(body.contains(&hash[..12]), "not serving {hash}: {body}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_notices_a_module_change_and_post_reload_beyond_loopback_needs_a_token() {
+    // Polling, admin on every interface, no token: POST /reload is refused, the file watcher
+    // still reloads.
+    let dir = tempfile::tempdir().unwrap();
+    let (config, module) = module_config(dir.path(), "admin = \"0.0.0.0:0\"\nwatch = \"poll\"\n");
+    let mut rt = inproc::start(&config).await;
+    let addr = rt.admin();
+    let (code, body) = lockgate::telemetry::http_request(&addr, "POST", "/reload", None).unwrap();
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("admin_token_env"), "{body}");
+    std::fs::copy(guest("uppercase"), &module).unwrap();
+    let changes = match rt
+        .wait_event("a reload by the poller", DEADLINE, |e| {
+            matches!(e, Event::Reloaded { .. } | Event::ReloadRefused { .. })
+        })
+        .await
+    {
+        Event::Reloaded { changes } => changes,
+        e => panic!("{e:?}"),
+    };
+    assert_eq!(
+        changes,
+        vec![RouteChange::Swapped {
+            route: "orders".into(),
+            handler: "h".into(),
+            from: sha256(&guest("chaos")),
+            to: sha256(&guest("uppercase")),
+        }]
+    );
+    let serving: Vec<String> = rt
+        .runtime
+        .routes()
+        .iter()
+        .map(|r| r.slot.current().module_hash())
+        .collect();
+    assert_eq!(serving, vec![sha256(&guest("uppercase"))]);
+    assert_serving(&addr, &guest("uppercase"));
+    assert_eq!(reloads(&addr), (1, 0));
+    assert!(!rt.runtime.stop().await.failed());
+}
+
 fn wait_reloads(run: &mut lockgate_tests::Proc, dir: &Path, addr: &str, want: (u64, u64)) {
     wait_for_progress(run, dir, 1, 1, DEADLINE, Duration::from_millis(20), || {
         u64::from(reloads(addr) == want)
     });
 }
 
+/// What `lockgate run` adds to the library: the token from the environment and SIGHUP.
 #[test]
-fn polling_notices_a_module_change_and_reload_beyond_loopback_needs_a_token() {
-    // Polling, admin on every interface, no token: POST /reload is refused, the file watcher
-    // still reloads.
-    let dir = tempfile::tempdir().unwrap();
-    let (config, module) = module_config(dir.path(), "admin = \"0.0.0.0:0\"\nwatch = \"poll\"\n");
-    let mut run = start_run(dir.path(), &config, 1, None, "lockgate=info,warn");
-    let addr = admin_addr(&mut run, dir.path(), 1);
-    let (code, body) = lockgate::telemetry::http_request(&addr, "POST", "/reload", None).unwrap();
-    assert_eq!(code, 403, "{body}");
-    assert!(body.contains("admin_token_env"), "{body}");
-    std::fs::copy(guest("uppercase"), &module).unwrap();
-    wait_reloads(&mut run, dir.path(), &addr, (1, 0));
-    assert_serving(&addr, &guest("uppercase"));
-    stop_run(&mut run, dir.path(), 1);
-
+fn lockgate_run_reloads_on_sighup_and_an_authorised_post_reload() {
     // A token, no watching: only an authorised POST /reload or SIGHUP reloads.
     let dir = tempfile::tempdir().unwrap();
     let (config, module) = module_config(

@@ -34,9 +34,9 @@ use lockgate::dlq::{
 use lockgate::message::OutRecord;
 use serde_json::json;
 
-use super::clients::Clients;
-use super::run::LOCAL_BROKER_DIR;
 use super::{EXIT_FAILED, EXIT_USAGE};
+use lockgate::app::LOCAL_BROKER_DIR;
+use lockgate::app::clients::Clients;
 
 /// Exit code of a replay stopped by SIGINT or SIGTERM (after its batch in flight was finished).
 const EXIT_INTERRUPTED: u8 = 130;

@@ -16,7 +16,7 @@ use lockgate::message::{OutRecord, Record};
 use serde_json::{Map, Value, json};
 
 use super::EXIT_USAGE;
-use super::run::LOCAL_BROKER_DIR;
+use lockgate::app::LOCAL_BROKER_DIR;
 
 /// Where the embedded broker lives: `--state-dir`, or the config file's `state_dir`.
 #[derive(Debug, Args)]

@@ -13,14 +13,12 @@ macro_rules! outln {
 }
 
 mod check;
-mod clients;
 mod dlq;
 mod local;
 mod migrate;
 mod reload;
 mod run;
 mod status;
-mod supervisor;
 mod test;
 
 use std::path::PathBuf;

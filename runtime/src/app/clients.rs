@@ -1,42 +1,28 @@
-//! Broker clients for the commands that talk to brokers (`run`, `dlq`): one connection or
+//! Broker clients of a runtime and of the commands that talk to brokers (`lockgate dlq`): one connection or
 //! producer per `[brokers.<name>]`, shared by every route and command step that uses it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use lockgate::broker::kafka::{KafkaScan, KafkaSink, KafkaSource};
-use lockgate::broker::local::LocalBroker;
-use lockgate::broker::nats::{
+use crate::broker::kafka::{KafkaScan, KafkaSink, KafkaSource};
+use crate::broker::local::LocalBroker;
+use crate::broker::nats::{
     JetStreamScan, JetStreamSink, JetStreamSource, NatsCoreSource, NatsLink, NatsReplySink,
 };
-use lockgate::broker::pg_dead_letters::DeadLetterTable;
-use lockgate::broker::pg_outbox::{OutboxRelay, OutboxWriter};
-use lockgate::broker::rabbitmq::{RabbitScan, RabbitSink, RabbitSource};
-use lockgate::broker::{Scan, Sink, Source};
-use lockgate::config::{
-    BrokerKind, Config, DLQ_STORE_PREFIX, Endpoint, NatsConfig, RouteConfig, StoreKind,
-};
-use lockgate::state::PostgresStore;
+use crate::broker::pg_dead_letters::DeadLetterTable;
+use crate::broker::pg_outbox::{OutboxRelay, OutboxWriter};
+use crate::broker::rabbitmq::{RabbitScan, RabbitSink, RabbitSource};
+use crate::broker::{Scan, Sink, Source};
+use crate::config::{BrokerKind, Config, DLQ_STORE_PREFIX, Endpoint, NatsConfig, RouteConfig};
+
+use super::error::ClientError;
+use super::stores::postgres;
 
 /// Connections of a dead-letter table's pool: DLQ writes and reads are rare.
 const DEAD_LETTER_POOL_SIZE: usize = 2;
 
 /// Connections of an outbox relay's pool: its lease, renew, mark and cleanup statements.
 const OUTBOX_POOL_SIZE: usize = 4;
-
-/// A PostgreSQL store of its own (with its own small pool) on `[stores.<store>]`.
-fn postgres(config: &Config, store: &str, pool_size: usize) -> anyhow::Result<PostgresStore> {
-    let Some(sc) = config.stores.get(store) else {
-        anyhow::bail!("state store {store} is not defined");
-    };
-    let StoreKind::Postgres { schema, .. } = &sc.kind else {
-        anyhow::bail!(
-            "stores.{store} is not a PostgreSQL store: it has no dead-letter or outbox table"
-        );
-    };
-    let url = sc.url().map_err(anyhow::Error::msg)?;
-    PostgresStore::new(&url, schema, pool_size).map_err(|e| anyhow::anyhow!("stores.{store}: {e}"))
-}
 
 /// How long the one-shot commands (`lockgate dlq`) wait for a NATS connection before they
 /// fail with the reason.
@@ -56,7 +42,7 @@ impl Clients {
         &mut self,
         config: &Config,
         store: &str,
-    ) -> anyhow::Result<DeadLetterTable> {
+    ) -> Result<DeadLetterTable, ClientError> {
         if let Some(t) = self.tables.get(store) {
             return Ok(t.clone());
         }
@@ -73,11 +59,11 @@ impl Clients {
         config: &Config,
         name: &str,
         cfg: &NatsConfig,
-    ) -> anyhow::Result<NatsLink> {
+    ) -> Result<NatsLink, ClientError> {
         if let Some(c) = self.nats.get(name) {
             return Ok(c.clone());
         }
-        let link = lockgate::broker::nats::connect(name, cfg, &config.base_dir).await?;
+        let link = crate::broker::nats::connect(name, cfg, &config.base_dir).await?;
         self.nats.insert(name.to_owned(), link.clone());
         Ok(link)
     }
@@ -88,7 +74,7 @@ impl Clients {
         config: &Config,
         local: &LocalBroker,
         route: &RouteConfig,
-    ) -> anyhow::Result<Box<dyn Source>> {
+    ) -> Result<Box<dyn Source>, ClientError> {
         if let Some(outbox) = &route.outbox {
             let store = postgres(config, &outbox.store, OUTBOX_POOL_SIZE)?;
             return Ok(Box::new(OutboxRelay::new(store, outbox.clone())));
@@ -98,7 +84,7 @@ impl Clients {
             return Ok(Box::new(local.source(&src.topic, &src.group)?));
         }
         let Some(broker) = config.brokers.get(&src.broker) else {
-            anyhow::bail!("broker {} is not defined", src.broker);
+            return Err(ClientError::UndefinedBroker(src.broker.clone()));
         };
         match &broker.kind {
             BrokerKind::Kafka(kafka) => {
@@ -125,7 +111,7 @@ impl Clients {
                     &route.rabbitmq.clone().unwrap_or_default(),
                 );
                 Ok(Box::new(
-                    if route.retry.mode == lockgate::policy::backoff::RetryMode::Broker {
+                    if route.retry.mode == crate::policy::backoff::RetryMode::Broker {
                         source.with_broker_retries()
                     } else {
                         source
@@ -140,7 +126,7 @@ impl Clients {
         &mut self,
         config: &Config,
         route: &RouteConfig,
-    ) -> anyhow::Result<Option<Arc<dyn Sink>>> {
+    ) -> Result<Option<Arc<dyn Sink>>, ClientError> {
         let Some(broker) = config.brokers.get(&route.source.broker) else {
             return Ok(None);
         };
@@ -162,7 +148,7 @@ impl Clients {
         config: &Config,
         local: &LocalBroker,
         name: &str,
-    ) -> anyhow::Result<Arc<dyn Sink>> {
+    ) -> Result<Arc<dyn Sink>, ClientError> {
         if let Some(s) = self.sinks.get(name) {
             return Ok(s.clone());
         }
@@ -172,7 +158,7 @@ impl Clients {
             Arc::new(self.dead_letters(config, store)?)
         } else {
             let Some(broker) = config.brokers.get(name) else {
-                anyhow::bail!("broker {name} is not defined");
+                return Err(ClientError::UndefinedBroker(name.to_owned()));
             };
             match &broker.kind {
                 BrokerKind::Kafka(kafka) => Arc::new(KafkaSink::new(name, kafka)?),
@@ -204,7 +190,7 @@ impl Clients {
         config: &Config,
         local: &LocalBroker,
         endpoint: &Endpoint,
-    ) -> anyhow::Result<Box<dyn Scan>> {
+    ) -> Result<Box<dyn Scan>, ClientError> {
         if endpoint.broker == "local" {
             return Ok(Box::new(local.scan(&endpoint.topic)?));
         }
@@ -214,7 +200,7 @@ impl Clients {
             ));
         }
         let Some(broker) = config.brokers.get(&endpoint.broker) else {
-            anyhow::bail!("broker {} is not defined", endpoint.broker);
+            return Err(ClientError::UndefinedBroker(endpoint.broker.clone()));
         };
         Ok(match &broker.kind {
             BrokerKind::Kafka(kafka) => Box::new(KafkaScan::open(kafka, &endpoint.topic).await?),
@@ -237,7 +223,7 @@ impl Clients {
         config: &Config,
         local: &LocalBroker,
         route: &RouteConfig,
-    ) -> anyhow::Result<Arc<dyn Sink>> {
+    ) -> Result<Arc<dyn Sink>, ClientError> {
         // A route that relays an outbox is fed by writing rows into it.
         if let Some(outbox) = &route.outbox {
             let store = postgres(config, &outbox.store, DEAD_LETTER_POOL_SIZE)?;
