@@ -348,7 +348,7 @@ fn polling_notices_a_module_change_and_reload_beyond_loopback_needs_a_token() {
     let addr = admin_addr(&mut run, dir.path(), 1);
     let (code, body) = lockgate::telemetry::http_request(&addr, "POST", "/reload", None).unwrap();
     assert_eq!(code, 403, "{body}");
-    assert!(body.contains("admin_token_env"), "{body}");
+    assert!(body.contains("admin_token"), "{body}");
     std::fs::copy(guest("uppercase"), &module).unwrap();
     wait_reloads(&mut run, dir.path(), &addr, (1, 0));
     assert_serving(&addr, &guest("uppercase"));
@@ -358,7 +358,7 @@ fn polling_notices_a_module_change_and_reload_beyond_loopback_needs_a_token() {
     let dir = tempfile::tempdir().unwrap();
     let (config, module) = module_config(
         dir.path(),
-        "admin = \"0.0.0.0:0\"\nwatch = \"off\"\nadmin_token_env = \"LG_TEST_TOKEN\"\n",
+        "admin = \"0.0.0.0:0\"\nwatch = \"off\"\nadmin_token = { env = \"LG_TEST_TOKEN\" }\n",
     );
     let mut run = lockgate_tests::start_run_with_env(
         dir.path(),

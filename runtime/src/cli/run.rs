@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use lockgate::broker::local::LocalBroker;
-use lockgate::config::{Config, IdempotencyKey, Ordering, RouteConfig};
+use lockgate::config::{Config, IdempotencyKey, Ordering, RouteConfig, format_problem};
 use lockgate::engine::{Engine, EngineSettings};
 use lockgate::pipeline::{RouteReport, Shutdown};
 use lockgate::policy::backoff::Jitter;
@@ -56,6 +56,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
     overrides.apply(&mut config);
+    for w in &config.warnings {
+        tracing::warn!("Config warning: {}", format_problem(&config.file, w));
+    }
     if config.routes.is_empty() {
         eprintln!(
             "{}: no [routes.<name>] tables: nothing to run (see docs/reference/runtime-toml.md#routes)",
@@ -102,13 +105,12 @@ async fn run_routes(config: Config, overrides: Overrides) -> anyhow::Result<Exit
             .await
             .with_context(|| format!("cannot listen on the admin address {addr}"))?;
         println!("lockgate: admin endpoint on http://{local} (/metrics, /healthz, /readyz)");
-        let token = match &config.admin_token_env {
-            Some(name) => Some(std::env::var(name).with_context(|| {
-                format!(
-                    "{}: runtime.admin_token_env: environment variable {name} is not set",
-                    config.file.display()
-                )
-            })?),
+        let token = match &config.admin_token {
+            Some(secret) => Some(
+                secret
+                    .resolve()
+                    .with_context(|| config.file.display().to_string())?,
+            ),
             None => None,
         };
         let control = AdminControl {

@@ -106,7 +106,7 @@ impl Stores {
         {
             return Ok(s.clone());
         }
-        let url = sc.url()?;
+        let url = sc.url().map_err(|e| e.to_string())?;
         let fail = |e| format!("stores.{name}: {e}");
         let store = match &sc.kind {
             StoreKind::Redis { prefix } => {
@@ -429,7 +429,7 @@ impl Supervisor {
         let mut notes = Vec::new();
         if new.state_dir != self.config.state_dir
             || new.admin != self.config.admin
-            || new.admin_token_env != self.config.admin_token_env
+            || new.admin_token != self.config.admin_token
             || new.engine != self.config.engine
             || new.shutdown_grace_ms != self.config.shutdown_grace_ms
             || new.watch != self.config.watch
