@@ -76,7 +76,7 @@ shutdown_grace_ms = 5000
 
 [brokers.rabbit]
 kind = "rabbitmq"
-url = { file = "amqp-url" }
+url = {{ file = "amqp-url" }}
 exchange = "{exchange}"
 
 [handlers.chaos]
