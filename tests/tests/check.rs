@@ -130,3 +130,24 @@ fn the_runtime_toml_reference_is_what_lockgate_config_reference_prints() {
         );
     }
 }
+
+#[test]
+fn lockgate_run_logs_the_deprecation_warnings_too() {
+    // deprecated.toml has no routes: `lockgate run` stops at once (exit 2), after loading it.
+    let dir = scratch();
+    let out = Command::new(lockgate_bin())
+        .current_dir(dir.path())
+        .args(["run", "deprecated.toml"])
+        .env("LOCKGATE_LOG", "warn")
+        .env("LOCKGATE_UI_SECRET", "s3cret")
+        .output()
+        .expect("cannot run lockgate");
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "Config warning: deprecated.toml: brokers.rabbit.url_file: deprecated: write url = { file = \"amqp-url.secret\" } instead"
+        ),
+        "{stderr}"
+    );
+}
