@@ -106,11 +106,8 @@ async fn run_routes(config: Config, overrides: Overrides) -> anyhow::Result<Exit
             .with_context(|| format!("cannot listen on the admin address {addr}"))?;
         println!("lockgate: admin endpoint on http://{local} (/metrics, /healthz, /readyz)");
         let token = match &config.admin_token {
-            Some(secret) => Some(
-                secret
-                    .resolve()
-                    .with_context(|| config.file.display().to_string())?,
-            ),
+            // The error names the config file, the field and the variable or file.
+            Some(secret) => Some(secret.resolve()?),
             None => None,
         };
         let control = AdminControl {

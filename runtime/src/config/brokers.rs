@@ -312,10 +312,9 @@ fn parse_properties(r: &mut Reader<'_>, key: &str) -> BTreeMap<String, Property>
         let path = r.key_path(&format!("{key}.{k}"));
         let property = match (v, scalar(v)) {
             (toml::Value::Table(_), _) => parse_secret_value(r.out, &path, v).map(Property::Secret),
-            (_, Some(s)) if is_secret_property(k) => Some(Property::Secret(Secret::new(
-                &path,
-                SecretSource::Inline(s),
-            ))),
+            (_, Some(s)) if is_secret_property(k) => Some(Property::Secret(
+                Secret::new(&path, SecretSource::Inline(s)).in_file(&r.out.file),
+            )),
             (_, Some(s)) => Some(Property::Value(s)),
             (other, None) => {
                 r.out.problems.push(super::Problem::new(
@@ -463,10 +462,13 @@ mod tests {
         assert_eq!(b.properties["sasl.username"], value("lg"));
         assert_eq!(
             b.properties["sasl.password"],
-            Property::Secret(Secret::new(
-                "brokers.kafka.properties.sasl.password",
-                SecretSource::Env("KAFKA_PASSWORD".into())
-            ))
+            Property::Secret(
+                Secret::new(
+                    "brokers.kafka.properties.sasl.password",
+                    SecretSource::Env("KAFKA_PASSWORD".into())
+                )
+                .in_file(Path::new("conf/rt.toml"))
+            )
         );
         // A secret-like property written inline is a secret too: never shown.
         let Property::Secret(inline) = &b.properties["ssl.key.password"] else {
@@ -476,10 +478,13 @@ mod tests {
         assert!(!format!("{b:?}").contains("inline-secret"));
         assert_eq!(
             b.consumer_properties["sasl.oauthbearer.client.secret"],
-            Property::Secret(Secret::new(
-                "brokers.kafka.consumer_properties.sasl.oauthbearer.client.secret",
-                SecretSource::File(Path::new("conf/secrets/oauth").into())
-            ))
+            Property::Secret(
+                Secret::new(
+                    "brokers.kafka.consumer_properties.sasl.oauthbearer.client.secret",
+                    SecretSource::File(Path::new("conf/secrets/oauth").into())
+                )
+                .in_file(Path::new("conf/rt.toml"))
+            )
         );
         assert_eq!(b.producer_properties["linger.ms"], value("5"));
         assert_eq!(b.max_in_flight_per_partition, 77);
@@ -536,7 +541,8 @@ mod tests {
             "[brokers.a]\nkind = \"nats\"\nservers = \"nats://h:4222\"\ncredentials = { file = \"a.creds\" }\ntls = true\ntls_ca_file = \"ca.pem\"\n\n[brokers.b]\nkind = \"nats\"\nservers = \"nats://h:4222\"\nnkey_seed = { env = \"SEED\" }\n\n[brokers.c]\nkind = \"nats\"\nservers = \"nats://h:4222\"\ntoken = \"t0ken\"\n\n[brokers.d]\nkind = \"nats\"\nservers = [\"nats://h:4222\", \"nats://i:4222\"]\nuser = \"u\"\npassword = { env = \"PW\" }\n\n[brokers.e]\nkind = \"nats\"\nservers = \"nats://h:4222\"\n",
         )
         .unwrap();
-        let secret = |field: &str, s: SecretSource| Secret::new(field, s);
+        let secret =
+            |field: &str, s: SecretSource| Secret::new(field, s).in_file(Path::new("conf/rt.toml"));
         let a = kind_of(&c, "a", nats);
         assert_eq!(
             a.auth,

@@ -200,6 +200,7 @@ impl Config {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or_else(|| PathBuf::from("."));
         let mut findings = Findings {
+            file: file.to_owned(),
             base_dir: base_dir.clone(),
             ..Findings::default()
         };

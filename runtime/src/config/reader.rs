@@ -88,6 +88,8 @@ pub(crate) fn describe(v: &toml::Value) -> String {
 /// What reading one file found, shared by the readers of all its tables.
 #[derive(Debug, Default)]
 pub(crate) struct Findings {
+    /// The config file, as given (secrets name it in their errors).
+    pub file: PathBuf,
     /// Directory relative paths (modules, secret files, certificates) are resolved against.
     pub base_dir: PathBuf,
     /// Everything that makes the file invalid.

@@ -13,7 +13,7 @@
 //! replacement (see [`super::schema::Alias`]).
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::reader::{Findings, Reader, describe};
 use super::schema::{SECRET, Shape};
@@ -53,6 +53,8 @@ impl fmt::Display for SecretSource {
 /// A secret field's value, and where to read it (see the module docs).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret {
+    /// The config file it was read from (empty when not known), which errors name.
+    file: PathBuf,
     /// The field's TOML path (`stores.pg.url`), which errors name.
     field: String,
     source: SecretSource,
@@ -61,6 +63,7 @@ pub struct Secret {
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Secret")
+            .field("file", &self.file)
             .field("field", &self.field)
             .field("source", &self.source)
             .finish()
@@ -75,10 +78,12 @@ impl fmt::Display for Secret {
     }
 }
 
-/// A secret that could not be read: the field, where its value was to come from and why not.
+/// A secret that could not be read: the file and field, where its value was to come from and
+/// why not (`runtime.toml: stores.pg.url: environment variable PG_URL is not set`).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {reason}")]
 pub struct SecretError {
+    /// The config file (empty when not known).
+    pub file: PathBuf,
     /// The field's TOML path (`stores.pg.url`).
     pub field: String,
     /// What went wrong, naming the variable or the file (`environment variable PG_URL is not
@@ -86,13 +91,29 @@ pub struct SecretError {
     pub reason: String,
 }
 
+impl fmt::Display for SecretError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.file.as_os_str().is_empty() {
+            write!(f, "{}: ", self.file.display())?;
+        }
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
 impl Secret {
     /// A secret of field `field` (a TOML path) read from `source`.
     pub fn new(field: &str, source: SecretSource) -> Self {
         Self {
+            file: PathBuf::new(),
             field: field.to_owned(),
             source,
         }
+    }
+
+    /// The same secret, as read from config file `file` (which its errors then name).
+    pub fn in_file(mut self, file: &Path) -> Self {
+        self.file = file.to_owned();
+        self
     }
 
     /// The TOML path of the field it was read from.
@@ -118,6 +139,7 @@ impl Secret {
     /// variable and an unreadable or empty file are errors.
     pub fn resolve(&self) -> Result<String, SecretError> {
         let fail = |reason: String| SecretError {
+            file: self.file.clone(),
             field: self.field.clone(),
             reason,
         };
@@ -164,7 +186,9 @@ pub(super) fn parse_secret_value(
                 .push(super::Problem::new(path, "must not be empty".to_owned()));
             None
         }
-        toml::Value::String(s) => Some(Secret::new(path, SecretSource::Inline(s.clone()))),
+        toml::Value::String(s) => {
+            Some(Secret::new(path, SecretSource::Inline(s.clone())).in_file(&out.file))
+        }
         toml::Value::Table(t) => {
             let mut r = Reader::new(path, t, &[&SECRET], out);
             let before = r.problem_count();
@@ -189,7 +213,8 @@ pub(super) fn parse_secret_value(
                     None
                 }
             };
-            source.map(|s| Secret::new(path, s))
+            let file = r.out.file.clone();
+            source.map(|s| Secret::new(path, s).in_file(&file))
         }
         other => {
             out.problems.push(super::Problem::new(
@@ -253,7 +278,7 @@ impl Reader<'_> {
                     name.escape_default()
                 ),
             );
-            return Some(Secret::new(&self.key_path(key), source));
+            return Some(Secret::new(&self.key_path(key), source).in_file(&self.out.file));
         }
         let value = self.get(key)?;
         let path = self.key_path(key);
@@ -294,6 +319,22 @@ mod tests {
         assert_eq!(
             unset.resolve().unwrap_err().to_string(),
             "stores.main.url: environment variable LOCKGATE_SECRET_TEST_UNSET is not set"
+        );
+        // Read from a config file, the error names it too.
+        let e = unset
+            .in_file(Path::new("conf/runtime.toml"))
+            .resolve()
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "conf/runtime.toml: stores.main.url: environment variable LOCKGATE_SECRET_TEST_UNSET is not set"
+        );
+        assert_eq!(
+            (e.field.as_str(), e.reason.as_str()),
+            (
+                "stores.main.url",
+                "environment variable LOCKGATE_SECRET_TEST_UNSET is not set"
+            )
         );
     }
 
