@@ -7,7 +7,7 @@
 //! - `GET /status`: JSON with each route's state, breaker, in-flight, counters and lag (what
 //!   `lockgate status` reads);
 //! - `POST /reload`: reloads the config and modules (what `lockgate reload` sends); it needs the
-//!   bearer token of `[runtime] admin_token_env` when one is set, and is refused beyond loopback
+//!   bearer token of `[runtime] admin_token` when one is set, and is refused beyond loopback
 //!   without one.
 //!
 //! The operator's view of all five is docs/operate/observability.md.
@@ -459,14 +459,14 @@ async fn reload(
             if given != Some(token.as_str()) {
                 return refuse(
                     StatusCode::UNAUTHORIZED,
-                    "POST /reload needs `Authorization: Bearer <token>` with the token from [runtime] admin_token_env".to_owned(),
+                    "POST /reload needs `Authorization: Bearer <token>` with the token of [runtime] admin_token".to_owned(),
                 );
             }
         }
         None if !control.loopback => {
             return refuse(
                 StatusCode::FORBIDDEN,
-                "the admin endpoint listens beyond loopback: set [runtime] admin_token_env to allow POST /reload".to_owned(),
+                "the admin endpoint listens beyond loopback: set [runtime] admin_token to allow POST /reload".to_owned(),
             );
         }
         None => {}

@@ -190,5 +190,5 @@ macro_rules! m { () => { $crate::pipeline::x() } }
             },
         ]
     );
-    assert!(check_file(&layers, "app.rs", "app", "").is_err());
+    assert!(check_file(&layers, "newmodule.rs", "newmodule", "").is_err());
 }

@@ -651,7 +651,7 @@ fn a_token_protected_server_is_used_with_its_token_and_a_wrong_one_shows_failing
     lockgate_tests::edit_config(
         &config,
         "kind = \"nats\"\n",
-        "kind = \"nats\"\ntoken_env = \"TEST_NATS_TOKEN\"\n",
+        "kind = \"nats\"\ntoken = { env = \"TEST_NATS_TOKEN\" }\n",
     );
     let run = |run: u32, token: Option<&str>| {
         let env: Vec<(&str, &str)> = token.map(|t| ("TEST_NATS_TOKEN", t)).into_iter().collect();
@@ -683,16 +683,16 @@ fn a_token_protected_server_is_used_with_its_token_and_a_wrong_one_shows_failing
             .contains("the server refused the credentials"),
         "{ready}"
     );
-    assert!(
-        route["fix"].as_str().unwrap().contains("token_env"),
-        "{ready}"
-    );
+    assert!(route["fix"].as_str().unwrap().contains("token"), "{ready}");
     stop(&mut child, dir.path(), 2);
     // No token at all is a config problem: the start fails.
     let status = run(3, None).wait().unwrap();
     let logs = run_logs(dir.path(), 3);
     assert_eq!(status.code(), Some(2), "{logs}");
-    assert!(logs.contains("TEST_NATS_TOKEN, which is not set"), "{logs}");
+    assert!(
+        logs.contains("brokers.nats.token: environment variable TEST_NATS_TOKEN is not set"),
+        "{logs}"
+    );
 }
 
 #[test]

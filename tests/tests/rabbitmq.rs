@@ -76,7 +76,7 @@ shutdown_grace_ms = 5000
 
 [brokers.rabbit]
 kind = "rabbitmq"
-url_file = "amqp-url"
+url = {{ file = "amqp-url" }}
 exchange = "{exchange}"
 
 [handlers.chaos]
@@ -387,8 +387,8 @@ fn an_open_breaker_leaves_messages_in_the_queue_and_never_meets_consumer_timeout
             "max_attempts = 1000, initial_backoff_ms = 5, max_backoff_ms = 50",
         )
         .replace(
-            "url_file = \"amqp-url\"",
-            "url_file = \"amqp-url\"\nconsumer_timeout_ms = 2000",
+            "url = { file = \"amqp-url\" }",
+            "url = { file = \"amqp-url\" }\nconsumer_timeout_ms = 2000",
         );
     std::fs::write(&config, text).unwrap();
     let mut proc = run(dir.path(), &config, 1);
@@ -676,8 +676,11 @@ fn a_route_over_amqps_trusts_its_ca_file_and_refuses_an_unknown_certificate() {
     // With it, the route consumes and publishes over TLS.
     lockgate_tests::edit_config(
         &config,
-        "url_file = \"amqp-url\"\n",
-        &format!("url_file = \"amqp-url\"\nca_file = \"{}\"\n", ca.display()),
+        "url = { file = \"amqp-url\" }\n",
+        &format!(
+            "url = {{ file = \"amqp-url\" }}\nca_file = \"{}\"\n",
+            ca.display()
+        ),
     );
     let mut proc = run(dir.path(), &config, 2);
     let mut got = (Vec::new(), Vec::new());

@@ -185,7 +185,7 @@ impl Drop for RabbitUser {
 fn rabbit_broker(dir: &Path, url: &str) -> String {
     // In a file, as a password should be.
     std::fs::write(dir.join("amqp-url"), url).unwrap();
-    "[brokers.rabbit]\nkind = \"rabbitmq\"\nurl_file = \"amqp-url\"\n".to_owned()
+    "[brokers.rabbit]\nkind = \"rabbitmq\"\nurl = { file = \"amqp-url\" }\n".to_owned()
 }
 
 #[test]
@@ -590,9 +590,10 @@ fn kafka_credentials_the_broker_refuses_fail_the_route_once_at_error() {
     let dir = tempfile::tempdir().unwrap();
     let topic = unique("ready-kafka-sasl");
     // tansu speaks no SASL: a client configured for it fails to authenticate, as with a wrong
-    // password on a broker that does.
+    // password on a broker that does. The password is a secret in a file, as it should be.
+    std::fs::write(dir.path().join("kafka-password"), "wrong\n").unwrap();
     let broker = format!(
-        "[brokers.kafka]\nkind = \"kafka\"\nbootstrap_servers = \"{}\"\nproperties = {{ \"security.protocol\" = \"SASL_PLAINTEXT\", \"sasl.mechanisms\" = \"PLAIN\", \"sasl.username\" = \"lockgate\", \"sasl.password\" = \"wrong\" }}\n",
+        "[brokers.kafka]\nkind = \"kafka\"\nbootstrap_servers = \"{}\"\nproperties = {{ \"security.protocol\" = \"SASL_PLAINTEXT\", \"sasl.mechanisms\" = \"PLAIN\", \"sasl.username\" = \"lockgate\", \"sasl.password\" = {{ file = \"kafka-password\" }} }}\n",
         bootstrap()
     );
     write_config(

@@ -304,7 +304,7 @@ async fn polling_notices_a_module_change_and_post_reload_beyond_loopback_needs_a
     let addr = rt.admin();
     let (code, body) = lockgate::telemetry::http_request(&addr, "POST", "/reload", None).unwrap();
     assert_eq!(code, 403, "{body}");
-    assert!(body.contains("admin_token_env"), "{body}");
+    assert!(body.contains("admin_token"), "{body}");
     std::fs::copy(guest("uppercase"), &module).unwrap();
     let changes = match rt
         .wait_event("a reload by the poller", DEADLINE, |e| {
@@ -349,7 +349,7 @@ fn lockgate_run_reloads_on_sighup_and_an_authorised_post_reload() {
     let dir = tempfile::tempdir().unwrap();
     let (config, module) = module_config(
         dir.path(),
-        "admin = \"0.0.0.0:0\"\nwatch = \"off\"\nadmin_token_env = \"LG_TEST_TOKEN\"\n",
+        "admin = \"0.0.0.0:0\"\nwatch = \"off\"\nadmin_token = { env = \"LG_TEST_TOKEN\" }\n",
     );
     let mut run = lockgate_tests::start_run_with_env(
         dir.path(),

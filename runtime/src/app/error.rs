@@ -17,13 +17,13 @@ pub enum StoreError {
     #[error("state store {0} is not defined")]
     Undefined(String),
     /// Its URL cannot be read (an unset environment variable, an unreadable file); the message
-    /// names the field.
-    #[error("{message}")]
+    /// names the file, the field and the source.
+    #[error("{error}")]
     Url {
         /// The store.
         store: String,
-        /// What is wrong, with the field's path.
-        message: String,
+        /// What is wrong.
+        error: Box<crate::config::SecretError>,
     },
     /// The store refused to open (a URL that does not parse, a bad schema).
     #[error("stores.{store}: {error}")]
@@ -150,14 +150,10 @@ pub enum StartError {
         /// Why.
         error: std::io::Error,
     },
-    /// `admin_token_env` names a variable that is not set.
-    #[error("{}: runtime.admin_token_env: environment variable {name} is not set", file.display())]
-    AdminToken {
-        /// runtime.toml.
-        file: PathBuf,
-        /// The variable.
-        name: String,
-    },
+    /// `[runtime] admin_token` cannot be read (an unset variable, a missing file); the message
+    /// names the file, the field and the source.
+    #[error("{0}")]
+    AdminToken(crate::config::SecretError),
     /// The routes cannot start (the same checks a reload makes).
     #[error(transparent)]
     Routes(#[from] ReloadError),

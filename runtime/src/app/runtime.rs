@@ -123,11 +123,8 @@ impl RuntimeBuilder {
                         addr: addr.clone(),
                         error,
                     })?;
-            let token = match &config.admin_token_env {
-                Some(name) => Some(std::env::var(name).map_err(|_| StartError::AdminToken {
-                    file: config.file.clone(),
-                    name: name.clone(),
-                })?),
+            let token = match &config.admin_token {
+                Some(secret) => Some(secret.resolve().map_err(StartError::AdminToken)?),
                 None => None,
             };
             let _ = events.send(Event::AdminListening { addr: local });

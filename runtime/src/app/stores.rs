@@ -64,9 +64,9 @@ impl Stores {
         {
             return Ok(s.clone());
         }
-        let url = sc.url().map_err(|message| StoreError::Url {
+        let url = sc.url().map_err(|error| StoreError::Url {
             store: name.to_owned(),
-            message,
+            error: Box::new(error),
         })?;
         let fail = |error| StoreError::Open {
             store: name.to_owned(),
@@ -100,9 +100,9 @@ pub fn postgres(
     let StoreKind::Postgres { schema, .. } = &sc.kind else {
         return Err(StoreError::NotPostgres(store.to_owned()));
     };
-    let url = sc.url().map_err(|message| StoreError::Url {
+    let url = sc.url().map_err(|error| StoreError::Url {
         store: store.to_owned(),
-        message,
+        error: Box::new(error),
     })?;
     PostgresStore::new(&url, schema, pool_size).map_err(|error| StoreError::Open {
         store: store.to_owned(),

@@ -401,7 +401,7 @@ impl Supervisor {
         let mut notes = Vec::new();
         if new.state_dir != self.config.state_dir
             || new.admin != self.config.admin
-            || new.admin_token_env != self.config.admin_token_env
+            || new.admin_token != self.config.admin_token
             || new.engine != self.config.engine
             || new.shutdown_grace_ms != self.config.shutdown_grace_ms
             || new.watch != self.config.watch

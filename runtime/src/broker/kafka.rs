@@ -48,7 +48,7 @@ use super::{Ack, AckHandle, AckKind, BrokerError, Delivery, Lag, LagGauge, Scan,
 use futures_util::future::BoxFuture;
 
 use crate::broker::offsets::OffsetTracker;
-use crate::config::KafkaConfig;
+use crate::config::{KafkaConfig, Property};
 use crate::health::{Backoff, Failure, HealthReporter, HealthWatch};
 use crate::message::{OutRecord, Record};
 
@@ -191,7 +191,7 @@ pub async fn probe(broker: &KafkaConfig, topic: Option<&str>) -> Result<(), Brok
             ("allow.auto.create.topics", "false"),
         ],
         &broker.consumer_properties,
-    )
+    )?
     .create_with_context(context.clone())
     .map_err(|e| BrokerError::Invalid(format!("kafka consumer: {e}")))?;
     let t = topic.map(str::to_owned);
@@ -240,21 +240,26 @@ pub async fn probe(broker: &KafkaConfig, topic: Option<&str>) -> Result<(), Brok
 }
 
 /// Builds the client config of `broker` for a consumer or a producer: our defaults, then the
-/// user's `properties`, then the role's own properties (later ones win).
+/// user's `properties`, then the role's own properties (later ones win). Secret properties are
+/// read now, from the environment or their file; one that cannot be read is a config problem.
 fn client_config(
     broker: &KafkaConfig,
     defaults: &[(&str, &str)],
-    role: &BTreeMap<String, String>,
-) -> ClientConfig {
+    role: &BTreeMap<String, Property>,
+) -> Result<ClientConfig, BrokerError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &broker.bootstrap_servers);
     for (k, v) in defaults {
         c.set(*k, *v);
     }
     for (k, v) in broker.properties.iter().chain(role) {
-        c.set(k, v);
+        c.set(
+            k,
+            v.resolve()
+                .map_err(|e| BrokerError::Invalid(e.to_string()))?,
+        );
     }
-    c
+    Ok(c)
 }
 
 /// One *assigned* partition: its watermark tracker (seeded with the committed position at
@@ -491,7 +496,7 @@ impl KafkaSource {
                 ("enable.partition.eof", "false"),
             ],
             &broker.consumer_properties,
-        );
+        )?;
         let consumer: Consumer_ = config
             .create_with_context(LockgateContext {
                 shared: shared.clone(),
@@ -901,7 +906,7 @@ impl KafkaSink {
                 ("linger.ms", "2"),
             ],
             &broker.producer_properties,
-        )
+        )?
         .create_with_context(QuietContext::default())
         .map_err(|e| BrokerError::Invalid(format!("kafka producer for {name}: {e}")))?;
         Ok(Self { producer })
@@ -1013,7 +1018,7 @@ impl KafkaScan {
                 ("allow.auto.create.topics", "false"),
             ],
             &broker.consumer_properties,
-        )
+        )?
         .create()
         .map_err(|e| BrokerError::Invalid(format!("kafka consumer: {e}")))?;
         let t = topic.to_owned();
@@ -1138,6 +1143,42 @@ impl Scan for KafkaScan {
 mod tests {
     use super::*;
     use crate::health::FailureKind;
+
+    #[test]
+    fn secret_properties_are_read_when_the_client_is_built() {
+        use crate::config::{Secret, SecretSource};
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        std::fs::write(&file, "pw-from-file\n").unwrap();
+        let secret =
+            |source| Property::Secret(Secret::new("brokers.k.properties.sasl.password", source));
+        let mut broker = KafkaConfig {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            properties: BTreeMap::from([
+                ("sasl.password".into(), secret(SecretSource::File(file))),
+                ("linger.ms".into(), Property::Value("5".into())),
+            ]),
+            consumer_properties: BTreeMap::new(),
+            producer_properties: BTreeMap::new(),
+            max_in_flight_per_partition: 1,
+        };
+        let role = BTreeMap::from([("linger.ms".into(), Property::Value("7".into()))]);
+        let c = client_config(&broker, &[("acks", "all")], &role).unwrap();
+        assert_eq!(c.get("sasl.password"), Some("pw-from-file"));
+        assert_eq!(c.get("linger.ms"), Some("7"));
+        assert_eq!(c.get("acks"), Some("all"));
+        broker.properties.insert(
+            "sasl.password".into(),
+            secret(SecretSource::File(dir.path().join("missing"))),
+        );
+        let Err(BrokerError::Invalid(e)) = client_config(&broker, &[], &role) else {
+            panic!("a missing secret file must fail");
+        };
+        assert!(
+            e.starts_with("brokers.k.properties.sasl.password: file "),
+            "{e}"
+        );
+    }
 
     #[test]
     fn refusals_are_misconfigurations_and_the_rest_transient() {

@@ -34,7 +34,7 @@ use super::{Ack, AckHandle, AckKind, BrokerError, Delivery, Lag, LagGauge, Scan,
 
 use futures_util::future::BoxFuture;
 
-use crate::config::{JetStreamSource as JetStreamConfig, NatsConfig};
+use crate::config::{JetStreamSource as JetStreamConfig, NatsAuth, NatsConfig, Secret};
 use crate::health::{Backoff, Failure, FailureKind, Health, HealthReporter, HealthWatch};
 use crate::message::{OutRecord, Record};
 
@@ -51,7 +51,7 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> BrokerError {
 /// The fix for credentials the server refused.
 fn credentials_fix(name: &str) -> String {
     format!(
-        "check the credentials of brokers.{name} (credentials_file, nkey_seed_file, token_env or user and password_env) against the server's accounts"
+        "check the credentials of brokers.{name} (credentials, nkey_seed, token, or user and password) against the server's accounts"
     )
 }
 
@@ -308,37 +308,24 @@ async fn options(
             }
         })
         .require_tls(cfg.tls);
-    if let Some(f) = &cfg.credentials_file {
-        let path = base_dir.join(f);
-        options = options.credentials_file(&path).await.map_err(|e| {
-            BrokerError::Invalid(format!(
-                "nats {name}: cannot read credentials_file {}: {e}",
-                path.display()
-            ))
-        })?;
-    }
-    if let Some(f) = &cfg.nkey_seed_file {
-        let path = base_dir.join(f);
-        let seed = std::fs::read_to_string(&path).map_err(|e| {
-            BrokerError::Invalid(format!(
-                "nats {name}: cannot read nkey_seed_file {}: {e}",
-                path.display()
-            ))
-        })?;
-        options = options.nkey(seed.trim().to_owned());
-    }
-    let secret = |var: &str, field: &str| {
-        std::env::var(var).map_err(|_| {
-            BrokerError::Invalid(format!(
-                "nats {name}: {field} names the environment variable {var}, which is not set"
-            ))
-        })
-    };
-    if let Some(var) = &cfg.token_env {
-        options = options.token(secret(var, "token_env")?);
-    }
-    if let Some((user, var)) = &cfg.user_password_env {
-        options = options.user_and_password(user.clone(), secret(var, "password_env")?);
+    // Secrets are read now, from the environment or their file: an unset variable or an
+    // unreadable file is a config problem, named with its field.
+    let secret = |s: &Secret| s.resolve().map_err(|e| BrokerError::Invalid(e.to_string()));
+    match &cfg.auth {
+        None => {}
+        Some(NatsAuth::Credentials(s)) => {
+            options = options.credentials(&secret(s)?).map_err(|e| {
+                BrokerError::Invalid(format!(
+                    "{}: not NATS credentials (a user JWT and an nkey seed): {e}",
+                    s.field()
+                ))
+            })?;
+        }
+        Some(NatsAuth::NkeySeed(s)) => options = options.nkey(secret(s)?.trim().to_owned()),
+        Some(NatsAuth::Token(s)) => options = options.token(secret(s)?),
+        Some(NatsAuth::UserPassword { user, password }) => {
+            options = options.user_and_password(user.clone(), secret(password)?);
+        }
     }
     if let Some(f) = &cfg.tls_ca_file {
         options = options.add_root_certificates(base_dir.join(f));
@@ -1084,7 +1071,7 @@ mod tests {
             async_nats::ConnectError::new(async_nats::ConnectErrorKind::AuthorizationViolation);
         let f = connect_failure("nats", &refused);
         assert!(f.is_misconfigured());
-        assert!(f.fix.as_deref().is_some_and(|x| x.contains("token_env")));
+        assert!(f.fix.as_deref().is_some_and(|x| x.contains("token")));
         let down = async_nats::ConnectError::with_source(
             async_nats::ConnectErrorKind::Io,
             std::io::Error::from(std::io::ErrorKind::ConnectionRefused),

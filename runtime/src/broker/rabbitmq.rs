@@ -104,7 +104,7 @@ pub fn classify(broker: &str, what: &str, e: &lapin::Error) -> BrokerError {
     match amqp.kind() {
         AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) if text.contains("Login was refused") => {
             misconfigured(format!(
-                "check the user name and password in the URL of brokers.{broker} (url, url_env or url_file), or create that user on the server"
+                "check the user name and password in the URL of brokers.{broker}, or create that user on the server"
             ))
         }
         AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => misconfigured(
@@ -157,7 +157,7 @@ async fn answered<T>(
 /// Opens a connection to broker `name`. The error never contains the URL (it may hold a
 /// password).
 pub async fn connect(name: &str, cfg: &RabbitConfig) -> Result<Connection, BrokerError> {
-    let url = cfg.url(name).map_err(BrokerError::Invalid)?;
+    let url = cfg.url().map_err(|e| BrokerError::Invalid(e.to_string()))?;
     let mut tls = OwnedTLSConfig::default();
     if let Some(path) = &cfg.ca_file {
         let pem = std::fs::read_to_string(path).map_err(|e| {

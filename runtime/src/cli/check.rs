@@ -47,19 +47,31 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_FAILED));
         }
     };
+    // `lockgate run` fails on a secret it cannot read (a variable that is not set, a file that
+    // is missing): read each one here, naming the field and where its value was to come from.
+    let unreadable: Vec<Problem> = config
+        .secrets()
+        .into_iter()
+        .filter_map(|s| s.resolve().err())
+        .map(|e| Problem::new(&e.field, e.reason))
+        .collect();
     // Modules of the handlers that validated are loaded even when other tables are broken, so
     // one run shows every problem.
+    problems.extend(unreadable.iter().cloned());
     problems.extend(check_handlers(&config)?);
     let mut notes = Vec::new();
     if args.connect {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;
-        let (p, n) = runtime.block_on(check_connections(&config));
+        let (p, n) = runtime.block_on(check_connections(&config, &unreadable));
         problems.extend(p);
         notes = n;
         // Background tasks of the clients (connection drivers) end with the runtime.
         runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    }
+    for w in &config.warnings {
+        eprintln!("warning: {}", format_problem(&config.file, w));
     }
     for p in &problems {
         eprintln!("{}", format_problem(&config.file, p));
@@ -135,12 +147,24 @@ fn connect_problem(path: &str, e: &BrokerError) -> Problem {
 }
 
 /// Connects to every broker and store of `config` and checks each route's source, changing
-/// nothing: (problems, notes on what `lockgate run` would create).
-async fn check_connections(config: &Config) -> (Vec<Problem>, Vec<Problem>) {
+/// nothing: (problems, notes on what `lockgate run` would create). A broker or store with an
+/// `unreadable` secret (already reported) is left out.
+async fn check_connections(
+    config: &Config,
+    unreadable: &[Problem],
+) -> (Vec<Problem>, Vec<Problem>) {
     let mut problems = Vec::new();
     let mut notes = Vec::new();
+    let reported = |table: &str| {
+        unreadable
+            .iter()
+            .any(|p| p.path.starts_with(&format!("{table}.")))
+    };
     for broker in config.brokers.values() {
         let table = format!("brokers.{}", broker.name);
+        if reported(&table) {
+            continue;
+        }
         let routes: Vec<_> = config
             .routes
             .values()
@@ -228,12 +252,8 @@ async fn check_connections(config: &Config) -> (Vec<Problem>, Vec<Problem>) {
     }
     for store in config.stores.values() {
         let table = format!("stores.{}", store.name);
-        let url = match store.url() {
-            Ok(u) => u,
-            Err(e) => {
-                problems.push(Problem::new("", e));
-                continue;
-            }
+        let Ok(url) = store.url() else {
+            continue;
         };
         let checked = match &store.kind {
             StoreKind::Postgres { schema, .. } => probe::probe_postgres(&url, schema).await,

@@ -66,7 +66,8 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         let url = match store.url() {
             Ok(u) => u,
             Err(e) => {
-                eprintln!("{}: {e}", args.config.display());
+                // The error names the config file, the field and the variable or file.
+                eprintln!("{e}");
                 failed = true;
                 continue;
             }

@@ -13,6 +13,7 @@ macro_rules! outln {
 }
 
 mod check;
+mod config;
 mod dlq;
 mod local;
 mod migrate;
@@ -170,6 +171,14 @@ enum Command {
     /// advisory lock); run this in a deploy step to fail early on a bad URL or missing rights.
     /// Exit codes: 0 done, 1 a store failed (the reason is printed), 2 bad config or arguments.
     Migrate(migrate::MigrateArgs),
+
+    /// Facts about runtime.toml itself: `lockgate config reference` prints every table and
+    /// field with its type, default and meaning, as Markdown.
+    ///
+    /// The reference is rendered from the same declarations the parser reads the fields from,
+    /// so it matches this lockgate exactly (docs/reference/runtime-toml.md is its output).
+    /// Exit codes: 0 printed.
+    Config(config::ConfigArgs),
 }
 
 impl Cli {
@@ -195,6 +204,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dlq(args) => dlq::run(args),
         Command::Reload(args) => reload::run(args),
         Command::Migrate(args) => migrate::run(args),
+        Command::Config(args) => config::run(args),
     }
 }
 

@@ -12,7 +12,7 @@ use super::{EXIT_FAILED, EXIT_USAGE};
 /// Arguments of `lockgate reload`.
 #[derive(Debug, Args)]
 pub struct ReloadArgs {
-    /// The config file whose `[runtime] admin` (and `admin_token_env`) name the endpoint.
+    /// The config file whose `[runtime] admin` (and `admin_token`) name the endpoint.
     #[arg(default_value_os_t = super::default_config())]
     config: PathBuf,
 
@@ -52,8 +52,8 @@ pub fn run(args: ReloadArgs) -> anyhow::Result<ExitCode> {
     let token = config
         .as_ref()
         .ok()
-        .and_then(|c| c.admin_token_env.as_ref())
-        .and_then(|name| std::env::var(name).ok());
+        .and_then(|c| c.admin_token.as_ref())
+        .and_then(|secret| secret.resolve().ok());
     let (code, body) =
         match lockgate::telemetry::http_request(&addr, "POST", "/reload", token.as_deref()) {
             Ok(r) => r,

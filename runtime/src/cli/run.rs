@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use lockgate::app::{Event, Runtime, StopCause, events::counts};
-use lockgate::config::Config;
+use lockgate::config::{Config, format_problem};
 use tokio::sync::mpsc;
 
 use super::{EXIT_FAILED, EXIT_USAGE};
@@ -39,6 +39,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_USAGE));
         }
     };
+    for w in &config.warnings {
+        tracing::warn!("Config warning: {}", format_problem(&config.file, w));
+    }
     if config.routes.is_empty() {
         eprintln!(
             "{}: no [routes.<name>] tables: nothing to run (see docs/reference/runtime-toml.md#routes)",

@@ -18,17 +18,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use super::{Problem, Reader, describe};
-
-/// The fields of `[local]` and of `[local.topics.<topic>]`.
-const FIELDS: &[&str] = &[
-    "segment_bytes",
-    "max_bytes",
-    "max_age_ms",
-    "delete_unconsumed",
-    "duplicate_window_ms",
-    "duplicate_window_ids",
-];
+use super::reader::{Problem, Reader, describe};
+use super::schema;
 
 /// The word that lifts a size or age limit.
 const UNLIMITED: &str = "unlimited";
@@ -45,28 +36,26 @@ pub(super) fn parse_local(r: &mut Reader<'_>) -> LocalSettings {
         for (name, value) in t {
             let path = r.key_path(&format!("topics.{name}"));
             if let Err(why) = check_topic_name(name) {
-                r.problems.push(Problem::new(&path, why));
+                r.out.problems.push(Problem::new(&path, why));
                 continue;
             }
             let Some(table) = value.as_table() else {
-                r.problems.push(Problem::new(
+                r.out.problems.push(Problem::new(
                     &path,
                     format!("expected a table, found {}", describe(value)),
                 ));
                 continue;
             };
-            let mut tr = Reader::new(&path, table, r.problems);
+            let mut tr = Reader::new(&path, table, &[&schema::LOCAL_TOPIC], r.out);
             let o = parse_fields(&mut tr);
             let mut resolved = defaults.clone();
             o.apply_to(&mut resolved);
             check_sizes(&mut tr, &resolved, &o);
-            tr.finish(FIELDS);
+            tr.finish();
             topics.insert(name.clone(), o);
         }
     }
-    let mut known = FIELDS.to_vec();
-    known.push("topics");
-    r.finish(&known);
+    r.finish();
     LocalSettings {
         defaults,
         topics,
@@ -107,9 +96,8 @@ fn parse_fields(r: &mut Reader<'_>) -> TopicOverride {
 
 /// A positive integer or `"unlimited"` (`Some(None)`).
 fn limit(r: &mut Reader<'_>, key: &str) -> Option<Option<u64>> {
-    match r.table.get(key) {
+    match r.get(key) {
         Some(toml::Value::String(s)) => {
-            r.used.insert(key.to_owned());
             if s == UNLIMITED {
                 Some(None)
             } else {

@@ -18,7 +18,8 @@
 
 use std::time::Duration;
 
-use super::Reader;
+use super::reader::Reader;
+use super::schema;
 use crate::policy::backoff::{Jitter, RetryMode, RetryPolicy};
 use crate::policy::breaker::BreakerConfig;
 use crate::policy::rate_limit::RateLimitConfig;
@@ -248,21 +249,6 @@ pub struct RouteConfig {
     pub state: Option<String>,
 }
 
-const ROUTE_FIELDS: &[&str] = &[
-    "handler",
-    "source",
-    "outputs",
-    "concurrency",
-    "ordering",
-    "max_batch",
-    "retry",
-    "circuit_breaker",
-    "dlq",
-    "idempotency",
-    "rate_limit",
-    "state",
-];
-
 fn check_broker(r: &mut Reader<'_>, key: &str, broker: &str, declared: &[&str]) -> bool {
     if BUILTIN_BROKERS.contains(&broker) || declared.contains(&broker) {
         return true;
@@ -277,15 +263,6 @@ fn check_broker(r: &mut Reader<'_>, key: &str, broker: &str, declared: &[&str]) 
         format!("unknown broker `{broker}` (known: {})", known.join(", ")),
     );
     false
-}
-
-fn non_empty(r: &mut Reader<'_>, key: &str) -> Option<String> {
-    let s = r.string(key)?;
-    if s.is_empty() {
-        r.problem(key, "must not be empty".into());
-        return None;
-    }
-    Some(s)
 }
 
 /// The state stores a route can name: every declared one, the PostgreSQL ones, and the
@@ -308,17 +285,20 @@ pub(super) fn parse_route(
     r: &mut Reader<'_>,
 ) -> Option<RouteConfig> {
     let (stores, pg_stores) = (store_names.all, store_names.postgres);
-    let before = r.problems.len();
+    let before = r.problem_count();
     let state = r.string("state");
     if let Some(st) = &state {
-        super::check_store(r, "state", st, stores);
+        super::stores::check_store(r, "state", st, stores);
     }
-    let relays = r.table("source").is_some_and(|t| t.contains_key("outbox"));
+    let relays = r
+        .get("source")
+        .and_then(toml::Value::as_table)
+        .is_some_and(|t| t.contains_key("outbox"));
 
     let handler = match r.string("handler") {
         // A relay without a handler publishes its rows as they are.
-        None if relays && !r.table.contains_key("handler") => None,
-        None if !r.table.contains_key("handler") => {
+        None if relays && !r.has("handler") => None,
+        None if !r.has("handler") => {
             r.problem(
                 "handler",
                 "missing: the name of a [handlers.<name>] table".into(),
@@ -343,7 +323,7 @@ pub(super) fn parse_route(
     let mut rabbitmq = None;
     let source = match r.table("source") {
         None => {
-            if !r.table.contains_key("source") {
+            if !r.has("source") {
                 r.problem(
                     "source",
                     "missing: e.g. source = { broker = \"local\", topic = \"orders\" }".into(),
@@ -352,7 +332,7 @@ pub(super) fn parse_route(
             None
         }
         Some(t) if t.contains_key("outbox") => {
-            let mut s = r.child("source", t);
+            let mut s = r.child("source", t, &[&schema::SOURCE_OUTBOX]);
             outbox = parse_outbox_source(&mut s, stores, pg_stores);
             outbox.as_ref().map(|o| Endpoint {
                 broker: format!("{DLQ_STORE_PREFIX}{}", o.store),
@@ -361,13 +341,21 @@ pub(super) fn parse_route(
             })
         }
         Some(t) => {
-            let mut s = r.child("source", t);
+            let mut s = r.child(
+                "source",
+                t,
+                &[
+                    &schema::SOURCE,
+                    &schema::SOURCE_JETSTREAM,
+                    &schema::SOURCE_RABBITMQ,
+                ],
+            );
             let broker = s.string("broker").unwrap_or_else(|| "local".to_owned());
             let broker_ok = check_broker(&mut s, "broker", &broker, brokers);
-            if !s.table.contains_key("topic") {
+            if !s.has("topic") {
                 s.problem("topic", "missing".into());
             }
-            let topic = non_empty(&mut s, "topic");
+            let topic = s.non_empty("topic");
             let group = match s.string("group") {
                 Some(g) if g.is_empty() => {
                     s.problem("group", "must not be empty".into());
@@ -376,34 +364,27 @@ pub(super) fn parse_route(
                 Some(g) => Some(g),
                 None => Some(DEFAULT_GROUP.to_owned()),
             };
-            let js_fields = ["stream", "ack_wait_ms", "max_ack_pending", "max_deliver"];
+            // A field of another kind's source is named as such, not as an unknown field.
+            let of_kind = |s: &Reader<'_>, t: &schema::Table| {
+                t.fields.iter().map(|f| f.key).find(|k| s.has(k))
+            };
             if nats_brokers.contains(&broker.as_str()) {
                 jetstream = parse_jetstream(&mut s);
-            } else if let Some(f) = js_fields.iter().find(|f| s.table.contains_key(**f)) {
+            } else if let Some(f) = of_kind(&s, &schema::SOURCE_JETSTREAM) {
                 s.problem(
                     f,
                     format!("only a source on a `kind = \"nats\"` broker has this (`{broker}` is not one)"),
                 );
             }
-            let rabbit_fields = [
-                "queue_type",
-                "prefetch",
-                "exchange",
-                "binding_key",
-                "single_active_consumer",
-            ];
             if rabbit_brokers.contains(&broker.as_str()) {
                 rabbitmq = Some(parse_rabbit_source(&mut s));
-            } else if let Some(f) = rabbit_fields.iter().find(|f| s.table.contains_key(**f)) {
+            } else if let Some(f) = of_kind(&s, &schema::SOURCE_RABBITMQ) {
                 s.problem(
                     f,
                     format!("only a source on a `kind = \"rabbitmq\"` broker has this (`{broker}` is not one)"),
                 );
             }
-            let mut known = vec!["broker", "topic", "group"];
-            known.extend(js_fields);
-            known.extend(rabbit_fields);
-            s.finish(&known);
+            s.finish();
             match (broker_ok, topic, group) {
                 (true, Some(topic), Some(group)) => Some(Endpoint {
                     broker,
@@ -442,7 +423,7 @@ pub(super) fn parse_route(
     }
 
     let retry = match r.table("retry") {
-        Some(t) => parse_retry(&mut r.child("retry", t)),
+        Some(t) => parse_retry(&mut r.child("retry", t, &[&schema::RETRY])),
         None => RetryPolicy::default(),
     };
     if retry.mode == RetryMode::Broker {
@@ -465,13 +446,13 @@ pub(super) fn parse_route(
     }
     let circuit_breaker = r
         .table("circuit_breaker")
-        .map(|t| parse_breaker(&mut r.child("circuit_breaker", t)));
+        .map(|t| parse_breaker(&mut r.child("circuit_breaker", t, &[&schema::BREAKER])));
 
     let dlq = match (r.table("dlq"), &source) {
         (Some(t), source) if t.contains_key("store") => {
-            let mut d = r.child("dlq", t);
+            let mut d = r.child("dlq", t, &[&schema::DLQ]);
             let store = d.string("store").unwrap_or_default();
-            if d.table.contains_key("broker") {
+            if d.has("broker") {
                 d.problem(
                     "broker",
                     "a DLQ goes to a broker or to a store's dead_letters table: set `broker` or `store`, not both".into(),
@@ -485,7 +466,7 @@ pub(super) fn parse_route(
             ) {
                 d.problem("store", why);
             }
-            let topic = match (non_empty(&mut d, "topic"), source) {
+            let topic = match (d.non_empty("topic"), source) {
                 (Some(t), _) => Some(t),
                 (None, Some(src)) if !is_wildcard(&src.topic) => Some(format!("{}.dlq", src.topic)),
                 (None, _) => {
@@ -496,8 +477,7 @@ pub(super) fn parse_route(
                     None
                 }
             };
-            // `broker` was reported above, more plainly than as an unknown field.
-            d.finish(&["store", "topic", "broker"]);
+            d.finish();
             topic.map(|topic| Endpoint {
                 broker: format!("{DLQ_STORE_PREFIX}{store}"),
                 topic,
@@ -505,7 +485,7 @@ pub(super) fn parse_route(
             })
         }
         (Some(t), source) => {
-            let mut d = r.child("dlq", t);
+            let mut d = r.child("dlq", t, &[&schema::DLQ]);
             let broker = d
                 .string("broker")
                 .or_else(|| source.as_ref().map(|s| s.broker.clone()))
@@ -516,7 +496,7 @@ pub(super) fn parse_route(
             if !relay_default {
                 check_broker(&mut d, "broker", &broker, brokers);
             }
-            let topic = non_empty(&mut d, "topic");
+            let topic = d.non_empty("topic");
             if let (Some(topic), Some(src)) = (&topic, source)
                 && src.broker == broker
                 && (&src.topic == topic
@@ -533,10 +513,10 @@ pub(super) fn parse_route(
                     format!("\"{topic}\" {what}: dead letters would be consumed again"),
                 );
             }
-            if !d.table.contains_key("topic") {
+            if !d.has("topic") {
                 d.problem("topic", "missing".into());
             }
-            d.finish(&["broker", "topic"]);
+            d.finish();
             topic.map(|topic| Endpoint {
                 broker,
                 topic,
@@ -563,16 +543,16 @@ pub(super) fn parse_route(
 
     let idempotency = r
         .table("idempotency")
-        .and_then(|t| parse_idempotency(&mut r.child("idempotency", t)));
+        .and_then(|t| parse_idempotency(&mut r.child("idempotency", t, &[&schema::IDEMPOTENCY])));
 
     let rate_limit = r.table("rate_limit").and_then(|t| {
-        let mut l = r.child("rate_limit", t);
+        let mut l = r.child("rate_limit", t, &[&schema::RATE_LIMIT]);
         let per_second = l.positive_u32("per_second");
-        if !l.table.contains_key("per_second") {
+        if !l.has("per_second") {
             l.problem("per_second", "missing".into());
         }
         let burst = l.positive_u32("burst");
-        l.finish(&["per_second", "burst"]);
+        l.finish();
         per_second.map(|per_second| RateLimitConfig {
             per_second,
             burst: burst.unwrap_or(per_second),
@@ -602,8 +582,8 @@ pub(super) fn parse_route(
         }
     }
 
-    r.finish(ROUTE_FIELDS);
-    if r.problems.len() != before {
+    r.finish();
+    if r.problem_count() != before {
         return None;
     }
     Some(RouteConfig {
@@ -637,7 +617,7 @@ fn parse_outputs(
 ) -> (Vec<String>, OutputsMode, Option<String>) {
     let relay = source.is_some_and(|s| s.broker.starts_with(DLQ_STORE_PREFIX));
     let default_broker = source.filter(|_| !relay).map(|s| s.broker.clone());
-    let Some(t) = r.table.get("outputs").and_then(toml::Value::as_table) else {
+    let Some(t) = r.get("outputs").and_then(toml::Value::as_table) else {
         let topics = r.strings("outputs").unwrap_or_default();
         if relay {
             r.problem(
@@ -649,7 +629,7 @@ fn parse_outputs(
         let broker = default_broker.or_else(|| source.is_none().then(String::new));
         return (topics, OutputsMode::Publish, broker);
     };
-    let mut o = r.child("outputs", t);
+    let mut o = r.child("outputs", t, &[&schema::OUTPUTS]);
     let topics = o.strings("topics").unwrap_or_default();
     let mode = o
         .choice(
@@ -672,7 +652,7 @@ fn parse_outputs(
         }
         None => default_broker.or_else(|| source.is_none().then(String::new)),
     };
-    o.finish(&["topics", "mode", "broker"]);
+    o.finish();
     (topics, mode, broker)
 }
 
@@ -697,7 +677,7 @@ fn parse_rabbit_source(s: &mut Reader<'_>) -> RabbitSource {
         }),
         None => DEFAULT_PREFETCH,
     };
-    let exchange = non_empty(s, "exchange");
+    let exchange = s.non_empty("exchange");
     let binding_key = s.string("binding_key");
     if binding_key.is_some() && exchange.is_none() {
         s.problem(
@@ -741,7 +721,7 @@ fn parse_outbox_source(
     stores: &[&str],
     pg_stores: &[&str],
 ) -> Option<OutboxSource> {
-    let store = non_empty(s, "outbox");
+    let store = s.non_empty("outbox");
     if let Some(why) = store.as_deref().and_then(|store| {
         not_postgres(
             store,
@@ -753,7 +733,7 @@ fn parse_outbox_source(
         s.problem("outbox", why);
     }
     for f in ["broker", "topic", "group", "stream"] {
-        if s.table.contains_key(f) {
+        if s.has(f) {
             s.problem(
                 f,
                 "an outbox source reads a table, not a broker: it has `outbox` (the store) instead"
@@ -775,18 +755,7 @@ fn parse_outbox_source(
     let poll = ms(s, "poll_ms", DEFAULT_OUTBOX_POLL_MS);
     let retention = ms(s, "retention_ms", DEFAULT_OUTBOX_RETENTION_MS);
     let cleanup_every = ms(s, "cleanup_every_ms", DEFAULT_OUTBOX_CLEANUP_EVERY_MS);
-    s.finish(&[
-        "outbox",
-        "batch",
-        "lease_ms",
-        "poll_ms",
-        "retention_ms",
-        "cleanup_every_ms",
-        "broker",
-        "topic",
-        "group",
-        "stream",
-    ]);
+    s.finish();
     Some(OutboxSource {
         store: store?,
         batch,
@@ -818,7 +787,7 @@ pub fn subject_matches(filter: &str, subject: &str) -> bool {
 
 /// The JetStream fields of a NATS source; `None` (core NATS) when `stream` is absent.
 fn parse_jetstream(s: &mut Reader<'_>) -> Option<JetStreamSource> {
-    let stream = non_empty(s, "stream");
+    let stream = s.non_empty("stream");
     let ack_wait = s.positive("ack_wait_ms").unwrap_or(DEFAULT_ACK_WAIT_MS);
     let max_ack_pending = s
         .positive_u32("max_ack_pending")
@@ -827,7 +796,7 @@ fn parse_jetstream(s: &mut Reader<'_>) -> Option<JetStreamSource> {
     let Some(stream) = stream else {
         if let Some(f) = ["ack_wait_ms", "max_ack_pending", "max_deliver"]
             .iter()
-            .find(|f| s.table.contains_key(**f))
+            .find(|f| s.has(f))
         {
             s.problem(f, "needs `stream`: only JetStream sources have it".into());
         }
@@ -911,17 +880,7 @@ fn parse_retry(r: &mut Reader<'_>) -> RetryPolicy {
             ],
         )
         .unwrap_or_default();
-    r.finish(&[
-        "mode",
-        "max_attempts",
-        "initial_backoff_ms",
-        "max_backoff_ms",
-        "multiplier",
-        "jitter",
-        "jitter_fraction",
-        "retry_traps",
-        "retry_timeouts",
-    ]);
+    r.finish();
     RetryPolicy {
         max_attempts,
         initial_backoff,
@@ -947,7 +906,7 @@ fn parse_breaker(r: &mut Reader<'_>) -> BreakerConfig {
         }
         other => other,
     };
-    if !r.table.contains_key("consecutive_failures") && !r.table.contains_key("failure_ratio") {
+    if !r.has("consecutive_failures") && !r.has("failure_ratio") {
         r.problem(
             "",
             "set consecutive_failures, failure_ratio, or both: otherwise the breaker never trips"
@@ -962,14 +921,7 @@ fn parse_breaker(r: &mut Reader<'_>) -> BreakerConfig {
         .positive("open_ms")
         .map_or(d.open_duration, Duration::from_millis);
     let half_open_max = r.positive_u32("half_open_max").unwrap_or(d.half_open_max);
-    r.finish(&[
-        "consecutive_failures",
-        "failure_ratio",
-        "window_ms",
-        "min_calls",
-        "open_ms",
-        "half_open_max",
-    ]);
+    r.finish();
     BreakerConfig {
         consecutive_failures,
         failure_ratio,
@@ -982,7 +934,7 @@ fn parse_breaker(r: &mut Reader<'_>) -> BreakerConfig {
 
 fn parse_idempotency(r: &mut Reader<'_>) -> Option<IdempotencyConfig> {
     let raw = r.string("key");
-    if !r.table.contains_key("key") {
+    if !r.has("key") {
         r.problem(
             "key",
             "missing: \"header:<name>\", \"key\", \"json:<pointer>\" or \"position\"".into(),
@@ -1016,7 +968,7 @@ fn parse_idempotency(r: &mut Reader<'_>) -> Option<IdempotencyConfig> {
     let lease = r
         .positive("lease_ms")
         .unwrap_or(DEFAULT_IDEMPOTENCY_LEASE_MS);
-    r.finish(&["key", "ttl_ms", "lease_ms"]);
+    r.finish();
     key.map(|key| IdempotencyConfig {
         key,
         ttl: Duration::from_millis(ttl),
@@ -1029,7 +981,8 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::config::Config;
+    use crate::config::tests::problems;
+    use crate::config::{BrokerKind, Config};
 
     const HANDLER: &str = "[handlers.h]\nmodule = \"h.wasm\"\n\n";
 
@@ -1196,6 +1149,127 @@ mod tests {
                 "rt.toml: routes.r.source: missing: e.g. source = { broker = \"local\", topic = \"orders\" }",
                 "rt.toml: routes.r.circuit_breaker: set consecutive_failures, failure_ratio, or both: otherwise the breaker never trips",
                 "rt.toml: routes.r.rate_limit.per_second: missing",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_dlq_can_be_a_postgres_stores_dead_letter_table() {
+        let stores = "[stores.pg]\nkind = \"postgres\"\nurl = \"postgres://u@h/db\"\n\n[stores.r]\nkind = \"redis\"\nurl = \"redis://h\"\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n";
+        let c = Config::parse(
+            Path::new("rt.toml"),
+            &format!(
+                "{stores}[routes.a]\nhandler = \"h\"\nsource = {{ topic = \"orders\" }}\ndlq = {{ store = \"pg\" }}\n\n[routes.b]\nhandler = \"h\"\nsource = {{ topic = \"refunds\" }}\ndlq = {{ store = \"pg\", topic = \"all.dlq\" }}\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(c.routes["a"].dlq.broker, "store:pg");
+        assert_eq!(c.routes["a"].dlq.topic, "orders.dlq");
+        assert_eq!(c.routes["a"].dlq.dlq_store(), Some("pg"));
+        assert_eq!(c.routes["b"].dlq.topic, "all.dlq");
+        assert_eq!(
+            problems(&format!(
+                "{stores}[routes.a]\nhandler = \"h\"\nsource = {{ topic = \"o\" }}\ndlq = {{ store = \"r\" }}\n\n[routes.b]\nhandler = \"h\"\nsource = {{ topic = \"o\" }}\ndlq = {{ store = \"nope\" }}\n\n[routes.c]\nhandler = \"h\"\nsource = {{ topic = \"o\" }}\ndlq = {{ store = \"pg\", broker = \"local\" }}\n"
+            )),
+            [
+                "rt.toml: routes.a.dlq.store: state store `r` is not a PostgreSQL store: a dead-letter table needs kind = \"postgres\"",
+                "rt.toml: routes.b.dlq.store: unknown state store `nope` (PostgreSQL stores defined: pg; add a [stores.nope] table with kind = \"postgres\")",
+                "rt.toml: routes.c.dlq.broker: a DLQ goes to a broker or to a store's dead_letters table: set `broker` or `store`, not both",
+            ]
+        );
+    }
+
+    #[test]
+    fn outbox_routes_and_relays_parse() {
+        let stores = "[stores.pg]\nkind = \"postgres\"\nurl = \"postgres://u@h/db\"\n\n[stores.r]\nkind = \"redis\"\nurl = \"redis://h\"\n\n[brokers.k]\nkind = \"kafka\"\nbootstrap_servers = \"127.0.0.1:9092\"\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n";
+        let c = Config::parse(
+            Path::new("rt.toml"),
+            &format!(
+                "{stores}[routes.orders]\nhandler = \"h\"\nsource = {{ topic = \"orders\" }}\nstate = \"pg\"\noutputs = {{ topics = [\"events\"], mode = \"outbox\" }}\nidempotency = {{ key = \"key\" }}\n\n[routes.relay]\nsource = {{ outbox = \"pg\", batch = 100, poll_ms = 50, retention_ms = 1000 }}\noutputs = {{ broker = \"k\" }}\nordering = \"key\"\n\n[routes.enrich]\nhandler = \"h\"\nsource = {{ outbox = \"pg\" }}\noutputs = {{ broker = \"local\", topics = [\"x\"] }}\n"
+            ),
+        )
+        .unwrap();
+        let o = &c.routes["orders"];
+        assert_eq!(o.outputs_mode, OutputsMode::Outbox);
+        assert_eq!(o.outputs, vec!["events"]);
+        assert_eq!(o.outputs_broker, "local");
+        let r = &c.routes["relay"];
+        assert_eq!(r.handler, None);
+        assert_eq!(r.outputs_broker, "k");
+        assert_eq!(r.outputs_mode, OutputsMode::Publish);
+        let ob = r.outbox.as_ref().unwrap();
+        assert_eq!((ob.store.as_str(), ob.batch), ("pg", 100));
+        assert_eq!(ob.poll, std::time::Duration::from_millis(50));
+        assert_eq!(ob.retention, std::time::Duration::from_millis(1000));
+        assert_eq!(
+            ob.lease,
+            std::time::Duration::from_millis(DEFAULT_OUTBOX_LEASE_MS)
+        );
+        // A relay's dead letters go to its store's table by default.
+        assert_eq!(r.dlq.dlq_store(), Some("pg"));
+        assert_eq!(r.dlq.topic, "outbox.dlq");
+        assert_eq!(c.routes["enrich"].handler.as_deref(), Some("h"));
+
+        assert_eq!(
+            problems(&format!(
+                "{stores}[routes.a]\nhandler = \"h\"\nsource = {{ topic = \"o\" }}\noutputs = {{ mode = \"outbox\" }}\n\n[routes.b]\nhandler = \"h\"\nsource = {{ topic = \"o\" }}\nstate = \"r\"\nidempotency = {{ key = \"key\" }}\noutputs = {{ mode = \"outbx\" }}\n\n[routes.c]\nsource = {{ outbox = \"r\" }}\noutputs = [\"x\"]\n\n[routes.d]\nsource = {{ outbox = \"pg\", topic = \"t\" }}\noutputs = {{ mode = \"outbox\" }}\n\n[routes.e]\nsource = {{ topic = \"o\" }}\n"
+            )),
+            [
+                "rt.toml: routes.a.outputs.mode: \"outbox\" needs a PostgreSQL state store (the outbox rows commit in its transaction), but this route's store is `embedded`; set `state` to a [stores.<name>] table with kind = \"postgres\"",
+                "rt.toml: routes.a.outputs.mode: \"outbox\" needs idempotency = { key = \"...\" }: the outbox rows commit with the message's idempotency key, which is how a redelivery finds them",
+                "rt.toml: routes.b.outputs.mode: unknown value \"outbx\"; expected \"publish\" or \"outbox\"",
+                "rt.toml: routes.c.source.outbox: state store `r` is not a PostgreSQL store: only kind = \"postgres\" has an outbox table",
+                "rt.toml: routes.c.outputs: missing: a relay publishes to a broker; set outputs = { broker = \"...\" }",
+                "rt.toml: routes.d.source.topic: an outbox source reads a table, not a broker: it has `outbox` (the store) instead",
+                "rt.toml: routes.d.outputs.broker: missing: the broker a relay publishes its rows to",
+                "rt.toml: routes.d.outputs.mode: \"outbox\" on a route that relays an outbox: its rows would be written back to an outbox; publish them instead",
+                "rt.toml: routes.e.handler: missing: the name of a [handlers.<name>] table",
+            ]
+        );
+    }
+
+    #[test]
+    fn nats_brokers_and_jetstream_sources_parse() {
+        let c = Config::parse(
+            Path::new("rt.toml"),
+            "[brokers.nats]\nkind = \"nats\"\nservers = \"nats://127.0.0.1:4222\"\ncredentials = { file = \"a.creds\" }\ntls = true\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.js]\nhandler = \"h\"\nsource = { broker = \"nats\", topic = \"orders.*\", group = \"w\", stream = \"ORDERS\", ack_wait_ms = 2000, max_deliver = 5 }\nretry = { mode = \"broker\" }\ndlq = { topic = \"dead.orders\" }\n\n[routes.core]\nhandler = \"h\"\nsource = { broker = \"nats\", topic = \"ping\" }\n",
+        )
+        .unwrap();
+        let BrokerKind::Nats(n) = &c.brokers["nats"].kind else {
+            panic!("not nats");
+        };
+        assert_eq!(n.servers, vec!["nats://127.0.0.1:4222"]);
+        assert!(matches!(
+            n.auth,
+            Some(crate::config::NatsAuth::Credentials(_))
+        ));
+        assert!(n.tls);
+        let js = c.routes["js"].jetstream.clone().unwrap();
+        assert_eq!(js.stream, "ORDERS");
+        assert_eq!(js.ack_wait, std::time::Duration::from_secs(2));
+        assert_eq!(js.max_ack_pending, DEFAULT_MAX_ACK_PENDING);
+        assert_eq!(js.max_deliver, Some(5));
+        assert!(c.routes["core"].jetstream.is_none());
+        assert_eq!(c.routes["js"].retry.mode, RetryMode::Broker);
+        assert_eq!(c.routes["core"].retry.mode, RetryMode::InProcess);
+        assert_eq!(c.routes["core"].dlq.topic, "ping.dlq");
+    }
+
+    #[test]
+    fn jetstream_mistakes_are_named() {
+        assert_eq!(
+            problems(
+                "[brokers.nats]\nkind = \"nats\"\nservers = [\"nats://127.0.0.1:4222\"]\n\n[brokers.k]\nkind = \"kafka\"\nbootstrap_servers = \"x:1\"\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.a]\nhandler = \"h\"\nsource = { broker = \"nats\", topic = \"orders.>\", stream = \"O\" }\n\n[routes.b]\nhandler = \"h\"\nsource = { broker = \"nats\", topic = \"orders.>\", stream = \"O\" }\ndlq = { topic = \"orders.dlq\" }\n\n[routes.c]\nhandler = \"h\"\nsource = { broker = \"k\", topic = \"t\", stream = \"S\" }\n\n[routes.d]\nhandler = \"h\"\nsource = { broker = \"nats\", topic = \"t\", ack_wait_ms = 0 }\n\n[routes.e]\nhandler = \"h\"\nsource = { topic = \"t\" }\nretry = { mode = \"broker\" }\n\n[routes.f]\nhandler = \"h\"\nsource = { broker = \"nats\", topic = \"t\", stream = \"S\", max_deliver = 2 }\nretry = { mode = \"broker\", max_attempts = 3 }\n\n[routes.g]\nhandler = \"h\"\nsource = { broker = \"nats\", topic = \"t\", stream = \"S\", max_deliver = 3 }\nretry = { mode = \"nak\", max_attempts = 3 }\n"
+            ),
+            vec![
+                "rt.toml: routes.a.dlq: missing: the source subject \"orders.>\" has wildcards, so there is no default \"<subject>.dlq\"; set dlq = { topic = \"...\" }",
+                "rt.toml: routes.b.dlq.topic: \"orders.dlq\" matches the route's source subject \"orders.>\": dead letters would be consumed again",
+                "rt.toml: routes.c.source.stream: only a source on a `kind = \"nats\"` broker has this (`k` is not one)",
+                "rt.toml: routes.d.source.ack_wait_ms: must be greater than 0, found 0",
+                "rt.toml: routes.d.source.ack_wait_ms: needs `stream`: only JetStream sources have it",
+                "rt.toml: routes.e.retry.mode: \"broker\" needs a JetStream source (`source.stream`) or a RabbitMQ queue: only they redeliver with a delay",
+                "rt.toml: routes.f.source.max_deliver: 2 is less than retry.max_attempts (3): with retry.mode = \"broker\" the server would stop redelivering before the message is dead-lettered",
+                "rt.toml: routes.g.retry.mode: unknown value \"nak\"; expected \"process\" or \"broker\"",
             ]
         );
     }

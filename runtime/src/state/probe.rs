@@ -34,7 +34,7 @@ pub fn postgres_failure(addr: &str, what: &str, e: &tokio_postgres::Error) -> Fa
     {
         Failure::misconfigured(
             error,
-            "check the user name and password in the store's URL (url, url_env or url_file), and the server's pg_hba.conf",
+            "check the user name and password in the store's URL, and the server's pg_hba.conf",
         )
     } else if *code == SqlState::INVALID_CATALOG_NAME {
         Failure::misconfigured(
@@ -59,7 +59,7 @@ pub fn redis_failure(addr: &str, what: &str, e: &redis::RedisError) -> Failure {
     if refused {
         Failure::misconfigured(
             error,
-            "check the password (and user) in the store's URL (redis://user:password@host:port/db, from url, url_env or url_file) against the server's requirepass or ACL users",
+            "check the password (and user) in the store's URL (redis://user:password@host:port/db) against the server's requirepass or ACL users",
         )
     } else if e.kind() == redis::ErrorKind::InvalidClientConfig {
         Failure::misconfigured(error, "correct the store's URL")
