@@ -1466,6 +1466,7 @@ impl Shared {
             if let Some(b) = self.breaker.as_ref().filter(|_| ran_ahead.is_none()) {
                 if matches!(b.peek(), Admission::Wait(_)) && !self.flush(pending).await {
                     RouteStats::bump(&self.stats.abandoned);
+                    self.release(idem_key.as_ref(), owner.as_ref()).await;
                     return false;
                 }
                 if !b
@@ -1619,6 +1620,7 @@ impl Shared {
             // waits for a retry or a dead-letter write.
             if !self.flush(pending).await {
                 RouteStats::bump(&self.stats.abandoned);
+                self.release(idem_key.as_ref(), owner.as_ref()).await;
                 return false;
             }
 

@@ -937,3 +937,137 @@ fn a_running_route_is_as_ready_as_what_it_depends_on() {
         [0, 1, 2, 3, 4, 5]
     );
 }
+
+/// Whether another owner can claim `key` right now (and then holds it): false while someone
+/// else's claim on it is live.
+async fn claimable_now(keys: &DoneKeys, key: &str) -> bool {
+    match keys.claim(key, "another-process", false).await.unwrap() {
+        Claim::Claimed => true,
+        Claim::Busy(_) => false,
+        other => panic!("key {key}: {other:?}"),
+    }
+}
+
+/// Advances the paused clock in small steps until `done` holds.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let t0 = Instant::now();
+    while !done() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "never: {what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_abandoned_before_its_retry_releases_its_claim() {
+    let broker = MemoryBroker::new();
+    let keys = memory_keys();
+    broker.produce(
+        "in",
+        [
+            msg("p1", None, &[("id", "p1")]),
+            msg("p2", None, &[("id", "p2")]),
+        ],
+    );
+    let failing = broker.clone();
+    let cfg = route_config(
+        "idempotency = { key = \"header:id\" }\nretry = { max_attempts = 5, initial_backoff_ms = 10, jitter = \"none\" }\n",
+    );
+    let running = start(
+        &broker,
+        cfg,
+        FnInvoker(move |m: &InboundMessage| {
+            if m.payload == b"p2" {
+                // p1 waits in the batch for its publish: before p2 backs off it publishes p1,
+                // and that publish fails until the route stops.
+                failing.set_failing("out", true);
+                retry("down")
+            } else {
+                ok_to("out", m.payload.clone())
+            }
+        }),
+        Some(keys.clone()),
+    );
+    until("the publish before the retry failed", || {
+        broker.stats().failed_publishes.load(AtomicOrdering::SeqCst) >= 1
+    })
+    .await;
+    assert!(
+        !claimable_now(&keys, "p2").await,
+        "p2 runs without its claim"
+    );
+    let report = running.stop().await;
+    assert!(broker.records("out").is_empty(), "p1 was not pending");
+    assert_eq!(broker.acked(), 0);
+    assert_eq!(stat(&report.stats, "abandoned"), 2);
+    // Both come back from the broker; whoever gets them must not wait out the lease.
+    assert!(claimable_now(&keys, "p1").await, "p1's claim was kept");
+    assert!(claimable_now(&keys, "p2").await, "p2's claim was kept");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_abandoned_while_the_breaker_is_open_releases_its_claim() {
+    let broker = MemoryBroker::new();
+    broker.set_failing("out", true);
+    let keys = memory_keys();
+    // Lane p: p1 succeeds and waits in the batch, p2 then finds the breaker open. Lane f: f
+    // opens the breaker while p1 runs.
+    broker.produce(
+        "in",
+        [
+            msg("p1", Some("p"), &[("id", "p1")]),
+            msg("p2", Some("p"), &[("id", "p2")]),
+            msg("f", Some("f"), &[("id", "f")]),
+        ],
+    );
+    let stats: Arc<std::sync::OnceLock<Arc<RouteStats>>> = Arc::default();
+    let (p1_started, p1_runs) = std::sync::mpsc::channel::<()>();
+    let p1_runs = Mutex::new(p1_runs);
+    let tripped = stats.clone();
+    let cfg = route_config(
+        "concurrency = 2\nordering = \"key\"\nidempotency = { key = \"header:id\" }\nretry = { max_attempts = 5, initial_backoff_ms = 10, jitter = \"none\" }\ncircuit_breaker = { consecutive_failures = 1, open_ms = 60000 }\n",
+    );
+    let running = start(
+        &broker,
+        cfg,
+        FnInvoker(move |m: &InboundMessage| match &m.payload[..] {
+            b"p1" => {
+                // Admitted while the breaker was closed; finishes once f opened it.
+                p1_started.send(()).unwrap();
+                let t0 = std::time::Instant::now();
+                while tripped
+                    .get()
+                    .is_none_or(|s| s.breaker_trips.load(AtomicOrdering::SeqCst) == 0)
+                {
+                    assert!(t0.elapsed() < Duration::from_secs(10), "f never failed");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                ok_to("out", m.payload.clone())
+            }
+            b"f" => {
+                let _ = p1_runs
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(10));
+                retry("down")
+            }
+            _ => ok_to("out", m.payload.clone()),
+        }),
+        Some(keys.clone()),
+    );
+    stats.set(running.stats.clone()).unwrap();
+    until("p2 published p1 before waiting for the breaker", || {
+        broker.stats().failed_publishes.load(AtomicOrdering::SeqCst) >= 1
+    })
+    .await;
+    assert!(
+        !claimable_now(&keys, "p2").await,
+        "p2 waits without its claim"
+    );
+    let report = running.stop().await;
+    assert!(broker.records("out").is_empty(), "p1 was not pending");
+    assert_eq!(broker.acked(), 0);
+    assert_eq!(stat(&report.stats, "abandoned"), 3);
+    for key in ["p1", "p2", "f"] {
+        assert!(claimable_now(&keys, key).await, "{key}'s claim was kept");
+    }
+}
