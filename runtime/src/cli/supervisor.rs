@@ -22,8 +22,8 @@ use lockgate::config::{
 use lockgate::engine::{Engine, Handler, HandlerEnv, HandlerLimits, InstancePool};
 use lockgate::health::HealthWatch;
 use lockgate::pipeline::idempotency::DoneKeys;
-use lockgate::pipeline::route::{Invoker, Passthrough};
 use lockgate::pipeline::{HandlerSlot, Route, RouteReport, RouteSinks, Shutdown, ShutdownTrigger};
+use lockgate::pipeline::{Invoker, Passthrough};
 use lockgate::state::probe::StoreMonitor;
 use lockgate::state::{KvStore, PostgresStore, RedisStore, StateStore};
 use lockgate::telemetry::{AdminRoutes, ReloadOutcome, RouteEntry};

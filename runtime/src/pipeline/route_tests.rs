@@ -14,6 +14,7 @@ use super::*;
 use crate::broker::memory::MemoryBroker;
 use crate::config::Config;
 use crate::engine::OutgoingMessage;
+use crate::pipeline::shutdown::ShutdownTrigger;
 use crate::state::{LocalClaims, MemoryStore};
 
 /// A handler written as a Rust closure.
@@ -885,57 +886,6 @@ async fn a_batch_run_ahead_stops_at_a_failure_so_later_messages_wait_for_its_ret
         "c and d must not run before b succeeded"
     );
     assert_eq!(payloads(&broker, "out"), ["first", "a", "b", "c", "d"]);
-}
-
-#[test]
-fn a_running_route_is_as_ready_as_what_it_depends_on() {
-    use crate::health::{Failure, HealthReporter};
-    let stats = RouteStats::default();
-    let (source, store) = (HealthReporter::new(), HealthReporter::new());
-    stats.depend_on("state store pg", store.watch());
-    stats.depend_first_on("source", source.watch());
-    // Its place in its life comes first.
-    assert_eq!(stats.state(), RouteState::Starting);
-    stats.set_state(RouteState::Running);
-    assert_eq!(stats.state(), RouteState::Connecting);
-    assert_eq!(stats.blocker().map(|b| b.0).as_deref(), Some("source"));
-    source.ready();
-    assert_eq!(stats.state(), RouteState::Connecting);
-    assert_eq!(
-        stats.blocker().map(|b| b.0).as_deref(),
-        Some("state store pg")
-    );
-    store.failing(
-        Failure::misconfigured("role app does not exist", "create it"),
-        Duration::from_secs(10),
-    );
-    assert_eq!(stats.state(), RouteState::Failing);
-    // The source's reason comes first when both fail.
-    source.failing(Failure::transient("down"), Duration::from_secs(1));
-    assert_eq!(stats.blocker().map(|b| b.0).as_deref(), Some("source"));
-    source.ready();
-    store.ready();
-    assert_eq!(stats.state(), RouteState::Running);
-    assert!(stats.blocker().is_none());
-    stats.set_state(RouteState::Paused);
-    assert!(stats.state().is_ready());
-    source.failing(Failure::transient("down"), Duration::from_secs(1));
-    assert_eq!(stats.state(), RouteState::Failing);
-    stats.set_state(RouteState::Stopped);
-    assert_eq!(stats.state(), RouteState::Stopped);
-    // The gauge's values: the old ones never change.
-    assert_eq!(
-        [
-            RouteState::Starting,
-            RouteState::Running,
-            RouteState::Paused,
-            RouteState::Stopped,
-            RouteState::Connecting,
-            RouteState::Failing
-        ]
-        .map(|s| s as u8),
-        [0, 1, 2, 3, 4, 5]
-    );
 }
 
 /// Whether another owner can claim `key` right now (and then holds it): false while someone
