@@ -13,9 +13,11 @@ use tokio::time::Instant;
 use super::*;
 use crate::broker::memory::MemoryBroker;
 use crate::config::Config;
-use crate::engine::OutgoingMessage;
+use crate::dlq;
+use crate::engine::{Invocation, Outcome, OutgoingMessage};
+use crate::message::{LOCKGATE_ID_HEADER, OutRecord};
 use crate::pipeline::shutdown::ShutdownTrigger;
-use crate::state::{LocalClaims, MemoryStore};
+use crate::state::{Claim, ClaimRequest, Commit, LocalClaims, MemoryStore};
 
 /// A handler written as a Rust closure.
 struct FnInvoker<F>(F);
@@ -754,10 +756,31 @@ async fn a_key_claimed_by_another_lane_waits_and_then_is_a_duplicate() {
     assert_eq!(broker.records("out").len(), 1);
 }
 
-/// Claims in memory; recording keys as done fails while `failing` is set.
+/// Claims in memory; recording keys as done fails while `failing` is set, claiming while
+/// `claims_failing` is.
 struct FlakyDone {
     inner: LocalClaims,
     failing: AtomicBool,
+    claims_failing: AtomicBool,
+}
+
+impl FlakyDone {
+    fn new(failing: bool) -> Arc<Self> {
+        Arc::new(Self {
+            inner: LocalClaims::new(Arc::new(MemoryStore::new())),
+            failing: AtomicBool::new(failing),
+            claims_failing: AtomicBool::new(false),
+        })
+    }
+
+    fn keys(self: &Arc<Self>) -> DoneKeys {
+        DoneKeys::new(
+            self.clone(),
+            "r",
+            Duration::from_secs(3600),
+            Duration::from_secs(30),
+        )
+    }
 }
 
 impl crate::state::IdempotencyStore for FlakyDone {
@@ -767,6 +790,9 @@ impl crate::state::IdempotencyStore for FlakyDone {
         requests: Vec<ClaimRequest>,
         lease: Duration,
     ) -> futures_util::future::BoxFuture<'_, Result<Vec<Claim>, crate::state::StateError>> {
+        if self.claims_failing.load(AtomicOrdering::SeqCst) {
+            return Box::pin(async { Err(crate::state::StateError::Unavailable("down".into())) });
+        }
         self.inner.claim(scope, requests, lease)
     }
 
@@ -810,16 +836,8 @@ async fn no_message_is_acked_before_its_key_is_recorded() {
         "in",
         (0..10).map(|i| msg(&format!("m{i}"), None, &[("id", &i.to_string())])),
     );
-    let store = Arc::new(FlakyDone {
-        inner: LocalClaims::new(Arc::new(MemoryStore::new())),
-        failing: AtomicBool::new(true),
-    });
-    let keys = DoneKeys::new(
-        store.clone(),
-        "r",
-        Duration::from_secs(3600),
-        Duration::from_secs(30),
-    );
+    let store = FlakyDone::new(true);
+    let keys = store.keys();
     let running = start(
         &broker,
         route_config("idempotency = { key = \"header:id\" }\n"),
@@ -1020,4 +1038,66 @@ async fn a_message_abandoned_while_the_breaker_is_open_releases_its_claim() {
     for key in ["p1", "p2", "f"] {
         assert!(claimable_now(&keys, key).await, "{key}'s claim was kept");
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_abandoned_before_its_dead_letter_is_recorded_releases_its_claim() {
+    let broker = MemoryBroker::new();
+    broker.produce("in", [msg("poison", None, &[("id", "x")])]);
+    // Recording the key as dead-lettered fails until the route stops.
+    let store = FlakyDone::new(true);
+    let keys = store.keys();
+    let running = start(
+        &broker,
+        route_config("idempotency = { key = \"header:id\" }\n"),
+        FnInvoker(|_: &InboundMessage| Outcome::Rejected {
+            reason: "no".into(),
+        }),
+        Some(keys.clone()),
+    );
+    until("the key's record failed after the dead letter", || {
+        broker.records("in.dlq").len() == 1
+            && running.stats.infra_retries.load(AtomicOrdering::SeqCst) >= 1
+    })
+    .await;
+    assert!(
+        !claimable_now(&keys, "x").await,
+        "dead-lettered without its claim"
+    );
+    let report = running.stop().await;
+    assert_eq!(broker.acked(), 0, "acked before its key was recorded");
+    assert_eq!(stat(&report.stats, "abandoned"), 1);
+    assert!(claimable_now(&keys, "x").await, "the claim was kept");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_abandoned_while_renewing_its_claim_releases_it() {
+    let broker = MemoryBroker::new();
+    broker.produce("in", [msg("m", None, &[("id", "x")])]);
+    let store = FlakyDone::new(false);
+    let keys = store.keys();
+    let down = store.clone();
+    let cfg = route_config(
+        "idempotency = { key = \"header:id\" }\nretry = { max_attempts = 5, initial_backoff_ms = 10, jitter = \"none\" }\n",
+    );
+    let running = start(
+        &broker,
+        cfg,
+        FnInvoker(move |_: &InboundMessage| {
+            // The store goes down after the first claim: renewing it before the retry fails
+            // until the route stops.
+            down.claims_failing.store(true, AtomicOrdering::SeqCst);
+            retry("down")
+        }),
+        Some(keys.clone()),
+    );
+    until("renewing the claim failed", || {
+        running.stats.infra_retries.load(AtomicOrdering::SeqCst) >= 1
+    })
+    .await;
+    let report = running.stop().await;
+    assert_eq!(stat(&report.stats, "retried"), 1);
+    assert_eq!(stat(&report.stats, "abandoned"), 1);
+    store.claims_failing.store(false, AtomicOrdering::SeqCst);
+    assert!(claimable_now(&keys, "x").await, "the claim was kept");
 }
