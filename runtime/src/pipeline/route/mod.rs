@@ -37,6 +37,7 @@ use tokio::sync::Semaphore;
 use crate::broker::{BrokerError, Sink, Source};
 use crate::config::{OutputsMode, RouteConfig};
 use crate::engine::InboundMessage;
+use crate::health::{Backoff, FailureKind as HealthFailure};
 use crate::message::Record;
 use crate::pipeline::idempotency::DoneKeys;
 use crate::pipeline::invoker::{HandlerSlot, Invoker};
@@ -53,12 +54,6 @@ use dispatch::{Item, LaneKey, dispatch};
 /// Messages a route holds at once (queued in lanes or being handled). Bounds memory and how much
 /// a crash makes the broker redeliver.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1_000;
-/// First wait before retrying a failed publish, DLQ write or state-store call; doubles up to
-/// [`MAX_INFRA_BACKOFF`]. These are retried until they succeed or the route stops: giving up
-/// would mean acking something that is not done.
-pub const INITIAL_INFRA_BACKOFF: Duration = Duration::from_millis(100);
-/// Longest wait between retries of a failed publish, DLQ write or state-store call.
-pub const MAX_INFRA_BACKOFF: Duration = Duration::from_secs(5);
 /// A lane publishes and acks its finished messages once the oldest of them has waited this
 /// long, even if its batch (`max_batch`) is not through yet.
 pub const MAX_BATCH_AGE: Duration = Duration::from_millis(100);
@@ -267,26 +262,28 @@ impl Shared {
         self.sinks.replies.as_ref().unwrap_or(&self.sinks.outputs)
     }
 
-    /// Retries `op` with capped exponential backoff until it succeeds or the route stops
-    /// (`Stopped`). Used for everything that must happen before an ack: giving up would lose
-    /// data.
+    /// Retries `op` until it succeeds or the route stops. Used for everything that must happen
+    /// before an ack (a publish, a DLQ write, a state-store call): giving up would lose data.
+    /// The waits are the jittered backoff of [`crate::health::Backoff`] (about 100 ms doubling
+    /// to 5 s), so the processes of a deployment that met the same outage do not all retry at
+    /// the same instant when it ends.
     async fn retry_infra<T, E, F, Fut>(&self, what: &str, op: F) -> Result<T, Stopped>
     where
         E: std::fmt::Display,
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, E>>,
     {
-        let mut backoff = INITIAL_INFRA_BACKOFF;
+        let mut backoff = Backoff::new();
         loop {
             match op().await {
                 Ok(v) => return Ok(v),
                 Err(e) => {
                     RouteStats::bump(&self.stats.infra_retries);
-                    tracing::error!(route = %self.route, error = %e, retry_in_ms = backoff.as_millis() as u64, "Cannot {what}; the message stays unacknowledged and the call is retried");
-                    if !self.shutdown.sleep(backoff).await {
+                    let wait = backoff.next(HealthFailure::Transient);
+                    tracing::error!(route = %self.route, error = %e, retry_in_ms = wait.as_millis() as u64, "Cannot {what}; the message stays unacknowledged and the call is retried");
+                    if !self.shutdown.sleep(wait).await {
                         return Err(Stopped);
                     }
-                    backoff = (backoff * 2).min(MAX_INFRA_BACKOFF);
                 }
             }
         }

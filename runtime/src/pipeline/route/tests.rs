@@ -1101,3 +1101,63 @@ async fn a_message_abandoned_while_renewing_its_claim_releases_it() {
     store.claims_failing.store(false, AtomicOrdering::SeqCst);
     assert!(claimable_now(&keys, "x").await, "the claim was kept");
 }
+
+/// A sink that refuses every publish and notes when each was tried.
+#[derive(Default)]
+struct Refusing(Mutex<Vec<Instant>>);
+
+impl Sink for Refusing {
+    fn publish(
+        &self,
+        _: Vec<OutRecord>,
+    ) -> futures_util::future::BoxFuture<'_, Result<(), crate::broker::BrokerError>> {
+        self.0.lock().unwrap().push(Instant::now());
+        Box::pin(async { Err(crate::broker::BrokerError::Unavailable("down".into())) })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_infrastructure_calls_are_retried_with_jittered_backoff() {
+    let broker = MemoryBroker::new();
+    broker.produce("in", [msg("poison", None, &[])]);
+    let dlq = Arc::new(Refusing::default());
+    let route = Route::new(
+        route_config(""),
+        Arc::new(FnInvoker(|_: &InboundMessage| Outcome::Rejected {
+            reason: "no".into(),
+        })),
+        RouteSinks {
+            outputs: Arc::new(broker.sink()),
+            dlq: dlq.clone(),
+            replies: None,
+        },
+        None,
+    )
+    .shutdown_grace(Duration::from_secs(1));
+    let (trigger, shutdown) = Shutdown::new();
+    let task = tokio::spawn(route.run(Box::new(broker.source("in", "g")), shutdown));
+    until("eight tries of the dead letter", || {
+        dlq.0.lock().unwrap().len() >= 8
+    })
+    .await;
+    trigger.trigger();
+    task.await.unwrap();
+    let tries = dlq.0.lock().unwrap().clone();
+    // The step doubles from 100 ms to 5 s; each wait is drawn from its upper half, so
+    // processes that met the same outage do not retry in lockstep when it ends.
+    let mut step = Duration::from_millis(100);
+    let mut below_step = 0;
+    for gap in tries.windows(2).map(|w| w[1] - w[0]) {
+        // (+1 ms: the paused clock's timers fire on whole milliseconds.)
+        assert!(
+            gap >= step / 2 && gap <= step + Duration::from_millis(1),
+            "waited {gap:?} for a step of {step:?}"
+        );
+        if gap + Duration::from_millis(1) < step {
+            below_step += 1;
+        }
+        step = (step * 2).min(Duration::from_secs(5));
+    }
+    assert!(below_step > 0, "every wait was the full step: no jitter");
+    assert_eq!(broker.acked(), 0);
+}
