@@ -38,8 +38,8 @@ use prometheus_client::registry::Registry;
 use crate::broker::LagGauge;
 use crate::health::Health;
 use crate::pipeline::HandlerSlot;
+use crate::pipeline::RouteState;
 use crate::pipeline::RouteStats;
-use crate::pipeline::route::RouteState;
 
 /// One route as the admin endpoint sees it.
 #[derive(Clone, Debug)]

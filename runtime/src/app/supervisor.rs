@@ -22,8 +22,8 @@ use crate::broker::local::LocalBroker;
 use crate::config::{Config, DLQ_STORE_PREFIX, HandlerConfig, RouteConfig, StoreConfig};
 use crate::engine::{Engine, Handler, HandlerEnv, HandlerLimits, InstancePool};
 use crate::pipeline::idempotency::DoneKeys;
-use crate::pipeline::route::{Invoker, Passthrough};
 use crate::pipeline::{HandlerSlot, Route, RouteReport, RouteSinks, Shutdown, ShutdownTrigger};
+use crate::pipeline::{Invoker, Passthrough};
 use crate::state::StateStore;
 use crate::telemetry::{AdminRoutes, RouteEntry};
 

@@ -13,8 +13,11 @@ use tokio::time::Instant;
 use super::*;
 use crate::broker::memory::MemoryBroker;
 use crate::config::Config;
-use crate::engine::OutgoingMessage;
-use crate::state::{LocalClaims, MemoryStore};
+use crate::dlq;
+use crate::engine::{Invocation, Outcome, OutgoingMessage};
+use crate::message::{LOCKGATE_ID_HEADER, OutRecord};
+use crate::pipeline::shutdown::ShutdownTrigger;
+use crate::state::{Claim, ClaimRequest, Commit, LocalClaims, MemoryStore};
 
 /// A handler written as a Rust closure.
 struct FnInvoker<F>(F);
@@ -753,10 +756,31 @@ async fn a_key_claimed_by_another_lane_waits_and_then_is_a_duplicate() {
     assert_eq!(broker.records("out").len(), 1);
 }
 
-/// Claims in memory; recording keys as done fails while `failing` is set.
+/// Claims in memory; recording keys as done fails while `failing` is set, claiming while
+/// `claims_failing` is.
 struct FlakyDone {
     inner: LocalClaims,
     failing: AtomicBool,
+    claims_failing: AtomicBool,
+}
+
+impl FlakyDone {
+    fn new(failing: bool) -> Arc<Self> {
+        Arc::new(Self {
+            inner: LocalClaims::new(Arc::new(MemoryStore::new())),
+            failing: AtomicBool::new(failing),
+            claims_failing: AtomicBool::new(false),
+        })
+    }
+
+    fn keys(self: &Arc<Self>) -> DoneKeys {
+        DoneKeys::new(
+            self.clone(),
+            "r",
+            Duration::from_secs(3600),
+            Duration::from_secs(30),
+        )
+    }
 }
 
 impl crate::state::IdempotencyStore for FlakyDone {
@@ -766,6 +790,9 @@ impl crate::state::IdempotencyStore for FlakyDone {
         requests: Vec<ClaimRequest>,
         lease: Duration,
     ) -> futures_util::future::BoxFuture<'_, Result<Vec<Claim>, crate::state::StateError>> {
+        if self.claims_failing.load(AtomicOrdering::SeqCst) {
+            return Box::pin(async { Err(crate::state::StateError::Unavailable("down".into())) });
+        }
         self.inner.claim(scope, requests, lease)
     }
 
@@ -809,16 +836,8 @@ async fn no_message_is_acked_before_its_key_is_recorded() {
         "in",
         (0..10).map(|i| msg(&format!("m{i}"), None, &[("id", &i.to_string())])),
     );
-    let store = Arc::new(FlakyDone {
-        inner: LocalClaims::new(Arc::new(MemoryStore::new())),
-        failing: AtomicBool::new(true),
-    });
-    let keys = DoneKeys::new(
-        store.clone(),
-        "r",
-        Duration::from_secs(3600),
-        Duration::from_secs(30),
-    );
+    let store = FlakyDone::new(true);
+    let keys = store.keys();
     let running = start(
         &broker,
         route_config("idempotency = { key = \"header:id\" }\n"),
@@ -887,53 +906,258 @@ async fn a_batch_run_ahead_stops_at_a_failure_so_later_messages_wait_for_its_ret
     assert_eq!(payloads(&broker, "out"), ["first", "a", "b", "c", "d"]);
 }
 
-#[test]
-fn a_running_route_is_as_ready_as_what_it_depends_on() {
-    use crate::health::{Failure, HealthReporter};
-    let stats = RouteStats::default();
-    let (source, store) = (HealthReporter::new(), HealthReporter::new());
-    stats.depend_on("state store pg", store.watch());
-    stats.depend_first_on("source", source.watch());
-    // Its place in its life comes first.
-    assert_eq!(stats.state(), RouteState::Starting);
-    stats.set_state(RouteState::Running);
-    assert_eq!(stats.state(), RouteState::Connecting);
-    assert_eq!(stats.blocker().map(|b| b.0).as_deref(), Some("source"));
-    source.ready();
-    assert_eq!(stats.state(), RouteState::Connecting);
-    assert_eq!(
-        stats.blocker().map(|b| b.0).as_deref(),
-        Some("state store pg")
-    );
-    store.failing(
-        Failure::misconfigured("role app does not exist", "create it"),
-        Duration::from_secs(10),
-    );
-    assert_eq!(stats.state(), RouteState::Failing);
-    // The source's reason comes first when both fail.
-    source.failing(Failure::transient("down"), Duration::from_secs(1));
-    assert_eq!(stats.blocker().map(|b| b.0).as_deref(), Some("source"));
-    source.ready();
-    store.ready();
-    assert_eq!(stats.state(), RouteState::Running);
-    assert!(stats.blocker().is_none());
-    stats.set_state(RouteState::Paused);
-    assert!(stats.state().is_ready());
-    source.failing(Failure::transient("down"), Duration::from_secs(1));
-    assert_eq!(stats.state(), RouteState::Failing);
-    stats.set_state(RouteState::Stopped);
-    assert_eq!(stats.state(), RouteState::Stopped);
-    // The gauge's values: the old ones never change.
-    assert_eq!(
+/// Whether another owner can claim `key` right now (and then holds it): false while someone
+/// else's claim on it is live.
+async fn claimable_now(keys: &DoneKeys, key: &str) -> bool {
+    match keys.claim(key, "another-process", false).await.unwrap() {
+        Claim::Claimed => true,
+        Claim::Busy(_) => false,
+        other => panic!("key {key}: {other:?}"),
+    }
+}
+
+/// Advances the paused clock in small steps until `done` holds.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let t0 = Instant::now();
+    while !done() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "never: {what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_abandoned_before_its_retry_releases_its_claim() {
+    let broker = MemoryBroker::new();
+    let keys = memory_keys();
+    broker.produce(
+        "in",
         [
-            RouteState::Starting,
-            RouteState::Running,
-            RouteState::Paused,
-            RouteState::Stopped,
-            RouteState::Connecting,
-            RouteState::Failing
-        ]
-        .map(|s| s as u8),
-        [0, 1, 2, 3, 4, 5]
+            msg("p1", None, &[("id", "p1")]),
+            msg("p2", None, &[("id", "p2")]),
+        ],
     );
+    let failing = broker.clone();
+    let cfg = route_config(
+        "idempotency = { key = \"header:id\" }\nretry = { max_attempts = 5, initial_backoff_ms = 10, jitter = \"none\" }\n",
+    );
+    let running = start(
+        &broker,
+        cfg,
+        FnInvoker(move |m: &InboundMessage| {
+            if m.payload == b"p2" {
+                // p1 waits in the batch for its publish: before p2 backs off it publishes p1,
+                // and that publish fails until the route stops.
+                failing.set_failing("out", true);
+                retry("down")
+            } else {
+                ok_to("out", m.payload.clone())
+            }
+        }),
+        Some(keys.clone()),
+    );
+    until("the publish before the retry failed", || {
+        broker.stats().failed_publishes.load(AtomicOrdering::SeqCst) >= 1
+    })
+    .await;
+    assert!(
+        !claimable_now(&keys, "p2").await,
+        "p2 runs without its claim"
+    );
+    let report = running.stop().await;
+    assert!(broker.records("out").is_empty(), "p1 was not pending");
+    assert_eq!(broker.acked(), 0);
+    assert_eq!(stat(&report.stats, "abandoned"), 2);
+    // Both come back from the broker; whoever gets them must not wait out the lease.
+    assert!(claimable_now(&keys, "p1").await, "p1's claim was kept");
+    assert!(claimable_now(&keys, "p2").await, "p2's claim was kept");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_abandoned_while_the_breaker_is_open_releases_its_claim() {
+    let broker = MemoryBroker::new();
+    broker.set_failing("out", true);
+    let keys = memory_keys();
+    // Lane p: p1 succeeds and waits in the batch, p2 then finds the breaker open. Lane f: f
+    // opens the breaker while p1 runs.
+    broker.produce(
+        "in",
+        [
+            msg("p1", Some("p"), &[("id", "p1")]),
+            msg("p2", Some("p"), &[("id", "p2")]),
+            msg("f", Some("f"), &[("id", "f")]),
+        ],
+    );
+    let stats: Arc<std::sync::OnceLock<Arc<RouteStats>>> = Arc::default();
+    let (p1_started, p1_runs) = std::sync::mpsc::channel::<()>();
+    let p1_runs = Mutex::new(p1_runs);
+    let tripped = stats.clone();
+    let cfg = route_config(
+        "concurrency = 2\nordering = \"key\"\nidempotency = { key = \"header:id\" }\nretry = { max_attempts = 5, initial_backoff_ms = 10, jitter = \"none\" }\ncircuit_breaker = { consecutive_failures = 1, open_ms = 60000 }\n",
+    );
+    let running = start(
+        &broker,
+        cfg,
+        FnInvoker(move |m: &InboundMessage| match &m.payload[..] {
+            b"p1" => {
+                // Admitted while the breaker was closed; finishes once f opened it.
+                p1_started.send(()).unwrap();
+                let t0 = std::time::Instant::now();
+                while tripped
+                    .get()
+                    .is_none_or(|s| s.breaker_trips.load(AtomicOrdering::SeqCst) == 0)
+                {
+                    assert!(t0.elapsed() < Duration::from_secs(10), "f never failed");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                ok_to("out", m.payload.clone())
+            }
+            b"f" => {
+                let _ = p1_runs
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(10));
+                retry("down")
+            }
+            _ => ok_to("out", m.payload.clone()),
+        }),
+        Some(keys.clone()),
+    );
+    stats.set(running.stats.clone()).unwrap();
+    until("p2 published p1 before waiting for the breaker", || {
+        broker.stats().failed_publishes.load(AtomicOrdering::SeqCst) >= 1
+    })
+    .await;
+    assert!(
+        !claimable_now(&keys, "p2").await,
+        "p2 waits without its claim"
+    );
+    let report = running.stop().await;
+    assert!(broker.records("out").is_empty(), "p1 was not pending");
+    assert_eq!(broker.acked(), 0);
+    assert_eq!(stat(&report.stats, "abandoned"), 3);
+    for key in ["p1", "p2", "f"] {
+        assert!(claimable_now(&keys, key).await, "{key}'s claim was kept");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_abandoned_before_its_dead_letter_is_recorded_releases_its_claim() {
+    let broker = MemoryBroker::new();
+    broker.produce("in", [msg("poison", None, &[("id", "x")])]);
+    // Recording the key as dead-lettered fails until the route stops.
+    let store = FlakyDone::new(true);
+    let keys = store.keys();
+    let running = start(
+        &broker,
+        route_config("idempotency = { key = \"header:id\" }\n"),
+        FnInvoker(|_: &InboundMessage| Outcome::Rejected {
+            reason: "no".into(),
+        }),
+        Some(keys.clone()),
+    );
+    until("the key's record failed after the dead letter", || {
+        broker.records("in.dlq").len() == 1
+            && running.stats.infra_retries.load(AtomicOrdering::SeqCst) >= 1
+    })
+    .await;
+    assert!(
+        !claimable_now(&keys, "x").await,
+        "dead-lettered without its claim"
+    );
+    let report = running.stop().await;
+    assert_eq!(broker.acked(), 0, "acked before its key was recorded");
+    assert_eq!(stat(&report.stats, "abandoned"), 1);
+    assert!(claimable_now(&keys, "x").await, "the claim was kept");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_abandoned_while_renewing_its_claim_releases_it() {
+    let broker = MemoryBroker::new();
+    broker.produce("in", [msg("m", None, &[("id", "x")])]);
+    let store = FlakyDone::new(false);
+    let keys = store.keys();
+    let down = store.clone();
+    let cfg = route_config(
+        "idempotency = { key = \"header:id\" }\nretry = { max_attempts = 5, initial_backoff_ms = 10, jitter = \"none\" }\n",
+    );
+    let running = start(
+        &broker,
+        cfg,
+        FnInvoker(move |_: &InboundMessage| {
+            // The store goes down after the first claim: renewing it before the retry fails
+            // until the route stops.
+            down.claims_failing.store(true, AtomicOrdering::SeqCst);
+            retry("down")
+        }),
+        Some(keys.clone()),
+    );
+    until("renewing the claim failed", || {
+        running.stats.infra_retries.load(AtomicOrdering::SeqCst) >= 1
+    })
+    .await;
+    let report = running.stop().await;
+    assert_eq!(stat(&report.stats, "retried"), 1);
+    assert_eq!(stat(&report.stats, "abandoned"), 1);
+    store.claims_failing.store(false, AtomicOrdering::SeqCst);
+    assert!(claimable_now(&keys, "x").await, "the claim was kept");
+}
+
+/// A sink that refuses every publish and notes when each was tried.
+#[derive(Default)]
+struct Refusing(Mutex<Vec<Instant>>);
+
+impl Sink for Refusing {
+    fn publish(
+        &self,
+        _: Vec<OutRecord>,
+    ) -> futures_util::future::BoxFuture<'_, Result<(), crate::broker::BrokerError>> {
+        self.0.lock().unwrap().push(Instant::now());
+        Box::pin(async { Err(crate::broker::BrokerError::Unavailable("down".into())) })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_infrastructure_calls_are_retried_with_jittered_backoff() {
+    let broker = MemoryBroker::new();
+    broker.produce("in", [msg("poison", None, &[])]);
+    let dlq = Arc::new(Refusing::default());
+    let route = Route::new(
+        route_config(""),
+        Arc::new(FnInvoker(|_: &InboundMessage| Outcome::Rejected {
+            reason: "no".into(),
+        })),
+        RouteSinks {
+            outputs: Arc::new(broker.sink()),
+            dlq: dlq.clone(),
+            replies: None,
+        },
+        None,
+    )
+    .shutdown_grace(Duration::from_secs(1));
+    let (trigger, shutdown) = Shutdown::new();
+    let task = tokio::spawn(route.run(Box::new(broker.source("in", "g")), shutdown));
+    until("eight tries of the dead letter", || {
+        dlq.0.lock().unwrap().len() >= 8
+    })
+    .await;
+    trigger.trigger();
+    task.await.unwrap();
+    let tries = dlq.0.lock().unwrap().clone();
+    // The step doubles from 100 ms to 5 s; each wait is drawn from its upper half, so
+    // processes that met the same outage do not retry in lockstep when it ends.
+    let mut step = Duration::from_millis(100);
+    let mut below_step = 0;
+    for gap in tries.windows(2).map(|w| w[1] - w[0]) {
+        // (+1 ms: the paused clock's timers fire on whole milliseconds.)
+        assert!(
+            gap >= step / 2 && gap <= step + Duration::from_millis(1),
+            "waited {gap:?} for a step of {step:?}"
+        );
+        if gap + Duration::from_millis(1) < step {
+            below_step += 1;
+        }
+        step = (step * 2).min(Duration::from_secs(5));
+    }
+    assert!(below_step > 0, "every wait was the full step: no jitter");
+    assert_eq!(broker.acked(), 0);
 }
