@@ -931,4 +931,3 @@ fn lockgate_id(r: &OutRecord) -> Option<String> {
         .find(|(n, _)| n == LOCKGATE_ID_HEADER)
         .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
 }
-
