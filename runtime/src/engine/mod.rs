@@ -37,7 +37,7 @@ use wasmtime_wasi::WasiCtxBuilder;
 use crate::config::Isolation;
 use crate::deadline::{Deadline, DeadlineExceeded};
 
-pub use cache::CompileCache;
+pub use cache::{CacheLimits, CachePin, CompileCache};
 pub use host::{HandlerEnv, HandlerLimits, MAX_KV_KEY_BYTES, MAX_KV_VALUE_BYTES};
 
 use bindings::types;
@@ -261,6 +261,8 @@ impl Engine {
     ) -> Result<Handler, EngineError> {
         check_magic(path, bytes)?;
         let engine = &self.inner.engine;
+        // Pinned before it is stored, so the eviction that follows the store keeps it.
+        let cache_pin = self.inner.cache.as_ref().map(|c| c.pin(&hash));
         let cached = self
             .inner
             .cache
@@ -306,6 +308,7 @@ impl Engine {
                 path: path.to_owned(),
                 module_hash: hash,
                 from_cache,
+                _cache_pin: cache_pin,
             }),
         })
     }
@@ -391,6 +394,8 @@ struct HandlerInner {
     path: PathBuf,
     module_hash: String,
     from_cache: bool,
+    /// Keeps the compiled artefact on disk while this version is loaded.
+    _cache_pin: Option<CachePin>,
 }
 
 impl std::fmt::Debug for Handler {
