@@ -20,6 +20,12 @@
 //! `prometheus-client` collector), so the pipeline keeps counting with plain atomics and nothing
 //! is counted twice. Every series carries `route`, `handler` and `handler_version` (the first
 //! 12 hex digits of the module's hash).
+//!
+//! Its client, for `lockgate status`, `lockgate reload` and the tests, is in `telemetry/client.rs`.
+
+mod client;
+
+pub use client::{AdminClientError, http_request, http_request_async};
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -379,46 +385,10 @@ pub async fn serve(
         .await
 }
 
-/// A one-shot `GET path` on an admin endpoint at `addr` (`ip:port`, HTTP/1.1,
-/// `Connection: close`): (status code, body). For `lockgate status` and tests.
-pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+/// A one-shot `GET path` on an admin endpoint at `addr` (`host:port`): (status code, body).
+/// For `lockgate status` and tests; see [`http_request`].
+pub fn http_get(addr: &str, path: &str) -> Result<(u16, String), AdminClientError> {
     http_request(addr, "GET", path, None)
-}
-
-/// Like [`http_get`] with another method and an optional bearer token.
-pub fn http_request(
-    addr: &str,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-) -> std::io::Result<(u16, String)> {
-    use std::io::{Error, ErrorKind, Read, Write};
-    let sock: SocketAddr = addr.parse().map_err(|_| {
-        Error::new(
-            ErrorKind::InvalidInput,
-            format!("{addr} is not an address: expected ip:port"),
-        )
-    })?;
-    let mut s = std::net::TcpStream::connect_timeout(&sock, std::time::Duration::from_secs(5))?;
-    // A reload compiles modules and drains changed routes: give it time.
-    s.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
-    let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    s.read_to_string(&mut response)?;
-    let invalid = |what: &str| Error::new(ErrorKind::InvalidData, what.to_owned());
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| invalid("not an HTTP response"))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| invalid("no status code in the response"))?;
-    Ok((code, body.to_owned()))
 }
 
 /// Binds the admin address (`host:port`).

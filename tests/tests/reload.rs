@@ -16,7 +16,7 @@ use lockgate::message::OutRecord;
 use lockgate_tests::admin::{admin_addr, get, reloads};
 use lockgate_tests::inproc::{self, InProc};
 use lockgate_tests::reload::version_of;
-use lockgate_tests::{guest, stop_run, wait_for_progress};
+use lockgate_tests::{guest, run_logs, start_run, stop_run, wait_for_progress};
 
 const DEADLINE: Duration = Duration::from_secs(300);
 
@@ -384,4 +384,78 @@ fn lockgate_run_reloads_on_sighup_and_an_authorised_post_reload() {
     wait_reloads(&mut run, dir.path(), &addr, (2, 0));
     assert_serving(&addr, &guest("chaos"));
     stop_run(&mut run, dir.path(), 1);
+}
+
+/// `bytes` (a component) with a custom section naming `version`: a new module version (another
+/// SHA-256, another compiled artefact) that behaves exactly like the original.
+fn with_version(bytes: &[u8], version: usize) -> Vec<u8> {
+    let name = b"lockgate-test-version";
+    let data = version.to_string();
+    let size = 1 + name.len() + data.len();
+    assert!(size < 128, "one-byte LEB128 sizes");
+    let mut out = bytes.to_vec();
+    out.extend_from_slice(&[0, size as u8, name.len() as u8]);
+    out.extend_from_slice(name);
+    out.extend_from_slice(data.as_bytes());
+    out
+}
+
+/// The compiled artefacts in the state directory's cache.
+fn artefacts(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir.join("state/cache"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".cwasm"))
+        .collect()
+}
+
+#[test]
+fn reloading_many_versions_keeps_the_compiled_cache_bounded_and_the_current_version_cached() {
+    // Each reload compiles a new version into <state_dir>/cache. The cache keeps the versions in
+    // use (the new one, and the old one until the swap) and the most recently used others.
+    let kept = lockgate::engine::CacheLimits::default().max_unused_entries;
+    let versions = kept + 8;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, module) = module_config(dir.path(), "admin = \"127.0.0.1:0\"\n");
+    let original = std::fs::read(&module).unwrap();
+    let mut run = start_run(dir.path(), &config, 1, None, "lockgate=info,warn");
+    let addr = admin_addr(&mut run, dir.path(), 1);
+    for v in 1..=versions {
+        std::fs::write(&module, with_version(&original, v)).unwrap();
+        wait_reloads(&mut run, dir.path(), &addr, (v as u64, 0));
+        assert!(
+            artefacts(dir.path()).len() <= kept + 2,
+            "after version {v}: {:?}",
+            artefacts(dir.path())
+        );
+    }
+    assert_serving(&addr, &module);
+    stop_run(&mut run, dir.path(), 1);
+    use sha2::Digest as _;
+    let current = hex::encode(sha2::Sha256::digest(std::fs::read(&module).unwrap()));
+    let left = artefacts(dir.path());
+    assert!(
+        left.iter().any(|n| n.starts_with(&current)),
+        "the serving version was evicted: {left:?}"
+    );
+
+    // A restart loads the current version from the cache instead of compiling it.
+    let mut run = start_run(dir.path(), &config, 2, None, "lockgate=debug,warn");
+    let addr = admin_addr(&mut run, dir.path(), 2);
+    wait_for_progress(
+        &mut run,
+        dir.path(),
+        2,
+        1,
+        DEADLINE,
+        Duration::from_millis(20),
+        || u64::from(get(&addr, "/status").1.contains(&current[..12])),
+    );
+    stop_run(&mut run, dir.path(), 2);
+    let logs = run_logs(dir.path(), 2);
+    let prepared = logs
+        .lines()
+        .find(|l| l.contains("Handler prepared"))
+        .unwrap_or_else(|| panic!("no handler prepared\n{logs}"));
+    assert!(prepared.contains("from_cache=true"), "{prepared}");
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use lockgate::state::{
     IdempotencyStore, KvStore, POSTGRES_SCHEMA_VERSION, PostgresStore, RedisStore, StateError,
-    claims_conformance, conformance,
+    conformance,
 };
 
 const REDIS: &str = "redis://127.0.0.1:6379";
@@ -59,7 +59,7 @@ async fn drop_prefix(prefix: &str) {
 
 async fn kv_suite(store: Arc<dyn KvStore>) {
     // The kv trait is synchronous (guests call it from a blocking thread).
-    tokio::task::spawn_blocking(move || conformance::run(store.as_ref()))
+    tokio::task::spawn_blocking(move || conformance::kv::run(store.as_ref()))
         .await
         .unwrap();
 }
@@ -80,7 +80,7 @@ async fn redis_kv_follows_the_shared_rules() {
 async fn redis_claims_follow_the_shared_rules() {
     let prefix = unique("lgtest");
     let store = Arc::new(RedisStore::new(REDIS, &prefix).unwrap());
-    claims_conformance::run(store.as_ref(), store.clone()).await;
+    conformance::claims::run(store.as_ref(), store.clone()).await;
     drop_prefix(&prefix).await;
 }
 
@@ -96,7 +96,7 @@ async fn postgres_kv_follows_the_shared_rules() {
 async fn postgres_claims_follow_the_shared_rules() {
     let schema = unique("lgtest");
     let store = Arc::new(PostgresStore::new(POSTGRES, &schema, 4).unwrap());
-    claims_conformance::run(store.as_ref(), store.clone()).await;
+    conformance::claims::run(store.as_ref(), store.clone()).await;
     drop_schema(&schema).await;
 }
 

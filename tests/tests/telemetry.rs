@@ -143,9 +143,52 @@ fn metrics_count_what_the_messages_were_built_to_do() {
     );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["routes"][0]["dead_lettered"], 2);
-    let out = lockgate(dir.path(), &["status", "--admin", "127.0.0.1:1"]);
-    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read http://127.0.0.1:1/status"));
+    // A host name works as well as an IP (localhost may resolve to ::1 first: every address is
+    // tried), and so does a URL.
+    let port = addr.rsplit_once(':').unwrap().1;
+    for by_name in [
+        format!("localhost:{port}"),
+        format!("http://localhost:{port}/"),
+    ] {
+        let out = lockgate(dir.path(), &["status", "--json", "--admin", &by_name]);
+        assert!(out.status.success(), "{by_name}: {}", show(&out));
+        let by_name: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(by_name["routes"][0]["dead_lettered"], 2);
+    }
+    let out = lockgate(
+        dir.path(),
+        &[
+            "reload",
+            "runtime.toml",
+            "--admin",
+            &format!("localhost:{port}"),
+        ],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "reloaded: nothing changed\n"
+    );
+    // Errors name the address.
+    for (bad, says) in [
+        ("127.0.0.1:1", "cannot connect to 127.0.0.1:1: "),
+        (
+            "no-such-host.invalid:9090",
+            "cannot resolve no-such-host.invalid:9090: ",
+        ),
+        (
+            "localhost",
+            "localhost is not an admin address: expected host:port",
+        ),
+    ] {
+        let out = lockgate(dir.path(), &["status", "--admin", bad]);
+        assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("cannot read http://{bad}/status")) && stderr.contains(says),
+            "{bad}: {stderr}"
+        );
+    }
 
     stop_run(&mut child, dir.path(), 1);
 }

@@ -16,7 +16,7 @@ pub struct ReloadArgs {
     #[arg(default_value_os_t = super::default_config())]
     config: PathBuf,
 
-    /// The admin endpoint (ip:port) instead of the config's.
+    /// The admin endpoint (host:port, like localhost:9090) instead of the config's.
     #[arg(long, value_name = "ADDR")]
     admin: Option<String>,
 }
@@ -58,7 +58,7 @@ pub fn run(args: ReloadArgs) -> anyhow::Result<ExitCode> {
         match lockgate::telemetry::http_request(&addr, "POST", "/reload", token.as_deref()) {
             Ok(r) => r,
             Err(e) => {
-                eprintln!("lockgate reload: no answer from http://{addr}: {e}");
+                eprintln!("lockgate reload: no answer: {e}");
                 return Ok(ExitCode::from(EXIT_FAILED));
             }
         };

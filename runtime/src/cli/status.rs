@@ -19,7 +19,7 @@ pub struct StatusArgs {
     #[arg(default_value_os_t = super::default_config())]
     config: PathBuf,
 
-    /// The admin endpoint (ip:port) instead of the config's.
+    /// The admin endpoint (host:port, like localhost:9090) instead of the config's.
     #[arg(long, value_name = "ADDR")]
     admin: Option<String>,
 
@@ -78,13 +78,17 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
 
 /// `GET /status` on `addr`, parsed.
 fn fetch(addr: &str) -> anyhow::Result<serde_json::Value> {
+    let url = format!(
+        "http://{}/status",
+        addr.strip_prefix("http://")
+            .unwrap_or(addr)
+            .trim_end_matches('/')
+    );
     let (code, body) = lockgate::telemetry::http_get(addr, "/status").with_context(|| {
-        format!(
-            "cannot read http://{addr}/status (is `lockgate run` running with an admin address?)"
-        )
+        format!("cannot read {url} (is `lockgate run` running with an admin address?)")
     })?;
-    anyhow::ensure!(code == 200, "http://{addr}/status answered {code}: {body}");
-    serde_json::from_str(&body).with_context(|| format!("http://{addr}/status sent no JSON"))
+    anyhow::ensure!(code == 200, "{url} answered {code}: {body}");
+    serde_json::from_str(&body).with_context(|| format!("{url} sent no JSON"))
 }
 
 /// The table: one line per route, the rate from the two readings' `received`.

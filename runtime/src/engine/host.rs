@@ -71,6 +71,21 @@ impl std::fmt::Debug for HandlerEnv {
     }
 }
 
+/// Convenience for building a [`HandlerEnv`] with default limits and no outputs restriction.
+pub fn test_env(
+    name: &str,
+    config: BTreeMap<String, String>,
+    kv: Arc<dyn crate::state::KvStore>,
+) -> HandlerEnv {
+    HandlerEnv {
+        name: name.to_owned(),
+        config,
+        outputs: None,
+        limits: HandlerLimits::default(),
+        kv,
+    }
+}
+
 /// What one invocation accumulates; reset before each call.
 #[derive(Default)]
 pub(crate) struct CallState {

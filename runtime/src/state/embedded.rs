@@ -191,7 +191,7 @@ mod tests {
     fn conformance() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(&dir.path().join("state.redb")).unwrap();
-        super::super::conformance::run(&store);
+        crate::state::conformance::kv::run(&store);
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -199,7 +199,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: std::sync::Arc<dyn KvStore> =
             std::sync::Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
-        crate::state::claims_conformance::run(
+        crate::state::conformance::claims::run(
             &crate::state::LocalClaims::new(store.clone()),
             store,
         )

@@ -222,6 +222,6 @@ mod tests {
     async fn claims_follow_the_shared_rules() {
         let kv: Arc<dyn KvStore> = Arc::new(MemoryStore::new());
         let store = LocalClaims::new(kv.clone());
-        crate::state::claims_conformance::run(&store, kv).await;
+        crate::state::conformance::claims::run(&store, kv).await;
     }
 }

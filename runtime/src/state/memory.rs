@@ -101,6 +101,6 @@ impl KvStore for MemoryStore {
 mod tests {
     #[test]
     fn conformance() {
-        super::super::conformance::run(&super::MemoryStore::new());
+        crate::state::conformance::kv::run(&super::MemoryStore::new());
     }
 }

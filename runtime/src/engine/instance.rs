@@ -1,0 +1,197 @@
+//! One live instance of a handler ([`Instance`]) and one call of its `handle`: the deadline and
+//! memory cap around it, the logs it produced, and the [`Outcome`] every way it can end in.
+
+use std::time::{Duration, Instant};
+
+use wasmtime::{Store, Trap};
+
+use crate::deadline::{Deadline, DeadlineExceeded};
+
+use super::bindings::{self, types};
+use super::host::{self, CallState, HostState};
+use super::{Handler, InboundMessage, Invocation, LogLevel, LogSource, MAX_STDIO_BYTES, Outcome};
+
+/// One live instance of a handler. Reusable across messages until it traps.
+pub struct Instance {
+    handler: Handler,
+    store: Store<HostState>,
+    bindings: bindings::Handler,
+    calls: u64,
+    poisoned: bool,
+}
+
+impl std::fmt::Debug for Instance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instance")
+            .field("handler", &self.handler.name())
+            .field("calls", &self.calls)
+            .field("poisoned", &self.poisoned)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Instance {
+    /// A fresh instance, before its first call.
+    pub(super) fn new(
+        handler: Handler,
+        store: Store<HostState>,
+        bindings: bindings::Handler,
+    ) -> Self {
+        Self {
+            handler,
+            store,
+            bindings,
+            calls: 0,
+            poisoned: false,
+        }
+    }
+
+    /// Calls `handle` with `message` under the handler's deadline and memory cap.
+    ///
+    /// Never panics on guest behaviour: every failure is an [`Outcome`]. After a trap, timeout or
+    /// memory exhaustion the instance is poisoned and must not be reused.
+    pub fn invoke(&mut self, message: &InboundMessage) -> Invocation {
+        self.invoke_with(message, false)
+    }
+
+    /// Like [`Self::invoke`]; with `stage_kv` the call's kv writes are held back and returned in
+    /// [`Invocation::kv_writes`] (for an ok outcome) instead of applied.
+    pub fn invoke_with(&mut self, message: &InboundMessage, stage_kv: bool) -> Invocation {
+        self.invoke_owned(message.clone(), stage_kv)
+    }
+
+    /// Like [`Self::invoke_with`] on a message the caller gives up (its bytes move into the
+    /// call instead of being copied first).
+    pub fn invoke_owned(&mut self, message: InboundMessage, stage_kv: bool) -> Invocation {
+        let start = Instant::now();
+        if self.poisoned {
+            return Invocation::failed(Outcome::Trapped {
+                reason: "instance was poisoned by an earlier trap".into(),
+            });
+        }
+        self.calls += 1;
+        let limits = self.handler.inner.env.limits.clone();
+        {
+            let data = self.store.data_mut();
+            data.call = CallState {
+                deadline: Some(Deadline::after_from(start, limits.timeout)),
+                reply_to: message.reply_to.clone(),
+                kv_txn: stage_kv.then(host::KvTxn::default),
+                ..CallState::default()
+            };
+            data.memory.hit = false;
+        }
+        // The next tick checks the deadline (see `Handler::instantiate`).
+        self.store.set_epoch_deadline(1);
+        let wit_message = message.into_wit();
+        let result = self.bindings.call_handle(&mut self.store, &wit_message);
+        let elapsed = start.elapsed();
+
+        let data = self.store.data_mut();
+        let mut call = std::mem::take(&mut data.call);
+        for (buffer, source, level) in [
+            (&data.stdout, LogSource::Stdout, LogLevel::Info),
+            (&data.stderr, LogSource::Stderr, LogLevel::Warn),
+        ] {
+            let (bytes, dropped) = buffer.take();
+            for line in String::from_utf8_lossy(&bytes).lines() {
+                call.push_log(limits.max_log_records, level, source, line);
+            }
+            if dropped > 0 {
+                call.push_log(
+                    limits.max_log_records,
+                    LogLevel::Warn,
+                    source,
+                    &format!("[{dropped} bytes of output dropped: over {MAX_STDIO_BYTES} bytes]"),
+                );
+            }
+        }
+
+        let outcome = match result {
+            Ok(Ok(())) => match call.refused_output.take() {
+                Some(reason) => Outcome::Rejected { reason },
+                None => Outcome::Ok {
+                    outputs: std::mem::take(&mut call.outputs),
+                },
+            },
+            Ok(Err(types::HandlerError::Retry(r))) => Outcome::Retry {
+                reason: r.reason,
+                after: r.after_ms.map(Duration::from_millis),
+            },
+            Ok(Err(types::HandlerError::Reject(reason))) => Outcome::Rejected { reason },
+            Err(e) => {
+                self.poisoned = true;
+                let trap = e.downcast_ref::<Trap>().copied();
+                if data.memory.hit {
+                    Outcome::OutOfMemory {
+                        limit_bytes: limits.max_memory_bytes,
+                    }
+                } else if past_deadline(&e) {
+                    Outcome::TimedOut {
+                        timeout: limits.timeout,
+                    }
+                } else if trap == Some(Trap::StackOverflow) {
+                    Outcome::Trapped {
+                        reason: "stack overflow (call stack exhausted)".into(),
+                    }
+                } else {
+                    Outcome::Trapped {
+                        reason: trap_reason(&e),
+                    }
+                }
+            }
+        };
+        let kv_writes = match (&outcome, call.kv_txn.take()) {
+            (Outcome::Ok { .. }, Some(txn)) => Some(txn.into_writes(&self.handler.inner.env.name)),
+            (_, Some(_)) => Some(Vec::new()),
+            (_, None) => None,
+        };
+        Invocation {
+            outcome,
+            logs: call.logs,
+            dropped_logs: call.dropped_logs,
+            refused_outputs: call.refused_outputs,
+            elapsed,
+            kv_writes,
+        }
+    }
+
+    /// Whether the instance trapped and must be discarded.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// Number of calls made on this instance.
+    pub fn calls(&self) -> u64 {
+        self.calls
+    }
+
+    /// The handler this instance belongs to.
+    pub fn handler(&self) -> &Handler {
+        &self.handler
+    }
+}
+
+/// Whether `e` ended a call at its deadline: an epoch interrupt while the guest ran wasm, or a
+/// host wait cut short while it waited (see [`crate::deadline`]).
+pub(super) fn past_deadline(e: &wasmtime::Error) -> bool {
+    matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) || e.is::<DeadlineExceeded>()
+}
+
+/// One line for an outcome: the trap's own text, plus the innermost guest function that has a
+/// name. The full backtrace belongs in debug logs, not in outcomes and DLQ records.
+fn trap_reason(e: &wasmtime::Error) -> String {
+    let Some(trap) = e.downcast_ref::<Trap>() else {
+        return format!("{e:#}")
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+    };
+    let frame = e
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .and_then(|bt| bt.frames().iter().find_map(|f| f.func_name()))
+        .map(|name| format!(" in `{name}`"))
+        .unwrap_or_default();
+    format!("{trap}{frame}")
+}
