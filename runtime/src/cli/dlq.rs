@@ -12,6 +12,10 @@
 //! The route that takes a replayed copy to its end appends a replay result to its DLQ (handled,
 //! skipped as a duplicate, or dead-lettered again); `list` and `show` print it and `replay`
 //! waits for the results of what it replayed (`--wait`) and reports each letter's.
+//!
+//! The replay itself (two passes, batches, markers, waiting for results) is the library's
+//! `lockgate::dlq::replay`; this file gives it the config's brokers (`ReplayIo` for `Ctx`), and
+//! keeps the arguments, signals, progress and what is printed.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{IsTerminal, Write};
@@ -29,9 +33,10 @@ use lockgate::broker::local::LocalBroker;
 use lockgate::broker::{Scan, Sink};
 use lockgate::config::{Config, Endpoint};
 use lockgate::dlq::{
-    DeadLetter, ReplayOutcome, ReplayResult, marker, marker_positions, parse_result, replay_record,
+    Contents, DeadLetter, DlqRef, IoError, ReplayEvent, ReplayIo, ReplayOutcome, ReplayResult,
+    Settings,
 };
-use lockgate::message::OutRecord;
+use lockgate::message::{OutRecord, Record};
 use serde_json::json;
 
 use super::{EXIT_FAILED, EXIT_USAGE};
@@ -268,7 +273,7 @@ impl Ctx {
     }
 
     /// Loads the config and names the DLQs to read; `Err(code)` after printing why not.
-    fn open(args: &ConfigArgs, route: Option<&str>) -> Result<(Self, Vec<Endpoint>), ExitCode> {
+    fn open(args: &ConfigArgs, route: Option<&str>) -> Result<(Self, Vec<DlqRef>), ExitCode> {
         let ctx = Self::load(args)?;
         match ctx.dlqs(route) {
             Ok(dlqs) => Ok((ctx, dlqs)),
@@ -280,7 +285,7 @@ impl Ctx {
     }
 
     /// The DLQs to read: `route`'s, or every distinct one of the config.
-    fn dlqs(&self, route: Option<&str>) -> Result<Vec<Endpoint>, String> {
+    fn dlqs(&self, route: Option<&str>) -> Result<Vec<DlqRef>, String> {
         if let Some(name) = route {
             let Some(r) = self.config.routes.get(name) else {
                 return Err(format!(
@@ -294,43 +299,87 @@ impl Ctx {
                         .join(", ")
                 ));
             };
-            return Ok(vec![r.dlq.clone()]);
+            return Ok(vec![dlq_ref(&r.dlq)]);
         }
         let mut seen = HashSet::new();
         Ok(self
             .config
             .routes
             .values()
-            .filter(|r| seen.insert((r.dlq.broker.clone(), r.dlq.topic.clone())))
-            .map(|r| r.dlq.clone())
+            .map(|r| dlq_ref(&r.dlq))
+            .filter(|d| seen.insert(d.clone()))
             .collect())
     }
+}
 
-    async fn scan(&mut self, dlq: &Endpoint) -> anyhow::Result<Box<dyn Scan>> {
-        self.clients
-            .scan(&self.config, &self.local, dlq)
-            .await
-            .with_context(|| format!("cannot read the DLQ {}:{}", dlq.broker, dlq.topic))
+/// How the replay names a route's DLQ.
+fn dlq_ref(dlq: &Endpoint) -> DlqRef {
+    DlqRef {
+        broker: dlq.broker.clone(),
+        topic: dlq.topic.clone(),
     }
 }
 
-/// What a DLQ holds: its dead letters (payload and headers dropped unless asked for), the
-/// positions its replay markers name and the results of replayed copies.
-#[derive(Default)]
-struct Contents {
-    dead: Vec<DeadLetter>,
-    replayed: HashSet<String>,
-    results: HashMap<String, ReplayResult>,
+/// The config's brokers and stores, as the replay reads and writes them.
+impl ReplayIo for Ctx {
+    type Scan = Box<dyn Scan>;
+    type Sink = Arc<dyn Sink>;
+
+    async fn scan(&mut self, dlq: &DlqRef) -> Result<Box<dyn Scan>, IoError> {
+        let endpoint = Endpoint {
+            broker: dlq.broker.clone(),
+            topic: dlq.topic.clone(),
+            group: String::new(),
+        };
+        Ok(self
+            .clients
+            .scan(&self.config, &self.local, &endpoint)
+            .await?)
+    }
+
+    async fn next_batch(
+        &mut self,
+        scan: &mut Box<dyn Scan>,
+    ) -> Result<Option<Vec<Record>>, IoError> {
+        Ok(scan.next_batch().await?)
+    }
+
+    async fn marker_sink(&mut self, dlq: &DlqRef) -> Result<Arc<dyn Sink>, IoError> {
+        Ok(self
+            .clients
+            .sink(&self.config, &self.local, &dlq.broker)
+            .await?)
+    }
+
+    async fn feeder(&mut self, route: &str) -> Result<Arc<dyn Sink>, IoError> {
+        let Some(r) = self.config.routes.get(route) else {
+            return Err(format!("route {route} is not in the config").into());
+        };
+        Ok(self.clients.feeder(&self.config, &self.local, r).await?)
+    }
+
+    async fn publish(
+        &mut self,
+        sink: &Arc<dyn Sink>,
+        records: Vec<OutRecord>,
+    ) -> Result<(), IoError> {
+        Ok(sink.publish(records).await?)
+    }
+
+    fn source_broker(&self, route: &str) -> Option<String> {
+        self.config
+            .routes
+            .get(route)
+            .map(|r| r.source.broker.clone())
+    }
 }
 
-impl Contents {
-    /// The status of dead letter `d`: `pending`, `replayed` (no result yet) or its result.
-    fn status(&self, d: &DeadLetter) -> &'static str {
-        match self.results.get(&d.position) {
-            Some(r) => result_name(r.outcome),
-            None if self.replayed.contains(&d.position) => "replayed",
-            None => "pending",
-        }
+/// The status of dead letter `d` in `c`: `pending`, `replayed` (no result yet) or its result.
+fn status(c: &Contents, d: &DeadLetter) -> &'static str {
+    match c.results.get(&d.position) {
+        Some(r) => result_name(r.outcome),
+        None if c.replayed.contains(&d.position) => "replayed",
+        None => "pending",
     }
 }
 
@@ -341,43 +390,6 @@ fn result_name(outcome: ReplayOutcome) -> &'static str {
         ReplayOutcome::Skipped => "skipped",
         ReplayOutcome::DeadLettered => "failed",
     }
-}
-
-/// Keeps `r` as its letter's result unless an earlier one stands (see
-/// [`ReplayResult::supersedes`]).
-fn add_result(results: &mut HashMap<String, ReplayResult>, r: ReplayResult) {
-    match results.get(&r.position) {
-        Some(earlier) if !r.supersedes(earlier) => {}
-        _ => {
-            results.insert(r.position.clone(), r);
-        }
-    }
-}
-
-async fn read_all(
-    scan: &mut dyn Scan,
-    filter: &Filter,
-    keep: impl Fn(&DeadLetter) -> bool,
-) -> anyhow::Result<Contents> {
-    let mut c = Contents::default();
-    while let Some(batch) = scan.next_batch().await? {
-        for record in batch {
-            if let Some(positions) = marker_positions(&record) {
-                c.replayed.extend(positions);
-            } else if let Some(r) = parse_result(&record) {
-                add_result(&mut c.results, r);
-            } else if let Some(mut d) = DeadLetter::parse(record)
-                && filter.matches(&d)
-            {
-                if !keep(&d) {
-                    d.record.payload = Vec::new();
-                    d.record.headers = Vec::new();
-                }
-                c.dead.push(d);
-            }
-        }
-    }
-    Ok(c)
 }
 
 fn block_on<F: std::future::Future<Output = anyhow::Result<ExitCode>>>(
@@ -417,7 +429,7 @@ fn rfc3339(ms: u64) -> String {
 /// One dead letter as `list` and `show` print it: the letter, whether it was replayed, and
 /// the result of its replayed copy.
 struct Row {
-    dlq: Endpoint,
+    dlq: DlqRef,
     dead: DeadLetter,
     status: &'static str,
     replayed: bool,
@@ -425,10 +437,10 @@ struct Row {
 }
 
 impl Row {
-    fn new(dlq: &Endpoint, dead: DeadLetter, c: &Contents) -> Self {
+    fn new(dlq: &DlqRef, dead: DeadLetter, c: &Contents) -> Self {
         Self {
             dlq: dlq.clone(),
-            status: c.status(&dead),
+            status: status(c, &dead),
             replayed: c.replayed.contains(&dead.position),
             result: c.results.get(&dead.position).cloned(),
             dead,
@@ -454,10 +466,8 @@ async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     };
     let mut rows = Vec::new();
     for dlq in &dlqs {
-        let mut scan = ctx.scan(dlq).await?;
-        let mut c = read_all(scan.as_mut(), &args.filter, |_| false)
-            .await
-            .with_context(|| format!("cannot read the DLQ {}:{}", dlq.broker, dlq.topic))?;
+        let mut c =
+            lockgate::dlq::read(&mut ctx, dlq, |d| args.filter.matches(d), |_| false).await?;
         for d in std::mem::take(&mut c.dead) {
             let row = Row::new(dlq, d, &c);
             if !(args.pending && row.replayed) {
@@ -569,7 +579,7 @@ async fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     // The position starts with the DLQ's topic: read only DLQs with that topic.
-    let candidates: Vec<&Endpoint> = dlqs
+    let candidates: Vec<&DlqRef> = dlqs
         .iter()
         .filter(|d| {
             args.position
@@ -588,13 +598,9 @@ async fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(EXIT_USAGE));
     }
     for dlq in candidates {
-        let mut scan = ctx.scan(dlq).await?;
         let position = args.position.clone();
-        let mut c = read_all(scan.as_mut(), &Filter::default(), |d| {
-            d.position == position
-        })
-        .await
-        .with_context(|| format!("cannot read the DLQ {}:{}", dlq.broker, dlq.topic))?;
+        let mut c =
+            lockgate::dlq::read(&mut ctx, dlq, |_| true, |d| d.position == position).await?;
         let Some(d) = std::mem::take(&mut c.dead)
             .into_iter()
             .find(|d| d.position == args.position)
@@ -740,13 +746,6 @@ impl Progress {
     }
 }
 
-/// One dead letter to replay and where its copy goes.
-struct Planned {
-    position: String,
-    route: String,
-    to: String,
-}
-
 async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let (mut ctx, dlqs) = match Ctx::open(&args.config, args.filter.route.as_deref()) {
         Ok(c) => c,
@@ -780,40 +779,20 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     }
 
     // Pass 1: what is pending, per DLQ, and whether every route it belongs to is known.
-    let mut plans: Vec<(Endpoint, Vec<Planned>)> = Vec::new();
-    let mut already = 0usize;
-    let mut unknown_routes = BTreeMap::<String, usize>::new();
-    for dlq in &dlqs {
-        let mut scan = ctx.scan(dlq).await?;
-        let c = read_all(scan.as_mut(), &args.filter, |_| false)
-            .await
-            .with_context(|| format!("cannot read the DLQ {}:{}", dlq.broker, dlq.topic))?;
-        let mut planned = Vec::new();
-        for d in c.dead {
-            if c.replayed.contains(&d.position) {
-                already += 1;
-                continue;
-            }
-            if !ctx.config.routes.contains_key(&d.route) {
-                *unknown_routes.entry(d.route.clone()).or_default() += 1;
-                continue;
-            }
-            planned.push(Planned {
-                to: args.to.clone().unwrap_or_else(|| d.topic.clone()),
-                position: d.position,
-                route: d.route,
-            });
-        }
-        if !planned.is_empty() {
-            plans.push((dlq.clone(), planned));
-        }
-        if interrupted.load(AtomicOrdering::SeqCst) {
-            eprintln!("replay: interrupted before anything was replayed");
-            return Ok(ExitCode::from(EXIT_INTERRUPTED));
-        }
+    let plan = lockgate::dlq::plan(
+        &mut ctx,
+        &dlqs,
+        |d| args.filter.matches(d),
+        args.to.as_deref(),
+        &interrupted,
+    )
+    .await?;
+    if plan.interrupted {
+        eprintln!("replay: interrupted before anything was replayed");
+        return Ok(ExitCode::from(EXIT_INTERRUPTED));
     }
-    if !unknown_routes.is_empty() {
-        for (route, n) in &unknown_routes {
+    if !plan.unknown_routes.is_empty() {
+        for (route, n) in &plan.unknown_routes {
             eprintln!(
                 "{}: {n} dead letter{} of route {route:?}, which is not in the config: cannot tell which broker to replay {} to (add the route back, or filter with --route)",
                 ctx.config.file.display(),
@@ -823,7 +802,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::from(EXIT_USAGE));
     }
-    let total: usize = plans.iter().map(|(_, p)| p.len()).sum();
+    let (total, already) = (plan.total(), plan.already);
     if total == 0 {
         outln!(
             "nothing to replay: no pending dead letter matches ({already} matching already replayed)"
@@ -831,14 +810,12 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if args.dry_run {
-        for (dlq, planned) in &plans {
+        for (dlq, planned) in &plan.dlqs {
             for p in planned {
-                let broker = &ctx.config.routes[&p.route].source.broker;
+                let broker = ctx.source_broker(&p.route).unwrap_or_default();
                 outln!(
-                    "would replay {} ({}:{}) to {broker}:{} for route {}",
+                    "would replay {} ({dlq}) to {broker}:{} for route {}",
                     p.position,
-                    dlq.broker,
-                    dlq.topic,
                     p.to,
                     p.route
                 );
@@ -850,70 +827,28 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
 
     // Pass 2: read again, publish the planned ones batch by batch, mark each batch.
     let mut progress = Progress::new(total as u64);
-    let mut replayed = 0usize;
-    let mut published: Vec<(Endpoint, Vec<String>)> = Vec::new();
-    let batch_size = args.batch as usize;
-    for (dlq, planned) in plans {
-        let mut todo: std::collections::HashMap<String, Planned> = planned
-            .into_iter()
-            .map(|p| (p.position.clone(), p))
-            .collect();
-        let marks = ctx
-            .clients
-            .sink(&ctx.config, &ctx.local, &dlq.broker)
-            .await
-            .with_context(|| format!("cannot write to the DLQ broker {}", dlq.broker))?;
-        let mut scan = ctx.scan(&dlq).await?;
-        let mut batch: Vec<(OutRecord, String)> = Vec::new();
-        let mut batch_route = String::new();
-        while !todo.is_empty() {
-            let Some(records) = scan
-                .next_batch()
-                .await
-                .with_context(|| format!("cannot read the DLQ {}:{}", dlq.broker, dlq.topic))?
-            else {
-                break;
-            };
-            for record in records {
-                let Some(plan) = todo.remove(&record.position()) else {
-                    continue;
-                };
-                let Some(dead) = DeadLetter::parse(record) else {
-                    continue;
-                };
-                if (!batch.is_empty() && plan.route != batch_route) || batch.len() >= batch_size {
-                    if interrupted.load(AtomicOrdering::SeqCst) {
-                        return Ok(stopped(replayed, total));
-                    }
-                    let n = flush(&mut ctx, &dlq, &*marks, &batch_route, &mut batch).await?;
-                    replayed += n.len();
-                    progress.add(n.len() as u64);
-                    add_published(&mut published, &dlq, n);
-                    pace(args.rate, replayed, &progress).await;
-                }
-                batch_route.clone_from(&plan.route);
-                batch.push((replay_record(&dead, &plan.to), plan.position));
-            }
+    let settings = Settings {
+        batch: args.batch as usize,
+        rate: args.rate,
+    };
+    let done = lockgate::dlq::replay(&mut ctx, plan, settings, &interrupted, |event| {
+        match event {
+            ReplayEvent::Batch { n } => progress.add(n as u64),
+            ReplayEvent::NotFound { dlq, n } => eprintln!(
+                "replay: {n} dead letters of {dlq} were not found on the second read (removed by retention?)"
+            ),
         }
-        if !batch.is_empty() {
-            if interrupted.load(AtomicOrdering::SeqCst) {
-                return Ok(stopped(replayed, total));
-            }
-            let n = flush(&mut ctx, &dlq, &*marks, &batch_route, &mut batch).await?;
-            replayed += n.len();
-            progress.add(n.len() as u64);
-            add_published(&mut published, &dlq, n);
-        }
-        if !todo.is_empty() {
-            eprintln!(
-                "replay: {} dead letters of {}:{} were not found on the second read (removed by retention?)",
-                todo.len(),
-                dlq.broker,
-                dlq.topic
-            );
-        }
+    })
+    .await?;
+    if done.interrupted {
+        eprintln!(
+            "replay: interrupted after {} of {total}; run the same command again to replay the rest",
+            done.replayed
+        );
+        return Ok(ExitCode::from(EXIT_INTERRUPTED));
     }
     progress.finish();
+    let replayed = done.replayed;
     outln!(
         "replayed {replayed} dead letter{} ({already} matching already replayed before)",
         if replayed == 1 { "" } else { "s" }
@@ -921,71 +856,31 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     if args.wait.is_zero() || replayed == 0 {
         return Ok(ExitCode::SUCCESS);
     }
-    let results = await_results(&mut ctx, &published, args.wait, &interrupted).await?;
-    Ok(report_results(&published, &results, args.wait, &ctx.config))
-}
-
-/// Remembers that `positions` of `dlq` were published.
-fn add_published(
-    published: &mut Vec<(Endpoint, Vec<String>)>,
-    dlq: &Endpoint,
-    positions: Vec<String>,
-) {
-    match published.iter_mut().find(|(d, _)| d == dlq) {
-        Some((_, p)) => p.extend(positions),
-        None => published.push((dlq.clone(), positions)),
-    }
-}
-
-/// Reads the DLQs again and again until every published position has a result, `wait` has
-/// passed or the replay was interrupted; returns the results found.
-async fn await_results(
-    ctx: &mut Ctx,
-    published: &[(Endpoint, Vec<String>)],
-    wait: Duration,
-    interrupted: &AtomicBool,
-) -> anyhow::Result<HashMap<String, ReplayResult>> {
-    let total: usize = published.iter().map(|(_, p)| p.len()).sum();
-    let started = Instant::now();
-    let mut pause = Duration::from_millis(100);
-    let mut last_said = Instant::now();
-    let mut results = HashMap::new();
-    loop {
-        for (dlq, positions) in published {
-            let mut scan = ctx.scan(dlq).await?;
-            let c = read_all(scan.as_mut(), &Filter::default(), |_| false)
-                .await
-                .with_context(|| format!("cannot read the DLQ {}:{}", dlq.broker, dlq.topic))?;
-            for p in positions {
-                if let Some(r) = c.results.get(p) {
-                    results.insert(p.clone(), r.clone());
-                }
-            }
-        }
-        let left = total - results.len();
-        if left == 0 || interrupted.load(AtomicOrdering::SeqCst) {
-            return Ok(results);
-        }
-        let Some(remaining) = wait.checked_sub(started.elapsed()) else {
-            return Ok(results);
-        };
-        if last_said.elapsed() >= Duration::from_secs(2) {
-            last_said = Instant::now();
+    let results = lockgate::dlq::await_results(
+        &mut ctx,
+        &done.published,
+        args.wait,
+        &interrupted,
+        |found, total, left| {
             eprintln!(
-                "replay: {} of {total} handled so far, waiting up to {} s more",
-                results.len(),
-                remaining.as_secs()
+                "replay: {found} of {total} handled so far, waiting up to {} s more",
+                left.as_secs()
             );
-        }
-        tokio::time::sleep(pause.min(remaining)).await;
-        pause = (pause * 2).min(Duration::from_secs(1));
-    }
+        },
+    )
+    .await?;
+    Ok(report_results(
+        &done.published,
+        &results,
+        args.wait,
+        &ctx.config,
+    ))
 }
 
 /// Prints what became of each replayed dead letter (one line for each that was not handled,
 /// one summary line) and chooses the exit code.
 fn report_results(
-    published: &[(Endpoint, Vec<String>)],
+    published: &[(DlqRef, Vec<String>)],
     results: &HashMap<String, ReplayResult>,
     wait: Duration,
     config: &Config,
@@ -1044,72 +939,4 @@ fn report_results(
     } else {
         ExitCode::SUCCESS
     }
-}
-
-fn stopped(replayed: usize, total: usize) -> ExitCode {
-    eprintln!(
-        "replay: interrupted after {replayed} of {total}; run the same command again to replay the rest"
-    );
-    ExitCode::from(EXIT_INTERRUPTED)
-}
-
-/// Sleeps until `replayed` messages fit the rate.
-async fn pace(rate: Option<u32>, replayed: usize, progress: &Progress) {
-    if let Some(rate) = rate {
-        let due = Duration::from_secs_f64(replayed as f64 / f64::from(rate));
-        if let Some(wait) = due.checked_sub(progress.started.elapsed()) {
-            tokio::time::sleep(wait).await;
-        }
-    }
-}
-
-/// Publishes one batch to its route's source broker, then marks it replayed in the DLQ; returns
-/// the positions it replayed.
-async fn flush(
-    ctx: &mut Ctx,
-    dlq: &Endpoint,
-    marks: &dyn Sink,
-    route: &str,
-    batch: &mut Vec<(OutRecord, String)>,
-) -> anyhow::Result<Vec<String>> {
-    let Some(r) = ctx.config.routes.get(route).cloned() else {
-        anyhow::bail!("route {route} is not in the config");
-    };
-    let sink = ctx
-        .clients
-        .feeder(&ctx.config, &ctx.local, &r)
-        .await
-        .with_context(|| format!("cannot publish to broker {}", r.source.broker))?;
-    let (records, positions): (Vec<OutRecord>, Vec<String>) =
-        std::mem::take(batch).into_iter().unzip();
-    let n = records.len();
-    let to: Vec<String> = {
-        let mut t: Vec<String> = records.iter().map(|o| o.topic.clone()).collect();
-        t.sort();
-        t.dedup();
-        t
-    };
-    let to = format!("{}:{}", r.source.broker, to.join(","));
-    sink.publish(records).await.with_context(|| {
-        format!(
-            "publishing {n} replayed messages to {to} failed (nothing of this batch was marked; run again)"
-        )
-    })?;
-    let now = u64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis(),
-    )
-    .unwrap_or(u64::MAX);
-    marks
-        .publish(vec![marker(&dlq.topic, &positions, &to, now)])
-        .await
-        .with_context(|| {
-            format!(
-                "marking {n} replayed dead letters in {}:{} failed: they were published and will be replayed again by the next run",
-                dlq.broker, dlq.topic
-            )
-        })?;
-    Ok(positions)
 }
