@@ -65,7 +65,7 @@ impl Instance {
     pub fn invoke_owned(&mut self, message: InboundMessage, stage_kv: bool) -> Invocation {
         let start = Instant::now();
         if self.poisoned {
-            return Invocation::failed(Outcome::Trapped {
+            return Invocation::without_guest(Outcome::Trapped {
                 reason: "instance was poisoned by an earlier trap".into(),
             });
         }

@@ -215,9 +215,10 @@ pub struct Invocation {
 }
 
 impl Invocation {
-    /// An invocation that ended before the guest ran (a poisoned instance, a failed
-    /// instantiation): `outcome`, no logs, no time spent, no kv writes.
-    pub fn failed(outcome: Outcome) -> Self {
+    /// An invocation in which no guest code ran (a poisoned instance, a failed instantiation, a
+    /// crashed call task, a passthrough that publishes the message as it is): `outcome`, no
+    /// logs, no time spent, no kv writes.
+    pub fn without_guest(outcome: Outcome) -> Self {
         Self {
             outcome,
             logs: Vec::new(),

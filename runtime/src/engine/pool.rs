@@ -84,7 +84,7 @@ impl InstancePool {
                     i
                 }
                 Err(e) => {
-                    return Invocation::failed(Outcome::Trapped {
+                    return Invocation::without_guest(Outcome::Trapped {
                         reason: e.to_string(),
                     });
                 }

@@ -3,7 +3,6 @@
 //! that hot reload swaps a new version into.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::engine::{InboundMessage, InstancePool, Invocation, Outcome};
 
@@ -48,21 +47,14 @@ pub struct Passthrough;
 
 impl Invoker for Passthrough {
     fn invoke(&self, message: &InboundMessage) -> Invocation {
-        Invocation {
-            outcome: Outcome::Ok {
-                outputs: vec![crate::engine::OutgoingMessage {
-                    topic: message.topic.clone(),
-                    key: message.key.clone(),
-                    headers: message.headers.clone(),
-                    payload: message.payload.clone(),
-                }],
-            },
-            logs: Vec::new(),
-            dropped_logs: 0,
-            refused_outputs: 0,
-            elapsed: Duration::ZERO,
-            kv_writes: None,
-        }
+        Invocation::without_guest(Outcome::Ok {
+            outputs: vec![crate::engine::OutgoingMessage {
+                topic: message.topic.clone(),
+                key: message.key.clone(),
+                headers: message.headers.clone(),
+                payload: message.payload.clone(),
+            }],
+        })
     }
     fn handler_name(&self) -> String {
         "-".to_owned()

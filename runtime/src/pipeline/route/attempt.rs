@@ -195,16 +195,9 @@ impl Shared {
         let call = move || invoker.invoke_owned(message, staged);
         match tokio::task::spawn_blocking(call).await {
             Ok(invocation) => invocation,
-            Err(e) => Invocation {
-                outcome: Outcome::Trapped {
-                    reason: format!("handler task failed: {e}"),
-                },
-                logs: Vec::new(),
-                dropped_logs: 0,
-                refused_outputs: 0,
-                elapsed: Duration::ZERO,
-                kv_writes: None,
-            },
+            Err(e) => Invocation::without_guest(Outcome::Trapped {
+                reason: format!("handler task failed: {e}"),
+            }),
         }
     }
 

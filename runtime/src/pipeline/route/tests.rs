@@ -27,14 +27,7 @@ where
     F: Fn(&InboundMessage) -> Outcome + Send + Sync + 'static,
 {
     fn invoke(&self, message: &InboundMessage) -> Invocation {
-        Invocation {
-            outcome: (self.0)(message),
-            logs: Vec::new(),
-            dropped_logs: 0,
-            refused_outputs: 0,
-            elapsed: Duration::ZERO,
-            kv_writes: None,
-        }
+        Invocation::without_guest((self.0)(message))
     }
 
     fn handler_name(&self) -> String {
