@@ -333,7 +333,13 @@ async fn polling_notices_a_module_change_and_post_reload_beyond_loopback_needs_a
     assert_eq!(serving, vec![sha256(&guest("uppercase"))]);
     assert_serving(&addr, &guest("uppercase"));
     assert_eq!(reloads(&addr), (1, 0));
-    assert!(!rt.runtime.stop().await.failed());
+    // Stopped through a control handle, its end is awaited with `finished`; a later `stop`
+    // finds it ended and returns an empty end instead of awaiting the finished task again.
+    rt.runtime.control().stop();
+    let end = rt.runtime.finished().await;
+    assert!(!end.failed());
+    assert_eq!(end.reports.len(), 1, "{end:?}");
+    assert!(rt.runtime.stop().await.reports.is_empty());
 }
 
 fn wait_reloads(run: &mut lockgate_tests::Proc, dir: &Path, addr: &str, want: (u64, u64)) {

@@ -190,11 +190,10 @@ impl RuntimeBuilder {
         );
         Ok(Runtime {
             control: RuntimeControl { tx: commands_tx },
-            task,
+            task: Some(task),
             admin_addr,
             admin_routes,
             route_count,
-            grace,
         })
     }
 }
@@ -234,11 +233,12 @@ impl RuntimeControl {
 /// A running set of routes (see the [module docs](super)).
 pub struct Runtime {
     control: RuntimeControl,
-    task: tokio::task::JoinHandle<RunEnd>,
+    /// `None` once [`Runtime::finished`] has returned its end: a join handle must not be
+    /// awaited again after it completed.
+    task: Option<tokio::task::JoinHandle<RunEnd>>,
     admin_addr: Option<SocketAddr>,
     admin_routes: AdminRoutes,
     route_count: usize,
-    grace: Duration,
 }
 
 impl Runtime {
@@ -276,18 +276,19 @@ impl Runtime {
         self.route_count
     }
 
-    /// How long a stopping route may finish its in-flight messages (`shutdown_grace_ms`).
-    pub fn shutdown_grace(&self) -> Duration {
-        self.grace
-    }
-
     /// Waits until the runtime ends by itself (a route's source failed for good, which stops
-    /// every route), without asking it to.
+    /// every route), without asking it to. Cancel-safe; once it has returned the end, later
+    /// calls (and [`Self::stop`]) return an empty one.
     pub async fn finished(&mut self) -> RunEnd {
-        (&mut self.task).await.unwrap_or_else(|e| {
+        let Some(task) = self.task.as_mut() else {
+            return RunEnd::default();
+        };
+        let end = task.await.unwrap_or_else(|e| {
             tracing::error!(error = %e, "The runtime's task failed");
             RunEnd::default()
-        })
+        });
+        self.task = None;
+        end
     }
 
     /// Drains and stops every route; how the run ended.
