@@ -192,3 +192,45 @@ macro_rules! m { () => { $crate::pipeline::x() } }
     );
     assert!(check_file(&layers, "newmodule.rs", "newmodule", "").is_err());
 }
+
+/// One registry picks a broker's connector by its kind (docs/architecture.md, "Adding a
+/// broker"): outside `config` (which parses the kinds), only `app/clients.rs` may name a
+/// `BrokerKind` variant, so a new kind is not a hunt through every file that opens a client.
+#[test]
+fn broker_kinds_are_matched_in_one_place() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut registry_arms = 0;
+    let mut elsewhere = Vec::new();
+    for path in files {
+        let rel = path
+            .strip_prefix(&src)
+            .expect("under src")
+            .display()
+            .to_string();
+        if rel.starts_with("config/") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("readable source");
+        for (n, line) in text.lines().enumerate() {
+            if !line.contains("BrokerKind::") || line.trim_start().starts_with("//") {
+                continue;
+            }
+            if rel == "app/clients.rs" {
+                registry_arms += 1;
+            } else {
+                elsewhere.push(format!("runtime/src/{rel}:{}: {}", n + 1, line.trim()));
+            }
+        }
+    }
+    assert!(
+        registry_arms >= 3,
+        "the registry in app/clients.rs has {registry_arms} arms"
+    );
+    assert!(
+        elsewhere.is_empty(),
+        "a broker kind is matched outside the registry (app/clients.rs::connector); give the connector a method instead:\n{}",
+        elsewhere.join("\n")
+    );
+}

@@ -23,7 +23,7 @@ use lockgate::broker::kafka::KafkaSink;
 use lockgate::broker::memory::MemoryBroker;
 use lockgate::broker::pg_outbox::OutboxRelay;
 use lockgate::config::Isolation;
-use lockgate::config::{BrokerKind, Config};
+use lockgate::config::{BrokerKind, Config, SourceSpec};
 use lockgate::engine::{Engine, EngineSettings, HandlerEnv, HandlerLimits, InstancePool};
 use lockgate::message::OutRecord;
 use lockgate::pipeline::Passthrough;
@@ -96,7 +96,10 @@ async fn lockgate_relay(schema: &str, topic: &str) -> f64 {
     let store = PostgresStore::new(pg::URL, schema, 4).unwrap();
     let c = client().await;
     let start = Instant::now();
-    let source = OutboxRelay::new(store, route.outbox.clone().unwrap());
+    let SourceSpec::Outbox(settings) = route.source.clone() else {
+        unreachable!("the relay route reads an outbox")
+    };
+    let source = OutboxRelay::new(store, settings);
     let r = Route::new(
         route,
         Arc::new(Passthrough),

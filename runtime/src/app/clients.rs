@@ -1,19 +1,23 @@
-//! Broker clients of a runtime and of the commands that talk to brokers (`lockgate dlq`): one connection or
-//! producer per `[brokers.<name>]`, shared by every route and command step that uses it.
+//! Broker clients of a runtime and of the commands that talk to brokers (`lockgate dlq`): one
+//! [`Connector`] per broker, shared by every route and command step that uses it, and the
+//! PostgreSQL tables (outbox, dead letters) that stand where a broker would.
+//!
+//! [`connector`] is the registry: the only place that matches on a broker's kind.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 
-use crate::broker::kafka::{KafkaScan, KafkaSink, KafkaSource};
+use crate::broker::kafka::KafkaConnector;
 use crate::broker::local::LocalBroker;
-use crate::broker::nats::{
-    JetStreamScan, JetStreamSink, JetStreamSource, NatsCoreSource, NatsLink, NatsReplySink,
-};
+use crate::broker::nats::NatsConnector;
 use crate::broker::pg_dead_letters::DeadLetterTable;
 use crate::broker::pg_outbox::{OutboxRelay, OutboxWriter};
-use crate::broker::rabbitmq::{RabbitScan, RabbitSink, RabbitSource};
-use crate::broker::{Scan, Sink, Source};
-use crate::config::{BrokerKind, Config, DLQ_STORE_PREFIX, Endpoint, NatsConfig, RouteConfig};
+use crate::broker::rabbitmq::RabbitConnector;
+use crate::broker::{Connector, Scan, Sink, Source};
+use crate::config::{
+    BrokerConfig, BrokerKind, BrokerRef, Config, DlqTarget, RouteConfig, SourceSpec,
+};
 
 use super::error::ClientError;
 use super::stores::postgres;
@@ -24,19 +28,47 @@ const DEAD_LETTER_POOL_SIZE: usize = 2;
 /// Connections of an outbox relay's pool: its lease, renew, mark and cleanup statements.
 const OUTBOX_POOL_SIZE: usize = 4;
 
-/// How long the one-shot commands (`lockgate dlq`) wait for a NATS connection before they
-/// fail with the reason.
-const NATS_CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The connector of a `[brokers.<name>]` table, by its kind. A new broker kind adds its line
+/// here (docs/architecture.md, "Adding a broker").
+pub fn connector(broker: &BrokerConfig, base_dir: &Path) -> Arc<dyn Connector> {
+    match &broker.kind {
+        BrokerKind::Kafka(k) => Arc::new(KafkaConnector::new(&broker.name, k)),
+        BrokerKind::Nats(n) => Arc::new(NatsConnector::new(&broker.name, n, base_dir)),
+        BrokerKind::RabbitMq(r) => Arc::new(RabbitConnector::new(&broker.name, r)),
+    }
+}
 
-/// Broker clients, one per broker, shared by every route that uses it.
+/// Broker clients, one connector and one sink per broker, shared by every route that uses it.
 #[derive(Default)]
 pub struct Clients {
+    connectors: HashMap<String, Arc<dyn Connector>>,
     sinks: HashMap<String, Arc<dyn Sink>>,
-    nats: HashMap<String, NatsLink>,
     tables: HashMap<String, DeadLetterTable>,
 }
 
 impl Clients {
+    /// The connector of `broker`.
+    pub fn connector(
+        &mut self,
+        config: &Config,
+        local: &LocalBroker,
+        broker: &BrokerRef,
+    ) -> Result<Arc<dyn Connector>, ClientError> {
+        let name = match broker {
+            BrokerRef::Local => return Ok(Arc::new(local.clone())),
+            BrokerRef::Named(name) => name,
+        };
+        if let Some(c) = self.connectors.get(name) {
+            return Ok(c.clone());
+        }
+        let Some(b) = config.brokers.get(name) else {
+            return Err(ClientError::UndefinedBroker(name.clone()));
+        };
+        let c = connector(b, &config.base_dir);
+        self.connectors.insert(name.clone(), c.clone());
+        Ok(c)
+    }
+
     /// The dead-letter table of PostgreSQL store `store`.
     pub fn dead_letters(
         &mut self,
@@ -52,190 +84,114 @@ impl Clients {
         Ok(table)
     }
 
-    /// The connection to NATS broker `name` (connecting in the background if the server is
-    /// not there yet).
-    pub async fn nats(
-        &mut self,
-        config: &Config,
-        name: &str,
-        cfg: &NatsConfig,
-    ) -> Result<NatsLink, ClientError> {
-        if let Some(c) = self.nats.get(name) {
-            return Ok(c.clone());
-        }
-        let link = crate::broker::nats::connect(name, cfg, &config.base_dir).await?;
-        self.nats.insert(name.to_owned(), link.clone());
-        Ok(link)
-    }
-
-    /// Opens the source of `route` on its broker.
+    /// Opens the source of `route`: a consumer on its broker, or the relay of its outbox.
     pub async fn source(
         &mut self,
         config: &Config,
         local: &LocalBroker,
         route: &RouteConfig,
     ) -> Result<Box<dyn Source>, ClientError> {
-        if let Some(outbox) = &route.outbox {
-            let store = postgres(config, &outbox.store, OUTBOX_POOL_SIZE)?;
-            return Ok(Box::new(OutboxRelay::new(store, outbox.clone())));
-        }
-        let src = &route.source;
-        if src.broker == "local" {
-            return Ok(Box::new(local.source(&src.topic, &src.group)?));
-        }
-        let Some(broker) = config.brokers.get(&src.broker) else {
-            return Err(ClientError::UndefinedBroker(src.broker.clone()));
-        };
-        match &broker.kind {
-            BrokerKind::Kafka(kafka) => {
-                Ok(Box::new(KafkaSource::new(kafka, &src.topic, &src.group)?))
+        match &route.source {
+            SourceSpec::Outbox(outbox) => {
+                let store = postgres(config, &outbox.store, OUTBOX_POOL_SIZE)?;
+                Ok(Box::new(OutboxRelay::new(store, outbox.clone())))
             }
-            BrokerKind::Nats(nats) => {
-                let link = self.nats(config, &broker.name, nats).await?;
-                Ok(match &route.jetstream {
-                    Some(js) => Box::new(JetStreamSource::new(link, &src.topic, &src.group, js)),
-                    None => {
-                        tracing::warn!(
-                            route = %route.name,
-                            "Core NATS source (no `source.stream`): delivery is at most once. Retries, the breaker and the DLQ apply only while this process runs; messages it holds when it stops or crashes are lost. Use a JetStream stream for at-least-once."
-                        );
-                        Box::new(NatsCoreSource::new(link, &src.topic, &src.group))
-                    }
-                })
-            }
-            BrokerKind::RabbitMq(rabbit) => {
-                let source = RabbitSource::new(
-                    &broker.name,
-                    rabbit,
-                    &src.topic,
-                    &route.rabbitmq.clone().unwrap_or_default(),
-                );
-                Ok(Box::new(
-                    if route.retry.mode == crate::policy::backoff::RetryMode::Broker {
-                        source.with_broker_retries()
-                    } else {
-                        source
-                    },
-                ))
+            SourceSpec::Broker(src) => {
+                let c = self.connector(config, local, &src.broker)?;
+                Ok(c.source(&route.name, src, route.retry.mode).await?)
             }
         }
     }
 
-    /// The sink for answers to requests, for routes whose source has reply subjects.
+    /// The sink for answers to requests, for routes whose source has reply addresses.
     pub async fn replies(
         &mut self,
         config: &Config,
+        local: &LocalBroker,
         route: &RouteConfig,
     ) -> Result<Option<Arc<dyn Sink>>, ClientError> {
-        let Some(broker) = config.brokers.get(&route.source.broker) else {
+        let SourceSpec::Broker(src) = &route.source else {
             return Ok(None);
         };
-        match &broker.kind {
-            BrokerKind::Nats(nats) if route.jetstream.is_none() => {
-                let link = self.nats(config, &broker.name, nats).await?;
-                Ok(Some(Arc::new(NatsReplySink::new(link.client))))
-            }
-            BrokerKind::RabbitMq(rabbit) => {
-                Ok(Some(Arc::new(RabbitSink::replies(&broker.name, rabbit))))
-            }
-            _ => Ok(None),
-        }
+        let c = self.connector(config, local, &src.broker)?;
+        Ok(c.replies(src).await?)
     }
 
-    /// The producer for broker `name`.
+    /// The producer for `broker`.
     pub async fn sink(
         &mut self,
         config: &Config,
         local: &LocalBroker,
-        name: &str,
+        broker: &BrokerRef,
     ) -> Result<Arc<dyn Sink>, ClientError> {
-        if let Some(s) = self.sinks.get(name) {
+        if let Some(s) = self.sinks.get(broker.name()) {
             return Ok(s.clone());
         }
-        let sink: Arc<dyn Sink> = if name == "local" {
-            Arc::new(local.sink())
-        } else if let Some(store) = name.strip_prefix(DLQ_STORE_PREFIX) {
-            Arc::new(self.dead_letters(config, store)?)
-        } else {
-            let Some(broker) = config.brokers.get(name) else {
-                return Err(ClientError::UndefinedBroker(name.to_owned()));
-            };
-            match &broker.kind {
-                BrokerKind::Kafka(kafka) => Arc::new(KafkaSink::new(name, kafka)?),
-                BrokerKind::Nats(nats) => Arc::new(JetStreamSink::new(
-                    self.nats(config, name, nats).await?.client,
-                )),
-                BrokerKind::RabbitMq(rabbit) => Arc::new(RabbitSink::new(name, rabbit)),
-            }
-        };
-        self.sinks.insert(name.to_owned(), sink.clone());
+        let sink = self.connector(config, local, broker)?.sink().await?;
+        self.sinks.insert(broker.name().to_owned(), sink.clone());
         Ok(sink)
     }
-}
 
-impl Clients {
-    /// Drops the clients of broker `name` (or of the dead-letter table `store:<name>`) whose
-    /// definition changed: the next use connects anew.
-    pub fn forget(&mut self, name: &str) {
-        self.sinks.remove(name);
-        self.nats.remove(name);
-        if let Some(store) = name.strip_prefix(DLQ_STORE_PREFIX) {
-            self.tables.remove(store);
+    /// Where dead letters to `dlq` are written.
+    pub async fn dlq_sink(
+        &mut self,
+        config: &Config,
+        local: &LocalBroker,
+        dlq: &DlqTarget,
+    ) -> Result<Arc<dyn Sink>, ClientError> {
+        match dlq {
+            DlqTarget::Broker { broker, .. } => self.sink(config, local, broker).await,
+            DlqTarget::Table { store, .. } => Ok(Arc::new(self.dead_letters(config, store)?)),
         }
     }
 
-    /// A scan of `endpoint`'s topic from its start (the DLQ tools read with it).
+    /// Drops the clients of broker `name` whose definition changed: the next use connects
+    /// anew.
+    pub fn forget_broker(&mut self, name: &str) {
+        self.connectors.remove(name);
+        self.sinks.remove(name);
+    }
+
+    /// Drops the dead-letter table of store `name`, whose definition changed.
+    pub fn forget_store(&mut self, name: &str) {
+        self.tables.remove(name);
+    }
+
+    /// A scan of `dlq` from its start (the DLQ tools read with it).
     pub async fn scan(
         &mut self,
         config: &Config,
         local: &LocalBroker,
-        endpoint: &Endpoint,
+        dlq: &DlqTarget,
     ) -> Result<Box<dyn Scan>, ClientError> {
-        if endpoint.broker == "local" {
-            return Ok(Box::new(local.scan(&endpoint.topic)?));
-        }
-        if let Some(store) = endpoint.dlq_store() {
-            return Ok(Box::new(
-                self.dead_letters(config, store)?.scan(&endpoint.topic),
-            ));
-        }
-        let Some(broker) = config.brokers.get(&endpoint.broker) else {
-            return Err(ClientError::UndefinedBroker(endpoint.broker.clone()));
-        };
-        Ok(match &broker.kind {
-            BrokerKind::Kafka(kafka) => Box::new(KafkaScan::open(kafka, &endpoint.topic).await?),
-            BrokerKind::Nats(nats) => {
-                let link = self.nats(config, &broker.name, nats).await?;
-                link.connected_within(NATS_CONNECT_WAIT).await?;
-                Box::new(JetStreamScan::open(link.client, &endpoint.topic).await?)
+        match dlq {
+            DlqTarget::Broker { broker, topic } => {
+                let c = self.connector(config, local, broker)?;
+                Ok(c.scan(topic).await?)
             }
-            BrokerKind::RabbitMq(rabbit) => {
-                Box::new(RabbitScan::open(&broker.name, rabbit, &endpoint.topic).await?)
+            DlqTarget::Table { store, topic } => {
+                Ok(Box::new(self.dead_letters(config, store)?.scan(topic)))
             }
-        })
+        }
     }
 
-    /// The producer that feeds `route`'s source: its broker's sink, a core NATS publisher
-    /// when the route reads core NATS (a JetStream publish would find no stream), or a writer
-    /// of outbox rows when it relays an outbox.
+    /// The producer that feeds `route`'s source: its broker's, or a writer of outbox rows when
+    /// it relays an outbox.
     pub async fn feeder(
         &mut self,
         config: &Config,
         local: &LocalBroker,
         route: &RouteConfig,
     ) -> Result<Arc<dyn Sink>, ClientError> {
-        // A route that relays an outbox is fed by writing rows into it.
-        if let Some(outbox) = &route.outbox {
-            let store = postgres(config, &outbox.store, DEAD_LETTER_POOL_SIZE)?;
-            return Ok(Arc::new(OutboxWriter::new(store)));
+        match &route.source {
+            SourceSpec::Outbox(outbox) => {
+                let store = postgres(config, &outbox.store, DEAD_LETTER_POOL_SIZE)?;
+                Ok(Arc::new(OutboxWriter::new(store)))
+            }
+            SourceSpec::Broker(src) => {
+                let c = self.connector(config, local, &src.broker)?;
+                Ok(c.feeder(src).await?)
+            }
         }
-        if let Some(broker) = config.brokers.get(&route.source.broker)
-            && let BrokerKind::Nats(nats) = &broker.kind
-            && route.jetstream.is_none()
-        {
-            let link = self.nats(config, &broker.name, nats).await?;
-            return Ok(Arc::new(NatsReplySink::new(link.client)));
-        }
-        self.sink(config, local, &route.source.broker).await
     }
 }

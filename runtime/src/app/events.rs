@@ -181,7 +181,7 @@ pub fn summary(route: &RouteConfig, module_hash: &str, source: &str) -> String {
             (crate::config::OutputsMode::Outbox, _) => {
                 format!("outputs {} into the outbox", route.outputs.join(","))
             }
-            (_, true) if route.outbox.is_some() => {
+            (_, true) if route.relays_outbox() => {
                 format!("outputs to their rows' topics on {}", route.outputs_broker)
             }
             (_, true) => "outputs none".to_owned(),
@@ -225,7 +225,7 @@ pub fn summary(route: &RouteConfig, module_hash: &str, source: &str) -> String {
             if b.half_open_max == 1 { "" } else { "s" }
         ));
     }
-    parts.push(format!("dlq {}:{}", route.dlq.broker, route.dlq.topic));
+    parts.push(format!("dlq {}", route.dlq));
     if let Some(i) = &route.idempotency {
         let key = match &i.key {
             IdempotencyKey::Header(h) => format!("header:{h}"),

@@ -19,7 +19,7 @@ use sha2::Digest as _;
 use tokio::sync::mpsc;
 
 use crate::broker::local::LocalBroker;
-use crate::config::{Config, DLQ_STORE_PREFIX, HandlerConfig, RouteConfig, StoreConfig};
+use crate::config::{Config, HandlerConfig, RouteConfig, StoreConfig};
 use crate::engine::{Engine, Handler, HandlerEnv, HandlerLimits, InstancePool};
 use crate::pipeline::idempotency::DoneKeys;
 use crate::pipeline::{HandlerSlot, Route, RouteReport, RouteSinks, Shutdown, ShutdownTrigger};
@@ -260,12 +260,12 @@ impl Supervisor {
             .map_err(fail("create its output producer"))?;
         let dlq = self
             .clients
-            .sink(&self.config, &self.broker, &route.dlq.broker)
+            .dlq_sink(&self.config, &self.broker, &route.dlq)
             .await
             .map_err(fail("create its DLQ producer"))?;
         let replies = self
             .clients
-            .replies(&self.config, route)
+            .replies(&self.config, &self.broker, route)
             .await
             .map_err(fail("create its reply producer"))?;
         let done_keys = route
@@ -290,7 +290,7 @@ impl Supervisor {
             r.stats()
                 .depend_on(format!("state store {}", store.name), h);
         }
-        if let Some(dlq) = route.dlq.dlq_store()
+        if let Some(dlq) = route.dlq.store()
             && let Some(h) = self.stores.health(&self.config, dlq)
         {
             r.stats().depend_on(format!("dead-letter store {dlq}"), h);
@@ -408,7 +408,7 @@ impl Supervisor {
         {
             notes.push(RouteChange::NeedsRestart);
         }
-        let mut changed_brokers: Vec<String> = self
+        let changed_brokers: Vec<String> = self
             .config
             .brokers
             .keys()
@@ -416,15 +416,16 @@ impl Supervisor {
             .filter(|n| self.config.brokers.get(*n) != new.brokers.get(*n))
             .cloned()
             .collect();
-        // A changed store is a changed DLQ destination for routes that dead-letter into it.
-        changed_brokers.extend(
-            self.config
-                .stores
-                .keys()
-                .chain(new.stores.keys())
-                .filter(|n| self.config.stores.get(*n) != new.stores.get(*n))
-                .map(|n| format!("{DLQ_STORE_PREFIX}{n}")),
-        );
+        // A changed store is a changed source or DLQ destination for routes that relay its
+        // outbox or dead-letter into its table.
+        let changed_stores: Vec<String> = self
+            .config
+            .stores
+            .keys()
+            .chain(new.stores.keys())
+            .filter(|n| self.config.stores.get(*n) != new.stores.get(*n))
+            .cloned()
+            .collect();
 
         // Everything that will run is loaded and instantiated before anything changes. A module
         // several routes use is read and hashed once.
@@ -452,13 +453,8 @@ impl Supervisor {
                     Some((hc, bytes, hash))
                 }
             };
-            let uses_changed_broker = [
-                &route.source.broker,
-                &route.dlq.broker,
-                &route.outputs_broker,
-            ]
-            .iter()
-            .any(|b| changed_brokers.contains(b));
+            let uses_changed_broker = changed_brokers.iter().any(|b| route.uses_broker(b))
+                || changed_stores.iter().any(|s| route.uses_store_tables(s));
             let store_name = new.store_of(route).to_owned();
             let store_key = (store_name.clone(), new.stores.get(&store_name).cloned());
             let store = self
@@ -517,7 +513,10 @@ impl Supervisor {
             }
         }
         for name in &changed_brokers {
-            self.clients.forget(name);
+            self.clients.forget_broker(name);
+        }
+        for name in &changed_stores {
+            self.clients.forget_store(name);
         }
         self.stores.forget_removed(&new);
         let old_config = std::mem::replace(&mut self.config, new);

@@ -1,15 +1,21 @@
 //! Brokers: where messages come from ([`Source`]) and where outputs and dead letters go
 //! ([`Sink`]).
 //!
-//! The traits are deliberately small so one broker fits in one file: a source hands out
+//! The traits are deliberately small so one broker fits in its folder: a source hands out
 //! [`Delivery`]s, each carrying an [`AckHandle`] that the pipeline resolves exactly once when the
 //! message is *done* (docs/guarantees.md#g1); a sink publishes a batch and returns only once the
 //! broker acknowledged every record. Ordering, retries, breakers and idempotency live in
 //! [`crate::pipeline`], never in a broker adapter.
 //!
-//! Backends: [`local`] (the embedded, file-backed development broker) and [`memory`] (in-process,
-//! for unit tests and benchmarks of the pipeline).
+//! Each broker kind also implements [`Connector`], which opens all of the above for a route or a
+//! command; `crate::app::clients` picks the connector by the broker's kind.
+//!
+//! Backends: [`kafka`], [`nats`] (core and JetStream), [`rabbitmq`], [`local`] (the embedded,
+//! file-backed broker), the PostgreSQL tables that stand where a broker would
+//! ([`pg_outbox`] as a source, [`pg_dead_letters`] as a DLQ), and [`memory`] (in-process, for
+//! unit tests and benchmarks of the pipeline).
 
+pub mod connector;
 pub mod kafka;
 pub mod local;
 pub mod memory;
@@ -20,6 +26,8 @@ pub mod pg_outbox;
 pub mod rabbitmq;
 
 use futures_util::future::BoxFuture;
+
+pub use connector::{Connector, Probe, SourceProbe};
 
 use crate::health::{Failure, FailureKind, HealthWatch};
 use crate::message::{OutRecord, Record};

@@ -5,8 +5,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Args;
+use lockgate::app::clients::connector;
 use lockgate::broker::BrokerError;
-use lockgate::config::{BrokerKind, Config, Problem, StoreKind, format_problem};
+use lockgate::config::{BrokerSource, Config, Problem, StoreKind, format_problem};
 use lockgate::engine::{Engine, EngineError, EngineSettings, HandlerEnv, HandlerLimits};
 use lockgate::state::MemoryStore;
 use lockgate::state::probe;
@@ -165,88 +166,28 @@ async fn check_connections(
         if reported(&table) {
             continue;
         }
-        let routes: Vec<_> = config
+        let sources: Vec<(&str, &BrokerSource)> = config
             .routes
             .values()
-            .filter(|r| r.outbox.is_none() && r.source.broker == broker.name)
+            .filter_map(|r| Some((r.name.as_str(), r.source.as_broker()?)))
+            .filter(|(_, s)| s.broker.name() == broker.name)
             .collect();
-        match &broker.kind {
-            BrokerKind::Kafka(kafka) => {
-                if let Err(e) = lockgate::broker::kafka::probe(kafka, None).await {
-                    problems.push(connect_problem(&table, &e));
-                    continue;
-                }
-                for r in routes {
-                    if let Err(e) =
-                        lockgate::broker::kafka::probe(kafka, Some(&r.source.topic)).await
-                    {
-                        problems.push(connect_problem(
-                            &format!("routes.{}.source.topic", r.name),
-                            &e,
-                        ));
-                    }
-                }
-            }
-            BrokerKind::Nats(nats) => {
-                let client = match lockgate::broker::nats::probe_connect(
-                    &broker.name,
-                    nats,
-                    &config.base_dir,
-                )
-                .await
-                {
-                    Ok(c) => c,
-                    Err(e) => {
-                        problems.push(connect_problem(&table, &e));
-                        continue;
-                    }
-                };
-                for r in routes {
-                    let Some(js) = &r.jetstream else { continue };
-                    match lockgate::broker::nats::probe_stream(
-                        client.clone(),
-                        &js.stream,
-                        &r.source.group,
-                    )
-                    .await
-                    {
-                        Ok(n) => notes.extend(
-                            n.into_iter()
-                                .map(|n| Problem::new(&format!("routes.{}.source", r.name), n)),
-                        ),
-                        Err(e) => problems.push(connect_problem(
-                            &format!("routes.{}.source.stream", r.name),
-                            &e,
-                        )),
-                    }
-                }
-            }
-            BrokerKind::RabbitMq(rabbit) => {
-                if let Err(e) =
-                    lockgate::broker::rabbitmq::probe_connect(&broker.name, rabbit).await
-                {
-                    problems.push(connect_problem(&table, &e));
-                    continue;
-                }
-                for r in routes {
-                    let settings = r.rabbitmq.clone().unwrap_or_default();
-                    match lockgate::broker::rabbitmq::probe_source(
-                        &broker.name,
-                        rabbit,
-                        &r.source.topic,
-                        &settings,
-                    )
-                    .await
-                    {
-                        Ok(n) => notes.extend(
-                            n.into_iter()
-                                .map(|n| Problem::new(&format!("routes.{}.source", r.name), n)),
-                        ),
-                        Err(e) => {
-                            problems.push(connect_problem(&format!("routes.{}.source", r.name), &e))
-                        }
-                    }
-                }
+        let found = connector(broker, &config.base_dir).probe(&sources).await;
+        if let Some(e) = &found.unreachable {
+            problems.push(connect_problem(&table, e));
+            continue;
+        }
+        for s in found.sources {
+            let path = match s.field {
+                Some(field) => format!("routes.{}.source.{field}", s.route),
+                None => format!("routes.{}.source", s.route),
+            };
+            match s.outcome {
+                Ok(n) => notes.extend(
+                    n.into_iter()
+                        .map(|n| Problem::new(&format!("routes.{}.source", s.route), n)),
+                ),
+                Err(e) => problems.push(connect_problem(&path, &e)),
             }
         }
     }

@@ -31,7 +31,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use clap::{Args, Subcommand};
 use lockgate::broker::local::LocalBroker;
 use lockgate::broker::{Scan, Sink};
-use lockgate::config::{Config, Endpoint};
+use lockgate::config::{Config, DlqTarget};
 use lockgate::dlq::{
     Contents, DeadLetter, DlqRef, IoError, ReplayEvent, ReplayIo, ReplayOutcome, ReplayResult,
     Settings,
@@ -313,10 +313,23 @@ impl Ctx {
 }
 
 /// How the replay names a route's DLQ.
-fn dlq_ref(dlq: &Endpoint) -> DlqRef {
+fn dlq_ref(dlq: &DlqTarget) -> DlqRef {
     DlqRef {
-        broker: dlq.broker.clone(),
-        topic: dlq.topic.clone(),
+        broker: dlq.place(),
+        topic: dlq.topic().to_owned(),
+    }
+}
+
+impl Ctx {
+    /// The DLQ of the config that the replay names `dlq` (the replay knows only those).
+    fn target(&self, dlq: &DlqRef) -> Result<DlqTarget, IoError> {
+        self.config
+            .routes
+            .values()
+            .map(|r| &r.dlq)
+            .find(|d| dlq_ref(d) == *dlq)
+            .cloned()
+            .ok_or_else(|| format!("the DLQ {dlq} is not in the config").into())
     }
 }
 
@@ -326,14 +339,10 @@ impl ReplayIo for Ctx {
     type Sink = Arc<dyn Sink>;
 
     async fn scan(&mut self, dlq: &DlqRef) -> Result<Box<dyn Scan>, IoError> {
-        let endpoint = Endpoint {
-            broker: dlq.broker.clone(),
-            topic: dlq.topic.clone(),
-            group: String::new(),
-        };
+        let target = self.target(dlq)?;
         Ok(self
             .clients
-            .scan(&self.config, &self.local, &endpoint)
+            .scan(&self.config, &self.local, &target)
             .await?)
     }
 
@@ -345,9 +354,10 @@ impl ReplayIo for Ctx {
     }
 
     async fn marker_sink(&mut self, dlq: &DlqRef) -> Result<Arc<dyn Sink>, IoError> {
+        let target = self.target(dlq)?;
         Ok(self
             .clients
-            .sink(&self.config, &self.local, &dlq.broker)
+            .dlq_sink(&self.config, &self.local, &target)
             .await?)
     }
 
@@ -367,10 +377,7 @@ impl ReplayIo for Ctx {
     }
 
     fn source_broker(&self, route: &str) -> Option<String> {
-        self.config
-            .routes
-            .get(route)
-            .map(|r| r.source.broker.clone())
+        self.config.routes.get(route).map(|r| r.source.place())
     }
 }
 

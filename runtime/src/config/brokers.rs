@@ -413,7 +413,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::config::tests::problems;
-    use crate::config::{QueueType, RabbitSource};
+    use crate::config::{QueueType, RabbitSource, SourceOptions};
 
     /// The settings of broker `name`, which must be of the kind `f` picks.
     fn kind_of<'c, T>(
@@ -488,8 +488,8 @@ mod tests {
         );
         assert_eq!(b.producer_properties["linger.ms"], value("5"));
         assert_eq!(b.max_in_flight_per_partition, 77);
-        assert_eq!(c.routes["r"].source.broker, "kafka");
-        assert_eq!(c.routes["r"].dlq.broker, "kafka");
+        assert!(c.routes["r"].source.is_on_broker("kafka"));
+        assert_eq!(c.routes["r"].dlq.to_string(), "kafka:t.dlq");
     }
 
     #[test]
@@ -618,13 +618,17 @@ mod tests {
                 "rt.toml: brokers.r.ca_file: only used with an amqps:// URL (TLS); the url is amqp://"
             ]
         );
-        let a = c.routes["a"].rabbitmq.clone().unwrap();
+        let rabbit = |r: &str| match &c.routes[r].source.as_broker().unwrap().options {
+            SourceOptions::RabbitMq(o) => o.clone(),
+            other => panic!("not RabbitMQ: {other:?}"),
+        };
+        let a = rabbit("a");
         assert_eq!(a.queue_type, QueueType::Classic);
         assert_eq!(a.prefetch, 50);
         assert_eq!(a.exchange.as_deref(), Some("in"));
         assert_eq!(a.binding_key, "order.*");
         assert!(a.single_active_consumer);
-        assert_eq!(c.routes["b"].rabbitmq, Some(RabbitSource::default()));
+        assert_eq!(rabbit("b"), RabbitSource::default());
         assert_eq!(
             problems(
                 "[brokers.rabbit]\nkind = \"rabbitmq\"\nurl = \"http://u:secret@h\"\n\n[brokers.k]\nkind = \"kafka\"\nbootstrap_servers = \"h:9092\"\n\n[brokers.none]\nkind = \"rabbitmq\"\n\n[brokers.two]\nkind = \"rabbitmq\"\nurl_env = \"A\"\nurl_file = \"b\"\n\n[handlers.h]\nmodule = \"h.wasm\"\n\n[routes.a]\nhandler = \"h\"\nsource = { broker = \"rabbit\", topic = \"q\", prefetch = 70000, binding_key = \"x\" }\n\n[routes.b]\nhandler = \"h\"\nsource = { broker = \"k\", topic = \"t\", prefetch = 5 }\n"

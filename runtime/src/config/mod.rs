@@ -46,9 +46,10 @@ pub use brokers::{
 };
 pub use reader::{ConfigError, Problem, format_problem};
 pub use routes::{
-    BUILTIN_BROKERS, DEFAULT_GROUP, DEFAULT_IDEMPOTENCY_LEASE_MS, DEFAULT_PREFETCH,
-    DLQ_STORE_PREFIX, EMBEDDED_STORE, Endpoint, IdempotencyConfig, IdempotencyKey, JetStreamSource,
-    OUTBOX_TABLE, Ordering, OutboxSource, OutputsMode, QueueType, RabbitSource, RouteConfig,
+    BUILTIN_BROKERS, BrokerRef, BrokerSource, DEFAULT_GROUP, DEFAULT_IDEMPOTENCY_LEASE_MS,
+    DEFAULT_PREFETCH, DLQ_STORE_PREFIX, DlqTarget, EMBEDDED_STORE, IdempotencyConfig,
+    IdempotencyKey, JetStreamSource, LOCAL_BROKER, OUTBOX_TABLE, Ordering, OutboxSource,
+    OutputsMode, QueueType, RabbitSource, RouteConfig, SourceOptions, SourceSpec,
 };
 pub use runtime::{
     DEFAULT_MAX_INSTANCES, DEFAULT_MAX_LOG_RECORDS, DEFAULT_MAX_MEMORY_MB,
@@ -250,8 +251,13 @@ impl Config {
         // Retention never drops dead letters silently: these topics are unlimited by default.
         local.dlq_topics = routes
             .values()
-            .filter(|r| r.dlq.broker == "local")
-            .map(|r| r.dlq.topic.clone())
+            .filter_map(|r| match &r.dlq {
+                DlqTarget::Broker {
+                    broker: BrokerRef::Local,
+                    topic,
+                } => Some(topic.clone()),
+                _ => None,
+            })
             .collect();
         root.finish();
 

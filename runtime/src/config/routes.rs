@@ -25,7 +25,7 @@ use crate::policy::breaker::BreakerConfig;
 use crate::policy::rate_limit::RateLimitConfig;
 
 /// Brokers every config can name without defining them. `local` is the embedded broker.
-pub const BUILTIN_BROKERS: &[&str] = &["local"];
+pub const BUILTIN_BROKERS: &[&str] = &[LOCAL_BROKER];
 /// Consumer group used when a route's source names none.
 pub const DEFAULT_GROUP: &str = "lockgate";
 /// How long a completed idempotency key is remembered by default (7 days): longer than any
@@ -43,26 +43,159 @@ pub const DEFAULT_MAX_BATCH: u32 = 256;
 /// Largest `max_batch` accepted.
 pub const MAX_BATCH_LIMIT: u32 = 10_000;
 
-/// A broker and topic (plus, for sources, a consumer group).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint {
-    /// Broker name (`local`, or a broker defined in the config); for a DLQ in a PostgreSQL
-    /// store's dead-letter table, [`DLQ_STORE_PREFIX`] and the store's name.
-    pub broker: String,
-    /// Topic, subject or queue.
-    pub topic: String,
-    /// Consumer group (sources only).
-    pub group: String,
+/// The name of the embedded broker: a route names it without defining it.
+pub const LOCAL_BROKER: &str = "local";
+
+/// A broker a route reads from or writes to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum BrokerRef {
+    /// The embedded broker (`"local"`), whose files are in the state directory.
+    Local,
+    /// A `[brokers.<name>]` table.
+    Named(String),
 }
 
-/// How a DLQ [`Endpoint`] names a PostgreSQL store's dead-letter table (`dlq = { store = "pg" }`)
-/// instead of a broker: `store:pg` (broker names cannot contain a colon).
+impl BrokerRef {
+    /// The reference a broker name in the config makes.
+    pub fn from_name(name: &str) -> Self {
+        if name == LOCAL_BROKER {
+            Self::Local
+        } else {
+            Self::Named(name.to_owned())
+        }
+    }
+
+    /// The name as the config spells it.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Local => LOCAL_BROKER,
+            Self::Named(name) => name,
+        }
+    }
+}
+
+impl std::fmt::Display for BrokerRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where a route's messages come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceSpec {
+    /// A topic, subject or queue of a broker.
+    Broker(BrokerSource),
+    /// A PostgreSQL store's `outbox` table: the route relays its rows.
+    Outbox(OutboxSource),
+}
+
+impl SourceSpec {
+    /// The broker source, unless this is an outbox relay.
+    pub fn as_broker(&self) -> Option<&BrokerSource> {
+        match self {
+            Self::Broker(b) => Some(b),
+            Self::Outbox(_) => None,
+        }
+    }
+
+    /// The topic (subject, queue) read; for an outbox relay, [`OUTBOX_TABLE`].
+    pub fn topic(&self) -> &str {
+        match self {
+            Self::Broker(b) => &b.topic,
+            Self::Outbox(_) => OUTBOX_TABLE,
+        }
+    }
+
+    /// Where the source reads, as the DLQ tools print it: a broker name or `store:<name>`.
+    pub fn place(&self) -> String {
+        match self {
+            Self::Broker(b) => b.broker.name().to_owned(),
+            Self::Outbox(o) => format!("{DLQ_STORE_PREFIX}{}", o.store),
+        }
+    }
+
+    /// Whether this source is on broker `name`.
+    pub fn is_on_broker(&self, name: &str) -> bool {
+        self.as_broker().is_some_and(|b| b.broker.name() == name)
+    }
+}
+
+/// A source on a broker: `source = { broker, topic, group, ... }`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerSource {
+    /// The broker.
+    pub broker: BrokerRef,
+    /// Topic, subject (NATS, wildcards allowed) or queue (RabbitMQ).
+    pub topic: String,
+    /// Consumer group (Kafka and the embedded broker), queue group (core NATS) or durable
+    /// consumer name (JetStream).
+    pub group: String,
+    /// The settings only one broker kind has.
+    pub options: SourceOptions,
+}
+
+/// The source settings of one broker kind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceOptions {
+    /// None: the embedded broker, Kafka, or core NATS (a NATS source without `stream`).
+    Plain,
+    /// A JetStream durable pull consumer (a NATS source with `stream`).
+    JetStream(JetStreamSource),
+    /// A RabbitMQ queue consumer.
+    RabbitMq(RabbitSource),
+}
+
+/// Where a route's dead letters go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DlqTarget {
+    /// A topic on a broker (`dlq = { broker, topic }`).
+    Broker {
+        /// The broker.
+        broker: BrokerRef,
+        /// The topic, subject or queue.
+        topic: String,
+    },
+    /// A PostgreSQL store's `dead_letters` table (`dlq = { store, topic }`).
+    Table {
+        /// The `[stores.<name>]` (kind `postgres`).
+        store: String,
+        /// The DLQ's name in the table's `dlq` column.
+        topic: String,
+    },
+}
+
+/// How [`DlqTarget`]'s `Display` names a dead-letter table's place (`store:pg:orders.dlq`), so
+/// it cannot be mistaken for a broker (broker names cannot contain a colon).
 pub const DLQ_STORE_PREFIX: &str = "store:";
 
-impl Endpoint {
+impl DlqTarget {
+    /// The topic, or the DLQ's name in a dead-letter table.
+    pub fn topic(&self) -> &str {
+        match self {
+            Self::Broker { topic, .. } | Self::Table { topic, .. } => topic,
+        }
+    }
+
     /// The store whose dead-letter table this DLQ is, if it is one.
-    pub fn dlq_store(&self) -> Option<&str> {
-        self.broker.strip_prefix(DLQ_STORE_PREFIX)
+    pub fn store(&self) -> Option<&str> {
+        match self {
+            Self::Table { store, .. } => Some(store),
+            Self::Broker { .. } => None,
+        }
+    }
+
+    /// Where the DLQ lives, as `lockgate dlq` prints it: a broker name or `store:<name>`.
+    pub fn place(&self) -> String {
+        match self {
+            Self::Broker { broker, .. } => broker.name().to_owned(),
+            Self::Table { store, .. } => format!("{DLQ_STORE_PREFIX}{store}"),
+        }
+    }
+}
+
+impl std::fmt::Display for DlqTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.place(), self.topic())
     }
 }
 
@@ -213,20 +346,14 @@ pub struct RouteConfig {
     /// The `[handlers.<name>]` it runs; `None` only for an outbox relay, which then publishes
     /// each row as it is.
     pub handler: Option<String>,
-    /// Where messages come from (for an outbox relay: broker `store:<store>`, topic `outbox`).
-    pub source: Endpoint,
-    /// JetStream consumer settings, when the source is a JetStream stream.
-    pub jetstream: Option<JetStreamSource>,
-    /// Outbox relay settings, when the source is a PostgreSQL store's outbox table.
-    pub outbox: Option<OutboxSource>,
-    /// RabbitMQ consumer settings, when the source is on a `kind = "rabbitmq"` broker.
-    pub rabbitmq: Option<RabbitSource>,
+    /// Where messages come from.
+    pub source: SourceSpec,
     /// Topics the handler may publish to.
     pub outputs: Vec<String>,
     /// Where outputs go: published, or written to the state store's outbox table.
     pub outputs_mode: OutputsMode,
     /// The broker outputs are published to (`outputs.broker`; the source's broker by default).
-    pub outputs_broker: String,
+    pub outputs_broker: BrokerRef,
     /// Number of lanes.
     pub concurrency: u32,
     /// What order is kept.
@@ -238,8 +365,9 @@ pub struct RouteConfig {
     pub retry: RetryPolicy,
     /// Circuit breaker; none unless configured.
     pub circuit_breaker: Option<BreakerConfig>,
-    /// Dead-letter destination; defaults to `<source topic>.dlq` on the source's broker.
-    pub dlq: Endpoint,
+    /// Dead-letter destination; defaults to `<source topic>.dlq` on the source's broker (an
+    /// outbox relay's: in its store's dead-letter table).
+    pub dlq: DlqTarget,
     /// Idempotency; off unless configured.
     pub idempotency: Option<IdempotencyConfig>,
     /// Rate limit; none unless configured.
@@ -247,6 +375,27 @@ pub struct RouteConfig {
     /// `state`: the store of this route's idempotency keys and its handler's kv; `None` takes
     /// `[runtime] state`.
     pub state: Option<String>,
+}
+
+impl RouteConfig {
+    /// Whether this route relays a PostgreSQL outbox instead of reading a broker.
+    pub fn relays_outbox(&self) -> bool {
+        matches!(self.source, SourceSpec::Outbox(_))
+    }
+
+    /// Whether the route reads from, publishes to or dead-letters to broker `name`.
+    pub fn uses_broker(&self, name: &str) -> bool {
+        self.source.is_on_broker(name)
+            || self.outputs_broker.name() == name
+            || matches!(&self.dlq, DlqTarget::Broker { broker, .. } if broker.name() == name)
+    }
+
+    /// Whether the route reads store `name`'s outbox or dead-letters into its table (its state
+    /// store aside).
+    pub fn uses_store_tables(&self, name: &str) -> bool {
+        matches!(&self.source, SourceSpec::Outbox(o) if o.store == name)
+            || self.dlq.store() == Some(name)
+    }
 }
 
 fn check_broker(r: &mut Reader<'_>, key: &str, broker: &str, declared: &[&str]) -> bool {
@@ -318,83 +467,7 @@ pub(super) fn parse_route(
         }
     };
 
-    let mut jetstream = None;
-    let mut outbox = None;
-    let mut rabbitmq = None;
-    let source = match r.table("source") {
-        None => {
-            if !r.has("source") {
-                r.problem(
-                    "source",
-                    "missing: e.g. source = { broker = \"local\", topic = \"orders\" }".into(),
-                );
-            }
-            None
-        }
-        Some(t) if t.contains_key("outbox") => {
-            let mut s = r.child("source", t, &[&schema::SOURCE_OUTBOX]);
-            outbox = parse_outbox_source(&mut s, stores, pg_stores);
-            outbox.as_ref().map(|o| Endpoint {
-                broker: format!("{DLQ_STORE_PREFIX}{}", o.store),
-                topic: OUTBOX_TABLE.to_owned(),
-                group: String::new(),
-            })
-        }
-        Some(t) => {
-            let mut s = r.child(
-                "source",
-                t,
-                &[
-                    &schema::SOURCE,
-                    &schema::SOURCE_JETSTREAM,
-                    &schema::SOURCE_RABBITMQ,
-                ],
-            );
-            let broker = s.string("broker").unwrap_or_else(|| "local".to_owned());
-            let broker_ok = check_broker(&mut s, "broker", &broker, brokers);
-            if !s.has("topic") {
-                s.problem("topic", "missing".into());
-            }
-            let topic = s.non_empty("topic");
-            let group = match s.string("group") {
-                Some(g) if g.is_empty() => {
-                    s.problem("group", "must not be empty".into());
-                    None
-                }
-                Some(g) => Some(g),
-                None => Some(DEFAULT_GROUP.to_owned()),
-            };
-            // A field of another kind's source is named as such, not as an unknown field.
-            let of_kind = |s: &Reader<'_>, t: &schema::Table| {
-                t.fields.iter().map(|f| f.key).find(|k| s.has(k))
-            };
-            if nats_brokers.contains(&broker.as_str()) {
-                jetstream = parse_jetstream(&mut s);
-            } else if let Some(f) = of_kind(&s, &schema::SOURCE_JETSTREAM) {
-                s.problem(
-                    f,
-                    format!("only a source on a `kind = \"nats\"` broker has this (`{broker}` is not one)"),
-                );
-            }
-            if rabbit_brokers.contains(&broker.as_str()) {
-                rabbitmq = Some(parse_rabbit_source(&mut s));
-            } else if let Some(f) = of_kind(&s, &schema::SOURCE_RABBITMQ) {
-                s.problem(
-                    f,
-                    format!("only a source on a `kind = \"rabbitmq\"` broker has this (`{broker}` is not one)"),
-                );
-            }
-            s.finish();
-            match (broker_ok, topic, group) {
-                (true, Some(topic), Some(group)) => Some(Endpoint {
-                    broker,
-                    topic,
-                    group,
-                }),
-                _ => None,
-            }
-        }
-    };
+    let source = parse_source(r, brokers, nats_brokers, rabbit_brokers, store_names);
 
     let (outputs, outputs_mode, outputs_broker) = parse_outputs(r, brokers, source.as_ref());
     if outputs.iter().any(String::is_empty) {
@@ -427,119 +500,32 @@ pub(super) fn parse_route(
         None => RetryPolicy::default(),
     };
     if retry.mode == RetryMode::Broker {
-        match &jetstream {
-            None if rabbitmq.is_some() => {}
-            None if source.is_some() => r.problem(
+        match source.as_ref().map(|s| s.as_broker().map(|b| &b.options)) {
+            None | Some(Some(SourceOptions::RabbitMq(_))) => {}
+            Some(Some(SourceOptions::JetStream(js)))
+                if js.max_deliver.is_some_and(|m| m < retry.max_attempts) =>
+            {
+                r.problem(
+                    "source.max_deliver",
+                    format!(
+                        "{} is less than retry.max_attempts ({}): with retry.mode = \"broker\" the server would stop redelivering before the message is dead-lettered",
+                        js.max_deliver.unwrap_or_default(),
+                        retry.max_attempts
+                    ),
+                )
+            }
+            Some(Some(SourceOptions::JetStream(_))) => {}
+            Some(_) => r.problem(
                 "retry.mode",
                 "\"broker\" needs a JetStream source (`source.stream`) or a RabbitMQ queue: only they redeliver with a delay".into(),
             ),
-            Some(js) if js.max_deliver.is_some_and(|m| m < retry.max_attempts) => r.problem(
-                "source.max_deliver",
-                format!(
-                    "{} is less than retry.max_attempts ({}): with retry.mode = \"broker\" the server would stop redelivering before the message is dead-lettered",
-                    js.max_deliver.unwrap_or_default(),
-                    retry.max_attempts
-                ),
-            ),
-            _ => {}
         }
     }
     let circuit_breaker = r
         .table("circuit_breaker")
         .map(|t| parse_breaker(&mut r.child("circuit_breaker", t, &[&schema::BREAKER])));
 
-    let dlq = match (r.table("dlq"), &source) {
-        (Some(t), source) if t.contains_key("store") => {
-            let mut d = r.child("dlq", t, &[&schema::DLQ]);
-            let store = d.string("store").unwrap_or_default();
-            if d.has("broker") {
-                d.problem(
-                    "broker",
-                    "a DLQ goes to a broker or to a store's dead_letters table: set `broker` or `store`, not both".into(),
-                );
-            }
-            if let Some(why) = not_postgres(
-                &store,
-                stores,
-                pg_stores,
-                "a dead-letter table needs kind = \"postgres\"",
-            ) {
-                d.problem("store", why);
-            }
-            let topic = match (d.non_empty("topic"), source) {
-                (Some(t), _) => Some(t),
-                (None, Some(src)) if !is_wildcard(&src.topic) => Some(format!("{}.dlq", src.topic)),
-                (None, _) => {
-                    d.problem(
-                        "topic",
-                        "missing: the source has no single topic to name the DLQ after; set topic = \"...\" (the DLQ's name in the dead_letters table)".into(),
-                    );
-                    None
-                }
-            };
-            d.finish();
-            topic.map(|topic| Endpoint {
-                broker: format!("{DLQ_STORE_PREFIX}{store}"),
-                topic,
-                group: String::new(),
-            })
-        }
-        (Some(t), source) => {
-            let mut d = r.child("dlq", t, &[&schema::DLQ]);
-            let broker = d
-                .string("broker")
-                .or_else(|| source.as_ref().map(|s| s.broker.clone()))
-                .unwrap_or_else(|| "local".to_owned());
-            // A relay's DLQ defaults to its store's dead-letter table, named like its source.
-            let relay_default = source.as_ref().is_some_and(|s| s.broker == broker)
-                && broker.starts_with(DLQ_STORE_PREFIX);
-            if !relay_default {
-                check_broker(&mut d, "broker", &broker, brokers);
-            }
-            let topic = d.non_empty("topic");
-            if let (Some(topic), Some(src)) = (&topic, source)
-                && src.broker == broker
-                && (&src.topic == topic
-                    || (nats_brokers.contains(&broker.as_str())
-                        && subject_matches(&src.topic, topic)))
-            {
-                let what = if &src.topic == topic {
-                    "is the route's own source topic".to_owned()
-                } else {
-                    format!("matches the route's source subject \"{}\"", src.topic)
-                };
-                d.problem(
-                    "topic",
-                    format!("\"{topic}\" {what}: dead letters would be consumed again"),
-                );
-            }
-            if !d.has("topic") {
-                d.problem("topic", "missing".into());
-            }
-            d.finish();
-            topic.map(|topic| Endpoint {
-                broker,
-                topic,
-                group: String::new(),
-            })
-        }
-        (None, Some(src)) if is_wildcard(&src.topic) => {
-            r.problem(
-                "dlq",
-                format!(
-                    "missing: the source subject \"{}\" has wildcards, so there is no default \"<subject>.dlq\"; set dlq = {{ topic = \"...\" }}",
-                    src.topic
-                ),
-            );
-            None
-        }
-        (None, Some(src)) => Some(Endpoint {
-            broker: src.broker.clone(),
-            topic: format!("{}.dlq", src.topic),
-            group: String::new(),
-        }),
-        (None, None) => None,
-    };
+    let dlq = parse_dlq(r, brokers, nats_brokers, store_names, source.as_ref());
 
     let idempotency = r
         .table("idempotency")
@@ -561,7 +547,7 @@ pub(super) fn parse_route(
 
     if outputs_mode == OutputsMode::Outbox {
         let store = state.as_deref().unwrap_or(store_names.default);
-        if outbox.is_some() {
+        if relays {
             r.problem(
                 "outputs.mode",
                 "\"outbox\" on a route that relays an outbox: its rows would be written back to an outbox; publish them instead".into(),
@@ -574,7 +560,7 @@ pub(super) fn parse_route(
                 ),
             );
         }
-        if outbox.is_none() && idempotency.is_none() {
+        if !relays && idempotency.is_none() {
             r.problem(
                 "outputs.mode",
                 "\"outbox\" needs idempotency = { key = \"...\" }: the outbox rows commit with the message's idempotency key, which is how a redelivery finds them".into(),
@@ -590,9 +576,6 @@ pub(super) fn parse_route(
         name: name.to_owned(),
         handler,
         source: source?,
-        jetstream,
-        outbox,
-        rabbitmq,
         outputs,
         outputs_mode,
         outputs_broker: outputs_broker?,
@@ -608,15 +591,211 @@ pub(super) fn parse_route(
     })
 }
 
+/// `source`: a broker source (with the settings of its broker's kind) or an outbox relay
+/// (`None` after a problem).
+fn parse_source(
+    r: &mut Reader<'_>,
+    brokers: &[&str],
+    nats_brokers: &[&str],
+    rabbit_brokers: &[&str],
+    store_names: &StoreNames<'_>,
+) -> Option<SourceSpec> {
+    let t = match r.table("source") {
+        None => {
+            if !r.has("source") {
+                r.problem(
+                    "source",
+                    "missing: e.g. source = { broker = \"local\", topic = \"orders\" }".into(),
+                );
+            }
+            return None;
+        }
+        Some(t) if t.contains_key("outbox") => {
+            let mut s = r.child("source", t, &[&schema::SOURCE_OUTBOX]);
+            return parse_outbox_source(&mut s, store_names.all, store_names.postgres)
+                .map(SourceSpec::Outbox);
+        }
+        Some(t) => t,
+    };
+    let mut s = r.child(
+        "source",
+        t,
+        &[
+            &schema::SOURCE,
+            &schema::SOURCE_JETSTREAM,
+            &schema::SOURCE_RABBITMQ,
+        ],
+    );
+    let broker = s
+        .string("broker")
+        .unwrap_or_else(|| LOCAL_BROKER.to_owned());
+    let broker_ok = check_broker(&mut s, "broker", &broker, brokers);
+    if !s.has("topic") {
+        s.problem("topic", "missing".into());
+    }
+    let topic = s.non_empty("topic");
+    let group = match s.string("group") {
+        Some(g) if g.is_empty() => {
+            s.problem("group", "must not be empty".into());
+            None
+        }
+        Some(g) => Some(g),
+        None => Some(DEFAULT_GROUP.to_owned()),
+    };
+    // A field of another kind's source is named as such, not as an unknown field.
+    let foreign = |s: &mut Reader<'_>, t: &schema::Table, kind: &str| {
+        if let Some(f) = t.fields.iter().map(|f| f.key).find(|k| s.has(k)) {
+            s.problem(
+                f,
+                format!(
+                    "only a source on a `kind = \"{kind}\"` broker has this (`{broker}` is not one)"
+                ),
+            );
+        }
+    };
+    let options = if nats_brokers.contains(&broker.as_str()) {
+        let js = parse_jetstream(&mut s);
+        foreign(&mut s, &schema::SOURCE_RABBITMQ, "rabbitmq");
+        js.map_or(SourceOptions::Plain, SourceOptions::JetStream)
+    } else if rabbit_brokers.contains(&broker.as_str()) {
+        foreign(&mut s, &schema::SOURCE_JETSTREAM, "nats");
+        SourceOptions::RabbitMq(parse_rabbit_source(&mut s))
+    } else {
+        foreign(&mut s, &schema::SOURCE_JETSTREAM, "nats");
+        foreign(&mut s, &schema::SOURCE_RABBITMQ, "rabbitmq");
+        SourceOptions::Plain
+    };
+    s.finish();
+    match (broker_ok, topic, group) {
+        (true, Some(topic), Some(group)) => Some(SourceSpec::Broker(BrokerSource {
+            broker: BrokerRef::from_name(&broker),
+            topic,
+            group,
+            options,
+        })),
+        _ => None,
+    }
+}
+
+/// `dlq`: a topic on a broker or a store's dead-letter table; without the table,
+/// `<source topic>.dlq` where the source is (`None` after a problem).
+fn parse_dlq(
+    r: &mut Reader<'_>,
+    brokers: &[&str],
+    nats_brokers: &[&str],
+    store_names: &StoreNames<'_>,
+    source: Option<&SourceSpec>,
+) -> Option<DlqTarget> {
+    let default_topic = || source.map(|s| format!("{}.dlq", s.topic()));
+    let Some(t) = r.table("dlq") else {
+        return match source? {
+            SourceSpec::Broker(src) if is_wildcard(&src.topic) => {
+                r.problem(
+                    "dlq",
+                    format!(
+                        "missing: the source subject \"{}\" has wildcards, so there is no default \"<subject>.dlq\"; set dlq = {{ topic = \"...\" }}",
+                        src.topic
+                    ),
+                );
+                None
+            }
+            SourceSpec::Broker(src) => Some(DlqTarget::Broker {
+                broker: src.broker.clone(),
+                topic: default_topic()?,
+            }),
+            SourceSpec::Outbox(o) => Some(DlqTarget::Table {
+                store: o.store.clone(),
+                topic: default_topic()?,
+            }),
+        };
+    };
+    let mut d = r.child("dlq", t, &[&schema::DLQ]);
+    // A relay's DLQ is its store's dead-letter table unless it names a broker.
+    let relay_store = match source {
+        Some(SourceSpec::Outbox(o)) if !d.has("broker") => Some(o.store.clone()),
+        _ => None,
+    };
+    let target = if d.has("store") || relay_store.is_some() {
+        let store = d.string("store").or(relay_store).unwrap_or_default();
+        if d.has("broker") {
+            d.problem(
+                "broker",
+                "a DLQ goes to a broker or to a store's dead_letters table: set `broker` or `store`, not both".into(),
+            );
+        }
+        if let Some(why) = not_postgres(
+            &store,
+            store_names.all,
+            store_names.postgres,
+            "a dead-letter table needs kind = \"postgres\"",
+        ) {
+            d.problem("store", why);
+        }
+        let topic = match d.non_empty("topic") {
+            Some(t) => Some(t),
+            None if source.is_some_and(|s| !is_wildcard(s.topic())) => default_topic(),
+            None if source.is_none() => None,
+            None => {
+                d.problem(
+                    "topic",
+                    "missing: the source has no single topic to name the DLQ after; set topic = \"...\" (the DLQ's name in the dead_letters table)".into(),
+                );
+                None
+            }
+        };
+        topic.map(|topic| DlqTarget::Table { store, topic })
+    } else {
+        let broker = d
+            .string("broker")
+            .or_else(|| {
+                source
+                    .and_then(SourceSpec::as_broker)
+                    .map(|s| s.broker.name().to_owned())
+            })
+            .unwrap_or_else(|| LOCAL_BROKER.to_owned());
+        check_broker(&mut d, "broker", &broker, brokers);
+        let topic = d.non_empty("topic");
+        if let (Some(topic), Some(src)) = (&topic, source.and_then(SourceSpec::as_broker))
+            && src.broker.name() == broker
+            && (&src.topic == topic
+                || (nats_brokers.contains(&broker.as_str()) && subject_matches(&src.topic, topic)))
+        {
+            let what = if &src.topic == topic {
+                "is the route's own source topic".to_owned()
+            } else {
+                format!("matches the route's source subject \"{}\"", src.topic)
+            };
+            d.problem(
+                "topic",
+                format!("\"{topic}\" {what}: dead letters would be consumed again"),
+            );
+        }
+        if !d.has("topic") {
+            d.problem("topic", "missing".into());
+        }
+        topic.map(|topic| DlqTarget::Broker {
+            broker: BrokerRef::from_name(&broker),
+            topic,
+        })
+    };
+    d.finish();
+    target
+}
+
 /// `outputs`: an array of topics, or a table `{ topics, mode, broker }`. Returns the topics, the
 /// mode and the broker (`None` after a problem).
 fn parse_outputs(
     r: &mut Reader<'_>,
     brokers: &[&str],
-    source: Option<&Endpoint>,
-) -> (Vec<String>, OutputsMode, Option<String>) {
-    let relay = source.is_some_and(|s| s.broker.starts_with(DLQ_STORE_PREFIX));
-    let default_broker = source.filter(|_| !relay).map(|s| s.broker.clone());
+    source: Option<&SourceSpec>,
+) -> (Vec<String>, OutputsMode, Option<BrokerRef>) {
+    let relay = matches!(source, Some(SourceSpec::Outbox(_)));
+    // Without a source (a problem already), any broker does: the route is not built.
+    let default_broker = match source {
+        Some(SourceSpec::Broker(b)) => Some(b.broker.clone()),
+        Some(SourceSpec::Outbox(_)) => None,
+        None => Some(BrokerRef::Local),
+    };
     let Some(t) = r.get("outputs").and_then(toml::Value::as_table) else {
         let topics = r.strings("outputs").unwrap_or_default();
         if relay {
@@ -624,10 +803,8 @@ fn parse_outputs(
                 "outputs",
                 "missing: a relay publishes to a broker; set outputs = { broker = \"...\" }".into(),
             );
-            return (topics, OutputsMode::Publish, None);
         }
-        let broker = default_broker.or_else(|| source.is_none().then(String::new));
-        return (topics, OutputsMode::Publish, broker);
+        return (topics, OutputsMode::Publish, default_broker);
     };
     let mut o = r.child("outputs", t, &[&schema::OUTPUTS]);
     let topics = o.strings("topics").unwrap_or_default();
@@ -641,7 +818,7 @@ fn parse_outputs(
         )
         .unwrap_or_default();
     let broker = match o.string("broker") {
-        Some(b) if check_broker(&mut o, "broker", &b, brokers) => Some(b),
+        Some(b) if check_broker(&mut o, "broker", &b, brokers) => Some(BrokerRef::from_name(&b)),
         Some(_) => None,
         None if relay => {
             o.problem(
@@ -650,7 +827,7 @@ fn parse_outputs(
             );
             None
         }
-        None => default_broker.or_else(|| source.is_none().then(String::new)),
+        None => default_broker,
     };
     o.finish();
     (topics, mode, broker)
@@ -1013,10 +1190,18 @@ mod tests {
     #[test]
     fn minimal_route_gets_defaults() {
         let r = parse("handler = \"h\"\nsource = { topic = \"orders\" }\n").unwrap();
-        assert_eq!(r.source.broker, "local");
-        assert_eq!(r.source.group, DEFAULT_GROUP);
-        assert_eq!(r.dlq.topic, "orders.dlq");
-        assert_eq!(r.dlq.broker, "local");
+        let src = r.source.as_broker().unwrap();
+        assert_eq!(src.broker, BrokerRef::Local);
+        assert_eq!(src.group, DEFAULT_GROUP);
+        assert_eq!(src.options, SourceOptions::Plain);
+        assert_eq!(
+            r.dlq,
+            DlqTarget::Broker {
+                broker: BrokerRef::Local,
+                topic: "orders.dlq".into()
+            }
+        );
+        assert_eq!(r.dlq.to_string(), "local:orders.dlq");
         assert_eq!(r.retry, RetryPolicy::default());
         assert_eq!(r.concurrency, 1);
         assert_eq!(r.ordering, Ordering::Partition);
@@ -1036,7 +1221,7 @@ mod tests {
         assert_eq!(r.retry.jitter, Jitter::Proportional(0.5));
         assert!(!r.retry.retry_traps);
         assert_eq!(r.circuit_breaker.unwrap().failure_ratio, Some(0.5));
-        assert_eq!(r.dlq.topic, "dead");
+        assert_eq!(r.dlq.topic(), "dead");
         assert_eq!(
             r.idempotency.unwrap().key,
             IdempotencyKey::JsonPointer("/order/id".into())
@@ -1163,10 +1348,15 @@ mod tests {
             ),
         )
         .unwrap();
-        assert_eq!(c.routes["a"].dlq.broker, "store:pg");
-        assert_eq!(c.routes["a"].dlq.topic, "orders.dlq");
-        assert_eq!(c.routes["a"].dlq.dlq_store(), Some("pg"));
-        assert_eq!(c.routes["b"].dlq.topic, "all.dlq");
+        assert_eq!(
+            c.routes["a"].dlq,
+            DlqTarget::Table {
+                store: "pg".into(),
+                topic: "orders.dlq".into()
+            }
+        );
+        assert_eq!(c.routes["a"].dlq.to_string(), "store:pg:orders.dlq");
+        assert_eq!(c.routes["b"].dlq.topic(), "all.dlq");
         assert_eq!(
             problems(&format!(
                 "{stores}[routes.a]\nhandler = \"h\"\nsource = {{ topic = \"o\" }}\ndlq = {{ store = \"r\" }}\n\n[routes.b]\nhandler = \"h\"\nsource = {{ topic = \"o\" }}\ndlq = {{ store = \"nope\" }}\n\n[routes.c]\nhandler = \"h\"\nsource = {{ topic = \"o\" }}\ndlq = {{ store = \"pg\", broker = \"local\" }}\n"
@@ -1192,12 +1382,14 @@ mod tests {
         let o = &c.routes["orders"];
         assert_eq!(o.outputs_mode, OutputsMode::Outbox);
         assert_eq!(o.outputs, vec!["events"]);
-        assert_eq!(o.outputs_broker, "local");
+        assert_eq!(o.outputs_broker, BrokerRef::Local);
         let r = &c.routes["relay"];
         assert_eq!(r.handler, None);
-        assert_eq!(r.outputs_broker, "k");
+        assert_eq!(r.outputs_broker, BrokerRef::Named("k".into()));
         assert_eq!(r.outputs_mode, OutputsMode::Publish);
-        let ob = r.outbox.as_ref().unwrap();
+        let SourceSpec::Outbox(ob) = &r.source else {
+            panic!("not a relay: {:?}", r.source)
+        };
         assert_eq!((ob.store.as_str(), ob.batch), ("pg", 100));
         assert_eq!(ob.poll, std::time::Duration::from_millis(50));
         assert_eq!(ob.retention, std::time::Duration::from_millis(1000));
@@ -1206,8 +1398,8 @@ mod tests {
             std::time::Duration::from_millis(DEFAULT_OUTBOX_LEASE_MS)
         );
         // A relay's dead letters go to its store's table by default.
-        assert_eq!(r.dlq.dlq_store(), Some("pg"));
-        assert_eq!(r.dlq.topic, "outbox.dlq");
+        assert_eq!(r.dlq.store(), Some("pg"));
+        assert_eq!(r.dlq.topic(), "outbox.dlq");
         assert_eq!(c.routes["enrich"].handler.as_deref(), Some("h"));
 
         assert_eq!(
@@ -1244,15 +1436,22 @@ mod tests {
             Some(crate::config::NatsAuth::Credentials(_))
         ));
         assert!(n.tls);
-        let js = c.routes["js"].jetstream.clone().unwrap();
+        let Some(SourceOptions::JetStream(js)) =
+            c.routes["js"].source.as_broker().map(|b| &b.options)
+        else {
+            panic!("not JetStream: {:?}", c.routes["js"].source)
+        };
         assert_eq!(js.stream, "ORDERS");
         assert_eq!(js.ack_wait, std::time::Duration::from_secs(2));
         assert_eq!(js.max_ack_pending, DEFAULT_MAX_ACK_PENDING);
         assert_eq!(js.max_deliver, Some(5));
-        assert!(c.routes["core"].jetstream.is_none());
+        assert_eq!(
+            c.routes["core"].source.as_broker().unwrap().options,
+            SourceOptions::Plain
+        );
         assert_eq!(c.routes["js"].retry.mode, RetryMode::Broker);
         assert_eq!(c.routes["core"].retry.mode, RetryMode::InProcess);
-        assert_eq!(c.routes["core"].dlq.topic, "ping.dlq");
+        assert_eq!(c.routes["core"].dlq.topic(), "ping.dlq");
     }
 
     #[test]

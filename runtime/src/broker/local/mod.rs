@@ -86,6 +86,7 @@
 //! the `dedup` file recorded, the next appender notices (the segment is shorter than recorded),
 //! forgets the window and rebuilds it from the last segment.
 
+mod connector;
 mod dedup;
 mod frame;
 mod retention;

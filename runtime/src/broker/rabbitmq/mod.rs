@@ -26,10 +26,12 @@
 //! request), `record.rs` (an AMQP message as a [`Record`](crate::message::Record)), `source.rs`
 //! and `ack.rs` (the consumer and its acknowledgements), `retry_queues.rs` (`retry.mode =
 //! "broker"`: the delay tiers and the queues a retry waits in), `sink.rs` (the publisher),
-//! `scan.rs` (reading a DLQ queue for `lockgate dlq`), `probe.rs` (`lockgate check --connect`).
+//! `scan.rs` (reading a DLQ queue for `lockgate dlq`), `probe.rs` (`lockgate check --connect`),
+//! `connector.rs` (all of them for one broker, as the runtime opens them).
 
 mod ack;
 mod connect;
+mod connector;
 mod probe;
 mod record;
 mod retry_queues;
@@ -38,6 +40,7 @@ mod sink;
 mod source;
 
 pub use connect::{classify, connect};
+pub use connector::RabbitConnector;
 pub use probe::{probe_connect, probe_source};
 pub use retry_queues::retry_tier;
 pub use scan::RabbitScan;

@@ -53,7 +53,7 @@ impl Shared {
                 first_failure_ms: msg.first_failure_ms.unwrap_or(at_ms),
                 last_failure_ms: at_ms,
             },
-            &self.config.dlq.topic,
+            self.config.dlq.topic(),
         );
         let sink = &self.sinks.dlq;
         self.retry_infra("write to the dead-letter topic", || {

@@ -242,7 +242,7 @@ impl Shared {
         }
         let records: Vec<OutRecord> = results
             .iter()
-            .map(|r| dlq::result_record(&self.config.dlq.topic, r))
+            .map(|r| dlq::result_record(self.config.dlq.topic(), r))
             .collect();
         let (sink, route) = (self.sinks.dlq.clone(), self.route.clone());
         let reporting = self.reporting.clone();

@@ -23,6 +23,10 @@
 //! - **Core source.** A queue subscription (`source.group` is the queue group). Core NATS has no
 //!   acknowledgements: a message the process holds when it dies is gone.
 
+mod connector;
+
+pub use connector::NatsConnector;
+
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;

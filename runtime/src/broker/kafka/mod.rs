@@ -24,6 +24,10 @@
 //!   that cannot be reached is transient. librdkafka's own log lines go to `debug`: what they
 //!   say reaches the route's health.
 
+mod connector;
+
+pub use connector::KafkaConnector;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
