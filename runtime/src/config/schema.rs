@@ -1248,12 +1248,12 @@ pub const DLQ: Table = Table {
             "broker",
             K::Str,
             P::Text("the source's broker"),
-            "The broker of the DLQ.",
+            "The broker of the DLQ. Without `broker` and `store`, an outbox relay's dead letters go to its store's table.",
         ),
         field(
             "topic",
             K::Str,
-            P::Text("required with a broker; `<source topic>.dlq` with `store`"),
+            P::Text("required with a broker; `<source topic>.dlq` in a dead-letter table"),
             "Topic, subject or queue of the DLQ; not the route's own source (nor matched by its subject).",
         ),
         field(

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering as AtomicOrdering;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::engine::{InboundMessage, Invocation, Outcome};
 use crate::message::{OutRecord, now_ms};
@@ -96,23 +97,29 @@ impl Shared {
         if ran_ahead.is_none() {
             self.admit(pending).await?;
         }
-        tracing::Span::current().record("attempt", msg.attempt);
-        tracing::trace!(route = %self.route, message = %msg.record.position(), attempt = msg.attempt, "Invoking the handler");
-        let mut invocation = match ran_ahead {
-            Some(done) => done,
-            None => {
-                let message = inbound(&msg.record, msg.attempt);
-                self.invoke(message, msg.claim.is_some(), invoker).await
+        // A span per attempt, inside the message's: recording the attempt on the message span
+        // instead would print every attempt so far on each line (`attempt=1 attempt=2`).
+        let span = tracing::info_span!("attempt", attempt = msg.attempt);
+        async {
+            tracing::trace!(route = %self.route, message = %msg.record.position(), attempt = msg.attempt, "Invoking the handler");
+            let mut invocation = match ran_ahead {
+                Some(done) => done,
+                None => {
+                    let message = inbound(&msg.record, msg.attempt);
+                    self.invoke(message, msg.claim.is_some(), invoker).await
+                }
+            };
+            self.observe(msg, &invocation);
+            if let Some(end) = self
+                .commit(msg, &mut invocation, dedup_base, pending)
+                .await?
+            {
+                return Ok(Attempt::Settled(end));
             }
-        };
-        self.observe(msg, &invocation);
-        if let Some(end) = self
-            .commit(msg, &mut invocation, dedup_base, pending)
-            .await?
-        {
-            return Ok(Attempt::Settled(end));
+            Ok(self.classify(msg, invocation, dedup_base))
         }
-        Ok(self.classify(msg, invocation, dedup_base))
+        .instrument(span)
+        .await
     }
 
     /// After a failed attempt: publishes what the batch finished before it (this message may

@@ -1154,3 +1154,76 @@ async fn failed_infrastructure_calls_are_retried_with_jittered_backoff() {
     assert!(below_step > 0, "every wait was the full step: no jitter");
     assert_eq!(broker.acked(), 0);
 }
+
+/// Log lines of this thread, as the text format writes them.
+#[derive(Clone, Default)]
+struct LogLines(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_attempt_logs_its_own_number_once() {
+    let logs = LogLines::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::TRACE)
+        .finish();
+    // The route runs on this thread (a current-thread runtime), so it logs here.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let broker = MemoryBroker::new();
+    broker.produce("in", [msg("m", None, &[])]);
+    let cfg =
+        route_config("retry = { max_attempts = 5, initial_backoff_ms = 10, jitter = \"none\" }\n");
+    let running = start(
+        &broker,
+        cfg,
+        FnInvoker(|m: &InboundMessage| {
+            if m.attempt < 3 {
+                retry("not yet")
+            } else {
+                ok_to("out", b"done".to_vec())
+            }
+        }),
+        None,
+    );
+    broker.wait_acked(1).await;
+    running.stop().await;
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    // Every line names one attempt number, however often it repeats it (span and event).
+    let attempts = |line: &str| -> Vec<u32> {
+        line.split("attempt=")
+            .skip(1)
+            .map(|rest| {
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                digits.parse().unwrap()
+            })
+            .collect()
+    };
+    let invoking: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Invoking the handler"))
+        .collect();
+    assert_eq!(invoking.len(), 3, "{text}");
+    for (i, line) in invoking.iter().enumerate() {
+        let n = i as u32 + 1;
+        assert!(line.contains(&format!("attempt{{attempt={n}}}")), "{line}");
+        assert!(line.contains("message{route=r in/0/0"), "{line}");
+        assert_eq!(attempts(line), vec![n, n], "{line}");
+    }
+    let retrying: Vec<&str> = text.lines().filter(|l| l.contains("retrying")).collect();
+    assert_eq!(retrying.len(), 2, "{text}");
+    for (i, line) in retrying.iter().enumerate() {
+        assert_eq!(attempts(line), vec![i as u32 + 1], "{line}");
+    }
+}

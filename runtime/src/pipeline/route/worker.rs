@@ -66,7 +66,6 @@ impl Shared {
                 partition = record.partition,
                 offset = record.offset,
                 handler_version = %invoker.module_hash(),
-                attempt = tracing::field::Empty,
                 outcome = tracing::field::Empty,
                 trace_id = tracing::field::Empty,
             );
