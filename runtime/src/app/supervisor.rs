@@ -408,24 +408,10 @@ impl Supervisor {
         {
             notes.push(RouteChange::NeedsRestart);
         }
-        let changed_brokers: Vec<String> = self
-            .config
-            .brokers
-            .keys()
-            .chain(new.brokers.keys())
-            .filter(|n| self.config.brokers.get(*n) != new.brokers.get(*n))
-            .cloned()
-            .collect();
+        let changed_brokers = changed(&self.config.brokers, &new.brokers);
         // A changed store is a changed source or DLQ destination for routes that relay its
         // outbox or dead-letter into its table.
-        let changed_stores: Vec<String> = self
-            .config
-            .stores
-            .keys()
-            .chain(new.stores.keys())
-            .filter(|n| self.config.stores.get(*n) != new.stores.get(*n))
-            .cloned()
-            .collect();
+        let changed_stores = changed(&self.config.stores, &new.stores);
 
         // Everything that will run is loaded and instantiated before anything changes. A module
         // several routes use is read and hashed once.
@@ -633,4 +619,16 @@ async fn prepare(
         handler: Some((handler, hc.clone())),
         store,
     })
+}
+
+/// The names defined differently in `old` and `new`, or in only one of them.
+fn changed<V: PartialEq>(
+    old: &toml::map::Map<String, V>,
+    new: &toml::map::Map<String, V>,
+) -> Vec<String> {
+    old.keys()
+        .chain(new.keys())
+        .filter(|n| old.get(*n) != new.get(*n))
+        .cloned()
+        .collect()
 }
