@@ -11,8 +11,13 @@
 //! {"message": 1, "outcome": "ok", "published": [{"topic": "out", "payload": "HELLO"}], "logs": []}
 //! ```
 //! **Expectations** (`--expect`): one line per message in the output shape, compared as a
-//! *subset*: only the fields written are checked, arrays must match element by element, and a
-//! field `X_contains` checks that the actual `X` contains the given text (handy for trap reasons).
+//! *subset*: only the fields written are checked (a `headers` table is checked for the headers
+//! it names), arrays must match element by element, a field `X_contains` checks that the actual
+//! `X` contains the given text (handy for trap reasons), and `payload_json` compares a payload as
+//! JSON, by the same subset rule, whatever its spacing and key order.
+//!
+//! [`input_json`] writes a message in the input format, so recorded traffic (`lockgate tail
+//! --fixtures`, `lockgate dlq export --fixtures`) becomes a fixture.
 
 use std::collections::BTreeMap;
 
@@ -43,6 +48,7 @@ struct InputLine {
     key: Option<String>,
     key_base64: Option<String>,
     headers: Option<BTreeMap<String, String>>,
+    headers_base64: Option<BTreeMap<String, String>>,
     payload: Option<String>,
     payload_base64: Option<String>,
     payload_json: Option<Value>,
@@ -108,6 +114,18 @@ fn parse_input_line(text: &str, index: usize) -> Result<InboundMessage, String> 
     if l.attempt == Some(0) {
         return Err("`attempt` starts at 1".into());
     }
+    let mut headers: Vec<(String, Vec<u8>)> = l
+        .headers
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.into_bytes()))
+        .collect();
+    for (k, v) in l.headers_base64.unwrap_or_default() {
+        let bytes = B64
+            .decode(v.as_bytes())
+            .map_err(|e| format!("`headers_base64.{k}` is not valid base64: {e}"))?;
+        headers.push((k, bytes));
+    }
     let topic = l.topic.unwrap_or_else(|| "test".to_owned());
     Ok(InboundMessage {
         id: l.id.unwrap_or_else(|| format!("{topic}/{index}")),
@@ -115,17 +133,61 @@ fn parse_input_line(text: &str, index: usize) -> Result<InboundMessage, String> 
         partition: l.partition,
         offset: l.offset,
         key,
-        headers: l
-            .headers
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, v.into_bytes()))
-            .collect(),
+        headers,
         payload,
         timestamp_ms: l.timestamp_ms,
         attempt: l.attempt.unwrap_or(1),
         reply_to: l.reply_to,
     })
+}
+
+/// `m` as one line of the input format, read back by [`parse_inputs`] as the same message
+/// (headers sorted by name). The payload is written as `payload_json` when it is JSON in its
+/// compact form (so it can be edited as JSON and still reads back byte for byte), else as text
+/// or base64; a header or key that is not UTF-8 goes in the `_base64` field.
+pub fn input_json(m: &InboundMessage) -> Value {
+    let mut obj = Map::new();
+    obj.insert("id".into(), json!(m.id));
+    obj.insert("topic".into(), json!(m.topic));
+    if let Some(p) = m.partition {
+        obj.insert("partition".into(), json!(p));
+    }
+    if let Some(o) = m.offset {
+        obj.insert("offset".into(), json!(o));
+    }
+    if let Some(t) = m.timestamp_ms {
+        obj.insert("timestamp_ms".into(), json!(t));
+    }
+    if let Some(k) = &m.key {
+        put_bytes(&mut obj, "key", k);
+    }
+    let mut text = Map::new();
+    let mut binary = Map::new();
+    for (name, value) in &m.headers {
+        match std::str::from_utf8(value) {
+            Ok(v) => text.insert(name.clone(), json!(v)),
+            Err(_) => binary.insert(name.clone(), json!(B64.encode(value))),
+        };
+    }
+    if !text.is_empty() {
+        obj.insert("headers".into(), Value::Object(text));
+    }
+    if !binary.is_empty() {
+        obj.insert("headers_base64".into(), Value::Object(binary));
+    }
+    match serde_json::from_slice::<Value>(&m.payload) {
+        Ok(v) if serde_json::to_vec(&v).is_ok_and(|compact| compact == m.payload) => {
+            obj.insert("payload_json".into(), v);
+        }
+        _ => put_bytes(&mut obj, "payload", &m.payload),
+    }
+    if m.attempt != 1 {
+        obj.insert("attempt".into(), json!(m.attempt));
+    }
+    if let Some(r) = &m.reply_to {
+        obj.insert("reply_to".into(), json!(r));
+    }
+    Value::Object(obj)
 }
 
 /// Puts `bytes` into `obj` as `field` (UTF-8 text) or `field_base64`.
@@ -258,6 +320,20 @@ fn diff_at(path: &str, expected: &Value, actual: &Value, out: &mut Vec<String>) 
                     }
                     continue;
                 }
+                if k == "payload_json" {
+                    let p = join(path, k);
+                    match a.get("payload").and_then(Value::as_str) {
+                        Some(text) => match serde_json::from_str::<Value>(text) {
+                            Ok(actual) => diff_at(&p, ev, &actual, out),
+                            Err(e) => out.push(format!(
+                                "{p}: the payload is not JSON ({e}): {}",
+                                Value::String(text.to_owned())
+                            )),
+                        },
+                        None => out.push(format!("{p}: the payload is missing or not text")),
+                    }
+                    continue;
+                }
                 let p = join(path, k);
                 match a.get(k) {
                     Some(av) => diff_at(&p, ev, av, out),
@@ -340,6 +416,114 @@ mod tests {
         let d = diff(&json!({"published": []}), &actual);
         assert_eq!(d.len(), 1);
         assert!(d[0].starts_with("published: expected 0 item(s), got 1"));
+    }
+
+    #[test]
+    fn payload_json_compares_values_not_spelling_and_headers_compare_as_a_subset() {
+        let actual = json!({"published": [{
+            "topic": "o",
+            "headers": {"trace": "t1", "kind": "order"},
+            "payload": "{\"id\":7,  \"tags\":[\"a\"],\"total\":1.5}"
+        }]});
+        let expect = |e: Value| diff(&json!({ "published": [e] }), &actual);
+        assert!(expect(json!({"payload_json": {"total": 1.5, "id": 7}})).is_empty());
+        assert!(
+            expect(json!({"payload_json": {"tags": ["a"]}, "headers": {"kind": "order"}}))
+                .is_empty()
+        );
+        assert_eq!(
+            expect(json!({"payload_json": {"id": 8}, "headers": {"trace": "t2"}})),
+            vec![
+                "published[0].headers.trace: expected \"t2\", got \"t1\"",
+                "published[0].payload_json.id: expected 8, got 7",
+            ]
+        );
+        let not_json = json!({"published": [{"topic": "o", "payload": "HELLO"}]});
+        let d = diff(
+            &json!({"published": [{"payload_json": {"a": 1}}]}),
+            &not_json,
+        );
+        assert_eq!(d.len(), 1);
+        assert!(
+            d[0].starts_with("published[0].payload_json: the payload is not JSON"),
+            "{d:?}"
+        );
+        let binary = json!({"published": [{"topic": "o", "payload_base64": "/w=="}]});
+        assert_eq!(
+            diff(&json!({"published": [{"payload_json": 1}]}), &binary),
+            vec!["published[0].payload_json: the payload is missing or not text"]
+        );
+    }
+
+    #[test]
+    fn input_json_reads_back_as_the_same_message() {
+        let messages = [
+            InboundMessage {
+                id: "orders:pos:orders/2/17".into(),
+                topic: "orders".into(),
+                partition: Some(2),
+                offset: Some(17),
+                key: Some(b"user-1".to_vec()),
+                headers: vec![
+                    ("bin".into(), vec![0xff, 0x00]),
+                    ("trace".into(), b"abc".to_vec()),
+                ],
+                payload: br#"{"id":7,"kind":"order"}"#.to_vec(),
+                timestamp_ms: Some(1_765_000_000_000),
+                attempt: 3,
+                reply_to: Some("_INBOX.1".into()),
+            },
+            InboundMessage {
+                id: "q/1".into(),
+                topic: "q".into(),
+                partition: None,
+                offset: None,
+                key: Some(vec![0xfe]),
+                headers: Vec::new(),
+                // JSON, but not in its compact form: kept as text so the bytes survive.
+                payload: b"{ \"id\": 7 }".to_vec(),
+                timestamp_ms: None,
+                attempt: 1,
+                reply_to: None,
+            },
+            InboundMessage {
+                id: "q/2".into(),
+                topic: "q".into(),
+                partition: None,
+                offset: None,
+                key: None,
+                headers: Vec::new(),
+                payload: vec![0, 159, 146, 150],
+                timestamp_ms: None,
+                attempt: 1,
+                reply_to: None,
+            },
+        ];
+        let lines: Vec<String> = messages.iter().map(|m| input_json(m).to_string()).collect();
+        assert!(
+            lines[0].contains(r#""payload_json":{"id":7,"kind":"order"}"#),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[1].contains(r#""payload":"{ \"id\": 7 }""#),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[2].contains(r#""payload_base64":"AJ+Slg==""#),
+            "{}",
+            lines[2]
+        );
+        let read = parse_inputs(&lines.join("\n")).unwrap();
+        assert_eq!(read.len(), 3);
+        for ((_, got), want) in read.iter().zip(&messages) {
+            let mut want = want.clone();
+            want.headers.sort();
+            let mut got = got.clone();
+            got.headers.sort();
+            assert_eq!(got, want);
+        }
     }
 
     #[test]

@@ -594,3 +594,69 @@ async fn ready(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
         format!("{body}\n"),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use prometheus_client::registry::Registry;
+
+    use super::AdminRoutes;
+
+    /// docs/reference/metrics.md: every metric `/metrics` serves, as its descriptors say.
+    fn render() -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(AdminRoutes::default()));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut rows = Vec::new();
+        let mut help = std::collections::HashMap::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
+                help.insert(name.to_owned(), text.to_owned());
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+                let shown = if kind == "counter" {
+                    format!("{name}_total")
+                } else {
+                    name.to_owned()
+                };
+                let meaning = help.get(name).cloned().unwrap_or_default();
+                rows.push(format!(
+                    "| `{shown}` | {kind} | {} |",
+                    meaning.replace('|', "\\|")
+                ));
+            }
+        }
+        format!(
+            "# Metrics reference\n\n\
+             <!-- Generated from the metric descriptors by a test in runtime/src/telemetry.rs; it fails when this file differs. -->\n\n\
+             Every metric `GET /metrics` serves on the admin address ([observability](../operate/observability.md)),\n\
+             with the help text it carries. Per-route series have the labels `route`, `handler` and\n\
+             `handler_version` (the first 12 hex digits of the module's SHA-256);\n\
+             `lockgate_reloads_total` has `result` (`applied`, `refused`) instead, and\n\
+             `lockgate_consumer_lag_messages` has `route`, `topic` and `partition`.\n\n\
+             | metric | type | meaning |\n|---|---|---|\n{}\n",
+            rows.join("\n")
+        )
+    }
+
+    #[test]
+    fn the_committed_metrics_reference_is_the_rendered_one() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/reference/metrics.md");
+        let rendered = render();
+        assert!(rendered.contains("| `lockgate_messages_received_total` | counter |"));
+        assert!(rendered.contains("| `lockgate_handler_duration_seconds` | histogram |"));
+        if std::env::var_os("BLESS").is_some() {
+            std::fs::write(&path, &rendered).unwrap_or_else(|e| panic!("{e}"));
+            return;
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == rendered,
+            "docs/reference/metrics.md is not what /metrics serves; run `BLESS=1 cargo test -p lockgate --lib the_committed_metrics_reference` and commit it"
+        );
+    }
+}

@@ -121,6 +121,90 @@ fn dead_letters_are_listed_fixed_replayed_once_and_an_interrupted_replay_resumes
     let out = lockgate(dir.path(), &["dlq", "show", "orders.dlq/0/999"]);
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
 
+    // A production failure becomes a regression test: the poison orders, exported as a
+    // fixture, fail the same way under `lockgate test`.
+    let out = lockgate(
+        dir.path(),
+        &["dlq", "export", "--error-kind", "reject", "--fixtures"],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    let exported = String::from_utf8_lossy(&out.stdout).into_owned();
+    let messages: Vec<serde_json::Value> = exported
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(messages.len(), 10, "{exported}");
+    assert!(
+        exported.starts_with("# local:orders.dlq orders.dlq/0/0: route orders, reject after 1 attempt(s): order 25 is poison\n"),
+        "{exported}"
+    );
+    assert_eq!(messages[0]["topic"], "orders");
+    assert_eq!(messages[0]["offset"], 25, "{exported}");
+    assert_eq!(messages[0]["key"], "k25");
+    assert_eq!(messages[0]["headers"], serde_json::json!({"trace": "t25"}));
+    assert_eq!(
+        messages[0]["payload_json"],
+        serde_json::json!({"id": 25, "poison": true})
+    );
+    let fixture = dir.path().join("failures.jsonl");
+    std::fs::write(&fixture, &exported).unwrap();
+    let expect = dir.path().join("failures.expect.jsonl");
+    std::fs::write(
+        &expect,
+        "{\"outcome\": \"reject\", \"reason_contains\": \"is poison\"}\n".repeat(10),
+    )
+    .unwrap();
+    let guest = lockgate_tests::guest("chaos");
+    let test_args = |fixture: &Path, expect: &Path| {
+        vec![
+            "test".to_owned(),
+            guest.display().to_string(),
+            "--input".into(),
+            fixture.display().to_string(),
+            "--expect".into(),
+            expect.display().to_string(),
+            "-c".into(),
+            "target=out".into(),
+        ]
+    };
+    let args = test_args(&fixture, &expect);
+    let out = lockgate(
+        dir.path(),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    let out = lockgate(dir.path(), &["dlq", "export", "--route", "orders"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "--fixtures names the format: {}",
+        show(&out)
+    );
+
+    // So does traffic read with `tail --fixtures`: the first good orders pass with their
+    // output, written as JSON whatever the handler's spacing.
+    let out = lockgate(dir.path(), &["tail", "orders", "-n", "2", "--fixtures"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let tailed = dir.path().join("tailed.jsonl");
+    std::fs::write(&tailed, &out.stdout).unwrap();
+    let first: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    assert_eq!(first["id"], "orders/0/0");
+    assert_eq!(first["payload_json"], serde_json::json!({"id": 0}));
+    let expect = dir.path().join("tailed.expect.jsonl");
+    std::fs::write(
+        &expect,
+        "{\"outcome\": \"ok\", \"published\": [{\"topic\": \"out\", \"payload_json\": {\"id\": 0}}]}\n{\"outcome\": \"ok\", \"published\": [{\"payload_json\": {\"id\": 1}}]}\n",
+    )
+    .unwrap();
+    let args = test_args(&tailed, &expect);
+    let out = lockgate(
+        dir.path(),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(out.status.success(), "{}", show(&out));
+
     // A dry run publishes nothing.
     let out = lockgate(
         dir.path(),

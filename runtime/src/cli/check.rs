@@ -1,6 +1,5 @@
 //! `lockgate check`, and with `--connect` a try of every broker and store the config names.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -17,9 +16,8 @@ use super::{EXIT_FAILED, EXIT_USAGE};
 /// Arguments of `lockgate check`.
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// The config file to check.
-    #[arg(default_value_os_t = super::default_config())]
-    config: PathBuf,
+    #[command(flatten)]
+    config: super::ConfigPath,
 
     /// Also connect to every broker and state store the config defines (log in, and check
     /// that each route's source exists or can be declared: Kafka topic, JetStream stream,
@@ -30,18 +28,24 @@ pub struct CheckArgs {
 }
 
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    if !args.config.is_file() {
-        eprintln!("{}: cannot read the file: not found", args.config.display());
+    if !args.config.path().is_file() {
+        eprintln!(
+            "{}: cannot read the file: not found",
+            args.config.path().display()
+        );
         return Ok(ExitCode::from(EXIT_USAGE));
     }
-    let text = match std::fs::read_to_string(&args.config) {
+    let text = match std::fs::read_to_string(args.config.path()) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("{}: cannot read the file: {e}", args.config.display());
+            eprintln!(
+                "{}: cannot read the file: {e}",
+                args.config.path().display()
+            );
             return Ok(ExitCode::from(EXIT_USAGE));
         }
     };
-    let (config, mut problems) = match Config::parse_lenient(&args.config, &text) {
+    let (config, mut problems) = match Config::parse_lenient(&args.config.path(), &text) {
         Ok(parsed) => parsed,
         Err(e) => {
             eprintln!("{e}");

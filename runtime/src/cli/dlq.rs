@@ -36,7 +36,9 @@ use lockgate::dlq::{
     Contents, DeadLetter, DlqRef, IoError, ReplayEvent, ReplayIo, ReplayOutcome, ReplayResult,
     Settings,
 };
+use lockgate::fixture;
 use lockgate::message::{OutRecord, Record};
+use lockgate::pipeline::route::inbound;
 use serde_json::json;
 
 use super::{EXIT_FAILED, EXIT_USAGE};
@@ -65,12 +67,16 @@ enum DlqCommand {
     /// result: `handled`, `skipped` (its idempotency key had already succeeded) or `failed`
     /// (dead-lettered again, as a new dead letter). Exit codes: 0 listed, 2 bad config or
     /// arguments, 1 a DLQ could not be read.
+    ///
+    /// Example: lockgate dlq list --route orders --error-kind reject --since 2h
     List(ListArgs),
 
     /// Show one dead letter whole: metadata, key, headers and payload.
     ///
     /// POSITION is the first column of `lockgate dlq list` (`topic/partition/offset`).
     /// Exit codes: 0 shown, 1 not found or unreadable, 2 bad config or arguments.
+    ///
+    /// Example: lockgate dlq show orders.dlq/0/17
     Show(ShowArgs),
 
     /// Publish dead letters back to the topic they came from (or `--to`), then mark them replayed.
@@ -97,15 +103,27 @@ enum DlqCommand {
     /// `--wait 0`), 3 replayed but some copies were dead-lettered again or had no result within
     /// `--wait`, 1 a publish or a DLQ read failed (what was marked stays replayed; run again),
     /// 2 bad config or arguments, 130 interrupted.
+    ///
+    /// Example: lockgate dlq replay --route orders --dry-run
     Replay(ReplayArgs),
+
+    /// Write the original messages of dead letters in `lockgate test`'s input format
+    /// (`--fixtures`), so a production failure becomes a regression test in one command.
+    ///
+    /// Each message (its topic, position, key, headers and payload, without the DLQ envelope)
+    /// follows a comment line that names its dead letter and why it failed. Example:
+    ///   lockgate dlq export --route orders --since 2h --fixtures > failures.jsonl
+    ///   lockgate test handler.wasm --input failures.jsonl
+    /// Exit codes: 0 written, 1 a DLQ could not be read, 2 bad config or arguments.
+    #[command(verbatim_doc_comment)]
+    Export(ExportArgs),
 }
 
 /// Which config, and where its embedded broker lives.
 #[derive(Debug, Args)]
 struct ConfigArgs {
-    /// The config file whose routes name the DLQs.
-    #[arg(long, short = 'c', default_value_os_t = super::default_config())]
-    config: PathBuf,
+    #[command(flatten)]
+    file: super::ConfigPath,
 
     /// Use this state directory (embedded broker) instead of the config's `state_dir`.
     #[arg(long, value_name = "DIR")]
@@ -167,6 +185,25 @@ pub struct ShowArgs {
     /// One JSON object (payload as text when it is UTF-8, else `payload_base64`).
     #[arg(long)]
     json: bool,
+}
+
+/// Arguments of `lockgate dlq export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+
+    #[command(flatten)]
+    filter: Filter,
+
+    /// Leave out dead letters that were replayed.
+    #[arg(long)]
+    pending: bool,
+
+    /// Write `lockgate test` input lines (the one format there is; named so that others can
+    /// come).
+    #[arg(long, required = true)]
+    fixtures: bool,
 }
 
 /// Arguments of `lockgate dlq replay`.
@@ -248,7 +285,7 @@ struct Ctx {
 impl Ctx {
     /// Loads the config; `Err(code)` after printing why it cannot be used.
     fn load(args: &ConfigArgs) -> Result<Self, ExitCode> {
-        let mut config = match Config::load(&args.config) {
+        let mut config = match Config::load(&args.file.path()) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("{e}");
@@ -416,6 +453,7 @@ pub fn run(args: DlqArgs) -> anyhow::Result<ExitCode> {
         DlqCommand::List(a) => block_on(list(a)),
         DlqCommand::Show(a) => block_on(show(a)),
         DlqCommand::Replay(a) => block_on(replay(a)),
+        DlqCommand::Export(a) => block_on(export(a)),
     };
     match done {
         Err(e) if !super::is_closed_stdout(&e) => {
@@ -464,6 +502,39 @@ fn one_line(text: &str, max: usize) -> String {
     } else {
         line.to_owned()
     }
+}
+
+async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
+    let (mut ctx, dlqs) = match Ctx::open(&args.config, args.filter.route.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let mut out = std::io::stdout().lock();
+    for dlq in &dlqs {
+        // The payloads are what is exported: every matching letter is kept whole.
+        let mut c =
+            lockgate::dlq::read(&mut ctx, dlq, |d| args.filter.matches(d), |_| true).await?;
+        for d in std::mem::take(&mut c.dead) {
+            if args.pending && c.replayed.contains(&d.position) {
+                continue;
+            }
+            let mut message = inbound(&d.original(), 1);
+            if !d.message_id.is_empty() {
+                message.id.clone_from(&d.message_id);
+            }
+            writeln!(
+                out,
+                "# {dlq} {}: route {}, {} after {} attempt(s): {}",
+                d.position,
+                d.route,
+                d.error_kind,
+                d.attempts,
+                one_line(&d.reason, 200)
+            )?;
+            writeln!(out, "{}", fixture::input_json(&message))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {

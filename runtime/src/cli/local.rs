@@ -12,7 +12,9 @@ use clap::Args;
 use lockgate::broker::local::LocalBroker;
 use lockgate::config::Config;
 use lockgate::config::local::LocalSettings;
+use lockgate::fixture;
 use lockgate::message::{OutRecord, Record};
+use lockgate::pipeline::route::inbound;
 use serde_json::{Map, Value, json};
 
 use super::EXIT_USAGE;
@@ -23,8 +25,8 @@ use lockgate::app::LOCAL_BROKER_DIR;
 pub struct BrokerArgs {
     /// The config file whose `[runtime] state_dir` holds the embedded broker (its `[local]`
     /// table sets the segment size and the duplicate window of appends).
-    #[arg(long, short = 'c', default_value_os_t = super::default_config())]
-    config: PathBuf,
+    #[command(flatten)]
+    config: super::ConfigPath,
 
     /// Use this state directory instead of the config file's (the config is then not read:
     /// `[local]` takes its defaults).
@@ -38,7 +40,7 @@ impl BrokerArgs {
         let (state_dir, settings) = match &self.state_dir {
             Some(d) => (d.clone(), LocalSettings::default()),
             None => {
-                let config = Config::load(&self.config)
+                let config = Config::load(&self.config.path())
                     .map_err(|e| anyhow::anyhow!("{e}"))
                     .context("use --state-dir to name the broker's directory without a config")?;
                 (config.state_dir, config.local)
@@ -158,8 +160,13 @@ pub struct TailArgs {
     follow: bool,
 
     /// One JSON object per line (offset, key, headers, payload or payload_base64).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "fixtures")]
     json: bool,
+
+    /// One line per message in `lockgate test`'s input format, to turn real traffic into a
+    /// fixture: `lockgate tail orders -n 20 --fixtures > orders.jsonl`.
+    #[arg(long)]
+    fixtures: bool,
 
     #[command(flatten)]
     broker: BrokerArgs,
@@ -176,7 +183,9 @@ pub fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
             if args.limit.is_some_and(|l| printed >= l) {
                 return Ok(ExitCode::SUCCESS);
             }
-            let line = if args.json {
+            let line = if args.fixtures {
+                fixture::input_json(&inbound(r, 1)).to_string()
+            } else if args.json {
                 record_json(r).to_string()
             } else {
                 record_text(r)

@@ -1,7 +1,6 @@
 //! `lockgate migrate`: creates or upgrades the schema of the config's PostgreSQL stores ahead of
 //! a deploy (`lockgate run` does the same on first use).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -14,9 +13,8 @@ use super::{EXIT_FAILED, EXIT_USAGE};
 /// Arguments of `lockgate migrate`.
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
-    /// The config file whose `[stores.<name>]` tables name the stores.
-    #[arg(default_value_os_t = super::default_config())]
-    config: PathBuf,
+    #[command(flatten)]
+    config: super::ConfigPath,
 
     /// Only this store (default: every store in the config).
     #[arg(long, value_name = "NAME")]
@@ -24,7 +22,7 @@ pub struct MigrateArgs {
 }
 
 pub fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
-    let config = match Config::load(&args.config) {
+    let config = match Config::load(&args.config.path()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
@@ -37,7 +35,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         let known: Vec<&str> = config.stores.keys().map(String::as_str).collect();
         eprintln!(
             "{}: no [stores.{name}] table (defined: {})",
-            args.config.display(),
+            args.config.path().display(),
             if known.is_empty() {
                 "none".to_owned()
             } else {
@@ -49,7 +47,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
     if config.stores.is_empty() {
         outln!(
             "{}: no [stores.<name>] tables; the embedded store needs no migration",
-            args.config.display()
+            args.config.path().display()
         );
         return Ok(ExitCode::SUCCESS);
     }

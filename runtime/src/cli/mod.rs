@@ -17,6 +17,8 @@ mod config;
 mod dlq;
 mod local;
 mod migrate;
+#[cfg(test)]
+mod reference;
 mod reload;
 mod run;
 mod status;
@@ -78,13 +80,20 @@ enum Command {
     ///
     /// Input (one JSON object per line, all fields optional):
     ///   {"payload": "text"} or {"payload_base64": "..."} or {"payload_json": {...}},
-    ///   "key" / "key_base64", "headers": {"name": "value"}, "attempt" (default 1),
-    ///   "topic" (default "test"), "partition", "offset", "timestamp_ms", "reply_to", "id".
+    ///   "key" / "key_base64", "headers": {"name": "value"}, "headers_base64",
+    ///   "attempt" (default 1), "topic" (default "test"), "partition", "offset",
+    ///   "timestamp_ms", "reply_to", "id".
+    /// `lockgate tail --fixtures` and `lockgate dlq export --fixtures` write this format.
     ///
-    /// Expectations (one line per message, compared as a subset; `X_contains` matches a
-    /// substring of X):
+    /// Expectations (one line per message, compared as a subset: only the fields written
+    /// are checked, `headers` for the headers it names; `X_contains` matches a substring of
+    /// X; `payload_json` compares the payload as JSON, whatever its spacing):
     ///   {"outcome": "ok", "published": [{"topic": "out", "payload": "HELLO"}]}
+    ///   {"outcome": "ok", "published": [{"payload_json": {"id": 7}, "headers": {"t": "1"}}]}
     ///   {"outcome": "reject", "reason_contains": "invalid JSON"}
+    ///
+    /// Example:
+    ///   lockgate test handler.wasm --input in.jsonl --expect expected.jsonl -c target=out
     ///
     /// Exit codes: 0 all messages ran (and matched), 1 expectations did not match,
     /// 2 unusable input (unreadable file, bad fixture line, component that does not load).
@@ -101,6 +110,8 @@ enum Command {
     /// differently (a missing Kafka topic or JetStream stream, a RabbitMQ queue of another
     /// type), the same way, changing nothing.
     /// Exit codes: 0 valid, 1 problems found, 2 the file cannot be read.
+    ///
+    /// Example: lockgate check prod.toml --connect
     Check(check::CheckArgs),
 
     /// Run every route of runtime.toml until SIGINT or SIGTERM.
@@ -115,6 +126,8 @@ enum Command {
     /// stream) is logged once with what to change and retried every 10 s or so.
     /// Exit codes: 0 stopped by a signal, 1 a route's source failed, 2 bad config or a module
     /// that does not load.
+    ///
+    /// Example: lockgate run prod.toml --admin 127.0.0.1:9090
     Run(run::RunArgs),
 
     /// Append a message (or a JSON Lines file of them) to a topic of the embedded broker.
@@ -130,6 +143,8 @@ enum Command {
     /// Text lines look like `#OFFSET key=K header=value | payload`; `--json` prints one object
     /// per line. Dead-letter topics (`<topic>.dlq`) show the failure in `lockgate-dlq-*`
     /// headers.
+    ///
+    /// Example: lockgate tail orders.dlq -n 20 --json
     Tail(local::TailArgs),
 
     /// Show a running `lockgate run`'s routes: state, breaker, in-flight, counters, lag and
@@ -140,11 +155,13 @@ enum Command {
     /// has not connected yet), failing (its source or a store fails; the reason and the fix
     /// are printed under the table), starting, stopped.
     /// Exit codes: 0 shown, 1 the endpoint did not answer, 2 no address to ask.
+    ///
+    /// Example: lockgate status prod.toml (or: lockgate status --admin 10.0.0.7:9090)
     Status(status::StatusArgs),
 
-    /// Inspect dead letters and replay them once the handler is fixed (`list`, `show`,
-    /// `replay`), on the embedded broker, Kafka, JetStream, RabbitMQ and PostgreSQL
-    /// dead-letter tables.
+    /// Inspect dead letters, export them as test fixtures, and replay them once the handler is
+    /// fixed (`list`, `show`, `export`, `replay`), on the embedded broker, Kafka, JetStream,
+    /// RabbitMQ and PostgreSQL dead-letter tables.
     ///
     /// Reads the DLQs the config's routes name. Typical workflow:
     ///   lockgate dlq list --route orders --since 2h
@@ -162,6 +179,8 @@ enum Command {
     /// module with a problem is refused whole and the running routes stay as they were.
     /// Exit codes: 0 reloaded (the changes are printed), 1 refused (the reason is printed) or
     /// no answer, 2 no address to ask.
+    ///
+    /// Example: lockgate reload prod.toml
     Reload(reload::ReloadArgs),
 
     /// Create or upgrade the schema of the config's PostgreSQL state stores, and check that its
@@ -170,6 +189,8 @@ enum Command {
     /// `lockgate run` migrates on first use too (processes starting together serialise on an
     /// advisory lock); run this in a deploy step to fail early on a bad URL or missing rights.
     /// Exit codes: 0 done, 1 a store failed (the reason is printed), 2 bad config or arguments.
+    ///
+    /// Example: lockgate migrate prod.toml --store pg
     Migrate(migrate::MigrateArgs),
 
     /// Facts about runtime.toml itself: `lockgate config reference` prints every table and
@@ -178,6 +199,8 @@ enum Command {
     /// The reference is rendered from the same declarations the parser reads the fields from,
     /// so it matches this lockgate exactly (docs/reference/runtime-toml.md is its output).
     /// Exit codes: 0 printed.
+    ///
+    /// Example: lockgate config reference > runtime-toml.md
     Config(config::ConfigArgs),
 }
 
@@ -211,6 +234,34 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// Default config file for commands that take one.
 pub fn default_config() -> PathBuf {
     PathBuf::from("runtime.toml")
+}
+
+/// The runtime.toml a command reads: every such command takes it as its last positional
+/// argument or as `-c`/`--config` (the same thing), `runtime.toml` by default.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigPath {
+    /// The config file [default: runtime.toml].
+    #[arg(value_name = "CONFIG")]
+    positional: Option<PathBuf>,
+
+    /// The config file, as an option (the same as CONFIG).
+    #[arg(
+        short = 'c',
+        long = "config",
+        value_name = "CONFIG",
+        conflicts_with = "positional"
+    )]
+    option: Option<PathBuf>,
+}
+
+impl ConfigPath {
+    /// The file named, or runtime.toml.
+    pub fn path(&self) -> PathBuf {
+        self.option
+            .clone()
+            .or_else(|| self.positional.clone())
+            .unwrap_or_else(default_config)
+    }
 }
 
 /// Parses `KEY=VALUE` arguments (`--config`, `--header`).

@@ -1,6 +1,5 @@
 //! `lockgate reload`: asks a running `lockgate run` to reload its config and modules.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
@@ -12,9 +11,8 @@ use super::{EXIT_FAILED, EXIT_USAGE};
 /// Arguments of `lockgate reload`.
 #[derive(Debug, Args)]
 pub struct ReloadArgs {
-    /// The config file whose `[runtime] admin` (and `admin_token`) name the endpoint.
-    #[arg(default_value_os_t = super::default_config())]
-    config: PathBuf,
+    #[command(flatten)]
+    config: super::ConfigPath,
 
     /// The admin endpoint (host:port, like localhost:9090) instead of the config's.
     #[arg(long, value_name = "ADDR")]
@@ -23,14 +21,14 @@ pub struct ReloadArgs {
 
 pub fn run(args: ReloadArgs) -> anyhow::Result<ExitCode> {
     // The config may be the very thing being fixed: an unreadable one still lets --admin work.
-    let config = Config::load(&args.config);
+    let config = Config::load(&args.config.path());
     let addr = match (&args.admin, &config) {
         (Some(a), _) => a.clone(),
         (None, Ok(c)) => match &c.admin {
             Some(a) if a.ends_with(":0") => {
                 eprintln!(
                     "{}: [runtime] admin is {a}: the port was picked at start; pass --admin with the address `lockgate run` printed",
-                    args.config.display()
+                    args.config.path().display()
                 );
                 return Ok(ExitCode::from(EXIT_USAGE));
             }
@@ -38,7 +36,7 @@ pub fn run(args: ReloadArgs) -> anyhow::Result<ExitCode> {
             None => {
                 eprintln!(
                     "{}: no [runtime] admin address; pass --admin ADDR",
-                    args.config.display()
+                    args.config.path().display()
                 );
                 return Ok(ExitCode::from(EXIT_USAGE));
             }

@@ -15,9 +15,8 @@ use super::{EXIT_FAILED, EXIT_USAGE};
 /// Arguments of `lockgate run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The config file.
-    #[arg(default_value_os_t = super::default_config())]
-    config: PathBuf,
+    #[command(flatten)]
+    config: super::ConfigPath,
 
     /// Keep the embedded broker, state store and compiled cache here instead of the config's
     /// `[runtime] state_dir` (the demo and tests use a fresh directory).
@@ -31,7 +30,7 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let config = match Config::load(&args.config) {
+    let config = match Config::load(&args.config.path()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");

@@ -2,7 +2,6 @@
 //! a route that is not ready is not (its source or a store it needs fails, or has not connected
 //! yet).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -15,9 +14,8 @@ use super::{EXIT_FAILED, EXIT_USAGE};
 /// Arguments of `lockgate status`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The config file whose `[runtime] admin` names the endpoint.
-    #[arg(default_value_os_t = super::default_config())]
-    config: PathBuf,
+    #[command(flatten)]
+    config: super::ConfigPath,
 
     /// The admin endpoint (host:port, like localhost:9090) instead of the config's.
     #[arg(long, value_name = "ADDR")]
@@ -35,13 +33,13 @@ pub struct StatusArgs {
 pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let addr = match args.admin {
         Some(a) => a,
-        None => match Config::load(&args.config) {
+        None => match Config::load(&args.config.path()) {
             Ok(c) => match c.admin {
                 Some(a) => a,
                 None => {
                     eprintln!(
                         "{}: no [runtime] admin address; pass --admin ADDR",
-                        args.config.display()
+                        args.config.path().display()
                     );
                     return Ok(ExitCode::from(EXIT_USAGE));
                 }

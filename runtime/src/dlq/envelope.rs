@@ -276,6 +276,39 @@ impl DeadLetter {
     }
 }
 
+impl DeadLetter {
+    /// The message as it was before it was dead-lettered: its topic, partition, offset and
+    /// timestamp from the envelope, its key, payload and headers without the envelope's (its
+    /// own `lockgate-id` restored). `lockgate dlq export --fixtures` writes it as a fixture.
+    pub fn original(&self) -> Record {
+        let number = |name: &str| header(&self.record, name).and_then(|v| v.parse::<u64>().ok());
+        let headers = self
+            .record
+            .headers
+            .iter()
+            .filter_map(|(n, v)| {
+                if n == ORIGINAL_ID_HEADER {
+                    Some((LOCKGATE_ID_HEADER.to_owned(), v.clone()))
+                } else if n.starts_with(DLQ_HEADER_PREFIX) || n == LOCKGATE_ID_HEADER {
+                    None
+                } else {
+                    Some((n.clone(), v.clone()))
+                }
+            })
+            .collect();
+        Record {
+            topic: self.topic.clone(),
+            partition: number("partition").and_then(|p| u32::try_from(p).ok()),
+            offset: number("offset"),
+            key: self.record.key.clone(),
+            headers,
+            payload: self.record.payload.clone(),
+            timestamp_ms: number("timestamp-ms"),
+            reply_to: None,
+        }
+    }
+}
+
 /// The copy of `dead` to publish when replaying it to `to`: the original key, payload and
 /// headers (without the envelope), marked as a replay.
 pub fn replay_record(dead: &DeadLetter, to: &str) -> OutRecord {
@@ -395,7 +428,21 @@ mod tests {
                 .count(),
             1
         );
+        // Read back, the dead letter gives the message it was made of.
+        let dead = DeadLetter::parse(Record {
+            topic: "orders.dlq".into(),
+            partition: Some(0),
+            offset: Some(3),
+            key: out.key.clone(),
+            headers: out.headers.clone(),
+            payload: out.payload.clone(),
+            timestamp_ms: Some(9),
+            reply_to: None,
+        })
+        .unwrap();
+        assert_eq!(dead.original(), record);
     }
+
     #[test]
     fn replay_results_round_trip_and_a_handling_is_not_undone_by_a_skip() {
         let handled = ReplayResult {
