@@ -404,8 +404,14 @@ static inline lockgate_result lockgate__kv_error(lockgate_handler_kv_kv_error_t 
     return r;
 }
 
-/** Reads kv `key`: *found tells whether it is present; *value (freed when the handler returns)
- *  holds it. */
+/** Reads kv `key`: *found tells whether it is present; *value (freed when the handler returns,
+ *  NUL-terminated one byte past its length) holds it. On an error neither is written.
+ *
+ *  On a route with an idempotency key, a message's kv writes are held back and applied together
+ *  with its key when it succeeds (a failed call leaves no trace); elsewhere they take effect at
+ *  once and are not undone when the call fails (docs/handlers/contract.md). There is no
+ *  compare-and-swap helper: call the generated lockgate_handler_kv_compare_and_swap
+ *  (docs/handlers/sdk/c.md shows how). */
 static inline lockgate_result lockgate_kv_get(const char *key, lockgate_bytes *value, bool *found) {
     handler_string_t k = lockgate__str(key);
     handler_option_list_u8_t v;
@@ -420,7 +426,8 @@ static inline lockgate_result lockgate_kv_get(const char *key, lockgate_bytes *v
     return LOCKGATE_OK;
 }
 
-/** Stores `value` under kv `key`; with `ttl_ms` > 0 the entry expires after that many ms. */
+/** Stores `value` under kv `key`; with `ttl_ms` > 0 the entry expires after that many ms, with 0
+ *  never. */
 static inline lockgate_result lockgate_kv_set(const char *key, const void *value, size_t len, uint64_t ttl_ms) {
     handler_string_t k = lockgate__str(key);
     handler_list_u8_t v = {(uint8_t *)value, len};

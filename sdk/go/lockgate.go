@@ -106,7 +106,7 @@ func (m Message) TimestampMs() (uint64, bool) {
 	return m.m.TimestampMs.SomeOr(0), m.m.TimestampMs.IsSome()
 }
 
-// ReplyTo is where a reply should go (NATS request-reply), when present.
+// ReplyTo is where a reply should go (NATS request-reply, RabbitMQ reply_to), when present.
 func (m Message) ReplyTo() (string, bool) { return m.m.ReplyTo.SomeOr(""), m.m.ReplyTo.IsSome() }
 
 // Header is one message header.
@@ -253,8 +253,13 @@ func bytesOption(b []byte) witTypes.Option[[]uint8] {
 	return witTypes.Some[[]uint8](b)
 }
 
-// KVGet returns the value under key in the handler's kv namespace and whether it is present.
-// Errors: an unavailable store is a Retry, a bad key a Reject.
+// KVGet returns the value under key in the handler's kv namespace and whether it is present
+// (test the bool: a present empty value may be a nil slice). Errors: an unavailable store is a
+// Retry, a bad key a Reject.
+//
+// On a route with an idempotency key, a message's kv writes are held back and applied together
+// with its key when it succeeds (a failed call leaves no trace); elsewhere they take effect at
+// once and are not undone when the call fails (docs/handlers/contract.md).
 func KVGet(key string) ([]byte, bool, error) {
 	r := lockgate_handler_kv.Get(key)
 	if r.IsErr() {
@@ -264,7 +269,8 @@ func KVGet(key string) ([]byte, bool, error) {
 	return v.SomeOr(nil), v.IsSome(), nil
 }
 
-// KVSet stores value under key; with ttl > 0 the entry expires after ttl (rounded up to ms).
+// KVSet stores value under key; with ttl > 0 the entry expires after ttl (rounded up to ms), with
+// ttl <= 0 never.
 func KVSet(key string, value []byte, ttl time.Duration) error {
 	if r := lockgate_handler_kv.Set(key, value, ttlOption(ttl)); r.IsErr() {
 		return kvError(r.Err())
@@ -282,7 +288,8 @@ func KVDelete(key string) (bool, error) {
 }
 
 // KVCompareAndSwap replaces the value under key with new (nil: remove) if the current value
-// equals expected (nil: absent), and tells whether it did.
+// equals expected (nil: absent or expired; []byte{}: present and empty), and tells whether it
+// did; a differing value is (false, nil), not an error. ttl as in KVSet.
 func KVCompareAndSwap(key string, expected, new []byte, ttl time.Duration) (bool, error) {
 	r := lockgate_handler_kv.CompareAndSwap(key, bytesOption(expected), bytesOption(new), ttlOption(ttl))
 	if r.IsErr() {

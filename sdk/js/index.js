@@ -337,9 +337,13 @@ const ttl = (ms) => u64(ms, "ttlMs");
 const optBytes = (v, what) => (v === undefined || v === null ? undefined : toBytes(v, what));
 
 /**
- * Per-handler key-value state: persistent, with optional TTL (ms) and compare-and-swap. Writes
- * take effect at once (not undone when the call fails). An unavailable store throws `Retry`; a
- * bad key or an oversized value throws `Reject`. `get` returns a Uint8Array, or undefined.
+ * Per-handler key-value state: persistent, with optional TTL (ms) and compare-and-swap. On a
+ * route with an idempotency key, a message's writes are held back and applied together with its
+ * key when it succeeds (a failed call leaves no trace); elsewhere writes take effect at once and
+ * are not undone when the call fails (docs/handlers/contract.md). An unavailable store throws
+ * `Retry`; a bad key or an oversized value throws `Reject`. `get` returns a Uint8Array, or
+ * undefined: decode it with `utf8Decode` (QuickJS has no TextDecoder). Values are strings
+ * (stored as UTF-8) or bytes; a number throws a TypeError, so store `String(n)`.
  */
 export const kv = {
   get: (key) => kvCall(() => witKv.get(key)) ?? undefined,

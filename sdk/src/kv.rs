@@ -23,9 +23,11 @@ use crate::error::millis_ceil;
 pub enum KvError {
     /// The store cannot be reached or failed; retrying later may succeed.
     Unavailable(String),
-    /// The key is empty or longer than the host limit. Carries the reason.
+    /// The key is empty, contains a NUL character or is longer than the host limit (1024 bytes).
+    /// Carries the reason.
     InvalidKey(String),
-    /// The value exceeds the host limit. Carries the limit in bytes.
+    /// The value exceeds the host limit (1 MiB), or, on a route with an idempotency key, the
+    /// call's staged writes exceed theirs (16 MiB). Carries the limit in bytes.
     TooLarge(u64),
 }
 
@@ -68,7 +70,8 @@ pub fn set(key: &str, value: impl AsRef<[u8]>) -> Result<(), KvError> {
     crate::host::kv_set(key, value.as_ref(), None)
 }
 
-/// Stores `value` under `key`, expiring after `ttl` (rounded up to whole milliseconds).
+/// Stores `value` under `key`, expiring after `ttl` (rounded up to whole milliseconds; the host
+/// treats a zero `ttl` as 1 ms, so use [`set`] for an entry that never expires).
 ///
 /// # Errors
 /// See [`KvError`].

@@ -5,7 +5,9 @@ succeeds (a failed call leaves no trace); elsewhere writes take effect immediate
 undone when the call fails. Host errors raise
 :class:`~lockgate_sdk.Retry` when the store is unavailable (transient) and
 :class:`~lockgate_sdk.Reject` for a bad key or an oversized value (it would fail every time).
-Values may be given as bytes or str; they are always returned as bytes.
+Values may be given as bytes, bytearray, memoryview or str (stored as UTF-8); they are always
+returned as bytes. Anything else goes through ``bytes()``: an int n becomes n zero bytes, not its
+digits, so store ``str(n)`` (and read it back with ``int(value)``).
 """
 
 from __future__ import annotations
