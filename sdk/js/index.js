@@ -139,12 +139,15 @@ function u64(value, what) {
 /** A WIT u64 from the bindings as a number. */
 const num = (value) => (value === undefined || value === null ? undefined : Number(value));
 
+// An integer is its decimal digits (`2` is "2"), as every SDK stores a number.
 function toBytes(value, what) {
   if (value instanceof Uint8Array) return value;
   if (typeof value === "string") return utf8Encode(value);
+  if (typeof value === "number" && Number.isSafeInteger(value)) return utf8Encode(String(value));
+  if (typeof value === "bigint") return utf8Encode(value.toString());
   if (ArrayBuffer.isView(value)) return new Uint8Array(value.buffer, value.byteOffset, value.byteLength);
   if (value instanceof ArrayBuffer) return new Uint8Array(value);
-  throw new TypeError(`${what} must be a string or bytes, got ${typeof value}`);
+  throw new TypeError(`${what} must be a string, an integer or bytes, got ${typeof value}`);
 }
 
 // ---- errors ----------------------------------------------------------------------------------
@@ -250,7 +253,14 @@ export class Message {
 export function handler(fn) {
   return function handle(witMessage) {
     try {
-      fn(new Message(witMessage));
+      const result = fn(new Message(witMessage));
+      // An async handler returns a promise that nobody awaits: whatever it does after its first
+      // `await` (or any error it throws) would be lost while the message is acknowledged.
+      if (result !== null && typeof result === "object" && typeof result.then === "function") {
+        throw new TypeError(
+          "the handler returned a promise: handlers are called synchronously, so an async handler's work would not run before the message is acknowledged; make it a plain function",
+        );
+      }
     } catch (e) {
       // The bindings lower a thrown plain object's `payload` as the `err` value (QuickJS treats
       // a thrown Error, even one with a `payload`, as a crash).
@@ -342,11 +352,17 @@ const optBytes = (v, what) => (v === undefined || v === null ? undefined : toByt
  * key when it succeeds (a failed call leaves no trace); elsewhere writes take effect at once and
  * are not undone when the call fails (docs/handlers/contract.md). An unavailable store throws
  * `Retry`; a bad key or an oversized value throws `Reject`. `get` returns a Uint8Array, or
- * undefined: decode it with `utf8Decode` (QuickJS has no TextDecoder). Values are strings
- * (stored as UTF-8) or bytes; a number throws a TypeError, so store `String(n)`.
+ * undefined; `getText` the value as text (invalid UTF-8 replaced), or undefined, so a number
+ * reads back with `Number(kv.getText(key) ?? 0)`. Values are strings (stored as UTF-8),
+ * integers (stored as their decimal digits, as every SDK stores a number) or bytes; anything
+ * else throws a TypeError.
  */
 export const kv = {
   get: (key) => kvCall(() => witKv.get(key)) ?? undefined,
+  getText: (key) => {
+    const v = kvCall(() => witKv.get(key));
+    return v === undefined || v === null ? undefined : utf8Decode(v, false);
+  },
   set: (key, value, ttlMs) => kvCall(() => witKv.set(key, toBytes(value, "value"), ttl(ttlMs))),
   delete: (key) => kvCall(() => witKv.delete(key)),
   compareAndSwap: (key, expected, next, ttlMs) =>

@@ -139,12 +139,17 @@ fn js_guest_gets_no_file_socket_fetch_or_env() {
     let out = run_fixture(&js_guest("qjs", "hostile"), "js-sandbox", &[]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("6 message(s): 5 ok, 1 trapped"), "{stdout}");
-    assert!(stdout.contains("all 6 message(s) match"), "{stdout}");
+    assert!(stdout.contains("7 message(s): 5 ok, 2 trapped"), "{stdout}");
+    assert!(stdout.contains("all 7 message(s) match"), "{stdout}");
     assert!(!stdout.contains("ALLOWED"), "{stdout}");
     // An exception the SDK does not map traps the call; the SDK logs it first.
     assert!(
         stdout.contains("log error: handler threw: Error: a bug in the handler"),
+        "{stdout}"
+    );
+    // An async handler traps too, saying why, instead of acknowledging work that never ran.
+    assert!(
+        stdout.contains("log error: handler threw: TypeError: the handler returned a promise"),
         "{stdout}"
     );
 }

@@ -2,7 +2,8 @@
 //
 // Payload `file`: reads /etc/passwd. `socket`: connects to 127.0.0.1:22. `env`: counts environment
 // variables. `fetch`: fetches http://127.0.0.1:22/ (QuickJS has no fetch; StarlingMonkey has one
-// whose wasi:http imports the build removed, so the call traps). `bug`: throws an exception the SDK does not map (the call traps). Each probe
+// whose wasi:http imports the build removed, so the call traps). `bug`: throws an exception the SDK
+// does not map (the call traps). `async`: returns a promise, which the SDK refuses (a trap). Each probe
 // publishes `denied: <why>` (or `env: <n> vars`); anything that got through publishes
 // `ALLOWED: ...`, which the sandbox fixture would catch.
 //
@@ -72,6 +73,8 @@ const probes = {
 
 export const handle = handler((msg) => {
   const what = msg.text();
+  // An async handler: the SDK must trap it rather than acknowledge work that never ran.
+  if (what === "async") return Promise.resolve().then(() => publish("out", "ALLOWED: an async handler ran"));
   const probe = probes[what];
   if (probe === undefined) throw new Reject(`unknown probe \`${what}\`; expected one of ${Object.keys(probes)}`);
   publish("out", probe());

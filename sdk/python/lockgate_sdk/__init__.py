@@ -24,6 +24,7 @@ them at build time and puts both on the component's Python path.
 
 from __future__ import annotations
 
+import inspect
 import json as _json
 import sys
 from typing import Any, Callable, Iterable, Mapping, Optional, Tuple, Union
@@ -34,6 +35,7 @@ from wit_world.imports import emit as _emit
 from wit_world.imports import types as _types
 
 from . import config, kv, log
+from ._convert import Bytes, to_bytes
 from .errors import HandlerError, Reject, Retry
 
 __all__ = [
@@ -48,14 +50,7 @@ __all__ = [
     "publish",
 ]
 
-Bytes = Union[bytes, bytearray, memoryview, str]
 Headers = Union[Mapping[str, Bytes], Iterable[Tuple[str, Bytes]], None]
-
-
-def _to_bytes(value: Bytes) -> bytes:
-    if isinstance(value, str):
-        return value.encode("utf-8")
-    return bytes(value)
 
 
 class Message:
@@ -130,7 +125,7 @@ def _headers(headers: Headers) -> list:
     if headers is None:
         return []
     items = headers.items() if isinstance(headers, Mapping) else headers
-    return [_types.Header(name=str(n), value=_to_bytes(v)) for n, v in items]
+    return [_types.Header(name=str(n), value=to_bytes(v, f"header {n}")) for n, v in items]
 
 
 def publish(topic: str, payload: Bytes, key: Optional[Bytes] = None, headers: Headers = None) -> None:
@@ -143,9 +138,9 @@ def publish(topic: str, payload: Bytes, key: Optional[Bytes] = None, headers: He
     """
     out = _types.Outgoing(
         topic=topic,
-        key=None if key is None else _to_bytes(key),
+        key=None if key is None else to_bytes(key, "key"),
         headers=_headers(headers),
-        payload=_to_bytes(payload),
+        payload=to_bytes(payload, "payload"),
     )
     try:
         _emit.publish(out)
@@ -174,12 +169,27 @@ def handler(fn: Callable[[Message], Any]) -> Callable[[Message], Any]:
     return value is ignored.
     """
 
+    # An async def would return a coroutine nobody awaits: its body would never run and every
+    # message would be acknowledged. Refused here, at import, so the build fails with the reason.
+    if inspect.iscoroutinefunction(fn):
+        raise TypeError(
+            f"@handler {fn.__qualname__} is an async def: handlers are called synchronously, "
+            "so its body would never run; make it a plain def"
+        )
+
     class WitWorld(wit_world.WitWorld):
         def handle(self, message: _types.Message) -> None:
             try:
-                fn(Message(message))
+                result = fn(Message(message))
             except HandlerError as e:
                 raise _to_wit_error(e) from None
+            if inspect.isawaitable(result):
+                if inspect.iscoroutine(result):
+                    result.close()
+                raise TypeError(
+                    f"{fn.__qualname__} returned an awaitable: handlers are called "
+                    "synchronously, so its work would never run"
+                )
 
     WitWorld.__doc__ = f"The `handle` export, calling {fn.__module__}.{fn.__qualname__}."
     setattr(sys.modules[fn.__module__], "WitWorld", WitWorld)

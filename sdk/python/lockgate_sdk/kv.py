@@ -5,27 +5,23 @@ succeeds (a failed call leaves no trace); elsewhere writes take effect immediate
 undone when the call fails. Host errors raise
 :class:`~lockgate_sdk.Retry` when the store is unavailable (transient) and
 :class:`~lockgate_sdk.Reject` for a bad key or an oversized value (it would fail every time).
-Values may be given as bytes, bytearray, memoryview or str (stored as UTF-8); they are always
-returned as bytes. Anything else goes through ``bytes()``: an int n becomes n zero bytes, not its
-digits, so store ``str(n)`` (and read it back with ``int(value)``).
+Values may be given as bytes, bytearray, memoryview, str (stored as UTF-8) or int (stored as its
+decimal digits, as every SDK stores a number); they are always returned as bytes, so a number
+reads back with ``int(kv.get(key) or 0)``. Anything else raises ``TypeError``.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 from componentize_py_types import Err
 from wit_world.imports import kv as _kv
 
+from ._convert import Bytes, to_bytes
 from .errors import Reject, Retry
 
-Bytes = Union[bytes, bytearray, memoryview, str]
-
-
-def _b(value: Optional[Bytes]) -> Optional[bytes]:
-    if value is None:
-        return None
-    return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+def _b(value: Optional[Bytes], what: str) -> Optional[bytes]:
+    return None if value is None else to_bytes(value, what)
 
 
 def _call(f, *args):
@@ -47,7 +43,7 @@ def get(key: str) -> Optional[bytes]:
 
 def set(key: str, value: Bytes, ttl_ms: Optional[int] = None) -> None:  # noqa: A001
     """Stores ``value`` under ``key``; with ``ttl_ms`` it expires after that many ms."""
-    _call(_kv.set, key, _b(value), ttl_ms)
+    _call(_kv.set, key, to_bytes(value, "value"), ttl_ms)
 
 
 def delete(key: str) -> bool:
@@ -60,4 +56,4 @@ def compare_and_swap(
 ) -> bool:
     """Sets ``key`` to ``new`` (None removes it) only if it currently equals ``expected`` (None
     meaning absent). True if the swap happened."""
-    return _call(_kv.compare_and_swap, key, _b(expected), _b(new), ttl_ms)
+    return _call(_kv.compare_and_swap, key, _b(expected, "expected"), _b(new, "new"), ttl_ms)

@@ -1,17 +1,19 @@
-//! Shared by the tests of guests written in other languages: build a language's router example
-//! with its script, then run the router fixture through `lockgate test`.
+//! Shared by the tests of guests written in other languages: build a language's example with its
+//! script, then run a shared fixture through `lockgate test`. Each test binary uses a part.
+
+#![allow(dead_code)]
 
 use lockgate_tests::{lockgate, show, workspace_root};
 use std::path::PathBuf;
 use std::process::Command;
 
-/// Runs `scripts/build-guest-<lang>.sh router` and returns the .wasm path it printed.
-fn build(lang: &str) -> PathBuf {
+/// Runs `scripts/build-guest-<lang>.sh <name>` and returns the .wasm path it printed.
+pub fn build(lang: &str, name: &str) -> PathBuf {
     let root = workspace_root();
     let script = root.join(format!("scripts/build-guest-{lang}.sh"));
     let out = Command::new("bash")
         .arg(&script)
-        .arg("router")
+        .arg(name)
         .current_dir(&root)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
@@ -40,7 +42,7 @@ fn build(lang: &str) -> PathBuf {
 /// Builds `lang`'s router and checks it against tests/fixtures/router with the flags the Rust
 /// router's test uses.
 pub fn router_matches_fixture(lang: &str) {
-    let wasm = build(lang);
+    let wasm = build(lang, "router");
     let out = lockgate(
         &workspace_root(),
         &[
