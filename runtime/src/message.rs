@@ -46,7 +46,19 @@ impl Record {
             .map(|(_, v)| v.as_slice())
     }
 
-    /// `topic/partition/offset`: unique within a route and stable across redeliveries.
+    /// The message's identity, as its handler and the logs see it: its position where the broker
+    /// has offsets; otherwise `topic/<id>` with the id its publisher gave it (a `lockgate-id`
+    /// header, which RabbitMQ's `message_id` becomes), so two messages of one queue are told
+    /// apart. A message with neither has only `topic/-/-`: publish it with an id.
+    pub fn id(&self) -> String {
+        match (self.offset, self.header(LOCKGATE_ID_HEADER)) {
+            (None, Some(id)) => format!("{}/{}", self.topic, String::from_utf8_lossy(id)),
+            _ => self.position(),
+        }
+    }
+
+    /// `topic/partition/offset`: unique within a route and stable across redeliveries where the
+    /// broker has offsets (`topic/-/-` where it has none).
     pub fn position(&self) -> String {
         let part = self
             .partition
@@ -91,6 +103,33 @@ pub fn new_owner() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_without_offsets_is_known_by_its_own_id() {
+        let kafka = Record {
+            topic: "orders".into(),
+            partition: Some(2),
+            offset: Some(1041),
+            headers: vec![(LOCKGATE_ID_HEADER.into(), b"up:7".to_vec())],
+            ..Record::default()
+        };
+        assert_eq!(
+            kafka.id(),
+            "orders/2/1041",
+            "a position wins: it is the broker's own"
+        );
+        let queue = |id: Option<&str>| Record {
+            topic: "jobs".into(),
+            headers: id
+                .map(|i| vec![(LOCKGATE_ID_HEADER.to_owned(), i.as_bytes().to_vec())])
+                .unwrap_or_default(),
+            ..Record::default()
+        };
+        assert_eq!(queue(Some("b7f3")).id(), "jobs/b7f3");
+        assert_ne!(queue(Some("b7f3")).id(), queue(Some("c001")).id());
+        assert_eq!(queue(None).id(), "jobs/-/-");
+        assert_eq!(queue(Some("b7f3")).position(), "jobs/-/-");
+    }
 
     #[test]
     fn owners_are_unique() {

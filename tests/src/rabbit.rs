@@ -122,10 +122,20 @@ impl Rabbit {
 
     /// Publishes `(key, payload)`s to queue `name` (default exchange), awaiting every confirm.
     pub fn publish(&self, name: &str, messages: &[(Option<String>, String)]) {
+        self.publish_with(name, messages, |_| None);
+    }
+
+    /// [`Rabbit::publish`], giving message `i` of `messages` the AMQP `message_id` `id(i)`.
+    pub fn publish_with(
+        &self,
+        name: &str,
+        messages: &[(Option<String>, String)],
+        id: impl Fn(usize) -> Option<String>,
+    ) {
         self.rt.block_on(async {
-            for chunk in messages.chunks(1_000) {
+            for (c, chunk) in messages.chunks(1_000).enumerate() {
                 let mut confirms = Vec::new();
-                for (key, payload) in chunk {
+                for (i, (key, payload)) in chunk.iter().enumerate() {
                     let mut headers = FieldTable::default();
                     if let Some(k) = key {
                         headers.insert(
@@ -133,9 +143,12 @@ impl Rabbit {
                             AMQPValue::LongString(LongString::from(k.as_str())),
                         );
                     }
-                    let props = BasicProperties::default()
+                    let mut props = BasicProperties::default()
                         .with_delivery_mode(2)
                         .with_headers(headers);
+                    if let Some(id) = id(c * 1_000 + i) {
+                        props = props.with_message_id(id.into());
+                    }
                     confirms.push(self.send(name, payload, props).await);
                 }
                 for c in confirms {

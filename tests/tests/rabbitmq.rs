@@ -157,7 +157,10 @@ fn a_queue_drains_in_order_and_poison_is_dead_lettered_once() {
             )
         })
         .collect();
-    rabbit.publish(&q.input, &messages);
+    // Half the messages carry an AMQP message_id: it is how a queue's messages are told apart.
+    rabbit.publish_with(&q.input, &messages, |i| {
+        (i % 2 == 0).then(|| format!("order-{i}"))
+    });
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &q, "", "");
     let mut proc = run(dir.path(), &config, 1);
@@ -189,6 +192,13 @@ fn a_queue_drains_in_order_and_poison_is_dead_lettered_once() {
     assert_eq!(
         d.headers.get("lockgate-dlq-reason").map(String::as_str),
         Some("order 500 is poison")
+    );
+    // The id the handler saw is the message's own, not the queue's `<queue>/-/-`.
+    assert_eq!(
+        d.headers.get("lockgate-dlq-message-id"),
+        Some(&format!("{}/order-500", q.input)),
+        "{:?}",
+        d.headers
     );
     assert_eq!(
         d.headers.get("lockgate-dlq-topic"),

@@ -101,7 +101,7 @@ impl Shared {
         // instead would print every attempt so far on each line (`attempt=1 attempt=2`).
         let span = tracing::info_span!("attempt", attempt = msg.attempt);
         async {
-            tracing::trace!(route = %self.route, message = %msg.record.position(), attempt = msg.attempt, "Invoking the handler");
+            tracing::trace!(route = %self.route, message = %msg.record.id(), attempt = msg.attempt, "Invoking the handler");
             let mut invocation = match ran_ahead {
                 Some(done) => done,
                 None => {
@@ -144,7 +144,7 @@ impl Shared {
             Decision::RetryAfter { delay, .. } if self.config.retry.mode == RetryMode::Broker => {
                 RouteStats::bump(&self.stats.retried);
                 outcome("redelivery");
-                tracing::debug!(route = %self.route, message = %msg.record.position(), attempt = msg.attempt, delay_ms = delay.as_millis() as u64, "Attempt failed; the broker redelivers it");
+                tracing::debug!(route = %self.route, message = %msg.record.id(), attempt = msg.attempt, delay_ms = delay.as_millis() as u64, "Attempt failed; the broker redelivers it");
                 Ok(Next::End(End::Redeliver(delay)))
             }
             Decision::RetryAfter {
@@ -152,7 +152,7 @@ impl Shared {
                 attempt: next,
             } => {
                 RouteStats::bump(&self.stats.retried);
-                tracing::debug!(route = %self.route, message = %msg.record.position(), attempt = msg.attempt, delay_ms = delay.as_millis() as u64, "Attempt failed; retrying");
+                tracing::debug!(route = %self.route, message = %msg.record.id(), attempt = msg.attempt, delay_ms = delay.as_millis() as u64, "Attempt failed; retrying");
                 if !self.shutdown.sleep(delay).await {
                     return Err(Stopped);
                 }
@@ -220,7 +220,7 @@ impl Shared {
             );
         }
         for log in &invocation.logs {
-            tracing::debug!(route = %self.route, message = %msg.record.position(), level = log.level.as_str(), "guest: {}", log.message);
+            tracing::debug!(route = %self.route, message = %msg.record.id(), level = log.level.as_str(), "guest: {}", log.message);
         }
     }
 
@@ -277,7 +277,7 @@ impl Shared {
                 };
             }
             Commit::LostClaim => {
-                tracing::warn!(route = %self.route, message = %msg.record.position(), key = %key, "The idempotency claim ran out before the handler's writes could commit (is idempotency.lease_ms shorter than a handling?); the writes were discarded");
+                tracing::warn!(route = %self.route, message = %msg.record.id(), key = %key, "The idempotency claim ran out before the handler's writes could commit (is idempotency.lease_ms shorter than a handling?); the writes were discarded");
                 if let Some(end) = self.reclaim(msg, pending).await? {
                     return Ok(Some(end));
                 }

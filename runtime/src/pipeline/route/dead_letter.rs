@@ -31,7 +31,7 @@ impl Shared {
             RouteStats::bump(&self.stats.rejected);
         }
         outcome("dead_lettered");
-        let message_id = msg.record.position();
+        let message_id = msg.record.id();
         if failed.refused {
             // Not the message's fault: the route refuses what its handler publishes, and will
             // dead-letter every message that does the same.

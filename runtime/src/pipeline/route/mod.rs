@@ -298,7 +298,7 @@ fn outcome(what: &'static str) {
 /// `record` as the handler would see it on attempt `attempt` (exposed for tests and tools).
 pub fn inbound(record: &Record, attempt: u32) -> InboundMessage {
     InboundMessage {
-        id: record.position(),
+        id: record.id(),
         topic: record.topic.clone(),
         partition: record.partition,
         offset: record.offset,

@@ -61,7 +61,7 @@ impl Shared {
             let span = tracing::info_span!(
                 "message",
                 route = %self.route,
-                message = %record.position(),
+                message = %record.id(),
                 topic = %record.topic,
                 partition = record.partition,
                 offset = record.offset,
