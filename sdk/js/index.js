@@ -360,8 +360,8 @@ const optBytes = (v, what) => (v === undefined || v === null ? undefined : toByt
 export const kv = {
   get: (key) => kvCall(() => witKv.get(key)) ?? undefined,
   getText: (key) => {
-    const v = kvCall(() => witKv.get(key));
-    return v === undefined || v === null ? undefined : utf8Decode(v, false);
+    const v = kv.get(key);
+    return v === undefined ? undefined : utf8Decode(v, false);
   },
   set: (key, value, ttlMs) => kvCall(() => witKv.set(key, toBytes(value, "value"), ttl(ttlMs))),
   delete: (key) => kvCall(() => witKv.delete(key)),

@@ -28,24 +28,19 @@ pub struct CheckArgs {
 }
 
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    if !args.config.path().is_file() {
-        eprintln!(
-            "{}: cannot read the file: not found",
-            args.config.path().display()
-        );
+    let file = args.config.path();
+    if !file.is_file() {
+        eprintln!("{}: cannot read the file: not found", file.display());
         return Ok(ExitCode::from(EXIT_USAGE));
     }
-    let text = match std::fs::read_to_string(args.config.path()) {
+    let text = match std::fs::read_to_string(&file) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!(
-                "{}: cannot read the file: {e}",
-                args.config.path().display()
-            );
+            eprintln!("{}: cannot read the file: {e}", file.display());
             return Ok(ExitCode::from(EXIT_USAGE));
         }
     };
-    let (config, mut problems) = match Config::parse_lenient(&args.config.path(), &text) {
+    let (config, mut problems) = match Config::parse_lenient(&file, &text) {
         Ok(parsed) => parsed,
         Err(e) => {
             eprintln!("{e}");

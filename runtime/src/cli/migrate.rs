@@ -22,7 +22,8 @@ pub struct MigrateArgs {
 }
 
 pub fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
-    let config = match Config::load(&args.config.path()) {
+    let file = args.config.path();
+    let config = match Config::load(&file) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
@@ -35,7 +36,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         let known: Vec<&str> = config.stores.keys().map(String::as_str).collect();
         eprintln!(
             "{}: no [stores.{name}] table (defined: {})",
-            args.config.path().display(),
+            file.display(),
             if known.is_empty() {
                 "none".to_owned()
             } else {
@@ -47,7 +48,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
     if config.stores.is_empty() {
         outln!(
             "{}: no [stores.<name>] tables; the embedded store needs no migration",
-            args.config.path().display()
+            file.display()
         );
         return Ok(ExitCode::SUCCESS);
     }

@@ -20,15 +20,16 @@ pub struct ReloadArgs {
 }
 
 pub fn run(args: ReloadArgs) -> anyhow::Result<ExitCode> {
+    let file = args.config.path();
     // The config may be the very thing being fixed: an unreadable one still lets --admin work.
-    let config = Config::load(&args.config.path());
+    let config = Config::load(&file);
     let addr = match (&args.admin, &config) {
         (Some(a), _) => a.clone(),
         (None, Ok(c)) => match &c.admin {
             Some(a) if a.ends_with(":0") => {
                 eprintln!(
                     "{}: [runtime] admin is {a}: the port was picked at start; pass --admin with the address `lockgate run` printed",
-                    args.config.path().display()
+                    file.display()
                 );
                 return Ok(ExitCode::from(EXIT_USAGE));
             }
@@ -36,7 +37,7 @@ pub fn run(args: ReloadArgs) -> anyhow::Result<ExitCode> {
             None => {
                 eprintln!(
                     "{}: no [runtime] admin address; pass --admin ADDR",
-                    args.config.path().display()
+                    file.display()
                 );
                 return Ok(ExitCode::from(EXIT_USAGE));
             }

@@ -31,15 +31,16 @@ pub struct StatusArgs {
 }
 
 pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let file = args.config.path();
     let addr = match args.admin {
         Some(a) => a,
-        None => match Config::load(&args.config.path()) {
+        None => match Config::load(&file) {
             Ok(c) => match c.admin {
                 Some(a) => a,
                 None => {
                     eprintln!(
                         "{}: no [runtime] admin address; pass --admin ADDR",
-                        args.config.path().display()
+                        file.display()
                     );
                     return Ok(ExitCode::from(EXIT_USAGE));
                 }

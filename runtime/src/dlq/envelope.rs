@@ -312,19 +312,17 @@ impl DeadLetter {
 /// The copy of `dead` to publish when replaying it to `to`: the original key, payload and
 /// headers (without the envelope), marked as a replay.
 pub fn replay_record(dead: &DeadLetter, to: &str) -> OutRecord {
-    let mut headers: Vec<(String, Vec<u8>)> = dead
-        .record
+    let original = dead.original();
+    // The original's own id moves to REPLAY_ORIGINAL_ID_HEADER: the copy gets an id of its own.
+    let mut headers: Vec<(String, Vec<u8>)> = original
         .headers
         .iter()
         .filter(|(n, _)| {
-            !n.starts_with(DLQ_HEADER_PREFIX)
-                && n != LOCKGATE_ID_HEADER
-                && n != REPLAYED_FROM_HEADER
-                && n != REPLAY_ORIGINAL_ID_HEADER
+            n != LOCKGATE_ID_HEADER && n != REPLAYED_FROM_HEADER && n != REPLAY_ORIGINAL_ID_HEADER
         })
         .cloned()
         .collect();
-    if let Some(id) = dead.record.header(ORIGINAL_ID_HEADER) {
+    if let Some(id) = original.header(LOCKGATE_ID_HEADER) {
         headers.push((REPLAY_ORIGINAL_ID_HEADER.to_owned(), id.to_vec()));
     }
     headers.push((
@@ -337,9 +335,9 @@ pub fn replay_record(dead: &DeadLetter, to: &str) -> OutRecord {
     ));
     OutRecord {
         topic: to.to_owned(),
-        key: dead.record.key.clone(),
+        key: original.key,
         headers,
-        payload: dead.record.payload.clone(),
+        payload: original.payload,
     }
 }
 
