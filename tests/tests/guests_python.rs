@@ -129,3 +129,78 @@ fn python_guest_gets_no_file_socket_or_env() {
     assert!(!stdout.contains("ALLOWED"), "{stdout}");
     assert!(!stdout.contains("root:"), "file content leaked: {stdout}");
 }
+
+/// The Python SDK's own rules, checked in plain CPython against stand-ins for the generated
+/// bindings (what they record is what the host would get): an int is stored as its digits,
+/// other non-byte values are refused, and `@handler` refuses an `async def` when the module is
+/// imported (which is when componentize-py builds, so the build fails and names it).
+#[test]
+fn the_python_sdk_stores_numbers_as_digits_and_refuses_async_handlers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = [
+        (
+            "componentize_py_types.py",
+            "class Err(Exception):\n    def __init__(self, value):\n        self.value = value\n",
+        ),
+        ("wit_world/__init__.py", "class WitWorld:\n    pass\n"),
+        ("wit_world/imports/__init__.py", ""),
+        ("wit_world/imports/emit.py", ""),
+        ("wit_world/imports/types.py", ""),
+        ("wit_world/imports/config.py", ""),
+        (
+            "wit_world/imports/log.py",
+            "import enum\n\nclass Level(enum.Enum):\n    TRACE = 0\n    DEBUG = 1\n    INFO = 2\n    WARN = 3\n    ERROR = 4\n",
+        ),
+        (
+            "wit_world/imports/kv.py",
+            "calls = []\n\ndef set(key, value, ttl):\n    calls.append((key, value, ttl))\n",
+        ),
+        (
+            "probe.py",
+            r#"from lockgate_sdk import handler, kv
+from wit_world.imports import kv as stub
+
+kv.set("n", 2)
+kv.set("s", "2")
+assert stub.calls == [("n", b"2", None), ("s", b"2", None)], stub.calls
+for bad in (2.5, True, {"a": 1}):
+    try:
+        kv.set("x", bad)
+    except TypeError as e:
+        assert "value must be bytes, str or int" in str(e), e
+    else:
+        raise AssertionError(f"{bad!r} was accepted")
+try:
+    @handler
+    async def handle(msg):
+        pass
+except TypeError as e:
+    assert "async def" in str(e), e
+else:
+    raise AssertionError("an async def handler was accepted")
+print("sdk ok")
+"#,
+        ),
+    ];
+    for (path, text) in files {
+        let p = dir.path().join(path);
+        std::fs::create_dir_all(p.parent().expect("a parent")).expect("mkdir");
+        std::fs::write(&p, text).expect("write");
+    }
+    let sdk = workspace_root().join("sdk/python");
+    let out = Command::new("python3")
+        .arg("probe.py")
+        .current_dir(dir.path())
+        .env(
+            "PYTHONPATH",
+            format!("{}:{}", dir.path().display(), sdk.display()),
+        )
+        .output()
+        .expect("cannot run python3");
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("sdk ok"),
+        "{}",
+        show(&out)
+    );
+}
