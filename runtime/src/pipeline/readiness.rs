@@ -3,10 +3,10 @@
 //!
 //! The route's state (`RouteState`) is read from these dependencies: `failing` while one fails,
 //! `connecting` while one has not connected yet. Each change is logged once per route: a
-//! misconfiguration at `error` with what to change (once, not per attempt: it is retried
-//! slowly and the log would otherwise fill with the same line), a transient failure at `warn`
-//! when it starts or changes and then at most once a minute while it lasts, and the way back
-//! at `info`.
+//! misconfiguration at `error` with what to change (once, not per attempt, and once for one fix
+//! however the broker words it: it is retried slowly and the log would otherwise fill with the
+//! same line), a transient failure at `warn` when it starts or changes and then at most once a
+//! minute while it lasts, and the way back at `info`.
 
 use std::time::Duration;
 
@@ -70,10 +70,16 @@ impl ChangeLog {
                 failure, attempts, ..
             } => {
                 self.attempts = *attempts;
-                let same = self
-                    .failing
-                    .as_ref()
-                    .is_some_and(|f| f.kind == failure.kind && f.error == failure.error);
+                // One misconfiguration can arrive in two wordings (librdkafka reports a refused
+                // login as a client error and again as a consume error, in either order): the
+                // same fix is the same news, so it is not logged at error a second time.
+                let same = self.failing.as_ref().is_some_and(|f| {
+                    f.kind == failure.kind
+                        && (f.error == failure.error
+                            || (failure.kind == FailureKind::Misconfigured
+                                && failure.fix.is_some()
+                                && f.fix == failure.fix))
+                });
                 if !same {
                     self.failing = Some(failure.clone());
                     self.last_line = Some(now);
@@ -172,6 +178,9 @@ mod tests {
             tokio::time::advance(Duration::from_secs(10)).await;
             assert_eq!(log.on(&failing(&f, n), Instant::now()), None, "attempt {n}");
         }
+        // The same problem in other words, with the same fix, is not.
+        let reworded = Failure::misconfigured("consume: login refused", "check the password");
+        assert_eq!(log.on(&failing(&reworded, 99), Instant::now()), None);
         // Another reason is news.
         let g = Failure::misconfigured("queue declared differently", "delete it");
         assert_eq!(
