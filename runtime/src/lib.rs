@@ -29,5 +29,6 @@ pub mod health;
 pub mod message;
 pub mod pipeline;
 pub mod policy;
+pub mod project;
 pub mod state;
 pub mod telemetry;

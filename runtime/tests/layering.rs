@@ -14,6 +14,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("deadline", 0),
     ("config", 1),
     ("dlq", 1),
+    ("project", 1),
     ("state", 2),
     ("broker", 3),
     ("engine", 3),

@@ -1,4 +1,4 @@
-//! The C router example (guest-examples/c/router, built by scripts/build-guest-c.sh) against the
+//! The C router example (guest-examples/c/router, built by `lockgate build`) against the
 //! router fixture shared with the Rust example. The build script installs a missing toolchain,
 //! so a machine without one fails here rather than skipping.
 

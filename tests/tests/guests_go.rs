@@ -1,4 +1,4 @@
-//! The Go router example (guest-examples/go/router, built by scripts/build-guest-go.sh) against
+//! The Go router example (guest-examples/go/router, built by `lockgate build`) against
 //! the router fixture shared with the Rust example. The build script installs a missing
 //! toolchain (minutes the first time), so a machine without one fails here rather than skipping.
 

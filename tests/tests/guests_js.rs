@@ -1,53 +1,19 @@
 //! The JavaScript guests (`guest-examples/js/`, SDK in `sdk/js/`): built by
-//! `scripts/build-guest-js.sh` (which installs the pinned jco toolchain on first use and rebuilds
-//! only what changed) with the default QuickJS backend, and the router once more with
+//! `lockgate build` (which installs the pinned jco toolchain on first use and rebuilds only what
+//! changed) with the default QuickJS backend, and the router once more with
 //! StarlingMonkey, then run through `lockgate test --expect`. The router must pass the same
 //! fixture as the Rust router; the hostile guest must find no file, socket, fetch or environment
 //! access. A missing toolchain fails these tests: they never skip.
 
 use std::path::PathBuf;
-use std::process::Command;
-use std::sync::Mutex;
+
+mod guest_lang;
 
 use lockgate_tests::{lockgate, show, workspace_root};
 
-/// Path of JS guest `name` built with `backend` (`qjs` or `starlingmonkey`). Each backend's
-/// guests are built once per test binary.
+/// Path of JS guest `name` built with `backend` (`qjs` or `starlingmonkey`).
 fn js_guest(backend: &str, name: &str) -> PathBuf {
-    static BUILT: Mutex<Vec<(String, Vec<PathBuf>)>> = Mutex::new(Vec::new());
-    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if !built.iter().any(|(b, _)| b == backend) {
-        let root = workspace_root();
-        let mut cmd = Command::new("bash");
-        cmd.arg(root.join("scripts/build-guest-js.sh"))
-            .current_dir(&root)
-            .env("LOCKGATE_JS_BACKEND", backend);
-        if backend != "qjs" {
-            cmd.arg("router"); // the other backend is only checked on the router
-        }
-        let out = cmd.output().expect("cannot run scripts/build-guest-js.sh");
-        assert!(
-            out.status.success(),
-            "scripts/build-guest-js.sh ({backend}) failed\n{}",
-            show(&out)
-        );
-        let paths = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(PathBuf::from)
-            .collect();
-        built.push((backend.to_owned(), paths));
-    }
-    let (_, paths) = built
-        .iter()
-        .find(|(b, _)| b == backend)
-        .expect("just built");
-    let wasm = paths
-        .iter()
-        .find(|p| p.file_stem().is_some_and(|s| s == name))
-        .unwrap_or_else(|| panic!("the build script printed no {name}.wasm: {paths:?}"))
-        .clone();
-    assert!(wasm.is_file(), "{} does not exist", wasm.display());
-    wasm
+    guest_lang::build_with("js", name, backend)
 }
 
 fn run_fixture(wasm: &std::path::Path, fixture: &str, extra: &[&str]) -> std::process::Output {

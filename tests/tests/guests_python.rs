@@ -1,42 +1,19 @@
 //! The Python guests (`guest-examples/python/`, SDK in `sdk/python/`): built by
-//! `scripts/build-guest-python.sh` (which installs componentize-py on first use and rebuilds only
-//! what changed), then run through `lockgate test --expect`. The router must pass the same fixture
+//! `lockgate build` (which installs componentize-py on first use and rebuilds only what
+//! changed), then run through `lockgate test --expect`. The router must pass the same fixture
 //! as the Rust router; the hostile guest must find files, sockets and env vars denied. A missing
 //! toolchain fails these tests: they never skip.
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::OnceLock;
+
+mod guest_lang;
 
 use lockgate_tests::{lockgate, show, workspace_root};
 
-/// Path of Python guest `name`, after building every Python guest once per test binary.
+/// Path of Python guest `name`, built with `lockgate build`.
 fn python_guest(name: &str) -> PathBuf {
-    static BUILT: OnceLock<Vec<PathBuf>> = OnceLock::new();
-    let built = BUILT.get_or_init(|| {
-        let root = workspace_root();
-        let out = Command::new("bash")
-            .arg(root.join("scripts/build-guest-python.sh"))
-            .current_dir(&root)
-            .output()
-            .expect("cannot run scripts/build-guest-python.sh");
-        assert!(
-            out.status.success(),
-            "scripts/build-guest-python.sh failed\n{}",
-            show(&out)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(PathBuf::from)
-            .collect()
-    });
-    let wasm = built
-        .iter()
-        .find(|p| p.file_stem().is_some_and(|s| s == name))
-        .unwrap_or_else(|| panic!("the build script printed no {name}.wasm: {built:?}"))
-        .clone();
-    assert!(wasm.is_file(), "{} does not exist", wasm.display());
-    wasm
+    guest_lang::build("python", name)
 }
 
 fn run_fixture(wasm: &std::path::Path, fixture: &str, extra: &[&str]) -> std::process::Output {

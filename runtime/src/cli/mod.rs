@@ -17,6 +17,7 @@ mod config;
 mod dlq;
 mod local;
 mod migrate;
+mod project;
 #[cfg(test)]
 mod reference;
 mod reload;
@@ -99,6 +100,38 @@ enum Command {
     /// 2 unusable input (unreadable file, bad fixture line, component that does not load).
     #[command(verbatim_doc_comment)]
     Test(test::TestArgs),
+
+    /// Create a handler project: a handler that parses, decides, publishes and retries or
+    /// rejects, its test fixtures, a runtime.toml that runs it on the embedded broker, and the
+    /// SDK and WIT in lockgate-sdk/, so it builds anywhere.
+    ///
+    /// Examples:
+    ///   lockgate new python enrich
+    ///   lockgate new rust services/orders --name order-enricher
+    ///   lockgate new go enrich --sdk-only     (after upgrading lockgate)
+    ///
+    /// Exit codes: 0 created, 2 refused (a directory that is not empty, a bad name).
+    #[command(verbatim_doc_comment)]
+    New(project::NewArgs),
+
+    /// Build a handler project into a component: detects the language (Cargo.toml, app.py,
+    /// handler.js, .go or .c files), installs its pinned toolchain on first use and prints the
+    /// component's path (DIR/target/<DIR's name>.wasm unless -o says otherwise).
+    ///
+    /// Rebuilds exactly when a source, the SDK, the WIT or a toolchain pin changed, or the
+    /// component is missing or damaged; otherwise it says "up to date". The same sources and
+    /// toolchain give the same bytes, so an unchanged handler keeps its version. Toolchains live
+    /// in ~/.cache/lockgate/toolchains (LOCKGATE_TOOLCHAINS); C needs Debian's clang-19, which
+    /// it installs with apt-get.
+    ///
+    /// Examples:
+    ///   lockgate build
+    ///   lockgate build handlers/enrich -o dist/enrich.wasm
+    ///
+    /// Exit codes: 0 built or up to date, 1 the build failed (its output is printed),
+    /// 2 no handler project there, or a tool that cannot be installed.
+    #[command(verbatim_doc_comment)]
+    Build(project::BuildArgs),
 
     /// Validate runtime.toml and load every handler against the lockgate:handler world.
     ///
@@ -219,6 +252,8 @@ impl Cli {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Test(args) => test::run(args),
+        Command::New(args) => project::new(args),
+        Command::Build(args) => project::build(args),
         Command::Check(args) => check::run(args),
         Command::Run(args) => run::run(args),
         Command::Send(args) => local::send(args),

@@ -10,6 +10,11 @@ use super::Cli;
 /// a guide.
 const GUIDES: &[(&str, &str)] = &[
     ("test", "[Test any component](../handlers/testing.md)"),
+    ("new", "[Handler projects](../handlers/projects.md)"),
+    (
+        "build",
+        "[Handler projects](../handlers/projects.md#lockgate-build)",
+    ),
     ("check", "[Validate a config](../operate/check.md)"),
     ("run", "[Run routes](../operate/run.md)"),
     (
@@ -91,9 +96,11 @@ mod tests {
     use super::Cli;
 
     /// Commands that read no runtime.toml: `test` runs a component alone, `config` describes
-    /// the format.
+    /// the format, `new` and `build` work on a handler project's directory.
     const WITHOUT_CONFIG: &[&str] = &[
         "lockgate test",
+        "lockgate new",
+        "lockgate build",
         "lockgate config",
         "lockgate config reference",
     ];

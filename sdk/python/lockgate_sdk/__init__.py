@@ -18,8 +18,9 @@ the handler: it is printed to stderr and the call traps, which the host treats l
 Rust handler (retried unless the route says ``retry_traps = false``).
 
 This package sits on top of the bindings that ``componentize-py bindings`` generates from
-``wit/handler.wit`` (the ``wit_world`` package); ``scripts/build-guest-python.sh`` generates
-them at build time and puts both on the component's Python path.
+``wit/handler.wit`` (the ``wit_world`` package); ``lockgate build`` generates them at build
+time and puts both on the component's Python path. For an editor, generate them once with
+``componentize-py -d lockgate-sdk/wit -w handler bindings .bindings``.
 """
 
 from __future__ import annotations

@@ -1,41 +1,51 @@
-//! Shared by the tests of guests written in other languages: build a language's example with its
-//! script, then run a shared fixture through `lockgate test`. Each test binary uses a part.
+//! Shared by the tests of guests written in other languages: build a language's example with
+//! `lockgate build`, then run a shared fixture through `lockgate test`. Each test binary uses a part.
 
 #![allow(dead_code)]
 
-use lockgate_tests::{lockgate, show, workspace_root};
+use lockgate_tests::{lockgate, lockgate_bin, show, workspace_root};
 use std::path::PathBuf;
 use std::process::Command;
 
-/// Runs `scripts/build-guest-<lang>.sh <name>` and returns the .wasm path it printed.
+/// Builds `guest-examples/<lang>/<name>` with `lockgate build` into the guest cache
+/// (`~/.cache/lockgate/guests/<lang>/<name>.wasm`, where the build scripts put it too) and
+/// returns the component's path.
 pub fn build(lang: &str, name: &str) -> PathBuf {
+    build_with(lang, name, "qjs")
+}
+
+/// [`build`] with a JavaScript engine (`qjs` or `starlingmonkey`; ignored by other languages).
+pub fn build_with(lang: &str, name: &str, js_backend: &str) -> PathBuf {
     let root = workspace_root();
-    let script = root.join(format!("scripts/build-guest-{lang}.sh"));
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg(name)
-        .current_dir(&root)
+    let folder = if js_backend == "qjs" {
+        lang.to_owned()
+    } else {
+        format!("{lang}-{js_backend}")
+    };
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let out_root = std::env::var_os("LOCKGATE_GUEST_OUT")
+        .map_or_else(|| home.join(".cache/lockgate/guests"), PathBuf::from);
+    let wasm = out_root.join(folder).join(format!("{name}.wasm"));
+    let dir = root.join("guest-examples").join(lang).join(name);
+    let out = Command::new(lockgate_bin())
+        .arg("build")
+        .arg(&dir)
+        .arg("-o")
+        .arg(&wasm)
+        .args(["--js-backend", js_backend])
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        .unwrap_or_else(|e| panic!("cannot run lockgate build: {e}"));
     assert!(
         out.status.success(),
-        "{} failed\n{}",
-        script.display(),
+        "lockgate build {} failed\n{}",
+        dir.display(),
         show(&out)
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let wasm = PathBuf::from(
-        stdout
-            .lines()
-            .last()
-            .unwrap_or_else(|| panic!("{} printed no path\n{}", script.display(), show(&out))),
-    );
-    assert!(
-        wasm.is_file(),
-        "{} is not a file\n{}",
-        wasm.display(),
-        show(&out)
-    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(printed.trim(), wasm.display().to_string(), "{}", show(&out));
+    assert!(wasm.is_file(), "{} is not a file", wasm.display());
     wasm
 }
 
