@@ -633,13 +633,10 @@ static inline int lockgate_json_valid(const uint8_t *json, size_t len) {
     return j.p == j.end;
 }
 
-/** Looks up top-level field `field` of the JSON object in `json[0..len)`, validating the whole
- *  document on the way (RFC 8259, UTF-8, nesting up to LOCKGATE_JSON_MAX_DEPTH). On
- *  LOCKGATE_JSON_OK, *out is the decoded string value (NUL-terminated, freed when the handler
- *  returns). With duplicate fields the first one counts; field names are compared as written
- *  (an escaped name does not match). */
-static inline lockgate_json_status lockgate_json_string_field(const uint8_t *json, size_t len,
-                                                              const char *field, const char **out) {
+/* Validates the document (RFC 8259, UTF-8, nesting up to LOCKGATE_JSON_MAX_DEPTH) and finds its
+ * top-level field `field`: on LOCKGATE_JSON_OK, *found is the first byte of the field's value. */
+static inline lockgate_json_status lockgate__json_find(const uint8_t *json, size_t len, const char *field,
+                                                       const uint8_t **found) {
     lockgate__json j = {json, json + len, field, strlen(field), NULL};
     if (!lockgate__json_value(&j, 0)) return LOCKGATE_JSON_INVALID;
     lockgate__json_ws(&j);
@@ -648,13 +645,45 @@ static inline lockgate_json_status lockgate_json_string_field(const uint8_t *jso
     lockgate__json_ws(&top);
     if (*top.p != '{') return LOCKGATE_JSON_NOT_OBJECT;
     if (!j.found) return LOCKGATE_JSON_MISSING;
-    if (*j.found != '"') return LOCKGATE_JSON_NOT_STRING;
-    lockgate__json s = {j.found, j.end, NULL, 0, NULL};
-    uint8_t *buf = (uint8_t *)lockgate_alloc((size_t)(j.end - j.found) + 1);
+    *found = j.found;
+    return LOCKGATE_JSON_OK;
+}
+
+/** Looks up top-level field `field` of the JSON object in `json[0..len)`, validating the whole
+ *  document on the way (RFC 8259, UTF-8, nesting up to LOCKGATE_JSON_MAX_DEPTH). On
+ *  LOCKGATE_JSON_OK, *out is the decoded string value (NUL-terminated, freed when the handler
+ *  returns). With duplicate fields the first one counts; field names are compared as written
+ *  (an escaped name does not match). */
+static inline lockgate_json_status lockgate_json_string_field(const uint8_t *json, size_t len,
+                                                              const char *field, const char **out) {
+    const uint8_t *found = NULL;
+    lockgate_json_status status = lockgate__json_find(json, len, field, &found);
+    if (status != LOCKGATE_JSON_OK) return status;
+    if (*found != '"') return LOCKGATE_JSON_NOT_STRING;
+    const uint8_t *end = json + len;
+    lockgate__json s = {found, end, NULL, 0, NULL};
+    uint8_t *buf = (uint8_t *)lockgate_alloc((size_t)(end - found) + 1);
     size_t n = 0;
     lockgate__json_string(&s, buf, &n); /* already validated */
     buf[n] = '\0';
     *out = (const char *)buf;
+    return LOCKGATE_JSON_OK;
+}
+
+/** Looks up top-level field `field` of the JSON object in `json[0..len)`, validating the whole
+ *  document like lockgate_json_string_field(). On LOCKGATE_JSON_OK, *value is the field's value
+ *  as written, whatever its type (`4.5`, `null`, `"tea"` with its quotes and escapes, `[1, 2]`),
+ *  pointing into `json`; it never returns LOCKGATE_JSON_NOT_STRING. A number is read with
+ *  strtod() or strtoll() on lockgate_strndup(value->ptr, value->len). */
+static inline lockgate_json_status lockgate_json_field(const uint8_t *json, size_t len, const char *field,
+                                                       lockgate_bytes *value) {
+    const uint8_t *found = NULL;
+    lockgate_json_status status = lockgate__json_find(json, len, field, &found);
+    if (status != LOCKGATE_JSON_OK) return status;
+    lockgate__json v = {found, json + len, NULL, 0, NULL};
+    lockgate__json_value(&v, 1); /* already validated: this only finds where the value ends */
+    value->ptr = found;
+    value->len = (size_t)(v.p - found);
     return LOCKGATE_JSON_OK;
 }
 

@@ -19,6 +19,20 @@ static void check(const char *json, lockgate_json_status want, const char *want_
     lockgate__free_all();
 }
 
+/* lockgate_json_field: `want_raw` is the value as written, for LOCKGATE_JSON_OK. */
+static void check_field(const char *json, const char *field, lockgate_json_status want, const char *want_raw) {
+    lockgate_bytes value = {NULL, 0};
+    lockgate_json_status got = lockgate_json_field((const uint8_t *)json, strlen(json), field, &value);
+    int ok = got == want && (want != LOCKGATE_JSON_OK
+                             || (value.len == strlen(want_raw) && memcmp(value.ptr, want_raw, value.len) == 0));
+    if (!ok) {
+        fprintf(stderr, "FAIL %s [%s]: status %d (want %d), value %.*s\n", json, field, got, want,
+                (int)value.len, value.ptr ? (const char *)value.ptr : "");
+        failures++;
+    }
+    lockgate__free_all();
+}
+
 static void check_format(const char *got, const char *want) {
     if (strcmp(got, want) != 0) {
         fprintf(stderr, "FAIL format: got \"%s\", want \"%s\"\n", got, want);
@@ -59,7 +73,23 @@ int main(void) {
         "{\"kind\":\"\\x\"}", "{\"kind\":\"\\u12\"}", "{\"kind\":\"\\ud800\"}", "{\"kind\":\"\\udc00\"}",
         "{\"kind\":\"\xff\"}", "{\"kind\":\"\xc0\xaf\"}", "{\"kind\":\"\xed\xa0\x80\"}", "{\"kind\":\"\xc3\"}",
     };
-    for (size_t i = 0; i < sizeof invalid / sizeof *invalid; i++) check(invalid[i], LOCKGATE_JSON_INVALID, NULL);
+    for (size_t i = 0; i < sizeof invalid / sizeof *invalid; i++) {
+        check(invalid[i], LOCKGATE_JSON_INVALID, NULL);
+        check_field(invalid[i], "kind", LOCKGATE_JSON_INVALID, NULL);
+    }
+    const char *order = " {\"id\": \"o-1\", \"qty\": 3, \"price\" : -4.5e+1 , \"tags\": [\"a\", {\"qty\": 9}],"
+                        " \"note\": \"a \\\"b\\\"\", \"gift\": null, \"ok\":true,\"qty\":4} ";
+    check_field(order, "qty", LOCKGATE_JSON_OK, "3");
+    check_field(order, "price", LOCKGATE_JSON_OK, "-4.5e+1");
+    check_field(order, "id", LOCKGATE_JSON_OK, "\"o-1\"");
+    check_field(order, "tags", LOCKGATE_JSON_OK, "[\"a\", {\"qty\": 9}]");
+    check_field(order, "note", LOCKGATE_JSON_OK, "\"a \\\"b\\\"\"");
+    check_field(order, "gift", LOCKGATE_JSON_OK, "null");
+    check_field(order, "ok", LOCKGATE_JSON_OK, "true");
+    check_field(order, "sku", LOCKGATE_JSON_MISSING, NULL);
+    check_field("{\"a\":{\"sku\":1}}", "sku", LOCKGATE_JSON_MISSING, NULL);
+    check_field("[{\"qty\":1}]", "qty", LOCKGATE_JSON_NOT_OBJECT, NULL);
+    check_field("7", "qty", LOCKGATE_JSON_NOT_OBJECT, NULL);
     /* Nesting: the limit holds, and just under it is fine. */
     char deep[2 * LOCKGATE_JSON_MAX_DEPTH + 16];
     size_t n = 0;
