@@ -1,6 +1,6 @@
 //! The handler project templates of `lockgate new` (runtime/templates/README.md), checked without
-//! the guest toolchains: every language has the files a project needs, `{{name}}` is the only
-//! placeholder, the fixtures and runtime.toml are the same in every language and are valid, and
+//! the guest toolchains: every language has the files a project needs, `{{name}}` and `{{component}}`
+//! are the only placeholders, the fixtures and runtime.toml are the same in every language and are valid, and
 //! the vendored Rust SDK manifests match the workspace they were written out from. (That each
 //! handler builds and passes its fixtures needs the toolchains; see the templates' README.)
 
@@ -53,14 +53,15 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Every `{{...}}` in `text` that is not `{{name}}`.
+/// Every `{{...}}` in `text` that is not `{{name}}` (the handler's name) or `{{component}}`
+/// (the project directory's name, which `lockgate build` names the component after).
 fn other_placeholders(text: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut rest = text;
     while let Some(start) = rest.find("{{") {
         let after = &rest[start..];
         let end = after.find("}}").map_or(after.len(), |e| e + 2);
-        if &after[..end] != "{{name}}" {
+        if !["{{name}}", "{{component}}"].contains(&&after[..end]) {
             out.push(after[..end.min(40)].to_owned());
         }
         rest = &after[end.min(after.len())..];
@@ -69,7 +70,7 @@ fn other_placeholders(text: &str) -> Vec<String> {
 }
 
 #[test]
-fn every_language_has_the_project_files_and_only_the_name_placeholder() {
+fn every_language_has_the_project_files_and_only_the_two_placeholders() {
     for (language, sources) in LANGUAGES {
         let dir = templates().join(language);
         for file in COMMON.iter().chain(sources.iter()) {
@@ -80,7 +81,7 @@ fn every_language_has_the_project_files_and_only_the_name_placeholder() {
             let others = other_placeholders(&text);
             assert!(
                 others.is_empty(),
-                "{language}/{}: placeholders other than {{{{name}}}}: {others:?}",
+                "{language}/{}: placeholders other than {{{{name}}}} and {{{{component}}}}: {others:?}",
                 file.display()
             );
         }
@@ -139,12 +140,14 @@ fn fixtures_and_runtime_toml_are_the_same_in_every_language_and_valid() {
 
     // The name may hold a dash, which TOML keys accept bare.
     let dir = Path::new("/projects/order-enricher");
-    let text = read(&reference.join("runtime.toml")).replace("{{name}}", "order-enricher");
+    let text = read(&reference.join("runtime.toml"))
+        .replace("{{name}}", "order-enricher")
+        .replace("{{component}}", "orders");
     let config = Config::parse(&dir.join("runtime.toml"), &text)
         .unwrap_or_else(|e| panic!("runtime.toml does not validate: {e}"));
     assert_eq!(config.state_dir, dir.join(".lockgate"));
     let handler = &config.handlers["order-enricher"];
-    assert_eq!(handler.module, dir.join("target/order-enricher.wasm"));
+    assert_eq!(handler.module, dir.join("target/orders.wasm"));
     assert_eq!(handler.config["output"], "orders.enriched");
     assert_eq!(handler.config["large_total"], "100");
     let route = &config.routes["order-enricher"];
