@@ -356,7 +356,18 @@ fn diff_at(path: &str, expected: &Value, actual: &Value, out: &mut Vec<String>) 
             }
         }
         (e, a) if e == a => {}
+        // 120 and 120.0 are the same number: JSON does not tell integers from floats, and
+        // languages print whole floats differently (Rust and Python `120.0`, JavaScript `120`).
+        (Value::Number(e), Value::Number(a)) if same_number(e, a) => {}
         (e, a) => out.push(format!("{path}: expected {e}, got {a}")),
+    }
+}
+
+/// Whether two JSON numbers have the same value: exactly for two integers, else as f64.
+fn same_number(e: &serde_json::Number, a: &serde_json::Number) -> bool {
+    match (e.as_i128(), a.as_i128()) {
+        (Some(x), Some(y)) => x == y,
+        _ => e.as_f64().zip(a.as_f64()).is_some_and(|(x, y)| x == y),
     }
 }
 
@@ -427,6 +438,14 @@ mod tests {
         }]});
         let expect = |e: Value| diff(&json!({ "published": [e] }), &actual);
         assert!(expect(json!({"payload_json": {"total": 1.5, "id": 7}})).is_empty());
+        assert!(
+            expect(json!({"payload_json": {"id": 7.0}})).is_empty(),
+            "7.0 and 7 are one number"
+        );
+        assert_eq!(
+            expect(json!({"payload_json": {"total": 1.25}})),
+            vec!["published[0].payload_json.total: expected 1.25, got 1.5"]
+        );
         assert!(
             expect(json!({"payload_json": {"tags": ["a"]}, "headers": {"kind": "order"}}))
                 .is_empty()
