@@ -13,7 +13,7 @@ use std::process::Command;
 
 /// Bumped when a recipe below changes in a way that changes its output, so every handler built
 /// by an older lockgate is rebuilt.
-const RECIPE_VERSION: &str = "lockgate-build-1";
+const RECIPE_VERSION: &str = "lockgate-build-2";
 
 /// A component starts with the wasm magic and version 0x0d, layer 1; a core module has
 /// `01 00 00 00` there.
@@ -228,6 +228,7 @@ struct Recipe {
     wasm_tools: Option<PathBuf>,
     adapter: Option<PathBuf>,
     go_pkg: Option<PathBuf>,
+    detshim: Option<PathBuf>,
     toolchains: Toolchains,
 }
 
@@ -260,6 +261,7 @@ impl Recipe {
             wasm_tools: None,
             adapter: None,
             go_pkg: None,
+            detshim: None,
             toolchains: toolchains.clone(),
         };
         match language {
@@ -268,12 +270,16 @@ impl Recipe {
                 let t = toolchains.componentize_py(progress)?;
                 r.words.push(t.version);
                 r.main = t.path;
+                r.detshim = toolchains.detshim(progress)?;
+                r.words.push(format!("detshim {}", r.detshim.is_some()));
             }
             Language::JavaScript => {
                 let t = toolchains.jco(progress)?;
                 r.words.push(t.version);
                 r.words.push(format!("{js_backend:?}"));
                 r.main = t.path;
+                r.detshim = toolchains.detshim(progress)?;
+                r.words.push(format!("detshim {}", r.detshim.is_some()));
             }
             Language::Go | Language::C => {
                 let main = if language == Language::Go {
@@ -325,26 +331,39 @@ impl Recipe {
         }
         let sdk_path = stage.join("sdk");
         copy_tree(&sdk.language_dir(Language::Python), &sdk_path)?;
+        // Without VIRTUAL_ENV, componentize-py adds the host's site-packages (`pipenv --venv`,
+        // then `python3 -c 'import site'`) to the guest's path, and the snapshot then lists what
+        // the building machine has installed. An empty venv-shaped folder keeps it out.
+        let no_site = stage.join("no-site");
+        let site_packages = no_site.join("lib/site-packages");
+        std::fs::create_dir_all(&site_packages).map_err(io_err(&site_packages))?;
+        // componentize-py unpacks the standard library and its helpers into TMPDIR; the shim
+        // gives everything written there, and the stage's own files, fixed times (see
+        // pins/lockgate-detshim.c), and fixed random bytes and clocks to the snapshot.
+        let tmp = stage.join("tmp");
+        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        fix_times(stage)?;
         let out = stage.join("out.wasm");
-        run(
-            Command::new(&self.main)
-                .current_dir(stage)
-                .arg("-q")
-                .arg("-d")
-                .arg(sdk.wit())
-                .args(["-w", "handler", "componentize", "app", "-p"])
-                .arg(&app)
-                .arg("-p")
-                .arg(&sdk_path)
-                .arg("-o")
-                .arg(&out)
-                // Pre-initialisation snapshots the interpreter's heap: a random hash seed or
-                // bytecode caches written on the way would make every build differ.
-                .env("PYTHONHASHSEED", "0")
-                .env("PYTHONDONTWRITEBYTECODE", "1")
-                .env("SOURCE_DATE_EPOCH", "0"),
-            "componentize-py",
-        )?;
+        let mut cmd = Command::new(&self.main);
+        cmd.current_dir(stage)
+            .arg("-q")
+            .arg("-d")
+            .arg(sdk.wit())
+            .args(["-w", "handler", "componentize", "app", "-p"])
+            .arg(&app)
+            .arg("-p")
+            .arg(&sdk_path)
+            .arg("-o")
+            .arg(&out)
+            // Not PYTHONHASHSEED or PYTHONDONTWRITEBYTECODE: they reach only the host Python
+            // that runs componentize-py; the interpreter it snapshots gets PYTHONHOME,
+            // PYTHONPATH and PYTHONUNBUFFERED and nothing else.
+            .env("VIRTUAL_ENV", &no_site)
+            .env("TMPDIR", &tmp);
+        if let Some(shim) = &self.detshim {
+            cmd.env("LD_PRELOAD", shim).env("DETSHIM_FS_ROOT", stage);
+        }
+        run(&mut cmd, "componentize-py")?;
         Ok(out)
     }
 
@@ -397,6 +416,23 @@ impl Recipe {
                 "fetch-event",
             ]),
         };
+        // rolldown starts each module with a `// <path>` comment, relative to the stage: jco's
+        // own modules then name the toolchains folder (`// ../../../../../root/.cache/...`).
+        let bundle_config = stage.join("rolldown.config.mjs");
+        std::fs::write(
+            &bundle_config,
+            "export default { experimental: { attachDebugInfo: \"none\" } };\n",
+        )
+        .map_err(io_err(&bundle_config))?;
+        cmd.arg("--bundle-config").arg(&bundle_config);
+        // Wizer snapshots the engine after running the handler's top level under
+        // wasmtime-wasi's default WASI context, whose random bytes and clocks land in the heap
+        // (QuickJS's Math.random state, Rust hash keys): the shim makes them fixed, on the
+        // threads where componentize-qjs runs Wizer only.
+        if let Some(shim) = &self.detshim {
+            cmd.env("LD_PRELOAD", shim)
+                .env("DETSHIM_THREADS", "tokio-rt-worker");
+        }
         cmd.arg("-o").arg(&out);
         run(&mut cmd, "jco componentize")?;
         let mut before = Inputs::default();
@@ -469,11 +505,13 @@ impl Recipe {
             .find(|l| l.starts_with("go "))
             .unwrap_or("go 1.22")
             .to_owned();
+        // The replacement's directory is written into the binary's build info: a copy inside
+        // the module, named relatively, keeps the toolchains folder's path out of it.
+        copy_tree(go_pkg, &module.join("wit-go-pkg"))?;
         sdk::write_file(
             &module.join("go.mod"),
             format!(
-                "module lockgate\n\n{go_line}\n\nrequire go.bytecodealliance.org/pkg v0.4.0\n\nreplace go.bytecodealliance.org/pkg => {}\n",
-                go_pkg.display()
+                "module lockgate\n\n{go_line}\n\nrequire go.bytecodealliance.org/pkg v0.4.0\n\nreplace go.bytecodealliance.org/pkg => ./wit-go-pkg\n"
             )
             .as_bytes(),
         )?;
@@ -619,6 +657,37 @@ fn invalid(path: &Path, message: &str) -> ProjectError {
         path: path.to_owned(),
         message: message.into(),
     }
+}
+
+/// The time every staged file and folder of a Python build gets (2001-09-09), the one the shim
+/// gives what componentize-py writes.
+const FIXED_TIME_SECS: u64 = 1_000_000_000;
+
+/// Gives every file and folder below `dir` the fixed time and every folder a `__pycache__`
+/// file, children before parents (a folder's time changes when an entry is added): the
+/// interpreter componentize-py snapshots keeps the times it saw, and would otherwise write
+/// bytecode caches there and change them again.
+fn fix_times(dir: &Path) -> Result<(), ProjectError> {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(FIXED_TIME_SECS);
+    let times = std::fs::FileTimes::new().set_accessed(t).set_modified(t);
+    let blocker = dir.join("__pycache__");
+    if !blocker.exists() {
+        std::fs::write(&blocker, b"").map_err(io_err(&blocker))?;
+    }
+    for e in std::fs::read_dir(dir).map_err(io_err(dir))?.flatten() {
+        let path = e.path();
+        if e.file_type().map_err(io_err(&path))?.is_dir() {
+            fix_times(&path)?;
+        } else {
+            let f = std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .map_err(io_err(&path))?;
+            f.set_times(times).map_err(io_err(&path))?;
+        }
+    }
+    let d = std::fs::File::open(dir).map_err(io_err(dir))?;
+    d.set_times(times).map_err(io_err(dir))
 }
 
 /// Variables cargo sets for its own children that would leak a host build's flags, wrappers

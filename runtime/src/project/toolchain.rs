@@ -22,6 +22,8 @@ pub const PYTHON_REQUIREMENTS: &str = include_str!("pins/python-requirements.txt
 pub const JS_PACKAGE_JSON: &str = include_str!("pins/js/package.json");
 /// The lock file of [`JS_PACKAGE_JSON`].
 pub const JS_PACKAGE_LOCK: &str = include_str!("pins/js/package-lock.json");
+/// The LD_PRELOAD library that makes the JavaScript pre-initialisation deterministic.
+pub const DETSHIM_C: &str = include_str!("pins/lockgate-detshim.c");
 
 /// lockgate's cache folder: `$LOCKGATE_CACHE_DIR`, else `$XDG_CACHE_HOME/lockgate`, else
 /// `~/.cache/lockgate`.
@@ -150,6 +152,42 @@ impl Toolchains {
             std::fs::write(&stamp, &want).map_err(io_err(&stamp))?;
         }
         version_of(exe, "--version")
+    }
+
+    /// The LD_PRELOAD library that gives jco's Wizer run fixed random bytes and clocks
+    /// (pins/lockgate-detshim.c), compiled with the host's C compiler the first time. None, after
+    /// a warning, when there is no C compiler: builds then work but are not byte-reproducible.
+    pub fn detshim(&self, progress: Progress<'_>) -> Result<Option<PathBuf>, ProjectError> {
+        let _lock = self.lock("detshim")?;
+        let dir = self.root.join("detshim");
+        let want = super::hash::sha256_hex(DETSHIM_C.as_bytes());
+        let so = dir.join(format!("lockgate-detshim-{}.so", &want[..16]));
+        if so.is_file() {
+            return Ok(Some(so));
+        }
+        let Some(cc) = ["cc", "gcc", "clang", "clang-19"]
+            .into_iter()
+            .find_map(which)
+        else {
+            progress(
+                "no C compiler (cc): JavaScript and Python builds will not be byte-reproducible",
+            );
+            return Ok(None);
+        };
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let src = dir.join("lockgate-detshim.c");
+        std::fs::write(&src, DETSHIM_C).map_err(io_err(&src))?;
+        let tmp = dir.join(format!(".lockgate-detshim.{}.so", std::process::id()));
+        run(
+            Command::new(cc)
+                .args(["-O2", "-shared", "-fPIC", "-o"])
+                .arg(&tmp)
+                .arg(&src)
+                .args(["-ldl", "-lpthread"]),
+            "cc (lockgate-detshim.so)",
+        )?;
+        std::fs::rename(&tmp, &so).map_err(io_err(&so))?;
+        Ok(Some(so))
     }
 
     /// wit-bindgen with its C and Go generators.
