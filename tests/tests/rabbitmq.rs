@@ -1098,3 +1098,45 @@ fn short_rabbitmq_dlq_positions_are_printed_and_taken_back_by_show_and_replay() 
     assert_eq!(rabbit.drain(&q.input).len(), 0);
     q.delete(&rabbit);
 }
+
+/// Messages published without a `message_id` are told apart by their delivery's number, in the
+/// logs and in their dead letters (which used to name them all `<queue>/-/-`).
+#[test]
+fn messages_without_an_id_get_distinct_delivery_ids_in_logs_and_dead_letters() {
+    let _serial = serial();
+    let rabbit = Rabbit::connect();
+    let q = Queues::new(&rabbit);
+    let messages: Vec<(Option<String>, String)> = (0..4)
+        .map(|i| {
+            let extra = if i % 2 == 1 { r#","poison":true"# } else { "" };
+            (None, format!(r#"{{"id":{i}{extra}}}"#))
+        })
+        .collect();
+    rabbit.publish(&q.input, &messages);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &q, "", "");
+    let mut proc = run(dir.path(), &config, 1);
+    wait(&mut proc, dir.path(), 1, 2, || {
+        u64::from(rabbit.ready(&q.dlq))
+    });
+    stop_run(&mut proc, dir.path(), 1);
+    let logs = run_logs(dir.path(), 1);
+
+    let letters = lockgate_tests::dlq::list(dir.path(), &[]);
+    let ids: BTreeSet<String> = letters
+        .iter()
+        .map(|r| r["message_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 2, "{letters:?}");
+    for id in &ids {
+        let n = id
+            .strip_prefix(&format!("{}/delivery-", q.input))
+            .unwrap_or_else(|| panic!("{id}"));
+        assert!(n.parse::<u64>().is_ok(), "{id}");
+        let said = logs
+            .lines()
+            .any(|l| l.contains("Dead-lettering message") && l.contains(id.as_str()));
+        assert!(said, "no log line names {id}:\n{logs}");
+    }
+    q.delete(&rabbit);
+}

@@ -311,6 +311,7 @@ impl DeadLetter {
             payload: self.record.payload.clone(),
             timestamp_ms: number("timestamp-ms"),
             reply_to: None,
+            delivery: None,
         }
     }
 }
@@ -391,6 +392,7 @@ mod tests {
             payload: vec![0, 159, 255],
             timestamp_ms: Some(1_700_000_000_000),
             reply_to: None,
+            delivery: None,
         };
         let failure = Failure {
             route: "r".into(),
@@ -442,6 +444,7 @@ mod tests {
             payload: out.payload.clone(),
             timestamp_ms: Some(9),
             reply_to: None,
+            delivery: None,
         })
         .unwrap();
         assert_eq!(dead.original(), record);
@@ -501,6 +504,7 @@ mod tests {
             payload: b"{}".to_vec(),
             timestamp_ms: None,
             reply_to: None,
+            delivery: None,
         };
         let failure = Failure {
             route: "r".into(),

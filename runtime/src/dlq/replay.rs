@@ -632,6 +632,7 @@ mod tests {
                     payload: r.payload,
                     timestamp_ms: None,
                     reply_to: None,
+                    delivery: None,
                 });
             }
         }
@@ -648,6 +649,7 @@ mod tests {
                     payload: format!("m{i}").into_bytes(),
                     timestamp_ms: None,
                     reply_to: None,
+                    delivery: None,
                 };
                 let failure = Failure {
                     route: (*route).into(),
