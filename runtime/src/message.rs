@@ -35,6 +35,12 @@ pub struct Record {
     pub timestamp_ms: Option<u64>,
     /// Reply destination (request-reply brokers).
     pub reply_to: Option<String>,
+    /// This process's number for this delivery ([`next_delivery`]), set by the sources whose
+    /// messages can come with neither an offset nor an id (RabbitMQ, core NATS), so that
+    /// [`Record::id`] still tells such messages apart in logs and dead letters. A redelivery
+    /// gets a new number: nothing that must recognise a message again (idempotency keys,
+    /// positions, replays) reads it.
+    pub delivery: Option<u64>,
 }
 
 impl Record {
@@ -49,10 +55,14 @@ impl Record {
     /// The message's identity, as its handler and the logs see it: its position where the broker
     /// has offsets; otherwise `topic/<id>` with the id its publisher gave it (a `lockgate-id`
     /// header, which RabbitMQ's `message_id` becomes), so two messages of one queue are told
-    /// apart. A message with neither has only `topic/-/-`: publish it with an id.
+    /// apart. A message with neither is `topic/delivery-<n>` with this delivery's number
+    /// ([`Record::delivery`]): distinct in the logs and the dead letters, but it **changes on
+    /// every redelivery** and in every process, so publish messages with an id. Without even a
+    /// delivery number it is only `topic/-/-`.
     pub fn id(&self) -> String {
-        match (self.offset, self.header(LOCKGATE_ID_HEADER)) {
-            (None, Some(id)) => format!("{}/{}", self.topic, String::from_utf8_lossy(id)),
+        match (self.offset, self.header(LOCKGATE_ID_HEADER), self.delivery) {
+            (None, Some(id), _) => format!("{}/{}", self.topic, String::from_utf8_lossy(id)),
+            (None, None, Some(n)) => format!("{}/delivery-{n}", self.topic),
             _ => self.position(),
         }
     }
@@ -89,6 +99,12 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+/// The next delivery number of this process (from 1): see [`Record::delivery`].
+pub fn next_delivery() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// A unique claim owner: this process (random, so a restarted process is someone else) and a
@@ -129,6 +145,24 @@ mod tests {
         assert_ne!(queue(Some("b7f3")).id(), queue(Some("c001")).id());
         assert_eq!(queue(None).id(), "jobs/-/-");
         assert_eq!(queue(Some("b7f3")).position(), "jobs/-/-");
+        // Without an id, a delivery number tells deliveries apart; a publisher's id wins.
+        let delivered = |id: Option<&str>| Record {
+            delivery: Some(next_delivery()),
+            ..queue(id)
+        };
+        let (a, b) = (delivered(None), delivered(None));
+        assert_ne!(a.id(), b.id());
+        assert_eq!(a.id(), format!("jobs/delivery-{}", a.delivery.unwrap()));
+        assert_eq!(a.position(), "jobs/-/-", "positions never see it");
+        assert_eq!(delivered(Some("b7f3")).id(), "jobs/b7f3");
+        assert_eq!(
+            Record {
+                delivery: Some(9),
+                ..kafka
+            }
+            .id(),
+            "orders/2/1041"
+        );
     }
 
     #[test]

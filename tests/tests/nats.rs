@@ -519,8 +519,8 @@ fn a_core_nats_route_handles_what_arrives_and_warns_it_is_at_most_once() {
     let mut child = start_core(&nats, &n, dir.path());
     nats.block_on(async {
         for i in 0..100 {
-            let payload = if i == 7 {
-                r#"{"id":7,"poison":true}"#.to_owned()
+            let payload = if i == 7 || i == 57 {
+                format!(r#"{{"id":{i},"poison":true}}"#)
             } else {
                 format!(r#"{{"id":{i}}}"#)
             };
@@ -536,10 +536,18 @@ fn a_core_nats_route_handles_what_arrives_and_warns_it_is_at_most_once() {
 
     let out = nats.read(&n.stream("out"));
     let ids: BTreeSet<u64> = out.iter().map(|g| id_of(&g.payload)).collect();
-    assert_eq!(ids, (0..100).filter(|i| *i != 7).collect());
+    assert_eq!(ids, (0..100).filter(|i| *i != 7 && *i != 57).collect());
     let dead = nats.read(&n.stream("dlq"));
-    assert_eq!(dead.len(), 1);
+    assert_eq!(dead.len(), 2);
     assert_eq!(id_of(&dead[0].payload), 7);
+    // Published without an id: each is told apart by its delivery's number.
+    let delivery = |g: &lockgate_tests::nats::Got| {
+        let id = &g.headers["lockgate-dlq-message-id"];
+        let n = id.strip_prefix(&format!("{}/delivery-", n.subject("in")));
+        n.and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{id}"))
+    };
+    assert_ne!(delivery(&dead[0]), delivery(&dead[1]));
     let logs = run_logs(dir.path(), 1);
     assert!(logs.contains("delivery is at most once"), "{logs}");
 }

@@ -912,3 +912,231 @@ fn broker_mode_retries_through_the_same_delay_tier_more_than_once() {
     rabbit.delete(&format!("{}.retry.316", q.input));
     q.delete(&rabbit);
 }
+
+/// The position an earlier lockgate gave a RabbitMQ dead letter whose `lockgate-id` is `id`
+/// (the first 63 bits of its SHA-256), which replay markers already written name: it must not
+/// change.
+fn digest_position(id: &str) -> u64 {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(id.as_bytes());
+    u64::from_be_bytes(d[..8].try_into().unwrap()) >> 1
+}
+
+/// Writes one dead letter of route `orders` per `(original lockgate-id, payload)` of queue
+/// `input` to the route's DLQ, through the route's own DLQ sink.
+fn dead_letter(dir: &Path, config: &Path, input: &str, letters: &[(String, String)]) {
+    use lockgate::dlq::{Failure, envelope};
+    let config = lockgate::config::Config::load(config).unwrap();
+    let local = lockgate::broker::local::LocalBroker::open(&dir.join("local")).unwrap();
+    let target = config.routes["orders"].dlq.clone();
+    let records: Vec<_> = letters
+        .iter()
+        .map(|(id, payload)| {
+            let original = lockgate::message::Record {
+                topic: input.into(),
+                headers: vec![("lockgate-id".into(), id.clone().into_bytes())],
+                payload: payload.clone().into_bytes(),
+                ..Default::default()
+            };
+            let failure = Failure {
+                route: "orders".into(),
+                handler: "chaos".into(),
+                module_hash: "00".into(),
+                message_id: format!("orders.in/{id}"),
+                error_kind: "reject".into(),
+                reason: format!("{payload} is poison"),
+                gave_up: lockgate::policy::backoff::GiveUpReason::Rejected,
+                attempts: 1,
+                first_failure_ms: 1,
+                last_failure_ms: 1,
+            };
+            envelope(&original, &failure, target.topic())
+        })
+        .collect();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut clients = lockgate::app::clients::Clients::default();
+        let sink = clients.dlq_sink(&config, &local, &target).await.unwrap();
+        sink.publish(records).await.unwrap();
+    });
+}
+
+/// `lockgate dlq list` prints a RabbitMQ letter's position as a short hex prefix (unique in the
+/// queue, at least 8 digits), which `show` and `replay --position` take back, as they take any
+/// unique prefix of 4 digits and the 19-digit form of earlier versions; an ambiguous prefix
+/// names its candidates.
+#[test]
+fn short_rabbitmq_dlq_positions_are_printed_and_taken_back_by_show_and_replay() {
+    let _serial = serial();
+    let rabbit = Rabbit::connect();
+    let q = Queues::new(&rabbit);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &q, "", "");
+    // 40 letters, two of which share their first 4 hex digits.
+    let prefix4 = |id: &str| {
+        format!("{:016x}", digest_position(&format!("orders:dlq:id:{id}")))[..4].to_owned()
+    };
+    let mut seen = BTreeMap::new();
+    let mut twins = None;
+    for k in 0.. {
+        let id = format!("m{k}");
+        if let Some(first) = seen.insert(prefix4(&id), id.clone()) {
+            twins = Some((first, id));
+            break;
+        }
+    }
+    let (twin_a, twin_b) = twins.unwrap();
+    let mut ids: Vec<String> = (0..38).map(|i| format!("x{i}")).collect();
+    ids.extend([twin_a.clone(), twin_b.clone()]);
+    let letters: Vec<(String, String)> = ids
+        .iter()
+        .map(|id| (id.clone(), format!(r#"{{"id":"{id}"}}"#)))
+        .collect();
+    dead_letter(dir.path(), &config, &q.input, &letters);
+
+    // The table: one short position per letter.
+    let table = lockgate_tests::dlq_cmd(dir.path(), &["list"]);
+    let short: Vec<String> = table
+        .lines()
+        .filter(|l| l.starts_with(&format!("{}/", q.dlq)))
+        .map(|l| l.split_whitespace().next().unwrap().to_owned())
+        .collect();
+    assert_eq!(short.len(), 40, "{table}");
+    // `--json` prints all 16 digits: the digest earlier versions used, in hex. (A scan gives
+    // the letters back, and a quorum queue requeues them at its tail: the order changes from
+    // one read to the next.)
+    let json = lockgate_tests::dlq::list(dir.path(), &[]);
+    let full: BTreeMap<String, String> = json
+        .iter()
+        .map(|row| {
+            let id = row["message_id"]
+                .as_str()
+                .unwrap()
+                .strip_prefix("orders.in/")
+                .unwrap();
+            (id.to_owned(), row["position"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(full.len(), 40);
+    for (id, full) in &full {
+        let digest = digest_position(&format!("orders:dlq:id:{id}"));
+        assert_eq!(*full, format!("{}/{digest:016x}", q.dlq));
+    }
+    // Each printed position begins exactly one letter's, with 8 to 15 digits.
+    let printed = |id: &str| -> String {
+        let begun: Vec<&String> = short
+            .iter()
+            .filter(|s| full[id].starts_with(s.as_str()))
+            .collect();
+        assert_eq!(begun.len(), 1, "{id}: {begun:?}");
+        begun[0].clone()
+    };
+    for id in full.keys() {
+        let digits = printed(id).len() - q.dlq.len() - 1;
+        assert!((8..16).contains(&digits), "{}", printed(id));
+    }
+
+    // `show` takes the printed position, a 4-digit prefix and the old decimal form.
+    let x4 = printed("x4");
+    let shown = lockgate_tests::dlq_cmd(dir.path(), &["show", &x4]);
+    assert!(shown.contains(r#"payload        {"id":"x4"}"#), "{shown}");
+    assert!(
+        shown.contains(&format!("position       {x4} (in full ")),
+        "{shown}"
+    );
+    let four = |p: &str| p[..q.dlq.len() + 5].to_owned();
+    let (unique_id, unique4) = full
+        .iter()
+        .map(|(id, p)| (id, four(p)))
+        .find(|(_, p4)| full.values().filter(|o| o.starts_with(p4.as_str())).count() == 1)
+        .unwrap();
+    let shown = lockgate_tests::dlq_cmd(dir.path(), &["show", &unique4]);
+    assert!(shown.contains(&format!(r#""id":"{unique_id}""#)), "{shown}");
+    let old = format!("{}/-/{}", q.dlq, digest_position("orders:dlq:id:x4"));
+    assert!(lockgate_tests::dlq_cmd(dir.path(), &["show", &old]).contains(r#"{"id":"x4"}"#));
+
+    // Ambiguous, unknown and too short: said, with nothing shown.
+    let twin4 = format!("{}/{}", q.dlq, prefix4(&twin_a));
+    let out = lockgate_tests::lockgate(dir.path(), &["dlq", "show", &twin4]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{twin4} is ambiguous: it begins 2 positions ({}, {})",
+            std::cmp::min(printed(&twin_a), printed(&twin_b)),
+            std::cmp::max(printed(&twin_a), printed(&twin_b))
+        )),
+        "{err}"
+    );
+    let absent = (0..0x10000)
+        .map(|n| format!("{}/{n:04x}", q.dlq))
+        .find(|p| !short.iter().any(|s| s.starts_with(p.as_str())))
+        .unwrap();
+    let out = lockgate_tests::lockgate(dir.path(), &["dlq", "show", &absent]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("no dead letter at {absent}")));
+    let out = lockgate_tests::lockgate(dir.path(), &["dlq", "show", &x4[..q.dlq.len() + 4]]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("too short"));
+
+    // Replaying the printed position publishes that letter alone, marked by its full identity.
+    let replay = lockgate_tests::dlq_cmd(dir.path(), &["replay", "--position", &x4, "--wait", "0"]);
+    assert!(replay.contains("replayed 1 dead letter "), "{replay}");
+    let copies = rabbit.drain(&q.input);
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    assert_eq!(copies[0].payload, r#"{"id":"x4"}"#);
+    assert_eq!(copies[0].headers["lockgate-replayed-from"], old);
+    let after = lockgate_tests::dlq::list(dir.path(), &[]);
+    let replayed: Vec<&str> = after
+        .iter()
+        .filter(|r| r["status"] == "replayed")
+        .map(|r| r["position"].as_str().unwrap())
+        .collect();
+    assert_eq!(replayed, [full["x4"].as_str()]);
+    let again = lockgate_tests::dlq_cmd(dir.path(), &["replay", "--position", &old, "--wait", "0"]);
+    assert!(again.contains("nothing to replay"), "{again}");
+    assert_eq!(rabbit.drain(&q.input).len(), 0);
+    q.delete(&rabbit);
+}
+
+/// Messages published without a `message_id` are told apart by their delivery's number, in the
+/// logs and in their dead letters (which used to name them all `<queue>/-/-`).
+#[test]
+fn messages_without_an_id_get_distinct_delivery_ids_in_logs_and_dead_letters() {
+    let _serial = serial();
+    let rabbit = Rabbit::connect();
+    let q = Queues::new(&rabbit);
+    let messages: Vec<(Option<String>, String)> = (0..4)
+        .map(|i| {
+            let extra = if i % 2 == 1 { r#","poison":true"# } else { "" };
+            (None, format!(r#"{{"id":{i}{extra}}}"#))
+        })
+        .collect();
+    rabbit.publish(&q.input, &messages);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &q, "", "");
+    let mut proc = run(dir.path(), &config, 1);
+    wait(&mut proc, dir.path(), 1, 2, || {
+        u64::from(rabbit.ready(&q.dlq))
+    });
+    stop_run(&mut proc, dir.path(), 1);
+    let logs = run_logs(dir.path(), 1);
+
+    let letters = lockgate_tests::dlq::list(dir.path(), &[]);
+    let ids: BTreeSet<String> = letters
+        .iter()
+        .map(|r| r["message_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 2, "{letters:?}");
+    for id in &ids {
+        let n = id
+            .strip_prefix(&format!("{}/delivery-", q.input))
+            .unwrap_or_else(|| panic!("{id}"));
+        assert!(n.parse::<u64>().is_ok(), "{id}");
+        let said = logs
+            .lines()
+            .any(|l| l.contains("Dead-lettering message") && l.contains(id.as_str()));
+        assert!(said, "no log line names {id}:\n{logs}");
+    }
+    q.delete(&rabbit);
+}

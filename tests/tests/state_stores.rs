@@ -340,6 +340,7 @@ fn letter(route: &str, offset: u64, kind: &str) -> lockgate::message::OutRecord 
         payload: format!("order {offset}").into_bytes(),
         timestamp_ms: Some(1_700_000_000_000),
         reply_to: None,
+        delivery: None,
     };
     let failure = Failure {
         route: route.into(),

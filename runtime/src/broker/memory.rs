@@ -91,6 +91,7 @@ impl MemoryBroker {
                 payload: r.payload,
                 timestamp_ms: Some(crate::message::now_ms()),
                 reply_to: None,
+                delivery: None,
             });
         }
         drop(ids);

@@ -256,6 +256,11 @@ pub trait Source: Send + 'static {
 pub trait Scan: Send {
     /// The next records (in order within each partition), or `None` once the end is reached.
     fn next_batch(&mut self) -> BoxFuture<'_, Result<Option<Vec<Record>>, BrokerError>>;
+
+    /// What its records' offsets are: the broker's own, unless it says otherwise.
+    fn numbering(&self) -> crate::dlq::Numbering {
+        crate::dlq::Numbering::Offsets
+    }
 }
 
 /// Where outputs and dead letters go.

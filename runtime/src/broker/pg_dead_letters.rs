@@ -291,6 +291,7 @@ impl Scan for DeadLetterScan {
                         .get::<_, Option<i64>>(5)
                         .and_then(|v| u64::try_from(v).ok()),
                     reply_to: None,
+                    delivery: None,
                 };
                 let replayed: Option<(String, i64)> = row
                     .get::<_, Option<String>>(6)

@@ -259,6 +259,7 @@ async fn lease(
                 payload: r.get(5),
                 timestamp_ms: Some(created.unsigned_abs()),
                 reply_to: None,
+                delivery: None,
             };
             (id, record)
         })

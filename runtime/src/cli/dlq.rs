@@ -33,8 +33,8 @@ use lockgate::broker::local::LocalBroker;
 use lockgate::broker::{Scan, Sink};
 use lockgate::config::{Config, DlqTarget};
 use lockgate::dlq::{
-    Contents, DeadLetter, DlqRef, IoError, ReplayEvent, ReplayIo, ReplayOutcome, ReplayResult,
-    Settings,
+    Contents, DeadLetter, DlqRef, IoError, Numbering, PositionError, ReplayEvent, ReplayIo,
+    ReplayOutcome, ReplayResult, Settings,
 };
 use lockgate::fixture;
 use lockgate::message::{OutRecord, Record};
@@ -62,6 +62,11 @@ pub struct DlqArgs {
 enum DlqCommand {
     /// List dead letters: position, route, error kind, attempts, when, status and reason.
     ///
+    /// A position is `topic/partition/offset` (`topic/-/offset` where the broker has no
+    /// partitions). A RabbitMQ queue has no offsets: there it is `queue/<hex>`, the shortest
+    /// prefix (at least 8 hex digits) of the letter's digest that no other letter of the queue
+    /// shares; `--json` prints all 16 digits.
+    ///
     /// Every DLQ named by a route of the config is read (or only `--route`'s). Status is
     /// `pending`, `replayed` (a copy was published, no result yet), or the replayed copy's
     /// result: `handled`, `skipped` (its idempotency key had already succeeded) or `failed`
@@ -73,10 +78,13 @@ enum DlqCommand {
 
     /// Show one dead letter whole: metadata, key, headers and payload.
     ///
-    /// POSITION is the first column of `lockgate dlq list` (`topic/partition/offset`).
-    /// Exit codes: 0 shown, 1 not found or unreadable, 2 bad config or arguments.
+    /// POSITION is the first column of `lockgate dlq list` (`topic/partition/offset`; on
+    /// RabbitMQ `queue/<hex>`, where any prefix of at least 4 hex digits that only one letter
+    /// of the queue begins with will do, as will the 19-digit `queue/-/<n>` form of earlier
+    /// versions). Exit codes: 0 shown, 1 not found or unreadable, 2 bad config or arguments
+    /// (a malformed or ambiguous position).
     ///
-    /// Example: lockgate dlq show orders.dlq/0/17
+    /// Example: lockgate dlq show orders.dlq/0/17 (RabbitMQ: lockgate dlq show orders.dlq/3f9a1c07)
     Show(ShowArgs),
 
     /// Publish dead letters back to the topic they came from (or `--to`), then mark them replayed.
@@ -214,6 +222,11 @@ pub struct ReplayArgs {
 
     #[command(flatten)]
     filter: Filter,
+
+    /// Only the dead letter at this position, in any form `lockgate dlq show` takes
+    /// (repeatable).
+    #[arg(long = "position", value_name = "POSITION")]
+    positions: Vec<String>,
 
     /// Publish to this topic (on the route's source broker) instead of the original topic.
     #[arg(long, value_name = "TOPIC")]
@@ -383,6 +396,10 @@ impl ReplayIo for Ctx {
             .await?)
     }
 
+    fn numbering(&self, scan: &Box<dyn Scan>) -> Numbering {
+        scan.numbering()
+    }
+
     async fn next_batch(
         &mut self,
         scan: &mut Box<dyn Scan>,
@@ -476,6 +493,9 @@ fn rfc3339(ms: u64) -> String {
 struct Row {
     dlq: DlqRef,
     dead: DeadLetter,
+    /// The position's longest printed form (`--json` prints it: it stays unique as the DLQ
+    /// grows).
+    full: String,
     status: &'static str,
     replayed: bool,
     result: Option<ReplayResult>,
@@ -485,6 +505,7 @@ impl Row {
     fn new(dlq: &DlqRef, dead: DeadLetter, c: &Contents) -> Self {
         Self {
             dlq: dlq.clone(),
+            full: c.numbering.full(&dead.position),
             status: status(c, &dead),
             replayed: c.replayed.contains(&dead.position),
             result: c.results.get(&dead.position).cloned(),
@@ -525,7 +546,7 @@ async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
             writeln!(
                 out,
                 "# {dlq} {}: route {}, {} after {} attempt(s): {}",
-                d.position,
+                d.shown,
                 d.route,
                 d.error_kind,
                 d.attempts,
@@ -562,7 +583,7 @@ async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     }
     let width = rows
         .iter()
-        .map(|r| r.dead.position.len())
+        .map(|r| r.dead.shown.len())
         .max()
         .unwrap_or(8)
         .max(8);
@@ -582,7 +603,7 @@ async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
         writeln!(
             out,
             "{:width$}  {:route_width$}  {:13}  {:>8}  {:20}  {:8}  {}",
-            d.position,
+            d.shown,
             d.route,
             d.error_kind,
             d.attempts,
@@ -624,7 +645,7 @@ fn metadata_json(row: &Row) -> serde_json::Value {
     let (dlq, d) = (&row.dlq, &row.dead);
     json!({
         "dlq": format!("{}:{}", dlq.broker, dlq.topic),
-        "position": d.position,
+        "position": row.full,
         "status": if row.replayed { "replayed" } else { "pending" },
         "result": row.result.as_ref().map(|r| result_name(r.outcome)),
         "result_detail": row.result.as_ref().map(|r| r.detail.clone()),
@@ -656,11 +677,28 @@ async fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    // The position starts with the DLQ's topic: read only DLQs with that topic.
+    match locate(&mut ctx, &dlqs, &args.position).await? {
+        Ok((dlq, d, c)) => {
+            print_dead_letter(&Row::new(&dlq, d, &c), args.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(code) => Ok(code),
+    }
+}
+
+/// The dead letter at the position `typed` (in any form [`lockgate::dlq::PositionArg`]
+/// reads) among `dlqs`, with its payload and its DLQ's contents about it: how `show` and
+/// `replay --position` read a position. `Ok(Err(code))` after printing why there is none.
+async fn locate(
+    ctx: &mut Ctx,
+    dlqs: &[DlqRef],
+    typed: &str,
+) -> anyhow::Result<Result<(DlqRef, DeadLetter, Contents), ExitCode>> {
+    // A position starts with its DLQ's topic: read only DLQs with that topic.
     let candidates: Vec<&DlqRef> = dlqs
         .iter()
         .filter(|d| {
-            args.position
+            typed
                 .strip_prefix(&d.topic)
                 .is_some_and(|rest| rest.starts_with('/'))
         })
@@ -668,28 +706,24 @@ async fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
     if candidates.is_empty() {
         let topics: Vec<&str> = dlqs.iter().map(|d| d.topic.as_str()).collect();
         eprintln!(
-            "{:?} is not a position in any DLQ of {} (positions look like TOPIC/PARTITION/OFFSET; DLQ topics: {})",
-            args.position,
+            "{typed:?} is not a position in any DLQ of {} (positions look like TOPIC/PARTITION/OFFSET, or QUEUE/HEX on RabbitMQ, as `lockgate dlq list` prints them; DLQ topics: {})",
             ctx.config.file.display(),
             topics.join(", ")
         );
-        return Ok(ExitCode::from(EXIT_USAGE));
+        return Ok(Err(ExitCode::from(EXIT_USAGE)));
     }
     for dlq in candidates {
-        let position = args.position.clone();
-        let mut c =
-            lockgate::dlq::read(&mut ctx, dlq, |_| true, |d| d.position == position).await?;
-        let Some(d) = std::mem::take(&mut c.dead)
-            .into_iter()
-            .find(|d| d.position == args.position)
-        else {
-            continue;
-        };
-        print_dead_letter(&Row::new(dlq, d, &c), args.json)?;
-        return Ok(ExitCode::SUCCESS);
+        match lockgate::dlq::find(ctx, dlq, typed).await? {
+            Ok((d, c)) => return Ok(Ok((dlq.clone(), d, c))),
+            Err(PositionError::Unknown { .. }) => {}
+            Err(e) => {
+                eprintln!("{e} (in {dlq})");
+                return Ok(Err(ExitCode::from(EXIT_USAGE)));
+            }
+        }
     }
-    eprintln!("no dead letter at {}", args.position);
-    Ok(ExitCode::from(EXIT_FAILED))
+    eprintln!("no dead letter at {typed}");
+    Ok(Err(ExitCode::from(EXIT_FAILED)))
 }
 
 fn print_dead_letter(row: &Row, as_json: bool) -> anyhow::Result<()> {
@@ -719,11 +753,19 @@ fn print_dead_letter(row: &Row, as_json: bool) -> anyhow::Result<()> {
         writeln!(out, "{v}")?;
         return Ok(());
     }
-    writeln!(
-        out,
-        "position       {} ({}:{})",
-        d.position, dlq.broker, dlq.topic
-    )?;
+    if row.full == d.shown {
+        writeln!(
+            out,
+            "position       {} ({}:{})",
+            d.shown, dlq.broker, dlq.topic
+        )?;
+    } else {
+        writeln!(
+            out,
+            "position       {} (in full {}; {}:{})",
+            d.shown, row.full, dlq.broker, dlq.topic
+        )?;
+    }
     writeln!(out, "status         {}", row.status)?;
     if let Some(r) = &row.result {
         writeln!(
@@ -856,11 +898,33 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         });
     }
 
+    // `--position`s, each read back to the one letter it names.
+    let mut wanted: HashSet<(DlqRef, String)> = HashSet::new();
+    for typed in &args.positions {
+        match locate(&mut ctx, &dlqs, typed).await? {
+            Ok((dlq, d, _)) => {
+                wanted.insert((dlq, d.position));
+            }
+            Err(code) => return Ok(code),
+        }
+    }
+    let dlqs: Vec<DlqRef> = if wanted.is_empty() {
+        dlqs
+    } else {
+        dlqs.into_iter()
+            .filter(|dlq| wanted.iter().any(|(w, _)| w == dlq))
+            .collect()
+    };
+    let positions: HashSet<&str> = wanted.iter().map(|(_, p)| p.as_str()).collect();
+
     // Pass 1: what is pending, per DLQ, and whether every route it belongs to is known.
     let plan = lockgate::dlq::plan(
         &mut ctx,
         &dlqs,
-        |d| args.filter.matches(d),
+        |d| {
+            args.filter.matches(d)
+                && (positions.is_empty() || positions.contains(d.position.as_str()))
+        },
         args.to.as_deref(),
         &interrupted,
     )
@@ -893,7 +957,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
                 let broker = ctx.source_broker(&p.route).unwrap_or_default();
                 outln!(
                     "would replay {} ({dlq}) to {broker}:{} for route {}",
-                    p.position,
+                    p.shown,
                     p.to,
                     p.route
                 );
@@ -904,6 +968,12 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     }
 
     // Pass 2: read again, publish the planned ones batch by batch, mark each batch.
+    let shown: HashMap<String, String> = plan
+        .dlqs
+        .iter()
+        .flat_map(|(_, planned)| planned.iter())
+        .map(|p| (p.position.clone(), p.shown.clone()))
+        .collect();
     let mut progress = Progress::new(total as u64);
     let settings = Settings {
         batch: args.batch as usize,
@@ -950,16 +1020,18 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     Ok(report_results(
         &done.published,
         &results,
+        &shown,
         args.wait,
         &ctx.config,
     ))
 }
 
 /// Prints what became of each replayed dead letter (one line for each that was not handled,
-/// one summary line) and chooses the exit code.
+/// one summary line; positions as `shown` prints them) and chooses the exit code.
 fn report_results(
     published: &[(DlqRef, Vec<String>)],
     results: &HashMap<String, ReplayResult>,
+    shown: &HashMap<String, String>,
     wait: Duration,
     config: &Config,
 ) -> ExitCode {
@@ -974,7 +1046,8 @@ fn report_results(
                     if r.outcome != ReplayOutcome::Handled {
                         let _ = writeln!(
                             out,
-                            "{p}: {} by route {}: {}",
+                            "{}: {} by route {}: {}",
+                            shown.get(p).unwrap_or(p),
                             match r.outcome {
                                 ReplayOutcome::Skipped => "skipped",
                                 _ => "dead-lettered again",

@@ -212,8 +212,12 @@ pub fn header<'a>(record: &'a Record, name: &str) -> Option<&'a str> {
 /// A dead letter read back from a DLQ: the envelope's metadata and the original message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeadLetter {
-    /// Where it sits in the DLQ (`topic/partition/offset`): its name for `show` and markers.
+    /// Where it sits in the DLQ (`topic/partition/offset`): its identity, which markers and
+    /// replay results name.
     pub position: String,
+    /// How `lockgate dlq` prints the position (see [`crate::dlq::Shortener`]); the position
+    /// itself until the whole DLQ was read.
+    pub shown: String,
     /// Route that gave up on it.
     pub route: String,
     /// Handler that ran it.
@@ -255,8 +259,10 @@ impl DeadLetter {
             header(&record, "partition").unwrap_or("-"),
             header(&record, "offset").unwrap_or("-")
         );
+        let position = record.position();
         Some(Self {
-            position: record.position(),
+            shown: position.clone(),
+            position,
             handler: text("handler").unwrap_or_default(),
             module_hash: text("module-hash").unwrap_or_default(),
             message_id: text("message-id").unwrap_or_default(),
@@ -305,6 +311,7 @@ impl DeadLetter {
             payload: self.record.payload.clone(),
             timestamp_ms: number("timestamp-ms"),
             reply_to: None,
+            delivery: None,
         }
     }
 }
@@ -385,6 +392,7 @@ mod tests {
             payload: vec![0, 159, 255],
             timestamp_ms: Some(1_700_000_000_000),
             reply_to: None,
+            delivery: None,
         };
         let failure = Failure {
             route: "r".into(),
@@ -436,6 +444,7 @@ mod tests {
             payload: out.payload.clone(),
             timestamp_ms: Some(9),
             reply_to: None,
+            delivery: None,
         })
         .unwrap();
         assert_eq!(dead.original(), record);
@@ -495,6 +504,7 @@ mod tests {
             payload: b"{}".to_vec(),
             timestamp_ms: None,
             reply_to: None,
+            delivery: None,
         };
         let failure = Failure {
             route: "r".into(),

@@ -40,11 +40,16 @@
 //! naming the dead letter's position, the route and, for the last two, why. `lockgate dlq list`
 //! shows it as the letter's status and `lockgate dlq replay` waits for them.
 //!
+//! A position is a dead letter's identity in its DLQ; where the broker has no offsets
+//! (RabbitMQ) it is a digest, printed short and read back by any unique prefix
+//! (`position.rs`).
+//!
 //! The code: `envelope.rs` writes and reads these records; `replay.rs` is the algorithm of
 //! `lockgate dlq replay` (plan, publish and mark in batches, wait for results) over a
 //! [`ReplayIo`] that reads and writes the brokers, which the binary implements.
 
 mod envelope;
+mod position;
 mod replay;
 
 pub use envelope::{
@@ -53,7 +58,10 @@ pub use envelope::{
     envelope, gave_up_name, header, marker, marker_positions, parse_result, replay_record,
     result_record,
 };
+pub use position::{
+    MIN_TYPED_DIGITS, Numbering, PositionArg, PositionError, SHORT_DIGITS, Shortener,
+};
 pub use replay::{
     Contents, DlqRef, IoError, Plan, Planned, ReplayError, ReplayEvent, ReplayIo, Replayed,
-    Settings, await_results, plan, read, replay,
+    Settings, await_results, find, plan, read, replay,
 };

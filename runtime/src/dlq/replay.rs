@@ -22,7 +22,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{DeadLetter, ReplayResult, marker, marker_positions, parse_result, replay_record};
+use super::{
+    DeadLetter, Numbering, PositionArg, PositionError, ReplayResult, Shortener, marker,
+    marker_positions, parse_result, replay_record,
+};
 use crate::message::{OutRecord, Record, now_ms};
 
 /// An error of the I/O underneath (a broker that cannot be reached, a topic that cannot be
@@ -55,6 +58,12 @@ pub trait ReplayIo {
 
     /// Opens a read of `dlq` from its head.
     fn scan(&mut self, dlq: &DlqRef) -> impl Future<Output = Result<Self::Scan, IoError>> + Send;
+
+    /// How `scan`'s DLQ numbers its records (what their offsets are).
+    fn numbering(&self, scan: &Self::Scan) -> Numbering {
+        let _ = scan;
+        Numbering::Offsets
+    }
 
     /// The next records of `scan` in order, or `None` at the end.
     fn next_batch(
@@ -146,7 +155,9 @@ pub enum ReplayError {
 /// of replayed copies (by the dead letter's position).
 #[derive(Debug, Default)]
 pub struct Contents {
-    /// The dead letters that matched, in DLQ order.
+    /// How the DLQ numbers its letters.
+    pub numbering: Numbering,
+    /// The dead letters that matched, in DLQ order, each with its printed position.
     pub dead: Vec<DeadLetter>,
     /// Positions some replay marker names.
     pub replayed: HashSet<String>,
@@ -157,11 +168,13 @@ pub struct Contents {
 impl Contents {
     /// Takes `record` in: a marker, a result, or a dead letter kept if `filter` accepts it (its
     /// payload and headers only if `keep` does too).
+    /// Every dead letter's position (matching or not) goes to `all`.
     fn add(
         &mut self,
         record: Record,
         filter: &impl Fn(&DeadLetter) -> bool,
         keep: &impl Fn(&DeadLetter) -> bool,
+        all: &mut Vec<String>,
     ) {
         if let Some(positions) = marker_positions(&record) {
             self.replayed.extend(positions);
@@ -174,7 +187,12 @@ impl Contents {
                 }
             }
         } else if let Some(mut d) = DeadLetter::parse(record)
-            && filter(&d)
+            && {
+                if self.numbering == Numbering::Digests {
+                    all.push(d.position.clone());
+                }
+                filter(&d)
+            }
         {
             if !keep(&d) {
                 d.record.payload = Vec::new();
@@ -193,18 +211,79 @@ pub async fn read<Io: ReplayIo>(
     filter: impl Fn(&DeadLetter) -> bool,
     keep: impl Fn(&DeadLetter) -> bool,
 ) -> Result<Contents, ReplayError> {
+    let mut scan = io.scan(dlq).await.map_err(|source| ReplayError::Read {
+        dlq: dlq.clone(),
+        source,
+    })?;
+    drain(io, dlq, &mut scan, filter, keep).await
+}
+
+/// Reads an open `scan` of `dlq` to its end (see [`read`]); every kept letter's position is
+/// printed as among all of the DLQ's letters ([`Shortener`]).
+async fn drain<Io: ReplayIo>(
+    io: &mut Io,
+    dlq: &DlqRef,
+    scan: &mut Io::Scan,
+    filter: impl Fn(&DeadLetter) -> bool,
+    keep: impl Fn(&DeadLetter) -> bool,
+) -> Result<Contents, ReplayError> {
     let read_error = |source| ReplayError::Read {
         dlq: dlq.clone(),
         source,
     };
-    let mut scan = io.scan(dlq).await.map_err(read_error)?;
-    let mut contents = Contents::default();
-    while let Some(batch) = io.next_batch(&mut scan).await.map_err(read_error)? {
+    let mut contents = Contents {
+        numbering: io.numbering(scan),
+        ..Contents::default()
+    };
+    let mut all = Vec::new();
+    while let Some(batch) = io.next_batch(scan).await.map_err(read_error)? {
         for record in batch {
-            contents.add(record, &filter, &keep);
+            contents.add(record, &filter, &keep, &mut all);
         }
     }
+    let shortener = Shortener::new(contents.numbering, all.iter().map(String::as_str));
+    for d in &mut contents.dead {
+        d.shown = shortener.short(&d.position);
+    }
     Ok(contents)
+}
+
+/// The dead letter of `dlq` at the position a user typed (`typed`: any form [`PositionArg`]
+/// reads), with its payload, and what else the DLQ holds about it; `Ok(Err(_))` when `typed`
+/// names no single letter there. One read of the DLQ.
+pub async fn find<Io: ReplayIo>(
+    io: &mut Io,
+    dlq: &DlqRef,
+    typed: &str,
+) -> Result<Result<(DeadLetter, Contents), PositionError>, ReplayError> {
+    let mut scan = io.scan(dlq).await.map_err(|source| ReplayError::Read {
+        dlq: dlq.clone(),
+        source,
+    })?;
+    let parsed = PositionArg::parse(typed, &dlq.topic, io.numbering(&scan));
+    // Read to the end even when `typed` is malformed: a scan gives its records back at the end.
+    let wanted = parsed.as_ref().ok();
+    let matches = |d: &DeadLetter| wanted.is_some_and(|w| w.matches(&d.position));
+    let mut contents = drain(io, dlq, &mut scan, matches, matches).await?;
+    if let Err(e) = parsed {
+        return Ok(Err(e));
+    }
+    let one = PositionArg::resolve(
+        typed,
+        contents
+            .dead
+            .iter()
+            .map(|d| (d.position.as_str(), d.shown.as_str())),
+    )
+    .map(str::to_owned);
+    Ok(one.map(|position| {
+        let at = contents
+            .dead
+            .iter()
+            .position(|d| d.position == position)
+            .unwrap_or_default();
+        (contents.dead.swap_remove(at), contents)
+    }))
 }
 
 /// One dead letter to replay and where its copy goes.
@@ -212,6 +291,8 @@ pub async fn read<Io: ReplayIo>(
 pub struct Planned {
     /// The dead letter's position in its DLQ.
     pub position: String,
+    /// The position as printed.
+    pub shown: String,
     /// The route that dead-lettered it (whose source broker the copy goes to).
     pub route: String,
     /// The topic the copy is published to.
@@ -260,6 +341,7 @@ pub async fn plan<Io: ReplayIo>(
                 planned.push(Planned {
                     to: to.map_or_else(|| d.topic.clone(), str::to_owned),
                     position: d.position,
+                    shown: d.shown,
                     route: d.route,
                 });
             }
@@ -550,6 +632,7 @@ mod tests {
                     payload: r.payload,
                     timestamp_ms: None,
                     reply_to: None,
+                    delivery: None,
                 });
             }
         }
@@ -566,6 +649,7 @@ mod tests {
                     payload: format!("m{i}").into_bytes(),
                     timestamp_ms: None,
                     reply_to: None,
+                    delivery: None,
                 };
                 let failure = Failure {
                     route: (*route).into(),
@@ -693,6 +777,7 @@ mod tests {
             .unwrap();
         let planned = |n, route: &str, to: &str| Planned {
             position: pos(n),
+            shown: pos(n),
             route: route.into(),
             to: to.into(),
         };
@@ -875,6 +960,28 @@ mod tests {
             "{took:?}"
         );
         assert_eq!(io.copies("ka:orders").len(), 10);
+    }
+
+    #[tokio::test]
+    async fn find_reads_a_typed_position_back_to_its_letter_with_its_payload() {
+        let mut io = Memory::new();
+        io.dead_letters(&[("a", "reject"), ("b", "trapped")]);
+        let (d, c) = find(&mut io, &dlq(), &pos(1)).await.unwrap().unwrap();
+        assert_eq!(
+            (d.position.as_str(), d.route.as_str()),
+            (pos(1).as_str(), "b")
+        );
+        assert_eq!(d.shown, pos(1), "offsets print as they are");
+        assert_eq!(d.record.payload, b"m1");
+        assert_eq!(c.numbering, Numbering::Offsets);
+        assert_eq!(
+            find(&mut io, &dlq(), &pos(7)).await.unwrap().unwrap_err(),
+            PositionError::Unknown { typed: pos(7) }
+        );
+        assert!(matches!(
+            find(&mut io, &dlq(), "other/0/1").await.unwrap(),
+            Err(PositionError::Malformed { .. })
+        ));
     }
 
     fn result(n: u64, outcome: ReplayOutcome) -> OutRecord {

@@ -696,6 +696,7 @@ fn record_of<M: Message>(msg: &M) -> Option<Record> {
             .to_millis()
             .and_then(|t| u64::try_from(t).ok()),
         reply_to: None,
+        delivery: None,
     })
 }
 

@@ -260,6 +260,7 @@ impl Cursor {
                     payload: body.payload,
                     timestamp_ms: Some(body.timestamp_ms),
                     reply_to: None,
+                    delivery: None,
                 };
                 self.pos += size;
                 self.offset += 1;

@@ -377,6 +377,7 @@ fn record_of(message: &async_nats::Message) -> Record {
         payload: message.payload.to_vec(),
         timestamp_ms: None,
         reply_to: None,
+        delivery: None,
     }
 }
 
@@ -905,6 +906,9 @@ impl Source for NatsCoreSource {
                     Some(m) => {
                         let mut record = record_of(&m);
                         record.reply_to = m.reply.as_ref().map(ToString::to_string);
+                        // Core NATS has no offsets: a message without an id is told apart
+                        // by this delivery's number.
+                        record.delivery = Some(crate::message::next_delivery());
                         return Ok(Delivery {
                             record,
                             ack: AckHandle::new(NoAck),

@@ -101,6 +101,7 @@ pub(super) fn record(queue: &str, d: &lapin::message::Delivery) -> (Record, u32)
         payload: d.data.clone(),
         timestamp_ms: props.timestamp().map(|s| s.saturating_mul(1000)),
         reply_to: props.reply_to().as_ref().map(|r| r.as_str().to_owned()),
+        delivery: None,
     };
     (record, previous)
 }

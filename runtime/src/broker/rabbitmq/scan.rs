@@ -9,6 +9,7 @@ use lapin::{Channel, Connection};
 
 use crate::broker::{BrokerError, Scan};
 use crate::config::RabbitConfig;
+use crate::dlq::Numbering;
 use crate::message::{LOCKGATE_ID_HEADER, Record};
 
 use super::connect::{answered, connect, unavailable};
@@ -20,9 +21,10 @@ const SCAN_BATCH: usize = 500;
 /// Reads a queue (a DLQ) from its head without consuming it: each message is taken with
 /// `basic.get` and left unacknowledged, and closing the scan gives all of them back. Only the
 /// messages the queue held when the scan opened are read. Queues have no offsets, so a
-/// record's position is `<queue>/-/<n>` with `n` derived from its `lockgate-id` (or, lacking
+/// record's position is `<queue>/-/<n>` with `n` a digest of its `lockgate-id` (or, lacking
 /// one, its `message_id` or payload): the same letter has the same position in every scan,
-/// which is what replay markers name.
+/// which is what replay markers name. `lockgate dlq` prints it short, as hex
+/// ([`Numbering::Digests`]).
 pub struct RabbitScan {
     conn: Connection,
     channel: Channel,
@@ -137,7 +139,7 @@ fn scan_offset(record: &Record) -> u64 {
     let digest = Sha256::digest(basis);
     let mut head = [0u8; 8];
     head.copy_from_slice(&digest[..8]);
-    // Positive in an i64 too (positions are printed and parsed).
+    // 63 bits, as it always was: replay markers already written name these values.
     u64::from_be_bytes(head) >> 1
 }
 
@@ -146,6 +148,10 @@ impl Scan for RabbitScan {
         let (limit, broker) = (self.limit, self.broker.clone());
         let what = format!("read {}", self.queue);
         Box::pin(async move { answered(limit, &broker, &what, self.next_batch_now()).await })
+    }
+
+    fn numbering(&self) -> Numbering {
+        Numbering::Digests
     }
 }
 

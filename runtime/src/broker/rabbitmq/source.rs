@@ -206,7 +206,10 @@ impl Source for RabbitSource {
                 };
                 let error = match consumer.next().await {
                     Some(Ok(d)) => {
-                        let (record, previous_attempts) = record(&self.queue, &d);
+                        let (mut record, previous_attempts) = record(&self.queue, &d);
+                        // A queue has no offsets: a message without a `message_id` is told
+                        // apart by this delivery's number.
+                        record.delivery = Some(crate::message::next_delivery());
                         let retry = retries.map(|channel| {
                             Box::new(Retry {
                                 channel,
