@@ -184,6 +184,8 @@ fn a_build_is_redone_exactly_when_an_input_changed_or_the_output_is_damaged() {
     let text = std::fs::read_to_string(real.join("counter.c")).expect("read");
     std::fs::write(real.join("counter.c"), &text).expect("touch");
     assert!(!rebuilt(&again()), "same contents, newer mtime");
+    std::fs::write(real.join("NOTES.md"), "not a source").expect("notes");
+    assert!(!rebuilt(&again()), "a file the toolchain is not given");
 
     // An edit through the real path is seen through the link.
     std::fs::write(real.join("counter.c"), format!("{text}\n/* edited */\n")).expect("edit");

@@ -57,33 +57,6 @@ fn payloads(dir: &Path, topic: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Waits until `topic` holds `n` messages while `run` works; fails with its logs otherwise.
-fn wait_for(
-    child: &mut Proc,
-    dir: &Path,
-    run: u32,
-    topic: &str,
-    n: usize,
-) -> Vec<serde_json::Value> {
-    let started = Instant::now();
-    loop {
-        let got = payloads(dir, topic);
-        if got.len() >= n {
-            return got;
-        }
-        if let Some(status) = child.try_wait().expect("child status") {
-            panic!("lockgate run exited ({status})\n{}", run_logs(dir, run));
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(180),
-            "{topic} holds {} of {n} messages\n{}",
-            got.len(),
-            run_logs(dir, run)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// The handler source of each language, where the edit goes.
 fn handler_file(language: &str) -> &'static str {
     match language {
@@ -146,9 +119,13 @@ fn new_build_test_run_edit(language: &str) {
         &dir,
         &["send", "orders", "--file", "fixtures/input.jsonl"],
     ));
-    let mut child = spawn_lockgate(&dir, "run1", &["run", "--admin", "127.0.0.1:0"]);
-    let addr = admin_addr(&mut child, &dir, 1);
-    let first = wait_for(&mut child, &dir, 1, "orders.enriched", 2);
+    // The run's logs go beside the project, not into it: they are no input of a build.
+    let logs = tmp.path();
+    let config = dir.join("runtime.toml");
+    let config = config.to_str().expect("utf-8 path");
+    let mut child = spawn_lockgate(logs, "run1", &["run", config, "--admin", "127.0.0.1:0"]);
+    let addr = admin_addr(&mut child, logs, 1);
+    let first = wait_for_in(&mut child, logs, &dir, "orders.enriched", 2);
     assert_eq!(first[0]["id"], "o-1");
     assert_eq!(first[0]["tier"], "small");
     assert_eq!(first[1]["tier"], "large");
@@ -170,12 +147,12 @@ fn new_build_test_run_edit(language: &str) {
         assert!(
             started.elapsed() < Duration::from_secs(180),
             "the rebuilt handler was not reloaded\n{}",
-            run_logs(&dir, 1)
+            run_logs(logs, 1)
         );
         assert!(
             child.try_wait().expect("status").is_none(),
             "{}",
-            run_logs(&dir, 1)
+            run_logs(logs, 1)
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -187,11 +164,12 @@ fn new_build_test_run_edit(language: &str) {
             r#"{"id":"o-9","sku":"tea","qty":30,"unit_price":4.5}"#,
         ],
     ));
-    let after = wait_for(&mut child, &dir, 1, "orders.enriched", 3);
+    let after = wait_for_in(&mut child, logs, &dir, "orders.enriched", 3);
     assert_eq!(after[2]["id"], "o-9");
-    assert_eq!(after[2]["tier"], "bulk", "{}", run_logs(&dir, 1));
+    assert_eq!(after[2]["tier"], "bulk", "{}", run_logs(logs, 1));
 
-    // An unchanged rebuild is a no-op.
+    // An unchanged rebuild is a no-op, whatever else lands in the folder.
+    std::fs::write(dir.join("NOTES.md"), "not a source").expect("write notes");
     let again = ok(lockgate(&dir, &["build"]));
     assert!(
         String::from_utf8_lossy(&again.stderr).contains("up to date"),
@@ -200,7 +178,7 @@ fn new_build_test_run_edit(language: &str) {
     );
     signal(&child, "TERM");
     let status = child.wait().expect("wait");
-    assert!(status.success(), "{status}\n{}", run_logs(&dir, 1));
+    assert!(status.success(), "{status}\n{}", run_logs(logs, 1));
 }
 
 /// Every file below `dir` except build output.
@@ -330,7 +308,8 @@ fn the_quick_start_runs_as_written() {
     assert!(status.success(), "{status}\n{}", run_logs(tmp.path(), 1));
 }
 
-/// [`wait_for`] with the logs in `logs_dir` and the project in `dir`.
+/// Waits until embedded-broker `topic` of the project in `dir` holds `n` messages while the run
+/// (logs in `logs_dir`) works; fails with its logs otherwise.
 fn wait_for_in(
     child: &mut Proc,
     logs_dir: &Path,
@@ -358,4 +337,119 @@ fn wait_for_in(
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The TOML block the quick start gives for "one more step" to a real broker.
+fn kafka_step() -> (Vec<String>, String) {
+    let text = std::fs::read_to_string(workspace_root().join("docs/handlers/projects.md"))
+        .expect("read doc");
+    let block = text
+        .split("\n## Quick start\n")
+        .nth(1)
+        .and_then(|s| s.split("```toml\n").nth(1))
+        .and_then(|b| b.split("\n```").next())
+        .expect("a toml block in the quick start");
+    let brokers: Vec<String> = block
+        .lines()
+        .skip_while(|l| !l.starts_with("[brokers."))
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect();
+    let source = block
+        .lines()
+        .find(|l| l.starts_with("source = "))
+        .expect("a source line")
+        .to_owned();
+    assert!(!brokers.is_empty(), "no [brokers.*] table in {block}");
+    (brokers, source)
+}
+
+#[test]
+fn the_quick_starts_one_more_step_moves_the_project_to_kafka() {
+    use lockgate_tests::kafka;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    ok(lockgate(tmp.path(), &["new", "c", "enrich"]));
+    let dir = tmp.path().join("enrich");
+    ok(lockgate(&dir, &["build"]));
+
+    // The step, as the docs write it; only the topic names are made unique (the broker is
+    // shared) and the address is the test broker's.
+    let (brokers, source) = kafka_step();
+    let topic = kafka::unique("orders");
+    let config = dir.join("runtime.toml");
+    let generated = std::fs::read_to_string(&config).expect("read runtime.toml");
+    let mut edited: Vec<String> = generated
+        .lines()
+        .map(|l| {
+            if l.starts_with("source = ") {
+                source.clone()
+            } else {
+                l.to_owned()
+            }
+        })
+        .map(|l| l.replace("\"orders", &format!("\"{topic}")))
+        .collect();
+    assert!(
+        edited
+            .iter()
+            .any(|l| l == &source.replace("\"orders", &format!("\"{topic}")))
+    );
+    edited.push(String::new());
+    edited.extend(
+        brokers
+            .iter()
+            .map(|l| l.replace("127.0.0.1:9092", &kafka::bootstrap())),
+    );
+    std::fs::write(&config, edited.join("\n") + "\n").expect("write runtime.toml");
+
+    let rt = kafka::runtime();
+    let enriched = format!("{topic}.enriched");
+    let dlq = format!("{topic}.dlq");
+    kafka::create_topics(&rt, &[(&topic, 1), (&enriched, 1), (&dlq, 1)]);
+    let input = std::fs::read_to_string(dir.join("fixtures/input.jsonl")).expect("fixtures");
+    let messages: Vec<(String, String)> = input
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("fixture line");
+            let payload = match (&v["payload_json"], &v["payload"]) {
+                (serde_json::Value::Null, p) => p.as_str().expect("payload").to_owned(),
+                (j, _) => j.to_string(),
+            };
+            ("k".to_owned(), payload)
+        })
+        .collect();
+    kafka::produce(&rt, &topic, &messages);
+
+    let config = config.to_str().expect("utf-8 path");
+    let mut child = spawn_lockgate(tmp.path(), "run1", &["run", config]);
+    let logs = tmp.path();
+    let mut tail = kafka::Tail::new(&[(&enriched, 1)]);
+    let started = Instant::now();
+    while tail.records(&enriched).len() < 2 {
+        tail.drain(Duration::from_millis(500));
+        assert!(
+            child.try_wait().expect("status").is_none(),
+            "{}",
+            run_logs(logs, 1)
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{} enriched orders on Kafka\n{}",
+            tail.records(&enriched).len(),
+            run_logs(logs, 1)
+        );
+    }
+    let got = tail.records(&enriched);
+    let tiers: Vec<serde_json::Value> = got
+        .iter()
+        .map(|g| {
+            serde_json::from_str::<serde_json::Value>(&g.payload).expect("JSON")["tier"].clone()
+        })
+        .collect();
+    assert_eq!(tiers, ["small", "large"], "{}", run_logs(logs, 1));
+    assert_eq!(got[0].key, "o-1");
+    signal(&child, "TERM");
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status}\n{}", run_logs(logs, 1));
 }

@@ -116,9 +116,15 @@ pub fn build(opts: &BuildOptions, progress: Progress<'_>) -> Result<Built, Proje
     for w in &recipe.words {
         inputs.word(w);
     }
-    inputs.tree("project", &dir)?;
-    if !sdk.is_vendored() {
-        // A vendored SDK is inside the project's tree; the embedded one is named by its hash.
+    // Only what the toolchain is given: a README edit, fixtures or a run's logs in the
+    // project are no reason to rebuild (and, in Python, to get new bytes).
+    for (rel, path) in sources(language, &dir)? {
+        inputs.file(&rel, &std::fs::read(&path).map_err(io_err(&path))?);
+    }
+    if sdk.is_vendored() {
+        inputs.tree("sdk", &sdk.language_dir(language))?;
+        inputs.tree("wit", &sdk.wit())?;
+    } else {
         inputs.word(&sdk::embedded_hash());
     }
     let inputs = inputs.finish();
@@ -159,6 +165,30 @@ pub fn build(opts: &BuildOptions, progress: Progress<'_>) -> Result<Built, Proje
         rebuilt: true,
         sha256,
     })
+}
+
+/// The files of a project its language's toolchain is given (relative path, path), sorted:
+/// Python modules, JavaScript modules and JSON, the package's top-level Go files, C sources and
+/// headers. Never the vendored SDK (an input of its own) or anything else in the folder.
+fn sources(language: Language, dir: &Path) -> Result<Vec<(String, PathBuf)>, ProjectError> {
+    let vendored = format!("{}/", sdk::VENDOR_DIR);
+    let exts: &[&str] = match language {
+        Language::Python => &["py"],
+        Language::JavaScript => &["js", "mjs", "cjs", "json"],
+        Language::Go => &["go"],
+        Language::C => &["c", "h"],
+        Language::Rust => &["rs", "toml"],
+    };
+    Ok(hash::files(dir)?
+        .into_iter()
+        .filter(|(rel, _)| !rel.starts_with(&vendored))
+        .filter(|(rel, _)| language != Language::Go || !rel.contains('/'))
+        .filter(|(rel, _)| {
+            Path::new(rel)
+                .extension()
+                .is_some_and(|e| exts.iter().any(|x| e == *x))
+        })
+        .collect())
 }
 
 /// The stamp beside a component: `<out>.inputs`.
@@ -321,13 +351,11 @@ impl Recipe {
         }
         // Only the Python sources travel: componentize-py bundles what its paths hold.
         let app = stage.join("app");
-        for (rel, path) in hash::files(dir)? {
-            if rel.ends_with(".py") && !rel.starts_with(&format!("{}/", sdk::VENDOR_DIR)) {
-                sdk::write_file(
-                    &app.join(&rel),
-                    &std::fs::read(&path).map_err(io_err(&path))?,
-                )?;
-            }
+        for (rel, path) in sources(Language::Python, dir)? {
+            sdk::write_file(
+                &app.join(&rel),
+                &std::fs::read(&path).map_err(io_err(&path))?,
+            )?;
         }
         let sdk_path = stage.join("sdk");
         copy_tree(&sdk.language_dir(Language::Python), &sdk_path)?;
@@ -378,13 +406,11 @@ impl Recipe {
         // jco rewrites the WIT when the code needs host APIs lockgate does not provide, so it
         // works on a copy and the copy is compared afterwards.
         let app = stage.join("app");
-        for (rel, path) in hash::files(dir)? {
-            if !rel.starts_with(&format!("{}/", sdk::VENDOR_DIR)) {
-                sdk::write_file(
-                    &app.join(&rel),
-                    &std::fs::read(&path).map_err(io_err(&path))?,
-                )?;
-            }
+        for (rel, path) in sources(Language::JavaScript, dir)? {
+            sdk::write_file(
+                &app.join(&rel),
+                &std::fs::read(&path).map_err(io_err(&path))?,
+            )?;
         }
         if dir.join("node_modules").is_dir() {
             std::os::unix::fs::symlink(dir.join("node_modules"), app.join("node_modules"))

@@ -25,12 +25,31 @@ pub fn skipped(name: &str) -> bool {
 /// Symlinks are followed, so a linked source counts with the contents it points to.
 pub fn files(dir: &Path) -> Result<Vec<(String, PathBuf)>, ProjectError> {
     let mut out = Vec::new();
-    walk(dir, "", &mut out)?;
+    let mut open = Vec::new();
+    walk(dir, "", &mut open, &mut out)?;
     out.sort();
     Ok(out)
 }
 
-fn walk(dir: &Path, prefix: &str, out: &mut Vec<(String, PathBuf)>) -> Result<(), ProjectError> {
+/// Walks `dir`; `open` holds the real paths of the folders being walked, so a symlink that
+/// points back into one of them (`ln -s .. up`) is an error instead of endless recursion.
+fn walk(
+    dir: &Path,
+    prefix: &str,
+    open: &mut Vec<PathBuf>,
+    out: &mut Vec<(String, PathBuf)>,
+) -> Result<(), ProjectError> {
+    let real = dir.canonicalize().map_err(io_err(dir))?;
+    if open.contains(&real) {
+        return Err(ProjectError::Invalid {
+            path: dir.to_owned(),
+            message: format!(
+                "a symlink loop: this folder is {}, which contains it",
+                real.display()
+            ),
+        });
+    }
+    open.push(real);
     for e in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let e = e.map_err(io_err(dir))?;
         let name = e.file_name().to_string_lossy().into_owned();
@@ -43,11 +62,12 @@ fn walk(dir: &Path, prefix: &str, out: &mut Vec<(String, PathBuf)>) -> Result<()
         // naming it rather than a silently smaller input set.
         let meta = std::fs::metadata(&path).map_err(io_err(&path))?;
         if meta.is_dir() {
-            walk(&path, &format!("{rel}/"), out)?;
+            walk(&path, &format!("{rel}/"), open, out)?;
         } else {
             out.push((rel, path));
         }
     }
+    open.pop();
     Ok(())
 }
 
@@ -117,6 +137,16 @@ mod tests {
         std::fs::create_dir_all(d.path().join("lib")).unwrap();
         std::fs::write(d.path().join("lib/util.py"), "").unwrap();
         assert_ne!(hash(d.path()), first, "a new file changes the hash");
+    }
+
+    #[test]
+    fn a_symlink_loop_is_an_error_not_a_hang() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("app.py"), "").unwrap();
+        std::fs::create_dir_all(d.path().join("pkg")).unwrap();
+        std::os::unix::fs::symlink("..", d.path().join("pkg/up")).unwrap();
+        let err = files(d.path()).unwrap_err().to_string();
+        assert!(err.contains("symlink loop") && err.contains("up"), "{err}");
     }
 
     #[test]
