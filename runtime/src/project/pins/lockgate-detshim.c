@@ -5,7 +5,7 @@
 //   clock_gettime(CLOCK_REALTIME*) returns 1000000000 s, clock_gettime(CLOCK_MONOTONIC*,
 //   CLOCK_BOOTTIME) returns 1000 s.
 // These are what wasmtime-wasi's default WasiCtx hands the guest being snapshotted (secure and
-// insecure random, wall and monotonic clocks).
+// insecure random, wall and monotonic clocks). With $DETSHIM_FS_ROOT, also file times (below).
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
@@ -106,9 +106,11 @@ int mkdir(const char *path, mode_t mode) {
     char abs[PATH_MAX];
     absolute(path, abs);
     if (!under_root(abs)) return r;
-    char blocker[PATH_MAX];
-    snprintf(blocker, sizeof blocker, "%s/__pycache__", abs);
-    int fd = open(blocker, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
+    char blocker[PATH_MAX + 16];
+    int len = snprintf(blocker, sizeof blocker, "%s/__pycache__", abs);
+    int fd = len > 0 && (size_t)len < sizeof blocker
+        ? open(blocker, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444)
+        : -1;
     if (fd >= 0) {
         futimens(fd, fixed_times);
         // The real close: this file needs no more than the times just set.
@@ -158,10 +160,8 @@ int rename(const char *from, const char *to) {
     return r;
 }
 
-int unlink(const char *path) {
-    static int (*real)(const char *);
-    if (!real) real = (int (*)(const char *))dlsym(RTLD_NEXT, "unlink");
-    int r = real(path);
+// A removed entry changes its folder's time, like an added one.
+static int removed(int r, const char *path) {
     if (r == 0) {
         char abs[PATH_MAX];
         absolute(path, abs);
@@ -170,14 +170,14 @@ int unlink(const char *path) {
     return r;
 }
 
+int unlink(const char *path) {
+    static int (*real)(const char *);
+    if (!real) real = (int (*)(const char *))dlsym(RTLD_NEXT, "unlink");
+    return removed(real(path), path);
+}
+
 int rmdir(const char *path) {
     static int (*real)(const char *);
     if (!real) real = (int (*)(const char *))dlsym(RTLD_NEXT, "rmdir");
-    int r = real(path);
-    if (r == 0) {
-        char abs[PATH_MAX];
-        absolute(path, abs);
-        fix_parent(abs);
-    }
-    return r;
+    return removed(real(path), path);
 }
