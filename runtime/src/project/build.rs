@@ -317,9 +317,9 @@ impl Recipe {
                 } else {
                     toolchains.clang(progress)?
                 };
-                let wb = toolchains.wit_bindgen(progress)?;
-                let wt = toolchains.wasm_tools(progress)?;
-                let (adapter, go_pkg) = toolchains.crate_files(progress)?;
+                let wb = toolchains.wit_bindgen(language, progress)?;
+                let wt = toolchains.wasm_tools(language, progress)?;
+                let (adapter, go_pkg) = toolchains.crate_files(language, progress)?;
                 let adapter_sha = sha256_hex(&std::fs::read(&adapter).map_err(io_err(&adapter))?);
                 r.words
                     .extend([main.version, wb.version, wt.version, adapter_sha]);

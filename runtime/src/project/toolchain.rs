@@ -191,10 +191,15 @@ impl Toolchains {
     }
 
     /// wit-bindgen with its C and Go generators.
-    pub fn wit_bindgen(&self, progress: Progress<'_>) -> Result<Tool, ProjectError> {
+    pub fn wit_bindgen(
+        &self,
+        language: Language,
+        progress: Progress<'_>,
+    ) -> Result<Tool, ProjectError> {
         let _lock = self.lock("cargo-tools")?;
         let exe = self.root.join("cargo/bin/wit-bindgen");
         self.cargo_tool(
+            language,
             &exe,
             "wit-bindgen-cli",
             WIT_BINDGEN_VERSION,
@@ -204,10 +209,15 @@ impl Toolchains {
     }
 
     /// wasm-tools (component new/embed, validate, print).
-    pub fn wasm_tools(&self, progress: Progress<'_>) -> Result<Tool, ProjectError> {
+    pub fn wasm_tools(
+        &self,
+        language: Language,
+        progress: Progress<'_>,
+    ) -> Result<Tool, ProjectError> {
         let _lock = self.lock("cargo-tools")?;
         let exe = self.root.join("cargo/bin/wasm-tools");
         self.cargo_tool(
+            language,
             &exe,
             "wasm-tools",
             WASM_TOOLS_VERSION,
@@ -218,6 +228,7 @@ impl Toolchains {
 
     fn cargo_tool(
         &self,
+        language: Language,
         exe: &Path,
         krate: &str,
         version: &str,
@@ -230,7 +241,7 @@ impl Toolchains {
             return Ok(t);
         }
         let cargo = which("cargo")
-            .ok_or_else(|| missing(Language::Go, "cargo", "install Rust from https://rustup.rs"))?;
+            .ok_or_else(|| missing(language, "cargo", "install Rust from https://rustup.rs"))?;
         progress(&format!(
             "installing {krate} {version} (cargo install, a few minutes the first time)"
         ));
@@ -252,7 +263,11 @@ impl Toolchains {
 
     /// The WASI reactor adapter and wit-bindgen's Go support package, from the sources of two
     /// crates cargo fetches. Returns (adapter .wasm, Go package folder).
-    pub fn crate_files(&self, progress: Progress<'_>) -> Result<(PathBuf, PathBuf), ProjectError> {
+    pub fn crate_files(
+        &self,
+        language: Language,
+        progress: Progress<'_>,
+    ) -> Result<(PathBuf, PathBuf), ProjectError> {
         let _lock = self.lock("crate-files")?;
         let dir = self.root.join("crate-files");
         let adapter = dir.join("wasi_snapshot_preview1.reactor.wasm");
@@ -279,7 +294,7 @@ impl Toolchains {
         )
         .map_err(io_err(&probe))?;
         let cargo = which("cargo")
-            .ok_or_else(|| missing(Language::Go, "cargo", "install Rust from https://rustup.rs"))?;
+            .ok_or_else(|| missing(language, "cargo", "install Rust from https://rustup.rs"))?;
         let out = run(
             Command::new(cargo)
                 .args(["metadata", "--format-version", "1", "--manifest-path"])
