@@ -55,6 +55,11 @@ impl Deadline {
         Self(Instant::now())
     }
 
+    /// The time left at `now`, `None` once the deadline has passed.
+    pub fn remaining(self, now: Instant) -> Option<Duration> {
+        self.0.checked_duration_since(now).filter(|d| !d.is_zero())
+    }
+
     /// Whether the deadline has passed.
     pub fn has_passed(self) -> bool {
         Instant::now() >= self.0

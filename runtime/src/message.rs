@@ -16,6 +16,33 @@ pub const LOCKGATE_ID_HEADER: &str = "lockgate-id";
 /// copies it onto the answers to the request, and a sink that has such a property sets it.
 pub const CORRELATION_HEADER: &str = "correlation-id";
 
+/// The W3C header naming the trace and the parent span.
+pub const TRACEPARENT: &str = "traceparent";
+/// The W3C header with vendor trace state.
+pub const TRACESTATE: &str = "tracestate";
+
+/// `(trace id, flags)` of a valid version-00 `traceparent` value (W3C trace context: outputs and
+/// outbound HTTP requests continue the trace of the message that caused them).
+pub fn parse_traceparent(value: &[u8]) -> Option<(&str, &str)> {
+    let s = std::str::from_utf8(value).ok()?;
+    let mut parts = s.trim().split('-');
+    let (version, trace_id, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |p: &str, len: usize| {
+        p.len() == len
+            && p.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let valid = version == "00"
+        && parts.next().is_none()
+        && hex(trace_id, 32)
+        && trace_id.bytes().any(|b| b != b'0')
+        && hex(parent, 16)
+        && parent.bytes().any(|b| b != b'0')
+        && hex(flags, 2);
+    valid.then_some((trace_id, flags))
+}
+
 /// A message as a broker delivered it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Record {

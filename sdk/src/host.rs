@@ -89,10 +89,151 @@ mod imp {
     }
 }
 
+#[cfg(not(all(feature = "testing", not(target_arch = "wasm32"))))]
+mod http_imp {
+    use crate::__private::bindings::wasi::http::{outgoing_handler, types as ht};
+    use crate::__private::bindings::wasi::io::streams::StreamError;
+    use crate::http::{HttpError, Method, Request, Response, split_url};
+
+    fn error(e: ht::ErrorCode, url: &str) -> HttpError {
+        use ht::ErrorCode as E;
+        match e {
+            E::HttpRequestDenied => HttpError::Denied(format!(
+                "{url} is not allowed by the handler's grant (allowed_hosts)"
+            )),
+            E::DestinationIpProhibited => HttpError::Denied(format!(
+                "{url} resolves to an internal address its allowed_hosts entry does not name"
+            )),
+            E::ConnectionTimeout | E::ConnectionReadTimeout | E::HttpResponseTimeout => {
+                HttpError::Timeout(url.to_owned())
+            }
+            E::HttpRequestBodySize(n) => HttpError::TooLarge(format!(
+                "the request body is over the grant's max_request_bytes ({})",
+                n.map_or_else(|| "?".into(), |n| n.to_string())
+            )),
+            E::HttpResponseBodySize(n) => HttpError::TooLarge(format!(
+                "the response of {url} is over the grant's max_response_bytes ({})",
+                n.map_or_else(|| "?".into(), |n| n.to_string())
+            )),
+            E::HttpRequestMethodInvalid | E::HttpRequestUriInvalid => {
+                HttpError::Invalid(format!("{url}: {e:?}"))
+            }
+            other => HttpError::Connection(format!("{url}: {other:?}")),
+        }
+    }
+
+    pub(crate) fn http_send(req: &Request) -> Result<Response, HttpError> {
+        let url = req.url.as_str();
+        let parts = split_url(url)?;
+        let headers = ht::Fields::new();
+        for (name, value) in &req.headers {
+            headers
+                .append(name, value.as_bytes())
+                .map_err(|e| HttpError::Invalid(format!("header `{name}`: {e:?}")))?;
+        }
+        if !req.body.is_empty()
+            && !req
+                .headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+        {
+            let _ = headers.append("content-length", req.body.len().to_string().as_bytes());
+        }
+        let out = ht::OutgoingRequest::new(headers);
+        let method = match &req.method {
+            Method::Get => ht::Method::Get,
+            Method::Head => ht::Method::Head,
+            Method::Post => ht::Method::Post,
+            Method::Put => ht::Method::Put,
+            Method::Patch => ht::Method::Patch,
+            Method::Delete => ht::Method::Delete,
+            Method::Other(m) => ht::Method::Other(m.clone()),
+        };
+        let invalid = |what: &str| HttpError::Invalid(format!("{url}: bad {what}"));
+        out.set_method(&method).map_err(|()| invalid("method"))?;
+        out.set_scheme(Some(if parts.https {
+            &ht::Scheme::Https
+        } else {
+            &ht::Scheme::Http
+        }))
+        .map_err(|()| invalid("scheme"))?;
+        out.set_authority(Some(parts.authority))
+            .map_err(|()| invalid("host"))?;
+        out.set_path_with_query(Some(parts.path))
+            .map_err(|()| invalid("path"))?;
+        let body = out.body().map_err(|()| invalid("body"))?;
+        let options = req.timeout.map(|t| {
+            let o = ht::RequestOptions::new();
+            let _ = o.set_first_byte_timeout(Some(u64::try_from(t.as_nanos()).unwrap_or(u64::MAX)));
+            o
+        });
+        // Sent first, written after: the host reads the body while it is written.
+        let future = outgoing_handler::handle(out, options).map_err(|e| error(e, url))?;
+        {
+            let stream = body.write().map_err(|()| invalid("body"))?;
+            for chunk in req.body.chunks(4096) {
+                if stream.blocking_write_and_flush(chunk).is_err() {
+                    break;
+                }
+            }
+        }
+        let _ = ht::OutgoingBody::finish(body, None);
+        let response = loop {
+            match future.get() {
+                Some(r) => break r,
+                None => future.subscribe().block(),
+            }
+        };
+        let response = response
+            .map_err(|()| HttpError::Connection(format!("{url}: response taken twice")))?
+            .map_err(|e| error(e, url))?;
+        let status = response.status();
+        let headers = response
+            .headers()
+            .entries()
+            .into_iter()
+            .map(|(n, v)| (n, String::from_utf8_lossy(&v).into_owned()))
+            .collect();
+        let incoming = response
+            .consume()
+            .map_err(|()| HttpError::Connection(format!("{url}: no body")))?;
+        let mut data = Vec::new();
+        {
+            let stream = incoming
+                .stream()
+                .map_err(|()| HttpError::Connection(format!("{url}: no body stream")))?;
+            loop {
+                match stream.blocking_read(64 * 1024) {
+                    Ok(chunk) => data.extend_from_slice(&chunk),
+                    Err(StreamError::Closed) => break,
+                    Err(StreamError::LastOperationFailed(e)) => {
+                        return Err(match ht::http_error_code(&e) {
+                            Some(code) => error(code, url),
+                            None => HttpError::Connection(format!(
+                                "{url}: reading the response failed: {}",
+                                e.to_debug_string()
+                            )),
+                        });
+                    }
+                }
+            }
+        }
+        let _ = ht::IncomingBody::finish(incoming);
+        Ok(Response {
+            status,
+            headers,
+            body: data,
+        })
+    }
+}
+
+#[cfg(not(all(feature = "testing", not(target_arch = "wasm32"))))]
+pub(crate) use http_imp::http_send;
+
 #[cfg(all(feature = "testing", not(target_arch = "wasm32")))]
 mod imp {
     pub(crate) use crate::testing::host_impl::{
-        config_get, kv_compare_and_swap, kv_delete, kv_get, kv_set, log, publish,
+        config_get, http_send, kv_compare_and_swap, kv_delete, kv_get, kv_set, log, publish,
     };
 }
 

@@ -4,7 +4,7 @@
 //! message. Mark one function with [`#[handler]`](handler); its result tells the host to
 //! acknowledge the message (`Ok`), try it again ([`Error::retry`]) or dead-letter it
 //! ([`Error::reject`]). Outputs go through [`emit`], state through [`kv`], settings through
-//! [`config`] and diagnostics through [`log`]. A handler crate needs only this crate as a
+//! [`config`], calls to other services through [`http`] and diagnostics through [`log`]. A handler crate needs only this crate as a
 //! dependency and `crate-type = ["cdylib"]`; build it with
 //! `cargo build --release --target wasm32-wasip2`.
 //!
@@ -36,6 +36,7 @@ pub mod config;
 pub mod emit;
 mod error;
 mod host;
+pub mod http;
 pub mod kv;
 pub mod log;
 mod message;
@@ -56,8 +57,10 @@ pub mod __private {
     #[allow(missing_docs, clippy::all, clippy::unwrap_used, unsafe_op_in_unsafe_fn)]
     pub mod bindings {
         wit_bindgen::generate!({
-            world: "handler",
+            // `handler` plus wasi:http: a handler that never calls `http` imports nothing more.
+            world: "handler-http",
             path: "../wit",
+            generate_all,
             pub_export_macro: true,
             export_macro_name: "__lockgate_export_handler",
             default_bindings_module: "::lockgate_sdk::__private::bindings",

@@ -104,6 +104,14 @@ struct State {
     pending: Vec<Published>,
     /// Refusals during the call in progress; any of them fails the call like the real host does.
     refused: Vec<PublishError>,
+    /// HTTP stubs: `(method, url)` to the response (or error) the handler gets.
+    http_stubs: Vec<(
+        String,
+        String,
+        Result<crate::http::Response, crate::http::HttpError>,
+    )>,
+    /// Every HTTP request the handler made, in order.
+    requests: Vec<crate::http::Request>,
 }
 
 impl State {
@@ -196,6 +204,49 @@ impl TestHost {
     /// A host with no config, an empty kv store, no output limits and every topic allowed.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Answers every `method` request to `url` (exactly as the handler writes it) with `status`
+    /// and `body`. A request with no stub fails with [`crate::http::HttpError::Denied`] naming
+    /// its URL, as the real host does for a host the grant does not allow.
+    pub fn http_stub(
+        mut self,
+        method: &str,
+        url: impl Into<String>,
+        status: u16,
+        headers: &[(&str, &str)],
+        body: impl Into<Vec<u8>>,
+    ) -> Self {
+        let response = crate::http::Response {
+            status,
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_ascii_lowercase(), (*v).to_owned()))
+                .collect(),
+            body: body.into(),
+        };
+        self.state
+            .http_stubs
+            .push((method.to_ascii_uppercase(), url.into(), Ok(response)));
+        self
+    }
+
+    /// Fails every `method` request to `url` with `error` (a timeout, a refused connection).
+    pub fn http_fail(
+        mut self,
+        method: &str,
+        url: impl Into<String>,
+        error: crate::http::HttpError,
+    ) -> Self {
+        self.state
+            .http_stubs
+            .push((method.to_ascii_uppercase(), url.into(), Err(error)));
+        self
+    }
+
+    /// Every HTTP request the handler made, in order.
+    pub fn requests(&self) -> &[crate::http::Request] {
+        &self.state.requests
     }
 
     /// Sets config `key` to `value` (what `config::get` returns).
@@ -323,6 +374,26 @@ impl TestHost {
 /// The host side of the SDK's calls while a [`TestHost`] runs; see `crate::host`.
 pub(crate) mod host_impl {
     use super::{LogRecord, Published, with_active};
+
+    pub(crate) fn http_send(
+        req: &crate::http::Request,
+    ) -> Result<crate::http::Response, crate::http::HttpError> {
+        with_active(|state| {
+            state.requests.push(req.clone());
+            let method = req.method.as_str().to_ascii_uppercase();
+            state
+                .http_stubs
+                .iter()
+                .find(|(m, u, _)| *m == method && *u == req.url)
+                .map(|(_, _, r)| r.clone())
+                .unwrap_or_else(|| {
+                    Err(crate::http::HttpError::Denied(format!(
+                        "no TestHost::http_stub for {method} {}",
+                        req.url
+                    )))
+                })
+        })
+    }
     use crate::emit::{Outgoing, PublishError};
     use crate::kv::KvError;
     use crate::log::Level;

@@ -86,6 +86,14 @@ pub enum ReloadError {
         /// Why.
         error: EngineError,
     },
+    /// A handler's HTTP grant cannot be set up (its `ca_file`).
+    #[error("handlers.{handler}.http: {error}")]
+    Http {
+        /// The handler.
+        handler: String,
+        /// Why.
+        error: crate::engine::outbound::OutboundError,
+    },
     /// Compiling a module panicked (a bug; the message says where).
     #[error("handlers.{handler}: loading task failed: {error}")]
     LoadTask {

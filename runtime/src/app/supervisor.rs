@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::broker::local::LocalBroker;
 use crate::config::{Config, HandlerConfig, RouteConfig, StoreConfig};
+use crate::engine::outbound::Outbound;
 use crate::engine::{Engine, Handler, HandlerEnv, HandlerLimits, InstancePool};
 use crate::pipeline::idempotency::DoneKeys;
 use crate::pipeline::{HandlerSlot, Route, RouteReport, RouteSinks, Shutdown, ShutdownTrigger};
@@ -590,6 +591,15 @@ async fn prepare(
         outputs: Some(route.outputs.iter().cloned().collect()),
         limits: HandlerLimits::from(hc),
         kv: store.kv.clone(),
+        http: match hc.http.clone() {
+            None => None,
+            Some(grant) => Some(Arc::new(Outbound::new(grant).map_err(|error| {
+                ReloadError::Http {
+                    handler: hc.name.clone(),
+                    error,
+                }
+            })?)),
+        },
     };
     let (engine, hc2) = (engine.clone(), hc.clone());
     let handler = tokio::task::spawn_blocking(move || {

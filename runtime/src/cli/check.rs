@@ -126,6 +126,7 @@ fn check_handlers(config: &Config) -> anyhow::Result<Vec<Problem>> {
             outputs: None,
             limits: HandlerLimits::from(h),
             kv: kv.clone(),
+            http: None,
         };
         let loaded = std::fs::read(&h.module)
             .map_err(|source| EngineError::Read {

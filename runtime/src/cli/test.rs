@@ -106,6 +106,7 @@ pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
             None => Arc::new(MemoryStore::new()),
             Some(path) => Arc::new(EmbeddedStore::open(path)?),
         },
+        http: None,
     };
     let handler = engine.load_handler(&args.component, env)?;
     let isolation = if args.per_message {

@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use toml::map::Map as IndexMap;
 
 mod brokers;
+pub mod http;
 pub mod local;
 mod reader;
 pub mod reference;
@@ -361,6 +362,11 @@ pub(crate) mod tests {
             &schema::HANDLER,
             "[handlers.h]\nmodule = \"h.wasm\"\n{X}",
             &[],
+        ),
+        (
+            &schema::HANDLER_HTTP,
+            "[handlers.h]\nmodule = \"h.wasm\"\n[handlers.h.http]\nallowed_hosts = [\"https://a.example\"]\n{X}",
+            &["allowed_hosts"],
         ),
         (
             &schema::STORE_REDIS,

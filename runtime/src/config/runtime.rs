@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use super::http::{HttpGrant, parse_http};
 use super::reader::Reader;
 use super::routes::EMBEDDED_STORE;
 use super::schema;
@@ -114,6 +115,8 @@ pub struct HandlerConfig {
     pub max_log_records: u32,
     /// `config`: values the guest reads with `config.get`.
     pub config: BTreeMap<String, String>,
+    /// `[handlers.<name>.http]`: the outbound HTTP it may make; `None` denies every request.
+    pub http: Option<HttpGrant>,
 }
 
 /// The `[runtime]` table, its defaults filled in.
@@ -252,6 +255,9 @@ pub(super) fn parse_handler(
         .positive_u32("max_log_records")
         .unwrap_or(DEFAULT_MAX_LOG_RECORDS);
     let config = r.scalars("config");
+    let http = r
+        .table("http")
+        .and_then(|t| parse_http(&mut r.child("http", t, &[&schema::HANDLER_HTTP])));
     r.finish();
     if r.problem_count() != before {
         return None;
@@ -269,6 +275,7 @@ pub(super) fn parse_handler(
         max_outputs,
         max_log_records,
         config,
+        http,
     })
 }
 

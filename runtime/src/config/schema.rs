@@ -383,6 +383,12 @@ pub const HANDLER: Table = Table {
             P::Unset,
             "Values the guest reads with `config.get`.",
         ),
+        field(
+            "http",
+            K::Table(&[&HANDLER_HTTP]),
+            P::Unset,
+            "Outbound HTTP the handler may make ([outbound HTTP](../handlers/http.md)); without it every request is denied.",
+        ),
     ],
     aliases: &[],
     example: r#"[handlers.uppercase]
@@ -395,6 +401,68 @@ max_output_bytes = 1048576
 max_outputs = 1000
 max_log_records = 100
 config = { target = "shouted" }
+"#,
+};
+
+/// `[handlers.<name>.http]`.
+pub const HANDLER_HTTP: Table = Table {
+    id: "handlers-http",
+    title: "`[handlers.<name>.http]`",
+    label: "`http`",
+    doc: "The outbound HTTP a handler is granted (`wasi:http`). Deny by default: without this table, or to a host no entry allows, a request fails in the guest with `http-request-denied`. A host reached through `*` or `*.domain` is refused when it resolves to a loopback, private or link-local address; name the host or IP exactly to call an internal service. Redirects are never followed by the host. See [outbound HTTP](../handlers/http.md).",
+    fields: &[
+        field(
+            "allowed_hosts",
+            K::Strings,
+            P::Required,
+            "Where requests may go: `scheme://host[:port]` with scheme `http` or `https`; host a name, an IP (`[::1]` for IPv6), `*.domain` (names below it) or `*`; port a number or `*`. An omitted port is the scheme's default (80, 443). No paths.",
+        ),
+        field(
+            "timeout_ms",
+            K::Ms,
+            P::Int(crate::config::http::DEFAULT_HTTP_TIMEOUT_MS),
+            "Bound of one request from connecting to the response headers; the call's remaining time bounds it too, and every body read ends at the call's deadline.",
+        ),
+        field(
+            "max_request_bytes",
+            K::Bytes,
+            P::Int(crate::config::http::DEFAULT_MAX_REQUEST_BYTES),
+            "Largest request body; a larger one fails the request.",
+        ),
+        field(
+            "max_response_bytes",
+            K::Bytes,
+            P::Int(crate::config::http::DEFAULT_MAX_RESPONSE_BYTES),
+            "Largest response body; past it the read fails in the guest (`http-response-body-size`).",
+        ),
+        field(
+            "max_concurrent",
+            K::Int,
+            P::Int(crate::config::http::DEFAULT_MAX_CONCURRENT as u64),
+            "Requests of this handler open at once, across its instances; more wait for a slot (until the call's deadline).",
+        ),
+        field(
+            "ca_file",
+            K::Path,
+            P::Unset,
+            "PEM file of certificate authorities trusted besides the built-in webpki roots (a private CA).",
+        ),
+        field(
+            "idempotency_header",
+            K::Str,
+            P::Str(crate::config::http::DEFAULT_IDEMPOTENCY_HEADER),
+            "Header set on every request to a key derived from the message and the request's index in the call: the same on every retry, redelivery and restart, so a receiver that deduplicates applies a request once. `\"\"` turns it off; a header the handler sets itself wins.",
+        ),
+    ],
+    aliases: &[],
+    example: r#"[handlers.uppercase.http]
+allowed_hosts = ["https://customers.example.com", "http://127.0.0.1:8080"]
+timeout_ms = 2000
+max_request_bytes = 65536
+max_response_bytes = 1048576
+max_concurrent = 8
+ca_file = "certs/internal-ca.pem"
+idempotency_header = "Idempotency-Key"
 "#,
 };
 
@@ -1349,6 +1417,7 @@ pub const TABLES: &[&Table] = &[
     &RUNTIME,
     &ENGINE,
     &HANDLER,
+    &HANDLER_HTTP,
     &STORE_REDIS,
     &STORE_POSTGRES,
     &KAFKA,

@@ -13,6 +13,7 @@ use crate::deadline::{Deadline, DeadlineExceeded};
 
 use super::host::{CallState, HostState, MemoryLimiter};
 use super::instance::past_deadline;
+use super::outbound::HttpHooks;
 use super::stdio::CaptureBuffer;
 use super::{
     CachePin, Engine, EngineError, HandlerEnv, Instance, MAX_STDIO_BYTES, MIN_INSTANTIATE_TIMEOUT,
@@ -94,6 +95,8 @@ impl Handler {
             call: CallState::default(),
             stdout,
             stderr,
+            http_ctx: wasmtime_wasi_http::WasiHttpCtx::new(),
+            http: HttpHooks::new(self.inner.env.http.clone()),
         };
         let mut store = Store::new(self.inner.engine.wasmtime(), state);
         store.limiter(|s| &mut s.memory);

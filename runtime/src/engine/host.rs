@@ -7,6 +7,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{config, emit, kv, log, types};
+use super::outbound::{HttpHooks, Outbound};
 use super::stdio::CaptureBuffer;
 use super::{LogLevel, LogRecord, LogSource, OutgoingMessage};
 use crate::deadline::{Deadline, DeadlineExceeded};
@@ -59,6 +60,8 @@ pub struct HandlerEnv {
     pub limits: HandlerLimits,
     /// Where `kv` reads and writes.
     pub kv: Arc<dyn KvStore>,
+    /// The outbound HTTP the handler is granted; `None` denies every request.
+    pub http: Option<Arc<Outbound>>,
 }
 
 impl std::fmt::Debug for HandlerEnv {
@@ -83,6 +86,7 @@ pub fn test_env(
         outputs: None,
         limits: HandlerLimits::default(),
         kv,
+        http: None,
     }
 }
 
@@ -225,6 +229,21 @@ pub(crate) struct HostState {
     pub call: CallState,
     pub stdout: CaptureBuffer,
     pub stderr: CaptureBuffer,
+    /// `wasi:http`'s own state (header size limits).
+    pub http_ctx: wasmtime_wasi_http::WasiHttpCtx,
+    /// lockgate's sender of `wasi:http` requests, and the running call's requests.
+    pub http: HttpHooks,
+}
+
+impl wasmtime_wasi_http::WasiHttpView for HostState {
+    fn http(&mut self) -> wasmtime_wasi_http::WasiHttpCtxView<'_> {
+        // One resource table for WASI and wasi:http: a response body is a WASI stream.
+        wasmtime_wasi_http::WasiHttpCtxView {
+            ctx: &mut self.http_ctx,
+            table: &mut self.table,
+            hooks: &mut self.http,
+        }
+    }
 }
 
 impl WasiView for HostState {

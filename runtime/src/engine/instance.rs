@@ -9,6 +9,7 @@ use crate::deadline::{Deadline, DeadlineExceeded};
 
 use super::bindings::{self, types};
 use super::host::{self, CallState, HostState};
+use super::outbound::CallContext;
 use super::{Handler, InboundMessage, Invocation, LogLevel, LogSource, MAX_STDIO_BYTES, Outcome};
 
 /// One live instance of a handler. Reusable across messages until it traps.
@@ -80,6 +81,16 @@ impl Instance {
                 ..CallState::default()
             };
             data.memory.hit = false;
+            data.http.begin(CallContext {
+                deadline: Deadline::after_from(start, limits.timeout),
+                key_base: format!("{}\n{}", self.handler.inner.env.name, message.id),
+                trace: message
+                    .headers
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(crate::message::TRACEPARENT))
+                    .and_then(|(_, v)| crate::message::parse_traceparent(v))
+                    .map(|(t, f)| (t.to_owned(), f.to_owned())),
+            });
         }
         // The next tick checks the deadline (see `Handler::instantiate`).
         self.store.set_epoch_deadline(1);
@@ -88,7 +99,16 @@ impl Instance {
         let elapsed = start.elapsed();
 
         let data = self.store.data_mut();
+        data.http.end();
         let mut call = std::mem::take(&mut data.call);
+        for denial in std::mem::take(&mut data.http.denials) {
+            call.push_log(
+                limits.max_log_records,
+                LogLevel::Warn,
+                LogSource::Host,
+                &denial,
+            );
+        }
         for (buffer, source, level) in [
             (&data.stdout, LogSource::Stdout, LogLevel::Info),
             (&data.stderr, LogSource::Stderr, LogLevel::Warn),

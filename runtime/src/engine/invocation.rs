@@ -101,6 +101,8 @@ pub enum LogSource {
     Stdout,
     /// A line the guest wrote to stderr.
     Stderr,
+    /// The host, about something the guest did in the call (an HTTP request its grant denied).
+    Host,
 }
 
 impl LogSource {
@@ -110,6 +112,7 @@ impl LogSource {
             LogSource::Guest => "log",
             LogSource::Stdout => "stdout",
             LogSource::Stderr => "stderr",
+            LogSource::Host => "host",
         }
     }
 }

@@ -29,6 +29,7 @@ mod handler;
 mod host;
 mod instance;
 mod invocation;
+pub mod outbound;
 mod pool;
 mod settings;
 mod stdio;
@@ -184,6 +185,10 @@ impl Engine {
 
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(EngineError::Setup)?;
+        // Only wasi:http's own interfaces (wasi:io and clocks are linked above): every handler
+        // may import it; its grant decides what a request reaches (`outbound`).
+        wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)
+            .map_err(EngineError::Setup)?;
         // Last of the WASI interfaces: replaces the blocking waits with ones bounded by the
         // call's deadline.
         wasi_io::shadow(&mut linker).map_err(EngineError::Setup)?;

@@ -10,31 +10,7 @@ use sha2::{Digest, Sha256};
 
 use crate::message::Record;
 
-/// The W3C header naming the trace and the parent span.
-pub const TRACEPARENT: &str = "traceparent";
-/// The W3C header with vendor trace state.
-pub const TRACESTATE: &str = "tracestate";
-
-/// `(trace id, flags)` of a valid version-00 `traceparent` value.
-pub fn parse(value: &[u8]) -> Option<(&str, &str)> {
-    let s = std::str::from_utf8(value).ok()?;
-    let mut parts = s.trim().split('-');
-    let (version, trace_id, parent, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex = |p: &str, len: usize| {
-        p.len() == len
-            && p.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
-    let valid = version == "00"
-        && parts.next().is_none()
-        && hex(trace_id, 32)
-        && trace_id.bytes().any(|b| b != b'0')
-        && hex(parent, 16)
-        && parent.bytes().any(|b| b != b'0')
-        && hex(flags, 2);
-    valid.then_some((trace_id, flags))
-}
+pub use crate::message::{TRACEPARENT, TRACESTATE, parse_traceparent as parse};
 
 /// Trace id of `record`, if it carries a valid `traceparent`.
 pub fn trace_id(record: &Record) -> Option<&str> {

@@ -1,0 +1,427 @@
+//! Outbound HTTP for handlers (`wasi:http/outgoing-handler`), sent by lockgate's own sender so
+//! that every request is under the handler's grant (docs/guarantees.md#g9):
+//! - only to a host an `allowed_hosts` entry allows; an internal address only when the entry
+//!   names the host (`connect.rs`); redirects are returned to the guest, never followed;
+//! - under the call's deadline: the request's timeouts are clamped to the call's remaining time,
+//!   every guest wait on it is bounded by the deadline (`engine::wasi_io`), and whatever the call
+//!   left open (a request still waiting, a body not read to its end) is dropped when it ends;
+//! - within `max_request_bytes`, `max_response_bytes` and `max_concurrent` (`body.rs`);
+//! - over one pooled client per handler, so connections are reused across messages;
+//! - carrying an idempotency key stable across retries, redeliveries and restarts and the
+//!   message's trace context (`traceparent`);
+//! - counted per host and outcome (`stats.rs`).
+
+mod body;
+mod connect;
+mod stats;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::{AbortHandle, Abortable};
+use http::{HeaderName, HeaderValue};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
+
+use crate::config::http::HttpGrant;
+use crate::deadline::Deadline;
+
+use body::{CappedBody, GuardedBody, Live, OpenBodies};
+pub use stats::{HttpOutcome, HttpStats};
+
+/// Why a handler's HTTP client could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboundError {
+    /// `ca_file` could not be read or holds no certificate.
+    #[error("ca_file {path}: {reason}")]
+    CaFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// One handler's outbound HTTP: its grant, its pooled client and its counters. Shared by every
+/// instance of the handler.
+pub struct Outbound {
+    grant: Arc<HttpGrant>,
+    client: Client<connect::Connector, CappedBody>,
+    slots: Arc<Semaphore>,
+    stats: Arc<HttpStats>,
+}
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbound")
+            .field("grant", &self.grant)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Outbound {
+    /// The client of `grant`: TLS roots are the webpki roots plus `ca_file`.
+    pub fn new(grant: HttpGrant) -> Result<Self, OutboundError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = &grant.ca_file {
+            use rustls::pki_types::pem::PemObject;
+            let bad = |reason: String| OutboundError::CaFile {
+                path: path.clone(),
+                reason,
+            };
+            let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+            let mut added = 0;
+            for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| bad(format!("not PEM certificates: {e}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| bad(format!("a certificate is not usable: {e}")))?;
+                added += 1;
+            }
+            if added == 0 {
+                return Err(bad("holds no PEM certificate".into()));
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| OutboundError::CaFile {
+                path: grant.ca_file.clone().unwrap_or_default(),
+                reason: e.to_string(),
+            })?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let grant = Arc::new(grant);
+        let connector = connect::Connector {
+            grant: grant.clone(),
+            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            timeout: Duration::from_millis(grant.timeout_ms),
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(grant.max_concurrent as usize)
+            .build(connector);
+        Ok(Self {
+            slots: Arc::new(Semaphore::new(grant.max_concurrent as usize)),
+            grant,
+            client,
+            stats: Arc::new(HttpStats::default()),
+        })
+    }
+
+    /// The grant.
+    pub fn grant(&self) -> &HttpGrant {
+        &self.grant
+    }
+
+    /// The counters of the handler's requests.
+    pub fn stats(&self) -> &Arc<HttpStats> {
+        &self.stats
+    }
+}
+
+/// What a running call's requests derive from the message.
+#[derive(Clone, Debug)]
+pub(crate) struct CallContext {
+    /// The call's deadline.
+    pub deadline: Deadline,
+    /// The message's stable identity (with the handler's name): the idempotency keys' base.
+    pub key_base: String,
+    /// `(trace id, flags)` of the message's `traceparent`, if it has a valid one.
+    pub trace: Option<(String, String)>,
+}
+
+/// The `wasi:http` hooks of one instance: its handler's [`Outbound`] and the running call.
+#[derive(Default)]
+pub(crate) struct HttpHooks {
+    outbound: Option<Arc<Outbound>>,
+    call: Option<CallContext>,
+    /// Requests made in the running call (the index in their idempotency key).
+    sent: u32,
+    pending: Vec<AbortHandle>,
+    bodies: OpenBodies,
+    /// Requests refused by the grant in the running call, for the call's log.
+    pub denials: Vec<String>,
+}
+
+impl HttpHooks {
+    /// The hooks of an instance of a handler granted `outbound` (`None`: every request denied).
+    pub fn new(outbound: Option<Arc<Outbound>>) -> Self {
+        Self {
+            outbound,
+            ..Self::default()
+        }
+    }
+
+    /// Starts a call: its requests are bounded by `call.deadline`.
+    pub fn begin(&mut self, call: CallContext) {
+        self.call = Some(call);
+        self.sent = 0;
+        self.denials.clear();
+    }
+
+    /// Ends the call: a request still waiting for its response and every response body still
+    /// open are dropped, so nothing the call started outlives it.
+    pub fn end(&mut self) {
+        self.call = None;
+        for p in self.pending.drain(..) {
+            p.abort();
+        }
+        self.bodies.close_all();
+    }
+}
+
+type ResponseFuture = Box<
+    dyn Future<
+            Output = Result<
+                (
+                    http::Response<WasiBody>,
+                    Box<dyn Future<Output = Result<(), Error>> + Send>,
+                ),
+                Error,
+            >,
+        > + Send,
+>;
+
+fn refuse(e: Error) -> ResponseFuture {
+    Box::new(async move { Err(e) })
+}
+
+/// The header value of the `index`th request of a call whose key base is `base`: hex, 32 digits.
+fn derived(base: &str, what: &str, index: u32) -> String {
+    let digest = Sha256::digest(format!("{base}\n{what}\n{index}").as_bytes());
+    hex::encode(&digest[..16])
+}
+
+/// Maps a hyper error from reading a response to what the guest sees.
+pub(crate) fn hyper_error(e: &hyper::Error) -> Error {
+    if e.is_timeout() {
+        Error::ConnectionReadTimeout
+    } else if e.is_incomplete_message() || e.is_closed() || e.is_canceled() {
+        Error::ConnectionTerminated
+    } else {
+        Error::HttpProtocolError
+    }
+}
+
+/// Maps a failed request to what the guest sees and the outcome it is counted as.
+fn client_error(e: &hyper_util::client::legacy::Error) -> (Error, HttpOutcome) {
+    use std::error::Error as _;
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(c) = s.downcast_ref::<connect::ConnectError>() {
+            return match c {
+                connect::ConnectError::Denied(_) => (Error::HttpRequestDenied, HttpOutcome::Denied),
+                connect::ConnectError::Prohibited { .. } => {
+                    (Error::DestinationIpProhibited, HttpOutcome::Denied)
+                }
+                connect::ConnectError::Dns { .. } => (
+                    Error::DnsError {
+                        rcode: Some(c.to_string()),
+                        info_code: None,
+                    },
+                    HttpOutcome::Refused,
+                ),
+                connect::ConnectError::Tcp { source, .. }
+                    if source.kind() == std::io::ErrorKind::ConnectionRefused =>
+                {
+                    (Error::ConnectionRefused, HttpOutcome::Refused)
+                }
+                connect::ConnectError::Tcp { .. } => {
+                    (Error::DestinationUnavailable, HttpOutcome::Refused)
+                }
+                connect::ConnectError::Timeout(_) => {
+                    (Error::ConnectionTimeout, HttpOutcome::Timeout)
+                }
+                connect::ConnectError::Tls { source, .. } => {
+                    let cert = source
+                        .get_ref()
+                        .and_then(|e| e.downcast_ref::<rustls::Error>())
+                        .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)));
+                    if cert {
+                        (Error::TlsCertificateError, HttpOutcome::Refused)
+                    } else {
+                        (Error::TlsProtocolError, HttpOutcome::Refused)
+                    }
+                }
+            };
+        }
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            return (hyper_error(h), HttpOutcome::Refused);
+        }
+        if let Some(w) = s.downcast_ref::<Error>() {
+            // The request body failed (over `max_request_bytes`).
+            return (clone_error(w), HttpOutcome::Denied);
+        }
+        source = s.source();
+    }
+    (Error::ConnectionTerminated, HttpOutcome::Refused)
+}
+
+fn clone_error(e: &Error) -> Error {
+    match e {
+        Error::HttpRequestBodySize(n) => Error::HttpRequestBodySize(*n),
+        _ => Error::InternalError(Some(e.to_string())),
+    }
+}
+
+impl WasiHttpHooks for HttpHooks {
+    fn send_request(
+        &mut self,
+        mut request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
+    ) -> ResponseFuture {
+        let uri = request.uri().clone();
+        let target = connect::target(&uri);
+        let host = target
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), |(_, h, _)| h.clone());
+        let Some(outbound) = self.outbound.clone() else {
+            self.denials.push(format!(
+                "HTTP request to {uri} denied: the handler has no [handlers.<name>.http] grant"
+            ));
+            return refuse(Error::HttpRequestDenied);
+        };
+        let stats = outbound.stats.clone();
+        let Some(call) = self.call.clone() else {
+            stats.record(&host, HttpOutcome::Denied, None);
+            return refuse(Error::HttpRequestDenied);
+        };
+        let allowed = target
+            .as_ref()
+            .and_then(|(scheme, h, port)| outbound.grant.allowing(*scheme, h, *port));
+        if allowed.is_none() {
+            stats.record(&host, HttpOutcome::Denied, None);
+            self.denials.push(format!(
+                "HTTP request to {uri} denied: no entry of allowed_hosts allows it"
+            ));
+            return refuse(Error::HttpRequestDenied);
+        }
+        let grant = &outbound.grant;
+        let declared = request
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > grant.max_request_bytes) {
+            stats.record(&host, HttpOutcome::Denied, None);
+            return refuse(Error::HttpRequestBodySize(Some(grant.max_request_bytes)));
+        }
+        let now = Instant::now();
+        let Some(remaining) = call.deadline.remaining(now) else {
+            stats.record(&host, HttpOutcome::Timeout, None);
+            return refuse(Error::ConnectionTimeout);
+        };
+        let index = self.sent;
+        self.sent = self.sent.saturating_add(1);
+        let headers = request.headers_mut();
+        if let Some(name) = &grant.idempotency_header
+            && let Ok(name) = HeaderName::try_from(name.as_str())
+            && !headers.contains_key(&name)
+            && let Ok(v) = HeaderValue::try_from(derived(&call.key_base, "http", index))
+        {
+            headers.insert(name, v);
+        }
+        if let Some((trace, flags)) = &call.trace
+            && !headers.contains_key(crate::message::TRACEPARENT)
+        {
+            let span = derived(&call.key_base, "span", index);
+            if let Ok(v) = HeaderValue::try_from(format!("00-{trace}-{}-{flags}", &span[..16])) {
+                headers.insert(crate::message::TRACEPARENT, v);
+            }
+        }
+        // The head of the response (connecting included) within the grant's timeout, the
+        // guest's own options and what is left of the call.
+        let mut head = Duration::from_millis(grant.timeout_ms).min(remaining);
+        if let Some(o) = &options {
+            let guest = match (o.connect_timeout, o.first_byte_timeout) {
+                (Some(c), Some(f)) => Some(c.saturating_add(f)),
+                (c, f) => c.or(f),
+            };
+            if let Some(g) = guest {
+                head = head.min(g);
+            }
+        }
+        let between = options.and_then(|o| o.between_bytes_timeout);
+        let (limit, max_req) = (grant.max_response_bytes, grant.max_request_bytes);
+        let request = request.map(|inner| CappedBody {
+            inner,
+            limit: max_req,
+            sent: 0,
+        });
+        let (abort, registration) = AbortHandle::new_pair();
+        self.pending.retain(|p| !p.is_aborted());
+        self.pending.push(abort);
+        let slot: body::Slot = Arc::new(std::sync::Mutex::new(None));
+        self.bodies.track(&slot);
+        let send = async move {
+            let sent = async {
+                let permit = outbound
+                    .slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| (Error::ConnectionLimitReached, HttpOutcome::Denied))?;
+                let response = outbound
+                    .client
+                    .request(request)
+                    .await
+                    .map_err(|e| client_error(&e))?;
+                Ok::<_, (Error, HttpOutcome)>((response, permit))
+            };
+            let result = match tokio::time::timeout(head, sent).await {
+                Err(_) => Err((Error::ConnectionTimeout, HttpOutcome::Timeout)),
+                Ok(r) => r,
+            };
+            let seconds = Some(now.elapsed().as_secs_f64());
+            let (response, permit) = match result {
+                Ok(r) => r,
+                Err((e, outcome)) => {
+                    stats.record(&host, outcome, seconds);
+                    return Err(e);
+                }
+            };
+            stats.record(
+                &host,
+                HttpOutcome::of_status(response.status().as_u16()),
+                seconds,
+            );
+            let length = response
+                .headers()
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            if length.is_some_and(|n| n > limit) {
+                return Err(Error::HttpResponseBodySize(Some(limit)));
+            }
+            let (parts, incoming) = response.into_parts();
+            if let Ok(mut s) = slot.lock() {
+                *s = Some(Live {
+                    body: incoming,
+                    _permit: permit,
+                });
+            }
+            let body = GuardedBody {
+                slot,
+                limit,
+                read: 0,
+                between,
+                timer: None,
+            };
+            let response = http::Response::from_parts(parts, body.boxed_unsync());
+            let io: Box<dyn Future<Output = Result<(), Error>> + Send> = Box::new(async { Ok(()) });
+            Ok((response, io))
+        };
+        Box::new(async move {
+            Abortable::new(send, registration)
+                .await
+                .unwrap_or(Err(Error::ConnectionTerminated))
+        })
+    }
+}
