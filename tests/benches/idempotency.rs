@@ -149,6 +149,7 @@ async fn route_throughput(engine: &Engine, store: Option<&StateStore>, n: u64) -
         outputs: None,
         limits: HandlerLimits::default(),
         kv,
+        wasi: lockgate::config::WasiGrants::default(),
     };
     let handler = engine
         .load_handler(&lockgate_tests::guest("chaos"), env)

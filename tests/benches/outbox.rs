@@ -192,6 +192,7 @@ async fn route_rate(engine: &Engine, mode: &str) -> f64 {
         outputs: None,
         limits: HandlerLimits::default(),
         kv: store.clone() as Arc<dyn KvStore>,
+        wasi: lockgate::config::WasiGrants::default(),
     };
     let handler = engine
         .load_handler(&lockgate_tests::guest("chaos"), env)

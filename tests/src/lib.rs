@@ -136,6 +136,7 @@ pub fn handler_env(
         outputs: None,
         limits,
         kv: std::sync::Arc::new(lockgate::state::MemoryStore::new()),
+        wasi: lockgate::config::WasiGrants::default(),
     }
 }
 

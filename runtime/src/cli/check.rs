@@ -6,7 +6,7 @@ use std::sync::Arc;
 use clap::Args;
 use lockgate::app::clients::connector;
 use lockgate::broker::BrokerError;
-use lockgate::config::{BrokerSource, Config, Problem, StoreKind, format_problem};
+use lockgate::config::{BrokerSource, Config, Problem, ResolvedHandler, StoreKind, format_problem};
 use lockgate::engine::{Engine, EngineError, EngineSettings, HandlerEnv, HandlerLimits};
 use lockgate::state::MemoryStore;
 use lockgate::state::probe;
@@ -120,12 +120,19 @@ fn check_handlers(config: &Config) -> anyhow::Result<Vec<Problem>> {
             ));
             continue;
         }
+        // Its `config` secrets, `env` variables and `files` directories, read as `lockgate run`
+        // reads them; the module is still checked, without them, when one cannot be read.
+        let resolved = h.resolve(&config.file).unwrap_or_else(|errors| {
+            problems.extend(errors.into_iter().map(|e| Problem::new(&e.field, e.reason)));
+            ResolvedHandler::default()
+        });
         let env = HandlerEnv {
             name: h.name.clone(),
-            config: h.config.clone(),
+            config: resolved.config,
             outputs: None,
             limits: HandlerLimits::from(h),
             kv: kv.clone(),
+            wasi: resolved.wasi,
         };
         let loaded = std::fs::read(&h.module)
             .map_err(|source| EngineError::Read {

@@ -106,6 +106,8 @@ pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
             None => Arc::new(MemoryStore::new()),
             Some(path) => Arc::new(EmbeddedStore::open(path)?),
         },
+        // `lockgate test` grants nothing: no environment variables, no directories.
+        wasi: lockgate::config::WasiGrants::default(),
     };
     let handler = engine.load_handler(&args.component, env)?;
     let isolation = if args.per_message {

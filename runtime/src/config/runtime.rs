@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use super::grants::{self, ConfigValue, DirGrant};
 use super::reader::Reader;
 use super::routes::EMBEDDED_STORE;
 use super::schema;
@@ -112,8 +113,13 @@ pub struct HandlerConfig {
     pub max_outputs: u32,
     /// `max_log_records`: most log records kept per invocation.
     pub max_log_records: u32,
-    /// `config`: values the guest reads with `config.get`.
-    pub config: BTreeMap<String, String>,
+    /// `config`: values the guest reads with `config.get`, plain or secret (read by
+    /// [`HandlerConfig::resolve`]).
+    pub config: BTreeMap<String, ConfigValue>,
+    /// `env`: names of the host environment variables the guest sees.
+    pub env: Vec<String>,
+    /// `files`: host directories the guest reads, each preopened read-only.
+    pub files: Vec<DirGrant>,
 }
 
 /// The `[runtime]` table, its defaults filled in.
@@ -251,7 +257,9 @@ pub(super) fn parse_handler(
     let max_log_records = r
         .positive_u32("max_log_records")
         .unwrap_or(DEFAULT_MAX_LOG_RECORDS);
-    let config = r.scalars("config");
+    let config = grants::parse_config_values(r, "config");
+    let env = grants::parse_env(r, "env");
+    let files = grants::parse_files(r, "files");
     r.finish();
     if r.problem_count() != before {
         return None;
@@ -269,6 +277,8 @@ pub(super) fn parse_handler(
         max_outputs,
         max_log_records,
         config,
+        env,
+        files,
     })
 }
 
@@ -304,9 +314,10 @@ mod tests {
         )
         .unwrap();
         let cfg = &c.handlers["up"].config;
-        assert_eq!(cfg["a"], "x");
-        assert_eq!(cfg["n"], "3");
-        assert_eq!(cfg["b"], "true");
+        let plain = |s: &str| ConfigValue::Plain(s.to_owned());
+        assert_eq!(cfg["a"], plain("x"));
+        assert_eq!(cfg["n"], plain("3"));
+        assert_eq!(cfg["b"], plain("true"));
     }
 
     #[test]

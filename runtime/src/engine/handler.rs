@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use wasmtime::Store;
 use wasmtime::component::ResourceTable;
-use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use crate::deadline::{Deadline, DeadlineExceeded};
 
@@ -75,14 +75,17 @@ impl Handler {
         let stdout = CaptureBuffer::new(MAX_STDIO_BYTES);
         let stderr = CaptureBuffer::new(MAX_STDIO_BYTES);
         // No preopened directories, no env, no args, no network: WasiCtxBuilder's defaults plus
-        // explicit socket denial. Clocks and randomness stay available.
-        let wasi = WasiCtxBuilder::new()
+        // explicit socket denial, and only what the handler's table grants (docs/guarantees.md#g9).
+        // Clocks and randomness stay available.
+        let mut builder = WasiCtxBuilder::new();
+        builder
             .stdout(stdout.clone())
             .stderr(stderr.clone())
             .allow_tcp(false)
             .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
+            .allow_ip_name_lookup(false);
+        self.grant(&mut builder)?;
+        let wasi = builder.build();
         let state = HostState {
             wasi,
             table: ResourceTable::new(),
@@ -125,6 +128,27 @@ impl Handler {
             }
         })?;
         Ok(Instance::new(self.clone(), store, bindings))
+    }
+
+    /// Adds the handler's granted environment variables and read-only directories to `builder`.
+    /// A directory is opened anew for each instance; one that has gone since the handler was
+    /// loaded fails the instantiation, naming it.
+    fn grant(&self, builder: &mut WasiCtxBuilder) -> Result<(), EngineError> {
+        let grants = &self.inner.env.wasi;
+        builder.envs(&grants.env[..]);
+        for dir in &grants.dirs {
+            builder
+                .preopened_dir(&dir.host, &dir.guest, FsPerms::ReadOnly)
+                .map_err(|e| EngineError::Instantiate {
+                    path: self.inner.path.clone(),
+                    message: format!(
+                        "cannot open directory {} for the guest's {}: {e:#}",
+                        dir.host.display(),
+                        dir.guest
+                    ),
+                })?;
+        }
+        Ok(())
     }
 
     /// Instantiates once and drops the instance: proves the component links and its start

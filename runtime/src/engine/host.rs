@@ -59,6 +59,9 @@ pub struct HandlerEnv {
     pub limits: HandlerLimits,
     /// Where `kv` reads and writes.
     pub kv: Arc<dyn KvStore>,
+    /// Environment variables and read-only directories each instance's WASI gets
+    /// (docs/guarantees.md#g9); empty: none.
+    pub wasi: crate::config::WasiGrants,
 }
 
 impl std::fmt::Debug for HandlerEnv {
@@ -67,6 +70,7 @@ impl std::fmt::Debug for HandlerEnv {
             .field("name", &self.name)
             .field("outputs", &self.outputs)
             .field("limits", &self.limits)
+            .field("wasi", &self.wasi)
             .finish_non_exhaustive()
     }
 }
@@ -83,6 +87,7 @@ pub fn test_env(
         outputs: None,
         limits: HandlerLimits::default(),
         kv,
+        wasi: crate::config::WasiGrants::default(),
     }
 }
 
