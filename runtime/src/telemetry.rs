@@ -328,6 +328,45 @@ impl prometheus_client::collector::Collector for AdminRoutes {
         ] {
             ConstCounter::new(n).encode(metric.encode_family(&[("result", result)])?)?;
         }
+        // Each route's handler version has its own client (and counters): a reload starts them
+        // again, which `rate()` and `increase()` take as a counter reset.
+        let http: Vec<_> = routes
+            .iter()
+            .filter_map(|r| Some((r, r.slot.current().http_stats()?)))
+            .collect();
+        let mut metric = encoder.encode_descriptor(
+            "lockgate_http_requests",
+            "Outbound HTTP requests of handlers by host and how they ended: 2xx (also 1xx and 3xx), 4xx, 5xx, timeout, refused (no connection), denied (not allowed by the grant or a limit).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (r, stats) in &http {
+            for (host, outcome, n) in stats.counts() {
+                let labels = vec![
+                    ("route", r.route.clone()),
+                    ("handler", r.handler.clone()),
+                    ("host", host),
+                    ("outcome", outcome.as_str().to_owned()),
+                ];
+                ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        let mut metric = encoder.encode_descriptor(
+            "lockgate_http_request_seconds",
+            "Time from sending an outbound HTTP request to its response headers.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (r, stats) in &http {
+            for (host, histogram) in stats.durations() {
+                let labels = vec![
+                    ("route", r.route.clone()),
+                    ("handler", r.handler.clone()),
+                    ("host", host),
+                ];
+                histogram.encode(metric.encode_family(&labels)?)?;
+            }
+        }
         let mut metric = encoder.encode_descriptor(
             "lockgate_consumer_lag_messages",
             "Messages not yet committed per partition (Kafka: high watermark - committed; JetStream: consumer pending), refreshed every 5 s.",

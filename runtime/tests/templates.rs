@@ -148,8 +148,8 @@ fn fixtures_and_runtime_toml_are_the_same_in_every_language_and_valid() {
     assert_eq!(config.state_dir, dir.join(".lockgate"));
     let handler = &config.handlers["order-enricher"];
     assert_eq!(handler.module, dir.join("target/orders.wasm"));
-    assert_eq!(handler.config["output"], "orders.enriched");
-    assert_eq!(handler.config["large_total"], "100");
+    assert_eq!(handler.config["output"].to_string(), "orders.enriched");
+    assert_eq!(handler.config["large_total"].to_string(), "100");
     let route = &config.routes["order-enricher"];
     assert_eq!(route.handler.as_deref(), Some("order-enricher"));
     assert_eq!(route.outputs, ["orders.enriched"]);

@@ -193,6 +193,7 @@ async fn route_rate(engine: &Engine, mode: &str) -> f64 {
         limits: HandlerLimits::default(),
         kv: store.clone() as Arc<dyn KvStore>,
         http: None,
+        wasi: lockgate::config::WasiGrants::default(),
     };
     let handler = engine
         .load_handler(&lockgate_tests::guest("chaos"), env)

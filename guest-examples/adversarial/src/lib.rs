@@ -1,6 +1,7 @@
 //! Misbehaves as its payload commands (`loop`, `oom`, `recurse`, `recurse-memory`, `read-file`, `socket <addr>`,
 //! `env`, `publish-big`, `stdout`, `remember`, `sleep`, `stdin`, `clock-poll`, `clock-block`, `kv-get`;
-//! anything else is echoed to `out`), to test the host sandbox.
+//! anything else is echoed to `out`), to test the host sandbox. It also reports what it was
+//! granted: `config <key>`, `getenv <name>`, `read <path>` and `write <path>`.
 
 use std::hint::black_box;
 use std::io::Read;
@@ -92,6 +93,18 @@ fn handle(msg: Message) -> Result<(), Error> {
                 "out",
                 format!("env: {} vars{listed}; secret: {secret}", names.len()),
             )?)
+        }
+        "config" => {
+            let value = lockgate_sdk::config::get(arg).unwrap_or_else(|| "none".into());
+            Ok(emit::publish("out", format!("config {arg}: {value}"))?)
+        }
+        "getenv" => {
+            let value = std::env::var(arg).unwrap_or_else(|_| "none".into());
+            Ok(emit::publish("out", format!("getenv {arg}: {value}"))?)
+        }
+        "read" => report(std::fs::read_to_string(arg).map(|text| format!("read: {text}"))),
+        "write" => {
+            report(std::fs::write(arg, "written by the guest").map(|()| "LEAK: wrote".into()))
         }
         "publish-big" => {
             // Swallowing the refusal is the point: the host must fail the invocation anyway.
@@ -278,6 +291,39 @@ mod tests {
         assert!(text.starts_with(&format!("env: {count} vars")), "{text}");
         let secret = std::env::var("LOCKGATE_SECRET").unwrap_or_else(|_| "none".into());
         assert!(text.ends_with(&format!("; secret: {secret}")), "{text}");
+    }
+
+    #[test]
+    fn config_getenv_read_and_write_report_what_they_find() {
+        let mut host = TestHost::new().config("api_key", "k3y");
+        assert_eq!(
+            only_text(&run(&mut host, "config api_key").unwrap()),
+            "config api_key: k3y"
+        );
+        assert_eq!(
+            only_text(&run(&mut host, "config other").unwrap()),
+            "config other: none"
+        );
+        let path = std::env::var("PATH").unwrap();
+        assert_eq!(
+            only_text(&run(&mut host, "getenv PATH").unwrap()),
+            format!("getenv PATH: {path}")
+        );
+        let dir = std::env::temp_dir().join(format!("adversarial-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("f.txt");
+        let file = file.to_str().unwrap();
+        assert_eq!(
+            only_text(&run(&mut host, &format!("write {file}")).unwrap()),
+            "LEAK: wrote"
+        );
+        assert_eq!(
+            only_text(&run(&mut host, &format!("read {file}")).unwrap()),
+            "read: written by the guest"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        let missing = run(&mut host, &format!("read {file}")).unwrap();
+        assert!(only_text(&missing).starts_with("denied: "));
     }
 
     #[test]

@@ -94,6 +94,16 @@ pub enum ReloadError {
         /// Why.
         error: crate::engine::outbound::OutboundError,
     },
+    /// A value a handler is given cannot be read: a secret of its `config`, a variable of its
+    /// `env`, a directory of its `files`. One line per value, each naming the file, the field
+    /// and where the value was to come from, never a value.
+    #[error("{}", errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Grants {
+        /// The handler.
+        handler: String,
+        /// What could not be read.
+        errors: Vec<crate::config::SecretError>,
+    },
     /// Compiling a module panicked (a bug; the message says where).
     #[error("handlers.{handler}: loading task failed: {error}")]
     LoadTask {

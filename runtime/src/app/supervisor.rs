@@ -19,6 +19,7 @@ use sha2::Digest as _;
 use tokio::sync::mpsc;
 
 use crate::broker::local::LocalBroker;
+use crate::config::ResolvedHandler;
 use crate::config::{Config, HandlerConfig, RouteConfig, StoreConfig};
 use crate::engine::outbound::Outbound;
 use crate::engine::{Engine, Handler, HandlerEnv, HandlerLimits, InstancePool};
@@ -62,6 +63,9 @@ struct Running {
     /// `None` for a relay that publishes rows as written.
     handler: Option<HandlerConfig>,
     module_hash: String,
+    /// The values its handler version was given (`config`, `env`, `files`), to swap in a new
+    /// version when a reload reads different ones (a rotated secret).
+    resolved: Option<ResolvedHandler>,
     slot: HandlerSlot,
     trigger: ShutdownTrigger,
     task: tokio::task::JoinHandle<RouteReport>,
@@ -81,6 +85,14 @@ impl Prepared {
             .as_ref()
             .map(|(h, _)| h.module_hash().to_owned())
             .unwrap_or_default()
+    }
+
+    /// The values the handler version was given.
+    fn resolved(&self) -> Option<ResolvedHandler> {
+        self.handler.as_ref().map(|(h, _)| ResolvedHandler {
+            config: h.env().config.clone(),
+            wasi: h.env().wasi.clone(),
+        })
     }
 }
 
@@ -237,6 +249,7 @@ impl Supervisor {
             }
         };
         let module_hash = prepared.module_hash();
+        let resolved = prepared.resolved();
         let Prepared { handler, store } = prepared;
         let source = self
             .clients
@@ -328,6 +341,7 @@ impl Supervisor {
                 ),
                 handler: config,
                 module_hash,
+                resolved,
                 slot,
                 trigger,
                 task,
@@ -440,6 +454,19 @@ impl Supervisor {
                     Some((hc, bytes, hash))
                 }
             };
+            // Read at every reload, so a rotated secret or a changed variable reaches the guest.
+            let resolved = match &module {
+                None => None,
+                Some((hc, _, _)) => {
+                    Some(
+                        hc.resolve(&new.file)
+                            .map_err(|errors| ReloadError::Grants {
+                                handler: hc.name.clone(),
+                                errors,
+                            })?,
+                    )
+                }
+            };
             let uses_changed_broker = changed_brokers.iter().any(|b| route.uses_broker(b))
                 || changed_stores.iter().any(|s| route.uses_store_tables(s));
             let store_name = new.store_of(route).to_owned();
@@ -462,7 +489,8 @@ impl Supervisor {
                 }
                 Some(r)
                     if r.handler.as_ref() != module.as_ref().map(|m| m.0)
-                        || module.as_ref().is_some_and(|m| r.module_hash != m.2) =>
+                        || module.as_ref().is_some_and(|m| r.module_hash != m.2)
+                        || r.resolved != resolved =>
                 {
                     Plan::Swap
                 }
@@ -470,7 +498,8 @@ impl Supervisor {
             };
             let prepared = match module {
                 Some((hc, bytes, hash)) => {
-                    prepare(&self.engine, store, route, hc, bytes, hash).await?
+                    let resolved = resolved.unwrap_or_default();
+                    prepare(&self.engine, store, route, hc, resolved, bytes, hash).await?
                 }
                 None => Prepared {
                     handler: None,
@@ -543,6 +572,10 @@ impl Supervisor {
                     let Some((handler, hc)) = prepared.handler else {
                         continue;
                     };
+                    r.resolved = Some(ResolvedHandler {
+                        config: handler.env().config.clone(),
+                        wasi: handler.env().wasi.clone(),
+                    });
                     let from =
                         std::mem::replace(&mut r.module_hash, handler.module_hash().to_owned());
                     r.slot.swap(Arc::new(InstancePool::new(
@@ -582,12 +615,13 @@ async fn prepare(
     store: StateStore,
     route: &RouteConfig,
     hc: &HandlerConfig,
+    resolved: ResolvedHandler,
     bytes: Vec<u8>,
     hash: String,
 ) -> Result<Prepared, ReloadError> {
     let env = HandlerEnv {
         name: hc.name.clone(),
-        config: hc.config.clone(),
+        config: resolved.config,
         outputs: Some(route.outputs.iter().cloned().collect()),
         limits: HandlerLimits::from(hc),
         kv: store.kv.clone(),
@@ -600,6 +634,7 @@ async fn prepare(
                 }
             })?)),
         },
+        wasi: resolved.wasi,
     };
     let (engine, hc2) = (engine.clone(), hc.clone());
     let handler = tokio::task::spawn_blocking(move || {

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use clap::Args;
 use lockgate::app::clients::connector;
 use lockgate::broker::BrokerError;
-use lockgate::config::{BrokerSource, Config, Problem, StoreKind, format_problem};
+use lockgate::config::{BrokerSource, Config, Problem, ResolvedHandler, StoreKind, format_problem};
+use lockgate::engine::outbound::Outbound;
 use lockgate::engine::{Engine, EngineError, EngineSettings, HandlerEnv, HandlerLimits};
 use lockgate::state::MemoryStore;
 use lockgate::state::probe;
@@ -58,7 +59,8 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     // Modules of the handlers that validated are loaded even when other tables are broken, so
     // one run shows every problem.
     problems.extend(unreadable.iter().cloned());
-    problems.extend(check_handlers(&config)?);
+    let (handler_problems, handler_warnings) = check_handlers(&config)?;
+    problems.extend(handler_problems);
     let mut notes = Vec::new();
     if args.connect {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -70,7 +72,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         // Background tasks of the clients (connection drivers) end with the runtime.
         runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     }
-    for w in &config.warnings {
+    for w in config.warnings.iter().chain(&handler_warnings) {
         eprintln!("warning: {}", format_problem(&config.file, w));
     }
     for p in &problems {
@@ -105,9 +107,11 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Compiles and instantiates every handler, collecting one problem per failing handler.
-fn check_handlers(config: &Config) -> anyhow::Result<Vec<Problem>> {
+/// Compiles and instantiates every handler, collecting one problem per failing handler, and
+/// warnings (a component that may make HTTP requests its handler has no grant for).
+fn check_handlers(config: &Config) -> anyhow::Result<(Vec<Problem>, Vec<Problem>)> {
     let mut problems = Vec::new();
+    let mut warnings = Vec::new();
     let engine = Engine::new(&EngineSettings::from(config))?;
     // kv is never touched by instantiation; an in-memory store keeps `check` free of side effects.
     let kv = Arc::new(MemoryStore::new());
@@ -120,13 +124,29 @@ fn check_handlers(config: &Config) -> anyhow::Result<Vec<Problem>> {
             ));
             continue;
         }
+        // Its `config` secrets, `env` variables and `files` directories, read as `lockgate run`
+        // reads them; the module is still checked, without them, when one cannot be read.
+        let resolved = h.resolve(&config.file).unwrap_or_else(|errors| {
+            problems.extend(errors.into_iter().map(|e| Problem::new(&e.field, e.reason)));
+            ResolvedHandler::default()
+        });
         let env = HandlerEnv {
             name: h.name.clone(),
-            config: h.config.clone(),
+            config: resolved.config,
             outputs: None,
             limits: HandlerLimits::from(h),
             kv: kv.clone(),
-            http: None,
+            http: match h.http.clone().map(Outbound::new).transpose() {
+                Ok(http) => http.map(Arc::new),
+                Err(e) => {
+                    problems.push(Problem::new(
+                        &format!("handlers.{}.http", h.name),
+                        e.to_string(),
+                    ));
+                    None
+                }
+            },
+            wasi: resolved.wasi,
         };
         let loaded = std::fs::read(&h.module)
             .map_err(|source| EngineError::Read {
@@ -134,12 +154,22 @@ fn check_handlers(config: &Config) -> anyhow::Result<Vec<Problem>> {
                 source,
             })
             .and_then(|bytes| engine.load_handler_bytes(h.module_raw.as_ref(), &bytes, env))
-            .and_then(|handler| handler.check_instantiate());
-        if let Err(e) = loaded {
-            problems.push(Problem::new(&path, e.to_string()));
+            .and_then(|handler| handler.check_instantiate().map(|()| handler));
+        match loaded {
+            Err(e) => problems.push(Problem::new(&path, e.to_string())),
+            Ok(handler) if handler.imports_http() && h.http.is_none() => {
+                warnings.push(Problem::new(
+                    &format!("handlers.{}", h.name),
+                    format!(
+                        "{} imports wasi:http/outgoing-handler, but [handlers.{}.http] is not configured: every request it makes will be denied",
+                        h.module_raw, h.name
+                    ),
+                ));
+            }
+            Ok(_) => {}
         }
     }
-    Ok(problems)
+    Ok((problems, warnings))
 }
 
 /// A problem found by connecting: the failure and, if known, what to change.

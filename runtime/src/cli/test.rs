@@ -107,6 +107,8 @@ pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
             Some(path) => Arc::new(EmbeddedStore::open(path)?),
         },
         http: None,
+        // `lockgate test` grants nothing: no environment variables, no directories.
+        wasi: lockgate::config::WasiGrants::default(),
     };
     let handler = engine.load_handler(&args.component, env)?;
     let isolation = if args.per_message {

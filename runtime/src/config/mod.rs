@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use toml::map::Map as IndexMap;
 
 mod brokers;
+mod grants;
 pub mod http;
 pub mod local;
 mod reader;
@@ -45,6 +46,7 @@ pub use brokers::{
     DEFAULT_RABBIT_REQUEST_TIMEOUT_MS, KafkaConfig, MAX_IN_FLIGHT_PER_PARTITION_LIMIT, NatsAuth,
     NatsConfig, Property, RabbitConfig, is_secret_property,
 };
+pub use grants::{ConfigValue, DirGrant, ResolvedHandler, WasiGrants};
 pub use reader::{ConfigError, Problem, format_problem};
 pub use routes::{
     BUILTIN_BROKERS, BrokerRef, BrokerSource, DEFAULT_GROUP, DEFAULT_IDEMPOTENCY_LEASE_MS,
@@ -158,7 +160,8 @@ impl Config {
     }
 
     /// Every secret the config holds (store and broker URLs, NATS credentials, Kafka secret
-    /// properties, the admin token), in file order. `lockgate check` resolves each.
+    /// properties, the admin token), in file order. `lockgate check` resolves each. A handler's
+    /// secrets are read with its other grants by [`HandlerConfig::resolve`].
     pub fn secrets(&self) -> Vec<&Secret> {
         let mut out: Vec<&Secret> = self.admin_token.iter().collect();
         out.extend(self.stores.values().map(|s| &s.url));

@@ -320,32 +320,6 @@ impl<'a> Reader<'a> {
         Some(s)
     }
 
-    /// Table `key` of strings, numbers and booleans, as strings (handler `config`). Its keys are
-    /// the user's, so they are not checked against the schema.
-    pub(super) fn scalars(&mut self, key: &str) -> std::collections::BTreeMap<String, String> {
-        let mut out = std::collections::BTreeMap::new();
-        if let Some(t) = self.table(key) {
-            for (k, v) in t {
-                match scalar(v) {
-                    Some(value) => {
-                        out.insert(k.clone(), value);
-                    }
-                    None => {
-                        let path = self.key_path(&format!("{key}.{k}"));
-                        self.out.problems.push(Problem::new(
-                            &path,
-                            format!(
-                                "expected a string, number or boolean, found {}",
-                                describe(v)
-                            ),
-                        ));
-                    }
-                }
-            }
-        }
-        out
-    }
-
     /// Reads the `[key.<name>]` tables: checks each name is valid and each entry is a table,
     /// parses it with `parse` (its reader bound to `schema`), and keeps the ones that parsed, in
     /// file order.

@@ -60,6 +60,7 @@ fn nested(t: &Table) -> bool {
         || t.id.starts_with("brokers-")
         || t.id.starts_with("routes-")
         || t.id == "local-topics"
+        || t.id.starts_with("handlers-")
 }
 
 /// The whole reference.
@@ -189,6 +190,7 @@ fn kind(k: &Kind) -> String {
         Kind::Named([t]) => format!("tables by name: {}", link(t)),
         Kind::Named(ts) => format!("tables by name, one per `kind`: {}", links(ts)),
         Kind::StringsOrTable(t) => format!("array of strings, or a table: {}", link(t)),
+        Kind::Tables(t) => format!("array of tables: {}", link(t)),
     }
 }
 

@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use super::grants::{self, ConfigValue, DirGrant};
 use super::http::{HttpGrant, parse_http};
 use super::reader::Reader;
 use super::routes::EMBEDDED_STORE;
@@ -113,10 +114,15 @@ pub struct HandlerConfig {
     pub max_outputs: u32,
     /// `max_log_records`: most log records kept per invocation.
     pub max_log_records: u32,
-    /// `config`: values the guest reads with `config.get`.
-    pub config: BTreeMap<String, String>,
     /// `[handlers.<name>.http]`: the outbound HTTP it may make; `None` denies every request.
     pub http: Option<HttpGrant>,
+    /// `config`: values the guest reads with `config.get`, plain or secret (read by
+    /// [`HandlerConfig::resolve`]).
+    pub config: BTreeMap<String, ConfigValue>,
+    /// `env`: names of the host environment variables the guest sees.
+    pub env: Vec<String>,
+    /// `files`: host directories the guest reads, each preopened read-only.
+    pub files: Vec<DirGrant>,
 }
 
 /// The `[runtime]` table, its defaults filled in.
@@ -254,10 +260,12 @@ pub(super) fn parse_handler(
     let max_log_records = r
         .positive_u32("max_log_records")
         .unwrap_or(DEFAULT_MAX_LOG_RECORDS);
-    let config = r.scalars("config");
     let http = r
         .table("http")
         .and_then(|t| parse_http(&mut r.child("http", t, &[&schema::HANDLER_HTTP])));
+    let config = grants::parse_config_values(r, "config");
+    let env = grants::parse_env(r, "env");
+    let files = grants::parse_files(r, "files");
     r.finish();
     if r.problem_count() != before {
         return None;
@@ -276,6 +284,8 @@ pub(super) fn parse_handler(
         max_log_records,
         config,
         http,
+        env,
+        files,
     })
 }
 
@@ -311,9 +321,10 @@ mod tests {
         )
         .unwrap();
         let cfg = &c.handlers["up"].config;
-        assert_eq!(cfg["a"], "x");
-        assert_eq!(cfg["n"], "3");
-        assert_eq!(cfg["b"], "true");
+        let plain = |s: &str| ConfigValue::Plain(s.to_owned());
+        assert_eq!(cfg["a"], plain("x"));
+        assert_eq!(cfg["n"], plain("3"));
+        assert_eq!(cfg["b"], plain("true"));
     }
 
     #[test]

@@ -68,6 +68,8 @@ pub enum Kind {
     Named(&'static [&'static Table]),
     /// An array of strings, or a table described by this.
     StringsOrTable(&'static Table),
+    /// An array of tables, each described by this.
+    Tables(&'static Table),
 }
 
 /// A field's default.
@@ -379,9 +381,21 @@ pub const HANDLER: Table = Table {
         ),
         field(
             "config",
-            K::Scalars,
+            K::Properties,
             P::Unset,
-            "Values the guest reads with `config.get`.",
+            "Values the guest reads with `config.get`. A [secret](#secrets) written `{ env = \"NAME\" }` or `{ file = \"path\" }` is read when the handler is loaded (at start and at every reload), its file's trailing newline dropped, and never shown.",
+        ),
+        field(
+            "env",
+            K::Strings,
+            P::Unset,
+            "Host environment variables the guest sees (`wasi:cli/environment`), by name; no other. Each must be set.",
+        ),
+        field(
+            "files",
+            K::Tables(&HANDLER_FILE),
+            P::Unset,
+            "Host directories the guest may read, each preopened read-only at its `guest` path; nothing else of the file system is visible.",
         ),
         field(
             "http",
@@ -400,7 +414,9 @@ max_messages_per_instance = 10000
 max_output_bytes = 1048576
 max_outputs = 1000
 max_log_records = 100
-config = { target = "shouted" }
+config = { target = "shouted", api_key = { env = "UPPERCASE_API_KEY" } }
+env = ["TZ"]
+files = [{ host = "data", guest = "/data" }]
 "#,
 };
 
@@ -464,6 +480,25 @@ max_concurrent = 8
 ca_file = "certs/internal-ca.pem"
 idempotency_header = "Idempotency-Key"
 "#,
+};
+
+/// An entry of `files` in `[handlers.<name>]`.
+pub const HANDLER_FILE: Table = Table {
+    id: "handlers-files",
+    title: "`files` of `[handlers.<name>]`",
+    label: "`files` entry",
+    doc: "A host directory the guest reads at an absolute path of its own, read-only: it can list and read the files under it, not write, create or delete them, nor reach outside it (`..` and symbolic links that leave it are refused). `lockgate check`, the start and every reload fail when the directory is missing.",
+    fields: &[
+        field("host", K::Path, P::Required, "The directory on the host."),
+        field(
+            "guest",
+            K::Str,
+            P::Required,
+            "Where the guest finds it: an absolute path (`/data`), each given once.",
+        ),
+    ],
+    aliases: &[],
+    example: "",
 };
 
 /// The kinds of `[stores.<name>]`.
@@ -1418,6 +1453,7 @@ pub const TABLES: &[&Table] = &[
     &ENGINE,
     &HANDLER,
     &HANDLER_HTTP,
+    &HANDLER_FILE,
     &STORE_REDIS,
     &STORE_POSTGRES,
     &KAFKA,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use wasmtime::Store;
 use wasmtime::component::ResourceTable;
-use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use crate::deadline::{Deadline, DeadlineExceeded};
 
@@ -35,6 +35,8 @@ pub(super) struct HandlerInner {
     pub(super) path: PathBuf,
     pub(super) module_hash: String,
     pub(super) from_cache: bool,
+    /// Whether the component imports `wasi:http/outgoing-handler` (it may make requests).
+    pub(super) imports_http: bool,
     /// Keeps the compiled artefact on disk while this version is loaded.
     pub(super) _cache_pin: Option<CachePin>,
 }
@@ -60,6 +62,12 @@ impl Handler {
         &self.inner.module_hash
     }
 
+    /// Whether the component imports `wasi:http/outgoing-handler`: it may make requests, which
+    /// its handler's grant (`[handlers.<name>.http]`) must allow.
+    pub fn imports_http(&self) -> bool {
+        self.inner.imports_http
+    }
+
     /// Whether the compiled code came from the on-disk cache.
     pub fn loaded_from_cache(&self) -> bool {
         self.inner.from_cache
@@ -76,14 +84,17 @@ impl Handler {
         let stdout = CaptureBuffer::new(MAX_STDIO_BYTES);
         let stderr = CaptureBuffer::new(MAX_STDIO_BYTES);
         // No preopened directories, no env, no args, no network: WasiCtxBuilder's defaults plus
-        // explicit socket denial. Clocks and randomness stay available.
-        let wasi = WasiCtxBuilder::new()
+        // explicit socket denial, and only what the handler's table grants (docs/guarantees.md#g9).
+        // Clocks and randomness stay available.
+        let mut builder = WasiCtxBuilder::new();
+        builder
             .stdout(stdout.clone())
             .stderr(stderr.clone())
             .allow_tcp(false)
             .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
+            .allow_ip_name_lookup(false);
+        self.grant(&mut builder)?;
+        let wasi = builder.build();
         let state = HostState {
             wasi,
             table: ResourceTable::new(),
@@ -128,6 +139,27 @@ impl Handler {
             }
         })?;
         Ok(Instance::new(self.clone(), store, bindings))
+    }
+
+    /// Adds the handler's granted environment variables and read-only directories to `builder`.
+    /// A directory is opened anew for each instance; one that has gone since the handler was
+    /// loaded fails the instantiation, naming it.
+    fn grant(&self, builder: &mut WasiCtxBuilder) -> Result<(), EngineError> {
+        let grants = &self.inner.env.wasi;
+        builder.envs(&grants.env[..]);
+        for dir in &grants.dirs {
+            builder
+                .preopened_dir(&dir.host, &dir.guest, FsPerms::ReadOnly)
+                .map_err(|e| EngineError::Instantiate {
+                    path: self.inner.path.clone(),
+                    message: format!(
+                        "cannot open directory {} for the guest's {}: {e:#}",
+                        dir.host.display(),
+                        dir.guest
+                    ),
+                })?;
+        }
+        Ok(())
     }
 
     /// Instantiates once and drops the instance: proves the component links and its start

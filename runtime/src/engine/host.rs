@@ -62,6 +62,9 @@ pub struct HandlerEnv {
     pub kv: Arc<dyn KvStore>,
     /// The outbound HTTP the handler is granted; `None` denies every request.
     pub http: Option<Arc<Outbound>>,
+    /// Environment variables and read-only directories each instance's WASI gets
+    /// (docs/guarantees.md#g9); empty: none.
+    pub wasi: crate::config::WasiGrants,
 }
 
 impl std::fmt::Debug for HandlerEnv {
@@ -70,6 +73,7 @@ impl std::fmt::Debug for HandlerEnv {
             .field("name", &self.name)
             .field("outputs", &self.outputs)
             .field("limits", &self.limits)
+            .field("wasi", &self.wasi)
             .finish_non_exhaustive()
     }
 }
@@ -87,6 +91,7 @@ pub fn test_env(
         limits: HandlerLimits::default(),
         kv,
         http: None,
+        wasi: crate::config::WasiGrants::default(),
     }
 }
 

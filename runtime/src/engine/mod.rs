@@ -277,6 +277,10 @@ impl Engine {
                 problems,
             });
         }
+        let imports_http = component
+            .component_type()
+            .imports(engine)
+            .any(|(name, _)| name.starts_with("wasi:http/outgoing-handler@"));
         let instance_pre = self.inner.linker.instantiate_pre(&component).map_err(|e| {
             EngineError::WorldMismatch {
                 path: path.to_owned(),
@@ -296,6 +300,7 @@ impl Engine {
                 path: path.to_owned(),
                 module_hash: hash,
                 from_cache,
+                imports_http,
                 _cache_pin: cache_pin,
             }),
         })

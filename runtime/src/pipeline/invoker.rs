@@ -38,6 +38,10 @@ pub trait Invoker: Send + Sync + 'static {
     fn passthrough(&self) -> bool {
         false
     }
+    /// Counters of the handler's outbound HTTP requests, when it has a grant.
+    fn http_stats(&self) -> Option<Arc<crate::engine::outbound::HttpStats>> {
+        None
+    }
 }
 
 /// The "handler" of an outbox relay without one: every row is published as it is, keeping its
@@ -70,6 +74,10 @@ impl Invoker for Passthrough {
 impl Invoker for InstancePool {
     fn invoke(&self, message: &InboundMessage) -> Invocation {
         InstancePool::invoke(self, message)
+    }
+
+    fn http_stats(&self) -> Option<Arc<crate::engine::outbound::HttpStats>> {
+        Some(self.handler().env().http.as_ref()?.stats().clone())
     }
 
     fn invoke_staged(&self, message: &InboundMessage) -> Invocation {
