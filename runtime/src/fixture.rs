@@ -5,11 +5,19 @@
 //! {"payload": "hello", "key": "k1", "headers": {"h": "v"}, "attempt": 1, "topic": "in"}
 //! {"payload_base64": "AAEC"}
 //! {"payload_json": {"kind": "order", "id": 7}}
+//! {"payload_json": {"customer_id": "c-7"}, "http": [{"method": "GET", "url": "https://customers.example.com/customers/c-7", "status": 200, "headers": {"content-type": "application/json"}, "body": {"name": "Ada"}}]}
 //! ```
+//! `http` stubs the message's outbound requests: a request whose method (default `GET`) and URL
+//! match gets that response (`status` default 200; a `body` that is not a string is sent as
+//! JSON); one without a stub fails the message, naming its URL, unless `lockgate test
+//! --allow-http` lets its host be reached.
 //! **Output** (`--json`): one result per message, in input order:
 //! ```json
 //! {"message": 1, "outcome": "ok", "published": [{"topic": "out", "payload": "HELLO"}], "logs": []}
 //! ```
+//! A call that made HTTP requests also has `"http": [{"method": "GET", "url": "...", "status":
+//! 200}]` (`status` for a stubbed answer, `"sent": true` for one that reached the network,
+//! `"denied"` with the reason for one that was refused), which expectations can check.
 //! **Expectations** (`--expect`): one line per message in the output shape, compared as a
 //! *subset*: only the fields written are checked (a `headers` table is checked for the headers
 //! it names), arrays must match element by element, a field `X_contains` checks that the actual
@@ -26,6 +34,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use crate::engine::outbound::{HttpAnswer, HttpStub};
 use crate::engine::{InboundMessage, Invocation, Outcome, OutgoingMessage};
 
 /// A problem in a fixture or expectation file, with its 1-based line.
@@ -55,11 +64,42 @@ struct InputLine {
     timestamp_ms: Option<u64>,
     attempt: Option<u32>,
     reply_to: Option<String>,
+    http: Option<Vec<StubLine>>,
 }
 
-/// Parses a fixture file into messages. Blank lines and lines starting with `#` or `//` are
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StubLine {
+    method: Option<String>,
+    url: String,
+    status: Option<u16>,
+    headers: Option<BTreeMap<String, String>>,
+    body: Option<Value>,
+}
+
+/// One message of a fixture file, with the HTTP stubs its call sees.
+#[derive(Clone, Debug)]
+pub struct Fixture {
+    /// 1-based line in the file.
+    pub line: usize,
+    /// The message.
+    pub message: InboundMessage,
+    /// Canned responses to its outbound requests.
+    pub http: Vec<HttpStub>,
+}
+
+/// Parses a fixture file into messages (without their HTTP stubs; see [`parse_fixtures`]). Blank lines and lines starting with `#` or `//` are
 /// skipped; every bad line is reported, not just the first.
 pub fn parse_inputs(text: &str) -> Result<Vec<(usize, InboundMessage)>, Vec<FixtureError>> {
+    Ok(parse_fixtures(text)?
+        .into_iter()
+        .map(|f| (f.line, f.message))
+        .collect())
+}
+
+/// Parses a fixture file into messages and their HTTP stubs. Blank lines and lines starting
+/// with `#` or `//` are skipped; every bad line is reported, not just the first.
+pub fn parse_fixtures(text: &str) -> Result<Vec<Fixture>, Vec<FixtureError>> {
     let mut messages = Vec::new();
     let mut errors = Vec::new();
     for (i, raw) in text.lines().enumerate() {
@@ -69,7 +109,11 @@ pub fn parse_inputs(text: &str) -> Result<Vec<(usize, InboundMessage)>, Vec<Fixt
             continue;
         }
         match parse_input_line(trimmed, messages.len() + 1) {
-            Ok(m) => messages.push((line, m)),
+            Ok((message, http)) => messages.push(Fixture {
+                line,
+                message,
+                http,
+            }),
             Err(message) => errors.push(FixtureError { line, message }),
         }
     }
@@ -80,8 +124,47 @@ pub fn parse_inputs(text: &str) -> Result<Vec<(usize, InboundMessage)>, Vec<Fixt
     }
 }
 
-fn parse_input_line(text: &str, index: usize) -> Result<InboundMessage, String> {
+fn parse_stub(i: usize, s: StubLine) -> Result<HttpStub, String> {
+    let at = |why: String| format!("`http[{i}]`: {why}");
+    let url = http::Uri::try_from(s.url.as_str())
+        .ok()
+        .filter(|u| u.scheme().is_some() && u.host().is_some())
+        .ok_or_else(|| {
+            at(format!(
+                "\"{}\" is not an absolute http:// or https:// URL",
+                s.url
+            ))
+        })?;
+    let status = s.status.unwrap_or(200);
+    if !(100..=999).contains(&status) {
+        return Err(at(format!("status {status} is not an HTTP status")));
+    }
+    let body = match s.body {
+        None => Vec::new(),
+        Some(Value::String(text)) => text.into_bytes(),
+        Some(json) => serde_json::to_vec(&json).map_err(|e| at(e.to_string()))?,
+    };
+    Ok(HttpStub {
+        method: s
+            .method
+            .unwrap_or_else(|| "GET".to_owned())
+            .to_ascii_uppercase(),
+        url: url.to_string(),
+        status,
+        headers: s.headers.unwrap_or_default().into_iter().collect(),
+        body,
+    })
+}
+
+fn parse_input_line(text: &str, index: usize) -> Result<(InboundMessage, Vec<HttpStub>), String> {
     let l: InputLine = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let stubs = l
+        .http
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| parse_stub(i, s))
+        .collect::<Result<Vec<_>, _>>()?;
     let payloads = [
         l.payload.is_some(),
         l.payload_base64.is_some(),
@@ -127,7 +210,7 @@ fn parse_input_line(text: &str, index: usize) -> Result<InboundMessage, String> 
         headers.push((k, bytes));
     }
     let topic = l.topic.unwrap_or_else(|| "test".to_owned());
-    Ok(InboundMessage {
+    let message = InboundMessage {
         id: l.id.unwrap_or_else(|| format!("{topic}/{index}")),
         topic,
         partition: l.partition,
@@ -138,7 +221,8 @@ fn parse_input_line(text: &str, index: usize) -> Result<InboundMessage, String> 
         timestamp_ms: l.timestamp_ms,
         attempt: l.attempt.unwrap_or(1),
         reply_to: l.reply_to,
-    })
+    };
+    Ok((message, stubs))
 }
 
 /// `m` as one line of the input format, read back by [`parse_inputs`] as the same message
@@ -250,6 +334,24 @@ pub fn result_json(index: usize, inv: &Invocation) -> Value {
         .map(|l| json!({"level": l.level.as_str(), "source": l.source.as_str(), "message": l.message}))
         .collect();
     obj.insert("logs".into(), Value::Array(logs));
+    if !inv.http.is_empty() {
+        let requests = inv
+            .http
+            .iter()
+            .map(|r| {
+                let mut o = Map::new();
+                o.insert("method".into(), json!(r.method));
+                o.insert("url".into(), json!(r.url));
+                match &r.answer {
+                    HttpAnswer::Stub(status) => o.insert("status".into(), json!(status)),
+                    HttpAnswer::Sent => o.insert("sent".into(), json!(true)),
+                    HttpAnswer::Denied(reason) => o.insert("denied".into(), json!(reason)),
+                };
+                Value::Object(o)
+            })
+            .collect();
+        obj.insert("http".into(), Value::Array(requests));
+    }
     if inv.dropped_logs > 0 {
         obj.insert("dropped_logs".into(), json!(inv.dropped_logs));
     }
@@ -561,6 +663,7 @@ mod tests {
             refused_outputs: 0,
             elapsed: Duration::from_micros(1500),
             kv_writes: None,
+            http: vec![],
         };
         let v = result_json(2, &inv);
         assert_eq!(v["message"], 2);

@@ -126,6 +126,7 @@ impl Invoker for Native {
             refused_outputs: 0,
             elapsed: start.elapsed(),
             kv_writes: None,
+            http: Vec::new(),
         }
     }
 

@@ -29,12 +29,17 @@ struct Seen {
     path: String,
     headers: BTreeMap<String, String>,
     body: String,
+    at: Instant,
 }
 
 struct Server {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
     connections: Arc<AtomicUsize>,
+    /// Connections open now.
+    open: Arc<AtomicUsize>,
+    /// `/customers/...` answers 503 until then (an outage of the dependency).
+    down_until: Arc<Mutex<Option<Instant>>>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -47,6 +52,7 @@ fn full(b: impl Into<Bytes>) -> Body {
 async fn respond(
     req: hyper::Request<hyper::body::Incoming>,
     seen: Arc<Mutex<Vec<Seen>>>,
+    down_until: Arc<Mutex<Option<Instant>>>,
     port: u16,
 ) -> hyper::Response<Body> {
     let (parts, body) = req.into_parts();
@@ -56,18 +62,43 @@ async fn respond(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let path = parts.uri.path().to_owned();
-    seen.lock().expect("seen").push(Seen {
-        method: parts.method.to_string(),
-        path: parts.uri.to_string(),
-        headers: parts
-            .headers
+    let before = {
+        let mut seen = seen.lock().expect("seen");
+        let before = seen
             .iter()
-            .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or_default().to_owned()))
-            .collect(),
-        body: String::from_utf8_lossy(&body).into_owned(),
-    });
+            .filter(|s| s.path == parts.uri.to_string())
+            .count();
+        seen.push(Seen {
+            method: parts.method.to_string(),
+            path: parts.uri.to_string(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or_default().to_owned()))
+                .collect(),
+            body: String::from_utf8_lossy(&body).into_owned(),
+            at: Instant::now(),
+        });
+        before
+    };
+    let down = down_until
+        .lock()
+        .expect("down")
+        .is_some_and(|until| Instant::now() < until);
     let mut builder = hyper::Response::builder();
     let body = match path.as_str() {
+        "/customers/throttled" if before == 0 => {
+            builder = builder.status(429).header("retry-after", "2");
+            full("slow down")
+        }
+        p if p.starts_with("/customers/") && down => {
+            builder = builder.status(503);
+            full("down")
+        }
+        p if p.starts_with("/customers/") => {
+            builder = builder.header("content-type", "application/json");
+            full(json!({"id": &p[11..], "name": format!("customer {}", &p[11..])}).to_string())
+        }
         "/hang" => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             full("")
@@ -122,18 +153,34 @@ fn serve(tls: Option<Arc<rustls::ServerConfig>>) -> Server {
     let addr = listener.local_addr().expect("addr");
     let seen = Arc::new(Mutex::new(Vec::new()));
     let connections = Arc::new(AtomicUsize::new(0));
-    let (s, c) = (seen.clone(), connections.clone());
+    let down_until = Arc::new(Mutex::new(None));
+    let open = Arc::new(AtomicUsize::new(0));
+    let (s, c, d, o) = (
+        seen.clone(),
+        connections.clone(),
+        down_until.clone(),
+        open.clone(),
+    );
     rt.spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
             };
             c.fetch_add(1, Ordering::SeqCst);
-            let (seen, tls) = (s.clone(), tls.clone());
+            o.fetch_add(1, Ordering::SeqCst);
+            let (seen, down, tls, open) = (s.clone(), d.clone(), tls.clone(), o.clone());
             tokio::spawn(async move {
+                // Counted down however the connection ends (a client that goes away included).
+                struct Close(Arc<AtomicUsize>);
+                impl Drop for Close {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+                let _close = Close(open);
                 let service = hyper::service::service_fn(move |req| {
-                    let seen = seen.clone();
-                    async move { Ok::<_, Infallible>(respond(req, seen, addr.port()).await) }
+                    let (seen, down) = (seen.clone(), down.clone());
+                    async move { Ok::<_, Infallible>(respond(req, seen, down, addr.port()).await) }
                 });
                 let http = hyper::server::conn::http1::Builder::new();
                 match tls {
@@ -157,6 +204,8 @@ fn serve(tls: Option<Arc<rustls::ServerConfig>>) -> Server {
         addr,
         seen,
         connections,
+        open,
+        down_until,
         _rt: rt,
     }
 }
@@ -228,15 +277,12 @@ fn an_allowed_host_gets_the_request_with_a_stable_key_and_the_trace() {
 
     let get = msg(
         "orders/0/7",
-        json!({"url": format!("{base}/customers/7?x=1"), "headers": {"x-trace-me": "yes"}}),
+        json!({"url": format!("{base}/people/7?x=1"), "headers": {"x-trace-me": "yes"}}),
     );
     let v = result(&pool.invoke(&get).outcome);
     assert_eq!(v["status"], 200, "{v}");
     assert!(
-        v["body"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("/customers/7"),
+        v["body"].as_str().unwrap_or_default().contains("/people/7"),
         "{v}"
     );
     let post = msg(
@@ -261,7 +307,7 @@ fn an_allowed_host_gets_the_request_with_a_stable_key_and_the_trace() {
     let (g, p) = (&seen[0], &seen[1]);
     assert_eq!(
         (g.method.as_str(), g.path.as_str()),
-        ("GET", "/customers/7?x=1")
+        ("GET", "/people/7?x=1")
     );
     assert_eq!(g.headers["x-trace-me"], "yes");
     assert_eq!(
@@ -462,6 +508,91 @@ fn a_request_that_does_not_answer_ends_at_the_calls_deadline() {
     }
 }
 
+/// Waits up to 5 s for `what` to hold, polling (the server's connection count has no event).
+fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_guest_flooding_requests_is_held_to_max_concurrent_and_leaves_nothing_open() {
+    let server = serve(None);
+    let base = format!("http://127.0.0.1:{}", server.addr.port());
+    let mut g = grant(&[&base]);
+    g.max_concurrent = 2;
+    let timeout = Duration::from_millis(500);
+    let (pool, _) = probe(Some(g), timeout);
+    let threads = || {
+        std::fs::read_dir("/proc/self/task")
+            .map(|d| d.count())
+            .unwrap_or_default()
+    };
+    // Warm: the first call starts wasmtime-wasi's and hyper's threads.
+    result(
+        &pool
+            .invoke(&msg("warm", json!({"url": format!("{base}/ok")})))
+            .outcome,
+    );
+    eventually("the warm-up connection to settle", || {
+        server.open.load(Ordering::SeqCst) <= 1
+    });
+    let baseline = threads();
+    let start = Instant::now();
+    let inv = pool.invoke(&msg(
+        "flood",
+        json!({"url": format!("{base}/hang"), "open": 20}),
+    ));
+    assert!(
+        matches!(inv.outcome, Outcome::TimedOut { .. }),
+        "{:?}",
+        inv.outcome
+    );
+    assert!(
+        start.elapsed() < timeout + Duration::from_millis(50),
+        "{:?}",
+        start.elapsed()
+    );
+    let hangs = || {
+        server
+            .seen
+            .lock()
+            .expect("seen")
+            .iter()
+            .filter(|s| s.path == "/hang")
+            .count()
+    };
+    assert_eq!(
+        hangs(),
+        2,
+        "only max_concurrent requests reached the server"
+    );
+    eventually("the hanging connections to close", || {
+        server.open.load(Ordering::SeqCst) <= 1
+    });
+    assert!(
+        threads() <= baseline + 1,
+        "threads: {} after, {baseline} before",
+        threads()
+    );
+    assert_eq!(
+        hangs(),
+        2,
+        "the waiting requests were dropped, not sent later"
+    );
+    let v = result(
+        &pool
+            .invoke(&msg("after", json!({"url": format!("{base}/ok")})))
+            .outcome,
+    );
+    assert_eq!(v["status"], 200, "{v}");
+}
+
 #[test]
 fn bodies_over_the_grants_limits_fail_in_the_guest() {
     let server = serve(None);
@@ -488,4 +619,274 @@ fn bodies_over_the_grants_limits_fail_in_the_guest() {
             .outcome,
     );
     assert_eq!(v["status"], 503, "{v}");
+}
+
+/// `lockgate test` with the shared enrich fixture: stubs answer the requests, expectations
+/// check the requests made, and a request without a stub fails its message naming the URL.
+#[test]
+fn the_enrich_example_passes_the_shared_fixture_on_stubs() {
+    let root = lockgate_tests::workspace_root();
+    let wasm = lockgate_tests::guest("enrich");
+    let out = lockgate_tests::lockgate(
+        &root,
+        &[
+            "test",
+            wasm.to_str().expect("utf-8 path"),
+            "--input",
+            "tests/fixtures/enrich/input.jsonl",
+            "--expect",
+            "tests/fixtures/enrich/expected.jsonl",
+            "-c",
+            "customers_url=https://customers.example.com",
+        ],
+    );
+    let text = lockgate_tests::show(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("expectations: all 5 message(s) match"),
+        "{text}"
+    );
+    assert!(
+        text.contains("http GET https://customers.example.com/customers/c-7 -> 200 (stub)"),
+        "{text}"
+    );
+}
+
+/// `--allow-http` lets a request without a stub reach a host it names, and only that host.
+#[test]
+fn lockgate_test_reaches_the_network_only_through_allow_http() {
+    let server = serve(None);
+    let base = format!("http://127.0.0.1:{}", server.addr.port());
+    let dir = tempfile::tempdir().expect("dir");
+    let input = dir.path().join("input.jsonl");
+    std::fs::write(
+        &input,
+        format!(
+            "{}\n{}\n",
+            json!({"payload_json": {"url": format!("{base}/live")}}),
+            json!({"payload_json": {"url": "http://localhost:1/elsewhere"}}),
+        ),
+    )
+    .expect("input");
+    let wasm = lockgate_tests::guest("http-probe");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "test",
+            wasm.to_str().expect("utf-8 path"),
+            "--input",
+            input.to_str().expect("utf-8 path"),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = lockgate_tests::lockgate(dir.path(), &args);
+        let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON result"))
+            .collect();
+        (lockgate_tests::show(&out), lines)
+    };
+    let (text, without) = run(&[]);
+    assert_eq!(without.len(), 2, "{text}");
+    assert_eq!(without[0]["outcome"], "reject", "{text}");
+    assert!(
+        without[0]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("has no stub"),
+        "{text}"
+    );
+    assert!(server.seen.lock().expect("seen").is_empty());
+
+    let (text, with) = run(&["--allow-http", &base]);
+    assert_eq!(with[0]["outcome"], "ok", "{text}");
+    assert_eq!(with[0]["http"][0]["sent"], true, "{text}");
+    assert_eq!(with[1]["outcome"], "reject", "{text}");
+    let seen = server.seen.lock().expect("seen").clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].path, "/live");
+}
+
+/// A dependency outage through a running route on the embedded broker: the handler retries,
+/// the breaker opens and pauses the source, nothing is dead-lettered; when the dependency is
+/// back every order is enriched exactly once, each with the same `Idempotency-Key` on every
+/// attempt; a 429 with `Retry-After: 2` holds its message back at least 2 s; and 2,000 messages
+/// go over no more connections than requests ever open at once.
+#[test]
+fn an_outage_opens_the_breaker_and_every_order_is_enriched_once_after_it() {
+    // The server's runtime is its own: made and dropped outside the test's.
+    let server = serve(None);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(outage(&server));
+}
+
+async fn outage(server: &Server) {
+    use lockgate::broker::local::LocalBroker;
+    use lockgate::message::OutRecord;
+
+    let base = format!("http://127.0.0.1:{}", server.addr.port());
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("runtime.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[runtime]
+state_dir = "state"
+admin = "127.0.0.1:0"
+watch = "off"
+
+[handlers.enrich]
+module = "{module}"
+config = {{ customers_url = "{base}" }}
+
+[handlers.enrich.http]
+allowed_hosts = ["{base}"]
+max_concurrent = 4
+
+[routes.orders]
+handler = "enrich"
+source = {{ topic = "orders" }}
+outputs = ["orders.enriched"]
+concurrency = 4
+ordering = "key"
+retry = {{ max_attempts = 1000, initial_backoff_ms = 20, max_backoff_ms = 3000, jitter = "none" }}
+circuit_breaker = {{ consecutive_failures = 5, open_ms = 500 }}
+"#,
+            module = lockgate_tests::guest("enrich").display(),
+        ),
+    )
+    .expect("config");
+    // The customer service is down for 5 s from when the orders arrive.
+    let rt = lockgate_tests::inproc::start(&config).await;
+    let admin = rt.admin();
+    let broker = LocalBroker::open(&dir.path().join("state/local")).expect("broker");
+    let append = |ids: std::ops::Range<u32>| {
+        let records: Vec<OutRecord> = ids
+            .map(|i| OutRecord {
+                topic: "orders".into(),
+                key: Some(format!("o-{i}").into_bytes()),
+                headers: Vec::new(),
+                payload: json!({"id": format!("o-{i}"), "customer_id": format!("c-{i}")})
+                    .to_string()
+                    .into_bytes(),
+            })
+            .collect();
+        broker.append(&records).expect("append");
+    };
+    let down_from = Instant::now();
+    *server.down_until.lock().expect("down") = Some(down_from + Duration::from_secs(5));
+    append(0..50);
+    lockgate_tests::inproc::until("the breaker to open", Duration::from_secs(30), 1, || {
+        let (_, page) = lockgate_tests::admin::get(&admin, "/metrics");
+        lockgate_tests::admin::sum(&page, "lockgate_breaker_trips_total", "orders") as u64
+    })
+    .await;
+    let enriched = || broker.end_offset("orders.enriched").expect("offset");
+    lockgate_tests::inproc::until(
+        "every order enriched",
+        Duration::from_secs(60),
+        50,
+        enriched,
+    )
+    .await;
+    assert!(down_from.elapsed() >= Duration::from_secs(5));
+    assert_eq!(
+        broker.end_offset("orders.dlq").unwrap_or(0),
+        0,
+        "nothing dead-lettered"
+    );
+    let (_, page) = lockgate_tests::admin::get(&admin, "/metrics");
+    assert!(
+        page.contains(r#"outcome="5xx""#) && page.contains("lockgate_http_requests_total"),
+        "{page}"
+    );
+
+    // Each order once, and each order's requests all carried one key.
+    let records = broker.read("orders.enriched", 0, 1000).expect("read");
+    let mut ids: Vec<String> = records
+        .iter()
+        .map(|r| {
+            let v: Value = serde_json::from_slice(&r.payload).expect("json");
+            assert_eq!(
+                v["customer"]["name"],
+                format!("customer {}", v["customer_id"].as_str().unwrap_or_default())
+            );
+            v["id"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 50, "each order once");
+    let seen = server.seen.lock().expect("seen").clone();
+    let mut keys: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for s in &seen {
+        keys.entry(s.path.clone()).or_default().insert(
+            s.headers
+                .get("idempotency-key")
+                .cloned()
+                .unwrap_or_default(),
+        );
+    }
+    assert_eq!(keys.len(), 50);
+    assert!(seen.len() > 50, "the outage made the handler retry");
+    for (path, k) in &keys {
+        assert_eq!(k.len(), 1, "{path}: one key over every attempt: {k:?}");
+    }
+
+    // A 429 with Retry-After: 2 holds its message back at least 2 s.
+    let before = enriched();
+    let records: Vec<OutRecord> = vec![OutRecord {
+        topic: "orders".into(),
+        key: None,
+        headers: Vec::new(),
+        payload: json!({"id": "o-t", "customer_id": "throttled"})
+            .to_string()
+            .into_bytes(),
+    }];
+    broker.append(&records).expect("append");
+    lockgate_tests::inproc::until(
+        "the throttled order",
+        Duration::from_secs(30),
+        before + 1,
+        enriched,
+    )
+    .await;
+    let throttled: Vec<Instant> = server
+        .seen
+        .lock()
+        .expect("seen")
+        .iter()
+        .filter(|s| s.path == "/customers/throttled")
+        .map(|s| s.at)
+        .collect();
+    assert_eq!(throttled.len(), 2, "a 429, then the retry");
+    let gap = throttled[1] - throttled[0];
+    assert!(
+        gap >= Duration::from_secs(2),
+        "retried after {gap:?}, before Retry-After"
+    );
+
+    // Pooling: 2,000 more orders reuse the handler's connections.
+    let connections = server.connections.load(Ordering::SeqCst);
+    assert!(
+        connections <= 4,
+        "{connections} connections for at most 4 open requests"
+    );
+    append(1000..3000);
+    lockgate_tests::inproc::until(
+        "2,000 more orders",
+        Duration::from_secs(120),
+        before + 2001,
+        enriched,
+    )
+    .await;
+    let connections = server.connections.load(Ordering::SeqCst);
+    assert!(
+        connections <= 4,
+        "{connections} connections for at most 4 open requests"
+    );
+    rt.runtime.stop().await;
 }

@@ -1,10 +1,10 @@
 //! Test instrument for outbound HTTP: each message is a JSON request description
 //! (`{"method": "GET", "url": "...", "headers": {...}, "body": "...", "timeout_ms": 100,
-//! "redirects": false, "repeat": 1, "leak": false}`), and the handler publishes what came back
+//! "redirects": false, "repeat": 1, "open": 10}`), and the handler publishes what came back
 //! to the configured `target` topic: `{"status", "headers", "body"}` or `{"error"}` (the
 //! SDK's error, its kind first: `denied: ...`, `timeout: ...`). `repeat` sends the request that
-//! many times in one call (the idempotency index); `leak` opens requests through the raw
-//! bindings and never reads them (what the host must clean up at the call's end).
+//! many times in one call (the idempotency index). `open: n`
+//! opens `n` requests at once through the raw bindings and waits for the last one.
 
 use lockgate_sdk::http::{self, HttpError, Method};
 use lockgate_sdk::{Error, Message, ResultExt, config, emit};
@@ -50,6 +50,9 @@ fn handle(msg: Message) -> Result<(), Error> {
     if spec["redirects"] == json!(false) {
         request = request.follow_redirects(false);
     }
+    if let Some(n) = spec["open"].as_u64() {
+        return open_and_wait(url, n);
+    }
     let repeat = spec["repeat"].as_u64().unwrap_or(1);
     let mut results = Vec::new();
     for _ in 0..repeat {
@@ -74,5 +77,30 @@ fn handle(msg: Message) -> Result<(), Error> {
     emit::Outgoing::new(target)
         .payload(payload.to_string())
         .publish()?;
+    Ok(())
+}
+
+/// Opens `n` requests to `url` at once through the raw bindings, then waits for the last: a
+/// guest that floods the host with requests (held to the grant's `max_concurrent`).
+fn open_and_wait(url: &str, n: u64) -> Result<(), Error> {
+    use lockgate_sdk::__private::bindings::wasi::http::{outgoing_handler, types};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| Error::reject("open: an http:// URL"))?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut futures = Vec::new();
+    for _ in 0..n {
+        let request = types::OutgoingRequest::new(types::Fields::new());
+        let _ = request.set_scheme(Some(&types::Scheme::Http));
+        let _ = request.set_authority(Some(authority));
+        let _ = request.set_path_with_query(Some(if path.is_empty() { "/" } else { path }));
+        match outgoing_handler::handle(request, None) {
+            Ok(f) => futures.push(f),
+            Err(e) => return Err(Error::reject(format!("open: {e:?}"))),
+        }
+    }
+    if let Some(last) = futures.last() {
+        last.subscribe().block();
+    }
     Ok(())
 }

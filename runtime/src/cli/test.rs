@@ -8,7 +8,12 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use lockgate::config::Isolation;
+use lockgate::config::http::{
+    AllowedHost, DEFAULT_HTTP_TIMEOUT_MS, DEFAULT_IDEMPOTENCY_HEADER, DEFAULT_MAX_CONCURRENT,
+    DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_RESPONSE_BYTES, HttpGrant,
+};
 use lockgate::config::{DEFAULT_MAX_MEMORY_MB, DEFAULT_TIMEOUT_MS};
+use lockgate::engine::outbound::{HttpAnswer, Outbound};
 use lockgate::engine::{Engine, EngineSettings, HandlerEnv, HandlerLimits, InstancePool, Outcome};
 use lockgate::fixture;
 use lockgate::state::{EmbeddedStore, MemoryStore};
@@ -57,12 +62,23 @@ pub struct TestArgs {
     /// so state carries over between runs.
     #[arg(long, value_name = "FILE")]
     kv: Option<PathBuf>,
+
+    /// Let outbound HTTP requests without a stub in the fixture reach this host (repeatable),
+    /// written like an entry of a grant's `allowed_hosts`: `https://api.example.com`,
+    /// `http://127.0.0.1:8080`. Without it every request must have a stub in its message's
+    /// `"http"` list, and one that has none fails the message.
+    #[arg(long = "allow-http", value_name = "SCHEME://HOST[:PORT]", value_parser = parse_allowed_host)]
+    allow_http: Vec<AllowedHost>,
+}
+
+fn parse_allowed_host(s: &str) -> Result<AllowedHost, String> {
+    AllowedHost::parse(s)
 }
 
 pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
     let input_text = std::fs::read_to_string(&args.input)
         .with_context(|| format!("cannot read {}", args.input.display()))?;
-    let messages = match fixture::parse_inputs(&input_text) {
+    let messages = match fixture::parse_fixtures(&input_text) {
         Ok(m) => m,
         Err(errors) => {
             for e in errors {
@@ -106,11 +122,24 @@ pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
             None => Arc::new(MemoryStore::new()),
             Some(path) => Arc::new(EmbeddedStore::open(path)?),
         },
-        http: None,
-        // `lockgate test` grants nothing: no environment variables, no directories.
+        // Outbound HTTP is answered by the fixture's stubs; only `--allow-http` hosts are reached.
+        http: Some(Arc::new(
+            Outbound::new(HttpGrant {
+                allowed_hosts: args.allow_http.clone(),
+                timeout_ms: DEFAULT_HTTP_TIMEOUT_MS,
+                max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+                max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+                max_concurrent: DEFAULT_MAX_CONCURRENT,
+                ca_file: None,
+                idempotency_header: Some(DEFAULT_IDEMPOTENCY_HEADER.to_owned()),
+            })?
+            .with_stubs(),
+        )),
+        // `lockgate test` grants nothing else: no environment variables, no directories.
         wasi: lockgate::config::WasiGrants::default(),
     };
     let handler = engine.load_handler(&args.component, env)?;
+    let http = handler.env().http.clone();
     let isolation = if args.per_message {
         Isolation::PerMessage
     } else {
@@ -119,7 +148,11 @@ pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
     let pool = InstancePool::new(handler, isolation, u64::MAX);
 
     let mut results = Vec::with_capacity(messages.len());
-    for (i, (line, message)) in messages.iter().enumerate() {
+    for (i, f) in messages.iter().enumerate() {
+        if let Some(http) = &http {
+            http.set_stubs(f.http.clone());
+        }
+        let (line, message) = (&f.line, &f.message);
         let invocation = pool.invoke(message);
         let json = fixture::result_json(i + 1, &invocation);
         if args.json {
@@ -155,7 +188,7 @@ pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
                 "message {} ({} line {}) does not match {} line {exp_line}:",
                 i + 1,
                 args.input.display(),
-                messages[i].0,
+                messages[i].line,
                 path.display()
             );
             for d in differences {
@@ -233,6 +266,14 @@ fn print_human(index: usize, line: usize, inv: &lockgate::engine::Invocation) {
                 show_bytes(&o.payload)
             );
         }
+    }
+    for r in &inv.http {
+        let answer = match &r.answer {
+            HttpAnswer::Stub(status) => format!("{status} (stub)"),
+            HttpAnswer::Sent => "sent".to_owned(),
+            HttpAnswer::Denied(reason) => format!("denied: {reason}"),
+        };
+        outln!("  http {} {} -> {answer}", r.method, r.url);
     }
     for l in &inv.logs {
         outln!(

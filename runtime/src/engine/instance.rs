@@ -100,6 +100,8 @@ impl Instance {
 
         let data = self.store.data_mut();
         data.http.end();
+        let http = std::mem::take(&mut data.http.records);
+        let unmatched = data.http.unmatched.take();
         let mut call = std::mem::take(&mut data.call);
         for denial in std::mem::take(&mut data.http.denials) {
             call.push_log(
@@ -161,6 +163,15 @@ impl Instance {
                 }
             }
         };
+        // `lockgate test`: a request the fixture has no stub for fails the message, whatever
+        // the handler made of the denial.
+        let outcome = match (unmatched, outcome) {
+            (
+                Some(reason),
+                Outcome::Ok { .. } | Outcome::Retry { .. } | Outcome::Rejected { .. },
+            ) => Outcome::Rejected { reason },
+            (_, outcome) => outcome,
+        };
         let kv_writes = match (&outcome, call.kv_txn.take()) {
             (Outcome::Ok { .. }, Some(txn)) => Some(txn.into_writes(&self.handler.inner.env.name)),
             (_, Some(_)) => Some(Vec::new()),
@@ -173,6 +184,7 @@ impl Instance {
             refused_outputs: call.refused_outputs,
             elapsed,
             kv_writes,
+            http,
         }
     }
 

@@ -215,6 +215,8 @@ pub struct Invocation {
     /// The kv writes the call staged, when it ran with staging (empty unless it succeeded);
     /// `None` when its writes went straight to the store.
     pub kv_writes: Option<Vec<crate::state::KvWrite>>,
+    /// The outbound HTTP requests the call made, in order.
+    pub http: Vec<super::outbound::HttpRecord>,
 }
 
 impl Invocation {
@@ -229,6 +231,7 @@ impl Invocation {
             refused_outputs: 0,
             elapsed: Duration::ZERO,
             kv_writes: None,
+            http: Vec::new(),
         }
     }
 }

@@ -54,6 +54,52 @@ pub struct Outbound {
     client: Client<connect::Connector, CappedBody>,
     slots: Arc<Semaphore>,
     stats: Arc<HttpStats>,
+    /// `lockgate test`: the canned responses of the message being run; a request without one
+    /// fails the message unless the grant lets it reach the network.
+    stubs: Option<std::sync::Mutex<Vec<HttpStub>>>,
+}
+
+/// A canned response of a `lockgate test` fixture: a request with this method and URL gets it
+/// instead of reaching the network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpStub {
+    /// The method, upper-case.
+    pub method: String,
+    /// The URL as the handler requests it (`https://host/path?query`).
+    pub url: String,
+    /// The status code.
+    pub status: u16,
+    /// Response headers.
+    pub headers: Vec<(String, String)>,
+    /// Response body.
+    pub body: Vec<u8>,
+}
+
+/// How a request of a call was answered, as `lockgate test` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HttpAnswer {
+    /// By a fixture's stub, with this status.
+    Stub(u16),
+    /// Sent to the network (its outcome is in the metrics and the guest's result).
+    Sent,
+    /// Refused, for this reason.
+    Denied(String),
+}
+
+/// A request a call made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpRecord {
+    /// The method.
+    pub method: String,
+    /// The URL.
+    pub url: String,
+    /// How it was answered.
+    pub answer: HttpAnswer,
+}
+
+/// `url` as `http::Uri` prints it, so `https://h` and `https://h/` are one URL.
+fn normal_url(url: &str) -> String {
+    http::Uri::try_from(url).map_or_else(|_| url.to_owned(), |u| u.to_string())
 }
 
 impl std::fmt::Debug for Outbound {
@@ -113,7 +159,42 @@ impl Outbound {
             grant,
             client,
             stats: Arc::new(HttpStats::default()),
+            stubs: None,
         })
+    }
+
+    /// For `lockgate test`: requests are answered by the stubs given with [`Self::set_stubs`];
+    /// one without a stub reaches the network only when the grant allows it, and otherwise fails
+    /// its message.
+    pub fn with_stubs(mut self) -> Self {
+        self.stubs = Some(std::sync::Mutex::new(Vec::new()));
+        self
+    }
+
+    /// The stubs of the message about to run.
+    pub fn set_stubs(&self, stubs: Vec<HttpStub>) {
+        if let Some(slot) = &self.stubs
+            && let Ok(mut s) = slot.lock()
+        {
+            *s = stubs
+                .into_iter()
+                .map(|mut stub| {
+                    stub.method = stub.method.to_ascii_uppercase();
+                    stub.url = normal_url(&stub.url);
+                    stub
+                })
+                .collect();
+        }
+    }
+
+    fn stub_for(&self, method: &str, url: &str) -> Option<Option<HttpStub>> {
+        let stubs = self.stubs.as_ref()?.lock().ok()?;
+        Some(
+            stubs
+                .iter()
+                .find(|s| s.method == method && s.url == url)
+                .cloned(),
+        )
     }
 
     /// The grant.
@@ -149,6 +230,10 @@ pub(crate) struct HttpHooks {
     bodies: OpenBodies,
     /// Requests refused by the grant in the running call, for the call's log.
     pub denials: Vec<String>,
+    /// Every request of the running call.
+    pub records: Vec<HttpRecord>,
+    /// A request that had no stub in `lockgate test`: it fails the message.
+    pub unmatched: Option<String>,
 }
 
 impl HttpHooks {
@@ -165,6 +250,8 @@ impl HttpHooks {
         self.call = Some(call);
         self.sent = 0;
         self.denials.clear();
+        self.records.clear();
+        self.unmatched = None;
     }
 
     /// Ends the call: a request still waiting for its response and every response body still
@@ -192,6 +279,24 @@ type ResponseFuture = Box<
 
 fn refuse(e: Error) -> ResponseFuture {
     Box::new(async move { Err(e) })
+}
+
+/// The response of a fixture's stub.
+fn stubbed(stub: HttpStub) -> ResponseFuture {
+    Box::new(async move {
+        let mut response = http::Response::builder().status(stub.status);
+        for (name, value) in &stub.headers {
+            response = response.header(name, value);
+        }
+        let body = http_body_util::Full::new(bytes::Bytes::from(stub.body))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let response = response
+            .body(body)
+            .map_err(|e| Error::InternalError(Some(format!("bad stub: {e}"))))?;
+        let io: Box<dyn Future<Output = Result<(), Error>> + Send> = Box::new(async { Ok(()) });
+        Ok((response, io))
+    })
 }
 
 /// The header value of the `index`th request of a call whose key base is `base`: hex, 32 digits.
@@ -295,16 +400,51 @@ impl WasiHttpHooks for HttpHooks {
             stats.record(&host, HttpOutcome::Denied, None);
             return refuse(Error::HttpRequestDenied);
         };
+        let method = request.method().as_str().to_owned();
+        let url = uri.to_string();
         let allowed = target
             .as_ref()
             .and_then(|(scheme, h, port)| outbound.grant.allowing(*scheme, h, *port));
+        match outbound.stub_for(&method, &url) {
+            Some(Some(stub)) => {
+                self.records.push(HttpRecord {
+                    method,
+                    url,
+                    answer: HttpAnswer::Stub(stub.status),
+                });
+                return stubbed(stub);
+            }
+            Some(None) if allowed.is_none() => {
+                let reason = format!(
+                    "HTTP request {method} {url} has no stub in the fixture (add it to the message's \"http\" list, or allow its host with --allow-http)"
+                );
+                self.unmatched.get_or_insert_with(|| reason.clone());
+                self.records.push(HttpRecord {
+                    method,
+                    url,
+                    answer: HttpAnswer::Denied(reason),
+                });
+                return refuse(Error::HttpRequestDenied);
+            }
+            _ => {}
+        }
         if allowed.is_none() {
             stats.record(&host, HttpOutcome::Denied, None);
-            self.denials.push(format!(
-                "HTTP request to {uri} denied: no entry of allowed_hosts allows it"
-            ));
+            let reason =
+                format!("HTTP request to {uri} denied: no entry of allowed_hosts allows it");
+            self.denials.push(reason.clone());
+            self.records.push(HttpRecord {
+                method,
+                url,
+                answer: HttpAnswer::Denied(reason),
+            });
             return refuse(Error::HttpRequestDenied);
         }
+        self.records.push(HttpRecord {
+            method,
+            url,
+            answer: HttpAnswer::Sent,
+        });
         let grant = &outbound.grant;
         let declared = request
             .headers()
