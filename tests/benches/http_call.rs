@@ -1,0 +1,301 @@
+//! Outbound HTTP from a handler against the same work done natively, measured in one run.
+//!
+//! 1. Per request: the `enrich` guest on a reused instance (a call that parses the order, GETs
+//!    its customer from a local server, and publishes the enriched order) vs a native hyper
+//!    client doing the same GET, JSON work and output. Ratio: guest / native time per request
+//!    (target ≤ 1.5×).
+//! 2. A route: `enrich` on the embedded broker (4 lanes) vs a native Rust program doing the same
+//!    job (read the topic, 4 requests at a time, append the enriched orders). Ratio: route /
+//!    native throughput (target ≥ 0.6).
+//!
+//! Run: `cargo bench -p lockgate-tests --bench http_call`. Arms are interleaved over rounds;
+//! the table shows the median with the min-max spread. Not a test: nothing is asserted.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use lockgate::broker::local::LocalBroker;
+use lockgate::config::Isolation;
+use lockgate::config::http::{AllowedHost, HttpGrant};
+use lockgate::engine::outbound::Outbound;
+use lockgate::engine::{HandlerLimits, InboundMessage, Outcome};
+use lockgate::message::OutRecord;
+use lockgate_tests::{guest, guest_pool, handler_env, median_spread};
+use serde_json::{Value, json};
+
+const ROUNDS: usize = 5;
+const CALLS: u32 = 2_000;
+const ORDERS: u32 = 4_000;
+
+/// A customer service on 127.0.0.1: `/customers/<id>` answers a small JSON document.
+fn serve(rt: &tokio::runtime::Runtime) -> SocketAddr {
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|req: hyper::Request<_>| async move {
+                    let id = req
+                        .uri()
+                        .path()
+                        .trim_start_matches("/customers/")
+                        .to_owned();
+                    let body = json!({"id": id, "name": format!("customer {id}"), "tier": "gold"});
+                    Ok::<_, Infallible>(
+                        hyper::Response::builder()
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from(body.to_string())))
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+type Native = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Empty<Bytes>,
+>;
+
+/// What the guest does for one order, natively.
+async fn enrich_native(client: &Native, base: &str, payload: &[u8]) -> Vec<u8> {
+    let mut order: Value = serde_json::from_slice(payload).unwrap();
+    let id = order["customer_id"].as_str().unwrap().to_owned();
+    let uri: hyper::Uri = format!("{base}/customers/{id}").parse().unwrap();
+    let response = client
+        .request(
+            hyper::Request::get(uri)
+                .header("accept", "application/json")
+                .body(Empty::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(response.status().is_success());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    order["customer"] = serde_json::from_slice(&body).unwrap();
+    order.to_string().into_bytes()
+}
+
+fn order(i: u32) -> Vec<u8> {
+    json!({"id": format!("o-{i}"), "customer_id": format!("c-{i}"), "total": 12.5})
+        .to_string()
+        .into_bytes()
+}
+
+fn main() {
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = serve(&server_rt);
+    let base = format!("http://127.0.0.1:{}", addr.port());
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let native: Native =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let grant = HttpGrant {
+        allowed_hosts: vec![AllowedHost::parse(&base).unwrap()],
+        timeout_ms: 5_000,
+        max_request_bytes: 1 << 20,
+        max_response_bytes: 1 << 20,
+        max_concurrent: 16,
+        ca_file: None,
+        idempotency_header: Some("Idempotency-Key".into()),
+    };
+    let mut env = handler_env(
+        "enrich",
+        &[("customers_url", &base)],
+        HandlerLimits::default(),
+    );
+    env.http = Some(Arc::new(Outbound::new(grant).unwrap()));
+    let pool = guest_pool("enrich", true, Isolation::Reuse, env);
+    let message = |i: u32| InboundMessage {
+        id: format!("orders/0/{i}"),
+        topic: "orders".into(),
+        payload: order(i),
+        attempt: 1,
+        ..InboundMessage::default()
+    };
+
+    // 1. Per request.
+    let (mut guest_ns, mut native_ns) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let start = Instant::now();
+        for i in 0..CALLS {
+            let inv = pool.invoke(&message(i));
+            assert!(
+                matches!(inv.outcome, Outcome::Ok { .. }),
+                "{:?}",
+                inv.outcome
+            );
+        }
+        guest_ns.push(start.elapsed().as_nanos() as f64 / f64::from(CALLS));
+        let start = Instant::now();
+        client_rt.block_on(async {
+            for i in 0..CALLS {
+                std::hint::black_box(enrich_native(&native, &base, &order(i)).await);
+            }
+        });
+        native_ns.push(start.elapsed().as_nanos() as f64 / f64::from(CALLS));
+    }
+    let (g, gmin, gmax) = median_spread(&guest_ns);
+    let (n, nmin, nmax) = median_spread(&native_ns);
+    println!("| arm | µs per request (median, min-max over {ROUNDS} rounds) |");
+    println!("|---|---|");
+    println!(
+        "| guest (`enrich`, reused instance) | {:.1} ({:.1}-{:.1}) |",
+        g / 1e3,
+        gmin / 1e3,
+        gmax / 1e3
+    );
+    println!(
+        "| native hyper client, same work | {:.1} ({:.1}-{:.1}) |",
+        n / 1e3,
+        nmin / 1e3,
+        nmax / 1e3
+    );
+    println!(
+        "| **ratio guest / native** | **{:.2}×** (target ≤ 1.5×) |",
+        g / n
+    );
+
+    // 2. A route against a native consumer, on the embedded broker.
+    let (mut route_rate, mut native_rate) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        route_rate.push(route_round(&base, round));
+        native_rate.push(native_round(&client_rt, &native, &base, round));
+    }
+    let (r, rmin, rmax) = median_spread(&route_rate);
+    let (n, nmin, nmax) = median_spread(&native_rate);
+    println!();
+    println!("| arm | orders/s (median, min-max over 3 rounds of {ORDERS}) |");
+    println!("|---|---|");
+    println!("| route: `enrich` on the embedded broker, 4 lanes | {r:.0} ({rmin:.0}-{rmax:.0}) |");
+    println!("| native: read, 4 requests at a time, append | {n:.0} ({nmin:.0}-{nmax:.0}) |");
+    println!(
+        "| **ratio route / native** | **{:.2}** (target ≥ 0.6) |",
+        r / n
+    );
+}
+
+fn append_orders(broker: &LocalBroker) {
+    let records: Vec<OutRecord> = (0..ORDERS)
+        .map(|i| OutRecord {
+            topic: "orders".into(),
+            key: Some(format!("o-{i}").into_bytes()),
+            headers: Vec::new(),
+            payload: order(i),
+        })
+        .collect();
+    broker.append(&records).unwrap();
+}
+
+/// Orders per second through a `lockgate` route.
+fn route_round(base: &str, round: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("runtime.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[runtime]
+state_dir = "state"
+watch = "off"
+
+[handlers.enrich]
+module = "{module}"
+config = {{ customers_url = "{base}" }}
+
+[handlers.enrich.http]
+allowed_hosts = ["{base}"]
+
+[routes.orders]
+handler = "enrich"
+source = {{ topic = "orders" }}
+outputs = ["orders.enriched"]
+concurrency = 4
+ordering = "key"
+"#,
+            module = guest("enrich").display(),
+        ),
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let broker = LocalBroker::open(&dir.path().join("state/local")).unwrap();
+        append_orders(&broker);
+        let start = Instant::now();
+        let inproc = lockgate_tests::inproc::start(&config).await;
+        lockgate_tests::inproc::until(
+            &format!("round {round}"),
+            Duration::from_secs(300),
+            u64::from(ORDERS),
+            || broker.end_offset("orders.enriched").unwrap(),
+        )
+        .await;
+        let rate = f64::from(ORDERS) / start.elapsed().as_secs_f64();
+        inproc.runtime.stop().await;
+        rate
+    })
+}
+
+/// Orders per second of a native program doing the route's job.
+fn native_round(rt: &tokio::runtime::Runtime, client: &Native, base: &str, _round: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Arc::new(LocalBroker::open(&dir.path().join("local")).unwrap());
+    append_orders(&broker);
+    let start = Instant::now();
+    rt.block_on(async {
+        let mut from = 0;
+        while from < u64::from(ORDERS) {
+            let batch = broker.read("orders", from, 64).unwrap();
+            from = batch.last().and_then(|r| r.offset).unwrap() + 1;
+            // 4 at a time, like the route's 4 lanes.
+            for chunk in batch.chunks(4) {
+                let outputs = futures_util::future::join_all(
+                    chunk
+                        .iter()
+                        .map(|r| enrich_native(client, base, &r.payload)),
+                )
+                .await;
+                let records: Vec<OutRecord> = chunk
+                    .iter()
+                    .zip(outputs)
+                    .map(|(r, payload)| OutRecord {
+                        topic: "orders.enriched".into(),
+                        key: r.key.clone(),
+                        headers: Vec::new(),
+                        payload,
+                    })
+                    .collect();
+                broker.append(&records).unwrap();
+            }
+        }
+    });
+    f64::from(ORDERS) / start.elapsed().as_secs_f64()
+}
