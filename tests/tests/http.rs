@@ -87,6 +87,11 @@ async fn respond(
         .is_some_and(|until| Instant::now() < until);
     let mut builder = hyper::Response::builder();
     let body = match path.as_str() {
+        "/customers/held" if before == 0 => {
+            // The first attempt never gets an answer: the test kills the process meanwhile.
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            full("")
+        }
         "/customers/throttled" if before == 0 => {
             builder = builder.status(429).header("retry-after", "2");
             full("slow down")
@@ -889,4 +894,90 @@ circuit_breaker = {{ consecutive_failures = 5, open_ms = 500 }}
         "{connections} connections for at most 4 open requests"
     );
     rt.runtime.stop().await;
+}
+
+/// A message redelivered after a SIGKILL in the middle of its request sends the same
+/// `Idempotency-Key` from the new process.
+#[test]
+fn a_redelivery_after_sigkill_sends_the_same_idempotency_key() {
+    use lockgate::broker::local::LocalBroker;
+    use lockgate::message::OutRecord;
+
+    let server = serve(None);
+    let base = format!("http://127.0.0.1:{}", server.addr.port());
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("runtime.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[runtime]
+state_dir = "state"
+watch = "off"
+
+[handlers.enrich]
+module = "{module}"
+timeout_ms = 60000
+config = {{ customers_url = "{base}" }}
+
+[handlers.enrich.http]
+allowed_hosts = ["{base}"]
+timeout_ms = 60000
+
+[routes.orders]
+handler = "enrich"
+source = {{ topic = "orders" }}
+outputs = ["orders.enriched"]
+"#,
+            module = lockgate_tests::guest("enrich").display(),
+        ),
+    )
+    .expect("config");
+    {
+        let broker = LocalBroker::open(&dir.path().join("state/local")).expect("broker");
+        broker
+            .append(&[OutRecord {
+                topic: "orders".into(),
+                key: None,
+                headers: Vec::new(),
+                payload: br#"{"id":"o-k","customer_id":"held"}"#.to_vec(),
+            }])
+            .expect("append");
+    }
+    let held = || {
+        server
+            .seen
+            .lock()
+            .expect("seen")
+            .iter()
+            .filter(|s| s.path == "/customers/held")
+            .map(|s| s.headers.get("idempotency-key").cloned().unwrap_or_default())
+            .collect::<Vec<_>>()
+    };
+    let mut first = lockgate_tests::start_run(dir.path(), &config, 1, None, "warn");
+    lockgate_tests::wait_for_progress(
+        &mut first,
+        dir.path(),
+        1,
+        1,
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || held().len() as u64,
+    );
+    lockgate_tests::signal(&first, "KILL");
+    let _ = first.wait();
+    let mut second = lockgate_tests::start_run(dir.path(), &config, 2, None, "warn");
+    lockgate_tests::wait_for_progress(
+        &mut second,
+        dir.path(),
+        2,
+        2,
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || held().len() as u64,
+    );
+    lockgate_tests::stop_run(&mut second, dir.path(), 2);
+    let keys = held();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert_eq!(keys[0].len(), 32, "{keys:?}");
+    assert_eq!(keys[0], keys[1], "the redelivery sends the first attempt's key");
 }

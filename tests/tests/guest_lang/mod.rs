@@ -78,3 +78,29 @@ pub fn router_matches_fixture(lang: &str) {
         show(&out)
     );
 }
+
+/// Builds `lang`'s enrich example and checks it against tests/fixtures/enrich, its customer
+/// service answered by the fixture's HTTP stubs.
+pub fn enrich_matches_fixture(lang: &str) {
+    let wasm = build(lang, "enrich");
+    let out = lockgate(
+        &workspace_root(),
+        &[
+            "test",
+            wasm.to_str().expect("utf-8 path"),
+            "--input",
+            "tests/fixtures/enrich/input.jsonl",
+            "--expect",
+            "tests/fixtures/enrich/expected.jsonl",
+            "-c",
+            "customers_url=https://customers.example.com",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("expectations: all 5 message(s) match"),
+        "{}",
+        show(&out)
+    );
+}

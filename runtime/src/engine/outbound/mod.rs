@@ -26,6 +26,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 use crate::config::http::HttpGrant;
@@ -440,6 +441,14 @@ impl WasiHttpHooks for HttpHooks {
             });
             return refuse(Error::HttpRequestDenied);
         }
+        // A span per request, inside the call's (the message's trace is on the request as
+        // `traceparent`); its outcome is recorded when the response head arrives.
+        let span = tracing::debug_span!(
+            "http_request",
+            method = %method,
+            url = %url,
+            outcome = tracing::field::Empty,
+        );
         self.records.push(HttpRecord {
             method,
             url,
@@ -525,14 +534,14 @@ impl WasiHttpHooks for HttpHooks {
                 Ok(r) => r,
                 Err((e, outcome)) => {
                     stats.record(&host, outcome, seconds);
+                    tracing::Span::current().record("outcome", outcome.as_str());
+                    tracing::debug!(error = %e, "HTTP request failed");
                     return Err(e);
                 }
             };
-            stats.record(
-                &host,
-                HttpOutcome::of_status(response.status().as_u16()),
-                seconds,
-            );
+            let outcome = HttpOutcome::of_status(response.status().as_u16());
+            stats.record(&host, outcome, seconds);
+            tracing::Span::current().record("outcome", outcome.as_str());
             let length = response
                 .headers()
                 .get(http::header::CONTENT_LENGTH)
@@ -559,7 +568,7 @@ impl WasiHttpHooks for HttpHooks {
             Ok((response, io))
         };
         Box::new(async move {
-            Abortable::new(send, registration)
+            Abortable::new(send.instrument(span), registration)
                 .await
                 .unwrap_or(Err(Error::ConnectionTerminated))
         })
