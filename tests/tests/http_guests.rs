@@ -28,12 +28,15 @@ use serde_json::{Value, json};
 
 mod guest_lang;
 
+/// The path and headers of one request the customer service saw.
+type Seen = (String, BTreeMap<String, String>);
+
 /// The customer service: `/customers/<id>` by id (`c-ok` found, `c-down` 503 with
 /// `Retry-After: 2`, `c-missing` 404, `c-moved` a redirect to `c-ok`, `c-away` a redirect to
 /// `localhost`, which the grant does not name); it records the headers of every request.
 struct Customers {
     addr: SocketAddr,
-    seen: Arc<Mutex<Vec<(String, BTreeMap<String, String>)>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
     _rt: tokio::runtime::Runtime,
 }
 
