@@ -13,7 +13,7 @@ use std::process::Command;
 
 /// Bumped when a recipe below changes in a way that changes its output, so every handler built
 /// by an older lockgate is rebuilt.
-const RECIPE_VERSION: &str = "lockgate-build-2";
+const RECIPE_VERSION: &str = "lockgate-build-3";
 
 /// A component starts with the wasm magic and version 0x0d, layer 1; a core module has
 /// `01 00 00 00` there.
@@ -377,7 +377,13 @@ impl Recipe {
             .arg("-q")
             .arg("-d")
             .arg(sdk.wit())
-            .args(["-w", "handler", "componentize", "app", "-p"])
+            .arg("-w")
+            .arg(world(Language::Python, dir)?)
+            // Both `lockgate:handler/types` and `wasi:http/types` would otherwise become
+            // `lockgate_handler_types` and `wasi_http_types`; the SDK imports `types` and
+            // `http_types` whichever world is built.
+            .args(PYTHON_INTERFACE_NAMES)
+            .args(["componentize", "app", "-p"])
             .arg(&app)
             .arg("-p")
             .arg(&sdk_path)
@@ -422,12 +428,22 @@ impl Recipe {
         )?;
         let wit = stage.join("wit");
         copy_tree(&sdk.wit(), &wit)?;
+        let world = world(Language::JavaScript, dir)?;
+        if world == "handler-http" && self.js_backend == JsBackend::QuickJs {
+            // componentize-qjs (0.4.5) snapshots the engine with Wizer in a linker whose
+            // trapping stand-in for wasi:http/types has resource types of its own, and the
+            // component then fails to link there (`input-stream`: mismatched resource types).
+            return Err(invalid(
+                dir,
+                "the handler imports \"lockgate-sdk/http\", which needs the StarlingMonkey engine: the QuickJS toolchain (componentize-qjs 0.4.5) cannot build a component that imports wasi:http; build with `--js-backend starlingmonkey`",
+            ));
+        }
         let out = stage.join("out.wasm");
         let mut cmd = Command::new(&self.main);
         cmd.current_dir(stage)
             .arg("componentize")
             .arg(app.join("handler.js"))
-            .args(["--bundle", "--wit", "wit", "--world-name", "handler"]);
+            .args(["--bundle", "--wit", "wit", "--world-name", world]);
         match self.js_backend {
             // lockgate links components without component-model-async (it slows every call),
             // so QuickJS runs in its synchronous mode.
@@ -678,6 +694,60 @@ impl Recipe {
     }
 }
 
+/// componentize-py's names for the imported interfaces whose default module names clash
+/// (global options, so `componentize-py bindings` for an editor takes them too).
+const PYTHON_INTERFACE_NAMES: &[&str] = &[
+    "--import-interface-name",
+    "lockgate:handler/types@0.1.0=types",
+    "--import-interface-name",
+    "wasi:http/types@0.2.12=http_types",
+];
+
+/// The world a Python or JavaScript handler is built against: `handler-http` when its sources
+/// use the SDK's HTTP helper (or the raw `wasi:http` bindings), else `handler`.
+///
+/// componentize-py and componentize-qjs give a component every import of its world, used or
+/// not, unlike a Rust or C build where the linker keeps only what is called. A handler that
+/// never makes a request therefore stays on `handler`, so it does not import
+/// `wasi:http/outgoing-handler` and `lockgate check` has no grant to ask it for. The test is a
+/// superset of what can reach the helper: Python needs an explicit import of the submodule
+/// (`lockgate_sdk.http`, `from lockgate_sdk import http`), JavaScript the `lockgate-sdk/http`
+/// specifier; a false positive only costs the import.
+fn world(language: Language, dir: &Path) -> Result<&'static str, ProjectError> {
+    for (_, path) in sources(language, dir)? {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if uses_http(language, &text) {
+            return Ok("handler-http");
+        }
+    }
+    Ok("handler")
+}
+
+/// Whether source `text` of `language` may use outbound HTTP (see [`world`]).
+fn uses_http(language: Language, text: &str) -> bool {
+    match language {
+        Language::Python => {
+            text.contains("lockgate_sdk.http")
+                || text.contains("outgoing_handler")
+                || text
+                    .match_indices("from lockgate_sdk import")
+                    .any(|(i, m)| {
+                        let rest = text[i + m.len()..].trim_start();
+                        // One line, or a parenthesised list over several.
+                        let names = match rest.strip_prefix('(') {
+                            Some(list) => list.split(')').next().unwrap_or(""),
+                            None => rest.lines().next().unwrap_or(""),
+                        };
+                        names
+                            .split([',', ' ', '\t', '\n', '\\'])
+                            .any(|name| name == "http")
+                    })
+        }
+        Language::JavaScript => text.contains("lockgate-sdk/http") || text.contains("wasi:http/"),
+        Language::Rust | Language::Go | Language::C => false,
+    }
+}
+
 fn invalid(path: &Path, message: &str) -> ProjectError {
     ProjectError::Invalid {
         path: path.to_owned(),
@@ -899,5 +969,28 @@ mod tests {
             cdylib_of(msgs.as_bytes(), &manifest),
             Some(PathBuf::from("/t/mine.wasm"))
         );
+    }
+
+    #[test]
+    fn only_handlers_that_use_http_get_the_http_world() {
+        let py = |t: &str| uses_http(Language::Python, t);
+        assert!(py("from lockgate_sdk import handler, http\n"));
+        assert!(py(
+            "from lockgate_sdk import (\n    handler,\n    http,\n)\n"
+        ));
+        assert!(py("from lockgate_sdk import http as web\n"));
+        assert!(py("import lockgate_sdk.http\n"));
+        assert!(py("from lockgate_sdk.http import get\n"));
+        assert!(!py(
+            "from lockgate_sdk import handler, publish\nURL = 'http://x'\n"
+        ));
+        assert!(!py(
+            "from lockgate_sdk import (\n    handler,\n)\nhttp = 1\n"
+        ));
+        let js = |t: &str| uses_http(Language::JavaScript, t);
+        assert!(js("import { http } from \"lockgate-sdk/http\";"));
+        assert!(!js(
+            "import { handler } from \"lockgate-sdk\"; const u = \"http://x\";"
+        ));
     }
 }

@@ -17,10 +17,15 @@ Returning normally acknowledges the message and releases what it published. Rais
 the handler: it is printed to stderr and the call traps, which the host treats like a panic in a
 Rust handler (retried unless the route says ``retry_traps = false``).
 
+Outbound HTTP is :mod:`lockgate_sdk.http` (``from lockgate_sdk import http``); it is not
+imported here, because a handler that imports it is built against the ``handler-http`` world.
+
 This package sits on top of the bindings that ``componentize-py bindings`` generates from
 ``wit/handler.wit`` (the ``wit_world`` package); ``lockgate build`` generates them at build
 time and puts both on the component's Python path. For an editor, generate them once with
-``componentize-py -d lockgate-sdk/wit -w handler bindings .bindings``.
+``componentize-py -d lockgate-sdk/wit -w handler-http --import-interface-name
+lockgate:handler/types@0.1.0=types --import-interface-name wasi:http/types@0.2.12=http_types
+bindings .bindings``.
 """
 
 from __future__ import annotations

@@ -80,9 +80,11 @@ pub fn router_matches_fixture(lang: &str) {
 }
 
 /// Builds `lang`'s enrich example and checks it against tests/fixtures/enrich, its customer
-/// service answered by the fixture's HTTP stubs.
+/// service answered by the fixture's HTTP stubs. JavaScript builds on StarlingMonkey: the
+/// QuickJS toolchain cannot build a component that imports wasi:http (docs/handlers/http.md).
 pub fn enrich_matches_fixture(lang: &str) {
-    let wasm = build(lang, "enrich");
+    let backend = if lang == "js" { "starlingmonkey" } else { "qjs" };
+    let wasm = build_with(lang, "enrich", backend);
     let out = lockgate(
         &workspace_root(),
         &[
