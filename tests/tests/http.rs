@@ -950,7 +950,12 @@ outputs = ["orders.enriched"]
             .expect("seen")
             .iter()
             .filter(|s| s.path == "/customers/held")
-            .map(|s| s.headers.get("idempotency-key").cloned().unwrap_or_default())
+            .map(|s| {
+                s.headers
+                    .get("idempotency-key")
+                    .cloned()
+                    .unwrap_or_default()
+            })
             .collect::<Vec<_>>()
     };
     let mut first = lockgate_tests::start_run(dir.path(), &config, 1, None, "warn");
@@ -979,5 +984,8 @@ outputs = ["orders.enriched"]
     let keys = held();
     assert_eq!(keys.len(), 2, "{keys:?}");
     assert_eq!(keys[0].len(), 32, "{keys:?}");
-    assert_eq!(keys[0], keys[1], "the redelivery sends the first attempt's key");
+    assert_eq!(
+        keys[0], keys[1],
+        "the redelivery sends the first attempt's key"
+    );
 }

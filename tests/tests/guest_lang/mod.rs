@@ -83,7 +83,11 @@ pub fn router_matches_fixture(lang: &str) {
 /// service answered by the fixture's HTTP stubs. JavaScript builds on StarlingMonkey: the
 /// QuickJS toolchain cannot build a component that imports wasi:http (docs/handlers/http.md).
 pub fn enrich_matches_fixture(lang: &str) {
-    let backend = if lang == "js" { "starlingmonkey" } else { "qjs" };
+    let backend = if lang == "js" {
+        "starlingmonkey"
+    } else {
+        "qjs"
+    };
     let wasm = build_with(lang, "enrich", backend);
     let out = lockgate(
         &workspace_root(),
