@@ -1,5 +1,5 @@
-//! The Go router example (guest-examples/go/router, built by `lockgate build`) against
-//! the router fixture shared with the Rust example. The build script installs a missing
+//! The Go examples, built by `lockgate build`: the router against the router fixture shared
+//! with the Rust example, and enrich against a real HTTP server beside the Rust enrich. The build script installs a missing
 //! toolchain (minutes the first time), so a machine without one fails here rather than skipping.
 
 mod guest_lang;
@@ -7,4 +7,12 @@ mod guest_lang;
 #[test]
 fn go_router_matches_the_router_fixture() {
     guest_lang::router_matches_fixture("go");
+}
+
+#[path = "guest_lang/enrich.rs"]
+mod enrich;
+
+#[test]
+fn go_enrich_calls_the_customer_service_like_the_rust_example() {
+    enrich::enrich_behaves_like_the_rust_example("go");
 }

@@ -13,7 +13,7 @@ use std::process::Command;
 
 /// Bumped when a recipe below changes in a way that changes its output, so every handler built
 /// by an older lockgate is rebuilt.
-const RECIPE_VERSION: &str = "lockgate-build-2";
+const RECIPE_VERSION: &str = "lockgate-build-3";
 
 /// A component starts with the wasm magic and version 0x0d, layer 1; a core module has
 /// `01 00 00 00` there.
@@ -514,7 +514,7 @@ impl Recipe {
                 .args([
                     "go",
                     "--world",
-                    "handler",
+                    "handler-http",
                     "--pkg-name",
                     "lockgate/bindings",
                     "--out-dir",
@@ -565,7 +565,7 @@ impl Recipe {
         let embedded = stage.join("embedded.wasm");
         run(
             Command::new(self.tool(&self.wasm_tools)?)
-                .args(["component", "embed", "--world", "handler"])
+                .args(["component", "embed", "--world", "handler-http"])
                 .arg(sdk.wit())
                 .arg(&core)
                 .arg("-o")
@@ -586,7 +586,11 @@ impl Recipe {
         let bindings = stage.join("bindings");
         run(
             Command::new(self.tool(&self.wit_bindgen)?)
-                .args(["c", "--world", "handler", "--out-dir"])
+                // `handler-http` for the SDK's HTTP helper, under the world's old name so the
+                // generated files and C names (`handler.h`, `handler_string_t`) stay what
+                // handlers and lockgate.h use. A component imports only what it calls.
+                .args(["c", "--world", "handler-http", "--rename-world", "handler"])
+                .arg("--out-dir")
                 .arg(&bindings)
                 .arg(sdk.wit()),
             "wit-bindgen c",

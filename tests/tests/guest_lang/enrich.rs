@@ -1,0 +1,296 @@
+//! The `enrich` example of another language (guest-examples/<lang>/enrich, built by
+//! `lockgate build`) against a real HTTP server on 127.0.0.1, through the engine with a grant,
+//! next to the Rust example (guest-examples/enrich) on the same messages: the same output, and
+//! the same retry and reject decisions (docs/handlers/http.md).
+//!
+//! A private copy of the small hyper server of tests/tests/http.rs, with the customer service's
+//! answers.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use lockgate::config::Isolation;
+use lockgate::config::http::{AllowedHost, HttpGrant};
+use lockgate::engine::outbound::Outbound;
+use lockgate::engine::{
+    Engine, EngineSettings, HandlerLimits, InboundMessage, InstancePool, Outcome,
+};
+use lockgate_tests::{guest, handler_env};
+use serde_json::{Value, json};
+
+/// What the server saw of one request.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: BTreeMap<String, String>,
+}
+
+/// The customer service: `/customers/c-7` is a customer, `/customers/moved` redirects to it,
+/// `/customers/down` answers 503 with `Retry-After: 2`, `/customers/slow-down` 429 without one,
+/// anything else 404.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    _rt: tokio::runtime::Runtime,
+}
+
+/// The customer `c-7`, with values a careless encoder would change (a float, a nested object, a
+/// unicode escape, a big integer).
+pub const CUSTOMER: &str = r#"{"name":"Ada \u00e9","tier":2,"score":0.5,"address":{"city":"Gent","zip":"9000"},"tags":["vip",null,true],"id":12345678901234}"#;
+
+async fn respond(
+    req: hyper::Request<hyper::body::Incoming>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+) -> hyper::Response<Full<Bytes>> {
+    let (parts, _body) = req.into_parts();
+    seen.lock().expect("seen").push(Seen {
+        method: parts.method.to_string(),
+        path: parts.uri.to_string(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or_default().to_owned()))
+            .collect(),
+    });
+    let b = hyper::Response::builder();
+    let (b, body) = match parts.uri.path() {
+        "/customers/c-7" => (b.header("content-type", "application/json"), CUSTOMER),
+        "/customers/moved" => (b.status(302).header("location", "/customers/c-7"), ""),
+        "/customers/down" => (b.status(503).header("retry-after", "2"), "maintenance"),
+        "/customers/slow-down" => (b.status(429), "too many"),
+        _ => (b.status(404), "no such customer"),
+    };
+    b.body(Full::new(Bytes::from_static(body.as_bytes())))
+        .expect("response")
+}
+
+/// Starts the server on 127.0.0.1:0.
+pub fn serve() -> Server {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    rt.spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let seen = s.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let seen = seen.clone();
+                    async move { Ok::<_, Infallible>(respond(req, seen).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    Server {
+        addr,
+        seen,
+        _rt: rt,
+    }
+}
+
+fn grant(host: &str) -> HttpGrant {
+    HttpGrant {
+        allowed_hosts: vec![AllowedHost::parse(host).expect("entry")],
+        timeout_ms: 5_000,
+        max_request_bytes: 64 * 1024,
+        max_response_bytes: 1024 * 1024,
+        max_concurrent: 4,
+        ca_file: None,
+        idempotency_header: Some("Idempotency-Key".into()),
+    }
+}
+
+/// The component at `wasm` with `config`, allowed to reach `allowed`.
+fn pool(wasm: &Path, config: &[(&str, &str)], allowed: &str) -> InstancePool {
+    let mut env = handler_env(
+        "enrich",
+        config,
+        HandlerLimits {
+            timeout: Duration::from_secs(10),
+            ..HandlerLimits::default()
+        },
+    );
+    env.http = Some(Arc::new(Outbound::new(grant(allowed)).expect("client")));
+    let engine = Engine::new(&EngineSettings::default()).expect("engine");
+    let handler = engine.load_handler(wasm, env).expect("component loads");
+    InstancePool::new(handler, Isolation::Reuse, u64::MAX)
+}
+
+fn order(id: &str, customer_id: &str) -> InboundMessage {
+    InboundMessage {
+        id: id.to_owned(),
+        topic: "orders".into(),
+        key: Some(b"k-1".to_vec()),
+        payload: json!({"id": id, "customer_id": customer_id, "total": 12.5, "lines": [{"sku": "a", "n": 2}]})
+            .to_string()
+            .into_bytes(),
+        attempt: 1,
+        ..InboundMessage::default()
+    }
+}
+
+/// (topic, key, payload as JSON) of the one output of an ok call.
+fn output(outcome: &Outcome) -> (String, Option<Vec<u8>>, Value) {
+    match outcome {
+        Outcome::Ok { outputs } => {
+            assert_eq!(outputs.len(), 1, "{outputs:?}");
+            let o = &outputs[0];
+            let v = serde_json::from_slice(&o.payload).unwrap_or_else(|e| {
+                panic!(
+                    "output is not JSON ({e}): {}",
+                    String::from_utf8_lossy(&o.payload)
+                )
+            });
+            (o.topic.clone(), o.key.clone(), v)
+        }
+        other => panic!("expected ok, got {other:?}"),
+    }
+}
+
+/// Builds `guest-examples/<lang>/enrich` and checks it against the server and the Rust example.
+pub fn enrich_behaves_like_the_rust_example(lang: &str) {
+    let wasm = super::guest_lang::build(lang, "enrich");
+    let server = serve();
+    let base = format!("http://127.0.0.1:{}", server.addr.port());
+    let config = [("customers_url", base.as_str())];
+    let ours = pool(&wasm, &config, &base);
+    let rust = pool(&guest("enrich"), &config, &base);
+
+    // 200: the order goes out with its customer, on the default topic, with its key; exactly
+    // what the Rust example publishes.
+    let (topic, key, v) = output(&ours.invoke(&order("o-1", "c-7")).outcome);
+    assert_eq!(topic, "orders.enriched");
+    assert_eq!(key.as_deref(), Some(&b"k-1"[..]));
+    let customer: Value = serde_json::from_str(CUSTOMER).expect("customer");
+    assert_eq!(v["customer"], customer, "{v}");
+    assert_eq!(v["total"], 12.5, "{v}");
+    let (rust_topic, rust_key, rust_v) = output(&rust.invoke(&order("o-1", "c-7")).outcome);
+    assert_eq!((topic, key, &v), (rust_topic, rust_key, &rust_v));
+
+    // `target` names the topic.
+    let targeted = pool(
+        &wasm,
+        &[
+            ("customers_url", &format!("{base}/")),
+            ("target", "enriched"),
+        ],
+        &base,
+    );
+    let (topic, _, tv) = output(&targeted.invoke(&order("o-2", "c-7")).outcome);
+    assert_eq!(topic, "enriched");
+    assert_eq!(tv["customer"], customer);
+
+    // A redirect is followed (through the grant again) to the customer.
+    let (_, _, mv) = output(&ours.invoke(&order("o-8", "moved")).outcome);
+    assert_eq!(mv["customer"], customer, "{mv}");
+
+    // An outage retries, not before the server's Retry-After; a 429 retries too.
+    match ours.invoke(&order("o-3", "down")).outcome {
+        Outcome::Retry { reason, after } => {
+            assert!(
+                after.is_some_and(|a| a >= Duration::from_secs(2)),
+                "{after:?}"
+            );
+            assert!(reason.contains("503"), "{reason}");
+        }
+        other => panic!("503: expected retry, got {other:?}"),
+    }
+    assert!(
+        matches!(
+            ours.invoke(&order("o-4", "slow-down")).outcome,
+            Outcome::Retry { .. }
+        ),
+        "429 retries"
+    );
+    // A missing customer rejects.
+    match ours.invoke(&order("o-5", "nobody")).outcome {
+        Outcome::Rejected { reason } => assert!(reason.contains("404"), "{reason}"),
+        other => panic!("404: expected rejected, got {other:?}"),
+    }
+
+    // The server saw every GET (two for the redirect), each with the host's idempotency key (a
+    // different one per message) and the handler's accept header.
+    let seen = server.seen.lock().expect("seen").clone();
+    let paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/customers/c-7",
+            "/customers/c-7",
+            "/customers/c-7",
+            "/customers/moved",
+            "/customers/c-7",
+            "/customers/down",
+            "/customers/slow-down",
+            "/customers/nobody"
+        ]
+    );
+    for s in &seen {
+        assert_eq!(s.method, "GET");
+        let key = s.headers.get("idempotency-key").map_or("", String::as_str);
+        assert!(
+            key.len() == 32 && key.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{s:?}"
+        );
+        assert_eq!(
+            s.headers.get("accept").map(String::as_str),
+            Some("application/json")
+        );
+    }
+    assert_ne!(
+        seen[0].headers["idempotency-key"],
+        seen[5].headers["idempotency-key"]
+    );
+    let count = seen.len();
+
+    // A service outside the grant: rejected with the denial, and nothing reaches the server.
+    let outside = format!("http://localhost:{}", server.addr.port());
+    let denied = pool(&wasm, &[("customers_url", outside.as_str())], &base);
+    match denied.invoke(&order("o-6", "c-7")).outcome {
+        Outcome::Rejected { reason } => assert!(
+            reason.contains("denied") && reason.contains("allowed_hosts"),
+            "{reason}"
+        ),
+        other => panic!("outside the grant: expected rejected, got {other:?}"),
+    }
+    assert_eq!(server.seen.lock().expect("seen").len(), count);
+
+    // A service that is down (nothing listens on the port): a connection failure retries.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let closed_url = format!(
+        "http://127.0.0.1:{}",
+        closed.local_addr().expect("addr").port()
+    );
+    drop(closed);
+    let down = pool(
+        &wasm,
+        &[("customers_url", closed_url.as_str())],
+        &closed_url,
+    );
+    match down.invoke(&order("o-7", "c-7")).outcome {
+        Outcome::Retry { reason, .. } => assert!(reason.contains("connection"), "{reason}"),
+        other => panic!("connection refused: expected retry, got {other:?}"),
+    }
+}
