@@ -1,10 +1,18 @@
-//! The C router example (guest-examples/c/router, built by `lockgate build`) against the
-//! router fixture shared with the Rust example. The build script installs a missing toolchain,
-//! so a machine without one fails here rather than skipping.
+//! The C examples, built by `lockgate build`: the router against the router fixture shared
+//! with the Rust example, and enrich against a real HTTP server beside the Rust enrich. The build
+//! script installs a missing toolchain, so a machine without one fails here rather than skipping.
 
 mod guest_lang;
 
 #[test]
 fn c_router_matches_the_router_fixture() {
     guest_lang::router_matches_fixture("c");
+}
+
+#[path = "guest_lang/enrich.rs"]
+mod enrich;
+
+#[test]
+fn c_enrich_calls_the_customer_service_like_the_rust_example() {
+    enrich::enrich_behaves_like_the_rust_example("c");
 }

@@ -1,6 +1,7 @@
 //! The Go examples, built by `lockgate build`: the router against the router fixture shared
-//! with the Rust example, and enrich against a real HTTP server beside the Rust enrich. The build script installs a missing
-//! toolchain (minutes the first time), so a machine without one fails here rather than skipping.
+//! with the Rust example, and enrich against a real HTTP server beside the Rust enrich. The build
+//! script installs a missing toolchain (minutes the first time), so a machine without one fails
+//! here rather than skipping.
 
 mod guest_lang;
 
