@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use lockgate::config::Isolation;
 use lockgate::config::http::{AllowedHost, HttpGrant};
 use lockgate::engine::outbound::Outbound;
@@ -169,9 +169,38 @@ fn output(outcome: &Outcome) -> (String, Option<Vec<u8>>, Value) {
     }
 }
 
+/// The WASI interfaces the component at `wasm` imports (`wasi:io/streams@0.2.12`).
+fn wasi_imports(wasm: &Path) -> Vec<String> {
+    let engine = wasmtime::Engine::default();
+    let component = wasmtime::component::Component::from_file(&engine, wasm).expect("component");
+    component
+        .component_type()
+        .imports(&engine)
+        .map(|(name, _)| name.to_owned())
+        .filter(|name| name.starts_with("wasi:"))
+        .collect()
+}
+
 /// Builds `guest-examples/<lang>/enrich` and checks it against the server and the Rust example.
 pub fn enrich_behaves_like_the_rust_example(lang: &str) {
     let wasm = super::guest_lang::build(lang, "enrich");
+    // One minor per WASI package (the host's), and wasi:http only where the SDK's helper is used.
+    let imports = wasi_imports(&wasm);
+    assert!(
+        imports
+            .iter()
+            .any(|i| i == "wasi:http/outgoing-handler@0.2.12"),
+        "{imports:?}"
+    );
+    assert!(
+        imports.iter().all(|i| i.ends_with("@0.2.12")),
+        "{imports:?}"
+    );
+    let router = wasi_imports(&super::guest_lang::build(lang, "router"));
+    assert!(
+        !router.iter().any(|i| i.starts_with("wasi:http/")),
+        "the router does not use HTTP: {router:?}"
+    );
     let server = serve();
     let base = format!("http://127.0.0.1:{}", server.addr.port());
     let config = [("customers_url", base.as_str())];
