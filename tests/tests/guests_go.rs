@@ -1,7 +1,7 @@
 //! The Go examples, built by `lockgate build`: the router against the router fixture shared
-//! with the Rust example, and enrich against a real HTTP server beside the Rust enrich. The build
-//! script installs a missing toolchain (minutes the first time), so a machine without one fails
-//! here rather than skipping.
+//! with the Rust example, enrich against a real HTTP server beside the Rust enrich, and the
+//! HTTP probe against the same server. The build script installs a missing toolchain (minutes the
+//! first time), so a machine without one fails here rather than skipping.
 
 mod guest_lang;
 
@@ -10,10 +10,15 @@ fn go_router_matches_the_router_fixture() {
     guest_lang::router_matches_fixture("go");
 }
 
-#[path = "guest_lang/enrich.rs"]
-mod enrich;
+#[path = "guest_lang/http.rs"]
+mod http;
 
 #[test]
 fn go_enrich_calls_the_customer_service_like_the_rust_example() {
-    enrich::enrich_behaves_like_the_rust_example("go");
+    http::enrich_behaves_like_the_rust_example("go");
+}
+
+#[test]
+fn go_http_probe_sends_bodies_and_follows_redirects_like_the_rust_helper() {
+    http::probe_sends_bodies_and_follows_redirects_like_the_rust_helper("go");
 }

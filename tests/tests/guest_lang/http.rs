@@ -1,10 +1,14 @@
-//! The `enrich` example of another language (guest-examples/<lang>/enrich, built by
-//! `lockgate build`) against a real HTTP server on 127.0.0.1, through the engine with a grant,
-//! next to the Rust example (guest-examples/enrich) on the same messages: the same output, and
-//! the same retry and reject decisions (docs/handlers/http.md).
+//! Outbound HTTP through the SDK helper of another language, against a real HTTP server on
+//! 127.0.0.1 through the engine with a grant (docs/handlers/http.md):
 //!
-//! A private copy of the small hyper server of tests/tests/http.rs, with the customer service's
-//! answers.
+//! - the `enrich` example (guest-examples/<lang>/enrich, built by `lockgate build`) next to the
+//!   Rust example (guest-examples/enrich) on the same messages: the same output, and the same
+//!   retry and reject decisions;
+//! - the `http-probe` instrument (guest-examples/<lang>/http-probe): request bodies, redirects
+//!   (303 to GET, credentials dropped across origins, not following), error kinds.
+//!
+//! A private copy of the small hyper server of tests/tests/http.rs, with the answers of a
+//! customer service and a few redirects.
 
 #![allow(dead_code)]
 
@@ -16,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use lockgate::config::Isolation;
 use lockgate::config::http::{AllowedHost, HttpGrant};
 use lockgate::engine::outbound::Outbound;
@@ -32,11 +36,13 @@ pub struct Seen {
     pub method: String,
     pub path: String,
     pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
 }
 
 /// The customer service: `/customers/c-7` is a customer, `/customers/moved` redirects to it,
-/// `/customers/down` answers 503 with `Retry-After: 2`, `/customers/slow-down` 429 without one,
-/// anything else 404.
+/// `/customers/down` answers 503 with `Retry-After: 2`, `/customers/slow-down` 429 without one.
+/// For the probe: `/echo` and `/landed` answer 200, `/see-other` is a 303 to `/landed`,
+/// `/moved-cross` a 302 to `/landed` on `localhost` (another origin). Anything else is a 404.
 pub struct Server {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
@@ -50,8 +56,14 @@ pub const CUSTOMER: &str = r#"{"name":"Ada \u00e9","tier":2,"score":0.5,"address
 async fn respond(
     req: hyper::Request<hyper::body::Incoming>,
     seen: Arc<Mutex<Vec<Seen>>>,
+    port: u16,
 ) -> hyper::Response<Full<Bytes>> {
-    let (parts, _body) = req.into_parts();
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes().to_vec())
+        .unwrap_or_default();
     seen.lock().expect("seen").push(Seen {
         method: parts.method.to_string(),
         path: parts.uri.to_string(),
@@ -60,13 +72,19 @@ async fn respond(
             .iter()
             .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or_default().to_owned()))
             .collect(),
+        body,
     });
     let b = hyper::Response::builder();
+    let cross = format!("http://localhost:{port}/landed");
     let (b, body) = match parts.uri.path() {
         "/customers/c-7" => (b.header("content-type", "application/json"), CUSTOMER),
         "/customers/moved" => (b.status(302).header("location", "/customers/c-7"), ""),
         "/customers/down" => (b.status(503).header("retry-after", "2"), "maintenance"),
         "/customers/slow-down" => (b.status(429), "too many"),
+        "/echo" => (b, "echoed"),
+        "/landed" => (b, "landed"),
+        "/see-other" => (b.status(303).header("location", "/landed"), ""),
+        "/moved-cross" => (b.status(302).header("location", cross), ""),
         _ => (b.status(404), "no such customer"),
     };
     b.body(Full::new(Bytes::from_static(body.as_bytes())))
@@ -95,7 +113,7 @@ pub fn serve() -> Server {
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let seen = seen.clone();
-                    async move { Ok::<_, Infallible>(respond(req, seen).await) }
+                    async move { Ok::<_, Infallible>(respond(req, seen, addr.port()).await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
@@ -110,9 +128,12 @@ pub fn serve() -> Server {
     }
 }
 
-fn grant(host: &str) -> HttpGrant {
+fn grant(hosts: &[&str]) -> HttpGrant {
     HttpGrant {
-        allowed_hosts: vec![AllowedHost::parse(host).expect("entry")],
+        allowed_hosts: hosts
+            .iter()
+            .map(|h| AllowedHost::parse(h).expect("entry"))
+            .collect(),
         timeout_ms: 5_000,
         max_request_bytes: 64 * 1024,
         max_response_bytes: 1024 * 1024,
@@ -123,7 +144,7 @@ fn grant(host: &str) -> HttpGrant {
 }
 
 /// The component at `wasm` with `config`, allowed to reach `allowed`.
-fn pool(wasm: &Path, config: &[(&str, &str)], allowed: &str) -> InstancePool {
+fn pool(wasm: &Path, config: &[(&str, &str)], allowed: &[&str]) -> InstancePool {
     let mut env = handler_env(
         "enrich",
         config,
@@ -204,8 +225,8 @@ pub fn enrich_behaves_like_the_rust_example(lang: &str) {
     let server = serve();
     let base = format!("http://127.0.0.1:{}", server.addr.port());
     let config = [("customers_url", base.as_str())];
-    let ours = pool(&wasm, &config, &base);
-    let rust = pool(&guest("enrich"), &config, &base);
+    let ours = pool(&wasm, &config, &[&base]);
+    let rust = pool(&guest("enrich"), &config, &[&base]);
 
     // 200: the order goes out with its customer, on the default topic, with its key; exactly
     // what the Rust example publishes.
@@ -225,7 +246,7 @@ pub fn enrich_behaves_like_the_rust_example(lang: &str) {
             ("customers_url", &format!("{base}/")),
             ("target", "enriched"),
         ],
-        &base,
+        &[&base],
     );
     let (topic, _, tv) = output(&targeted.invoke(&order("o-2", "c-7")).outcome);
     assert_eq!(topic, "enriched");
@@ -296,7 +317,7 @@ pub fn enrich_behaves_like_the_rust_example(lang: &str) {
 
     // A service outside the grant: rejected with the denial, and nothing reaches the server.
     let outside = format!("http://localhost:{}", server.addr.port());
-    let denied = pool(&wasm, &[("customers_url", outside.as_str())], &base);
+    let denied = pool(&wasm, &[("customers_url", outside.as_str())], &[&base]);
     match denied.invoke(&order("o-6", "c-7")).outcome {
         Outcome::Rejected { reason } => assert!(
             reason.contains("denied") && reason.contains("allowed_hosts"),
@@ -316,10 +337,122 @@ pub fn enrich_behaves_like_the_rust_example(lang: &str) {
     let down = pool(
         &wasm,
         &[("customers_url", closed_url.as_str())],
-        &closed_url,
+        &[&closed_url],
     );
     match down.invoke(&order("o-7", "c-7")).outcome {
         Outcome::Retry { reason, .. } => assert!(reason.contains("connection"), "{reason}"),
         other => panic!("connection refused: expected retry, got {other:?}"),
     }
+}
+
+/// (status, error kind, payload) the probe published for `spec`.
+fn probe(pool: &InstancePool, id: &str, spec: Value) -> (String, String, String) {
+    let msg = InboundMessage {
+        id: id.to_owned(),
+        topic: "probe".into(),
+        payload: spec.to_string().into_bytes(),
+        attempt: 1,
+        ..InboundMessage::default()
+    };
+    match pool.invoke(&msg).outcome {
+        Outcome::Ok { outputs } => {
+            let header = |name: &str| {
+                outputs[0]
+                    .headers
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default()
+            };
+            (
+                header("status"),
+                header("error"),
+                String::from_utf8_lossy(&outputs[0].payload).into_owned(),
+            )
+        }
+        other => panic!("{spec}: expected ok, got {other:?}"),
+    }
+}
+
+/// Builds `guest-examples/<lang>/http-probe` and checks what its requests look like on the wire.
+pub fn probe_sends_bodies_and_follows_redirects_like_the_rust_helper(lang: &str) {
+    let wasm = super::guest_lang::build(lang, "http-probe");
+    let server = serve();
+    let port = server.addr.port();
+    let base = format!("http://127.0.0.1:{port}");
+    let other = format!("http://localhost:{port}");
+    let pool = pool(&wasm, &[], &[&base, &other]);
+    let seen = |from: usize| server.seen.lock().expect("seen")[from..].to_vec();
+    let pattern: Vec<u8> = (0..10_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+
+    // A body over several 4 KiB writes arrives whole, with its length and the handler's headers.
+    let got = probe(
+        &pool,
+        "post",
+        json!({"method": "POST", "url": format!("{base}/echo"), "auth": "secret", "body_bytes": 10_000}),
+    );
+    assert_eq!(got, ("200".into(), String::new(), "echoed".into()));
+    let s = &seen(0)[0];
+    assert_eq!((s.method.as_str(), s.path.as_str()), ("POST", "/echo"));
+    assert!(
+        s.body == pattern,
+        "the body arrived as {} bytes",
+        s.body.len()
+    );
+    assert_eq!(s.headers["content-length"], "10000");
+    assert_eq!(s.headers["content-type"], "text/plain");
+    assert_eq!(s.headers["authorization"], "secret");
+    assert_eq!(s.headers["x-keep"], "1");
+
+    // A POST answered 303 becomes a GET without body or content-type; same origin keeps the
+    // credentials.
+    let got = probe(
+        &pool,
+        "see-other",
+        json!({"method": "POST", "url": format!("{base}/see-other"), "auth": "secret", "body_bytes": 100}),
+    );
+    assert_eq!(got, ("200".into(), String::new(), "landed".into()));
+    let hops = seen(1);
+    assert_eq!(hops.len(), 2, "{hops:#?}");
+    assert_eq!((hops[0].method.as_str(), hops[0].body.len()), ("POST", 100));
+    assert_eq!(
+        (hops[1].method.as_str(), hops[1].path.as_str()),
+        ("GET", "/landed")
+    );
+    assert!(hops[1].body.is_empty());
+    assert!(!hops[1].headers.contains_key("content-type"), "{hops:#?}");
+    assert_eq!(hops[1].headers["authorization"], "secret");
+
+    // A redirect to another origin drops Authorization and keeps the rest.
+    let got = probe(
+        &pool,
+        "cross",
+        json!({"url": format!("{base}/moved-cross"), "auth": "secret"}),
+    );
+    assert_eq!(got.0, "200");
+    let hops = seen(3);
+    assert_eq!(hops.len(), 2, "{hops:#?}");
+    assert_eq!(hops[0].headers["authorization"], "secret");
+    assert_eq!(hops[1].headers["host"], format!("localhost:{port}"));
+    assert!(!hops[1].headers.contains_key("authorization"), "{hops:#?}");
+    assert_eq!(hops[1].headers["x-keep"], "1");
+
+    // Not following returns the 3xx itself.
+    let got = probe(
+        &pool,
+        "no-follow",
+        json!({"url": format!("{base}/customers/moved"), "redirects": false}),
+    );
+    assert_eq!(got.0, "302");
+    assert_eq!(seen(5).len(), 1);
+
+    // A host outside the grant is a denial, and nothing reaches the server.
+    let got = probe(
+        &pool,
+        "outside",
+        json!({"url": format!("http://127.0.0.2:{port}/echo")}),
+    );
+    assert_eq!((got.0.as_str(), got.1.as_str()), ("0", "denied"), "{got:?}");
+    assert!(got.2.contains("allowed_hosts"), "{got:?}");
+    assert_eq!(seen(6).len(), 0);
 }
