@@ -1110,7 +1110,7 @@ static inline lockgate_result lockgate_http_request(const lockgate_http_request_
         if (!location) return r;
         const char *next = lockgate__http_resolve(cur.url, location);
         if (!next) return r;
-        bool to_get = s == 303 || (s != 307 && s != 308 && cur.method && strcmp(cur.method, "POST") == 0);
+        bool to_get = s == 303 || (s != 307 && s != 308 && cur.method && lockgate__ieq(cur.method, "POST"));
         bool other_origin = strcmp(lockgate__http_origin(next), lockgate__http_origin(cur.url)) != 0;
         lockgate_http_header_t *kept =
             (lockgate_http_header_t *)lockgate_alloc((cur.header_count ? cur.header_count : 1) * sizeof *kept);
