@@ -13,9 +13,11 @@
  *     }
  *     LOCKGATE_HANDLER(handle)
  *
- * The header sits on top of the bindings that `wit-bindgen c --world handler wit/` generates
- * (handler.h, handler.c, handler_component_type.o); scripts/build-guest-c.sh generates them and
- * compiles everything into a component. It is header-only: include it in exactly one .c file.
+ * The header sits on top of the bindings that `wit-bindgen c --world handler-http
+ * --rename-world handler wit/` generates (handler.h, handler.c, handler_component_type.o: the
+ * handler world plus wasi:http, under the handler world's names); `lockgate build` generates them
+ * and compiles everything into a component, which imports wasi:http only when the handler calls
+ * lockgate_http_request. It is header-only: include it in exactly one .c file.
  *
  * Memory: every pointer a helper returns (config values, decoded JSON strings, formatted
  * reasons, kv values, lockgate_alloc) lives until the handler returns; the LOCKGATE_HANDLER
@@ -26,7 +28,9 @@
  * without flags and widths and without stdio, so a handler that does not call printf itself
  * imports nothing from WASI). Helpers that can fail (publish, kv) return a lockgate_result too,
  * mapped as the Rust SDK does: a refused publish rejects, an unavailable kv store retries, a bad
- * kv key or oversized value rejects.
+ * kv key or oversized value rejects; an HTTP request that gets no response retries on a timeout
+ * or a connection failure and rejects otherwise, and lockgate_http_error_for_status maps a
+ * response's status.
  */
 #ifndef LOCKGATE_H
 #define LOCKGATE_H
@@ -685,6 +689,464 @@ static inline lockgate_json_status lockgate_json_field(const uint8_t *json, size
     value->ptr = found;
     value->len = (size_t)(v.p - found);
     return LOCKGATE_JSON_OK;
+}
+
+/* ---- Outbound HTTP -------------------------------------------------------------------------- */
+
+/* Synchronous requests through wasi:http (docs/handlers/http.md). What a request may reach is
+ * the handler's grant in runtime.toml (`[handlers.<name>.http] allowed_hosts = [...]`); anything
+ * else fails as LOCKGATE_HTTP_DENIED. The host never follows a redirect; lockgate_http_request
+ * follows up to LOCKGATE_HTTP_MAX_REDIRECTS (each hop checked against the grant again: a 303, and
+ * a POST answered 301 or 302, become a GET without a body; Authorization and Cookie are dropped
+ * when the origin changes) unless the request sets no_redirects. Every request carries an
+ * `Idempotency-Key` the host derives from the message, the same on every retry. */
+
+/** How many redirects lockgate_http_request follows. */
+#define LOCKGATE_HTTP_MAX_REDIRECTS 5
+
+/** One request or response header, NUL-terminated. */
+typedef struct lockgate_http_header_t {
+    const char *name;
+    const char *value;
+} lockgate_http_header_t;
+
+/** A request: zero-initialise, then set what you need. */
+typedef struct lockgate_http_request_t {
+    const char *method;                    /**< "GET", "POST", ... ; NULL is GET */
+    const char *url;                       /**< absolute http:// or https:// URL */
+    const lockgate_http_header_t *headers; /**< header_count entries (may be NULL) */
+    size_t header_count;
+    const void *body;                      /**< body_len bytes (may be NULL) */
+    size_t body_len;
+    uint64_t timeout_ms;                   /**< wait for the response headers; 0: the grant's timeout_ms */
+    bool no_redirects;                     /**< return a 3xx as it is */
+} lockgate_http_request_t;
+
+/** Why a request got no response (LOCKGATE_HTTP_OK when it got one). */
+typedef enum lockgate_http_error {
+    LOCKGATE_HTTP_OK = 0,
+    LOCKGATE_HTTP_DENIED,     /**< the grant does not allow the URL (or its internal address) */
+    LOCKGATE_HTTP_TIMEOUT,    /**< no response in time (timeout_ms, the grant, the call's deadline) */
+    LOCKGATE_HTTP_CONNECTION, /**< refused, reset, DNS, TLS */
+    LOCKGATE_HTTP_TOO_LARGE,  /**< the request or the response is over the grant's limits */
+    LOCKGATE_HTTP_INVALID,    /**< a bad URL, method or header */
+} lockgate_http_error;
+
+/** A response, read to its end. Everything in it lives until the handler returns (or
+ *  lockgate_http_response_free). */
+typedef struct lockgate_http_response_t {
+    uint16_t status;
+    lockgate_http_header_t *headers; /**< header_count entries, names lower-cased, in order */
+    size_t header_count;
+    const uint8_t *body;             /**< body_len bytes, NUL-terminated one byte past its length */
+    size_t body_len;
+    lockgate_http_error error;       /**< set by lockgate_http_request: why there is no response */
+} lockgate_http_response_t;
+
+/* Frees the per-call block at `data` now instead of when the handler returns. */
+static inline void lockgate__release(void *data) {
+    for (lockgate__block **b = &lockgate__blocks; *b; b = &(*b)->next) {
+        if ((void *)(*b)->data == data) {
+            lockgate__block *dead = *b;
+            *b = dead->next;
+            free(dead);
+            return;
+        }
+    }
+}
+
+/** Frees the response's body and headers now rather than when the handler returns (for a
+ *  handler that makes many requests with large answers); the response is empty afterwards. */
+static inline void lockgate_http_response_free(lockgate_http_response_t *resp) {
+    for (size_t i = 0; i < resp->header_count; i++) lockgate__release((void *)resp->headers[i].name);
+    if (resp->headers) lockgate__release(resp->headers);
+    if (resp->body) lockgate__release((void *)resp->body);
+    resp->headers = NULL;
+    resp->header_count = 0;
+    resp->body = NULL;
+    resp->body_len = 0;
+}
+
+/* Whether ASCII strings a and b are equal, ignoring case. */
+static inline bool lockgate__ieq(const char *a, const char *b) {
+    for (;; a++, b++) {
+        char x = *a >= 'A' && *a <= 'Z' ? (char)(*a | 0x20) : *a;
+        char y = *b >= 'A' && *b <= 'Z' ? (char)(*b | 0x20) : *b;
+        if (x != y) return false;
+        if (!x) return true;
+    }
+}
+
+/** The first header called `name` (any case) of `resp`, or NULL. */
+static inline const char *lockgate_http_response_header(const lockgate_http_response_t *resp, const char *name) {
+    for (size_t i = 0; i < resp->header_count; i++)
+        if (lockgate__ieq(resp->headers[i].name, name)) return resp->headers[i].value;
+    return NULL;
+}
+
+/** LOCKGATE_OK for a status below 400, else the handler's result for it, as in the Rust SDK: a
+ *  5xx, a 429 or a 408 retries (not before `Retry-After` seconds when the server sends them),
+ *  any other 4xx rejects. So an outage of the dependency retries and opens the route's breaker,
+ *  and nothing is dead-lettered while it is down. The reason is `HTTP <status>: <body start>`. */
+static inline lockgate_result lockgate_http_error_for_status(const lockgate_http_response_t *resp) {
+    unsigned s = resp->status;
+    if (s < 400) return LOCKGATE_OK;
+    size_t n = resp->body_len < 200 ? resp->body_len : 200, start = 0;
+    const char *b = resp->body ? (const char *)resp->body : "";
+    while (start < n && (b[start] == ' ' || b[start] == '\n' || b[start] == '\r' || b[start] == '\t')) start++;
+    while (n > start && (b[n - 1] == ' ' || b[n - 1] == '\n' || b[n - 1] == '\r' || b[n - 1] == '\t')) n--;
+    const char *reason = lockgate_format("HTTP %u: %.*s", s, (int)(n - start), b + start);
+    if (s >= 500 || s == 429 || s == 408) {
+        const char *after = lockgate_http_response_header(resp, "retry-after");
+        if (after) {
+            while (*after == ' ') after++;
+            uint64_t secs = 0;
+            const char *p = after;
+            while (*p >= '0' && *p <= '9' && secs < 1000000000ULL) secs = secs * 10 + (uint64_t)(*p++ - '0');
+            while (*p == ' ') p++;
+            if (p != after && !*p) return lockgate_retry_after(reason, secs * 1000);
+        }
+        return lockgate_retry(reason);
+    }
+    return lockgate_reject(reason);
+}
+
+/* The parts of an absolute URL a request needs: scheme, authority and path-with-query, as
+ * per-call strings. Returns false for anything but http(s)://host[...]. */
+static inline bool lockgate__http_split(const char *url, bool *https, const char **authority, const char **path) {
+    const char *sep = strstr(url, "://");
+    if (!sep) return false;
+    size_t sl = (size_t)(sep - url);
+    const char *s = lockgate_strndup(url, sl);
+    char lower[6] = {0};
+    if (sl > 5) return false;
+    for (size_t i = 0; i < sl; i++) lower[i] = (char)(s[i] | 0x20);
+    if (strcmp(lower, "http") == 0) *https = false;
+    else if (strcmp(lower, "https") == 0) *https = true;
+    else return false;
+    const char *rest = sep + 3;
+    size_t end = strcspn(rest, "/?#");
+    if (end == 0) return false;
+    *authority = lockgate_strndup(rest, end);
+    const char *p = rest + end;
+    size_t pl = strcspn(p, "#");
+    if (pl == 0) *path = "/";
+    else if (*p == '?') *path = lockgate_format("/%.*s", (int)pl, p);
+    else *path = lockgate_strndup(p, pl);
+    return true;
+}
+
+/* `scheme://authority` of url, lower-case scheme ("" when it has none). */
+static inline const char *lockgate__http_origin(const char *url) {
+    const char *sep = strstr(url, "://");
+    if (!sep) return "";
+    char *o = lockgate_strndup(url, (size_t)(sep - url) + 3 + strcspn(sep + 3, "/?#"));
+    for (char *c = o; *c && *c != ':'; c++) *c = (char)(*c >= 'A' && *c <= 'Z' ? *c | 0x20 : *c);
+    return o;
+}
+
+/* `location` resolved against `base`: absolute as it is, `//host/x` with the base's scheme,
+ * `/x` on the base's origin, anything else relative to the base's directory. NULL when base is
+ * not absolute. */
+static inline const char *lockgate__http_resolve(const char *base, const char *location) {
+    if (strstr(location, "://")) return location;
+    const char *origin = lockgate__http_origin(base);
+    if (!*origin) return NULL;
+    if (location[0] == '/' && location[1] == '/')
+        return lockgate_format("%.*s%s", (int)(strstr(origin, "://") - origin + 1), origin, location);
+    if (location[0] == '/') return lockgate_format("%s%s", origin, location);
+    const char *path = base + strlen(origin);
+    size_t pl = strcspn(path, "?#"), dir = 0;
+    for (size_t i = 0; i < pl; i++)
+        if (path[i] == '/') dir = i + 1;
+    if (dir == 0) return lockgate_format("%s/%s", origin, location);
+    return lockgate_format("%s%.*s%s", origin, (int)dir, path, location);
+}
+
+static inline lockgate_result lockgate__http_fail(lockgate_http_response_t *resp, lockgate_http_error kind,
+                                                  const char *what) {
+    resp->error = kind;
+    switch (kind) {
+    case LOCKGATE_HTTP_DENIED: return lockgate_rejectf("HTTP request denied: %s", what);
+    case LOCKGATE_HTTP_TIMEOUT: return lockgate_retryf("HTTP request timed out: %s", what);
+    case LOCKGATE_HTTP_CONNECTION: return lockgate_retryf("HTTP connection failed: %s", what);
+    case LOCKGATE_HTTP_TOO_LARGE: return lockgate_rejectf("HTTP message too large: %s", what);
+    default: return lockgate_rejectf("invalid HTTP request: %s", what);
+    }
+}
+
+/* The result for a wasi:http error code (which it frees). */
+static inline lockgate_result lockgate__http_code(lockgate_http_response_t *resp, wasi_http_types_error_code_t *e,
+                                                  const char *url) {
+    lockgate_result r;
+    switch (e->tag) {
+    case WASI_HTTP_TYPES_ERROR_CODE_HTTP_REQUEST_DENIED:
+        r = lockgate__http_fail(resp, LOCKGATE_HTTP_DENIED,
+                                lockgate_format("%s is not allowed by the handler's grant (allowed_hosts)", url));
+        break;
+    case WASI_HTTP_TYPES_ERROR_CODE_DESTINATION_IP_PROHIBITED:
+        r = lockgate__http_fail(resp, LOCKGATE_HTTP_DENIED,
+                                lockgate_format("%s resolves to an internal address its allowed_hosts entry does not name", url));
+        break;
+    case WASI_HTTP_TYPES_ERROR_CODE_CONNECTION_TIMEOUT:
+    case WASI_HTTP_TYPES_ERROR_CODE_CONNECTION_READ_TIMEOUT:
+    case WASI_HTTP_TYPES_ERROR_CODE_HTTP_RESPONSE_TIMEOUT:
+        r = lockgate__http_fail(resp, LOCKGATE_HTTP_TIMEOUT, url);
+        break;
+    case WASI_HTTP_TYPES_ERROR_CODE_HTTP_REQUEST_BODY_SIZE:
+        r = lockgate__http_fail(resp, LOCKGATE_HTTP_TOO_LARGE, "the request body is over the grant's max_request_bytes");
+        break;
+    case WASI_HTTP_TYPES_ERROR_CODE_HTTP_RESPONSE_BODY_SIZE:
+        r = lockgate__http_fail(resp, LOCKGATE_HTTP_TOO_LARGE,
+                                lockgate_format("the response of %s is over the grant's max_response_bytes", url));
+        break;
+    case WASI_HTTP_TYPES_ERROR_CODE_HTTP_REQUEST_METHOD_INVALID:
+    case WASI_HTTP_TYPES_ERROR_CODE_HTTP_REQUEST_URI_INVALID:
+        r = lockgate__http_fail(resp, LOCKGATE_HTTP_INVALID, lockgate_format("%s: rejected by the host", url));
+        break;
+    case WASI_HTTP_TYPES_ERROR_CODE_CONNECTION_REFUSED:
+        r = lockgate__http_fail(resp, LOCKGATE_HTTP_CONNECTION, lockgate_format("%s: connection refused", url));
+        break;
+    case WASI_HTTP_TYPES_ERROR_CODE_TLS_CERTIFICATE_ERROR:
+        r = lockgate__http_fail(resp, LOCKGATE_HTTP_CONNECTION, lockgate_format("%s: TLS certificate error", url));
+        break;
+    case WASI_HTTP_TYPES_ERROR_CODE_DNS_ERROR:
+    case WASI_HTTP_TYPES_ERROR_CODE_DNS_TIMEOUT:
+        r = lockgate__http_fail(resp, LOCKGATE_HTTP_CONNECTION, lockgate_format("%s: DNS lookup failed", url));
+        break;
+    default:
+        r = lockgate__http_fail(resp, LOCKGATE_HTTP_CONNECTION, lockgate_format("%s: error code %u", url, (unsigned)e->tag));
+        break;
+    }
+    wasi_http_types_error_code_free(e);
+    return r;
+}
+
+/* One request and its whole response, without redirects. */
+static inline lockgate_result lockgate__http_once(const lockgate_http_request_t *req, lockgate_http_response_t *resp) {
+    const char *url = req->url ? req->url : "";
+    bool https = false;
+    const char *authority = NULL, *path = NULL;
+    if (!lockgate__http_split(url, &https, &authority, &path))
+        return lockgate__http_fail(resp, LOCKGATE_HTTP_INVALID,
+                                   lockgate_format("`%s`: not an absolute http:// or https:// URL with a host", url));
+    wasi_http_types_own_fields_t fields = wasi_http_types_constructor_fields();
+    wasi_http_types_borrow_fields_t bf = wasi_http_types_borrow_fields(fields);
+    bool has_length = false;
+    for (size_t i = 0; i < req->header_count; i++) {
+        const lockgate_http_header_t *h = &req->headers[i];
+        handler_string_t name = lockgate__str(h->name);
+        wasi_http_types_field_value_t value = {(uint8_t *)h->value, strlen(h->value)};
+        wasi_http_types_header_error_t herr;
+        if (!wasi_http_types_method_fields_append(bf, &name, &value, &herr)) {
+            wasi_http_types_fields_drop_own(fields);
+            return lockgate__http_fail(resp, LOCKGATE_HTTP_INVALID, lockgate_format("%s: bad header `%s`", url, h->name));
+        }
+        has_length = has_length || lockgate__ieq(h->name, "content-length");
+    }
+    if (req->body_len && !has_length) {
+        handler_string_t name = lockgate__str("content-length");
+        const char *len = lockgate_format("%zu", req->body_len);
+        wasi_http_types_field_value_t value = {(uint8_t *)len, strlen(len)};
+        wasi_http_types_header_error_t herr;
+        (void)wasi_http_types_method_fields_append(bf, &name, &value, &herr);
+    }
+    wasi_http_types_own_outgoing_request_t out = wasi_http_types_constructor_outgoing_request(fields);
+    wasi_http_types_borrow_outgoing_request_t bo = wasi_http_types_borrow_outgoing_request(out);
+    static const char *const methods[] = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"};
+    const char *m = req->method ? req->method : "GET";
+    wasi_http_types_method_t method = {WASI_HTTP_TYPES_METHOD_OTHER, {lockgate__str(m)}};
+    for (uint8_t i = 0; i < sizeof methods / sizeof *methods; i++)
+        if (strcmp(m, methods[i]) == 0) method.tag = i;
+    wasi_http_types_scheme_t scheme = {https ? WASI_HTTP_TYPES_SCHEME_HTTPS : WASI_HTTP_TYPES_SCHEME_HTTP, {{0}}};
+    handler_string_t auth = lockgate__str(authority), pq = lockgate__str(path);
+    const char *bad = !wasi_http_types_method_outgoing_request_set_method(bo, &method) ? "method"
+                    : !wasi_http_types_method_outgoing_request_set_scheme(bo, &scheme) ? "scheme"
+                    : !wasi_http_types_method_outgoing_request_set_authority(bo, &auth) ? "host"
+                    : !wasi_http_types_method_outgoing_request_set_path_with_query(bo, &pq) ? "path" : NULL;
+    wasi_http_types_own_outgoing_body_t body;
+    if (!bad && !wasi_http_types_method_outgoing_request_body(bo, &body)) bad = "body";
+    if (bad) {
+        wasi_http_types_outgoing_request_drop_own(out);
+        return lockgate__http_fail(resp, LOCKGATE_HTTP_INVALID, lockgate_format("%s: bad %s", url, bad));
+    }
+    wasi_http_types_own_request_options_t options, *maybe_options = NULL;
+    if (req->timeout_ms) {
+        options = wasi_http_types_constructor_request_options();
+        wasi_http_types_duration_t ns = req->timeout_ms > UINT64_MAX / 1000000 ? UINT64_MAX : req->timeout_ms * 1000000;
+        (void)wasi_http_types_method_request_options_set_first_byte_timeout(
+            wasi_http_types_borrow_request_options(options), &ns);
+        maybe_options = &options;
+    }
+    /* Sent first, written after: the host reads the body while it is written. */
+    wasi_http_types_own_future_incoming_response_t future;
+    wasi_http_types_error_code_t code;
+    if (!wasi_http_outgoing_handler_handle(out, maybe_options, &future, &code)) {
+        wasi_http_types_outgoing_body_drop_own(body);
+        return lockgate__http_code(resp, &code, url);
+    }
+    wasi_http_types_own_output_stream_t w;
+    if (wasi_http_types_method_outgoing_body_write(wasi_http_types_borrow_outgoing_body(body), &w)) {
+        const uint8_t *p = (const uint8_t *)req->body;
+        for (size_t left = req->body_len; left > 0;) {
+            size_t n = left < 4096 ? left : 4096;
+            handler_list_u8_t chunk = {(uint8_t *)p, n};
+            wasi_io_streams_stream_error_t serr;
+            if (!wasi_io_streams_method_output_stream_blocking_write_and_flush(
+                    wasi_io_streams_borrow_output_stream(w), &chunk, &serr)) {
+                wasi_io_streams_stream_error_free(&serr);
+                break;
+            }
+            p += n;
+            left -= n;
+        }
+        wasi_io_streams_output_stream_drop_own(w);
+    }
+    if (!wasi_http_types_static_outgoing_body_finish(body, NULL, &code)) wasi_http_types_error_code_free(&code);
+    wasi_http_types_borrow_future_incoming_response_t bfut = wasi_http_types_borrow_future_incoming_response(future);
+    wasi_http_types_result_result_own_incoming_response_error_code_void_t got;
+    while (!wasi_http_types_method_future_incoming_response_get(bfut, &got)) {
+        wasi_io_poll_own_pollable_t pollable = wasi_http_types_method_future_incoming_response_subscribe(bfut);
+        wasi_io_poll_method_pollable_block(wasi_io_poll_borrow_pollable(pollable));
+        wasi_io_poll_pollable_drop_own(pollable);
+    }
+    wasi_http_types_future_incoming_response_drop_own(future);
+    if (got.is_err) return lockgate__http_fail(resp, LOCKGATE_HTTP_CONNECTION, lockgate_format("%s: response taken twice", url));
+    if (got.val.ok.is_err) return lockgate__http_code(resp, &got.val.ok.val.err, url);
+    wasi_http_types_own_incoming_response_t in = got.val.ok.val.ok;
+    wasi_http_types_borrow_incoming_response_t bin = wasi_http_types_borrow_incoming_response(in);
+    resp->status = wasi_http_types_method_incoming_response_status(bin);
+    wasi_http_types_own_headers_t headers = wasi_http_types_method_incoming_response_headers(bin);
+    wasi_http_types_list_tuple2_field_name_field_value_t entries;
+    wasi_http_types_method_fields_entries(wasi_http_types_borrow_fields(headers), &entries);
+    resp->headers = entries.len ? (lockgate_http_header_t *)lockgate_alloc(entries.len * sizeof(lockgate_http_header_t)) : NULL;
+    resp->header_count = entries.len;
+    for (size_t i = 0; i < entries.len; i++) {
+        /* Name and value in one block, so that lockgate_http_response_free releases both. */
+        size_t nl = entries.ptr[i].f0.len, vl = entries.ptr[i].f1.len;
+        char *nv = (char *)lockgate_alloc(nl + vl + 2);
+        for (size_t k = 0; k < nl; k++) {
+            char c = (char)entries.ptr[i].f0.ptr[k];
+            nv[k] = c >= 'A' && c <= 'Z' ? (char)(c | 0x20) : c;
+        }
+        nv[nl] = '\0';
+        if (vl) memcpy(nv + nl + 1, entries.ptr[i].f1.ptr, vl);
+        nv[nl + 1 + vl] = '\0';
+        resp->headers[i] = (lockgate_http_header_t){nv, nv + nl + 1};
+    }
+    wasi_http_types_list_tuple2_field_name_field_value_free(&entries);
+    wasi_http_types_fields_drop_own(headers);
+    wasi_http_types_own_incoming_body_t ib;
+    if (!wasi_http_types_method_incoming_response_consume(bin, &ib)) {
+        wasi_http_types_incoming_response_drop_own(in);
+        return lockgate__http_fail(resp, LOCKGATE_HTTP_CONNECTION, lockgate_format("%s: no body", url));
+    }
+    wasi_http_types_own_input_stream_t stream;
+    if (!wasi_http_types_method_incoming_body_stream(wasi_http_types_borrow_incoming_body(ib), &stream)) {
+        wasi_http_types_incoming_body_drop_own(ib);
+        wasi_http_types_incoming_response_drop_own(in);
+        return lockgate__http_fail(resp, LOCKGATE_HTTP_CONNECTION, lockgate_format("%s: no body stream", url));
+    }
+    /* The body grows in a malloc'd buffer, then moves to one per-call block. */
+    uint8_t *data = NULL;
+    size_t len = 0, cap = 0;
+    lockgate_result r = LOCKGATE_OK;
+    for (;;) {
+        handler_list_u8_t chunk;
+        wasi_io_streams_stream_error_t serr;
+        if (wasi_io_streams_method_input_stream_blocking_read(wasi_io_streams_borrow_input_stream(stream), 65536,
+                                                              &chunk, &serr)) {
+            if (len + chunk.len > cap) {
+                cap = (len + chunk.len) * 2;
+                data = (uint8_t *)realloc(data, cap);
+                if (!data) abort();
+            }
+            if (chunk.len) memcpy(data + len, chunk.ptr, chunk.len);
+            len += chunk.len;
+            handler_list_u8_free(&chunk);
+            continue;
+        }
+        if (serr.tag == WASI_IO_STREAMS_STREAM_ERROR_LAST_OPERATION_FAILED) {
+            wasi_io_error_own_error_t e = serr.val.last_operation_failed;
+            if (wasi_http_types_http_error_code(wasi_io_error_borrow_error(e), &code)) {
+                r = lockgate__http_code(resp, &code, url);
+            } else {
+                handler_string_t dbg;
+                wasi_io_error_method_error_to_debug_string(wasi_io_error_borrow_error(e), &dbg);
+                r = lockgate__http_fail(resp, LOCKGATE_HTTP_CONNECTION,
+                                        lockgate_format("%s: reading the response failed: %.*s", url, (int)dbg.len,
+                                                        (const char *)dbg.ptr));
+                handler_string_free(&dbg);
+            }
+            wasi_io_error_error_drop_own(e);
+        }
+        break;
+    }
+    /* Children before parents: the stream, then the body (finished), then the response. */
+    wasi_io_streams_input_stream_drop_own(stream);
+    wasi_http_types_future_trailers_drop_own(wasi_http_types_static_incoming_body_finish(ib));
+    wasi_http_types_incoming_response_drop_own(in);
+    resp->body = (const uint8_t *)lockgate_strndup(data ? (const char *)data : "", len);
+    resp->body_len = len;
+    free(data);
+    if (!lockgate_is_ok(r)) lockgate_http_response_free(resp);
+    return r;
+}
+
+/** Sends `req`, following redirects (unless req->no_redirects), and reads the whole response
+ *  into *resp. Returns LOCKGATE_OK when there is a response, whatever its status (see
+ *  lockgate_http_error_for_status); otherwise resp->error says why and the result is what the
+ *  handler should return: a timeout or a connection failure retries, a denial, a size limit or a
+ *  malformed request rejects (it would fail the same way every time). */
+static inline lockgate_result lockgate_http_request(const lockgate_http_request_t *req, lockgate_http_response_t *resp) {
+    lockgate_http_request_t cur = *req;
+    memset(resp, 0, sizeof *resp);
+    for (int left = req->no_redirects ? 0 : LOCKGATE_HTTP_MAX_REDIRECTS;; left--) {
+        lockgate_result r = lockgate__http_once(&cur, resp);
+        if (!lockgate_is_ok(r)) return r;
+        unsigned s = resp->status;
+        if (left <= 0 || !(s == 301 || s == 302 || s == 303 || s == 307 || s == 308)) return r;
+        const char *location = lockgate_http_response_header(resp, "location");
+        if (!location) return r;
+        const char *next = lockgate__http_resolve(cur.url, location);
+        if (!next) return r;
+        bool to_get = s == 303 || (s != 307 && s != 308 && cur.method && lockgate__ieq(cur.method, "POST"));
+        bool other_origin = strcmp(lockgate__http_origin(next), lockgate__http_origin(cur.url)) != 0;
+        lockgate_http_header_t *kept =
+            (lockgate_http_header_t *)lockgate_alloc((cur.header_count ? cur.header_count : 1) * sizeof *kept);
+        size_t n = 0;
+        for (size_t i = 0; i < cur.header_count; i++) {
+            const char *name = cur.headers[i].name;
+            if (to_get && lockgate__ieq(name, "content-type")) continue;
+            /* Credentials are for the host they were written for. */
+            if (other_origin && (lockgate__ieq(name, "authorization") || lockgate__ieq(name, "cookie")))
+                continue;
+            kept[n++] = cur.headers[i];
+        }
+        cur.headers = kept;
+        cur.header_count = n;
+        cur.url = lockgate_strndup(next, strlen(next));
+        if (to_get) {
+            cur.method = "GET";
+            cur.body = NULL;
+            cur.body_len = 0;
+        }
+        lockgate_http_response_free(resp);
+        memset(resp, 0, sizeof *resp);
+    }
+}
+
+/** lockgate_http_request of a GET of `url` with one optional header (`header_name` NULL: none). */
+static inline lockgate_result lockgate_http_get(const char *url, const char *header_name, const char *header_value,
+                                                lockgate_http_response_t *resp) {
+    lockgate_http_header_t h = {header_name, header_value};
+    lockgate_http_request_t req = {0};
+    req.url = url;
+    if (header_name) {
+        req.headers = &h;
+        req.header_count = 1;
+    }
+    return lockgate_http_request(&req, resp);
 }
 
 /* ---- Registration --------------------------------------------------------------------------- */

@@ -1,4 +1,4 @@
-/* Native self-test of lockgate.h's JSON scanner and formatter (no wasm, no host): compiled and
+/* Native self-test of lockgate.h's JSON scanner, formatter and HTTP helpers (no wasm, no host): compiled and
  * run by scripts/build-guest-c.sh before it builds any guest. Exits non-zero on a failure. */
 #include <stdio.h>
 
@@ -38,6 +38,65 @@ static void check_format(const char *got, const char *want) {
         fprintf(stderr, "FAIL format: got \"%s\", want \"%s\"\n", got, want);
         failures++;
     }
+    lockgate__free_all();
+}
+
+static void check_str(const char *what, const char *got, const char *want) {
+    if (!got || strcmp(got, want) != 0) {
+        fprintf(stderr, "FAIL %s: got \"%s\", want \"%s\"\n", what, got ? got : "(null)", want);
+        failures++;
+    }
+}
+
+/* The HTTP helper's pure parts: URLs, redirects' targets, and statuses to outcomes. */
+static void check_http(void) {
+    bool https = false;
+    const char *authority = NULL, *path = NULL;
+    if (!lockgate__http_split("HTTPS://api.example.com:8443/v1/x?q=1#frag", &https, &authority, &path) || !https) {
+        fprintf(stderr, "FAIL http split: https URL\n");
+        failures++;
+    }
+    check_str("authority", authority, "api.example.com:8443");
+    check_str("path", path, "/v1/x?q=1");
+    if (!lockgate__http_split("http://h", &https, &authority, &path) || https) failures++;
+    check_str("empty path", path, "/");
+    if (lockgate__http_split("ftp://h/", &https, &authority, &path) || lockgate__http_split("/relative", &https, &authority, &path)
+        || lockgate__http_split("http:///x", &https, &authority, &path)) {
+        fprintf(stderr, "FAIL http split: accepted a bad URL\n");
+        failures++;
+    }
+    check_str("resolve /d", lockgate__http_resolve("http://a/b/c", "/d"), "http://a/d");
+    check_str("resolve d", lockgate__http_resolve("http://a/b/c?x=/y", "d"), "http://a/b/d");
+    check_str("resolve bare host", lockgate__http_resolve("http://a", "d"), "http://a/d");
+    check_str("resolve absolute", lockgate__http_resolve("http://a/b", "https://z/"), "https://z/");
+    check_str("resolve //", lockgate__http_resolve("https://a/b", "//z/y"), "https://z/y");
+    check_str("origin", lockgate__http_origin("HTTP://A:80/x?y"), "http://A:80");
+
+    lockgate_http_header_t headers[] = {{"content-type", "text/plain"}, {"retry-after", " 2 "}};
+    lockgate_http_response_t resp = {0};
+    resp.body = (const uint8_t *)" nope\n";
+    resp.body_len = 6;
+    resp.status = 200;
+    if (!lockgate_is_ok(lockgate_http_error_for_status(&resp))) failures++;
+    resp.status = 302;
+    if (!lockgate_is_ok(lockgate_http_error_for_status(&resp))) failures++;
+    resp.status = 503;
+    lockgate_result r = lockgate_http_error_for_status(&resp);
+    if (r.kind != LOCKGATE_RESULT_RETRY || r.has_after) failures++;
+    resp.headers = headers;
+    resp.header_count = 2;
+    check_str("header lookup", lockgate_http_response_header(&resp, "Retry-After"), " 2 ");
+    resp.status = 429;
+    r = lockgate_http_error_for_status(&resp);
+    if (r.kind != LOCKGATE_RESULT_RETRY || !r.has_after || r.after_ms != 2000) {
+        fprintf(stderr, "FAIL 429 with Retry-After: kind %d, after %d/%llu\n", r.kind, r.has_after,
+                (unsigned long long)r.after_ms);
+        failures++;
+    }
+    resp.status = 404;
+    r = lockgate_http_error_for_status(&resp);
+    if (r.kind != LOCKGATE_RESULT_REJECT) failures++;
+    check_str("404 reason", r.reason, "HTTP 404: nope");
     lockgate__free_all();
 }
 
@@ -103,6 +162,7 @@ int main(void) {
     for (int i = 0; i <= LOCKGATE_JSON_MAX_DEPTH; i++) deep[n++] = ']';
     deep[n] = '\0';
     check(deep, LOCKGATE_JSON_INVALID, NULL);
+    check_http();
     if (failures) {
         fprintf(stderr, "lockgate.h self-test: %d failure(s)\n", failures);
         return 1;

@@ -16,12 +16,13 @@
 //	}
 //
 // scripts/build-guest-go.sh compiles it, this package and the bindings that `wit-bindgen go`
-// generates from wit/handler.wit (at build time, into a build directory) into one Go module
+// generates from wit/handler-http.wit (at build time, into a build directory) into one Go module
 // named lockgate, and makes a component of it.
 //
 // Return nil when the message is done (its outputs are then published), Retry/RetryAfter for a
-// transient failure, Reject for a message that can never succeed. Any other error, wrapped or
-// not, counts as a retry with err.Error() as the reason: the route's retry policy bounds it and
+// transient failure, Reject for a message that can never succeed. An *HTTPError (from
+// HTTPRequest.Send) is a retry for a timeout or a connection failure and a reject otherwise. Any
+// other error, wrapped or not, counts as a retry with err.Error() as the reason: the route's retry policy bounds it and
 // then dead-letters the message. A panic traps the instance (outcome `trapped`), which the host
 // also retries unless the route sets retry_traps = false.
 package lockgate
@@ -307,7 +308,9 @@ func Dispatch(handle func(Message) error, m types.Message) witTypes.Result[witTy
 	}
 	var e *Error
 	if !errors.As(err, &e) {
-		e = &Error{reason: err.Error()}
+		if e = httpOutcome(err); e == nil {
+			e = &Error{reason: err.Error()}
+		}
 	} else if e != err {
 		// Wrapped: keep the whole message ("context: reason") but the inner decision.
 		e = &Error{reject: e.reject, reason: err.Error(), after: e.after, hasAfter: e.hasAfter}

@@ -530,7 +530,7 @@ impl Recipe {
                 .args([
                     "go",
                     "--world",
-                    "handler",
+                    "handler-http",
                     "--pkg-name",
                     "lockgate/bindings",
                     "--out-dir",
@@ -581,7 +581,7 @@ impl Recipe {
         let embedded = stage.join("embedded.wasm");
         run(
             Command::new(self.tool(&self.wasm_tools)?)
-                .args(["component", "embed", "--world", "handler"])
+                .args(["component", "embed", "--world", "handler-http"])
                 .arg(sdk.wit())
                 .arg(&core)
                 .arg("-o")
@@ -602,7 +602,11 @@ impl Recipe {
         let bindings = stage.join("bindings");
         run(
             Command::new(self.tool(&self.wit_bindgen)?)
-                .args(["c", "--world", "handler", "--out-dir"])
+                // `handler-http` for the SDK's HTTP helper, under the world's old name so the
+                // generated files and C names (`handler.h`, `handler_string_t`) stay what
+                // handlers and lockgate.h use. A component imports only what it calls.
+                .args(["c", "--world", "handler-http", "--rename-world", "handler"])
+                .arg("--out-dir")
                 .arg(&bindings)
                 .arg(sdk.wit()),
             "wit-bindgen c",
