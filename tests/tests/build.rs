@@ -41,6 +41,14 @@ fn examples(lang: &str) -> Vec<PathBuf> {
                 p.is_dir()
             }
         })
+        // A JavaScript handler that makes HTTP requests builds on StarlingMonkey only, whose
+        // builds are not reproducible (docs/handlers/projects.md); the QuickJS ones are.
+        .filter(|p| {
+            lang != "js"
+                || !std::fs::read_to_string(p.join("handler.js"))
+                    .unwrap_or_default()
+                    .contains("lockgate-sdk/http")
+        })
         .collect();
     found.sort();
     assert!(
