@@ -22,6 +22,16 @@ use lockgate::engine::{HandlerLimits, InboundMessage, InstancePool, Outcome};
 use lockgate_tests::{guest_pool, handler_env};
 use serde_json::{Value, json};
 
+/// One test at a time: the deadline and concurrency bounds are asserted with a 50 ms margin,
+/// which a route moving 2,000 orders in the same process would eat on 2 cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// What the server saw of one request.
 #[derive(Clone, Debug)]
 struct Seen {
@@ -276,6 +286,7 @@ fn error_of(v: &Value) -> String {
 
 #[test]
 fn an_allowed_host_gets_the_request_with_a_stable_key_and_the_trace() {
+    let _serial = serial();
     let server = serve(None);
     let base = format!("http://127.0.0.1:{}", server.addr.port());
     let (pool, outbound) = probe(Some(grant(&[&base])), Duration::from_secs(10));
@@ -355,6 +366,7 @@ fn an_allowed_host_gets_the_request_with_a_stable_key_and_the_trace() {
 
 #[test]
 fn denied_hosts_internal_addresses_and_redirects_out_never_connect() {
+    let _serial = serial();
     let server = serve(None);
     let port = server.addr.port();
     let base = format!("http://127.0.0.1:{port}");
@@ -446,6 +458,7 @@ fn denied_hosts_internal_addresses_and_redirects_out_never_connect() {
 
 #[test]
 fn tls_trusts_a_private_ca_only_from_ca_file() {
+    let _serial = serial();
     let ca_key = rcgen::KeyPair::generate().expect("key");
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -486,6 +499,7 @@ fn tls_trusts_a_private_ca_only_from_ca_file() {
 
 #[test]
 fn a_request_that_does_not_answer_ends_at_the_calls_deadline() {
+    let _serial = serial();
     let server = serve(None);
     let base = format!("http://127.0.0.1:{}", server.addr.port());
     let timeout = Duration::from_millis(300);
@@ -527,6 +541,7 @@ fn eventually(what: &str, cond: impl Fn() -> bool) {
 
 #[test]
 fn a_guest_flooding_requests_is_held_to_max_concurrent_and_leaves_nothing_open() {
+    let _serial = serial();
     let server = serve(None);
     let base = format!("http://127.0.0.1:{}", server.addr.port());
     let mut g = grant(&[&base]);
@@ -600,6 +615,7 @@ fn a_guest_flooding_requests_is_held_to_max_concurrent_and_leaves_nothing_open()
 
 #[test]
 fn bodies_over_the_grants_limits_fail_in_the_guest() {
+    let _serial = serial();
     let server = serve(None);
     let base = format!("http://127.0.0.1:{}", server.addr.port());
     let (pool, _) = probe(Some(grant(&[&base])), Duration::from_secs(10));
@@ -630,6 +646,7 @@ fn bodies_over_the_grants_limits_fail_in_the_guest() {
 /// check the requests made, and a request without a stub fails its message naming the URL.
 #[test]
 fn the_enrich_example_passes_the_shared_fixture_on_stubs() {
+    let _serial = serial();
     let root = lockgate_tests::workspace_root();
     let wasm = lockgate_tests::guest("enrich");
     let out = lockgate_tests::lockgate(
@@ -660,6 +677,7 @@ fn the_enrich_example_passes_the_shared_fixture_on_stubs() {
 /// `--allow-http` lets a request without a stub reach a host it names, and only that host.
 #[test]
 fn lockgate_test_reaches_the_network_only_through_allow_http() {
+    let _serial = serial();
     let server = serve(None);
     let base = format!("http://127.0.0.1:{}", server.addr.port());
     let dir = tempfile::tempdir().expect("dir");
@@ -718,6 +736,7 @@ fn lockgate_test_reaches_the_network_only_through_allow_http() {
 /// go over no more connections than requests ever open at once.
 #[test]
 fn an_outage_opens_the_breaker_and_every_order_is_enriched_once_after_it() {
+    let _serial = serial();
     // The server's runtime is its own: made and dropped outside the test's.
     let server = serve(None);
     tokio::runtime::Builder::new_multi_thread()
@@ -900,6 +919,7 @@ circuit_breaker = {{ consecutive_failures = 5, open_ms = 500 }}
 /// `Idempotency-Key` from the new process.
 #[test]
 fn a_redelivery_after_sigkill_sends_the_same_idempotency_key() {
+    let _serial = serial();
     use lockgate::broker::local::LocalBroker;
     use lockgate::message::OutRecord;
 

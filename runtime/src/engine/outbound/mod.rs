@@ -220,11 +220,16 @@ pub(crate) struct CallContext {
     pub trace: Option<(String, String)>,
 }
 
+/// Set when a call ends, before anything it started is aborted: a request that gets its
+/// `max_concurrent` slot only because another of the call's was dropped must not go out.
+type Ended = Arc<std::sync::atomic::AtomicBool>;
+
 /// The `wasi:http` hooks of one instance: its handler's [`Outbound`] and the running call.
 #[derive(Default)]
 pub(crate) struct HttpHooks {
     outbound: Option<Arc<Outbound>>,
     call: Option<CallContext>,
+    ended: Ended,
     /// Requests made in the running call (the index in their idempotency key).
     sent: u32,
     pending: Vec<AbortHandle>,
@@ -249,6 +254,7 @@ impl HttpHooks {
     /// Starts a call: its requests are bounded by `call.deadline`.
     pub fn begin(&mut self, call: CallContext) {
         self.call = Some(call);
+        self.ended = Ended::default();
         self.sent = 0;
         self.denials.clear();
         self.records.clear();
@@ -259,6 +265,7 @@ impl HttpHooks {
     /// open are dropped, so nothing the call started outlives it.
     pub fn end(&mut self) {
         self.call = None;
+        self.ended.store(true, std::sync::atomic::Ordering::SeqCst);
         for p in self.pending.drain(..) {
             p.abort();
         }
@@ -510,6 +517,7 @@ impl WasiHttpHooks for HttpHooks {
         self.pending.push(abort);
         let slot: body::Slot = Arc::new(std::sync::Mutex::new(None));
         self.bodies.track(&slot);
+        let ended = self.ended.clone();
         let send = async move {
             let sent = async {
                 let permit = outbound
@@ -518,6 +526,10 @@ impl WasiHttpHooks for HttpHooks {
                     .acquire_owned()
                     .await
                     .map_err(|_| (Error::ConnectionLimitReached, HttpOutcome::Denied))?;
+                // The call may have ended (or run out of time) while this waited for a slot.
+                if ended.load(std::sync::atomic::Ordering::SeqCst) || call.deadline.has_passed() {
+                    return Err((Error::ConnectionTimeout, HttpOutcome::Timeout));
+                }
                 let response = outbound
                     .client
                     .request(request)
