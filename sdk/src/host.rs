@@ -161,7 +161,13 @@ mod http_imp {
             .map_err(|()| invalid("host"))?;
         out.set_path_with_query(Some(parts.path))
             .map_err(|()| invalid("path"))?;
-        let body = out.body().map_err(|()| invalid("body"))?;
+        // A request without a body never asks for one: the host then sends it whole, with no
+        // chunked body left open for the guest to finish (one hand-off less per GET).
+        let body = if req.body.is_empty() {
+            None
+        } else {
+            Some(out.body().map_err(|()| invalid("body"))?)
+        };
         let options = req.timeout.map(|t| {
             let o = ht::RequestOptions::new();
             let _ = o.set_first_byte_timeout(Some(u64::try_from(t.as_nanos()).unwrap_or(u64::MAX)));
@@ -169,15 +175,17 @@ mod http_imp {
         });
         // Sent first, written after: the host reads the body while it is written.
         let future = outgoing_handler::handle(out, options).map_err(|e| error(e, url))?;
-        {
-            let stream = body.write().map_err(|()| invalid("body"))?;
-            for chunk in req.body.chunks(4096) {
-                if stream.blocking_write_and_flush(chunk).is_err() {
-                    break;
+        if let Some(body) = body {
+            {
+                let stream = body.write().map_err(|()| invalid("body"))?;
+                for chunk in req.body.chunks(4096) {
+                    if stream.blocking_write_and_flush(chunk).is_err() {
+                        break;
+                    }
                 }
             }
+            let _ = ht::OutgoingBody::finish(body, None);
         }
-        let _ = ht::OutgoingBody::finish(body, None);
         let response = loop {
             match future.get() {
                 Some(r) => break r,

@@ -139,11 +139,16 @@ fn main() {
         ..InboundMessage::default()
     };
 
-    // 1. Per request.
+    // 1. Per request. `HTTP_CALL_ONLY=guest` (or `native`) runs that arm alone and stops, to
+    // profile one side (`perf stat`, `perf record`).
+    let only = std::env::var("HTTP_CALL_ONLY").ok();
     let (mut guest_ns, mut native_ns) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         let start = Instant::now();
         for i in 0..CALLS {
+            if only.as_deref() == Some("native") {
+                break;
+            }
             let inv = pool.invoke(&message(i));
             assert!(
                 matches!(inv.outcome, Outcome::Ok { .. }),
@@ -152,6 +157,9 @@ fn main() {
             );
         }
         guest_ns.push(start.elapsed().as_nanos() as f64 / f64::from(CALLS));
+        if only.as_deref() == Some("guest") {
+            continue;
+        }
         let start = Instant::now();
         client_rt.block_on(async {
             for i in 0..CALLS {
@@ -159,6 +167,10 @@ fn main() {
             }
         });
         native_ns.push(start.elapsed().as_nanos() as f64 / f64::from(CALLS));
+    }
+    if only.is_some() {
+        println!("guest ns/request: {guest_ns:?}\nnative ns/request: {native_ns:?}");
+        return;
     }
     let (g, gmin, gmax) = median_spread(&guest_ns);
     let (n, nmin, nmax) = median_spread(&native_ns);

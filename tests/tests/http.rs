@@ -132,6 +132,20 @@ async fn respond(
             });
             StreamBody::new(stream).boxed()
         }
+        "/stall" => {
+            // Declares ten bytes, sends one, then nothing.
+            builder = builder.header("content-length", "10");
+            let stream = futures_util::stream::unfold(0u32, |n| async move {
+                if n > 0 {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                }
+                Some((
+                    Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"x"))),
+                    n + 1,
+                ))
+            });
+            StreamBody::new(stream).boxed()
+        }
         "/big" => full(vec![b'b'; 10 * 1024 * 1024]),
         "/redirect-out" => {
             builder = builder
@@ -525,6 +539,39 @@ fn a_request_that_does_not_answer_ends_at_the_calls_deadline() {
         );
         assert_eq!(v["status"], 200, "after {path}: {v}");
     }
+}
+
+/// A small body of declared length is read with the response's head (one hand-off less per
+/// request), so a body that stalls half-way fails the request at the grant's `timeout_ms`, well
+/// before the call's deadline, and frees its `max_concurrent` slot for the next request.
+#[test]
+fn a_small_body_that_stalls_fails_the_request_at_its_timeout() {
+    let _serial = serial();
+    let server = serve(None);
+    let base = format!("http://127.0.0.1:{}", server.addr.port());
+    let mut g = grant(&[&base]);
+    g.timeout_ms = 300;
+    g.max_concurrent = 1;
+    let (pool, _) = probe(Some(g), Duration::from_secs(10));
+    let start = Instant::now();
+    let v = result(
+        &pool
+            .invoke(&msg("stall", json!({"url": format!("{base}/stall")})))
+            .outcome,
+    );
+    let took = start.elapsed();
+    assert!(error_of(&v).starts_with("timeout:"), "{v}");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(800),
+        "the stalled request ended after {took:?}"
+    );
+    // The one slot is free again: the next request goes through at once.
+    let v = result(
+        &pool
+            .invoke(&msg("next", json!({"url": format!("{base}/ok")})))
+            .outcome,
+    );
+    assert_eq!(v["status"], 200, "{v}");
 }
 
 /// Waits up to 5 s for `what` to hold, polling (the server's connection count has no event).

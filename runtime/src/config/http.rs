@@ -27,7 +27,8 @@ pub struct HttpGrant {
     /// `allowed_hosts`: where requests may go; nothing else is reachable.
     pub allowed_hosts: Vec<AllowedHost>,
     /// `timeout_ms`: bound of one request, from connecting to the last byte of the response
-    /// headers (each body read is bounded by the call's deadline).
+    /// headers, or of a body of declared length up to 64 KiB, which is read with them (each
+    /// read of a larger body is bounded by the call's deadline).
     pub timeout_ms: u64,
     /// `max_request_bytes`: largest request body.
     pub max_request_bytes: u64,

@@ -437,7 +437,7 @@ pub const HANDLER_HTTP: Table = Table {
             "timeout_ms",
             K::Ms,
             P::Int(crate::config::http::DEFAULT_HTTP_TIMEOUT_MS),
-            "Bound of one request from connecting to the response headers; the call's remaining time bounds it too, and every body read ends at the call's deadline.",
+            "Bound of one request from connecting to the response headers (and the body, when it declares at most 64 KiB); the call's remaining time bounds it too, and every body read ends at the call's deadline.",
         ),
         field(
             "max_request_bytes",

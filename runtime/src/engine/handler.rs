@@ -122,7 +122,10 @@ impl Handler {
         let deadline = self.inner.env.limits.timeout.max(MIN_INSTANTIATE_TIMEOUT);
         store.data_mut().call.deadline = Some(Deadline::after(deadline));
         store.set_epoch_deadline(1);
-        let bindings = self.inner.pre.instantiate(&mut store).map_err(|e| {
+        let io = super::wasi_io::enter();
+        let instantiated = self.inner.pre.instantiate(&mut store);
+        drop(io);
+        let bindings = instantiated.map_err(|e| {
             let message = if store.data().memory.hit {
                 format!(
                     "memory limit of {} MiB reached while instantiating",

@@ -95,11 +95,13 @@ impl Instance {
         // The next tick checks the deadline (see `Handler::instantiate`).
         self.store.set_epoch_deadline(1);
         let wit_message = message.into_wit();
+        let io = super::wasi_io::enter();
         let result = self.bindings.call_handle(&mut self.store, &wit_message);
         let elapsed = start.elapsed();
 
         let data = self.store.data_mut();
         data.http.end();
+        drop(io);
         let http = std::mem::take(&mut data.http.records);
         let unmatched = data.http.unmatched.take();
         let mut call = std::mem::take(&mut data.call);

@@ -31,6 +31,37 @@ use wasmtime_wasi::runtime::in_tokio;
 use super::host::HostState;
 use crate::deadline::{Deadline, DeadlineExceeded};
 
+/// The runtime of every guest's host waits and of what they wait for (outbound requests and
+/// their connections, timers of sleeps, the deadline's own timer), entered around each call and
+/// instantiation with [`enter`].
+///
+/// It has one worker thread, on purpose. A guest blocks its own thread while it waits; what it
+/// waits for runs as tasks on this runtime. With one worker, a request is one hand-off to that
+/// worker and one back, and the request's connection task runs on the same worker as the
+/// request; on a runtime with a worker per core, tokio also wakes idle workers to steal the
+/// newly runnable tasks, which on a small machine cost more than the request (measured in
+/// BENCHMARKS.md, "Outbound HTTP from a handler"). The work on it is I/O, not computation: the
+/// guests' own computation runs on their own threads.
+static GUEST_IO: std::sync::LazyLock<Option<tokio::runtime::Runtime>> =
+    std::sync::LazyLock::new(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("lockgate-guest-io")
+            .enable_all()
+            .build()
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, "no guest I/O runtime: guest waits use the caller's")
+            })
+            .ok()
+    });
+
+/// Makes the guest I/O runtime the current one until the guard is dropped: wasmtime-wasi's
+/// synchronous bindings block on it and spawn on it. `None` when it could not be started
+/// (no thread left): waits then run on the caller's runtime or wasmtime-wasi's, as before.
+pub(crate) fn enter() -> Option<tokio::runtime::EnterGuard<'static>> {
+    GUEST_IO.as_ref().map(tokio::runtime::Runtime::enter)
+}
+
 /// Replaces wasmtime-wasi's `wasi:io/poll` and `wasi:io/streams` in `linker` with the bounded
 /// ones. Call it after every other `add_to_linker` that brings these interfaces (wasmtime-wasi's,
 /// and wasmtime-wasi-http's when it is linked), or the later one wins again.
