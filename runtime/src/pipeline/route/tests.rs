@@ -1170,8 +1170,44 @@ impl std::io::Write for LogLines {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn each_attempt_logs_its_own_number_once() {
+/// Runs in a process of its own (this test binary again, filtered to it): a subscriber set
+/// for one thread competes with the other tests, running in parallel, for tracing's global
+/// callsite interest cache, and a callsite first hit by another test while this one registers
+/// its subscriber can stay disabled (it did, about once in ten runs).
+#[test]
+fn each_attempt_logs_its_own_number_once() {
+    const ALONE: &str = "LOCKGATE_TEST_ALONE";
+    if std::env::var_os(ALONE).is_some() {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap()
+            .block_on(attempts_log_their_own_number());
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "pipeline::route::tests::each_attempt_logs_its_own_number_once",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env(ALONE, "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+        "the test did not run in its own process"
+    );
+}
+
+async fn attempts_log_their_own_number() {
     let logs = LogLines::default();
     let writer = logs.clone();
     let subscriber = tracing_subscriber::fmt()
