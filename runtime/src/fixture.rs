@@ -664,6 +664,7 @@ mod tests {
             elapsed: Duration::from_micros(1500),
             kv_writes: None,
             http: vec![],
+            sql: None,
         };
         let v = result_json(2, &inv);
         assert_eq!(v["message"], 2);

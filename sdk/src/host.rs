@@ -238,10 +238,122 @@ mod http_imp {
 #[cfg(not(all(feature = "testing", not(target_arch = "wasm32"))))]
 pub(crate) use http_imp::http_send;
 
+#[cfg(not(all(feature = "testing", not(target_arch = "wasm32"))))]
+mod sql_imp {
+    use crate::__private::bindings::lockgate::handler::sql as wit;
+    use crate::sql::{DbError, Rows, SqlError, Value};
+
+    fn to_wit(v: &Value) -> wit::Value {
+        match v.clone() {
+            Value::Null => wit::Value::Null,
+            Value::Bool(x) => wit::Value::Boolean(x),
+            Value::I16(x) => wit::Value::Int16(x),
+            Value::I32(x) => wit::Value::Int32(x),
+            Value::I64(x) => wit::Value::Int64(x),
+            Value::F32(x) => wit::Value::Float32(x),
+            Value::F64(x) => wit::Value::Float64(x),
+            Value::Text(x) => wit::Value::Text(x),
+            Value::Bytes(x) => wit::Value::Bytes(x),
+            Value::Json(x) => wit::Value::Json(x),
+            Value::Uuid(x) => wit::Value::Uuid(x),
+            Value::Numeric(x) => wit::Value::Numeric(x),
+            Value::Date(x) => wit::Value::Date(x),
+            Value::Time(x) => wit::Value::Time(x),
+            Value::Timestamp(x) => wit::Value::Timestamp(x),
+            Value::Timestamptz(x) => wit::Value::Timestamptz(x),
+            Value::BoolArray(x) => wit::Value::BooleanArray(x),
+            Value::I16Array(x) => wit::Value::Int16Array(x),
+            Value::I32Array(x) => wit::Value::Int32Array(x),
+            Value::I64Array(x) => wit::Value::Int64Array(x),
+            Value::F32Array(x) => wit::Value::Float32Array(x),
+            Value::F64Array(x) => wit::Value::Float64Array(x),
+            Value::TextArray(x) => wit::Value::TextArray(x),
+            Value::BytesArray(x) => wit::Value::BytesArray(x),
+            Value::UuidArray(x) => wit::Value::UuidArray(x),
+            Value::NumericArray(x) => wit::Value::NumericArray(x),
+            Value::JsonArray(x) => wit::Value::JsonArray(x),
+            Value::DateArray(x) => wit::Value::DateArray(x),
+            Value::TimestamptzArray(x) => wit::Value::TimestamptzArray(x),
+        }
+    }
+
+    fn from_wit(v: wit::Value) -> Value {
+        match v {
+            wit::Value::Null => Value::Null,
+            wit::Value::Boolean(x) => Value::Bool(x),
+            wit::Value::Int16(x) => Value::I16(x),
+            wit::Value::Int32(x) => Value::I32(x),
+            wit::Value::Int64(x) => Value::I64(x),
+            wit::Value::Float32(x) => Value::F32(x),
+            wit::Value::Float64(x) => Value::F64(x),
+            wit::Value::Text(x) => Value::Text(x),
+            wit::Value::Bytes(x) => Value::Bytes(x),
+            wit::Value::Json(x) => Value::Json(x),
+            wit::Value::Uuid(x) => Value::Uuid(x),
+            wit::Value::Numeric(x) => Value::Numeric(x),
+            wit::Value::Date(x) => Value::Date(x),
+            wit::Value::Time(x) => Value::Time(x),
+            wit::Value::Timestamp(x) => Value::Timestamp(x),
+            wit::Value::Timestamptz(x) => Value::Timestamptz(x),
+            wit::Value::BooleanArray(x) => Value::BoolArray(x),
+            wit::Value::Int16Array(x) => Value::I16Array(x),
+            wit::Value::Int32Array(x) => Value::I32Array(x),
+            wit::Value::Int64Array(x) => Value::I64Array(x),
+            wit::Value::Float32Array(x) => Value::F32Array(x),
+            wit::Value::Float64Array(x) => Value::F64Array(x),
+            wit::Value::TextArray(x) => Value::TextArray(x),
+            wit::Value::BytesArray(x) => Value::BytesArray(x),
+            wit::Value::UuidArray(x) => Value::UuidArray(x),
+            wit::Value::NumericArray(x) => Value::NumericArray(x),
+            wit::Value::JsonArray(x) => Value::JsonArray(x),
+            wit::Value::DateArray(x) => Value::DateArray(x),
+            wit::Value::TimestamptzArray(x) => Value::TimestamptzArray(x),
+        }
+    }
+
+    fn error(e: wit::SqlError) -> SqlError {
+        match e {
+            wit::SqlError::Failed(d) => SqlError::Failed(DbError {
+                code: d.code,
+                message: d.message,
+                detail: d.detail,
+                constraint: d.constraint,
+            }),
+            wit::SqlError::Unavailable(s) => SqlError::Unavailable(s),
+            wit::SqlError::Refused(s) => SqlError::Refused(s),
+            wit::SqlError::TooLarge(s) => SqlError::TooLarge(s),
+            wit::SqlError::Aborted(s) => SqlError::Aborted(s),
+            wit::SqlError::BadParameter(s) => SqlError::BadParameter(s),
+        }
+    }
+
+    pub(crate) fn sql_query(statement: &str, params: &[Value]) -> Result<Rows, SqlError> {
+        let params: Vec<wit::Value> = params.iter().map(to_wit).collect();
+        let set = wit::query(statement, &params).map_err(error)?;
+        Ok(Rows {
+            columns: set.columns.into_iter().map(|c| c.name).collect(),
+            rows: set
+                .rows
+                .into_iter()
+                .map(|r| r.into_iter().map(from_wit).collect())
+                .collect(),
+        })
+    }
+
+    pub(crate) fn sql_execute(statement: &str, params: &[Value]) -> Result<u64, SqlError> {
+        let params: Vec<wit::Value> = params.iter().map(to_wit).collect();
+        wit::execute(statement, &params).map_err(error)
+    }
+}
+
+#[cfg(not(all(feature = "testing", not(target_arch = "wasm32"))))]
+pub(crate) use sql_imp::{sql_execute, sql_query};
+
 #[cfg(all(feature = "testing", not(target_arch = "wasm32")))]
 mod imp {
     pub(crate) use crate::testing::host_impl::{
         config_get, http_send, kv_compare_and_swap, kv_delete, kv_get, kv_set, log, publish,
+        sql_execute, sql_query,
     };
 }
 

@@ -40,6 +40,7 @@ pub mod http;
 pub mod kv;
 pub mod log;
 mod message;
+pub mod sql;
 #[cfg(all(feature = "testing", not(target_arch = "wasm32")))]
 pub mod testing;
 
@@ -57,8 +58,9 @@ pub mod __private {
     #[allow(missing_docs, clippy::all, clippy::unwrap_used, unsafe_op_in_unsafe_fn)]
     pub mod bindings {
         wit_bindgen::generate!({
-            // `handler` plus wasi:http: a handler that never calls `http` imports nothing more.
-            world: "handler-http",
+            // Every interface: a handler imports only what it calls (one that never calls `http`
+            // or `sql` imports neither).
+            world: "handler-all",
             path: "../wit",
             generate_all,
             pub_export_macro: true,

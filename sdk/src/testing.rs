@@ -375,6 +375,27 @@ impl TestHost {
 pub(crate) mod host_impl {
     use super::{LogRecord, Published, with_active};
 
+    /// The TestHost has no database: a SQL handler is tested against a real one.
+    fn no_database() -> crate::sql::SqlError {
+        crate::sql::SqlError::Unavailable(
+            "TestHost has no database: test SQL handlers with `lockgate test` or a route".into(),
+        )
+    }
+
+    pub(crate) fn sql_query(
+        _statement: &str,
+        _params: &[crate::sql::Value],
+    ) -> Result<crate::sql::Rows, crate::sql::SqlError> {
+        Err(no_database())
+    }
+
+    pub(crate) fn sql_execute(
+        _statement: &str,
+        _params: &[crate::sql::Value],
+    ) -> Result<u64, crate::sql::SqlError> {
+        Err(no_database())
+    }
+
     pub(crate) fn http_send(
         req: &crate::http::Request,
     ) -> Result<crate::http::Response, crate::http::HttpError> {

@@ -150,6 +150,7 @@ async fn route_throughput(engine: &Engine, store: Option<&StateStore>, n: u64) -
         limits: HandlerLimits::default(),
         kv,
         http: None,
+        sql: None,
         wasi: lockgate::config::WasiGrants::default(),
     };
     let handler = engine

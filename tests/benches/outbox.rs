@@ -193,6 +193,7 @@ async fn route_rate(engine: &Engine, mode: &str) -> f64 {
         limits: HandlerLimits::default(),
         kv: store.clone() as Arc<dyn KvStore>,
         http: None,
+        sql: None,
         wasi: lockgate::config::WasiGrants::default(),
     };
     let handler = engine

@@ -127,6 +127,7 @@ impl Invoker for Native {
             elapsed: start.elapsed(),
             kv_writes: None,
             http: Vec::new(),
+            sql: None,
         }
     }
 

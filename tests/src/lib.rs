@@ -137,6 +137,7 @@ pub fn handler_env(
         limits,
         kv: std::sync::Arc::new(lockgate::state::MemoryStore::new()),
         http: None,
+        sql: None,
         wasi: lockgate::config::WasiGrants::default(),
     }
 }

@@ -34,6 +34,7 @@ fn scratch() -> tempfile::TempDir {
     std::fs::copy(guest("uppercase"), dir.path().join("uppercase.wasm")).expect("copy guest");
     std::fs::copy(guest("wrong-world"), dir.path().join("wrong_world.wasm")).expect("copy guest");
     std::fs::copy(guest("http-probe"), dir.path().join("http_probe.wasm")).expect("copy guest");
+    std::fs::copy(guest("sql-probe"), dir.path().join("sql_probe.wasm")).expect("copy guest");
     // The smallest valid core module: magic + version 1.
     std::fs::write(dir.path().join("core-module.wasm"), b"\0asm\x01\0\0\0").expect("write");
     std::fs::write(

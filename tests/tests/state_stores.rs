@@ -219,6 +219,7 @@ fn a_staged_call_holds_its_kv_writes_back_with_what_it_read() {
         limits: HandlerLimits::default(),
         kv: store.clone(),
         http: None,
+        sql: None,
         wasi: lockgate::config::WasiGrants::default(),
     };
     let pool = lockgate_tests::guest_pool("chaos", false, Isolation::Reuse, env);

@@ -15,7 +15,7 @@ use super::error::StoreError;
 /// (a reload that changes a store's table opens it anew), with a watch on its health.
 pub struct Stores {
     embedded: StateStore,
-    open: HashMap<String, (StoreConfig, StateStore)>,
+    open: HashMap<String, (StoreConfig, StateStore, Option<PostgresStore>)>,
     monitors: HashMap<String, (StoreConfig, StoreMonitor)>,
 }
 
@@ -59,7 +59,7 @@ impl Stores {
         let Some(sc) = config.stores.get(name) else {
             return Err(StoreError::Undefined(name.to_owned()));
         };
-        if let Some((c, s)) = self.open.get(name)
+        if let Some((c, s, _)) = self.open.get(name)
             && c == sc
         {
             return Ok(s.clone());
@@ -72,18 +72,29 @@ impl Stores {
             store: name.to_owned(),
             error,
         };
-        let store = match &sc.kind {
-            StoreKind::Redis { prefix } => {
-                StateStore::shared(name, Arc::new(RedisStore::new(&url, prefix).map_err(fail)?))
-            }
-            StoreKind::Postgres { schema, pool_size } => StateStore::shared(
-                name,
-                Arc::new(PostgresStore::new(&url, schema, *pool_size).map_err(fail)?),
+        let (store, pg) = match &sc.kind {
+            StoreKind::Redis { prefix } => (
+                StateStore::shared(name, Arc::new(RedisStore::new(&url, prefix).map_err(fail)?)),
+                None,
             ),
+            StoreKind::Postgres { schema, pool_size } => {
+                let pg = PostgresStore::new(&url, schema, *pool_size).map_err(fail)?;
+                (StateStore::shared(name, Arc::new(pg.clone())), Some(pg))
+            }
         };
         self.open
-            .insert(name.to_owned(), (sc.clone(), store.clone()));
+            .insert(name.to_owned(), (sc.clone(), store.clone(), pg));
         Ok(store)
+    }
+
+    /// PostgreSQL store `name` of `config` itself, the one [`Self::get`] serves (a handler's
+    /// `sql` commits in the same database, through the same tables, as its route's keys).
+    pub fn postgres(&mut self, config: &Config, name: &str) -> Result<PostgresStore, StoreError> {
+        self.get(config, name)?;
+        self.open
+            .get(name)
+            .and_then(|(_, _, pg)| pg.clone())
+            .ok_or_else(|| StoreError::NotPostgres(name.to_owned()))
     }
 }
 

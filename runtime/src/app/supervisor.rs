@@ -22,7 +22,7 @@ use crate::broker::local::LocalBroker;
 use crate::config::ResolvedHandler;
 use crate::config::{Config, HandlerConfig, RouteConfig, StoreConfig};
 use crate::engine::outbound::Outbound;
-use crate::engine::{Engine, Handler, HandlerEnv, HandlerLimits, InstancePool};
+use crate::engine::{Engine, Handler, HandlerEnv, HandlerLimits, InstancePool, SqlGrant};
 use crate::pipeline::idempotency::DoneKeys;
 use crate::pipeline::{HandlerSlot, Route, RouteReport, RouteSinks, Shutdown, ShutdownTrigger};
 use crate::pipeline::{Invoker, Passthrough};
@@ -499,7 +499,22 @@ impl Supervisor {
             let prepared = match module {
                 Some((hc, bytes, hash)) => {
                     let resolved = resolved.unwrap_or_default();
-                    prepare(&self.engine, store, route, hc, resolved, bytes, hash).await?
+                    let sql = match &hc.sql {
+                        None => None,
+                        Some(g) => Some(SqlGrant {
+                            store_name: g.store.clone(),
+                            store: self.stores.postgres(&new, &g.store).map_err(|error| {
+                                ReloadError::Store {
+                                    route: route.name.clone(),
+                                    error,
+                                }
+                            })?,
+                            role: g.role.clone(),
+                            max_rows: g.max_rows,
+                            max_result_bytes: g.max_result_bytes,
+                        }),
+                    };
+                    prepare(&self.engine, store, route, hc, resolved, sql, bytes, hash).await?
                 }
                 None => Prepared {
                     handler: None,
@@ -610,12 +625,14 @@ fn read_module(hc: &HandlerConfig) -> Result<Vec<u8>, ReloadError> {
 }
 
 /// Compiles (or loads from the cache) and instantiates once, off the async threads.
+#[allow(clippy::too_many_arguments)]
 async fn prepare(
     engine: &Engine,
     store: StateStore,
     route: &RouteConfig,
     hc: &HandlerConfig,
     resolved: ResolvedHandler,
+    sql: Option<SqlGrant>,
     bytes: Vec<u8>,
     hash: String,
 ) -> Result<Prepared, ReloadError> {
@@ -634,6 +651,7 @@ async fn prepare(
                 }
             })?)),
         },
+        sql,
         wasi: resolved.wasi,
     };
     let (engine, hc2) = (engine.clone(), hc.clone());

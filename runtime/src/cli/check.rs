@@ -146,6 +146,7 @@ fn check_handlers(config: &Config) -> anyhow::Result<(Vec<Problem>, Vec<Problem>
                     None
                 }
             },
+            sql: None,
             wasi: resolved.wasi,
         };
         let loaded = std::fs::read(&h.module)
@@ -163,6 +164,15 @@ fn check_handlers(config: &Config) -> anyhow::Result<(Vec<Problem>, Vec<Problem>
                     format!(
                         "{} imports wasi:http/outgoing-handler, but [handlers.{}.http] is not configured: every request it makes will be denied",
                         h.module_raw, h.name
+                    ),
+                ));
+            }
+            Ok(handler) if handler.imports_sql() && h.sql.is_none() => {
+                warnings.push(Problem::new(
+                    &format!("handlers.{}", h.name),
+                    format!(
+                        "{} imports lockgate:handler/sql, but the handler has no sql = \"<store>\": every statement it runs will be refused",
+                        h.module_raw
                     ),
                 ));
             }

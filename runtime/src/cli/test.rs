@@ -136,6 +136,7 @@ pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
             .with_stubs(),
         )),
         // `lockgate test` grants nothing else: no environment variables, no directories.
+        sql: None,
         wasi: lockgate::config::WasiGrants::default(),
     };
     let handler = engine.load_handler(&args.component, env)?;

@@ -57,8 +57,9 @@ pub use routes::{
 pub use runtime::{
     DEFAULT_MAX_INSTANCES, DEFAULT_MAX_LOG_RECORDS, DEFAULT_MAX_MEMORY_MB,
     DEFAULT_MAX_MESSAGES_PER_INSTANCE, DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_MAX_OUTPUTS,
-    DEFAULT_SHUTDOWN_GRACE_MS, DEFAULT_STATE_DIR, DEFAULT_TIMEOUT_MS, EngineConfig, HandlerConfig,
-    Isolation, MAX_MEMORY_MB_LIMIT, SCHEMA_VERSION, WatchMode,
+    DEFAULT_SHUTDOWN_GRACE_MS, DEFAULT_SQL_MAX_RESULT_BYTES, DEFAULT_SQL_MAX_ROWS,
+    DEFAULT_STATE_DIR, DEFAULT_TIMEOUT_MS, EngineConfig, HandlerConfig, Isolation,
+    MAX_MEMORY_MB_LIMIT, SCHEMA_VERSION, SqlGrantConfig, WatchMode,
 };
 pub use secret::{Secret, SecretError, SecretSource};
 pub use stores::{POSTGRES_POOL_SIZE, StoreConfig, StoreKind, postgres_schema_name_ok};
@@ -248,6 +249,14 @@ impl Config {
                 r,
             )
         });
+        check_sql_grants(
+            &mut root,
+            &handlers,
+            &routes,
+            &store_names,
+            &names(&table, "stores", Some("postgres")),
+            &rt.state,
+        );
         let mut local = match root.table("local") {
             Some(t) => local::parse_local(&mut root.child("local", t, &[&schema::LOCAL])),
             None => LocalSettings::default(),
@@ -283,6 +292,70 @@ impl Config {
             warnings: std::mem::take(&mut findings.warnings),
         };
         Ok((config, findings))
+    }
+}
+
+/// A handler's `sql` must name a PostgreSQL store, and each route of the handler must keep its
+/// idempotency keys in that store: the handler's statements commit in one transaction with the
+/// key, and without a key a redelivery would apply them again.
+fn check_sql_grants(
+    root: &mut Reader<'_>,
+    handlers: &IndexMap<String, HandlerConfig>,
+    routes: &IndexMap<String, RouteConfig>,
+    stores: &[&str],
+    postgres: &[&str],
+    default_store: &str,
+) {
+    for h in handlers.values() {
+        let Some(sql) = &h.sql else { continue };
+        let store = sql.store.as_str();
+        match (stores.contains(&store), postgres.contains(&store)) {
+            (_, true) => {}
+            (true, false) => root.problem(
+                &format!("handlers.{}.sql", h.name),
+                format!(
+                    "store `{}` is not a PostgreSQL store; sql needs a [stores.<name>] with kind = \"postgres\"",
+                    sql.store
+                ),
+            ),
+            (false, false) => root.problem(
+                &format!("handlers.{}.sql", h.name),
+                format!(
+                    "no [stores.{}]: sql names the PostgreSQL store the handler's statements run on",
+                    sql.store
+                ),
+            ),
+        }
+    }
+    for r in routes.values() {
+        let Some(sql) = r
+            .handler
+            .as_ref()
+            .and_then(|h| handlers.get(h))
+            .and_then(|h| h.sql.as_ref())
+        else {
+            continue;
+        };
+        let handler = r.handler.as_deref().unwrap_or_default();
+        let store = r.state.as_deref().unwrap_or(default_store);
+        if store != sql.store {
+            root.problem(
+                &format!("routes.{}.state", r.name),
+                format!(
+                    "the route's store is `{store}`, but handler `{handler}` runs its statements on `{}` (sql = \"{}\"): set state = \"{}\", so that they commit in one transaction with the message's idempotency key",
+                    sql.store, sql.store, sql.store
+                ),
+            );
+        }
+        if r.idempotency.is_none() {
+            root.problem(
+                &format!("routes.{}.idempotency", r.name),
+                format!(
+                    "missing: handler `{handler}` runs SQL (sql = \"{}\"), whose effects commit with the message's idempotency key; without one, a redelivered message would apply them again. Add idempotency = {{ key = \"...\" }}",
+                    sql.store
+                ),
+            );
+        }
     }
 }
 
@@ -336,6 +409,48 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_handlers_sql_needs_a_postgres_store_and_routes_keyed_in_it() {
+        let stores = "[stores.pg]\nkind = \"postgres\"\nurl = \"postgres://u@h/db\"\n[stores.r]\nkind = \"redis\"\nurl = \"redis://h\"\n";
+        let handler = |sql: &str| format!("[handlers.h]\nmodule = \"h.wasm\"\nsql = \"{sql}\"\n");
+        let route = "[routes.a]\nhandler = \"h\"\nsource = { topic = \"t\" }\n";
+        // A keyed route on the handler's store is valid.
+        let ok = format!(
+            "{stores}{}{route}state = \"pg\"\nidempotency = {{ key = \"key\" }}\n",
+            handler("pg")
+        );
+        assert_eq!(problems(&ok), Vec::<String>::new());
+        let p = problems(&format!("{stores}{}", handler("r")));
+        assert!(
+            p.iter()
+                .any(|l| l.contains("handlers.h.sql: store `r` is not a PostgreSQL store")),
+            "{p:?}"
+        );
+        let p = problems(&format!("{stores}{}", handler("nope")));
+        assert!(
+            p.iter()
+                .any(|l| l.contains("handlers.h.sql: no [stores.nope]")),
+            "{p:?}"
+        );
+        let p = problems(&format!("{stores}{}{route}", handler("pg")));
+        assert!(
+            p.iter()
+                .any(|l| l.contains("routes.a.state: the route's store is `embedded`")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|l| l.contains("routes.a.idempotency: missing: handler `h` runs SQL")),
+            "{p:?}"
+        );
+        let p = problems("[handlers.h]\nmodule = \"h.wasm\"\nsql_role = \"app\"\n");
+        assert!(
+            p.iter()
+                .any(|l| l.contains("handlers.h.sql_role: has no effect without sql")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_refused_in_every_table_of_the_example() {
         // The other half of "declared = parsed": a key the schema does not declare is refused
         // wherever it appears, so nothing undeclared can be accepted silently.
@@ -364,6 +479,12 @@ pub(crate) mod tests {
         (
             &schema::HANDLER,
             "[handlers.h]\nmodule = \"h.wasm\"\n{X}",
+            // Only with `sql` (the entry below).
+            &["sql_max_rows", "sql_max_result_bytes"],
+        ),
+        (
+            &schema::HANDLER,
+            "[stores.pg]\nkind = \"postgres\"\nurl = \"postgres://u@h/db\"\n[handlers.h]\nmodule = \"h.wasm\"\nsql = \"pg\"\n{X}",
             &[],
         ),
         (

@@ -40,6 +40,10 @@ pub const DEFAULT_MAX_OUTPUTS: u32 = 1_000;
 pub const DEFAULT_MAX_LOG_RECORDS: u32 = 100;
 /// Default calls before a reused instance is replaced (bounds leaks inside a guest).
 pub const DEFAULT_MAX_MESSAGES_PER_INSTANCE: u64 = 10_000;
+/// Default `sql_max_rows`: rows one query may return.
+pub const DEFAULT_SQL_MAX_ROWS: u64 = 10_000;
+/// Default `sql_max_result_bytes`: bytes of column data one query may return (16 MiB).
+pub const DEFAULT_SQL_MAX_RESULT_BYTES: u64 = 16 * 1024 * 1024;
 /// Default pool size (instances alive at once).
 pub const DEFAULT_MAX_INSTANCES: u32 = 1_000;
 /// Default time in-flight messages get to finish after SIGINT/SIGTERM.
@@ -116,6 +120,9 @@ pub struct HandlerConfig {
     pub max_log_records: u32,
     /// `[handlers.<name>.http]`: the outbound HTTP it may make; `None` denies every request.
     pub http: Option<HttpGrant>,
+    /// `sql` and the fields beside it: the database its statements run on; `None` refuses
+    /// every statement.
+    pub sql: Option<SqlGrantConfig>,
     /// `config`: values the guest reads with `config.get`, plain or secret (read by
     /// [`HandlerConfig::resolve`]).
     pub config: BTreeMap<String, ConfigValue>,
@@ -123,6 +130,21 @@ pub struct HandlerConfig {
     pub env: Vec<String>,
     /// `files`: host directories the guest reads, each preopened read-only.
     pub files: Vec<DirGrant>,
+}
+
+/// A handler's `sql` grant as configured (`sql`, `sql_role`, `sql_max_rows`,
+/// `sql_max_result_bytes`). That the store is a PostgreSQL one, and that every route of the
+/// handler keeps its idempotency keys there, is checked with the routes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SqlGrantConfig {
+    /// `sql`: the `[stores.<name>]`.
+    pub store: String,
+    /// `sql_role`.
+    pub role: Option<String>,
+    /// `sql_max_rows`.
+    pub max_rows: u64,
+    /// `sql_max_result_bytes`.
+    pub max_result_bytes: u64,
 }
 
 /// The `[runtime]` table, its defaults filled in.
@@ -263,6 +285,7 @@ pub(super) fn parse_handler(
     let http = r
         .table("http")
         .and_then(|t| parse_http(&mut r.child("http", t, &[&schema::HANDLER_HTTP])));
+    let sql = parse_sql_grant(r);
     let config = grants::parse_config_values(r, "config");
     let env = grants::parse_env(r, "env");
     let files = grants::parse_files(r, "files");
@@ -284,8 +307,45 @@ pub(super) fn parse_handler(
         max_log_records,
         config,
         http,
+        sql,
         env,
         files,
+    })
+}
+
+/// `sql` and the fields beside it; the fields without `sql` are an error.
+fn parse_sql_grant(r: &mut Reader<'_>) -> Option<SqlGrantConfig> {
+    let store = r.string("sql");
+    let role = r.string("sql_role");
+    let max_rows = r.positive("sql_max_rows");
+    let max_result_bytes = r.positive("sql_max_result_bytes");
+    if store.as_deref() == Some("") {
+        r.problem(
+            "sql",
+            "must name a [stores.<name>] with kind = \"postgres\"".into(),
+        );
+    }
+    if let Some(role) = &role
+        && (role.is_empty() || role.contains('\0'))
+    {
+        r.problem("sql_role", format!("{role:?} is not a role name"));
+    }
+    if store.is_none() {
+        for (key, set) in [
+            ("sql_role", role.is_some()),
+            ("sql_max_rows", max_rows.is_some()),
+            ("sql_max_result_bytes", max_result_bytes.is_some()),
+        ] {
+            if set {
+                r.problem(key, "has no effect without sql = \"<store>\"".into());
+            }
+        }
+    }
+    Some(SqlGrantConfig {
+        store: store?,
+        role,
+        max_rows: max_rows.unwrap_or(DEFAULT_SQL_MAX_ROWS),
+        max_result_bytes: max_result_bytes.unwrap_or(DEFAULT_SQL_MAX_RESULT_BYTES),
     })
 }
 

@@ -403,6 +403,30 @@ pub const HANDLER: Table = Table {
             P::Unset,
             "Outbound HTTP the handler may make ([outbound HTTP](../handlers/http.md)); without it every request is denied.",
         ),
+        field(
+            "sql",
+            K::Str,
+            P::Unset,
+            "A `[stores.<name>]` with `kind = \"postgres\"`: the database the handler's statements (the `sql` interface) run on, in one transaction per message that commits with the message's idempotency key ([SQL](../handlers/sql.md)). Every route of the handler must keep its idempotency keys in that store (`state`, `idempotency`). Without it every statement is refused.",
+        ),
+        field(
+            "sql_role",
+            K::Str,
+            P::Unset,
+            "A role the handler's statements run as (`SET LOCAL ROLE`), so that its rights can be narrower than those of the store's user, which must be a member of it. lockgate's own tables are written as the store's user at commit.",
+        ),
+        field(
+            "sql_max_rows",
+            K::Int,
+            P::Int(crate::config::DEFAULT_SQL_MAX_ROWS),
+            "Most rows one query may return; more fail the query with `too-large`.",
+        ),
+        field(
+            "sql_max_result_bytes",
+            K::Bytes,
+            P::Int(crate::config::DEFAULT_SQL_MAX_RESULT_BYTES),
+            "Most bytes of column data one query may return; more fail the query with `too-large`.",
+        ),
     ],
     aliases: &[],
     example: r#"[handlers.uppercase]
@@ -417,6 +441,13 @@ max_log_records = 100
 config = { target = "shouted", api_key = { env = "UPPERCASE_API_KEY" } }
 env = ["TZ"]
 files = [{ host = "data", guest = "/data" }]
+
+[handlers.ledger]
+module = "guest-examples/target/wasm32-wasip2/release/balances.wasm"
+sql = "pg"
+sql_role = "ledger_writer"
+sql_max_rows = 1000
+sql_max_result_bytes = 1048576
 "#,
 };
 
@@ -1201,7 +1232,7 @@ pub const OUTPUTS: Table = Table {
     ],
     aliases: &[],
     example: r#"[routes.payments]
-handler = "uppercase"
+handler = "ledger"
 source = { topic = "payments" }
 state = "pg"
 idempotency = { key = "json:/id" }

@@ -6,12 +6,20 @@
 #![allow(missing_docs)]
 
 wasmtime::component::bindgen!({
-    world: "handler",
+    // `handler` plus `sql`: every import the host implements itself (wasi:http is linked from
+    // wasmtime-wasi-http). A component built against any of the worlds instantiates with it.
+    world: "handler-sql",
     path: "../wit",
-    // A kv call can outlast its call's deadline (a store that does not answer): that ends the
-    // call as a trap, which only a trappable import can raise.
-    imports: { "lockgate:handler/kv": trappable },
+    // A kv call or a statement can outlast its call's deadline (a store that does not answer):
+    // that ends the call as a trap, which only a trappable import can raise.
+    imports: { "lockgate:handler/kv": trappable, "lockgate:handler/sql": trappable },
     trappable_error_type: { "lockgate:handler/kv.kv-error" => super::host::KvFailure },
+    additional_derives: [PartialEq],
 });
 
-pub use self::lockgate::handler::{config, emit, kv, log, types};
+pub use self::lockgate::handler::{config, emit, kv, log, sql, types};
+
+/// The host's name of the generated world: every handler world instantiates through it.
+pub use self::HandlerSql as Handler;
+/// See [`Handler`].
+pub use self::HandlerSqlPre as HandlerPre;

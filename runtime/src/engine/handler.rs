@@ -37,6 +37,8 @@ pub(super) struct HandlerInner {
     pub(super) from_cache: bool,
     /// Whether the component imports `wasi:http/outgoing-handler` (it may make requests).
     pub(super) imports_http: bool,
+    /// The component imports `lockgate:handler/sql`.
+    pub(super) imports_sql: bool,
     /// Keeps the compiled artefact on disk while this version is loaded.
     pub(super) _cache_pin: Option<CachePin>,
 }
@@ -66,6 +68,12 @@ impl Handler {
     /// its handler's grant (`[handlers.<name>.http]`) must allow.
     pub fn imports_http(&self) -> bool {
         self.inner.imports_http
+    }
+
+    /// Whether the component imports `lockgate:handler/sql`: it may run statements, which need
+    /// its handler's `sql` grant.
+    pub fn imports_sql(&self) -> bool {
+        self.inner.imports_sql
     }
 
     /// Whether the compiled code came from the on-disk cache.

@@ -62,6 +62,8 @@ pub struct HandlerEnv {
     pub kv: Arc<dyn KvStore>,
     /// The outbound HTTP the handler is granted; `None` denies every request.
     pub http: Option<Arc<Outbound>>,
+    /// The database the handler's statements run on (`sql`); `None` refuses every statement.
+    pub sql: Option<super::SqlGrant>,
     /// Environment variables and read-only directories each instance's WASI gets
     /// (docs/guarantees.md#g9); empty: none.
     pub wasi: crate::config::WasiGrants,
@@ -91,6 +93,7 @@ pub fn test_env(
         limits: HandlerLimits::default(),
         kv,
         http: None,
+        sql: None,
         wasi: crate::config::WasiGrants::default(),
     }
 }
@@ -113,6 +116,8 @@ pub(crate) struct CallState {
     /// Set when the call's kv writes are staged (to be committed with the message's
     /// idempotency key) instead of applied at once.
     pub kv_txn: Option<KvTxn>,
+    /// The call's SQL transaction, from its first statement (`engine/sql`).
+    pub sql: Option<crate::state::SqlTxn>,
 }
 
 /// Most bytes of kv values one invocation may stage (16 MiB).

@@ -174,6 +174,26 @@ impl Instance {
             ) => Outcome::Rejected { reason },
             (_, outcome) => outcome,
         };
+        // A statement failed: the transaction can only roll back, so the message cannot
+        // succeed. A serialization failure or a deadlock is worth another attempt.
+        let sql = call.sql.take();
+        let outcome = match (outcome, sql.as_ref().and_then(|t| t.failed())) {
+            (Outcome::Ok { .. }, Some(failed)) if failed.is_transient() => Outcome::Retry {
+                reason: format!(
+                    "a statement failed ({}); the message runs again",
+                    failed.reason
+                ),
+                after: None,
+            },
+            (Outcome::Ok { .. }, Some(failed)) => Outcome::Rejected {
+                reason: format!(
+                    "a statement failed ({}) but the handler returned ok: its transaction cannot commit",
+                    failed.reason
+                ),
+            },
+            (outcome, _) => outcome,
+        };
+        let sql = sql.filter(|_| matches!(outcome, Outcome::Ok { .. }));
         let kv_writes = match (&outcome, call.kv_txn.take()) {
             (Outcome::Ok { .. }, Some(txn)) => Some(txn.into_writes(&self.handler.inner.env.name)),
             (_, Some(_)) => Some(Vec::new()),
@@ -187,6 +207,7 @@ impl Instance {
             elapsed,
             kv_writes,
             http,
+            sql,
         }
     }
 

@@ -199,7 +199,7 @@ impl Outcome {
 }
 
 /// The result of one invocation: outcome, logs and timing.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Invocation {
     /// What happened.
     pub outcome: Outcome,
@@ -217,6 +217,9 @@ pub struct Invocation {
     pub kv_writes: Option<Vec<crate::state::KvWrite>>,
     /// The outbound HTTP requests the call made, in order.
     pub http: Vec<super::outbound::HttpRecord>,
+    /// The call's SQL transaction, open, when it succeeded after running statements: it
+    /// commits with the message's idempotency key (`pipeline`), and dropping it rolls it back.
+    pub sql: Option<crate::state::SqlTxn>,
 }
 
 impl Invocation {
@@ -232,6 +235,7 @@ impl Invocation {
             elapsed: Duration::ZERO,
             kv_writes: None,
             http: Vec::new(),
+            sql: None,
         }
     }
 }

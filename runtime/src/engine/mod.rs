@@ -32,6 +32,7 @@ mod invocation;
 pub mod outbound;
 mod pool;
 mod settings;
+mod sql;
 mod stdio;
 mod wasi_io;
 
@@ -51,6 +52,7 @@ pub use invocation::{
 };
 pub use pool::{InstancePool, PoolCounters};
 pub use settings::{DEFAULT_KEEP_RESIDENT_BYTES, EngineSettings};
+pub use sql::SqlGrant;
 
 use handler::HandlerInner;
 use host::HostState;
@@ -277,10 +279,14 @@ impl Engine {
                 problems,
             });
         }
-        let imports_http = component
-            .component_type()
-            .imports(engine)
-            .any(|(name, _)| name.starts_with("wasi:http/outgoing-handler@"));
+        let imports = |prefix: &str| {
+            component
+                .component_type()
+                .imports(engine)
+                .any(|(name, _)| name.starts_with(prefix))
+        };
+        let imports_http = imports("wasi:http/outgoing-handler@");
+        let imports_sql = imports("lockgate:handler/sql@");
         let instance_pre = self.inner.linker.instantiate_pre(&component).map_err(|e| {
             EngineError::WorldMismatch {
                 path: path.to_owned(),
@@ -301,6 +307,7 @@ impl Engine {
                 module_hash: hash,
                 from_cache,
                 imports_http,
+                imports_sql,
                 _cache_pin: cache_pin,
             }),
         })

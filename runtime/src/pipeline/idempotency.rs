@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use crate::config::IdempotencyKey;
 use crate::message::{OutRecord, Record};
 use crate::state::{
-    Claim, ClaimRequest, Commit, Completion, IdempotencyStore, KvWrite, StateError,
+    Claim, ClaimRequest, Commit, Completion, IdempotencyStore, KvWrite, SqlTxn, StateError,
 };
 
 /// Keys longer than this are stored as their SHA-256 (hex), so a huge header cannot bloat the
@@ -157,6 +157,22 @@ impl DoneKeys {
         let claim = ClaimRequest::new(key, owner);
         self.store
             .commit_outbox(self.scope.clone(), claim, writes, rows, self.lease)
+            .await
+    }
+
+    /// Commits a handler's SQL transaction `txn` with `key` (held by `owner`), its kv
+    /// `writes`, and either the kept `outputs` or, in outbox mode, the outbox `rows`.
+    pub async fn commit_sql(
+        &self,
+        txn: SqlTxn,
+        key: &str,
+        owner: &str,
+        writes: Vec<KvWrite>,
+        outputs: Vec<u8>,
+        rows: Vec<OutRecord>,
+    ) -> Result<Commit, StateError> {
+        let claim = ClaimRequest::new(key, owner);
+        txn.commit(&self.scope, &claim, &writes, &outputs, &rows, self.lease)
             .await
     }
 

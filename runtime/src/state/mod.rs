@@ -32,7 +32,9 @@ mod redis;
 pub use embedded::EmbeddedStore;
 pub use local::LocalClaims;
 pub use memory::MemoryStore;
-pub use postgres::{PostgresStore, SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION};
+pub use postgres::{
+    PostgresStore, SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION, SqlFailure, SqlStatementError, SqlTxn,
+};
 pub use redis::RedisStore;
 
 use std::sync::Arc;

@@ -241,6 +241,14 @@ impl Shared {
             return Ok(None);
         };
         let (Some(keys), Some(claim)) = (&self.done_keys, &msg.claim) else {
+            if invocation.sql.take().is_some() {
+                // `check` refuses such a route; a message without a key (no header, no
+                // position) still cannot commit its statements once-only.
+                invocation.outcome = Outcome::Rejected {
+                    reason: "the handler ran SQL, but the message has no idempotency key to commit its transaction with".into(),
+                };
+                return Ok(None);
+            }
             if outbox {
                 invocation.outcome = Outcome::Rejected {
                     reason: "outputs.mode = \"outbox\": the message has no idempotency key (and no position to use instead), so its outputs cannot commit with one".into(),
@@ -248,13 +256,36 @@ impl Shared {
             }
             return Ok(None);
         };
-        if !outbox && invocation.kv_writes.as_ref().is_none_or(Vec::is_empty) {
+        if !outbox
+            && invocation.sql.is_none()
+            && invocation.kv_writes.as_ref().is_none_or(Vec::is_empty)
+        {
             return Ok(None);
         }
         let records = output_records(&msg.record, outputs.clone(), dedup_base);
         let writes = invocation.kv_writes.take().unwrap_or_default();
         let (key, owner) = (claim.key.as_str(), claim.owner.as_str());
-        let commit = if outbox {
+        let commit = if let Some(txn) = invocation.sql.take() {
+            // The handler's transaction commits with the key. It cannot be retried as a whole
+            // (it is the transaction): when its outcome is unknown, the message runs again,
+            // and claiming its key again finds it applied if it was.
+            let (kept, rows) = if outbox {
+                (encode_outputs(&[]), records.clone())
+            } else {
+                (encode_outputs(&records), Vec::new())
+            };
+            match keys.commit_sql(txn, key, owner, writes, kept, rows).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(route = %self.route, message = %msg.record.id(), error = %e, "Committing the handler's transaction failed; running the message again");
+                    invocation.outcome = Outcome::Retry {
+                        reason: format!("committing the handler's transaction failed: {e}"),
+                        after: None,
+                    };
+                    return Ok(None);
+                }
+            }
+        } else if outbox {
             self.retry_infra("commit the handler's kv writes and outbox rows", || {
                 keys.commit_outbox(key, owner, writes.clone(), records.clone())
             })

@@ -9,7 +9,11 @@
 //! The schema (default `lockgate`) is created and versioned by the runtime on first use, or ahead
 //! of time by `lockgate migrate`; concurrent starters serialise on an advisory lock.
 
+mod sql;
+
 use std::time::Duration;
+
+pub use sql::{SqlFailure, SqlStatementError, SqlTxn};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
@@ -273,6 +277,8 @@ pub struct PostgresStore {
 
 struct Inner {
     pool: Pool,
+    /// Connections of handlers' SQL transactions (`sql.rs`).
+    sql_pool: Pool,
     /// For connections outside the pool (the outbox relay's LISTEN).
     pg_config: tokio_postgres::Config,
     schema: String,
@@ -334,27 +340,34 @@ impl PostgresStore {
         }
         let addr = describe(&config);
         let pg_config = config.clone();
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(pool_size.max(1))
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(Duration::from_secs(10)))
-            .create_timeout(Some(Duration::from_secs(5)))
-            .recycle_timeout(Some(Duration::from_secs(5)))
-            .build()
-            .map_err(|e| StateError::Config(format!("postgres at {addr}: {e}")))?;
+        let pool_of = |config: tokio_postgres::Config| {
+            let manager = Manager::from_config(
+                config,
+                NoTls,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            Pool::builder(manager)
+                .max_size(pool_size.max(1))
+                .runtime(Runtime::Tokio1)
+                .wait_timeout(Some(Duration::from_secs(10)))
+                .create_timeout(Some(Duration::from_secs(5)))
+                .recycle_timeout(Some(Duration::from_secs(5)))
+                .build()
+                .map_err(|e| StateError::Config(format!("postgres at {addr}: {e}")))
+        };
+        let pool = pool_of(config.clone())?;
+        // Handlers' transactions hold a connection for a whole call: a pool of their own, so
+        // that they never starve the claims and commits of the routes.
+        let sql_pool = pool_of(config)?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             StateError::Config("the PostgreSQL store must be created inside a tokio runtime".into())
         })?;
         let store = Self {
             inner: std::sync::Arc::new(Inner {
                 pool,
+                sql_pool,
                 pg_config,
                 schema: schema.to_owned(),
                 sql: Sql::new(schema),
@@ -802,10 +815,35 @@ impl PostgresStore {
         lease: Duration,
     ) -> Result<Commit, StateError> {
         let what = "commit effects";
-
-        let sql = &self.inner.sql;
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(|e| self.err(what, e))?;
+        let applied = self
+            .apply_commit(&tx, &scope, &claim, &writes, &outputs, &rows, lease)
+            .await?;
+        if applied == Commit::Committed {
+            tx.commit().await.map_err(|e| self.err(what, e))?;
+        }
+        // Anything else: dropping the transaction rolls it back.
+        Ok(applied)
+    }
+
+    /// The steps of a commit, inside the transaction `tx` (lockgate's or a handler's): checks
+    /// the claim, applies `writes`, inserts the outbox `rows` and marks the key applied. The
+    /// caller commits when this answers [`Commit::Committed`] for the first time (a claim
+    /// already applied by this owner answers it too, having changed nothing).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn apply_commit<C: deadpool_postgres::GenericClient>(
+        &self,
+        tx: &C,
+        scope: &str,
+        claim: &ClaimRequest,
+        writes: &[KvWrite],
+        outputs: &[u8],
+        rows: &[OutRecord],
+        lease: Duration,
+    ) -> Result<Commit, StateError> {
+        let what = "commit effects";
+        let sql = &self.inner.sql;
         let e = |e| self.err(what, e);
         let stmt = tx.prepare_cached(&sql.lock_claim).await.map_err(e)?;
         let row = tx
@@ -822,7 +860,7 @@ impl PostgresStore {
             _ => return Ok(Commit::LostClaim),
         }
         let now = ms(now_ms());
-        for w in &writes {
+        for w in writes {
             let (ns, key) = (w.namespace.as_str(), w.key.as_str());
             let expires = w.expires_at_ms.map(ms);
             let q: &str = match (&w.expected, &w.value) {
@@ -872,16 +910,14 @@ impl PostgresStore {
                 }
             };
             if !ok {
-                // Dropping the transaction rolls it back.
                 return Ok(Commit::Conflict(w.key.clone()));
             }
         }
-        self.insert_outbox(&tx, &rows, what).await?;
+        self.insert_outbox(tx, rows, what).await?;
         let stmt = tx.prepare_cached(&sql.mark_applied).await.map_err(e)?;
         tx.execute(&stmt, &[&scope, &claim.key, &outputs, &millis(lease)])
             .await
             .map_err(e)?;
-        tx.commit().await.map_err(e)?;
         Ok(Commit::Committed)
     }
 }
@@ -889,9 +925,9 @@ impl PostgresStore {
 impl PostgresStore {
     /// Inserts `rows` into the outbox table within `tx` (a row whose `lockgate-id` is already
     /// there is skipped).
-    pub(crate) async fn insert_outbox(
+    pub(crate) async fn insert_outbox<C: deadpool_postgres::GenericClient>(
         &self,
-        tx: &deadpool_postgres::Transaction<'_>,
+        tx: &C,
         rows: &[OutRecord],
         what: &str,
     ) -> Result<(), StateError> {

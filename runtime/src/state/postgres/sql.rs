@@ -1,0 +1,290 @@
+//! A handler's transaction on the PostgreSQL store: the statements of its `sql` interface run
+//! in it, and it commits together with the message's idempotency key, kv writes and outbox rows
+//! (docs/handlers/sql.md).
+//!
+//! The transaction lives on a connection of the store's SQL pool from the call's first statement
+//! to the message's commit or rollback. Whatever drops it without committing rolls it back, so
+//! a retry, reject, trap, timeout or a lost claim leaves nothing of the attempt behind; a crash
+//! closes the connection, which rolls it back on the server.
+
+use std::time::Duration;
+
+use deadpool_postgres::GenericClient;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Row, Statement};
+
+use super::{PostgresStore, millis};
+use crate::message::OutRecord;
+use crate::state::{ClaimRequest, Commit, KvWrite, StateError};
+
+/// Why a handler's transaction can only roll back: a statement of it failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SqlFailure {
+    /// The SQLSTATE, when the server refused a statement.
+    pub code: Option<String>,
+    /// What happened.
+    pub reason: String,
+}
+
+impl SqlFailure {
+    /// A serialization failure or a deadlock: running the message again may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self.code.as_deref(), Some("40001" | "40P01"))
+    }
+}
+
+/// How one statement failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SqlStatementError {
+    /// The server refused it; the transaction is aborted.
+    #[error("{}", .0.message())]
+    Db(Box<tokio_postgres::error::DbError>),
+    /// The database could not be reached or the connection broke.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The call's deadline passed first; the statement was cancelled.
+    #[error("the call's deadline passed while the statement ran")]
+    DeadlineExceeded,
+}
+
+/// A handler's open transaction (see the module doc).
+pub struct SqlTxn {
+    store: PostgresStore,
+    client: Option<deadpool_postgres::Object>,
+    failed: Option<SqlFailure>,
+}
+
+impl std::fmt::Debug for SqlTxn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlTxn")
+            .field("store", &self.store)
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `name` as a quoted SQL identifier.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+impl PostgresStore {
+    /// Opens a handler's transaction: statements time out after `statement_timeout` (the call's
+    /// remaining time) and, with `role`, run as that role. Blocks, under the current deadline
+    /// ([`crate::deadline::Deadline::scope`]).
+    pub fn begin_sql(
+        &self,
+        role: Option<&str>,
+        statement_timeout: Duration,
+    ) -> Result<SqlTxn, StateError> {
+        self.block(async {
+            // The commit writes lockgate's tables: they must exist.
+            drop(self.client().await?);
+            let client = self
+                .inner
+                .sql_pool
+                .get()
+                .await
+                .map_err(|e| self.err("connect for a handler's transaction", e))?;
+            let txn = SqlTxn {
+                store: self.clone(),
+                client: Some(client),
+                failed: None,
+            };
+            let mut begin = format!(
+                "BEGIN; SET LOCAL statement_timeout = {}",
+                millis(statement_timeout)
+            );
+            if let Some(role) = role {
+                begin.push_str(&format!("; SET LOCAL ROLE {}", quote_ident(role)));
+            }
+            // On failure `txn` is dropped, which rolls back what began.
+            txn.client()?
+                .batch_execute(&begin)
+                .await
+                .map_err(|e| self.err("begin a handler's transaction", e))?;
+            Ok(txn)
+        })
+    }
+}
+
+impl SqlTxn {
+    fn client(&self) -> Result<&deadpool_postgres::Object, StateError> {
+        self.client
+            .as_ref()
+            .ok_or_else(|| StateError::Unavailable("the transaction has ended".into()))
+    }
+
+    /// Why the transaction can only roll back, if a statement failed.
+    pub fn failed(&self) -> Option<&SqlFailure> {
+        self.failed.as_ref()
+    }
+
+    /// Prepares `statement` (cached per connection); its parameter types are the server's.
+    pub fn prepare(&mut self, statement: &str) -> Result<Statement, SqlStatementError> {
+        let client = self.client.as_ref();
+        let result = self.store.block(async {
+            let Some(client) = client else {
+                return Ok(Err(SqlStatementError::Unavailable(
+                    "the transaction has ended".into(),
+                )));
+            };
+            Ok(client
+                .prepare_cached(statement)
+                .await
+                .map_err(|e| statement_error(&e)))
+        });
+        self.settle(result)
+    }
+
+    /// Runs a prepared statement and hands each row to `row` until it answers `false`.
+    pub fn query(
+        &mut self,
+        statement: &Statement,
+        params: &[&(dyn ToSql + Sync)],
+        mut row: impl FnMut(Row) -> bool,
+    ) -> Result<(), SqlStatementError> {
+        use futures_util::TryStreamExt;
+        let client = self.client.as_ref();
+        let result = self.store.block(async {
+            let Some(client) = client else {
+                return Ok(Err(SqlStatementError::Unavailable(
+                    "the transaction has ended".into(),
+                )));
+            };
+            let run = async {
+                let rows = client.query_raw(statement, params.iter().copied()).await?;
+                futures_util::pin_mut!(rows);
+                while let Some(r) = rows.try_next().await? {
+                    if !row(r) {
+                        // The rest of the rows are read and discarded by the connection.
+                        break;
+                    }
+                }
+                Ok::<_, tokio_postgres::Error>(())
+            };
+            Ok(run.await.map_err(|e| statement_error(&e)))
+        });
+        self.settle(result)
+    }
+
+    /// Runs a prepared statement and answers the number of rows it affected.
+    pub fn execute(
+        &mut self,
+        statement: &Statement,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, SqlStatementError> {
+        let client = self.client.as_ref();
+        let result = self.store.block(async {
+            let Some(client) = client else {
+                return Ok(Err(SqlStatementError::Unavailable(
+                    "the transaction has ended".into(),
+                )));
+            };
+            Ok(client
+                .execute(statement, params)
+                .await
+                .map_err(|e| statement_error(&e)))
+        });
+        self.settle(result)
+    }
+
+    /// Notes how a statement ended: a failure makes the transaction one that can only roll
+    /// back; running out of time also cancels the statement on the server.
+    fn settle<T>(
+        &mut self,
+        result: Result<Result<T, SqlStatementError>, StateError>,
+    ) -> Result<T, SqlStatementError> {
+        let result = match result {
+            Ok(r) => r,
+            Err(StateError::DeadlineExceeded) => Err(SqlStatementError::DeadlineExceeded),
+            Err(e) => Err(SqlStatementError::Unavailable(e.to_string())),
+        };
+        if let Err(e) = &result {
+            let code = match e {
+                SqlStatementError::Db(db) => Some(db.code().code().to_owned()),
+                _ => None,
+            };
+            self.failed.get_or_insert(SqlFailure {
+                code,
+                reason: e.to_string(),
+            });
+            if matches!(e, SqlStatementError::DeadlineExceeded)
+                && let Some(client) = &self.client
+            {
+                let cancel = client.cancel_token();
+                self.store.inner.runtime.spawn(async move {
+                    let _ = cancel.cancel_query(tokio_postgres::NoTls).await;
+                });
+            }
+        }
+        result
+    }
+
+    /// Commits the transaction with the message's key (see [`PostgresStore::apply_commit`]):
+    /// back to lockgate's own role first, then the claim check, kv writes, outbox rows and the
+    /// key marked applied, then `COMMIT`. Anything but [`Commit::Committed`] rolls it back.
+    ///
+    /// An error means the outcome is unknown (the connection broke around `COMMIT`): the caller
+    /// claims the key again, which finds it applied if it was.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn commit(
+        mut self,
+        scope: &str,
+        claim: &ClaimRequest,
+        writes: &[KvWrite],
+        outputs: &[u8],
+        rows: &[OutRecord],
+        lease: Duration,
+    ) -> Result<Commit, StateError> {
+        let what = "commit a handler's transaction";
+        let store = self.store.clone();
+        let client = self.client()?;
+        client
+            .batch_execute("RESET ROLE; SET LOCAL statement_timeout = 0")
+            .await
+            .map_err(|e| store.err(what, e))?;
+        let applied = store
+            .apply_commit(client, scope, claim, writes, outputs, rows, lease)
+            .await?;
+        if applied != Commit::Committed {
+            return Ok(applied);
+        }
+        match client.batch_execute("COMMIT").await {
+            Ok(()) => {
+                // Committed: nothing left to roll back.
+                self.client.take();
+                Ok(Commit::Committed)
+            }
+            Err(e) => {
+                // The connection may be in any state: it never goes back to the pool.
+                if let Some(c) = self.client.take() {
+                    drop(deadpool_postgres::Object::take(c));
+                }
+                Err(store.err(what, e))
+            }
+        }
+    }
+}
+
+impl Drop for SqlTxn {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        // Rolled back before the connection returns to the pool; a connection that cannot roll
+        // back is closed instead (the server then rolls back).
+        self.store.inner.runtime.spawn(async move {
+            if client.batch_execute("ROLLBACK").await.is_err() {
+                drop(deadpool_postgres::Object::take(client));
+            }
+        });
+    }
+}
+
+fn statement_error(e: &tokio_postgres::Error) -> SqlStatementError {
+    match e.as_db_error() {
+        Some(db) => SqlStatementError::Db(Box::new(db.clone())),
+        None => SqlStatementError::Unavailable(e.to_string()),
+    }
+}

@@ -1,0 +1,449 @@
+//! Handlers' SQL (docs/handlers/sql.md) against the test PostgreSQL: statements run in one
+//! transaction per message that commits with the message's idempotency key, so a failed
+//! attempt (retry, trap, timeout) leaves nothing behind and every message applies once; the
+//! host refuses transaction and session control, bounds results and statements, and runs
+//! statements under `sql_role`.
+
+use std::time::{Duration, Instant};
+
+use lockgate::config::Isolation;
+use lockgate::engine::{
+    HandlerLimits, InboundMessage, InstancePool, Invocation, Outcome, SqlGrant,
+};
+use lockgate::state::PostgresStore;
+use lockgate_tests::pg::{self, SyncPg};
+use lockgate_tests::{guest_pool, handler_env};
+use serde_json::{Value, json};
+
+/// A PostgreSQL store on a fresh schema, and its runtime (the store's blocking calls run on
+/// it, as in `lockgate run`).
+struct Db {
+    schema: String,
+    store: PostgresStore,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn db(prefix: &str) -> Db {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let schema = pg::unique_schema(prefix);
+    let store = {
+        let _enter = rt.enter();
+        PostgresStore::new(pg::URL, &schema, 4).expect("store")
+    };
+    Db {
+        schema,
+        store,
+        _rt: rt,
+    }
+}
+
+fn probe(db: &Db, role: Option<&str>, max_rows: u64, timeout: Duration) -> InstancePool {
+    let mut env = handler_env(
+        "sql-probe",
+        &[("target", "out")],
+        HandlerLimits {
+            timeout,
+            ..HandlerLimits::default()
+        },
+    );
+    env.sql = Some(SqlGrant {
+        store_name: "pg".into(),
+        store: db.store.clone(),
+        role: role.map(str::to_owned),
+        max_rows,
+        max_result_bytes: 1 << 20,
+    });
+    guest_pool("sql-probe", false, Isolation::Reuse, env)
+}
+
+fn msg(id: &str, spec: Value) -> InboundMessage {
+    InboundMessage {
+        id: id.to_owned(),
+        topic: "in".into(),
+        payload: spec.to_string().into_bytes(),
+        attempt: 1,
+        ..InboundMessage::default()
+    }
+}
+
+/// The probe's results of an ok call.
+fn results(inv: &Invocation) -> Vec<Value> {
+    match &inv.outcome {
+        Outcome::Ok { outputs } => {
+            let v: Value = serde_json::from_slice(&outputs[0].payload).expect("JSON");
+            v["results"].as_array().cloned().unwrap_or_default()
+        }
+        other => panic!("expected ok, got {other:?}"),
+    }
+}
+
+fn error_of(v: &Value) -> String {
+    v["error"].as_str().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn values_round_trip_and_the_transaction_stays_open_until_the_message_commits() {
+    let db = db("lgsqlvals");
+    let pg = SyncPg::connect();
+    let s = &db.schema;
+    pg.exec(&format!(
+        "CREATE SCHEMA {s}; CREATE TABLE {s}.items (id text PRIMARY KEY, n bigint, small int,
+         price numeric(12,2), tags text[], ids bigint[], doc jsonb, at timestamptz, born date,
+         u uuid, ok boolean, ratio float8)"
+    ));
+    let pool = probe(&db, None, 100, Duration::from_secs(10));
+    let inv = pool.invoke_with(
+        &msg(
+            "m1",
+            json!({"statements": [
+                {"sql": format!("INSERT INTO {s}.items VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"),
+                 "params": ["a", 1_i64 << 40, 7, {"numeric": "12.50"}, {"text_array": ["x", null]},
+                            {"int64_array": [1, null, 3]}, {"json": {"k": [1, 2]}},
+                            {"timestamptz": 1_700_000_000_123_456_i64}, {"date": 19_000},
+                            {"uuid": "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"}, true, 0.25]},
+                {"sql": format!("SELECT * FROM {s}.items"), "query": true},
+                {"sql": format!("UPDATE {s}.items SET n = n + $1"), "params": [1]},
+            ]}),
+        ),
+        true,
+    );
+    let r = results(&inv);
+    assert_eq!(r[0], json!({"affected": 1}), "{r:?}");
+    assert_eq!(
+        r[1]["columns"],
+        json!([
+            "id", "n", "small", "price", "tags", "ids", "doc", "at", "born", "u", "ok", "ratio"
+        ])
+    );
+    assert_eq!(
+        r[1]["rows"][0],
+        json!([
+            "a",
+            1_i64 << 40,
+            7,
+            {"numeric": "12.50"},
+            {"text_array": ["x", null]},
+            {"int64_array": [1, null, 3]},
+            {"json": {"k": [1, 2]}},
+            {"timestamptz": 1_700_000_000_123_456_i64},
+            {"date": 19_000},
+            {"uuid": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"},
+            true,
+            0.25
+        ]),
+        "{r:?}"
+    );
+    assert_eq!(r[2], json!({"affected": 1}), "{r:?}");
+    // Not committed: the call's transaction is in the invocation, invisible to others.
+    assert!(inv.sql.is_some());
+    assert_eq!(pg.count(&format!("SELECT count(*) FROM {s}.items")), 0);
+    // Dropped without a commit (the message failed): rolled back, and the connection is
+    // usable by the next call.
+    drop(inv);
+    let inv = pool.invoke_with(
+        &msg(
+            "m2",
+            json!({"statements": [{"sql": format!("SELECT count(*) AS n FROM {s}.items"), "query": true}]}),
+        ),
+        true,
+    );
+    assert_eq!(results(&inv)[0]["rows"][0][0], 0);
+    drop(inv);
+    pg.drop_schema(s);
+}
+
+#[test]
+fn transaction_and_session_control_and_bad_input_are_refused_with_the_reason() {
+    let db = db("lgsqlguard");
+    let pg = SyncPg::connect();
+    let s = &db.schema;
+    pg.exec(&format!(
+        "CREATE SCHEMA {s}; CREATE TABLE {s}.t (id int PRIMARY KEY)"
+    ));
+    let pool = probe(&db, None, 10, Duration::from_secs(10));
+    let refused = [
+        "BEGIN",
+        "COMMIT",
+        "ROLLBACK",
+        "SAVEPOINT a",
+        "SET statement_timeout = 0",
+        "RESET ROLE",
+        "LISTEN x",
+        "COPY t TO STDOUT",
+        "DO $$ BEGIN COMMIT; END $$",
+        "SELECT set_config('role', 'postgres', true)",
+    ];
+    let mut statements: Vec<Value> = refused.iter().map(|s| json!({"sql": s})).collect();
+    statements.push(json!({"sql": format!("SELECT generate_series(1, 50) AS n"), "query": true}));
+    statements.push(json!({"sql": format!("INSERT INTO {s}.t VALUES ($1)"), "params": ["nine"]}));
+    statements.push(json!({"sql": format!("INSERT INTO {s}.t VALUES ($1)"), "params": [1, 2]}));
+    statements.push(json!({"sql": format!("INSERT INTO {s}.t VALUES ($1)"), "params": [1]}));
+    let inv = pool.invoke_with(&msg("g", json!({ "statements": statements })), true);
+    let r = results(&inv);
+    for (i, s) in refused.iter().enumerate() {
+        assert!(error_of(&r[i]).starts_with("refused:"), "{s}: {}", r[i]);
+    }
+    let n = refused.len();
+    assert!(
+        error_of(&r[n]).starts_with("too_large:") && error_of(&r[n]).contains("sql_max_rows = 10"),
+        "{}",
+        r[n]
+    );
+    assert!(
+        error_of(&r[n + 1]).starts_with("bad_parameter: ") && error_of(&r[n + 1]).contains("$1"),
+        "{}",
+        r[n + 1]
+    );
+    assert!(
+        error_of(&r[n + 2]).contains("takes 1 parameter"),
+        "{}",
+        r[n + 2]
+    );
+    // None of that touched the transaction: the insert still works.
+    assert_eq!(r[n + 3], json!({"affected": 1}), "{r:?}");
+    drop(inv);
+
+    // A statement the server refuses aborts the transaction: the rest of the call fails with
+    // `aborted`, and an ok result cannot commit (a unique violation: rejected).
+    pg.exec(&format!("INSERT INTO {s}.t VALUES (5)"));
+    let inv = pool.invoke_with(
+        &msg(
+            "dup",
+            json!({"statements": [
+                {"sql": format!("INSERT INTO {s}.t VALUES (5)")},
+                {"sql": "SELECT 1", "query": true},
+            ]}),
+        ),
+        true,
+    );
+    let Outcome::Rejected { reason } = &inv.outcome else {
+        panic!("{:?}", inv.outcome);
+    };
+    assert!(
+        reason.contains("23505") || reason.contains("duplicate key"),
+        "{reason}"
+    );
+    assert!(inv.sql.is_none(), "a failed transaction is not handed on");
+    drop(inv);
+    pg.drop_schema(s);
+}
+
+#[test]
+fn a_statement_past_the_calls_deadline_is_cancelled_and_the_call_times_out() {
+    let db = db("lgsqldeadline");
+    let pg = SyncPg::connect();
+    pg.exec(&format!("CREATE SCHEMA {}", db.schema));
+    let pool = probe(&db, None, 10, Duration::from_millis(300));
+    let start = Instant::now();
+    let inv = pool.invoke_with(
+        &msg(
+            "slow",
+            json!({"statements": [{"sql": "SELECT pg_sleep(30)", "query": true}]}),
+        ),
+        true,
+    );
+    let took = start.elapsed();
+    assert!(
+        matches!(inv.outcome, Outcome::TimedOut { .. }),
+        "{:?}",
+        inv.outcome
+    );
+    assert!(
+        took < Duration::from_millis(300 + 200),
+        "ended after {took:?}"
+    );
+    drop(inv);
+    // The server stops the statement (cancelled, or its statement_timeout): no pg_sleep left.
+    let until = Instant::now() + Duration::from_secs(5);
+    while pg.count("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'") > 0 {
+        assert!(Instant::now() < until, "the statement still runs on the server");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The next message on the same handler runs normally.
+    let inv = pool.invoke_with(
+        &msg(
+            "next",
+            json!({"statements": [{"sql": "SELECT 1 AS one", "query": true}]}),
+        ),
+        true,
+    );
+    assert_eq!(results(&inv)[0]["rows"][0][0], 1);
+    drop(inv);
+    pg.drop_schema(&db.schema);
+}
+
+#[test]
+fn statements_under_sql_role_cannot_reach_lockgates_tables() {
+    let db = db("lgsqlrole");
+    let pg = SyncPg::connect();
+    let s = &db.schema;
+    let role = format!("{s}_writer");
+    pg.exec(&format!(
+        "CREATE SCHEMA {s}; CREATE TABLE {s}.balances (id text PRIMARY KEY, balance bigint);
+         CREATE ROLE {role} NOLOGIN; GRANT USAGE ON SCHEMA {s} TO {role};
+         GRANT SELECT, INSERT, UPDATE ON {s}.balances TO {role};"
+    ));
+    let pool = probe(&db, Some(&role), 10, Duration::from_secs(10));
+    // lockgate's own tables live in the same schema (the store's): created by the first call.
+    let inv = pool.invoke_with(
+        &msg(
+            "r",
+            json!({"statements": [
+                {"sql": format!("INSERT INTO {s}.balances VALUES ('a', 1)")},
+                {"sql": "SELECT current_user AS u", "query": true},
+            ]}),
+        ),
+        true,
+    );
+    let r = results(&inv);
+    assert_eq!(r[0], json!({"affected": 1}), "{r:?}");
+    assert_eq!(r[1]["rows"][0][0], json!(role), "{r:?}");
+    drop(inv);
+    for statement in [
+        format!("SELECT * FROM {s}.idempotency"),
+        format!("DELETE FROM {s}.kv"),
+        format!("UPDATE {s}.idempotency SET state = 'd'"),
+    ] {
+        let inv = pool.invoke_with(
+            &msg(
+                "x",
+                json!({"statements": [{"sql": statement, "query": true}]}),
+            ),
+            true,
+        );
+        // The statement fails (insufficient privilege), so the ok call is rejected.
+        let Outcome::Rejected { reason } = &inv.outcome else {
+            panic!("{statement}: {:?}", inv.outcome);
+        };
+        assert!(
+            reason.contains("42501") || reason.contains("permission denied"),
+            "{statement}: {reason}"
+        );
+    }
+    pg.drop_schema(s);
+    pg.exec(&format!("DROP ROLE {role}"));
+}
+
+/// Through a running route on the embedded broker: a handler that writes and then retries,
+/// traps or runs out of time leaves nothing of those attempts, and each message's write is
+/// there once after its successful attempt, committed with its idempotency key.
+#[test]
+fn failed_attempts_leave_nothing_and_each_message_applies_once() {
+    let pg = SyncPg::connect();
+    let schema = pg::unique_schema("lgsqlroute");
+    pg.exec(&format!(
+        "CREATE SCHEMA {schema}; CREATE TABLE {schema}.applied (id text, at timestamptz DEFAULT now())"
+    ));
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(route(&schema));
+    let rows = pg.query(
+        &format!("SELECT id, count(*) FROM {schema}.applied GROUP BY id ORDER BY id"),
+        &[],
+    );
+    assert_eq!(rows.len(), 40, "every message applied");
+    for row in &rows {
+        let (id, n): (String, i64) = (row.get(0), row.get(1));
+        assert_eq!(n, 1, "{id} applied {n} times");
+    }
+    let keys = pg.count(&format!(
+        "SELECT count(*) FROM {schema}.idempotency WHERE state IN ('a', 'd')"
+    ));
+    assert_eq!(keys, 40);
+    pg.drop_schema(&schema);
+}
+
+async fn route(schema: &str) {
+    use lockgate::broker::local::LocalBroker;
+    use lockgate::message::OutRecord;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("runtime.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[runtime]
+state_dir = "state"
+watch = "off"
+
+[stores.pg]
+kind = "postgres"
+url = "{url}"
+schema = "{schema}"
+
+[handlers.probe]
+module = "{module}"
+config = {{ target = "out" }}
+timeout_ms = 500
+sql = "pg"
+
+[routes.in]
+handler = "probe"
+source = {{ topic = "in" }}
+outputs = ["out"]
+concurrency = 4
+state = "pg"
+idempotency = {{ key = "json:/id" }}
+retry = {{ max_attempts = 5, initial_backoff_ms = 10, jitter = "none" }}
+"#,
+            url = pg::URL,
+            module = lockgate_tests::guest("sql-probe").display(),
+        ),
+    )
+    .expect("config");
+    let rt = lockgate_tests::inproc::start(&config).await;
+    let broker = LocalBroker::open(&dir.path().join("state/local")).expect("broker");
+    let insert = json!({"sql": format!("INSERT INTO {schema}.applied (id) VALUES ($1)")});
+    let mut records = Vec::new();
+    for (i, first) in ["ok", "retry", "trap", "hang"]
+        .iter()
+        .cycle()
+        .take(40)
+        .enumerate()
+    {
+        let id = format!("m{i}");
+        let mut statement = insert.clone();
+        statement["params"] = json!([id]);
+        records.push(OutRecord {
+            topic: "in".into(),
+            key: Some(id.clone().into_bytes()),
+            headers: Vec::new(),
+            payload:
+                json!({"id": id, "statements": [statement], "then_first": first, "then": "ok"})
+                    .to_string()
+                    .into_bytes(),
+        });
+    }
+    // The same message again, later: its key is applied, so it does not run again.
+    records.push(records[1].clone());
+    broker.append(&records).expect("append");
+    lockgate_tests::inproc::until(
+        "every message acknowledged",
+        Duration::from_secs(120),
+        41,
+        || {
+            broker
+                .committed("in", lockgate::config::DEFAULT_GROUP)
+                .unwrap_or(0)
+        },
+    )
+    .await;
+    rt.runtime.stop().await;
+    assert_eq!(
+        broker.end_offset("out").expect("offset"),
+        40,
+        "the duplicate published nothing new"
+    );
+    assert_eq!(
+        broker.end_offset("in.dlq").unwrap_or(0),
+        0,
+        "nothing dead-lettered"
+    );
+}
