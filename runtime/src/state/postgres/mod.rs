@@ -477,15 +477,21 @@ impl PostgresStore {
 
     /// A pooled connection to a migrated schema.
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, StateError> {
-        self.inner
-            .migrated
-            .get_or_try_init(|| async { self.migrate().await.map(drop) })
-            .await?;
+        self.migrated().await?;
         self.inner
             .pool
             .get()
             .await
             .map_err(|e| self.err("connect", e))
+    }
+
+    /// Creates or upgrades the schema once per store (see [`Self::migrate`]).
+    pub(crate) async fn migrated(&self) -> Result<(), StateError> {
+        self.inner
+            .migrated
+            .get_or_try_init(|| async { self.migrate().await.map(drop) })
+            .await
+            .map(drop)
     }
 
     /// Runs `sql` with `params` and returns the rows.

@@ -79,7 +79,7 @@ impl PostgresStore {
     ) -> Result<SqlTxn, StateError> {
         self.block(async {
             // The commit writes lockgate's tables: they must exist.
-            drop(self.client().await?);
+            self.migrated().await?;
             let client = self
                 .inner
                 .sql_pool
@@ -122,18 +122,15 @@ impl SqlTxn {
 
     /// Prepares `statement` (cached per connection); its parameter types are the server's.
     pub fn prepare(&mut self, statement: &str) -> Result<Statement, SqlStatementError> {
-        let client = self.client.as_ref();
-        let result = self.store.block(async {
-            let Some(client) = client else {
-                return Ok(Err(SqlStatementError::Unavailable(
-                    "the transaction has ended".into(),
-                )));
-            };
-            Ok(client
-                .prepare_cached(statement)
-                .await
-                .map_err(|e| statement_error(&e)))
-        });
+        let result = match &self.client {
+            None => Ok(Err(ended())),
+            Some(client) => self.store.block(async {
+                Ok(client
+                    .prepare_cached(statement)
+                    .await
+                    .map_err(|e| statement_error(&e)))
+            }),
+        };
         self.settle(result)
     }
 
@@ -145,13 +142,10 @@ impl SqlTxn {
         mut row: impl FnMut(Row) -> bool,
     ) -> Result<(), SqlStatementError> {
         use futures_util::TryStreamExt;
-        let client = self.client.as_ref();
+        let Some(client) = &self.client else {
+            return self.settle(Ok(Err(ended())));
+        };
         let result = self.store.block(async {
-            let Some(client) = client else {
-                return Ok(Err(SqlStatementError::Unavailable(
-                    "the transaction has ended".into(),
-                )));
-            };
             let run = async {
                 let rows = client.query_raw(statement, params.iter().copied()).await?;
                 futures_util::pin_mut!(rows);
@@ -174,18 +168,15 @@ impl SqlTxn {
         statement: &Statement,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64, SqlStatementError> {
-        let client = self.client.as_ref();
-        let result = self.store.block(async {
-            let Some(client) = client else {
-                return Ok(Err(SqlStatementError::Unavailable(
-                    "the transaction has ended".into(),
-                )));
-            };
-            Ok(client
-                .execute(statement, params)
-                .await
-                .map_err(|e| statement_error(&e)))
-        });
+        let result = match &self.client {
+            None => Ok(Err(ended())),
+            Some(client) => self.store.block(async {
+                Ok(client
+                    .execute(statement, params)
+                    .await
+                    .map_err(|e| statement_error(&e)))
+            }),
+        };
         self.settle(result)
     }
 
@@ -280,6 +271,10 @@ impl Drop for SqlTxn {
             }
         });
     }
+}
+
+fn ended() -> SqlStatementError {
+    SqlStatementError::Unavailable("the transaction has ended".into())
 }
 
 fn statement_error(e: &tokio_postgres::Error) -> SqlStatementError {
