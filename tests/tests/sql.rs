@@ -331,36 +331,22 @@ fn statements_under_sql_role_cannot_reach_lockgates_tables() {
 /// Through a running route on the embedded broker: a handler that writes and then retries,
 /// traps or runs out of time leaves nothing of those attempts, and each message's write is
 /// there once after its successful attempt, committed with its idempotency key.
-#[test]
-fn failed_attempts_leave_nothing_and_each_message_applies_once() {
-    let pg = SyncPg::connect();
-    let schema = pg::unique_schema("lgsqlroute");
-    pg.exec(&format!(
-        "CREATE SCHEMA {schema}; CREATE TABLE {schema}.applied (id text, at timestamptz DEFAULT now())"
-    ));
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(route(&schema));
-    let rows = pg.query(
-        &format!("SELECT id, count(*) FROM {schema}.applied GROUP BY id ORDER BY id"),
-        &[],
-    );
-    assert_eq!(rows.len(), 40, "every message applied");
-    for row in &rows {
-        let (id, n): (String, i64) = (row.get(0), row.get(1));
-        assert_eq!(n, 1, "{id} applied {n} times");
-    }
-    let keys = pg.count(&format!(
-        "SELECT count(*) FROM {schema}.idempotency WHERE state IN ('a', 'd')"
-    ));
-    assert_eq!(keys, 40);
-    pg.drop_schema(&schema);
+/// What a run of the `sql-probe` route came to.
+struct RouteRun {
+    outputs: u64,
+    dead: u64,
+    retried: u64,
 }
 
-async fn route(schema: &str) {
+/// Runs the `sql-probe` handler on a route of the embedded broker with `sql = "pg"` (the store
+/// on `schema`) and keys from `json:/id`, feeds it `messages` (`(id, probe spec)`), and stops it
+/// once every message is acknowledged.
+fn probe_route(
+    schema: &str,
+    concurrency: u32,
+    timeout_ms: u64,
+    messages: Vec<(String, Value)>,
+) -> RouteRun {
     use lockgate::broker::local::LocalBroker;
     use lockgate::message::OutRecord;
 
@@ -381,14 +367,15 @@ schema = "{schema}"
 [handlers.probe]
 module = "{module}"
 config = {{ target = "out" }}
-timeout_ms = 500
+timeout_ms = {timeout_ms}
 sql = "pg"
 
 [routes.in]
 handler = "probe"
 source = {{ topic = "in" }}
 outputs = ["out"]
-concurrency = 4
+concurrency = {concurrency}
+ordering = "key"
 state = "pg"
 idempotency = {{ key = "json:/id" }}
 retry = {{ max_attempts = 5, initial_backoff_ms = 10, jitter = "none" }}
@@ -398,54 +385,95 @@ retry = {{ max_attempts = 5, initial_backoff_ms = 10, jitter = "none" }}
         ),
     )
     .expect("config");
-    let rt = lockgate_tests::inproc::start(&config).await;
-    let broker = LocalBroker::open(&dir.path().join("state/local")).expect("broker");
-    let insert = json!({"sql": format!("INSERT INTO {schema}.applied (id) VALUES ($1)")});
-    let mut records = Vec::new();
-    for (i, first) in ["ok", "retry", "trap", "hang"]
+    let records: Vec<OutRecord> = messages
+        .into_iter()
+        .map(|(id, mut spec)| {
+            spec["id"] = json!(id);
+            OutRecord {
+                topic: "in".into(),
+                key: Some(id.into_bytes()),
+                headers: Vec::new(),
+                payload: spec.to_string().into_bytes(),
+            }
+        })
+        .collect();
+    let total = records.len() as u64;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            let rt = lockgate_tests::inproc::start(&config).await;
+            let broker = LocalBroker::open(&dir.path().join("state/local")).expect("broker");
+            broker.append(&records).expect("append");
+            lockgate_tests::inproc::until(
+                "every message acknowledged",
+                Duration::from_secs(120),
+                total,
+                || {
+                    broker
+                        .committed("in", lockgate::config::DEFAULT_GROUP)
+                        .unwrap_or(0)
+                },
+            )
+            .await;
+            let retried = rt
+                .runtime
+                .routes()
+                .iter()
+                .map(|r| r.stats.retried.load(std::sync::atomic::Ordering::Relaxed))
+                .sum();
+            rt.runtime.stop().await;
+            RouteRun {
+                outputs: broker.end_offset("out").expect("offset"),
+                dead: broker.end_offset("in.dlq").unwrap_or(0),
+                retried,
+            }
+        })
+}
+
+#[test]
+fn failed_attempts_leave_nothing_and_each_message_applies_once() {
+    let pg = SyncPg::connect();
+    let schema = pg::unique_schema("lgsqlroute");
+    pg.exec(&format!(
+        "CREATE SCHEMA {schema}; CREATE TABLE {schema}.applied (id text, at timestamptz DEFAULT now())"
+    ));
+    let mut messages: Vec<(String, Value)> = ["ok", "retry", "trap", "hang"]
         .iter()
         .cycle()
         .take(40)
         .enumerate()
-    {
-        let id = format!("m{i}");
-        let mut statement = insert.clone();
-        statement["params"] = json!([id]);
-        records.push(OutRecord {
-            topic: "in".into(),
-            key: Some(id.clone().into_bytes()),
-            headers: Vec::new(),
-            payload:
-                json!({"id": id, "statements": [statement], "then_first": first, "then": "ok"})
-                    .to_string()
-                    .into_bytes(),
-        });
-    }
+        .map(|(i, first)| {
+            let id = format!("m{i}");
+            let insert = json!({"sql": format!("INSERT INTO {schema}.applied (id) VALUES ($1)"), "params": [id]});
+            (
+                id,
+                json!({"statements": [insert], "then_first": first, "then": "ok"}),
+            )
+        })
+        .collect();
     // The same message again, later: its key is applied, so it does not run again.
-    records.push(records[1].clone());
-    broker.append(&records).expect("append");
-    lockgate_tests::inproc::until(
-        "every message acknowledged",
-        Duration::from_secs(120),
-        41,
-        || {
-            broker
-                .committed("in", lockgate::config::DEFAULT_GROUP)
-                .unwrap_or(0)
-        },
-    )
-    .await;
-    rt.runtime.stop().await;
-    assert_eq!(
-        broker.end_offset("out").expect("offset"),
-        40,
-        "the duplicate published nothing new"
+    messages.push(messages[1].clone());
+    let run = probe_route(&schema, 4, 500, messages);
+    assert_eq!(run.outputs, 40, "the duplicate published nothing new");
+    assert_eq!(run.dead, 0, "nothing dead-lettered");
+    assert!(run.retried >= 30, "the failed first attempts were retried");
+    let rows = pg.query(
+        &format!("SELECT id, count(*) FROM {schema}.applied GROUP BY id ORDER BY id"),
+        &[],
     );
-    assert_eq!(
-        broker.end_offset("in.dlq").unwrap_or(0),
-        0,
-        "nothing dead-lettered"
-    );
+    assert_eq!(rows.len(), 40, "every message applied");
+    for row in &rows {
+        let (id, n): (String, i64) = (row.get(0), row.get(1));
+        assert_eq!(n, 1, "{id} applied {n} times");
+    }
+    let keys = pg.count(&format!(
+        "SELECT count(*) FROM {schema}.idempotency WHERE state IN ('a', 'd')"
+    ));
+    assert_eq!(keys, 40);
+    pg.drop_schema(&schema);
 }
 
 const DEPOSITS: u64 = 20_000;
@@ -603,14 +631,30 @@ fn a_deadlock_between_two_lanes_resolves_by_retry_and_both_apply_once() {
          INSERT INTO {schema}.rows VALUES ('a', 0), ('b', 0);
          CREATE TABLE {schema}.applied (id text)"
     ));
-    let (outputs, dead) = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(deadlock(&schema));
-    assert_eq!(outputs, 2, "both messages succeeded");
-    assert_eq!(dead, 0, "nothing dead-lettered");
+    let update = |row: &str| json!({"sql": format!("UPDATE {schema}.rows SET n = n + 1 WHERE id = $1"), "params": [row]});
+    // Each takes its first row, waits for the other to take its own, then asks for it.
+    let messages = [("m1", "a", "b"), ("m2", "b", "a")]
+        .iter()
+        .map(|(id, first, second)| {
+            (
+                (*id).to_owned(),
+                json!({"statements": [
+                    update(first),
+                    {"sql": "SELECT pg_sleep(0.5)", "query": true},
+                    update(second),
+                    {"sql": format!("INSERT INTO {schema}.applied VALUES ($1)"), "params": [id]},
+                ], "then": "ok"}),
+            )
+        })
+        .collect();
+    let run = probe_route(&schema, 2, 10_000, messages);
+    // The deadlock happened (one message was retried), or the test proved nothing.
+    assert!(
+        run.retried >= 1,
+        "no retry: the two messages did not deadlock"
+    );
+    assert_eq!(run.outputs, 2, "both messages succeeded");
+    assert_eq!(run.dead, 0, "nothing dead-lettered");
     let n = |id: &str| -> i64 {
         pg.query(
             &format!("SELECT n FROM {schema}.rows WHERE id = $1"),
@@ -628,90 +672,4 @@ fn a_deadlock_between_two_lanes_resolves_by_retry_and_both_apply_once() {
         2
     );
     pg.drop_schema(&schema);
-}
-
-async fn deadlock(schema: &str) -> (u64, u64) {
-    use lockgate::broker::local::LocalBroker;
-    use lockgate::message::OutRecord;
-
-    let dir = tempfile::tempdir().expect("dir");
-    let config = dir.path().join("runtime.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[runtime]
-state_dir = "state"
-watch = "off"
-
-[stores.pg]
-kind = "postgres"
-url = "{url}"
-schema = "{schema}"
-
-[handlers.probe]
-module = "{module}"
-config = {{ target = "out" }}
-timeout_ms = 10000
-sql = "pg"
-
-[routes.in]
-handler = "probe"
-source = {{ topic = "in" }}
-outputs = ["out"]
-concurrency = 2
-ordering = "key"
-state = "pg"
-idempotency = {{ key = "json:/id" }}
-retry = {{ max_attempts = 5, initial_backoff_ms = 10, jitter = "none" }}
-"#,
-            url = pg::URL,
-            module = lockgate_tests::guest("sql-probe").display(),
-        ),
-    )
-    .expect("config");
-    let rt = lockgate_tests::inproc::start(&config).await;
-    let broker = LocalBroker::open(&dir.path().join("state/local")).expect("broker");
-    let update = |row: &str| json!({"sql": format!("UPDATE {schema}.rows SET n = n + 1 WHERE id = $1"), "params": [row]});
-    // Each takes its first row, waits for the other to take its own, then asks for it.
-    let records: Vec<OutRecord> = [("m1", "a", "b"), ("m2", "b", "a")]
-        .iter()
-        .map(|(id, first, second)| OutRecord {
-            topic: "in".into(),
-            key: Some(id.as_bytes().to_vec()),
-            headers: Vec::new(),
-            payload: json!({"id": id, "statements": [
-                update(first),
-                {"sql": "SELECT pg_sleep(0.5)", "query": true},
-                update(second),
-                {"sql": format!("INSERT INTO {schema}.applied VALUES ($1)"), "params": [id]},
-            ], "then": "ok"})
-            .to_string()
-            .into_bytes(),
-        })
-        .collect();
-    broker.append(&records).expect("append");
-    lockgate_tests::inproc::until(
-        "both messages acknowledged",
-        Duration::from_secs(60),
-        2,
-        || {
-            broker
-                .committed("in", lockgate::config::DEFAULT_GROUP)
-                .unwrap_or(0)
-        },
-    )
-    .await;
-    let retried: u64 = rt
-        .runtime
-        .routes()
-        .iter()
-        .map(|r| r.stats.retried.load(std::sync::atomic::Ordering::Relaxed))
-        .sum();
-    rt.runtime.stop().await;
-    // The deadlock happened (one message was retried), or the test proved nothing.
-    assert!(retried >= 1, "no retry: the two messages did not deadlock");
-    (
-        broker.end_offset("out").expect("offset"),
-        broker.end_offset("in.dlq").unwrap_or(0),
-    )
 }
