@@ -607,3 +607,68 @@ async fn an_outbox_commit_writes_its_rows_with_its_effects_or_nothing() {
     );
     drop_schema(&schema).await;
 }
+
+/// A handler's transaction commits its statements with the message's key, once: committing the
+/// same claim again (an earlier answer was lost) rolls the second transaction back instead of
+/// landing its statements twice, and a commit without the claim lands nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_transaction_lands_its_statements_once() {
+    use lockgate::state::{Claim, ClaimRequest, Commit};
+    let schema = unique("lgsqltxn");
+    let store = PostgresStore::new(POSTGRES, &schema, 2).unwrap();
+    let scope = "idempotency/ledger".to_owned();
+    let lease = Duration::from_secs(30);
+    let (client, conn) = tokio_postgres::connect(POSTGRES, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let claimed = store
+        .claim(scope.clone(), vec![ClaimRequest::new("k1", "me")], lease)
+        .await
+        .unwrap();
+    assert_eq!(claimed, vec![Claim::Claimed]);
+    let table = format!("{schema}.handler_rows");
+    client
+        .batch_execute(&format!("CREATE TABLE {table} (n int NOT NULL)"))
+        .await
+        .unwrap();
+    // One handler attempt: an insert in a fresh transaction, then the commit with `owner`'s key.
+    let attempt = |n: i32, owner: &'static str| {
+        let (store, table, scope) = (store.clone(), table.clone(), scope.clone());
+        async move {
+            let txn = tokio::task::spawn_blocking(move || {
+                let mut txn = store.begin_sql(None, Duration::from_secs(10)).unwrap();
+                let insert = txn
+                    .prepare(&format!("INSERT INTO {table} VALUES ($1)"))
+                    .unwrap();
+                assert_eq!(txn.execute(&insert, &[&n]).unwrap(), 1);
+                txn
+            })
+            .await
+            .unwrap();
+            let claim = ClaimRequest::new("k1", owner);
+            txn.commit(&scope, &claim, &[], b"", &[], lease)
+                .await
+                .unwrap()
+        }
+    };
+    let rows = || async {
+        client
+            .query(&format!("SELECT n FROM {table} ORDER BY n"), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, i32>(0))
+            .collect::<Vec<_>>()
+    };
+
+    assert_eq!(attempt(1, "me").await, Commit::Committed);
+    assert_eq!(rows().await, vec![1]);
+    // The same claim committed again answers as before and changes nothing.
+    assert_eq!(attempt(2, "me").await, Commit::Committed);
+    assert_eq!(rows().await, vec![1]);
+    // Another owner never held the claim: nothing of its attempt lands.
+    assert_eq!(attempt(3, "someone-else").await, Commit::LostClaim);
+    assert_eq!(rows().await, vec![1]);
+    drop_schema(&schema).await;
+}

@@ -826,17 +826,17 @@ impl PostgresStore {
         let applied = self
             .apply_commit(&tx, &scope, &claim, &writes, &outputs, &rows, lease)
             .await?;
-        if applied == Commit::Committed {
+        if applied == Applied::Now {
             tx.commit().await.map_err(|e| self.err(what, e))?;
         }
         // Anything else: dropping the transaction rolls it back.
-        Ok(applied)
+        Ok(applied.into())
     }
 
     /// The steps of a commit, inside the transaction `tx` (lockgate's or a handler's): checks
     /// the claim, applies `writes`, inserts the outbox `rows` and marks the key applied. The
-    /// caller commits when this answers [`Commit::Committed`] for the first time (a claim
-    /// already applied by this owner answers it too, having changed nothing).
+    /// caller commits only on [`Applied::Now`]; on anything else it rolls `tx` back, because
+    /// a handler's transaction holds statements that must not land twice (see [`Applied`]).
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn apply_commit<C: deadpool_postgres::GenericClient>(
         &self,
@@ -847,7 +847,7 @@ impl PostgresStore {
         outputs: &[u8],
         rows: &[OutRecord],
         lease: Duration,
-    ) -> Result<Commit, StateError> {
+    ) -> Result<Applied, StateError> {
         let what = "commit effects";
         let sql = &self.inner.sql;
         let e = |e| self.err(what, e);
@@ -862,8 +862,8 @@ impl PostgresStore {
         {
             Some(("c", Some(owner))) if owner == claim.owner => {}
             // A retry of a commit whose answer was lost.
-            Some(("a", Some(owner))) if owner == claim.owner => return Ok(Commit::Committed),
-            _ => return Ok(Commit::LostClaim),
+            Some(("a", Some(owner))) if owner == claim.owner => return Ok(Applied::Before),
+            _ => return Ok(Applied::Not(Commit::LostClaim)),
         }
         let now = ms(now_ms());
         for w in writes {
@@ -916,7 +916,7 @@ impl PostgresStore {
                 }
             };
             if !ok {
-                return Ok(Commit::Conflict(w.key.clone()));
+                return Ok(Applied::Not(Commit::Conflict(w.key.clone())));
             }
         }
         self.insert_outbox(tx, rows, what).await?;
@@ -924,7 +924,28 @@ impl PostgresStore {
         tx.execute(&stmt, &[&scope, &claim.key, &outputs, &millis(lease)])
             .await
             .map_err(e)?;
-        Ok(Commit::Committed)
+        Ok(Applied::Now)
+    }
+}
+
+/// What [`PostgresStore::apply_commit`] did in its transaction.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Applied {
+    /// The effects are in the transaction and the key is marked applied: commit it.
+    Now,
+    /// This owner's key was already applied, by an earlier commit whose answer was lost. The
+    /// transaction must roll back: committing it would land a handler's statements twice.
+    Before,
+    /// Nothing applied (the claim was lost or a key the handler read changed): roll back.
+    Not(Commit),
+}
+
+impl From<Applied> for Commit {
+    fn from(a: Applied) -> Commit {
+        match a {
+            Applied::Now | Applied::Before => Commit::Committed,
+            Applied::Not(c) => c,
+        }
     }
 }
 

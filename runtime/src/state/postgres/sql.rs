@@ -13,7 +13,7 @@ use deadpool_postgres::GenericClient;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Statement};
 
-use super::{PostgresStore, millis};
+use super::{Applied, PostgresStore, millis};
 use crate::message::OutRecord;
 use crate::state::{ClaimRequest, Commit, KvWrite, StateError};
 
@@ -214,7 +214,8 @@ impl SqlTxn {
 
     /// Commits the transaction with the message's key (see [`PostgresStore::apply_commit`]):
     /// back to lockgate's own role first, then the claim check, kv writes, outbox rows and the
-    /// key marked applied, then `COMMIT`. Anything but [`Commit::Committed`] rolls it back.
+    /// key marked applied, then `COMMIT`. Anything else rolls it back, including a claim this
+    /// owner already applied (the answer [`Commit::Committed`], with nothing committed twice).
     ///
     /// An error means the outcome is unknown (the connection broke around `COMMIT`): the caller
     /// claims the key again, which finds it applied if it was.
@@ -238,8 +239,10 @@ impl SqlTxn {
         let applied = store
             .apply_commit(client, scope, claim, writes, outputs, rows, lease)
             .await?;
-        if applied != Commit::Committed {
-            return Ok(applied);
+        if applied != Applied::Now {
+            // Dropping `self` rolls the handler's statements back: an earlier commit of this
+            // claim already landed them (Before), or nothing may land (Not).
+            return Ok(applied.into());
         }
         match client.batch_execute("COMMIT").await {
             Ok(()) => {
