@@ -13,11 +13,12 @@
  *     }
  *     LOCKGATE_HANDLER(handle)
  *
- * The header sits on top of the bindings that `wit-bindgen c --world handler-http
+ * The header sits on top of the bindings that `wit-bindgen c --world handler-all
  * --rename-world handler wit/` generates (handler.h, handler.c, handler_component_type.o: the
- * handler world plus wasi:http, under the handler world's names); `lockgate build` generates them
- * and compiles everything into a component, which imports wasi:http only when the handler calls
- * lockgate_http_request. It is header-only: include it in exactly one .c file.
+ * handler world plus wasi:http and lockgate's sql, under the handler world's names); `lockgate
+ * build` generates them and compiles everything into a component, which imports wasi:http only
+ * when the handler calls lockgate_http_request, and sql only when it calls the raw
+ * lockgate_handler_sql_* functions. It is header-only: include it in exactly one .c file.
  *
  * Memory: every pointer a helper returns (config values, decoded JSON strings, formatted
  * reasons, kv values, lockgate_alloc) lives until the handler returns; the LOCKGATE_HANDLER

@@ -16,8 +16,8 @@
 //	}
 //
 // scripts/build-guest-go.sh compiles it, this package and the bindings that `wit-bindgen go`
-// generates from wit/handler-http.wit (at build time, into a build directory) into one Go module
-// named lockgate, and makes a component of it.
+// generates for the world handler-all (wit/sql.wit: handler plus wasi:http and sql; at build
+// time, into a build directory) into one Go module named lockgate, and makes a component of it.
 //
 // Return nil when the message is done (its outputs are then published), Retry/RetryAfter for a
 // transient failure, Reject for a message that can never succeed. An *HTTPError (from

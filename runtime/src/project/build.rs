@@ -13,7 +13,7 @@ use std::process::Command;
 
 /// Bumped when a recipe below changes in a way that changes its output, so every handler built
 /// by an older lockgate is rebuilt.
-const RECIPE_VERSION: &str = "lockgate-build-3";
+const RECIPE_VERSION: &str = "lockgate-build-4";
 
 /// A component starts with the wasm magic and version 0x0d, layer 1; a core module has
 /// `01 00 00 00` there.
@@ -429,7 +429,8 @@ impl Recipe {
         let wit = stage.join("wit");
         copy_tree(&sdk.wit(), &wit)?;
         let world = world(Language::JavaScript, dir)?;
-        if world == "handler-http" && self.js_backend == JsBackend::QuickJs {
+        if matches!(world, "handler-http" | "handler-all") && self.js_backend == JsBackend::QuickJs
+        {
             // componentize-qjs (0.4.5) snapshots the engine with Wizer in a linker whose
             // trapping stand-in for wasi:http/types has resource types of its own, and the
             // component then fails to link there (`input-stream`: mismatched resource types).
@@ -530,7 +531,7 @@ impl Recipe {
                 .args([
                     "go",
                     "--world",
-                    "handler-http",
+                    "handler-all",
                     "--pkg-name",
                     "lockgate/bindings",
                     "--out-dir",
@@ -581,7 +582,7 @@ impl Recipe {
         let embedded = stage.join("embedded.wasm");
         run(
             Command::new(self.tool(&self.wasm_tools)?)
-                .args(["component", "embed", "--world", "handler-http"])
+                .args(["component", "embed", "--world", "handler-all"])
                 .arg(sdk.wit())
                 .arg(&core)
                 .arg("-o")
@@ -602,10 +603,11 @@ impl Recipe {
         let bindings = stage.join("bindings");
         run(
             Command::new(self.tool(&self.wit_bindgen)?)
-                // `handler-http` for the SDK's HTTP helper, under the world's old name so the
-                // generated files and C names (`handler.h`, `handler_string_t`) stay what
-                // handlers and lockgate.h use. A component imports only what it calls.
-                .args(["c", "--world", "handler-http", "--rename-world", "handler"])
+                // `handler-all` for the SDK's HTTP helper and the raw `sql` bindings, under the
+                // world's old name so the generated files and C names (`handler.h`,
+                // `handler_string_t`) stay what handlers and lockgate.h use. A component
+                // imports only what it calls.
+                .args(["c", "--world", "handler-all", "--rename-world", "handler"])
                 .arg("--out-dir")
                 .arg(&bindings)
                 .arg(sdk.wit()),
@@ -707,32 +709,46 @@ const PYTHON_INTERFACE_NAMES: &[&str] = &[
     "wasi:http/types@0.2.12=http_types",
 ];
 
-/// The world a Python or JavaScript handler is built against: `handler-http` when its sources
-/// use the SDK's HTTP helper (or the raw `wasi:http` bindings), else `handler`.
+/// The world a Python or JavaScript handler is built against: `handler`, plus outbound HTTP
+/// (`handler-http`) when its sources use the SDK's HTTP helper or the raw `wasi:http`
+/// bindings, plus SQL (`handler-sql`) when they use the SDK's SQL helper or the raw `sql`
+/// bindings, or both (`handler-all`).
 ///
 /// componentize-py and componentize-qjs give a component every import of its world, used or
-/// not, unlike a Rust or C build where the linker keeps only what is called. A handler that
-/// never makes a request therefore stays on `handler`, so it does not import
-/// `wasi:http/outgoing-handler` and `lockgate check` has no grant to ask it for. The test is a
-/// superset of what can reach the helper: Python needs an explicit import of the submodule
-/// (`lockgate_sdk.http`, `from lockgate_sdk import http`), JavaScript the `lockgate-sdk/http`
-/// specifier; a false positive only costs the import.
+/// not, unlike a Rust, Go or C build where the linker keeps only what is called. A handler that
+/// never makes a request therefore stays off `handler-http`, so it does not import
+/// `wasi:http/outgoing-handler` and `lockgate check` has no grant to ask it for; the same for
+/// `sql`. The test is a superset of what can reach a helper: Python needs an explicit import
+/// of the submodule (`lockgate_sdk.http`, `from lockgate_sdk import http`), JavaScript the
+/// `lockgate-sdk/http` specifier; a false positive only costs the import.
 fn world(language: Language, dir: &Path) -> Result<&'static str, ProjectError> {
+    let (mut http, mut sql) = (false, false);
     for (_, path) in sources(language, dir)? {
         let text = std::fs::read_to_string(&path).unwrap_or_default();
-        if uses_http(language, &text) {
-            return Ok("handler-http");
-        }
+        http |= uses_module(language, &text, "http");
+        sql |= uses_module(language, &text, "sql");
     }
-    Ok("handler")
+    Ok(match (http, sql) {
+        (false, false) => "handler",
+        (true, false) => "handler-http",
+        (false, true) => "handler-sql",
+        (true, true) => "handler-all",
+    })
 }
 
-/// Whether source `text` of `language` may use outbound HTTP (see [`world`]).
-fn uses_http(language: Language, text: &str) -> bool {
+/// Whether source `text` of `language` may use the SDK's submodule `module` (`http` or `sql`)
+/// or the raw bindings behind it (see [`world`]).
+fn uses_module(language: Language, text: &str, module: &str) -> bool {
+    let raw = match module {
+        "http" => ["outgoing_handler", "wasi:http/"],
+        _ => ["wit_world.imports.sql", "lockgate:handler/sql"],
+    };
+    if raw.iter().any(|r| text.contains(r)) {
+        return true;
+    }
     match language {
         Language::Python => {
-            text.contains("lockgate_sdk.http")
-                || text.contains("outgoing_handler")
+            text.contains(&format!("lockgate_sdk.{module}"))
                 || text
                     .match_indices("from lockgate_sdk import")
                     .any(|(i, m)| {
@@ -744,10 +760,10 @@ fn uses_http(language: Language, text: &str) -> bool {
                         };
                         names
                             .split([',', ' ', '\t', '\n', '\\'])
-                            .any(|name| name == "http")
+                            .any(|name| name == module)
                     })
         }
-        Language::JavaScript => text.contains("lockgate-sdk/http") || text.contains("wasi:http/"),
+        Language::JavaScript => text.contains(&format!("lockgate-sdk/{module}")),
         Language::Rust | Language::Go | Language::C => false,
     }
 }
@@ -977,7 +993,7 @@ mod tests {
 
     #[test]
     fn only_handlers_that_use_http_get_the_http_world() {
-        let py = |t: &str| uses_http(Language::Python, t);
+        let py = |t: &str| uses_module(Language::Python, t, "http");
         assert!(py("from lockgate_sdk import handler, http\n"));
         assert!(py(
             "from lockgate_sdk import (\n    handler,\n    http,\n)\n"
@@ -991,10 +1007,43 @@ mod tests {
         assert!(!py(
             "from lockgate_sdk import (\n    handler,\n)\nhttp = 1\n"
         ));
-        let js = |t: &str| uses_http(Language::JavaScript, t);
+        let js = |t: &str| uses_module(Language::JavaScript, t, "http");
         assert!(js("import { http } from \"lockgate-sdk/http\";"));
         assert!(!js(
             "import { handler } from \"lockgate-sdk\"; const u = \"http://x\";"
         ));
+    }
+
+    #[test]
+    fn the_world_has_what_the_sources_use_and_no_more() {
+        let world_of = |language: Language, file: &str, text: &str| {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::write(d.path().join(file), text).unwrap();
+            world(language, d.path()).unwrap()
+        };
+        let py = |t: &str| world_of(Language::Python, "app.py", t);
+        assert_eq!(py("from lockgate_sdk import handler\n"), "handler");
+        assert_eq!(py("from lockgate_sdk import handler, sql\n"), "handler-sql");
+        assert_eq!(py("import lockgate_sdk.sql as db\n"), "handler-sql");
+        assert_eq!(
+            py("from lockgate_sdk import (\n    http,\n    sql,\n)\n"),
+            "handler-all"
+        );
+        assert_eq!(
+            py("from lockgate_sdk import handler\nsql = 'SELECT 1'\n"),
+            "handler"
+        );
+        let js = |t: &str| world_of(Language::JavaScript, "handler.js", t);
+        assert_eq!(js("import { handler } from \"lockgate-sdk\";"), "handler");
+        assert_eq!(
+            js("import * as sql from \"lockgate-sdk/sql\";"),
+            "handler-sql"
+        );
+        assert_eq!(
+            js(
+                "import * as sql from \"lockgate-sdk/sql\";\nimport { http } from \"lockgate-sdk/http\";"
+            ),
+            "handler-all"
+        );
     }
 }
