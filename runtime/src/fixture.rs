@@ -390,6 +390,17 @@ pub fn parse_expectations(text: &str) -> Result<Vec<(usize, Value)>, Vec<Fixture
     }
 }
 
+/// The queries of an expectation's `"sql"` list (`[{"query": "SELECT ...", "rows": [...]}]`),
+/// which `lockgate test --database` runs in the message's transaction after the handler.
+pub fn sql_queries(expectation: &Value) -> Vec<String> {
+    expectation["sql"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["query"].as_str().map(str::to_owned))
+        .collect()
+}
+
 /// Compares `actual` against the subset pattern `expected`; returns one line per difference,
 /// each naming the field path.
 pub fn diff(expected: &Value, actual: &Value) -> Vec<String> {

@@ -12,11 +12,15 @@ use lockgate::config::http::{
     AllowedHost, DEFAULT_HTTP_TIMEOUT_MS, DEFAULT_IDEMPOTENCY_HEADER, DEFAULT_MAX_CONCURRENT,
     DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_RESPONSE_BYTES, HttpGrant,
 };
-use lockgate::config::{DEFAULT_MAX_MEMORY_MB, DEFAULT_TIMEOUT_MS};
+use lockgate::config::{
+    DEFAULT_MAX_MEMORY_MB, DEFAULT_SQL_MAX_RESULT_BYTES, DEFAULT_SQL_MAX_ROWS, DEFAULT_TIMEOUT_MS,
+};
 use lockgate::engine::outbound::{HttpAnswer, Outbound};
-use lockgate::engine::{Engine, EngineSettings, HandlerEnv, HandlerLimits, InstancePool, Outcome};
+use lockgate::engine::{
+    Engine, EngineSettings, HandlerEnv, HandlerLimits, InstancePool, Outcome, SqlGrant,
+};
 use lockgate::fixture;
-use lockgate::state::{EmbeddedStore, MemoryStore};
+use lockgate::state::{EmbeddedStore, MemoryStore, PostgresStore, SqlTxn};
 
 use super::{EXIT_FAILED, EXIT_USAGE};
 
@@ -69,6 +73,25 @@ pub struct TestArgs {
     /// `"http"` list, and one that has none fails the message.
     #[arg(long = "allow-http", value_name = "SCHEME://HOST[:PORT]", value_parser = parse_allowed_host)]
     allow_http: Vec<AllowedHost>,
+
+    /// Run the handler's SQL statements on this PostgreSQL database
+    /// (`postgres://user[:password]@host:port/db`), each message in a transaction of its own that
+    /// is rolled back after the message unless `--commit`. An expectation's `"sql"` list then
+    /// checks the rows: each `{"query": "SELECT ...", "rows": [{...}]}` runs in the message's
+    /// transaction, after the handler, and its rows are compared as JSON objects. lockgate
+    /// creates nothing in this database. Without it a handler's statements fail with `refused`.
+    #[arg(long, value_name = "URL")]
+    database: Option<String>,
+
+    /// Run the statements (and the expectations' queries) under this role, as a grant's
+    /// `sql_role` does.
+    #[arg(long, value_name = "ROLE", requires = "database")]
+    sql_role: Option<String>,
+
+    /// Commit the transaction of each message that succeeds instead of rolling it back, so the
+    /// next message (and the next run) sees its rows.
+    #[arg(long, requires = "database")]
+    commit: bool,
 }
 
 fn parse_allowed_host(s: &str) -> Result<AllowedHost, String> {
@@ -104,6 +127,24 @@ pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
         }
     };
 
+    // The database's connections live on a runtime of their own; the handler's statements and
+    // the expectations' queries block on it.
+    let database = match &args.database {
+        None => None,
+        Some(url) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .context("cannot start a runtime for --database")?;
+            let store = {
+                let _enter = rt.enter();
+                PostgresStore::for_handler_sql_only(url, 2)
+                    .with_context(|| format!("--database {}", redact(url)))?
+            };
+            Some((rt, store))
+        }
+    };
     let engine = Engine::new(&EngineSettings {
         pooling: false,
         max_memory_bytes: args.max_memory_mb * 1024 * 1024,
@@ -135,8 +176,14 @@ pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
             })?
             .with_stubs(),
         )),
+        sql: database.as_ref().map(|(_, store)| SqlGrant {
+            store_name: "--database".into(),
+            store: store.clone(),
+            role: args.sql_role.clone(),
+            max_rows: DEFAULT_SQL_MAX_ROWS,
+            max_result_bytes: DEFAULT_SQL_MAX_RESULT_BYTES,
+        }),
         // `lockgate test` grants nothing else: no environment variables, no directories.
-        sql: None,
         wasi: lockgate::config::WasiGrants::default(),
     };
     let handler = engine.load_handler(&args.component, env)?;
@@ -154,12 +201,38 @@ pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
             http.set_stubs(f.http.clone());
         }
         let (line, message) = (&f.line, &f.message);
-        let invocation = pool.invoke(message);
-        let json = fixture::result_json(i + 1, &invocation);
+        let mut invocation = pool.invoke(message);
+        let mut json = fixture::result_json(i + 1, &invocation);
+        let queries = expectations
+            .as_ref()
+            .and_then(|(_, e)| e.get(i))
+            .map(|(_, e)| fixture::sql_queries(e))
+            .unwrap_or_default();
+        let txn = invocation.sql.take();
+        match &database {
+            Some((_, store)) => {
+                let sql = finish_sql(&args, store, txn, &queries);
+                if let Some(obj) = json.as_object_mut() {
+                    obj.extend(sql);
+                }
+            }
+            None if !queries.is_empty() => {
+                if let Some(obj) = json.as_object_mut() {
+                    obj.insert(
+                        "sql".into(),
+                        serde_json::json!(
+                            "the expectation has \"sql\" queries: run with --database"
+                        ),
+                    );
+                }
+            }
+            None => {}
+        }
         if args.json {
             outln!("{json}");
         } else {
             print_human(i + 1, *line, &invocation);
+            print_sql(&json);
         }
         results.push(json);
     }
@@ -212,6 +285,108 @@ pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
             path.display()
         );
         Ok(ExitCode::from(EXIT_FAILED))
+    }
+}
+
+/// Runs the expectation's `queries` in the message's transaction `txn` (or, when the message
+/// left none, a new one), then commits it with `--commit` or rolls it back. Returns the fields
+/// the result gains: `"sql"` (each query with its `"rows"` or `"error"`) and `"sql_commit"` when
+/// a commit failed.
+fn finish_sql(
+    args: &TestArgs,
+    store: &PostgresStore,
+    txn: Option<SqlTxn>,
+    queries: &[String],
+) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::json;
+    let mut out = serde_json::Map::new();
+    let committing = args.commit && txn.is_some();
+    let mut txn = match (txn, queries.is_empty()) {
+        (Some(t), _) => Some(t),
+        (None, true) => None,
+        (None, false) => {
+            match store.begin_sql(
+                args.sql_role.as_deref(),
+                std::time::Duration::from_millis(args.timeout_ms),
+            ) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    out.insert(
+                        "sql".into(),
+                        json!(format!("cannot begin a transaction: {e}")),
+                    );
+                    return out;
+                }
+            }
+        }
+    };
+    if !queries.is_empty() {
+        let checks = queries
+            .iter()
+            .map(|q| match txn.as_mut().map(|t| rows_of(t, q)) {
+                Some(Ok(rows)) => json!({"query": q, "rows": rows}),
+                Some(Err(e)) => json!({"query": q, "error": e}),
+                None => json!({"query": q, "error": "no transaction"}),
+            })
+            .collect();
+        out.insert("sql".into(), serde_json::Value::Array(checks));
+    }
+    if committing
+        && let Some(t) = txn.take()
+        && let Err(e) = t.commit_alone()
+    {
+        out.insert("sql_commit".into(), json!(e.to_string()));
+    }
+    // Anything left rolls back as it drops.
+    out
+}
+
+/// The rows of `query`, as JSON objects: PostgreSQL renders them (`json_agg`), so a column
+/// reads as it would in `psql`'s JSON (numbers, text, nested json, ISO timestamps).
+fn rows_of(txn: &mut SqlTxn, query: &str) -> Result<serde_json::Value, String> {
+    let query = query.trim().trim_end_matches(';');
+    let wrapped = format!("SELECT coalesce(json_agg(q), '[]'::json)::text FROM ({query}\n) q");
+    let stmt = txn.prepare(&wrapped).map_err(|e| e.to_string())?;
+    let mut text = None;
+    txn.query(&stmt, &[], |row| {
+        text = row.try_get::<_, String>(0).ok();
+        false
+    })
+    .map_err(|e| e.to_string())?;
+    serde_json::from_str(text.as_deref().unwrap_or("[]")).map_err(|e| e.to_string())
+}
+
+/// The expectations' queries and what they found, and a failed commit.
+fn print_sql(result: &serde_json::Value) {
+    match &result["sql"] {
+        serde_json::Value::Array(checks) => {
+            for c in checks {
+                let query = c["query"].as_str().unwrap_or_default();
+                match c.get("rows") {
+                    Some(rows) => outln!("  sql {query} -> {rows}"),
+                    None => outln!("  sql {query} -> error: {}", c["error"]),
+                }
+            }
+        }
+        serde_json::Value::String(why) => outln!("  sql: {why}"),
+        _ => {}
+    }
+    if let Some(why) = result["sql_commit"].as_str() {
+        outln!("  sql commit failed: {why}");
+    }
+}
+
+/// `url` without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
     }
 }
 

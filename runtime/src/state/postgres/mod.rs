@@ -485,6 +485,18 @@ impl PostgresStore {
             .map_err(|e| self.err("connect", e))
     }
 
+    /// A store used only for handlers' transactions that never commit with a message's key
+    /// (`lockgate test --database`): lockgate's own tables are never created in the database,
+    /// and its transactions end with [`SqlTxn::commit_alone`] or roll back. Every other use
+    /// fails, the tables being absent. Must be called inside a tokio runtime.
+    pub fn for_handler_sql_only(url: &str, pool_size: usize) -> Result<Self, StateError> {
+        // The schema is never created or used: any valid name.
+        let store = Self::new(url, "lockgate", pool_size)?;
+        // Marked migrated: `begin_sql` then creates nothing.
+        let _ = store.inner.migrated.set(());
+        Ok(store)
+    }
+
     /// Creates or upgrades the schema once per store (see [`Self::migrate`]).
     pub(crate) async fn migrated(&self) -> Result<(), StateError> {
         self.inner

@@ -261,6 +261,42 @@ impl SqlTxn {
     }
 }
 
+impl SqlTxn {
+    /// Commits the handler's statements alone, with no message key and nothing of lockgate's
+    /// (`lockgate test --database --commit`, on a store from
+    /// [`PostgresStore::for_handler_sql_only`]). A transaction whose statement failed rolls
+    /// back instead and says why.
+    pub fn commit_alone(mut self) -> Result<(), StateError> {
+        if let Some(failed) = &self.failed {
+            return Err(StateError::Unavailable(format!(
+                "not committed: a statement failed ({})",
+                failed.reason
+            )));
+        }
+        let store = self.store.clone();
+        let what = "commit a handler's transaction";
+        let client = self.client()?;
+        let result = store.block(async {
+            client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(|e| store.err(what, e))
+        });
+        match result {
+            Ok(()) => {
+                self.client.take();
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(c) = self.client.take() {
+                    drop(deadpool_postgres::Object::take(c));
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
 impl Drop for SqlTxn {
     fn drop(&mut self) {
         let Some(client) = self.client.take() else {
