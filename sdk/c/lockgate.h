@@ -1150,6 +1150,69 @@ static inline lockgate_result lockgate_http_get(const char *url, const char *hea
     return lockgate_http_request(&req, resp);
 }
 
+/* ---- SQL ------------------------------------------------------------------------------------ */
+
+/* Statements in the message's own transaction (docs/handlers/sql.md) are the generated functions
+ * of handler.h: lockgate_handler_sql_execute(&statement, &params, &affected, &err) and
+ * lockgate_handler_sql_query(&statement, &params, &rows, &err), which return false and fill err
+ * when the statement fails. The statement is a handler_string_t, the parameters ($1, $2, ...) a
+ * lockgate_handler_sql_list_value_t of lockgate_handler_sql_value_t, each a tag and its member
+ * ({.tag = LOCKGATE_HANDLER_SQL_VALUE_TEXT, .val.text = {ptr, len}},
+ * {.tag = LOCKGATE_HANDLER_SQL_VALUE_INT64, .val.int64 = 42}); both stay the caller's (the call
+ * copies them). A row set from query is the handler's: free it with
+ * lockgate_handler_sql_row_set_free. An error is freed by lockgate_sql_error, or by
+ * lockgate_handler_sql_sql_error_free when the handler decides itself. */
+
+/** The handler's result for a statement's error *err, which it frees: decided as the Rust SDK's
+ *  `?` decides it, a retry when the database cannot be reached or the SQLSTATE's class is
+ *  transient (40 transaction rollback, such as a serialization failure 40001 or a deadlock 40P01;
+ *  08 connection; 53 resources; 57 operator intervention), a reject for anything else (a unique
+ *  violation, a syntax error, a refused statement, a result over the grant's limits, an aborted
+ *  transaction, a bad parameter). The reason names the SQLSTATE: `SQL statement failed (23505):
+ *  duplicate key value ... (Key (id)=(7) already exists.)`. To handle a code yourself, test
+ *  err->tag == LOCKGATE_HANDLER_SQL_SQL_ERROR_FAILED and err->val.failed.code first. */
+static inline lockgate_result lockgate_sql_error(lockgate_handler_sql_sql_error_t *err) {
+    lockgate_result r;
+    switch (err->tag) {
+    case LOCKGATE_HANDLER_SQL_SQL_ERROR_FAILED: {
+        const lockgate_handler_sql_db_error_t *d = &err->val.failed;
+        const char *code = lockgate_strndup(d->code.ptr, d->code.len);
+        const char *reason = lockgate_format("SQL statement failed (%s): %.*s", code, (int)d->message.len,
+                                             (const char *)d->message.ptr);
+        if (d->detail.is_some)
+            reason = lockgate_format("%s (%.*s)", reason, (int)d->detail.val.len, (const char *)d->detail.val.ptr);
+        static const char *const transient[] = {"40", "08", "53", "57"};
+        bool retry = false;
+        for (size_t i = 0; i < sizeof transient / sizeof *transient; i++)
+            retry = retry || strncmp(code, transient[i], 2) == 0;
+        r = retry ? lockgate_retry(reason) : lockgate_reject(reason);
+        break;
+    }
+    case LOCKGATE_HANDLER_SQL_SQL_ERROR_UNAVAILABLE:
+        r = lockgate_retryf("database unavailable: %.*s", (int)err->val.unavailable.len,
+                             (const char *)err->val.unavailable.ptr);
+        break;
+    case LOCKGATE_HANDLER_SQL_SQL_ERROR_REFUSED:
+        r = lockgate_rejectf("SQL statement refused: %.*s", (int)err->val.refused.len,
+                             (const char *)err->val.refused.ptr);
+        break;
+    case LOCKGATE_HANDLER_SQL_SQL_ERROR_TOO_LARGE:
+        r = lockgate_rejectf("SQL result too large: %.*s", (int)err->val.too_large.len,
+                             (const char *)err->val.too_large.ptr);
+        break;
+    case LOCKGATE_HANDLER_SQL_SQL_ERROR_ABORTED:
+        r = lockgate_rejectf("SQL transaction aborted: %.*s", (int)err->val.aborted.len,
+                             (const char *)err->val.aborted.ptr);
+        break;
+    default:
+        r = lockgate_rejectf("bad SQL parameter: %.*s", (int)err->val.bad_parameter.len,
+                             (const char *)err->val.bad_parameter.ptr);
+        break;
+    }
+    lockgate_handler_sql_sql_error_free(err);
+    return r;
+}
+
 /* ---- Registration --------------------------------------------------------------------------- */
 
 /** The handler function type. */

@@ -10,6 +10,7 @@ pub mod pg;
 pub mod proxy;
 pub mod rabbit;
 pub mod reload;
+pub mod sqlroute;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -150,15 +151,23 @@ pub fn guest_pool(
     isolation: lockgate::config::Isolation,
     env: lockgate::engine::HandlerEnv,
 ) -> lockgate::engine::InstancePool {
+    module_pool(&guest(guest_name), pooling, isolation, env)
+}
+
+/// [`guest_pool`] for the component at `module` (a guest built by `lockgate build`).
+pub fn module_pool(
+    module: &std::path::Path,
+    pooling: bool,
+    isolation: lockgate::config::Isolation,
+    env: lockgate::engine::HandlerEnv,
+) -> lockgate::engine::InstancePool {
     let engine = lockgate::engine::Engine::new(&lockgate::engine::EngineSettings {
         pooling,
         max_instances: 64,
         ..lockgate::engine::EngineSettings::default()
     })
     .expect("engine");
-    let handler = engine
-        .load_handler(&guest(guest_name), env)
-        .expect("guest loads");
+    let handler = engine.load_handler(module, env).expect("guest loads");
     lockgate::engine::InstancePool::new(handler, isolation, u64::MAX)
 }
 

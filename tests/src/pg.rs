@@ -63,3 +63,45 @@ impl SyncPg {
         self.exec(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
     }
 }
+
+/// A lockgate PostgreSQL store on a fresh schema, with the runtime its blocking calls run on
+/// (as in `lockgate run`): what a handler's `sql` grant names.
+pub struct TestStore {
+    /// The store's schema (not created until first used).
+    pub schema: String,
+    /// The store.
+    pub store: lockgate::state::PostgresStore,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl TestStore {
+    /// A store on a new schema named after `prefix`.
+    pub fn new(prefix: &str) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let schema = unique_schema(prefix);
+        let store = {
+            let _enter = rt.enter();
+            lockgate::state::PostgresStore::new(URL, &schema, 4).unwrap()
+        };
+        Self {
+            schema,
+            store,
+            _rt: rt,
+        }
+    }
+
+    /// A grant of this store to a handler, with `max_rows` and a 1 MiB result limit.
+    pub fn grant(&self, role: Option<&str>, max_rows: u64) -> lockgate::engine::SqlGrant {
+        lockgate::engine::SqlGrant {
+            store_name: "pg".into(),
+            store: self.store.clone(),
+            role: role.map(str::to_owned),
+            max_rows,
+            max_result_bytes: 1 << 20,
+        }
+    }
+}

@@ -1,7 +1,8 @@
 //! The Go examples, built by `lockgate build`: the router against the router fixture shared
-//! with the Rust example, enrich against a real HTTP server beside the Rust enrich, and the
-//! HTTP probe against the same server. The build script installs a missing toolchain (minutes the
-//! first time), so a machine without one fails here rather than skipping.
+//! with the Rust example, enrich against a real HTTP server beside the Rust enrich, the HTTP
+//! probe against the same server, and the SQL ledger beside the Rust ledger on PostgreSQL. The
+//! build script installs a missing toolchain (minutes the first time), so a machine without one
+//! fails here rather than skipping.
 
 mod guest_lang;
 
@@ -26,4 +27,12 @@ fn go_enrich_calls_the_customer_service_like_the_rust_example() {
 #[test]
 fn go_http_probe_sends_bodies_and_follows_redirects_like_the_rust_helper() {
     http::probe_sends_bodies_and_follows_redirects_like_the_rust_helper("go");
+}
+
+#[path = "guest_lang/sql.rs"]
+mod sql;
+
+#[test]
+fn go_ledger_matches_the_rust_example() {
+    sql::ledger_matches_the_rust_example("go");
 }

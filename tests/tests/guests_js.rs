@@ -119,3 +119,22 @@ fn js_guest_gets_no_file_socket_fetch_or_env() {
         "{stdout}"
     );
 }
+
+#[path = "guest_lang/sql_probe.rs"]
+mod sql_probe;
+
+/// The JavaScript SQL helper sends and reads every value kind, and reports every error, as the
+/// Rust SDK does (guest-examples/js/sql-probe against guest-examples/sql-probe), on both engines.
+#[test]
+fn js_sql_helper_matches_the_rust_sdk_on_postgres_on_both_engines() {
+    sql_probe::probe_matches_the_rust_probe(&js_guest("qjs", "sql-probe"));
+    sql_probe::probe_matches_the_rust_probe(&js_guest("starlingmonkey", "sql-probe"));
+}
+
+#[path = "guest_lang/sql.rs"]
+mod sql;
+
+#[test]
+fn js_ledger_matches_the_rust_example() {
+    sql::ledger_matches_the_rust_example("js");
+}

@@ -181,3 +181,21 @@ print("sdk ok")
         show(&out)
     );
 }
+
+#[path = "guest_lang/sql_probe.rs"]
+mod sql_probe;
+
+/// The Python SQL helper sends and reads every value kind, and reports every error, as the
+/// Rust SDK does (guest-examples/python/sql-probe against guest-examples/sql-probe).
+#[test]
+fn python_sql_helper_matches_the_rust_sdk_on_postgres() {
+    sql_probe::probe_matches_the_rust_probe(&python_guest("sql-probe"));
+}
+
+#[path = "guest_lang/sql.rs"]
+mod sql;
+
+#[test]
+fn python_ledger_matches_the_rust_example() {
+    sql::ledger_matches_the_rust_example("python");
+}

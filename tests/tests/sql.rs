@@ -7,41 +7,17 @@
 use std::time::{Duration, Instant};
 
 use lockgate::config::Isolation;
-use lockgate::engine::{
-    HandlerLimits, InboundMessage, InstancePool, Invocation, Outcome, SqlGrant,
-};
-use lockgate::state::PostgresStore;
-use lockgate_tests::pg::{self, SyncPg};
+use lockgate::engine::{HandlerLimits, InboundMessage, InstancePool, Invocation, Outcome};
+use lockgate_tests::pg::{self, SyncPg, TestStore};
+use lockgate_tests::sqlroute::{RouteRun, SqlRoute};
 use lockgate_tests::{guest_pool, handler_env};
 use serde_json::{Value, json};
 
-/// A PostgreSQL store on a fresh schema, and its runtime (the store's blocking calls run on
-/// it, as in `lockgate run`).
-struct Db {
-    schema: String,
-    store: PostgresStore,
-    _rt: tokio::runtime::Runtime,
+fn db(prefix: &str) -> TestStore {
+    TestStore::new(prefix)
 }
 
-fn db(prefix: &str) -> Db {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let schema = pg::unique_schema(prefix);
-    let store = {
-        let _enter = rt.enter();
-        PostgresStore::new(pg::URL, &schema, 4).expect("store")
-    };
-    Db {
-        schema,
-        store,
-        _rt: rt,
-    }
-}
-
-fn probe(db: &Db, role: Option<&str>, max_rows: u64, timeout: Duration) -> InstancePool {
+fn probe(db: &TestStore, role: Option<&str>, max_rows: u64, timeout: Duration) -> InstancePool {
     let mut env = handler_env(
         "sql-probe",
         &[("target", "out")],
@@ -50,13 +26,7 @@ fn probe(db: &Db, role: Option<&str>, max_rows: u64, timeout: Duration) -> Insta
             ..HandlerLimits::default()
         },
     );
-    env.sql = Some(SqlGrant {
-        store_name: "pg".into(),
-        store: db.store.clone(),
-        role: role.map(str::to_owned),
-        max_rows,
-        max_result_bytes: 1 << 20,
-    });
+    env.sql = Some(db.grant(role, max_rows));
     guest_pool("sql-probe", false, Isolation::Reuse, env)
 }
 
@@ -328,111 +298,36 @@ fn statements_under_sql_role_cannot_reach_lockgates_tables() {
     pg.exec(&format!("DROP ROLE {role}"));
 }
 
-/// Through a running route on the embedded broker: a handler that writes and then retries,
-/// traps or runs out of time leaves nothing of those attempts, and each message's write is
-/// there once after its successful attempt, committed with its idempotency key.
-/// What a run of the `sql-probe` route came to.
-struct RouteRun {
-    outputs: u64,
-    dead: u64,
-    retried: u64,
-}
-
 /// Runs the `sql-probe` handler on a route of the embedded broker with `sql = "pg"` (the store
-/// on `schema`) and keys from `json:/id`, feeds it `messages` (`(id, probe spec)`), and stops it
-/// once every message is acknowledged.
+/// on `schema`) and keys from `json:/id`, feeds it `messages` (`(id, probe spec)`, keyed by the
+/// id), and stops it once every message is acknowledged.
 fn probe_route(
     schema: &str,
     concurrency: u32,
     timeout_ms: u64,
     messages: Vec<(String, Value)>,
 ) -> RouteRun {
-    use lockgate::broker::local::LocalBroker;
-    use lockgate::message::OutRecord;
-
-    let dir = tempfile::tempdir().expect("dir");
-    let config = dir.path().join("runtime.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[runtime]
-state_dir = "state"
-watch = "off"
-
-[stores.pg]
-kind = "postgres"
-url = "{url}"
-schema = "{schema}"
-
-[handlers.probe]
-module = "{module}"
-config = {{ target = "out" }}
-timeout_ms = {timeout_ms}
-sql = "pg"
-
-[routes.in]
-handler = "probe"
-source = {{ topic = "in" }}
-outputs = ["out"]
-concurrency = {concurrency}
-ordering = "key"
-state = "pg"
-idempotency = {{ key = "json:/id" }}
-retry = {{ max_attempts = 5, initial_backoff_ms = 10, jitter = "none" }}
-"#,
-            url = pg::URL,
-            module = lockgate_tests::guest("sql-probe").display(),
-        ),
-    )
-    .expect("config");
-    let records: Vec<OutRecord> = messages
+    let messages = messages
         .into_iter()
         .map(|(id, mut spec)| {
             spec["id"] = json!(id);
-            OutRecord {
-                topic: "in".into(),
-                key: Some(id.into_bytes()),
-                headers: Vec::new(),
-                payload: spec.to_string().into_bytes(),
-            }
+            (id.into_bytes(), spec.to_string().into_bytes())
         })
         .collect();
-    let total = records.len() as u64;
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(async {
-            let rt = lockgate_tests::inproc::start(&config).await;
-            let broker = LocalBroker::open(&dir.path().join("state/local")).expect("broker");
-            broker.append(&records).expect("append");
-            lockgate_tests::inproc::until(
-                "every message acknowledged",
-                Duration::from_secs(120),
-                total,
-                || {
-                    broker
-                        .committed("in", lockgate::config::DEFAULT_GROUP)
-                        .unwrap_or(0)
-                },
-            )
-            .await;
-            let retried = rt
-                .runtime
-                .routes()
-                .iter()
-                .map(|r| r.stats.retried.load(std::sync::atomic::Ordering::Relaxed))
-                .sum();
-            rt.runtime.stop().await;
-            RouteRun {
-                outputs: broker.end_offset("out").expect("offset"),
-                dead: broker.end_offset("in.dlq").unwrap_or(0),
-                retried,
-            }
-        })
+    SqlRoute {
+        module: &lockgate_tests::guest("sql-probe"),
+        config: &[("target", "out")],
+        schema,
+        key: "json:/id",
+        concurrency,
+        timeout_ms,
+    }
+    .run(messages)
 }
 
+/// Through a running route on the embedded broker: a handler that writes and then retries,
+/// traps or runs out of time leaves nothing of those attempts, and each message's write is
+/// there once after its successful attempt, committed with its idempotency key.
 #[test]
 fn failed_attempts_leave_nothing_and_each_message_applies_once() {
     let pg = SyncPg::connect();
@@ -670,6 +565,78 @@ fn a_deadlock_between_two_lanes_resolves_by_retry_and_both_apply_once() {
     assert_eq!(
         pg.count(&format!("SELECT count(*) FROM {schema}.applied")),
         2
+    );
+    pg.drop_schema(&schema);
+}
+
+#[path = "guest_lang/mod.rs"]
+mod guest_lang;
+#[path = "guest_lang/sql.rs"]
+mod lang_sql;
+
+/// `lockgate test --database`: the Rust ledger passes tests/fixtures/ledger (rows checked in
+/// each message's transaction, then rolled back); with `--commit` the successful messages'
+/// rows stay; without `--database` an expectation with `"sql"` fails and says what is missing.
+#[test]
+fn lockgate_test_runs_fixtures_against_a_database_and_commits_only_when_asked() {
+    let wasm = lockgate_tests::guest("ledger");
+    lang_sql::ledger_passes_the_fixture(&wasm);
+
+    let root = lockgate_tests::workspace_root();
+    let pg = SyncPg::connect();
+    let schema = pg::unique_schema("lgtestcommit");
+    let setup =
+        std::fs::read_to_string(root.join("tests/fixtures/ledger/schema.sql")).expect("schema.sql");
+    pg.exec(&format!(
+        "CREATE SCHEMA {schema}; SET search_path = {schema}; {setup}; RESET search_path"
+    ));
+    let url = format!("{}?options=-csearch_path%3D{schema}", pg::URL);
+    let wasm = wasm.to_str().expect("utf-8 path");
+    let input = "tests/fixtures/ledger/input.jsonl";
+    let out = lockgate_tests::lockgate(
+        &root,
+        &[
+            "test",
+            wasm,
+            "--input",
+            input,
+            "--database",
+            &url,
+            "--commit",
+        ],
+    );
+    assert!(out.status.success(), "{}", lockgate_tests::show(&out));
+    let rows: Vec<(String, i64, i64)> = pg
+        .query(
+            &format!("SELECT account, balance, deposits FROM {schema}.account_balances ORDER BY 1"),
+            &[],
+        )
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        rows,
+        [("a".to_owned(), 5, 1), ("b".to_owned(), 70, 4)],
+        "the two deposits that succeeded committed, the rejected ones did not"
+    );
+
+    let out = lockgate_tests::lockgate(
+        &root,
+        &[
+            "test",
+            wasm,
+            "--input",
+            input,
+            "--expect",
+            "tests/fixtures/ledger/expected.jsonl",
+        ],
+    );
+    let text = lockgate_tests::show(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("run with --database"), "{text}");
+    assert!(
+        text.contains("refused"),
+        "without a grant statements are refused: {text}"
     );
     pg.drop_schema(&schema);
 }

@@ -14,10 +14,11 @@
 //! topic and succeed), `retry`, `reject`, `trap` or `hang` (spin until the deadline);
 //! `then_first` applies to the first attempt only, `then` to the others. Each result is
 //! `{"affected": n}`, `{"columns": [...], "rows": [[...]]}` or `{"error": "<kind>: ...",
-//! "code": "<SQLSTATE>"}`; a failed statement does not stop the ones after it.
+//! "code": "<SQLSTATE>"}`; a failed statement does not stop the ones after it. The results are
+//! also logged at info (`results <json>`), so they can be read when the call does not succeed.
 
 use lockgate_sdk::sql::{self, SqlError, Value};
-use lockgate_sdk::{Error, Message, ResultExt, config, emit};
+use lockgate_sdk::{Error, Message, ResultExt, config, emit, log};
 use serde_json::{Value as Json, json};
 
 fn param(j: &Json) -> Value {
@@ -120,6 +121,8 @@ fn handle(msg: Message) -> Result<(), Error> {
         };
         results.push(result.unwrap_or_else(|e| describe(&e)));
     }
+    let results = json!({ "id": msg.id(), "results": results }).to_string();
+    log::info(format!("results {results}"));
     let then = match spec["then_first"].as_str() {
         Some(first) if msg.attempt() <= 1 => first,
         _ => spec["then"].as_str().unwrap_or("ok"),
@@ -136,8 +139,6 @@ fn handle(msg: Message) -> Result<(), Error> {
         }
         _ => {}
     }
-    emit::Outgoing::new(target)
-        .payload(json!({ "id": msg.id(), "results": results }).to_string())
-        .publish()?;
+    emit::Outgoing::new(target).payload(results).publish()?;
     Ok(())
 }

@@ -1,0 +1,33 @@
+// A SQL projection, the JavaScript twin of the Rust `ledger` example (guest-examples/ledger):
+// each deposit (`{"deposit_id": "...", "account": "a7", "amount": 42}`) adds its amount to its
+// account's row of the `account_balances` table (config `table`, default `account_balances`)
+// and counts it:
+//
+//   CREATE TABLE account_balances (
+//       account text PRIMARY KEY,
+//       balance bigint NOT NULL,
+//       deposits bigint NOT NULL
+//   );
+//
+// The statement is a plain `balance = balance + $2`: not idempotent by itself. It is applied
+// once per message because it runs in the message's transaction, which lockgate commits with the
+// message's idempotency key (the route's `idempotency = { key = "json:/deposit_id" }` on the
+// same PostgreSQL store); a retry, a crash or a redelivery never applies it twice
+// (docs/handlers/sql.md). A deposit without an account or with a zero amount is rejected; a
+// failed statement throws a `SqlError`, which retries or rejects the message.
+
+import { Reject, config, handler } from "lockgate-sdk";
+import * as sql from "lockgate-sdk/sql";
+
+export const handle = handler((msg) => {
+  const { account, amount } = msg.json();
+  if (typeof account !== "string" || account === "" || !Number.isSafeInteger(amount) || amount === 0) {
+    throw new Reject("a deposit needs an account and a non-zero amount");
+  }
+  const table = config.get("table") ?? "account_balances";
+  sql.execute(
+    `INSERT INTO ${table} AS b (account, balance, deposits) VALUES ($1, $2, 1)
+     ON CONFLICT (account) DO UPDATE SET balance = b.balance + $2, deposits = b.deposits + 1`,
+    [account, amount],
+  );
+});
