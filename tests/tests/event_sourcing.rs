@@ -1,9 +1,13 @@
-//! The event-sourcing example end to end (guest-examples/account and balances), on the embedded
-//! store and on PostgreSQL (`scripts/brokers.sh start postgres`): 1,000 deposits and withdrawals
+//! The event-sourcing example end to end, on kv (guest-examples/account and balances, on the
+//! embedded store and on PostgreSQL) and on SQL (guest-examples/account-sql and balances-sql:
+//! an `events` table whose unique (aggregate_id, version) is the concurrency check, and an
+//! `account_balances` table kept with `balance = balance + $1`): 1,000 deposits and withdrawals
 //! on four accounts, run concurrently (8 lanes keyed by command, so commands on one account race
-//! and optimistic concurrency retries the losers), end in balances that a sequential fold of the
-//! event log reproduces; overdrafts are rejected to the DLQ; and a projection rebuilt from offset
-//! 0 into an empty view holds the same balances as the live one.
+//! and optimistic concurrency retries the losers), end in versions contiguous per account and
+//! balances that a sequential fold of the event log reproduces; overdrafts are rejected to the
+//! DLQ; and a projection rebuilt from offset 0 into an empty view holds the same balances as the
+//! live one. On SQL the events table is the published event log, and both projection tables
+//! equal a replay of it.
 
 #![allow(clippy::unwrap_used)]
 
@@ -23,25 +27,47 @@ const COMMANDS: u64 = 1_000;
 
 #[derive(Clone, Copy)]
 enum Store<'a> {
+    /// The kv handlers on the embedded store.
     Embedded,
+    /// The kv handlers on a PostgreSQL store in this schema.
     Postgres(&'a str),
+    /// The SQL handlers, their tables and lockgate's in this schema.
+    Sql(&'a str),
 }
 
 fn write_config(dir: &Path, store: Store<'_>, rebuild: bool) -> std::path::PathBuf {
+    let store_table = |schema: &str, url: &str| {
+        format!("[stores.pg]\nkind = \"postgres\"\nurl = \"{url}\"\nschema = \"{schema}\"\n\n")
+    };
     let (state, stores) = match store {
         Store::Embedded => ("embedded".to_owned(), String::new()),
-        Store::Postgres(schema) => (
+        Store::Postgres(schema) => ("pg".to_owned(), store_table(schema, pg::URL)),
+        // The handlers name their tables without a schema: the connections' search_path finds
+        // them (lockgate's own statements name its schema).
+        Store::Sql(schema) => (
             "pg".to_owned(),
-            format!(
-                "[stores.pg]\nkind = \"postgres\"\nurl = \"{}\"\nschema = \"{schema}\"\n\n",
-                pg::URL
+            store_table(
+                schema,
+                &format!("{}?options=-csearch_path%3D{schema}", pg::URL),
             ),
         ),
     };
+    let (account, balances, grant, event_key, rebuild_config) = match store {
+        Store::Sql(_) => (
+            guest("account-sql"),
+            guest("balances-sql"),
+            "sql = \"pg\"\n",
+            "idempotency = { key = \"json:/command\" }\n",
+            "config = { table = \"rebuild_balances\" }\n",
+        ),
+        _ => (guest("account"), guest("balances"), "", "", ""),
+    };
     let rebuild_route = if rebuild {
-        "[routes.rebuild]\nhandler = \"rebuild\"\nsource = { topic = \"events\", group = \"rebuild\" }\nordering = \"key\"\nconcurrency = 4\nretry = { max_attempts = 100, initial_backoff_ms = 1, max_backoff_ms = 50 }\n"
+        format!(
+            "[routes.rebuild]\nhandler = \"rebuild\"\nsource = {{ topic = \"events\", group = \"rebuild\" }}\nordering = \"key\"\nconcurrency = 4\nretry = {{ max_attempts = 100, initial_backoff_ms = 1, max_backoff_ms = 50 }}\n{event_key}"
+        )
     } else {
-        ""
+        String::new()
     };
     let config = dir.join("runtime.toml");
     std::fs::write(
@@ -54,13 +80,14 @@ state = "{state}"
 {stores}[handlers.account]
 module = "{account}"
 config = {{ events = "events", snapshot_every = "10" }}
-
+{grant}
 [handlers.balances]
 module = "{balances}"
-
-# The same projection under another name: its own, empty, kv view.
+{grant}
+# The same projection under another name: its own, empty, view.
 [handlers.rebuild]
 module = "{balances}"
+{grant}{rebuild_config}
 
 [routes.accounts]
 handler = "account"
@@ -77,10 +104,10 @@ source = {{ topic = "events" }}
 ordering = "key"
 concurrency = 4
 retry = {{ max_attempts = 100, initial_backoff_ms = 1, max_backoff_ms = 50 }}
-
+{event_key}
 {rebuild_route}"#,
-            account = guest("account").display(),
-            balances = guest("balances").display(),
+            account = account.display(),
+            balances = balances.display(),
         ),
     )
     .unwrap();
@@ -142,6 +169,24 @@ fn view(dir: &Path, store: Store<'_>, namespace: &str) -> BTreeMap<String, (u64,
             .collect()
     };
     match store {
+        Store::Sql(schema) => {
+            let table = if namespace == "rebuild" {
+                "rebuild_balances"
+            } else {
+                "account_balances"
+            };
+            SyncPg::connect()
+                .query(
+                    &format!("SELECT account, version, balance FROM {schema}.{table}"),
+                    &[],
+                )
+                .iter()
+                .map(|r| {
+                    let version: i64 = r.get(1);
+                    (r.get(0), (version as u64, r.get(2)))
+                })
+                .collect()
+        }
         Store::Embedded => {
             let kv = EmbeddedStore::open(&dir.join("state/state.redb")).unwrap();
             read(&|k| kv.get(namespace, k, 0).unwrap())
@@ -162,6 +207,17 @@ fn view(dir: &Path, store: Store<'_>, namespace: &str) -> BTreeMap<String, (u64,
 }
 
 fn run_example(store: Store<'_>) {
+    if let Store::Sql(schema) = store {
+        SyncPg::connect().exec(&format!(
+            "CREATE SCHEMA {schema};
+             CREATE TABLE {schema}.events (aggregate_id text NOT NULL, version bigint NOT NULL,
+                 kind text NOT NULL, amount bigint NOT NULL, balance bigint NOT NULL,
+                 command text NOT NULL, PRIMARY KEY (aggregate_id, version));
+             CREATE TABLE {schema}.account_balances (account text PRIMARY KEY,
+                 balance bigint NOT NULL, version bigint NOT NULL);
+             CREATE TABLE {schema}.rebuild_balances (LIKE {schema}.account_balances INCLUDING ALL)"
+        ));
+    }
     let dir = tempfile::tempdir().unwrap();
     let broker = LocalBroker::open(&dir.path().join("state/local")).unwrap();
     let opens: Vec<OutRecord> = (0..ACCOUNTS)
@@ -260,6 +316,57 @@ fn run_example(store: Store<'_>) {
         folded.insert(account, (evs.len() as u64, balance));
     }
 
+    // On SQL the events table is that log, row for row, and its replay is the fold.
+    if let Store::Sql(schema) = store {
+        let mut published: Vec<(String, i64, String, i64, i64, String)> = events
+            .iter()
+            .map(|e| {
+                let v = json(e);
+                let text = |k: &str| v[k].as_str().unwrap().to_owned();
+                let int = |k: &str| v[k].as_i64().unwrap();
+                (
+                    text("account"),
+                    int("version"),
+                    text("kind"),
+                    int("amount"),
+                    int("balance"),
+                    text("command"),
+                )
+            })
+            .collect();
+        published.sort();
+        let table: Vec<(String, i64, String, i64, i64, String)> = SyncPg::connect()
+            .query(
+                &format!(
+                    "SELECT aggregate_id, version, kind, amount, balance, command FROM {schema}.events ORDER BY 1, 2"
+                ),
+                &[],
+            )
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+            .collect();
+        assert_eq!(
+            table, published,
+            "the events table is the published event log"
+        );
+        let replay: BTreeMap<String, (u64, i64)> = SyncPg::connect()
+            .query(
+                &format!(
+                    "SELECT aggregate_id, max(version), sum(CASE kind WHEN 'deposited' THEN amount
+                     WHEN 'withdrawn' THEN -amount ELSE 0 END)::bigint
+                     FROM {schema}.events GROUP BY 1"
+                ),
+                &[],
+            )
+            .iter()
+            .map(|r| {
+                let version: i64 = r.get(1);
+                (r.get(0), (version as u64, r.get(2)))
+            })
+            .collect();
+        assert_eq!(replay, folded, "a replay of the events table");
+    }
+
     // Every command is an event or a rejection, and only withdrawals that overdrew are rejected.
     let rejected = broker.read("commands.dlq", 0, 10_000).unwrap();
     assert_eq!(events_end + rejected.len() as u64, all);
@@ -330,5 +437,12 @@ fn concurrent_commands_on_the_embedded_store_match_the_sequential_model() {
 fn concurrent_commands_on_postgres_match_the_sequential_model() {
     let schema = pg::unique_schema("lges");
     run_example(Store::Postgres(&schema));
+    SyncPg::connect().drop_schema(&schema);
+}
+
+#[test]
+fn concurrent_commands_on_sql_tables_match_the_sequential_model() {
+    let schema = pg::unique_schema("lgessql");
+    run_example(Store::Sql(&schema));
     SyncPg::connect().drop_schema(&schema);
 }

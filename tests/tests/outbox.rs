@@ -477,3 +477,99 @@ fn a_relay_with_a_handler_transforms_dead_letters_and_replays_into_the_outbox() 
     assert_eq!(ids, (0..20).collect());
     pg.drop_schema(&schema);
 }
+
+/// The idempotent processor (guest-examples/orders-sql): an order row by the handler's SQL, the
+/// message's key and the outbox row of its event commit in one transaction. 400 orders, 40 of
+/// them sent again as new messages and 10 the table refuses: one row and one outbox row per
+/// accepted order, none for a refused one (rejected with the server's reason), none twice.
+#[test]
+fn the_sql_processor_commits_its_row_its_key_and_its_outbox_row_together() {
+    let pg = SyncPg::connect();
+    let schema = pg::unique_schema("lgorders");
+    pg.exec(&format!(
+        "CREATE SCHEMA {schema}; CREATE TABLE {schema}.orders (order_id text PRIMARY KEY,
+         customer text NOT NULL, total numeric(12,2) NOT NULL CHECK (total > 0))"
+    ));
+    const ORDERS: u64 = 400;
+    let order = |i: u64| {
+        let total = if i % 40 == 7 {
+            "-1.00".to_owned() // breaks the CHECK: rejected
+        } else {
+            format!("{}.{:02}", i % 90 + 1, i % 100)
+        };
+        let payload = serde_json::json!({"order_id": format!("o-{i}"), "customer": format!("c-{}", i % 13), "total": total});
+        (
+            format!("o-{i}").into_bytes(),
+            payload.to_string().into_bytes(),
+        )
+    };
+    let mut messages: Vec<_> = (0..ORDERS).map(order).collect();
+    // A client submitting again: the same orders as new messages, after the first ones.
+    messages.extend((0..ORDERS).filter(|i| i % 10 == 3).map(order));
+    let refused = (0..ORDERS).filter(|i| i % 40 == 7).count() as u64;
+    let table = format!("{schema}.orders");
+    let run = lockgate_tests::sqlroute::SqlRoute {
+        module: &guest("orders-sql"),
+        config: &[("table", &table), ("events", "out")],
+        schema: &schema,
+        key: "json:/order_id",
+        concurrency: 8,
+        timeout_ms: 10_000,
+    }
+    .run_outbox(messages);
+
+    assert_eq!(run.dead, refused, "{:?}", run.dead_reasons);
+    assert!(
+        run.dead_reasons
+            .iter()
+            .all(|r| r.contains("23514") && r.contains("orders_total_check")),
+        "{:?}",
+        run.dead_reasons
+    );
+    let accepted: BTreeSet<String> = (0..ORDERS)
+        .filter(|i| i % 40 != 7)
+        .map(|i| format!("o-{i}"))
+        .collect();
+    let rows: Vec<String> = pg
+        .query(&format!("SELECT order_id FROM {table}"), &[])
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows.len(), accepted.len(), "one row per accepted order");
+    assert_eq!(rows.into_iter().collect::<BTreeSet<_>>(), accepted);
+    let events: Vec<(String, serde_json::Value)> = pg
+        .query(
+            &format!("SELECT topic, convert_from(payload, 'UTF8') FROM {schema}.outbox"),
+            &[],
+        )
+        .iter()
+        .map(|r| {
+            let payload: String = r.get(1);
+            (r.get(0), serde_json::from_str(&payload).unwrap())
+        })
+        .collect();
+    assert_eq!(
+        events.len(),
+        accepted.len(),
+        "one outbox row per accepted order"
+    );
+    let event_orders: BTreeSet<String> = events
+        .iter()
+        .map(|(topic, e)| {
+            assert_eq!(
+                (topic.as_str(), &e["event"]),
+                ("out", &serde_json::json!("order-accepted"))
+            );
+            e["order_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(event_orders, accepted);
+    // The totals in the table are the orders' own, to the cent.
+    let sum: String = pg.query(&format!("SELECT sum(total)::text FROM {table}"), &[])[0].get(0);
+    let want: u64 = (0..ORDERS)
+        .filter(|i| i % 40 != 7)
+        .map(|i| (i % 90 + 1) * 100 + i % 100)
+        .sum();
+    assert_eq!(sum, format!("{}.{:02}", want / 100, want % 100));
+    pg.drop_schema(&schema);
+}
