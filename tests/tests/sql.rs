@@ -373,52 +373,48 @@ fn failed_attempts_leave_nothing_and_each_message_applies_once() {
 
 const DEPOSITS: u64 = 20_000;
 const ACCOUNTS: u64 = 200;
-/// Deposits applied when the runtime is SIGKILLed and restarted.
+/// Deposits applied when a runtime is SIGKILLed and restarted.
 const KILLS: [u64; 4] = [3_000, 7_000, 11_000, 15_000];
 
-/// The `ledger` projection on a Kafka route, its `lockgate run` SIGKILLed four times mid-stream
-/// and restarted: every account's balance is the sum of its deposits, and every deposit is
-/// counted once: none applied twice, none lost.
-#[test]
-fn a_kafka_projection_killed_mid_stream_applies_every_deposit_once() {
-    use lockgate_tests::kafka::{bootstrap, create_topics, produce, runtime, unique};
-    use lockgate_tests::{run_logs, start_run, stop_run};
+/// Deposit `i` of the crash tests: (account, amount).
+fn deposit(i: u64) -> (String, i64) {
+    (format!("a{}", i % ACCOUNTS), ((i * 7919) % 1000 + 1) as i64)
+}
 
-    let rt = runtime();
-    let base = unique("ledger");
-    let input = format!("{base}.deposits");
-    create_topics(&rt, &[(&input, 6)]);
-    let deposit = |i: u64| (format!("a{}", i % ACCOUNTS), (i * 7919) % 1000 + 1);
-    let messages: Vec<(String, String)> = (0..DEPOSITS)
-        .map(|i| {
-            let (account, amount) = deposit(i);
-            (
-                account.clone(),
-                json!({"deposit_id": format!("d{i}"), "account": account, "amount": amount})
-                    .to_string(),
-            )
-        })
-        .collect();
-    produce(&rt, &input, &messages);
-    let pg = SyncPg::connect();
-    let schema = pg::unique_schema("lgledger");
-    pg.exec(&format!(
-        "CREATE SCHEMA {schema};
-         CREATE TABLE {schema}.account_balances (account text PRIMARY KEY, balance bigint NOT NULL, deposits bigint NOT NULL)"
-    ));
-    let dir = tempfile::tempdir().expect("dir");
-    let config = dir.path().join("runtime.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[runtime]
+/// Deposit `i`'s message: (key, payload), keyed by its account.
+fn deposit_message(i: u64) -> (String, String) {
+    let (account, amount) = deposit(i);
+    let payload = json!({"deposit_id": format!("d{i}"), "account": account, "amount": amount});
+    (account, payload.to_string())
+}
+
+/// The `ledger` projection of the crash tests: its table on a fresh schema, the runtime.toml of
+/// a `deposits` route into it (on the broker `brokers` declares, from `source`) with its
+/// idempotency keys in the same PostgreSQL store, and the check of what the deposits came to.
+struct Ledger {
+    pg: SyncPg,
+    schema: String,
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+}
+
+impl Ledger {
+    fn new(brokers: &str, source: &str) -> Self {
+        let pg = SyncPg::connect();
+        let schema = pg::unique_schema("lgledger");
+        pg.exec(&format!(
+            "CREATE SCHEMA {schema};
+             CREATE TABLE {schema}.account_balances (account text PRIMARY KEY, balance bigint NOT NULL, deposits bigint NOT NULL)"
+        ));
+        let dir = tempfile::tempdir().expect("dir");
+        let config = dir.path().join("runtime.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[runtime]
 shutdown_grace_ms = 5000
 
-[brokers.kafka]
-kind = "kafka"
-bootstrap_servers = "{bootstrap}"
-consumer_properties = {{ "session.timeout.ms" = 6000, "max.poll.interval.ms" = 10000 }}
-
+{brokers}
 [stores.pg]
 kind = "postgres"
 url = "{url}"
@@ -432,7 +428,7 @@ sql = "pg"
 
 [routes.deposits]
 handler = "ledger"
-source = {{ broker = "kafka", topic = "{input}", group = "{base}.group" }}
+source = {source}
 state = "pg"
 concurrency = 8
 ordering = "key"
@@ -440,77 +436,270 @@ max_batch = 4
 retry = {{ max_attempts = 10, initial_backoff_ms = 5, max_backoff_ms = 100 }}
 idempotency = {{ key = "json:/deposit_id", lease_ms = 3000 }}
 "#,
-            bootstrap = bootstrap(),
-            url = pg::URL,
-            module = lockgate_tests::guest("ledger").display(),
-        ),
-    )
-    .expect("config");
-    let applied = |pg: &SyncPg| {
-        pg.count(&format!(
-            "SELECT coalesce(sum(deposits), 0)::bigint FROM {schema}.account_balances"
+                url = pg::URL,
+                module = lockgate_tests::guest("ledger").display(),
+            ),
+        )
+        .expect("config");
+        Self {
+            pg,
+            schema,
+            dir,
+            config,
+        }
+    }
+
+    /// Deposits applied so far.
+    fn applied(&self) -> u64 {
+        self.pg.count(&format!(
+            "SELECT coalesce(sum(deposits), 0)::bigint FROM {}.account_balances",
+            self.schema
         ))
-    };
-    let wait = |proc: &mut lockgate_tests::Proc, run: u32, target: u64| {
+    }
+
+    /// Asserts that every account's balance is the sum of deposits `0..DEPOSITS` and its count
+    /// their number: none applied twice, none lost. Drops the schema.
+    fn assert_every_balance_exact(self) {
+        let mut want = std::collections::BTreeMap::<String, (i64, i64)>::new();
+        for i in 0..DEPOSITS {
+            let (account, amount) = deposit(i);
+            let e = want.entry(account).or_default();
+            e.0 += amount;
+            e.1 += 1;
+        }
+        let got: std::collections::BTreeMap<String, (i64, i64)> = self
+            .pg
+            .query(
+                &format!(
+                    "SELECT account, balance, deposits FROM {}.account_balances",
+                    self.schema
+                ),
+                &[],
+            )
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect();
+        assert_eq!(got.len() as u64, ACCOUNTS);
+        let wrong: Vec<_> = want
+            .iter()
+            .filter(|(a, w)| got.get(*a) != Some(*w))
+            .map(|(a, w)| format!("{a}: want {w:?}, got {:?}", got.get(a)))
+            .collect();
+        assert!(wrong.is_empty(), "accounts off: {wrong:#?}");
+        self.pg.drop_schema(&self.schema);
+    }
+}
+
+/// `lockgate run` processes on a [`Ledger`]'s config, one per slot, each slot with its own
+/// state directory; a restarted slot gets a new run number (its logs are `run<N>.*`).
+struct Runs<'a> {
+    ledger: &'a Ledger,
+    procs: Vec<(u32, lockgate_tests::Proc)>,
+    next_run: u32,
+}
+
+impl<'a> Runs<'a> {
+    fn start(ledger: &'a Ledger, processes: usize) -> Self {
+        let mut runs = Self {
+            ledger,
+            procs: Vec::new(),
+            next_run: 1,
+        };
+        for slot in 0..processes {
+            let p = runs.spawn(slot);
+            runs.procs.push(p);
+        }
+        runs
+    }
+
+    fn spawn(&mut self, slot: usize) -> (u32, lockgate_tests::Proc) {
+        let run = self.next_run;
+        self.next_run += 1;
+        let dir = self.ledger.dir.path();
+        let state = dir.join(format!("s{slot}"));
+        let child = lockgate_tests::start_run(
+            dir,
+            &self.ledger.config,
+            run,
+            Some(&state),
+            "lockgate=info,warn",
+        );
+        (run, child)
+    }
+
+    /// SIGKILLs the process of `slot` and starts another in its place.
+    fn kill_and_restart(&mut self, slot: usize) {
+        let child = &mut self.procs[slot].1;
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reaped");
+        self.procs[slot] = self.spawn(slot);
+    }
+
+    /// Polls until `done()` holds (at most ten minutes), failing with the logs if a process
+    /// exits first.
+    fn wait_until(&mut self, what: &str, mut done: impl FnMut() -> bool) {
         let started = Instant::now();
-        loop {
-            let done = applied(&pg);
-            if done >= target {
-                return;
-            }
-            if let Some(status) = proc.try_wait().expect("wait") {
-                panic!(
-                    "run {run} exited ({status}) at {done}/{target}\n{}",
-                    run_logs(dir.path(), run)
-                );
+        while !done() {
+            for (run, child) in &mut self.procs {
+                if let Some(status) = child.try_wait().expect("wait") {
+                    panic!(
+                        "run {run} exited ({status}) before {what}\n{}",
+                        lockgate_tests::run_logs(self.ledger.dir.path(), *run)
+                    );
+                }
             }
             assert!(
                 started.elapsed() < Duration::from_secs(600),
-                "{done} of {target} deposits after 600 s\n{}",
-                run_logs(dir.path(), run)
+                "not {what} after 600 s ({} deposits applied)\n{}",
+                self.ledger.applied(),
+                self.logs()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-    };
-    let mut run = 1;
-    let mut proc = start_run(dir.path(), &config, run, None, "lockgate=info,warn");
-    for at in KILLS {
-        wait(&mut proc, run, at);
-        proc.kill().expect("SIGKILL");
-        proc.wait().expect("reaped");
-        run += 1;
-        proc = start_run(dir.path(), &config, run, None, "lockgate=info,warn");
     }
-    wait(&mut proc, run, DEPOSITS);
-    stop_run(&mut proc, dir.path(), run);
 
-    let mut want = std::collections::BTreeMap::<String, (i64, i64)>::new();
-    for i in 0..DEPOSITS {
-        let (account, amount) = deposit(i);
-        let e = want.entry(account).or_default();
-        e.0 += amount as i64;
-        e.1 += 1;
+    /// Polls until `target` deposits are applied.
+    fn wait_for_deposits(&mut self, target: u64) {
+        let ledger = self.ledger;
+        self.wait_until(&format!("{target} deposits"), || ledger.applied() >= target);
     }
-    let got: std::collections::BTreeMap<String, (i64, i64)> = pg
-        .query(
-            &format!("SELECT account, balance, deposits FROM {schema}.account_balances"),
-            &[],
-        )
-        .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2))))
-        .collect();
-    assert_eq!(got.len() as u64, ACCOUNTS);
-    let wrong: Vec<_> = want
-        .iter()
-        .filter(|(a, w)| got.get(*a) != Some(*w))
-        .map(|(a, w)| format!("{a}: want {w:?}, got {:?}", got.get(a)))
-        .collect();
-    assert!(wrong.is_empty(), "accounts off: {wrong:#?}");
+
+    fn logs(&self) -> String {
+        (1..self.next_run)
+            .map(|r| lockgate_tests::run_logs(self.ledger.dir.path(), r))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Stops every process with SIGTERM, asserting each exits cleanly; what each received and
+    /// succeeded by its summary.
+    fn stop(mut self) -> Vec<(u64, u64)> {
+        let dir = self.ledger.dir.path();
+        self.procs
+            .iter_mut()
+            .map(|(run, child)| {
+                lockgate_tests::stop_run(child, dir, *run);
+                let stat = |name| lockgate_tests::run_stat(dir, *run, name);
+                (stat("received"), stat("succeeded"))
+            })
+            .collect()
+    }
+}
+
+/// The `ledger` projection on a Kafka route, its `lockgate run` SIGKILLed four times mid-stream
+/// and restarted: every account's balance is the sum of its deposits, and every deposit is
+/// counted once: none applied twice, none lost.
+#[test]
+fn a_kafka_projection_killed_mid_stream_applies_every_deposit_once() {
+    use lockgate_tests::kafka::{bootstrap, create_topics, produce, runtime, unique};
+
+    let rt = runtime();
+    let base = unique("ledger");
+    let input = format!("{base}.deposits");
+    create_topics(&rt, &[(&input, 6)]);
+    let messages: Vec<(String, String)> = (0..DEPOSITS).map(deposit_message).collect();
+    produce(&rt, &input, &messages);
+    let ledger = Ledger::new(
+        &format!(
+            r#"[brokers.kafka]
+kind = "kafka"
+bootstrap_servers = "{bootstrap}"
+consumer_properties = {{ "session.timeout.ms" = 6000, "max.poll.interval.ms" = 10000 }}
+"#,
+            bootstrap = bootstrap()
+        ),
+        &format!(r#"{{ broker = "kafka", topic = "{input}", group = "{base}.group" }}"#),
+    );
+    let mut runs = Runs::start(&ledger, 1);
+    for at in KILLS {
+        runs.wait_for_deposits(at);
+        runs.kill_and_restart(0);
+    }
+    runs.wait_for_deposits(DEPOSITS);
+    runs.stop();
+    ledger.assert_every_balance_exact();
     eprintln!(
         "ledger crash test: {DEPOSITS} deposits on {ACCOUNTS} accounts, {} SIGKILLs, every balance exact",
         KILLS.len()
     );
-    pg.drop_schema(&schema);
+}
+
+/// Deposits published a second time, as a message of their own: (deposit, published again
+/// right after this deposit). Some right behind themselves (likely on another process at the
+/// same time), some thousands later (after a kill).
+const REPEATS: [(u64, u64); 6] = [
+    (5, 5),
+    (2_500, 6_000),
+    (6_990, 7_010),
+    (10_001, 16_000),
+    (14_500, 14_501),
+    (DEPOSITS - 1, DEPOSITS - 1),
+];
+
+/// The `ledger` projection on a JetStream durable consumer shared by three `lockgate run`
+/// processes at once, which are SIGKILLed in turn mid-stream and restarted while the others go
+/// on; a few deposits come twice as separate messages. Every account's balance is the sum of its
+/// deposits and every deposit is counted once: none applied twice, none lost.
+#[test]
+fn a_jetstream_projection_on_three_processes_killed_mid_stream_applies_every_deposit_once() {
+    use lockgate_tests::nats::Nats;
+
+    const PROCESSES: usize = 3;
+    let nats = Nats::connect();
+    let base = lockgate_tests::kafka::unique("ledger");
+    let (stream, subject, durable) = (
+        format!("{base}-deposits"),
+        format!("{base}.deposits"),
+        format!("{base}-ledger"),
+    );
+    nats.create_stream(&stream, &[&subject]);
+    let mut order = Vec::new();
+    for i in 0..DEPOSITS {
+        order.push(i);
+        order.extend(REPEATS.iter().filter(|r| r.1 == i).map(|r| r.0));
+    }
+    let messages: Vec<(String, Option<String>, String)> = order
+        .into_iter()
+        .map(|i| {
+            let (account, payload) = deposit_message(i);
+            (subject.clone(), Some(account), payload)
+        })
+        .collect();
+    let published = messages.len();
+    nats.publish(&messages);
+    // A short ack_wait: what a killed process held comes back to the others within 2 s.
+    let ledger = Ledger::new(
+        &format!(
+            "[brokers.nats]\nkind = \"nats\"\nservers = [\"{}\"]\n",
+            lockgate_tests::nats::url()
+        ),
+        &format!(
+            r#"{{ broker = "nats", stream = "{stream}", topic = "{subject}", group = "{durable}", ack_wait_ms = 2000 }}"#
+        ),
+    );
+    let mut runs = Runs::start(&ledger, PROCESSES);
+    for (k, at) in KILLS.into_iter().enumerate() {
+        runs.wait_for_deposits(at);
+        runs.kill_and_restart(k % PROCESSES);
+    }
+    // Every deposit applied and every message (the repeats too) acknowledged.
+    runs.wait_until("every message acknowledged", || {
+        let (unacked, _, undelivered) = nats.consumer_state(&stream, &durable);
+        unacked == 0 && undelivered == 0 && ledger.applied() >= DEPOSITS
+    });
+    let last = runs.stop();
+    ledger.assert_every_balance_exact();
+    // The processes shared the stream: each of the last three took messages.
+    assert!(
+        last.iter().all(|(received, _)| *received > 0),
+        "a process received nothing: {last:?}"
+    );
+    eprintln!(
+        "ledger crash test on JetStream: {PROCESSES} processes, {published} messages ({} repeated deposits), {DEPOSITS} deposits on {ACCOUNTS} accounts, {} SIGKILLs, every balance exact (the last three processes succeeded {:?})",
+        REPEATS.len(),
+        KILLS.len(),
+        last.iter().map(|(_, s)| s).collect::<Vec<_>>()
+    );
 }
 
 /// Two messages on two lanes that update the same two rows in opposite orders deadlock; the
