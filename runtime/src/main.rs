@@ -43,18 +43,27 @@ fn log_filter(env: Option<&str>, default_filter: &str) -> String {
 
 fn init_tracing(default_filter: &str) {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::prelude::*;
     let env = std::env::var("LOCKGATE_LOG").ok();
     let filter = EnvFilter::try_new(log_filter(env.as_deref(), default_filter))
         .unwrap_or_else(|_| EnvFilter::new(log_filter(None, default_filter)));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    // The OTLP exporter reads the message spans whatever the log filter says; its own filter is
+    // off until `[telemetry.otlp]` starts it (lockgate::telemetry::otlp).
+    let otlp =
+        lockgate::telemetry::otlp::OtlpLayer.with_filter(lockgate::telemetry::otlp::filter());
+    let registry = tracing_subscriber::registry().with(otlp);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     // LOCKGATE_LOG_FORMAT=json: one JSON object per line, with the message span's fields.
     if std::env::var("LOCKGATE_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
-        builder.json().with_current_span(true).init();
+        registry
+            .with(fmt.json().with_current_span(true).with_filter(filter))
+            .init();
     } else {
-        builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        registry
+            .with(
+                fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_filter(filter),
+            )
             .init();
     }
 }

@@ -24,6 +24,7 @@
 //! Its client, for `lockgate status`, `lockgate reload` and the tests, is in `telemetry/client.rs`.
 
 mod client;
+pub mod otlp;
 
 pub use client::{AdminClientError, http_request, http_request_async};
 
@@ -328,6 +329,20 @@ impl prometheus_client::collector::Collector for AdminRoutes {
         ] {
             ConstCounter::new(n).encode(metric.encode_family(&[("result", result)])?)?;
         }
+        let metric = encoder.encode_descriptor(
+            "lockgate_otlp_spans_exported",
+            "Spans the OTLP collector accepted (`[telemetry.otlp]`).",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(otlp::exported_spans()).encode(metric)?;
+        let metric = encoder.encode_descriptor(
+            "lockgate_otlp_spans_dropped",
+            "Spans not exported: the queue (`max_queue_spans`) was full, or the collector could not take them. Delivery never waits for the export.",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(otlp::dropped_spans()).encode(metric)?;
         // Each route's handler version has its own client (and counters): a reload starts them
         // again, which `rate()` and `increase()` take as a counter reset.
         let http: Vec<_> = routes

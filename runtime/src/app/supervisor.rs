@@ -296,7 +296,8 @@ impl Supervisor {
             },
             done_keys,
         )
-        .shutdown_grace(self.grace);
+        .shutdown_grace(self.grace)
+        .messaging_system(messaging_system(&self.config, route));
         // A route is ready only while the stores it writes to answer: its state store (for
         // idempotency keys and the handler's kv) and a dead-letter table.
         let uses_state = route.handler.is_some() || route.idempotency.is_some();
@@ -694,4 +695,21 @@ fn changed<V: PartialEq>(
         .filter(|n| old.get(*n) != new.get(*n))
         .cloned()
         .collect()
+}
+
+/// OpenTelemetry's `messaging.system` for the source of `route` (its traces' attribute).
+fn messaging_system(config: &Config, route: &RouteConfig) -> &'static str {
+    use crate::config::{BrokerKind, BrokerRef, SourceSpec};
+    match &route.source {
+        SourceSpec::Outbox(_) => "postgresql",
+        SourceSpec::Broker(b) => match &b.broker {
+            BrokerRef::Local => "lockgate",
+            BrokerRef::Named(name) => match config.brokers.get(name.as_str()).map(|b| &b.kind) {
+                Some(BrokerKind::Kafka(_)) => "kafka",
+                Some(BrokerKind::Nats(_)) => "nats",
+                Some(BrokerKind::RabbitMq(_)) => "rabbitmq",
+                None => "lockgate",
+            },
+        },
+    }
 }

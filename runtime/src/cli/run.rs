@@ -48,6 +48,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(EXIT_USAGE));
     }
+    let otlp = config.telemetry.otlp.clone();
     let mut builder = Runtime::builder(config);
     if let Some(dir) = args.state_dir {
         builder = builder.state_dir(dir);
@@ -59,7 +60,23 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run_routes(builder))
+    if let Some(otlp) = &otlp {
+        lockgate::telemetry::otlp::start(otlp, runtime.handle())
+            .context("cannot start the OTLP export")?;
+        println!(
+            "lockgate: exporting traces over OTLP to {}",
+            otlp.traces_url()
+        );
+    }
+    let code = runtime.block_on(run_routes(builder));
+    if otlp.is_some() {
+        // What the last messages left in the queue, within a bound: a collector that is down
+        // must not hold the exit.
+        runtime.block_on(lockgate::telemetry::otlp::flush(
+            std::time::Duration::from_secs(5),
+        ));
+    }
+    code
 }
 
 /// The line `lockgate run` prints for an event, if it prints one (reloads are logged).

@@ -40,6 +40,7 @@ mod runtime;
 pub mod schema;
 mod secret;
 mod stores;
+pub mod telemetry;
 
 pub use brokers::{
     BrokerConfig, BrokerKind, DEFAULT_CONSUMER_TIMEOUT_MS, DEFAULT_MAX_IN_FLIGHT_PER_PARTITION,
@@ -101,6 +102,8 @@ pub struct Config {
     /// `[local]`: the embedded broker's segments, retention and duplicate window (its DLQ
     /// topics are those of the routes that dead-letter to `local`).
     pub local: LocalSettings,
+    /// `[telemetry]`: OTLP export.
+    pub telemetry: telemetry::TelemetrySettings,
     /// What works but should change, such as a deprecated spelling (`url_env`), each naming
     /// the replacement. `lockgate check` prints them and `lockgate run` logs them.
     pub warnings: Vec<Problem>,
@@ -272,6 +275,12 @@ impl Config {
                 _ => None,
             })
             .collect();
+        let telemetry = match root.table("telemetry") {
+            Some(t) => {
+                telemetry::parse_telemetry(&mut root.child("telemetry", t, &[&schema::TELEMETRY]))
+            }
+            None => telemetry::TelemetrySettings::default(),
+        };
         root.finish();
 
         let config = Config {
@@ -289,6 +298,7 @@ impl Config {
             brokers,
             routes,
             local,
+            telemetry,
             warnings: std::mem::take(&mut findings.warnings),
         };
         Ok((config, findings))
@@ -518,6 +528,11 @@ pub(crate) mod tests {
             &[],
         ),
         (&schema::LOCAL, "[local]\n{X}", &[]),
+        (
+            &schema::TELEMETRY_OTLP,
+            "[telemetry.otlp]\nendpoint = \"http://c:4318\"\n{X}",
+            &[],
+        ),
         (
             &schema::ROUTE,
             "[handlers.h]\nmodule = \"h.wasm\"\n[routes.r]\nhandler = \"h\"\nsource = { topic = \"t\" }\n{X}",

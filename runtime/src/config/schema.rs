@@ -28,6 +28,7 @@ use super::runtime::{
     DEFAULT_SHUTDOWN_GRACE_MS, DEFAULT_STATE_DIR, DEFAULT_TIMEOUT_MS, SCHEMA_VERSION,
 };
 use super::stores::{DEFAULT_STORE_PREFIX, DEFAULT_STORE_SCHEMA, POSTGRES_POOL_SIZE};
+use super::telemetry::{DEFAULT_OTLP_EXPORT_TIMEOUT_MS, DEFAULT_OTLP_MAX_QUEUE_SPANS};
 
 /// What a field holds.
 #[derive(Clone, Copy, Debug)]
@@ -235,9 +236,93 @@ pub const ROOT: Table = Table {
             P::Unset,
             "The embedded broker's segments, retention and duplicate window.",
         ),
+        field(
+            "telemetry",
+            K::Table(&[&TELEMETRY]),
+            P::Unset,
+            "Where traces go besides the logs.",
+        ),
     ],
     aliases: &[],
     example: "version = 1\n",
+};
+
+/// `[telemetry]`.
+pub const TELEMETRY: Table = Table {
+    id: "telemetry",
+    title: "`[telemetry]`",
+    label: "`[telemetry]`",
+    doc: "Export beyond `/metrics` and the logs. Changes take effect at the next start.",
+    fields: &[field(
+        "otlp",
+        K::Table(&[&TELEMETRY_OTLP]),
+        P::Unset,
+        "OpenTelemetry export of a trace per message; off unless present.",
+    )],
+    aliases: &[],
+    example: "",
+};
+
+/// `[telemetry.otlp]`.
+pub const TELEMETRY_OTLP: Table = Table {
+    id: "telemetry-otlp",
+    title: "`[telemetry.otlp]`",
+    label: "`otlp`",
+    doc: "OpenTelemetry (OTLP/HTTP, protobuf) export: a trace per message with a span per attempt and per handler call, continuing the message's `traceparent` ([observability](../operate/observability.md#opentelemetry)). Export never slows delivery: spans wait in a bounded queue, and what does not fit or cannot be sent is dropped and counted (`lockgate_otlp_spans_dropped_total`).",
+    fields: &[
+        field(
+            "endpoint",
+            K::Str,
+            P::Required,
+            "The collector's OTLP/HTTP base URL (`http://collector:4318`); traces are sent to `<endpoint>/v1/traces`. `http://` or `https://` (verified against the system's web PKI roots).",
+        ),
+        field(
+            "protocol",
+            K::Choice(&["http/protobuf"]),
+            P::Str("http/protobuf"),
+            "The OTLP transport; only OTLP/HTTP with protobuf bodies.",
+        ),
+        field(
+            "headers",
+            K::Properties,
+            P::Unset,
+            "Headers sent with every export, such as `authorization`; each value a string or a secret (`{ env = \"NAME\" }`).",
+        ),
+        field(
+            "sampling_ratio",
+            K::Number,
+            P::Float(1.0),
+            "The share of traces exported, from 0 to 1, for messages without a `traceparent`; a message with one follows its `sampled` flag.",
+        ),
+        field(
+            "resource",
+            K::Scalars,
+            P::Unset,
+            "Resource attributes of every span besides `service.name = \"lockgate\"` and `service.version` (`service.name` may be set here).",
+        ),
+        field(
+            "max_queue_spans",
+            K::Int,
+            P::Int(DEFAULT_OTLP_MAX_QUEUE_SPANS),
+            "Spans waiting to be sent at most; a span that finds the queue full is dropped and counted.",
+        ),
+        field(
+            "export_timeout_ms",
+            K::Ms,
+            P::Int(DEFAULT_OTLP_EXPORT_TIMEOUT_MS),
+            "How long one export request may take; its spans are dropped and counted after it.",
+        ),
+    ],
+    aliases: &[],
+    example: r#"[telemetry.otlp]
+endpoint = "http://127.0.0.1:4318"
+protocol = "http/protobuf"
+headers = { authorization = { env = "OTLP_AUTHORIZATION" } }
+sampling_ratio = 1.0
+resource = { "deployment.environment" = "production" }
+max_queue_spans = 2048
+export_timeout_ms = 10000
+"#,
 };
 
 /// `[runtime]`.
@@ -1503,6 +1588,8 @@ pub const TABLES: &[&Table] = &[
     &DLQ,
     &IDEMPOTENCY,
     &RATE_LIMIT,
+    &TELEMETRY,
+    &TELEMETRY_OTLP,
 ];
 
 /// The examples of every table together: one config that sets every declared key.

@@ -99,17 +99,38 @@ impl Shared {
         }
         // A span per attempt, inside the message's: recording the attempt on the message span
         // instead would print every attempt so far on each line (`attempt=1 attempt=2`).
-        let span = tracing::info_span!("attempt", attempt = msg.attempt);
+        let span = tracing::info_span!(
+            "attempt",
+            attempt = msg.attempt,
+            outcome = tracing::field::Empty
+        );
+        let attempt_span = span.clone();
         async {
             tracing::trace!(route = %self.route, message = %msg.record.id(), attempt = msg.attempt, "Invoking the handler");
-            let mut invocation = match ran_ahead {
-                Some(done) => done,
-                None => {
-                    let message = inbound(&msg.record, msg.attempt);
-                    self.invoke(message, msg.claim.is_some(), invoker).await
-                }
+            // The handler call, with what the guest logged, as a span of its own (a child of
+            // the attempt in an exported trace).
+            let call = tracing::info_span!(
+                "handler",
+                handler = %invoker.handler_name(),
+                outcome = tracing::field::Empty
+            );
+            let pending_call = match ran_ahead {
+                Some(done) => Ok(done),
+                None => Err((inbound(&msg.record, msg.attempt), msg.claim.is_some())),
             };
-            self.observe(msg, &invocation);
+            let mut invocation = async {
+                match pending_call {
+                    Ok(done) => done,
+                    Err((message, staged)) => self.invoke(message, staged, invoker).await,
+                }
+            }
+            .instrument(call.clone())
+            .await;
+            call.in_scope(|| self.observe(&invocation));
+            call.record("outcome", invocation.outcome.kind());
+            // Closed here, before the commit: the span is the call.
+            drop(call);
+            attempt_span.record("outcome", invocation.outcome.kind());
             if let Some(end) = self
                 .commit(msg, &mut invocation, dedup_base, pending)
                 .await?
@@ -209,7 +230,7 @@ impl Shared {
     }
 
     /// Counts the call and logs what the guest logged.
-    fn observe(&self, msg: &InFlight, invocation: &Invocation) {
+    fn observe(&self, invocation: &Invocation) {
         self.stats
             .handler_seconds
             .observe(invocation.elapsed.as_secs_f64());
@@ -220,7 +241,9 @@ impl Shared {
             );
         }
         for log in &invocation.logs {
-            tracing::debug!(route = %self.route, message = %msg.record.id(), level = log.level.as_str(), "guest: {}", log.message);
+            // The message's id is on its span; `guest` marks the line for the OTLP export,
+            // which makes it an event of the handler's span.
+            tracing::debug!(route = %self.route, guest = true, guest_level = log.level.as_str(), "guest: {}", log.message);
         }
     }
 

@@ -84,6 +84,8 @@ pub struct Route {
     stats: Arc<RouteStats>,
     max_in_flight: usize,
     shutdown_grace: Duration,
+    /// What the source is, by OpenTelemetry's `messaging.system` names (`kafka`, `nats`, ...).
+    messaging_system: &'static str,
 }
 
 /// How a route ended.
@@ -119,7 +121,15 @@ impl Route {
             stats: Arc::new(RouteStats::default()),
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             shutdown_grace: Duration::from_secs(10),
+            messaging_system: "lockgate",
         }
+    }
+
+    /// Names the source's kind in each message's trace (`messaging.system`: `kafka`, `nats`,
+    /// `rabbitmq`; `lockgate` for the embedded broker, the default).
+    pub fn messaging_system(mut self, system: &'static str) -> Self {
+        self.messaging_system = system;
+        self
     }
 
     /// Changes the in-flight bound (default [`DEFAULT_MAX_IN_FLIGHT`]).
@@ -168,6 +178,7 @@ impl Route {
             breaker,
             shutdown: worker_shutdown,
             reporting: Arc::default(),
+            messaging_system: self.messaging_system,
         });
         let lanes: Arc<Lanes<LaneKey, Item>> = Arc::new(Lanes::new());
         let in_flight = Arc::new(Semaphore::new(self.max_in_flight));
@@ -241,6 +252,8 @@ struct Shared {
     shutdown: Shutdown,
     /// Held while replay results are published, so they go out one at a time.
     reporting: Arc<tokio::sync::Mutex<()>>,
+    /// `messaging.system` of the traces (see [`Route::messaging_system`]).
+    messaging_system: &'static str,
 }
 
 /// The route stopped before a step could finish: the message it was taking is abandoned (left

@@ -58,6 +58,13 @@ impl Shared {
                 _ => self.invoker.current(),
             };
             let record = &item.delivery.record;
+            // `system`, `group`, `handler` and `traceparent` are for the OTLP export
+            // (telemetry::otlp), which makes this span the message's trace span.
+            // Read by the OTLP layer when the span opens (empty: no trace context).
+            let traceparent = record
+                .header(trace::TRACEPARENT)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .unwrap_or_default();
             let span = tracing::info_span!(
                 "message",
                 route = %self.route,
@@ -68,7 +75,14 @@ impl Shared {
                 handler_version = %invoker.module_hash(),
                 outcome = tracing::field::Empty,
                 trace_id = tracing::field::Empty,
+                system = self.messaging_system,
+                group = tracing::field::Empty,
+                handler = %invoker.handler_name(),
+                traceparent,
             );
+            if let Some(b) = self.config.source.as_broker() {
+                span.record("group", b.group.as_str());
+            }
             if let Some(t) = trace::trace_id(record) {
                 span.record("trace_id", t);
             }
