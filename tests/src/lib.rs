@@ -7,6 +7,7 @@ pub mod inproc;
 pub mod kafka;
 pub mod nats;
 pub mod pg;
+pub mod prometheus;
 pub mod proxy;
 pub mod rabbit;
 pub mod reload;
