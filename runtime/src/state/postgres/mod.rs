@@ -148,6 +148,8 @@ struct Sql {
     delete_blind: String,
     lock_claim: String,
     mark_applied: String,
+    mark_applied_if_held: String,
+    claim_state: String,
     insert_outbox: String,
     claim: String,
     complete: String,
@@ -204,6 +206,18 @@ impl Sql {
             mark_applied: format!(
                 "UPDATE {s}.idempotency SET state = 'a', outputs = $3, until_ms = {NOW} + $4
                  WHERE scope = $1 AND key = $2"
+            ),
+            // The check and the mark of a handler's commit in one statement (sql.rs): when
+            // `$5` no longer holds the claim nothing is updated and the statement fails
+            // (division by zero, SQLSTATE 22012), which aborts the transaction, so the
+            // COMMIT sent behind it in the same round trip rolls back.
+            mark_applied_if_held: format!(
+                "WITH m AS (UPDATE {s}.idempotency SET state = 'a', outputs = $3, until_ms = {NOW} + $4
+                 WHERE scope = $1 AND key = $2 AND state = 'c' AND owner = $5 RETURNING 1)
+                 SELECT 1 / (SELECT count(*)::int FROM m)"
+            ),
+            claim_state: format!(
+                "SELECT state, owner FROM {s}.idempotency WHERE scope = $1 AND key = $2"
             ),
             // Answers per request, in order: 'c' claimed, 'a' claimed with committed outputs,
             // 'd' done, 'x' dead-lettered (claimed instead when the request is a replay), 'b'
@@ -987,6 +1001,12 @@ impl PostgresStore {
         }
         Ok(())
     }
+}
+
+/// The header names, header values and `lockgate-id` `insert_outbox` takes for `r`.
+pub(crate) fn outbox_params(r: &OutRecord) -> (Vec<&str>, Vec<&[u8]>, Option<String>) {
+    let (names, values) = outbox_headers(r);
+    (names, values, lockgate_id(r))
 }
 
 /// A record's headers as the outbox stores them: two parallel arrays, without the

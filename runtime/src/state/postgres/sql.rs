@@ -13,7 +13,7 @@ use deadpool_postgres::GenericClient;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Statement};
 
-use super::{Applied, PostgresStore, millis};
+use super::{Applied, PostgresStore, millis, outbox_params};
 use crate::message::OutRecord;
 use crate::state::{ClaimRequest, Commit, KvWrite, StateError};
 
@@ -212,15 +212,137 @@ impl SqlTxn {
         result
     }
 
-    /// Commits the transaction with the message's key (see [`PostgresStore::apply_commit`]):
-    /// back to lockgate's own role first, then the claim check, kv writes, outbox rows and the
-    /// key marked applied, then `COMMIT`. Anything else rolls it back, including a claim this
-    /// owner already applied (the answer [`Commit::Committed`], with nothing committed twice).
+    /// Commits the transaction with the message's key: back to lockgate's own role, the kv
+    /// writes and outbox rows, the key marked applied if this owner still holds its claim, then
+    /// `COMMIT`. Anything else rolls it back, including a claim this owner already applied (the
+    /// answer [`Commit::Committed`], with nothing committed twice).
+    ///
+    /// Without kv writes (none of them can conflict) it is one round trip: every statement and
+    /// the `COMMIT` are pipelined, and a claim no longer held makes the marking statement fail,
+    /// which aborts the transaction so that the `COMMIT` rolls back. With kv writes it is
+    /// [`PostgresStore::apply_commit`], a statement at a time.
     ///
     /// An error means the outcome is unknown (the connection broke around `COMMIT`): the caller
     /// claims the key again, which finds it applied if it was.
     #[allow(clippy::too_many_arguments)]
     pub async fn commit(
+        self,
+        scope: &str,
+        claim: &ClaimRequest,
+        writes: &[KvWrite],
+        outputs: &[u8],
+        rows: &[OutRecord],
+        lease: Duration,
+    ) -> Result<Commit, StateError> {
+        if writes.is_empty() {
+            self.commit_pipelined(scope, claim, outputs, rows, lease)
+                .await
+        } else {
+            self.commit_checked(scope, claim, writes, outputs, rows, lease)
+                .await
+        }
+    }
+
+    async fn commit_pipelined(
+        mut self,
+        scope: &str,
+        claim: &ClaimRequest,
+        outputs: &[u8],
+        rows: &[OutRecord],
+        lease: Duration,
+    ) -> Result<Commit, StateError> {
+        let what = "commit a handler's transaction";
+        let store = self.store.clone();
+        let sql = &store.inner.sql;
+        let e = |e| store.err(what, e);
+        let client = self.client()?;
+        // Prepared once per connection; after that no round trip.
+        let mark = client
+            .prepare_cached(&sql.mark_applied_if_held)
+            .await
+            .map_err(e)?;
+        let insert = match rows.is_empty() {
+            true => None,
+            false => Some(
+                client
+                    .prepare_cached(&sql.insert_outbox)
+                    .await
+                    .map_err(e)?,
+            ),
+        };
+        let params: Vec<_> = rows.iter().map(|r| (r, outbox_params(r))).collect();
+        let row_params: Vec<[&(dyn ToSql + Sync); 6]> = params
+            .iter()
+            .map(|(r, (names, values, id))| {
+                [
+                    &r.topic as &(dyn ToSql + Sync),
+                    &r.key,
+                    names,
+                    values,
+                    &r.payload,
+                    id,
+                ]
+            })
+            .collect();
+        let lease_ms = millis(lease);
+        let mark_params: [&(dyn ToSql + Sync); 5] =
+            [&scope, &claim.key, &outputs, &lease_ms, &claim.owner];
+        // Each request is sent when its future is first polled, and join! polls them in this
+        // order: one round trip, in order.
+        let reset = client.batch_execute("RESET ROLE; SET LOCAL statement_timeout = 0");
+        let marked = client.query_one(&mark, &mark_params);
+        let inserts = futures_util::future::join_all(
+            row_params
+                .iter()
+                .filter_map(|p| Some(client.execute(insert.as_ref()?, p))),
+        );
+        let commit = client.batch_execute("COMMIT");
+        let (reset, marked, inserts, commit) = futures_util::join!(reset, marked, inserts, commit);
+        if let Err(err) = commit {
+            // The connection may be in any state: it never goes back to the pool.
+            if let Some(c) = self.client.take() {
+                drop(deadpool_postgres::Object::take(c));
+            }
+            return Err(store.err(what, err));
+        }
+        // The transaction has ended, committed or (a statement failed) rolled back: the
+        // connection goes back to the pool as it is.
+        drop(self.client.take());
+        let failed = reset
+            .err()
+            .or_else(|| marked.err())
+            .or_else(|| inserts.into_iter().find_map(Result::err));
+        let Some(failed) = failed else {
+            return Ok(Commit::Committed);
+        };
+        let code = failed.as_db_error().map(|d| d.code().code());
+        if code != Some("22012") {
+            return Err(store.err(what, failed));
+        }
+        // Not held: applied by this owner before (its answer was lost), or lost to another.
+        let row = store
+            .inner
+            .pool
+            .get()
+            .await
+            .map_err(|e| store.err(what, e))?
+            .query_opt(&sql.claim_state, &[&scope, &claim.key])
+            .await
+            .map_err(e)?;
+        Ok(
+            match row
+                .as_ref()
+                .map(|r| (r.get::<_, &str>(0), r.get::<_, Option<&str>>(1)))
+            {
+                Some(("a", Some(owner))) if owner == claim.owner => Commit::Committed,
+                _ => Commit::LostClaim,
+            },
+        )
+    }
+
+    /// The commit with kv writes, a statement at a time (see [`Self::commit`]).
+    #[allow(clippy::too_many_arguments)]
+    async fn commit_checked(
         mut self,
         scope: &str,
         claim: &ClaimRequest,
