@@ -263,12 +263,7 @@ impl SqlTxn {
             .map_err(e)?;
         let insert = match rows.is_empty() {
             true => None,
-            false => Some(
-                client
-                    .prepare_cached(&sql.insert_outbox)
-                    .await
-                    .map_err(e)?,
-            ),
+            false => Some(client.prepare_cached(&sql.insert_outbox).await.map_err(e)?),
         };
         let params: Vec<_> = rows.iter().map(|r| (r, outbox_params(r))).collect();
         let row_params: Vec<[&(dyn ToSql + Sync); 6]> = params
