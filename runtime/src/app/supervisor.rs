@@ -286,6 +286,16 @@ impl Supervisor {
             .idempotency
             .as_ref()
             .map(|i| DoneKeys::new(store.idempotency.clone(), &route.name, i.ttl, i.lease));
+        // The traces' `messaging.system`: the source's broker kind (an outbox relay reads
+        // PostgreSQL).
+        let system = match route.source.as_broker() {
+            Some(b) => self
+                .clients
+                .connector(&self.config, &self.broker, &b.broker)
+                .map_err(fail("open its source"))?
+                .messaging_system(),
+            None => "postgresql",
+        };
         let r = Route::new(
             route.clone(),
             invoker,
@@ -297,7 +307,7 @@ impl Supervisor {
             done_keys,
         )
         .shutdown_grace(self.grace)
-        .messaging_system(messaging_system(&self.config, route));
+        .messaging_system(system);
         // A route is ready only while the stores it writes to answer: its state store (for
         // idempotency keys and the handler's kv) and a dead-letter table.
         let uses_state = route.handler.is_some() || route.idempotency.is_some();
@@ -697,19 +707,3 @@ fn changed<V: PartialEq>(
         .collect()
 }
 
-/// OpenTelemetry's `messaging.system` for the source of `route` (its traces' attribute).
-fn messaging_system(config: &Config, route: &RouteConfig) -> &'static str {
-    use crate::config::{BrokerKind, BrokerRef, SourceSpec};
-    match &route.source {
-        SourceSpec::Outbox(_) => "postgresql",
-        SourceSpec::Broker(b) => match &b.broker {
-            BrokerRef::Local => "lockgate",
-            BrokerRef::Named(name) => match config.brokers.get(name.as_str()).map(|b| &b.kind) {
-                Some(BrokerKind::Kafka(_)) => "kafka",
-                Some(BrokerKind::Nats(_)) => "nats",
-                Some(BrokerKind::RabbitMq(_)) => "rabbitmq",
-                None => "lockgate",
-            },
-        },
-    }
-}

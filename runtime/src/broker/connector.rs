@@ -17,6 +17,10 @@ use crate::policy::backoff::RetryMode;
 /// route or a command needs. One connector serves every route on its broker, so the clients it
 /// shares (a NATS connection) are made once.
 pub trait Connector: Send + Sync {
+    /// What this broker is by OpenTelemetry's `messaging.system` names (`kafka`, `nats`,
+    /// `rabbitmq`; `lockgate` for the embedded broker), for the traces of its messages.
+    fn messaging_system(&self) -> &'static str;
+
     /// A consumer of `source` for route `route`. With `retry = RetryMode::Broker`, the source
     /// leaves redelivery delays to the broker (only kinds that have them get such a route:
     /// config checks that).

@@ -26,6 +26,10 @@ impl KafkaConnector {
 }
 
 impl Connector for KafkaConnector {
+    fn messaging_system(&self) -> &'static str {
+        "kafka"
+    }
+
     fn source<'a>(
         &'a self,
         _route: &'a str,

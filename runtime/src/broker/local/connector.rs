@@ -10,6 +10,10 @@ use crate::config::BrokerSource;
 use crate::policy::backoff::RetryMode;
 
 impl Connector for LocalBroker {
+    fn messaging_system(&self) -> &'static str {
+        "lockgate"
+    }
+
     fn source<'a>(
         &'a self,
         _route: &'a str,

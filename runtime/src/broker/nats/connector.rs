@@ -57,6 +57,10 @@ fn is_core(source: &BrokerSource) -> bool {
 }
 
 impl Connector for NatsConnector {
+    fn messaging_system(&self) -> &'static str {
+        "nats"
+    }
+
     fn source<'a>(
         &'a self,
         route: &'a str,

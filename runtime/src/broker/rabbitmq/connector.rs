@@ -37,6 +37,10 @@ fn settings(source: &BrokerSource) -> SourceConfig {
 }
 
 impl Connector for RabbitConnector {
+    fn messaging_system(&self) -> &'static str {
+        "rabbitmq"
+    }
+
     fn source<'a>(
         &'a self,
         _route: &'a str,
