@@ -8,9 +8,11 @@
 //!   `lockgate status` reads);
 //! - `POST /reload`: reloads the config and modules (what `lockgate reload` sends); it needs the
 //!   bearer token of `[runtime] admin_token` when one is set, and is refused beyond loopback
-//!   without one.
+//!   without one;
+//! - `GET /ui`: the web console, and the JSON it polls under `/ui/api/` (`telemetry/console.rs`);
+//!   replaying dead letters from it needs the same token as `POST /reload`.
 //!
-//! The operator's view of all five is docs/operate/observability.md.
+//! The operator's view of all of them is docs/operate/observability.md.
 //!
 //! A route is ready when it is connected and consuming (or paused by its breaker): a route
 //! whose source (or a store it needs) has not connected yet is `connecting`, one whose source
@@ -24,10 +26,13 @@
 //! Its client, for `lockgate status`, `lockgate reload` and the tests, is in `telemetry/client.rs`.
 
 mod client;
+mod console;
 pub mod otlp;
 
 pub use client::{AdminClientError, http_request, http_request_async};
+pub use console::DeadLetterAccess;
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -81,6 +86,23 @@ impl RouteEntry {
 pub struct AdminRoutes {
     routes: Arc<Mutex<Vec<RouteEntry>>>,
     reloads: Arc<ReloadCounters>,
+    history: Arc<Mutex<VecDeque<ReloadRecord>>>,
+}
+
+/// Reloads the console lists (the latest ones; older ones are forgotten).
+const RELOAD_HISTORY: usize = 20;
+
+/// One reload, as the console lists it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ReloadRecord {
+    /// When, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// Whether the new state is serving (false: refused, the old state kept serving).
+    pub applied: bool,
+    /// What changed, one line each.
+    pub changes: Vec<String>,
+    /// Why it was refused.
+    pub error: Option<String>,
 }
 
 /// How many reloads were applied and refused since start.
@@ -111,6 +133,26 @@ impl AdminRoutes {
     /// The reload counters.
     pub fn reloads(&self) -> &ReloadCounters {
         &self.reloads
+    }
+
+    /// Remembers a reload for the console (the latest [`RELOAD_HISTORY`]).
+    pub fn record_reload(&self, record: ReloadRecord) {
+        let mut history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
+        if history.len() >= RELOAD_HISTORY {
+            history.pop_front();
+        }
+        history.push_back(record);
+    }
+
+    /// The latest reloads, newest first.
+    pub fn reload_history(&self) -> Vec<ReloadRecord> {
+        self.history
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .rev()
+            .cloned()
+            .collect()
     }
 
     /// The routes registered now.
@@ -149,6 +191,8 @@ pub struct AdminControl {
     pub token: Option<String>,
     /// Whether the endpoint listens on a loopback address only (then no token is required).
     pub loopback: bool,
+    /// The config's DLQs, which the console lists, shows and replays (with the token).
+    pub dead_letters: Option<Arc<dyn DeadLetterAccess>>,
 }
 
 type Read = fn(&RouteStats) -> u64;
@@ -410,6 +454,8 @@ struct AdminState {
     registry: Registry,
     routes: AdminRoutes,
     control: Option<AdminControl>,
+    /// Held by the console's replay: one at a time.
+    replaying: tokio::sync::Mutex<()>,
 }
 
 /// Serves the admin endpoint on `listener` until `shutdown` resolves. With `control`,
@@ -426,6 +472,7 @@ pub async fn serve(
         registry,
         routes,
         control,
+        replaying: tokio::sync::Mutex::new(()),
     });
     let app = Router::new()
         .route("/metrics", get(metrics))
@@ -433,6 +480,7 @@ pub async fn serve(
         .route("/readyz", get(ready))
         .route("/status", get(status))
         .route("/reload", axum::routing::post(reload))
+        .merge(console::router())
         .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -474,26 +522,8 @@ async fn reload(
             "this process does not reload".to_owned(),
         );
     };
-    match &control.token {
-        Some(token) => {
-            let given = headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            if given != Some(token.as_str()) {
-                return refuse(
-                    StatusCode::UNAUTHORIZED,
-                    "POST /reload needs `Authorization: Bearer <token>` with the token of [runtime] admin_token".to_owned(),
-                );
-            }
-        }
-        None if !control.loopback => {
-            return refuse(
-                StatusCode::FORBIDDEN,
-                "the admin endpoint listens beyond loopback: set [runtime] admin_token to allow POST /reload".to_owned(),
-            );
-        }
-        None => {}
+    if let Err((code, message)) = authorize(control, &headers, "POST /reload") {
+        return refuse(code, message);
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
     if control.reload.send(ReloadRequest { reply: tx }).is_err() {
@@ -516,6 +546,41 @@ async fn reload(
             StatusCode::SERVICE_UNAVAILABLE,
             "the runtime is stopping".to_owned(),
         ),
+    }
+}
+
+/// Whether a request that changes the running process (`what`) may: with `[runtime]
+/// admin_token` set it must carry `Authorization: Bearer <token>` (else 401); without one it is
+/// allowed on a loopback listener only (else 403). docs/guarantees.md#g7.
+fn authorize(
+    control: &AdminControl,
+    headers: &axum::http::HeaderMap,
+    what: &str,
+) -> Result<(), (StatusCode, String)> {
+    match &control.token {
+        Some(token) => {
+            let given = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if given == Some(token.as_str()) {
+                Ok(())
+            } else {
+                Err((
+                    StatusCode::UNAUTHORIZED,
+                    format!(
+                        "{what} needs `Authorization: Bearer <token>` with the token of [runtime] admin_token"
+                    ),
+                ))
+            }
+        }
+        None if !control.loopback => Err((
+            StatusCode::FORBIDDEN,
+            format!(
+                "the admin endpoint listens beyond loopback: set [runtime] admin_token to allow {what}"
+            ),
+        )),
+        None => Ok(()),
     }
 }
 

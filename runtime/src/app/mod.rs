@@ -22,6 +22,7 @@
 //! empty one (docs/architecture.md#who-owns-what).
 
 pub mod clients;
+pub mod dead_letters;
 pub mod error;
 pub mod events;
 mod runtime;

@@ -115,6 +115,7 @@ impl RuntimeBuilder {
         let admin_routes = AdminRoutes::default();
         let (reload_tx, reload_rx) = mpsc::unbounded_channel::<ReloadRequest>();
         let mut admin_addr = None;
+        let mut dead_letters = None;
         if let Some(addr) = &config.admin {
             let (listener, local) =
                 crate::telemetry::bind(addr)
@@ -133,6 +134,14 @@ impl RuntimeBuilder {
                 reload: reload_tx,
                 token,
                 loopback: local.ip().is_loopback(),
+                dead_letters: Some(
+                    dead_letters
+                        .insert(Arc::new(super::dead_letters::ConfigDeadLetters::new(
+                            config.clone(),
+                            broker.clone(),
+                        )))
+                        .clone(),
+                ),
             };
             let stop = shutdown.clone();
             let admin = admin_routes.clone();
@@ -185,6 +194,7 @@ impl RuntimeBuilder {
                 change_tx,
                 watcher,
                 trigger,
+                dead_letters,
             }
             .run(),
         );
@@ -308,6 +318,8 @@ struct Serve {
     change_tx: mpsc::UnboundedSender<FileChange>,
     watcher: Option<Box<dyn notify::Watcher + Send>>,
     trigger: ShutdownTrigger,
+    /// The admin console's DLQs, which follow the config a reload applies.
+    dead_letters: Option<Arc<super::dead_letters::ConfigDeadLetters>>,
 }
 
 /// Who asked for a reload, and where its outcome goes.
@@ -360,6 +372,11 @@ impl Serve {
             armed = false;
             tracing::debug!("Reloading");
             let outcome = self.sup.reload().await;
+            if let (Ok(changes), Some(d)) = (&outcome, &self.dead_letters)
+                && !changes.is_empty()
+            {
+                d.set_config(self.sup.config().clone()).await;
+            }
             if outcome.is_ok() && self.sup.watched_files() != watched {
                 // Only when the set changed: a second watcher would deliver late duplicates of
                 // the events the first one saw, and a late "in progress" could time a reload

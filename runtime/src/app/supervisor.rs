@@ -400,6 +400,12 @@ impl Supervisor {
                 tracing::error!(
                     "Reload refused; the running routes and modules stay as they were: {e}"
                 );
+                self.admin.record_reload(crate::telemetry::ReloadRecord {
+                    at_ms: crate::message::now_ms(),
+                    applied: false,
+                    changes: Vec::new(),
+                    error: Some(e.to_string()),
+                });
                 let e = Arc::new(e);
                 self.emit(Event::ReloadRefused { error: e.clone() });
                 Err(e)
@@ -412,6 +418,12 @@ impl Supervisor {
                     for c in &changes {
                         tracing::info!("Reloaded: {c}");
                     }
+                    self.admin.record_reload(crate::telemetry::ReloadRecord {
+                        at_ms: crate::message::now_ms(),
+                        applied: true,
+                        changes: changes.iter().map(ToString::to_string).collect(),
+                        error: None,
+                    });
                     self.emit(Event::Reloaded {
                         changes: changes.clone(),
                     });
@@ -706,4 +718,3 @@ fn changed<V: PartialEq>(
         .cloned()
         .collect()
 }
-
