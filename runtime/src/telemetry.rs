@@ -610,36 +610,51 @@ async fn status(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
         .all()
         .iter()
         .map(|r| {
-            let s = &r.stats;
-            let why = reason(s);
             let lag: Option<u64> = r
                 .lag
                 .as_ref()
                 .map(|g| g.get().iter().map(|l| l.messages).sum());
-            serde_json::json!({
-                "route": r.route,
-                "handler": r.handler,
-                "handler_version": r.slot.current().module_hash().chars().take(12).collect::<String>(),
-                "state": s.state().as_str(),
-                "reason": why.reason,
-                "fix": why.fix,
-                "attempts": why.attempts,
-                "breaker": breaker_name(load(&s.breaker_state)),
-                "in_flight": load(&s.in_flight),
-                "received": load(&s.received),
-                "succeeded": load(&s.succeeded),
-                "retried": load(&s.retried),
-                "rejected": load(&s.rejected),
-                "dead_lettered": load(&s.dead_lettered),
-                "duplicates": load(&s.duplicates),
-                "lag": lag,
-            })
+            let mut route = route_json(r);
+            route.insert(
+                "attempts".into(),
+                serde_json::json!(reason(&r.stats).attempts),
+            );
+            route.insert("lag".into(), serde_json::json!(lag));
+            serde_json::Value::Object(route)
         })
         .collect();
     (
         [(header::CONTENT_TYPE, "application/json")],
         format!("{}\n", serde_json::json!({ "routes": routes })),
     )
+}
+
+/// A route's state and counters as `/status` and the console's status show them; each adds
+/// its own fields (lag as a total or per partition, ...).
+fn route_json(r: &RouteEntry) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::json;
+    let s = &r.stats;
+    let why = reason(s);
+    let version: String = r.slot.current().module_hash().chars().take(12).collect();
+    [
+        ("route", json!(r.route)),
+        ("handler", json!(r.handler)),
+        ("handler_version", json!(version)),
+        ("state", json!(s.state().as_str())),
+        ("reason", json!(why.reason)),
+        ("fix", json!(why.fix)),
+        ("breaker", json!(breaker_name(load(&s.breaker_state)))),
+        ("in_flight", json!(load(&s.in_flight))),
+        ("received", json!(load(&s.received))),
+        ("succeeded", json!(load(&s.succeeded))),
+        ("retried", json!(load(&s.retried))),
+        ("rejected", json!(load(&s.rejected))),
+        ("dead_lettered", json!(load(&s.dead_lettered))),
+        ("duplicates", json!(load(&s.duplicates))),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
 }
 
 fn breaker_name(code: u64) -> &'static str {

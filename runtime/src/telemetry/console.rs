@@ -30,7 +30,7 @@ use base64::Engine as _;
 use futures_util::future::BoxFuture;
 use serde_json::{Value, json};
 
-use super::{AdminState, breaker_name, load, reason};
+use super::{AdminState, load, route_json};
 use crate::broker::{Scan, Sink};
 use crate::dlq::{
     Contents, DeadLetter, DlqRef, IoError, Numbering, PositionError, ReplayIo, ReplayOutcome,
@@ -198,8 +198,6 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
         .iter()
         .map(|r| {
             let s = &r.stats;
-            let why = reason(s);
-            let handler = r.slot.current();
             let lag: Vec<Value> = r
                 .lag
                 .iter()
@@ -208,27 +206,18 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
                     |l| json!({"topic": l.topic, "partition": l.partition, "messages": l.messages}),
                 )
                 .collect();
-            json!({
-                "route": r.route,
-                "handler": r.handler,
-                "handler_version": handler.module_hash().chars().take(12).collect::<String>(),
-                "module_hash": handler.module_hash(),
-                "state": s.state().as_str(),
-                "reason": why.reason,
-                "fix": why.fix,
-                "breaker": breaker_name(load(&s.breaker_state)),
-                "breaker_trips": load(&s.breaker_trips),
-                "in_flight": load(&s.in_flight),
-                "received": load(&s.received),
-                "succeeded": load(&s.succeeded),
-                "retried": load(&s.retried),
-                "rejected": load(&s.rejected),
-                "dead_lettered": load(&s.dead_lettered),
-                "duplicates": load(&s.duplicates),
-                "outputs": load(&s.outputs),
-                "replays": load(&s.replays),
-                "lag": lag,
-            })
+            let mut route = route_json(r);
+            route.extend([
+                (
+                    "module_hash".to_owned(),
+                    json!(r.slot.current().module_hash()),
+                ),
+                ("breaker_trips".to_owned(), json!(load(&s.breaker_trips))),
+                ("outputs".to_owned(), json!(load(&s.outputs))),
+                ("replays".to_owned(), json!(load(&s.replays))),
+                ("lag".to_owned(), json!(lag)),
+            ]);
+            Value::Object(route)
         })
         .collect();
     let control = state.control.as_ref();
