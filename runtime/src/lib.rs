@@ -4,8 +4,9 @@
 //!
 //! This crate is both the `lockgate` binary and its library. The modules form layers, each
 //! importing only those below it (docs/architecture.md#layers), from the bottom:
-//! - [`message`], [`policy`], [`health`], [`deadline`]: records and header names, the pure
-//!   policies (backoff, breaker, rate limit), connection health, the deadline of a guest call;
+//! - [`message`], [`policy`], [`health`], [`deadline`], [`metrics`]: records and header names,
+//!   the pure policies (backoff, breaker, rate limit), connection health, the deadline of a guest
+//!   call, the metric model `/metrics` and the OTLP export both render;
 //! - [`config`]: `runtime.toml` as plain data, with validation that reports every problem;
 //!   [`dlq`]: the dead-letter envelope;
 //! - [`state`]: guest `kv` and idempotency claims on the embedded, Redis and PostgreSQL stores;
@@ -27,6 +28,7 @@ pub mod engine;
 pub mod fixture;
 pub mod health;
 pub mod message;
+pub mod metrics;
 pub mod pipeline;
 pub mod policy;
 pub mod project;

@@ -28,6 +28,7 @@
 mod client;
 mod console;
 pub mod otlp;
+pub mod otlp_metrics;
 
 pub use client::{AdminClientError, http_request, http_request_async};
 pub use console::DeadLetterAccess;
@@ -49,6 +50,7 @@ use prometheus_client::registry::Registry;
 
 use crate::broker::LagGauge;
 use crate::health::Health;
+use crate::metrics::{Family, Kind, Value};
 use crate::pipeline::HandlerSlot;
 use crate::pipeline::RouteState;
 use crate::pipeline::RouteStats;
@@ -308,97 +310,125 @@ fn gauge_value(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-impl prometheus_client::collector::Collector for AdminRoutes {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+impl AdminRoutes {
+    /// Every metric now: what `/metrics` renders and the OTLP export sends (one snapshot, so
+    /// the two agree).
+    pub fn families(&self) -> Vec<Family> {
         let routes = self.all();
+        let mut out = Vec::new();
         for (name, help, read) in COUNTERS {
-            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            let mut f = Family::new(name, help, Kind::Counter);
             for r in &routes {
-                let labels = r.labels();
-                ConstCounter::new(read(&r.stats)).encode(metric.encode_family(&labels)?)?;
+                f.push(r.labels(), Value::Counter(read(&r.stats)), r.stats.since);
             }
+            out.push(f);
         }
         for (name, help, read) in GAUGES {
-            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            let mut f = Family::new(name, help, Kind::Gauge);
             for r in &routes {
-                let labels = r.labels();
-                ConstGauge::new(gauge_value(read(&r.stats)))
-                    .encode(metric.encode_family(&labels)?)?;
+                f.push(
+                    r.labels(),
+                    Value::Gauge(gauge_value(read(&r.stats))),
+                    r.stats.since,
+                );
             }
+            out.push(f);
         }
-        let mut metric = encoder.encode_descriptor(
+        let mut live = Family::new(
             "lockgate_instances",
             "Handler instances alive: idle in the pool or running a message.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for r in &routes {
-            if let Some(p) = r.slot.current().pool_counters() {
-                ConstGauge::new(gauge_value(load(&p.live)))
-                    .encode(metric.encode_family(&r.labels())?)?;
-            }
-        }
-        let mut metric = encoder.encode_descriptor(
+            Kind::Gauge,
+        );
+        let mut created = Family::new(
             "lockgate_instances_created",
             "Handler instances created (one per message with isolation = \"per-message\").",
-            None,
-            MetricType::Counter,
-        )?;
+            Kind::Counter,
+        );
         for r in &routes {
             if let Some(p) = r.slot.current().pool_counters() {
-                ConstCounter::new(load(&p.created)).encode(metric.encode_family(&r.labels())?)?;
+                let value = Value::Gauge(gauge_value(load(&p.live)));
+                live.push(r.labels(), value, r.stats.since);
+                let value = Value::Counter(load(&p.created));
+                created.push(r.labels(), value, r.stats.since);
             }
         }
-        let mut metric = encoder.encode_descriptor(
+        out.push(live);
+        out.push(created);
+        let mut f = Family::new(
             "lockgate_handler_duration_seconds",
             "Duration of handler calls (every attempt).",
-            None,
-            MetricType::Histogram,
-        )?;
+            Kind::Histogram,
+        );
         for r in &routes {
-            let labels = r.labels();
-            r.stats
-                .handler_seconds
-                .encode(metric.encode_family(&labels)?)?;
+            let value = Value::Histogram(r.stats.handler_seconds.snapshot());
+            f.push(r.labels(), value, r.stats.since);
         }
-        let mut metric = encoder.encode_descriptor(
+        out.push(f);
+        let mut f = Family::new(
             "lockgate_reloads",
             "Reloads of modules or runtime.toml: applied (something changed) or refused (the old state kept serving).",
-            None,
-            MetricType::Counter,
-        )?;
+            Kind::Counter,
+        );
         for (result, n) in [
             ("applied", load(&self.reloads.applied)),
             ("refused", load(&self.reloads.refused)),
         ] {
-            ConstCounter::new(n).encode(metric.encode_family(&[("result", result)])?)?;
+            f.push(
+                vec![("result", result.to_owned())],
+                Value::Counter(n),
+                crate::metrics::process_start(),
+            );
         }
-        let metric = encoder.encode_descriptor(
+        out.push(f);
+        let mut f = Family::new(
             "lockgate_otlp_spans_exported",
             "Spans the OTLP collector accepted (`[telemetry.otlp]`).",
-            None,
-            MetricType::Counter,
-        )?;
-        ConstCounter::new(otlp::exported_spans()).encode(metric)?;
-        let metric = encoder.encode_descriptor(
+            Kind::Counter,
+        );
+        f.push(
+            Vec::new(),
+            Value::Counter(otlp::exported_spans()),
+            crate::metrics::process_start(),
+        );
+        out.push(f);
+        let mut f = Family::new(
             "lockgate_otlp_spans_dropped",
             "Spans not exported: the queue (`max_queue_spans`) was full, or the collector could not take them. Delivery never waits for the export.",
-            None,
-            MetricType::Counter,
-        )?;
-        ConstCounter::new(otlp::dropped_spans()).encode(metric)?;
+            Kind::Counter,
+        );
+        f.push(
+            Vec::new(),
+            Value::Counter(otlp::dropped_spans()),
+            crate::metrics::process_start(),
+        );
+        out.push(f);
+        let mut f = Family::new(
+            "lockgate_otlp_metric_exports_failed",
+            "Metrics exports over OTLP the collector did not take (unreachable, timed out or refused); the first and every 100th are logged.",
+            Kind::Counter,
+        );
+        f.push(
+            Vec::new(),
+            Value::Counter(otlp_metrics::failed_exports()),
+            crate::metrics::process_start(),
+        );
+        out.push(f);
         // Each route's handler version has its own client (and counters): a reload starts them
         // again, which `rate()` and `increase()` take as a counter reset.
         let http: Vec<_> = routes
             .iter()
             .filter_map(|r| Some((r, r.slot.current().http_stats()?)))
             .collect();
-        let mut metric = encoder.encode_descriptor(
+        let mut requests = Family::new(
             "lockgate_http_requests",
             "Outbound HTTP requests of handlers by host and how they ended: 2xx (also 1xx and 3xx), 4xx, 5xx, timeout, refused (no connection), denied (not allowed by the grant or a limit).",
-            None,
-            MetricType::Counter,
-        )?;
+            Kind::Counter,
+        );
+        let mut seconds = Family::new(
+            "lockgate_http_request_seconds",
+            "Time from sending an outbound HTTP request to its response headers.",
+            Kind::Histogram,
+        );
         for (r, stats) in &http {
             for (host, outcome, n) in stats.counts() {
                 let labels = vec![
@@ -407,31 +437,24 @@ impl prometheus_client::collector::Collector for AdminRoutes {
                     ("host", host),
                     ("outcome", outcome.as_str().to_owned()),
                 ];
-                ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
+                requests.push(labels, Value::Counter(n), stats.since());
             }
-        }
-        let mut metric = encoder.encode_descriptor(
-            "lockgate_http_request_seconds",
-            "Time from sending an outbound HTTP request to its response headers.",
-            None,
-            MetricType::Histogram,
-        )?;
-        for (r, stats) in &http {
             for (host, histogram) in stats.durations() {
                 let labels = vec![
                     ("route", r.route.clone()),
                     ("handler", r.handler.clone()),
                     ("host", host),
                 ];
-                histogram.encode(metric.encode_family(&labels)?)?;
+                seconds.push(labels, Value::Histogram(histogram), stats.since());
             }
         }
-        let mut metric = encoder.encode_descriptor(
+        out.push(requests);
+        out.push(seconds);
+        let mut f = Family::new(
             "lockgate_consumer_lag_messages",
             "Messages not yet committed per partition (Kafka: high watermark - committed; JetStream: consumer pending), refreshed every 5 s.",
-            None,
-            MetricType::Gauge,
-        )?;
+            Kind::Gauge,
+        );
         for r in &routes {
             for lag in r.lag.iter().flat_map(LagGauge::get) {
                 let labels = vec![
@@ -442,8 +465,46 @@ impl prometheus_client::collector::Collector for AdminRoutes {
                         lag.partition.map_or_else(String::new, |p| p.to_string()),
                     ),
                 ];
-                ConstGauge::new(gauge_value(lag.messages))
-                    .encode(metric.encode_family(&labels)?)?;
+                f.push(
+                    labels,
+                    Value::Gauge(gauge_value(lag.messages)),
+                    r.stats.since,
+                );
+            }
+        }
+        out.push(f);
+        out
+    }
+}
+
+/// The Prometheus side of [`AdminRoutes::families`].
+impl prometheus_client::collector::Collector for AdminRoutes {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for family in self.families() {
+            let kind = match family.kind {
+                Kind::Counter => MetricType::Counter,
+                Kind::Gauge => MetricType::Gauge,
+                Kind::Histogram => MetricType::Histogram,
+            };
+            let mut metric = encoder.encode_descriptor(family.name, family.help, None, kind)?;
+            for sample in &family.samples {
+                let mut series = metric.encode_family(&sample.labels)?;
+                match &sample.value {
+                    Value::Counter(n) => ConstCounter::new(*n).encode(series)?,
+                    Value::Gauge(v) => ConstGauge::new(*v).encode(series)?,
+                    Value::Histogram(h) => {
+                        let buckets: Vec<(f64, u64)> = h
+                            .bounds
+                            .iter()
+                            .copied()
+                            .chain(std::iter::once(f64::INFINITY))
+                            .zip(h.counts.iter().copied())
+                            .collect();
+                        series.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                            h.sum, h.count, &buckets, None,
+                        )?;
+                    }
+                }
             }
         }
         Ok(())

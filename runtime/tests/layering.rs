@@ -12,6 +12,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("policy", 0),
     ("health", 0),
     ("deadline", 0),
+    ("metrics", 0),
     ("config", 1),
     ("dlq", 1),
     ("project", 1),

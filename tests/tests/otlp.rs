@@ -3,8 +3,10 @@
 //! opentelemetry-proto types: a message with a `traceparent` that is retried once and then
 //! succeeds is one trace, in the sender's trace, with the message span (its parent the sender's
 //! span, the messaging attributes), an attempt span per attempt and a handler span per call
-//! (with what the guest logged as span events); and with no collector listening, delivery goes
-//! on and the spans that could not be sent are counted on `/metrics`.
+//! (with what the guest logged as span events), and the metrics exports carry what `/metrics`
+//! shows; a handler's HTTP request and SQL statement are client spans inside its call, and the
+//! export at the stop has the final counts; with no collector listening, delivery goes on and
+//! the spans and metrics exports that could not be sent are counted on `/metrics`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -15,20 +17,24 @@ use std::time::{Duration, Instant};
 use http_body_util::BodyExt;
 use lockgate_tests::admin::{admin_addr, get};
 use lockgate_tests::{guest, lockgate, run_logs, show, start_run, stop_run};
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::metrics::v1::{Metric, metric, number_data_point};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT: &str = "00f067aa0ba902b7";
 
-/// What the receiver got: each request's `authorization` header, resource attributes and spans.
+/// What the receiver got: each request's `authorization` header, resource attributes, spans
+/// and metrics exports (in order).
 #[derive(Default)]
 struct Received {
     authorization: Vec<String>,
     resources: Vec<Vec<KeyValue>>,
     spans: Vec<Span>,
+    metrics: Vec<Vec<Metric>>,
 }
 
 /// An OTLP/HTTP receiver on a free port of 127.0.0.1, on a runtime of its own.
@@ -76,6 +82,21 @@ fn receiver() -> (SocketAddr, Arc<Mutex<Received>>, tokio::runtime::Runtime) {
                                     }
                                 }
                                 200
+                            } else if path == "/v1/metrics" {
+                                let request = ExportMetricsServiceRequest::decode(body).unwrap();
+                                let mut got = sink.lock().unwrap();
+                                got.authorization.push(auth);
+                                let mut metrics = Vec::new();
+                                for rm in request.resource_metrics {
+                                    got.resources.push(
+                                        rm.resource.map(|r| r.attributes).unwrap_or_default(),
+                                    );
+                                    for sm in rm.scope_metrics {
+                                        metrics.extend(sm.metrics);
+                                    }
+                                }
+                                got.metrics.push(metrics);
+                                200
                             } else {
                                 404
                             };
@@ -120,6 +141,27 @@ fn int(attrs: &[KeyValue], key: &str) -> i64 {
     match attr(attrs, key) {
         Some(any_value::Value::IntValue(i)) => *i,
         other => panic!("{key}: {other:?} in {attrs:?}"),
+    }
+}
+
+/// The value of the counter or gauge `name` for `route` in one metrics export.
+fn number(metrics: &[Metric], name: &str, route: &str) -> Option<i64> {
+    let m = metrics.iter().find(|m| m.name == name)?;
+    let points = match m.data.as_ref()? {
+        metric::Data::Sum(s) => {
+            assert!(s.is_monotonic && s.aggregation_temporality == 2, "{m:?}");
+            &s.data_points
+        }
+        metric::Data::Gauge(g) => &g.data_points,
+        other => panic!("{name}: {other:?}"),
+    };
+    let p = points
+        .iter()
+        .find(|p| text(&p.attributes, "route") == route)?;
+    assert!(p.start_time_unix_nano <= p.time_unix_nano, "{p:?}");
+    match p.value {
+        Some(number_data_point::Value::AsInt(n)) => Some(n),
+        other => panic!("{name}: {other:?}"),
     }
 }
 
@@ -171,7 +213,11 @@ fn wait(dir: &std::path::Path, what: &str, mut done: impl FnMut() -> bool) {
 fn a_retried_message_is_one_trace_in_its_senders_trace() {
     let (addr, got, _rt) = receiver();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &format!("http://{addr}"), "");
+    let config = write_config(
+        dir.path(),
+        &format!("http://{addr}"),
+        "metrics_interval_ms = 200\n",
+    );
     let tp = format!("traceparent=00-{TRACE}-{PARENT}-01");
     let out = lockgate(
         dir.path(),
@@ -179,6 +225,7 @@ fn a_retried_message_is_one_trace_in_its_senders_trace() {
     );
     assert!(out.status.success(), "{}", show(&out));
     let mut run = start_run(dir.path(), &config, 1, None, "lockgate=info,warn");
+    let admin = admin_addr(&mut run, dir.path(), 1);
     let message_span = |got: &Received| {
         got.spans
             .iter()
@@ -189,6 +236,26 @@ fn a_retried_message_is_one_trace_in_its_senders_trace() {
     wait(dir.path(), "no message span exported", || {
         message_span(&got.lock().unwrap()).is_some()
     });
+    // The metrics: a periodic export with the message counted, the same numbers as /metrics.
+    let last_succeeded = |got: &Received| {
+        got.metrics
+            .last()
+            .and_then(|m| number(m, "lockgate_messages_succeeded", "orders"))
+    };
+    wait(dir.path(), "no metrics export counted the message", || {
+        last_succeeded(&got.lock().unwrap()) == Some(1)
+    });
+    let (_, page) = get(&admin, "/metrics");
+    for name in ["lockgate_messages_succeeded", "lockgate_attempts_retried"] {
+        let prometheus = page
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}_total{{")) && l.contains("route=\"orders\""))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok());
+        let exported = number(got.lock().unwrap().metrics.last().unwrap(), name, "orders");
+        assert_eq!(prometheus, exported.map(|n| n as f64), "{name}: {page}");
+    }
+    let exports_before_stop = got.lock().unwrap().metrics.len();
     stop_run(&mut run, dir.path(), 1);
 
     let got = got.lock().unwrap();
@@ -259,6 +326,33 @@ fn a_retried_message_is_one_trace_in_its_senders_trace() {
     );
     assert_eq!(trace.len(), 5, "{trace:#?}");
 
+    // The last export went out after the route drained, with the final counts.
+    assert!(
+        got.metrics.len() > exports_before_stop,
+        "no export at the stop"
+    );
+    let last = got.metrics.last().unwrap();
+    assert_eq!(
+        number(last, "lockgate_messages_succeeded", "orders"),
+        Some(1)
+    );
+    assert_eq!(number(last, "lockgate_attempts_retried", "orders"), Some(1));
+    assert!(number(last, "lockgate_route_state", "orders").is_some());
+    let duration = last
+        .iter()
+        .find(|m| m.name == "lockgate_handler_duration_seconds")
+        .unwrap();
+    assert_eq!(duration.unit, "s");
+    let Some(metric::Data::Histogram(h)) = &duration.data else {
+        panic!("{duration:?}");
+    };
+    let p = &h.data_points[0];
+    assert_eq!(text(&p.attributes, "route"), "orders");
+    assert_eq!(p.count, 2, "two calls");
+    assert_eq!(p.bucket_counts.iter().sum::<u64>(), 2);
+    assert_eq!(p.bucket_counts.len(), p.explicit_bounds.len() + 1);
+    assert_eq!(h.aggregation_temporality, 2, "cumulative");
+
     // The resource, and the configured header on every request.
     let resource = &got.resources[0];
     assert_eq!(text(resource, "service.name"), "lockgate");
@@ -281,7 +375,7 @@ fn without_a_collector_delivery_goes_on_and_the_lost_spans_are_counted() {
     let config = write_config(
         dir.path(),
         &format!("http://{closed}"),
-        "max_queue_spans = 4\nexport_timeout_ms = 1000\n",
+        "max_queue_spans = 4\nexport_timeout_ms = 1000\nmetrics_interval_ms = 100\n",
     );
     for i in 0..20 {
         let out = lockgate(
@@ -312,10 +406,217 @@ fn without_a_collector_delivery_goes_on_and_the_lost_spans_are_counted() {
         counter("lockgate_otlp_spans_dropped_total") >= 100.0
     });
     assert_eq!(counter("lockgate_otlp_spans_exported_total"), 0.0);
-    stop_run(&mut run, dir.path(), 1);
-    assert!(
-        run_logs(dir.path(), 1).contains("Cannot export spans over OTLP"),
-        "{}",
-        run_logs(dir.path(), 1)
+    wait(
+        dir.path(),
+        "the failed metrics exports are not counted",
+        || counter("lockgate_otlp_metric_exports_failed_total") >= 1.0,
     );
+    stop_run(&mut run, dir.path(), 1);
+    let logs = run_logs(dir.path(), 1);
+    assert!(logs.contains("Cannot export spans over OTLP"), "{logs}");
+    assert!(logs.contains("Cannot export metrics over OTLP"), "{logs}");
+}
+
+/// A customer service on 127.0.0.1 (what the `enrich` handler calls): answers a small JSON
+/// document and keeps each request's `traceparent`.
+fn customers(rt: &tokio::runtime::Runtime) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    rt.spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let tp = req
+                            .headers()
+                            .get("traceparent")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned();
+                        sink.lock().unwrap().push(tp);
+                        async move {
+                            Ok::<_, hyper::Error>(hyper::Response::new(http_body_util::Full::new(
+                                hyper::body::Bytes::from_static(br#"{"tier":"gold"}"#),
+                            )))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A handler's outbound request and a handler's SQL statement are client spans inside its
+/// handler span, by the HTTP and database conventions: the request's span is the parent the
+/// server was given in `traceparent`, and the statement's text carries no literal.
+#[test]
+fn http_requests_and_sql_statements_are_spans_of_the_handler_call() {
+    let (addr, got, rt) = receiver();
+    let (service, seen) = customers(&rt);
+    let pg = lockgate_tests::pg::SyncPg::connect();
+    let schema = lockgate_tests::pg::unique_schema("lgotlp");
+    pg.exec(&format!(
+        "CREATE SCHEMA {schema};
+         CREATE TABLE {schema}.account_balances (account text PRIMARY KEY, balance bigint NOT NULL, deposits bigint NOT NULL)"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("runtime.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[runtime]
+state_dir = "state"
+
+[telemetry.otlp]
+endpoint = "http://{addr}"
+# No periodic export within the test: the one at the stop is all there is.
+metrics_interval_ms = 600000
+
+[stores.pg]
+kind = "postgres"
+url = "{url}"
+schema = "{schema}"
+
+[handlers.enrich]
+module = "{enrich}"
+config = {{ customers_url = "http://{service}" }}
+
+[handlers.enrich.http]
+allowed_hosts = ["http://{service}"]
+
+[handlers.ledger]
+module = "{ledger}"
+config = {{ table = "{schema}.account_balances" }}
+sql = "pg"
+
+[routes.orders]
+handler = "enrich"
+source = {{ topic = "orders" }}
+outputs = ["orders.enriched"]
+
+[routes.deposits]
+handler = "ledger"
+source = {{ topic = "deposits" }}
+state = "pg"
+idempotency = {{ key = "json:/deposit_id" }}
+"#,
+            url = lockgate_tests::pg::URL,
+            enrich = guest("enrich").display(),
+            ledger = guest("ledger").display(),
+        ),
+    )
+    .unwrap();
+    let tp = format!("traceparent=00-{TRACE}-{PARENT}-01");
+    for (topic, payload) in [
+        ("orders", r#"{"id":"o-1","customer_id":"c-7"}"#),
+        (
+            "deposits",
+            r#"{"deposit_id":"d-1","account":"acc-1","amount":4242}"#,
+        ),
+    ] {
+        let out = lockgate(
+            dir.path(),
+            &[
+                "send",
+                topic,
+                payload,
+                "-H",
+                &tp,
+                "--config",
+                "runtime.toml",
+            ],
+        );
+        assert!(out.status.success(), "{}", show(&out));
+    }
+    let mut run = start_run(dir.path(), &config, 1, None, "lockgate=info,warn");
+    let spans = |got: &Received, name: &str| -> Vec<Span> {
+        got.spans
+            .iter()
+            .filter(|s| s.name == name && hex(&s.trace_id) == TRACE)
+            .cloned()
+            .collect()
+    };
+    wait(dir.path(), "both message spans exported", || {
+        let got = got.lock().unwrap();
+        spans(&got, "process orders").len() == 1 && spans(&got, "process deposits").len() == 1
+    });
+    stop_run(&mut run, dir.path(), 1);
+    let got = got.lock().unwrap();
+
+    // The request: a client span, child of the enrich handler's span, the parent the server saw.
+    let handler = &spans(&got, "handler enrich")[0];
+    let get_spans = spans(&got, "GET");
+    assert_eq!(get_spans.len(), 1, "{:#?}", got.spans);
+    let request = &get_spans[0];
+    assert_eq!(request.kind, 3, "SPAN_KIND_CLIENT");
+    assert_eq!(request.parent_span_id, handler.span_id);
+    let a = &request.attributes;
+    assert_eq!(text(a, "http.request.method"), "GET");
+    assert_eq!(int(a, "http.response.status_code"), 200);
+    assert_eq!(text(a, "server.address"), "127.0.0.1");
+    assert_eq!(int(a, "server.port"), i64::from(service.port()));
+    assert_eq!(
+        text(a, "url.full"),
+        format!("http://127.0.0.1:{}/customers/c-7", service.port())
+    );
+    let sent = seen.lock().unwrap().clone();
+    assert_eq!(
+        sent,
+        vec![format!("00-{TRACE}-{}-01", hex(&request.span_id))],
+        "the server's parent is the request's span"
+    );
+
+    // The statement: a client span, child of the ledger handler's span, without its literals.
+    let handler = &spans(&got, "handler ledger")[0];
+    let inserts = spans(&got, "INSERT");
+    assert_eq!(inserts.len(), 1, "{:#?}", got.spans);
+    let statement = &inserts[0];
+    assert_eq!(statement.kind, 3, "SPAN_KIND_CLIENT");
+    assert_eq!(statement.parent_span_id, handler.span_id);
+    let a = &statement.attributes;
+    assert_eq!(text(a, "db.system.name"), "postgresql");
+    assert_eq!(text(a, "db.operation.name"), "INSERT");
+    assert_eq!(int(a, "db.response.returned_rows"), 1);
+    let query = text(a, "db.query.text");
+    assert!(
+        query.starts_with("INSERT INTO") && query.contains("VALUES ($1, $2, ?)"),
+        "{query}"
+    );
+    assert!(!query.contains("4242") && !query.contains('\n'), "{query}");
+
+    // One metrics export, at the stop, after both routes drained: their final counts, and the
+    // handler's requests by host and outcome.
+    assert_eq!(got.metrics.len(), 1, "one export, at the stop");
+    let last = &got.metrics[0];
+    for route in ["orders", "deposits"] {
+        assert_eq!(
+            number(last, "lockgate_messages_succeeded", route),
+            Some(1),
+            "{route}"
+        );
+    }
+    let requests = last
+        .iter()
+        .find(|m| m.name == "lockgate_http_requests")
+        .unwrap();
+    let Some(metric::Data::Sum(sum)) = &requests.data else {
+        panic!("{requests:?}");
+    };
+    let p = &sum.data_points[0];
+    assert_eq!(text(&p.attributes, "host"), "127.0.0.1");
+    assert_eq!(text(&p.attributes, "outcome"), "2xx");
+    assert_eq!(p.value, Some(number_data_point::Value::AsInt(1)));
+    pg.drop_schema(&schema);
 }

@@ -172,6 +172,9 @@ pub enum StartError {
     /// names the file, the field and the source.
     #[error("{0}")]
     AdminToken(crate::config::SecretError),
+    /// `[telemetry.otlp]` cannot be applied (a header's secret cannot be read).
+    #[error("{0}")]
+    Otlp(crate::telemetry::otlp::OtlpError),
     /// The routes cannot start (the same checks a reload makes).
     #[error(transparent)]
     Routes(#[from] ReloadError),

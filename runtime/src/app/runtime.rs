@@ -113,6 +113,13 @@ impl RuntimeBuilder {
             tokio::spawn(async move { broker.run_retention(stop.wait()).await });
         }
         let admin_routes = AdminRoutes::default();
+        // The metrics export reads the same routes as /metrics; it ends after they drained
+        // (`Serve::run`), so its last export has the final counts.
+        let metrics_export = match &config.telemetry.otlp {
+            Some(o) => crate::telemetry::otlp_metrics::start(o, admin_routes.clone())
+                .map_err(StartError::Otlp)?,
+            None => None,
+        };
         let (reload_tx, reload_rx) = mpsc::unbounded_channel::<ReloadRequest>();
         let mut admin_addr = None;
         let mut dead_letters = None;
@@ -195,6 +202,7 @@ impl RuntimeBuilder {
                 watcher,
                 trigger,
                 dead_letters,
+                metrics_export,
             }
             .run(),
         );
@@ -320,6 +328,8 @@ struct Serve {
     trigger: ShutdownTrigger,
     /// The admin console's DLQs, which follow the config a reload applies.
     dead_letters: Option<Arc<super::dead_letters::ConfigDeadLetters>>,
+    /// The OTLP metrics export, finished after the routes stopped.
+    metrics_export: Option<crate::telemetry::otlp_metrics::MetricsExport>,
 }
 
 /// Who asked for a reload, and where its outcome goes.
@@ -408,6 +418,9 @@ impl Serve {
         drop(self.watcher.take());
         self.trigger.trigger();
         let mut reports = self.sup.stop_all().await;
+        if let Some(export) = self.metrics_export.take() {
+            export.finish().await;
+        }
         reports.extend(failed);
         RunEnd { reports }
     }

@@ -212,14 +212,15 @@ impl Supervisor {
     }
 
     /// Stops every route (drains, commits) and returns the reports of every route stopped
-    /// since the start, those a reload stopped first.
+    /// since the start, those a reload stopped first. The routes stay on the admin endpoint:
+    /// `/readyz` and `/metrics` show them draining, and the last OTLP metrics export, after
+    /// this, has their final counts.
     pub async fn stop_all(&mut self) -> Vec<Arc<RouteReport>> {
         for r in self.routes.values() {
             r.trigger.trigger();
         }
         let mut reports = std::mem::take(&mut self.stopped);
         for (name, r) in std::mem::take(&mut self.routes) {
-            self.admin.remove(&name);
             match r.task.await {
                 Ok(report) => {
                     let report = Arc::new(report);

@@ -63,10 +63,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(otlp) = &otlp {
         lockgate::telemetry::otlp::start(otlp, runtime.handle())
             .context("cannot start the OTLP export")?;
-        println!(
-            "lockgate: exporting traces over OTLP to {}",
-            otlp.traces_url()
-        );
+        let what = match (otlp.traces, otlp.metrics_interval) {
+            (true, Some(_)) => "traces and metrics",
+            (true, None) => "traces",
+            (false, Some(_)) => "metrics",
+            (false, None) => "nothing (traces = false, metrics = false)",
+        };
+        println!("lockgate: exporting {what} over OTLP to {}", otlp.endpoint);
     }
     let code = runtime.block_on(run_routes(builder));
     if otlp.is_some() {

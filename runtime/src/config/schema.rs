@@ -28,7 +28,9 @@ use super::runtime::{
     DEFAULT_SHUTDOWN_GRACE_MS, DEFAULT_STATE_DIR, DEFAULT_TIMEOUT_MS, SCHEMA_VERSION,
 };
 use super::stores::{DEFAULT_STORE_PREFIX, DEFAULT_STORE_SCHEMA, POSTGRES_POOL_SIZE};
-use super::telemetry::{DEFAULT_OTLP_EXPORT_TIMEOUT_MS, DEFAULT_OTLP_MAX_QUEUE_SPANS};
+use super::telemetry::{
+    DEFAULT_OTLP_EXPORT_TIMEOUT_MS, DEFAULT_OTLP_MAX_QUEUE_SPANS, DEFAULT_OTLP_METRICS_INTERVAL_MS,
+};
 
 /// What a field holds.
 #[derive(Clone, Copy, Debug)]
@@ -257,7 +259,7 @@ pub const TELEMETRY: Table = Table {
         "otlp",
         K::Table(&[&TELEMETRY_OTLP]),
         P::Unset,
-        "OpenTelemetry export of a trace per message; off unless present.",
+        "OpenTelemetry export of a trace per message and of the metrics; off unless present.",
     )],
     aliases: &[],
     example: "",
@@ -268,13 +270,13 @@ pub const TELEMETRY_OTLP: Table = Table {
     id: "telemetry-otlp",
     title: "`[telemetry.otlp]`",
     label: "`otlp`",
-    doc: "OpenTelemetry (OTLP/HTTP, protobuf) export: a trace per message with a span per attempt and per handler call, continuing the message's `traceparent` ([observability](../operate/observability.md#opentelemetry)). Export never slows delivery: spans wait in a bounded queue, and what does not fit or cannot be sent is dropped and counted (`lockgate_otlp_spans_dropped_total`).",
+    doc: "OpenTelemetry (OTLP/HTTP, protobuf) export: a trace per message with a span per attempt, per handler call and per outbound HTTP request and SQL statement, continuing the message's `traceparent`; and the metrics of `/metrics`, from the same snapshot ([observability](../operate/observability.md#opentelemetry)). Export never slows delivery: spans wait in a bounded queue, and what does not fit or cannot be sent is dropped and counted (`lockgate_otlp_spans_dropped_total`).",
     fields: &[
         field(
             "endpoint",
             K::Str,
             P::Required,
-            "The collector's OTLP/HTTP base URL (`http://collector:4318`); traces are sent to `<endpoint>/v1/traces`. `http://` or `https://` (verified against the system's web PKI roots).",
+            "The collector's OTLP/HTTP base URL (`http://collector:4318`); traces are sent to `<endpoint>/v1/traces`, metrics to `<endpoint>/v1/metrics`. `http://` or `https://` (verified against the web PKI roots).",
         ),
         field(
             "protocol",
@@ -312,6 +314,24 @@ pub const TELEMETRY_OTLP: Table = Table {
             P::Int(DEFAULT_OTLP_EXPORT_TIMEOUT_MS),
             "How long one export request may take; its spans are dropped and counted after it.",
         ),
+        field(
+            "traces",
+            K::Bool,
+            P::Bool(true),
+            "Export the message traces.",
+        ),
+        field(
+            "metrics",
+            K::Bool,
+            P::Bool(true),
+            "Export the metrics of `/metrics` (cumulative sums, gauges and histograms with their labels as attributes), every `metrics_interval_ms` and once more when the process stops.",
+        ),
+        field(
+            "metrics_interval_ms",
+            K::Ms,
+            P::Int(DEFAULT_OTLP_METRICS_INTERVAL_MS),
+            "Time between two metrics exports.",
+        ),
     ],
     aliases: &[],
     example: r#"[telemetry.otlp]
@@ -322,6 +342,9 @@ sampling_ratio = 1.0
 resource = { "deployment.environment" = "production" }
 max_queue_spans = 2048
 export_timeout_ms = 10000
+traces = true
+metrics = true
+metrics_interval_ms = 15000
 "#,
 };
 

@@ -3,7 +3,7 @@
 //!
 //! ```toml
 //! [telemetry.otlp]
-//! endpoint = "http://collector:4318"          # traces go to <endpoint>/v1/traces
+//! endpoint = "http://collector:4318"          # <endpoint>/v1/traces and /v1/metrics
 //! headers = { authorization = { env = "OTLP_AUTHORIZATION" } }
 //! sampling_ratio = 0.1                        # of traces that start here
 //! resource = { "deployment.environment" = "production" }
@@ -20,6 +20,9 @@ use super::secret::{Secret, SecretSource, parse_secret_value};
 pub const DEFAULT_OTLP_MAX_QUEUE_SPANS: u64 = 2048;
 /// Default of `export_timeout_ms`.
 pub const DEFAULT_OTLP_EXPORT_TIMEOUT_MS: u64 = 10_000;
+/// Default of `metrics_interval_ms`: a typical Prometheus scrape interval, so a dashboard on
+/// the exported metrics looks like one on `/metrics`.
+pub const DEFAULT_OTLP_METRICS_INTERVAL_MS: u64 = 15_000;
 
 /// `[telemetry]`.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -43,12 +46,21 @@ pub struct OtlpSettings {
     pub max_queue_spans: usize,
     /// How long one export request may take.
     pub export_timeout: Duration,
+    /// Whether the message traces are exported.
+    pub traces: bool,
+    /// The metrics export's interval, if metrics are exported.
+    pub metrics_interval: Option<Duration>,
 }
 
 impl OtlpSettings {
     /// Where traces are posted.
     pub fn traces_url(&self) -> String {
         format!("{}/v1/traces", self.endpoint)
+    }
+
+    /// Where metrics are posted.
+    pub fn metrics_url(&self) -> String {
+        format!("{}/v1/metrics", self.endpoint)
     }
 }
 
@@ -163,8 +175,16 @@ fn parse_otlp(r: &mut Reader<'_>) -> Option<OtlpSettings> {
         r.positive("export_timeout_ms")
             .unwrap_or(DEFAULT_OTLP_EXPORT_TIMEOUT_MS),
     );
+    let traces = r.bool("traces").unwrap_or(true);
+    let metrics = r.bool("metrics").unwrap_or(true);
+    let interval = Duration::from_millis(
+        r.positive("metrics_interval_ms")
+            .unwrap_or(DEFAULT_OTLP_METRICS_INTERVAL_MS),
+    );
     Some(OtlpSettings {
         endpoint: endpoint?,
+        traces,
+        metrics_interval: metrics.then_some(interval),
         headers,
         sampling_ratio,
         resource,

@@ -7,8 +7,8 @@ use crate::health::{Health, HealthWatch};
 use crate::pipeline::readiness::Dependency;
 
 /// Buckets of the handler-duration histogram, in seconds (100 µs .. ~26 s).
-fn duration_buckets() -> impl Iterator<Item = f64> {
-    prometheus_client::metrics::histogram::exponential_buckets(0.0001, 4.0, 10)
+fn duration_buckets() -> Vec<f64> {
+    crate::metrics::exponential_buckets(0.0001, 4.0, 10)
 }
 
 /// What a route is doing, for `/readyz` and the `lockgate_route_state` gauge (whose values are
@@ -101,7 +101,9 @@ pub struct RouteStats {
     /// or failing.
     dependencies: std::sync::Mutex<Vec<Dependency>>,
     /// Handler call durations, seconds.
-    pub handler_seconds: prometheus_client::metrics::histogram::Histogram,
+    pub handler_seconds: crate::metrics::Histogram,
+    /// When these counters started (a reload of the route starts new ones).
+    pub since: std::time::SystemTime,
 }
 
 impl Default for RouteStats {
@@ -127,9 +129,8 @@ impl Default for RouteStats {
             breaker_state: AtomicU64::new(0),
             state: std::sync::atomic::AtomicU8::new(RouteState::Starting as u8),
             dependencies: std::sync::Mutex::new(Vec::new()),
-            handler_seconds: prometheus_client::metrics::histogram::Histogram::new(
-                duration_buckets(),
-            ),
+            handler_seconds: crate::metrics::Histogram::new(duration_buckets()),
+            since: std::time::SystemTime::now(),
         }
     }
 }

@@ -2,8 +2,10 @@
 //! docs/operate/observability.md#opentelemetry).
 //!
 //! The pipeline knows nothing of OpenTelemetry: it opens `tracing` spans (`message` per
-//! delivery, `attempt` per attempt, `handler` per handler call) with the fields a trace needs,
-//! and [`OtlpLayer`], a `tracing` layer, turns those three kinds into OpenTelemetry spans: the
+//! delivery, `attempt` per attempt, `handler` per handler call; the engine `http_request` per
+//! outbound request and `sql_statement` per statement, inside the handler's) with the fields a
+//! trace needs, and [`OtlpLayer`], a `tracing` layer, turns those kinds into OpenTelemetry
+//! spans (client spans by the HTTP and database semantic conventions for the last two): the
 //! message span continues the message's `traceparent` (its trace id, the sender's span as the
 //! remote parent, its sampled flag) or starts a trace, sampled by `sampling_ratio`; the others
 //! are its children. Events inside them (warnings, errors, what the guest logged) become span
@@ -110,10 +112,14 @@ pub fn filter() -> tracing_subscriber::reload::Layer<
     layer
 }
 
-/// Starts exporting: builds the exporter, spawns the task that sends batches on `runtime`, and
-/// turns the layer on. Secrets in `headers` are read now.
+/// Starts exporting traces (if `traces` is on; the metrics are `otlp_metrics.rs`'s): builds
+/// the exporter, spawns the task that sends batches on `runtime`, and turns the layer on.
+/// Secrets in `headers` are read now.
 pub fn start(settings: &OtlpSettings, runtime: &tokio::runtime::Handle) -> Result<(), OtlpError> {
     use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+    if !settings.traces {
+        return Ok(());
+    }
     if SINK.get().is_some() {
         return Err(OtlpError::Started);
     }
@@ -225,6 +231,10 @@ enum Kind {
     Message,
     Attempt,
     Handler,
+    /// A handler's outbound HTTP request (`engine/outbound`).
+    HttpRequest,
+    /// A handler's SQL statement (`engine/sql`).
+    SqlStatement,
 }
 
 /// An exported span being built, kept in its `tracing` span's extensions.
@@ -333,6 +343,8 @@ where
             "message" => Kind::Message,
             "attempt" => Kind::Attempt,
             "handler" => Kind::Handler,
+            "http_request" => Kind::HttpRequest,
+            "sql_statement" => Kind::SqlStatement,
             _ => return,
         };
         let Some(span) = ctx.span(id) else {
@@ -523,14 +535,79 @@ fn span_data(b: Building, sink: &Sink) -> SpanData {
             let handler = f.text("handler").unwrap_or_default();
             (format!("handler {handler}").into(), SpanKind::Internal)
         }
+        Kind::HttpRequest => {
+            put("http.request.method", "method");
+            put("lockgate.outcome", "outcome");
+            if let Some(status) = f.get("status") {
+                attributes.push(KeyValue::new("http.response.status_code", status.clone()));
+            }
+            if let Some(url) = f.text("url")
+                && let Ok(uri) = url.parse::<http::Uri>()
+            {
+                // Without the query (it may carry tokens) and without user info.
+                let scheme = uri.scheme_str().unwrap_or("http");
+                let host = uri.host().unwrap_or_default().to_owned();
+                let port = uri
+                    .port_u16()
+                    .unwrap_or(if scheme == "https" { 443 } else { 80 });
+                attributes.push(KeyValue::new(
+                    "url.full",
+                    format!("{scheme}://{host}:{port}{}", uri.path()),
+                ));
+                attributes.push(KeyValue::new("server.address", host));
+                attributes.push(KeyValue::new("server.port", i64::from(port)));
+            }
+            match f.text("outcome").as_deref() {
+                Some("2xx") | None => {}
+                Some("4xx" | "5xx") => {
+                    if let Some(status) = f.text("status") {
+                        attributes.push(KeyValue::new("error.type", status));
+                    }
+                }
+                Some(other) => attributes.push(KeyValue::new("error.type", other.to_owned())),
+            }
+            let method = f.text("method").unwrap_or_else(|| "HTTP".into());
+            (method.into(), SpanKind::Client)
+        }
+        Kind::SqlStatement => {
+            put("db.operation.name", "operation");
+            put("db.query.text", "statement");
+            put("db.response.status_code", "code");
+            put("db.response.returned_rows", "rows");
+            put("lockgate.outcome", "outcome");
+            attributes.push(KeyValue::new("db.system.name", "postgresql"));
+            match f.text("outcome").as_deref() {
+                Some("ok") | None => {}
+                Some(other) => {
+                    let kind = f.text("code").unwrap_or_else(|| other.to_owned());
+                    attributes.push(KeyValue::new("error.type", kind));
+                }
+            }
+            let operation = f.text("operation").filter(|o| !o.is_empty());
+            (
+                operation.unwrap_or_else(|| "sql".into()).into(),
+                SpanKind::Client,
+            )
+        }
     };
     let outcome = f.text("outcome");
     let status = match outcome.as_deref() {
-        None | Some("ok" | "duplicate" | "passed_through" | "handled") => Status::Unset,
+        None | Some("ok" | "duplicate" | "passed_through" | "handled" | "2xx") => Status::Unset,
         Some(other) => Status::error(other.to_owned()),
     };
+    // A request's span has the id its `traceparent` header gave the server as parent.
+    let span_context = match f.text("span_id").map(|h| SpanId::from_hex(&h)) {
+        Some(Ok(id)) if b.kind == Kind::HttpRequest && id != SpanId::INVALID => SpanContext::new(
+            b.context.trace_id(),
+            id,
+            b.context.trace_flags(),
+            false,
+            b.context.trace_state().clone(),
+        ),
+        _ => b.context,
+    };
     SpanData {
-        span_context: b.context,
+        span_context,
         parent_span_id: b.parent,
         parent_span_is_remote: b.parent_remote,
         span_kind: kind,
@@ -551,9 +628,9 @@ fn span_data(b: Building, sink: &Sink) -> SpanData {
     }
 }
 
-/// The exporter's HTTP client: one HTTP/1.1 connection per export, TLS by rustls with ring and
+/// The exporters' HTTP client: one HTTP/1.1 connection per export, TLS by rustls with ring and
 /// the web PKI roots.
-struct Client {
+pub(super) struct Client {
     tls: tokio_rustls::TlsConnector,
     timeout: Duration,
 }
@@ -567,7 +644,7 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    fn new(timeout: Duration) -> Self {
+    pub(super) fn new(timeout: Duration) -> Self {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -633,6 +710,17 @@ impl Client {
         let body = body.collect().await?.to_bytes();
         Ok(http::Response::from_parts(parts, body))
     }
+
+    /// Sends `request`, failing when the whole exchange takes longer than the export timeout.
+    pub(super) async fn send_within(
+        &self,
+        request: http::Request<Bytes>,
+    ) -> Result<http::Response<Bytes>, opentelemetry_http::HttpError> {
+        match tokio::time::timeout(self.timeout, self.send(request)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer in {} ms", self.timeout.as_millis()).into()),
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -641,10 +729,7 @@ impl opentelemetry_http::HttpClient for Client {
         &self,
         request: http::Request<Bytes>,
     ) -> Result<http::Response<Bytes>, opentelemetry_http::HttpError> {
-        match tokio::time::timeout(self.timeout, self.send(request)).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("no answer in {} ms", self.timeout.as_millis()).into()),
-        }
+        self.send_within(request).await
     }
 }
 

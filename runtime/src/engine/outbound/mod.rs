@@ -459,6 +459,8 @@ impl WasiHttpHooks for HttpHooks {
             method = %method,
             url = %url,
             outcome = tracing::field::Empty,
+            status = tracing::field::Empty,
+            span_id = tracing::field::Empty,
         );
         self.records.push(HttpRecord {
             method,
@@ -492,9 +494,11 @@ impl WasiHttpHooks for HttpHooks {
         if let Some((trace, flags)) = &call.trace
             && !headers.contains_key(crate::message::TRACEPARENT)
         {
-            let span = derived(&call.key_base, "span", index);
-            if let Ok(v) = HeaderValue::try_from(format!("00-{trace}-{}-{flags}", &span[..16])) {
+            let id = derived(&call.key_base, "span", index);
+            if let Ok(v) = HeaderValue::try_from(format!("00-{trace}-{}-{flags}", &id[..16])) {
                 headers.insert(crate::message::TRACEPARENT, v);
+                // The request's span is the server's parent in the exported trace.
+                span.record("span_id", &id[..16]);
             }
         }
         // The head of the response (connecting included) within the grant's timeout, the
@@ -557,7 +561,9 @@ impl WasiHttpHooks for HttpHooks {
             };
             let outcome = HttpOutcome::of_status(response.status().as_u16());
             stats.record(&host, outcome, seconds);
-            tracing::Span::current().record("outcome", outcome.as_str());
+            let current = tracing::Span::current();
+            current.record("outcome", outcome.as_str());
+            current.record("status", response.status().as_u16());
             let length = response
                 .headers()
                 .get(http::header::CONTENT_LENGTH)

@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use prometheus_client::metrics::histogram::Histogram;
+use std::time::SystemTime;
+
+use crate::metrics::{Histogram, HistogramSnapshot};
 
 /// How an outbound request ended, as the `outcome` label says it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -48,15 +50,26 @@ impl HttpOutcome {
 }
 
 /// Buckets of the request-duration histogram, in seconds (1 ms .. ~65 s).
-fn buckets() -> impl Iterator<Item = f64> {
-    prometheus_client::metrics::histogram::exponential_buckets(0.001, 4.0, 9)
+fn buckets() -> Vec<f64> {
+    crate::metrics::exponential_buckets(0.001, 4.0, 9)
 }
 
 /// The counters of one handler's requests.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct HttpStats {
     counts: Mutex<BTreeMap<(String, HttpOutcome), u64>>,
     seconds: Mutex<BTreeMap<String, Histogram>>,
+    since: SystemTime,
+}
+
+impl Default for HttpStats {
+    fn default() -> Self {
+        Self {
+            counts: Mutex::default(),
+            seconds: Mutex::default(),
+            since: SystemTime::now(),
+        }
+    }
 }
 
 impl HttpStats {
@@ -82,10 +95,15 @@ impl HttpStats {
     }
 
     /// The duration histogram of every host seen.
-    pub fn durations(&self) -> Vec<(String, Histogram)> {
+    pub fn durations(&self) -> Vec<(String, HistogramSnapshot)> {
         self.seconds
             .lock()
-            .map(|h| h.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .map(|h| h.iter().map(|(k, v)| (k.clone(), v.snapshot())).collect())
             .unwrap_or_default()
+    }
+
+    /// When these counters started (each handler version has its own).
+    pub fn since(&self) -> SystemTime {
+        self.since
     }
 }

@@ -190,7 +190,10 @@ impl sql::Host for HostState {
         statement: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<Result<RowSet, SqlError>> {
-        Ok(match self.statement(&statement, &params, true)? {
+        let span = statement_span(&statement);
+        let answer = span.in_scope(|| self.statement(&statement, &params, true));
+        record(&span, &answer);
+        Ok(match answer? {
             Ok(Answer::Rows(r)) => Ok(r),
             Ok(Answer::Affected(_)) => Ok(RowSet {
                 columns: Vec::new(),
@@ -205,10 +208,228 @@ impl sql::Host for HostState {
         statement: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<Result<u64, SqlError>> {
-        Ok(match self.statement(&statement, &params, false)? {
+        let span = statement_span(&statement);
+        let answer = span.in_scope(|| self.statement(&statement, &params, false));
+        record(&span, &answer);
+        Ok(match answer? {
             Ok(Answer::Affected(n)) => Ok(n),
             Ok(Answer::Rows(r)) => Ok(r.rows.len() as u64),
             Err(e) => Err(e),
         })
+    }
+}
+
+/// The longest statement text a span carries.
+const MAX_SPAN_TEXT: usize = 1024;
+
+/// A span per statement, inside the handler call's (an OTLP client span, `telemetry/otlp.rs`):
+/// the operation and the text without its literals, which may hold personal data
+/// ([`sanitized`]).
+fn statement_span(statement: &str) -> tracing::Span {
+    let span = tracing::debug_span!(
+        "sql_statement",
+        operation = tracing::field::Empty,
+        statement = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        code = tracing::field::Empty,
+        rows = tracing::field::Empty,
+    );
+    // Nothing to compute when no layer wants the span (no OTLP export, no debug logs).
+    if !span.is_disabled() {
+        let text = sanitized(statement);
+        let operation = text
+            .split(|c: char| !c.is_ascii_alphabetic())
+            .find(|w| !w.is_empty())
+            .unwrap_or_default()
+            .to_ascii_uppercase();
+        span.record("operation", operation.as_str());
+        span.record("statement", text.as_str());
+    }
+    span
+}
+
+/// Records how a statement ended on its span: `ok` with the rows, or the error's kind and
+/// SQLSTATE.
+fn record(span: &tracing::Span, answer: &Result<Result<Answer, SqlError>, DeadlineExceeded>) {
+    if span.is_disabled() {
+        return;
+    }
+    match answer {
+        Err(DeadlineExceeded) => {
+            span.record("outcome", "timed_out");
+        }
+        Ok(Ok(a)) => {
+            span.record("outcome", "ok");
+            let rows = match a {
+                Answer::Rows(r) => r.rows.len() as u64,
+                Answer::Affected(n) => *n,
+            };
+            span.record("rows", rows);
+        }
+        Ok(Err(e)) => {
+            let kind = match e {
+                SqlError::Failed(db) => {
+                    span.record("code", db.code.as_str());
+                    "failed"
+                }
+                SqlError::Refused(_) => "refused",
+                SqlError::BadParameter(_) => "bad_parameter",
+                SqlError::TooLarge(_) => "too_large",
+                SqlError::Aborted(_) => "aborted",
+                SqlError::Unavailable(_) => "unavailable",
+            };
+            span.record("outcome", kind);
+        }
+    }
+}
+
+/// `statement` with every literal (strings, dollar-quoted strings, numbers) replaced by `?`,
+/// comments dropped and whitespace collapsed, at most [`MAX_SPAN_TEXT`] bytes: what a trace
+/// may carry of it (`$1` parameters stay: their values are never in the text).
+fn sanitized(statement: &str) -> String {
+    let b = statement.as_bytes();
+    let mut out = String::with_capacity(statement.len().min(MAX_SPAN_TEXT));
+    let mut i = 0;
+    let push_space = |out: &mut String| {
+        if !out.is_empty() && !out.ends_with(' ') {
+            out.push(' ');
+        }
+    };
+    while i < b.len() && out.len() < MAX_SPAN_TEXT {
+        let c = b[i];
+        let prev_ident = i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_');
+        match c {
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+                push_space(&mut out);
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let mut depth = 0usize;
+                while i < b.len() {
+                    if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+                        depth += 1;
+                        i += 2;
+                    } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+                push_space(&mut out);
+            }
+            b'\'' => {
+                // E'...' strings take backslash escapes; '' is a quote inside any string.
+                let escapes = out.ends_with('E') || out.ends_with('e');
+                if escapes {
+                    out.pop();
+                }
+                i += 1;
+                while i < b.len() {
+                    if escapes && b[i] == b'\\' {
+                        i += 2;
+                    } else if b[i] == b'\'' {
+                        if b.get(i + 1) == Some(&b'\'') {
+                            i += 2;
+                        } else {
+                            i += 1;
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+                out.push('?');
+            }
+            b'$' if !prev_ident && b.get(i + 1).is_some_and(|c| !c.is_ascii_digit()) => {
+                // A dollar-quoted string: $tag$ ... $tag$.
+                let tag_end = b[i + 1..]
+                    .iter()
+                    .position(|c| *c == b'$')
+                    .map(|p| i + 1 + p)
+                    .filter(|&e| {
+                        b[i + 1..e]
+                            .iter()
+                            .all(|c| c.is_ascii_alphanumeric() || *c == b'_')
+                    });
+                match tag_end {
+                    Some(e) => {
+                        let tag = &statement[i..=e];
+                        match statement[e + 1..].find(tag) {
+                            Some(p) => i = e + 1 + p + tag.len(),
+                            None => i = b.len(),
+                        }
+                        out.push('?');
+                    }
+                    None => {
+                        out.push('$');
+                        i += 1;
+                    }
+                }
+            }
+            b'$' => {
+                // A parameter: `$` and its digits as they are.
+                out.push('$');
+                i += 1;
+                while i < b.len() && b[i].is_ascii_digit() {
+                    out.push(char::from(b[i]));
+                    i += 1;
+                }
+            }
+            b'0'..=b'9' if !prev_ident => {
+                while i < b.len()
+                    && (b[i].is_ascii_alphanumeric()
+                        || b[i] == b'.'
+                        || ((b[i] == b'+' || b[i] == b'-') && matches!(b[i - 1], b'e' | b'E')))
+                {
+                    i += 1;
+                }
+                out.push('?');
+            }
+            c if c.is_ascii_whitespace() => {
+                push_space(&mut out);
+                i += 1;
+            }
+            _ => {
+                // Copy the whole character (identifiers may be UTF-8).
+                let len = statement[i..].chars().next().map_or(1, char::len_utf8);
+                out.push_str(&statement[i..i + len]);
+                i += len;
+            }
+        }
+    }
+    let trimmed = out.trim_end().len();
+    out.truncate(trimmed);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sanitized;
+
+    #[test]
+    fn literals_and_comments_leave_the_text_parameters_stay() {
+        assert_eq!(
+            sanitized(
+                "INSERT INTO t AS b (account, balance, n) VALUES ($1, $2, 1)\n   ON CONFLICT (account) DO UPDATE SET n = b.n + 1 -- a note"
+            ),
+            "INSERT INTO t AS b (account, balance, n) VALUES ($1, $2, ?) ON CONFLICT (account) DO UPDATE SET n = b.n + ?"
+        );
+        assert_eq!(
+            sanitized("SELECT 'it''s secret', E'a\\'b', x1, 3.5e-3 /* c /* nested */ */ FROM t2"),
+            "SELECT ?, ?, x1, ? FROM t2"
+        );
+        assert_eq!(
+            sanitized("SELECT $body$ card 4111 $body$, $$x$$ WHERE a = $10"),
+            "SELECT ?, ? WHERE a = $10"
+        );
+        assert_eq!(sanitized("select 'unterminated"), "select ?");
+        assert_eq!(sanitized("über_tabelle"), "über_tabelle");
+        assert!(sanitized(&"x ".repeat(5000)).len() <= super::MAX_SPAN_TEXT + 4);
     }
 }

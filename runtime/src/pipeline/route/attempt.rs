@@ -220,7 +220,10 @@ impl Shared {
         invoker: &Arc<dyn Invoker>,
     ) -> Invocation {
         let invoker = invoker.clone();
-        let call = move || invoker.invoke_owned(message, staged);
+        // The handler span goes with the call to its thread: what the guest does there (HTTP
+        // requests, SQL statements) opens spans inside it.
+        let span = tracing::Span::current();
+        let call = move || span.in_scope(|| invoker.invoke_owned(message, staged));
         match tokio::task::spawn_blocking(call).await {
             Ok(invocation) => invocation,
             Err(e) => Invocation::without_guest(Outcome::Trapped {
