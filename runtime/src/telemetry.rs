@@ -31,7 +31,7 @@ pub mod otlp;
 pub mod otlp_metrics;
 
 pub use client::{AdminClientError, http_request, http_request_async};
-pub use console::DeadLetterAccess;
+pub use console::{AccessIo, DeadLetterAccess};
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;

@@ -1,7 +1,7 @@
-//! The DLQs of a running config, handed to the admin endpoint's console
-//! ([`crate::telemetry::DeadLetterAccess`]): the same broker clients `lockgate dlq` uses
-//! ([`Clients`]), opened on first use and shared by every console request. A reload gives it
-//! the new config ([`ConfigDeadLetters::set_config`]).
+//! The DLQs of a config ([`crate::telemetry::DeadLetterAccess`]), for the admin endpoint's
+//! console and for `lockgate dlq`: the broker clients ([`Clients`]), opened on first use and
+//! shared by every request. A reload gives the console's the new config
+//! ([`ConfigDeadLetters::set_config`]).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -51,7 +51,8 @@ impl ConfigDeadLetters {
         *clients = Clients::default();
     }
 
-    fn config(&self) -> Arc<Config> {
+    /// The config being served.
+    pub fn config(&self) -> Arc<Config> {
         self.config
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -85,7 +86,8 @@ impl crate::telemetry::DeadLetterAccess for ConfigDeadLetters {
             return match config.routes.get(name) {
                 Some(r) => Ok(vec![dlq_ref(&r.dlq)]),
                 None => Err(format!(
-                    "no route {name:?} (routes: {})",
+                    "{}: no route {name:?} (routes: {})",
+                    config.file.display(),
                     config.routes.keys().cloned().collect::<Vec<_>>().join(", ")
                 )),
             };

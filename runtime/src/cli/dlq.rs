@@ -30,20 +30,18 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use clap::{Args, Subcommand};
 use lockgate::broker::local::LocalBroker;
-use lockgate::broker::{Scan, Sink};
-use lockgate::config::{Config, DlqTarget};
+use lockgate::config::Config;
 use lockgate::dlq::{
-    Contents, DeadLetter, DlqRef, IoError, Numbering, PositionError, ReplayEvent, ReplayIo,
-    ReplayOutcome, ReplayResult, Settings,
+    Contents, DeadLetter, DlqRef, PositionError, ReplayEvent, ReplayOutcome, ReplayResult, Settings,
 };
 use lockgate::fixture;
-use lockgate::message::{OutRecord, Record};
 use lockgate::pipeline::route::inbound;
 use serde_json::json;
 
 use super::{EXIT_FAILED, EXIT_USAGE};
 use lockgate::app::LOCAL_BROKER_DIR;
-use lockgate::app::clients::Clients;
+use lockgate::app::dead_letters::ConfigDeadLetters;
+use lockgate::telemetry::{AccessIo, DeadLetterAccess};
 
 /// Exit code of a replay stopped by SIGINT or SIGTERM (after its batch in flight was finished).
 const EXIT_INTERRUPTED: u8 = 130;
@@ -288,11 +286,10 @@ impl Filter {
     }
 }
 
-/// A loaded config, its embedded broker and its broker clients.
+/// A loaded config and its DLQs (the console's way to them, [`ConfigDeadLetters`]).
 struct Ctx {
-    config: Config,
-    local: LocalBroker,
-    clients: Clients,
+    config: Arc<Config>,
+    access: ConfigDeadLetters,
 }
 
 impl Ctx {
@@ -315,17 +312,18 @@ impl Ctx {
                 return Err(ExitCode::from(EXIT_FAILED));
             }
         };
+        let access = ConfigDeadLetters::new(config, local);
         Ok(Self {
-            config,
-            local,
-            clients: Clients::default(),
+            config: access.config(),
+            access,
         })
     }
 
-    /// Loads the config and names the DLQs to read; `Err(code)` after printing why not.
+    /// Loads the config and names the DLQs to read: `route`'s, or every distinct one of the
+    /// config; `Err(code)` after printing why not.
     fn open(args: &ConfigArgs, route: Option<&str>) -> Result<(Self, Vec<DlqRef>), ExitCode> {
         let ctx = Self::load(args)?;
-        match ctx.dlqs(route) {
+        match ctx.access.dlqs(route) {
             Ok(dlqs) => Ok((ctx, dlqs)),
             Err(e) => {
                 eprintln!("{e}");
@@ -334,104 +332,9 @@ impl Ctx {
         }
     }
 
-    /// The DLQs to read: `route`'s, or every distinct one of the config.
-    fn dlqs(&self, route: Option<&str>) -> Result<Vec<DlqRef>, String> {
-        if let Some(name) = route {
-            let Some(r) = self.config.routes.get(name) else {
-                return Err(format!(
-                    "{}: no route {name:?} (routes: {})",
-                    self.config.file.display(),
-                    self.config
-                        .routes
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ));
-            };
-            return Ok(vec![dlq_ref(&r.dlq)]);
-        }
-        let mut seen = HashSet::new();
-        Ok(self
-            .config
-            .routes
-            .values()
-            .map(|r| dlq_ref(&r.dlq))
-            .filter(|d| seen.insert(d.clone()))
-            .collect())
-    }
-}
-
-/// How the replay names a route's DLQ.
-fn dlq_ref(dlq: &DlqTarget) -> DlqRef {
-    DlqRef {
-        broker: dlq.place(),
-        topic: dlq.topic().to_owned(),
-    }
-}
-
-impl Ctx {
-    /// The DLQ of the config that the replay names `dlq` (the replay knows only those).
-    fn target(&self, dlq: &DlqRef) -> Result<DlqTarget, IoError> {
-        self.config
-            .routes
-            .values()
-            .map(|r| &r.dlq)
-            .find(|d| dlq_ref(d) == *dlq)
-            .cloned()
-            .ok_or_else(|| format!("the DLQ {dlq} is not in the config").into())
-    }
-}
-
-/// The config's brokers and stores, as the replay reads and writes them.
-impl ReplayIo for Ctx {
-    type Scan = Box<dyn Scan>;
-    type Sink = Arc<dyn Sink>;
-
-    async fn scan(&mut self, dlq: &DlqRef) -> Result<Box<dyn Scan>, IoError> {
-        let target = self.target(dlq)?;
-        Ok(self
-            .clients
-            .scan(&self.config, &self.local, &target)
-            .await?)
-    }
-
-    fn numbering(&self, scan: &Box<dyn Scan>) -> Numbering {
-        scan.numbering()
-    }
-
-    async fn next_batch(
-        &mut self,
-        scan: &mut Box<dyn Scan>,
-    ) -> Result<Option<Vec<Record>>, IoError> {
-        Ok(scan.next_batch().await?)
-    }
-
-    async fn marker_sink(&mut self, dlq: &DlqRef) -> Result<Arc<dyn Sink>, IoError> {
-        let target = self.target(dlq)?;
-        Ok(self
-            .clients
-            .dlq_sink(&self.config, &self.local, &target)
-            .await?)
-    }
-
-    async fn feeder(&mut self, route: &str) -> Result<Arc<dyn Sink>, IoError> {
-        let Some(r) = self.config.routes.get(route) else {
-            return Err(format!("route {route} is not in the config").into());
-        };
-        Ok(self.clients.feeder(&self.config, &self.local, r).await?)
-    }
-
-    async fn publish(
-        &mut self,
-        sink: &Arc<dyn Sink>,
-        records: Vec<OutRecord>,
-    ) -> Result<(), IoError> {
-        Ok(sink.publish(records).await?)
-    }
-
-    fn source_broker(&self, route: &str) -> Option<String> {
-        self.config.routes.get(route).map(|r| r.source.place())
+    /// The replay's view of the DLQs.
+    fn io(&self) -> AccessIo<'_> {
+        AccessIo(&self.access)
     }
 }
 
@@ -526,7 +429,7 @@ fn one_line(text: &str, max: usize) -> String {
 }
 
 async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
-    let (mut ctx, dlqs) = match Ctx::open(&args.config, args.filter.route.as_deref()) {
+    let (ctx, dlqs) = match Ctx::open(&args.config, args.filter.route.as_deref()) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
@@ -534,7 +437,7 @@ async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
     for dlq in &dlqs {
         // The payloads are what is exported: every matching letter is kept whole.
         let mut c =
-            lockgate::dlq::read(&mut ctx, dlq, |d| args.filter.matches(d), |_| true).await?;
+            lockgate::dlq::read(&mut ctx.io(), dlq, |d| args.filter.matches(d), |_| true).await?;
         for d in std::mem::take(&mut c.dead) {
             if args.pending && c.replayed.contains(&d.position) {
                 continue;
@@ -559,14 +462,14 @@ async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
-    let (mut ctx, dlqs) = match Ctx::open(&args.config, args.filter.route.as_deref()) {
+    let (ctx, dlqs) = match Ctx::open(&args.config, args.filter.route.as_deref()) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
     let mut rows = Vec::new();
     for dlq in &dlqs {
         let mut c =
-            lockgate::dlq::read(&mut ctx, dlq, |d| args.filter.matches(d), |_| false).await?;
+            lockgate::dlq::read(&mut ctx.io(), dlq, |d| args.filter.matches(d), |_| false).await?;
         for d in std::mem::take(&mut c.dead) {
             let row = Row::new(dlq, d, &c);
             if !(args.pending && row.replayed) {
@@ -673,11 +576,11 @@ fn text_or_base64(bytes: &[u8]) -> String {
 }
 
 async fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
-    let (mut ctx, dlqs) = match Ctx::open(&args.config, args.route.as_deref()) {
+    let (ctx, dlqs) = match Ctx::open(&args.config, args.route.as_deref()) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    match locate(&mut ctx, &dlqs, &args.position).await? {
+    match locate(&ctx, &dlqs, &args.position).await? {
         Ok((dlq, d, c)) => {
             print_dead_letter(&Row::new(&dlq, d, &c), args.json)?;
             Ok(ExitCode::SUCCESS)
@@ -690,7 +593,7 @@ async fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
 /// reads) among `dlqs`, with its payload and its DLQ's contents about it: how `show` and
 /// `replay --position` read a position. `Ok(Err(code))` after printing why there is none.
 async fn locate(
-    ctx: &mut Ctx,
+    ctx: &Ctx,
     dlqs: &[DlqRef],
     typed: &str,
 ) -> anyhow::Result<Result<(DlqRef, DeadLetter, Contents), ExitCode>> {
@@ -713,7 +616,7 @@ async fn locate(
         return Ok(Err(ExitCode::from(EXIT_USAGE)));
     }
     for dlq in candidates {
-        match lockgate::dlq::find(ctx, dlq, typed).await? {
+        match lockgate::dlq::find(&mut ctx.io(), dlq, typed).await? {
             Ok((d, c)) => return Ok(Ok((dlq.clone(), d, c))),
             Err(PositionError::Unknown { .. }) => {}
             Err(e) => {
@@ -867,7 +770,7 @@ impl Progress {
 }
 
 async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
-    let (mut ctx, dlqs) = match Ctx::open(&args.config, args.filter.route.as_deref()) {
+    let (ctx, dlqs) = match Ctx::open(&args.config, args.filter.route.as_deref()) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
@@ -901,7 +804,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     // `--position`s, each read back to the one letter it names.
     let mut wanted: HashSet<(DlqRef, String)> = HashSet::new();
     for typed in &args.positions {
-        match locate(&mut ctx, &dlqs, typed).await? {
+        match locate(&ctx, &dlqs, typed).await? {
             Ok((dlq, d, _)) => {
                 wanted.insert((dlq, d.position));
             }
@@ -919,7 +822,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
 
     // Pass 1: what is pending, per DLQ, and whether every route it belongs to is known.
     let plan = lockgate::dlq::plan(
-        &mut ctx,
+        &mut ctx.io(),
         &dlqs,
         |d| {
             args.filter.matches(d)
@@ -954,7 +857,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     if args.dry_run {
         for (dlq, planned) in &plan.dlqs {
             for p in planned {
-                let broker = ctx.source_broker(&p.route).unwrap_or_default();
+                let broker = ctx.access.source_broker(&p.route).unwrap_or_default();
                 outln!(
                     "would replay {} ({dlq}) to {broker}:{} for route {}",
                     p.shown,
@@ -979,7 +882,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         batch: args.batch as usize,
         rate: args.rate,
     };
-    let done = lockgate::dlq::replay(&mut ctx, plan, settings, &interrupted, |event| {
+    let done = lockgate::dlq::replay(&mut ctx.io(), plan, settings, &interrupted, |event| {
         match event {
             ReplayEvent::Batch { n } => progress.add(n as u64),
             ReplayEvent::NotFound { dlq, n } => eprintln!(
@@ -1005,7 +908,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let results = lockgate::dlq::await_results(
-        &mut ctx,
+        &mut ctx.io(),
         &done.published,
         args.wait,
         &interrupted,

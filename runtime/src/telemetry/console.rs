@@ -69,10 +69,11 @@ pub trait DeadLetterAccess: Send + Sync + std::fmt::Debug + 'static {
     fn source_broker(&self, route: &str) -> Option<String>;
 }
 
-/// [`DeadLetterAccess`] as the replay algorithm takes it.
-struct Io<'a>(&'a dyn DeadLetterAccess);
+/// [`DeadLetterAccess`] as the replay algorithm takes it: the console's and `lockgate dlq`'s
+/// way to the DLQs.
+pub struct AccessIo<'a>(pub &'a dyn DeadLetterAccess);
 
-impl ReplayIo for Io<'_> {
+impl ReplayIo for AccessIo<'_> {
     type Scan = Box<dyn Scan>;
     type Sink = Arc<dyn Sink>;
 
@@ -356,7 +357,7 @@ async fn list(State(state): State<Arc<AdminState>>, uri: axum::http::Uri) -> Res
     let mut rows: Vec<(u64, Value)> = Vec::new();
     let mut errors = Vec::new();
     for dlq in &dlqs {
-        match crate::dlq::read(&mut Io(access), dlq, filter, |_| false).await {
+        match crate::dlq::read(&mut AccessIo(access), dlq, filter, |_| false).await {
             Ok(c) => rows.extend(
                 c.dead
                     .iter()
@@ -389,7 +390,7 @@ async fn locate(
             .is_some_and(|rest| rest.starts_with('/'))
     });
     for dlq in candidates {
-        match crate::dlq::find(&mut Io(access), dlq, typed).await {
+        match crate::dlq::find(&mut AccessIo(access), dlq, typed).await {
             Ok(Ok((d, c))) => return Ok((dlq.clone(), d, c)),
             Ok(Err(PositionError::Unknown { .. })) => {}
             Ok(Err(e)) => return Err(error(StatusCode::BAD_REQUEST, format!("{e} (in {dlq})"))),
@@ -516,7 +517,7 @@ async fn replay(
         .collect();
     let positions: HashSet<&str> = wanted.iter().map(|(_, p)| p.as_str()).collect();
     let never = AtomicBool::new(false);
-    let mut io = Io(access);
+    let mut io = AccessIo(access);
     let plan = match crate::dlq::plan(
         &mut io,
         &dlqs,
