@@ -13,7 +13,6 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,37 +34,20 @@ const ORDERS: u32 = 4_000;
 
 /// A customer service on 127.0.0.1: `/customers/<id>` answers a small JSON document.
 fn serve(rt: &tokio::runtime::Runtime) -> SocketAddr {
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    rt.spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(|req: hyper::Request<_>| async move {
-                    let id = req
-                        .uri()
-                        .path()
-                        .trim_start_matches("/customers/")
-                        .to_owned();
-                    let body = json!({"id": id, "name": format!("customer {id}"), "tier": "gold"});
-                    Ok::<_, Infallible>(
-                        hyper::Response::builder()
-                            .header("content-type", "application/json")
-                            .body(Full::new(Bytes::from(body.to_string())))
-                            .unwrap(),
-                    )
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                    .await;
-            });
+    lockgate_tests::http_server::serve(rt, |_| {
+        |req: hyper::Request<hyper::body::Incoming>| async move {
+            let id = req
+                .uri()
+                .path()
+                .trim_start_matches("/customers/")
+                .to_owned();
+            let body = json!({"id": id, "name": format!("customer {id}"), "tier": "gold"});
+            hyper::Response::builder()
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body.to_string())))
+                .unwrap()
         }
-    });
-    addr
+    })
 }
 
 type Native = hyper_util::client::legacy::Client<

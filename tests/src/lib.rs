@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod dlq;
+pub mod http_server;
 pub mod inproc;
 pub mod kafka;
 pub mod nats;

@@ -9,7 +9,6 @@
 //! pins down.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -65,46 +64,25 @@ fn respond(path: &str, port: u16) -> hyper::Response<Full<Bytes>> {
 }
 
 fn customers() -> Customers {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
+    let rt = lockgate_tests::http_server::runtime();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s = seen.clone();
-    rt.spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
+    let addr = lockgate_tests::http_server::serve(&rt, |addr| {
+        move |req: hyper::Request<hyper::body::Incoming>| {
             let seen = s.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let seen = seen.clone();
-                        async move {
-                            let (parts, body) = req.into_parts();
-                            let _ = body.collect().await;
-                            let headers = parts
-                                .headers
-                                .iter()
-                                .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").to_owned()))
-                                .collect();
-                            seen.lock()
-                                .expect("seen")
-                                .push((parts.uri.path().to_owned(), headers));
-                            Ok::<_, Infallible>(respond(parts.uri.path(), addr.port()))
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                    .await;
-            });
+            async move {
+                let (parts, body) = req.into_parts();
+                let _ = body.collect().await;
+                let headers = parts
+                    .headers
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").to_owned()))
+                    .collect();
+                seen.lock()
+                    .expect("seen")
+                    .push((parts.uri.path().to_owned(), headers));
+                respond(parts.uri.path(), addr.port())
+            }
         }
     });
     Customers {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
 use lockgate_tests::admin::{admin_addr, get};
-use lockgate_tests::{guest, lockgate, run_logs, show, start_run, stop_run};
+use lockgate_tests::{guest, http_server, lockgate, run_logs, show, start_run, stop_run};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
@@ -39,80 +39,54 @@ struct Received {
 
 /// An OTLP/HTTP receiver on a free port of 127.0.0.1, on a runtime of its own.
 fn receiver() -> (SocketAddr, Arc<Mutex<Received>>, tokio::runtime::Runtime) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = http_server::runtime();
     let got = Arc::new(Mutex::new(Received::default()));
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
     let sink = got.clone();
-    rt.spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
+    let addr = http_server::serve(&rt, |_| {
+        move |req: hyper::Request<hyper::body::Incoming>| {
             let sink = sink.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let sink = sink.clone();
-                        async move {
-                            let auth = req
-                                .headers()
-                                .get("authorization")
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or_default()
-                                .to_owned();
-                            let path = req.uri().path().to_owned();
-                            let body = req.into_body().collect().await?.to_bytes();
-                            let status = if path == "/v1/traces" {
-                                let request = ExportTraceServiceRequest::decode(body).unwrap();
-                                let mut got = sink.lock().unwrap();
-                                got.authorization.push(auth);
-                                for rs in request.resource_spans {
-                                    got.resources.push(
-                                        rs.resource.map(|r| r.attributes).unwrap_or_default(),
-                                    );
-                                    for ss in rs.scope_spans {
-                                        got.spans.extend(ss.spans);
-                                    }
-                                }
-                                200
-                            } else if path == "/v1/metrics" {
-                                let request = ExportMetricsServiceRequest::decode(body).unwrap();
-                                let mut got = sink.lock().unwrap();
-                                got.authorization.push(auth);
-                                let mut metrics = Vec::new();
-                                for rm in request.resource_metrics {
-                                    got.resources.push(
-                                        rm.resource.map(|r| r.attributes).unwrap_or_default(),
-                                    );
-                                    for sm in rm.scope_metrics {
-                                        metrics.extend(sm.metrics);
-                                    }
-                                }
-                                got.metrics.push(metrics);
-                                200
-                            } else {
-                                404
-                            };
-                            let response = hyper::Response::builder()
-                                .status(status)
-                                .header("content-type", "application/x-protobuf")
-                                .body(http_body_util::Full::new(hyper::body::Bytes::new()))
-                                .unwrap();
-                            Ok::<_, hyper::Error>(response)
+            async move {
+                let auth = req
+                    .headers()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                let path = req.uri().path().to_owned();
+                let Ok(body) = req.into_body().collect().await else {
+                    return http_server::respond(400, "");
+                };
+                let body = body.to_bytes();
+                let mut got = sink.lock().unwrap();
+                match path.as_str() {
+                    "/v1/traces" => {
+                        let request = ExportTraceServiceRequest::decode(body).unwrap();
+                        got.authorization.push(auth);
+                        for rs in request.resource_spans {
+                            got.resources
+                                .push(rs.resource.map(|r| r.attributes).unwrap_or_default());
+                            for ss in rs.scope_spans {
+                                got.spans.extend(ss.spans);
+                            }
                         }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                    .await;
-            });
+                    }
+                    "/v1/metrics" => {
+                        let request = ExportMetricsServiceRequest::decode(body).unwrap();
+                        got.authorization.push(auth);
+                        let mut metrics = Vec::new();
+                        for rm in request.resource_metrics {
+                            got.resources
+                                .push(rm.resource.map(|r| r.attributes).unwrap_or_default());
+                            for sm in rm.scope_metrics {
+                                metrics.extend(sm.metrics);
+                            }
+                        }
+                        got.metrics.push(metrics);
+                    }
+                    _ => return http_server::respond(404, ""),
+                }
+                http_server::respond(200, "")
+            }
         }
     });
     (addr, got, rt)
@@ -420,39 +394,18 @@ fn without_a_collector_delivery_goes_on_and_the_lost_spans_are_counted() {
 /// A customer service on 127.0.0.1 (what the `enrich` handler calls): answers a small JSON
 /// document and keeps each request's `traceparent`.
 fn customers(rt: &tokio::runtime::Runtime) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let sink = seen.clone();
-    rt.spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let sink = sink.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let tp = req
-                            .headers()
-                            .get("traceparent")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or_default()
-                            .to_owned();
-                        sink.lock().unwrap().push(tp);
-                        async move {
-                            Ok::<_, hyper::Error>(hyper::Response::new(http_body_util::Full::new(
-                                hyper::body::Bytes::from_static(br#"{"tier":"gold"}"#),
-                            )))
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                    .await;
-            });
+    let addr = http_server::serve(rt, |_| {
+        move |req: hyper::Request<hyper::body::Incoming>| {
+            let tp = req
+                .headers()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            sink.lock().unwrap().push(tp);
+            async { http_server::respond(200, &br#"{"tier":"gold"}"#[..]) }
         }
     });
     (addr, seen)

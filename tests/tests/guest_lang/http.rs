@@ -13,7 +13,6 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -93,33 +92,11 @@ async fn respond(
 
 /// Starts the server on 127.0.0.1:0.
 pub fn serve() -> Server {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
+    let rt = lockgate_tests::http_server::runtime();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s = seen.clone();
-    rt.spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let seen = s.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let seen = seen.clone();
-                    async move { Ok::<_, Infallible>(respond(req, seen, addr.port()).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                    .await;
-            });
-        }
+    let addr = lockgate_tests::http_server::serve(&rt, |addr| {
+        move |req| respond(req, s.clone(), addr.port())
     });
     Server {
         addr,
