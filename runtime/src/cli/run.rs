@@ -61,8 +61,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     if let Some(otlp) = &otlp {
-        lockgate::telemetry::otlp::start(otlp, runtime.handle())
-            .context("cannot start the OTLP export")?;
+        lockgate::telemetry::otlp::start(otlp).context("cannot start the OTLP export")?;
         let what = match (otlp.traces, otlp.metrics_interval) {
             (true, Some(_)) => "traces and metrics",
             (true, None) => "traces",

@@ -306,7 +306,7 @@ pub const TELEMETRY_OTLP: Table = Table {
             "max_queue_spans",
             K::Int,
             P::Int(DEFAULT_OTLP_MAX_QUEUE_SPANS),
-            "Spans waiting to be sent at most; a span that finds the queue full is dropped and counted.",
+            "Spans waiting to be sent at most; a span that finds the queue full is dropped and counted. The sender takes the queue every 20 ms, so this many spans per 20 ms is the most that is kept.",
         ),
         field(
             "export_timeout_ms",

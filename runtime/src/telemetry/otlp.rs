@@ -12,16 +12,20 @@
 //! events. Every other span and event is ignored.
 //!
 //! Export never waits on the collector: a finished span goes into a bounded queue
-//! (`max_queue_spans`); a task sends batches of it with the SDK's OTLP exporter over lockgate's
-//! own HTTP client (rustls with ring). A span that finds the queue full, or whose batch cannot be
-//! sent, is dropped and counted ([`dropped_spans`], `lockgate_otlp_spans_dropped_total`).
+//! (`max_queue_spans`); a thread of its own sends batches of it with the SDK's OTLP exporter
+//! over lockgate's own HTTP client (rustls with ring). A span that finds the queue full, or
+//! whose batch cannot be sent, is dropped and counted ([`dropped_spans`],
+//! `lockgate_otlp_spans_dropped_total`); after a failed export the sender pauses for a while,
+//! and the spans of messages that start meanwhile are counted as dropped without being built,
+//! so a collector that is down costs less than one that is up. The sampling decision is made when a message span opens: the spans of a trace that is
+//! not sampled are marked, not built.
 //!
 //! The layer is installed for every command and does nothing until [`start`] gives it a queue:
 //! its filter is off until then, so a process without `[telemetry.otlp]` pays nothing.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -48,6 +52,13 @@ const MAX_EVENTS: usize = 64;
 const MAX_BATCH: usize = 512;
 /// How long a span waits for its batch to fill.
 const BATCH_DELAY: Duration = Duration::from_millis(500);
+/// How often a busy sender takes what the queue holds: `max_queue_spans` spans per interval
+/// is the most it takes without dropping (2,048 per 20 ms: 100,000 spans a second).
+const DRAIN_EVERY: Duration = Duration::from_millis(20);
+/// The first pause after a failed export.
+const PAUSE_MIN: Duration = Duration::from_secs(1);
+/// The longest pause after failed exports.
+const PAUSE_MAX: Duration = Duration::from_secs(30);
 
 /// Spans dropped: the queue was full, or their batch could not be sent.
 static DROPPED: AtomicU64 = AtomicU64::new(0);
@@ -55,6 +66,9 @@ static DROPPED: AtomicU64 = AtomicU64::new(0);
 static EXPORTED: AtomicU64 = AtomicU64::new(0);
 /// The queue, once [`start`] ran.
 static SINK: OnceLock<Sink> = OnceLock::new();
+/// Set while the sender pauses after a failed export: messages that start then are not built
+/// into spans at all, only counted as dropped.
+static PAUSED: AtomicBool = AtomicBool::new(false);
 /// Spans taken from the queue and not yet settled (sent or dropped).
 static SENDING: AtomicU64 = AtomicU64::new(0);
 
@@ -84,38 +98,57 @@ pub enum OtlpError {
 }
 
 struct Sink {
-    tx: mpsc::Sender<SpanData>,
+    tx: mpsc::Sender<Finished>,
     sampling_ratio: f64,
-    scope: InstrumentationScope,
+}
+
+/// A span that ended, on its way to the sender.
+struct Finished {
+    building: Building,
+    end: SystemTime,
 }
 
 /// The `tracing` layer that exports the message spans (see the module docs). Install it once,
 /// with [`filter`] as its filter.
 pub struct OtlpLayer;
 
+/// The layer's filter: a predicate on a callsite, so what it does not want is never built
+/// for it (`tracing` caches the answer per callsite).
+type Filter = tracing_subscriber::filter::FilterFn<fn(&tracing::Metadata<'_>) -> bool>;
+
 /// Handle of the layer's filter: off until [`start`] turns it on.
-type FilterHandle = tracing_subscriber::reload::Handle<
-    tracing_subscriber::filter::Targets,
-    tracing_subscriber::Registry,
->;
+type FilterHandle = tracing_subscriber::reload::Handle<Filter, tracing_subscriber::Registry>;
 
 static FILTER: OnceLock<FilterHandle> = OnceLock::new();
 
+/// Nothing: the layer before [`start`].
+fn off(_: &tracing::Metadata<'_>) -> bool {
+    false
+}
+
+/// What the layer reads: lockgate's spans and events at info and above, the engine's request
+/// and statement spans (at debug), and the guest's log lines (debug events with a `guest`
+/// field). The pipeline's other debug events stay disabled, as without export.
+fn wanted(meta: &tracing::Metadata<'_>) -> bool {
+    meta.target().starts_with("lockgate")
+        && (*meta.level() <= Level::INFO
+            || (meta.is_span() && matches!(meta.name(), "http_request" | "sql_statement"))
+            || meta.fields().field("guest").is_some())
+}
+
 /// The layer's filter, off until [`start`]; `main` installs the layer with it.
-pub fn filter() -> tracing_subscriber::reload::Layer<
-    tracing_subscriber::filter::Targets,
-    tracing_subscriber::Registry,
-> {
-    let (layer, handle) =
-        tracing_subscriber::reload::Layer::new(tracing_subscriber::filter::Targets::new());
+pub fn filter() -> tracing_subscriber::reload::Layer<Filter, tracing_subscriber::Registry> {
+    let (layer, handle) = tracing_subscriber::reload::Layer::new(
+        tracing_subscriber::filter::FilterFn::new(off as fn(&tracing::Metadata<'_>) -> bool),
+    );
     let _ = FILTER.set(handle);
     layer
 }
 
 /// Starts exporting traces (if `traces` is on; the metrics are `otlp_metrics.rs`'s): builds
-/// the exporter, spawns the task that sends batches on `runtime`, and turns the layer on.
+/// the exporter, starts the thread that sends batches, and turns the layer on.
 /// Secrets in `headers` are read now.
-pub fn start(settings: &OtlpSettings, runtime: &tokio::runtime::Handle) -> Result<(), OtlpError> {
+pub fn start(settings: &OtlpSettings) -> Result<(), OtlpError> {
     use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
     if !settings.traces {
         return Ok(());
@@ -150,65 +183,135 @@ pub fn start(settings: &OtlpSettings, runtime: &tokio::runtime::Handle) -> Resul
     let sink = Sink {
         tx,
         sampling_ratio: settings.sampling_ratio,
-        scope: InstrumentationScope::builder("lockgate")
-            .with_version(env!("CARGO_PKG_VERSION"))
-            .build(),
     };
     if SINK.set(sink).is_err() {
         return Err(OtlpError::Started);
     }
-    runtime.spawn(send_batches(exporter, rx));
+    let scope = InstrumentationScope::builder("lockgate")
+        .with_version(env!("CARGO_PKG_VERSION"))
+        .build();
+    // A thread of its own: encoding batches must not take the route's workers.
+    let sender = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| OtlpError::Exporter(format!("cannot start the exporter's runtime: {e}")))?;
+    std::thread::Builder::new()
+        .name("lockgate-otlp".into())
+        .spawn(move || sender.block_on(send_batches(exporter, rx, scope)))
+        .map_err(|e| OtlpError::Exporter(format!("cannot start the exporter's thread: {e}")))?;
     if let Some(handle) = FILTER.get() {
-        // The spans and events the layer reads; the guest's log lines are at debug.
-        let on = tracing_subscriber::filter::Targets::new().with_target("lockgate", Level::DEBUG);
-        let _ = handle.reload(on);
+        let _ = handle.reload(tracing_subscriber::filter::FilterFn::new(
+            wanted as fn(&tracing::Metadata<'_>) -> bool,
+        ));
     }
     Ok(())
 }
 
 /// Sends what the queue holds in batches, until every sender is gone.
+///
+/// Idle, it waits for a span; busy, or while paused, it drains the queue every [`DRAIN_EVERY`]
+/// instead of being woken for each span, and sends a batch when it is full, [`BATCH_DELAY`] after its first
+/// span, or when [`flush`] asks. After a failed export it stops building batches for a while
+/// ([`PAUSE_MIN`] doubling to [`PAUSE_MAX`]): the spans that arrive meanwhile are dropped and
+/// counted without being encoded, so an absent collector costs no more than a present one.
 async fn send_batches(
     exporter: opentelemetry_otlp::SpanExporter,
-    mut rx: mpsc::Receiver<SpanData>,
+    mut rx: mpsc::Receiver<Finished>,
+    scope: InstrumentationScope,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut first_at = tokio::time::Instant::now();
     let mut failures: u64 = 0;
-    loop {
-        let Some(first) = rx.recv().await else {
+    let mut pause = PAUSE_MIN;
+    let mut paused_until: Option<tokio::time::Instant> = None;
+    // What a span becomes in OpenTelemetry's terms is built here, on the sender's thread, not
+    // on the route's: and not at all while the collector is away.
+    let take = |span: Finished,
+                batch: &mut Vec<SpanData>,
+                first_at: &mut tokio::time::Instant,
+                paused_until: Option<tokio::time::Instant>| {
+        if paused_until.is_some_and(|t| tokio::time::Instant::now() < t) {
+            DROPPED.fetch_add(1, Ordering::Relaxed);
             return;
-        };
+        }
+        if batch.is_empty() {
+            *first_at = tokio::time::Instant::now();
+        }
         SENDING.fetch_add(1, Ordering::SeqCst);
-        batch.push(first);
-        let deadline = tokio::time::Instant::now() + BATCH_DELAY;
-        while batch.len() < MAX_BATCH {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(span)) => {
-                    SENDING.fetch_add(1, Ordering::SeqCst);
-                    batch.push(span);
+        batch.push(span_data(span.building, span.end, &scope));
+    };
+    loop {
+        // Idle, the first span wakes the sender; otherwise (a batch filling, or the collector
+        // away and every span dropped) it takes the queue on a timer, so no span costs the
+        // route a wake-up of this thread.
+        let paused = paused_until.is_some_and(|t| tokio::time::Instant::now() < t);
+        if !paused && PAUSED.load(Ordering::Relaxed) {
+            // The pause is over: build spans again, and try the collector with the next batch.
+            PAUSED.store(false, Ordering::Relaxed);
+        }
+        let flushing = if batch.is_empty() && !paused {
+            tokio::select! {
+                span = rx.recv() => match span {
+                    Some(span) => { take(span, &mut batch, &mut first_at, paused_until); false }
+                    None => return,
+                },
+                () = FLUSH.notified() => true,
+            }
+        } else {
+            tokio::select! {
+                () = tokio::time::sleep(DRAIN_EVERY) => false,
+                () = FLUSH.notified() => true,
+            }
+        };
+        let mut gone = false;
+        loop {
+            match rx.try_recv() {
+                Ok(span) => take(span, &mut batch, &mut first_at, paused_until),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    gone = true;
+                    break;
                 }
-                Ok(None) | Err(_) => break,
+            }
+            if batch.len() >= MAX_BATCH {
+                break;
             }
         }
+        let due = batch.len() >= MAX_BATCH || first_at.elapsed() >= BATCH_DELAY;
+        if batch.is_empty() || !(due || flushing || gone) {
+            continue;
+        }
         let n = batch.len() as u64;
-        match exporter.export(std::mem::take(&mut batch)).await {
+        let sent = exporter.export(std::mem::take(&mut batch)).await;
+        SENDING.fetch_sub(n, Ordering::SeqCst);
+        match sent {
             Ok(()) => {
                 EXPORTED.fetch_add(n, Ordering::Relaxed);
-                SENDING.fetch_sub(n, Ordering::SeqCst);
                 failures = 0;
+                pause = PAUSE_MIN;
+                paused_until = None;
             }
             Err(e) => {
                 DROPPED.fetch_add(n, Ordering::Relaxed);
-                SENDING.fetch_sub(n, Ordering::SeqCst);
                 failures += 1;
+                paused_until = Some(tokio::time::Instant::now() + pause);
+                PAUSED.store(true, Ordering::Relaxed);
                 // The first failure of a run, then one in a hundred: an absent collector must
                 // not flood the log.
                 if failures == 1 || failures.is_multiple_of(100) {
-                    tracing::warn!(error = %e, spans = n, failures, "Cannot export spans over OTLP; they are dropped (lockgate_otlp_spans_dropped_total)");
+                    tracing::warn!(error = %e, spans = n, failures, retry_in_ms = pause.as_millis() as u64, "Cannot export spans over OTLP; they are dropped until the next try (lockgate_otlp_spans_dropped_total)");
                 }
+                pause = (pause * 2).min(PAUSE_MAX);
             }
+        }
+        if gone {
+            return;
         }
     }
 }
+
+/// Asks the sender to send its partial batch now.
+static FLUSH: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
 /// Waits, at most `within`, until every finished span has been sent or dropped (at exit).
 pub async fn flush(within: Duration) {
@@ -221,7 +324,8 @@ pub async fn flush(within: Duration) {
         if queued == 0 && SENDING.load(Ordering::SeqCst) == 0 {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        FLUSH.notify_one();
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -294,6 +398,39 @@ impl Visit for Fields {
     }
 }
 
+/// One field's value as text (the `traceparent` the sampling decision needs).
+struct Pick {
+    name: &'static str,
+    value: Option<String>,
+}
+
+impl Pick {
+    fn new(name: &'static str) -> Self {
+        Self { name, value: None }
+    }
+}
+
+impl Visit for Pick {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == self.name {
+            self.value = Some(format!("{value:?}"));
+        }
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == self.name {
+            self.value = Some(value.to_owned());
+        }
+    }
+}
+
+/// Marks a span that is not built, nor are its children: its trace is not sampled, or it
+/// started while the sender was paused after a failed export (`dropped`: it counts as a
+/// dropped span when it ends).
+#[derive(Clone, Copy)]
+struct NotBuilt {
+    dropped: bool,
+}
+
 fn random_trace_id() -> TraceId {
     loop {
         let id = fastrand::u128(..);
@@ -350,14 +487,16 @@ where
         let Some(span) = ctx.span(id) else {
             return;
         };
-        let mut fields = Fields::default();
-        attrs.record(&mut fields);
+        // The sampling decision comes first: an unsampled trace costs a marker per span, not
+        // the copy of its fields.
         let (trace_id, parent, parent_remote, flags, state) = if kind == Kind::Message {
-            match fields
-                .text("traceparent")
-                .as_deref()
-                .and_then(remote_parent)
-            {
+            if PAUSED.load(Ordering::Relaxed) {
+                span.extensions_mut().insert(NotBuilt { dropped: true });
+                return;
+            }
+            let mut traceparent = Pick::new("traceparent");
+            attrs.record(&mut traceparent);
+            match traceparent.value.as_deref().and_then(remote_parent) {
                 Some((t, s, f)) => (t, s, true, f, TraceState::default()),
                 None => {
                     let t = random_trace_id();
@@ -371,12 +510,21 @@ where
             }
         } else {
             // The nearest exported ancestor; without one (a span outside a message) nothing.
-            let Some(parent) = span
-                .scope()
-                .skip(1)
-                .find_map(|s| s.extensions().get::<Building>().map(|b| b.context.clone()))
-            else {
+            let Some(parent) = span.scope().skip(1).find_map(|s| {
+                let ext = s.extensions();
+                if let Some(not) = ext.get::<NotBuilt>() {
+                    return Some(Err(*not));
+                }
+                ext.get::<Building>().map(|b| Ok(b.context.clone()))
+            }) else {
                 return;
+            };
+            let parent = match parent {
+                Ok(p) => p,
+                Err(not) => {
+                    span.extensions_mut().insert(not);
+                    return;
+                }
             };
             (
                 parent.trace_id(),
@@ -386,6 +534,12 @@ where
                 parent.trace_state().clone(),
             )
         };
+        if !flags.is_sampled() {
+            span.extensions_mut().insert(NotBuilt { dropped: false });
+            return;
+        }
+        let mut fields = Fields::default();
+        attrs.record(&mut fields);
         let context = SpanContext::new(trace_id, random_span_id(), flags, false, state);
         span.extensions_mut().insert(Building {
             kind,
@@ -412,13 +566,13 @@ where
             return;
         }
         let meta = event.metadata();
-        let mut fields = Fields::default();
-        event.record(&mut fields);
-        // Warnings and errors, and what the guest logged (debug, marked `guest`).
-        let guest = fields.get("guest").is_some();
-        if *meta.level() > Level::INFO && !guest {
+        // Warnings and errors, and what the guest logged (debug, marked `guest`); decided from
+        // the callsite, before anything of a debug event is copied.
+        if *meta.level() > Level::INFO && meta.fields().field("guest").is_none() {
             return;
         }
+        let mut fields = Fields::default();
+        event.record(&mut fields);
         let Some(scope) = ctx.event_scope(event) else {
             return;
         };
@@ -461,12 +615,23 @@ where
             return;
         };
         let Some(b) = span.extensions_mut().remove::<Building>() else {
+            if span
+                .extensions()
+                .get::<NotBuilt>()
+                .is_some_and(|n| n.dropped)
+            {
+                DROPPED.fetch_add(1, Ordering::Relaxed);
+            }
             return;
         };
         if !b.context.is_sampled() {
             return;
         }
-        if sink.tx.try_send(span_data(b, sink)).is_err() {
+        let finished = Finished {
+            building: b,
+            end: SystemTime::now(),
+        };
+        if sink.tx.try_send(finished).is_err() {
             DROPPED.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -487,7 +652,7 @@ fn remote_parent(tp: &str) -> Option<(TraceId, SpanId, TraceFlags)> {
 
 /// The OpenTelemetry span of `b`: its name, kind, status and attributes by the messaging
 /// semantic conventions.
-fn span_data(b: Building, sink: &Sink) -> SpanData {
+fn span_data(b: Building, end: SystemTime, scope: &InstrumentationScope) -> SpanData {
     let f = &b.fields;
     let mut attributes = Vec::new();
     let mut put = |key: &'static str, field: &str| {
@@ -613,7 +778,7 @@ fn span_data(b: Building, sink: &Sink) -> SpanData {
         span_kind: kind,
         name,
         start_time: b.start,
-        end_time: SystemTime::now(),
+        end_time: end,
         attributes,
         dropped_attributes_count: 0,
         events: {
@@ -624,7 +789,7 @@ fn span_data(b: Building, sink: &Sink) -> SpanData {
         },
         links: SpanLinks::default(),
         status,
-        instrumentation_scope: sink.scope.clone(),
+        instrumentation_scope: scope.clone(),
     }
 }
 
