@@ -138,8 +138,12 @@ fn wanted(meta: &tracing::Metadata<'_>) -> bool {
 
 /// The layer's filter, off until [`start`]; `main` installs the layer with it.
 pub fn filter() -> tracing_subscriber::reload::Layer<Filter, tracing_subscriber::Registry> {
+    // The level hints matter: without one the process-wide maximum level is TRACE, and every
+    // `log` record of a dependency (cranelift logs at trace while it compiles) goes through
+    // the subscriber instead of being cut by `log`'s max level.
     let (layer, handle) = tracing_subscriber::reload::Layer::new(
-        tracing_subscriber::filter::FilterFn::new(off as fn(&tracing::Metadata<'_>) -> bool),
+        tracing_subscriber::filter::FilterFn::new(off as fn(&tracing::Metadata<'_>) -> bool)
+            .with_max_level_hint(tracing::level_filters::LevelFilter::OFF),
     );
     let _ = FILTER.set(handle);
     layer
@@ -200,9 +204,10 @@ pub fn start(settings: &OtlpSettings) -> Result<(), OtlpError> {
         .spawn(move || sender.block_on(send_batches(exporter, rx, scope)))
         .map_err(|e| OtlpError::Exporter(format!("cannot start the exporter's thread: {e}")))?;
     if let Some(handle) = FILTER.get() {
-        let _ = handle.reload(tracing_subscriber::filter::FilterFn::new(
-            wanted as fn(&tracing::Metadata<'_>) -> bool,
-        ));
+        let _ = handle.reload(
+            tracing_subscriber::filter::FilterFn::new(wanted as fn(&tracing::Metadata<'_>) -> bool)
+                .with_max_level_hint(tracing::level_filters::LevelFilter::DEBUG),
+        );
     }
     Ok(())
 }
