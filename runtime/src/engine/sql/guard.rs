@@ -63,28 +63,33 @@ fn skip_comments(mut s: &str) -> &str {
         if let Some(rest) = s.strip_prefix("--") {
             s = rest.find('\n').map_or("", |i| &rest[i + 1..]);
         } else if s.starts_with("/*") {
-            let mut depth = 0usize;
-            let mut i = 0;
-            let b = s.as_bytes();
-            while i < b.len() {
-                if b[i..].starts_with(b"/*") {
-                    depth += 1;
-                    i += 2;
-                } else if b[i..].starts_with(b"*/") {
-                    depth -= 1;
-                    i += 2;
-                    if depth == 0 {
-                        break;
-                    }
-                } else {
-                    i += 1;
-                }
-            }
-            s = s.get(i..).unwrap_or("");
+            s = s.get(block_comment_len(s.as_bytes())..).unwrap_or("");
         } else {
             return s;
         }
     }
+}
+
+/// The length of the `/* block */` comment `b` starts with (nested, as PostgreSQL reads
+/// them; all of `b` when it is not closed).
+pub(super) fn block_comment_len(b: &[u8]) -> usize {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < b.len() {
+        if b[i..].starts_with(b"/*") {
+            depth += 1;
+            i += 2;
+        } else if b[i..].starts_with(b"*/") {
+            depth = depth.saturating_sub(1);
+            i += 2;
+            if depth == 0 {
+                break;
+            }
+        } else {
+            i += 1;
+        }
+    }
+    i.min(b.len())
 }
 
 #[cfg(test)]
