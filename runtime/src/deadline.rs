@@ -2,10 +2,12 @@
 //!
 //! Epoch interruption stops a guest that runs past its deadline, but only while it runs wasm: a
 //! guest blocked in a host function (a sleep, a read of a stream, a kv call to a slow store)
-//! is not running wasm, so no epoch can reach it. Every host wait of a call therefore goes
-//! through [`Deadline::bound`] (or, for the synchronous state stores, [`bound_current`] under
-//! [`Deadline::scope`]) and ends with [`DeadlineExceeded`] when the call's time is up. The engine
-//! turns that error into a trap, the call's outcome into `timed_out`, and discards the instance.
+//! is not running wasm, so no epoch can reach it. The engine therefore bounds every call's
+//! future as a whole with [`Deadline::bound`], which drops it (and the host wait inside) when
+//! the call's time is up; the host functions that wait on a blocking thread (the synchronous
+//! state stores) bound their waits with [`bound_current`] under [`Deadline::scope`]. Either way
+//! the wait ends with [`DeadlineExceeded`]; the engine reports the call as `timed_out` and
+//! discards the instance.
 
 use std::cell::Cell;
 use std::future::{Future, poll_fn};

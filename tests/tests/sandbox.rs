@@ -2,10 +2,13 @@
 //! behaviour yields its typed outcome within its deadline, forbidden access fails inside the
 //! guest, and the same pool keeps serving afterwards.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use lockgate::engine::{
-    Engine, EngineSettings, HandlerLimits, InboundMessage, InstancePool, LogSource, Outcome,
+    Engine, EngineSettings, HandlerLimits, InboundMessage, InstancePool, Invocation, LogSource,
+    Outcome,
 };
 
 use lockgate::config::Isolation;
@@ -262,11 +265,24 @@ const MARGIN: Duration = Duration::from_millis(50);
 
 /// Runs `command` once on `pool` and checks that it ended as `timed_out` at its deadline, with
 /// its instance discarded, and that the pool serves the next message.
-fn times_out_at_the_deadline(pool: &InstancePool, command: &str) {
-    assert_still_serving(pool);
+fn times_out_at_the_deadline(pool: &Arc<InstancePool>, command: &str) {
+    times_out_at_the_deadline_by(pool, command, &|pool, m| pool.invoke(&m));
+}
+
+/// [`times_out_at_the_deadline`] with the calls made by `invoke`.
+fn times_out_at_the_deadline_by(
+    pool: &Arc<InstancePool>,
+    command: &str,
+    invoke: &dyn Fn(&Arc<InstancePool>, InboundMessage) -> Invocation,
+) {
+    let still_serving = || {
+        let inv = invoke(pool, msg("still alive"));
+        assert_eq!(published(&inv.outcome), "still alive");
+    };
+    still_serving();
     assert_eq!(pool.idle_instances(), 1, "{command}: a warm instance");
     let start = Instant::now();
-    let inv = pool.invoke(&msg(command));
+    let inv = invoke(pool, msg(command));
     let took = start.elapsed();
     assert_eq!(
         inv.outcome,
@@ -283,38 +299,92 @@ fn times_out_at_the_deadline(pool: &InstancePool, command: &str) {
         0,
         "{command}: the instance that timed out was kept"
     );
-    assert_still_serving(pool);
+    still_serving();
+}
+
+/// Calls `pool` the way the pipeline does: the asynchronous call, awaited in a task on a
+/// worker of `runtime`.
+fn on_a_worker(
+    runtime: &tokio::runtime::Runtime,
+) -> impl Fn(&Arc<InstancePool>, InboundMessage) -> Invocation + '_ {
+    move |pool, m| {
+        let pool = pool.clone();
+        runtime
+            .block_on(runtime.spawn(async move { pool.invoke_async(m, false).await }))
+            .expect("no panic")
+    }
 }
 
 /// A guest blocked in the host (sleeping, reading stdin, waiting on a clock pollable) runs no
 /// wasm, so the epoch cannot stop it: each of these waits must still end at the call's deadline.
 #[test]
 fn host_waits_end_at_the_deadline() {
-    let pool = pool(true, Isolation::Reuse);
+    let pool = Arc::new(pool(true, Isolation::Reuse));
     for command in ["sleep", "stdin", "clock-poll", "clock-block"] {
         times_out_at_the_deadline(&pool, command);
     }
 }
 
-/// The same from where the pipeline calls guests: a blocking thread of a tokio runtime, where
-/// wasmtime-wasi waits on that runtime instead of its own.
+/// The same from where the pipeline calls guests: awaited on a runtime's worker thread, where
+/// a wait that does not end would hold that worker.
 #[test]
-fn host_waits_end_at_the_deadline_on_a_runtime_blocking_thread() {
+fn host_waits_end_at_the_deadline_awaited_on_a_runtime_worker() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .expect("runtime");
-    runtime.block_on(async {
-        tokio::task::spawn_blocking(|| {
-            let pool = pool(true, Isolation::Reuse);
-            for command in ["sleep", "clock-poll"] {
-                times_out_at_the_deadline(&pool, command);
+    let pool = Arc::new(pool(true, Isolation::Reuse));
+    for command in ["sleep", "stdin", "clock-poll", "clock-block"] {
+        times_out_at_the_deadline_by(&pool, command, &on_a_worker(&runtime));
+    }
+}
+
+/// A guest that computes without end on a runtime's only worker thread leaves it to the other
+/// tasks at every epoch tick: a timer task beside it keeps firing on time until the guest's
+/// deadline ends it.
+#[test]
+fn a_computing_guest_does_not_starve_the_tasks_beside_it() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let timeout = Duration::from_secs(1);
+    let pool = pool_with_timeout(true, Isolation::Reuse, timeout);
+    let (outcome, ticks, worst) = runtime.block_on(async move {
+        let running = Arc::new(AtomicBool::new(true));
+        let (ticking, ticked) = tokio::sync::oneshot::channel();
+        let timer = tokio::spawn({
+            let running = running.clone();
+            async move {
+                let (mut ticking, mut ticks, mut worst) = (Some(ticking), 0u32, Duration::ZERO);
+                while running.load(Ordering::SeqCst) {
+                    let before = Instant::now();
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    worst = worst.max(before.elapsed());
+                    ticks += 1;
+                    if let Some(t) = ticking.take() {
+                        let _ = t.send(());
+                    }
+                }
+                (ticks, worst)
             }
-        })
-        .await
-        .expect("no panic");
+        });
+        // The guest starts once the timer runs, and the timer runs until the guest is done.
+        ticked.await.expect("the timer ticks");
+        let call = tokio::spawn(async move { pool.invoke_async(msg("loop"), false).await });
+        let outcome = call.await.expect("call task").outcome;
+        running.store(false, Ordering::SeqCst);
+        let (ticks, worst) = timer.await.expect("timer task");
+        (outcome, ticks, worst)
     });
+    assert_eq!(outcome, Outcome::TimedOut { timeout });
+    // Without the yields the timer would not fire at all until the guest's deadline (1 s).
+    assert!(
+        worst < Duration::from_millis(100) && ticks >= 20,
+        "a 1 ms sleep beside the guest took up to {worst:?} ({ticks} sleeps in 1 s)"
+    );
 }
 
 /// A kv call to a store that accepts the connection and never answers (a TCP listener that
@@ -329,20 +399,19 @@ fn kv_call_to_a_silent_store_ends_at_the_deadline() {
         .enable_all()
         .build()
         .expect("runtime");
-    runtime.block_on(async {
-        let store = lockgate::state::RedisStore::new(&url, "sandbox").expect("store");
-        tokio::task::spawn_blocking(move || {
-            let limits = HandlerLimits {
-                timeout: TIMEOUT,
-                ..HandlerLimits::default()
-            };
-            let mut env = handler_env("adversarial", &[], limits);
-            env.kv = std::sync::Arc::new(store);
-            let pool = guest_pool("adversarial", true, Isolation::Reuse, env);
-            times_out_at_the_deadline(&pool, "kv-get");
-        })
-        .await
-        .expect("no panic");
-    });
+    let store = {
+        let _enter = runtime.enter();
+        lockgate::state::RedisStore::new(&url, "sandbox").expect("store")
+    };
+    let limits = HandlerLimits {
+        timeout: TIMEOUT,
+        ..HandlerLimits::default()
+    };
+    let mut env = handler_env("adversarial", &[], limits);
+    env.kv = Arc::new(store);
+    let pool = Arc::new(guest_pool("adversarial", true, Isolation::Reuse, env));
+    // Blocking (`lockgate test`), and awaited on a worker (the pipeline).
+    times_out_at_the_deadline(&pool, "kv-get");
+    times_out_at_the_deadline_by(&pool, "kv-get", &on_a_worker(&runtime));
     drop(silent);
 }

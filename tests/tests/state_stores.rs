@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use lockgate::deadline::Deadline;
 use lockgate::state::{
     IdempotencyStore, KvStore, POSTGRES_SCHEMA_VERSION, PostgresStore, RedisStore, StateError,
     conformance,
@@ -636,16 +637,16 @@ async fn a_handler_transaction_lands_its_statements_once() {
     let attempt = |n: i32, owner: &'static str| {
         let (store, table, scope) = (store.clone(), table.clone(), scope.clone());
         async move {
-            let txn = tokio::task::spawn_blocking(move || {
-                let mut txn = store.begin_sql(None, Duration::from_secs(10)).unwrap();
-                let insert = txn
-                    .prepare(&format!("INSERT INTO {table} VALUES ($1)"))
-                    .unwrap();
-                assert_eq!(txn.execute(&insert, &[&n]).unwrap(), 1);
-                txn
-            })
-            .await
-            .unwrap();
+            let deadline = Deadline::after(Duration::from_secs(10));
+            let mut txn = store
+                .begin_sql(None, Duration::from_secs(10), deadline)
+                .await
+                .unwrap();
+            let insert = txn
+                .prepare(&format!("INSERT INTO {table} VALUES ($1)"), deadline)
+                .await
+                .unwrap();
+            assert_eq!(txn.execute(&insert, &[&n], deadline).await.unwrap(), 1);
             let claim = ClaimRequest::new("k1", owner);
             txn.commit(&scope, &claim, &[], b"", &[], lease)
                 .await

@@ -15,6 +15,7 @@ use lockgate::config::http::{
 use lockgate::config::{
     DEFAULT_MAX_MEMORY_MB, DEFAULT_SQL_MAX_RESULT_BYTES, DEFAULT_SQL_MAX_ROWS, DEFAULT_TIMEOUT_MS,
 };
+use lockgate::deadline::Deadline;
 use lockgate::engine::outbound::{HttpAnswer, Outbound};
 use lockgate::engine::{
     Engine, EngineSettings, HandlerEnv, HandlerLimits, InstancePool, Outcome, SqlGrant,
@@ -210,8 +211,8 @@ pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_default();
         let txn = invocation.sql.take();
         match &database {
-            Some((_, store)) => {
-                let sql = finish_sql(&args, store, txn, &queries);
+            Some((rt, store)) => {
+                let sql = finish_sql(&args, rt, store, txn, &queries);
                 if let Some(obj) = json.as_object_mut() {
                     obj.extend(sql);
                 }
@@ -294,6 +295,7 @@ pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
 /// a commit failed.
 fn finish_sql(
     args: &TestArgs,
+    rt: &tokio::runtime::Runtime,
     store: &PostgresStore,
     txn: Option<SqlTxn>,
     queries: &[String],
@@ -305,10 +307,12 @@ fn finish_sql(
         (Some(t), _) => Some(t),
         (None, true) => None,
         (None, false) => {
-            match store.begin_sql(
+            let timeout = std::time::Duration::from_millis(args.timeout_ms);
+            match rt.block_on(store.begin_sql(
                 args.sql_role.as_deref(),
-                std::time::Duration::from_millis(args.timeout_ms),
-            ) {
+                timeout,
+                Deadline::after(timeout),
+            )) {
                 Ok(t) => Some(t),
                 Err(e) => {
                     out.insert(
@@ -323,11 +327,13 @@ fn finish_sql(
     if !queries.is_empty() {
         let checks = queries
             .iter()
-            .map(|q| match txn.as_mut().map(|t| rows_of(t, q)) {
-                Some(Ok(rows)) => json!({"query": q, "rows": rows}),
-                Some(Err(e)) => json!({"query": q, "error": e}),
-                None => json!({"query": q, "error": "no transaction"}),
-            })
+            .map(
+                |q| match txn.as_mut().map(|t| rt.block_on(rows_of(t, q, args))) {
+                    Some(Ok(rows)) => json!({"query": q, "rows": rows}),
+                    Some(Err(e)) => json!({"query": q, "error": e}),
+                    None => json!({"query": q, "error": "no transaction"}),
+                },
+            )
             .collect();
         out.insert("sql".into(), serde_json::Value::Array(checks));
     }
@@ -343,15 +349,24 @@ fn finish_sql(
 
 /// The rows of `query`, as JSON objects: PostgreSQL renders them (`json_agg`), so a column
 /// reads as it would in `psql`'s JSON (numbers, text, nested json, ISO timestamps).
-fn rows_of(txn: &mut SqlTxn, query: &str) -> Result<serde_json::Value, String> {
+async fn rows_of(
+    txn: &mut SqlTxn,
+    query: &str,
+    args: &TestArgs,
+) -> Result<serde_json::Value, String> {
     let query = query.trim().trim_end_matches(';');
     let wrapped = format!("SELECT coalesce(json_agg(q), '[]'::json)::text FROM ({query}\n) q");
-    let stmt = txn.prepare(&wrapped).map_err(|e| e.to_string())?;
+    let deadline = Deadline::after(std::time::Duration::from_millis(args.timeout_ms));
+    let stmt = txn
+        .prepare(&wrapped, deadline)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut text = None;
-    txn.query(&stmt, &[], |row| {
+    txn.query(&stmt, &[], deadline, |row| {
         text = row.try_get::<_, String>(0).ok();
         false
     })
+    .await
     .map_err(|e| e.to_string())?;
     serde_json::from_str(text.as_deref().unwrap_or("[]")).map_err(|e| e.to_string())
 }

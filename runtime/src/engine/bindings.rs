@@ -10,9 +10,15 @@ wasmtime::component::bindgen!({
     // wasmtime-wasi-http). A component built against any of the worlds instantiates with it.
     world: "handler-sql",
     path: "../wit",
-    // A kv call or a statement can outlast its call's deadline (a store that does not answer):
-    // that ends the call as a trap, which only a trappable import can raise.
-    imports: { "lockgate:handler/kv": trappable, "lockgate:handler/sql": trappable },
+    // Guests are called asynchronously (engine/mod.rs): kv and sql wait on stores, so they are
+    // async host functions, and `handle` is an async export. A kv call or a statement can
+    // outlast its call's deadline (a store that does not answer): that ends the call as a trap,
+    // which only a trappable import can raise. The rest (publish, log, config) never waits.
+    imports: {
+        "lockgate:handler/kv": async | trappable,
+        "lockgate:handler/sql": async | trappable,
+    },
+    exports: { default: async },
     trappable_error_type: { "lockgate:handler/kv.kv-error" => super::host::KvFailure },
     additional_derives: [PartialEq],
 });

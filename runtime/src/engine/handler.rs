@@ -86,8 +86,19 @@ impl Handler {
         &self.inner.env
     }
 
-    /// Creates a fresh instance.
+    /// Creates a fresh instance, blocking this thread (see `blocking.rs`; await
+    /// [`Self::instantiate_async`] on a runtime thread).
     pub fn instantiate(&self) -> Result<Instance, EngineError> {
+        super::blocking::block_on(self.instantiate_async()).unwrap_or_else(|e| {
+            Err(EngineError::Instantiate {
+                path: self.inner.path.clone(),
+                message: format!("cannot start a runtime to instantiate on: {e}"),
+            })
+        })
+    }
+
+    /// Creates a fresh instance.
+    pub async fn instantiate_async(&self) -> Result<Instance, EngineError> {
         let env = self.inner.env.clone();
         let stdout = CaptureBuffer::new(MAX_STDIO_BYTES);
         let stderr = CaptureBuffer::new(MAX_STDIO_BYTES);
@@ -119,20 +130,31 @@ impl Handler {
         };
         let mut store = Store::new(self.inner.engine.wasmtime(), state);
         store.limiter(|s| &mut s.memory);
-        // Every tick, a guest running wasm checks the clock against its call's deadline.
+        // Every tick, a guest running wasm checks the clock against its call's deadline, and
+        // otherwise lets the runtime thread run other tasks: a guest that computes holds it for
+        // one tick at a time.
         store.epoch_deadline_callback(|store| {
             if store.data().call.deadline().has_passed() {
                 Err(DeadlineExceeded.into())
             } else {
-                Ok(wasmtime::UpdateDeadline::Continue(1))
+                Ok(wasmtime::UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(tokio::task::yield_now()),
+                ))
             }
         });
-        let deadline = self.inner.env.limits.timeout.max(MIN_INSTANTIATE_TIMEOUT);
-        store.data_mut().call.deadline = Some(Deadline::after(deadline));
+        let timeout = self.inner.env.limits.timeout.max(MIN_INSTANTIATE_TIMEOUT);
+        let deadline = Deadline::after(timeout);
+        store.data_mut().call.deadline = Some(deadline);
         store.set_epoch_deadline(1);
-        let io = super::wasi_io::enter();
-        let instantiated = self.inner.pre.instantiate(&mut store);
-        drop(io);
+        // A start function waiting in the host past the deadline: the future is dropped.
+        let instantiated = match deadline
+            .bound(self.inner.pre.instantiate_async(&mut store))
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => Err(e.into()),
+        };
         let bindings = instantiated.map_err(|e| {
             let message = if store.data().memory.hit {
                 format!(
@@ -140,7 +162,7 @@ impl Handler {
                     self.inner.env.limits.max_memory_bytes / (1024 * 1024)
                 )
             } else if past_deadline(&e) {
-                format!("instantiation exceeded its deadline of {deadline:?}")
+                format!("instantiation exceeded its deadline of {timeout:?}")
             } else {
                 format!("{e:#}")
             };

@@ -384,24 +384,38 @@ impl From<state::StateError> for KvFailure {
     }
 }
 
-/// Runs one store operation under the call's deadline: the network stores bound their waits by
-/// it (see [`crate::deadline::bound_current`]). Past the deadline none starts: the call is over.
-fn bounded<T>(
+/// Runs one store operation under the call's deadline, on a blocking thread when the store
+/// waits on disk or a network ([`KvStore::blocks`]): the network stores bound their waits by
+/// the deadline (see [`crate::deadline::bound_current`]). Past the deadline none starts: the
+/// call is over.
+async fn bounded<T: Send + 'static>(
     deadline: Deadline,
-    op: impl FnOnce() -> Result<T, state::StateError>,
+    kv: &Arc<dyn KvStore>,
+    op: impl FnOnce(&dyn KvStore) -> Result<T, state::StateError> + Send + 'static,
 ) -> Result<T, KvFailure> {
     if deadline.has_passed() {
         return Err(KvFailure::Deadline(DeadlineExceeded));
     }
-    Ok(deadline.scope(op)?)
+    if !kv.blocks() {
+        return Ok(op(kv.as_ref())?);
+    }
+    let kv = kv.clone();
+    let task = tokio::task::spawn_blocking(move || deadline.scope(|| op(kv.as_ref())));
+    match deadline.bound(task).await {
+        Err(e) => Err(KvFailure::Deadline(e)),
+        Ok(Err(e)) => Err(KvFailure::Guest(kv::KvError::Unavailable(format!(
+            "the store call failed: {e}"
+        )))),
+        Ok(Ok(answer)) => Ok(answer?),
+    }
 }
 
 impl HostState {
     /// The visible value of `key` for a staged call: its own write, else the store's (which is
     /// remembered as what the call saw).
-    fn staged_get(&mut self, key: &str, now: u64) -> Result<Option<Vec<u8>>, KvFailure> {
+    async fn staged_get(&mut self, key: &str, now: u64) -> Result<Option<Vec<u8>>, KvFailure> {
         let deadline = self.call.deadline();
-        let Some(txn) = &mut self.call.kv_txn else {
+        let Some(txn) = &self.call.kv_txn else {
             return Ok(None);
         };
         if let Some(w) = txn.writes.get(key) {
@@ -413,8 +427,11 @@ impl HostState {
         if let Some(v) = txn.seen.get(key) {
             return Ok(v.clone());
         }
-        let v = bounded(deadline, || self.env.kv.get(&self.env.name, key, now))?;
-        txn.seen.insert(key.to_owned(), v.clone());
+        let (name, owned) = (self.env.name.clone(), key.to_owned());
+        let v = bounded(deadline, &self.env.kv, move |kv| kv.get(&name, &owned, now)).await?;
+        if let Some(txn) = &mut self.call.kv_txn {
+            txn.seen.insert(key.to_owned(), v.clone());
+        }
         Ok(v)
     }
 
@@ -440,43 +457,54 @@ impl kv::Host for HostState {
         }
     }
 
-    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, KvFailure> {
+    async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, KvFailure> {
         check_key(&key)?;
         let now = crate::message::now_ms();
         if self.call.kv_txn.is_some() {
-            return self.staged_get(&key, now);
+            return self.staged_get(&key, now).await;
         }
-        bounded(self.call.deadline(), || {
-            self.env.kv.get(&self.env.name, &key, now)
+        let name = self.env.name.clone();
+        bounded(self.call.deadline(), &self.env.kv, move |kv| {
+            kv.get(&name, &key, now)
         })
+        .await
     }
 
-    fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<(), KvFailure> {
+    async fn set(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> Result<(), KvFailure> {
         check_key(&key)?;
         check_value(&value)?;
         let exp = expiry(crate::message::now_ms(), ttl_ms);
         if self.call.kv_txn.is_some() {
             return self.stage(key, Some((value, exp)));
         }
-        bounded(self.call.deadline(), || {
-            self.env.kv.set(&self.env.name, &key, &value, exp)
+        let name = self.env.name.clone();
+        bounded(self.call.deadline(), &self.env.kv, move |kv| {
+            kv.set(&name, &key, &value, exp)
         })
+        .await
     }
 
-    fn delete(&mut self, key: String) -> Result<bool, KvFailure> {
+    async fn delete(&mut self, key: String) -> Result<bool, KvFailure> {
         check_key(&key)?;
         let now = crate::message::now_ms();
         if self.call.kv_txn.is_some() {
-            let was = self.staged_get(&key, now)?.is_some();
+            let was = self.staged_get(&key, now).await?.is_some();
             self.stage(key, None)?;
             return Ok(was);
         }
-        bounded(self.call.deadline(), || {
-            self.env.kv.delete(&self.env.name, &key, now)
+        let name = self.env.name.clone();
+        bounded(self.call.deadline(), &self.env.kv, move |kv| {
+            kv.delete(&name, &key, now)
         })
+        .await
     }
 
-    fn compare_and_swap(
+    async fn compare_and_swap(
         &mut self,
         key: String,
         expected: Option<Vec<u8>>,
@@ -489,15 +517,16 @@ impl kv::Host for HostState {
         }
         let now = crate::message::now_ms();
         if self.call.kv_txn.is_some() {
-            if self.staged_get(&key, now)? != expected {
+            if self.staged_get(&key, now).await? != expected {
                 return Ok(false);
             }
             self.stage(key, new.map(|v| (v, expiry(now, ttl_ms))))?;
             return Ok(true);
         }
-        bounded(self.call.deadline(), || {
-            self.env.kv.compare_and_swap(
-                &self.env.name,
+        let name = self.env.name.clone();
+        bounded(self.call.deadline(), &self.env.kv, move |kv| {
+            kv.compare_and_swap(
+                &name,
                 &key,
                 expected.as_deref(),
                 new.as_deref(),
@@ -505,6 +534,7 @@ impl kv::Host for HostState {
                 now,
             )
         })
+        .await
     }
 }
 

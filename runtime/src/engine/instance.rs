@@ -62,8 +62,24 @@ impl Instance {
     }
 
     /// Like [`Self::invoke_with`] on a message the caller gives up (its bytes move into the
-    /// call instead of being copied first).
+    /// call instead of being copied first). Blocks this thread (see `blocking.rs`); await
+    /// [`Self::invoke_async`] on a runtime thread.
     pub fn invoke_owned(&mut self, message: InboundMessage, stage_kv: bool) -> Invocation {
+        super::blocking::block_on(self.invoke_async(message, stage_kv)).unwrap_or_else(|e| {
+            Invocation::without_guest(Outcome::Trapped {
+                reason: format!("cannot start a runtime to call the handler on: {e}"),
+            })
+        })
+    }
+
+    /// Calls `handle` with `message` under the handler's deadline and memory cap; with
+    /// `stage_kv` the call's kv writes are held back and returned in
+    /// [`Invocation::kv_writes`] (for an ok outcome) instead of applied.
+    ///
+    /// Never panics on guest behaviour: every failure is an [`Outcome`]. After a trap, timeout or
+    /// memory exhaustion the instance is poisoned and must not be reused. Dropping the future
+    /// before it ends leaves the instance poisoned too.
+    pub async fn invoke_async(&mut self, message: InboundMessage, stage_kv: bool) -> Invocation {
         let start = Instant::now();
         if self.poisoned {
             return Invocation::without_guest(Outcome::Trapped {
@@ -72,17 +88,18 @@ impl Instance {
         }
         self.calls += 1;
         let limits = self.handler.inner.env.limits.clone();
+        let deadline = Deadline::after_from(start, limits.timeout);
         {
             let data = self.store.data_mut();
             data.call = CallState {
-                deadline: Some(Deadline::after_from(start, limits.timeout)),
+                deadline: Some(deadline),
                 reply_to: message.reply_to.clone(),
                 kv_txn: stage_kv.then(host::KvTxn::default),
                 ..CallState::default()
             };
             data.memory.hit = false;
             data.http.begin(CallContext {
-                deadline: Deadline::after_from(start, limits.timeout),
+                deadline,
                 key_base: format!("{}\n{}", self.handler.inner.env.name, message.id),
                 trace: message
                     .headers
@@ -92,16 +109,26 @@ impl Instance {
                     .map(|(t, f)| (t.to_owned(), f.to_owned())),
             });
         }
-        // The next tick checks the deadline (see `Handler::instantiate`).
+        // The next tick checks the deadline (see `Handler::instantiate_async`).
         self.store.set_epoch_deadline(1);
         let wit_message = message.into_wit();
-        let io = super::wasi_io::enter();
-        let result = self.bindings.call_handle(&mut self.store, &wit_message);
+        // Poisoned until the call ends: a future dropped half-way leaves the guest's state
+        // undefined.
+        self.poisoned = true;
+        // A guest waiting in the host past its deadline: the call's future is dropped there,
+        // which unwinds the guest's stack and drops what it waited for.
+        let result = match deadline
+            .bound(self.bindings.call_handle(&mut self.store, &wit_message))
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => Err(e.into()),
+        };
+        self.poisoned = false;
         let elapsed = start.elapsed();
 
         let data = self.store.data_mut();
         data.http.end();
-        drop(io);
         let http = std::mem::take(&mut data.http.records);
         let unmatched = data.http.unmatched.take();
         let mut call = std::mem::take(&mut data.call);

@@ -1,18 +1,24 @@
 //! The WebAssembly engine: one wasmtime [`Engine`](wasmtime::Engine) per process, compilation with
 //! an on-disk cache, the sandboxed host, instance pooling, and typed invocation outcomes.
 //!
-//! Guest calls are synchronous and must run on a thread that is not a tokio worker (a plain
-//! thread or `spawn_blocking`): wasmtime-wasi's synchronous bindings block on futures internally.
+//! Guests are called asynchronously: a call is a future ([`Instance::invoke_async`],
+//! [`InstancePool::invoke_async`]) that the pipeline awaits on the route's own task, so a guest's
+//! host waits (an HTTP response, a statement, a sleep) and what they wait for (the connection's
+//! task) run on the same runtime threads, without a hand-off to another thread and back per wait
+//! (BENCHMARKS.md, "Outbound HTTP from a handler"). A guest that computes yields to the runtime
+//! at every [`EPOCH_TICK`], so it holds a runtime thread for at most one tick at a time. The
+//! synchronous forms ([`Instance::invoke`], [`InstancePool::invoke`],
+//! [`Handler::instantiate`]) block on a runtime of the engine's own (`blocking.rs`), for callers
+//! outside any runtime: the CLI's `test` and `check`, tests and benches.
 //!
 //! Every call (and every instantiation) has a [`Deadline`], kept in
 //! the store's call state, and it ends the call wherever the guest is:
 //! - running wasm: epoch interruption (the ticker below) makes it check the deadline every
 //!   [`EPOCH_TICK`], and trap once it has passed;
-//! - waiting in the host: every blocking WASI function (`wasi:io/poll` and the blocking
-//!   `wasi:io/streams` functions, through which every sleep, stdin read, socket wait and, later,
-//!   outbound HTTP wait goes) is replaced by one bounded by the deadline (`wasi_io`), and kv calls
-//!   run under [`Deadline::scope`], which the network stores
-//!   bound their waits by.
+//! - waiting in the host: the call's future is bounded by the deadline as a whole
+//!   ([`Deadline::bound`]); when it passes, the future is dropped, which unwinds the guest's
+//!   stack, and what the wait was for is dropped with it (a kv call on a blocking thread runs
+//!   under [`Deadline::scope`], which the network stores bound their own waits by).
 //!
 //! Either way the call's outcome is [`Outcome::TimedOut`] and the instance is discarded.
 //!
@@ -21,9 +27,10 @@
 //! rest, one concern a file: `settings.rs` (what the config asks for), `handler.rs` (a loaded
 //! version and how an instance of it is made), `instance.rs` (one call), `pool.rs` (instance
 //! reuse), `invocation.rs` (the data of a call in host types), `host.rs` (the WIT imports),
-//! `wasi_io.rs` (WASI waits bounded by the deadline), `stdio.rs` (captured output).
+//! `blocking.rs` (the synchronous forms), `stdio.rs` (captured output).
 
 mod bindings;
+mod blocking;
 mod cache;
 mod handler;
 mod host;
@@ -34,7 +41,6 @@ mod pool;
 mod settings;
 mod sql;
 mod stdio;
-mod wasi_io;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
@@ -68,8 +74,11 @@ pub const MAX_STDIO_BYTES: usize = 64 * 1024;
 /// whatever the handler's `timeout_ms`: a Python or JS runtime takes milliseconds to start, and a
 /// call deadline tuned for a 1 ms handler must not refuse it.
 pub const MIN_INSTANTIATE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Wasm stack available to a guest (the rest of the 8 MiB thread stack is the host's).
+/// Wasm stack available to a guest.
 pub const MAX_WASM_STACK: usize = 1024 * 1024;
+/// Stack of a call (a guest runs on a stack of its own, not its thread's): the guest's
+/// [`MAX_WASM_STACK`] plus what the host functions it calls need below it.
+pub const CALL_STACK: usize = MAX_WASM_STACK + 1024 * 1024;
 
 /// Errors from loading or instantiating a handler.
 #[derive(Debug, thiserror::Error)]
@@ -160,10 +169,13 @@ impl Engine {
         config.wasm_component_model(true);
         config.epoch_interruption(true);
         config.max_wasm_stack(MAX_WASM_STACK);
+        config.async_stack_size(CALL_STACK);
         if settings.pooling {
             let mut pool = wasmtime::PoolingAllocationConfig::new();
             let n = settings.max_instances;
             pool.total_component_instances(n);
+            // A call's stack comes from the pool too: one per instance that can run.
+            pool.total_stacks(n);
             // Components built from Python or JS hold a dozen core instances, memories and tables.
             pool.total_core_instances(n.saturating_mul(16));
             pool.total_memories(n.saturating_mul(4));
@@ -186,14 +198,11 @@ impl Engine {
         let engine = wasmtime::Engine::new(&config).map_err(EngineError::Setup)?;
 
         let mut linker = Linker::<HostState>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(EngineError::Setup)?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(EngineError::Setup)?;
         // Only wasi:http's own interfaces (wasi:io and clocks are linked above): every handler
         // may import it; its grant decides what a request reaches (`outbound`).
-        wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(EngineError::Setup)?;
-        // Last of the WASI interfaces: replaces the blocking waits with ones bounded by the
-        // call's deadline.
-        wasi_io::shadow(&mut linker).map_err(EngineError::Setup)?;
         bindings::Handler::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(EngineError::Setup)?;
 

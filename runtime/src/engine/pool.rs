@@ -69,7 +69,20 @@ impl InstancePool {
     }
 
     /// Like [`Self::invoke_with`] on a message the caller gives up (no copy before the call).
+    /// Blocks this thread (see `blocking.rs`); await [`Self::invoke_async`] on a runtime
+    /// thread.
     pub fn invoke_owned(&self, message: InboundMessage, stage_kv: bool) -> Invocation {
+        super::blocking::block_on(self.invoke_async(message, stage_kv)).unwrap_or_else(|e| {
+            Invocation::without_guest(Outcome::Trapped {
+                reason: format!("cannot start a runtime to call the handler on: {e}"),
+            })
+        })
+    }
+
+    /// Runs one message on an instance from the pool, staging kv writes when `stage_kv` (see
+    /// [`Instance::invoke_async`]). An instantiation failure becomes a `Trapped` outcome: from
+    /// the message's point of view the handler failed, retryably.
+    pub async fn invoke_async(&self, message: InboundMessage, stage_kv: bool) -> Invocation {
         let reused = self
             .idle
             .lock()
@@ -77,7 +90,7 @@ impl InstancePool {
             .pop();
         let mut instance = match reused {
             Some(i) => i,
-            None => match self.handler.instantiate() {
+            None => match self.handler.instantiate_async().await {
                 Ok(i) => {
                     self.counters.created.fetch_add(1, AtomicOrdering::Relaxed);
                     self.counters.live.fetch_add(1, AtomicOrdering::Relaxed);
@@ -90,17 +103,17 @@ impl InstancePool {
                 }
             },
         };
-        let invocation = instance.invoke_owned(message, stage_kv);
+        let leased = Leased(&self.counters);
+        let invocation = instance.invoke_async(message, stage_kv).await;
         let keep = self.isolation == Isolation::Reuse
             && !instance.is_poisoned()
             && instance.calls() < self.max_messages_per_instance;
         if keep {
+            std::mem::forget(leased);
             self.idle
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .push(instance);
-        } else {
-            self.counters.live.fetch_sub(1, AtomicOrdering::Relaxed);
         }
         invocation
     }
@@ -111,5 +124,16 @@ impl InstancePool {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .len()
+    }
+}
+
+/// An instance out of the pool for one call. Unless it goes back to the pool (it is not to be
+/// reused, or its call's future was dropped half-way), the instance is gone when this drops:
+/// the live count says so.
+struct Leased<'a>(&'a PoolCounters);
+
+impl Drop for Leased<'_> {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, AtomicOrdering::Relaxed);
     }
 }

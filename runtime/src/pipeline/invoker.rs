@@ -2,14 +2,22 @@
 //! [`InstancePool`], the [`Passthrough`] of a relay without a handler, and the [`HandlerSlot`]
 //! that hot reload swaps a new version into.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 
 use crate::engine::{InboundMessage, InstancePool, Invocation, Outcome};
 
 /// Runs a handler on one message. [`InstancePool`] is the real one; tests and benchmarks plug in
 /// native closures.
+///
+/// The pipeline calls [`Self::call`]. A native invoker implements the synchronous methods, which
+/// may block, and `call` runs them on a blocking thread; [`InstancePool`] answers `call` with
+/// the guest's asynchronous call, on the caller's task.
 pub trait Invoker: Send + Sync + 'static {
-    /// Handles one message (synchronously: called on a blocking thread).
+    /// Handles one message (synchronously: may block).
     fn invoke(&self, message: &InboundMessage) -> Invocation;
     /// Handles one message with its kv writes staged and returned in
     /// [`Invocation::kv_writes`] rather than applied (for a message whose idempotency key is
@@ -25,6 +33,32 @@ pub trait Invoker: Send + Sync + 'static {
         } else {
             self.invoke(&message)
         }
+    }
+    /// [`Self::invoke_owned`] as a future: the pipeline's call. The default runs it on a
+    /// blocking thread, in the caller's span.
+    fn call(
+        self: Arc<Self>,
+        message: InboundMessage,
+        staged: bool,
+    ) -> BoxFuture<'static, Invocation> {
+        let span = tracing::Span::current();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                span.in_scope(|| self.invoke_owned(message, staged))
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Invocation::without_guest(Outcome::Trapped {
+                    reason: format!("handler task failed: {e}"),
+                })
+            })
+        })
+    }
+    /// Whether [`Self::call`] is the default one (the synchronous methods, which may block, on
+    /// a blocking thread): the pipeline then runs several calls in one blocking section where
+    /// it can.
+    fn blocks(&self) -> bool {
+        true
     }
     /// The handler's name.
     fn handler_name(&self) -> String;
@@ -42,6 +76,30 @@ pub trait Invoker: Send + Sync + 'static {
     fn http_stats(&self) -> Option<Arc<crate::engine::outbound::HttpStats>> {
         None
     }
+}
+
+/// Calls `invoker` on `message`, in the current span (what the guest does, HTTP requests and
+/// SQL statements, opens spans inside it). A panic in the call (a bug of the host, or of a
+/// native invoker) fails this message as a trap instead of the route's task.
+pub(crate) async fn call(
+    invoker: &Arc<dyn Invoker>,
+    message: InboundMessage,
+    staged: bool,
+) -> Invocation {
+    let call = invoker.clone().call(message, staged);
+    AssertUnwindSafe(call)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Invocation::without_guest(Outcome::Trapped {
+                reason: format!("handler task failed: panicked: {what}"),
+            })
+        })
 }
 
 /// The "handler" of an outbox relay without one: every row is published as it is, keeping its
@@ -86,6 +144,18 @@ impl Invoker for InstancePool {
 
     fn invoke_owned(&self, message: InboundMessage, staged: bool) -> Invocation {
         InstancePool::invoke_owned(self, message, staged)
+    }
+
+    fn call(
+        self: Arc<Self>,
+        message: InboundMessage,
+        staged: bool,
+    ) -> BoxFuture<'static, Invocation> {
+        Box::pin(async move { self.invoke_async(message, staged).await })
+    }
+
+    fn blocks(&self) -> bool {
+        false
     }
 
     fn handler_name(&self) -> String {

@@ -19,6 +19,10 @@ impl MemoryStore {
 }
 
 impl KvStore for MemoryStore {
+    fn blocks(&self) -> bool {
+        false
+    }
+
     fn get(&self, namespace: &str, key: &str, now_ms: u64) -> Result<Option<Vec<u8>>, StateError> {
         let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(entries

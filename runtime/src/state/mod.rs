@@ -249,9 +249,16 @@ impl StateStore {
 
 /// A key-value store shared by every handler of a process, namespaced per handler.
 ///
-/// Methods are synchronous because guests call them from inside a synchronous wasm call on a
-/// blocking thread; network backends bridge to async internally.
+/// Methods are synchronous, and block on disk or network I/O unless [`Self::blocks`] says they
+/// never do: a guest's call, which runs on a runtime thread, moves them to a blocking thread
+/// (`engine/host.rs`); network backends bridge to async internally.
 pub trait KvStore: Send + Sync + 'static {
+    /// Whether a call may wait on disk or a network. One that never does (memory) is made
+    /// where it is asked, without a hand-off to a blocking thread.
+    fn blocks(&self) -> bool {
+        true
+    }
+
     /// Returns the value of `key` in `namespace` if present and not expired at `now_ms`.
     fn get(&self, namespace: &str, key: &str, now_ms: u64) -> Result<Option<Vec<u8>>, StateError>;
 

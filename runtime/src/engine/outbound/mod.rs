@@ -3,7 +3,7 @@
 //! - only to a host an `allowed_hosts` entry allows; an internal address only when the entry
 //!   names the host (`connect.rs`); redirects are returned to the guest, never followed;
 //! - under the call's deadline: the request's timeouts are clamped to the call's remaining time,
-//!   every guest wait on it is bounded by the deadline (`engine::wasi_io`), and whatever the call
+//!   every guest wait on it ends with the call at its deadline (`engine`), and whatever the call
 //!   left open (a request still waiting, a body not read to its end) is dropped when it ends;
 //! - within `max_request_bytes`, `max_response_bytes` and `max_concurrent` (`body.rs`);
 //! - over one pooled client per handler, so connections are reused across messages;

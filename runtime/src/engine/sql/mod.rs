@@ -12,6 +12,7 @@ mod guard;
 use std::time::Instant;
 
 use tokio_postgres::types::ToSql;
+use tracing::Instrument;
 
 use super::bindings::sql::{self, Column, DbError, RowSet, SqlError, Value};
 use super::host::HostState;
@@ -55,7 +56,7 @@ fn db_error(e: SqlStatementError) -> Result<SqlError, DeadlineExceeded> {
 
 impl HostState {
     /// Runs one statement of the call: `Err` is a trap (the call's deadline passed).
-    fn statement(
+    async fn statement(
         &mut self,
         statement: &str,
         params: &[Value],
@@ -75,7 +76,10 @@ impl HostState {
             return Err(DeadlineExceeded);
         };
         if self.call.sql.is_none() {
-            let begun = deadline.scope(|| grant.store.begin_sql(grant.role.as_deref(), remaining));
+            let begun = grant
+                .store
+                .begin_sql(grant.role.as_deref(), remaining, deadline)
+                .await;
             match begun {
                 Ok(txn) => self.call.sql = Some(txn),
                 Err(crate::state::StateError::DeadlineExceeded) => return Err(DeadlineExceeded),
@@ -91,7 +95,7 @@ impl HostState {
                 failed.reason
             ))));
         }
-        let prepared = match deadline.scope(|| txn.prepare(statement)) {
+        let prepared = match txn.prepare(statement, deadline).await {
             Ok(p) => p,
             Err(e) => return db_error(e).map(Err),
         };
@@ -115,7 +119,7 @@ impl HostState {
         let refs: Vec<&(dyn ToSql + Sync)> =
             encoded.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
         if !rows {
-            return match deadline.scope(|| txn.execute(&prepared, &refs)) {
+            return match txn.execute(&prepared, &refs, deadline).await {
                 Ok(n) => Ok(Ok(Answer::Affected(n))),
                 Err(e) => db_error(e).map(Err),
             };
@@ -136,8 +140,8 @@ impl HostState {
         let mut out = Vec::new();
         let mut bytes = 0u64;
         let mut stop: Option<SqlError> = None;
-        let ran = deadline.scope(|| {
-            txn.query(&prepared, &refs, |row| {
+        let ran = txn
+            .query(&prepared, &refs, deadline, |row| {
                 if out.len() as u64 >= grant.max_rows {
                     stop = Some(SqlError::TooLarge(format!(
                         "the query returned more than sql_max_rows = {} rows",
@@ -173,7 +177,7 @@ impl HostState {
                 out.push(values);
                 true
             })
-        });
+            .await;
         if let Err(e) = ran {
             return db_error(e).map(Err);
         }
@@ -185,13 +189,16 @@ impl HostState {
 }
 
 impl sql::Host for HostState {
-    fn query(
+    async fn query(
         &mut self,
         statement: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<Result<RowSet, SqlError>> {
         let span = statement_span(&statement);
-        let answer = span.in_scope(|| self.statement(&statement, &params, true));
+        let answer = self
+            .statement(&statement, &params, true)
+            .instrument(span.clone())
+            .await;
         record(&span, &answer);
         Ok(match answer? {
             Ok(Answer::Rows(r)) => Ok(r),
@@ -203,13 +210,16 @@ impl sql::Host for HostState {
         })
     }
 
-    fn execute(
+    async fn execute(
         &mut self,
         statement: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<Result<u64, SqlError>> {
         let span = statement_span(&statement);
-        let answer = span.in_scope(|| self.statement(&statement, &params, false));
+        let answer = self
+            .statement(&statement, &params, false)
+            .instrument(span.clone())
+            .await;
         record(&span, &answer);
         Ok(match answer? {
             Ok(Answer::Affected(n)) => Ok(n),

@@ -211,25 +211,15 @@ impl Shared {
         }
     }
 
-    /// Calls the handler on a blocking thread. With `staged` (the key is claimed) its kv writes
-    /// are returned, to commit together with the key.
+    /// Calls the handler. With `staged` (the key is claimed) its kv writes are returned, to
+    /// commit together with the key.
     async fn invoke(
         &self,
         message: InboundMessage,
         staged: bool,
         invoker: &Arc<dyn Invoker>,
     ) -> Invocation {
-        let invoker = invoker.clone();
-        // The handler span goes with the call to its thread: what the guest does there (HTTP
-        // requests, SQL statements) opens spans inside it.
-        let span = tracing::Span::current();
-        let call = move || span.in_scope(|| invoker.invoke_owned(message, staged));
-        match tokio::task::spawn_blocking(call).await {
-            Ok(invocation) => invocation,
-            Err(e) => Invocation::without_guest(Outcome::Trapped {
-                reason: format!("handler task failed: {e}"),
-            }),
-        }
+        crate::pipeline::invoker::call(invoker, message, staged).await
     }
 
     /// Counts the call and logs what the guest logged.

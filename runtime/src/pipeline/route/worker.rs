@@ -1,6 +1,6 @@
 //! A worker: takes a lane's batch at a time, and each of its messages, in order, through its
 //! steps (`handle`: claim, attempts, and one end: finished or abandoned). The head of a batch
-//! may have its first attempts run ahead in one blocking section.
+//! may have its first attempts run ahead, before its steps.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -153,10 +153,11 @@ impl Shared {
         }
     }
 
-    /// Runs the first attempts of the head of a batch in one blocking section and returns them,
-    /// in order, with the handler version that ran them. A blocking section per call (a hand-off
-    /// to a blocking thread and back) costs more than a small handler's call: the `suite` bench
-    /// measured ~20 µs of hand-off against ~1.3 µs of call. Only where nothing has to happen
+    /// Runs the first attempts of the head of a batch and returns them, in order, with the
+    /// handler version that ran them. For an invoker that blocks ([`Invoker::blocks`]: native
+    /// ones in tests and benches) they run in one blocking section: a hand-off to a blocking
+    /// thread and back per call costs more than a small handler's call (the `suite` bench
+    /// measured ~20 µs of hand-off against ~1.3 µs of call). Only where nothing has to happen
     /// between two calls: no idempotency claim to take first and a closed breaker. It stops at
     /// the first call that does not succeed (the messages after it wait for its retries, in
     /// order), when the breaker leaves closed, at shutdown and after [`MAX_BATCH_AGE`] (so
@@ -167,20 +168,19 @@ impl Shared {
     ) -> (Option<Arc<dyn Invoker>>, VecDeque<Invocation>) {
         let invoker = self.invoker.current();
         let (shutdown, stats) = (self.shutdown.clone(), self.stats.clone());
-        let run = {
-            let invoker = invoker.clone();
-            move || {
-                // Real time, also under a paused test clock: this bounds real work.
-                let start = std::time::Instant::now();
-                let mut done = VecDeque::with_capacity(messages.len());
+        // Real time, also under a paused test clock: this bounds real work.
+        let start = std::time::Instant::now();
+        let go_on =
+            move || !shutdown.is_set() && breaker_closed(&stats) && start.elapsed() < MAX_BATCH_AGE;
+        let mut done = VecDeque::with_capacity(messages.len());
+        if invoker.blocks() {
+            let blocking = invoker.clone();
+            let run = move || {
                 for m in messages {
-                    if shutdown.is_set()
-                        || !breaker_closed(&stats)
-                        || start.elapsed() >= MAX_BATCH_AGE
-                    {
+                    if !go_on() {
                         break;
                     }
-                    let invocation = invoker.invoke_owned(m, false);
+                    let invocation = blocking.invoke_owned(m, false);
                     let ok = matches!(invocation.outcome, Outcome::Ok { .. });
                     done.push_back(invocation);
                     if !ok {
@@ -188,10 +188,22 @@ impl Shared {
                     }
                 }
                 done
+            };
+            // A failed section (a panic in the invoker) leaves every message to the normal path.
+            let done = tokio::task::spawn_blocking(run).await.unwrap_or_default();
+            return (Some(invoker), done);
+        }
+        for m in messages {
+            if !go_on() {
+                break;
             }
-        };
-        // A failed section (a panic in the invoker) leaves every message to the normal path.
-        let done = tokio::task::spawn_blocking(run).await.unwrap_or_default();
+            let invocation = crate::pipeline::invoker::call(&invoker, m, false).await;
+            let ok = matches!(invocation.outcome, Outcome::Ok { .. });
+            done.push_back(invocation);
+            if !ok {
+                break;
+            }
+        }
         (Some(invoker), done)
     }
 

@@ -14,6 +14,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Statement};
 
 use super::{Applied, PostgresStore, millis, outbox_params};
+use crate::deadline::Deadline;
 use crate::message::OutRecord;
 use crate::state::{ClaimRequest, Commit, KvWrite, StateError};
 
@@ -70,14 +71,14 @@ fn quote_ident(name: &str) -> String {
 
 impl PostgresStore {
     /// Opens a handler's transaction: statements time out after `statement_timeout` (the call's
-    /// remaining time) and, with `role`, run as that role. Blocks, under the current deadline
-    /// ([`crate::deadline::Deadline::scope`]).
-    pub fn begin_sql(
+    /// remaining time) and, with `role`, run as that role. Gives up at `deadline`.
+    pub async fn begin_sql(
         &self,
         role: Option<&str>,
         statement_timeout: Duration,
+        deadline: Deadline,
     ) -> Result<SqlTxn, StateError> {
-        self.block(async {
+        let begin = async {
             // The commit writes lockgate's tables: they must exist.
             self.migrated().await?;
             let client = self
@@ -104,7 +105,11 @@ impl PostgresStore {
                 .await
                 .map_err(|e| self.err("begin a handler's transaction", e))?;
             Ok(txn)
-        })
+        };
+        deadline
+            .bound(begin)
+            .await
+            .map_err(|_| StateError::DeadlineExceeded)?
     }
 }
 
@@ -121,76 +126,81 @@ impl SqlTxn {
     }
 
     /// Prepares `statement` (cached per connection); its parameter types are the server's.
-    pub fn prepare(&mut self, statement: &str) -> Result<Statement, SqlStatementError> {
+    pub async fn prepare(
+        &mut self,
+        statement: &str,
+        deadline: Deadline,
+    ) -> Result<Statement, SqlStatementError> {
         let result = match &self.client {
-            None => Ok(Err(ended())),
-            Some(client) => self.store.block(async {
-                Ok(client
-                    .prepare_cached(statement)
-                    .await
-                    .map_err(|e| statement_error(&e)))
-            }),
+            None => Err(ended()),
+            Some(client) => {
+                bounded(deadline, async {
+                    client
+                        .prepare_cached(statement)
+                        .await
+                        .map_err(|e| statement_error(&e))
+                })
+                .await
+            }
         };
         self.settle(result)
     }
 
     /// Runs a prepared statement and hands each row to `row` until it answers `false`.
-    pub fn query(
+    pub async fn query(
         &mut self,
         statement: &Statement,
         params: &[&(dyn ToSql + Sync)],
-        mut row: impl FnMut(Row) -> bool,
+        deadline: Deadline,
+        mut row: impl FnMut(Row) -> bool + Send,
     ) -> Result<(), SqlStatementError> {
         use futures_util::TryStreamExt;
         let Some(client) = &self.client else {
-            return self.settle(Ok(Err(ended())));
+            return self.settle(Err(ended()));
         };
-        let result = self.store.block(async {
-            let run = async {
-                let rows = client.query_raw(statement, params.iter().copied()).await?;
-                futures_util::pin_mut!(rows);
-                while let Some(r) = rows.try_next().await? {
-                    if !row(r) {
-                        // The rest of the rows are read and discarded by the connection.
-                        break;
-                    }
+        let run = async {
+            let rows = client.query_raw(statement, params.iter().copied()).await?;
+            futures_util::pin_mut!(rows);
+            while let Some(r) = rows.try_next().await? {
+                if !row(r) {
+                    // The rest of the rows are read and discarded by the connection.
+                    break;
                 }
-                Ok::<_, tokio_postgres::Error>(())
-            };
-            Ok(run.await.map_err(|e| statement_error(&e)))
-        });
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        };
+        let result = bounded(deadline, async {
+            run.await.map_err(|e| statement_error(&e))
+        })
+        .await;
         self.settle(result)
     }
 
     /// Runs a prepared statement and answers the number of rows it affected.
-    pub fn execute(
+    pub async fn execute(
         &mut self,
         statement: &Statement,
         params: &[&(dyn ToSql + Sync)],
+        deadline: Deadline,
     ) -> Result<u64, SqlStatementError> {
         let result = match &self.client {
-            None => Ok(Err(ended())),
-            Some(client) => self.store.block(async {
-                Ok(client
-                    .execute(statement, params)
-                    .await
-                    .map_err(|e| statement_error(&e)))
-            }),
+            None => Err(ended()),
+            Some(client) => {
+                bounded(deadline, async {
+                    client
+                        .execute(statement, params)
+                        .await
+                        .map_err(|e| statement_error(&e))
+                })
+                .await
+            }
         };
         self.settle(result)
     }
 
     /// Notes how a statement ended: a failure makes the transaction one that can only roll
     /// back; running out of time also cancels the statement on the server.
-    fn settle<T>(
-        &mut self,
-        result: Result<Result<T, SqlStatementError>, StateError>,
-    ) -> Result<T, SqlStatementError> {
-        let result = match result {
-            Ok(r) => r,
-            Err(StateError::DeadlineExceeded) => Err(SqlStatementError::DeadlineExceeded),
-            Err(e) => Err(SqlStatementError::Unavailable(e.to_string())),
-        };
+    fn settle<T>(&mut self, result: Result<T, SqlStatementError>) -> Result<T, SqlStatementError> {
         if let Err(e) = &result {
             let code = match e {
                 SqlStatementError::Db(db) => Some(db.code().code().to_owned()),
@@ -427,6 +437,17 @@ impl Drop for SqlTxn {
             }
         });
     }
+}
+
+/// `statement` until `deadline`: past it, [`SqlStatementError::DeadlineExceeded`].
+async fn bounded<T>(
+    deadline: Deadline,
+    statement: impl Future<Output = Result<T, SqlStatementError>>,
+) -> Result<T, SqlStatementError> {
+    deadline
+        .bound(statement)
+        .await
+        .unwrap_or(Err(SqlStatementError::DeadlineExceeded))
 }
 
 fn ended() -> SqlStatementError {
