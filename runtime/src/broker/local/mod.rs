@@ -91,6 +91,7 @@ mod dedup;
 mod frame;
 mod retention;
 mod segments;
+mod sink;
 #[cfg(test)]
 mod tests;
 
@@ -109,13 +110,14 @@ use tokio::sync::Notify;
 use self::dedup::{COMPACT_CHUNK, COMPACT_MIN_BYTES, End, Window, encode_entry, read_entries};
 use self::frame::{encode_frame, read_frame};
 use self::segments::{Cursor, SEGMENTS_DIR, segment_path};
-use super::{Ack, AckHandle, AckKind, BrokerError, Delivery, Scan, Sink, Source};
+use super::{Ack, AckHandle, AckKind, BrokerError, Delivery, Scan, Source};
 use crate::broker::offsets::OffsetTracker;
 use crate::config::local::{LocalSettings, TopicSettings, name_ok};
 use crate::message::{LOCKGATE_ID_HEADER, OutRecord, Record};
 use futures_util::future::BoxFuture;
 
 pub use self::retention::Removed;
+pub use self::sink::LocalSink;
 
 /// How often a source at the end of its topic looks for records appended by other processes.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -510,11 +512,10 @@ impl LocalBroker {
         })
     }
 
-    /// A producer for any topic (runs [`LocalBroker::append`] on a blocking thread).
+    /// A producer for any topic (runs [`LocalBroker::append`] on a blocking thread, merging
+    /// concurrent publishes: `sink.rs`).
     pub fn sink(&self) -> LocalSink {
-        LocalSink {
-            broker: self.clone(),
-        }
+        LocalSink::new(self.clone())
     }
 
     /// Applies retention to every topic now (see the module docs): deletes the segments that
@@ -1328,24 +1329,6 @@ impl Source for LocalSource {
 
     fn commit(&mut self) -> BoxFuture<'_, Result<(), BrokerError>> {
         Box::pin(async move { self.committer.commit_now().await })
-    }
-}
-
-/// A producer for any topic of a [`LocalBroker`]; deduplicates by `lockgate-id`.
-#[derive(Clone, Debug)]
-pub struct LocalSink {
-    broker: LocalBroker,
-}
-
-impl Sink for LocalSink {
-    fn publish(&self, records: Vec<OutRecord>) -> BoxFuture<'_, Result<(), BrokerError>> {
-        let broker = self.broker.clone();
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || broker.append(&records))
-                .await
-                .map_err(|e| BrokerError::Unavailable(format!("local append task failed: {e}")))?
-                .map(|_| ())
-        })
     }
 }
 

@@ -52,6 +52,9 @@ pub enum SqlStatementError {
 pub struct SqlTxn {
     store: PostgresStore,
     client: Option<deadpool_postgres::Object>,
+    /// `BEGIN` and the transaction's settings, until they are sent: pipelined with the first
+    /// statement that runs, or with the commit if none ran.
+    begin: Option<String>,
     failed: Option<SqlFailure>,
 }
 
@@ -72,44 +75,42 @@ fn quote_ident(name: &str) -> String {
 impl PostgresStore {
     /// Opens a handler's transaction: statements time out after `statement_timeout` (the call's
     /// remaining time) and, with `role`, run as that role. Gives up at `deadline`.
+    ///
+    /// This takes a connection; `BEGIN` and the settings go with the first statement, in the
+    /// same round trip (a failed setting then fails that statement: the transaction has begun,
+    /// so nothing runs outside it).
     pub async fn begin_sql(
         &self,
         role: Option<&str>,
         statement_timeout: Duration,
         deadline: Deadline,
     ) -> Result<SqlTxn, StateError> {
-        let begin = async {
+        let connect = async {
             // The commit writes lockgate's tables: they must exist.
             self.migrated().await?;
-            let client = self
-                .inner
+            self.inner
                 .sql_pool
                 .get()
                 .await
-                .map_err(|e| self.err("connect for a handler's transaction", e))?;
-            let txn = SqlTxn {
-                store: self.clone(),
-                client: Some(client),
-                failed: None,
-            };
-            let mut begin = format!(
-                "BEGIN; SET LOCAL statement_timeout = {}",
-                millis(statement_timeout)
-            );
-            if let Some(role) = role {
-                begin.push_str(&format!("; SET LOCAL ROLE {}", quote_ident(role)));
-            }
-            // On failure `txn` is dropped, which rolls back what began.
-            txn.client()?
-                .batch_execute(&begin)
-                .await
-                .map_err(|e| self.err("begin a handler's transaction", e))?;
-            Ok(txn)
+                .map_err(|e| self.err("connect for a handler's transaction", e))
         };
-        deadline
-            .bound(begin)
+        let client = deadline
+            .bound(connect)
             .await
-            .map_err(|_| StateError::DeadlineExceeded)?
+            .map_err(|_| StateError::DeadlineExceeded)??;
+        let mut begin = format!(
+            "BEGIN; SET LOCAL statement_timeout = {}",
+            millis(statement_timeout)
+        );
+        if let Some(role) = role {
+            begin.push_str(&format!("; SET LOCAL ROLE {}", quote_ident(role)));
+        }
+        Ok(SqlTxn {
+            store: self.clone(),
+            client: Some(client),
+            begin: Some(begin),
+            failed: None,
+        })
     }
 }
 
@@ -155,6 +156,7 @@ impl SqlTxn {
         mut row: impl FnMut(Row) -> bool + Send,
     ) -> Result<(), SqlStatementError> {
         use futures_util::TryStreamExt;
+        let begin = self.begin.take();
         let Some(client) = &self.client else {
             return self.settle(Err(ended()));
         };
@@ -169,10 +171,8 @@ impl SqlTxn {
             }
             Ok::<_, tokio_postgres::Error>(())
         };
-        let result = bounded(deadline, async {
-            run.await.map_err(|e| statement_error(&e))
-        })
-        .await;
+        let run = async { run.await.map_err(|e| statement_error(&e)) };
+        let result = bounded(deadline, after(client, begin.as_deref(), run)).await;
         self.settle(result)
     }
 
@@ -183,16 +183,17 @@ impl SqlTxn {
         params: &[&(dyn ToSql + Sync)],
         deadline: Deadline,
     ) -> Result<u64, SqlStatementError> {
+        let begin = self.begin.take();
         let result = match &self.client {
             None => Err(ended()),
             Some(client) => {
-                bounded(deadline, async {
+                let run = async {
                     client
                         .execute(statement, params)
                         .await
                         .map_err(|e| statement_error(&e))
-                })
-                .await
+                };
+                bounded(deadline, after(client, begin.as_deref(), run)).await
             }
         };
         self.settle(result)
@@ -294,7 +295,11 @@ impl SqlTxn {
             [&scope, &claim.key, &outputs, &lease_ms, &claim.owner];
         // Each request is sent when its future is first polled, and join! polls them in this
         // order: one round trip, in order.
-        let reset = client.batch_execute("RESET ROLE; SET LOCAL statement_timeout = 0");
+        let reset = begun(
+            self.begin.as_deref(),
+            "RESET ROLE; SET LOCAL statement_timeout = 0",
+        );
+        let reset = client.batch_execute(&reset);
         let marked = client.query_one(&mark, &mark_params);
         let inserts = futures_util::future::join_all(
             row_params
@@ -360,7 +365,10 @@ impl SqlTxn {
         let store = self.store.clone();
         let client = self.client()?;
         client
-            .batch_execute("RESET ROLE; SET LOCAL statement_timeout = 0")
+            .batch_execute(&begun(
+                self.begin.as_deref(),
+                "RESET ROLE; SET LOCAL statement_timeout = 0",
+            ))
             .await
             .map_err(|e| store.err(what, e))?;
         let applied = store
@@ -403,9 +411,10 @@ impl SqlTxn {
         let store = self.store.clone();
         let what = "commit a handler's transaction";
         let client = self.client()?;
+        let commit = begun(self.begin.as_deref(), "COMMIT");
         let result = store.block(async {
             client
-                .batch_execute("COMMIT")
+                .batch_execute(&commit)
                 .await
                 .map_err(|e| store.err(what, e))
         });
@@ -429,6 +438,10 @@ impl Drop for SqlTxn {
         let Some(client) = self.client.take() else {
             return;
         };
+        if self.begin.is_some() {
+            // Nothing was sent: no transaction to roll back, the connection goes back as it is.
+            return;
+        }
         // Rolled back before the connection returns to the pool; a connection that cannot roll
         // back is closed instead (the server then rolls back).
         self.store.inner.runtime.spawn(async move {
@@ -436,6 +449,30 @@ impl Drop for SqlTxn {
                 drop(deadpool_postgres::Object::take(client));
             }
         });
+    }
+}
+
+/// Runs `statement` on `client`, after `begin` when the transaction's `BEGIN` has not been
+/// sent yet: both go in one round trip (tokio-postgres sends each request when its future is
+/// first polled, and `join!` polls them in order), and a failed `BEGIN` fails the statement.
+async fn after<T>(
+    client: &deadpool_postgres::Object,
+    begin: Option<&str>,
+    statement: impl Future<Output = Result<T, SqlStatementError>>,
+) -> Result<T, SqlStatementError> {
+    let Some(begin) = begin else {
+        return statement.await;
+    };
+    let (began, result) = futures_util::join!(client.batch_execute(begin), statement);
+    began.map_err(|e| statement_error(&e))?;
+    result
+}
+
+/// `statements`, after `begin` when that has not been sent yet.
+fn begun(begin: Option<&str>, statements: &str) -> String {
+    match begin {
+        Some(begin) => format!("{begin}; {statements}"),
+        None => statements.to_owned(),
     }
 }
 
