@@ -633,8 +633,9 @@ async fn a_handler_transaction_lands_its_statements_once() {
         .batch_execute(&format!("CREATE TABLE {table} (n int NOT NULL)"))
         .await
         .unwrap();
-    // One handler attempt: an insert in a fresh transaction, then the commit with `owner`'s key.
-    let attempt = |n: i32, owner: &'static str| {
+    // One handler attempt: an insert in a fresh transaction, then the commit with `owner`'s key
+    // (`done`: recording the key as done at once, as a message with nothing to publish does).
+    let attempt = |n: i32, key: &'static str, owner: &'static str, done: Option<Duration>| {
         let (store, table, scope) = (store.clone(), table.clone(), scope.clone());
         async move {
             let deadline = Deadline::after(Duration::from_secs(10));
@@ -647,8 +648,8 @@ async fn a_handler_transaction_lands_its_statements_once() {
                 .await
                 .unwrap();
             assert_eq!(txn.execute(&insert, &[&n], deadline).await.unwrap(), 1);
-            let claim = ClaimRequest::new("k1", owner);
-            txn.commit(&scope, &claim, &[], b"", &[], lease)
+            let claim = ClaimRequest::new(key, owner);
+            txn.commit(&scope, &claim, &[], b"", &[], lease, done)
                 .await
                 .unwrap()
         }
@@ -663,13 +664,42 @@ async fn a_handler_transaction_lands_its_statements_once() {
             .collect::<Vec<_>>()
     };
 
-    assert_eq!(attempt(1, "me").await, Commit::Committed);
+    assert_eq!(attempt(1, "k1", "me", None).await, Commit::Committed);
     assert_eq!(rows().await, vec![1]);
     // The same claim committed again answers as before and changes nothing.
-    assert_eq!(attempt(2, "me").await, Commit::Committed);
+    assert_eq!(attempt(2, "k1", "me", None).await, Commit::Committed);
     assert_eq!(rows().await, vec![1]);
     // Another owner never held the claim: nothing of its attempt lands.
-    assert_eq!(attempt(3, "someone-else").await, Commit::LostClaim);
+    assert_eq!(
+        attempt(3, "k1", "someone-else", None).await,
+        Commit::LostClaim
+    );
     assert_eq!(rows().await, vec![1]);
+
+    // Recorded as done by the commit itself: a claim of the key is answered done, and the
+    // same claim committed again (an answer lost) answers done again and lands nothing.
+    let ttl = Some(Duration::from_secs(60));
+    let claimed = store
+        .claim(scope.clone(), vec![ClaimRequest::new("k2", "me")], lease)
+        .await
+        .unwrap();
+    assert_eq!(claimed, vec![Claim::Claimed]);
+    assert_eq!(attempt(4, "k2", "me", ttl).await, Commit::Done);
+    assert_eq!(rows().await, vec![1, 4]);
+    assert_eq!(attempt(5, "k2", "me", ttl).await, Commit::Done);
+    assert_eq!(
+        attempt(6, "k2", "someone-else", ttl).await,
+        Commit::LostClaim
+    );
+    assert_eq!(rows().await, vec![1, 4]);
+    let again = store
+        .claim(
+            scope.clone(),
+            vec![ClaimRequest::new("k2", "redelivery")],
+            lease,
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, vec![Claim::Done]);
     drop_schema(&schema).await;
 }

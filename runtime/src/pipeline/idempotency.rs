@@ -161,7 +161,10 @@ impl DoneKeys {
     }
 
     /// Commits a handler's SQL transaction `txn` with `key` (held by `owner`), its kv
-    /// `writes`, and either the kept `outputs` or, in outbox mode, the outbox `rows`.
+    /// `writes`, and either the kept `outputs` or, in outbox mode, the outbox `rows`. With
+    /// `finished` (nothing is left to publish after it) the key may be recorded as done at once
+    /// ([`Commit::Done`]).
+    #[allow(clippy::too_many_arguments)]
     pub async fn commit_sql(
         &self,
         txn: SqlTxn,
@@ -170,10 +173,20 @@ impl DoneKeys {
         writes: Vec<KvWrite>,
         outputs: Vec<u8>,
         rows: Vec<OutRecord>,
+        finished: bool,
     ) -> Result<Commit, StateError> {
         let claim = ClaimRequest::new(key, owner);
-        txn.commit(&self.scope, &claim, &writes, &outputs, &rows, self.lease)
-            .await
+        let done_ttl = finished.then_some(self.ttl);
+        txn.commit(
+            &self.scope,
+            &claim,
+            &writes,
+            &outputs,
+            &rows,
+            self.lease,
+            done_ttl,
+        )
+        .await
     }
 
     /// Records how the messages of `keys` ended, until now + ttl, in one call.

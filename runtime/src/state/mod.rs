@@ -132,6 +132,9 @@ pub enum Commit {
     /// Effects applied and the key marked applied, atomically (or it already was, by this
     /// owner).
     Committed,
+    /// Effects applied and the key recorded as done, atomically: nothing was left to publish,
+    /// so the commit recorded it at once (`SqlTxn::commit` with a done TTL).
+    Done,
     /// A key the handler read changed before the commit: nothing was applied; run the handler
     /// again.
     Conflict(String),

@@ -290,7 +290,11 @@ impl Shared {
             } else {
                 (encode_outputs(&records), Vec::new())
             };
-            match keys.commit_sql(txn, key, owner, writes, kept, rows).await {
+            let finished = outbox || records.is_empty();
+            match keys
+                .commit_sql(txn, key, owner, writes, kept, rows, finished)
+                .await
+            {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(route = %self.route, message = %msg.record.id(), error = %e, "Committing the handler's transaction failed; running the message again");
@@ -315,6 +319,8 @@ impl Shared {
         };
         match commit {
             Commit::Committed => {}
+            // Its key is recorded already: nothing for the batch to record (or release).
+            Commit::Done => msg.claim = None,
             Commit::Conflict(k) => {
                 invocation.outcome = Outcome::Retry {
                     reason: format!(

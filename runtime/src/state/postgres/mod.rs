@@ -149,6 +149,7 @@ struct Sql {
     lock_claim: String,
     mark_applied: String,
     mark_applied_if_held: String,
+    mark_done_if_held: String,
     claim_state: String,
     insert_outbox: String,
     claim: String,
@@ -214,6 +215,12 @@ impl Sql {
             mark_applied_if_held: format!(
                 "WITH m AS (UPDATE {s}.idempotency SET state = 'a', outputs = $3, until_ms = {NOW} + $4
                  WHERE scope = $1 AND key = $2 AND state = 'c' AND owner = $5 RETURNING 1)
+                 SELECT 1 / (SELECT count(*)::int FROM m)"
+            ),
+            // The owner stays on the record: a commit whose answer was lost finds its own.
+            mark_done_if_held: format!(
+                "WITH m AS (UPDATE {s}.idempotency SET state = 'd', outputs = NULL, until_ms = {NOW} + $3
+                 WHERE scope = $1 AND key = $2 AND state = 'c' AND owner = $4 RETURNING 1)
                  SELECT 1 / (SELECT count(*)::int FROM m)"
             ),
             claim_state: format!(

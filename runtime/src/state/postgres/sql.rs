@@ -233,8 +233,13 @@ impl SqlTxn {
     /// which aborts the transaction so that the `COMMIT` rolls back. With kv writes it is
     /// [`PostgresStore::apply_commit`], a statement at a time.
     ///
+    /// With `done_ttl` (the message has nothing left to publish: no outputs, or outbox rows that
+    /// commit here) and no kv writes, the key is recorded as done for that long instead of
+    /// applied ([`Commit::Done`]): the batch then has no key of it to record, which saves a
+    /// commit per message.
+    ///
     /// An error means the outcome is unknown (the connection broke around `COMMIT`): the caller
-    /// claims the key again, which finds it applied if it was.
+    /// claims the key again, which finds it applied (or done) if it was.
     #[allow(clippy::too_many_arguments)]
     pub async fn commit(
         self,
@@ -244,9 +249,10 @@ impl SqlTxn {
         outputs: &[u8],
         rows: &[OutRecord],
         lease: Duration,
+        done_ttl: Option<Duration>,
     ) -> Result<Commit, StateError> {
         if writes.is_empty() {
-            self.commit_pipelined(scope, claim, outputs, rows, lease)
+            self.commit_pipelined(scope, claim, outputs, rows, lease, done_ttl)
                 .await
         } else {
             self.commit_checked(scope, claim, writes, outputs, rows, lease)
@@ -261,6 +267,7 @@ impl SqlTxn {
         outputs: &[u8],
         rows: &[OutRecord],
         lease: Duration,
+        done_ttl: Option<Duration>,
     ) -> Result<Commit, StateError> {
         let what = "commit a handler's transaction";
         let store = self.store.clone();
@@ -269,7 +276,10 @@ impl SqlTxn {
         let client = self.client()?;
         // Prepared once per connection; after that no round trip.
         let mark = client
-            .prepare_cached(&sql.mark_applied_if_held)
+            .prepare_cached(match done_ttl {
+                Some(_) => &sql.mark_done_if_held,
+                None => &sql.mark_applied_if_held,
+            })
             .await
             .map_err(e)?;
         let insert = match rows.is_empty() {
@@ -291,8 +301,14 @@ impl SqlTxn {
             })
             .collect();
         let lease_ms = millis(lease);
-        let mark_params: [&(dyn ToSql + Sync); 5] =
+        let done_ms = done_ttl.map(millis);
+        let applied_params: [&(dyn ToSql + Sync); 5] =
             [&scope, &claim.key, &outputs, &lease_ms, &claim.owner];
+        let done_params: [&(dyn ToSql + Sync); 4] = [&scope, &claim.key, &done_ms, &claim.owner];
+        let mark_params: &[&(dyn ToSql + Sync)] = match done_ttl {
+            Some(_) => &done_params,
+            None => &applied_params,
+        };
         // Each request is sent when its future is first polled, and join! polls them in this
         // order: one round trip, in order.
         let reset = begun(
@@ -300,7 +316,7 @@ impl SqlTxn {
             "RESET ROLE; SET LOCAL statement_timeout = 0",
         );
         let reset = client.batch_execute(&reset);
-        let marked = client.query_one(&mark, &mark_params);
+        let marked = client.query_one(&mark, mark_params);
         let inserts = futures_util::future::join_all(
             row_params
                 .iter()
@@ -323,7 +339,10 @@ impl SqlTxn {
             .or_else(|| marked.err())
             .or_else(|| inserts.into_iter().find_map(Result::err));
         let Some(failed) = failed else {
-            return Ok(Commit::Committed);
+            return Ok(match done_ttl {
+                Some(_) => Commit::Done,
+                None => Commit::Committed,
+            });
         };
         let code = failed.as_db_error().map(|d| d.code().code());
         if code != Some("22012") {
@@ -345,6 +364,7 @@ impl SqlTxn {
                 .map(|r| (r.get::<_, &str>(0), r.get::<_, Option<&str>>(1)))
             {
                 Some(("a", Some(owner))) if owner == claim.owner => Commit::Committed,
+                Some(("d", Some(owner))) if owner == claim.owner => Commit::Done,
                 _ => Commit::LostClaim,
             },
         )
