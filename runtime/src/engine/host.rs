@@ -390,7 +390,7 @@ impl From<state::StateError> for KvFailure {
 /// call is over.
 async fn bounded<T: Send + 'static>(
     deadline: Deadline,
-    kv: &Arc<dyn KvStore>,
+    kv: Arc<dyn KvStore>,
     op: impl FnOnce(&dyn KvStore) -> Result<T, state::StateError> + Send + 'static,
 ) -> Result<T, KvFailure> {
     if deadline.has_passed() {
@@ -399,7 +399,6 @@ async fn bounded<T: Send + 'static>(
     if !kv.blocks() {
         return Ok(op(kv.as_ref())?);
     }
-    let kv = kv.clone();
     let task = tokio::task::spawn_blocking(move || deadline.scope(|| op(kv.as_ref())));
     match deadline.bound(task).await {
         Err(e) => Err(KvFailure::Deadline(e)),
@@ -411,10 +410,21 @@ async fn bounded<T: Send + 'static>(
 }
 
 impl HostState {
+    /// Runs `op` on the handler's kv store, in the handler's namespace, under the call's
+    /// deadline ([`bounded`]).
+    fn on_store<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&dyn KvStore, &str) -> Result<T, state::StateError> + Send + 'static,
+    ) -> impl Future<Output = Result<T, KvFailure>> + Send + 'static {
+        let name = self.env.name.clone();
+        bounded(self.call.deadline(), self.env.kv.clone(), move |kv| {
+            op(kv, &name)
+        })
+    }
+
     /// The visible value of `key` for a staged call: its own write, else the store's (which is
     /// remembered as what the call saw).
     async fn staged_get(&mut self, key: &str, now: u64) -> Result<Option<Vec<u8>>, KvFailure> {
-        let deadline = self.call.deadline();
         let Some(txn) = &self.call.kv_txn else {
             return Ok(None);
         };
@@ -427,8 +437,8 @@ impl HostState {
         if let Some(v) = txn.seen.get(key) {
             return Ok(v.clone());
         }
-        let (name, owned) = (self.env.name.clone(), key.to_owned());
-        let v = bounded(deadline, &self.env.kv, move |kv| kv.get(&name, &owned, now)).await?;
+        let owned = key.to_owned();
+        let v = self.on_store(move |kv, ns| kv.get(ns, &owned, now)).await?;
         if let Some(txn) = &mut self.call.kv_txn {
             txn.seen.insert(key.to_owned(), v.clone());
         }
@@ -463,11 +473,7 @@ impl kv::Host for HostState {
         if self.call.kv_txn.is_some() {
             return self.staged_get(&key, now).await;
         }
-        let name = self.env.name.clone();
-        bounded(self.call.deadline(), &self.env.kv, move |kv| {
-            kv.get(&name, &key, now)
-        })
-        .await
+        self.on_store(move |kv, ns| kv.get(ns, &key, now)).await
     }
 
     async fn set(
@@ -482,11 +488,8 @@ impl kv::Host for HostState {
         if self.call.kv_txn.is_some() {
             return self.stage(key, Some((value, exp)));
         }
-        let name = self.env.name.clone();
-        bounded(self.call.deadline(), &self.env.kv, move |kv| {
-            kv.set(&name, &key, &value, exp)
-        })
-        .await
+        self.on_store(move |kv, ns| kv.set(ns, &key, &value, exp))
+            .await
     }
 
     async fn delete(&mut self, key: String) -> Result<bool, KvFailure> {
@@ -497,11 +500,7 @@ impl kv::Host for HostState {
             self.stage(key, None)?;
             return Ok(was);
         }
-        let name = self.env.name.clone();
-        bounded(self.call.deadline(), &self.env.kv, move |kv| {
-            kv.delete(&name, &key, now)
-        })
-        .await
+        self.on_store(move |kv, ns| kv.delete(ns, &key, now)).await
     }
 
     async fn compare_and_swap(
@@ -523,10 +522,9 @@ impl kv::Host for HostState {
             self.stage(key, new.map(|v| (v, expiry(now, ttl_ms))))?;
             return Ok(true);
         }
-        let name = self.env.name.clone();
-        bounded(self.call.deadline(), &self.env.kv, move |kv| {
+        self.on_store(move |kv, ns| {
             kv.compare_and_swap(
-                &name,
+                ns,
                 &key,
                 expected.as_deref(),
                 new.as_deref(),
