@@ -233,6 +233,13 @@ impl Sql {
             // RETURNING; a row another transaction inserted meanwhile is invisible here and
             // answers "busy 1 ms", asked again. An expired applied record stays applied: its
             // effects are committed, only its outputs wait for a publisher.
+            //
+            // The final lookup is a LATERAL ... LIMIT 1 so the only plan is one index probe per
+            // key. As a plain join, the cached generic plan of a statement prepared while the
+            // table was new and empty read every row of the scope and hashed them: each claim
+            // got slower as the table grew, until autovacuum's ANALYZE (a minute or more
+            // later) made PostgreSQL plan it again. That is exactly a new route working off a
+            // backlog (BENCHMARKS.md, the SQL commit section).
             claim: format!(
                 "WITH r AS (
                     SELECT key, owner, replay, ord
@@ -262,7 +269,10 @@ impl Sql {
                     up.outputs
                  FROM r CROSS JOIN t
                  LEFT JOIN up ON up.key = r.key
-                 LEFT JOIN {s}.idempotency i ON i.scope = $1 AND i.key = r.key
+                 LEFT JOIN LATERAL (
+                    SELECT state, until_ms FROM {s}.idempotency
+                    WHERE scope = $1 AND key = r.key LIMIT 1
+                 ) i ON true
                  ORDER BY r.ord"
             ),
             complete: format!(
@@ -272,10 +282,12 @@ impl Sql {
                  SET state = excluded.state, owner = NULL, until_ms = excluded.until_ms,
                      outputs = NULL"
             ),
+            // `key = ANY($2)` bounds the rows read to the batch's keys whatever the plan (see
+            // the note on `claim`); the pair test then keeps the ones each owner holds.
             release: format!(
-                "DELETE FROM {s}.idempotency i
-                 USING unnest($2::text[], $3::text[]) AS r(key, owner)
-                 WHERE i.scope = $1 AND i.key = r.key AND i.state = 'c' AND i.owner = r.owner"
+                "DELETE FROM {s}.idempotency
+                 WHERE scope = $1 AND key = ANY($2) AND state = 'c'
+                   AND (key, owner) IN (SELECT * FROM unnest($2::text[], $3::text[]))"
             ),
             cleanup_kv: format!(
                 "DELETE FROM {s}.kv WHERE ctid IN (
@@ -422,6 +434,18 @@ impl PostgresStore {
     /// The schema this store's tables live in.
     pub fn schema(&self) -> &str {
         &self.inner.schema
+    }
+
+    /// The statements that look up a batch of idempotency keys, each with a name and the
+    /// parameter types to prepare it with, for the test that checks how PostgreSQL plans them
+    /// on a new, empty table (`tests/tests/state_stores.rs`). Not an API.
+    #[doc(hidden)]
+    pub fn key_batch_statements(&self) -> [(&'static str, &str, &'static str); 2] {
+        let sql = &self.inner.sql;
+        [
+            ("claim", &sql.claim, "text, text[], text[], bigint, bool[]"),
+            ("release", &sql.release, "text, text[], text[]"),
+        ]
     }
 
     /// The connection settings, for a connection of its own.
