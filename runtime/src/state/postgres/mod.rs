@@ -759,13 +759,30 @@ impl IdempotencyStore for PostgresStore {
             let keys: Vec<&str> = requests.iter().map(|r| r.key.as_str()).collect();
             let owners: Vec<&str> = requests.iter().map(|r| r.owner.as_str()).collect();
             let replays: Vec<bool> = requests.iter().map(|r| r.replay).collect();
-            let rows = self
-                .query(
-                    "claim idempotency keys",
-                    &self.inner.sql.claim,
-                    &[&scope, &keys, &owners, &millis(lease), &replays],
-                )
-                .await?;
+            let what = "claim idempotency keys";
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(&self.inner.sql.claim)
+                .await
+                .map_err(|e| self.err(what, e))?;
+            // Always the generic plan, which was written to be one probe per key whatever the
+            // table holds (see `Sql::claim`). Left to choose, PostgreSQL plans this statement
+            // afresh at every call: it costs a batch of n keys, known at the call, below its
+            // generic plan, which assumes 10, and planning it took more of the server's time
+            // than running it (BENCHMARKS.md, the SQL commit section). `SET LOCAL` keeps the
+            // setting to this transaction, so the pooled session is left as it was. The three
+            // requests go in one round trip: each is sent when join! first polls it.
+            let lease = millis(lease);
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+                [&scope, &keys, &owners, &lease, &replays];
+            let (begun, rows, committed) = futures_util::join!(
+                client.batch_execute("BEGIN; SET LOCAL plan_cache_mode = force_generic_plan"),
+                client.query(&stmt, &params),
+                client.batch_execute("COMMIT"),
+            );
+            begun.map_err(|e| self.err(what, e))?;
+            let rows = rows.map_err(|e| self.err(what, e))?;
+            committed.map_err(|e| self.err(what, e))?;
             if rows.len() != requests.len() {
                 return Err(self.err(
                     "claim idempotency keys",
