@@ -208,7 +208,9 @@ async fn key_batches_read_only_their_keys_on_a_new_table() {
         .unwrap();
     for (name, sql, types) in store.key_batch_statements() {
         let args = match name {
-            "claim" => "'s', ARRAY['k1', 'k2'], ARRAY['o', 'o'], 30000, ARRAY[false, false]",
+            "claim" => {
+                r#"'s', '[{"key": "k1", "owner": "o", "replay": false}, {"key": "k2", "owner": "o", "replay": false}]', 30000"#
+            }
             _ => "'s', ARRAY['k1', 'k2'], ARRAY['o', 'o']",
         };
         client
@@ -234,6 +236,39 @@ async fn key_batches_read_only_their_keys_on_a_new_table() {
             "{name} reads idempotency rows beyond its keys: {unkeyed:?}\n{text}"
         );
     }
+    // Left to choose, PostgreSQL must settle on the claim's generic plan rather than plan it
+    // again at every call (which cost more than running it): after five calls planned for
+    // their values, the generic plan must win.
+    client.batch_execute("RESET plan_cache_mode").await.unwrap();
+    let [(_, claim, types), _] = store.key_batch_statements();
+    client
+        .batch_execute(&format!("PREPARE settles({types}) AS {claim}"))
+        .await
+        .unwrap();
+    for call in 0..12 {
+        let batch: Vec<_> = (0..1 + call % 4)
+            .map(|k| serde_json::json!({"key": format!("s{call}-{k}"), "owner": "o", "replay": false}))
+            .collect();
+        client
+            .batch_execute(&format!(
+                "EXECUTE settles('s', '{}', 30000)",
+                serde_json::Value::Array(batch)
+            ))
+            .await
+            .unwrap();
+    }
+    let plans = client
+        .query_one(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE name = 'settles'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (generic, custom): (i64, i64) = (plans.get(0), plans.get(1));
+    assert!(
+        generic >= 6 && custom <= 6,
+        "the claim was planned for each call's values {custom} times of 12 (generic plan {generic})"
+    );
     drop(client);
     drop_schema(&schema).await;
 }

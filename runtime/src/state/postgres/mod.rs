@@ -240,21 +240,30 @@ impl Sql {
             // got slower as the table grew, until autovacuum's ANALYZE (a minute or more
             // later) made PostgreSQL plan it again. That is exactly a new route working off a
             // backlog (BENCHMARKS.md, the SQL commit section).
+            //
+            // The batch comes as one JSON array ($2, `[{"key", "owner", "replay"}]`) rather than
+            // arrays, so that PostgreSQL settles on that generic plan. It plans a prepared
+            // statement afresh at each call while a plan for the call's values looks cheaper
+            // than the generic one; from arrays it knows each call's batch size (3 keys, say,
+            // against the 10 it assumes without values), so that was every call, and planning
+            // this statement took more of the server's time than running it. The size of a
+            // JSON value is hidden from the planner at every call alike.
             claim: format!(
                 "WITH r AS (
                     SELECT key, owner, replay, ord
-                    FROM unnest($2::text[], $3::text[], $5::bool[])
+                    FROM ROWS FROM (jsonb_to_recordset($2::text::jsonb)
+                            AS (key text, owner text, replay bool))
                         WITH ORDINALITY AS r(key, owner, replay, ord)
                  ), first AS (
                     SELECT DISTINCT ON (key) key, owner, replay FROM r ORDER BY key, ord
                  ), t AS (SELECT {NOW} AS now),
                  up AS (
                     INSERT INTO {s}.idempotency AS i (scope, key, state, owner, until_ms)
-                    SELECT $1, first.key, 'c', first.owner, t.now + $4 FROM first, t
+                    SELECT $1, first.key, 'c', first.owner, t.now + $3 FROM first, t
                     ON CONFLICT (scope, key) DO UPDATE
                     SET state = CASE WHEN i.state = 'a' THEN 'a' ELSE 'c' END,
                         owner = excluded.owner, until_ms = excluded.until_ms
-                    WHERE i.until_ms <= excluded.until_ms - $4
+                    WHERE i.until_ms <= excluded.until_ms - $3
                        OR (i.state IN ('c', 'a') AND i.owner = excluded.owner)
                        OR (i.state = 'x' AND EXISTS (
                             SELECT 1 FROM first f WHERE f.key = excluded.key AND f.replay))
@@ -443,7 +452,7 @@ impl PostgresStore {
     pub fn key_batch_statements(&self) -> [(&'static str, &str, &'static str); 2] {
         let sql = &self.inner.sql;
         [
-            ("claim", &sql.claim, "text, text[], text[], bigint, bool[]"),
+            ("claim", &sql.claim, "text, text, bigint"),
             ("release", &sql.release, "text, text[], text[]"),
         ]
     }
@@ -756,36 +765,26 @@ impl IdempotencyStore for PostgresStore {
             if requests.is_empty() {
                 return Ok(Vec::new());
             }
-            let keys: Vec<&str> = requests.iter().map(|r| r.key.as_str()).collect();
-            let owners: Vec<&str> = requests.iter().map(|r| r.owner.as_str()).collect();
-            let replays: Vec<bool> = requests.iter().map(|r| r.replay).collect();
+            let batch = serde_json::Value::Array(
+                requests
+                    .iter()
+                    .map(
+                        |r| serde_json::json!({"key": r.key, "owner": r.owner, "replay": r.replay}),
+                    )
+                    .collect(),
+            )
+            .to_string();
             let what = "claim idempotency keys";
-            let client = self.client().await?;
-            let stmt = client
-                .prepare_cached(&self.inner.sql.claim)
-                .await
-                .map_err(|e| self.err(what, e))?;
-            // Always the generic plan, which was written to be one probe per key whatever the
-            // table holds (see `Sql::claim`). Left to choose, PostgreSQL plans this statement
-            // afresh at every call: it costs a batch of n keys, known at the call, below its
-            // generic plan, which assumes 10, and planning it took more of the server's time
-            // than running it (BENCHMARKS.md, the SQL commit section). `SET LOCAL` keeps the
-            // setting to this transaction, so the pooled session is left as it was. The three
-            // requests go in one round trip: each is sent when join! first polls it.
-            let lease = millis(lease);
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-                [&scope, &keys, &owners, &lease, &replays];
-            let (begun, rows, committed) = futures_util::join!(
-                client.batch_execute("BEGIN; SET LOCAL plan_cache_mode = force_generic_plan"),
-                client.query(&stmt, &params),
-                client.batch_execute("COMMIT"),
-            );
-            begun.map_err(|e| self.err(what, e))?;
-            let rows = rows.map_err(|e| self.err(what, e))?;
-            committed.map_err(|e| self.err(what, e))?;
+            let rows = self
+                .query(
+                    what,
+                    &self.inner.sql.claim,
+                    &[&scope, &batch, &millis(lease)],
+                )
+                .await?;
             if rows.len() != requests.len() {
                 return Err(self.err(
-                    "claim idempotency keys",
+                    what,
                     format!("{} answers for {} keys", rows.len(), requests.len()),
                 ));
             }
