@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use lockgate::config::Isolation;
 use lockgate::engine::{HandlerLimits, InboundMessage, InstancePool, Invocation, Outcome};
+use lockgate::state::{Claim, ClaimRequest, Commit, IdempotencyStore};
 use lockgate_tests::pg::{self, SyncPg, TestStore};
 use lockgate_tests::sqlroute::{RouteRun, SqlRoute};
 use lockgate_tests::{guest_pool, handler_env};
@@ -272,6 +273,30 @@ fn statements_under_sql_role_cannot_reach_lockgates_tables() {
     let r = results(&inv);
     assert_eq!(r[0], json!({"affected": 1}), "{r:?}");
     assert_eq!(r[1]["rows"][0][0], json!(role), "{r:?}");
+    // The message commits with its key: the commit goes back to lockgate's own role to mark
+    // the key in lockgate's table, which the handler's role may not touch.
+    let mut inv = inv;
+    let txn = inv.sql.take().expect("the call's transaction");
+    let (scope, claim) = ("idempotency/r", ClaimRequest::new("r", "owner"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let lease = Duration::from_secs(30);
+        let claimed = db
+            .store
+            .claim(scope.into(), vec![claim.clone()], lease)
+            .await
+            .unwrap();
+        assert_eq!(claimed, vec![Claim::Claimed]);
+        let committed = txn
+            .commit(scope, &claim, &[], &[], &[], lease, Some(lease))
+            .await
+            .unwrap();
+        assert_eq!(committed, Commit::Done);
+    });
+    assert_eq!(
+        pg.count(&format!("SELECT count(*) FROM {s}.balances WHERE id = 'a'")),
+        1
+    );
     drop(inv);
     for statement in [
         format!("SELECT * FROM {s}.idempotency"),

@@ -55,6 +55,9 @@ pub struct SqlTxn {
     /// `BEGIN` and the transaction's settings, until they are sent: pipelined with the first
     /// statement that runs, or with the commit if none ran.
     begin: Option<String>,
+    /// The statements run as the handler's `sql_role`: the commit goes back to lockgate's own
+    /// role before it writes lockgate's tables.
+    as_role: bool,
     failed: Option<SqlFailure>,
 }
 
@@ -109,6 +112,7 @@ impl PostgresStore {
             store: self.clone(),
             client: Some(client),
             begin: Some(begin),
+            as_role: role.is_some(),
             failed: None,
         })
     }
@@ -309,13 +313,22 @@ impl SqlTxn {
             Some(_) => &done_params,
             None => &applied_params,
         };
+        // What goes before the mark: nothing ran yet, so only the BEGIN (the handler's
+        // settings are moot); or back to lockgate's role; or nothing at all. The mark itself
+        // lifts the statement timeout.
+        let reset = match (&self.begin, self.as_role) {
+            (Some(_), _) => Some("BEGIN"),
+            (None, true) => Some("RESET ROLE"),
+            (None, false) => None,
+        };
         // Each request is sent when its future is first polled, and join! polls them in this
         // order: one round trip, in order.
-        let reset = begun(
-            self.begin.as_deref(),
-            "RESET ROLE; SET LOCAL statement_timeout = 0",
-        );
-        let reset = client.batch_execute(&reset);
+        let reset = async {
+            match reset {
+                Some(reset) => client.batch_execute(reset).await,
+                None => Ok(()),
+            }
+        };
         let marked = client.query_one(&mark, mark_params);
         let inserts = futures_util::future::join_all(
             row_params
