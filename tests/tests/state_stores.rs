@@ -274,6 +274,60 @@ async fn key_batches_read_only_their_keys_on_a_new_table() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cleanup_deletes_every_expired_row_not_one_batch() {
+    // A route expires as many keys a minute as it handles; one cleanup used to delete at most
+    // 5,000 rows a table, so a busy route's tables grew without end. 12,000 keys and 6,000 kv
+    // rows expired two minutes ago: one cleanup deletes them all, and keeps what has not
+    // expired and applied keys whose outputs still wait for a publisher.
+    let schema = unique("lgtest");
+    let store = PostgresStore::new(POSTGRES, &schema, 2).unwrap();
+    store.migrate().await.unwrap();
+    let (client, conn) = tokio_postgres::connect(POSTGRES, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let past = "(extract(epoch from clock_timestamp()) * 1000)::bigint - 120000";
+    let future = "(extract(epoch from clock_timestamp()) * 1000)::bigint + 600000";
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {schema}.idempotency (scope, key, state, owner, until_ms)
+               SELECT 's', 'old' || g, 'd', NULL, {past} FROM generate_series(1, 12000) g;
+             INSERT INTO {schema}.idempotency (scope, key, state, owner, until_ms, outputs)
+               VALUES ('s', 'applied', 'a', 'o', {past}, '\\x00');
+             INSERT INTO {schema}.idempotency (scope, key, state, owner, until_ms)
+               SELECT 's', 'new' || g, 'd', NULL, {future} FROM generate_series(1, 10) g;
+             INSERT INTO {schema}.kv (namespace, key, value, expires_at_ms)
+               SELECT 'n', 'old' || g, '\\x00', {past} FROM generate_series(1, 6000) g;
+             INSERT INTO {schema}.kv (namespace, key, value, expires_at_ms)
+               VALUES ('n', 'forever', '\\x00', NULL), ('n', 'later', '\\x00', {future});"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(store.cleanup().await.unwrap(), 18_000);
+    let left = client
+        .query_one(
+            &format!(
+                "SELECT (SELECT count(*) FROM {schema}.idempotency),
+                        (SELECT count(*) FROM {schema}.idempotency WHERE state = 'a'),
+                        (SELECT count(*) FROM {schema}.kv)"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            left.get::<_, i64>(0),
+            left.get::<_, i64>(1),
+            left.get::<_, i64>(2)
+        ),
+        (11, 1, 2)
+    );
+    drop(client);
+    drop_schema(&schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_store_errors_promptly() {
     // Nothing listens on port 1.
     let redis = Arc::new(RedisStore::new("redis://127.0.0.1:1", "x").unwrap());

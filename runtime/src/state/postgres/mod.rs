@@ -36,6 +36,10 @@ const CLEANUP_GRACE_MS: i64 = 60_000;
 const CLEANUP_BATCH: i64 = 5_000;
 /// Time between cleanups.
 const CLEANUP_EVERY: Duration = Duration::from_secs(60);
+/// How long one cleanup goes on deleting full batches from a table before it leaves the rest
+/// for the next: a quarter of the interval, so that it keeps up with routes that expire far
+/// more than a batch a minute without holding the store's connections the whole time.
+const CLEANUP_BUDGET: Duration = Duration::from_secs(15);
 
 /// Schema migrations, in order; version `i + 1` is `MIGRATIONS[i]`. Never edit one that shipped:
 /// add another.
@@ -600,14 +604,23 @@ impl PostgresStore {
             .map_err(|e| self.err(what, e))
     }
 
-    /// Deletes rows that expired more than a minute ago, a bounded batch per table.
+    /// Deletes rows that expired more than a minute ago, in batches (one short transaction
+    /// each), per table until a batch comes back short or [`CLEANUP_BUDGET`] has passed; returns
+    /// how many it deleted.
     pub async fn cleanup(&self) -> Result<u64, StateError> {
         let sql = &self.inner.sql;
         let mut deleted = 0;
         for q in [&sql.cleanup_kv, &sql.cleanup_idempotency] {
-            deleted += self
-                .execute("cleanup", q, &[&CLEANUP_GRACE_MS, &CLEANUP_BATCH])
-                .await?;
+            let started = std::time::Instant::now();
+            loop {
+                let batch = self
+                    .execute("cleanup", q, &[&CLEANUP_GRACE_MS, &CLEANUP_BATCH])
+                    .await?;
+                deleted += batch;
+                if batch < CLEANUP_BATCH.unsigned_abs() || started.elapsed() >= CLEANUP_BUDGET {
+                    break;
+                }
+            }
         }
         Ok(deleted)
     }
