@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::engine::{InboundMessage, Invocation, Outcome};
+use crate::engine::{Invocation, Outcome};
 use crate::message::{OutRecord, now_ms};
 use crate::pipeline::invoker::Invoker;
 use crate::pipeline::stats::RouteStats;
@@ -121,7 +121,11 @@ impl Shared {
             let mut invocation = async {
                 match pending_call {
                     Ok(done) => done,
-                    Err((message, staged)) => self.invoke(message, staged, invoker).await,
+                    // With `staged` (the key is claimed) the call's kv writes come back, to
+                    // commit together with the key.
+                    Err((message, staged)) => {
+                        crate::pipeline::invoker::call(invoker, message, staged).await
+                    }
                 }
             }
             .instrument(call.clone())
@@ -209,17 +213,6 @@ impl Shared {
         } else {
             Err(Stopped)
         }
-    }
-
-    /// Calls the handler. With `staged` (the key is claimed) its kv writes are returned, to
-    /// commit together with the key.
-    async fn invoke(
-        &self,
-        message: InboundMessage,
-        staged: bool,
-        invoker: &Arc<dyn Invoker>,
-    ) -> Invocation {
-        crate::pipeline::invoker::call(invoker, message, staged).await
     }
 
     /// Counts the call and logs what the guest logged.
