@@ -41,6 +41,7 @@ use crate::health::{Backoff, HealthReporter, HealthWatch};
 use crate::message::{LOCKGATE_ID_HEADER, OutRecord, Record};
 
 use crate::state::{PostgresStore, StateError};
+use tokio_postgres::types::Type;
 
 /// Published rows one cleanup statement deletes at most.
 const CLEANUP_BATCH: i64 = 5_000;
@@ -89,6 +90,9 @@ impl Sql {
                  RETURNING o.id, o.topic, o.key, o.header_names, o.header_values, o.payload,
                            o.lockgate_id, (extract(epoch from o.created_at) * 1000)::bigint"
             ),
+            // `renew`, `mark` and `release` find rows by id in a table that may grow from
+            // empty to a large backlog: they are planned at each call
+            // (`PostgresStore::execute_planned`), never from a cached plan.
             renew: format!(
                 "UPDATE {s}.outbox
                  SET claimed_until = clock_timestamp() + make_interval(secs => $3)
@@ -341,7 +345,11 @@ impl Source for OutboxRelay {
             if !acked.is_empty() {
                 if let Err(e) = self
                     .store
-                    .execute("mark outbox rows published", &self.sql.mark, &[&acked])
+                    .execute_planned(
+                        "mark outbox rows published",
+                        &self.sql.mark,
+                        &[(&acked, Type::INT8_ARRAY)],
+                    )
                     .await
                 {
                     self.held.acked().extend(acked);
@@ -357,10 +365,10 @@ impl Source for OutboxRelay {
             let rest: Vec<i64> = self.held.rows().drain().collect();
             if !rest.is_empty() {
                 self.store
-                    .execute(
+                    .execute_planned(
                         "release outbox rows",
                         &self.sql.release,
-                        &[&self.owner, &rest],
+                        &[(&self.owner, Type::TEXT), (&rest, Type::INT8_ARRAY)],
                     )
                     .await
                     .map_err(unavailable)?;
@@ -455,10 +463,14 @@ async fn renew(
         let ids: Vec<i64> = held.rows().iter().copied().collect();
         if !ids.is_empty()
             && let Err(e) = store
-                .execute(
+                .execute_planned(
                     "renew outbox leases",
                     &sql.renew,
-                    &[&owner, &ids, &secs(lease)],
+                    &[
+                        (&owner, Type::TEXT),
+                        (&ids, Type::INT8_ARRAY),
+                        (&secs(lease), Type::FLOAT8),
+                    ],
                 )
                 .await
         {
@@ -490,7 +502,11 @@ async fn mark(store: PostgresStore, sql: Arc<Sql>, held: Arc<Held>) {
                 break;
             }
             match store
-                .execute("mark outbox rows published", &sql.mark, &[&ids])
+                .execute_planned(
+                    "mark outbox rows published",
+                    &sql.mark,
+                    &[(&ids, Type::INT8_ARRAY)],
+                )
                 .await
             {
                 Ok(_) => {
