@@ -166,6 +166,19 @@ async fn many_claims_in_one_call_on_both_stores() {
     drop_prefix(&prefix).await;
 }
 
+/// A store on a new schema with its tables created (and never analyzed), and a connection of
+/// the test's own to look at them.
+async fn migrated_store() -> (String, PostgresStore, tokio_postgres::Client) {
+    let schema = unique("lgtest");
+    let store = PostgresStore::new(POSTGRES, &schema, 2).unwrap();
+    store.migrate().await.unwrap();
+    let (client, conn) = tokio_postgres::connect(POSTGRES, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    (schema, store, client)
+}
+
 /// The scans of `plan` (EXPLAIN's JSON) on `table` or its indexes that are not bounded by a
 /// condition on `key`, as "node type on relation/index (condition)".
 fn unkeyed_scans(plan: &serde_json::Value, table: &str, out: &mut Vec<String>) {
@@ -195,13 +208,7 @@ async fn key_batches_read_only_their_keys_on_a_new_table() {
     // plain join of the batch with `idempotency` read every row of the route's scope, so each
     // claim got slower as the table grew. The claim and the release must probe key by key
     // whatever the table's statistics say.
-    let schema = unique("lgtest");
-    let store = PostgresStore::new(POSTGRES, &schema, 2).unwrap();
-    store.migrate().await.unwrap();
-    let (client, conn) = tokio_postgres::connect(POSTGRES, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let (schema, store, client) = migrated_store().await;
     client
         .batch_execute("SET plan_cache_mode = force_generic_plan")
         .await
@@ -279,13 +286,7 @@ async fn the_cleanup_deletes_every_expired_row_not_one_batch() {
     // 5,000 rows a table, so a busy route's tables grew without end. 12,000 keys and 6,000 kv
     // rows expired two minutes ago: one cleanup deletes them all, and keeps what has not
     // expired and applied keys whose outputs still wait for a publisher.
-    let schema = unique("lgtest");
-    let store = PostgresStore::new(POSTGRES, &schema, 2).unwrap();
-    store.migrate().await.unwrap();
-    let (client, conn) = tokio_postgres::connect(POSTGRES, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let (schema, store, client) = migrated_store().await;
     let past = "(extract(epoch from clock_timestamp()) * 1000)::bigint - 120000";
     let future = "(extract(epoch from clock_timestamp()) * 1000)::bigint + 600000";
     client

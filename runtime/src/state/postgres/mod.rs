@@ -2,8 +2,8 @@
 //! several processes.
 //!
 //! A deadpool pool of tokio-postgres connections; every operation is one statement (a batch of
-//! claims or completions included: `unnest` over the keys), so a remote store costs one round
-//! trip per batch rather than per message. Lease and TTL arithmetic uses the *server's* clock
+//! claims or completions included: the keys as one JSON value or an array), so a remote store
+//! costs one round trip per batch rather than per message. Lease and TTL arithmetic uses the *server's* clock
 //! (`clock_timestamp()`), so processes with skewed clocks still agree on when a lease ran out.
 //!
 //! The schema (default `lockgate`) is created and versioned by the runtime on first use, or ahead
