@@ -3,8 +3,9 @@
 //!
 //! A deadpool pool of tokio-postgres connections; every operation is one statement (a batch of
 //! claims or completions included: the keys as one JSON value or an array), so a remote store
-//! costs one round trip per batch rather than per message. Lease and TTL arithmetic uses the *server's* clock
-//! (`clock_timestamp()`), so processes with skewed clocks still agree on when a lease ran out.
+//! costs one round trip per batch rather than per message. Lease and TTL arithmetic uses the
+//! *server's* clock (`clock_timestamp()`), so processes with skewed clocks still agree on when
+//! a lease ran out.
 //!
 //! The schema (default `lockgate`) is created and versioned by the runtime on first use, or ahead
 //! of time by `lockgate migrate`; concurrent starters serialise on an advisory lock.
@@ -166,6 +167,9 @@ struct Sql {
 impl Sql {
     fn new(s: &str) -> Self {
         let visible = "(expires_at_ms IS NULL OR expires_at_ms > $3)";
+        // The end of both marks of a handler's commit (see `mark_applied_if_held`).
+        let held_or_fail = "SELECT 1 / (SELECT count(*)::int FROM m),
+                        set_config('statement_timeout', '0', true)";
         Self {
             get: format!(
                 "SELECT value FROM {s}.kv WHERE namespace = $1 AND key = $2 AND {visible}"
@@ -221,15 +225,13 @@ impl Sql {
             mark_applied_if_held: format!(
                 "WITH m AS (UPDATE {s}.idempotency SET state = 'a', outputs = $3, until_ms = {NOW} + $4
                  WHERE scope = $1 AND key = $2 AND state = 'c' AND owner = $5 RETURNING 1)
-                 SELECT 1 / (SELECT count(*)::int FROM m),
-                        set_config('statement_timeout', '0', true)"
+                 {held_or_fail}"
             ),
             // The owner stays on the record: a commit whose answer was lost finds its own.
             mark_done_if_held: format!(
                 "WITH m AS (UPDATE {s}.idempotency SET state = 'd', outputs = NULL, until_ms = {NOW} + $3
                  WHERE scope = $1 AND key = $2 AND state = 'c' AND owner = $4 RETURNING 1)
-                 SELECT 1 / (SELECT count(*)::int FROM m),
-                        set_config('statement_timeout', '0', true)"
+                 {held_or_fail}"
             ),
             claim_state: format!(
                 "SELECT state, owner FROM {s}.idempotency WHERE scope = $1 AND key = $2"
@@ -804,16 +806,23 @@ impl IdempotencyStore for PostgresStore {
             if requests.is_empty() {
                 return Ok(Vec::new());
             }
-            let batch = serde_json::Value::Array(
-                requests
-                    .iter()
-                    .map(
-                        |r| serde_json::json!({"key": r.key, "owner": r.owner, "replay": r.replay}),
-                    )
-                    .collect(),
-            )
-            .to_string();
+            /// One request as the claim statement reads it (`jsonb_to_recordset`).
+            #[derive(serde::Serialize)]
+            struct Entry<'a> {
+                key: &'a str,
+                owner: &'a str,
+                replay: bool,
+            }
+            let entries: Vec<Entry<'_>> = requests
+                .iter()
+                .map(|r| Entry {
+                    key: &r.key,
+                    owner: &r.owner,
+                    replay: r.replay,
+                })
+                .collect();
             let what = "claim idempotency keys";
+            let batch = serde_json::to_string(&entries).map_err(|e| self.err(what, e))?;
             let rows = self
                 .query(
                     what,
