@@ -143,7 +143,9 @@ fn main() {
                 if only.as_deref() == Some("native") {
                     break;
                 }
-                let inv = pool.invoke_async(message(i), false).await;
+                let inv = pool
+                    .invoke_async(message(i), lockgate::engine::Staging::Direct)
+                    .await;
                 assert!(
                     matches!(inv.outcome, Outcome::Ok { .. }),
                     "{:?}",

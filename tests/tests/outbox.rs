@@ -571,5 +571,25 @@ fn the_sql_processor_commits_its_row_its_key_and_its_outbox_row_together() {
         .map(|i| (i % 90 + 1) * 100 + i % 100)
         .sum();
     assert_eq!(sum, format!("{}.{:02}", want / 100, want % 100));
+    // Each key was claimed inside its message's transaction and written as done there: no
+    // row of lockgate's idempotency table was ever updated (a claim committed on its own and
+    // marked at the commit updates every accepted order's row). The server's table counters
+    // come from its backends once they are idle: wait until the committed rows show.
+    let keys = ORDERS;
+    let stats = format!(
+        "SELECT n_live_tup, n_tup_upd FROM pg_stat_user_tables
+         WHERE schemaname = '{schema}' AND relname = 'idempotency'"
+    );
+    let started = std::time::Instant::now();
+    let (live, updated) = loop {
+        let row = &pg.query(&stats, &[])[0];
+        let (live, updated): (i64, i64) = (row.get(0), row.get(1));
+        if live as u64 >= keys || started.elapsed() > std::time::Duration::from_secs(30) {
+            break (live as u64, updated);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(live, keys, "one key per order (accepted or dead-lettered)");
+    assert_eq!(updated, 0, "a key's row was updated after its claim");
     pg.drop_schema(&schema);
 }

@@ -310,7 +310,10 @@ fn on_a_worker(
     move |pool, m| {
         let pool = pool.clone();
         runtime
-            .block_on(runtime.spawn(async move { pool.invoke_async(m, false).await }))
+            .block_on(runtime.spawn(async move {
+                pool.invoke_async(m, lockgate::engine::Staging::Direct)
+                    .await
+            }))
             .expect("no panic")
     }
 }
@@ -373,7 +376,10 @@ fn a_computing_guest_does_not_starve_the_tasks_beside_it() {
         });
         // The guest starts once the timer runs, and the timer runs until the guest is done.
         ticked.await.expect("the timer ticks");
-        let call = tokio::spawn(async move { pool.invoke_async(msg("loop"), false).await });
+        let call = tokio::spawn(async move {
+            pool.invoke_async(msg("loop"), lockgate::engine::Staging::Direct)
+                .await
+        });
         let outcome = call.await.expect("call task").outcome;
         running.store(false, Ordering::SeqCst);
         let (ticks, worst) = timer.await.expect("timer task");

@@ -206,8 +206,8 @@ async fn key_batches_read_only_their_keys_on_a_new_table() {
     // PostgreSQL plans a prepared statement once for any parameters (its generic plan) and
     // keeps that plan until the table is analyzed again. Planned on a new, empty table, a
     // plain join of the batch with `idempotency` read every row of the route's scope, so each
-    // claim got slower as the table grew. The claim and the release must probe key by key
-    // whatever the table's statistics say.
+    // claim got slower as the table grew. The claims (batched, and one key in a handler's
+    // transaction) and the release must probe key by key whatever the table's statistics say.
     let (schema, store, client) = migrated_store().await;
     client
         .batch_execute("SET plan_cache_mode = force_generic_plan")
@@ -218,6 +218,7 @@ async fn key_batches_read_only_their_keys_on_a_new_table() {
             "claim" => {
                 r#"'s', '[{"key": "k1", "owner": "o", "replay": false}, {"key": "k2", "owner": "o", "replay": false}]', 30000"#
             }
+            "claim_in_txn" => "'s', 'k1', 'o', false, 30000, 3600000, '5000', NULL",
             _ => "'s', ARRAY['k1', 'k2'], ARRAY['o', 'o']",
         };
         client
@@ -247,7 +248,7 @@ async fn key_batches_read_only_their_keys_on_a_new_table() {
     // again at every call (which cost more than running it): after five calls planned for
     // their values, the generic plan must win.
     client.batch_execute("RESET plan_cache_mode").await.unwrap();
-    let [(_, claim, types), _] = store.key_batch_statements();
+    let [(_, claim, types), ..] = store.key_batch_statements();
     client
         .batch_execute(&format!("PREPARE settles({types}) AS {claim}"))
         .await
@@ -864,4 +865,212 @@ async fn a_handler_transaction_lands_its_statements_once() {
         .unwrap();
     assert_eq!(again, vec![Claim::Done]);
     drop_schema(&schema).await;
+}
+
+/// A key claimed inside a handler's transaction (`PostgresStore::begin_claimed`, what a route
+/// whose handler's `sql` is its state store does): the claim and the handler's statements are
+/// one transaction, which commits the key as done with them or leaves no claim at all; while it
+/// is open another claimant waits for the lock timeout and is told busy; the handler's
+/// statement timeout and role are in force after the claim, and its lock timeout is the
+/// server's again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_claimed_in_the_handlers_transaction_is_held_by_it_alone() {
+    use lockgate::state::{Claim, ClaimRequest, Commit, Completion, SqlTxn, TxnClaim};
+    let (schema, store, client) = migrated_store().await;
+    let scope = "idempotency/ledger";
+    let (lease, ttl) = (Duration::from_secs(30), Duration::from_secs(3600));
+    let role = format!("{schema}_writer");
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {schema}.rows (n int NOT NULL);
+             CREATE ROLE {role} NOLOGIN; GRANT USAGE ON SCHEMA {schema} TO {role};
+             GRANT SELECT, INSERT ON {schema}.rows TO {role};"
+        ))
+        .await
+        .unwrap();
+    let claim = |key: &'static str, owner: &'static str, replay: bool, role: Option<String>| {
+        let store = store.clone();
+        async move {
+            let request = ClaimRequest {
+                replay,
+                ..ClaimRequest::new(key, owner)
+            };
+            store
+                .begin_claimed(
+                    scope,
+                    &request,
+                    lease,
+                    ttl,
+                    role.as_deref(),
+                    Duration::from_secs(7),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let claimed = |c: TxnClaim| match c {
+        TxnClaim::Claimed(txn) => txn,
+        TxnClaim::Settled(other) => panic!("not claimed: {other:?}"),
+    };
+    let settled = |c: TxnClaim| match c {
+        TxnClaim::Settled(answer) => answer,
+        TxnClaim::Claimed(_) => panic!("claimed"),
+    };
+    let deadline = Deadline::after(Duration::from_secs(10));
+    // One statement of the handler in `txn`: its first row's values, as text.
+    async fn one(txn: &mut SqlTxn, sql: &str, deadline: Deadline) -> Vec<String> {
+        let stmt = txn.prepare(sql, deadline).await.unwrap();
+        let mut out = Vec::new();
+        txn.query(&stmt, &[], deadline, |row| {
+            out = (0..row.len()).map(|i| row.get::<_, String>(i)).collect();
+            false
+        })
+        .await
+        .unwrap();
+        out
+    }
+    let key_row = |key: &'static str| {
+        let client = &client;
+        let schema = &schema;
+        async move {
+            client
+                .query_opt(
+                    &format!(
+                        "SELECT state, owner, xmin::text FROM {schema}.idempotency
+                         WHERE scope = $1 AND key = $2"
+                    ),
+                    &[&scope, &key],
+                )
+                .await
+                .unwrap()
+                .map(|r| {
+                    (
+                        r.get::<_, String>(0),
+                        r.get::<_, Option<String>>(1),
+                        r.get::<_, String>(2),
+                    )
+                })
+        }
+    };
+
+    // A new key is the transaction's, with the handler's settings in force.
+    let mut txn = claimed(claim("k1", "a", false, Some(role.clone())).await);
+    assert_eq!(
+        one(
+            &mut txn,
+            "SELECT current_user::text, current_setting('statement_timeout'), current_setting('lock_timeout')",
+            deadline
+        )
+        .await,
+        [role.as_str(), "7s", "0"]
+    );
+    let insert = txn
+        .prepare(
+            &format!("INSERT INTO {schema}.rows VALUES (1) RETURNING xmin::text"),
+            deadline,
+        )
+        .await
+        .unwrap();
+    let mut row_xmin = String::new();
+    txn.query(&insert, &[], deadline, |r| {
+        row_xmin = r.get(0);
+        true
+    })
+    .await
+    .unwrap();
+    // Nothing of it is visible outside, and another claimant is told busy after the lock
+    // timeout (250 ms), not at once and not after the holder's end.
+    assert_eq!(key_row("k1").await, None);
+    let started = Instant::now();
+    let busy = tokio::time::timeout(Duration::from_secs(5), claim("k1", "b", false, None))
+        .await
+        .expect("the claim waited for the holder past its lock timeout");
+    assert!(matches!(settled(busy), Claim::Busy(_)));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(200) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    // Committed as done with the handler's row, in one transaction, the row never updated
+    // after (its version is the handler's transaction's); lockgate's own writes go back to
+    // its role (the handler's may not touch lockgate's tables).
+    let done = txn
+        .commit(
+            scope,
+            &ClaimRequest::new("k1", "a"),
+            &[],
+            b"",
+            &[],
+            lease,
+            Some(ttl),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done, Commit::Done);
+    assert_eq!(
+        key_row("k1").await,
+        Some(("d".to_owned(), Some("a".to_owned()), row_xmin))
+    );
+    // Done for everyone now, its own holder included (a commit whose answer was lost).
+    assert_eq!(settled(claim("k1", "b", false, None).await), Claim::Done);
+    assert_eq!(settled(claim("k1", "a", false, None).await), Claim::Done);
+
+    // An attempt that ends otherwise leaves no claim behind: the next claimant has the key.
+    let txn = claimed(claim("k2", "a", false, None).await);
+    drop(txn);
+    let txn = claimed(claim("k2", "b", false, None).await);
+    // Outputs to publish: the key is applied with them, and under the handler's role the
+    // commit marks it as lockgate.
+    drop(txn);
+    let mut txn = claimed(claim("k3", "a", false, Some(role.clone())).await);
+    assert_eq!(
+        one(&mut txn, "SELECT current_user::text", deadline).await,
+        [role.as_str()]
+    );
+    let committed = txn
+        .commit(
+            scope,
+            &ClaimRequest::new("k3", "a"),
+            &[],
+            b"outputs",
+            &[],
+            lease,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(committed, Commit::Committed);
+    assert_eq!(key_row("k3").await.unwrap().0, "a");
+    // Another claimant waits for the publisher's lease; the publisher itself (after a crash:
+    // the same owner) takes the outputs to publish.
+    assert!(matches!(
+        settled(claim("k3", "b", false, None).await),
+        Claim::Busy(_)
+    ));
+    assert_eq!(
+        settled(claim("k3", "a", false, None).await),
+        Claim::Applied(b"outputs".to_vec())
+    );
+
+    // A dead-lettered key: its redelivery is skipped, its replay claims it.
+    store
+        .complete(
+            scope.to_owned(),
+            vec!["k4".into()],
+            ttl,
+            Completion::DeadLettered,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        settled(claim("k4", "a", false, None).await),
+        Claim::DeadLettered
+    );
+    drop(claimed(claim("k4", "a", true, None).await));
+
+    drop_schema(&schema).await;
+    client
+        .batch_execute(&format!("DROP ROLE {role}"))
+        .await
+        .unwrap();
 }

@@ -10,7 +10,9 @@ use crate::deadline::{Deadline, DeadlineExceeded};
 use super::bindings::{self, types};
 use super::host::{self, CallState, HostState};
 use super::outbound::CallContext;
-use super::{Handler, InboundMessage, Invocation, LogLevel, LogSource, MAX_STDIO_BYTES, Outcome};
+use super::{
+    Handler, InboundMessage, Invocation, LogLevel, LogSource, MAX_STDIO_BYTES, Outcome, Staging,
+};
 
 /// One live instance of a handler. Reusable across messages until it traps.
 pub struct Instance {
@@ -65,21 +67,23 @@ impl Instance {
     /// call instead of being copied first). Blocks this thread (see `blocking.rs`); await
     /// [`Self::invoke_async`] on a runtime thread.
     pub fn invoke_owned(&mut self, message: InboundMessage, stage_kv: bool) -> Invocation {
-        super::blocking::block_on(self.invoke_async(message, stage_kv)).unwrap_or_else(|e| {
+        let staging = Staging::staged_if(stage_kv);
+        super::blocking::block_on(self.invoke_async(message, staging)).unwrap_or_else(|e| {
             Invocation::without_guest(Outcome::Trapped {
                 reason: format!("cannot start a runtime to call the handler on: {e}"),
             })
         })
     }
 
-    /// Calls `handle` with `message` under the handler's deadline and memory cap; with
-    /// `stage_kv` the call's kv writes are held back and returned in
-    /// [`Invocation::kv_writes`] (for an ok outcome) instead of applied.
+    /// Calls `handle` with `message` under the handler's deadline and memory cap; with a
+    /// `staging` other than [`Staging::Direct`] the call's kv writes are held back and
+    /// returned in [`Invocation::kv_writes`] (for an ok outcome) instead of applied, and its
+    /// statements run in the transaction `staging` brings, if it brings one.
     ///
     /// Never panics on guest behaviour: every failure is an [`Outcome`]. After a trap, timeout or
     /// memory exhaustion the instance is poisoned and must not be reused. Dropping the future
     /// before it ends leaves the instance poisoned too.
-    pub async fn invoke_async(&mut self, message: InboundMessage, stage_kv: bool) -> Invocation {
+    pub async fn invoke_async(&mut self, message: InboundMessage, staging: Staging) -> Invocation {
         let start = Instant::now();
         if self.poisoned {
             return Invocation::without_guest(Outcome::Trapped {
@@ -94,7 +98,11 @@ impl Instance {
             data.call = CallState {
                 deadline: Some(deadline),
                 reply_to: message.reply_to.clone(),
-                kv_txn: stage_kv.then(host::KvTxn::default),
+                kv_txn: staging.is_staged().then(host::KvTxn::default),
+                sql: match staging {
+                    Staging::Claimed(txn) => Some(*txn),
+                    Staging::Direct | Staging::Staged => None,
+                },
                 ..CallState::default()
             };
             data.memory.hit = false;

@@ -198,6 +198,32 @@ impl Outcome {
     }
 }
 
+/// Where a call's writes go.
+#[derive(Debug)]
+pub enum Staging {
+    /// Straight to the store: kv writes apply as they are made (no idempotency key is claimed
+    /// for the message).
+    Direct,
+    /// Held back to commit with the message's claimed key: kv writes are staged, and the SQL
+    /// transaction opens at the call's first statement.
+    Staged,
+    /// Held back as with [`Self::Staged`], in this transaction, which is open already: the
+    /// message's key was claimed in it ([`crate::state::PostgresStore::begin_claimed`]).
+    Claimed(Box<crate::state::SqlTxn>),
+}
+
+impl Staging {
+    /// [`Self::Staged`] if `staged`, else [`Self::Direct`].
+    pub fn staged_if(staged: bool) -> Self {
+        if staged { Self::Staged } else { Self::Direct }
+    }
+
+    /// Whether the call's writes are held back.
+    pub fn is_staged(&self) -> bool {
+        !matches!(self, Self::Direct)
+    }
+}
+
 /// The result of one invocation: outcome, logs and timing.
 #[derive(Debug)]
 pub struct Invocation {

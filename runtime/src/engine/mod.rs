@@ -54,7 +54,7 @@ pub use handler::Handler;
 pub use host::{HandlerEnv, HandlerLimits, MAX_KV_KEY_BYTES, MAX_KV_VALUE_BYTES, test_env};
 pub use instance::Instance;
 pub use invocation::{
-    InboundMessage, Invocation, LogLevel, LogRecord, LogSource, Outcome, OutgoingMessage,
+    InboundMessage, Invocation, LogLevel, LogRecord, LogSource, Outcome, OutgoingMessage, Staging,
 };
 pub use pool::{InstancePool, PoolCounters};
 pub use settings::{DEFAULT_KEEP_RESIDENT_BYTES, EngineSettings};

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::config::Isolation;
 
-use super::{Handler, InboundMessage, Instance, Invocation, Outcome};
+use super::{Handler, InboundMessage, Instance, Invocation, Outcome, Staging};
 
 /// Hands out instances of one handler according to its [`Isolation`], keeping idle ones warm.
 pub struct InstancePool {
@@ -72,17 +72,18 @@ impl InstancePool {
     /// Blocks this thread (see `blocking.rs`); await [`Self::invoke_async`] on a runtime
     /// thread.
     pub fn invoke_owned(&self, message: InboundMessage, stage_kv: bool) -> Invocation {
-        super::blocking::block_on(self.invoke_async(message, stage_kv)).unwrap_or_else(|e| {
+        let staging = Staging::staged_if(stage_kv);
+        super::blocking::block_on(self.invoke_async(message, staging)).unwrap_or_else(|e| {
             Invocation::without_guest(Outcome::Trapped {
                 reason: format!("cannot start a runtime to call the handler on: {e}"),
             })
         })
     }
 
-    /// Runs one message on an instance from the pool, staging kv writes when `stage_kv` (see
-    /// [`Instance::invoke_async`]). An instantiation failure becomes a `Trapped` outcome: from
+    /// Runs one message on an instance from the pool, its writes held back as `staging` says
+    /// (see [`Instance::invoke_async`]). An instantiation failure becomes a `Trapped` outcome: from
     /// the message's point of view the handler failed, retryably.
-    pub async fn invoke_async(&self, message: InboundMessage, stage_kv: bool) -> Invocation {
+    pub async fn invoke_async(&self, message: InboundMessage, staging: Staging) -> Invocation {
         let reused = self
             .idle
             .lock()
@@ -104,7 +105,7 @@ impl InstancePool {
             },
         };
         let leased = Leased(&self.counters);
-        let invocation = instance.invoke_async(message, stage_kv).await;
+        let invocation = instance.invoke_async(message, staging).await;
         let keep = self.isolation == Isolation::Reuse
             && !instance.is_poisoned()
             && instance.calls() < self.max_messages_per_instance;

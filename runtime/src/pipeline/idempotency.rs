@@ -21,7 +21,8 @@ use sha2::{Digest, Sha256};
 use crate::config::IdempotencyKey;
 use crate::message::{OutRecord, Record};
 use crate::state::{
-    Claim, ClaimRequest, Commit, Completion, IdempotencyStore, KvWrite, SqlTxn, StateError,
+    Claim, ClaimRequest, Commit, Completion, IdempotencyStore, KvWrite, PostgresStore, SqlTxn,
+    StateError, TxnClaim,
 };
 
 /// Keys longer than this are stored as their SHA-256 (hex), so a huge header cannot bloat the
@@ -128,6 +129,41 @@ impl DoneKeys {
             .map_err(|_| StateError::Unavailable("the claim batcher stopped".into()))?;
         rx.await
             .map_err(|_| StateError::Unavailable("the claim batcher stopped".into()))?
+    }
+
+    /// Whether the keys live in `store`: then a handler whose `sql` runs on it claims each
+    /// message's key inside its own transaction ([`Self::claim_in_txn`]).
+    pub fn kept_in(&self, store: &PostgresStore) -> bool {
+        self.store.as_postgres().is_some_and(|p| p.same_as(store))
+    }
+
+    /// Claims `key` for `owner` inside a new transaction of a handler's `sql` on `store` (the
+    /// store of these keys, see [`Self::kept_in`]), whose statements then run as `role`, for
+    /// at most `statement_timeout` each. See [`PostgresStore::begin_claimed`]; a `replay` may
+    /// claim a dead-lettered key.
+    pub async fn claim_in_txn(
+        &self,
+        store: &PostgresStore,
+        key: &str,
+        owner: &str,
+        replay: bool,
+        role: Option<&str>,
+        statement_timeout: Duration,
+    ) -> Result<TxnClaim, StateError> {
+        let request = ClaimRequest {
+            replay,
+            ..ClaimRequest::new(key, owner)
+        };
+        store
+            .begin_claimed(
+                &self.scope,
+                &request,
+                self.lease,
+                self.ttl,
+                role,
+                statement_timeout,
+            )
+            .await
     }
 
     /// Commits a handler's kv `writes` with `key` (held by `owner`), keeping `outputs` (see

@@ -4,11 +4,12 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 
-use crate::engine::{InboundMessage, InstancePool, Invocation, Outcome};
+use crate::engine::{InboundMessage, InstancePool, Invocation, Outcome, SqlGrant, Staging};
 
 /// Runs a handler on one message. [`InstancePool`] is the real one; tests and benchmarks plug in
 /// native closures.
@@ -34,13 +35,16 @@ pub trait Invoker: Send + Sync + 'static {
             self.invoke(&message)
         }
     }
-    /// [`Self::invoke_owned`] as a future: the pipeline's call. The default runs it on a
-    /// blocking thread, in the caller's span.
+    /// [`Self::invoke_owned`] as a future: the pipeline's call, its writes held back as
+    /// `staging` says. The default runs it on a blocking thread, in the caller's span (a
+    /// native invoker runs no SQL: a transaction in `staging` rolls back).
     fn call(
         self: Arc<Self>,
         message: InboundMessage,
-        staged: bool,
+        staging: Staging,
     ) -> BoxFuture<'static, Invocation> {
+        let staged = staging.is_staged();
+        drop(staging);
         let span = tracing::Span::current();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
@@ -76,6 +80,11 @@ pub trait Invoker: Send + Sync + 'static {
     fn http_stats(&self) -> Option<Arc<crate::engine::outbound::HttpStats>> {
         None
     }
+    /// The handler's `sql` grant, when it has one, with the handler's call timeout (the
+    /// longest a statement of a call may run).
+    fn sql_grant(&self) -> Option<(&SqlGrant, Duration)> {
+        None
+    }
 }
 
 /// Calls `invoker` on `message`, in the current span (what the guest does, HTTP requests and
@@ -84,9 +93,9 @@ pub trait Invoker: Send + Sync + 'static {
 pub(crate) async fn call(
     invoker: &Arc<dyn Invoker>,
     message: InboundMessage,
-    staged: bool,
+    staging: Staging,
 ) -> Invocation {
-    let call = invoker.clone().call(message, staged);
+    let call = invoker.clone().call(message, staging);
     AssertUnwindSafe(call)
         .catch_unwind()
         .await
@@ -149,9 +158,14 @@ impl Invoker for InstancePool {
     fn call(
         self: Arc<Self>,
         message: InboundMessage,
-        staged: bool,
+        staging: Staging,
     ) -> BoxFuture<'static, Invocation> {
-        Box::pin(async move { self.invoke_async(message, staged).await })
+        Box::pin(async move { self.invoke_async(message, staging).await })
+    }
+
+    fn sql_grant(&self) -> Option<(&SqlGrant, Duration)> {
+        let env = self.handler().env();
+        Some((env.sql.as_ref()?, env.limits.timeout))
     }
 
     fn blocks(&self) -> bool {

@@ -33,7 +33,8 @@ pub use embedded::EmbeddedStore;
 pub use local::LocalClaims;
 pub use memory::MemoryStore;
 pub use postgres::{
-    PostgresStore, SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION, SqlFailure, SqlStatementError, SqlTxn,
+    PostgresStore, SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION, SqlFailure, SqlStatementError,
+    SqlTxn, TxnClaim,
 };
 pub use redis::RedisStore;
 
@@ -148,6 +149,13 @@ pub enum Commit {
 /// Every method takes many keys, so a backend can serve the messages in flight in one round trip.
 /// A `scope` is one route's key space (`idempotency/<route>`).
 pub trait IdempotencyStore: Send + Sync + 'static {
+    /// The PostgreSQL store this is, if it is one: a handler whose `sql` runs on the same
+    /// store claims its message's key inside its own transaction
+    /// ([`PostgresStore::begin_claimed`]).
+    fn as_postgres(&self) -> Option<&PostgresStore> {
+        None
+    }
+
     /// Claims each key for `lease` unless it is done, dead-lettered (and the request is not a
     /// replay) or held live by another owner. Answers in request order. A key requested twice
     /// in one call is claimed at most once.

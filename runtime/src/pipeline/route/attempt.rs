@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::engine::{Invocation, Outcome};
+use crate::engine::{Invocation, Outcome, Staging};
 use crate::message::{OutRecord, now_ms};
 use crate::pipeline::invoker::Invoker;
 use crate::pipeline::stats::RouteStats;
@@ -114,17 +114,21 @@ impl Shared {
                 handler = %invoker.handler_name(),
                 outcome = tracing::field::Empty
             );
+            // With the key claimed, the call's writes come back, to commit together with the
+            // key (in the transaction the key was claimed in, if it was).
+            let staging = match (msg.txn.take(), msg.claim.is_some()) {
+                (Some(txn), _) => Staging::Claimed(txn),
+                (None, staged) => Staging::staged_if(staged),
+            };
             let pending_call = match ran_ahead {
                 Some(done) => Ok(done),
-                None => Err((inbound(&msg.record, msg.attempt), msg.claim.is_some())),
+                None => Err((inbound(&msg.record, msg.attempt), staging)),
             };
             let mut invocation = async {
                 match pending_call {
                     Ok(done) => done,
-                    // With `staged` (the key is claimed) the call's kv writes come back, to
-                    // commit together with the key.
-                    Err((message, staged)) => {
-                        crate::pipeline::invoker::call(invoker, message, staged).await
+                    Err((message, staging)) => {
+                        crate::pipeline::invoker::call(invoker, message, staging).await
                     }
                 }
             }
@@ -136,7 +140,7 @@ impl Shared {
             drop(call);
             attempt_span.record("outcome", invocation.outcome.kind());
             if let Some(end) = self
-                .commit(msg, &mut invocation, dedup_base, pending)
+                .commit(msg, invoker, &mut invocation, dedup_base, pending)
                 .await?
             {
                 return Ok(Attempt::Settled(end));
@@ -153,6 +157,7 @@ impl Shared {
     pub(super) async fn after_failure(
         &self,
         msg: &mut InFlight,
+        invoker: &Arc<dyn Invoker>,
         failed: Failed,
         pending: &mut Pending,
     ) -> Result<Next, Stopped> {
@@ -183,7 +188,7 @@ impl Shared {
                 }
                 // Renew the claim for the next attempt; if the lease lapsed meanwhile and
                 // another holder finished the message, it is done.
-                if let Some(end) = self.reclaim(msg, pending).await? {
+                if let Some(end) = self.reclaim(msg, invoker, pending).await? {
                     return Ok(Next::End(end));
                 }
                 msg.attempt = next;
@@ -241,6 +246,7 @@ impl Shared {
     async fn commit(
         &self,
         msg: &mut InFlight,
+        invoker: &Arc<dyn Invoker>,
         invocation: &mut Invocation,
         dedup_base: &str,
         pending: &mut Pending,
@@ -324,7 +330,7 @@ impl Shared {
             }
             Commit::LostClaim => {
                 tracing::warn!(route = %self.route, message = %msg.record.id(), key = %key, "The idempotency claim ran out before the handler's writes could commit (is idempotency.lease_ms shorter than a handling?); the writes were discarded");
-                if let Some(end) = self.reclaim(msg, pending).await? {
+                if let Some(end) = self.reclaim(msg, invoker, pending).await? {
                     return Ok(Some(end));
                 }
                 invocation.outcome = Outcome::Retry {

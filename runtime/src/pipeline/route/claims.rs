@@ -1,15 +1,20 @@
 //! Idempotency claims of a route's messages: which key a message has, claiming it (waiting while
 //! another lane or process holds it), renewing the claim before another attempt, settling what
 //! the store's answer says is no longer ours to run (a duplicate, or the outputs an earlier
-//! holder committed), releasing a claim and recording a dead-lettered key.
+//! holder committed), releasing a claim and recording a dead-lettered key. A route whose
+//! handler's `sql` runs on the store of its keys claims inside the handler's transaction
+//! instead (docs/handlers/sql.md), which the message then carries to its next attempt.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::engine::SqlGrant;
 use crate::message::{OutRecord, Record, new_owner};
 use crate::pipeline::idempotency::{DoneKeys, key_of};
+use crate::pipeline::invoker::Invoker;
 use crate::pipeline::stats::RouteStats;
 use crate::state::kept_outputs::decode_outputs;
-use crate::state::{Claim, Completion};
+use crate::state::{Claim, Completion, SqlTxn, TxnClaim};
 
 use super::in_flight::{End, HeldClaim, InFlight};
 use super::pending::Pending;
@@ -25,6 +30,7 @@ impl Shared {
     pub(super) async fn claim(
         &self,
         msg: &mut InFlight,
+        invoker: &Arc<dyn Invoker>,
         pending: &mut Pending,
     ) -> Result<Option<End>, Stopped> {
         let (Some(keys), Some(key)) = (&self.done_keys, self.key_of(&msg.record)) else {
@@ -35,21 +41,26 @@ impl Shared {
         if pending.holds(&key) {
             self.flush(pending).await?;
         }
-        self.settle(keys, msg, key, new_owner(), pending).await
+        let in_txn = in_txn(keys, invoker.as_ref());
+        self.settle(keys, msg, key, new_owner(), in_txn, pending)
+            .await
     }
 
-    /// Renews the message's claim before another attempt. If the lease lapsed meanwhile and
-    /// another holder finished the message, it is settled.
+    /// Renews the message's claim before another attempt (claimed in the handler's
+    /// transaction, it is claimed again in a new one: the failed attempt's rolled back). If
+    /// the lease lapsed meanwhile and another holder finished the message, it is settled.
     pub(super) async fn reclaim(
         &self,
         msg: &mut InFlight,
+        invoker: &Arc<dyn Invoker>,
         pending: &mut Pending,
     ) -> Result<Option<End>, Stopped> {
         let (Some(keys), Some(claim)) = (&self.done_keys, &msg.claim) else {
             return Ok(None);
         };
         let HeldClaim { key, owner } = claim.clone();
-        self.settle(keys, msg, key, owner, pending).await
+        let in_txn = in_txn(keys, invoker.as_ref());
+        self.settle(keys, msg, key, owner, in_txn, pending).await
     }
 
     /// Gives up the message's claim (it is abandoned or goes back to the broker).
@@ -90,20 +101,25 @@ impl Shared {
         key
     }
 
-    /// Claims `key` for `owner` and takes the answer: the claim is the message's to run with,
-    /// or the message is settled.
+    /// Claims `key` for `owner` (in a transaction of the grant `in_txn`, when given) and takes the
+    /// answer: the claim is the message's to run with, or the message is settled.
     async fn settle(
         &self,
         keys: &DoneKeys,
         msg: &mut InFlight,
         key: String,
         owner: String,
+        in_txn: Option<(&SqlGrant, Duration)>,
         pending: &mut Pending,
     ) -> Result<Option<End>, Stopped> {
         let replay = msg.replay_of.is_some();
-        match self.acquire(keys, &key, &owner, replay, pending).await? {
+        let (claim, txn) = self
+            .acquire(keys, &key, &owner, replay, in_txn, pending)
+            .await?;
+        match claim {
             Claim::Claimed => {
                 msg.claim = Some(HeldClaim { key, owner });
+                msg.txn = txn;
                 Ok(None)
             }
             Claim::Applied(kept) => {
@@ -120,25 +136,50 @@ impl Shared {
         }
     }
 
-    /// Claims `key` for `owner`, waiting while someone else holds it: any answer but `Busy`.
-    /// Pending messages are published before any wait.
+    /// Claims `key` for `owner`, waiting while someone else holds it: any answer but `Busy`,
+    /// with the handler's transaction it was claimed in (`in_txn`: when claimed). Pending
+    /// messages are published before any wait.
     async fn acquire(
         &self,
         keys: &DoneKeys,
         key: &str,
         owner: &str,
         replay: bool,
+        in_txn: Option<(&SqlGrant, Duration)>,
         pending: &mut Pending,
-    ) -> Result<Claim, Stopped> {
+    ) -> Result<(Claim, Option<Box<SqlTxn>>), Stopped> {
         let mut waited = false;
         loop {
-            let claim = self
-                .retry_infra("claim the idempotency key", || {
-                    keys.claim(key, owner, replay)
-                })
-                .await?;
+            let (claim, txn) = match in_txn {
+                None => {
+                    let claim = self
+                        .retry_infra("claim the idempotency key", || {
+                            keys.claim(key, owner, replay)
+                        })
+                        .await?;
+                    (claim, None)
+                }
+                Some((grant, timeout)) => {
+                    let claimed = self
+                        .retry_infra("claim the idempotency key", || {
+                            keys.claim_in_txn(
+                                &grant.store,
+                                key,
+                                owner,
+                                replay,
+                                grant.role.as_deref(),
+                                timeout,
+                            )
+                        })
+                        .await?;
+                    match claimed {
+                        TxnClaim::Claimed(txn) => (Claim::Claimed, Some(txn)),
+                        TxnClaim::Settled(claim) => (claim, None),
+                    }
+                }
+            };
             let Claim::Busy(left) = claim else {
-                return Ok(claim);
+                return Ok((claim, txn));
             };
             if !waited {
                 waited = true;
@@ -165,4 +206,11 @@ impl Shared {
         tracing::info!(route = %self.route, key, outputs = records.len(), "Publishing the outputs an earlier holder committed; the handler does not run again");
         records
     }
+}
+
+/// The handler's `sql` grant, when its statements run on the store `keys` live in: then each
+/// message's key is claimed inside the handler's transaction, which saves the claim a commit
+/// of its own and the commit an update of the key's row (docs/handlers/sql.md).
+fn in_txn<'a>(keys: &DoneKeys, invoker: &'a dyn Invoker) -> Option<(&'a SqlGrant, Duration)> {
+    invoker.sql_grant().filter(|(g, _)| keys.kept_in(&g.store))
 }

@@ -67,6 +67,9 @@ pub(super) struct InFlight {
     /// The claim on its idempotency key, once it has one (the route has idempotency and the
     /// message a key).
     pub(super) claim: Option<HeldClaim>,
+    /// The handler's transaction the claim was taken in, for the next attempt (a key claimed
+    /// in the handler's transaction: `claims.rs`). Dropping it rolls the claim back.
+    pub(super) txn: Option<Box<crate::state::SqlTxn>>,
     /// The attempt that runs next (or ran last), counting those of earlier deliveries.
     pub(super) attempt: u32,
     /// When its first attempt here failed (wall clock, ms), for the dead letter.
@@ -114,6 +117,7 @@ impl InFlight {
             ack: delivery.ack,
             permit,
             claim: None,
+            txn: None,
             attempt: delivery.previous_attempts.saturating_add(1),
             first_failure_ms: None,
             replay_of,

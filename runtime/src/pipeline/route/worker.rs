@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tracing::Instrument;
 
-use crate::engine::{InboundMessage, Invocation, Outcome};
+use crate::engine::{InboundMessage, Invocation, Outcome, Staging};
 use crate::pipeline::invoker::Invoker;
 use crate::pipeline::lanes::Lanes;
 use crate::pipeline::trace;
@@ -123,7 +123,7 @@ impl Shared {
             // Its partition went to another process while it was queued here.
             return Ok(End::Revoked);
         }
-        if let Some(end) = self.claim(msg, pending).await? {
+        if let Some(end) = self.claim(msg, invoker, pending).await? {
             return Ok(end);
         }
         if invoker.passthrough() {
@@ -141,7 +141,7 @@ impl Shared {
                 Attempt::Settled(end) => return Ok(end),
                 Attempt::Failed(failed) => failed,
             };
-            match self.after_failure(msg, failed, pending).await? {
+            match self.after_failure(msg, invoker, failed, pending).await? {
                 Next::Retry => {}
                 Next::End(end) => return Ok(end),
                 Next::GiveUp {
@@ -197,7 +197,7 @@ impl Shared {
             if !go_on() {
                 break;
             }
-            let invocation = crate::pipeline::invoker::call(&invoker, m, false).await;
+            let invocation = crate::pipeline::invoker::call(&invoker, m, Staging::Direct).await;
             let ok = matches!(invocation.outcome, Outcome::Ok { .. });
             done.push_back(invocation);
             if !ok {

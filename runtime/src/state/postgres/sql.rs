@@ -2,10 +2,12 @@
 //! in it, and it commits together with the message's idempotency key, kv writes and outbox rows
 //! (docs/handlers/sql.md).
 //!
-//! The transaction lives on a connection of the store's SQL pool from the call's first statement
-//! to the message's commit or rollback. Whatever drops it without committing rolls it back, so
-//! a retry, reject, trap, timeout or a lost claim leaves nothing of the attempt behind; a crash
-//! closes the connection, which rolls it back on the server.
+//! The transaction lives on a connection of the store's SQL pool to the message's commit or
+//! rollback, from the claim of the message's key, which a route whose keys live in this store
+//! takes inside it ([`PostgresStore::begin_claimed`]), or else from the call's first statement
+//! ([`PostgresStore::begin_sql`]). Whatever drops it without committing rolls it back, so a
+//! retry, reject, trap, timeout or a lost claim leaves nothing of the attempt behind (the claim
+//! taken in it included); a crash closes the connection, which rolls it back on the server.
 
 use std::time::Duration;
 
@@ -16,7 +18,7 @@ use tokio_postgres::{Row, Statement};
 use super::{Applied, PostgresStore, millis, outbox_params};
 use crate::deadline::Deadline;
 use crate::message::OutRecord;
-use crate::state::{ClaimRequest, Commit, KvWrite, StateError};
+use crate::state::{Claim, ClaimRequest, Commit, KvWrite, StateError};
 
 /// Why a handler's transaction can only roll back: a statement of it failed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,12 +55,27 @@ pub struct SqlTxn {
     store: PostgresStore,
     client: Option<deadpool_postgres::Object>,
     /// `BEGIN` and the transaction's settings, until they are sent: pipelined with the first
-    /// statement that runs, or with the commit if none ran.
+    /// statement that runs, or with the commit if none ran. `None` once the transaction is
+    /// open on the server (a transaction begun with its claim is open from the start).
     begin: Option<String>,
-    /// The statements run as the handler's `sql_role`: the commit goes back to lockgate's own
-    /// role before it writes lockgate's tables.
-    as_role: bool,
+    /// The handler's `sql_role`: its statements run as it, and the commit goes back to
+    /// lockgate's own role before it writes lockgate's tables.
+    role: Option<String>,
+    /// The message's key was claimed inside this transaction ([`PostgresStore::begin_claimed`]):
+    /// its row is written already and locked by it, so the commit has nothing to check or mark
+    /// unless outputs are kept with it.
+    claimed: bool,
     failed: Option<SqlFailure>,
+}
+
+/// What claiming a message's key inside a new handler's transaction came to.
+#[derive(Debug)]
+pub enum TxnClaim {
+    /// The key is the transaction's: run the handler in it.
+    Claimed(Box<SqlTxn>),
+    /// Anything else, as the batched claim answers it (never [`Claim::Claimed`]); no
+    /// transaction is left open.
+    Settled(Claim),
 }
 
 impl std::fmt::Debug for SqlTxn {
@@ -101,21 +118,124 @@ impl PostgresStore {
             .bound(connect)
             .await
             .map_err(|_| StateError::DeadlineExceeded)??;
-        let mut begin = format!(
-            "BEGIN; SET LOCAL statement_timeout = {}",
-            millis(statement_timeout)
-        );
-        if let Some(role) = role {
-            begin.push_str(&format!("; SET LOCAL ROLE {}", quote_ident(role)));
-        }
+        let begin = format!("BEGIN; {}", settings(role, millis(statement_timeout)));
         Ok(SqlTxn {
             store: self.clone(),
             client: Some(client),
             begin: Some(begin),
-            as_role: role.is_some(),
+            role: role.map(str::to_owned),
+            claimed: false,
             failed: None,
         })
     }
+
+    /// Opens a handler's transaction by claiming the message's key in it, in one round trip:
+    /// `BEGIN`, then the claim (`claim_in_txn` in `mod.rs`), which writes the key as done by
+    /// `claim.owner` for `ttl` when it may take it. Committing the transaction makes that
+    /// true; any other end leaves no claim behind. Any other answer (the key is done,
+    /// dead-lettered, applied with outputs to publish, or held elsewhere) leaves no
+    /// transaction open; an applied key is taken over (committed) first, as the batched claim
+    /// does. A holder that keeps the key's row locked past a lock timeout of 250 ms answers
+    /// busy. The handler's statements then run as `role`, each for at most
+    /// `statement_timeout` (the call's whole time: the call's deadline cancels a statement
+    /// sooner when less is left).
+    pub async fn begin_claimed(
+        &self,
+        scope: &str,
+        claim: &ClaimRequest,
+        lease: Duration,
+        ttl: Duration,
+        role: Option<&str>,
+        statement_timeout: Duration,
+    ) -> Result<TxnClaim, StateError> {
+        let what = "claim an idempotency key in a handler's transaction";
+        self.migrated().await?;
+        let client = self
+            .inner
+            .sql_pool
+            .get()
+            .await
+            .map_err(|e| self.err(what, e))?;
+        let stmt = client
+            .prepare_cached(&self.inner.sql.claim_in_txn)
+            .await
+            .map_err(|e| self.err(what, e))?;
+        let (lease_ms, ttl_ms) = (millis(lease), millis(ttl));
+        let timeout_ms = millis(statement_timeout).to_string();
+        let params: [&(dyn ToSql + Sync); 8] = [
+            &scope,
+            &claim.key,
+            &claim.owner,
+            &claim.replay,
+            &lease_ms,
+            &ttl_ms,
+            &timeout_ms,
+            &role,
+        ];
+        let (began, row) = futures_util::join!(
+            client.batch_execute("BEGIN"),
+            client.query_one(&stmt, &params)
+        );
+        let mut txn = SqlTxn {
+            store: self.clone(),
+            client: Some(client),
+            begin: None,
+            role: role.map(str::to_owned),
+            claimed: true,
+            failed: None,
+        };
+        if let Err(e) = began {
+            // Whatever state the connection is in, it does not go back to the pool.
+            if let Some(c) = txn.client.take() {
+                drop(deadpool_postgres::Object::take(c));
+            }
+            // A claim that ran anyway ran outside a transaction: it committed the key as done
+            // with none of the handler's effects. Taken back, or the message would be lost
+            // (asking again, its owner would find it done).
+            if row
+                .as_ref()
+                .is_ok_and(|r| super::claim_answer(r) == Claim::Claimed)
+            {
+                self.execute(
+                    what,
+                    &self.inner.sql.unclaim_done,
+                    &[&scope, &claim.key, &claim.owner],
+                )
+                .await?;
+            }
+            return Err(self.err(what, e));
+        }
+        // Dropping `txn` from here on rolls it back.
+        let row = match row {
+            Ok(r) => r,
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                return Ok(TxnClaim::Settled(Claim::Busy(Duration::from_millis(1))));
+            }
+            Err(e) => return Err(self.err(what, e)),
+        };
+        match super::claim_answer(&row) {
+            Claim::Claimed => Ok(TxnClaim::Claimed(Box::new(txn))),
+            applied @ Claim::Applied(_) => {
+                let client = txn.client()?;
+                client
+                    .batch_execute("COMMIT")
+                    .await
+                    .map_err(|e| self.err(what, e))?;
+                txn.client.take();
+                Ok(TxnClaim::Settled(applied))
+            }
+            other => Ok(TxnClaim::Settled(other)),
+        }
+    }
+}
+
+/// The settings of a handler's transaction: its statement timeout and its role.
+fn settings(role: Option<&str>, statement_timeout_ms: i64) -> String {
+    let mut s = format!("SET LOCAL statement_timeout = {statement_timeout_ms}");
+    if let Some(role) = role {
+        s.push_str(&format!("; SET LOCAL ROLE {}", quote_ident(role)));
+    }
+    s
 }
 
 impl SqlTxn {
@@ -123,6 +243,11 @@ impl SqlTxn {
         self.client
             .as_ref()
             .ok_or_else(|| StateError::Unavailable("the transaction has ended".into()))
+    }
+
+    /// Whether the handler's statements ran as its `sql_role`.
+    fn as_role(&self) -> bool {
+        self.role.is_some() && self.begin.is_none()
     }
 
     /// Why the transaction can only roll back, if a statement failed.
@@ -278,14 +403,19 @@ impl SqlTxn {
         let sql = &store.inner.sql;
         let e = |e| store.err(what, e);
         let client = self.client()?;
+        // A key claimed in this transaction is written as done already; with outputs to keep
+        // it is marked applied, as the row is ours. Otherwise the mark checks the claim.
+        let mark = match (self.claimed, done_ttl) {
+            (true, Some(_)) => None,
+            (true, None) => Some(&sql.mark_applied),
+            (false, Some(_)) => Some(&sql.mark_done_if_held),
+            (false, None) => Some(&sql.mark_applied_if_held),
+        };
         // Prepared once per connection; after that no round trip.
-        let mark = client
-            .prepare_cached(match done_ttl {
-                Some(_) => &sql.mark_done_if_held,
-                None => &sql.mark_applied_if_held,
-            })
-            .await
-            .map_err(e)?;
+        let mark = match mark {
+            Some(m) => Some(client.prepare_cached(m).await.map_err(e)?),
+            None => None,
+        };
         let insert = match rows.is_empty() {
             true => None,
             false => Some(client.prepare_cached(&sql.insert_outbox).await.map_err(e)?),
@@ -309,17 +439,21 @@ impl SqlTxn {
         let applied_params: [&(dyn ToSql + Sync); 5] =
             [&scope, &claim.key, &outputs, &lease_ms, &claim.owner];
         let done_params: [&(dyn ToSql + Sync); 4] = [&scope, &claim.key, &done_ms, &claim.owner];
-        let mark_params: &[&(dyn ToSql + Sync)] = match done_ttl {
-            Some(_) => &done_params,
-            None => &applied_params,
+        let mark_params: &[&(dyn ToSql + Sync)] = match (self.claimed, done_ttl) {
+            (true, _) => &applied_params[..4],
+            (false, Some(_)) => &done_params,
+            (false, None) => &applied_params,
         };
         // What goes before the mark: nothing ran yet, so only the BEGIN (the handler's
-        // settings are moot); or back to lockgate's role; or nothing at all. The mark itself
-        // lifts the statement timeout.
-        let reset = match (&self.begin, self.as_role) {
+        // settings are moot); or back to lockgate's role; or nothing at all. The marks that
+        // check the claim lift the statement timeout themselves. In a transaction begun with
+        // the claim either `COMMIT` follows alone, or lockgate's own writes, which go back to
+        // its role and lift the statement timeout first.
+        let tail = mark.is_some() || !rows.is_empty();
+        let reset = match (&self.begin, self.claimed) {
             (Some(_), _) => Some("BEGIN"),
-            (None, true) => Some("RESET ROLE"),
-            (None, false) => None,
+            (None, false) => self.as_role().then_some("RESET ROLE"),
+            (None, true) => tail.then_some("RESET ROLE; SET LOCAL statement_timeout = 0"),
         };
         // Each request is sent when its future is first polled, and join! polls them in this
         // order: one round trip, in order.
@@ -329,7 +463,12 @@ impl SqlTxn {
                 None => Ok(()),
             }
         };
-        let marked = client.query_one(&mark, mark_params);
+        let marked = async {
+            match &mark {
+                Some(mark) => client.query(mark, mark_params).await.map(drop),
+                None => Ok(()),
+            }
+        };
         let inserts = futures_util::future::join_all(
             row_params
                 .iter()
@@ -358,7 +497,7 @@ impl SqlTxn {
             });
         };
         let code = failed.as_db_error().map(|d| d.code().code());
-        if code != Some("22012") {
+        if self.claimed || code != Some("22012") {
             return Err(store.err(what, failed));
         }
         // Not held: applied by this owner before (its answer was lost), or lost to another.
@@ -405,7 +544,16 @@ impl SqlTxn {
             .await
             .map_err(|e| store.err(what, e))?;
         let applied = store
-            .apply_commit(client, scope, claim, writes, outputs, rows, lease)
+            .apply_commit(
+                client,
+                scope,
+                claim,
+                writes,
+                outputs,
+                rows,
+                lease,
+                self.claimed,
+            )
             .await?;
         if applied != Applied::Now {
             // Dropping `self` rolls the handler's statements back: an earlier commit of this
