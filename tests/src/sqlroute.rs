@@ -25,6 +25,8 @@ pub struct SqlRoute<'a> {
     pub concurrency: u32,
     /// The handler's `timeout_ms`.
     pub timeout_ms: u64,
+    /// The handler's `sql_role`, if any.
+    pub role: Option<&'a str>,
 }
 
 /// What a run came to.
@@ -78,7 +80,7 @@ schema = "{schema}"
 module = {module}
 config = {{ {config} }}
 timeout_ms = {timeout_ms}
-sql = "pg"
+sql = "pg"{role}
 
 [routes.in]
 handler = "h"
@@ -95,6 +97,10 @@ retry = {{ max_attempts = 5, initial_backoff_ms = 10, jitter = "none" }}
                 module = quote(&self.module.display().to_string()),
                 config = config.join(", "),
                 timeout_ms = self.timeout_ms,
+                role = self
+                    .role
+                    .map(|r| format!("\nsql_role = {}", quote(r)))
+                    .unwrap_or_default(),
                 concurrency = self.concurrency,
                 key = quote(self.key),
             ),

@@ -515,6 +515,7 @@ fn the_sql_processor_commits_its_row_its_key_and_its_outbox_row_together() {
         key: "json:/order_id",
         concurrency: 8,
         timeout_ms: 10_000,
+        role: None,
     }
     .run_outbox(messages);
 

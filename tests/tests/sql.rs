@@ -332,6 +332,17 @@ fn probe_route(
     timeout_ms: u64,
     messages: Vec<(String, Value)>,
 ) -> RouteRun {
+    probe_route_as(schema, None, concurrency, timeout_ms, messages)
+}
+
+/// [`probe_route`] with the handler's `sql_role`.
+fn probe_route_as(
+    schema: &str,
+    role: Option<&str>,
+    concurrency: u32,
+    timeout_ms: u64,
+    messages: Vec<(String, Value)>,
+) -> RouteRun {
     let messages = messages
         .into_iter()
         .map(|(id, mut spec)| {
@@ -346,8 +357,51 @@ fn probe_route(
         key: "json:/id",
         concurrency,
         timeout_ms,
+        role,
     }
     .run(messages)
+}
+
+/// On a running route the handler's statements run under its `sql_role` (set by the claim that
+/// opens its transaction), and the commit goes back to lockgate's own role to mark the keys of
+/// messages with outputs to publish in lockgate's table, which the handler's role cannot touch.
+#[test]
+fn a_routes_statements_run_under_sql_role_and_its_keys_commit_as_lockgate() {
+    let pg = SyncPg::connect();
+    let schema = pg::unique_schema("lgsqlrouterole");
+    let role = format!("{schema}_w");
+    pg.exec(&format!(
+        "CREATE SCHEMA {schema}; CREATE TABLE {schema}.who (id text, u text);
+         CREATE ROLE {role} NOLOGIN; GRANT USAGE ON SCHEMA {schema} TO {role};
+         GRANT INSERT ON {schema}.who TO {role};"
+    ));
+    let insert = json!({"sql": format!("INSERT INTO {schema}.who VALUES ($1, current_user)")});
+    let messages = (0..10)
+        .map(|i| {
+            let id = format!("m{i}");
+            let mut insert = insert.clone();
+            insert["params"] = json!([id]);
+            (id, json!({"statements": [insert], "then": "ok"}))
+        })
+        .collect();
+    let run = probe_route_as(&schema, Some(&role), 2, 10_000, messages);
+    assert_eq!((run.outputs, run.dead), (10, 0), "{:?}", run.dead_reasons);
+    let users: Vec<String> = pg
+        .query(&format!("SELECT DISTINCT u FROM {schema}.who"), &[])
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(users, vec![role.clone()], "the statements' role");
+    assert_eq!(pg.count(&format!("SELECT count(*) FROM {schema}.who")), 10);
+    assert_eq!(
+        pg.count(&format!(
+            "SELECT count(*) FROM {schema}.idempotency WHERE state = 'd'"
+        )),
+        10,
+        "every key recorded"
+    );
+    pg.drop_schema(&schema);
+    pg.exec(&format!("DROP ROLE {role}"));
 }
 
 /// Through a running route on the embedded broker: a handler that writes and then retries,

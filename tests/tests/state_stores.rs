@@ -1068,6 +1068,26 @@ async fn a_key_claimed_in_the_handlers_transaction_is_held_by_it_alone() {
     );
     drop(claimed(claim("k4", "a", true, None).await));
 
+    // A role that does not exist fails the claim with the server's reason and code (the route
+    // logs it and asks again) instead of running the handler as lockgate.
+    let missing = store
+        .begin_claimed(
+            scope,
+            &ClaimRequest::new("k5", "a"),
+            lease,
+            ttl,
+            Some("lg_no_such_role"),
+            Duration::from_secs(7),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        missing.contains("22023") && missing.contains("role \"lg_no_such_role\" does not exist"),
+        "{missing}"
+    );
+    assert_eq!(key_row("k5").await, None, "nothing claimed");
+
     drop_schema(&schema).await;
     client
         .batch_execute(&format!("DROP ROLE {role}"))

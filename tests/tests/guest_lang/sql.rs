@@ -90,6 +90,7 @@ fn run_ledger(
         key: "json:/deposit_id",
         concurrency: 4,
         timeout_ms: 10_000,
+        role: None,
     }
     .run(messages);
     let balances = pg

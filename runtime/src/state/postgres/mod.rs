@@ -551,8 +551,18 @@ impl PostgresStore {
         &self.inner.pg_config
     }
 
-    pub(crate) fn err(&self, what: &str, e: impl std::fmt::Display) -> StateError {
-        StateError::Unavailable(format!("postgres at {} ({what}): {e}", self.inner.addr))
+    pub(crate) fn err(&self, what: &str, e: impl std::fmt::Display + 'static) -> StateError {
+        // tokio-postgres shows a server's error as "db error" alone: the server's message and
+        // SQLSTATE are what an operator needs to read.
+        let server = (&e as &dyn std::any::Any)
+            .downcast_ref::<tokio_postgres::Error>()
+            .and_then(tokio_postgres::Error::as_db_error)
+            .map(|db| format!(" ({}: {})", db.code().code(), db.message()))
+            .unwrap_or_default();
+        StateError::Unavailable(format!(
+            "postgres at {} ({what}): {e}{server}",
+            self.inner.addr
+        ))
     }
 
     /// Creates or upgrades the schema to [`SCHEMA_VERSION`]; returns the version found before.
