@@ -219,6 +219,7 @@ async fn key_batches_read_only_their_keys_on_a_new_table() {
                 r#"'s', '[{"key": "k1", "owner": "o", "replay": false}, {"key": "k2", "owner": "o", "replay": false}]', 30000"#
             }
             "claim_in_txn" => "'s', 'k1', 'o', false, 30000, 3600000, '5000', NULL",
+            "claim_held" => "'s', 'k1'",
             _ => "'s', ARRAY['k1', 'k2'], ARRAY['o', 'o']",
         };
         client

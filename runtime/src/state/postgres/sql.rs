@@ -129,9 +129,10 @@ impl PostgresStore {
         })
     }
 
-    /// Opens a handler's transaction by claiming the message's key in it, in one round trip:
-    /// `BEGIN`, then the claim (`claim_in_txn` in `mod.rs`), which writes the key as done by
-    /// `claim.owner` for `ttl` when it may take it. Committing the transaction makes that
+    /// Opens a handler's transaction by claiming the message's key in it, in one round trip
+    /// when it takes the key: `BEGIN`, then the claim (`claim_in_txn` in `mod.rs`), which
+    /// writes the key as done by `claim.owner` for `ttl` when it may take it (when it may not,
+    /// a second statement, `claim_held`, says why). Committing the transaction makes that
     /// true; any other end leaves no claim behind. Any other answer (the key is done,
     /// dead-lettered, applied with outputs to publish, or held elsewhere) leaves no
     /// transaction open; an applied key is taken over (committed) first, as the batched claim
@@ -174,7 +175,7 @@ impl PostgresStore {
         ];
         let (began, row) = futures_util::join!(
             client.batch_execute("BEGIN"),
-            client.query_one(&stmt, &params)
+            client.query_opt(&stmt, &params)
         );
         let mut txn = SqlTxn {
             store: self.clone(),
@@ -194,7 +195,7 @@ impl PostgresStore {
             // (asking again, its owner would find it done).
             if row
                 .as_ref()
-                .is_ok_and(|r| super::claim_answer(r) == Claim::Claimed)
+                .is_ok_and(|r| r.as_ref().map(super::claim_answer) == Some(Claim::Claimed))
             {
                 self.execute(
                     what,
@@ -212,6 +213,22 @@ impl PostgresStore {
                 return Ok(TxnClaim::Settled(Claim::Busy(Duration::from_millis(1))));
             }
             Err(e) => return Err(self.err(what, e)),
+        };
+        let Some(row) = row else {
+            // Not ours to take: why, as committed now (the transaction rolls back).
+            let client = txn.client()?;
+            let held = client
+                .prepare_cached(&self.inner.sql.claim_held)
+                .await
+                .map_err(|e| self.err(what, e))?;
+            let row = client
+                .query_opt(&held, &[&scope, &claim.key])
+                .await
+                .map_err(|e| self.err(what, e))?;
+            return Ok(TxnClaim::Settled(match row {
+                Some(r) => super::claim_answer(&r),
+                None => Claim::Busy(Duration::from_millis(1)),
+            }));
         };
         match super::claim_answer(&row) {
             Claim::Claimed => Ok(TxnClaim::Claimed(Box::new(txn))),
