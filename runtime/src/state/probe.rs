@@ -24,11 +24,13 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// A PostgreSQL error of `what` at `addr` (`host:port/db`), classified, with the server's own
 /// message (tokio-postgres' `Display` only says "db error").
 pub fn postgres_failure(addr: &str, what: &str, e: &tokio_postgres::Error) -> Failure {
+    let error = format!(
+        "postgres at {addr}: {what}: {}",
+        super::postgres::error_reason(e)
+    );
     let Some(db) = e.as_db_error() else {
-        let cause = std::error::Error::source(e).map_or_else(String::new, |s| format!(": {s}"));
-        return Failure::transient(format!("postgres at {addr}: {what}: {e}{cause}"));
+        return Failure::transient(error);
     };
-    let error = format!("postgres at {addr}: {what}: {}", db.message());
     let code = db.code();
     if *code == SqlState::INVALID_PASSWORD || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
     {

@@ -547,15 +547,16 @@ impl PostgresStore {
     }
 
     pub(crate) fn err(&self, what: &str, e: impl std::fmt::Display + 'static) -> StateError {
-        // tokio-postgres shows a server's error as "db error" alone: the server's message and
-        // SQLSTATE are what an operator needs to read.
-        let server = (&e as &dyn std::any::Any)
-            .downcast_ref::<tokio_postgres::Error>()
-            .and_then(tokio_postgres::Error::as_db_error)
-            .map(|db| format!(" ({}: {})", db.code().code(), db.message()))
-            .unwrap_or_default();
+        // A server's error says its SQLSTATE too: what an operator looks up.
+        let reason = match (&e as &dyn std::any::Any).downcast_ref::<tokio_postgres::Error>() {
+            Some(pg) => match pg.code() {
+                Some(code) => format!("{} ({})", error_reason(pg), code.code()),
+                None => error_reason(pg),
+            },
+            None => e.to_string(),
+        };
         StateError::Unavailable(format!(
-            "postgres at {} ({what}): {e}{server}",
+            "postgres at {} ({what}): {reason}",
             self.inner.addr
         ))
     }
@@ -1003,6 +1004,17 @@ impl IdempotencyStore for PostgresStore {
             .await
             .map(drop)
         })
+    }
+}
+
+/// What a tokio-postgres error says, with what its `Display` leaves out: the server's own
+/// message for an error the server sent (`Display` says "db error" alone), or the cause of a
+/// connection's error.
+pub(crate) fn error_reason(e: &tokio_postgres::Error) -> String {
+    match (e.as_db_error(), std::error::Error::source(e)) {
+        (Some(db), _) => db.message().to_owned(),
+        (None, Some(cause)) => format!("{e}: {cause}"),
+        (None, None) => e.to_string(),
     }
 }
 

@@ -118,7 +118,13 @@ impl PostgresStore {
             .bound(connect)
             .await
             .map_err(|_| StateError::DeadlineExceeded)??;
-        let begin = format!("BEGIN; {}", settings(role, millis(statement_timeout)));
+        let mut begin = format!(
+            "BEGIN; SET LOCAL statement_timeout = {}",
+            millis(statement_timeout)
+        );
+        if let Some(role) = role {
+            begin.push_str(&format!("; SET LOCAL ROLE {}", quote_ident(role)));
+        }
         Ok(SqlTxn {
             store: self.clone(),
             client: Some(client),
@@ -244,15 +250,6 @@ impl PostgresStore {
             other => Ok(TxnClaim::Settled(other)),
         }
     }
-}
-
-/// The settings of a handler's transaction: its statement timeout and its role.
-fn settings(role: Option<&str>, statement_timeout_ms: i64) -> String {
-    let mut s = format!("SET LOCAL statement_timeout = {statement_timeout_ms}");
-    if let Some(role) = role {
-        s.push_str(&format!("; SET LOCAL ROLE {}", quote_ident(role)));
-    }
-    s
 }
 
 impl SqlTxn {
